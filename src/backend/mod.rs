@@ -1,0 +1,3 @@
+//! Compute backends. `cpu` is the reference oracle every device kernel is tested against.
+
+pub mod cpu;

@@ -1,0 +1,366 @@
+//! The engine: requests spread over dp replicas of tp ranks, one thread per rank per step, paged
+//! KV, and the shrinking batch of live sequences.
+//!
+//! Every step each live sequence feeds the tokens not yet in its KV cache (the prompt on its first
+//! step, then the last sampled token), so prefill, decode and recompute are one code path.
+
+use std::time::Instant;
+
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::{Error, Result};
+use crate::kv::{blocks_for, BlockAllocator, KvPool};
+use crate::model::config::ModelConfig;
+use crate::model::decoder::{forward, RankWeights, SeqInput, WeightDtype};
+use crate::model::sampling::{request_rng, sample, SamplingParams};
+use crate::model::weights::Checkpoint;
+use crate::parallel::{Comm, GroupCache, Layout};
+
+/// One generation request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Request {
+    pub input_ids: Vec<u32>,
+    pub max_new_tokens: usize,
+    pub ignore_eos: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// Reached max_new_tokens.
+    Length,
+    /// Produced an EOS token.
+    Stop,
+}
+
+/// A finished request, in input order.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Output {
+    pub index: usize,
+    pub input_ids: Vec<u32>,
+    pub output_ids: Vec<u32>,
+    pub finish_reason: FinishReason,
+}
+
+/// Engine settings.
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    pub world: usize,
+    pub tp: usize,
+    pub block_size: usize,
+    /// KV blocks per rank.
+    pub kv_blocks: usize,
+    pub dtype: WeightDtype,
+    pub sampling: SamplingParams,
+}
+
+struct Sequence {
+    prompt_len: usize,
+    /// Prompt followed by every generated token.
+    tokens: Vec<u32>,
+    max_new: usize,
+    ignore_eos: bool,
+    replica: usize,
+    table: Vec<u32>,
+    /// Tokens whose K/V are in the cache.
+    cached: usize,
+    finished: Option<FinishReason>,
+    rng: ChaCha8Rng,
+}
+
+impl Sequence {
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+}
+
+struct RankState {
+    weights: RankWeights,
+    kv: KvPool,
+}
+
+/// What one step did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct StepReport {
+    pub step: usize,
+    /// Live sequences per replica at the start of the step.
+    pub live_per_replica: Vec<usize>,
+    /// Tokens fed through the model (prefill + decode).
+    pub tokens_in: usize,
+    /// Tokens sampled.
+    pub tokens_out: usize,
+    pub finished: usize,
+    pub elapsed_ms: f64,
+}
+
+/// A running generation over `world` ranks.
+pub struct Engine {
+    cfg: ModelConfig,
+    layout: Layout,
+    opts: EngineOptions,
+    inv_freq: Vec<f32>,
+    ranks: Vec<RankState>,
+    allocs: Vec<BlockAllocator>,
+    groups: GroupCache,
+    seqs: Vec<Sequence>,
+    steps: usize,
+    /// When set, (sequence, logits) of the latest step are kept for inspection.
+    record_logits: bool,
+    recorded: Vec<(usize, Vec<f32>)>,
+}
+
+impl Engine {
+    /// Loads every rank's shard (ranks load in parallel, each reading only its rows).
+    pub fn new(cfg: ModelConfig, ck: &Checkpoint, opts: EngineOptions) -> Result<Self> {
+        let layout = Layout::new(opts.world, opts.tp)?;
+        layout.validate_for(&cfg)?;
+        if opts.block_size == 0 {
+            return Err(Error::Usage("--block-size must be at least 1".into()));
+        }
+        if opts.kv_blocks == 0 {
+            return Err(Error::KvExhausted("the pool has 0 blocks (raise --kv-blocks)".into()));
+        }
+        opts.sampling.validate()?;
+        let ranks = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..opts.world)
+                .map(|rank| {
+                    let (cfg, layout, opts) = (&cfg, &layout, &opts);
+                    s.spawn(move || -> Result<RankState> {
+                        let (_, t) = layout.position(rank);
+                        let weights = RankWeights::load(ck, cfg, opts.tp, t, opts.dtype)?;
+                        let kv = KvPool::new(cfg.num_layers, opts.kv_blocks, opts.block_size, cfg.num_kv_heads / opts.tp, cfg.head_dim)?;
+                        Ok(RankState { weights, kv })
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .enumerate()
+                .map(|(rank, h)| h.join().unwrap_or_else(|_| Err(Error::Rank { rank, msg: "loader thread panicked".into() })))
+                .collect::<Result<Vec<_>>>()
+        })?;
+        let allocs = (0..layout.dp()).map(|_| BlockAllocator::new(opts.kv_blocks)).collect();
+        Ok(Engine { inv_freq: cfg.inv_freq(), cfg, layout, opts, ranks, allocs, groups: GroupCache::default(), seqs: Vec::new(), steps: 0, record_logits: false, recorded: Vec::new() })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+    pub fn groups(&self) -> &GroupCache {
+        &self.groups
+    }
+    /// Bytes of weights plus KV pool held by one rank.
+    pub fn rank_bytes(&self, rank: usize) -> (usize, usize) {
+        (self.ranks[rank].weights.bytes(), self.ranks[rank].kv.bytes())
+    }
+
+    /// Checks a request against the model without admitting it.
+    pub fn validate_request(&self, index: usize, r: &Request) -> Result<()> {
+        let bad = |m: String| Err(Error::Request(format!("request {index}: {m}")));
+        if r.input_ids.is_empty() {
+            return bad("empty prompt".into());
+        }
+        if r.max_new_tokens == 0 {
+            return bad("max_new_tokens must be at least 1".into());
+        }
+        if let Some((pos, &id)) = r.input_ids.iter().enumerate().find(|(_, &id)| id as usize >= self.cfg.vocab_size) {
+            return bad(format!("token id {id} at position {pos} is out of range (vocab_size {})", self.cfg.vocab_size));
+        }
+        let total = r.input_ids.len() + r.max_new_tokens;
+        if total > self.cfg.max_position_embeddings {
+            return bad(format!(
+                "prompt ({}) + max_new_tokens ({}) = {total} exceeds max_position_embeddings {}",
+                r.input_ids.len(),
+                r.max_new_tokens,
+                self.cfg.max_position_embeddings
+            ));
+        }
+        let need = blocks_for(total, self.opts.block_size);
+        if need > self.opts.kv_blocks {
+            return Err(Error::KvExhausted(format!(
+                "request {index} needs {need} blocks of {} tokens but a rank's pool has {} (raise --kv-blocks)",
+                self.opts.block_size, self.opts.kv_blocks
+            )));
+        }
+        Ok(())
+    }
+
+    /// Admits requests (all or none), each to the replica with the least work assigned.
+    pub fn add_requests(&mut self, reqs: &[Request]) -> Result<()> {
+        let base = self.seqs.len();
+        for (i, r) in reqs.iter().enumerate() {
+            self.validate_request(base + i, r)?;
+        }
+        let mut load = vec![0usize; self.layout.dp()];
+        for s in self.seqs.iter().filter(|s| s.finished.is_none()) {
+            load[s.replica] += s.prompt_len + s.max_new - s.generated();
+        }
+        for (i, r) in reqs.iter().enumerate() {
+            let replica = (0..load.len()).min_by_key(|&d| (load[d], d)).unwrap_or(0);
+            load[replica] += r.input_ids.len() + r.max_new_tokens;
+            self.seqs.push(Sequence {
+                prompt_len: r.input_ids.len(),
+                tokens: r.input_ids.clone(),
+                max_new: r.max_new_tokens,
+                ignore_eos: r.ignore_eos,
+                replica,
+                table: Vec::new(),
+                cached: 0,
+                finished: None,
+                rng: request_rng(self.opts.sampling.seed, base + i),
+            });
+        }
+        Ok(())
+    }
+
+    /// Keep each step's logits (see `recorded_logits`); off by default.
+    pub fn record_logits(&mut self, on: bool) {
+        self.record_logits = on;
+    }
+    /// (request index, logits over the vocabulary) sampled from in the latest step.
+    pub fn recorded_logits(&self) -> &[(usize, Vec<f32>)] {
+        &self.recorded
+    }
+
+    /// Live (unfinished) sequences.
+    pub fn live(&self) -> usize {
+        self.seqs.iter().filter(|s| s.finished.is_none()).count()
+    }
+
+    /// Runs one step on every replica with live sequences. On error nothing has changed.
+    pub fn step(&mut self) -> Result<StepReport> {
+        let t0 = Instant::now();
+        let dp = self.layout.dp();
+        let mut live_per_replica = vec![0; dp];
+        let live: Vec<usize> = (0..self.seqs.len()).filter(|&i| self.seqs[i].finished.is_none()).collect();
+        for &i in &live {
+            live_per_replica[self.seqs[i].replica] += 1;
+        }
+        // Blocks for this step's new tokens; all or nothing.
+        let mut granted: Vec<(usize, Vec<u32>)> = Vec::new();
+        for &i in &live {
+            let s = &self.seqs[i];
+            let need = blocks_for(s.tokens.len(), self.opts.block_size).saturating_sub(s.table.len());
+            match self.allocs[s.replica].alloc(need) {
+                Ok(b) => granted.push((i, b)),
+                Err(e) => {
+                    for (j, b) in granted {
+                        self.allocs[self.seqs[j].replica].release(&b);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        for (i, b) in granted {
+            self.seqs[i].table.extend(b);
+        }
+
+        let per_replica: Vec<Vec<usize>> = (0..dp).map(|d| live.iter().copied().filter(|&i| self.seqs[i].replica == d).collect()).collect();
+        let comms: Vec<_> = (0..dp)
+            .map(|d| if per_replica[d].is_empty() { Vec::new() } else { self.groups.get(self.layout.replica_ranks(d)) })
+            .collect();
+        let inputs: Vec<Vec<SeqInput>> = per_replica
+            .iter()
+            .map(|ids| {
+                ids.iter()
+                    .map(|&i| {
+                        let s = &self.seqs[i];
+                        SeqInput { tokens: &s.tokens[s.cached..], start_pos: s.cached, table: &s.table }
+                    })
+                    .collect()
+            })
+            .collect();
+        let tokens_in = inputs.iter().flatten().map(|s| s.tokens.len()).sum();
+        let (cfg, layout, inv_freq) = (&self.cfg, &self.layout, &self.inv_freq);
+        let results: Vec<(usize, Result<Vec<f32>>)> = std::thread::scope(|sc| {
+            let hs: Vec<_> = self
+                .ranks
+                .iter_mut()
+                .enumerate()
+                .filter_map(|(rank, st)| {
+                    let (d, t) = layout.position(rank);
+                    if inputs[d].is_empty() {
+                        return None;
+                    }
+                    let comm = comms[d][t].clone();
+                    let inp = &inputs[d];
+                    Some((rank, t, sc.spawn(move || {
+                        let r = forward(cfg, &st.weights, &mut st.kv, inv_freq, &comm, inp);
+                        if r.is_err() {
+                            comm.poison();
+                        }
+                        r
+                    })))
+                })
+                .collect();
+            hs.into_iter()
+                .filter(|(_, t, _)| *t == 0)
+                .map(|(rank, _, h)| (rank, h.join().unwrap_or_else(|_| Err(Error::Rank { rank, msg: "worker panicked".into() }))))
+                .collect()
+        });
+        drop(inputs);
+        let mut logits_per_replica = vec![Vec::new(); dp];
+        for (rank, r) in results {
+            logits_per_replica[self.layout.position(rank).0] = r?;
+        }
+
+        let (vocab, mut finished) = (self.cfg.vocab_size, 0);
+        self.recorded.clear();
+        for (d, ids) in per_replica.iter().enumerate() {
+            for (row, &i) in ids.iter().enumerate() {
+                let s = &mut self.seqs[i];
+                s.cached = s.tokens.len();
+                let row_logits = &logits_per_replica[d][row * vocab..(row + 1) * vocab];
+                if self.record_logits {
+                    self.recorded.push((i, row_logits.to_vec()));
+                }
+                let tok = sample(row_logits, &self.opts.sampling, &mut s.rng);
+                s.tokens.push(tok);
+                if !s.ignore_eos && self.cfg.eos_token_ids.contains(&tok) {
+                    s.finished = Some(FinishReason::Stop);
+                } else if s.generated() >= s.max_new {
+                    s.finished = Some(FinishReason::Length);
+                }
+                if s.finished.is_some() {
+                    finished += 1;
+                    self.allocs[d].release(&std::mem::take(&mut s.table));
+                }
+            }
+        }
+        let report = StepReport { step: self.steps, live_per_replica, tokens_in, tokens_out: live.len(), finished, elapsed_ms: t0.elapsed().as_secs_f64() * 1e3 };
+        self.steps += 1;
+        Ok(report)
+    }
+
+    /// Steps until every sequence has finished, calling `on_step` after each step.
+    pub fn run(&mut self, mut on_step: impl FnMut(&StepReport)) -> Result<()> {
+        while self.live() > 0 {
+            let r = self.step()?;
+            on_step(&r);
+        }
+        Ok(())
+    }
+
+    /// Results of every finished request, in input order.
+    pub fn outputs(&self) -> Vec<Output> {
+        self.seqs
+            .iter()
+            .enumerate()
+            .filter_map(|(index, s)| {
+                s.finished.map(|finish_reason| Output {
+                    index,
+                    input_ids: s.tokens[..s.prompt_len].to_vec(),
+                    output_ids: s.tokens[s.prompt_len..].to_vec(),
+                    finish_reason,
+                })
+            })
+            .collect()
+    }
+
+    /// Blocks per rank that hold every request in `reqs` at once.
+    pub fn blocks_needed(reqs: &[Request], block_size: usize) -> usize {
+        reqs.iter().map(|r| blocks_for(r.input_ids.len() + r.max_new_tokens, block_size.max(1))).sum()
+    }
+}

@@ -1,0 +1,10 @@
+//! `pat`: adaptive tensor parallelism for the long-tail generation stage of synchronous RLHF.
+
+pub mod backend;
+pub mod engine;
+pub mod error;
+pub mod kv;
+pub mod model;
+pub mod parallel;
+
+pub use error::{Error, Result};

@@ -1,0 +1,409 @@
+//! HF `config.json` parsing into one validated `ModelConfig` (LLaMA-3.x and Qwen3).
+//!
+//! Both rope styles are read: `rope_theta` + `rope_scaling` (published checkpoints) and
+//! `rope_parameters` (newer transformers). Anything the decoder does not implement is refused with
+//! an error naming the field, never silently ignored.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+
+/// The decoder architectures this engine implements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Arch {
+    /// `LlamaForCausalLM`: GQA, optional "llama3" rope scaling, tied or untied lm_head.
+    Llama,
+    /// `Qwen3ForCausalLM`: per-head q/k RMSNorm before RoPE, explicit head_dim.
+    Qwen3,
+}
+
+/// LLaMA-3.x frequency-dependent RoPE scaling ("rope_type": "llama3").
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Llama3Scaling {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: f64,
+}
+
+/// A validated decoder configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f32,
+    pub rope_theta: f64,
+    pub rope_scaling: Option<Llama3Scaling>,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    /// Tokens that end a sequence (config.json, extended by generation_config.json).
+    pub eos_token_ids: Vec<u32>,
+    /// `torch_dtype` / `dtype` as written, if any.
+    pub dtype: Option<String>,
+}
+
+struct Fields<'a> {
+    obj: &'a Map<String, Value>,
+    path: &'a Path,
+}
+
+impl Fields<'_> {
+    fn err(&self, msg: String) -> Error {
+        Error::config(self.path, msg)
+    }
+    fn usize(&self, key: &str) -> Result<usize> {
+        match self.obj.get(key) {
+            None | Some(Value::Null) => Err(self.err(format!("missing field `{key}`"))),
+            Some(v) => v
+                .as_u64()
+                .filter(|&n| n > 0)
+                .map(|n| n as usize)
+                .ok_or_else(|| self.err(format!("`{key}` must be a positive integer, got {v}"))),
+        }
+    }
+    fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+        match self.obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(_) => self.usize(key).map(Some),
+        }
+    }
+    fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
+        match self.obj.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite() && *x > 0.0)
+                .ok_or_else(|| self.err(format!("`{key}` must be a positive number, got {v}"))),
+        }
+    }
+    fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
+        match self.obj.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(v) => Err(self.err(format!("`{key}` must be true or false, got {v}"))),
+        }
+    }
+    /// A token id field that may be an integer or a list of integers.
+    fn token_ids(&self, key: &str) -> Result<Vec<u32>> {
+        let bad = |v: &Value| self.err(format!("`{key}` must be a token id or a list of ids, got {v}"));
+        match self.obj.get(key) {
+            None | Some(Value::Null) => Ok(vec![]),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| bad(x)))
+                .collect(),
+            Some(v) => Ok(vec![v
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| bad(v))?]),
+        }
+    }
+}
+
+fn parse_rope_scaling(f: &Fields, key: &str, obj: &Map<String, Value>) -> Result<Option<Llama3Scaling>> {
+    let kind = obj
+        .get("rope_type")
+        .or_else(|| obj.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    match kind {
+        "default" => Ok(None),
+        "llama3" => {
+            let sub = Fields { obj, path: f.path };
+            let s = Llama3Scaling {
+                factor: sub.f64_or("factor", f64::NAN)?,
+                low_freq_factor: sub.f64_or("low_freq_factor", f64::NAN)?,
+                high_freq_factor: sub.f64_or("high_freq_factor", f64::NAN)?,
+                original_max_position_embeddings: sub
+                    .f64_or("original_max_position_embeddings", f64::NAN)?,
+            };
+            let fields = [
+                ("factor", s.factor),
+                ("low_freq_factor", s.low_freq_factor),
+                ("high_freq_factor", s.high_freq_factor),
+                ("original_max_position_embeddings", s.original_max_position_embeddings),
+            ];
+            if let Some((name, _)) = fields.iter().find(|(_, v)| v.is_nan()) {
+                return Err(f.err(format!("`{key}` (llama3) is missing `{name}`")));
+            }
+            if s.high_freq_factor <= s.low_freq_factor {
+                return Err(f.err(format!(
+                    "`{key}`: high_freq_factor ({}) must exceed low_freq_factor ({})",
+                    s.high_freq_factor, s.low_freq_factor
+                )));
+            }
+            Ok(Some(s))
+        }
+        other => Err(Error::unsupported(
+            &format!("{key}.rope_type"),
+            other,
+            "only default and llama3 RoPE are implemented",
+        )),
+    }
+}
+
+impl ModelConfig {
+    /// Reads `DIR/config.json`, and `DIR/generation_config.json` for extra EOS ids when present.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let mut cfg = Self::from_json(&text, &path)?;
+        let gen_path = dir.join("generation_config.json");
+        if gen_path.exists() {
+            let text = std::fs::read_to_string(&gen_path).map_err(|e| Error::io(&gen_path, e))?;
+            let v: Value = serde_json::from_str(&text)
+                .map_err(|e| Error::config(&gen_path, format!("not valid JSON: {e}")))?;
+            if let Some(obj) = v.as_object() {
+                let f = Fields { obj, path: &gen_path };
+                for id in f.token_ids("eos_token_id")? {
+                    if !cfg.eos_token_ids.contains(&id) {
+                        cfg.eos_token_ids.push(id);
+                    }
+                }
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Parses config.json text; `path` is only used in error messages.
+    pub fn from_json(text: &str, path: &Path) -> Result<Self> {
+        let v: Value = serde_json::from_str(text)
+            .map_err(|e| Error::config(path, format!("not valid JSON: {e}")))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| Error::config(path, "top level must be a JSON object"))?;
+        let f = Fields { obj, path };
+        let arch_name = obj
+            .get("architectures")
+            .and_then(Value::as_array)
+            .and_then(|a| a.first())
+            .and_then(Value::as_str)
+            .ok_or_else(|| f.err("missing field `architectures`".into()))?;
+        let arch = match arch_name {
+            "LlamaForCausalLM" => Arch::Llama,
+            "Qwen3ForCausalLM" => Arch::Qwen3,
+            other => {
+                return Err(Error::unsupported(
+                    "architectures",
+                    other,
+                    "supported: LlamaForCausalLM, Qwen3ForCausalLM",
+                ))
+            }
+        };
+        if let Some(act) = obj.get("hidden_act").and_then(Value::as_str) {
+            if act != "silu" {
+                return Err(Error::unsupported("hidden_act", act, "only silu is implemented"));
+            }
+        }
+        for key in ["attention_bias", "mlp_bias"] {
+            if f.bool_or(key, false)? {
+                return Err(Error::unsupported(key, true, "biases are not implemented"));
+            }
+        }
+        if f.bool_or("use_sliding_window", false)? {
+            return Err(Error::unsupported(
+                "use_sliding_window",
+                true,
+                "sliding-window attention is not implemented",
+            ));
+        }
+        let hidden_size = f.usize("hidden_size")?;
+        let num_heads = f.usize("num_attention_heads")?;
+        let num_kv_heads = f.opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
+        let head_dim = match f.opt_usize("head_dim")? {
+            Some(d) => d,
+            None if hidden_size % num_heads == 0 => hidden_size / num_heads,
+            None => {
+                return Err(f.err(format!(
+                    "no `head_dim` and hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads}"
+                )))
+            }
+        };
+        if num_heads % num_kv_heads != 0 {
+            return Err(f.err(format!(
+                "num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"
+            )));
+        }
+        if head_dim % 2 != 0 {
+            return Err(f.err(format!("head_dim {head_dim} must be even for RoPE")));
+        }
+        // Rope: `rope_parameters` (newer transformers) holds theta and the scaling together.
+        let (rope_theta, rope_scaling) = match obj.get("rope_parameters") {
+            Some(Value::Object(rp)) => {
+                let sub = Fields { obj: rp, path };
+                (sub.f64_or("rope_theta", 10000.0)?, parse_rope_scaling(&f, "rope_parameters", rp)?)
+            }
+            Some(Value::Null) | None => {
+                let scaling = match obj.get("rope_scaling") {
+                    Some(Value::Object(rs)) => parse_rope_scaling(&f, "rope_scaling", rs)?,
+                    Some(Value::Null) | None => None,
+                    Some(v) => return Err(f.err(format!("`rope_scaling` must be an object or null, got {v}"))),
+                };
+                (f.f64_or("rope_theta", 10000.0)?, scaling)
+            }
+            Some(v) => return Err(f.err(format!("`rope_parameters` must be an object, got {v}"))),
+        };
+        let rms_norm_eps = f.f64_or("rms_norm_eps", 1e-6)? as f32;
+        let dtype = obj
+            .get("torch_dtype")
+            .or_else(|| obj.get("dtype"))
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let tie_default = false;
+        let cfg = ModelConfig {
+            arch,
+            vocab_size: f.usize("vocab_size")?,
+            hidden_size,
+            intermediate_size: f.usize("intermediate_size")?,
+            num_layers: f.usize("num_hidden_layers")?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rms_norm_eps,
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: f.opt_usize("max_position_embeddings")?.unwrap_or(4096),
+            tie_word_embeddings: f.bool_or("tie_word_embeddings", tie_default)?,
+            bos_token_id: f.token_ids("bos_token_id")?.first().copied(),
+            eos_token_ids: f.token_ids("eos_token_id")?,
+            dtype,
+        };
+        for &id in cfg.eos_token_ids.iter().chain(cfg.bos_token_id.iter()) {
+            if id as usize >= cfg.vocab_size {
+                return Err(f.err(format!(
+                    "special token id {id} is outside the vocabulary (vocab_size {})",
+                    cfg.vocab_size
+                )));
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Query width of the attention block (num_heads * head_dim); may differ from hidden_size.
+    pub fn q_dim(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+    pub fn kv_dim(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+    /// Does the model have per-head q/k RMSNorm (Qwen3)?
+    pub fn has_qk_norm(&self) -> bool {
+        self.arch == Arch::Qwen3
+    }
+    /// KV-cache bytes per token over all layers and heads at `elem_bytes` per element.
+    pub fn kv_bytes_per_token(&self, elem_bytes: usize) -> usize {
+        2 * self.num_layers * self.kv_dim() * elem_bytes
+    }
+
+    /// RoPE inverse frequencies [head_dim / 2], with llama3 scaling applied when configured
+    /// (same formula as transformers' `_compute_llama3_parameters`).
+    pub fn inv_freq(&self) -> Vec<f32> {
+        let d = self.head_dim as f64;
+        (0..self.head_dim / 2)
+            .map(|i| {
+                let base = 1.0 / self.rope_theta.powf((2 * i) as f64 / d);
+                let Some(s) = self.rope_scaling else {
+                    return base as f32;
+                };
+                let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
+                let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
+                let wavelen = 2.0 * std::f64::consts::PI / base;
+                let f = if wavelen < high_wavelen {
+                    base
+                } else if wavelen > low_wavelen {
+                    base / s.factor
+                } else {
+                    let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+                        / (s.high_freq_factor - s.low_freq_factor);
+                    (1.0 - smooth) * base / s.factor + smooth * base
+                };
+                f as f32
+            })
+            .collect()
+    }
+
+    /// The path used in messages about this model directory's config.
+    pub fn config_path(dir: &Path) -> PathBuf {
+        dir.join("config.json")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn llama_json() -> serde_json::Value {
+        serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "vocab_size": 301, "hidden_size": 64,
+            "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 8,
+            "num_key_value_heads": 4, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+            "bos_token_id": 1, "eos_token_id": [2, 7], "tie_word_embeddings": false
+        })
+    }
+
+    fn parse(v: &serde_json::Value) -> Result<ModelConfig> {
+        ModelConfig::from_json(&v.to_string(), Path::new("config.json"))
+    }
+
+    #[test]
+    fn both_rope_styles_parse_to_the_same_config() {
+        let a = parse(&llama_json()).unwrap();
+        let mut v = llama_json();
+        let o = v.as_object_mut().unwrap();
+        let mut rp = o.remove("rope_scaling").unwrap();
+        rp["rope_theta"] = o.remove("rope_theta").unwrap();
+        o.insert("rope_parameters".into(), rp);
+        let b = parse(&v).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.head_dim, 8);
+        assert_eq!(a.eos_token_ids, vec![2, 7]);
+        assert!(a.rope_scaling.is_some());
+    }
+
+    #[test]
+    fn llama3_scaling_matches_hand_computed_bands() {
+        let c = parse(&llama_json()).unwrap();
+        let plain = ModelConfig { rope_scaling: None, ..c.clone() };
+        let (s, p) = (c.inv_freq(), plain.inv_freq());
+        // head_dim 8: base freqs 1, theta^-0.25, theta^-0.5, theta^-0.75.
+        // wavelengths 6.28 (< 8 = high band: unchanged), 168 and 4443 and 1.2e5 (> 32: divided by 8).
+        assert_eq!(s[0], p[0]);
+        for i in 1..4 {
+            assert!((s[i] - p[i] / 8.0).abs() <= 1e-12 + p[i] * 1e-6, "dim {i}");
+        }
+    }
+
+    #[test]
+    fn refusals_name_the_field() {
+        let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+            ("architectures", serde_json::json!(["MistralForCausalLM"]), "architectures"),
+            ("attention_bias", serde_json::json!(true), "attention_bias"),
+            ("use_sliding_window", serde_json::json!(true), "use_sliding_window"),
+            ("rope_scaling", serde_json::json!({"rope_type": "yarn", "factor": 4.0}), "rope_type"),
+            ("hidden_size", serde_json::json!(-3), "hidden_size"),
+            ("num_key_value_heads", serde_json::json!(3), "num_key_value_heads"),
+            ("eos_token_id", serde_json::json!(999), "outside the vocabulary"),
+        ];
+        for (key, val, needle) in cases {
+            let mut v = llama_json();
+            v[key] = val;
+            let msg = parse(&v).unwrap_err().to_string();
+            assert!(msg.contains(needle), "{key}: {msg}");
+        }
+        let mut v = llama_json();
+        v.as_object_mut().unwrap().remove("vocab_size");
+        assert!(parse(&v).unwrap_err().to_string().contains("vocab_size"));
+        assert!(ModelConfig::from_json("{not json", Path::new("x")).is_err());
+    }
+}

@@ -1,0 +1,8 @@
+//! The model: HF config, safetensors checkpoint, per-rank decoder, sampling, random-model init, tokenizer.
+
+pub mod config;
+pub mod decoder;
+pub mod init;
+pub mod sampling;
+pub mod tokenizer;
+pub mod weights;

@@ -1,0 +1,206 @@
+//! Safetensors checkpoints read through mmap: single file or sharded with an index; f32/bf16/f16.
+//!
+//! Ranks read only the rows they own (`read_rows`), converting to f32 on the way, so loading a
+//! shard never materialises the whole tensor.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{Error, Result};
+
+struct Shard {
+    path: PathBuf,
+    mmap: Mmap,
+}
+
+/// Where one tensor lives, validated at open time.
+#[derive(Clone, Debug)]
+pub struct TensorInfo {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    shard: usize,
+    start: usize,
+    end: usize,
+}
+
+/// An opened checkpoint: every shard mmapped, every tensor header validated.
+pub struct Checkpoint {
+    shards: Vec<Shard>,
+    tensors: HashMap<String, TensorInfo>,
+}
+
+fn elem_bytes(dt: Dtype) -> Option<usize> {
+    match dt {
+        Dtype::F32 => Some(4),
+        Dtype::BF16 | Dtype::F16 => Some(2),
+        _ => None,
+    }
+}
+
+impl Checkpoint {
+    /// Opens `DIR/model.safetensors`, or the shards listed in `DIR/model.safetensors.index.json`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::checkpoint(&index, format!("not valid JSON: {e}")))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::checkpoint(&index, "missing object `weight_map`"))?;
+            let mut names: Vec<String> = Vec::new();
+            for (tensor, file) in map {
+                let f = file.as_str().ok_or_else(|| {
+                    Error::checkpoint(&index, format!("weight_map[{tensor}] is not a file name"))
+                })?;
+                if f.contains('/') || f.contains("..") {
+                    return Err(Error::checkpoint(&index, format!("shard name `{f}` must be a plain file name")));
+                }
+                if !names.iter().any(|n| n == f) {
+                    names.push(f.to_string());
+                }
+            }
+            names.sort();
+            names.into_iter().map(|n| dir.join(n)).collect()
+        } else {
+            let single = dir.join("model.safetensors");
+            if !single.exists() {
+                return Err(Error::checkpoint(
+                    dir,
+                    "no model.safetensors or model.safetensors.index.json in this directory",
+                ));
+            }
+            vec![single]
+        };
+        let mut shards = Vec::new();
+        let mut tensors = HashMap::new();
+        for (i, path) in files.into_iter().enumerate() {
+            let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+            // SAFETY: the file is opened read-only and mapped privately; we never write through the
+            // map. Another process truncating it while we read is outside what we can guard against.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+            let st = SafeTensors::deserialize(&mmap)
+                .map_err(|e| Error::checkpoint(&path, format!("not a valid safetensors file: {e}")))?;
+            let base = mmap.as_ptr() as usize;
+            for (name, view) in st.tensors() {
+                if elem_bytes(view.dtype()).is_none() {
+                    return Err(Error::checkpoint(
+                        &path,
+                        format!("tensor `{name}` has dtype {:?}; supported: F32, BF16, F16", view.dtype()),
+                    ));
+                }
+                let start = view.data().as_ptr() as usize - base;
+                let info = TensorInfo {
+                    dtype: view.dtype(),
+                    shape: view.shape().to_vec(),
+                    shard: i,
+                    start,
+                    end: start + view.data().len(),
+                };
+                if tensors.insert(name.clone(), info).is_some() {
+                    return Err(Error::checkpoint(&path, format!("tensor `{name}` appears in two shards")));
+                }
+            }
+            shards.push(Shard { path, mmap });
+        }
+        Ok(Checkpoint { shards, tensors })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Validated header of `name`, checking its shape against `expected`.
+    pub fn info(&self, name: &str, expected: &[usize]) -> Result<&TensorInfo> {
+        let info = self.tensors.get(name).ok_or_else(|| {
+            Error::checkpoint(self.path_hint(), format!("missing tensor `{name}`"))
+        })?;
+        if info.shape != expected {
+            return Err(Error::checkpoint(
+                &self.shards[info.shard].path,
+                format!("tensor `{name}` has shape {:?}, expected {:?}", info.shape, expected),
+            ));
+        }
+        Ok(info)
+    }
+
+    fn path_hint(&self) -> &Path {
+        self.shards.first().map(|s| s.path.as_path()).unwrap_or(Path::new("checkpoint"))
+    }
+
+    /// Rows `rows` of a 2-D (or 1-D, one row) tensor of shape `expected`, as f32, row-major.
+    pub fn read_rows(&self, name: &str, expected: &[usize], rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        let info = self.info(name, expected)?;
+        // A 1-D tensor is one row.
+        let (n_rows, cols) = match expected {
+            [n] => (1, *n),
+            _ => (expected[0], expected[1..].iter().product()),
+        };
+        if rows.end > n_rows || rows.start > rows.end {
+            return Err(Error::checkpoint(
+                self.path_hint(),
+                format!("rows {rows:?} out of range for `{name}` with {n_rows} rows"),
+            ));
+        }
+        let eb = elem_bytes(info.dtype).unwrap_or(4);
+        let bytes = &self.shards[info.shard].mmap[info.start..info.end];
+        let sel = &bytes[rows.start * cols * eb..rows.end * cols * eb];
+        Ok(decode(info.dtype, sel))
+    }
+
+    /// The whole tensor as f32.
+    pub fn read(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        let rows = if expected.len() == 1 { 1 } else { expected[0] };
+        self.read_rows(name, expected, 0..rows)
+    }
+
+    /// Columns `cols` of a 2-D tensor [rows, n], returned transposed as [cols.len(), rows]
+    /// (row-parallel weights are stored with the split axis outermost).
+    pub fn read_cols_transposed(&self, name: &str, expected: &[usize; 2], cols: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        let [r, c] = *expected;
+        if cols.end > c || cols.start > cols.end {
+            return Err(Error::checkpoint(
+                self.path_hint(),
+                format!("columns {cols:?} out of range for `{name}` with {c} columns"),
+            ));
+        }
+        let full = self.read(name, expected)?;
+        let w = cols.len();
+        let mut out = vec![0f32; w * r];
+        for i in 0..r {
+            for (j, col) in cols.clone().enumerate() {
+                out[j * r + i] = full[i * c + col];
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn decode(dt: Dtype, bytes: &[u8]) -> Vec<f32> {
+    match dt {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        _ => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+    }
+}
+
+/// Rounds every value to the nearest bf16 (the CPU reference emulates bf16 weights this way).
+pub fn round_to_bf16(v: &mut [f32]) {
+    for x in v {
+        *x = half::bf16::from_f32(*x).to_f32();
+    }
+}

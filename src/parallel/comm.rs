@@ -1,0 +1,232 @@
+//! `Comm`: collectives between the ranks of one group; CPU implementation and the group cache.
+//!
+//! Ranks are threads that own their buffers; bytes cross ranks only through these calls. Sums are
+//! taken in rank order so a reduction is deterministic. If a member leaves (error or panic), the
+//! group is poisoned and every peer's pending call returns an error instead of hanging.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Condvar, Mutex};
+
+use crate::error::{Error, Result};
+
+/// Collectives over one group of ranks.
+pub trait Comm: Send + Sync {
+    /// This member's index in the group (its tp-rank).
+    fn rank(&self) -> usize;
+    fn size(&self) -> usize;
+    /// Element-wise sum over the group, result in every member's `buf`.
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()>;
+    /// Concatenates every member's `local` (equal lengths) in rank order into `out`.
+    fn all_gather(&self, local: &[f32], out: &mut [f32]) -> Result<()>;
+    /// Marks the group failed so peers stop waiting.
+    fn poison(&self);
+}
+
+struct BarrierState {
+    waiting: usize,
+    generation: u64,
+    poisoned: bool,
+}
+
+struct Group {
+    size: usize,
+    slots: Mutex<Vec<Vec<f32>>>,
+    state: Mutex<BarrierState>,
+    cv: Condvar,
+}
+
+impl Group {
+    fn wait(&self, rank: usize) -> Result<()> {
+        let fail = || Error::Rank {
+            rank,
+            msg: "a peer in the communication group failed".into(),
+        };
+        let mut s = self.state.lock().map_err(|_| fail())?;
+        if s.poisoned {
+            return Err(fail());
+        }
+        s.waiting += 1;
+        if s.waiting == self.size {
+            s.waiting = 0;
+            s.generation += 1;
+            self.cv.notify_all();
+            return Ok(());
+        }
+        let gen = s.generation;
+        while s.generation == gen && !s.poisoned {
+            s = self.cv.wait(s).map_err(|_| fail())?;
+        }
+        if s.generation == gen {
+            return Err(fail());
+        }
+        Ok(())
+    }
+}
+
+/// One member's handle on a CPU communication group.
+#[derive(Clone)]
+pub struct CpuComm {
+    group: Arc<Group>,
+    rank: usize,
+}
+
+impl CpuComm {
+    fn deposit(&self, data: &[f32]) -> Result<()> {
+        let mut slots = self.group.slots.lock().map_err(|_| self.err("lock poisoned"))?;
+        slots[self.rank].clear();
+        slots[self.rank].extend_from_slice(data);
+        Ok(())
+    }
+    fn err(&self, msg: &str) -> Error {
+        Error::Rank { rank: self.rank, msg: msg.into() }
+    }
+}
+
+impl Comm for CpuComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.group.size
+    }
+
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
+        if self.group.size == 1 {
+            return Ok(());
+        }
+        self.deposit(buf)?;
+        self.group.wait(self.rank)?;
+        {
+            let slots = self.group.slots.lock().map_err(|_| self.err("lock poisoned"))?;
+            if slots.iter().any(|s| s.len() != buf.len()) {
+                self.poison();
+                return Err(self.err("all_reduce called with different lengths on different ranks"));
+            }
+            buf.copy_from_slice(&slots[0]);
+            for s in &slots[1..] {
+                buf.iter_mut().zip(s).for_each(|(a, b)| *a += *b);
+            }
+        }
+        // Nobody may overwrite a slot before every member has read all of them.
+        self.group.wait(self.rank)
+    }
+
+    fn all_gather(&self, local: &[f32], out: &mut [f32]) -> Result<()> {
+        let n = local.len();
+        if out.len() != n * self.group.size {
+            return Err(self.err("all_gather output has the wrong length"));
+        }
+        if self.group.size == 1 {
+            out.copy_from_slice(local);
+            return Ok(());
+        }
+        self.deposit(local)?;
+        self.group.wait(self.rank)?;
+        {
+            let slots = self.group.slots.lock().map_err(|_| self.err("lock poisoned"))?;
+            if slots.iter().any(|s| s.len() != n) {
+                self.poison();
+                return Err(self.err("all_gather called with different lengths on different ranks"));
+            }
+            for (chunk, s) in out.chunks_exact_mut(n).zip(slots.iter()) {
+                chunk.copy_from_slice(s);
+            }
+        }
+        self.group.wait(self.rank)
+    }
+
+    fn poison(&self) {
+        if let Ok(mut s) = self.group.state.lock() {
+            s.poisoned = true;
+        }
+        self.group.cv.notify_all();
+    }
+}
+
+/// Communication groups keyed by their member ranks, created at most once per engine lifetime.
+#[derive(Default)]
+pub struct GroupCache {
+    groups: HashMap<Vec<usize>, Arc<Group>>,
+    /// Groups created so far.
+    pub created: usize,
+    /// Lookups answered from the cache.
+    pub reused: usize,
+}
+
+impl GroupCache {
+    /// One handle per member of the group of physical `ranks` (in tp-rank order).
+    pub fn get(&mut self, ranks: &[usize]) -> Vec<CpuComm> {
+        let size = ranks.len();
+        let group = match self.groups.get(ranks) {
+            Some(g) if !g.state.lock().map(|s| s.poisoned).unwrap_or(true) => {
+                self.reused += 1;
+                g.clone()
+            }
+            _ => {
+                self.created += 1;
+                let g = Arc::new(Group {
+                    size,
+                    slots: Mutex::new(vec![Vec::new(); size]),
+                    state: Mutex::new(BarrierState { waiting: 0, generation: 0, poisoned: false }),
+                    cv: Condvar::new(),
+                });
+                self.groups.insert(ranks.to_vec(), g.clone());
+                g
+            }
+        };
+        (0..size).map(|rank| CpuComm { group: group.clone(), rank }).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_reduce_and_gather_across_threads() {
+        let mut cache = GroupCache::default();
+        let comms = cache.get(&[3, 1, 2]);
+        let results: Vec<(Vec<f32>, Vec<f32>)> = std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .into_iter()
+                .map(|c| {
+                    s.spawn(move || {
+                        let r = c.rank() as f32;
+                        let mut buf = vec![r, 10.0 * r];
+                        for _ in 0..50 {
+                            buf = vec![r, 10.0 * r];
+                            c.all_reduce_sum(&mut buf).unwrap();
+                        }
+                        let mut g = vec![0.0; 6];
+                        c.all_gather(&[r, -r], &mut g).unwrap();
+                        (buf, g)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (sum, g) in results {
+            assert_eq!(sum, vec![3.0, 30.0]);
+            assert_eq!(g, vec![0.0, -0.0, 1.0, -1.0, 2.0, -2.0]);
+        }
+        let _ = cache.get(&[3, 1, 2]);
+        assert_eq!((cache.created, cache.reused), (1, 1));
+    }
+
+    #[test]
+    fn a_failed_peer_releases_the_others() {
+        let mut cache = GroupCache::default();
+        let comms = cache.get(&[0, 1]);
+        let r = std::thread::scope(|s| {
+            let mut it = comms.into_iter();
+            let (a, b) = (it.next().unwrap(), it.next().unwrap());
+            let h = s.spawn(move || a.all_reduce_sum(&mut [1.0]));
+            b.poison();
+            h.join().unwrap()
+        });
+        assert!(r.is_err());
+        // A poisoned group is replaced, not reused.
+        let _ = cache.get(&[0, 1]);
+        assert_eq!(cache.created, 2);
+    }
+}
