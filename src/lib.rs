@@ -1,6 +1,7 @@
 //! `pat`: adaptive tensor parallelism for the long-tail generation stage of synchronous RLHF.
 
 pub mod backend;
+pub mod cli;
 pub mod engine;
 pub mod error;
 pub mod kv;

@@ -15,7 +15,10 @@ pub struct BlockAllocator {
 impl BlockAllocator {
     pub fn new(total: usize) -> Self {
         // Pop from the end, so hand out low ids first.
-        BlockAllocator { free: (0..total as u32).rev().collect(), total }
+        BlockAllocator {
+            free: (0..total as u32).rev().collect(),
+            total,
+        }
     }
     pub fn total(&self) -> usize {
         self.total
@@ -32,12 +35,20 @@ impl BlockAllocator {
                 self.total
             )));
         }
-        Ok(self.free.split_off(self.free.len() - n).into_iter().rev().collect())
+        Ok(self
+            .free
+            .split_off(self.free.len() - n)
+            .into_iter()
+            .rev()
+            .collect())
     }
     /// Returns blocks to the pool. Double frees and foreign ids are bugs, caught in debug builds.
     pub fn release(&mut self, blocks: &[u32]) {
         for &b in blocks.iter().rev() {
-            debug_assert!((b as usize) < self.total && !self.free.contains(&b), "bad free of block {b}");
+            debug_assert!(
+                (b as usize) < self.total && !self.free.contains(&b),
+                "bad free of block {b}"
+            );
             self.free.push(b);
         }
     }
@@ -72,7 +83,13 @@ pub struct KvPool {
 }
 
 impl KvPool {
-    pub fn new(layers: usize, num_blocks: usize, block_size: usize, kv_heads: usize, head_dim: usize) -> Result<Self> {
+    pub fn new(
+        layers: usize,
+        num_blocks: usize,
+        block_size: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
         let per_layer = num_blocks
             .checked_mul(kv_heads * block_size * head_dim)
             .ok_or_else(|| Error::KvExhausted("pool size overflows".into()))?;
@@ -82,7 +99,14 @@ impl KvPool {
             k.push(try_zeroed(per_layer)?);
             v.push(try_zeroed(per_layer)?);
         }
-        Ok(KvPool { num_blocks, block_size, kv_heads, head_dim, k, v })
+        Ok(KvPool {
+            num_blocks,
+            block_size,
+            kv_heads,
+            head_dim,
+            k,
+            v,
+        })
     }
 
     /// Element offset of (block, head, offset-in-block) in a layer's pool.
@@ -116,8 +140,9 @@ impl KvPool {
         }
         let len = num_blocks * self.kv_heads * self.block_size * self.head_dim;
         for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
-            buf.try_reserve_exact(len - buf.len())
-                .map_err(|_| Error::KvExhausted(format!("cannot grow the pool to {num_blocks} blocks")))?;
+            buf.try_reserve_exact(len - buf.len()).map_err(|_| {
+                Error::KvExhausted(format!("cannot grow the pool to {num_blocks} blocks"))
+            })?;
             buf.resize(len, 0.0);
         }
         self.num_blocks = num_blocks;
@@ -127,8 +152,12 @@ impl KvPool {
 
 fn try_zeroed(n: usize) -> Result<Vec<f32>> {
     let mut v = Vec::new();
-    v.try_reserve_exact(n)
-        .map_err(|_| Error::KvExhausted(format!("cannot allocate {} MiB for the KV pool", n * 4 >> 20)))?;
+    v.try_reserve_exact(n).map_err(|_| {
+        Error::KvExhausted(format!(
+            "cannot allocate {} MiB for the KV pool",
+            (n * 4) >> 20
+        ))
+    })?;
     v.resize(n, 0.0);
     Ok(v)
 }
@@ -176,6 +205,9 @@ mod tests {
         p.append(0, &k, &v, &[5]); // block 1, offset 1
         let o = p.offset(1, 1, 1);
         assert_eq!(&p.k[0][o..o + 3], &[3.0, 4.0, 5.0]);
-        assert_eq!(&p.v[0][p.offset(1, 0, 1)..p.offset(1, 0, 1) + 3], &[0.0, -1.0, -2.0]);
+        assert_eq!(
+            &p.v[0][p.offset(1, 0, 1)..p.offset(1, 0, 1) + 3],
+            &[0.0, -1.0, -2.0]
+        );
     }
 }

@@ -1,0 +1,189 @@
+//! `pat generate`: run requests through the engine and print one JSON object per request.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use clap::{ArgGroup, Args};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::requests::parse_requests_jsonl;
+use super::DtypeArg;
+use crate::engine::{Engine, EngineOptions, Output, Request};
+use crate::error::{Error, Result};
+use crate::model::config::ModelConfig;
+use crate::model::sampling::SamplingParams;
+use crate::model::tokenizer::Tokenizer;
+use crate::model::weights::Checkpoint;
+
+#[derive(Args, Debug)]
+#[command(group(ArgGroup::new("input").required(true).args(["prompt", "prompt_ids", "requests"])))]
+pub struct GenerateArgs {
+    /// HF model directory (config.json, model.safetensors[.index.json], optional tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Number of ranks (threads on the CPU backend).
+    #[arg(long, default_value_t = 1)]
+    pub world: usize,
+    /// Tensor-parallel degree; must divide --world, the heads, the KV heads and the intermediate size.
+    #[arg(long, default_value_t = 1)]
+    pub tp: usize,
+    /// Weight precision (the CPU reference computes in f32; bf16 rounds the weights).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DtypeArg,
+    /// New tokens per request (a request file's `max_new_tokens` overrides it).
+    #[arg(long, default_value_t = 32)]
+    pub max_new_tokens: usize,
+    /// Do not stop at EOS tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Nucleus sampling mass (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Seed for sampling; each request draws from its own stream.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// A text prompt (needs tokenizer.json).
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// A prompt as comma-separated token ids, e.g. 1,2,3.
+    #[arg(long, value_delimiter = ',')]
+    pub prompt_ids: Option<Vec<u32>>,
+    /// JSONL file, one request per line: {"input_ids":[...]} or {"prompt":"..."}, optional
+    /// "max_new_tokens" and "ignore_eos".
+    #[arg(long)]
+    pub requests: Option<PathBuf>,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// KV blocks per rank (default: enough for every request at once).
+    #[arg(long)]
+    pub kv_blocks: Option<usize>,
+}
+
+/// A loaded model directory.
+pub struct Model {
+    pub cfg: ModelConfig,
+    pub ck: Checkpoint,
+    pub tok: Option<Tokenizer>,
+}
+
+impl Model {
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::Usage(format!(
+                "--model {}: not a directory",
+                dir.display()
+            )));
+        }
+        Ok(Model {
+            cfg: ModelConfig::load(dir)?,
+            ck: Checkpoint::open(dir)?,
+            tok: Tokenizer::load_dir(dir)?,
+        })
+    }
+}
+
+/// Collects the requests named by exactly one of --prompt, --prompt-ids, --requests.
+fn requests(a: &GenerateArgs, tok: Option<&Tokenizer>) -> Result<Vec<Request>> {
+    if a.max_new_tokens == 0 {
+        return Err(Error::Usage("--max-new-tokens must be at least 1".into()));
+    }
+    let one = |input_ids| {
+        Ok(vec![Request {
+            input_ids,
+            max_new_tokens: a.max_new_tokens,
+            ignore_eos: a.ignore_eos,
+        }])
+    };
+    if let Some(p) = &a.prompt {
+        let tok = tok.ok_or_else(|| {
+            Error::Usage(format!(
+                "--prompt needs {}/tokenizer.json; use --prompt-ids",
+                a.model.display()
+            ))
+        })?;
+        return one(tok.encode(p)?);
+    }
+    if let Some(ids) = &a.prompt_ids {
+        return one(ids.clone());
+    }
+    let path = a
+        .requests
+        .as_ref()
+        .ok_or_else(|| Error::Usage("give --prompt, --prompt-ids or --requests".into()))?;
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    parse_requests_jsonl(path, &text, tok, a.max_new_tokens, a.ignore_eos)
+}
+
+/// A progress bar on stderr (hidden when stderr is not a terminal).
+pub fn progress(total: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(total);
+    let style =
+        ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+    pb.set_style(style);
+    pb.set_message(what.to_string());
+    pb
+}
+
+pub fn run(a: GenerateArgs) -> Result<()> {
+    let m = Model::open(&a.model)?;
+    let reqs = requests(&a, m.tok.as_ref())?;
+    let kv_blocks = a
+        .kv_blocks
+        .unwrap_or_else(|| Engine::blocks_needed(&reqs, a.block_size));
+    let opts = EngineOptions {
+        world: a.world,
+        tp: a.tp,
+        block_size: a.block_size,
+        kv_blocks,
+        dtype: a.dtype.into(),
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            seed: a.seed,
+        },
+    };
+    let t0 = Instant::now();
+    let mut engine = Engine::new(m.cfg.clone(), &m.ck, opts)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    engine.add_requests(&reqs)?;
+    let budget: u64 = reqs.iter().map(|r| r.max_new_tokens as u64).sum();
+    let pb = progress(budget, "generating");
+    let t1 = Instant::now();
+    let mut produced = 0u64;
+    engine.run(|r| {
+        produced += r.tokens_out as u64;
+        pb.set_position(produced);
+    })?;
+    pb.finish_and_clear();
+    let gen_s = t1.elapsed().as_secs_f64();
+    for o in engine.outputs() {
+        println!("{}", output_json(&o, m.tok.as_ref())?);
+    }
+    eprintln!(
+        "{} requests, {produced} tokens in {gen_s:.2} s ({:.1} tok/s) on world {} tp {}; load {load_s:.2} s",
+        reqs.len(),
+        produced as f64 / gen_s.max(1e-9),
+        a.world,
+        a.tp
+    );
+    Ok(())
+}
+
+/// One output record; adds "text" when a tokenizer is present.
+pub fn output_json(o: &Output, tok: Option<&Tokenizer>) -> Result<String> {
+    let mut v = serde_json::to_value(o).map_err(|e| Error::Usage(e.to_string()))?;
+    if let Some(t) = tok {
+        v["text"] = serde_json::Value::String(t.decode(&o.output_ids)?);
+    }
+    Ok(v.to_string())
+}

@@ -1,0 +1,135 @@
+//! The `pat` command line: argument definitions and dispatch.
+
+mod demo;
+mod generate;
+mod requests;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::error::Result;
+use crate::model::config::Arch;
+use crate::model::decoder::WeightDtype;
+use crate::model::init::{init_model, InitDtype, InitOptions, Preset};
+
+pub use requests::parse_requests_jsonl;
+
+/// Adaptive tensor parallelism for the long-tail generation stage of synchronous RLHF.
+///
+/// Runs a LLaMA-3.x / Qwen3 decoder over a paged KV cache on N ranks (threads on the CPU
+/// reference backend), each rank holding only its tensor-parallel shard.
+#[derive(Parser, Debug)]
+#[command(name = "pat", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Write a random-weight model directory in HF format (config.json, model.safetensors,
+    /// tokenizer.json), so everything runs with no downloads.
+    InitModel(InitModelArgs),
+    /// Generate continuations; one JSON object per request on stdout, in input order.
+    Generate(generate::GenerateArgs),
+    /// The main job on a built-in default: a long-tail batch on several ranks, with a per-step summary.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ArchArg {
+    Llama,
+    Qwen3,
+}
+
+impl From<ArchArg> for Arch {
+    fn from(a: ArchArg) -> Arch {
+        match a {
+            ArchArg::Llama => Arch::Llama,
+            ArchArg::Qwen3 => Arch::Qwen3,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum PresetArg {
+    /// 2 layers, hidden 64: for tests.
+    Tiny,
+    /// 8 layers, hidden 512, ~29M parameters: for CPU benchmarks.
+    Small,
+    /// LLaMA-3.1-8B dimensions (Qwen3-14B with --arch qwen3): for GPU benchmarks.
+    #[value(name = "llama3-8b-shape")]
+    Llama3_8bShape,
+}
+
+impl From<PresetArg> for Preset {
+    fn from(p: PresetArg) -> Preset {
+        match p {
+            PresetArg::Tiny => Preset::Tiny,
+            PresetArg::Small => Preset::Small,
+            PresetArg::Llama3_8bShape => Preset::Llama3_8bShape,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    Bf16,
+}
+
+impl From<DtypeArg> for WeightDtype {
+    fn from(d: DtypeArg) -> Self {
+        match d {
+            DtypeArg::F32 => WeightDtype::F32,
+            DtypeArg::Bf16 => WeightDtype::Bf16,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct InitModelArgs {
+    #[arg(long, value_enum, default_value = "llama")]
+    pub arch: ArchArg,
+    #[arg(long, value_enum, default_value = "tiny")]
+    pub preset: PresetArg,
+    /// Output directory (created; must be empty unless --force).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Storage dtype of the weights.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DtypeArg,
+    /// Overwrite a non-empty output directory.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Command::InitModel(a) => {
+            let opts = InitOptions {
+                arch: a.arch.into(),
+                preset: a.preset.into(),
+                seed: a.seed,
+                dtype: match a.dtype {
+                    DtypeArg::F32 => InitDtype::F32,
+                    DtypeArg::Bf16 => InitDtype::Bf16,
+                },
+                force: a.force,
+            };
+            let bytes = init_model(&a.out, &opts)?;
+            eprintln!(
+                "wrote {} ({:.1} MiB of weights)",
+                a.out.display(),
+                bytes as f64 / (1u64 << 20) as f64
+            );
+            Ok(())
+        }
+        Command::Generate(a) => generate::run(a),
+        Command::Demo(a) => demo::run(a),
+    }
+}

@@ -1,0 +1,616 @@
+//! Random-weight HF model directories (config, safetensors, tokenizer): the tool runs with no downloads.
+
+use std::borrow::Cow;
+use std::path::Path;
+
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use safetensors::{tensor::View, Dtype, SafeTensorError};
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::model::config::Arch;
+use crate::model::tokenizer::Tokenizer;
+
+/// Model size presets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Preset {
+    /// ~0.1M parameters: unit tests and CPU smoke runs.
+    Tiny,
+    /// ~30M parameters: CPU/GPU functional runs.
+    Small,
+    /// Exactly LLaMA-3.1-8B dims (Qwen3-14B dims for the Qwen3 arch): realistic memory and timing.
+    Llama3_8bShape,
+}
+
+/// Element type of the written weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InitDtype {
+    F32,
+    Bf16,
+}
+
+/// What `init_model` writes.
+#[derive(Clone, Copy, Debug)]
+pub struct InitOptions {
+    pub arch: Arch,
+    pub preset: Preset,
+    pub seed: u64,
+    pub dtype: InitDtype,
+    /// Write into an existing non-empty directory (files of the same names are replaced).
+    pub force: bool,
+}
+
+/// The dimensions of one (arch, preset) pair.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PresetDims {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub max_position_embeddings: usize,
+    pub rope_theta: f64,
+    pub tie_word_embeddings: bool,
+}
+
+const PRESETS: [(&str, Preset); 3] = [
+    ("tiny", Preset::Tiny),
+    ("small", Preset::Small),
+    ("llama3-8b-shape", Preset::Llama3_8bShape),
+];
+const DTYPES: [(&str, InitDtype); 2] = [("f32", InitDtype::F32), ("bf16", InitDtype::Bf16)];
+
+fn parse_named<T: Copy>(table: &[(&'static str, T)], what: &str, s: &str) -> Result<T> {
+    table
+        .iter()
+        .find(|(n, _)| *n == s)
+        .map(|&(_, v)| v)
+        .ok_or_else(|| {
+            let valid: Vec<&str> = table.iter().map(|(n, _)| *n).collect();
+            Error::Usage(format!(
+                "unknown {what} `{s}` (valid: {})",
+                valid.join(", ")
+            ))
+        })
+}
+
+fn name_of<T: PartialEq>(table: &[(&'static str, T)], v: &T) -> &'static str {
+    table.iter().find(|(_, t)| t == v).map_or("?", |(n, _)| n)
+}
+
+impl std::str::FromStr for Preset {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        parse_named(&PRESETS, "preset", s)
+    }
+}
+
+impl std::fmt::Display for Preset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(name_of(&PRESETS, self))
+    }
+}
+
+impl std::str::FromStr for InitDtype {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        parse_named(&DTYPES, "dtype", s)
+    }
+}
+
+impl std::fmt::Display for InitDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(name_of(&DTYPES, self))
+    }
+}
+
+impl InitDtype {
+    /// (bytes per element, safetensors dtype, config.json `torch_dtype`).
+    fn info(self) -> (usize, Dtype, &'static str) {
+        match self {
+            InitDtype::F32 => (4, Dtype::F32, "float32"),
+            InitDtype::Bf16 => (2, Dtype::BF16, "bfloat16"),
+        }
+    }
+}
+
+/// The dimensions of `preset` for `arch`.
+pub fn preset_dims(arch: Arch, preset: Preset) -> PresetDims {
+    let qwen = arch == Arch::Qwen3;
+    // (vocab, hidden, intermediate, layers, heads, kv heads, head_dim, max positions)
+    let (vocab, hidden, inter, layers, heads, kv, head_dim, max_pos) = match (preset, qwen) {
+        (Preset::Tiny, _) => (320, 64, 128, 2, 8, 4, if qwen { 16 } else { 8 }, 512),
+        (Preset::Small, _) => (2048, 512, 1536, 8, 8, 4, if qwen { 128 } else { 64 }, 4096),
+        // LLaMA-3.1-8B.
+        (Preset::Llama3_8bShape, false) => (128_256, 4096, 14_336, 32, 32, 8, 128, 131_072),
+        // Qwen3-14B.
+        (Preset::Llama3_8bShape, true) => (151_936, 5120, 17_408, 40, 40, 8, 128, 40_960),
+    };
+    PresetDims {
+        vocab_size: vocab,
+        hidden_size: hidden,
+        intermediate_size: inter,
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: kv,
+        head_dim,
+        max_position_embeddings: max_pos,
+        rope_theta: if qwen { 1e6 } else { 500_000.0 },
+        tie_word_embeddings: qwen && preset != Preset::Llama3_8bShape,
+    }
+}
+
+/// `original_max_position_embeddings` of the llama3 rope scaling: small enough that scaling is active.
+fn llama_original_max_pos(preset: Preset) -> usize {
+    match preset {
+        Preset::Tiny => 64,
+        Preset::Small => 512,
+        Preset::Llama3_8bShape => 8192,
+    }
+}
+
+/// config.json as transformers writes it.
+fn config_json(opts: &InitOptions, d: &PresetDims) -> Value {
+    let mut c = json!({
+        "vocab_size": d.vocab_size,
+        "hidden_size": d.hidden_size,
+        "intermediate_size": d.intermediate_size,
+        "num_hidden_layers": d.num_layers,
+        "num_attention_heads": d.num_heads,
+        "num_key_value_heads": d.num_kv_heads,
+        "head_dim": d.head_dim,
+        "hidden_act": "silu",
+        "rope_theta": d.rope_theta,
+        "max_position_embeddings": d.max_position_embeddings,
+        "tie_word_embeddings": d.tie_word_embeddings,
+        "attention_bias": false,
+        "attention_dropout": 0.0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": opts.dtype.info().2,
+        "initializer_range": 0.02,
+        "use_cache": true,
+    });
+    let extra = match opts.arch {
+        Arch::Llama => json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "rms_norm_eps": 1e-5,
+            "mlp_bias": false,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": llama_original_max_pos(opts.preset),
+            },
+        }),
+        Arch::Qwen3 => json!({
+            "architectures": ["Qwen3ForCausalLM"],
+            "model_type": "qwen3",
+            "rms_norm_eps": 1e-6,
+            "rope_scaling": null,
+            "use_sliding_window": false,
+            "sliding_window": null,
+            "max_window_layers": d.num_layers,
+        }),
+    };
+    if let (Some(c), Value::Object(e)) = (c.as_object_mut(), extra) {
+        c.extend(e);
+    }
+    c
+}
+
+/// 64-bit FNV-1a: a stable hash of tensor names (std's hasher may change between releases).
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// How a tensor's values are drawn.
+#[derive(Clone, Copy, Debug)]
+enum Init {
+    /// Uniform, std 1.
+    Embedding,
+    /// Uniform, std 1/sqrt(fan_in).
+    Linear { fan_in: usize },
+    /// 1 + uniform noise of std 0.1.
+    Norm,
+}
+
+/// Elements per independently seeded ChaCha stream: fixed, so the bytes do not depend on thread count.
+const CHUNK: usize = 1 << 16;
+
+/// A tensor whose bytes are generated on demand in `data()`, deterministically from (seed, name).
+struct LazyTensor {
+    shape: Vec<usize>,
+    init: Init,
+    dtype: InitDtype,
+    seed: u64,
+}
+
+impl LazyTensor {
+    fn new(name: &str, shape: Vec<usize>, init: Init, opts: &InitOptions) -> (String, Self) {
+        let seed = opts.seed ^ fnv1a64(name.as_bytes());
+        let dtype = opts.dtype;
+        (
+            name.to_string(),
+            LazyTensor {
+                shape,
+                init,
+                dtype,
+                seed,
+            },
+        )
+    }
+
+    fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Fills chunk `index` (`out` holds its bytes).
+    fn fill_chunk(&self, index: usize, out: &mut [u8]) {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+        rng.set_stream(index as u64);
+        let (offset, half_width) = match self.init {
+            Init::Embedding => (0.0, 3f32.sqrt()),
+            Init::Linear { fan_in } => (0.0, (3.0 / fan_in.max(1) as f32).sqrt()),
+            Init::Norm => (1.0, 0.1 * 3f32.sqrt()),
+        };
+        let eb = self.dtype.info().0;
+        for dst in out.chunks_exact_mut(eb) {
+            // 24 random bits -> [0, 1) exactly representable in f32.
+            let u = (rng.next_u32() >> 8) as f32 * (1.0 / (1u32 << 24) as f32);
+            let v = offset + (2.0 * u - 1.0) * half_width;
+            match self.dtype {
+                InitDtype::F32 => dst.copy_from_slice(&v.to_le_bytes()),
+                InitDtype::Bf16 => dst.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
+            }
+        }
+    }
+
+    /// Generates all bytes, spreading runs of whole chunks over up to `threads` threads.
+    fn generate(&self, threads: usize) -> Vec<u8> {
+        let chunk_bytes = CHUNK * self.dtype.info().0;
+        let mut buf = vec![0u8; self.data_len()];
+        let n_chunks = buf.len().div_ceil(chunk_bytes).max(1);
+        let per_thread = n_chunks.div_ceil(threads.clamp(1, n_chunks));
+        std::thread::scope(|s| {
+            for (t, run) in buf.chunks_mut(per_thread * chunk_bytes).enumerate() {
+                s.spawn(move || {
+                    for (i, c) in run.chunks_mut(chunk_bytes).enumerate() {
+                        self.fill_chunk(t * per_thread + i, c);
+                    }
+                });
+            }
+        });
+        buf
+    }
+}
+
+impl View for LazyTensor {
+    fn dtype(&self) -> Dtype {
+        self.dtype.info().1
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Cow::Owned(self.generate(threads))
+    }
+    fn data_len(&self) -> usize {
+        self.numel() * self.dtype.info().0
+    }
+}
+
+/// Every tensor of the model, with HF names and shapes.
+fn tensors(opts: &InitOptions, d: &PresetDims) -> Vec<(String, LazyTensor)> {
+    let (h, inter, hd) = (d.hidden_size, d.intermediate_size, d.head_dim);
+    let (q, kv) = (d.num_heads * hd, d.num_kv_heads * hd);
+    let lin = |fan_in| Init::Linear { fan_in };
+    let mut v = Vec::new();
+    let mut push =
+        |name: &str, shape: Vec<usize>, init| v.push(LazyTensor::new(name, shape, init, opts));
+    push(
+        "model.embed_tokens.weight",
+        vec![d.vocab_size, h],
+        Init::Embedding,
+    );
+    for i in 0..d.num_layers {
+        let p = |name: &str| format!("model.layers.{i}.{name}");
+        push(&p("input_layernorm.weight"), vec![h], Init::Norm);
+        push(&p("self_attn.q_proj.weight"), vec![q, h], lin(h));
+        push(&p("self_attn.k_proj.weight"), vec![kv, h], lin(h));
+        push(&p("self_attn.v_proj.weight"), vec![kv, h], lin(h));
+        push(&p("self_attn.o_proj.weight"), vec![h, q], lin(q));
+        if opts.arch == Arch::Qwen3 {
+            push(&p("self_attn.q_norm.weight"), vec![hd], Init::Norm);
+            push(&p("self_attn.k_norm.weight"), vec![hd], Init::Norm);
+        }
+        push(&p("post_attention_layernorm.weight"), vec![h], Init::Norm);
+        push(&p("mlp.gate_proj.weight"), vec![inter, h], lin(h));
+        push(&p("mlp.up_proj.weight"), vec![inter, h], lin(h));
+        push(&p("mlp.down_proj.weight"), vec![h, inter], lin(inter));
+    }
+    push("model.norm.weight", vec![h], Init::Norm);
+    if !d.tie_word_embeddings {
+        push("lm_head.weight", vec![d.vocab_size, h], lin(h));
+    }
+    v
+}
+
+/// Runs `write` on `DIR/NAME.tmp`, then renames it to `DIR/NAME`.
+fn write_atomic(dir: &Path, name: &str, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let fin = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
+    if let Err(e) = write(&tmp) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, &fin).map_err(|e| Error::io(&fin, e))
+}
+
+fn write_json(dir: &Path, name: &str, v: &Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(v)
+        .map_err(|e| Error::config(dir.join(name), e.to_string()))?;
+    write_atomic(dir, name, |p| {
+        std::fs::write(p, text + "\n").map_err(|e| Error::io(p, e))
+    })
+}
+
+/// Refuses an existing non-empty directory unless `force`; creates it if missing.
+fn prepare_dir(out: &Path, force: bool) -> Result<()> {
+    match std::fs::read_dir(out) {
+        Ok(mut entries) => match entries.next() {
+            Some(_) if !force => Err(Error::Usage(format!(
+                "{}: directory is not empty (use --force to write into it)",
+                out.display()
+            ))),
+            _ => {
+                // A stale shard index would take precedence over the new single file.
+                let index = out.join("model.safetensors.index.json");
+                match std::fs::remove_file(&index) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(&index, e)),
+                    _ => Ok(()),
+                }
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))
+        }
+        Err(e) => Err(Error::io(out, e)),
+    }
+}
+
+/// Writes DIR/{config.json, generation_config.json, model.safetensors, tokenizer.json}.
+/// Returns the bytes of weights written. config.json is written last, so an interrupted run
+/// never leaves a directory that looks like a complete model.
+pub fn init_model(out: &Path, opts: &InitOptions) -> Result<u64> {
+    let d = preset_dims(opts.arch, opts.preset);
+    prepare_dir(out, opts.force)?;
+
+    let tensors = tensors(opts, &d);
+    let bytes: u64 = tensors.iter().map(|(_, t)| t.data_len() as u64).sum();
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    write_atomic(out, "model.safetensors", |p| {
+        safetensors::serialize_to_file(tensors, Some(meta), p).map_err(|e| match e {
+            SafeTensorError::IoError(io) => Error::io(p, io),
+            other => Error::checkpoint(p, other.to_string()),
+        })
+    })?;
+
+    let tok = Tokenizer::byte_level(d.vocab_size)?;
+    write_atomic(out, "tokenizer.json", |p| tok.save(p))?;
+    write_json(
+        out,
+        "generation_config.json",
+        &json!({"bos_token_id": 1, "eos_token_id": 2, "do_sample": false}),
+    )?;
+    write_json(out, "config.json", &config_json(opts, &d))?;
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::SafeTensors;
+
+    fn opts(arch: Arch, dtype: InitDtype, seed: u64) -> InitOptions {
+        let preset = Preset::Tiny;
+        InitOptions {
+            arch,
+            preset,
+            seed,
+            dtype,
+            force: false,
+        }
+    }
+
+    fn all_tiny() -> impl Iterator<Item = InitOptions> {
+        [Arch::Llama, Arch::Qwen3]
+            .into_iter()
+            .flat_map(|a| DTYPES.map(|(_, d)| opts(a, d, 7)))
+    }
+
+    fn read_json(p: &Path) -> Value {
+        serde_json::from_slice(&std::fs::read(p).expect("read")).expect("json")
+    }
+
+    #[test]
+    fn tiny_dirs_have_expected_files_tensors_and_config() {
+        for o in all_tiny() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let out = dir.path().join("new/model");
+            let written = init_model(&out, &o).expect("init");
+            let ls = std::fs::read_dir(&out).expect("ls");
+            let mut files: Vec<_> = ls.map(|e| e.expect("entry").file_name()).collect();
+            files.sort();
+            let want = "config.json generation_config.json model.safetensors tokenizer.json";
+            assert_eq!(files, want.split(' ').collect::<Vec<_>>());
+
+            let d = preset_dims(o.arch, o.preset);
+            let bytes = std::fs::read(out.join("model.safetensors")).expect("read");
+            let st = SafeTensors::deserialize(&bytes).expect("parse");
+            let expected = tensors(&o, &d);
+            assert_eq!(st.len(), expected.len());
+            let mut total = 0;
+            for (name, t) in &expected {
+                let v = st.tensor(name).expect("tensor present");
+                assert_eq!((v.shape(), v.dtype()), (&t.shape[..], o.dtype.info().1));
+                total += v.data().len() as u64;
+            }
+            assert_eq!(total, written);
+            let has = |s: &str| st.names().iter().any(|n| n.contains(s));
+            assert_eq!(
+                has("lm_head.weight"),
+                o.arch == Arch::Llama,
+                "tied qwen3 has no lm_head"
+            );
+            assert_eq!(has("layers.1.self_attn.k_norm"), o.arch == Arch::Qwen3);
+            let q = st
+                .tensor("model.layers.1.self_attn.q_proj.weight")
+                .expect("q");
+            assert_eq!(q.shape(), [8 * d.head_dim, 64]);
+
+            let tok = Tokenizer::load(&out.join("tokenizer.json")).expect("tokenizer");
+            assert_eq!(tok.vocab_size(), d.vocab_size);
+            let cfg = crate::model::config::ModelConfig::load(&out).expect("config parses");
+            assert_eq!((cfg.vocab_size, cfg.head_dim), (d.vocab_size, d.head_dim));
+
+            let c = read_json(&out.join("config.json"));
+            let keys = "architectures model_type vocab_size hidden_size intermediate_size \
+                num_hidden_layers num_attention_heads num_key_value_heads head_dim hidden_act \
+                rms_norm_eps rope_theta rope_scaling max_position_embeddings tie_word_embeddings \
+                attention_bias bos_token_id eos_token_id torch_dtype initializer_range";
+            for key in keys.split_whitespace() {
+                assert!(c.get(key).is_some(), "{key} missing for {o:?}");
+            }
+            assert_eq!(c["torch_dtype"], o.dtype.info().2);
+            assert_eq!(c["tie_word_embeddings"], o.arch == Arch::Qwen3);
+            if o.arch == Arch::Llama {
+                assert_eq!(c["architectures"], json!(["LlamaForCausalLM"]));
+                assert_eq!(c["rope_scaling"]["rope_type"], "llama3");
+                assert_eq!(c["rope_scaling"]["original_max_position_embeddings"], 64);
+                assert_eq!(
+                    (&c["mlp_bias"], &c["rms_norm_eps"]),
+                    (&json!(false), &json!(1e-5))
+                );
+            } else {
+                assert_eq!(c["architectures"], json!(["Qwen3ForCausalLM"]));
+                assert!(c["rope_scaling"].is_null() && c["sliding_window"].is_null());
+                assert_eq!(c["use_sliding_window"], false);
+            }
+            let g = read_json(&out.join("generation_config.json"));
+            assert_eq!(
+                g,
+                json!({"bos_token_id": 1, "eos_token_id": 2, "do_sample": false})
+            );
+        }
+    }
+
+    #[test]
+    fn same_seed_same_bytes_different_seed_differs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let run = |name: &str, seed| {
+            let out = dir.path().join(name);
+            init_model(&out, &opts(Arch::Qwen3, InitDtype::Bf16, seed)).expect("init");
+            std::fs::read(out.join("model.safetensors")).expect("read")
+        };
+        let (a, b, c) = (run("a", 1), run("b", 1), run("c", 2));
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(a.len(), c.len());
+    }
+
+    #[test]
+    fn generation_is_independent_of_thread_count() {
+        let o = opts(Arch::Llama, InitDtype::F32, 3);
+        let shape = vec![5, CHUNK / 2 + 3];
+        let (_, t) = LazyTensor::new("x", shape.clone(), Init::Embedding, &o);
+        let one = t.generate(1);
+        assert_eq!(one.len(), t.data_len());
+        assert_eq!(one, t.generate(2));
+        assert_eq!(one, t.generate(7));
+        let (_, other) = LazyTensor::new("y", shape, Init::Embedding, &o);
+        assert_ne!(one, other.generate(1));
+    }
+
+    #[test]
+    fn value_statistics_match_the_init_rule() {
+        let o = opts(Arch::Llama, InitDtype::F32, 11);
+        let lin = Init::Linear { fan_in: 256 };
+        for (init, mean, std) in [
+            (Init::Embedding, 0.0, 1.0),
+            (lin, 0.0, 0.0625),
+            (Init::Norm, 1.0, 0.1),
+        ] {
+            let (_, t) = LazyTensor::new("w", vec![256, 256], init, &o);
+            let bytes = t.generate(2);
+            let v: Vec<f64> = bytes
+                .chunks_exact(4)
+                .map(|b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+                .collect();
+            let m = v.iter().sum::<f64>() / v.len() as f64;
+            let s = (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / v.len() as f64).sqrt();
+            assert!((m - mean).abs() < 0.02 * std, "{init:?} mean {m}");
+            assert!((s / std - 1.0).abs() < 0.02, "{init:?} std {s}");
+        }
+    }
+
+    #[test]
+    fn non_empty_dir_needs_force() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keep = dir.path().join("keep.txt");
+        std::fs::write(&keep, "x").expect("write");
+        let mut o = opts(Arch::Llama, InitDtype::F32, 0);
+        let e = init_model(dir.path(), &o)
+            .expect_err("must refuse")
+            .to_string();
+        assert!(e.contains(&dir.path().display().to_string()), "{e}");
+        assert!(!dir.path().join("config.json").exists());
+        o.force = true;
+        init_model(dir.path(), &o).expect("forced");
+        init_model(dir.path(), &o).expect("forced again");
+        assert!(keep.exists());
+        let mut ls = std::fs::read_dir(dir.path()).expect("ls");
+        assert!(!ls.any(|e| e
+            .expect("entry")
+            .path()
+            .extension()
+            .is_some_and(|x| x == "tmp")));
+        assert!(init_model(&keep, &o).is_err(), "a file is not a directory");
+    }
+
+    #[test]
+    fn parse_names_and_preset_dims() {
+        for (name, p) in PRESETS {
+            assert_eq!(
+                (name.parse::<Preset>().expect("parse"), p.to_string()),
+                (p, name.into())
+            );
+        }
+        let e = "huge".parse::<Preset>().expect_err("bad").to_string();
+        assert!(
+            e.contains("`huge`") && e.contains("tiny, small, llama3-8b-shape"),
+            "{e}"
+        );
+        assert_eq!("bf16".parse::<InitDtype>().expect("bf16"), InitDtype::Bf16);
+        assert!("f16".parse::<InitDtype>().is_err());
+        let l = preset_dims(Arch::Llama, Preset::Llama3_8bShape);
+        let o = opts(Arch::Llama, InitDtype::Bf16, 0);
+        let n: usize = tensors(&o, &l).iter().map(|(_, t)| t.numel()).sum();
+        assert_eq!(n, 8_030_261_248, "LLaMA-3.1-8B parameter count");
+        let q = preset_dims(Arch::Qwen3, Preset::Llama3_8bShape);
+        let o = opts(Arch::Qwen3, InitDtype::Bf16, 0);
+        let n: usize = tensors(&o, &q).iter().map(|(_, t)| t.numel()).sum();
+        assert_eq!(n, 14_768_307_200, "Qwen3-14B parameter count");
+        assert!(
+            !q.tie_word_embeddings && q.rope_theta == 1e6 && q.max_position_embeddings == 40_960
+        );
+    }
+}

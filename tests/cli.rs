@@ -1,0 +1,345 @@
+//! End-to-end tests of the `pat` binary: tp-invariant generation on an `init-model` model, a
+//! sharded checkpoint, and bad input (each a non-zero exit with a message naming the problem).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn pat(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pat"))
+        .args(args)
+        .output()
+        .expect("run pat")
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = pat(args);
+    assert!(
+        o.status.success(),
+        "pat {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// Runs pat expecting failure; returns stderr, asserting it names `needle` and did not panic.
+fn fails(args: &[&str], needle: &str) -> String {
+    let o = pat(args);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success(), "pat {args:?} should fail");
+    assert!(!err.contains("panicked"), "pat {args:?} panicked: {err}");
+    assert!(
+        err.contains(needle),
+        "pat {args:?}: expected {needle:?} in: {err}"
+    );
+    err
+}
+
+fn tiny(dir: &Path, arch: &str) -> PathBuf {
+    let out = dir.join(arch);
+    ok(&[
+        "init-model",
+        "--arch",
+        arch,
+        "--preset",
+        "tiny",
+        "--out",
+        out.to_str().unwrap(),
+        "--seed",
+        "3",
+    ]);
+    out
+}
+
+fn output_ids(stdout: &str) -> Vec<Vec<u64>> {
+    stdout
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["output_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn generate_gives_the_same_tokens_for_every_tp() {
+    let tmp = tempfile::tempdir().unwrap();
+    for arch in ["llama", "qwen3"] {
+        let m = tiny(tmp.path(), arch);
+        let reqs = tmp.path().join("reqs.jsonl");
+        std::fs::write(
+            &reqs,
+            "{\"input_ids\":[5,6,7,8,9]}\n{\"prompt\":\"hello world\",\"max_new_tokens\":7}\n{\"input_ids\":[300],\"max_new_tokens\":20}\n",
+        )
+        .unwrap();
+        let run = |world: &str, tp: &str| {
+            let out = ok(&[
+                "generate",
+                "--model",
+                m.to_str().unwrap(),
+                "--world",
+                world,
+                "--tp",
+                tp,
+                "--requests",
+                reqs.to_str().unwrap(),
+                "--max-new-tokens",
+                "12",
+                "--ignore-eos",
+            ]);
+            let lines: Vec<serde_json::Value> = out
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            assert_eq!(lines.len(), 3);
+            for (i, l) in lines.iter().enumerate() {
+                assert_eq!(l["index"], i);
+                assert_eq!(l["finish_reason"], "length");
+                assert!(l["text"].is_string(), "text is present when a tokenizer is");
+            }
+            assert_eq!(lines[1]["output_ids"].as_array().unwrap().len(), 7);
+            output_ids(&out)
+        };
+        let base = run("1", "1");
+        for (w, t) in [("2", "2"), ("4", "2"), ("4", "4"), ("4", "1")] {
+            assert_eq!(run(w, t), base, "{arch} world {w} tp {t}");
+        }
+        // Seeded sampling is reproducible and independent of the layout.
+        let sample = |tp: &str| {
+            ok(&[
+                "generate",
+                "--model",
+                m.to_str().unwrap(),
+                "--world",
+                "2",
+                "--tp",
+                tp,
+                "--prompt-ids",
+                "9,8,7",
+                "--temperature",
+                "0.8",
+                "--top-k",
+                "40",
+                "--top-p",
+                "0.9",
+                "--seed",
+                "11",
+                "--ignore-eos",
+            ])
+        };
+        assert_eq!(output_ids(&sample("1")), output_ids(&sample("2")));
+    }
+}
+
+#[test]
+fn sharded_checkpoint_matches_single_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tiny(tmp.path(), "llama");
+    let sharded = tmp.path().join("sharded");
+    std::fs::create_dir(&sharded).unwrap();
+    for f in ["config.json", "generation_config.json", "tokenizer.json"] {
+        std::fs::copy(m.join(f), sharded.join(f)).unwrap();
+    }
+    // Split the tensors over two files with an index, as HF does for large checkpoints.
+    let bytes = std::fs::read(m.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    let mut map = serde_json::Map::new();
+    for (part, chunk) in names.chunks(names.len().div_ceil(2)).enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", part + 1);
+        let views: Vec<(String, safetensors::tensor::TensorView)> = chunk
+            .iter()
+            .map(|n| (n.clone(), st.tensor(n).unwrap()))
+            .collect();
+        safetensors::serialize_to_file(views, None, &sharded.join(&file)).unwrap();
+        for n in chunk {
+            map.insert(n.clone(), serde_json::Value::String(file.clone()));
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(
+        sharded.join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    let args = |d: &Path| {
+        ok(&[
+            "generate",
+            "--model",
+            d.to_str().unwrap(),
+            "--world",
+            "2",
+            "--tp",
+            "2",
+            "--prompt-ids",
+            "4,5,6",
+            "--max-new-tokens",
+            "8",
+        ])
+    };
+    assert_eq!(args(&m), args(&sharded));
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tiny(tmp.path(), "llama");
+    let ms = m.to_str().unwrap();
+    let gen = |extra: &[&str], needle: &str| {
+        let mut a = vec!["generate", "--model", ms];
+        a.extend_from_slice(extra);
+        fails(&a, needle);
+    };
+    // Impossible layouts.
+    gen(
+        &["--world", "4", "--tp", "3", "--prompt-ids", "1"],
+        "tp 3 does not divide world 4",
+    );
+    gen(
+        &["--world", "8", "--tp", "8", "--prompt-ids", "1"],
+        "does not divide num_key_value_heads",
+    );
+    gen(&["--world", "0", "--prompt-ids", "1"], "at least 1");
+    // Bad requests.
+    gen(
+        &["--prompt-ids", "1,2,99999"],
+        "token id 99999 at position 2 is out of range",
+    );
+    gen(
+        &["--prompt-ids", "1", "--max-new-tokens", "100000"],
+        "exceeds max_position_embeddings",
+    );
+    gen(
+        &["--prompt-ids", "1", "--max-new-tokens", "0"],
+        "--max-new-tokens must be at least 1",
+    );
+    gen(&["--prompt-ids", "1", "--top-p", "0"], "--top-p");
+    gen(
+        &[
+            "--prompt-ids",
+            "1,2,3",
+            "--max-new-tokens",
+            "40",
+            "--kv-blocks",
+            "2",
+        ],
+        "KV cache exhausted",
+    );
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"input_ids\":[1,2]}\n{\"input_ids\":[1,2]\n").unwrap();
+    gen(
+        &["--requests", bad.to_str().unwrap()],
+        "bad.jsonl:2: not valid JSON",
+    );
+    gen(
+        &[
+            "--requests",
+            tmp.path().join("missing.jsonl").to_str().unwrap(),
+        ],
+        "missing.jsonl",
+    );
+    fails(&["generate", "--model", ms], "required");
+
+    // Broken model directories: each a copy of the good one with one file damaged.
+    let broken = |name: &str, file: &str, content: &[u8]| {
+        let d = tmp.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+            std::fs::copy(m.join(f), d.join(f)).unwrap();
+        }
+        std::fs::write(d.join(file), content).unwrap();
+        d
+    };
+    let full = std::fs::read(m.join("model.safetensors")).unwrap();
+    let cfg = std::fs::read_to_string(m.join("config.json")).unwrap();
+    for (name, file, content, needle) in [
+        (
+            "trunc",
+            "model.safetensors",
+            full[..full.len() / 2].to_vec(),
+            "not a valid safetensors file",
+        ),
+        (
+            "garbage",
+            "model.safetensors",
+            b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage".to_vec(),
+            "not a valid safetensors file",
+        ),
+        (
+            "badjson",
+            "config.json",
+            b"{\"architectures\": [".to_vec(),
+            "config.json: not valid JSON",
+        ),
+        (
+            "arch",
+            "config.json",
+            cfg.replace("LlamaForCausalLM", "GPT2LMHeadModel")
+                .into_bytes(),
+            "architectures = GPT2LMHeadModel",
+        ),
+        (
+            "bias",
+            "config.json",
+            cfg.replace("\"attention_bias\": false", "\"attention_bias\": true")
+                .into_bytes(),
+            "attention_bias",
+        ),
+        (
+            "shape",
+            "config.json",
+            cfg.replace("\"intermediate_size\": 128", "\"intermediate_size\": 64")
+                .into_bytes(),
+            "has shape",
+        ),
+    ] {
+        let d = broken(name, file, &content);
+        fails(
+            &[
+                "generate",
+                "--model",
+                d.to_str().unwrap(),
+                "--prompt-ids",
+                "1,2",
+            ],
+            needle,
+        );
+    }
+    let no_weights = tmp.path().join("noweights");
+    std::fs::create_dir(&no_weights).unwrap();
+    std::fs::copy(m.join("config.json"), no_weights.join("config.json")).unwrap();
+    fails(
+        &[
+            "generate",
+            "--model",
+            no_weights.to_str().unwrap(),
+            "--prompt-ids",
+            "1",
+        ],
+        "no model.safetensors",
+    );
+    fails(
+        &[
+            "generate",
+            "--model",
+            tmp.path().join("nope").to_str().unwrap(),
+            "--prompt-ids",
+            "1",
+        ],
+        "not a directory",
+    );
+    // A text prompt with no tokenizer.
+    let d = broken("notok", "config.json", cfg.as_bytes());
+    std::fs::remove_file(d.join("tokenizer.json")).unwrap();
+    fails(
+        &["generate", "--model", d.to_str().unwrap(), "--prompt", "hi"],
+        "tokenizer.json",
+    );
+    // init-model refuses to overwrite.
+    fails(&["init-model", "--out", ms], "not empty");
+}
