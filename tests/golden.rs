@@ -14,10 +14,20 @@ fn check_model(model: &str) {
     let (max_new, gold) = golden(model);
     let reqs: Vec<Request> = gold
         .iter()
-        .map(|g| Request { input_ids: g.input_ids.clone(), max_new_tokens: max_new, ignore_eos: true })
+        .map(|g| Request {
+            input_ids: g.input_ids.clone(),
+            max_new_tokens: max_new,
+            ignore_eos: true,
+        })
         .collect();
     for (world, tp) in LAYOUTS {
-        let mut e = engine(&dir, world, tp, WeightDtype::F32, Engine::blocks_needed(&reqs, 16));
+        let mut e = engine(
+            &dir,
+            world,
+            tp,
+            WeightDtype::F32,
+            Engine::blocks_needed(&reqs, 16),
+        );
         e.record_logits(true);
         e.add_requests(&reqs).unwrap();
         let mut step = 0;
@@ -31,14 +41,21 @@ fn check_model(model: &str) {
                 }
                 if step == max_new - 1 {
                     let err = rel_err(logits, &g.last_step_logits);
-                    assert!(err < 1e-4, "{model} world {world} tp {tp} prompt {i}: last-step logits off by {err:e}");
+                    assert!(
+                        err < 1e-4,
+                        "{model} world {world} tp {tp} prompt {i}: last-step logits off by {err:e}"
+                    );
                 }
             }
             step += 1;
         }
         assert_eq!(step, max_new);
         for (o, g) in e.outputs().iter().zip(&gold) {
-            assert_eq!(o.output_ids, g.output_ids, "{model} world {world} tp {tp} prompt {}", o.index);
+            assert_eq!(
+                o.output_ids, g.output_ids,
+                "{model} world {world} tp {tp} prompt {}",
+                o.index
+            );
             assert_eq!(o.finish_reason, FinishReason::Length);
         }
     }
@@ -59,13 +76,20 @@ fn bf16_weights_stay_close_to_the_f32_reference() {
     for model in ["llama", "qwen3"] {
         let (_, gold) = golden(model);
         let g = &gold[3];
-        let reqs = [Request { input_ids: g.input_ids.clone(), max_new_tokens: 1, ignore_eos: true }];
+        let reqs = [Request {
+            input_ids: g.input_ids.clone(),
+            max_new_tokens: 1,
+            ignore_eos: true,
+        }];
         let mut e = engine(&golden_dir(model), 2, 2, WeightDtype::Bf16, 8);
         e.record_logits(true);
         e.add_requests(&reqs).unwrap();
         e.step().unwrap();
         let err = rel_err(&e.recorded_logits()[0].1, &g.first_step_logits);
         // bf16 keeps 8 mantissa bits: relative weight error 2^-9, a few such through the network.
-        assert!(err < 3e-2 && err > 1e-6, "{model}: bf16 logits relative error {err:e}");
+        assert!(
+            err < 3e-2 && err > 1e-6,
+            "{model}: bf16 logits relative error {err:e}"
+        );
     }
 }

@@ -12,8 +12,20 @@ pub fn matmul_nt(out: &mut [f32], x: &[f32], w: &[f32], n: usize, k: usize, m: u
     // k×m read with row stride 1 and column stride k, C is n×m row-major; the slices do not alias.
     unsafe {
         matrixmultiply::sgemm(
-            n, k, m, 1.0, x.as_ptr(), k as isize, 1, w.as_ptr(), 1, k as isize, 0.0,
-            out.as_mut_ptr(), m as isize, 1,
+            n,
+            k,
+            m,
+            1.0,
+            x.as_ptr(),
+            k as isize,
+            1,
+            w.as_ptr(),
+            1,
+            k as isize,
+            0.0,
+            out.as_mut_ptr(),
+            m as isize,
+            1,
         );
     }
 }
@@ -27,8 +39,20 @@ pub fn matmul_nn(out: &mut [f32], x: &[f32], w: &[f32], n: usize, k: usize, m: u
     // SAFETY: as in `matmul_nt`, with B = w read row-major (row stride m, column stride 1).
     unsafe {
         matrixmultiply::sgemm(
-            n, k, m, 1.0, x.as_ptr(), k as isize, 1, w.as_ptr(), m as isize, 1, 0.0,
-            out.as_mut_ptr(), m as isize, 1,
+            n,
+            k,
+            m,
+            1.0,
+            x.as_ptr(),
+            k as isize,
+            1,
+            w.as_ptr(),
+            m as isize,
+            1,
+            0.0,
+            out.as_mut_ptr(),
+            m as isize,
+            1,
         );
     }
 }
@@ -98,7 +122,15 @@ pub struct AttnSeq<'a> {
 
 /// Causal attention over the paged cache (prefill and decode alike): token i of a sequence at
 /// position p attends to cached positions 0..=p. q/out: [n, q_heads, head_dim]; GQA by head groups.
-pub fn paged_attention(out: &mut [f32], q: &[f32], pool: &KvPool, layer: usize, seqs: &[AttnSeq], q_heads: usize, scale: f32) {
+pub fn paged_attention(
+    out: &mut [f32],
+    q: &[f32],
+    pool: &KvPool,
+    layer: usize,
+    seqs: &[AttnSeq],
+    q_heads: usize,
+    scale: f32,
+) {
     let (hd, bs) = (pool.head_dim, pool.block_size);
     let group = q_heads / pool.kv_heads;
     let (kc, vc) = (&pool.k[layer], &pool.v[layer]);
@@ -113,7 +145,12 @@ pub fn paged_attention(out: &mut [f32], q: &[f32], pool: &KvPool, layer: usize, 
                 let mut max = f32::NEG_INFINITY;
                 for p in 0..ctx {
                     let o = pool.offset(s.table[p / bs] as usize, kvh, p % bs);
-                    let dot: f32 = qr.iter().zip(&kc[o..o + hd]).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    let dot: f32 = qr
+                        .iter()
+                        .zip(&kc[o..o + hd])
+                        .map(|(a, b)| a * b)
+                        .sum::<f32>()
+                        * scale;
                     max = max.max(dot);
                     scores.push(dot);
                 }
@@ -173,7 +210,12 @@ mod tests {
         pool.append(0, &[1.0, 2.0], &[5.0, -3.0], &[0]);
         let q = vec![0.3, 0.1, -2.0, 4.0]; // two q heads sharing one kv head
         let mut out = vec![0.0; 4];
-        let s = [AttnSeq { row: 0, len: 1, start_pos: 0, table: &[0] }];
+        let s = [AttnSeq {
+            row: 0,
+            len: 1,
+            start_pos: 0,
+            table: &[0],
+        }];
         paged_attention(&mut out, &q, &pool, 0, &s, 2, 0.7);
         assert_eq!(out, vec![5.0, -3.0, 5.0, -3.0]);
     }

@@ -118,7 +118,9 @@ impl Engine {
             return Err(Error::Usage("--block-size must be at least 1".into()));
         }
         if opts.kv_blocks == 0 {
-            return Err(Error::KvExhausted("the pool has 0 blocks (raise --kv-blocks)".into()));
+            return Err(Error::KvExhausted(
+                "the pool has 0 blocks (raise --kv-blocks)".into(),
+            ));
         }
         opts.sampling.validate()?;
         let ranks = std::thread::scope(|s| {
@@ -128,18 +130,45 @@ impl Engine {
                     s.spawn(move || -> Result<RankState> {
                         let (_, t) = layout.position(rank);
                         let weights = RankWeights::load(ck, cfg, opts.tp, t, opts.dtype)?;
-                        let kv = KvPool::new(cfg.num_layers, opts.kv_blocks, opts.block_size, cfg.num_kv_heads / opts.tp, cfg.head_dim)?;
+                        let kv = KvPool::new(
+                            cfg.num_layers,
+                            opts.kv_blocks,
+                            opts.block_size,
+                            cfg.num_kv_heads / opts.tp,
+                            cfg.head_dim,
+                        )?;
                         Ok(RankState { weights, kv })
                     })
                 })
                 .collect();
             hs.into_iter()
                 .enumerate()
-                .map(|(rank, h)| h.join().unwrap_or_else(|_| Err(Error::Rank { rank, msg: "loader thread panicked".into() })))
+                .map(|(rank, h)| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(Error::Rank {
+                            rank,
+                            msg: "loader thread panicked".into(),
+                        })
+                    })
+                })
                 .collect::<Result<Vec<_>>>()
         })?;
-        let allocs = (0..layout.dp()).map(|_| BlockAllocator::new(opts.kv_blocks)).collect();
-        Ok(Engine { inv_freq: cfg.inv_freq(), cfg, layout, opts, ranks, allocs, groups: GroupCache::default(), seqs: Vec::new(), steps: 0, record_logits: false, recorded: Vec::new() })
+        let allocs = (0..layout.dp())
+            .map(|_| BlockAllocator::new(opts.kv_blocks))
+            .collect();
+        Ok(Engine {
+            inv_freq: cfg.inv_freq(),
+            cfg,
+            layout,
+            opts,
+            ranks,
+            allocs,
+            groups: GroupCache::default(),
+            seqs: Vec::new(),
+            steps: 0,
+            record_logits: false,
+            recorded: Vec::new(),
+        })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -153,7 +182,10 @@ impl Engine {
     }
     /// Bytes of weights plus KV pool held by one rank.
     pub fn rank_bytes(&self, rank: usize) -> (usize, usize) {
-        (self.ranks[rank].weights.bytes(), self.ranks[rank].kv.bytes())
+        (
+            self.ranks[rank].weights.bytes(),
+            self.ranks[rank].kv.bytes(),
+        )
     }
 
     /// Checks a request against the model without admitting it.
@@ -165,8 +197,16 @@ impl Engine {
         if r.max_new_tokens == 0 {
             return bad("max_new_tokens must be at least 1".into());
         }
-        if let Some((pos, &id)) = r.input_ids.iter().enumerate().find(|(_, &id)| id as usize >= self.cfg.vocab_size) {
-            return bad(format!("token id {id} at position {pos} is out of range (vocab_size {})", self.cfg.vocab_size));
+        if let Some((pos, &id)) = r
+            .input_ids
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id as usize >= self.cfg.vocab_size)
+        {
+            return bad(format!(
+                "token id {id} at position {pos} is out of range (vocab_size {})",
+                self.cfg.vocab_size
+            ));
         }
         let total = r.input_ids.len() + r.max_new_tokens;
         if total > self.cfg.max_position_embeddings {
@@ -234,7 +274,9 @@ impl Engine {
         let t0 = Instant::now();
         let dp = self.layout.dp();
         let mut live_per_replica = vec![0; dp];
-        let live: Vec<usize> = (0..self.seqs.len()).filter(|&i| self.seqs[i].finished.is_none()).collect();
+        let live: Vec<usize> = (0..self.seqs.len())
+            .filter(|&i| self.seqs[i].finished.is_none())
+            .collect();
         for &i in &live {
             live_per_replica[self.seqs[i].replica] += 1;
         }
@@ -242,7 +284,8 @@ impl Engine {
         let mut granted: Vec<(usize, Vec<u32>)> = Vec::new();
         for &i in &live {
             let s = &self.seqs[i];
-            let need = blocks_for(s.tokens.len(), self.opts.block_size).saturating_sub(s.table.len());
+            let need =
+                blocks_for(s.tokens.len(), self.opts.block_size).saturating_sub(s.table.len());
             match self.allocs[s.replica].alloc(need) {
                 Ok(b) => granted.push((i, b)),
                 Err(e) => {
@@ -257,9 +300,22 @@ impl Engine {
             self.seqs[i].table.extend(b);
         }
 
-        let per_replica: Vec<Vec<usize>> = (0..dp).map(|d| live.iter().copied().filter(|&i| self.seqs[i].replica == d).collect()).collect();
+        let per_replica: Vec<Vec<usize>> = (0..dp)
+            .map(|d| {
+                live.iter()
+                    .copied()
+                    .filter(|&i| self.seqs[i].replica == d)
+                    .collect()
+            })
+            .collect();
         let comms: Vec<_> = (0..dp)
-            .map(|d| if per_replica[d].is_empty() { Vec::new() } else { self.groups.get(self.layout.replica_ranks(d)) })
+            .map(|d| {
+                if per_replica[d].is_empty() {
+                    Vec::new()
+                } else {
+                    self.groups.get(self.layout.replica_ranks(d))
+                }
+            })
             .collect();
         let inputs: Vec<Vec<SeqInput>> = per_replica
             .iter()
@@ -267,7 +323,11 @@ impl Engine {
                 ids.iter()
                     .map(|&i| {
                         let s = &self.seqs[i];
-                        SeqInput { tokens: &s.tokens[s.cached..], start_pos: s.cached, table: &s.table }
+                        SeqInput {
+                            tokens: &s.tokens[s.cached..],
+                            start_pos: s.cached,
+                            table: &s.table,
+                        }
                     })
                     .collect()
             })
@@ -286,18 +346,32 @@ impl Engine {
                     }
                     let comm = comms[d][t].clone();
                     let inp = &inputs[d];
-                    Some((rank, t, sc.spawn(move || {
-                        let r = forward(cfg, &st.weights, &mut st.kv, inv_freq, &comm, inp);
-                        if r.is_err() {
-                            comm.poison();
-                        }
-                        r
-                    })))
+                    Some((
+                        rank,
+                        t,
+                        sc.spawn(move || {
+                            let r = forward(cfg, &st.weights, &mut st.kv, inv_freq, &comm, inp);
+                            if r.is_err() {
+                                comm.poison();
+                            }
+                            r
+                        }),
+                    ))
                 })
                 .collect();
             hs.into_iter()
                 .filter(|(_, t, _)| *t == 0)
-                .map(|(rank, _, h)| (rank, h.join().unwrap_or_else(|_| Err(Error::Rank { rank, msg: "worker panicked".into() }))))
+                .map(|(rank, _, h)| {
+                    (
+                        rank,
+                        h.join().unwrap_or_else(|_| {
+                            Err(Error::Rank {
+                                rank,
+                                msg: "worker panicked".into(),
+                            })
+                        }),
+                    )
+                })
                 .collect()
         });
         drop(inputs);
@@ -329,7 +403,14 @@ impl Engine {
                 }
             }
         }
-        let report = StepReport { step: self.steps, live_per_replica, tokens_in, tokens_out: live.len(), finished, elapsed_ms: t0.elapsed().as_secs_f64() * 1e3 };
+        let report = StepReport {
+            step: self.steps,
+            live_per_replica,
+            tokens_in,
+            tokens_out: live.len(),
+            finished,
+            elapsed_ms: t0.elapsed().as_secs_f64() * 1e3,
+        };
         self.steps += 1;
         Ok(report)
     }
@@ -361,6 +442,8 @@ impl Engine {
 
     /// Blocks per rank that hold every request in `reqs` at once.
     pub fn blocks_needed(reqs: &[Request], block_size: usize) -> usize {
-        reqs.iter().map(|r| blocks_for(r.input_ids.len() + r.max_new_tokens, block_size.max(1))).sum()
+        reqs.iter()
+            .map(|r| blocks_for(r.input_ids.len() + r.max_new_tokens, block_size.max(1)))
+            .sum()
     }
 }

@@ -94,12 +94,20 @@ impl Fields<'_> {
     }
     /// A token id field that may be an integer or a list of integers.
     fn token_ids(&self, key: &str) -> Result<Vec<u32>> {
-        let bad = |v: &Value| self.err(format!("`{key}` must be a token id or a list of ids, got {v}"));
+        let bad = |v: &Value| {
+            self.err(format!(
+                "`{key}` must be a token id or a list of ids, got {v}"
+            ))
+        };
         match self.obj.get(key) {
             None | Some(Value::Null) => Ok(vec![]),
             Some(Value::Array(a)) => a
                 .iter()
-                .map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| bad(x)))
+                .map(|x| {
+                    x.as_u64()
+                        .and_then(|n| u32::try_from(n).ok())
+                        .ok_or_else(|| bad(x))
+                })
                 .collect(),
             Some(v) => Ok(vec![v
                 .as_u64()
@@ -109,7 +117,11 @@ impl Fields<'_> {
     }
 }
 
-fn parse_rope_scaling(f: &Fields, key: &str, obj: &Map<String, Value>) -> Result<Option<Llama3Scaling>> {
+fn parse_rope_scaling(
+    f: &Fields,
+    key: &str,
+    obj: &Map<String, Value>,
+) -> Result<Option<Llama3Scaling>> {
     let kind = obj
         .get("rope_type")
         .or_else(|| obj.get("type"))
@@ -130,7 +142,10 @@ fn parse_rope_scaling(f: &Fields, key: &str, obj: &Map<String, Value>) -> Result
                 ("factor", s.factor),
                 ("low_freq_factor", s.low_freq_factor),
                 ("high_freq_factor", s.high_freq_factor),
-                ("original_max_position_embeddings", s.original_max_position_embeddings),
+                (
+                    "original_max_position_embeddings",
+                    s.original_max_position_embeddings,
+                ),
             ];
             if let Some((name, _)) = fields.iter().find(|(_, v)| v.is_nan()) {
                 return Err(f.err(format!("`{key}` (llama3) is missing `{name}`")));
@@ -163,7 +178,10 @@ impl ModelConfig {
             let v: Value = serde_json::from_str(&text)
                 .map_err(|e| Error::config(&gen_path, format!("not valid JSON: {e}")))?;
             if let Some(obj) = v.as_object() {
-                let f = Fields { obj, path: &gen_path };
+                let f = Fields {
+                    obj,
+                    path: &gen_path,
+                };
                 for id in f.token_ids("eos_token_id")? {
                     if !cfg.eos_token_ids.contains(&id) {
                         cfg.eos_token_ids.push(id);
@@ -201,7 +219,11 @@ impl ModelConfig {
         };
         if let Some(act) = obj.get("hidden_act").and_then(Value::as_str) {
             if act != "silu" {
-                return Err(Error::unsupported("hidden_act", act, "only silu is implemented"));
+                return Err(Error::unsupported(
+                    "hidden_act",
+                    act,
+                    "only silu is implemented",
+                ));
             }
         }
         for key in ["attention_bias", "mlp_bias"] {
@@ -240,13 +262,20 @@ impl ModelConfig {
         let (rope_theta, rope_scaling) = match obj.get("rope_parameters") {
             Some(Value::Object(rp)) => {
                 let sub = Fields { obj: rp, path };
-                (sub.f64_or("rope_theta", 10000.0)?, parse_rope_scaling(&f, "rope_parameters", rp)?)
+                (
+                    sub.f64_or("rope_theta", 10000.0)?,
+                    parse_rope_scaling(&f, "rope_parameters", rp)?,
+                )
             }
             Some(Value::Null) | None => {
                 let scaling = match obj.get("rope_scaling") {
                     Some(Value::Object(rs)) => parse_rope_scaling(&f, "rope_scaling", rs)?,
                     Some(Value::Null) | None => None,
-                    Some(v) => return Err(f.err(format!("`rope_scaling` must be an object or null, got {v}"))),
+                    Some(v) => {
+                        return Err(
+                            f.err(format!("`rope_scaling` must be an object or null, got {v}"))
+                        )
+                    }
                 };
                 (f.f64_or("rope_theta", 10000.0)?, scaling)
             }
@@ -374,7 +403,10 @@ mod tests {
     #[test]
     fn llama3_scaling_matches_hand_computed_bands() {
         let c = parse(&llama_json()).unwrap();
-        let plain = ModelConfig { rope_scaling: None, ..c.clone() };
+        let plain = ModelConfig {
+            rope_scaling: None,
+            ..c.clone()
+        };
         let (s, p) = (c.inv_freq(), plain.inv_freq());
         // head_dim 8: base freqs 1, theta^-0.25, theta^-0.5, theta^-0.75.
         // wavelengths 6.28 (< 8 = high band: unchanged), 168 and 4443 and 1.2e5 (> 32: divided by 8).
@@ -387,13 +419,33 @@ mod tests {
     #[test]
     fn refusals_name_the_field() {
         let cases: Vec<(&str, serde_json::Value, &str)> = vec![
-            ("architectures", serde_json::json!(["MistralForCausalLM"]), "architectures"),
+            (
+                "architectures",
+                serde_json::json!(["MistralForCausalLM"]),
+                "architectures",
+            ),
             ("attention_bias", serde_json::json!(true), "attention_bias"),
-            ("use_sliding_window", serde_json::json!(true), "use_sliding_window"),
-            ("rope_scaling", serde_json::json!({"rope_type": "yarn", "factor": 4.0}), "rope_type"),
+            (
+                "use_sliding_window",
+                serde_json::json!(true),
+                "use_sliding_window",
+            ),
+            (
+                "rope_scaling",
+                serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
+                "rope_type",
+            ),
             ("hidden_size", serde_json::json!(-3), "hidden_size"),
-            ("num_key_value_heads", serde_json::json!(3), "num_key_value_heads"),
-            ("eos_token_id", serde_json::json!(999), "outside the vocabulary"),
+            (
+                "num_key_value_heads",
+                serde_json::json!(3),
+                "num_key_value_heads",
+            ),
+            (
+                "eos_token_id",
+                serde_json::json!(999),
+                "outside the vocabulary",
+            ),
         ];
         for (key, val, needle) in cases {
             let mut v = llama_json();

@@ -50,18 +50,29 @@ pub struct RankWeights {
 }
 
 /// Loads the rows of `role` owned by tp-rank `r` as one contiguous buffer [rows, hidden].
-pub fn load_role(ck: &Checkpoint, cfg: &ModelConfig, role: Role, layer: usize, tp: usize, r: usize) -> Result<Vec<f32>> {
+pub fn load_role(
+    ck: &Checkpoint,
+    cfg: &ModelConfig,
+    role: Role,
+    layer: usize,
+    tp: usize,
+    r: usize,
+) -> Result<Vec<f32>> {
     let h = cfg.hidden_size;
     let mut out = Vec::with_capacity(shard::rows(cfg, role, tp) * h);
     for seg in shard::segments(cfg, role, layer, tp, r) {
         match seg.source {
             Source::Zeros => out.resize(out.len() + seg.rows.len() * h, 0.0),
-            Source::Tensor { name, transposed: false, total_rows } => {
-                out.extend(ck.read_rows(&name, &[total_rows, h], seg.rows)?)
-            }
-            Source::Tensor { name, transposed: true, total_rows } => {
-                out.extend(ck.read_cols_transposed(&name, &[h, total_rows], seg.rows)?)
-            }
+            Source::Tensor {
+                name,
+                transposed: false,
+                total_rows,
+            } => out.extend(ck.read_rows(&name, &[total_rows, h], seg.rows)?),
+            Source::Tensor {
+                name,
+                transposed: true,
+                total_rows,
+            } => out.extend(ck.read_cols_transposed(&name, &[h, total_rows], seg.rows)?),
         }
     }
     Ok(out)
@@ -69,7 +80,13 @@ pub fn load_role(ck: &Checkpoint, cfg: &ModelConfig, role: Role, layer: usize, t
 
 impl RankWeights {
     /// Reads only this rank's shard from the checkpoint.
-    pub fn load(ck: &Checkpoint, cfg: &ModelConfig, tp: usize, r: usize, dtype: WeightDtype) -> Result<Self> {
+    pub fn load(
+        ck: &Checkpoint,
+        cfg: &ModelConfig,
+        tp: usize,
+        r: usize,
+        dtype: WeightDtype,
+    ) -> Result<Self> {
         let h = cfg.hidden_size;
         let norm = |name: String, n: usize| ck.read(&name, &[n]);
         let mut layers = Vec::with_capacity(cfg.num_layers);
@@ -104,7 +121,11 @@ impl RankWeights {
             tp,
             tp_rank: r,
             embed: load_role(ck, cfg, Role::Embed, 0, tp, r)?,
-            lm_head: if cfg.tie_word_embeddings { None } else { Some(load_role(ck, cfg, Role::LmHead, 0, tp, r)?) },
+            lm_head: if cfg.tie_word_embeddings {
+                None
+            } else {
+                Some(load_role(ck, cfg, Role::LmHead, 0, tp, r)?)
+            },
             final_norm: norm("model.norm.weight".into(), h)?,
             layers,
         };
@@ -121,7 +142,14 @@ impl RankWeights {
         }
         f(&mut self.final_norm);
         for l in &mut self.layers {
-            for b in [&mut l.input_norm, &mut l.post_norm, &mut l.qkv, &mut l.o, &mut l.gate_up, &mut l.down] {
+            for b in [
+                &mut l.input_norm,
+                &mut l.post_norm,
+                &mut l.qkv,
+                &mut l.o,
+                &mut l.gate_up,
+                &mut l.down,
+            ] {
                 f(b);
             }
             for b in [&mut l.q_norm, &mut l.k_norm].into_iter().flatten() {
@@ -132,9 +160,15 @@ impl RankWeights {
 
     /// Bytes of weights held (f32).
     pub fn bytes(&self) -> usize {
-        let mut n = self.embed.len() + self.lm_head.as_ref().map_or(0, Vec::len) + self.final_norm.len();
+        let mut n =
+            self.embed.len() + self.lm_head.as_ref().map_or(0, Vec::len) + self.final_norm.len();
         for l in &self.layers {
-            n += l.input_norm.len() + l.post_norm.len() + l.qkv.len() + l.o.len() + l.gate_up.len() + l.down.len();
+            n += l.input_norm.len()
+                + l.post_norm.len()
+                + l.qkv.len()
+                + l.o.len()
+                + l.gate_up.len()
+                + l.down.len();
             n += l.q_norm.as_ref().map_or(0, Vec::len) + l.k_norm.as_ref().map_or(0, Vec::len);
         }
         n * 4
@@ -152,7 +186,14 @@ pub struct SeqInput<'a> {
 
 /// Runs this rank's shard of the decoder; returns logits [n_seqs, vocab] for each sequence's last
 /// token (identical on every rank of the group).
-pub fn forward(cfg: &ModelConfig, w: &RankWeights, kv: &mut KvPool, inv_freq: &[f32], comm: &dyn Comm, seqs: &[SeqInput]) -> Result<Vec<f32>> {
+pub fn forward(
+    cfg: &ModelConfig,
+    w: &RankWeights,
+    kv: &mut KvPool,
+    inv_freq: &[f32],
+    comm: &dyn Comm,
+    seqs: &[SeqInput],
+) -> Result<Vec<f32>> {
     let (h, hd, tp) = (cfg.hidden_size, cfg.head_dim, w.tp);
     let (hq, hkv) = (cfg.num_heads / tp, cfg.num_kv_heads / tp);
     let inter = cfg.intermediate_size / tp;
@@ -173,10 +214,16 @@ pub fn forward(cfg: &ModelConfig, w: &RankWeights, kv: &mut KvPool, inv_freq: &[
             slots.push(slot(s.table, p, kv.block_size));
             let t = t as usize;
             if (v_start..v_start + vl).contains(&t) {
-                x[(row + i) * h..(row + i + 1) * h].copy_from_slice(&w.embed[(t - v_start) * h..(t - v_start + 1) * h]);
+                x[(row + i) * h..(row + i + 1) * h]
+                    .copy_from_slice(&w.embed[(t - v_start) * h..(t - v_start + 1) * h]);
             }
         }
-        attn.push(cpu::AttnSeq { row, len: s.tokens.len(), start_pos: s.start_pos, table: s.table });
+        attn.push(cpu::AttnSeq {
+            row,
+            len: s.tokens.len(),
+            start_pos: s.start_pos,
+            table: s.table,
+        });
         row += s.tokens.len();
     }
     comm.all_reduce_sum(&mut x)?;
@@ -184,7 +231,11 @@ pub fn forward(cfg: &ModelConfig, w: &RankWeights, kv: &mut KvPool, inv_freq: &[
     let scale = 1.0 / (hd as f32).sqrt();
     let mut hbuf = vec![0f32; n * h];
     let mut qkv = vec![0f32; n * qkv_w];
-    let (mut q, mut k, mut v) = (vec![0f32; n * hq * hd], vec![0f32; n * hkv * hd], vec![0f32; n * hkv * hd]);
+    let (mut q, mut k, mut v) = (
+        vec![0f32; n * hq * hd],
+        vec![0f32; n * hkv * hd],
+        vec![0f32; n * hkv * hd],
+    );
     let mut att = vec![0f32; n * hq * hd];
     let mut proj = vec![0f32; n * h];
     let mut gu = vec![0f32; n * 2 * inter];
@@ -241,7 +292,8 @@ pub fn forward(cfg: &ModelConfig, w: &RankWeights, kv: &mut KvPool, inv_freq: &[
                 break;
             }
             let take = vl.min(vocab - lo);
-            logits[s * vocab + lo..s * vocab + lo + take].copy_from_slice(&gathered[(r * ns + s) * vl..][..take]);
+            logits[s * vocab + lo..s * vocab + lo + take]
+                .copy_from_slice(&gathered[(r * ns + s) * vl..][..take]);
         }
     }
     Ok(logits)

@@ -19,17 +19,28 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }
     }
 }
 
 impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(Error::Usage(format!("--temperature must be >= 0, got {}", self.temperature)));
+            return Err(Error::Usage(format!(
+                "--temperature must be >= 0, got {}",
+                self.temperature
+            )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(Error::Usage(format!("--top-p must be in (0, 1], got {}", self.top_p)));
+            return Err(Error::Usage(format!(
+                "--top-p must be in (0, 1], got {}",
+                self.top_p
+            )));
         }
         Ok(())
     }
@@ -65,7 +76,10 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut ChaCha8Rng) -> u32 {
         idx.truncate(p.top_k);
     }
     let max = logits[idx[0]];
-    let mut probs: Vec<f64> = idx.iter().map(|&i| (((logits[i] - max) / p.temperature) as f64).exp()).collect();
+    let mut probs: Vec<f64> = idx
+        .iter()
+        .map(|&i| (((logits[i] - max) / p.temperature) as f64).exp())
+        .collect();
     let total: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|x| *x /= total);
     if p.top_p < 1.0 {
@@ -106,10 +120,17 @@ mod tests {
     #[test]
     fn seeded_sampling_is_deterministic_and_per_request() {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.7).sin()).collect();
-        let p = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 42 };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 42,
+        };
         let draw = |req| {
             let mut r = request_rng(42, req);
-            (0..20).map(|_| sample(&logits, &p, &mut r)).collect::<Vec<_>>()
+            (0..20)
+                .map(|_| sample(&logits, &p, &mut r))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(3), draw(3));
         assert_ne!(draw(3), draw(4));
@@ -119,16 +140,31 @@ mod tests {
     fn top_k_and_top_p_restrict_the_support() {
         let logits = [5.0, 4.9, 0.0, -1.0, 4.8];
         let mut r = request_rng(7, 0);
-        let k2 = SamplingParams { temperature: 1.0, top_k: 2, top_p: 1.0, seed: 7 };
+        let k2 = SamplingParams {
+            temperature: 1.0,
+            top_k: 2,
+            top_p: 1.0,
+            seed: 7,
+        };
         for _ in 0..200 {
             assert!(sample(&logits, &k2, &mut r) <= 1);
         }
         // The top token alone holds more than 1% of the mass: top_p 0.01 keeps only it.
-        let p = SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.01, seed: 7 };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.01,
+            seed: 7,
+        };
         for _ in 0..50 {
             assert_eq!(sample(&logits, &p, &mut r), 0);
         }
         assert!(SamplingParams { top_p: 0.0, ..p }.validate().is_err());
-        assert!(SamplingParams { temperature: -1.0, ..p }.validate().is_err());
+        assert!(SamplingParams {
+            temperature: -1.0,
+            ..p
+        }
+        .validate()
+        .is_err());
     }
 }

@@ -59,7 +59,10 @@ impl Checkpoint {
                     Error::checkpoint(&index, format!("weight_map[{tensor}] is not a file name"))
                 })?;
                 if f.contains('/') || f.contains("..") {
-                    return Err(Error::checkpoint(&index, format!("shard name `{f}` must be a plain file name")));
+                    return Err(Error::checkpoint(
+                        &index,
+                        format!("shard name `{f}` must be a plain file name"),
+                    ));
                 }
                 if !names.iter().any(|n| n == f) {
                     names.push(f.to_string());
@@ -84,14 +87,18 @@ impl Checkpoint {
             // SAFETY: the file is opened read-only and mapped privately; we never write through the
             // map. Another process truncating it while we read is outside what we can guard against.
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-            let st = SafeTensors::deserialize(&mmap)
-                .map_err(|e| Error::checkpoint(&path, format!("not a valid safetensors file: {e}")))?;
+            let st = SafeTensors::deserialize(&mmap).map_err(|e| {
+                Error::checkpoint(&path, format!("not a valid safetensors file: {e}"))
+            })?;
             let base = mmap.as_ptr() as usize;
             for (name, view) in st.tensors() {
                 if elem_bytes(view.dtype()).is_none() {
                     return Err(Error::checkpoint(
                         &path,
-                        format!("tensor `{name}` has dtype {:?}; supported: F32, BF16, F16", view.dtype()),
+                        format!(
+                            "tensor `{name}` has dtype {:?}; supported: F32, BF16, F16",
+                            view.dtype()
+                        ),
                     ));
                 }
                 let start = view.data().as_ptr() as usize - base;
@@ -103,7 +110,10 @@ impl Checkpoint {
                     end: start + view.data().len(),
                 };
                 if tensors.insert(name.clone(), info).is_some() {
-                    return Err(Error::checkpoint(&path, format!("tensor `{name}` appears in two shards")));
+                    return Err(Error::checkpoint(
+                        &path,
+                        format!("tensor `{name}` appears in two shards"),
+                    ));
                 }
             }
             shards.push(Shard { path, mmap });
@@ -123,18 +133,29 @@ impl Checkpoint {
         if info.shape != expected {
             return Err(Error::checkpoint(
                 &self.shards[info.shard].path,
-                format!("tensor `{name}` has shape {:?}, expected {:?}", info.shape, expected),
+                format!(
+                    "tensor `{name}` has shape {:?}, expected {:?}",
+                    info.shape, expected
+                ),
             ));
         }
         Ok(info)
     }
 
     fn path_hint(&self) -> &Path {
-        self.shards.first().map(|s| s.path.as_path()).unwrap_or(Path::new("checkpoint"))
+        self.shards
+            .first()
+            .map(|s| s.path.as_path())
+            .unwrap_or(Path::new("checkpoint"))
     }
 
     /// Rows `rows` of a 2-D (or 1-D, one row) tensor of shape `expected`, as f32, row-major.
-    pub fn read_rows(&self, name: &str, expected: &[usize], rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
+    pub fn read_rows(
+        &self,
+        name: &str,
+        expected: &[usize],
+        rows: std::ops::Range<usize>,
+    ) -> Result<Vec<f32>> {
         let info = self.info(name, expected)?;
         // A 1-D tensor is one row.
         let (n_rows, cols) = match expected {
@@ -161,7 +182,12 @@ impl Checkpoint {
 
     /// Columns `cols` of a 2-D tensor [rows, n], returned transposed as [cols.len(), rows]
     /// (row-parallel weights are stored with the split axis outermost).
-    pub fn read_cols_transposed(&self, name: &str, expected: &[usize; 2], cols: std::ops::Range<usize>) -> Result<Vec<f32>> {
+    pub fn read_cols_transposed(
+        &self,
+        name: &str,
+        expected: &[usize; 2],
+        cols: std::ops::Range<usize>,
+    ) -> Result<Vec<f32>> {
         let [r, c] = *expected;
         if cols.end > c || cols.start > cols.end {
             return Err(Error::checkpoint(

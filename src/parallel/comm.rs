@@ -72,13 +72,20 @@ pub struct CpuComm {
 
 impl CpuComm {
     fn deposit(&self, data: &[f32]) -> Result<()> {
-        let mut slots = self.group.slots.lock().map_err(|_| self.err("lock poisoned"))?;
+        let mut slots = self
+            .group
+            .slots
+            .lock()
+            .map_err(|_| self.err("lock poisoned"))?;
         slots[self.rank].clear();
         slots[self.rank].extend_from_slice(data);
         Ok(())
     }
     fn err(&self, msg: &str) -> Error {
-        Error::Rank { rank: self.rank, msg: msg.into() }
+        Error::Rank {
+            rank: self.rank,
+            msg: msg.into(),
+        }
     }
 }
 
@@ -97,7 +104,11 @@ impl Comm for CpuComm {
         self.deposit(buf)?;
         self.group.wait(self.rank)?;
         {
-            let slots = self.group.slots.lock().map_err(|_| self.err("lock poisoned"))?;
+            let slots = self
+                .group
+                .slots
+                .lock()
+                .map_err(|_| self.err("lock poisoned"))?;
             if slots.iter().any(|s| s.len() != buf.len()) {
                 self.poison();
                 return Err(self.err("all_reduce called with different lengths on different ranks"));
@@ -123,7 +134,11 @@ impl Comm for CpuComm {
         self.deposit(local)?;
         self.group.wait(self.rank)?;
         {
-            let slots = self.group.slots.lock().map_err(|_| self.err("lock poisoned"))?;
+            let slots = self
+                .group
+                .slots
+                .lock()
+                .map_err(|_| self.err("lock poisoned"))?;
             if slots.iter().any(|s| s.len() != n) {
                 self.poison();
                 return Err(self.err("all_gather called with different lengths on different ranks"));
@@ -167,14 +182,23 @@ impl GroupCache {
                 let g = Arc::new(Group {
                     size,
                     slots: Mutex::new(vec![Vec::new(); size]),
-                    state: Mutex::new(BarrierState { waiting: 0, generation: 0, poisoned: false }),
+                    state: Mutex::new(BarrierState {
+                        waiting: 0,
+                        generation: 0,
+                        poisoned: false,
+                    }),
                     cv: Condvar::new(),
                 });
                 self.groups.insert(ranks.to_vec(), g.clone());
                 g
             }
         };
-        (0..size).map(|rank| CpuComm { group: group.clone(), rank }).collect()
+        (0..size)
+            .map(|rank| CpuComm {
+                group: group.clone(),
+                rank,
+            })
+            .collect()
     }
 }
 

@@ -19,7 +19,11 @@ impl Layout {
         let placement = (0..world / tp)
             .map(|d| (0..tp).map(|t| d * tp + t).collect())
             .collect();
-        Ok(Layout { world, tp, placement })
+        Ok(Layout {
+            world,
+            tp,
+            placement,
+        })
     }
 
     /// An explicit placement; must be a permutation of 0..world in dp rows of tp.
@@ -39,7 +43,11 @@ impl Layout {
                 )));
             }
         }
-        Ok(Layout { world, tp, placement })
+        Ok(Layout {
+            world,
+            tp,
+            placement,
+        })
     }
 
     fn check(world: usize, tp: usize) -> Result<()> {
@@ -115,7 +123,10 @@ mod tests {
 
     #[test]
     fn impossible_layouts_are_errors() {
-        assert!(Layout::new(4, 3).unwrap_err().to_string().contains("does not divide world"));
+        assert!(Layout::new(4, 3)
+            .unwrap_err()
+            .to_string()
+            .contains("does not divide world"));
         assert!(Layout::new(0, 1).is_err());
         assert!(Layout::with_placement(4, 2, vec![vec![0, 1], vec![1, 2]]).is_err());
         assert!(Layout::with_placement(4, 2, vec![vec![3, 1], vec![0, 2]]).is_ok());

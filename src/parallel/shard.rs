@@ -35,7 +35,11 @@ impl Role {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Source {
     /// Rows of a checkpoint tensor; `transposed` when the checkpoint stores [hidden, rows].
-    Tensor { name: String, transposed: bool, total_rows: usize },
+    Tensor {
+        name: String,
+        transposed: bool,
+        total_rows: usize,
+    },
     /// Zero padding (vocab padded to a multiple of tp).
     Zeros,
 }
@@ -60,7 +64,14 @@ pub fn padded_vocab(vocab: usize, tp: usize) -> usize {
 }
 
 fn tensor(name: String, transposed: bool, total_rows: usize, rows: Range<usize>) -> Segment {
-    Segment { source: Source::Tensor { name, transposed, total_rows }, rows }
+    Segment {
+        source: Source::Tensor {
+            name,
+            transposed,
+            total_rows,
+        },
+        rows,
+    }
 }
 
 /// The segments of `role` (in `layer`, ignored for Embed/LmHead) held by tp-rank `r` of `tp`.
@@ -73,16 +84,46 @@ pub fn segments(cfg: &ModelConfig, role: Role, layer: usize, tp: usize, r: usize
     };
     match role {
         Role::Qkv => vec![
-            tensor(format!("{p}.self_attn.q_proj.weight"), false, cfg.q_dim(), heads(cfg.num_heads)),
-            tensor(format!("{p}.self_attn.k_proj.weight"), false, cfg.kv_dim(), heads(cfg.num_kv_heads)),
-            tensor(format!("{p}.self_attn.v_proj.weight"), false, cfg.kv_dim(), heads(cfg.num_kv_heads)),
+            tensor(
+                format!("{p}.self_attn.q_proj.weight"),
+                false,
+                cfg.q_dim(),
+                heads(cfg.num_heads),
+            ),
+            tensor(
+                format!("{p}.self_attn.k_proj.weight"),
+                false,
+                cfg.kv_dim(),
+                heads(cfg.num_kv_heads),
+            ),
+            tensor(
+                format!("{p}.self_attn.v_proj.weight"),
+                false,
+                cfg.kv_dim(),
+                heads(cfg.num_kv_heads),
+            ),
         ],
-        Role::O => vec![tensor(format!("{p}.self_attn.o_proj.weight"), true, cfg.q_dim(), heads(cfg.num_heads))],
+        Role::O => vec![tensor(
+            format!("{p}.self_attn.o_proj.weight"),
+            true,
+            cfg.q_dim(),
+            heads(cfg.num_heads),
+        )],
         Role::GateUp => {
             let i = split(cfg.intermediate_size, tp, r);
             vec![
-                tensor(format!("{p}.mlp.gate_proj.weight"), false, cfg.intermediate_size, i.clone()),
-                tensor(format!("{p}.mlp.up_proj.weight"), false, cfg.intermediate_size, i),
+                tensor(
+                    format!("{p}.mlp.gate_proj.weight"),
+                    false,
+                    cfg.intermediate_size,
+                    i.clone(),
+                ),
+                tensor(
+                    format!("{p}.mlp.up_proj.weight"),
+                    false,
+                    cfg.intermediate_size,
+                    i,
+                ),
             ]
         }
         Role::Down => vec![tensor(
@@ -101,10 +142,18 @@ pub fn segments(cfg: &ModelConfig, role: Role, layer: usize, tp: usize, r: usize
             let real = all.start.min(cfg.vocab_size)..all.end.min(cfg.vocab_size);
             let mut segs = Vec::new();
             if !real.is_empty() {
-                segs.push(tensor(name.to_string(), false, cfg.vocab_size, real.clone()));
+                segs.push(tensor(
+                    name.to_string(),
+                    false,
+                    cfg.vocab_size,
+                    real.clone(),
+                ));
             }
             if real.end < all.end {
-                segs.push(Segment { source: Source::Zeros, rows: real.end.max(all.start)..all.end });
+                segs.push(Segment {
+                    source: Source::Zeros,
+                    rows: real.end.max(all.start)..all.end,
+                });
             }
             segs
         }
@@ -113,7 +162,10 @@ pub fn segments(cfg: &ModelConfig, role: Role, layer: usize, tp: usize, r: usize
 
 /// Total rows of `role` held by one rank at degree `tp` (every rank holds the same number).
 pub fn rows(cfg: &ModelConfig, role: Role, tp: usize) -> usize {
-    segments(cfg, role, 0, tp, 0).iter().map(|s| s.rows.len()).sum()
+    segments(cfg, role, 0, tp, 0)
+        .iter()
+        .map(|s| s.rows.len())
+        .sum()
 }
 
 #[cfg(test)]
@@ -146,15 +198,27 @@ mod tests {
     fn shards_tile_each_tensor_exactly_once() {
         let c = cfg(301);
         for tp in [1, 2, 4] {
-            for role in [Role::Qkv, Role::O, Role::GateUp, Role::Down, Role::Embed, Role::LmHead] {
+            for role in [
+                Role::Qkv,
+                Role::O,
+                Role::GateUp,
+                Role::Down,
+                Role::Embed,
+                Role::LmHead,
+            ] {
                 let mut covered: std::collections::HashMap<String, Vec<usize>> = Default::default();
                 let mut zeros = 0;
                 for r in 0..tp {
                     let segs = segments(&c, role, 1, tp, r);
-                    assert_eq!(segs.iter().map(|s| s.rows.len()).sum::<usize>(), rows(&c, role, tp));
+                    assert_eq!(
+                        segs.iter().map(|s| s.rows.len()).sum::<usize>(),
+                        rows(&c, role, tp)
+                    );
                     for s in segs {
                         match s.source {
-                            Source::Tensor { name, total_rows, .. } => {
+                            Source::Tensor {
+                                name, total_rows, ..
+                            } => {
                                 let v = covered.entry(name).or_insert_with(|| vec![0; total_rows]);
                                 s.rows.for_each(|i| v[i] += 1);
                             }
@@ -177,7 +241,9 @@ mod tests {
         let mut c = cfg(300);
         c.tie_word_embeddings = true;
         let s = segments(&c, Role::LmHead, 0, 2, 1);
-        assert!(matches!(&s[0].source, Source::Tensor { name, .. } if name == "model.embed_tokens.weight"));
+        assert!(
+            matches!(&s[0].source, Source::Tensor { name, .. } if name == "model.embed_tokens.weight")
+        );
         assert_eq!(s[0].rows, 150..300);
     }
 }

@@ -10,7 +10,9 @@ use pat::model::sampling::SamplingParams;
 use pat::model::weights::Checkpoint;
 
 pub fn golden_dir(model: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/golden").join(model)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/golden")
+        .join(model)
 }
 
 pub struct Golden {
@@ -23,8 +25,20 @@ pub struct Golden {
 pub fn golden(model: &str) -> (usize, Vec<Golden>) {
     let text = std::fs::read_to_string(golden_dir(model).join("golden.json")).unwrap();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let ids = |x: &serde_json::Value| x.as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
-    let fl = |x: &serde_json::Value| x.as_array().unwrap().iter().map(|t| t.as_f64().unwrap() as f32).collect();
+    let ids = |x: &serde_json::Value| {
+        x.as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let fl = |x: &serde_json::Value| {
+        x.as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_f64().unwrap() as f32)
+            .collect()
+    };
     let prompts = v["prompts"]
         .as_array()
         .unwrap()
@@ -39,15 +53,34 @@ pub fn golden(model: &str) -> (usize, Vec<Golden>) {
     (v["max_new_tokens"].as_u64().unwrap() as usize, prompts)
 }
 
-pub fn engine(dir: &std::path::Path, world: usize, tp: usize, dtype: WeightDtype, kv_blocks: usize) -> Engine {
+pub fn engine(
+    dir: &std::path::Path,
+    world: usize,
+    tp: usize,
+    dtype: WeightDtype,
+    kv_blocks: usize,
+) -> Engine {
     let cfg = ModelConfig::load(dir).unwrap();
     let ck = Checkpoint::open(dir).unwrap();
-    let opts = EngineOptions { world, tp, block_size: 16, kv_blocks, dtype, sampling: SamplingParams::default() };
+    let opts = EngineOptions {
+        world,
+        tp,
+        block_size: 16,
+        kv_blocks,
+        dtype,
+        sampling: SamplingParams::default(),
+    };
     Engine::new(cfg, &ck, opts).unwrap()
 }
 
 pub fn greedy(dir: &std::path::Path, world: usize, tp: usize, reqs: &[Request]) -> Vec<Output> {
-    let mut e = engine(dir, world, tp, WeightDtype::F32, Engine::blocks_needed(reqs, 16));
+    let mut e = engine(
+        dir,
+        world,
+        tp,
+        WeightDtype::F32,
+        Engine::blocks_needed(reqs, 16),
+    );
     e.add_requests(reqs).unwrap();
     e.run(|_| {}).unwrap();
     e.outputs()
@@ -57,5 +90,9 @@ pub fn greedy(dir: &std::path::Path, world: usize, tp: usize, reqs: &[Request]) 
 pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(1f32, |m, x| m.max(x.abs()));
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max) / scale
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+        / scale
 }
