@@ -1,5 +1,6 @@
 //! The `pat` command line: argument definitions and dispatch.
 
+mod bench;
 mod demo;
 mod generate;
 mod requests;
@@ -35,6 +36,9 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// The main job on a built-in default: a long-tail batch on several ranks, with a per-step summary.
     Demo(demo::DemoArgs),
+    /// Benchmarks; each prints one JSON record per setting on stdout and a readable line on stderr.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -131,5 +135,6 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Generate(a) => generate::run(a),
         Command::Demo(a) => demo::run(a),
+        Command::Bench(c) => bench::run(c),
     }
 }
