@@ -74,11 +74,6 @@ impl Sequence {
     }
 }
 
-struct RankState {
-    weights: RankWeights,
-    kv: KvPool,
-}
-
 /// What one step did.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct StepReport {
@@ -99,7 +94,9 @@ pub struct Engine {
     layout: Layout,
     opts: EngineOptions,
     inv_freq: Vec<f32>,
-    ranks: Vec<RankState>,
+    /// Per physical rank: its weight shard and its KV pool.
+    weights: Vec<RankWeights>,
+    pools: Vec<KvPool>,
     allocs: Vec<BlockAllocator>,
     groups: GroupCache,
     seqs: Vec<Sequence>,
@@ -123,11 +120,11 @@ impl Engine {
             ));
         }
         opts.sampling.validate()?;
-        let ranks = std::thread::scope(|s| {
+        let loaded: Vec<(RankWeights, KvPool)> = std::thread::scope(|s| {
             let hs: Vec<_> = (0..opts.world)
                 .map(|rank| {
                     let (cfg, layout, opts) = (&cfg, &layout, &opts);
-                    s.spawn(move || -> Result<RankState> {
+                    s.spawn(move || -> Result<(RankWeights, KvPool)> {
                         let (_, t) = layout.position(rank);
                         let weights = RankWeights::load(ck, cfg, opts.tp, t, opts.dtype)?;
                         let kv = KvPool::new(
@@ -137,7 +134,7 @@ impl Engine {
                             cfg.num_kv_heads / opts.tp,
                             cfg.head_dim,
                         )?;
-                        Ok(RankState { weights, kv })
+                        Ok((weights, kv))
                     })
                 })
                 .collect();
@@ -153,6 +150,7 @@ impl Engine {
                 })
                 .collect::<Result<Vec<_>>>()
         })?;
+        let (weights, pools) = loaded.into_iter().unzip();
         let allocs = (0..layout.dp())
             .map(|_| BlockAllocator::new(opts.kv_blocks))
             .collect();
@@ -161,7 +159,8 @@ impl Engine {
             cfg,
             layout,
             opts,
-            ranks,
+            weights,
+            pools,
             allocs,
             groups: GroupCache::default(),
             seqs: Vec::new(),
@@ -182,10 +181,7 @@ impl Engine {
     }
     /// Bytes of weights plus KV pool held by one rank.
     pub fn rank_bytes(&self, rank: usize) -> (usize, usize) {
-        (
-            self.ranks[rank].weights.bytes(),
-            self.ranks[rank].kv.bytes(),
-        )
+        (self.weights[rank].bytes(), self.pools[rank].bytes())
     }
 
     /// Checks a request against the model without admitting it.
@@ -308,77 +304,12 @@ impl Engine {
                     .collect()
             })
             .collect();
-        let comms: Vec<_> = (0..dp)
-            .map(|d| {
-                if per_replica[d].is_empty() {
-                    Vec::new()
-                } else {
-                    self.groups.get(self.layout.replica_ranks(d))
-                }
-            })
-            .collect();
-        let inputs: Vec<Vec<SeqInput>> = per_replica
+        let tokens_in = per_replica
             .iter()
-            .map(|ids| {
-                ids.iter()
-                    .map(|&i| {
-                        let s = &self.seqs[i];
-                        SeqInput {
-                            tokens: &s.tokens[s.cached..],
-                            start_pos: s.cached,
-                            table: &s.table,
-                        }
-                    })
-                    .collect()
-            })
-            .collect();
-        let tokens_in = inputs.iter().flatten().map(|s| s.tokens.len()).sum();
-        let (cfg, layout, inv_freq) = (&self.cfg, &self.layout, &self.inv_freq);
-        let results: Vec<(usize, Result<Vec<f32>>)> = std::thread::scope(|sc| {
-            let hs: Vec<_> = self
-                .ranks
-                .iter_mut()
-                .enumerate()
-                .filter_map(|(rank, st)| {
-                    let (d, t) = layout.position(rank);
-                    if inputs[d].is_empty() {
-                        return None;
-                    }
-                    let comm = comms[d][t].clone();
-                    let inp = &inputs[d];
-                    Some((
-                        rank,
-                        t,
-                        sc.spawn(move || {
-                            let r = forward(cfg, &st.weights, &mut st.kv, inv_freq, &comm, inp);
-                            if r.is_err() {
-                                comm.poison();
-                            }
-                            r
-                        }),
-                    ))
-                })
-                .collect();
-            hs.into_iter()
-                .filter(|(_, t, _)| *t == 0)
-                .map(|(rank, _, h)| {
-                    (
-                        rank,
-                        h.join().unwrap_or_else(|_| {
-                            Err(Error::Rank {
-                                rank,
-                                msg: "worker panicked".into(),
-                            })
-                        }),
-                    )
-                })
-                .collect()
-        });
-        drop(inputs);
-        let mut logits_per_replica = vec![Vec::new(); dp];
-        for (rank, r) in results {
-            logits_per_replica[self.layout.position(rank).0] = r?;
-        }
+            .flatten()
+            .map(|&i| self.seqs[i].tokens.len() - self.seqs[i].cached)
+            .sum();
+        let logits_per_replica = self.forward_replicas(&per_replica, |s| s.tokens.len())?;
 
         let (vocab, mut finished) = (self.cfg.vocab_size, 0);
         self.recorded.clear();
@@ -413,6 +344,93 @@ impl Engine {
         };
         self.steps += 1;
         Ok(report)
+    }
+
+    /// Runs every replica's sequences (`per_replica[d]`, indices into `seqs`) through the model,
+    /// feeding tokens `cached..upto(seq)` of each; one thread per rank. Returns each replica's
+    /// logits [n_seqs, vocab] (empty for idle replicas). Caller updates `cached`.
+    fn forward_replicas(
+        &mut self,
+        per_replica: &[Vec<usize>],
+        upto: impl Fn(&Sequence) -> usize,
+    ) -> Result<Vec<Vec<f32>>> {
+        let dp = self.layout.dp();
+        let comms: Vec<_> = (0..dp)
+            .map(|d| {
+                if per_replica[d].is_empty() {
+                    Vec::new()
+                } else {
+                    self.groups.get(self.layout.replica_ranks(d))
+                }
+            })
+            .collect();
+        let seqs = &self.seqs;
+        let inputs: Vec<Vec<SeqInput>> = per_replica
+            .iter()
+            .map(|ids| {
+                ids.iter()
+                    .map(|&i| {
+                        let s = &seqs[i];
+                        SeqInput {
+                            tokens: &s.tokens[s.cached..upto(s)],
+                            start_pos: s.cached,
+                            table: &s.table,
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let (cfg, layout, inv_freq) = (&self.cfg, &self.layout, &self.inv_freq);
+        let results: Vec<(usize, usize, Result<Vec<f32>>)> = std::thread::scope(|sc| {
+            let hs: Vec<_> = self
+                .weights
+                .iter()
+                .zip(self.pools.iter_mut())
+                .enumerate()
+                .filter_map(|(rank, (w, kv))| {
+                    let (d, t) = layout.position(rank);
+                    if inputs[d].is_empty() {
+                        return None;
+                    }
+                    let comm = comms[d][t].clone();
+                    let inp = &inputs[d];
+                    Some((
+                        rank,
+                        t,
+                        sc.spawn(move || {
+                            let r = forward(cfg, w, kv, inv_freq, &comm, inp);
+                            if r.is_err() {
+                                comm.poison();
+                            }
+                            r
+                        }),
+                    ))
+                })
+                .collect();
+            // Join every rank, so a failure anywhere is reported rather than left behind.
+            hs.into_iter()
+                .map(|(rank, t, h)| {
+                    (
+                        rank,
+                        t,
+                        h.join().unwrap_or_else(|_| {
+                            Err(Error::Rank {
+                                rank,
+                                msg: "worker panicked".into(),
+                            })
+                        }),
+                    )
+                })
+                .collect()
+        });
+        let mut logits = vec![Vec::new(); dp];
+        for (rank, t, r) in results {
+            let l = r?;
+            if t == 0 {
+                logits[self.layout.position(rank).0] = l;
+            }
+        }
+        Ok(logits)
     }
 
     /// Steps until every sequence has finished, calling `on_step` after each step.
