@@ -7,5 +7,6 @@ pub mod error;
 pub mod kv;
 pub mod model;
 pub mod parallel;
+pub mod reshard;
 
 pub use error::{Error, Result};

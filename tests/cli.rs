@@ -343,3 +343,162 @@ fn bad_input_is_a_clear_error() {
     // init-model refuses to overwrite.
     fails(&["init-model", "--out", ms], "not empty");
 }
+
+#[test]
+fn live_switches_keep_generate_output_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tiny(tmp.path(), "qwen3");
+    let ms = m.to_str().unwrap();
+    let base = ok(&[
+        "generate",
+        "--model",
+        ms,
+        "--world",
+        "4",
+        "--tp",
+        "1",
+        "--prompt-ids",
+        "5,6,7,8",
+        "--max-new-tokens",
+        "24",
+        "--ignore-eos",
+    ]);
+    for mode in ["migrate", "recompute", "auto"] {
+        let out = ok(&[
+            "generate",
+            "--model",
+            ms,
+            "--world",
+            "4",
+            "--tp",
+            "1",
+            "--prompt-ids",
+            "5,6,7,8",
+            "--max-new-tokens",
+            "24",
+            "--ignore-eos",
+            "--reconfigure",
+            "3:2",
+            "--reconfigure",
+            "9:4",
+            "--reconfigure",
+            "15:1",
+            "--kv-transfer",
+            mode,
+        ]);
+        assert_eq!(out, base, "--kv-transfer {mode}");
+    }
+    fails(
+        &[
+            "generate",
+            "--model",
+            ms,
+            "--world",
+            "4",
+            "--prompt-ids",
+            "1",
+            "--reconfigure",
+            "2:3",
+        ],
+        "--reconfigure 2:3",
+    );
+    fails(
+        &[
+            "generate",
+            "--model",
+            ms,
+            "--world",
+            "4",
+            "--prompt-ids",
+            "1",
+            "--reconfigure",
+            "x",
+        ],
+        "expected STEP:TP",
+    );
+    fails(
+        &[
+            "generate",
+            "--model",
+            ms,
+            "--world",
+            "4",
+            "--prompt-ids",
+            "1",
+            "--kv-transfer",
+            "teleport",
+        ],
+        "teleport",
+    );
+    // A switch planned after every request finished is reported, not silently dropped.
+    let o = pat(&[
+        "generate",
+        "--model",
+        ms,
+        "--world",
+        "2",
+        "--prompt-ids",
+        "1",
+        "--max-new-tokens",
+        "2",
+        "--reconfigure",
+        "50:2",
+    ]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not applied"));
+
+    let out = ok(&[
+        "bench",
+        "switch",
+        "--model",
+        ms,
+        "--world",
+        "4",
+        "--from",
+        "1",
+        "--to",
+        "2,4,1",
+        "--batch",
+        "3",
+        "--context",
+        "40",
+        "--kv-transfer",
+        "auto",
+        "--kv-mib",
+        "4",
+    ]);
+    let recs: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(recs.len(), 3);
+    for key in [
+        "from_tp",
+        "to_tp",
+        "n_inflight",
+        "kv_tokens",
+        "kv_policy",
+        "weight_reshard_ms",
+        "kv_ms",
+        "comm_group_ms",
+        "total_ms",
+        "bytes_moved_cross_rank",
+        "bytes_moved_in_place",
+        "peak_extra_bytes",
+        "post_switch_step_latency_ms",
+    ] {
+        assert!(
+            recs.iter().all(|r| r.get(key).is_some()),
+            "bench switch record lacks {key}"
+        );
+    }
+    assert_eq!(
+        recs[0]["bytes_moved_cross_rank"].as_u64().unwrap() > 0,
+        true,
+        "KV of the other heads crosses ranks"
+    );
+    assert_eq!(
+        (recs[2]["from_tp"].as_u64(), recs[2]["to_tp"].as_u64()),
+        (Some(4), Some(1))
+    );
+}

@@ -19,6 +19,9 @@ use crate::model::sampling::SamplingParams;
 pub enum BenchCommand {
     /// Prefill + decode latency sweep over batch x input-len x output-len (SGLang bench_one_batch keys).
     OneBatch(OneBatchArgs),
+    /// One live TP switch (or a ladder) on a running generation: one JSON record per switch with
+    /// the cost of each component, bytes moved, peak extra memory and step latency after.
+    Switch(super::switch::BenchSwitchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -49,12 +52,13 @@ pub struct OneBatchArgs {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::OneBatch(a) => one_batch(a),
+        BenchCommand::Switch(a) => super::switch::bench_switch(a),
     }
 }
 
 /// Measured copy bandwidth in bytes/s (read + written), with `threads` threads copying at once.
 pub fn copy_bandwidth(threads: usize) -> f64 {
-    let n = 32 << 20; // 128 MiB of f32 per thread: far beyond any cache
+    let n = 16 << 20; // 64 MiB of f32 per thread: far beyond any cache
     let t = std::thread::scope(|s| {
         let hs: Vec<_> = (0..threads.max(1))
             .map(|_| {

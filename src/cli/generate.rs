@@ -61,9 +61,18 @@ pub struct GenerateArgs {
     /// Tokens per KV block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
-    /// KV blocks per rank (default: enough for every request at once).
+    /// KV blocks per rank (default: enough for every request at once, at least 64 MiB per rank,
+    /// so that a switch to a smaller tp still finds room for the larger weight shards).
     #[arg(long)]
     pub kv_blocks: Option<usize>,
+    /// Switch the TP degree live after STEP decode steps (repeatable), e.g. --reconfigure 8:4.
+    /// Switch records go to stderr as JSON.
+    #[arg(long, value_name = "STEP:TP")]
+    pub reconfigure: Vec<super::switch::SwitchAt>,
+    /// How unfinished sequences' KV reaches the new layout: migrate, recompute, or auto (a
+    /// cost model from the measured copy bandwidth and this run's prefill rate picks per sequence).
+    #[arg(long, default_value = "auto")]
+    pub kv_transfer: crate::reshard::cost::KvPolicy,
 }
 
 /// A loaded model directory.
@@ -136,9 +145,21 @@ pub fn progress(total: u64, what: &str) -> ProgressBar {
 pub fn run(a: GenerateArgs) -> Result<()> {
     let m = Model::open(&a.model)?;
     let reqs = requests(&a, m.tok.as_ref())?;
-    let kv_blocks = a
-        .kv_blocks
-        .unwrap_or_else(|| Engine::blocks_needed(&reqs, a.block_size));
+    super::switch::check_switches(&a.reconfigure, a.world, &m)?;
+    let kv_blocks = a.kv_blocks.unwrap_or_else(|| {
+        let block_bytes = 2
+            * m.cfg.num_layers
+            * (m.cfg.num_kv_heads / a.tp.max(1))
+            * a.block_size.max(1)
+            * m.cfg.head_dim
+            * 4;
+        let floor = if a.reconfigure.is_empty() {
+            0
+        } else {
+            (64 << 20) / block_bytes.max(1)
+        };
+        Engine::blocks_needed(&reqs, a.block_size).max(floor)
+    });
     let opts = EngineOptions {
         world: a.world,
         tp: a.tp,
@@ -160,21 +181,57 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let pb = progress(budget, "generating");
     let t1 = Instant::now();
     let mut produced = 0u64;
-    engine.run(|r| {
+    let mut steps = Vec::new();
+    let mut cost = None;
+    let mut plan = a.reconfigure.clone();
+    plan.sort_by_key(|s| s.step);
+    let mut plan = plan.into_iter().peekable();
+    while engine.live() > 0 {
+        // Engine step 0 is the prefill; after it, step k is the k-th decode step.
+        while let Some(sw) = plan.next_if(|sw| steps.len() == sw.step + 1) {
+            // Measured once, at the first switch, from this run's prefill.
+            let cost = cost.get_or_insert_with(|| {
+                super::switch::measured_cost_model(
+                    a.world,
+                    super::switch::prefill_rate(&steps).unwrap_or(1.0),
+                )
+            });
+            match engine.reconfigure(sw.tp, a.kv_transfer, cost) {
+                Ok(r) => {
+                    pb.suspend(|| eprintln!("{}", serde_json::to_string(&r).unwrap_or_default()))
+                }
+                Err(e) => pb.suspend(|| {
+                    eprintln!(
+                        "warning: --reconfigure {}:{} not applied: {e}; decoding goes on at tp {}",
+                        sw.step,
+                        sw.tp,
+                        engine.layout().tp
+                    )
+                }),
+            }
+        }
+        let r = engine.step()?;
         produced += r.tokens_out as u64;
         pb.set_position(produced);
-    })?;
+        steps.push(r);
+    }
+    for sw in plan {
+        eprintln!(
+            "warning: --reconfigure {}:{} not applied: every request finished first",
+            sw.step, sw.tp
+        );
+    }
     pb.finish_and_clear();
     let gen_s = t1.elapsed().as_secs_f64();
     for o in engine.outputs() {
         println!("{}", output_json(&o, m.tok.as_ref())?);
     }
     eprintln!(
-        "{} requests, {produced} tokens in {gen_s:.2} s ({:.1} tok/s) on world {} tp {}; load {load_s:.2} s",
+        "{} requests, {produced} tokens in {gen_s:.2} s ({:.1} tok/s) on world {}, tp {} at the end; load {load_s:.2} s",
         reqs.len(),
         produced as f64 / gen_s.max(1e-9),
         a.world,
-        a.tp
+        engine.layout().tp
     );
     Ok(())
 }

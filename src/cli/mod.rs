@@ -4,6 +4,7 @@ mod bench;
 mod demo;
 mod generate;
 mod requests;
+mod switch;
 
 use std::path::PathBuf;
 

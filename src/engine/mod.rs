@@ -4,6 +4,10 @@
 //! Every step each live sequence feeds the tokens not yet in its KV cache (the prompt on its first
 //! step, then the last sampled token), so prefill, decode and recompute are one code path.
 
+mod reconfigure;
+
+pub use reconfigure::{weight_bytes_per_rank, SwitchReport};
+
 use std::time::Instant;
 
 use rand_chacha::ChaCha8Rng;

@@ -58,9 +58,23 @@ pub fn split(n: usize, tp: usize, r: usize) -> Range<usize> {
     r * per..(r + 1) * per
 }
 
-/// The vocabulary rounded up to a multiple of tp.
+/// The vocabulary rounded up to a multiple of lcm(tp, 64). For the power-of-two degrees (up
+/// to 64) the padded size is then the same at every tp, so vocab shards nest like the others and
+/// growing tp moves no embedding or head rows between ranks; the price is at most 63 zero rows.
 pub fn padded_vocab(vocab: usize, tp: usize) -> usize {
-    vocab.div_ceil(tp) * tp
+    let m = lcm(tp, VOCAB_PAD);
+    vocab.div_ceil(m) * m
+}
+
+/// Vocabulary padding granule (see `padded_vocab`).
+pub const VOCAB_PAD: usize = 64;
+
+fn lcm(a: usize, b: usize) -> usize {
+    let (mut x, mut y) = (a, b);
+    while y != 0 {
+        (x, y) = (y, x % y);
+    }
+    a / x * b
 }
 
 fn tensor(name: String, transposed: bool, total_rows: usize, rows: Range<usize>) -> Segment {
@@ -244,6 +258,14 @@ mod tests {
         assert!(
             matches!(&s[0].source, Source::Tensor { name, .. } if name == "model.embed_tokens.weight")
         );
-        assert_eq!(s[0].rows, 150..300);
+        // 300 pads to 320 (a multiple of 64): rank 1 of 2 holds rows 160..320, 20 of them zeros.
+        assert_eq!(s[0].rows, 160..300);
+        assert_eq!(
+            s[1],
+            Segment {
+                source: Source::Zeros,
+                rows: 300..320
+            }
+        );
     }
 }

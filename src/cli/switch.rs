@@ -1,0 +1,208 @@
+//! TP switches from the command line: `--reconfigure STEP:TP` parsing, the measured cost model,
+//! and `pat bench switch`.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Instant;
+
+use clap::Args;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::bench::copy_bandwidth;
+use super::generate::Model;
+use super::DtypeArg;
+use crate::engine::{Engine, EngineOptions, Request, StepReport};
+use crate::error::{Error, Result};
+use crate::model::sampling::SamplingParams;
+use crate::parallel::layout::check_tp_for_model;
+use crate::parallel::Layout;
+use crate::reshard::cost::{CostModel, KvPolicy};
+
+/// A planned switch: after `step` decode steps, go to `tp`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SwitchAt {
+    pub step: usize,
+    pub tp: usize,
+}
+
+impl FromStr for SwitchAt {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let (a, b) = s
+            .split_once(':')
+            .ok_or_else(|| format!("`{s}`: expected STEP:TP, e.g. 40:4"))?;
+        let step = a
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}`: STEP `{a}` is not a whole number"))?;
+        let tp: usize = b
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}`: TP `{b}` is not a whole number"))?;
+        if tp == 0 {
+            return Err(format!("`{s}`: TP must be at least 1"));
+        }
+        Ok(SwitchAt { step, tp })
+    }
+}
+
+/// Checks every planned tp against the world and the model before any work starts.
+pub fn check_switches(switches: &[SwitchAt], world: usize, model: &Model) -> Result<()> {
+    for s in switches {
+        Layout::new(world, s.tp)
+            .and_then(|_| check_tp_for_model(s.tp, &model.cfg))
+            .map_err(|e| Error::Usage(format!("--reconfigure {}:{}: {e}", s.step, s.tp)))?;
+    }
+    Ok(())
+}
+
+/// The CPU engine's cost model from measurements on this machine: KV transfer at the measured
+/// copy rate (a migrated byte is read once and written once), and prefill at the rate this
+/// engine just achieved. On the CPU backend prefill is bound by the cores, not by tp, so the
+/// same rate serves every tp.
+pub fn measured_cost_model(threads: usize, prefill_tokens_per_s: f64) -> CostModel {
+    CostModel {
+        transfer_bytes_per_s: copy_bandwidth(threads) / 2.0,
+        fixed_transfer_s: 0.0,
+        prefill_tokens_per_s: vec![(1, prefill_tokens_per_s.max(1.0))],
+        fixed_prefill_s: 0.0,
+    }
+}
+
+/// Prefill tokens/s from the steps seen so far (steps that fed more tokens than sequences).
+pub fn prefill_rate(steps: &[StepReport]) -> Option<f64> {
+    let pre: Vec<&StepReport> = steps
+        .iter()
+        .filter(|s| s.tokens_in > s.tokens_out)
+        .collect();
+    let toks: usize = pre.iter().map(|s| s.tokens_in).sum();
+    let ms: f64 = pre.iter().map(|s| s.elapsed_ms).sum();
+    (toks > 0 && ms > 0.0).then(|| toks as f64 / (ms / 1e3))
+}
+
+#[derive(Args, Debug)]
+pub struct BenchSwitchArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, default_value_t = 4)]
+    pub world: usize,
+    /// TP degree before the switch.
+    #[arg(long)]
+    pub from: usize,
+    /// TP degree(s) after; a list (e.g. 2,4) runs a ladder, one record per switch.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub to: Vec<usize>,
+    /// Sequences in flight at the switch.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Context (prompt tokens) of each sequence.
+    #[arg(long, default_value_t = 256)]
+    pub context: usize,
+    #[arg(long, default_value = "migrate")]
+    pub kv_transfer: KvPolicy,
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DtypeArg,
+    /// KV memory per rank in MiB at the starting layout (the switch re-divides it, plus the
+    /// weight bytes it frees).
+    #[arg(long, default_value_t = 256)]
+    pub kv_mib: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+pub fn bench_switch(a: BenchSwitchArgs) -> Result<()> {
+    let m = Model::open(&a.model)?;
+    if a.batch == 0 || a.context == 0 {
+        return Err(Error::Usage(
+            "--batch and --context must be at least 1".into(),
+        ));
+    }
+    let mut tps = vec![a.from];
+    tps.extend(&a.to);
+    for w in tps.windows(2) {
+        if w[0] == w[1] {
+            return Err(Error::Usage(format!(
+                "switch from tp {} to tp {}: nothing changes",
+                w[0], w[1]
+            )));
+        }
+    }
+    let switches: Vec<SwitchAt> = a.to.iter().map(|&tp| SwitchAt { step: 0, tp }).collect();
+    check_switches(&switches, a.world, &m)?;
+    let cfg = &m.cfg;
+    let block_bytes =
+        2 * cfg.num_layers * (cfg.num_kv_heads / a.from.max(1)) * 16 * cfg.head_dim * 4;
+    let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
+    let steps_after = 3;
+    let per_switch = 1 + steps_after;
+    let max_new = 2 + per_switch * a.to.len() + 1;
+    let reqs: Vec<Request> = (0..a.batch)
+        .map(|_| Request {
+            input_ids: (0..a.context)
+                .map(|_| rng.random_range(3..cfg.vocab_size as u32))
+                .collect(),
+            max_new_tokens: max_new,
+            ignore_eos: true,
+        })
+        .collect();
+    let kv_blocks = ((a.kv_mib << 20) / block_bytes).max(Engine::blocks_needed(&reqs, 16));
+    let opts = EngineOptions {
+        world: a.world,
+        tp: a.from,
+        block_size: 16,
+        kv_blocks,
+        dtype: a.dtype.into(),
+        sampling: SamplingParams::default(),
+    };
+    let mut engine = Engine::new(cfg.clone(), &m.ck, opts)?;
+    engine.add_requests(&reqs)?;
+    let t0 = Instant::now();
+    let mut steps = vec![engine.step()?];
+    let prefill = prefill_rate(&steps).unwrap_or(1.0);
+    let cost = measured_cost_model(a.world, prefill);
+    eprintln!(
+        "prefill of {} x {} tokens in {:.0} ms ({:.0} tok/s); KV transfer {:.2} GB/s measured; cost-model crossover at tp {}: {:.0} tokens",
+        a.batch,
+        a.context,
+        t0.elapsed().as_secs_f64() * 1e3,
+        prefill,
+        cost.transfer_bytes_per_s / 1e9,
+        a.to[0],
+        cost.crossover_tokens(a.to[0], (cfg.kv_bytes_per_token(4) / 2) as f64)
+    );
+    for _ in 0..2 {
+        steps.push(engine.step()?);
+    }
+    let mut before = median(steps[1..].iter().map(|s| s.elapsed_ms).collect());
+    for &to in &a.to {
+        let r = engine.reconfigure(to, a.kv_transfer, &cost)?;
+        let after: Vec<f64> = (0..steps_after)
+            .map(|_| engine.step().map(|s| s.elapsed_ms))
+            .collect::<Result<_>>()?;
+        let post = median(after);
+        let mut rec = serde_json::to_value(&r).map_err(|e| Error::Usage(e.to_string()))?;
+        rec["post_switch_step_latency_ms"] = post.into();
+        rec["pre_switch_step_latency_ms"] = before.into();
+        rec["world"] = a.world.into();
+        rec["batch"] = a.batch.into();
+        rec["context"] = a.context.into();
+        println!("{rec}");
+        eprintln!(
+            "tp {} -> {}: {} in flight, {} KV tokens, {}: total {:.1} ms (weights {:.1}, KV {:.1} [predicted migrate {:.1} / recompute {:.1}], groups {:.3}); {:.2} MB across ranks, {:.2} MB in place; peak extra {:.1} MB; step {:.1} -> {:.1} ms",
+            r.from_tp, r.to_tp, r.n_inflight, r.kv_tokens, r.kv_policy, r.total_ms, r.weight_reshard_ms, r.kv_ms, r.predicted_migrate_ms, r.predicted_recompute_ms, r.comm_group_ms,
+            r.bytes_moved_cross_rank as f64 / 1e6, r.bytes_moved_in_place as f64 / 1e6, r.peak_extra_bytes as f64 / 1e6, before, post
+        );
+        before = post;
+    }
+    Ok(())
+}

@@ -1,0 +1,255 @@
+//! `Engine::reconfigure`: change the tp degree between two decode steps, exactly.
+//!
+//! Order: validate -> nested layout -> place live sequences on new replicas (balanced by KV,
+//! ties to the replica holding their cache) -> migrate-or-recompute per sequence (cost model) ->
+//! size the new pools from the old pool plus the weight bytes the reshard frees -> allocate
+//! new pools and tables -> migrate KV into them -> reshard weights in place -> swap -> create or
+//! reuse comm groups -> recompute the sequences chosen for it. Every fallible step runs before the
+//! swap, so an error leaves the engine decoding in its old layout with nothing lost.
+
+use std::time::Instant;
+
+use super::Engine;
+use crate::error::{Error, Result};
+use crate::kv::{blocks_for, BlockAllocator, KvPool};
+use crate::model::config::ModelConfig;
+use crate::parallel::layout::check_tp_for_model;
+use crate::parallel::shard::{self, Role};
+use crate::reshard::cost::{CostModel, KvMode, KvPolicy};
+use crate::reshard::kv::{self as kvplan, SeqKv};
+use crate::reshard::{nested_layout, weights as wplan};
+
+/// Bytes per element of the CPU engine's buffers.
+const ELEM: u64 = 4;
+
+/// What one switch did and cost (the `pat bench switch` record).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SwitchReport {
+    pub from_tp: usize,
+    pub to_tp: usize,
+    /// Live sequences at the switch.
+    pub n_inflight: usize,
+    /// Cached KV tokens over the live sequences.
+    pub kv_tokens: usize,
+    pub kv_policy: String,
+    pub n_migrated: usize,
+    pub n_recomputed: usize,
+    pub weight_reshard_ms: f64,
+    /// Migration plus recompute.
+    pub kv_ms: f64,
+    pub kv_migrate_ms: f64,
+    pub kv_recompute_ms: f64,
+    pub comm_group_ms: f64,
+    pub total_ms: f64,
+    pub bytes_moved_cross_rank: u64,
+    pub bytes_moved_in_place: u64,
+    /// The weights' share of `bytes_moved_cross_rank` (zero when tp grows by a power of two:
+    /// shards nest).
+    pub weight_bytes_cross_rank: u64,
+    /// Largest extra memory on one rank during the switch: the new KV pool while the old one is
+    /// still held, plus the larger of KV staging and weight-reshard scratch.
+    pub peak_extra_bytes: u64,
+    pub kv_blocks_per_rank_before: usize,
+    pub kv_blocks_per_rank_after: usize,
+    pub groups_created: usize,
+    pub groups_reused: usize,
+    /// Cost-model predictions for this switch's KV work.
+    pub predicted_migrate_ms: f64,
+    pub predicted_recompute_ms: f64,
+}
+
+/// Weight bytes one rank holds at degree `tp` (what `RankWeights::bytes` reports).
+pub fn weight_bytes_per_rank(cfg: &ModelConfig, tp: usize) -> u64 {
+    let h = cfg.hidden_size as u64;
+    let layer_rows: usize = Role::LAYER.iter().map(|&r| shard::rows(cfg, r, tp)).sum();
+    let vocab_rows =
+        shard::rows(cfg, Role::Embed, tp) * if cfg.tie_word_embeddings { 1 } else { 2 };
+    let norms = cfg.num_layers
+        * (2 * cfg.hidden_size
+            + if cfg.has_qk_norm() {
+                2 * cfg.head_dim
+            } else {
+                0
+            })
+        + cfg.hidden_size;
+    ((cfg.num_layers * layer_rows + vocab_rows) as u64 * h + norms as u64) * ELEM
+}
+
+impl Engine {
+    /// Switches every replica to tensor-parallel degree `new_tp`.
+    pub fn reconfigure(
+        &mut self,
+        new_tp: usize,
+        policy: KvPolicy,
+        cost: &CostModel,
+    ) -> Result<SwitchReport> {
+        let t0 = Instant::now();
+        let (cfg, old) = (&self.cfg, self.layout.clone());
+        if new_tp == old.tp {
+            return Err(Error::Usage(format!(
+                "the engine already runs at tp {new_tp}"
+            )));
+        }
+        check_tp_for_model(new_tp, cfg)?;
+        let new = nested_layout(&old, new_tp)?;
+        cost.validate()?;
+        let live: Vec<usize> = (0..self.seqs.len())
+            .filter(|&i| self.seqs[i].finished.is_none())
+            .collect();
+        if live.is_empty() {
+            return Err(Error::Usage(
+                "no live sequences: there is nothing to switch".into(),
+            ));
+        }
+
+        // Place live sequences: largest remaining KV first, onto the least-loaded new replica,
+        // ties going to the replica that already holds the sequence's old ranks.
+        let footprint = |i: usize| {
+            let s = &self.seqs[i];
+            s.tokens.len() + s.max_new - s.generated()
+        };
+        let home = |i: usize| {
+            let r = old.rank_of(self.seqs[i].replica, 0);
+            new.position(r).0
+        };
+        let mut order = live.clone();
+        order.sort_by_key(|&i| (std::cmp::Reverse(footprint(i)), i));
+        let mut load = vec![0usize; new.dp()];
+        let mut target = vec![usize::MAX; self.seqs.len()];
+        for &i in &order {
+            let d = (0..new.dp())
+                .min_by_key(|&d| (load[d], d != home(i), d))
+                .unwrap_or(0);
+            target[i] = d;
+            load[d] += footprint(i);
+        }
+
+        // Migrate or recompute, per sequence with cached KV.
+        let mut report = SwitchReport {
+            from_tp: old.tp,
+            to_tp: new_tp,
+            n_inflight: live.len(),
+            kv_policy: policy.to_string(),
+            ..Default::default()
+        };
+        let mut mode = vec![None; self.seqs.len()];
+        for &i in &live {
+            let s = &self.seqs[i];
+            if s.cached == 0 {
+                continue;
+            }
+            let (cross, _) =
+                kvplan::seq_bytes(cfg, &old, &new, s.replica, target[i], s.cached, ELEM)?;
+            report.kv_tokens += s.cached;
+            report.predicted_migrate_ms += cost.migrate_s(cross) * 1e3;
+            report.predicted_recompute_ms += cost.recompute_s(new_tp, s.cached) * 1e3;
+            mode[i] = Some(policy.mode(cost, new_tp, s.cached, cross));
+        }
+
+        // New pools: the old pool's bytes plus what the weight reshard frees (or minus what it takes).
+        let (bs, layers, hd) = (self.opts.block_size, cfg.num_layers, cfg.head_dim);
+        let kv_local = cfg.num_kv_heads / new_tp;
+        let block_bytes = (2 * layers * kv_local * bs * hd) as u64 * ELEM;
+        let budget = self.pools[0].bytes() as i128 + weight_bytes_per_rank(cfg, old.tp) as i128
+            - weight_bytes_per_rank(cfg, new_tp) as i128;
+        let new_blocks = if budget > 0 {
+            (budget as u64 / block_bytes) as usize
+        } else {
+            0
+        };
+        let mut allocs: Vec<BlockAllocator> = (0..new.dp())
+            .map(|_| BlockAllocator::new(new_blocks))
+            .collect();
+        let mut tables = vec![Vec::new(); self.seqs.len()];
+        for &i in &live {
+            let n = blocks_for(self.seqs[i].cached, bs);
+            tables[i] = allocs[target[i]].alloc(n).map_err(|_| {
+                Error::KvExhausted(format!(
+                    "at tp {new_tp} a rank's pool holds {new_blocks} blocks (its old pool plus the weight bytes the reshard frees) and replica {} cannot fit the live sequences; still decoding at tp {}",
+                    target[i], old.tp
+                ))
+            })?;
+        }
+        let mut pools = (0..old.world)
+            .map(|_| KvPool::new(layers, new_blocks, bs, kv_local, hd))
+            .collect::<Result<Vec<_>>>()?;
+
+        // Migrate.
+        let tk = Instant::now();
+        let migrated: Vec<usize> = live
+            .iter()
+            .copied()
+            .filter(|&i| mode[i] == Some(KvMode::Migrate))
+            .collect();
+        let seq_kv: Vec<SeqKv> = migrated
+            .iter()
+            .map(|&i| {
+                let s = &self.seqs[i];
+                SeqKv {
+                    old_replica: s.replica,
+                    new_replica: target[i],
+                    len: s.cached,
+                    old_table: s.table.clone(),
+                    new_table: tables[i].clone(),
+                }
+            })
+            .collect();
+        let kp = kvplan::plan(cfg, &old, &new, bs, &seq_kv, ELEM)?;
+        let ks = kvplan::execute(&kp, &self.pools, &mut pools)?;
+        report.kv_migrate_ms = tk.elapsed().as_secs_f64() * 1e3;
+
+        // Weights, in place; an error leaves every rank's shard untouched.
+        let tw = Instant::now();
+        let wp = wplan::plan(cfg, &old, &new, ELEM)?;
+        let ws = wplan::execute(&wp, cfg, &mut self.weights)?;
+        report.weight_reshard_ms = tw.elapsed().as_secs_f64() * 1e3;
+
+        // Swap: nothing below can fail until the recompute.
+        report.kv_blocks_per_rank_before = self.opts.kv_blocks;
+        report.kv_blocks_per_rank_after = new_blocks;
+        report.peak_extra_bytes =
+            pools[0].bytes() as u64 + ks.peak_staging_bytes.max(ws.peak_extra_bytes);
+        report.bytes_moved_cross_rank = ks.bytes_cross_rank + ws.bytes_cross_rank;
+        report.bytes_moved_in_place = ks.bytes_in_place + ws.bytes_in_place;
+        report.weight_bytes_cross_rank = ws.bytes_cross_rank;
+        self.pools = pools;
+        self.allocs = allocs;
+        self.layout = new;
+        self.opts.tp = new_tp;
+        self.opts.kv_blocks = new_blocks;
+        let mut recompute: Vec<Vec<usize>> = vec![Vec::new(); self.layout.dp()];
+        for &i in &live {
+            let s = &mut self.seqs[i];
+            s.replica = target[i];
+            s.table = std::mem::take(&mut tables[i]);
+            if mode[i] == Some(KvMode::Recompute) {
+                s.cached = 0;
+                recompute[target[i]].push(i);
+            }
+        }
+        report.n_migrated = migrated.len();
+        report.n_recomputed = recompute.iter().map(Vec::len).sum();
+
+        let tg = Instant::now();
+        let (c0, r0) = (self.groups.created, self.groups.reused);
+        for d in 0..self.layout.dp() {
+            let _ = self.groups.get(self.layout.replica_ranks(d));
+        }
+        report.groups_created = self.groups.created - c0;
+        report.groups_reused = self.groups.reused - r0;
+        report.comm_group_ms = tg.elapsed().as_secs_f64() * 1e3;
+
+        // Recompute: prefill everything but the last sampled token under the new layout.
+        let tr = Instant::now();
+        if report.n_recomputed > 0 {
+            self.forward_replicas(&recompute, |s| s.tokens.len() - 1)?;
+            for i in recompute.into_iter().flatten() {
+                self.seqs[i].cached = self.seqs[i].tokens.len() - 1;
+            }
+        }
+        report.kv_recompute_ms = tr.elapsed().as_secs_f64() * 1e3;
+        report.kv_ms = report.kv_migrate_ms + report.kv_recompute_ms;
+        report.total_ms = t0.elapsed().as_secs_f64() * 1e3;
+        Ok(report)
+    }
+}

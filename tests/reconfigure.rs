@@ -1,0 +1,211 @@
+//! Live TP switches: greedy tokens and logits still match the transformers goldens after any
+//! ladder of switches (migrate, recompute, auto); bad switches are errors that lose nothing.
+
+mod common;
+
+use common::*;
+use pat::engine::{weight_bytes_per_rank, Request, SwitchReport};
+use pat::model::config::ModelConfig;
+use pat::model::decoder::{RankWeights, WeightDtype};
+use pat::model::weights::Checkpoint;
+use pat::reshard::cost::{CostModel, KvPolicy};
+
+fn cost(transfer: f64, prefill: f64) -> CostModel {
+    CostModel {
+        transfer_bytes_per_s: transfer,
+        fixed_transfer_s: 0.0,
+        prefill_tokens_per_s: vec![(1, prefill), (4, prefill)],
+        fixed_prefill_s: 0.0,
+    }
+}
+
+/// Runs the golden prompts on `world` ranks starting at `tp0`, switching at each (step, tp).
+fn run_with_switches(
+    model: &str,
+    world: usize,
+    tp0: usize,
+    switches: &[(usize, usize)],
+    policy: KvPolicy,
+    cm: &CostModel,
+) -> Vec<SwitchReport> {
+    let mut reports = Vec::new();
+    let (max_new, gold) = golden(model);
+    let reqs: Vec<Request> = gold
+        .iter()
+        .map(|g| Request {
+            input_ids: g.input_ids.clone(),
+            max_new_tokens: max_new,
+            ignore_eos: true,
+        })
+        .collect();
+    // A pool sized like a memory budget, so shrinking tp (larger weight shards) still fits.
+    let mut e = engine(&golden_dir(model), world, tp0, WeightDtype::F32, 1024);
+    e.record_logits(true);
+    e.add_requests(&reqs).unwrap();
+    let mut step = 0;
+    while e.live() > 0 {
+        for &(at, tp) in switches {
+            if at == step {
+                let r = e
+                    .reconfigure(tp, policy, cm)
+                    .unwrap_or_else(|err| panic!("{model} switch to tp {tp} at step {at}: {err}"));
+                assert_eq!((r.to_tp, e.layout().tp), (tp, tp));
+                assert_eq!(r.n_migrated + r.n_recomputed, r.n_inflight);
+                if tp > r.from_tp {
+                    assert!(
+                        r.kv_blocks_per_rank_after > r.kv_blocks_per_rank_before,
+                        "growing tp frees memory for KV"
+                    );
+                }
+                reports.push(r);
+            }
+        }
+        e.step().unwrap();
+        if step == max_new - 1 {
+            for (i, logits) in e.recorded_logits() {
+                let err = rel_err(logits, &gold[*i].last_step_logits);
+                assert!(
+                    err < 1e-4,
+                    "{model} {switches:?} {policy}: prompt {i} last-step logits off by {err:e}"
+                );
+            }
+        }
+        step += 1;
+    }
+    for (o, g) in e.outputs().iter().zip(&gold) {
+        assert_eq!(
+            o.output_ids, g.output_ids,
+            "{model} {switches:?} {policy}: prompt {}",
+            o.index
+        );
+    }
+    reports
+}
+
+#[test]
+fn ladders_of_switches_keep_tokens_identical() {
+    let ladder = [(2, 2), (6, 4), (11, 1), (15, 2), (20, 4)];
+    for model in ["llama", "qwen3"] {
+        for policy in [KvPolicy::Migrate, KvPolicy::Recompute] {
+            run_with_switches(model, 4, 1, &ladder, policy, &cost(1e9, 1e3));
+        }
+        // Auto with a 10 ms fixed transfer cost and 1000 prefill tokens/s: the cost model's
+        // crossover is ~10 tokens, so the short prompts recompute and the long ones migrate.
+        let cm = CostModel {
+            fixed_transfer_s: 0.01,
+            ..cost(1e9, 1e3)
+        };
+        assert!((cm.crossover_tokens(2, 256.0) - 10.0).abs() < 0.01);
+        let r = run_with_switches(model, 4, 4, &[(1, 2), (5, 1), (9, 4)], KvPolicy::Auto, &cm);
+        assert!(
+            r[0].n_migrated > 0 && r[0].n_recomputed > 0,
+            "{model}: auto used one mode only: {r:?}"
+        );
+        let r = run_with_switches(
+            model,
+            2,
+            2,
+            &[(3, 1), (7, 2)],
+            KvPolicy::Auto,
+            &cost(1e12, 1.0),
+        );
+        assert!(r.iter().all(|r| r.n_recomputed == 0));
+    }
+}
+
+#[test]
+fn bad_switches_are_errors_and_decoding_goes_on() {
+    let model = "llama";
+    let (max_new, gold) = golden(model);
+    let reqs: Vec<Request> = gold
+        .iter()
+        .map(|g| Request {
+            input_ids: g.input_ids.clone(),
+            max_new_tokens: max_new,
+            ignore_eos: true,
+        })
+        .collect();
+    let cm = cost(1e9, 1e3);
+    // 100 blocks of ~2 KB at tp 4: enough for tp 2 (weights grow by ~100 KB per rank), not for
+    // tp 1 (~300 KB more weights per rank than the pool holds).
+    let mut e = engine(&golden_dir(model), 4, 4, WeightDtype::F32, 100);
+    assert!(e
+        .reconfigure(1, KvPolicy::Migrate, &cm)
+        .unwrap_err()
+        .to_string()
+        .contains("no live sequences"));
+    e.add_requests(&reqs).unwrap();
+    e.step().unwrap();
+    for (tp, needle) in [
+        (3, "does not divide"),
+        (8, "does not divide"),
+        (4, "already runs at tp 4"),
+        (1, "KV cache exhausted"),
+    ] {
+        let err = e
+            .reconfigure(tp, KvPolicy::Migrate, &cm)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(needle), "tp {tp}: {err}");
+        assert_eq!(e.layout().tp, 4);
+    }
+    let bad = CostModel {
+        transfer_bytes_per_s: 0.0,
+        ..cm.clone()
+    };
+    assert!(e.reconfigure(2, KvPolicy::Auto, &bad).is_err());
+    // A good switch still works after the refusals, and nothing was lost.
+    e.reconfigure(2, KvPolicy::Migrate, &cm).unwrap();
+    e.run(|_| {}).unwrap();
+    for (o, g) in e.outputs().iter().zip(&gold) {
+        assert_eq!(o.output_ids, g.output_ids);
+    }
+}
+
+#[test]
+fn groups_are_created_once_and_reused() {
+    let (max_new, gold) = golden("qwen3");
+    let reqs: Vec<Request> = gold
+        .iter()
+        .map(|g| Request {
+            input_ids: g.input_ids.clone(),
+            max_new_tokens: max_new,
+            ignore_eos: true,
+        })
+        .collect();
+    let mut e = engine(&golden_dir("qwen3"), 4, 1, WeightDtype::F32, 64);
+    e.add_requests(&reqs).unwrap();
+    e.step().unwrap();
+    let created_tp1 = e.groups().created;
+    assert_eq!(created_tp1, 4);
+    let a = e
+        .reconfigure(2, KvPolicy::Migrate, &cost(1e9, 1e3))
+        .unwrap();
+    assert_eq!((a.groups_created, a.groups_reused), (2, 0));
+    e.step().unwrap();
+    let b = e
+        .reconfigure(1, KvPolicy::Migrate, &cost(1e9, 1e3))
+        .unwrap();
+    assert_eq!(
+        (b.groups_created, b.groups_reused),
+        (0, 4),
+        "tp1 groups come from the cache"
+    );
+}
+
+#[test]
+fn predicted_weight_bytes_match_the_loaded_shards() {
+    for model in ["llama", "qwen3"] {
+        let dir = golden_dir(model);
+        let cfg = ModelConfig::load(&dir).unwrap();
+        let ck = Checkpoint::open(&dir).unwrap();
+        for tp in [1, 2, 4] {
+            let w = RankWeights::load(&ck, &cfg, tp, tp - 1, WeightDtype::F32).unwrap();
+            assert_eq!(
+                weight_bytes_per_rank(&cfg, tp),
+                w.bytes() as u64,
+                "{model} tp {tp}"
+            );
+        }
+    }
+}
