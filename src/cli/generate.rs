@@ -192,7 +192,6 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             // Measured once, at the first switch, from this run's prefill.
             let cost = cost.get_or_insert_with(|| {
                 super::switch::measured_cost_model(
-                    a.world,
                     super::switch::prefill_rate(&steps).unwrap_or(1.0),
                 )
             });

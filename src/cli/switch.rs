@@ -57,13 +57,14 @@ pub fn check_switches(switches: &[SwitchAt], world: usize, model: &Model) -> Res
     Ok(())
 }
 
-/// The CPU engine's cost model from measurements on this machine: KV transfer at the measured
-/// copy rate (a migrated byte is read once and written once), and prefill at the rate this
-/// engine just achieved. On the CPU backend prefill is bound by the cores, not by tp, so the
-/// same rate serves every tp.
-pub fn measured_cost_model(threads: usize, prefill_tokens_per_s: f64) -> CostModel {
+/// The CPU engine's cost model from measurements on this machine. KV migration runs on one
+/// thread and copies each byte twice (gather into staging, scatter into the new blocks), so its
+/// rate is a quarter of the single-thread copy bandwidth (which counts read + write). Prefill runs
+/// at the rate this engine just achieved; on the CPU backend it is bound by the cores, not by
+/// tp, so the same rate serves every tp.
+pub fn measured_cost_model(prefill_tokens_per_s: f64) -> CostModel {
     CostModel {
-        transfer_bytes_per_s: copy_bandwidth(threads) / 2.0,
+        transfer_bytes_per_s: copy_bandwidth(1) / 4.0,
         fixed_transfer_s: 0.0,
         prefill_tokens_per_s: vec![(1, prefill_tokens_per_s.max(1.0))],
         fixed_prefill_s: 0.0,
@@ -169,7 +170,7 @@ pub fn bench_switch(a: BenchSwitchArgs) -> Result<()> {
     let t0 = Instant::now();
     let mut steps = vec![engine.step()?];
     let prefill = prefill_rate(&steps).unwrap_or(1.0);
-    let cost = measured_cost_model(a.world, prefill);
+    let cost = measured_cost_model(prefill);
     eprintln!(
         "prefill of {} x {} tokens in {:.0} ms ({:.0} tok/s); KV transfer {:.2} GB/s measured; cost-model crossover at tp {}: {:.0} tokens",
         a.batch,
@@ -178,7 +179,7 @@ pub fn bench_switch(a: BenchSwitchArgs) -> Result<()> {
         prefill,
         cost.transfer_bytes_per_s / 1e9,
         a.to[0],
-        cost.crossover_tokens(a.to[0], (cfg.kv_bytes_per_token(4) / 2) as f64)
+        cost.crossover_tokens(a.to[0], cfg.kv_bytes_per_token(4) as f64)
     );
     for _ in 0..2 {
         steps.push(engine.step()?);
@@ -198,8 +199,8 @@ pub fn bench_switch(a: BenchSwitchArgs) -> Result<()> {
         rec["context"] = a.context.into();
         println!("{rec}");
         eprintln!(
-            "tp {} -> {}: {} in flight, {} KV tokens, {}: total {:.1} ms (weights {:.1}, KV {:.1} [predicted migrate {:.1} / recompute {:.1}], groups {:.3}); {:.2} MB across ranks, {:.2} MB in place; peak extra {:.1} MB; step {:.1} -> {:.1} ms",
-            r.from_tp, r.to_tp, r.n_inflight, r.kv_tokens, r.kv_policy, r.total_ms, r.weight_reshard_ms, r.kv_ms, r.predicted_migrate_ms, r.predicted_recompute_ms, r.comm_group_ms,
+            "tp {} -> {}: {} in flight, {} KV tokens, {}: total {:.1} ms (weights {:.1}, KV {:.1} [predicted migrate {:.1} / recompute {:.1}], pool alloc {:.1}, groups {:.3}); {:.2} MB across ranks, {:.2} MB in place; peak extra {:.1} MB; step {:.1} -> {:.1} ms",
+            r.from_tp, r.to_tp, r.n_inflight, r.kv_tokens, r.kv_policy, r.total_ms, r.weight_reshard_ms, r.kv_ms, r.predicted_migrate_ms, r.predicted_recompute_ms, r.kv_alloc_ms, r.comm_group_ms,
             r.bytes_moved_cross_rank as f64 / 1e6, r.bytes_moved_in_place as f64 / 1e6, r.peak_extra_bytes as f64 / 1e6, before, post
         );
         before = post;

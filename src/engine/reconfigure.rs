@@ -39,6 +39,8 @@ pub struct SwitchReport {
     pub kv_ms: f64,
     pub kv_migrate_ms: f64,
     pub kv_recompute_ms: f64,
+    /// Allocating the new layout's KV pools (not part of `kv_ms`).
+    pub kv_alloc_ms: f64,
     pub comm_group_ms: f64,
     pub total_ms: f64,
     pub bytes_moved_cross_rank: u64,
@@ -138,12 +140,14 @@ impl Engine {
             if s.cached == 0 {
                 continue;
             }
-            let (cross, _) =
+            // Every KV byte is copied once (the heads per rank change, so even bytes that stay on
+            // their rank are re-laid out); on the CPU both kinds go at the same memcpy rate.
+            let (cross, local) =
                 kvplan::seq_bytes(cfg, &old, &new, s.replica, target[i], s.cached, ELEM)?;
             report.kv_tokens += s.cached;
-            report.predicted_migrate_ms += cost.migrate_s(cross) * 1e3;
+            report.predicted_migrate_ms += cost.migrate_s(cross + local) * 1e3;
             report.predicted_recompute_ms += cost.recompute_s(new_tp, s.cached) * 1e3;
-            mode[i] = Some(policy.mode(cost, new_tp, s.cached, cross));
+            mode[i] = Some(policy.mode(cost, new_tp, s.cached, cross + local));
         }
 
         // New pools: the old pool's bytes plus what the weight reshard frees (or minus what it takes).

@@ -150,16 +150,29 @@ impl KvPool {
     }
 }
 
+/// A zeroed buffer of `n` f32, or an error when the allocation fails. Uses the allocator's
+/// zeroed allocation, so large pools get lazily zeroed pages from the OS instead of being written.
 fn try_zeroed(n: usize) -> Result<Vec<f32>> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(n).map_err(|_| {
+    let oom = || {
         Error::KvExhausted(format!(
             "cannot allocate {} MiB for the KV pool",
             (n * 4) >> 20
         ))
-    })?;
-    v.resize(n, 0.0);
-    Ok(v)
+    };
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<f32>(n).map_err(|_| oom())?;
+    // SAFETY: `layout` has non-zero size (n > 0). The pointer, when non-null, is an allocation of
+    // exactly n f32 with f32's alignment from the global allocator, all bytes zero (a valid f32
+    // 0.0), so it may become a Vec with length and capacity n that the global allocator frees.
+    unsafe {
+        let p = std::alloc::alloc_zeroed(layout) as *mut f32;
+        if p.is_null() {
+            return Err(oom());
+        }
+        Ok(Vec::from_raw_parts(p, n, n))
+    }
 }
 
 #[cfg(test)]
