@@ -5,6 +5,7 @@
 //! group is poisoned and every peer's pending call returns an error instead of hanging.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use crate::error::{Error, Result};
@@ -22,41 +23,73 @@ pub trait Comm: Send + Sync {
     fn poison(&self);
 }
 
-struct BarrierState {
-    waiting: usize,
-    generation: u64,
-    poisoned: bool,
-}
-
+/// A reusable barrier: arrivals counted atomically; waiters spin briefly (yielding, so an
+/// oversubscribed world still progresses), then park on a condvar. Poisoning wakes everyone.
 struct Group {
     size: usize,
     slots: Mutex<Vec<Vec<f32>>>,
-    state: Mutex<BarrierState>,
+    arrived: AtomicUsize,
+    generation: AtomicU64,
+    poisoned: AtomicBool,
+    lock: Mutex<()>,
     cv: Condvar,
 }
 
+/// Spin iterations before parking (a few tens of microseconds).
+const SPIN: usize = 1 << 12;
+
 impl Group {
+    fn new(size: usize) -> Self {
+        Group {
+            size,
+            slots: Mutex::new(vec![Vec::new(); size]),
+            arrived: AtomicUsize::new(0),
+            generation: AtomicU64::new(0),
+            poisoned: AtomicBool::new(false),
+            lock: Mutex::new(()),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Acquire)
+    }
+
     fn wait(&self, rank: usize) -> Result<()> {
         let fail = || Error::Rank {
             rank,
             msg: "a peer in the communication group failed".into(),
         };
-        let mut s = self.state.lock().map_err(|_| fail())?;
-        if s.poisoned {
+        if self.is_poisoned() {
             return Err(fail());
         }
-        s.waiting += 1;
-        if s.waiting == self.size {
-            s.waiting = 0;
-            s.generation += 1;
+        let gen = self.generation.load(Ordering::Acquire);
+        if self.arrived.fetch_add(1, Ordering::AcqRel) + 1 == self.size {
+            // Last to arrive: reset the count before releasing the others into the next round.
+            self.arrived.store(0, Ordering::Release);
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            let _g = self.lock.lock().map_err(|_| fail())?;
             self.cv.notify_all();
             return Ok(());
         }
-        let gen = s.generation;
-        while s.generation == gen && !s.poisoned {
-            s = self.cv.wait(s).map_err(|_| fail())?;
+        for i in 0..SPIN {
+            if self.generation.load(Ordering::Acquire) != gen {
+                return Ok(());
+            }
+            if self.is_poisoned() {
+                return Err(fail());
+            }
+            if i % 64 == 63 {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
         }
-        if s.generation == gen {
+        let mut g = self.lock.lock().map_err(|_| fail())?;
+        while self.generation.load(Ordering::Acquire) == gen && !self.is_poisoned() {
+            g = self.cv.wait(g).map_err(|_| fail())?;
+        }
+        if self.generation.load(Ordering::Acquire) == gen {
             return Err(fail());
         }
         Ok(())
@@ -151,9 +184,8 @@ impl Comm for CpuComm {
     }
 
     fn poison(&self) {
-        if let Ok(mut s) = self.group.state.lock() {
-            s.poisoned = true;
-        }
+        self.group.poisoned.store(true, Ordering::Release);
+        let _g = self.group.lock.lock();
         self.group.cv.notify_all();
     }
 }
@@ -173,22 +205,13 @@ impl GroupCache {
     pub fn get(&mut self, ranks: &[usize]) -> Vec<CpuComm> {
         let size = ranks.len();
         let group = match self.groups.get(ranks) {
-            Some(g) if !g.state.lock().map(|s| s.poisoned).unwrap_or(true) => {
+            Some(g) if !g.is_poisoned() => {
                 self.reused += 1;
                 g.clone()
             }
             _ => {
                 self.created += 1;
-                let g = Arc::new(Group {
-                    size,
-                    slots: Mutex::new(vec![Vec::new(); size]),
-                    state: Mutex::new(BarrierState {
-                        waiting: 0,
-                        generation: 0,
-                        poisoned: false,
-                    }),
-                    cv: Condvar::new(),
-                });
+                let g = Arc::new(Group::new(size));
                 self.groups.insert(ranks.to_vec(), g.clone());
                 g
             }
