@@ -78,6 +78,18 @@ impl Sequence {
     }
 }
 
+/// A live sequence as the policy sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LiveSeq {
+    /// Request index.
+    pub index: usize,
+    pub replica: usize,
+    /// Tokens so far (prompt + generated): the KV the sequence holds.
+    pub context: usize,
+    pub generated: usize,
+    pub max_new_tokens: usize,
+}
+
 /// What one step did.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct StepReport {
@@ -262,6 +274,22 @@ impl Engine {
     /// (request index, logits over the vocabulary) sampled from in the latest step.
     pub fn recorded_logits(&self) -> &[(usize, Vec<f32>)] {
         &self.recorded
+    }
+
+    /// Every live sequence, in request order.
+    pub fn live_seqs(&self) -> Vec<LiveSeq> {
+        self.seqs
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.finished.is_none())
+            .map(|(index, s)| LiveSeq {
+                index,
+                replica: s.replica,
+                context: s.tokens.len(),
+                generated: s.generated(),
+                max_new_tokens: s.max_new,
+            })
+            .collect()
     }
 
     /// Live (unfinished) sequences.
