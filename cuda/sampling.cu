@@ -128,9 +128,10 @@ __device__ uint64_t block_exclusive_scan_u64(uint64_t v) {
     return base + incl - v;
 }
 
-// Fixed-point weight of logit x: floor(exp((x - mx) * inv_t) * 2^32).
+// Fixed-point weight of logit x: floor(exp((x - mx) * inv_t) * 2^32). The maximum weighs exactly
+// 2^32 even when it is +inf (inf - inf would be NaN -> weight 0 -> nothing kept, nothing drawn).
 __device__ __forceinline__ uint64_t weight_q(float x, float mx, float inv_t) {
-    return __float2ull_rz(expf((x - mx) * inv_t) * 4294967296.0f);
+    return x == mx ? 4294967296ull : __float2ull_rz(expf((x - mx) * inv_t) * 4294967296.0f);
 }
 
 // Radix select, most significant byte first. BY_MASS = false: the key of the `need`-th largest
