@@ -7,6 +7,8 @@ pub mod error;
 pub mod kv;
 pub mod model;
 pub mod parallel;
+pub mod policy;
 pub mod reshard;
+pub mod sim;
 
 pub use error::{Error, Result};

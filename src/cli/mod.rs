@@ -3,8 +3,12 @@
 mod bench;
 mod demo;
 mod generate;
+mod profile;
 mod requests;
+mod rollout;
+pub mod simulate;
 mod switch;
+pub mod trace;
 
 use std::path::PathBuf;
 
@@ -37,6 +41,17 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// The main job on a built-in default: a long-tail batch on several ranks, with a per-step summary.
     Demo(demo::DemoArgs),
+    /// Offline profile of this engine (decode latency grid, prefill rate, transfer and switch
+    /// costs) as the profile JSON the predictor and `pat simulate` read.
+    Profile(profile::ProfileArgs),
+    /// Real generation of a rollout batch with response lengths forced from a trace, under a
+    /// static layout or the adaptive policy; JSONL timeline, switch records and a summary.
+    Rollout(rollout::RolloutArgs),
+    /// Rollout length traces: generate (DeepScaleR-like, uniform, straggler) or summarize.
+    Trace(trace::TraceArgs),
+    /// Discrete-event simulation of an N-GPU node: every static layout, adaptive and an oracle,
+    /// with the same predictor and policy code; table, JSON and an SVG timeline.
+    Simulate(simulate::SimulateArgs),
     /// Benchmarks; each prints one JSON record per setting on stdout and a readable line on stderr.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -137,5 +152,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Demo(a) => demo::run(a),
         Command::Bench(c) => bench::run(c),
+        Command::Profile(a) => profile::run(a),
+        Command::Rollout(a) => rollout::run(a),
+        Command::Trace(a) => trace::run(a),
+        Command::Simulate(a) => simulate::run(a),
     }
 }

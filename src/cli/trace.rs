@@ -1,0 +1,186 @@
+//! `pat trace gen | stats`: make seeded rollout length traces (JSONL on stdout) and summarize them.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand, ValueEnum};
+
+use crate::error::{Error, Result};
+use crate::policy::trace::{deepscaler_like, one_straggler, uniform, Trace};
+
+#[derive(Args, Debug)]
+pub struct TraceArgs {
+    #[command(subcommand)]
+    pub cmd: TraceCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TraceCommand {
+    /// Write a seeded trace as JSONL (`{"prompt_len":P,"response_len":R}` per line) to stdout.
+    Gen(GenArgs),
+    /// Count, mean / p50 / p90 / p99 / max response length and the fraction over cap/3.
+    Stats(StatsArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TraceKind {
+    /// DeepScaleR-like: log-logistic lengths, ~10.85% over cap/3, ~2.8 per 128 at the cap.
+    Deepscaler,
+    /// Response lengths uniform in [--lo, --hi].
+    Uniform,
+    /// n-1 requests of --short tokens and one of --long.
+    Straggler,
+}
+
+#[derive(Args, Debug)]
+pub struct GenArgs {
+    #[arg(long, value_enum, default_value = "deepscaler")]
+    pub kind: TraceKind,
+    /// Requests in the batch.
+    #[arg(long, default_value_t = 128)]
+    pub n: usize,
+    /// Response cap (longest response).
+    #[arg(long, default_value_t = 24576)]
+    pub cap: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Uniform: shortest response (default cap/4 - cap/32).
+    #[arg(long)]
+    pub lo: Option<usize>,
+    /// Uniform: longest response (default cap/4 + cap/32).
+    #[arg(long)]
+    pub hi: Option<usize>,
+    /// Straggler: length of the n-1 short responses (default cap/16).
+    #[arg(long)]
+    pub short: Option<usize>,
+    /// Straggler: length of the one long response (default cap).
+    #[arg(long)]
+    pub long: Option<usize>,
+    /// Write here instead of stdout.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct StatsArgs {
+    /// A JSONL trace.
+    pub file: PathBuf,
+    /// Cap the fractions refer to (default: the longest response in the file).
+    #[arg(long)]
+    pub cap: Option<usize>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Builds the trace `pat trace gen` would write.
+pub fn generate(a: &GenArgs) -> Result<Trace> {
+    let cap = a.cap;
+    match a.kind {
+        TraceKind::Deepscaler => deepscaler_like(a.n, cap, a.seed),
+        TraceKind::Uniform => uniform(
+            a.n,
+            a.lo.unwrap_or((cap / 4).saturating_sub(cap / 32).max(1)),
+            a.hi.unwrap_or(cap / 4 + cap / 32),
+            a.seed,
+        ),
+        TraceKind::Straggler => one_straggler(
+            a.n,
+            a.short.unwrap_or((cap / 16).max(1)),
+            a.long.unwrap_or(cap),
+        ),
+    }
+}
+
+pub fn run(a: TraceArgs) -> Result<()> {
+    match a.cmd {
+        TraceCommand::Gen(g) => {
+            let text = generate(&g)?.to_jsonl();
+            match &g.out {
+                Some(p) => std::fs::write(p, text).map_err(|e| Error::io(p, e)),
+                None => std::io::stdout()
+                    .lock()
+                    .write_all(text.as_bytes())
+                    .map_err(|e| Error::io("<stdout>", e)),
+            }
+        }
+        TraceCommand::Stats(s) => {
+            let st = Trace::load(&s.file)?.stats(s.cap);
+            if s.json {
+                println!("{}", serde_json::to_string(&st).unwrap_or_default());
+            } else {
+                println!("{}", s.file.display());
+                print!("{}", st.table());
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gen(kind: TraceKind) -> GenArgs {
+        GenArgs {
+            kind,
+            n: 8,
+            cap: 3200,
+            seed: 0,
+            lo: None,
+            hi: None,
+            short: None,
+            long: None,
+            out: None,
+        }
+    }
+
+    #[test]
+    fn defaults_follow_the_cap() {
+        // Straggler: 7 of cap/16 = 200 and one of 3200. Uniform: within cap/4 -+ cap/32 = 700..900.
+        let s = generate(&gen(TraceKind::Straggler)).unwrap();
+        assert_eq!(
+            s.response_lens(),
+            vec![200, 200, 200, 200, 200, 200, 200, 3200]
+        );
+        let u = generate(&gen(TraceKind::Uniform)).unwrap();
+        assert!(u.response_lens().iter().all(|r| (700..=900).contains(r)));
+        let mut bad = gen(TraceKind::Uniform);
+        bad.lo = Some(10);
+        bad.hi = Some(5);
+        assert!(generate(&bad).is_err());
+    }
+
+    #[test]
+    fn gen_writes_a_file_stats_reads_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.jsonl");
+        let mut g = gen(TraceKind::Deepscaler);
+        g.out = Some(path.clone());
+        run(TraceArgs {
+            cmd: TraceCommand::Gen(g),
+        })
+        .unwrap();
+        let t = Trace::load(&path).unwrap();
+        assert_eq!(t, deepscaler_like(8, 3200, 0).unwrap());
+        let stats = StatsArgs {
+            file: path,
+            cap: None,
+            json: true,
+        };
+        run(TraceArgs {
+            cmd: TraceCommand::Stats(stats),
+        })
+        .unwrap();
+        let missing = StatsArgs {
+            file: dir.path().join("nope.jsonl"),
+            cap: None,
+            json: false,
+        };
+        let e = run(TraceArgs {
+            cmd: TraceCommand::Stats(missing),
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("nope.jsonl"));
+    }
+}

@@ -1,0 +1,311 @@
+//! The switch cost model and the stay-or-switch rule, re-checked every K decode steps.
+//!
+//! For the current layout and every candidate tp, the rule predicts the time to drain the live set
+//! ([`forecast::drain_ms`]: remaining estimates, lockstep replicas, predictor step times). Staying
+//! keeps the current placement; a candidate re-places the live sequences over its `world / tp`
+//! replicas balanced by estimated remaining length and pays [`SwitchCost::cost`]. The best
+//! candidate is taken when its total beats staying by the margin:
+//!
+//! ```text
+//! best_total <= stay * (1 - margin)   and   stay - best_total >= min_gain_ms
+//! ```
+//!
+//! so a switch never happens when the predicted gain (stay - drain at the candidate) does not
+//! exceed its cost. Re-checking every K steps lets a ladder (TP2 -> 4 -> 8) emerge on its own.
+//!
+//! *When* matters as much as *to what*: beating "stay forever" is not enough if switching a little
+//! later is better still (the big batch is about to finish, and until then the current layout is
+//! the faster one). With `lookahead_steps = K > 0` the best candidate is also forecast as "stay K
+//! more steps, then switch to it" (the live set advanced by K steps, its KV grown by K tokens);
+//! the switch happens now only if now is no worse than then. Since the rule runs again K steps
+//! later, the switch lands at the first check where waiting stops paying.
+//!
+//! Switch cost, from `from` to `to` tp (all per switch, ms):
+//!
+//! - fixed: the profile's `switch.fixed_ms` (groups, graph recapture, barriers).
+//! - weights: tp grows by a multiple -> 0 bytes (nested shards: each new shard lies inside the
+//!   rank's old one, compaction in place). tp shrinks by a divisor -> each rank receives its
+//!   missing pieces, `W (1/to - 1/from)` bytes, at `weight_bytes_per_s` (ranks receive in
+//!   parallel). Neither divides the other -> the whole new shard `W / to` (conservative). `W` is
+//!   every tp-split weight's bytes.
+//! - KV, per live sequence with `n` cached tokens: `min(migrate, recompute)` with
+//!   migrate = `n * KV_tok * (1 - min(from,to)/max(from,to)) / kv_bytes_per_s` (the slices the
+//!   sequence's old ranks already hold for their new heads stay) and recompute =
+//!   `n / prefill_tokens_per_s(to)`. Sequences are summed (handled one after another:
+//!   conservative).
+
+use super::forecast::{balance, drain_ms, Pending};
+use super::predictor::Predictor;
+use super::profile::{rate_at, Profile};
+use crate::error::{Error, Result};
+
+/// Costs of changing the tp degree (formulas in the module docs).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SwitchCost {
+    pub fixed_ms: f64,
+    pub weight_bytes_per_s: f64,
+    pub kv_bytes_per_s: f64,
+    /// Bytes of every tp-split weight of the model (tp = 1).
+    pub sharded_weight_bytes: f64,
+    /// K+V bytes per cached token, all layers and kv heads.
+    pub kv_bytes_per_token: f64,
+    /// Prefill tokens/s by tp (for recompute); empty means recompute is never chosen.
+    pub prefill_tokens_per_s: Vec<(usize, f64)>,
+}
+
+/// One switch's cost, split by part.
+#[derive(Clone, Copy, Debug, PartialEq, Default, serde::Serialize)]
+pub struct SwitchBreakdown {
+    pub fixed_ms: f64,
+    pub weight_ms: f64,
+    pub kv_ms: f64,
+    pub total_ms: f64,
+    pub migrated: usize,
+    pub recomputed: usize,
+}
+
+impl SwitchCost {
+    pub fn from_profile(p: &Profile) -> SwitchCost {
+        SwitchCost {
+            fixed_ms: p.switch.fixed_ms,
+            weight_bytes_per_s: p.switch.weight_bytes_per_s,
+            kv_bytes_per_s: p.switch.kv_bytes_per_s,
+            sharded_weight_bytes: p.model.sharded_weight_bytes(),
+            kv_bytes_per_token: p.model.kv_bytes_per_token(),
+            prefill_tokens_per_s: p.prefill_points(),
+        }
+    }
+
+    /// Weight bytes each rank receives going from `from` to `to`.
+    pub fn weight_bytes(&self, from: usize, to: usize) -> f64 {
+        let w = self.sharded_weight_bytes;
+        if to == from || to % from == 0 {
+            0.0
+        } else if from % to == 0 {
+            w * (1.0 / to as f64 - 1.0 / from as f64)
+        } else {
+            w / to as f64
+        }
+    }
+
+    /// (ms, recomputed?) for one sequence with `tokens` cached tokens.
+    pub fn kv_seq_ms(&self, from: usize, to: usize, tokens: usize) -> (f64, bool) {
+        if from == to {
+            return (0.0, false);
+        }
+        let moved = 1.0 - from.min(to) as f64 / from.max(to) as f64;
+        let migrate = 1e3 * tokens as f64 * self.kv_bytes_per_token * moved / self.kv_bytes_per_s;
+        let recompute = match rate_at(&self.prefill_tokens_per_s, to) {
+            Some(r) => 1e3 * tokens as f64 / r,
+            None => f64::INFINITY,
+        };
+        if recompute < migrate {
+            (recompute, true)
+        } else {
+            (migrate, false)
+        }
+    }
+
+    /// Cost of switching `from` -> `to` with live sequences of the given cached-token counts.
+    pub fn cost(&self, from: usize, to: usize, contexts: &[usize]) -> SwitchBreakdown {
+        if from == to {
+            return SwitchBreakdown::default();
+        }
+        let mut b = SwitchBreakdown {
+            fixed_ms: self.fixed_ms,
+            weight_ms: 1e3 * self.weight_bytes(from, to) / self.weight_bytes_per_s,
+            ..Default::default()
+        };
+        for &n in contexts {
+            let (ms, rec) = self.kv_seq_ms(from, to, n);
+            b.kv_ms += ms;
+            if rec {
+                b.recomputed += 1;
+            } else {
+                b.migrated += 1;
+            }
+        }
+        b.total_ms = b.fixed_ms + b.weight_ms + b.kv_ms;
+        b
+    }
+}
+
+/// A live sequence as the decision rule sees it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LiveSeq {
+    /// Its replica in the current layout (0 .. world / current_tp).
+    pub replica: usize,
+    /// Cached tokens (prompt + generated).
+    pub context: usize,
+    pub generated: usize,
+    /// Estimated tokens still to generate (rounded up to whole steps, at least 1).
+    pub est_remaining: f64,
+}
+
+impl LiveSeq {
+    pub fn steps(&self) -> usize {
+        (self.est_remaining.ceil().max(1.0)) as usize
+    }
+}
+
+/// Everything the rule needs; nothing about the engine.
+#[derive(Clone, Copy, Debug)]
+pub struct DecideInput<'a> {
+    pub world: usize,
+    pub current_tp: usize,
+    /// Tp degrees that may be chosen (each dividing world and the model dims); the current one may
+    /// be among them.
+    pub candidates: &'a [usize],
+    pub live: &'a [LiveSeq],
+    pub predictor: &'a Predictor,
+    pub switch: &'a SwitchCost,
+    /// Required relative gain over staying, e.g. 0.1.
+    pub margin: f64,
+    /// Required absolute gain over staying, ms.
+    pub min_gain_ms: f64,
+    /// Compare switching now with switching this many steps later (0: do not); use the
+    /// re-check interval.
+    pub lookahead_steps: usize,
+}
+
+/// One candidate's prediction.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct CandidateForecast {
+    pub tp: usize,
+    pub drain_ms: f64,
+    pub switch_ms: f64,
+    /// Total if the switch waits `lookahead_steps` (only for the best candidate, with lookahead).
+    pub later_ms: Option<f64>,
+}
+
+/// The rule's answer. `predicted_best_ms` includes `switch_cost_ms`; when staying is best both
+/// equal the stay prediction and zero.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Decision {
+    pub stay: bool,
+    pub to_tp: usize,
+    pub predicted_stay_ms: f64,
+    pub predicted_best_ms: f64,
+    pub switch_cost_ms: f64,
+    pub candidates: Vec<CandidateForecast>,
+}
+
+/// Where each live sequence goes under a layout of `tp` (balanced by estimated remaining).
+pub fn placement(world: usize, tp: usize, live: &[LiveSeq]) -> Vec<usize> {
+    let w: Vec<f64> = live.iter().map(|s| s.steps() as f64).collect();
+    balance(&w, world / tp)
+}
+
+/// The live set `k` steps on, as the estimates see it: sequences expected to finish by then are
+/// gone, the others have `k` more cached tokens and `k` fewer to go.
+pub fn advance(live: &[LiveSeq], k: usize) -> Vec<LiveSeq> {
+    live.iter()
+        .filter(|s| s.steps() > k)
+        .map(|s| LiveSeq {
+            context: s.context + k,
+            generated: s.generated + k,
+            est_remaining: s.est_remaining - k as f64,
+            ..*s
+        })
+        .collect()
+}
+
+fn group(dp: usize, live: &[LiveSeq], replica_of: &[usize]) -> Vec<Vec<Pending>> {
+    let mut reps = vec![Vec::new(); dp];
+    for (s, &r) in live.iter().zip(replica_of) {
+        reps[r].push(Pending {
+            context: s.context,
+            remaining: s.steps(),
+        });
+    }
+    reps
+}
+
+/// Applies the rule (module docs).
+pub fn decide(inp: &DecideInput) -> Result<Decision> {
+    let (world, cur) = (inp.world, inp.current_tp);
+    if cur == 0 || world % cur != 0 {
+        return Err(Error::Usage(format!(
+            "current tp {cur} does not divide world {world}"
+        )));
+    }
+    if !(0.0..1.0).contains(&inp.margin) || inp.min_gain_ms.is_nan() || inp.min_gain_ms < 0.0 {
+        return Err(Error::Usage(format!(
+            "margin must be in [0, 1) and min gain >= 0, got {} and {}",
+            inp.margin, inp.min_gain_ms
+        )));
+    }
+    let dp = world / cur;
+    if let Some(s) = inp.live.iter().find(|s| s.replica >= dp) {
+        return Err(Error::Usage(format!(
+            "a live sequence is on replica {} but tp {cur} has {dp} replicas",
+            s.replica
+        )));
+    }
+    let here: Vec<usize> = inp.live.iter().map(|s| s.replica).collect();
+    let stay_ms = drain_ms(inp.predictor.fit(cur)?, &group(dp, inp.live, &here));
+    let contexts: Vec<usize> = inp.live.iter().map(|s| s.context).collect();
+    let mut out = Decision {
+        stay: true,
+        to_tp: cur,
+        predicted_stay_ms: stay_ms,
+        predicted_best_ms: stay_ms,
+        switch_cost_ms: 0.0,
+        candidates: Vec::new(),
+    };
+    let mut best: Option<CandidateForecast> = None;
+    for &tp in inp.candidates {
+        if tp == 0 || world % tp != 0 {
+            return Err(Error::Usage(format!(
+                "candidate tp {tp} does not divide world {world}"
+            )));
+        }
+        if tp == cur || inp.live.is_empty() {
+            continue;
+        }
+        let at = placement(world, tp, inp.live);
+        let c = CandidateForecast {
+            tp,
+            drain_ms: drain_ms(inp.predictor.fit(tp)?, &group(world / tp, inp.live, &at)),
+            switch_ms: inp.switch.cost(cur, tp, &contexts).total_ms,
+            later_ms: None,
+        };
+        out.candidates.push(c);
+        if best.is_none_or(|b| c.drain_ms + c.switch_ms < b.drain_ms + b.switch_ms) {
+            best = Some(c);
+        }
+    }
+    if let Some(b) = best {
+        let total = b.drain_ms + b.switch_ms;
+        let mut now_is_best = true;
+        if inp.lookahead_steps > 0 {
+            let k = inp.lookahead_steps;
+            let later = advance(inp.live, k);
+            let here_later: Vec<usize> = later.iter().map(|s| s.replica).collect();
+            let rest_here = drain_ms(inp.predictor.fit(cur)?, &group(dp, &later, &here_later));
+            let at = placement(world, b.tp, &later);
+            let ctx_later: Vec<usize> = later.iter().map(|s| s.context).collect();
+            let later_ms = (stay_ms - rest_here)
+                + inp.switch.cost(cur, b.tp, &ctx_later).total_ms
+                + drain_ms(inp.predictor.fit(b.tp)?, &group(world / b.tp, &later, &at));
+            if let Some(c) = out.candidates.iter_mut().find(|c| c.tp == b.tp) {
+                c.later_ms = Some(later_ms);
+            }
+            now_is_best = total <= later_ms;
+        }
+        if now_is_best
+            && total <= stay_ms * (1.0 - inp.margin)
+            && stay_ms - total >= inp.min_gain_ms
+            && total < stay_ms
+        {
+            out.stay = false;
+            out.to_tp = b.tp;
+            out.predicted_best_ms = total;
+            out.switch_cost_ms = b.switch_ms;
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,252 @@
+//! Decision-rule tests against hand-computed forecasts: switch cost parts, gain just below and
+//! just above the cost, uniform vs straggler live sets, bad input, and the lookahead.
+
+use std::collections::BTreeMap;
+
+use super::*;
+use crate::policy::predictor::{Fit, FitForm};
+
+fn close(a: f64, b: f64, rel: f64) -> bool {
+    (a - b).abs() <= rel * b.abs().max(1e-300)
+}
+
+fn constant_predictor(steps: &[(usize, f64, f64)]) -> Predictor {
+    let fits: BTreeMap<usize, Fit> = steps
+        .iter()
+        .map(|&(tp, a, b)| {
+            (
+                tp,
+                Fit {
+                    a,
+                    b,
+                    c: 0.0,
+                    d: 0.0,
+                },
+            )
+        })
+        .collect();
+    Predictor {
+        form: FitForm::Abc,
+        fits,
+    }
+}
+
+fn switch_cost(fixed_ms: f64) -> SwitchCost {
+    SwitchCost {
+        fixed_ms,
+        weight_bytes_per_s: 1e9,
+        kv_bytes_per_s: 1e6,
+        sharded_weight_bytes: 8e9,
+        kv_bytes_per_token: 1000.0,
+        prefill_tokens_per_s: vec![],
+    }
+}
+
+#[test]
+fn switch_cost_formulas() {
+    let s = switch_cost(100.0);
+    assert_eq!(s.weight_bytes(2, 8), 0.0); // nested: no bytes
+    assert_eq!(s.weight_bytes(8, 2), 8e9 * (0.5 - 0.125));
+    assert_eq!(s.weight_bytes(2, 3), 8e9 / 3.0);
+    // 1 -> 2, contexts 100 and 300: KV (100 + 300) * 1000 * (1 - 1/2) / 1e6 s = 200 ms.
+    let b = s.cost(1, 2, &[100, 300]);
+    assert!(
+        close(b.kv_ms, 200.0, 1e-12) && close(b.total_ms, 300.0, 1e-12),
+        "{b:?}"
+    );
+    // 8 -> 4: weights 8e9 * (1/4 - 1/8) / 1e9 = 1 s. With prefill at 4e6 tokens/s, recomputing
+    // 300 tokens (0.075 ms) beats migrating them (300 * 1000 * 0.5 / 1e6 = 150 ms).
+    let mut r = switch_cost(0.0);
+    r.prefill_tokens_per_s = vec![(4, 4e6)];
+    let b = r.cost(8, 4, &[300]);
+    assert!(
+        close(b.weight_ms, 1000.0, 1e-12) && close(b.kv_ms, 0.075, 1e-9),
+        "{b:?}"
+    );
+    assert_eq!((b.recomputed, b.migrated), (1, 0));
+}
+
+fn live(n: usize, replicas: usize, est: f64, context: usize) -> Vec<LiveSeq> {
+    (0..n)
+        .map(|i| LiveSeq {
+            replica: i % replicas,
+            context,
+            generated: 0,
+            est_remaining: est,
+        })
+        .collect()
+}
+
+#[test]
+fn never_switches_when_the_gain_does_not_cover_the_cost() {
+    // World 2 at tp1: one sequence, 100 steps left, ctx 100. Stay: 100 * 10 = 1000 ms.
+    // tp2: 100 * 6 = 600 ms; KV 100 * 1000 * 0.5 / 1e6 s = 50 ms, weights 0 (tp grows).
+    // Fixed 349 -> cost 399, total 999 < 1000: switch. Fixed 351 -> 1001: stay.
+    let pred = constant_predictor(&[(1, 10.0, 0.0), (2, 6.0, 0.0)]);
+    let seqs = live(1, 2, 100.0, 100);
+    let run = |fixed: f64, margin: f64| {
+        let sw = switch_cost(fixed);
+        decide(&DecideInput {
+            world: 2,
+            current_tp: 1,
+            candidates: &[1, 2],
+            live: &seqs,
+            predictor: &pred,
+            switch: &sw,
+            margin,
+            min_gain_ms: 0.0,
+            lookahead_steps: 0,
+        })
+        .unwrap()
+    };
+    let d = run(349.0, 0.0);
+    assert!(!d.stay && d.to_tp == 2, "{d:?}");
+    assert!(close(d.predicted_stay_ms, 1000.0, 1e-12) && close(d.switch_cost_ms, 399.0, 1e-12));
+    assert!(close(d.predicted_best_ms, 999.0, 1e-12));
+    let d = run(351.0, 0.0);
+    assert!(d.stay && d.to_tp == 1 && d.switch_cost_ms == 0.0, "{d:?}");
+    // The margin: 999 is not <= 0.9 * 1000.
+    assert!(run(349.0, 0.1).stay);
+}
+
+/// World 4; tp1: 5 ms + 0.01/seq, tp2: 3.2 + 0.02/seq, tp4: 2.4 + 0.04/seq (comm grows with tp).
+fn ladder_predictor() -> Predictor {
+    constant_predictor(&[(1, 5.0, 0.01), (2, 3.2, 0.02), (4, 2.4, 0.04)])
+}
+
+#[test]
+fn uniform_live_set_stays_at_the_best_static_layout() {
+    // 64 sequences, 1000 steps each. tp1 (16 per replica): 1000 * 5.16 = 5160 ms; tp2 (32):
+    // 1000 * 3.84 = 3840 ms; tp4 (64): 1000 * 4.96 = 4960 ms. At tp2 (the best): stay.
+    let pred = ladder_predictor();
+    let sw = switch_cost(0.0);
+    let seqs = live(64, 2, 1000.0, 0);
+    let d = decide(&DecideInput {
+        world: 4,
+        current_tp: 2,
+        candidates: &[1, 2, 4],
+        live: &seqs,
+        predictor: &pred,
+        switch: &sw,
+        margin: 0.1,
+        min_gain_ms: 0.0,
+        lookahead_steps: 0,
+    })
+    .unwrap();
+    assert!(d.stay, "{d:?}");
+    assert!(close(d.predicted_stay_ms, 3840.0, 1e-12));
+    let drain: BTreeMap<usize, f64> = d.candidates.iter().map(|c| (c.tp, c.drain_ms)).collect();
+    assert!(
+        close(drain[&1], 5160.0, 1e-12) && close(drain[&4], 4960.0, 1e-12),
+        "{drain:?}"
+    );
+}
+
+#[test]
+fn one_straggler_switches_to_a_higher_tp() {
+    // One live sequence with 5000 steps left at tp2: stay 5000 * 3.22 = 16100 ms; tp4:
+    // 5000 * 2.44 = 12200 ms + 1000 ms fixed + 5000 tokens * 1000 B * (1 - 2/4) / 1e6 B/s = 2500 ms
+    // -> 15700 ms. Beats 16100 but not by 10% (14490): stay. At context 500 the KV costs 250 ms:
+    // 12200 + 1250 = 13450 <= 14490: switch.
+    let pred = ladder_predictor();
+    let sw = switch_cost(1000.0);
+    let run = |context: usize| {
+        let seqs = live(1, 2, 5000.0, context);
+        decide(&DecideInput {
+            world: 4,
+            current_tp: 2,
+            candidates: &[1, 2, 4],
+            live: &seqs,
+            predictor: &pred,
+            switch: &sw,
+            margin: 0.1,
+            min_gain_ms: 0.0,
+            lookahead_steps: 0,
+        })
+        .unwrap()
+    };
+    let d = run(5000);
+    assert!(
+        d.stay && close(d.predicted_stay_ms, 16100.0, 1e-12),
+        "{d:?}"
+    );
+    let d = run(500);
+    assert!(!d.stay && d.to_tp == 4, "{d:?}");
+    assert!(close(d.predicted_best_ms, 13450.0, 1e-12) && close(d.switch_cost_ms, 1250.0, 1e-12));
+}
+
+#[test]
+fn decide_rejects_bad_input() {
+    let pred = ladder_predictor();
+    let sw = switch_cost(0.0);
+    let seqs = live(4, 4, 10.0, 0);
+    let mut inp = DecideInput {
+        world: 4,
+        current_tp: 2,
+        candidates: &[1, 2, 4],
+        live: &seqs,
+        predictor: &pred,
+        switch: &sw,
+        margin: 0.1,
+        min_gain_ms: 0.0,
+        lookahead_steps: 0,
+    };
+    // Replicas 2 and 3 do not exist at tp2 (2 replicas).
+    assert!(decide(&inp).unwrap_err().to_string().contains("replica 2"));
+    inp.current_tp = 3;
+    assert!(decide(&inp).is_err());
+    inp.current_tp = 1;
+    inp.candidates = &[8];
+    assert!(decide(&inp).unwrap_err().to_string().contains("tp 8"));
+}
+
+#[test]
+fn lookahead_defers_a_switch_until_waiting_stops_paying() {
+    // World 4 at tp2: 128 live, 62 short + 1 long on replica 0, 65 short on replica 1; shorts have
+    // 1472 steps left, the long one 17472 (c = 0: contexts do not matter; KV is free).
+    //   stay:        1472 * (3.2 + 0.02 * 65) + 16000 * 3.22           = 6624 + 51520 = 58144
+    //   tp4 now:     1472 * (2.4 + 0.04 * 128) + 16000 * 2.44 + 2000    = 52109.44
+    //   tp4 in 64:   64 * 4.5 + 2000 + 1408 * 7.52 + 16000 * 2.44       = 51916.16
+    // Now beats staying by 10%, but waiting is better still: without lookahead it switches, with
+    // it it stays.
+    let pred = ladder_predictor();
+    let mut sw = switch_cost(2000.0);
+    sw.kv_bytes_per_token = 0.0;
+    let mut seqs: Vec<LiveSeq> = (0..127)
+        .map(|i| LiveSeq {
+            replica: usize::from(i >= 62),
+            context: 0,
+            generated: 6528,
+            est_remaining: 1472.0,
+        })
+        .collect();
+    seqs.push(LiveSeq {
+        replica: 0,
+        context: 0,
+        generated: 6528,
+        est_remaining: 17472.0,
+    });
+    let run = |lookahead_steps: usize| {
+        decide(&DecideInput {
+            world: 4,
+            current_tp: 2,
+            candidates: &[1, 2, 4],
+            live: &seqs,
+            predictor: &pred,
+            switch: &sw,
+            margin: 0.1,
+            min_gain_ms: 0.0,
+            lookahead_steps,
+        })
+        .unwrap()
+    };
+    let d = run(0);
+    assert!(!d.stay && d.to_tp == 4, "{d:?}");
+    assert!(
+        close(d.predicted_stay_ms, 58144.0, 1e-12) && close(d.predicted_best_ms, 52109.44, 1e-12)
+    );
+    let d = run(64);
+    assert!(d.stay, "{d:?}");
+    let c4 = d.candidates.iter().find(|c| c.tp == 4).unwrap();
+    assert!(close(c4.later_ms.unwrap(), 51916.16, 1e-12), "{c4:?}");
+}

@@ -1,0 +1,29 @@
+//! Engine-independent policy for adaptive TP: traces, profiles, the step-latency predictor, the
+//! remaining-length estimator and the switch decision rule.
+//!
+//! Nothing here touches a backend or an engine: every function takes plain numbers (profiles, live
+//! sequence states) and returns plain numbers, so the simulator (`crate::sim`) and the real engine
+//! call the same code.
+//!
+//! - [`trace`]: rollout length traces (JSONL) and seeded generators.
+//! - [`profile`]: the profile JSON (decode step samples, prefill rate, switch costs), validated.
+//! - [`modeled`]: a roofline-modeled profile for a model shape on H100-like hardware.
+//! - [`predictor`]: per-tp least-squares fit `a + b*batch + c*batch*context (+ d*context)`.
+//! - [`remaining`]: remaining-length estimate from the length distribution (or the oracle).
+//! - [`forecast`]: balanced placement over replicas and the predicted time to drain a live set.
+//! - [`decide`]: the switch cost model and the stay-or-switch rule.
+
+pub mod decide;
+pub mod forecast;
+pub mod modeled;
+pub mod predictor;
+pub mod profile;
+pub mod remaining;
+pub mod trace;
+
+pub use decide::{decide, DecideInput, Decision, LiveSeq, SwitchCost};
+pub use modeled::{modeled_profile, Hardware, Link, ModelShape};
+pub use predictor::{Predictor, ValidationReport};
+pub use profile::{ModelDims, Profile};
+pub use remaining::{LengthDist, Remaining};
+pub use trace::{Trace, TraceRequest};

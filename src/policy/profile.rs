@@ -1,0 +1,406 @@
+//! The profile JSON: decode step latencies, prefill rates and switch costs of one model on one node.
+//!
+//! Written by `pat profile` (measured) or [`crate::policy::modeled_profile`] (roofline-modeled),
+//! read by the predictor and the decision rule. Schema, version 1 (unknown keys are errors):
+//!
+//! ```text
+//! {
+//!   "version": 1,
+//!   "model": { "arch": "llama" | "qwen3", "num_layers", "hidden_size", "num_heads",
+//!              "num_kv_heads", "head_dim", "intermediate_size", "vocab_size",
+//!              "tie_word_embeddings": false (optional), "dtype_bytes": 2 (optional, bf16) },
+//!   "world": 8,                      // ranks of the node the profile was taken on
+//!   "backend": "cpu" | "cuda" | "modeled",
+//!   "device": "free text, e.g. NVIDIA H100 80GB HBM3",
+//!   "decode": [ { "tp", "batch", "context", "step_ms" }, ... ],
+//!                                    // one decode step of `batch` sequences whose mean cached
+//!                                    // length is `context` tokens, on one tp-replica
+//!   "prefill": [ { "tp", "tokens_per_s" }, ... ],
+//!   "transfer_bytes_per_s": 3.6e11,  // rank-to-rank copy bandwidth (one way)
+//!   "switch": { "fixed_ms",          // per switch: group setup, graph recapture, barriers
+//!               "weight_bytes_per_s",// per-rank receive rate of missing weight pieces
+//!               "kv_bytes_per_s" },  // rate of migrating one sequence's KV
+//!   "measured": { "decode": bool, "prefill": bool, "transfer": bool, "switch": bool }
+//! }
+//! ```
+//!
+//! `measured` says which groups were timed on hardware and which were filled in by a model; tables
+//! that print profile-derived numbers say so.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::config::{Arch, ModelConfig};
+
+pub const PROFILE_VERSION: u32 = 1;
+/// The groups a profile's `measured` map must name.
+pub const MEASURED_GROUPS: [&str; 4] = ["decode", "prefill", "transfer", "switch"];
+
+fn default_dtype_bytes() -> usize {
+    2
+}
+
+/// The model dimensions a profile was taken for (compared field by field on load).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelDims {
+    pub arch: String,
+    pub num_layers: usize,
+    pub hidden_size: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Bytes per weight / KV element (2 for bf16).
+    #[serde(default = "default_dtype_bytes")]
+    pub dtype_bytes: usize,
+}
+
+impl ModelDims {
+    /// The dims of a loaded model config (bf16 storage assumed for the byte counts).
+    pub fn from_config(c: &ModelConfig) -> ModelDims {
+        ModelDims {
+            arch: match c.arch {
+                Arch::Llama => "llama",
+                Arch::Qwen3 => "qwen3",
+            }
+            .into(),
+            num_layers: c.num_layers,
+            hidden_size: c.hidden_size,
+            num_heads: c.num_heads,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            intermediate_size: c.intermediate_size,
+            vocab_size: c.vocab_size,
+            tie_word_embeddings: c.tie_word_embeddings,
+            dtype_bytes: 2,
+        }
+    }
+
+    /// Parameters of one decoder layer's tp-split matrices: qkv, o, gate_up, down.
+    pub fn layer_params(&self) -> f64 {
+        let (h, q, kv) = (
+            self.hidden_size as f64,
+            (self.num_heads * self.head_dim) as f64,
+            (self.num_kv_heads * self.head_dim) as f64,
+        );
+        h * (q + 2.0 * kv) + q * h + 3.0 * h * self.intermediate_size as f64
+    }
+
+    /// Parameters read by one decode step: every layer plus the lm_head (the embedding is a lookup).
+    pub fn step_read_params(&self) -> f64 {
+        self.num_layers as f64 * self.layer_params() + (self.vocab_size * self.hidden_size) as f64
+    }
+
+    /// Bytes of every tp-split weight (layers, lm_head, and the embedding when untied).
+    pub fn sharded_weight_bytes(&self) -> f64 {
+        let embed = if self.tie_word_embeddings {
+            0.0
+        } else {
+            (self.vocab_size * self.hidden_size) as f64
+        };
+        (self.step_read_params() + embed) * self.dtype_bytes as f64
+    }
+
+    /// KV-cache bytes per token over all layers and kv heads (K and V).
+    pub fn kv_bytes_per_token(&self) -> f64 {
+        (2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes) as f64
+    }
+
+    /// Tp degrees that divide `world`, the q heads, the kv heads and the intermediate size.
+    pub fn candidate_tps(&self, world: usize) -> Vec<usize> {
+        (1..=world)
+            .filter(|t| {
+                world % t == 0
+                    && self.num_heads % t == 0
+                    && self.num_kv_heads % t == 0
+                    && self.intermediate_size % t == 0
+            })
+            .collect()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecodeSample {
+    pub tp: usize,
+    pub batch: usize,
+    /// Mean cached tokens per sequence during the step.
+    pub context: usize,
+    pub step_ms: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefillSample {
+    pub tp: usize,
+    pub tokens_per_s: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchProfile {
+    pub fixed_ms: f64,
+    pub weight_bytes_per_s: f64,
+    pub kv_bytes_per_s: f64,
+}
+
+/// A decode/prefill/switch profile (schema in the module docs).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    pub version: u32,
+    pub model: ModelDims,
+    pub world: usize,
+    pub backend: String,
+    pub device: String,
+    pub decode: Vec<DecodeSample>,
+    pub prefill: Vec<PrefillSample>,
+    pub transfer_bytes_per_s: f64,
+    pub switch: SwitchProfile,
+    pub measured: BTreeMap<String, bool>,
+    /// Where the profile was read from (for messages); not part of the file.
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+impl Profile {
+    /// Parses and validates profile JSON; `path` names the file in errors.
+    pub fn from_json(text: &str, path: &Path) -> Result<Profile> {
+        let mut p: Profile = serde_json::from_str(text).map_err(|e| Error::Input {
+            path: path.to_path_buf(),
+            line: e.line(),
+            msg: format!("bad profile: {e}"),
+        })?;
+        p.source = path.to_path_buf();
+        p.validate()?;
+        Ok(p)
+    }
+
+    pub fn load(path: &Path) -> Result<Profile> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json(&text, path)
+    }
+
+    pub fn to_json(&self) -> String {
+        // A struct of numbers, strings and maps with string keys always serializes.
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        std::fs::write(path, self.to_json() + "\n").map_err(|e| Error::io(path, e))
+    }
+
+    fn err(&self, msg: String) -> Error {
+        let path = if self.source.as_os_str().is_empty() {
+            PathBuf::from("<profile>")
+        } else {
+            self.source.clone()
+        };
+        Error::config(path, msg)
+    }
+
+    /// Checks version, backend, dims, every sample and rate, and the `measured` map.
+    pub fn validate(&self) -> Result<()> {
+        if self.version != PROFILE_VERSION {
+            return Err(self.err(format!(
+                "profile version {} is not supported (expected {PROFILE_VERSION})",
+                self.version
+            )));
+        }
+        if !["cpu", "cuda", "modeled"].contains(&self.backend.as_str()) {
+            return Err(self.err(format!(
+                "`backend` must be cpu, cuda or modeled, got {:?}",
+                self.backend
+            )));
+        }
+        if !["llama", "qwen3"].contains(&self.model.arch.as_str()) {
+            return Err(self.err(format!(
+                "`model.arch` must be llama or qwen3, got {:?}",
+                self.model.arch
+            )));
+        }
+        let m = &self.model;
+        for (k, v) in [
+            ("num_layers", m.num_layers),
+            ("hidden_size", m.hidden_size),
+            ("num_heads", m.num_heads),
+            ("num_kv_heads", m.num_kv_heads),
+            ("head_dim", m.head_dim),
+            ("intermediate_size", m.intermediate_size),
+            ("vocab_size", m.vocab_size),
+            ("dtype_bytes", m.dtype_bytes),
+            ("world", self.world),
+        ] {
+            if v == 0 {
+                return Err(self.err(format!("`{k}` must be positive")));
+            }
+        }
+        if self.decode.is_empty() {
+            return Err(self.err("`decode` has no samples".into()));
+        }
+        let rate_ok = |x: f64| x.is_finite() && x > 0.0;
+        let tp_ok = |tp: usize| tp >= 1 && self.world % tp == 0;
+        for (i, s) in self.decode.iter().enumerate() {
+            if !tp_ok(s.tp) || s.batch == 0 || !rate_ok(s.step_ms) {
+                return Err(self.err(format!(
+                    "decode[{i}] = (tp {}, batch {}, context {}, step_ms {}): need tp dividing world {}, batch >= 1, step_ms > 0",
+                    s.tp, s.batch, s.context, s.step_ms, self.world
+                )));
+            }
+        }
+        for (i, s) in self.prefill.iter().enumerate() {
+            if !tp_ok(s.tp) || !rate_ok(s.tokens_per_s) {
+                return Err(self.err(format!(
+                    "prefill[{i}] = (tp {}, tokens_per_s {}): need tp dividing world {} and a positive rate",
+                    s.tp, s.tokens_per_s, self.world
+                )));
+            }
+        }
+        let sw = &self.switch;
+        for (k, v) in [
+            ("transfer_bytes_per_s", self.transfer_bytes_per_s),
+            ("switch.weight_bytes_per_s", sw.weight_bytes_per_s),
+            ("switch.kv_bytes_per_s", sw.kv_bytes_per_s),
+        ] {
+            if !rate_ok(v) {
+                return Err(self.err(format!("`{k}` must be a positive number, got {v}")));
+            }
+        }
+        if !(sw.fixed_ms.is_finite() && sw.fixed_ms >= 0.0) {
+            return Err(self.err(format!(
+                "`switch.fixed_ms` must be a non-negative number, got {}",
+                sw.fixed_ms
+            )));
+        }
+        if let Some(k) = self
+            .measured
+            .keys()
+            .find(|k| !MEASURED_GROUPS.contains(&k.as_str()))
+        {
+            return Err(self.err(format!(
+                "`measured` has unknown group `{k}` (expected {})",
+                MEASURED_GROUPS.join(", ")
+            )));
+        }
+        if let Some(g) = MEASURED_GROUPS
+            .iter()
+            .find(|g| !self.measured.contains_key(**g))
+        {
+            return Err(self.err(format!(
+                "`measured` does not say whether `{g}` was measured"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Errors naming the first field where this profile's model or world differs from the given.
+    pub fn check_matches(&self, dims: &ModelDims, world: usize) -> Result<()> {
+        let (a, b) = (&self.model, dims);
+        let fields: [(&str, String, String); 10] = [
+            ("model.arch", a.arch.clone(), b.arch.clone()),
+            (
+                "model.num_layers",
+                a.num_layers.to_string(),
+                b.num_layers.to_string(),
+            ),
+            (
+                "model.hidden_size",
+                a.hidden_size.to_string(),
+                b.hidden_size.to_string(),
+            ),
+            (
+                "model.num_heads",
+                a.num_heads.to_string(),
+                b.num_heads.to_string(),
+            ),
+            (
+                "model.num_kv_heads",
+                a.num_kv_heads.to_string(),
+                b.num_kv_heads.to_string(),
+            ),
+            (
+                "model.head_dim",
+                a.head_dim.to_string(),
+                b.head_dim.to_string(),
+            ),
+            (
+                "model.intermediate_size",
+                a.intermediate_size.to_string(),
+                b.intermediate_size.to_string(),
+            ),
+            (
+                "model.vocab_size",
+                a.vocab_size.to_string(),
+                b.vocab_size.to_string(),
+            ),
+            (
+                "model.dtype_bytes",
+                a.dtype_bytes.to_string(),
+                b.dtype_bytes.to_string(),
+            ),
+            ("world", self.world.to_string(), world.to_string()),
+        ];
+        for (k, mine, want) in fields {
+            if mine != want {
+                return Err(self.err(format!(
+                    "profile was taken for {k} = {mine}, but this run has {k} = {want}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Tp degrees with decode samples, ascending.
+    pub fn decode_tps(&self) -> Vec<usize> {
+        let mut t: Vec<usize> = self.decode.iter().map(|s| s.tp).collect();
+        t.sort_unstable();
+        t.dedup();
+        t
+    }
+
+    /// Prefill tokens/s at `tp` (see [`rate_at`]); `None` without prefill samples.
+    pub fn prefill_rate(&self, tp: usize) -> Option<f64> {
+        rate_at(&self.prefill_points(), tp)
+    }
+
+    /// The prefill samples as (tp, tokens/s) pairs.
+    pub fn prefill_points(&self) -> Vec<(usize, f64)> {
+        self.prefill
+            .iter()
+            .map(|s| (s.tp, s.tokens_per_s))
+            .collect()
+    }
+
+    /// "measured" or "modeled" for one group (missing counts as modeled).
+    pub fn provenance(&self, group: &str) -> &'static str {
+        if self.measured.get(group).copied().unwrap_or(false) {
+            "measured"
+        } else {
+            "modeled"
+        }
+    }
+}
+
+/// A rate at `tp` from (tp, rate) points in any order: the point's rate, else linear interpolation
+/// between the nearest degrees, clamped to the end points; `None` with no points.
+pub fn rate_at(points: &[(usize, f64)], tp: usize) -> Option<f64> {
+    let mut pts = points.to_vec();
+    pts.sort_by_key(|p| p.0);
+    let (first, last) = (*pts.first()?, *pts.last()?);
+    if tp <= first.0 {
+        return Some(first.1);
+    }
+    if tp >= last.0 {
+        return Some(last.1);
+    }
+    let i = pts.iter().position(|&(t, _)| t >= tp)?;
+    let ((t0, r0), (t1, r1)) = (pts[i - 1], pts[i]);
+    Some(r0 + (r1 - r0) * (tp - t0) as f64 / (t1 - t0) as f64)
+}
