@@ -1,21 +1,23 @@
-//! `pat demo`: the main job on a built-in default. Makes a random `small` model in a temp dir,
-//! runs a long-tail batch (skewed response lengths, as in RL rollouts) over several ranks, and
-//! prints a per-step summary and the totals, including how much time the straggler tail takes.
+//! `pat demo`: the main job on a built-in default, no arguments needed. Makes a random `small`
+//! model in a temp dir, profiles the engine on a small grid, then replays one long-tail rollout
+//! batch (skewed response lengths, as in RL) under every static layout and under the adaptive
+//! policy, and prints them side by side with the switch points.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use clap::Args;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::generate::{progress, Model};
+use super::generate::Model;
+use super::profile::measure;
+use super::rollout::{rollout, EstimatorArg, Outcome, PolicyArg, RolloutArgs};
 use super::{ArchArg, PresetArg};
-use crate::engine::{Engine, EngineOptions, Request, StepReport};
 use crate::error::{Error, Result};
-use crate::model::decoder::WeightDtype;
 use crate::model::init::{init_model, InitDtype, InitOptions};
-use crate::model::sampling::SamplingParams;
+use crate::parallel::layout::check_tp_for_model;
+use crate::policy::{Trace, TraceRequest};
+use crate::reshard::cost::KvPolicy;
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -28,51 +30,55 @@ pub struct DemoArgs {
     /// Size of the random model.
     #[arg(long, value_enum, default_value = "small")]
     pub preset: PresetArg,
-    #[arg(long, default_value_t = 4)]
-    pub world: usize,
+    /// Ranks (threads); every tp dividing it is compared.
     #[arg(long, default_value_t = 2)]
-    pub tp: usize,
+    pub world: usize,
     /// Requests in the batch.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 16)]
     pub batch: usize,
     /// Longest response (the stragglers run to it).
     #[arg(long, default_value_t = 256)]
     pub max_response: usize,
+    /// Decode steps between adaptive decisions.
+    #[arg(long, default_value_t = 8)]
+    pub check_every: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Print the summary as one JSON object instead of a table.
+    /// Print the comparison as one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
 }
 
 /// Skewed response lengths: most short, ~12% long, one at the cap (a DeepScaleR-like tail).
-pub fn long_tail_requests(n: usize, cap: usize, vocab: usize, seed: u64) -> Vec<Request> {
+pub fn long_tail_trace(n: usize, cap: usize, vocab: usize, seed: u64) -> Trace {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    (0..n)
+    let requests = (0..n)
         .map(|i| {
             let prompt_len = rng.random_range(8..=48);
-            let resp = if i == 0 {
+            let response_len = if i == 0 {
                 cap
             } else if rng.random_bool(0.12) {
                 rng.random_range(cap / 2..=cap)
             } else {
                 rng.random_range((cap / 16).max(1)..=(cap / 5).max(2))
             };
-            Request {
-                input_ids: (0..prompt_len)
-                    .map(|_| rng.random_range(3..vocab as u32))
-                    .collect(),
-                max_new_tokens: resp,
-                ignore_eos: true,
+            let ids = (0..prompt_len)
+                .map(|_| rng.random_range(3..vocab as u32))
+                .collect();
+            TraceRequest {
+                prompt_len,
+                response_len,
+                input_ids: Some(ids),
             }
         })
-        .collect()
+        .collect();
+    Trace { requests }
 }
 
 pub fn run(a: DemoArgs) -> Result<()> {
-    if a.batch == 0 || a.max_response < 2 {
+    if a.batch == 0 || a.max_response < 2 || a.world == 0 {
         return Err(Error::Usage(
-            "--batch must be >= 1 and --max-response >= 2".into(),
+            "--batch and --world must be >= 1 and --max-response >= 2".into(),
         ));
     }
     let tmp = std::env::temp_dir().join(format!("pat-demo-{}", std::process::id()));
@@ -105,106 +111,100 @@ pub fn run(a: DemoArgs) -> Result<()> {
 
 fn run_on(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
     let m = Model::open(dir)?;
-    let reqs = long_tail_requests(a.batch, a.max_response, m.cfg.vocab_size, a.seed);
-    let opts = EngineOptions {
+    let trace = long_tail_trace(a.batch, a.max_response, m.cfg.vocab_size, a.seed);
+    let tps: Vec<usize> = (1..=a.world)
+        .filter(|t| a.world % t == 0 && check_tp_for_model(*t, &m.cfg).is_ok())
+        .collect();
+    eprintln!(
+        "profiling the engine on world {} (tp {:?}) for the adaptive policy...",
+        a.world, tps
+    );
+    let profile = measure(
+        &m,
+        a.world,
+        &[1, 4, a.batch.clamp(1, 16)],
+        &[32, 128],
+        3,
+        a.seed,
+    )?;
+    let mut args = RolloutArgs {
+        model: dir.to_path_buf(),
+        trace: PathBuf::new(),
         world: a.world,
-        tp: a.tp,
-        block_size: 16,
-        kv_blocks: Engine::blocks_needed(&reqs, 16),
-        dtype: WeightDtype::F32,
-        sampling: SamplingParams::default(),
+        policy: PolicyArg::Adaptive,
+        profile: None,
+        start_tp: None,
+        check_every: a.check_every.max(1),
+        margin: 0.1,
+        min_gain_ms: 0.0,
+        estimator: EstimatorArg::Empirical,
+        kv_transfer: KvPolicy::Auto,
+        seed: a.seed,
     };
-    let mut engine = Engine::new(m.cfg.clone(), &m.ck, opts)?;
-    engine.add_requests(&reqs)?;
-    let budget: u64 = reqs.iter().map(|r| r.max_new_tokens as u64).sum();
-    let pb = progress(budget, "decoding");
-    let mut steps: Vec<StepReport> = Vec::new();
-    let t0 = Instant::now();
-    engine.run(|r| {
-        pb.inc(r.tokens_out as u64);
-        steps.push(r.clone());
-    })?;
-    pb.finish_and_clear();
-    let wall = t0.elapsed().as_secs_f64();
-    let summary = summarize(&steps, a.batch, wall);
+    let mut runs: Vec<(String, Outcome)> = Vec::new();
+    for &tp in &tps {
+        args.policy = PolicyArg::Static(tp);
+        runs.push((
+            format!("static tp{tp} x dp{}", a.world / tp),
+            rollout(&m, &trace, &args, None, false)?,
+        ));
+    }
+    args.policy = PolicyArg::Adaptive;
+    runs.push((
+        "adaptive".into(),
+        rollout(&m, &trace, &args, Some(&profile), false)?,
+    ));
+
+    let best = runs[..runs.len() - 1]
+        .iter()
+        .map(|(_, o)| o.gen_s)
+        .fold(f64::INFINITY, f64::min);
+    let lens = trace.response_lens();
     if a.json {
+        let rows: Vec<_> = runs
+            .iter()
+            .map(|(name, o)| serde_json::json!({"policy": name, "gen_s": o.gen_s, "tokens": o.tokens, "steps": o.steps,
+                "tokens_per_s": o.tokens as f64 / o.gen_s, "vs_best_static": o.gen_s / best - 1.0, "final_tp": o.final_tp,
+                "switches": o.switches.iter().map(|s| serde_json::json!({"step": s.0, "from_tp": s.1, "to_tp": s.2, "ms": s.3})).collect::<Vec<_>>()}))
+            .collect();
         println!(
             "{}",
-            serde_json::json!({
-                "world": a.world, "tp": a.tp, "batch": a.batch, "max_response": a.max_response,
-                "steps": steps.len(), "tokens": summary.tokens, "wall_s": wall,
-                "tokens_per_s": summary.tokens as f64 / wall,
-                "tail_steps": summary.tail_steps, "tail_time_s": summary.tail_ms / 1e3,
-                "step_ms": steps.iter().map(|s| s.elapsed_ms).collect::<Vec<_>>(),
-                "live": steps.iter().map(|s| s.live_per_replica.iter().sum::<usize>()).collect::<Vec<_>>(),
-            })
+            serde_json::json!({"world": a.world, "batch": a.batch, "max_response": a.max_response, "runs": rows})
         );
         return Ok(());
     }
     println!(
-        "pat demo: {} requests, responses up to {} tokens, world {} = tp {} x dp {}",
+        "pat demo: {} requests, responses {}..{} tokens (mean {:.0}), world {} ({})",
         a.batch,
-        a.max_response,
+        lens.iter().min().unwrap_or(&0),
+        lens.iter().max().unwrap_or(&0),
+        lens.iter().sum::<usize>() as f64 / lens.len() as f64,
         a.world,
-        a.tp,
-        a.world / a.tp
+        profile.device
     );
     println!(
-        "{:>6} {:>16} {:>8} {:>9}",
-        "step", "live per replica", "tokens", "step ms"
+        "{:<18} {:>9} {:>9} {:>14}  switches",
+        "policy", "time s", "tok/s", "vs best static"
     );
-    let stride = (steps.len() / 24).max(1);
-    for (i, s) in steps.iter().enumerate() {
-        if i % stride == 0 || i + 1 == steps.len() || s.finished > 0 && i < 4 {
-            let live: Vec<String> = s.live_per_replica.iter().map(|n| n.to_string()).collect();
-            println!(
-                "{:>6} {:>16} {:>8} {:>9.2}",
-                s.step,
-                live.join("+"),
-                s.tokens_in,
-                s.elapsed_ms
-            );
-        }
+    for (name, o) in &runs {
+        let sw: Vec<String> = o
+            .switches
+            .iter()
+            .map(|s| format!("step {}: tp{}->tp{} ({:.0} ms)", s.0, s.1, s.2, s.3))
+            .collect();
+        println!(
+            "{:<18} {:>9.2} {:>9.1} {:>13.1}%  {}",
+            name,
+            o.gen_s,
+            o.tokens as f64 / o.gen_s,
+            100.0 * (o.gen_s / best - 1.0),
+            if sw.is_empty() {
+                "-".to_string()
+            } else {
+                sw.join(", ")
+            }
+        );
     }
-    println!(
-        "total: {} steps, {} tokens in {:.2} s = {:.1} tokens/s ({:.1} per rank)",
-        steps.len(),
-        summary.tokens,
-        wall,
-        summary.tokens as f64 / wall,
-        summary.tokens as f64 / wall / a.world as f64
-    );
-    println!(
-        "tail: {} of {} steps ran with <= {} live sequences ({:.0}% of the batch) and took {:.0}% of the time",
-        summary.tail_steps,
-        steps.len(),
-        summary.tail_live,
-        100.0 * summary.tail_live as f64 / a.batch as f64,
-        100.0 * summary.tail_ms / summary.total_ms.max(1e-9)
-    );
-    println!("every rank but the busiest replica's sits idle in the tail: that is the time adaptive TP wins back.");
+    println!("static layouts keep one tp for the whole batch; adaptive starts at the throughput layout and switches when the profile predicts the gain beats the switch cost.");
     Ok(())
-}
-
-struct Summary {
-    tokens: usize,
-    tail_live: usize,
-    tail_steps: usize,
-    tail_ms: f64,
-    total_ms: f64,
-}
-
-fn summarize(steps: &[StepReport], batch: usize, _wall: f64) -> Summary {
-    let tail_live = (batch / 8).max(1);
-    let tail: Vec<&StepReport> = steps
-        .iter()
-        .filter(|s| s.live_per_replica.iter().sum::<usize>() <= tail_live)
-        .collect();
-    Summary {
-        tokens: steps.iter().map(|s| s.tokens_out).sum(),
-        tail_live,
-        tail_steps: tail.len(),
-        tail_ms: tail.iter().map(|s| s.elapsed_ms).sum(),
-        total_ms: steps.iter().map(|s| s.elapsed_ms).sum(),
-    }
 }

@@ -51,13 +51,22 @@ pub struct ProfileArgs {
     pub seed: u64,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
-pub fn run(a: ProfileArgs) -> Result<()> {
-    let m = Model::open(&a.model)?;
+/// Profiles the engine on `world` ranks over the decode grid (see the module docs).
+pub fn measure(
+    m: &Model,
+    world: usize,
+    batches: &[usize],
+    contexts: &[usize],
+    steps: usize,
+    seed: u64,
+) -> Result<Profile> {
+    let a = Grid {
+        world,
+        batches,
+        contexts,
+        steps,
+        seed,
+    };
     if a.batches.is_empty()
         || a.contexts.is_empty()
         || a.batches.contains(&0)
@@ -87,7 +96,6 @@ pub fn run(a: ProfileArgs) -> Result<()> {
         "profiling tp {:?} x batch {:?} x context {:?}, {} decode steps each ({} prefill tokens in all; on this CPU backend at ~500 tok/s that is ~{:.0} s)",
         tps, a.batches, a.contexts, a.steps, prefill_tokens, prefill_tokens as f64 / 500.0
     );
-    let t0 = Instant::now();
     let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
     let vocab = m.cfg.vocab_size as u32;
     let mut decode = Vec::new();
@@ -108,8 +116,8 @@ pub fn run(a: ProfileArgs) -> Result<()> {
         };
         let mut engine = Engine::new(m.cfg.clone(), &m.ck, opts)?;
         let (mut pre_tok, mut pre_ms) = (0usize, 0f64);
-        for &b in &a.batches {
-            for &c in &a.contexts {
+        for &b in a.batches {
+            for &c in a.contexts {
                 let reqs: Vec<Request> = (0..b)
                     .map(|_| Request {
                         input_ids: (0..c).map(|_| rng.random_range(3..vocab)).collect(),
@@ -169,8 +177,30 @@ pub fn run(a: ProfileArgs) -> Result<()> {
         transfer_bytes_per_s: transfer,
         switch: switch.0,
         measured,
-        source: a.out.clone(),
+        source: PathBuf::from("<profile>"),
     };
+    profile.validate()?;
+    Ok(profile)
+}
+
+struct Grid<'a> {
+    world: usize,
+    batches: &'a [usize],
+    contexts: &'a [usize],
+    steps: usize,
+    seed: u64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+pub fn run(a: ProfileArgs) -> Result<()> {
+    let m = Model::open(&a.model)?;
+    let t0 = Instant::now();
+    let mut profile = measure(&m, a.world, &a.batches, &a.contexts, a.steps, a.seed)?;
+    profile.source = a.out.clone();
     profile.validate()?;
     profile.save(&a.out)?;
     eprintln!(
@@ -205,7 +235,7 @@ pub fn run(a: ProfileArgs) -> Result<()> {
 /// Switch components from one real switch (largest tp -> smallest, which moves weights and KV);
 /// `(profile, measured)`, modeled from the copy rate when only one tp exists.
 fn measure_switch(
-    a: &ProfileArgs,
+    a: &Grid,
     m: &Model,
     tps: &[usize],
     transfer: f64,

@@ -94,6 +94,30 @@ pub struct RolloutArgs {
 pub fn run(a: RolloutArgs) -> Result<()> {
     let m = Model::open(&a.model)?;
     let trace = Trace::load(&a.trace)?;
+    let profile = a.profile.as_deref().map(Profile::load).transpose()?;
+    rollout(&m, &trace, &a, profile.as_ref(), true).map(|_| ())
+}
+
+/// What one rollout did.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub gen_s: f64,
+    pub tokens: u64,
+    pub steps: usize,
+    /// (decode step, from tp, to tp, switch ms)
+    pub switches: Vec<(usize, usize, usize, f64)>,
+    pub final_tp: usize,
+}
+
+/// Runs one rollout of `trace` (the paths in `a` are not read); with `emit`, JSONL on stdout and
+/// a summary on stderr.
+pub fn rollout(
+    m: &Model,
+    trace: &Trace,
+    a: &RolloutArgs,
+    profile: Option<&Profile>,
+    emit: bool,
+) -> Result<Outcome> {
     let tps: Vec<usize> = (1..=a.world)
         .filter(|t| a.world % t == 0 && check_tp_for_model(*t, &m.cfg).is_ok())
         .collect();
@@ -113,12 +137,11 @@ pub fn run(a: RolloutArgs) -> Result<()> {
     let adaptive = match a.policy {
         PolicyArg::Static(_) => None,
         PolicyArg::Adaptive => {
-            let path = a.profile.as_ref().ok_or_else(|| {
+            let profile = profile.ok_or_else(|| {
                 Error::Usage(
                     "--policy adaptive needs --profile P.json (make one with `pat profile`)".into(),
                 )
             })?;
-            let profile = Profile::load(path)?;
             let mut dims = ModelDims::from_config(&m.cfg);
             dims.dtype_bytes = 4;
             profile.check_matches(&dims, a.world)?;
@@ -212,7 +235,9 @@ pub fn run(a: RolloutArgs) -> Result<()> {
                 if !d.stay {
                     let r = engine.reconfigure(d.to_tp, a.kv_transfer, cost)?;
                     let rec = json!({ "switch": r, "step": step, "t_ms": t0.elapsed().as_secs_f64() * 1e3, "decision": d });
-                    println!("{rec}");
+                    if emit {
+                        println!("{rec}");
+                    }
                     switches.push(rec);
                 }
             }
@@ -221,15 +246,17 @@ pub fn run(a: RolloutArgs) -> Result<()> {
         let r = engine.step()?;
         produced += r.tokens_out as u64;
         pb.set_position(produced);
-        println!(
-            "{}",
-            json!({
-                "step": step, "t_ms": t0.elapsed().as_secs_f64() * 1e3, "tp": tp,
-                "running_reqs": r.live_per_replica.iter().sum::<usize>(), "tokens_this_step": r.tokens_out,
-                "prefill_tokens": r.tokens_in - r.tokens_out.min(r.tokens_in),
-                "step_latency_ms": r.elapsed_ms, "gen_throughput_tok_s": r.tokens_out as f64 / (r.elapsed_ms / 1e3).max(1e-9),
-            })
-        );
+        if emit {
+            println!(
+                "{}",
+                json!({
+                    "step": step, "t_ms": t0.elapsed().as_secs_f64() * 1e3, "tp": tp,
+                    "running_reqs": r.live_per_replica.iter().sum::<usize>(), "tokens_this_step": r.tokens_out,
+                    "prefill_tokens": r.tokens_in - r.tokens_out.min(r.tokens_in),
+                    "step_latency_ms": r.elapsed_ms, "gen_throughput_tok_s": r.tokens_out as f64 / (r.elapsed_ms / 1e3).max(1e-9),
+                })
+            );
+        }
         step += 1;
     }
     pb.finish_and_clear();
@@ -243,21 +270,40 @@ pub fn run(a: RolloutArgs) -> Result<()> {
         "tokens": produced, "tokens_per_s": produced as f64 / gen_s, "tokens_per_s_per_rank": produced as f64 / gen_s / a.world as f64,
         "switches": switches.len(), "final_tp": engine.layout().tp,
     });
-    println!("{}", json!({ "summary": summary }));
-    eprintln!(
-        "{}: {} requests, {} tokens in {:.2} s = {:.1} tok/s ({:.1} per rank), {} switch(es), final tp {}",
-        policy_name(a.policy), reqs.len(), produced, gen_s, produced as f64 / gen_s, produced as f64 / gen_s / a.world as f64, switches.len(), engine.layout().tp
-    );
-    for s in &switches {
+    if emit {
+        println!("{}", json!({ "summary": summary }));
         eprintln!(
-            "  switch at step {}: tp {} -> {} in {:.1} ms",
-            s["step"],
-            s["switch"]["from_tp"],
-            s["switch"]["to_tp"],
-            s["switch"]["total_ms"].as_f64().unwrap_or(0.0)
+            "{}: {} requests, {} tokens in {:.2} s = {:.1} tok/s ({:.1} per rank), {} switch(es), final tp {}",
+            policy_name(a.policy), reqs.len(), produced, gen_s, produced as f64 / gen_s, produced as f64 / gen_s / a.world as f64, switches.len(), engine.layout().tp
         );
+        for s in &switches {
+            eprintln!(
+                "  switch at step {}: tp {} -> {} in {:.1} ms",
+                s["step"],
+                s["switch"]["from_tp"],
+                s["switch"]["to_tp"],
+                s["switch"]["total_ms"].as_f64().unwrap_or(0.0)
+            );
+        }
     }
-    Ok(())
+    Ok(Outcome {
+        gen_s,
+        tokens: produced,
+        steps: step,
+        switches: switches
+            .iter()
+            .map(|s| {
+                let u = |v: &serde_json::Value| v.as_u64().unwrap_or(0) as usize;
+                (
+                    u(&s["step"]),
+                    u(&s["switch"]["from_tp"]),
+                    u(&s["switch"]["to_tp"]),
+                    s["switch"]["total_ms"].as_f64().unwrap_or(0.0),
+                )
+            })
+            .collect(),
+        final_tp: engine.layout().tp,
+    })
 }
 
 fn policy_name(p: PolicyArg) -> String {

@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# GPU check for the `cuda` feature: run the prebuilt CUDA test binaries on a GPU machine.
+#
+# The GPU machines have a driver, Python's NVIDIA pip packages (cuBLAS, NCCL) and no Rust, so the
+# test binaries are built here and carried over. Two steps:
+#
+#   1. On the build machine (nvcc + libclang, no GPU needed), from the repo root:
+#        scripts/gpu-check.sh build [gpu-bin]
+#      which runs `cargo test --features cuda --no-run --message-format=json`, picks the
+#      cuda_kernels / cuda_model test executables from cargo's JSON (the "executable" field of
+#      their compiler-artifact messages), strips debug info and copies them to gpu-bin/ under
+#      stable names. (By hand: the same cargo command, then copy the two executables.)
+#      Set CARGO_TARGET_DIR to build elsewhere (e.g. /tmp/pat-cuda-target).
+#   2. On the GPU machine, from the repo root (the tests read tests/data/golden relative to it):
+#        scripts/gpu-check.sh [gpu-bin]
+#      It puts the folders holding the pip NVIDIA libraries (libcublas*, libnccl*, ...) on
+#      LD_LIBRARY_PATH, checks that the binaries resolve their libraries, runs every binary with
+#      PAT_REQUIRE_GPU=1 (a missing GPU fails instead of skipping), keeps each log in
+#      <bin-dir>/logs/, and prints a summary table last. Exit status: 0 only if all passed.
+#
+# Extra arguments after `--` go to every test binary, e.g. `scripts/gpu-check.sh gpu-bin -- paged`
+# (a name filter) or `-- --test-threads=1`.
+set -uo pipefail
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+die() { echo "gpu-check: error: $*" >&2; exit 1; }
+TESTS=(cuda_kernels cuda_model)
+
+build() {
+    local out="${1:-$repo_root/gpu-bin}"
+    command -v cargo >/dev/null || die "cargo not found (the build step runs on the build machine)"
+    command -v python3 >/dev/null || die "python3 not found (used to read cargo's JSON)"
+    mkdir -p "$out"
+    local json
+    json="$(mktemp)"
+    (cd "$repo_root" && cargo test --features cuda --no-run --message-format=json \
+        --test cuda_kernels --test cuda_model) >"$json" || { rm -f "$json"; die "cargo build failed"; }
+    local t exe
+    for t in "${TESTS[@]}"; do
+        exe="$(python3 - "$json" "$t" <<'PY'
+import json, sys
+path, name = sys.argv[1], sys.argv[2]
+for line in open(path):
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") \
+            and m["target"]["name"] == name and m["profile"].get("test"):
+        print(m["executable"])
+PY
+)"
+        [[ -n "$exe" && -x "$exe" ]] || { rm -f "$json"; die "no executable for test $t in cargo's output"; }
+        cp "$exe" "$out/$t"
+        strip --strip-debug "$out/$t" 2>/dev/null || true
+        echo "gpu-check: $t -> $out/$t ($(du -h "$out/$t" | cut -f1))"
+    done
+    rm -f "$json"
+    echo "gpu-check: built. On the GPU machine, from the repo root: scripts/gpu-check.sh ${out#"$repo_root"/}"
+}
+
+nvidia_lib_dirs() {
+    local py site
+    for py in python3 python; do
+        command -v "$py" >/dev/null || continue
+        for site in $("$py" -c 'import site; print(" ".join(site.getsitepackages() + [site.getusersitepackages()]))' 2>/dev/null); do
+            [[ -d "$site/nvidia" ]] && find "$site/nvidia" -name 'lib*.so*' -printf '%h\n' 2>/dev/null
+        done
+    done | sort -u
+}
+
+have_lib() {
+    local d ds
+    ldconfig -p 2>/dev/null | grep -q "$1" && return 0
+    IFS=: read -ra ds <<<"${LD_LIBRARY_PATH:-}"
+    for d in "${ds[@]}"; do
+        [[ -n "$d" && -e "$d/$1" ]] && return 0
+    done
+    return 1
+}
+
+run() {
+    local bin_dir="$repo_root/gpu-bin"
+    if [[ $# -gt 0 && "$1" != "--" ]]; then
+        bin_dir="$1"
+        shift
+    fi
+    [[ "${1:-}" == "--" ]] && shift
+    local extra=("$@")
+    [[ -d "$bin_dir" ]] || die "$bin_dir does not exist (build it first: scripts/gpu-check.sh build)"
+    bin_dir="$(cd "$bin_dir" && pwd)"
+    cd "$repo_root" || die "cannot cd to $repo_root"
+    [[ -d tests/data/golden ]] || die "tests/data/golden missing: run from a checkout of the repo"
+
+    local dirs
+    dirs="$(nvidia_lib_dirs | paste -sd: -)"
+    [[ -n "$dirs" ]] || echo "gpu-check: warning: no pip NVIDIA libraries found; relying on the system's" >&2
+    export LD_LIBRARY_PATH="${dirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    export PAT_REQUIRE_GPU=1 RUST_BACKTRACE=1
+    echo "gpu-check: LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+    if command -v nvidia-smi >/dev/null; then
+        nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
+            | sed 's/^/gpu-check: GPU: /'
+    else
+        echo "gpu-check: warning: nvidia-smi not found" >&2
+    fi
+    echo "gpu-check: host glibc $(ldd --version 2>/dev/null | head -1 | grep -o '[0-9.]*$')"
+    local alts lib found
+    for alts in "libcuda.so.1" "libcublas.so.13 libcublas.so.12" "libcublasLt.so.13 libcublasLt.so.12"; do
+        found=""
+        for lib in $alts; do
+            if have_lib "$lib"; then found="$lib"; break; fi
+        done
+        if [[ -n "$found" ]]; then
+            echo "gpu-check: found $found"
+        else
+            echo "gpu-check: warning: none of ($alts) found via ldconfig or LD_LIBRARY_PATH" >&2
+        fi
+    done
+
+    local logs="$bin_dir/logs"
+    mkdir -p "$logs"
+    local rows=() failed=0 t bin log start secs status result passed nfail ignored skips
+    for t in "${TESTS[@]}"; do
+        bin="$bin_dir/$t"
+        log="$logs/$t.log"
+        if [[ ! -x "$bin" ]]; then
+            rows+=("$t|MISSING|-|-|-|-|-")
+            failed=1
+            continue
+        fi
+        if ldd "$bin" | grep -q 'not found'; then
+            ldd "$bin" | grep 'not found' >&2
+            rows+=("$t|LDD-FAIL|-|-|-|-|-")
+            failed=1
+            continue
+        fi
+        echo "gpu-check: running $t ${extra[*]:-} (log: $log)"
+        start=$SECONDS
+        "$bin" "${extra[@]}" 2>&1 | tee "$log"
+        status=${PIPESTATUS[0]}
+        secs=$((SECONDS - start))
+        result="$(grep -E '^test result:' "$log" | tail -1)"
+        passed="$(grep -oE '[0-9]+ passed' <<<"$result" | grep -oE '[0-9]+' || echo '?')"
+        nfail="$(grep -oE '[0-9]+ failed' <<<"$result" | grep -oE '[0-9]+' || echo '?')"
+        ignored="$(grep -oE '[0-9]+ ignored' <<<"$result" | grep -oE '[0-9]+' || echo '?')"
+        skips="$(grep -c '^SKIP:' "$log")"
+        if [[ $status -eq 0 && "$skips" == 0 ]]; then
+            rows+=("$t|PASS|$passed|$nfail|$ignored|$skips|${secs}s")
+        else
+            rows+=("$t|FAIL(rc=$status)|$passed|$nfail|$ignored|$skips|${secs}s")
+            failed=1
+        fi
+    done
+
+    echo
+    echo "gpu-check summary ($(date -u +%Y-%m-%dT%H:%MZ), PAT_REQUIRE_GPU=1)"
+    printf '%-14s %-14s %7s %7s %8s %6s %8s\n' binary result passed failed ignored skips time
+    local row
+    for row in "${rows[@]}"; do
+        IFS='|' read -r a b c d e f g <<<"$row"
+        printf '%-14s %-14s %7s %7s %8s %6s %8s\n' "$a" "$b" "$c" "$d" "$e" "$f" "$g"
+    done
+    [[ $failed -eq 0 ]] && echo "gpu-check: ALL PASSED" || echo "gpu-check: FAILURES (see $logs/)"
+    return $failed
+}
+
+case "${1:-}" in
+    build) shift; build "$@" ;;
+    -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}" ;;
+    *) run "$@" ;;
+esac

@@ -1,0 +1,342 @@
+//! `DeviceComm`: collectives on device buffers, for GPU ranks.
+//!
+//! - [`SoloComm`]: a group of one (tp = 1).
+//! - [`SameDeviceComm`]: several ranks on one GPU, each on its own thread and stream. All-reduce is
+//!   one `all_reduce_sum` kernel launched by rank 0 that reads every rank's buffer and writes the
+//!   sum (f32, rank order, one rounding — the same as the CPU Comm) back into every rank's buffer;
+//!   all-gather is each rank copying its peers' buffers. Cross-stream order uses events: each rank
+//!   records "ready" after producing its buffer, the readers wait on it, and every rank waits for
+//!   the readers' "done" events before it touches its buffer again.
+//! - [`HostComm`]: any host `Comm` (e.g. the CPU group) through host memory — correct anywhere,
+//!   slow; the cross-check for the device collectives and the stand-in for multi-GPU groups.
+//!
+//! TODO(nccl): multi-GPU groups belong in an `NcclComm` here (cudarc's `nccl` module: one
+//! `Comm` per rank from a shared `Id`, `all_reduce` / `all_gather` on the rank's stream). Not done
+//! yet: it needs one device per rank (`CudaDev::new(ordinal)` already takes the ordinal) and a
+//! multi-GPU machine to test on; until then use `HostComm` across GPUs.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use cudarc::driver::CudaEvent;
+
+use super::buffer::{DType, DView};
+use super::device::CudaDev;
+use super::ops;
+use super::params::PAT_MAX_ALLREDUCE_INPUTS;
+use crate::error::{Error, Result};
+use crate::parallel::Comm;
+
+/// Collectives over one group of ranks, on device buffers of any float dtype.
+pub trait DeviceComm {
+    /// This member's index in the group (its tp-rank).
+    fn rank(&self) -> usize;
+    fn size(&self) -> usize;
+    /// Element-wise sum over the group, in rank order with f32 accumulation, into every member's
+    /// `buf` (same length and dtype on every member). Ordered on `dev`'s stream.
+    fn all_reduce_sum(&self, dev: &CudaDev, buf: DView<'_>) -> Result<()>;
+    /// Every member's `local` (equal lengths) concatenated in rank order into `out`.
+    fn all_gather(&self, dev: &CudaDev, local: DView<'_>, out: DView<'_>) -> Result<()>;
+    /// Marks the group failed so peers stop waiting.
+    fn poison(&self);
+}
+
+/// A group of one: all-reduce is a no-op, all-gather a copy.
+pub struct SoloComm;
+
+impl DeviceComm for SoloComm {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&self, _dev: &CudaDev, _buf: DView<'_>) -> Result<()> {
+        Ok(())
+    }
+    fn all_gather(&self, dev: &CudaDev, local: DView<'_>, out: DView<'_>) -> Result<()> {
+        copy_into(dev, out, 0, local)
+    }
+    fn poison(&self) {}
+}
+
+/// `out[at ..] = src` on `dev`'s stream.
+fn copy_into(dev: &CudaDev, out: DView<'_>, at: usize, src: DView<'_>) -> Result<()> {
+    let dst = out.slice(at, src.len())?;
+    dst.check_dtype(src.dtype(), "all_gather")?;
+    // SAFETY: both views are live and hold src.len() elements of the same dtype.
+    unsafe { dev.dtod(dst.ptr(), src.ptr(), src.len() * src.dtype().size()) }
+}
+
+/// Device collectives through a host `Comm`: download (waits for the stream), host collective,
+/// upload. Results match the host Comm's exactly (then rounded once to the buffer's dtype).
+pub struct HostComm<'a> {
+    comm: &'a dyn Comm,
+}
+
+impl<'a> HostComm<'a> {
+    pub fn new(comm: &'a dyn Comm) -> Self {
+        HostComm { comm }
+    }
+}
+
+impl DeviceComm for HostComm<'_> {
+    fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+    fn size(&self) -> usize {
+        self.comm.size()
+    }
+    fn all_reduce_sum(&self, dev: &CudaDev, buf: DView<'_>) -> Result<()> {
+        if self.comm.size() == 1 {
+            return Ok(());
+        }
+        let mut h = buf.to_f32(dev)?;
+        self.comm.all_reduce_sum(&mut h)?;
+        buf.write_f32(dev, &h)
+    }
+    fn all_gather(&self, dev: &CudaDev, local: DView<'_>, out: DView<'_>) -> Result<()> {
+        let h = local.to_f32(dev)?;
+        let mut g = vec![0f32; h.len() * self.comm.size()];
+        self.comm.all_gather(&h, &mut g)?;
+        out.write_f32(dev, &g)
+    }
+    fn poison(&self) {
+        self.comm.poison();
+    }
+}
+
+/// What one member published for the current collective.
+#[derive(Default)]
+struct Slot {
+    ptr: u64,
+    len: usize,
+    dtype: Option<DType>,
+    /// Recorded after the member's buffer was produced (written before the first barrier).
+    ready: Option<Arc<CudaEvent>>,
+    /// Recorded after the member's reads of its peers (written between the two barriers).
+    done: Option<Arc<CudaEvent>>,
+}
+
+struct State {
+    slots: Vec<Slot>,
+    /// Rank 0's all-reduce completion (written between the two barriers).
+    reduced: Option<Arc<CudaEvent>>,
+    waiting: usize,
+    generation: u64,
+    poisoned: bool,
+}
+
+struct Group {
+    size: usize,
+    state: Mutex<State>,
+    cv: Condvar,
+}
+
+/// One member's handle on a group of ranks sharing one GPU. Move each handle to its rank's
+/// thread; the group is poisoned if a member's thread panics while holding its handle.
+pub struct SameDeviceComm {
+    group: Arc<Group>,
+    rank: usize,
+}
+
+impl SameDeviceComm {
+    /// Handles for a new group of `size` members, in rank order (1..=16 members: the all-reduce
+    /// kernel takes at most PAT_MAX_ALLREDUCE_INPUTS buffers).
+    pub fn group(size: usize) -> Result<Vec<SameDeviceComm>> {
+        if size == 0 || size > PAT_MAX_ALLREDUCE_INPUTS as usize {
+            return Err(Error::Layout(format!(
+                "a same-device group has 1..={PAT_MAX_ALLREDUCE_INPUTS} members, not {size}"
+            )));
+        }
+        let group = Arc::new(Group {
+            size,
+            state: Mutex::new(State {
+                slots: (0..size).map(|_| Slot::default()).collect(),
+                reduced: None,
+                waiting: 0,
+                generation: 0,
+                poisoned: false,
+            }),
+            cv: Condvar::new(),
+        });
+        Ok((0..size)
+            .map(|rank| SameDeviceComm {
+                group: group.clone(),
+                rank,
+            })
+            .collect())
+    }
+
+    fn fail(&self, msg: &str) -> Error {
+        Error::Rank {
+            rank: self.rank,
+            msg: msg.into(),
+        }
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, State>> {
+        let s = self
+            .group
+            .state
+            .lock()
+            .map_err(|_| self.fail("comm lock poisoned"))?;
+        if s.poisoned {
+            return Err(self.fail("a peer in the communication group failed"));
+        }
+        Ok(s)
+    }
+
+    /// Waits until every member arrives; errors if the group is poisoned meanwhile.
+    fn barrier(&self) -> Result<()> {
+        let mut s = self.lock()?;
+        s.waiting += 1;
+        if s.waiting == self.group.size {
+            s.waiting = 0;
+            s.generation += 1;
+            self.group.cv.notify_all();
+            return Ok(());
+        }
+        let gen = s.generation;
+        while s.generation == gen && !s.poisoned {
+            s = self
+                .group
+                .cv
+                .wait(s)
+                .map_err(|_| self.fail("comm lock poisoned"))?;
+        }
+        if s.generation == gen {
+            return Err(self.fail("a peer in the communication group failed"));
+        }
+        Ok(())
+    }
+
+    /// Records "ready" on this rank's stream and publishes `buf`.
+    fn publish(&self, dev: &CudaDev, buf: &DView<'_>) -> Result<()> {
+        let ready = Arc::new(dev.new_event()?);
+        dev.record(&ready)?;
+        let mut s = self.lock()?;
+        let slot = &mut s.slots[self.rank];
+        slot.ptr = buf.ptr();
+        slot.len = buf.len();
+        slot.dtype = Some(buf.dtype());
+        slot.ready = Some(ready);
+        Ok(())
+    }
+
+    /// The peers' buffers as views, after making `dev`'s stream wait for each one's "ready".
+    /// Errors if members disagree on length or dtype.
+    fn peers<'s>(
+        &self,
+        dev: &CudaDev,
+        s: &'s State,
+        len: usize,
+        dtype: DType,
+    ) -> Result<Vec<DView<'s>>> {
+        let mut views = Vec::with_capacity(s.slots.len());
+        for (r, slot) in s.slots.iter().enumerate() {
+            if slot.len != len || slot.dtype != Some(dtype) {
+                return Err(self.fail(&format!(
+                    "collective called with {} x {:?} on rank {r} but {len} x {dtype:?} on rank {}",
+                    slot.len, slot.dtype, self.rank
+                )));
+            }
+            if let Some(ev) = &slot.ready {
+                dev.wait(ev)?;
+            }
+            // SAFETY: the member is blocked in this collective until every reader's "done" event
+            // has been waited on by its stream, so its buffer stays allocated and unmodified for
+            // as long as the work enqueued here may run.
+            views.push(unsafe { DView::from_raw(slot.ptr, slot.len, dtype) });
+        }
+        Ok(views)
+    }
+
+    /// Runs `f`; on error poisons the group so peers return instead of waiting forever.
+    fn guarded<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let r = f();
+        if r.is_err() {
+            self.poison();
+        }
+        r
+    }
+}
+
+impl DeviceComm for SameDeviceComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.group.size
+    }
+
+    fn all_reduce_sum(&self, dev: &CudaDev, buf: DView<'_>) -> Result<()> {
+        if self.group.size == 1 {
+            return Ok(());
+        }
+        self.guarded(|| {
+            self.publish(dev, &buf)?;
+            self.barrier()?;
+            if self.rank == 0 {
+                let mut s = self.lock()?;
+                let views = self.peers(dev, &s, buf.len(), buf.dtype())?;
+                ops::all_reduce_sum(dev, &views, &views, buf.len())?;
+                let done = Arc::new(dev.new_event()?);
+                dev.record(&done)?;
+                s.reduced = Some(done);
+            }
+            self.barrier()?;
+            let s = self.lock()?;
+            match (&s.reduced, self.rank) {
+                (_, 0) => Ok(()),
+                (Some(done), _) => dev.wait(done),
+                (None, _) => Err(self.fail("all-reduce finished without a result")),
+            }
+        })
+    }
+
+    fn all_gather(&self, dev: &CudaDev, local: DView<'_>, out: DView<'_>) -> Result<()> {
+        let n = local.len();
+        out.need(n * self.group.size, "all_gather")?;
+        if self.group.size == 1 {
+            return copy_into(dev, out, 0, local);
+        }
+        self.guarded(|| {
+            self.publish(dev, &local)?;
+            self.barrier()?;
+            {
+                let mut s = self.lock()?;
+                let views = self.peers(dev, &s, n, local.dtype())?;
+                for (r, v) in views.into_iter().enumerate() {
+                    copy_into(dev, out, r * n, v)?;
+                }
+                let done = Arc::new(dev.new_event()?);
+                dev.record(&done)?;
+                s.slots[self.rank].done = Some(done);
+            }
+            self.barrier()?;
+            let s = self.lock()?;
+            for (r, slot) in s.slots.iter().enumerate() {
+                match &slot.done {
+                    Some(done) if r != self.rank => dev.wait(done)?,
+                    _ => {}
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn poison(&self) {
+        if let Ok(mut s) = self.group.state.lock() {
+            s.poisoned = true;
+        }
+        self.group.cv.notify_all();
+    }
+}
+
+impl Drop for SameDeviceComm {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.poison();
+        }
+    }
+}
