@@ -149,7 +149,7 @@ pub fn measure(
     }
     pb.finish_and_clear();
     let transfer = copy_bandwidth(1) / 4.0;
-    let switch = measure_switch(&a, &m, &tps, transfer, &prefill)?;
+    let switch = measure_switch(&a, m, &tps, transfer, &prefill)?;
     let mut dims = ModelDims::from_config(&m.cfg);
     dims.dtype_bytes = 4;
     let measured: BTreeMap<String, bool> = [

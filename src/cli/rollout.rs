@@ -145,7 +145,7 @@ pub fn rollout(
             let mut dims = ModelDims::from_config(&m.cfg);
             dims.dtype_bytes = 4;
             profile.check_matches(&dims, a.world)?;
-            let predictor = Predictor::from_profile(&profile)?;
+            let predictor = Predictor::from_profile(profile)?;
             let lens = trace.response_lens();
             let cap = lens.iter().copied().max();
             let est = match a.estimator {
@@ -162,7 +162,7 @@ pub fn rollout(
                     .collect(),
                 fixed_prefill_s: 0.0,
             };
-            Some((SwitchCost::from_profile(&profile), predictor, est, cost))
+            Some((SwitchCost::from_profile(profile), predictor, est, cost))
         }
     };
     let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
