@@ -23,6 +23,7 @@ use crate::policy::decide::{decide, DecideInput, LiveSeq, SwitchCost};
 use crate::policy::remaining::{LengthDist, Remaining, SeqView};
 use crate::policy::{ModelDims, Predictor, Profile, Trace};
 use crate::reshard::cost::{CostModel, KvPolicy};
+use crate::sim::run::{simulate, PolicyKind, SimConfig, SimModel};
 
 /// `static:K` or `adaptive`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,7 +72,8 @@ pub struct RolloutArgs {
     /// Profile JSON from `pat profile` (required by adaptive).
     #[arg(long)]
     pub profile: Option<PathBuf>,
-    /// Starting tp for adaptive (default: the smallest degree, the throughput layout).
+    /// Starting tp for adaptive (default: the static layout the profile predicts is fastest for
+    /// the whole batch).
     #[arg(long)]
     pub start_tp: Option<usize>,
     /// Decode steps between decisions.
@@ -121,15 +123,6 @@ pub fn rollout(
     let tps: Vec<usize> = (1..=a.world)
         .filter(|t| a.world % t == 0 && check_tp_for_model(*t, &m.cfg).is_ok())
         .collect();
-    let start = match a.policy {
-        PolicyArg::Static(k) => k,
-        PolicyArg::Adaptive => a
-            .start_tp
-            .unwrap_or_else(|| tps.first().copied().unwrap_or(1)),
-    };
-    Layout::new(a.world, start)
-        .and_then(|_| check_tp_for_model(start, &m.cfg))
-        .map_err(|e| Error::Usage(format!("--policy/--start-tp: {e}")))?;
     if a.check_every == 0 {
         return Err(Error::Usage("--check-every must be at least 1".into()));
     }
@@ -165,6 +158,48 @@ pub fn rollout(
             Some((SwitchCost::from_profile(profile), predictor, est, cost))
         }
     };
+    // Static: the given tp. Adaptive: --start-tp, else the static layout the profile predicts
+    // finishes this whole batch first (the simulator, same predictor), so a batch that never
+    // needs a switch runs at the best static layout from its first step.
+    let start = match (a.policy, &adaptive) {
+        (PolicyArg::Static(k), _) => k,
+        (PolicyArg::Adaptive, _) if a.start_tp.is_some() => a.start_tp.unwrap_or(1),
+        (PolicyArg::Adaptive, Some((sc, predictor, _, _))) => {
+            let prefill: Vec<(usize, f64)> = profile
+                .map(|p| p.prefill.iter().map(|x| (x.tp, x.tokens_per_s)).collect())
+                .unwrap_or_default();
+            let model = SimModel {
+                predictor,
+                switch: sc,
+                prefill: &prefill,
+            };
+            let cands: Vec<usize> = tps
+                .iter()
+                .copied()
+                .filter(|t| predictor.fit(*t).is_ok())
+                .collect();
+            let cfg = SimConfig {
+                world: a.world,
+                candidates: cands.clone(),
+                check_every: a.check_every.max(1),
+                margin: a.margin,
+                min_gain_ms: a.min_gain_ms,
+                start_tp: None,
+            };
+            let mut best = (cands.first().copied().unwrap_or(1), f64::INFINITY);
+            for &tp in &cands {
+                let r = simulate(trace, &model, &cfg, PolicyKind::Static(tp), tp)?;
+                if r.total_ms < best.1 {
+                    best = (tp, r.total_ms);
+                }
+            }
+            best.0
+        }
+        (PolicyArg::Adaptive, None) => tps.first().copied().unwrap_or(1),
+    };
+    Layout::new(a.world, start)
+        .and_then(|_| check_tp_for_model(start, &m.cfg))
+        .map_err(|e| Error::Usage(format!("--policy/--start-tp: {e}")))?;
     let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
     let vocab = m.cfg.vocab_size as u32;
     let reqs: Vec<Request> = trace
