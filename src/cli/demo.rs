@@ -205,6 +205,6 @@ fn run_on(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
             }
         );
     }
-    println!("static layouts keep one tp for the whole batch; adaptive starts at the throughput layout and switches when the profile predicts the gain beats the switch cost.");
+    println!("static layouts keep one tp for the whole batch; adaptive starts where the profile predicts the batch finishes first and switches only when the predicted gain beats the switch cost.");
     Ok(())
 }
