@@ -82,7 +82,8 @@ pub fn copy_bandwidth(threads: usize) -> f64 {
     (threads.max(1) * n * 4 * 2) as f64 / t
 }
 
-fn median(v: &mut [f64]) -> f64 {
+/// Median of timings (mean of the middle two for an even count); NaN when empty.
+pub(super) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     if v.is_empty() {
         return f64::NAN;

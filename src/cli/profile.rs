@@ -13,7 +13,7 @@ use clap::Args;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::bench::copy_bandwidth;
+use super::bench::{copy_bandwidth, median};
 use super::generate::{progress, Model};
 use crate::engine::{Engine, EngineOptions, Request};
 use crate::error::{Error, Result};
@@ -137,7 +137,7 @@ pub fn measure(
                     tp,
                     batch: b,
                     context: c + a.steps / 2,
-                    step_ms: median(times),
+                    step_ms: median(&mut times),
                 });
                 pb.inc(1);
             }
@@ -189,11 +189,6 @@ struct Grid<'a> {
     contexts: &'a [usize],
     steps: usize,
     seed: u64,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 pub fn run(a: ProfileArgs) -> Result<()> {

@@ -9,7 +9,7 @@ use clap::Args;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::bench::copy_bandwidth;
+use super::bench::{copy_bandwidth, median};
 use super::generate::Model;
 use super::DtypeArg;
 use crate::engine::{Engine, EngineOptions, Request, StepReport};
@@ -112,15 +112,6 @@ pub struct BenchSwitchArgs {
     pub seed: u64,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v[v.len() / 2]
-    }
-}
-
 pub fn bench_switch(a: BenchSwitchArgs) -> Result<()> {
     let m = Model::open(&a.model)?;
     if a.batch == 0 || a.context == 0 {
@@ -184,13 +175,13 @@ pub fn bench_switch(a: BenchSwitchArgs) -> Result<()> {
     for _ in 0..2 {
         steps.push(engine.step()?);
     }
-    let mut before = median(steps[1..].iter().map(|s| s.elapsed_ms).collect());
+    let mut before = median(&mut steps[1..].iter().map(|s| s.elapsed_ms).collect::<Vec<_>>());
     for &to in &a.to {
         let r = engine.reconfigure(to, a.kv_transfer, &cost)?;
-        let after: Vec<f64> = (0..steps_after)
+        let mut after: Vec<f64> = (0..steps_after)
             .map(|_| engine.step().map(|s| s.elapsed_ms))
             .collect::<Result<_>>()?;
-        let post = median(after);
+        let post = median(&mut after);
         let mut rec = serde_json::to_value(&r).map_err(|e| Error::Usage(e.to_string()))?;
         rec["post_switch_step_latency_ms"] = post.into();
         rec["pre_switch_step_latency_ms"] = before.into();
