@@ -61,6 +61,17 @@ pub fn split(n: usize, tp: usize, r: usize) -> Range<usize> {
 /// The vocabulary rounded up to a multiple of lcm(tp, 64). For the power-of-two degrees (up
 /// to 64) the padded size is then the same at every tp, so vocab shards nest like the others and
 /// growing tp moves no embedding or head rows between ranks; the price is at most 63 zero rows.
+///
+/// ```
+/// use pat::parallel::shard::{padded_vocab, split};
+/// // LLaMA-3's 128256 is already a multiple of 64: no padding at tp 1..8.
+/// assert_eq!(padded_vocab(128256, 8), 128256);
+/// // 301 pads to 320 at tp 2 and tp 4 alike, so tp-rank 1 of 4 sits inside tp-rank 0 of 2.
+/// assert_eq!(padded_vocab(301, 2), padded_vocab(301, 4));
+/// assert_eq!((split(320, 4, 1), split(320, 2, 0)), (80..160, 0..160));
+/// // A degree that is not a power of two pads further (lcm(3, 64) = 192).
+/// assert_eq!(padded_vocab(301, 3), 384);
+/// ```
 pub fn padded_vocab(vocab: usize, tp: usize) -> usize {
     let m = lcm(tp, VOCAB_PAD);
     vocab.div_ceil(m) * m
