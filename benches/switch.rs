@@ -52,11 +52,14 @@ fn setup() -> Setup {
 }
 
 fn engine(s: &Setup, tp: usize) -> Engine {
+    // 256 MiB of KV per rank, as a memory budget: enough to absorb the larger weight shards of a
+    // switch to a smaller tp.
+    let block_bytes = 2 * s.cfg.num_layers * (s.cfg.num_kv_heads / tp) * 16 * s.cfg.head_dim * 4;
     let opts = EngineOptions {
         world: WORLD,
         tp,
         block_size: 16,
-        kv_blocks: 4096 / tp,
+        kv_blocks: (256 << 20) / block_bytes,
         dtype: WeightDtype::F32,
         sampling: SamplingParams::default(),
     };
