@@ -39,7 +39,8 @@ pub enum Command {
     InitModel(InitModelArgs),
     /// Generate continuations; one JSON object per request on stdout, in input order.
     Generate(generate::GenerateArgs),
-    /// The main job on a built-in default: a long-tail batch on several ranks, with a per-step summary.
+    /// The main job on a built-in default: one long-tail batch under every static layout and the
+    /// adaptive policy, side by side with the switch points.
     Demo(demo::DemoArgs),
     /// Offline profile of this engine (decode latency grid, prefill rate, transfer and switch
     /// costs) as the profile JSON the predictor and `pat simulate` read.
