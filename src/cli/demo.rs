@@ -205,6 +205,17 @@ fn run_on(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
             }
         );
     }
+    if let Some((_, ad)) = runs.last().filter(|(_, o)| o.switches.is_empty()) {
+        if let Some((name, st)) = runs
+            .iter()
+            .find(|(n, _)| n.starts_with(&format!("static tp{} ", ad.final_tp)))
+        {
+            println!(
+                "adaptive made no switch: it ran the same layout as `{name}`, so the {:+.1}% between them is run-to-run noise, not a gain.",
+                100.0 * (ad.gen_s / st.gen_s - 1.0)
+            );
+        }
+    }
     println!("static layouts keep one tp for the whole batch; adaptive starts where the profile predicts the batch finishes first and switches only when the predicted gain beats the switch cost.");
     Ok(())
 }
