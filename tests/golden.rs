@@ -12,14 +12,7 @@ const LAYOUTS: [(usize, usize); 6] = [(1, 1), (2, 1), (2, 2), (4, 1), (4, 2), (4
 fn check_model(model: &str) {
     let dir = golden_dir(model);
     let (max_new, gold) = golden(model);
-    let reqs: Vec<Request> = gold
-        .iter()
-        .map(|g| Request {
-            input_ids: g.input_ids.clone(),
-            max_new_tokens: max_new,
-            ignore_eos: true,
-        })
-        .collect();
+    let reqs = golden_requests(&gold, max_new);
     for (world, tp) in LAYOUTS {
         let mut e = engine(
             &dir,

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use pat::engine::{weight_bytes_per_rank, Request, SwitchReport};
+use pat::engine::{weight_bytes_per_rank, SwitchReport};
 use pat::model::config::ModelConfig;
 use pat::model::decoder::{RankWeights, WeightDtype};
 use pat::model::weights::Checkpoint;
@@ -30,14 +30,7 @@ fn run_with_switches(
 ) -> Vec<SwitchReport> {
     let mut reports = Vec::new();
     let (max_new, gold) = golden(model);
-    let reqs: Vec<Request> = gold
-        .iter()
-        .map(|g| Request {
-            input_ids: g.input_ids.clone(),
-            max_new_tokens: max_new,
-            ignore_eos: true,
-        })
-        .collect();
+    let reqs = golden_requests(&gold, max_new);
     // A pool sized like a memory budget, so shrinking tp (larger weight shards) still fits.
     let mut e = engine(&golden_dir(model), world, tp0, WeightDtype::F32, 1024);
     e.record_logits(true);
@@ -117,14 +110,7 @@ fn ladders_of_switches_keep_tokens_identical() {
 fn bad_switches_are_errors_and_decoding_goes_on() {
     let model = "llama";
     let (max_new, gold) = golden(model);
-    let reqs: Vec<Request> = gold
-        .iter()
-        .map(|g| Request {
-            input_ids: g.input_ids.clone(),
-            max_new_tokens: max_new,
-            ignore_eos: true,
-        })
-        .collect();
+    let reqs = golden_requests(&gold, max_new);
     let cm = cost(1e9, 1e3);
     // 100 blocks of ~2 KB at tp 4: enough for tp 2 (weights grow by ~100 KB per rank), not for
     // tp 1 (~300 KB more weights per rank than the pool holds).
@@ -165,14 +151,7 @@ fn bad_switches_are_errors_and_decoding_goes_on() {
 #[test]
 fn groups_are_created_once_and_reused() {
     let (max_new, gold) = golden("qwen3");
-    let reqs: Vec<Request> = gold
-        .iter()
-        .map(|g| Request {
-            input_ids: g.input_ids.clone(),
-            max_new_tokens: max_new,
-            ignore_eos: true,
-        })
-        .collect();
+    let reqs = golden_requests(&gold, max_new);
     let mut e = engine(&golden_dir("qwen3"), 4, 1, WeightDtype::F32, 64);
     e.add_requests(&reqs).unwrap();
     e.step().unwrap();

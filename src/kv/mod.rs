@@ -132,22 +132,6 @@ impl KvPool {
     pub fn bytes(&self) -> usize {
         2 * self.k.len() * self.num_blocks * self.kv_heads * self.block_size * self.head_dim * 4
     }
-
-    /// Grows every layer's pool to `num_blocks` blocks (existing blocks keep their ids and data).
-    pub fn grow_to(&mut self, num_blocks: usize) -> Result<()> {
-        if num_blocks <= self.num_blocks {
-            return Ok(());
-        }
-        let len = num_blocks * self.kv_heads * self.block_size * self.head_dim;
-        for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
-            buf.try_reserve_exact(len - buf.len()).map_err(|_| {
-                Error::KvExhausted(format!("cannot grow the pool to {num_blocks} blocks"))
-            })?;
-            buf.resize(len, 0.0);
-        }
-        self.num_blocks = num_blocks;
-        Ok(())
-    }
 }
 
 /// A zeroed buffer of `n` f32, or an error when the allocation fails. Uses the allocator's

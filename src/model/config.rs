@@ -4,7 +4,7 @@
 //! `rope_parameters` (newer transformers). Anything the decoder does not implement is refused with
 //! an error naming the field, never silently ignored.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::{Map, Value};
 
@@ -358,11 +358,6 @@ impl ModelConfig {
                 f as f32
             })
             .collect()
-    }
-
-    /// The path used in messages about this model directory's config.
-    pub fn config_path(dir: &Path) -> PathBuf {
-        dir.join("config.json")
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use pat::engine::{Engine, EngineOptions, Output, Request};
+use pat::engine::{Engine, EngineOptions, Request};
 use pat::model::config::ModelConfig;
 use pat::model::decoder::WeightDtype;
 use pat::model::sampling::SamplingParams;
@@ -73,17 +73,15 @@ pub fn engine(
     Engine::new(cfg, &ck, opts).unwrap()
 }
 
-pub fn greedy(dir: &std::path::Path, world: usize, tp: usize, reqs: &[Request]) -> Vec<Output> {
-    let mut e = engine(
-        dir,
-        world,
-        tp,
-        WeightDtype::F32,
-        Engine::blocks_needed(reqs, 16),
-    );
-    e.add_requests(reqs).unwrap();
-    e.run(|_| {}).unwrap();
-    e.outputs()
+/// The golden prompts as requests for `max_new_tokens` tokens each, ignoring EOS.
+pub fn golden_requests(gold: &[Golden], max_new: usize) -> Vec<Request> {
+    gold.iter()
+        .map(|g| Request {
+            input_ids: g.input_ids.clone(),
+            max_new_tokens: max_new,
+            ignore_eos: true,
+        })
+        .collect()
 }
 
 /// max |a - b| / max(1, max |b|)
