@@ -9,14 +9,22 @@
 #      which runs `cargo test --features cuda --no-run --message-format=json`, picks the
 #      cuda_kernels / cuda_model test executables from cargo's JSON (the "executable" field of
 #      their compiler-artifact messages), strips debug info and copies them to gpu-bin/ under
-#      stable names. (By hand: the same cargo command, then copy the two executables.)
+#      stable names, and builds the release `pat` binary with the feature (for the benchmarks).
+#      (By hand: the same cargo commands, then copy the three executables.)
 #      Set CARGO_TARGET_DIR to build elsewhere (e.g. /tmp/pat-cuda-target).
 #   2. On the GPU machine, from the repo root (the tests read tests/data/golden relative to it):
 #        scripts/gpu-check.sh [gpu-bin]
 #      It puts the folders holding the pip NVIDIA libraries (libcublas*, libnccl*, ...) on
 #      LD_LIBRARY_PATH, checks that the binaries resolve their libraries, runs every binary with
 #      PAT_REQUIRE_GPU=1 (a missing GPU fails instead of skipping), keeps each log in
-#      <bin-dir>/logs/, and prints a summary table last. Exit status: 0 only if all passed.
+#      <bin-dir>/logs/, then (unless PAT_GPU_BENCH=0) the benchmarks: `pat init-model --preset
+#      llama3-8b-shape --dtype bf16` into $PAT_BENCH_DIR (default /tmp/pat-bench, ~16 GB),
+#      `pat bench one-batch --backend cuda` on it and `pat bench attention` (64 seqs x 2048), JSON
+#      lines kept in <bin-dir>/logs/*.jsonl. A summary table comes last. Exit status: 0 only if
+#      every test passed and every benchmark ran.
+#
+#      cudarc opens NCCL as libnccl.so (not the pip wheel's libnccl.so.2), so a folder with that
+#      symlink is put on LD_LIBRARY_PATH too.
 #
 # Extra arguments after `--` go to every test binary, e.g. `scripts/gpu-check.sh gpu-bin -- paged`
 # (a name filter) or `-- --test-threads=1`.
@@ -35,6 +43,10 @@ build() {
     json="$(mktemp)"
     (cd "$repo_root" && cargo test --features cuda --no-run --message-format=json \
         --test cuda_kernels --test cuda_model) >"$json" || { rm -f "$json"; die "cargo build failed"; }
+    (cd "$repo_root" && cargo build --release --features cuda --bin pat) || die "building pat failed"
+    cp "${CARGO_TARGET_DIR:-$repo_root/target}/release/pat" "$out/pat"
+    strip --strip-debug "$out/pat" 2>/dev/null || true
+    echo "gpu-check: pat -> $out/pat ($(du -h "$out/pat" | cut -f1))"
     local t exe
     for t in "${TESTS[@]}"; do
         exe="$(python3 - "$json" "$t" <<'PY'
@@ -79,6 +91,48 @@ have_lib() {
     return 1
 }
 
+# Benchmarks on the GPU: llama3-8b-shape bf16 one-batch decode and paged attention bandwidth.
+bench() {
+    local bin_dir="$1" logs="$2" pat="$1/pat" ok=0
+    local model="${PAT_BENCH_DIR:-/tmp/pat-bench}/llama3-8b-shape-bf16"
+    [[ -x "$pat" ]] || { echo "gpu-check: no $pat (build it: scripts/gpu-check.sh build)" >&2; return 1; }
+    if [[ ! -f "$model/config.json" ]]; then
+        echo "gpu-check: pat init-model --preset llama3-8b-shape --dtype bf16 --out $model"
+        "$pat" init-model --arch llama --preset llama3-8b-shape --dtype bf16 --out "$model" --force \
+            2>&1 | tail -2 || ok=1
+    fi
+    echo "gpu-check: pat bench attention"
+    "$pat" bench attention --num-seqs 1,16,64 --context 2048,8192 --dtype bf16 \
+        >"$logs/bench-attention.jsonl" 2>"$logs/bench-attention.log" || ok=1
+    cat "$logs/bench-attention.log"
+    echo "gpu-check: pat bench one-batch --backend cuda (llama3-8b-shape, bf16)"
+    "$pat" bench one-batch --backend cuda --model "$model" --dtype bf16 \
+        --batch-size 1,16,64 --input-len 128 --output-len 64 --run-name gpu-check \
+        >"$logs/bench-one-batch.jsonl" 2>"$logs/bench-one-batch.log" || ok=1
+    tail -5 "$logs/bench-one-batch.log"
+    python3 - "$logs" >"$logs/bench-table.txt" <<'PY' || ok=1
+import json, sys, pathlib
+logs = pathlib.Path(sys.argv[1])
+def rows(name):
+    p = logs / name
+    return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.exists() else []
+a, b = rows("bench-attention.jsonl"), rows("bench-one-batch.jsonl")
+if a:
+    print(f"paged decode attention on {a[0]['device']} ({a[0]['dtype']}), copy bandwidth {a[0]['copy_bandwidth_gbps']:.0f} GB/s")
+    print(f"{'seqs':>5} {'ctx':>6} {'ms':>8} {'GB/s':>7} {'of copy':>8}")
+    for r in a:
+        print(f"{r['num_seqs']:>5} {r['context']:>6} {r['median_ms']:>8.3f} {r['gbps']:>7.0f} {100*r['fraction_of_copy_bandwidth']:>7.0f}%")
+if b:
+    print(f"one-batch decode, llama3-8b-shape bf16: {b[0]['ranks']}")
+    print(f"{'batch':>5} {'ms/step':>8} {'tok/s':>8} {'roofline ms':>11} {'vs roofline':>11}")
+    for r in b:
+        print(f"{r['batch_size']:>5} {1e3*r['median_decode_latency']:>8.2f} {r['median_decode_throughput']:>8.0f} {1e3*r['decode_roofline_latency']:>11.2f} {100*r['decode_vs_roofline']:>10.0f}%")
+if not a or not b:
+    sys.exit(1)
+PY
+    return $ok
+}
+
 run() {
     local bin_dir="$repo_root/gpu-bin"
     if [[ $# -gt 0 && "$1" != "--" ]]; then
@@ -96,6 +150,17 @@ run() {
     dirs="$(nvidia_lib_dirs | paste -sd: -)"
     [[ -n "$dirs" ]] || echo "gpu-check: warning: no pip NVIDIA libraries found; relying on the system's" >&2
     export LD_LIBRARY_PATH="${dirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    local nccl_so d
+    nccl_so=""
+    IFS=: read -ra _lds <<<"$LD_LIBRARY_PATH"
+    for d in "${_lds[@]}"; do
+        [[ -n "$d" && -e "$d/libnccl.so.2" ]] && { nccl_so="$d/libnccl.so.2"; break; }
+    done
+    if [[ -n "$nccl_so" ]]; then
+        mkdir -p "$bin_dir/nccl-link"
+        ln -sf "$nccl_so" "$bin_dir/nccl-link/libnccl.so"
+        export LD_LIBRARY_PATH="$bin_dir/nccl-link:$LD_LIBRARY_PATH"
+    fi
     export PAT_REQUIRE_GPU=1 RUST_BACKTRACE=1
     echo "gpu-check: LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
     if command -v nvidia-smi >/dev/null; then
@@ -153,6 +218,11 @@ run() {
         fi
     done
 
+    local brows=()
+    if [[ "${PAT_GPU_BENCH:-1}" != 0 ]]; then
+        bench "$bin_dir" "$logs" || failed=1
+    fi
+
     echo
     echo "gpu-check summary ($(date -u +%Y-%m-%dT%H:%MZ), PAT_REQUIRE_GPU=1)"
     printf '%-14s %-14s %7s %7s %8s %6s %8s\n' binary result passed failed ignored skips time
@@ -161,12 +231,13 @@ run() {
         IFS='|' read -r a b c d e f g <<<"$row"
         printf '%-14s %-14s %7s %7s %8s %6s %8s\n' "$a" "$b" "$c" "$d" "$e" "$f" "$g"
     done
+    [[ -s "$logs/bench-table.txt" ]] && { echo; cat "$logs/bench-table.txt"; }
     [[ $failed -eq 0 ]] && echo "gpu-check: ALL PASSED" || echo "gpu-check: FAILURES (see $logs/)"
     return $failed
 }
 
 case "${1:-}" in
     build) shift; build "$@" ;;
-    -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}" ;;
+    -h|--help) sed -n '2,30p' "${BASH_SOURCE[0]}" ;;
     *) run "$@" ;;
 esac

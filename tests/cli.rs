@@ -205,6 +205,29 @@ fn bad_input_is_a_clear_error() {
         "does not divide num_key_value_heads",
     );
     gen(&["--world", "0", "--prompt-ids", "1"], "at least 1");
+    // Backend choices that cannot run.
+    gen(
+        &["--devices", "0", "--prompt-ids", "1"],
+        "--devices needs --backend cuda",
+    );
+    gen(
+        &[
+            "--backend",
+            "cuda",
+            "--reconfigure",
+            "2:1",
+            "--prompt-ids",
+            "1",
+        ],
+        "--reconfigure runs on the CPU backend only",
+    );
+    #[cfg(not(feature = "cuda"))]
+    gen(
+        &["--backend", "cuda", "--prompt-ids", "1"],
+        "built without the `cuda` feature",
+    );
+    #[cfg(not(feature = "cuda"))]
+    fails(&["bench", "attention"], "built without the `cuda` feature");
     // Bad requests.
     gen(
         &["--prompt-ids", "1,2,99999"],

@@ -22,6 +22,38 @@ pub enum BenchCommand {
     /// One live TP switch (or a ladder) on a running generation: one JSON record per switch with
     /// the cost of each component, bytes moved, peak extra memory and step latency after.
     Switch(super::switch::BenchSwitchArgs),
+    /// GPU paged decode attention alone (cuda builds): achieved GB/s of KV read against the
+    /// measured device copy bandwidth, per (num-seqs, context).
+    Attention(AttentionArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct AttentionArgs {
+    /// Sequences in the decode batch (sweepable, comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "64")]
+    pub num_seqs: Vec<usize>,
+    /// Tokens of context per sequence (sweepable).
+    #[arg(long, value_delimiter = ',', default_value = "2048")]
+    pub context: Vec<usize>,
+    /// Query heads on the rank (LLaMA-3.1-8B at tp 1: 32).
+    #[arg(long, default_value_t = 32)]
+    pub q_heads: usize,
+    /// KV heads on the rank (LLaMA-3.1-8B at tp 1: 8).
+    #[arg(long, default_value_t = 8)]
+    pub kv_heads: usize,
+    #[arg(long, default_value_t = 128)]
+    pub head_dim: usize,
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// KV and query dtype.
+    #[arg(long, value_enum, default_value = "bf16")]
+    pub dtype: DtypeArg,
+    /// Timed launches per setting (the median is reported).
+    #[arg(long, default_value_t = 20)]
+    pub iters: usize,
+    /// CUDA ordinal.
+    #[arg(long, default_value_t = 0)]
+    pub device: usize,
 }
 
 #[derive(Args, Debug)]
@@ -32,6 +64,9 @@ pub struct OneBatchArgs {
     pub world: usize,
     #[arg(long, default_value_t = 1)]
     pub tp: usize,
+    #[command(flatten)]
+    pub backend: super::BackendArgs,
+    /// Weight (and, on cuda, activation and KV) dtype.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DtypeArg,
     /// Batch sizes to sweep.
@@ -53,7 +88,91 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::OneBatch(a) => one_batch(a),
         BenchCommand::Switch(a) => super::switch::bench_switch(a),
+        BenchCommand::Attention(a) => attention(a),
     }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn attention(_a: AttentionArgs) -> Result<()> {
+    Err(Error::Usage(
+        "bench attention times the CUDA kernel: this pat was built without the `cuda` feature \
+         (rebuild with `cargo build --release --features cuda`)"
+            .into(),
+    ))
+}
+
+#[cfg(feature = "cuda")]
+fn attention(a: AttentionArgs) -> Result<()> {
+    use crate::backend::cuda::{bench, workers::device_dtype, CudaDev};
+    if a.iters == 0 {
+        return Err(Error::Usage("--iters must be at least 1".into()));
+    }
+    let dev = CudaDev::new(a.device)?;
+    let bw = bench::copy_bandwidth(&dev)?;
+    eprintln!(
+        "{} (GPU {}): device copy bandwidth {:.0} GB/s (read + write)",
+        dev.name(),
+        a.device,
+        bw / 1e9
+    );
+    let dtype = device_dtype(a.dtype.into());
+    for &ns in &a.num_seqs {
+        for &ctx in &a.context {
+            let r = bench::paged_attention_bench(
+                &dev,
+                dtype,
+                ns,
+                ctx,
+                a.q_heads,
+                a.kv_heads,
+                a.head_dim,
+                a.block_size,
+                a.iters,
+            )?;
+            let frac = r.gbps * 1e9 / bw;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "kernel": "paged_attention", "device": dev.name(), "dtype": dtype.name(),
+                    "num_seqs": ns, "context": ctx, "q_heads": a.q_heads, "kv_heads": a.kv_heads,
+                    "head_dim": a.head_dim, "block_size": a.block_size, "partition": r.partition,
+                    "median_ms": r.median_ms, "bytes": r.bytes, "gbps": r.gbps,
+                    "copy_bandwidth_gbps": bw / 1e9, "fraction_of_copy_bandwidth": frac,
+                })
+            );
+            eprintln!(
+                "paged attention {ns:>4} seqs x {ctx:>6} ctx: {:.3} ms, {:.0} GB/s = {:.0}% of copy bandwidth (split {:?})",
+                r.median_ms,
+                r.gbps,
+                100.0 * frac,
+                r.partition
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Measured bandwidth (bytes/s, read + write) of the memory behind each id of
+/// `Engine::rank_memory_ids`: host memory on the CPU backend (copied by `threads` threads at
+/// once), each GPU's HBM on cuda.
+fn memory_bandwidths(engine: &Engine, threads: usize) -> Result<Vec<(usize, f64)>> {
+    let mut ids = engine.rank_memory_ids();
+    ids.sort_unstable();
+    ids.dedup();
+    if engine.backend() == "cpu" {
+        return Ok(vec![(0, copy_bandwidth(threads))]);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        ids.iter()
+            .map(|&o| {
+                let dev = crate::backend::cuda::CudaDev::new(o)?;
+                Ok((o, crate::backend::cuda::bench::copy_bandwidth(&dev)?))
+            })
+            .collect()
+    }
+    #[cfg(not(feature = "cuda"))]
+    Err(Error::Usage("no memory bandwidth for this backend".into()))
 }
 
 /// Measured copy bandwidth in bytes/s (read + written), with `threads` threads copying at once.
@@ -104,12 +223,7 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
             "batch sizes and input lengths must be >= 1, output lengths >= 2".into(),
         ));
     }
-    let bw = copy_bandwidth(a.world);
-    eprintln!(
-        "measured copy bandwidth with {} threads: {:.1} GB/s (read + write)",
-        a.world,
-        bw / 1e9
-    );
+    let backend = a.backend.backend()?;
     let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
     let mut settings = Vec::new();
     for &b in &a.batch_size {
@@ -119,6 +233,55 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
             }
         }
     }
+    // One engine for the whole sweep (loading an 8B shard takes a while): its pool holds the
+    // largest setting; every setting's sequences finish and free their blocks before the next.
+    let kv_blocks = settings
+        .iter()
+        .map(|&(b, i, o)| b * crate::kv::blocks_for(i + o, 16))
+        .max()
+        .unwrap_or(1);
+    let opts = EngineOptions {
+        world: a.world,
+        tp: a.tp,
+        block_size: 16,
+        kv_blocks,
+        dtype: a.dtype.into(),
+        sampling: SamplingParams::default(),
+    };
+    let t_load = Instant::now();
+    let mut engine = Engine::with_backend(m.cfg.clone(), &m.ck, opts, &backend)?;
+    eprintln!(
+        "loaded in {:.1} s: {}",
+        t_load.elapsed().as_secs_f64(),
+        engine.describe_ranks()
+    );
+    let bws = memory_bandwidths(&engine, a.world)?;
+    for (id, bw) in &bws {
+        eprintln!(
+            "measured copy bandwidth of {} {id}: {:.1} GB/s (read + write)",
+            if engine.backend() == "cpu" {
+                "host memory"
+            } else {
+                "GPU"
+            },
+            bw / 1e9
+        );
+    }
+    // Every rank reads its whole weight shard once per decode step, all ranks at once; ranks on
+    // the same memory share its bandwidth, so the step is bound by the busiest memory.
+    let ids = engine.rank_memory_ids();
+    let roofline = bws
+        .iter()
+        .map(|&(id, bw)| {
+            let bytes: usize = (0..a.world)
+                .filter(|&r| ids[r] == id)
+                .map(|r| engine.decode_read_bytes(r))
+                .sum();
+            bytes as f64 / (bw / 2.0) // reads only: half the copy traffic
+        })
+        .fold(0.0, f64::max);
+    let min_bw = bws.iter().map(|b| b.1).fold(f64::INFINITY, f64::min);
+    let weight_bytes: usize = (0..a.world).map(|r| engine.rank_bytes(r).0).sum();
     let pb = progress(settings.len() as u64, "bench one-batch");
     for &(batch, input_len, output_len) in &settings {
         let vocab = m.cfg.vocab_size as u32;
@@ -133,15 +296,6 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
         };
         let real = reqs(batch, input_len, output_len);
         let warm = reqs(batch, input_len.min(16), 2);
-        let opts = EngineOptions {
-            world: a.world,
-            tp: a.tp,
-            block_size: 16,
-            kv_blocks: Engine::blocks_needed(&real, 16),
-            dtype: a.dtype.into(),
-            sampling: SamplingParams::default(),
-        };
-        let mut engine = Engine::new(m.cfg.clone(), &m.ck, opts)?;
         engine.add_requests(&warm)?;
         engine.run(|_| {})?;
         engine.add_requests(&real)?;
@@ -152,17 +306,15 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
         let prefill = steps[0];
         let mut decode: Vec<f64> = steps[1..].to_vec();
         let med = median(&mut decode);
-        // Every rank reads its whole weight shard once per decode step, all ranks at once.
-        let weight_bytes: usize = (0..a.world).map(|r| engine.rank_bytes(r).0).sum();
-        let roofline = weight_bytes as f64 / (bw / 2.0); // reads only: half the copy traffic
         let rec = serde_json::json!({
             "run_name": a.run_name, "batch_size": batch, "input_len": input_len, "output_len": output_len,
             "prefill_latency": prefill, "prefill_throughput": (batch * input_len) as f64 / prefill,
             "median_decode_latency": med, "median_decode_throughput": batch as f64 / med,
             "total_latency": total, "overall_throughput": (batch * (input_len + output_len)) as f64 / total,
-            "world": a.world, "tp": a.tp, "backend": "cpu",
+            "world": a.world, "tp": a.tp, "backend": engine.backend(), "dtype": format!("{:?}", a.dtype).to_lowercase(),
+            "ranks": engine.describe_ranks(), "weight_bytes": weight_bytes,
             "decode_roofline_latency": roofline, "decode_vs_roofline": roofline / med,
-            "copy_bandwidth_gbps": bw / 1e9,
+            "copy_bandwidth_gbps": min_bw / 1e9,
         });
         pb.inc(1);
         pb.suspend(|| {

@@ -21,13 +21,16 @@ pub struct GenerateArgs {
     /// HF model directory (config.json, model.safetensors[.index.json], optional tokenizer.json).
     #[arg(long)]
     pub model: PathBuf,
-    /// Number of ranks (threads on the CPU backend).
+    /// Number of ranks (threads on the CPU backend, GPU workers on cuda).
     #[arg(long, default_value_t = 1)]
     pub world: usize,
+    #[command(flatten)]
+    pub backend: super::BackendArgs,
     /// Tensor-parallel degree; must divide --world, the heads, the KV heads and the intermediate size.
     #[arg(long, default_value_t = 1)]
     pub tp: usize,
-    /// Weight precision (the CPU reference computes in f32; bf16 rounds the weights).
+    /// Weight precision. The CPU reference computes in f32 and rounds the weights to bf16/f16;
+    /// on cuda the weights, activations and KV cache are stored in it (f32 math in the kernels).
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DtypeArg,
     /// New tokens per request (a request file's `max_new_tokens` overrides it).
@@ -143,6 +146,12 @@ pub fn progress(total: u64, what: &str) -> ProgressBar {
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
+    let backend = a.backend.backend()?;
+    if backend != crate::engine::Backend::Cpu && !a.reconfigure.is_empty() {
+        return Err(Error::Usage(
+            "--reconfigure runs on the CPU backend only for now (GPU ranks keep one layout)".into(),
+        ));
+    }
     let m = Model::open(&a.model)?;
     let reqs = requests(&a, m.tok.as_ref())?;
     super::switch::check_switches(&a.reconfigure, a.world, &m)?;
@@ -174,7 +183,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         },
     };
     let t0 = Instant::now();
-    let mut engine = Engine::new(m.cfg.clone(), &m.ck, opts)?;
+    let mut engine = Engine::with_backend(m.cfg.clone(), &m.ck, opts, &backend)?;
     let load_s = t0.elapsed().as_secs_f64();
     engine.add_requests(&reqs)?;
     let budget: u64 = reqs.iter().map(|r| r.max_new_tokens as u64).sum();

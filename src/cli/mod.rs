@@ -98,6 +98,7 @@ impl From<PresetArg> for Preset {
 pub enum DtypeArg {
     F32,
     Bf16,
+    F16,
 }
 
 impl From<DtypeArg> for WeightDtype {
@@ -105,6 +106,42 @@ impl From<DtypeArg> for WeightDtype {
         match d {
             DtypeArg::F32 => WeightDtype::F32,
             DtypeArg::Bf16 => WeightDtype::Bf16,
+            DtypeArg::F16 => WeightDtype::F16,
+        }
+    }
+}
+
+/// Where the ranks run (shared by the commands that run the engine).
+#[derive(Args, Debug, Clone)]
+pub struct BackendArgs {
+    /// cpu: the f32 reference (one thread per rank). cuda: GPU ranks with the hand-written kernels
+    /// (needs a build with `--features cuda`); live --reconfigure is CPU-only for now.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub backend: BackendArg,
+    /// With --backend cuda: the CUDA ordinal of each rank, comma-separated (e.g. 0,0,1,1).
+    /// Default: one GPU per rank when there are at least --world GPUs, else every rank on GPU 0
+    /// (ranks sharing a GPU reduce with device copies; one rank per GPU uses NCCL).
+    #[arg(long, value_delimiter = ',', value_name = "ORDINALS")]
+    pub devices: Option<Vec<usize>>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendArg {
+    Cpu,
+    Cuda,
+}
+
+impl BackendArgs {
+    /// The engine backend, or a usage error for --devices without --backend cuda.
+    pub fn backend(&self) -> Result<crate::engine::Backend> {
+        match self.backend {
+            BackendArg::Cpu if self.devices.is_some() => Err(crate::error::Error::Usage(
+                "--devices needs --backend cuda".into(),
+            )),
+            BackendArg::Cpu => Ok(crate::engine::Backend::Cpu),
+            BackendArg::Cuda => Ok(crate::engine::Backend::Cuda {
+                devices: self.devices.clone(),
+            }),
         }
     }
 }
@@ -139,6 +176,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 dtype: match a.dtype {
                     DtypeArg::F32 => InitDtype::F32,
                     DtypeArg::Bf16 => InitDtype::Bf16,
+                    DtypeArg::F16 => InitDtype::F16,
                 },
                 force: a.force,
             };

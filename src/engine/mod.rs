@@ -4,8 +4,10 @@
 //! Every step each live sequence feeds the tokens not yet in its KV cache (the prompt on its first
 //! step, then the last sampled token), so prefill, decode and recompute are one code path.
 
+mod ranks;
 mod reconfigure;
 
+pub use ranks::Backend;
 pub use reconfigure::{weight_bytes_per_rank, SwitchReport};
 
 use std::time::Instant;
@@ -15,10 +17,11 @@ use rand_chacha::ChaCha8Rng;
 use crate::error::{Error, Result};
 use crate::kv::{blocks_for, BlockAllocator, KvPool};
 use crate::model::config::ModelConfig;
-use crate::model::decoder::{forward, RankWeights, SeqInput, WeightDtype};
+use crate::model::decoder::{RankWeights, SeqInput, WeightDtype};
 use crate::model::sampling::{request_rng, sample, SamplingParams};
 use crate::model::weights::Checkpoint;
-use crate::parallel::{Comm, GroupCache, Layout};
+use crate::parallel::{GroupCache, Layout};
+use ranks::{CpuRanks, Ranks, StepCtx};
 
 /// One generation request.
 #[derive(Clone, Debug, PartialEq)]
@@ -110,9 +113,8 @@ pub struct Engine {
     layout: Layout,
     opts: EngineOptions,
     inv_freq: Vec<f32>,
-    /// Per physical rank: its weight shard and its KV pool.
-    weights: Vec<RankWeights>,
-    pools: Vec<KvPool>,
+    /// Per physical rank: its weight shard and its KV pool, on the backend that runs it.
+    ranks: Ranks,
     allocs: Vec<BlockAllocator>,
     groups: GroupCache,
     seqs: Vec<Sequence>,
@@ -123,8 +125,20 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Loads every rank's shard (ranks load in parallel, each reading only its rows).
+    /// Loads every rank's shard onto the CPU backend (ranks load in parallel, each reading only
+    /// its rows).
     pub fn new(cfg: ModelConfig, ck: &Checkpoint, opts: EngineOptions) -> Result<Self> {
+        Self::with_backend(cfg, ck, opts, &Backend::Cpu)
+    }
+
+    /// Loads every rank's shard onto `backend`. GPU ranks need a build with `--features cuda`;
+    /// without it this is a clear error.
+    pub fn with_backend(
+        cfg: ModelConfig,
+        ck: &Checkpoint,
+        opts: EngineOptions,
+        backend: &Backend,
+    ) -> Result<Self> {
         let layout = Layout::new(opts.world, opts.tp)?;
         layout.validate_for(&cfg)?;
         if opts.block_size == 0 {
@@ -136,47 +150,42 @@ impl Engine {
             ));
         }
         opts.sampling.validate()?;
-        let loaded: Vec<(RankWeights, KvPool)> = std::thread::scope(|s| {
-            let hs: Vec<_> = (0..opts.world)
-                .map(|rank| {
-                    let (cfg, layout, opts) = (&cfg, &layout, &opts);
-                    s.spawn(move || -> Result<(RankWeights, KvPool)> {
-                        let (_, t) = layout.position(rank);
-                        let weights = RankWeights::load(ck, cfg, opts.tp, t, opts.dtype)?;
-                        let kv = KvPool::new(
-                            cfg.num_layers,
-                            opts.kv_blocks,
-                            opts.block_size,
-                            cfg.num_kv_heads / opts.tp,
-                            cfg.head_dim,
-                        )?;
-                        Ok((weights, kv))
-                    })
-                })
-                .collect();
-            hs.into_iter()
-                .enumerate()
-                .map(|(rank, h)| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(Error::Rank {
-                            rank,
-                            msg: "loader thread panicked".into(),
-                        })
-                    })
-                })
-                .collect::<Result<Vec<_>>>()
-        })?;
-        let (weights, pools) = loaded.into_iter().unzip();
+        let inv_freq = cfg.inv_freq();
+        let ranks = match backend {
+            Backend::Cpu => Ranks::Cpu(load_cpu_ranks(&cfg, ck, &layout, &opts)?),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda { devices } => {
+                Ranks::Gpu(crate::backend::cuda::workers::GpuRanks::new(
+                    &cfg,
+                    ck,
+                    &layout,
+                    &crate::backend::cuda::workers::GpuOptions {
+                        devices: devices.clone(),
+                        dtype: opts.dtype,
+                        kv_blocks: opts.kv_blocks,
+                        block_size: opts.block_size,
+                        inv_freq: inv_freq.clone(),
+                    },
+                )?)
+            }
+            #[cfg(not(feature = "cuda"))]
+            Backend::Cuda { .. } => {
+                return Err(Error::Usage(
+                    "--backend cuda: this pat was built without the `cuda` feature; rebuild with \
+                     `cargo build --release --features cuda` (needs nvcc, see scripts/install-cuda-toolchain.sh)"
+                        .into(),
+                ))
+            }
+        };
         let allocs = (0..layout.dp())
             .map(|_| BlockAllocator::new(opts.kv_blocks))
             .collect();
         Ok(Engine {
-            inv_freq: cfg.inv_freq(),
+            inv_freq,
             cfg,
             layout,
             opts,
-            weights,
-            pools,
+            ranks,
             allocs,
             groups: GroupCache::default(),
             seqs: Vec::new(),
@@ -184,6 +193,23 @@ impl Engine {
             record_logits: false,
             recorded: Vec::new(),
         })
+    }
+
+    /// The backend running the ranks: "cpu" or "cuda".
+    pub fn backend(&self) -> &'static str {
+        self.ranks.backend()
+    }
+    /// Where the ranks run, for reports.
+    pub fn describe_ranks(&self) -> String {
+        self.ranks.set_ref().describe()
+    }
+    /// Weight bytes physical rank `rank` reads per decode step (what a bandwidth roofline counts).
+    pub fn decode_read_bytes(&self, rank: usize) -> usize {
+        self.ranks.set_ref().decode_read_bytes(rank)
+    }
+    /// Per physical rank, which memory it reads its weights from (equal ids share bandwidth).
+    pub fn rank_memory_ids(&self) -> Vec<usize> {
+        self.ranks.set_ref().memory_ids()
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -197,7 +223,7 @@ impl Engine {
     }
     /// Bytes of weights plus KV pool held by one rank.
     pub fn rank_bytes(&self, rank: usize) -> (usize, usize) {
-        (self.weights[rank].bytes(), self.pools[rank].bytes())
+        self.ranks.set_ref().rank_bytes(rank)
     }
 
     /// Checks a request against the model without admitting it.
@@ -386,16 +412,6 @@ impl Engine {
         per_replica: &[Vec<usize>],
         upto: impl Fn(&Sequence) -> usize,
     ) -> Result<Vec<Vec<f32>>> {
-        let dp = self.layout.dp();
-        let comms: Vec<_> = (0..dp)
-            .map(|d| {
-                if per_replica[d].is_empty() {
-                    Vec::new()
-                } else {
-                    self.groups.get(self.layout.replica_ranks(d))
-                }
-            })
-            .collect();
         let seqs = &self.seqs;
         let inputs: Vec<Vec<SeqInput>> = per_replica
             .iter()
@@ -412,57 +428,13 @@ impl Engine {
                     .collect()
             })
             .collect();
-        let (cfg, layout, inv_freq) = (&self.cfg, &self.layout, &self.inv_freq);
-        let results: Vec<(usize, usize, Result<Vec<f32>>)> = std::thread::scope(|sc| {
-            let hs: Vec<_> = self
-                .weights
-                .iter()
-                .zip(self.pools.iter_mut())
-                .enumerate()
-                .filter_map(|(rank, (w, kv))| {
-                    let (d, t) = layout.position(rank);
-                    if inputs[d].is_empty() {
-                        return None;
-                    }
-                    let comm = comms[d][t].clone();
-                    let inp = &inputs[d];
-                    Some((
-                        rank,
-                        t,
-                        sc.spawn(move || {
-                            let r = forward(cfg, w, kv, inv_freq, &comm, inp);
-                            if r.is_err() {
-                                comm.poison();
-                            }
-                            r
-                        }),
-                    ))
-                })
-                .collect();
-            // Join every rank, so a failure anywhere is reported rather than left behind.
-            hs.into_iter()
-                .map(|(rank, t, h)| {
-                    (
-                        rank,
-                        t,
-                        h.join().unwrap_or_else(|_| {
-                            Err(Error::Rank {
-                                rank,
-                                msg: "worker panicked".into(),
-                            })
-                        }),
-                    )
-                })
-                .collect()
-        });
-        let mut logits = vec![Vec::new(); dp];
-        for (rank, t, r) in results {
-            let l = r?;
-            if t == 0 {
-                logits[self.layout.position(rank).0] = l;
-            }
-        }
-        Ok(logits)
+        let ctx = StepCtx {
+            cfg: &self.cfg,
+            layout: &self.layout,
+            inv_freq: &self.inv_freq,
+            groups: &mut self.groups,
+        };
+        self.ranks.set().forward(ctx, &inputs)
     }
 
     /// Steps until every sequence has finished, calling `on_step` after each step.
@@ -496,4 +468,44 @@ impl Engine {
             .map(|r| blocks_for(r.input_ids.len() + r.max_new_tokens, block_size.max(1)))
             .sum()
     }
+}
+
+/// Every rank's shard and a zeroed KV pool in host memory, loaded by one thread per rank.
+fn load_cpu_ranks(
+    cfg: &ModelConfig,
+    ck: &Checkpoint,
+    layout: &Layout,
+    opts: &EngineOptions,
+) -> Result<CpuRanks> {
+    let loaded: Vec<(RankWeights, KvPool)> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..opts.world)
+            .map(|rank| {
+                s.spawn(move || -> Result<(RankWeights, KvPool)> {
+                    let (_, t) = layout.position(rank);
+                    let weights = RankWeights::load(ck, cfg, opts.tp, t, opts.dtype)?;
+                    let kv = KvPool::new(
+                        cfg.num_layers,
+                        opts.kv_blocks,
+                        opts.block_size,
+                        cfg.num_kv_heads / opts.tp,
+                        cfg.head_dim,
+                    )?;
+                    Ok((weights, kv))
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .enumerate()
+            .map(|(rank, h)| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::Rank {
+                        rank,
+                        msg: "loader thread panicked".into(),
+                    })
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let (weights, pools) = loaded.into_iter().unzip();
+    Ok(CpuRanks { weights, pools })
 }

@@ -86,6 +86,8 @@ impl Engine {
         cost: &CostModel,
     ) -> Result<SwitchReport> {
         let t0 = Instant::now();
+        const WHAT: &str = "live TP reconfiguration";
+        self.ranks.cpu_mut(WHAT)?;
         let (cfg, old) = (&self.cfg, self.layout.clone());
         if new_tp == old.tp {
             return Err(Error::Usage(format!(
@@ -154,7 +156,8 @@ impl Engine {
         let (bs, layers, hd) = (self.opts.block_size, cfg.num_layers, cfg.head_dim);
         let kv_local = cfg.num_kv_heads / new_tp;
         let block_bytes = (2 * layers * kv_local * bs * hd) as u64 * ELEM;
-        let budget = self.pools[0].bytes() as i128 + weight_bytes_per_rank(cfg, old.tp) as i128
+        let budget = self.ranks.cpu_mut(WHAT)?.pools[0].bytes() as i128
+            + weight_bytes_per_rank(cfg, old.tp) as i128
             - weight_bytes_per_rank(cfg, new_tp) as i128;
         let new_blocks = if budget > 0 {
             (budget as u64 / block_bytes) as usize
@@ -199,13 +202,13 @@ impl Engine {
             })
             .collect();
         let kp = kvplan::plan(cfg, &old, &new, bs, &seq_kv, ELEM)?;
-        let ks = kvplan::execute(&kp, &self.pools, &mut pools)?;
+        let ks = kvplan::execute(&kp, &self.ranks.cpu_mut(WHAT)?.pools, &mut pools)?;
         report.kv_migrate_ms = tk.elapsed().as_secs_f64() * 1e3;
 
         // Weights, in place; an error leaves every rank's shard untouched.
         let tw = Instant::now();
         let wp = wplan::plan(cfg, &old, &new, ELEM)?;
-        let ws = wplan::execute(&wp, cfg, &mut self.weights)?;
+        let ws = wplan::execute(&wp, cfg, &mut self.ranks.cpu_mut(WHAT)?.weights)?;
         report.weight_reshard_ms = tw.elapsed().as_secs_f64() * 1e3;
 
         // Swap: nothing below can fail until the recompute.
@@ -216,7 +219,7 @@ impl Engine {
         report.bytes_moved_cross_rank = ks.bytes_cross_rank + ws.bytes_cross_rank;
         report.bytes_moved_in_place = ks.bytes_in_place + ws.bytes_in_place;
         report.weight_bytes_cross_rank = ws.bytes_cross_rank;
-        self.pools = pools;
+        self.ranks.cpu_mut(WHAT)?.pools = pools;
         self.allocs = allocs;
         self.layout = new;
         self.opts.tp = new_tp;

@@ -9,7 +9,7 @@ use crate::backend::cpu;
 use crate::error::{Error, Result};
 use crate::kv::{slot, KvPool};
 use crate::model::config::ModelConfig;
-use crate::model::weights::{round_to_bf16, Checkpoint};
+use crate::model::weights::{round_to_bf16, round_to_f16, Checkpoint};
 use crate::parallel::shard::{self, Role, Source};
 use crate::parallel::Comm;
 
@@ -19,6 +19,8 @@ pub enum WeightDtype {
     F32,
     /// Weights rounded to bf16, f32 accumulation (emulates a bf16 engine).
     Bf16,
+    /// Weights rounded to f16, f32 accumulation.
+    F16,
 }
 
 /// One layer's weights as held by one rank (split axis outermost, see `parallel::shard`).
@@ -129,8 +131,10 @@ impl RankWeights {
             final_norm: norm("model.norm.weight".into(), h)?,
             layers,
         };
-        if dtype == WeightDtype::Bf16 {
-            w.for_each_buffer(round_to_bf16);
+        match dtype {
+            WeightDtype::F32 => {}
+            WeightDtype::Bf16 => w.for_each_buffer(round_to_bf16),
+            WeightDtype::F16 => w.for_each_buffer(round_to_f16),
         }
         Ok(w)
     }
@@ -156,6 +160,17 @@ impl RankWeights {
                 f(b);
             }
         }
+    }
+
+    /// Weight bytes a decode step reads: all of them but an untied embedding table, of which a
+    /// step reads only the rows of its tokens.
+    pub fn decode_read_bytes(&self) -> usize {
+        let untied_embed = if self.lm_head.is_some() {
+            self.embed.len() * 4
+        } else {
+            0
+        };
+        self.bytes() - untied_embed
     }
 
     /// Bytes of weights held (f32).

@@ -28,6 +28,7 @@ pub enum Preset {
 pub enum InitDtype {
     F32,
     Bf16,
+    F16,
 }
 
 /// What `init_model` writes.
@@ -61,7 +62,11 @@ const PRESETS: [(&str, Preset); 3] = [
     ("small", Preset::Small),
     ("llama3-8b-shape", Preset::Llama3_8bShape),
 ];
-const DTYPES: [(&str, InitDtype); 2] = [("f32", InitDtype::F32), ("bf16", InitDtype::Bf16)];
+const DTYPES: [(&str, InitDtype); 3] = [
+    ("f32", InitDtype::F32),
+    ("bf16", InitDtype::Bf16),
+    ("f16", InitDtype::F16),
+];
 
 fn parse_named<T: Copy>(table: &[(&'static str, T)], what: &str, s: &str) -> Result<T> {
     table
@@ -113,6 +118,7 @@ impl InitDtype {
         match self {
             InitDtype::F32 => (4, Dtype::F32, "float32"),
             InitDtype::Bf16 => (2, Dtype::BF16, "bfloat16"),
+            InitDtype::F16 => (2, Dtype::F16, "float16"),
         }
     }
 }
@@ -269,6 +275,7 @@ impl LazyTensor {
             match self.dtype {
                 InitDtype::F32 => dst.copy_from_slice(&v.to_le_bytes()),
                 InitDtype::Bf16 => dst.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
+                InitDtype::F16 => dst.copy_from_slice(&half::f16::from_f32(v).to_le_bytes()),
             }
         }
     }
@@ -600,7 +607,8 @@ mod tests {
             "{e}"
         );
         assert_eq!("bf16".parse::<InitDtype>().expect("bf16"), InitDtype::Bf16);
-        assert!("f16".parse::<InitDtype>().is_err());
+        assert_eq!("f16".parse::<InitDtype>().expect("f16"), InitDtype::F16);
+        assert!("fp8".parse::<InitDtype>().is_err());
         let l = preset_dims(Arch::Llama, Preset::Llama3_8bShape);
         let o = opts(Arch::Llama, InitDtype::Bf16, 0);
         let n: usize = tensors(&o, &l).iter().map(|(_, t)| t.numel()).sum();

@@ -230,3 +230,10 @@ pub fn round_to_bf16(v: &mut [f32]) {
         *x = half::bf16::from_f32(*x).to_f32();
     }
 }
+
+/// Rounds every value to the nearest f16 (ties to even; out of range becomes ±inf).
+pub fn round_to_f16(v: &mut [f32]) {
+    for x in v {
+        *x = half::f16::from_f32(*x).to_f32();
+    }
+}

@@ -21,12 +21,15 @@
 //! rank's device inside its thread (several devices on one GPU share its primary context, so
 //! their buffers are visible to each other, which the same-device comm relies on).
 
+pub mod bench;
 pub mod buffer;
 pub mod comm;
 pub mod device;
+pub mod nccl;
 pub mod ops;
 pub mod rank;
 pub mod testing;
+pub mod workers;
 
 pub use buffer::{DBuf, DType, DView, HostElem};
 pub use comm::{DeviceComm, HostComm, SameDeviceComm, SoloComm};

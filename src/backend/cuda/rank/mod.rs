@@ -253,6 +253,17 @@ impl GpuRank {
         self.tp_rank
     }
 
+    /// Weight bytes a decode step reads: all of them but an untied embedding table, of which a
+    /// step reads only the rows of its tokens.
+    pub fn decode_read_bytes(&self) -> usize {
+        let untied_embed = if self.lm_head.is_some() {
+            self.embed.bytes()
+        } else {
+            0
+        };
+        self.weight_bytes() - untied_embed
+    }
+
     /// Bytes of weights held on the device.
     pub fn weight_bytes(&self) -> usize {
         let mut n = self.embed.bytes()

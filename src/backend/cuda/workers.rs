@@ -1,0 +1,586 @@
+//! `GpuRanks`: an engine's ranks on GPUs, one long-lived worker thread per rank.
+//!
+//! A `CudaDev` (and so a `GpuRank`) is confined to the thread that made it, so each rank is a
+//! thread that creates its device, receives its host shard once, uploads it, and then serves
+//! jobs from a channel until the `GpuRanks` is dropped:
+//!
+//! 1. `Upload`: the host shard (loaded by the engine's loader threads straight from the mmapped
+//!    checkpoint) becomes a `GpuRank` (weights in the engine dtype, zeroed paged KV pool); the host
+//!    copy is dropped right after.
+//! 2. `Connect`: the rank's collective group — `SoloComm` for tp 1, one `SameDeviceComm` group
+//!    when a replica's ranks share a GPU, NCCL when each has its own GPU. Sent to every member
+//!    before any reply is awaited, because NCCL's init blocks until all members join.
+//! 3. `Forward`: one packed batch (owned copies of the engine's `SeqInput`s, shared by the
+//!    replica's members) → logits [n_seqs, vocab] on the host, from tp-rank 0.
+//!
+//! Failures: a rank's error poisons its group, so peers return instead of waiting; the failed
+//! replica then gets a fresh group (`Connect` again) so the engine can carry on, as it does on the
+//! CPU. What cannot be recovered is an NCCL collective a peer never joins (NCCL has no timeout);
+//! every input is validated on the host identically on all members before the first collective,
+//! so only device faults can get there.
+
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use super::buffer::DType;
+use super::comm::{DeviceComm, SameDeviceComm, SoloComm};
+use super::device::{probe, CudaDev};
+use super::nccl::{NcclComm, NcclId};
+use super::rank::GpuRank;
+use crate::error::{Error, Result};
+use crate::model::config::ModelConfig;
+use crate::model::decoder::{RankWeights, SeqInput, WeightDtype};
+use crate::model::weights::Checkpoint;
+use crate::parallel::Layout;
+
+/// How an engine's ranks go onto GPUs.
+#[derive(Clone, Debug)]
+pub struct GpuOptions {
+    /// CUDA ordinal of each physical rank; `None`: one GPU per rank when there are at least
+    /// `world` GPUs, else every rank on GPU 0.
+    pub devices: Option<Vec<usize>>,
+    /// Weight, activation and KV dtype on the device (f32 arithmetic inside every kernel).
+    pub dtype: WeightDtype,
+    /// KV blocks per rank.
+    pub kv_blocks: usize,
+    pub block_size: usize,
+    /// RoPE inverse frequencies (`ModelConfig::inv_freq`).
+    pub inv_freq: Vec<f32>,
+}
+
+/// The device dtype for an engine dtype.
+pub fn device_dtype(d: WeightDtype) -> DType {
+    match d {
+        WeightDtype::F32 => DType::F32,
+        WeightDtype::Bf16 => DType::Bf16,
+        WeightDtype::F16 => DType::F16,
+    }
+}
+
+/// One sequence of a forward job, owned so it can cross to the worker threads.
+struct OwnedSeq {
+    tokens: Vec<u32>,
+    start_pos: usize,
+    table: Vec<u32>,
+}
+
+/// A rank's collective group, as handed to its worker.
+enum CommSpec {
+    Solo,
+    Same(SameDeviceComm),
+    Nccl {
+        id: NcclId,
+        rank: usize,
+        size: usize,
+    },
+}
+
+/// What a replica's group runs on (for reports).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupKind {
+    /// tp 1: no collectives.
+    Solo,
+    /// Several ranks on one GPU: device copies and the `all_reduce_sum` kernel.
+    SameDevice,
+    /// One rank per GPU: NCCL.
+    Nccl,
+}
+
+impl GroupKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            GroupKind::Solo => "none (tp 1)",
+            GroupKind::SameDevice => "same-device",
+            GroupKind::Nccl => "nccl",
+        }
+    }
+}
+
+/// What a rank reports after its upload.
+struct Uploaded {
+    weight_bytes: usize,
+    read_bytes: usize,
+    kv_bytes: usize,
+    device_name: String,
+}
+
+enum Job {
+    Upload {
+        weights: Box<RankWeights>,
+        reply: Sender<Result<Uploaded>>,
+    },
+    Connect {
+        comm: CommSpec,
+        reply: Sender<Result<()>>,
+    },
+    Forward {
+        batch: Arc<Vec<OwnedSeq>>,
+        reply: Sender<Result<Vec<f32>>>,
+    },
+}
+
+struct Worker {
+    tx: Option<Sender<Job>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+/// An engine's `world` ranks on GPUs, arranged as one `Layout` for their whole life (live TP
+/// reconfiguration runs on the CPU backend only, for now).
+pub struct GpuRanks {
+    workers: Vec<Worker>,
+    devices: Vec<usize>,
+    device_names: Vec<String>,
+    tp: usize,
+    groups: Vec<GroupKind>,
+    bytes: Vec<(usize, usize)>,
+    read_bytes: Vec<usize>,
+    /// Set when a failed replica could not get a fresh group: every later step errors with it.
+    broken: Option<String>,
+}
+
+impl Drop for GpuRanks {
+    fn drop(&mut self) {
+        for w in &mut self.workers {
+            w.tx.take(); // closes the channel: the worker leaves its loop and frees its device
+        }
+        for w in &mut self.workers {
+            if let Some(h) = w.handle.take() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+/// Each rank's CUDA ordinal: `explicit` checked against the device count, else the default.
+fn place(explicit: Option<&[usize]>, world: usize, count: usize) -> Result<Vec<usize>> {
+    match explicit {
+        Some(d) => {
+            if d.len() != world {
+                return Err(Error::Usage(format!(
+                    "--devices lists {} GPUs but --world is {world} (one ordinal per rank)",
+                    d.len()
+                )));
+            }
+            if let Some(&bad) = d.iter().find(|&&o| o >= count) {
+                return Err(Error::Device(format!(
+                    "--devices names GPU {bad} but only {count} CUDA device(s) are present"
+                )));
+            }
+            Ok(d.to_vec())
+        }
+        None if count >= world => Ok((0..world).collect()),
+        None => Ok(vec![0; world]),
+    }
+}
+
+/// The kind of group replica `d`'s ranks form on `devices`.
+fn group_kind(layout: &Layout, devices: &[usize], d: usize) -> Result<GroupKind> {
+    let ranks = layout.replica_ranks(d);
+    let devs: Vec<usize> = ranks.iter().map(|&r| devices[r]).collect();
+    if devs.len() == 1 {
+        return Ok(GroupKind::Solo);
+    }
+    if devs.iter().all(|&o| o == devs[0]) {
+        return Ok(GroupKind::SameDevice);
+    }
+    let mut sorted = devs.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    if sorted.len() == devs.len() {
+        return Ok(GroupKind::Nccl);
+    }
+    Err(Error::Layout(format!(
+        "replica {d}'s ranks {ranks:?} are on GPUs {devs:?}: a tp group must be all on one GPU \
+         or one rank per GPU"
+    )))
+}
+
+/// Fresh group handles for one replica of `tp` members, in tp-rank order.
+fn group_specs(kind: GroupKind, tp: usize) -> Result<Vec<CommSpec>> {
+    Ok(match kind {
+        GroupKind::Solo => vec![CommSpec::Solo],
+        GroupKind::SameDevice => SameDeviceComm::group(tp)?
+            .into_iter()
+            .map(CommSpec::Same)
+            .collect(),
+        GroupKind::Nccl => {
+            let id = NcclId::new()?;
+            (0..tp)
+                .map(|rank| CommSpec::Nccl { id, rank, size: tp })
+                .collect()
+        }
+    })
+}
+
+/// A reply from worker `rank`, or an error if it died.
+fn recv<T>(rank: usize, rx: &Receiver<Result<T>>) -> Result<T> {
+    rx.recv().unwrap_or_else(|_| {
+        Err(Error::Rank {
+            rank,
+            msg: "GPU worker thread exited (see the panic message above)".into(),
+        })
+    })
+}
+
+impl GpuRanks {
+    /// Starts one worker per rank of `layout`, loads each rank's shard from `ck` on the host (one
+    /// loader thread per rank, reading only its rows), uploads it and connects the groups.
+    pub fn new(
+        cfg: &ModelConfig,
+        ck: &Checkpoint,
+        layout: &Layout,
+        opts: &GpuOptions,
+    ) -> Result<Self> {
+        let count = probe()?;
+        let world = layout.world;
+        let devices = place(opts.devices.as_deref(), world, count)?;
+        let groups = (0..layout.dp())
+            .map(|d| group_kind(layout, &devices, d))
+            .collect::<Result<Vec<_>>>()?;
+        if opts.inv_freq.len() != cfg.head_dim / 2 {
+            return Err(Error::Device(format!(
+                "inv_freq has {} entries, head_dim {} needs {}",
+                opts.inv_freq.len(),
+                cfg.head_dim,
+                cfg.head_dim / 2
+            )));
+        }
+        let dtype = device_dtype(opts.dtype);
+        let mut me = GpuRanks {
+            workers: Vec::with_capacity(world),
+            devices: devices.clone(),
+            device_names: vec![String::new(); world],
+            tp: layout.tp,
+            groups,
+            bytes: vec![(0, 0); world],
+            read_bytes: vec![0; world],
+            broken: None,
+        };
+        for (rank, &ordinal) in devices.iter().enumerate() {
+            let (tx, rx) = channel();
+            let ctx = WorkerCtx {
+                ordinal,
+                cfg: cfg.clone(),
+                inv_freq: opts.inv_freq.clone(),
+                dtype,
+                kv_blocks: opts.kv_blocks,
+                block_size: opts.block_size,
+            };
+            let handle = std::thread::Builder::new()
+                .name(format!("pat-gpu-rank-{rank}"))
+                .spawn(move || ctx.serve(rx))
+                .map_err(|e| Error::Rank {
+                    rank,
+                    msg: format!("cannot start its worker thread: {e}"),
+                })?;
+            me.workers.push(Worker {
+                tx: Some(tx),
+                handle: Some(handle),
+            });
+        }
+
+        // Load on the host and upload, one loader thread per rank; the host shard lives only
+        // until its worker has uploaded it. (Dropping `me` on error stops every worker.)
+        let senders: Vec<Sender<Job>> = me.workers.iter().filter_map(|w| w.tx.clone()).collect();
+        let uploaded: Vec<Uploaded> = std::thread::scope(|s| {
+            let hs: Vec<_> = senders
+                .iter()
+                .enumerate()
+                .map(|(rank, tx)| {
+                    s.spawn(move || -> Result<Uploaded> {
+                        let (_, t) = layout.position(rank);
+                        // Loaded in f32: the upload rounds once to the device dtype.
+                        let weights = RankWeights::load(ck, cfg, layout.tp, t, WeightDtype::F32)?;
+                        let (rtx, rrx) = channel();
+                        tx.send(Job::Upload {
+                            weights: Box::new(weights),
+                            reply: rtx,
+                        })
+                        .map_err(|_| Error::Rank {
+                            rank,
+                            msg: "GPU worker thread exited before the upload".into(),
+                        })?;
+                        recv(rank, &rrx)
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .enumerate()
+                .map(|(rank, h)| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(Error::Rank {
+                            rank,
+                            msg: "loader thread panicked".into(),
+                        })
+                    })
+                })
+                .collect::<Result<Vec<_>>>()
+        })?;
+        for (rank, u) in uploaded.into_iter().enumerate() {
+            me.bytes[rank] = (u.weight_bytes, u.kv_bytes);
+            me.read_bytes[rank] = u.read_bytes;
+            me.device_names[rank] = u.device_name;
+        }
+        for d in 0..layout.dp() {
+            me.connect(layout, d)?;
+        }
+        Ok(me)
+    }
+
+    /// Gives replica `d`'s members a fresh group (all sent before any reply is awaited).
+    fn connect(&mut self, layout: &Layout, d: usize) -> Result<()> {
+        let specs = group_specs(self.groups[d], layout.tp)?;
+        let mut replies = Vec::with_capacity(specs.len());
+        for (&rank, comm) in layout.replica_ranks(d).iter().zip(specs) {
+            let (rtx, rrx) = channel();
+            self.send(rank, Job::Connect { comm, reply: rtx })?;
+            replies.push((rank, rrx));
+        }
+        let mut first = Ok(());
+        for (rank, rrx) in replies {
+            if let Err(e) = recv(rank, &rrx) {
+                if first.is_ok() {
+                    first = Err(e);
+                }
+            }
+        }
+        first
+    }
+
+    fn send(&self, rank: usize, job: Job) -> Result<()> {
+        self.workers[rank]
+            .tx
+            .as_ref()
+            .and_then(|tx| tx.send(job).ok())
+            .ok_or_else(|| Error::Rank {
+                rank,
+                msg: "GPU worker thread exited".into(),
+            })
+    }
+
+    /// Runs replica d's batch `inputs[d]` on its ranks (all replicas at once); returns each
+    /// replica's logits [n_seqs, vocab] (empty for idle replicas).
+    pub fn step(&mut self, layout: &Layout, inputs: &[Vec<SeqInput<'_>>]) -> Result<Vec<Vec<f32>>> {
+        if let Some(why) = &self.broken {
+            return Err(Error::Device(format!(
+                "the GPU ranks are unusable after an earlier failure: {why}"
+            )));
+        }
+        if layout.world != self.workers.len() || layout.tp != self.tp || inputs.len() != layout.dp()
+        {
+            return Err(Error::Layout(format!(
+                "GPU ranks were built as world {} tp {}, asked to run world {} tp {} with {} replica batches",
+                self.workers.len(),
+                self.tp,
+                layout.world,
+                layout.tp,
+                inputs.len()
+            )));
+        }
+        let mut pending = Vec::new();
+        for (d, seqs) in inputs.iter().enumerate() {
+            if seqs.is_empty() {
+                continue;
+            }
+            let batch = Arc::new(
+                seqs.iter()
+                    .map(|s| OwnedSeq {
+                        tokens: s.tokens.to_vec(),
+                        start_pos: s.start_pos,
+                        table: s.table.to_vec(),
+                    })
+                    .collect::<Vec<_>>(),
+            );
+            for (t, &rank) in layout.replica_ranks(d).iter().enumerate() {
+                let (rtx, rrx) = channel();
+                let job = Job::Forward {
+                    batch: batch.clone(),
+                    reply: rtx,
+                };
+                match self.send(rank, job) {
+                    Ok(()) => pending.push((d, t, rank, Some(rrx))),
+                    Err(e) => {
+                        // A dead worker: its peers would wait at the first collective, so poison
+                        // by sending nothing more to this replica and report.
+                        pending.push((d, t, rank, None));
+                        self.broken = Some(e.to_string());
+                    }
+                }
+            }
+        }
+        let mut logits = vec![Vec::new(); layout.dp()];
+        let mut failed: Vec<usize> = Vec::new();
+        let mut first: Option<Error> = None;
+        for (d, t, rank, rrx) in pending {
+            let r = match rrx {
+                Some(rrx) => recv(rank, &rrx),
+                None => Err(Error::Rank {
+                    rank,
+                    msg: "GPU worker thread exited".into(),
+                }),
+            };
+            match r {
+                Ok(l) if t == 0 => logits[d] = l,
+                Ok(_) => {}
+                Err(e) => {
+                    if !failed.contains(&d) {
+                        failed.push(d);
+                    }
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first {
+            if self.broken.is_none() {
+                for d in failed {
+                    if let Err(c) = self.connect(layout, d) {
+                        self.broken = Some(format!("replica {d} could not regroup: {c}"));
+                        break;
+                    }
+                }
+            }
+            return Err(e);
+        }
+        Ok(logits)
+    }
+
+    /// (weight bytes, KV pool bytes) on physical rank `rank`'s device.
+    pub fn bytes(&self, rank: usize) -> (usize, usize) {
+        self.bytes[rank]
+    }
+    /// Weight bytes physical rank `rank` reads per decode step.
+    pub fn read_bytes(&self, rank: usize) -> usize {
+        self.read_bytes[rank]
+    }
+    /// CUDA ordinal of each physical rank.
+    pub fn devices(&self) -> &[usize] {
+        &self.devices
+    }
+    /// Device name of each physical rank, e.g. "NVIDIA H100 80GB HBM3".
+    pub fn device_names(&self) -> &[String] {
+        &self.device_names
+    }
+    /// What each replica's collectives run on.
+    pub fn group_kinds(&self) -> &[GroupKind] {
+        &self.groups
+    }
+}
+
+/// What a worker thread needs besides its jobs.
+struct WorkerCtx {
+    ordinal: usize,
+    cfg: ModelConfig,
+    inv_freq: Vec<f32>,
+    dtype: DType,
+    kv_blocks: usize,
+    block_size: usize,
+}
+
+impl WorkerCtx {
+    /// The worker loop: serves jobs until the channel closes. Replies that cannot be delivered
+    /// (the engine gave up waiting) are dropped.
+    fn serve(self, rx: Receiver<Job>) {
+        let mut rank: Option<GpuRank> = None;
+        // Declared after `rank`, so dropped first: the group goes before the device it lives on.
+        let mut comm: Option<Box<dyn DeviceComm>> = None;
+        for job in rx {
+            match job {
+                Job::Upload { weights, reply } => {
+                    let r = CudaDev::new(self.ordinal).and_then(|dev| {
+                        GpuRank::new(
+                            dev,
+                            &self.cfg,
+                            &weights,
+                            self.dtype,
+                            self.kv_blocks,
+                            self.block_size,
+                        )
+                    });
+                    drop(weights);
+                    let _ = reply.send(r.map(|g| {
+                        let u = Uploaded {
+                            weight_bytes: g.weight_bytes(),
+                            read_bytes: g.decode_read_bytes(),
+                            kv_bytes: g.kv().bytes(),
+                            device_name: g.dev().name().to_owned(),
+                        };
+                        rank = Some(g);
+                        u
+                    }));
+                }
+                Job::Connect { comm: spec, reply } => {
+                    comm = None; // the old group (if any) goes before the new one is made
+                    let r = match (&rank, spec) {
+                        (None, _) => Err(Error::Device(
+                            "connect before the rank's weights were uploaded".into(),
+                        )),
+                        (Some(_), CommSpec::Solo) => Ok(Box::new(SoloComm) as Box<dyn DeviceComm>),
+                        (Some(_), CommSpec::Same(c)) => Ok(Box::new(c) as Box<dyn DeviceComm>),
+                        (Some(g), CommSpec::Nccl { id, rank, size }) => {
+                            NcclComm::init(g.dev(), id, rank, size)
+                                .map(|c| Box::new(c) as Box<dyn DeviceComm>)
+                        }
+                    };
+                    let _ = reply.send(r.map(|c| {
+                        comm = Some(c);
+                    }));
+                }
+                Job::Forward { batch, reply } => {
+                    let r = match (&mut rank, &comm) {
+                        (Some(g), Some(c)) => {
+                            let seqs: Vec<SeqInput> = batch
+                                .iter()
+                                .map(|s| SeqInput {
+                                    tokens: &s.tokens,
+                                    start_pos: s.start_pos,
+                                    table: &s.table,
+                                })
+                                .collect();
+                            g.forward(&self.cfg, &self.inv_freq, c.as_ref(), &seqs)
+                        }
+                        _ => Err(Error::Device(
+                            "forward before the rank was uploaded and connected".into(),
+                        )),
+                    };
+                    drop(batch);
+                    let _ = reply.send(r);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placement_defaults_and_checks() {
+        assert_eq!(place(None, 4, 8).unwrap(), vec![0, 1, 2, 3]);
+        assert_eq!(place(None, 4, 1).unwrap(), vec![0, 0, 0, 0]);
+        assert_eq!(place(None, 4, 2).unwrap(), vec![0, 0, 0, 0]);
+        assert_eq!(place(Some(&[1, 0]), 2, 2).unwrap(), vec![1, 0]);
+        assert!(matches!(place(Some(&[0]), 2, 2), Err(Error::Usage(_))));
+        assert!(matches!(place(Some(&[0, 2]), 2, 2), Err(Error::Device(_))));
+    }
+
+    #[test]
+    fn group_kinds_follow_the_devices() {
+        let l = Layout::new(4, 2).unwrap();
+        let kinds = |devs: &[usize]| -> Vec<Result<GroupKind>> {
+            (0..l.dp()).map(|d| group_kind(&l, devs, d)).collect()
+        };
+        let k = kinds(&[0, 0, 0, 0]);
+        assert!(k.iter().all(|g| matches!(g, Ok(GroupKind::SameDevice))));
+        let k = kinds(&[0, 1, 2, 3]);
+        assert!(k.iter().all(|g| matches!(g, Ok(GroupKind::Nccl))));
+        let one = Layout::new(2, 1).unwrap();
+        assert!(matches!(group_kind(&one, &[0, 0], 1), Ok(GroupKind::Solo)));
+        let l3 = Layout::new(3, 3).unwrap();
+        assert!(matches!(
+            group_kind(&l3, &[0, 0, 1], 0),
+            Err(Error::Layout(_))
+        ));
+    }
+}
