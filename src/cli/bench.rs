@@ -155,7 +155,7 @@ fn attention(a: AttentionArgs) -> Result<()> {
 /// Measured bandwidth (bytes/s, read + write) of the memory behind each id of
 /// `Engine::rank_memory_ids`: host memory on the CPU backend (copied by `threads` threads at
 /// once), each GPU's HBM on cuda.
-fn memory_bandwidths(engine: &Engine, threads: usize) -> Result<Vec<(usize, f64)>> {
+pub(super) fn memory_bandwidths(engine: &Engine, threads: usize) -> Result<Vec<(usize, f64)>> {
     let mut ids = engine.rank_memory_ids();
     ids.sort_unstable();
     ids.dedup();

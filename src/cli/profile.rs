@@ -13,9 +13,9 @@ use clap::Args;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::bench::{copy_bandwidth, median};
+use super::bench::{median, memory_bandwidths};
 use super::generate::{progress, Model};
-use crate::engine::{Engine, EngineOptions, Request};
+use crate::engine::{Backend, Engine, EngineOptions, Request};
 use crate::error::{Error, Result};
 use crate::model::decoder::WeightDtype;
 use crate::model::sampling::SamplingParams;
@@ -49,9 +49,19 @@ pub struct ProfileArgs {
     pub validate: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Where the ranks run. On cuda every tp degree's ranks use --devices (default: one GPU per
+    /// rank when there are enough, else all on GPU 0 — ranks sharing a GPU share its bandwidth,
+    /// so such a profile describes one GPU, not a node). The switch is measured on the CPU only;
+    /// on cuda it is modeled from the measured device copy bandwidth.
+    #[command(flatten)]
+    pub backend: super::BackendArgs,
+    /// Weight dtype (cuda: also activations and KV).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: super::DtypeArg,
 }
 
-/// Profiles the engine on `world` ranks over the decode grid (see the module docs).
+/// Profiles the engine on `world` ranks over the decode grid (see the module docs), on the CPU
+/// in f32.
 pub fn measure(
     m: &Model,
     world: usize,
@@ -60,13 +70,19 @@ pub fn measure(
     steps: usize,
     seed: u64,
 ) -> Result<Profile> {
-    let a = Grid {
+    let grid = Grid {
         world,
         batches,
         contexts,
         steps,
         seed,
     };
+    measure_on(m, &grid, &Backend::Cpu, WeightDtype::F32)
+}
+
+/// [`measure`] on any backend and dtype.
+fn measure_on(m: &Model, a: &Grid, backend: &Backend, dtype: WeightDtype) -> Result<Profile> {
+    let cpu = *backend == Backend::Cpu;
     if a.batches.is_empty()
         || a.contexts.is_empty()
         || a.batches.contains(&0)
@@ -92,12 +108,20 @@ pub fn measure(
     );
     let prefill_tokens: usize =
         a.batches.iter().sum::<usize>() * a.contexts.iter().sum::<usize>() * tps.len();
-    eprintln!(
-        "profiling tp {:?} x batch {:?} x context {:?}, {} decode steps each ({} prefill tokens in all; on this CPU backend at ~500 tok/s that is ~{:.0} s)",
-        tps, a.batches, a.contexts, a.steps, prefill_tokens, prefill_tokens as f64 / 500.0
-    );
+    if cpu {
+        eprintln!(
+            "profiling tp {:?} x batch {:?} x context {:?}, {} decode steps each ({} prefill tokens in all; on this CPU backend at ~500 tok/s that is ~{:.0} s)",
+            tps, a.batches, a.contexts, a.steps, prefill_tokens, prefill_tokens as f64 / 500.0
+        );
+    } else {
+        eprintln!(
+            "profiling tp {:?} x batch {:?} x context {:?} on {}, {} decode steps each ({} prefill tokens in all)",
+            tps, a.batches, a.contexts, backend.name(), a.steps, prefill_tokens
+        );
+    }
     let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
     let vocab = m.cfg.vocab_size as u32;
+    let (mut device, mut copy_bw) = (String::new(), 0.0);
     let mut decode = Vec::new();
     let mut prefill = Vec::new();
     let pb = progress(
@@ -111,10 +135,22 @@ pub fn measure(
             tp,
             block_size: 16,
             kv_blocks,
-            dtype: WeightDtype::F32,
+            dtype,
             sampling: SamplingParams::default(),
         };
-        let mut engine = Engine::new(m.cfg.clone(), &m.ck, opts)?;
+        let backend = match backend {
+            // world = tp here: each degree gets the first tp of the listed devices.
+            Backend::Cuda { devices: Some(d) } => Backend::Cuda {
+                devices: Some(d.iter().copied().take(tp).collect()),
+            },
+            other => other.clone(),
+        };
+        let mut engine = Engine::with_backend(m.cfg.clone(), &m.ck, opts, &backend)?;
+        if tp == tps[0] {
+            device = engine.describe_ranks();
+            // The first rank's memory: host memory copied by one thread, or its GPU.
+            copy_bw = memory_bandwidths(&engine, 1)?[0].1;
+        }
         let (mut pre_tok, mut pre_ms) = (0usize, 0f64);
         for &b in a.batches {
             for &c in a.contexts {
@@ -148,10 +184,19 @@ pub fn measure(
         });
     }
     pb.finish_and_clear();
-    let transfer = copy_bandwidth(1) / 4.0;
-    let switch = measure_switch(&a, m, &tps, transfer, &prefill)?;
+    // Bytes of KV moved per second: a copy reads and writes each byte, so half the copy traffic;
+    // on the CPU a quarter, since the executor gathers into staging and scatters again.
+    let transfer = if cpu { copy_bw / 4.0 } else { copy_bw / 2.0 };
+    let switch = if cpu {
+        measure_switch(a, m, &tps, transfer, &prefill)?
+    } else {
+        (modeled_switch(transfer), false)
+    };
     let mut dims = ModelDims::from_config(&m.cfg);
-    dims.dtype_bytes = 4;
+    dims.dtype_bytes = match (cpu, dtype) {
+        (true, _) | (false, WeightDtype::F32) => 4,
+        (false, WeightDtype::Bf16 | WeightDtype::F16) => 2,
+    };
     let measured: BTreeMap<String, bool> = [
         ("decode", true),
         ("prefill", true),
@@ -165,13 +210,17 @@ pub fn measure(
         version: PROFILE_VERSION,
         model: dims,
         world: a.world,
-        backend: "cpu".into(),
-        device: format!(
-            "CPU reference backend, {} cores",
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        ),
+        backend: backend.name().into(),
+        device: if cpu {
+            format!(
+                "CPU reference backend, {} cores",
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            )
+        } else {
+            device
+        },
         decode,
         prefill,
         transfer_bytes_per_s: transfer,
@@ -183,6 +232,15 @@ pub fn measure(
     Ok(profile)
 }
 
+/// Switch components modeled as copies at `transfer` bytes/s with no fixed cost.
+fn modeled_switch(transfer: f64) -> SwitchProfile {
+    SwitchProfile {
+        fixed_ms: 0.0,
+        weight_bytes_per_s: transfer,
+        kv_bytes_per_s: transfer,
+    }
+}
+
 struct Grid<'a> {
     world: usize,
     batches: &'a [usize],
@@ -192,9 +250,17 @@ struct Grid<'a> {
 }
 
 pub fn run(a: ProfileArgs) -> Result<()> {
+    let backend = a.backend.backend()?;
     let m = Model::open(&a.model)?;
     let t0 = Instant::now();
-    let mut profile = measure(&m, a.world, &a.batches, &a.contexts, a.steps, a.seed)?;
+    let grid = Grid {
+        world: a.world,
+        batches: &a.batches,
+        contexts: &a.contexts,
+        steps: a.steps,
+        seed: a.seed,
+    };
+    let mut profile = measure_on(&m, &grid, &backend, a.dtype.into())?;
     profile.source = a.out.clone();
     profile.validate()?;
     profile.save(&a.out)?;
@@ -238,14 +304,7 @@ fn measure_switch(
 ) -> Result<(SwitchProfile, bool)> {
     let (lo, hi) = (tps[0], tps[tps.len() - 1]);
     if lo == hi {
-        return Ok((
-            SwitchProfile {
-                fixed_ms: 0.0,
-                weight_bytes_per_s: transfer,
-                kv_bytes_per_s: transfer,
-            },
-            false,
-        ));
+        return Ok((modeled_switch(transfer), false));
     }
     let opts = EngineOptions {
         world: a.world,

@@ -46,6 +46,33 @@ pub fn probe() -> Result<usize> {
     Ok(n as usize)
 }
 
+/// Makes the device's default memory pool (which serves the stream-ordered allocations of every
+/// `DBuf`) keep freed memory instead of returning it to the driver at each synchronize: a decode
+/// step allocates and frees its activations, and re-mapping them every step costs far more than
+/// the kernels of a small batch. Best effort: on failure allocations still work, only slower.
+fn keep_pool_memory(ctx: &CudaContext) {
+    if ctx.bind_to_thread().is_err() {
+        return;
+    }
+    let mut pool = std::mem::MaybeUninit::<sys::CUmemoryPool>::uninit();
+    // SAFETY: `pool` is a valid out-pointer; the device handle comes from a live context.
+    let got = unsafe { sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), ctx.cu_device()) };
+    if got != CUresult::CUDA_SUCCESS {
+        return;
+    }
+    // SAFETY: cuDeviceGetDefaultMemPool succeeded, so `pool` is initialised.
+    let pool = unsafe { pool.assume_init() };
+    let mut threshold: u64 = u64::MAX;
+    // SAFETY: the release threshold attribute takes a pointer to a cuuint64_t, which `threshold` is.
+    let _ = unsafe {
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut c_void,
+        )
+    };
+}
+
 /// A loaded fatbin; unloaded on drop.
 struct Module {
     name: &'static str,
@@ -115,6 +142,7 @@ impl CudaDev {
         // per-buffer events are not needed.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(dev_err("creating a stream"))?;
+        keep_pool_memory(&ctx);
         let mut modules = Vec::with_capacity(kernels::KERNELS.len());
         for (name, image) in kernels::KERNELS {
             // SAFETY: `image` is a complete fatbin produced by nvcc and embedded 16-byte aligned
