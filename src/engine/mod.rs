@@ -477,34 +477,17 @@ fn load_cpu_ranks(
     layout: &Layout,
     opts: &EngineOptions,
 ) -> Result<CpuRanks> {
-    let loaded: Vec<(RankWeights, KvPool)> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..opts.world)
-            .map(|rank| {
-                s.spawn(move || -> Result<(RankWeights, KvPool)> {
-                    let (_, t) = layout.position(rank);
-                    let weights = RankWeights::load(ck, cfg, opts.tp, t, opts.dtype)?;
-                    let kv = KvPool::new(
-                        cfg.num_layers,
-                        opts.kv_blocks,
-                        opts.block_size,
-                        cfg.num_kv_heads / opts.tp,
-                        cfg.head_dim,
-                    )?;
-                    Ok((weights, kv))
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .enumerate()
-            .map(|(rank, h)| {
-                h.join().unwrap_or_else(|_| {
-                    Err(Error::Rank {
-                        rank,
-                        msg: "loader thread panicked".into(),
-                    })
-                })
-            })
-            .collect::<Result<Vec<_>>>()
+    let loaded = crate::parallel::per_rank(opts.world, "loader", |rank| {
+        let (_, t) = layout.position(rank);
+        let weights = RankWeights::load(ck, cfg, opts.tp, t, opts.dtype)?;
+        let kv = KvPool::new(
+            cfg.num_layers,
+            opts.kv_blocks,
+            opts.block_size,
+            cfg.num_kv_heads / opts.tp,
+            cfg.head_dim,
+        )?;
+        Ok((weights, kv))
     })?;
     let (weights, pools) = loaded.into_iter().unzip();
     Ok(CpuRanks { weights, pools })

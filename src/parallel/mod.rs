@@ -6,3 +6,32 @@ pub mod shard;
 
 pub use comm::{Comm, CpuComm, GroupCache};
 pub use layout::Layout;
+
+use crate::error::{Error, Result};
+
+/// Runs `f(rank)` for every rank in `0..world`, one scoped thread each, and returns the results
+/// in rank order: the first error, or `Error::Rank` naming a rank whose thread panicked. Every
+/// thread is joined before returning.
+pub fn per_rank<T: Send>(
+    world: usize,
+    what: &str,
+    f: impl Fn(usize) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    std::thread::scope(|s| {
+        let f = &f;
+        let hs: Vec<_> = (0..world).map(|rank| s.spawn(move || f(rank))).collect();
+        let results: Vec<Result<T>> = hs
+            .into_iter()
+            .enumerate()
+            .map(|(rank, h)| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::Rank {
+                        rank,
+                        msg: format!("{what} thread panicked"),
+                    })
+                })
+            })
+            .collect();
+        results.into_iter().collect()
+    })
+}

@@ -283,39 +283,21 @@ impl GpuRanks {
         // Load on the host and upload, one loader thread per rank; the host shard lives only
         // until its worker has uploaded it. (Dropping `me` on error stops every worker.)
         let senders: Vec<Sender<Job>> = me.workers.iter().filter_map(|w| w.tx.clone()).collect();
-        let uploaded: Vec<Uploaded> = std::thread::scope(|s| {
-            let hs: Vec<_> = senders
-                .iter()
-                .enumerate()
-                .map(|(rank, tx)| {
-                    s.spawn(move || -> Result<Uploaded> {
-                        let (_, t) = layout.position(rank);
-                        // Loaded in f32: the upload rounds once to the device dtype.
-                        let weights = RankWeights::load(ck, cfg, layout.tp, t, WeightDtype::F32)?;
-                        let (rtx, rrx) = channel();
-                        tx.send(Job::Upload {
-                            weights: Box::new(weights),
-                            reply: rtx,
-                        })
-                        .map_err(|_| Error::Rank {
-                            rank,
-                            msg: "GPU worker thread exited before the upload".into(),
-                        })?;
-                        recv(rank, &rrx)
-                    })
+        let uploaded = crate::parallel::per_rank(world, "loader", |rank| {
+            let (_, t) = layout.position(rank);
+            // Loaded in f32: the upload rounds once to the device dtype.
+            let weights = RankWeights::load(ck, cfg, layout.tp, t, WeightDtype::F32)?;
+            let (rtx, rrx) = channel();
+            senders[rank]
+                .send(Job::Upload {
+                    weights: Box::new(weights),
+                    reply: rtx,
                 })
-                .collect();
-            hs.into_iter()
-                .enumerate()
-                .map(|(rank, h)| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(Error::Rank {
-                            rank,
-                            msg: "loader thread panicked".into(),
-                        })
-                    })
-                })
-                .collect::<Result<Vec<_>>>()
+                .map_err(|_| Error::Rank {
+                    rank,
+                    msg: "GPU worker thread exited before the upload".into(),
+                })?;
+            recv(rank, &rrx)
         })?;
         for (rank, u) in uploaded.into_iter().enumerate() {
             me.bytes[rank] = (u.weight_bytes, u.kv_bytes);
