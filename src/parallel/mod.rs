@@ -35,3 +35,34 @@ pub fn per_rank<T: Send>(
         results.into_iter().collect()
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_rank_keeps_rank_order_and_reports_failures() {
+        assert_eq!(
+            per_rank(4, "t", |r| Ok(r * 10)).unwrap(),
+            vec![0, 10, 20, 30]
+        );
+        let e = per_rank(3, "t", |r| {
+            if r == 1 {
+                Err(Error::Usage("rank one failed".into()))
+            } else {
+                Ok(r)
+            }
+        });
+        assert!(matches!(e, Err(Error::Usage(m)) if m == "rank one failed"));
+        let p = per_rank(3, "loader", |r| {
+            if r == 2 {
+                panic!("boom");
+            }
+            Ok(r)
+        });
+        assert!(
+            matches!(&p, Err(Error::Rank { rank: 2, msg }) if msg == "loader thread panicked"),
+            "{p:?}"
+        );
+    }
+}
