@@ -23,6 +23,9 @@
 #      lines kept in <bin-dir>/logs/*.jsonl. A summary table comes last. Exit status: 0 only if
 #      every test passed and every benchmark ran.
 #
+#      With the `device` tool: gpu-bin/ is git-ignored, so pass carry ["gpu-bin"] and copy the
+#      logs back: `scripts/gpu-check.sh gpu-bin; rc=$?; cp -r gpu-bin/logs "$OUT"/; exit $rc`.
+#
 #      cudarc opens NCCL as libnccl.so (not the pip wheel's libnccl.so.2), so a folder with that
 #      symlink is put on LD_LIBRARY_PATH too.
 #
@@ -238,6 +241,6 @@ run() {
 
 case "${1:-}" in
     build) shift; build "$@" ;;
-    -h|--help) sed -n '2,30p' "${BASH_SOURCE[0]}" ;;
+    -h|--help) sed -n '2,33p' "${BASH_SOURCE[0]}" ;;
     *) run "$@" ;;
 esac

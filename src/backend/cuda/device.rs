@@ -73,6 +73,12 @@ fn keep_pool_memory(ctx: &CudaContext) {
     };
 }
 
+/// Binds `ctx` for a destructor. cudarc's `bind_to_thread` first returns (and clears) any error
+/// recorded earlier, so a second try binds after a stale error.
+fn bind_for_drop(ctx: &CudaContext) -> bool {
+    ctx.bind_to_thread().is_ok() || ctx.bind_to_thread().is_ok()
+}
+
 /// A loaded fatbin; unloaded on drop.
 struct Module {
     name: &'static str,
@@ -82,7 +88,7 @@ struct Module {
 
 impl Drop for Module {
     fn drop(&mut self) {
-        if self.ctx.bind_to_thread().is_ok() {
+        if bind_for_drop(&self.ctx) {
             // SAFETY: `raw` came from cuModuleLoadData in this context and is unloaded only here;
             // no function handle outlives the `CudaDev` that owns this module.
             let _ = unsafe { result::module::unload(self.raw) };
@@ -98,7 +104,7 @@ struct Blas {
 
 impl Drop for Blas {
     fn drop(&mut self) {
-        if self.ctx.bind_to_thread().is_ok() {
+        if bind_for_drop(&self.ctx) {
             // SAFETY: the handle was created by cublasCreate and is destroyed exactly once, here.
             let _ = unsafe { blas::destroy_handle(self.handle) };
         }
@@ -122,7 +128,11 @@ pub struct CudaDev {
 impl Drop for CudaDev {
     fn drop(&mut self) {
         // Nothing may still run when the modules and the cuBLAS handle go (the fields drop next).
-        let _ = self.stream.synchronize();
+        // The raw call: cudarc's `synchronize` returns early on an error recorded earlier.
+        if bind_for_drop(&self.ctx) {
+            // SAFETY: the stream belongs to this context and is destroyed only after this.
+            let _ = unsafe { sys::cuStreamSynchronize(self.stream.cu_stream()) };
+        }
     }
 }
 

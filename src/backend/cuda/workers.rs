@@ -15,9 +15,10 @@
 //!
 //! Failures: a rank's error poisons its group, so peers return instead of waiting; the failed
 //! replica then gets a fresh group (`Connect` again) so the engine can carry on, as it does on the
-//! CPU. What cannot be recovered is an NCCL collective a peer never joins (NCCL has no timeout);
-//! every input is validated on the host identically on all members before the first collective,
-//! so only device faults can get there.
+//! CPU. What cannot be recovered is an NCCL collective a peer never joins (NCCL has no timeout):
+//! every input is validated on the host identically on all members, and every buffer of a step is
+//! allocated, before the first collective; what is left are device faults and the small split-K
+//! scratch of paged attention, allocated inside the layer loop.
 
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
@@ -213,6 +214,14 @@ fn group_specs(kind: GroupKind, tp: usize) -> Result<Vec<CommSpec>> {
     })
 }
 
+/// `MemAvailable` of /proc/meminfo in bytes (`None` where it cannot be read).
+fn host_available_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// A reply from worker `rank`, or an error if it died.
 fn recv<T>(rank: usize, rx: &Receiver<Result<T>>) -> Result<T> {
     rx.recv().unwrap_or_else(|_| {
@@ -283,22 +292,34 @@ impl GpuRanks {
         // Load on the host and upload, one loader thread per rank; the host shard lives only
         // until its worker has uploaded it. (Dropping `me` on error stops every worker.)
         let senders: Vec<Sender<Job>> = me.workers.iter().filter_map(|w| w.tx.clone()).collect();
-        let uploaded = crate::parallel::per_rank(world, "loader", |rank| {
-            let (_, t) = layout.position(rank);
-            // Loaded in f32: the upload rounds once to the device dtype.
-            let weights = RankWeights::load(ck, cfg, layout.tp, t, WeightDtype::F32)?;
-            let (rtx, rrx) = channel();
-            senders[rank]
-                .send(Job::Upload {
-                    weights: Box::new(weights),
-                    reply: rtx,
-                })
-                .map_err(|_| Error::Rank {
-                    rank,
-                    msg: "GPU worker thread exited before the upload".into(),
-                })?;
-            recv(rank, &rrx)
-        })?;
+        // Host shards are f32 until uploaded: load in waves that fit in the host's available
+        // memory (half of it), so a wide dp does not stage every replica's weights at once.
+        let shard = crate::engine::weight_bytes_per_rank(cfg, layout.tp).max(1);
+        let wave = host_available_bytes()
+            .map(|avail| ((avail / 2) / shard).max(1) as usize)
+            .unwrap_or(world)
+            .min(world);
+        let mut uploaded = Vec::with_capacity(world);
+        for first in (0..world).step_by(wave) {
+            let n = wave.min(world - first);
+            uploaded.extend(crate::parallel::per_rank(n, "loader", |i| {
+                let rank = first + i;
+                let (_, t) = layout.position(rank);
+                // Loaded in f32: the upload rounds once to the device dtype.
+                let weights = RankWeights::load(ck, cfg, layout.tp, t, WeightDtype::F32)?;
+                let (rtx, rrx) = channel();
+                senders[rank]
+                    .send(Job::Upload {
+                        weights: Box::new(weights),
+                        reply: rtx,
+                    })
+                    .map_err(|_| Error::Rank {
+                        rank,
+                        msg: "GPU worker thread exited before the upload".into(),
+                    })?;
+                recv(rank, &rrx)
+            })?);
+        }
         for (rank, u) in uploaded.into_iter().enumerate() {
             me.bytes[rank] = (u.weight_bytes, u.kv_bytes);
             me.read_bytes[rank] = u.read_bytes;
@@ -380,15 +401,14 @@ impl GpuRanks {
                     batch: batch.clone(),
                     reply: rtx,
                 };
-                match self.send(rank, job) {
-                    Ok(()) => pending.push((d, t, rank, Some(rrx))),
-                    Err(e) => {
-                        // A dead worker: its peers would wait at the first collective, so poison
-                        // by sending nothing more to this replica and report.
-                        pending.push((d, t, rank, None));
-                        self.broken = Some(e.to_string());
-                    }
+                if let Err(e) = self.send(rank, job) {
+                    // A dead worker (it panicked, which poisoned its group): send this replica
+                    // nothing more; the members already sent return with the poison error.
+                    pending.push((d, t, rank, None));
+                    self.broken = Some(e.to_string());
+                    break;
                 }
+                pending.push((d, t, rank, Some(rrx)));
             }
         }
         let mut logits = vec![Vec::new(); layout.dp()];
@@ -460,6 +480,39 @@ struct WorkerCtx {
 }
 
 impl WorkerCtx {
+    /// Errors, naming the sizes, unless the rank's weights and KV pool fit in the device's free
+    /// memory with a margin for a step's activations (the allocations would fail anyway; this
+    /// says why).
+    fn check_fits(&self, dev: &CudaDev, w: &RankWeights) -> Result<()> {
+        let elem = self.dtype.size();
+        let weights = w.bytes() / 4 * elem;
+        let kv_heads = self.cfg.num_kv_heads / w.tp.max(1);
+        let kv = 2
+            * self.cfg.num_layers
+            * self.kv_blocks
+            * self.block_size
+            * kv_heads
+            * self.cfg.head_dim
+            * elem;
+        let (free, total) = dev.mem_info()?;
+        let margin = 512 << 20;
+        if weights + kv + margin > free {
+            let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+            return Err(Error::Device(format!(
+                "GPU {} ({}): weights {:.2} GiB + KV pool {:.2} GiB ({} blocks of {} tokens) + 0.5 GiB for activations exceed its free memory {:.2} of {:.2} GiB (lower --kv-blocks or the batch, raise --tp, or spread ranks with --devices)",
+                self.ordinal,
+                dev.name(),
+                gib(weights),
+                gib(kv),
+                self.kv_blocks,
+                self.block_size,
+                gib(free),
+                gib(total)
+            )));
+        }
+        Ok(())
+    }
+
     /// The worker loop: serves jobs until the channel closes. Replies that cannot be delivered
     /// (the engine gave up waiting) are dropped.
     fn serve(self, rx: Receiver<Job>) {
@@ -470,6 +523,7 @@ impl WorkerCtx {
             match job {
                 Job::Upload { weights, reply } => {
                     let r = CudaDev::new(self.ordinal).and_then(|dev| {
+                        self.check_fits(&dev, &weights)?;
                         GpuRank::new(
                             dev,
                             &self.cfg,
@@ -492,7 +546,12 @@ impl WorkerCtx {
                     }));
                 }
                 Job::Connect { comm: spec, reply } => {
-                    comm = None; // the old group (if any) goes before the new one is made
+                    // The old group (if any) goes before the new one is made. It is aborted, not
+                    // closed in order: a regroup follows a failure, after which its peers'
+                    // communicators may already be gone.
+                    if let Some(old) = comm.take() {
+                        old.poison();
+                    }
                     let r = match (&rank, spec) {
                         (None, _) => Err(Error::Device(
                             "connect before the rank's weights were uploaded".into(),
@@ -536,6 +595,12 @@ impl WorkerCtx {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_memory_is_read_from_proc_meminfo() {
+        let avail = host_available_bytes().expect("/proc/meminfo has MemAvailable on Linux");
+        assert!(avail > 1 << 20, "{avail} bytes available");
+    }
 
     #[test]
     fn placement_defaults_and_checks() {

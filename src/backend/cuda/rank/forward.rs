@@ -192,7 +192,15 @@ impl GpuRank {
             max_q_len: b.max_q,
         };
 
-        let x = DBuf::zeros(dev, t, n * h)?;
+        // Every buffer of the step is allocated before the first collective: a rank that runs
+        // out of memory must fail before its peers enter a collective it would never join
+        // (NCCL cannot be woken from one). Shapes are equal on every member, so the launch
+        // wrappers' checks fail on all members at the same call.
+        let buf = |len: usize| DBuf::zeros(dev, t, len);
+        let x = buf(n * h)?;
+        let (hbuf, qkv, att) = (buf(n * h)?, buf(n * qkv_w)?, buf(n * hq * hd)?);
+        let (proj, gu, act) = (buf(n * h)?, buf(n * 2 * inter)?, buf(n * inter)?);
+        let (last, local, gathered) = (buf(ns * h)?, buf(ns * vl)?, buf(tp * ns * vl)?);
         ops::embedding(
             dev,
             x.view(),
@@ -204,9 +212,6 @@ impl GpuRank {
         comm.all_reduce_sum(dev, x.view())?;
 
         let scale = 1.0 / (hd as f32).sqrt();
-        let buf = |len: usize| DBuf::zeros(dev, t, len);
-        let (hbuf, qkv, att) = (buf(n * h)?, buf(n * qkv_w)?, buf(n * hq * hd)?);
-        let (proj, gu, act) = (buf(n * h)?, buf(n * 2 * inter)?, buf(n * inter)?);
         let decode = b.max_q == 1;
         let split = if decode {
             ops::auto_partition(dev, ns, hkv, b.max_context, self.kv.block_size)
@@ -272,12 +277,9 @@ impl GpuRank {
         } else {
             ops::fused_add_rmsnorm(dev, hbuf.view(), proj.view(), x.view(), fin, n, eps)?;
         }
-        let last = buf(ns * h)?;
         ops::embedding(dev, last.view(), last_rows.view(), hbuf.view(), h, 0)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let local = buf(ns * vl)?;
         ops::gemm_nt(dev, local.view(), last.view(), head.view(), ns, h, vl)?;
-        let gathered = buf(tp * ns * vl)?;
         comm.all_gather(dev, local.view(), gathered.view())?;
         let g = gathered.to_f32(dev)?;
 
