@@ -18,7 +18,8 @@
 #      LD_LIBRARY_PATH, checks that the binaries resolve their libraries, runs every binary with
 #      PAT_REQUIRE_GPU=1 (a missing GPU fails instead of skipping), keeps each log in
 #      <bin-dir>/logs/, then (unless PAT_GPU_BENCH=0) the benchmarks: `pat init-model --preset
-#      llama3-8b-shape --dtype bf16` into $PAT_BENCH_DIR (default /tmp/pat-bench, ~16 GB),
+#      llama3-8b-shape --dtype bf16` into $PAT_BENCH_DIR (default /tmp/pat-bench, ~16 GB;
+#      PAT_BENCH_PRESET=small for a quick run),
 #      `pat bench one-batch --backend cuda` on it and `pat bench attention` (64 seqs x 2048), JSON
 #      lines kept in <bin-dir>/logs/*.jsonl. A summary table comes last. Exit status: 0 only if
 #      every test passed and every benchmark ran.
@@ -97,18 +98,19 @@ have_lib() {
 # Benchmarks on the GPU: llama3-8b-shape bf16 one-batch decode and paged attention bandwidth.
 bench() {
     local bin_dir="$1" logs="$2" pat="$1/pat" ok=0
-    local model="${PAT_BENCH_DIR:-/tmp/pat-bench}/llama3-8b-shape-bf16"
+    local preset="${PAT_BENCH_PRESET:-llama3-8b-shape}"
+    local model="${PAT_BENCH_DIR:-/tmp/pat-bench}/$preset-bf16"
     [[ -x "$pat" ]] || { echo "gpu-check: no $pat (build it: scripts/gpu-check.sh build)" >&2; return 1; }
     if [[ ! -f "$model/config.json" ]]; then
-        echo "gpu-check: pat init-model --preset llama3-8b-shape --dtype bf16 --out $model"
-        "$pat" init-model --arch llama --preset llama3-8b-shape --dtype bf16 --out "$model" --force \
+        echo "gpu-check: pat init-model --preset $preset --dtype bf16 --out $model"
+        "$pat" init-model --arch llama --preset "$preset" --dtype bf16 --out "$model" --force \
             2>&1 | tail -2 || ok=1
     fi
     echo "gpu-check: pat bench attention"
     "$pat" bench attention --num-seqs 1,16,64 --context 2048,8192 --dtype bf16 \
         >"$logs/bench-attention.jsonl" 2>"$logs/bench-attention.log" || ok=1
     cat "$logs/bench-attention.log"
-    echo "gpu-check: pat bench one-batch --backend cuda (llama3-8b-shape, bf16)"
+    echo "gpu-check: pat bench one-batch --backend cuda ($preset, bf16)"
     "$pat" bench one-batch --backend cuda --model "$model" --dtype bf16 \
         --batch-size 1,16,64 --input-len 128 --output-len 64 --run-name gpu-check \
         >"$logs/bench-one-batch.jsonl" 2>"$logs/bench-one-batch.log" || ok=1
@@ -126,7 +128,7 @@ if a:
     for r in a:
         print(f"{r['num_seqs']:>5} {r['context']:>6} {r['median_ms']:>8.3f} {r['gbps']:>7.0f} {100*r['fraction_of_copy_bandwidth']:>7.0f}%")
 if b:
-    print(f"one-batch decode, llama3-8b-shape bf16: {b[0]['ranks']}")
+    print(f"one-batch decode, bf16: {b[0]['ranks']}")
     print(f"{'batch':>5} {'ms/step':>8} {'tok/s':>8} {'roofline ms':>11} {'vs roofline':>11}")
     for r in b:
         print(f"{r['batch_size']:>5} {1e3*r['median_decode_latency']:>8.2f} {r['median_decode_throughput']:>8.0f} {1e3*r['decode_roofline_latency']:>11.2f} {100*r['decode_vs_roofline']:>10.0f}%")
