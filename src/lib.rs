@@ -10,5 +10,6 @@ pub mod parallel;
 pub mod policy;
 pub mod reshard;
 pub mod sim;
+pub mod stats;
 
 pub use error::{Error, Result};

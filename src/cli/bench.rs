@@ -14,6 +14,7 @@ use super::DtypeArg;
 use crate::engine::{Engine, EngineOptions, Request};
 use crate::error::{Error, Result};
 use crate::model::sampling::SamplingParams;
+use crate::stats::median;
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
@@ -199,20 +200,6 @@ pub fn copy_bandwidth(threads: usize) -> f64 {
             .fold(0.0, f64::max)
     });
     (threads.max(1) * n * 4 * 2) as f64 / t
-}
-
-/// Median of timings (mean of the middle two for an even count); NaN when empty.
-pub(super) fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let m = v.len() / 2;
-    if v.len() % 2 == 1 {
-        v[m]
-    } else {
-        (v[m - 1] + v[m]) / 2.0
-    }
 }
 
 fn one_batch(a: OneBatchArgs) -> Result<()> {

@@ -13,7 +13,7 @@ use clap::Args;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::bench::{median, memory_bandwidths};
+use super::bench::memory_bandwidths;
 use super::generate::{progress, Model};
 use crate::engine::{Backend, Engine, EngineOptions, Request};
 use crate::error::{Error, Result};
@@ -24,6 +24,7 @@ use crate::policy::predictor::validate;
 use crate::policy::profile::{DecodeSample, PrefillSample, SwitchProfile, PROFILE_VERSION};
 use crate::policy::{ModelDims, Profile};
 use crate::reshard::cost::{CostModel, KvPolicy};
+use crate::stats::median;
 
 #[derive(Args, Debug)]
 pub struct ProfileArgs {

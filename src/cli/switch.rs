@@ -9,7 +9,7 @@ use clap::Args;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::bench::{copy_bandwidth, median};
+use super::bench::copy_bandwidth;
 use super::generate::Model;
 use super::DtypeArg;
 use crate::engine::{Engine, EngineOptions, Request, StepReport};
@@ -18,6 +18,7 @@ use crate::model::sampling::SamplingParams;
 use crate::parallel::layout::check_tp_for_model;
 use crate::parallel::Layout;
 use crate::reshard::cost::{CostModel, KvPolicy};
+use crate::stats::median;
 
 /// A planned switch: after `step` decode steps, go to `tp`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -206,7 +206,8 @@ impl RankSet for crate::backend::cuda::workers::GpuRanks {
     }
     fn describe(&self) -> String {
         let mut per: Vec<(usize, &str, usize)> = Vec::new();
-        for (&o, name) in self.devices().iter().zip(self.device_names()) {
+        for (rank, &o) in self.devices().iter().enumerate() {
+            let name = self.device_name(rank);
             match per.iter_mut().find(|p| p.0 == o) {
                 Some(p) => p.2 += 1,
                 None => per.push((o, name, 1)),

@@ -22,6 +22,7 @@ use super::params::PAT_MAX_GQA;
 use super::testing::{rand_vec, shuffle};
 use crate::error::{Error, Result};
 use crate::kv::blocks_for;
+use crate::stats::median;
 
 /// Bytes per buffer in [`copy_bandwidth`] (two buffers: source and destination).
 const COPY_BYTES: usize = 1 << 30;
@@ -109,19 +110,6 @@ fn median_ms(dev: &CudaDev, iters: usize, mut op: impl FnMut() -> Result<()>) ->
         )));
     }
     Ok(m)
-}
-
-/// Median of a non-empty slice (sorts it; the mean of the middle two for even lengths).
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 /// Device-to-device copy bandwidth of `dev` in bytes per second, counting the bytes read plus the
@@ -397,16 +385,4 @@ pub fn paged_attention_bench(
         bytes,
         gbps: bytes as f64 / (ms * 1e-3) / 1e9,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::median;
-
-    #[test]
-    fn median_of_odd_and_even_lengths() {
-        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
-        assert!(median(&mut []).is_nan());
-    }
 }

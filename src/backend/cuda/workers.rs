@@ -131,11 +131,10 @@ struct Worker {
 pub struct GpuRanks {
     workers: Vec<Worker>,
     devices: Vec<usize>,
-    device_names: Vec<String>,
     tp: usize,
     groups: Vec<GroupKind>,
-    bytes: Vec<(usize, usize)>,
-    read_bytes: Vec<usize>,
+    /// What each rank reported after its upload (empty until every rank has uploaded).
+    uploaded: Vec<Uploaded>,
     /// Set when a failed replica could not get a fresh group: every later step errors with it.
     broken: Option<String>,
 }
@@ -259,11 +258,9 @@ impl GpuRanks {
         let mut me = GpuRanks {
             workers: Vec::with_capacity(world),
             devices: devices.clone(),
-            device_names: vec![String::new(); world],
             tp: layout.tp,
             groups,
-            bytes: vec![(0, 0); world],
-            read_bytes: vec![0; world],
+            uploaded: Vec::new(),
             broken: None,
         };
         for (rank, &ordinal) in devices.iter().enumerate() {
@@ -320,11 +317,7 @@ impl GpuRanks {
                 recv(rank, &rrx)
             })?);
         }
-        for (rank, u) in uploaded.into_iter().enumerate() {
-            me.bytes[rank] = (u.weight_bytes, u.kv_bytes);
-            me.read_bytes[rank] = u.read_bytes;
-            me.device_names[rank] = u.device_name;
-        }
+        me.uploaded = uploaded;
         for d in 0..layout.dp() {
             me.connect(layout, d)?;
         }
@@ -449,19 +442,20 @@ impl GpuRanks {
 
     /// (weight bytes, KV pool bytes) on physical rank `rank`'s device.
     pub fn bytes(&self, rank: usize) -> (usize, usize) {
-        self.bytes[rank]
+        let u = &self.uploaded[rank];
+        (u.weight_bytes, u.kv_bytes)
     }
     /// Weight bytes physical rank `rank` reads per decode step.
     pub fn read_bytes(&self, rank: usize) -> usize {
-        self.read_bytes[rank]
+        self.uploaded[rank].read_bytes
     }
     /// CUDA ordinal of each physical rank.
     pub fn devices(&self) -> &[usize] {
         &self.devices
     }
-    /// Device name of each physical rank, e.g. "NVIDIA H100 80GB HBM3".
-    pub fn device_names(&self) -> &[String] {
-        &self.device_names
+    /// Device name of physical rank `rank`, e.g. "NVIDIA H100 80GB HBM3".
+    pub fn device_name(&self, rank: usize) -> &str {
+        &self.uploaded[rank].device_name
     }
     /// What each replica's collectives run on.
     pub fn group_kinds(&self) -> &[GroupKind] {
