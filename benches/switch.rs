@@ -5,13 +5,12 @@
 //! bytes the switch moved.
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use pat::engine::{Engine, EngineOptions, Request};
+use pat::engine::{Backend, Engine, EngineOptions, Request};
 use pat::model::config::{Arch, ModelConfig};
-use pat::model::decoder::WeightDtype;
-use pat::model::init::{init_model, InitDtype, InitOptions, Preset};
-use pat::model::sampling::SamplingParams;
+use pat::model::init::{init_model, InitOptions, Preset};
 use pat::model::weights::Checkpoint;
 use pat::reshard::cost::{CostModel, KvPolicy};
+use pat::Dtype;
 
 const WORLD: usize = 4;
 
@@ -28,7 +27,7 @@ fn setup() -> Setup {
         arch: Arch::Llama,
         preset: Preset::Small,
         seed: 1,
-        dtype: InitDtype::F32,
+        dtype: Dtype::F32,
         force: true,
     };
     init_model(dir.path(), &opts).expect("init model");
@@ -54,15 +53,9 @@ fn setup() -> Setup {
 fn engine(s: &Setup, tp: usize) -> Engine {
     // 256 MiB of KV per rank, as a memory budget: enough to absorb the larger weight shards of a
     // switch to a smaller tp.
-    let block_bytes = 2 * s.cfg.num_layers * (s.cfg.num_kv_heads / tp) * 16 * s.cfg.head_dim * 4;
-    let opts = EngineOptions {
-        world: WORLD,
-        tp,
-        block_size: 16,
-        kv_blocks: (256 << 20) / block_bytes,
-        dtype: WeightDtype::F32,
-        sampling: SamplingParams::default(),
-    };
+    let opts =
+        EngineOptions::for_memory_budget(&s.cfg, &Backend::Cpu, WORLD, tp, Dtype::F32, 256 << 20)
+            .expect("options");
     let mut e = Engine::new(s.cfg.clone(), &s.ck, opts).expect("engine");
     e.add_requests(&s.reqs).expect("requests");
     e.step().expect("prefill");

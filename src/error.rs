@@ -42,20 +42,89 @@ pub enum Error {
     },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
-    /// A bad command-line argument combination.
+    /// An invalid argument or combination of arguments. Library messages name the parameter
+    /// or value (`block_size`, `tp 3`); only the command line names its flags.
     #[error("{0}")]
-    Usage(String),
+    Invalid(String),
     /// A rank's worker thread failed or a collective was left by a peer.
     #[error("rank {rank}: {msg}")]
     Rank { rank: usize, msg: String },
     /// Device (CUDA) failures; never raised by the CPU backend.
     #[error("device: {0}")]
     Device(String),
+    /// A broken internal invariant (a bug in pat, not in the input).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// The kind of an [`Error`]: what a caller (or a C ABI status code) can act on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// A bad argument, request or layout: fix the call.
+    InvalidArgument,
+    /// The model uses a feature pat does not implement.
+    Unsupported,
+    /// A file's content is malformed (config, checkpoint, tokenizer, JSONL, profile).
+    BadFile,
+    /// Out of KV blocks or device memory: retry with fewer sequences or more memory.
+    ResourceExhausted,
+    /// A device (CUDA driver, cuBLAS, NCCL) failed.
+    Device,
+    /// The operating system refused a read or write.
+    Io,
+    /// A rank thread died or an internal invariant broke.
+    Internal,
+}
+
+impl ErrorKind {
+    /// A short stable name (`invalid_argument`, `unsupported`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidArgument => "invalid_argument",
+            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::BadFile => "bad_file",
+            ErrorKind::ResourceExhausted => "resource_exhausted",
+            ErrorKind::Device => "device",
+            ErrorKind::Io => "io",
+            ErrorKind::Internal => "internal",
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Io { .. } => ErrorKind::Io,
+            Error::Config { .. } | Error::Checkpoint { .. } | Error::Input { .. } => {
+                ErrorKind::BadFile
+            }
+            Error::Tokenizer(_) => ErrorKind::BadFile,
+            Error::Unsupported { .. } => ErrorKind::Unsupported,
+            Error::Layout(_) | Error::Request(_) | Error::Invalid(_) => ErrorKind::InvalidArgument,
+            Error::KvExhausted(_) => ErrorKind::ResourceExhausted,
+            Error::Device(_) => ErrorKind::Device,
+            Error::Rank { .. } | Error::Internal(_) => ErrorKind::Internal,
+        }
+    }
+    /// An [`Error::Invalid`] whose message is prefixed by `what` (a parameter or a flag).
+    pub fn invalid(what: impl std::fmt::Display, msg: impl std::fmt::Display) -> Self {
+        Error::Invalid(format!("{what}: {msg}"))
+    }
+    /// The same error with `ctx` (a flag, a file, a step) in front of its message, kind kept.
+    pub fn context(self, ctx: impl std::fmt::Display) -> Self {
+        match self {
+            Error::Invalid(m) => Error::Invalid(format!("{ctx}: {m}")),
+            Error::Layout(m) => Error::Layout(format!("{ctx}: {m}")),
+            Error::Request(m) => Error::Request(format!("{ctx}: {m}")),
+            Error::KvExhausted(m) => Error::KvExhausted(format!("{ctx}: {m}")),
+            Error::Device(m) => Error::Device(format!("{ctx}: {m}")),
+            Error::Internal(m) => Error::Internal(format!("{ctx}: {m}")),
+            other => other,
+        }
+    }
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),

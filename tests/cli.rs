@@ -387,7 +387,7 @@ fn live_switches_keep_generate_output_identical() {
         "--ignore-eos",
     ]);
     for mode in ["migrate", "recompute", "auto"] {
-        let out = ok(&[
+        let args = [
             "generate",
             "--model",
             ms,
@@ -408,8 +408,21 @@ fn live_switches_keep_generate_output_identical() {
             "15:1",
             "--kv-transfer",
             mode,
-        ]);
-        assert_eq!(out, base, "--kv-transfer {mode}");
+        ];
+        let o = pat(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(
+            String::from_utf8(o.stdout).unwrap(),
+            base,
+            "--kv-transfer {mode}"
+        );
+        // Every planned switch happened: one JSON record each on stderr, in order.
+        let switched: Vec<(u64, u64)> = String::from_utf8_lossy(&o.stderr)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|v| (v["from_tp"].as_u64().unwrap(), v["to_tp"].as_u64().unwrap()))
+            .collect();
+        assert_eq!(switched, [(1, 2), (2, 4), (4, 1)], "--kv-transfer {mode}");
     }
     fails(
         &[

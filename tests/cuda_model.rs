@@ -14,12 +14,13 @@ use pat::backend::cuda::{
 use pat::engine::{Backend, Engine, EngineOptions, Request};
 use pat::kv::{blocks_for, BlockAllocator, KvPool};
 use pat::model::config::ModelConfig;
-use pat::model::decoder::{self, RankWeights, SeqInput, WeightDtype};
+use pat::model::decoder::{self, RankWeights, SeqInput};
 use pat::model::sampling::argmax;
 use pat::model::sampling::SamplingParams;
 use pat::model::weights::Checkpoint;
 use pat::parallel::{Comm, GroupCache};
 use pat::reshard::cost::{CostModel, KvPolicy};
+use pat::Dtype;
 use pat::{Error, Result};
 
 const BS: usize = 16;
@@ -146,7 +147,7 @@ fn run_rank(
     comm: &dyn DeviceComm,
     force: bool,
 ) -> Result<Vec<SeqOut>> {
-    let w = RankWeights::load(&m.ck, &m.cfg, tp, r, WeightDtype::F32)?;
+    let w = RankWeights::load(&m.ck, &m.cfg, tp, r, Dtype::F32)?;
     let mut rank = GpuRank::new(CudaDev::new(0)?, &m.cfg, &w, dtype, BLOCKS, BS)?;
     let mut alloc = BlockAllocator::new(BLOCKS);
     let mut seqs: Vec<(Vec<u32>, Vec<u32>, usize)> = m
@@ -323,7 +324,7 @@ fn gpu_kv_pool_and_logits_match_the_cpu_decoder() {
         let Some(m) = Model::open_or_skip(name, "kv_pool_vs_cpu") else {
             return;
         };
-        let w = RankWeights::load(&m.ck, &m.cfg, 1, 0, WeightDtype::F32).unwrap();
+        let w = RankWeights::load(&m.ck, &m.cfg, 1, 0, Dtype::F32).unwrap();
         let hd = m.cfg.head_dim;
         let mut cpu_kv = KvPool::new(m.cfg.num_layers, 8, BS, m.cfg.num_kv_heads, hd).unwrap();
         let mut gpu =
@@ -482,7 +483,7 @@ fn check_engine(name: &'static str) {
             tp,
             block_size: BS,
             kv_blocks: BLOCKS,
-            dtype: WeightDtype::F32,
+            dtype: Dtype::F32,
             sampling: SamplingParams::default(),
         };
         let backend = Backend::Cuda {
@@ -521,7 +522,7 @@ fn check_engine(name: &'static str) {
                 };
                 let r = gpu.reconfigure(to, KvPolicy::Migrate, &cost);
                 assert!(
-                    matches!(r, Err(Error::Usage(_))),
+                    matches!(r, Err(Error::Invalid(_))),
                     "{at}: reconfigure on GPU ranks: {r:?}"
                 );
             }

@@ -8,7 +8,7 @@ use std::path::Path;
 use common::*;
 use half::{bf16, f16};
 use pat::engine::{Engine, FinishReason, Request};
-use pat::model::decoder::WeightDtype;
+use pat::Dtype;
 
 /// Copies a golden model dir, re-encoding every tensor with `conv` (f32 -> 2-byte type).
 fn convert(src: &Path, dst: &Path, dtype: safetensors::Dtype, conv: fn(f32) -> [u8; 2]) {
@@ -62,7 +62,7 @@ fn bf16_and_f16_checkpoints_match_the_reference_within_their_precision() {
         ] {
             let dir = tmp.path().join(format!("{model}-{name}"));
             convert(&golden_dir(model), &dir, dtype, conv);
-            let mut e = engine(&dir, 2, 2, WeightDtype::F32, 8);
+            let mut e = engine(&dir, 2, 2, Dtype::F32, 8);
             e.record_logits(true);
             e.add_requests(&[Request {
                 input_ids: g.input_ids.clone(),
@@ -116,13 +116,7 @@ fn generation_stops_at_eos_unless_ignored() {
             max_new_tokens: 24,
             ignore_eos,
         }];
-        let mut e = engine(
-            &dir,
-            2,
-            2,
-            WeightDtype::F32,
-            Engine::blocks_needed(&reqs, 16),
-        );
+        let mut e = engine(&dir, 2, 2, Dtype::F32, Engine::blocks_needed(&reqs, 16));
         e.add_requests(&reqs).unwrap();
         e.run(|_| {}).unwrap();
         let o = &e.outputs()[0];

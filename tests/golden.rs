@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use pat::engine::{Engine, FinishReason, Request};
-use pat::model::decoder::WeightDtype;
+use pat::Dtype;
 
 const LAYOUTS: [(usize, usize); 6] = [(1, 1), (2, 1), (2, 2), (4, 1), (4, 2), (4, 4)];
 
@@ -18,7 +18,7 @@ fn check_model(model: &str) {
             &dir,
             world,
             tp,
-            WeightDtype::F32,
+            Dtype::F32,
             Engine::blocks_needed(&reqs, 16),
         );
         e.record_logits(true);
@@ -74,7 +74,7 @@ fn bf16_weights_stay_close_to_the_f32_reference() {
             max_new_tokens: 1,
             ignore_eos: true,
         }];
-        let mut e = engine(&golden_dir(model), 2, 2, WeightDtype::Bf16, 8);
+        let mut e = engine(&golden_dir(model), 2, 2, Dtype::Bf16, 8);
         e.record_logits(true);
         e.add_requests(&reqs).unwrap();
         e.step().unwrap();

@@ -4,11 +4,13 @@
 mod common;
 
 use common::*;
-use pat::engine::{weight_bytes_per_rank, SwitchReport};
+use pat::engine::SwitchReport;
 use pat::model::config::ModelConfig;
-use pat::model::decoder::{RankWeights, WeightDtype};
+use pat::model::decoder::RankWeights;
 use pat::model::weights::Checkpoint;
+use pat::parallel::shard::weight_bytes_per_rank;
 use pat::reshard::cost::{CostModel, KvPolicy};
+use pat::Dtype;
 
 fn cost(transfer: f64, prefill: f64) -> CostModel {
     CostModel {
@@ -32,7 +34,7 @@ fn run_with_switches(
     let (max_new, gold) = golden(model);
     let reqs = golden_requests(&gold, max_new);
     // A pool sized like a memory budget, so shrinking tp (larger weight shards) still fits.
-    let mut e = engine(&golden_dir(model), world, tp0, WeightDtype::F32, 1024);
+    let mut e = engine(&golden_dir(model), world, tp0, Dtype::F32, 1024);
     e.record_logits(true);
     e.add_requests(&reqs).unwrap();
     let mut step = 0;
@@ -114,7 +116,7 @@ fn bad_switches_are_errors_and_decoding_goes_on() {
     let cm = cost(1e9, 1e3);
     // 100 blocks of ~2 KB at tp 4: enough for tp 2 (weights grow by ~100 KB per rank), not for
     // tp 1 (~300 KB more weights per rank than the pool holds).
-    let mut e = engine(&golden_dir(model), 4, 4, WeightDtype::F32, 100);
+    let mut e = engine(&golden_dir(model), 4, 4, Dtype::F32, 100);
     assert!(e
         .reconfigure(1, KvPolicy::Migrate, &cm)
         .unwrap_err()
@@ -152,7 +154,7 @@ fn bad_switches_are_errors_and_decoding_goes_on() {
 fn groups_are_created_once_and_reused() {
     let (max_new, gold) = golden("qwen3");
     let reqs = golden_requests(&gold, max_new);
-    let mut e = engine(&golden_dir("qwen3"), 4, 1, WeightDtype::F32, 64);
+    let mut e = engine(&golden_dir("qwen3"), 4, 1, Dtype::F32, 64);
     e.add_requests(&reqs).unwrap();
     e.step().unwrap();
     let created_tp1 = e.groups().created;
@@ -179,9 +181,9 @@ fn predicted_weight_bytes_match_the_loaded_shards() {
         let cfg = ModelConfig::load(&dir).unwrap();
         let ck = Checkpoint::open(&dir).unwrap();
         for tp in [1, 2, 4] {
-            let w = RankWeights::load(&ck, &cfg, tp, tp - 1, WeightDtype::F32).unwrap();
+            let w = RankWeights::load(&ck, &cfg, tp, tp - 1, Dtype::F32).unwrap();
             assert_eq!(
-                weight_bytes_per_rank(&cfg, tp),
+                weight_bytes_per_rank(&cfg, tp, 4),
                 w.bytes() as u64,
                 "{model} tp {tp}"
             );

@@ -6,12 +6,13 @@ use std::path::Path;
 
 use pat::kv::{blocks_for, BlockAllocator, KvPool};
 use pat::model::config::{Arch, ModelConfig};
-use pat::model::decoder::{RankWeights, WeightDtype};
+use pat::model::decoder::RankWeights;
 use pat::model::weights::Checkpoint;
 use pat::parallel::layout::check_tp_for_model;
 use pat::parallel::shard::{self, Role, Source};
 use pat::parallel::Layout;
 use pat::reshard::{kv, nested_layout, weights};
+use pat::Dtype;
 use proptest::collection::vec as vec_of;
 use proptest::prelude::*;
 use proptest::sample::{select, Index};
@@ -19,7 +20,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use safetensors::tensor::TensorView;
-use safetensors::Dtype;
+use safetensors::Dtype as StDtype;
 
 /// A Qwen3 model with head_dim 4, 2 layers, hidden 8; the strategy below varies everything.
 fn model(kv: usize, group: usize, inter: usize, vocab: usize, tied: bool) -> ModelConfig {
@@ -104,7 +105,7 @@ fn write_checkpoint(cfg: &ModelConfig, dir: &Path) {
             (0..n).flat_map(|_| next().to_le_bytes()).collect()
         })
         .collect();
-    let view = |s: &Vec<usize>, d| TensorView::new(Dtype::F32, s.clone(), d).unwrap();
+    let view = |s: &Vec<usize>, d| TensorView::new(StDtype::F32, s.clone(), d).unwrap();
     let views = shapes
         .iter()
         .zip(&data)
@@ -136,7 +137,7 @@ fn contents(w: &RankWeights) -> Vec<Option<Vec<u32>>> {
 
 fn load_all(ck: &Checkpoint, cfg: &ModelConfig, l: &Layout) -> Vec<RankWeights> {
     (0..l.world)
-        .map(|p| RankWeights::load(ck, cfg, l.tp, l.position(p).1, WeightDtype::F32).unwrap())
+        .map(|p| RankWeights::load(ck, cfg, l.tp, l.position(p).1, Dtype::F32).unwrap())
         .collect()
 }
 

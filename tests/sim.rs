@@ -7,6 +7,7 @@ use pat::policy::modeled::{modeled_profile, Hardware, Link, ModelShape};
 use pat::policy::predictor::{Fit, FitForm, Predictor};
 use pat::policy::profile::Profile;
 use pat::policy::trace::{deepscaler_like, one_straggler, uniform, Trace, TraceRequest};
+use pat::reshard::cost::CostModel;
 use pat::sim::{simulate_all, SimConfig, SimModel, SimResult, TimelinePoint};
 
 fn predictor(fits: &[(usize, f64, f64)]) -> Predictor {
@@ -34,10 +35,14 @@ fn free_kv_switch(fixed_ms: f64) -> SwitchCost {
     SwitchCost {
         fixed_ms,
         weight_bytes_per_s: 1e9,
-        kv_bytes_per_s: 1e9,
         sharded_weight_bytes: 1e9,
         kv_bytes_per_token: 0.0,
-        prefill_tokens_per_s: vec![],
+        kv: CostModel {
+            transfer_bytes_per_s: 1e9,
+            fixed_transfer_s: 0.0,
+            prefill_tokens_per_s: vec![],
+            fixed_prefill_s: 0.0,
+        },
     }
 }
 

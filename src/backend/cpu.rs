@@ -1,5 +1,7 @@
 //! CPU reference kernels: clear, exact, f32 accumulation. GEMMs go through `matrixmultiply`.
 
+use std::time::Instant;
+
 use crate::kv::KvPool;
 
 /// out[n, m] = x[n, k] · w[m, k]ᵀ (weights stored [out, in]).
@@ -171,6 +173,33 @@ pub fn paged_attention(
             }
         }
     }
+}
+
+/// Measured host-memory copy bandwidth in bytes/s (read + written), with `threads` threads
+/// copying 64 MiB each at once (far beyond any cache): the roofline's and the cost model's limit.
+pub fn copy_bandwidth(threads: usize) -> f64 {
+    let n = 16 << 20; // 64 MiB of f32 per thread: far beyond any cache
+    let t = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads.max(1))
+            .map(|_| {
+                s.spawn(move || {
+                    let src = vec![1f32; n];
+                    let mut dst = vec![0f32; n];
+                    dst.copy_from_slice(&src); // first touch
+                    let t0 = Instant::now();
+                    for _ in 0..3 {
+                        dst.copy_from_slice(&src);
+                        std::hint::black_box(&mut dst);
+                    }
+                    t0.elapsed().as_secs_f64() / 3.0
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap_or(f64::INFINITY))
+            .fold(0.0, f64::max)
+    });
+    (threads.max(1) * n * 4 * 2) as f64 / t
 }
 
 #[cfg(test)]

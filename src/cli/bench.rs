@@ -9,12 +9,11 @@ use clap::{Args, Subcommand};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::generate::{progress, Model};
-use super::DtypeArg;
-use crate::engine::{Engine, EngineOptions, Request};
-use crate::error::{Error, Result};
-use crate::model::sampling::SamplingParams;
-use crate::stats::median;
+use super::common::{open_model, progress};
+use pat::engine::{Engine, EngineOptions, Request};
+use pat::error::{Error, Result};
+use pat::model::sampling::SamplingParams;
+use pat::stats::median;
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
@@ -48,7 +47,7 @@ pub struct AttentionArgs {
     pub block_size: usize,
     /// KV and query dtype.
     #[arg(long, value_enum, default_value = "bf16")]
-    pub dtype: DtypeArg,
+    pub dtype: pat::Dtype,
     /// Timed launches per setting (the median is reported).
     #[arg(long, default_value_t = 20)]
     pub iters: usize,
@@ -68,8 +67,8 @@ pub struct OneBatchArgs {
     #[command(flatten)]
     pub backend: super::BackendArgs,
     /// Weight (and, on cuda, activation and KV) dtype.
-    #[arg(long, value_enum, default_value = "f32")]
-    pub dtype: DtypeArg,
+    #[arg(long, default_value = "f32", value_name = "f32|bf16|f16")]
+    pub dtype: pat::Dtype,
     /// Batch sizes to sweep.
     #[arg(long, value_delimiter = ',', default_value = "1,16")]
     pub batch_size: Vec<usize>,
@@ -95,7 +94,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
 
 #[cfg(not(feature = "cuda"))]
 fn attention(_a: AttentionArgs) -> Result<()> {
-    Err(Error::Usage(
+    Err(Error::Invalid(
         "bench attention times the CUDA kernel: this pat was built without the `cuda` feature \
          (rebuild with `cargo build --release --features cuda`)"
             .into(),
@@ -104,9 +103,9 @@ fn attention(_a: AttentionArgs) -> Result<()> {
 
 #[cfg(feature = "cuda")]
 fn attention(a: AttentionArgs) -> Result<()> {
-    use crate::backend::cuda::{bench, workers::device_dtype, CudaDev};
+    use pat::backend::cuda::{bench, workers::device_dtype, CudaDev};
     if a.iters == 0 {
-        return Err(Error::Usage("--iters must be at least 1".into()));
+        return Err(Error::Invalid("--iters must be at least 1".into()));
     }
     let dev = CudaDev::new(a.device)?;
     let bw = bench::copy_bandwidth(&dev)?;
@@ -116,7 +115,7 @@ fn attention(a: AttentionArgs) -> Result<()> {
         a.device,
         bw / 1e9
     );
-    let dtype = device_dtype(a.dtype.into());
+    let dtype = device_dtype(a.dtype);
     for &ns in &a.num_seqs {
         for &ctx in &a.context {
             let r = bench::paged_attention_bench(
@@ -153,60 +152,11 @@ fn attention(a: AttentionArgs) -> Result<()> {
     Ok(())
 }
 
-/// Measured bandwidth (bytes/s, read + write) of the memory behind each id of
-/// `Engine::rank_memory_ids`: host memory on the CPU backend (copied by `threads` threads at
-/// once), each GPU's HBM on cuda.
-pub(super) fn memory_bandwidths(engine: &Engine, threads: usize) -> Result<Vec<(usize, f64)>> {
-    let mut ids = engine.rank_memory_ids();
-    ids.sort_unstable();
-    ids.dedup();
-    if engine.backend() == "cpu" {
-        return Ok(vec![(0, copy_bandwidth(threads))]);
-    }
-    #[cfg(feature = "cuda")]
-    {
-        ids.iter()
-            .map(|&o| {
-                let dev = crate::backend::cuda::CudaDev::new(o)?;
-                Ok((o, crate::backend::cuda::bench::copy_bandwidth(&dev)?))
-            })
-            .collect()
-    }
-    #[cfg(not(feature = "cuda"))]
-    Err(Error::Usage("no memory bandwidth for this backend".into()))
-}
-
-/// Measured copy bandwidth in bytes/s (read + written), with `threads` threads copying at once.
-pub fn copy_bandwidth(threads: usize) -> f64 {
-    let n = 16 << 20; // 64 MiB of f32 per thread: far beyond any cache
-    let t = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..threads.max(1))
-            .map(|_| {
-                s.spawn(move || {
-                    let src = vec![1f32; n];
-                    let mut dst = vec![0f32; n];
-                    dst.copy_from_slice(&src); // first touch
-                    let t0 = Instant::now();
-                    for _ in 0..3 {
-                        dst.copy_from_slice(&src);
-                        std::hint::black_box(&mut dst);
-                    }
-                    t0.elapsed().as_secs_f64() / 3.0
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .map(|h| h.join().unwrap_or(f64::INFINITY))
-            .fold(0.0, f64::max)
-    });
-    (threads.max(1) * n * 4 * 2) as f64 / t
-}
-
 fn one_batch(a: OneBatchArgs) -> Result<()> {
-    let m = Model::open(&a.model)?;
+    let m = open_model(&a.model)?;
     if a.batch_size.contains(&0) || a.input_len.contains(&0) || a.output_len.iter().any(|&o| o < 2)
     {
-        return Err(Error::Usage(
+        return Err(Error::Invalid(
             "batch sizes and input lengths must be >= 1, output lengths >= 2".into(),
         ));
     }
@@ -224,7 +174,7 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
     // largest setting; every setting's sequences finish and free their blocks before the next.
     let kv_blocks = settings
         .iter()
-        .map(|&(b, i, o)| b * crate::kv::blocks_for(i + o, 16))
+        .map(|&(b, i, o)| b * pat::kv::blocks_for(i + o, 16))
         .max()
         .unwrap_or(1);
     let opts = EngineOptions {
@@ -232,7 +182,7 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
         tp: a.tp,
         block_size: 16,
         kv_blocks,
-        dtype: a.dtype.into(),
+        dtype: a.dtype,
         sampling: SamplingParams::default(),
     };
     let t_load = Instant::now();
@@ -242,7 +192,7 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
         t_load.elapsed().as_secs_f64(),
         engine.describe_ranks()
     );
-    let bws = memory_bandwidths(&engine, a.world)?;
+    let bws = engine.memory_bandwidths(a.world)?;
     for (id, bw) in &bws {
         eprintln!(
             "measured copy bandwidth of {} {id}: {:.1} GB/s (read + write)",
@@ -298,7 +248,7 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
             "prefill_latency": prefill, "prefill_throughput": (batch * input_len) as f64 / prefill,
             "median_decode_latency": med, "median_decode_throughput": batch as f64 / med,
             "total_latency": total, "overall_throughput": (batch * (input_len + output_len)) as f64 / total,
-            "world": a.world, "tp": a.tp, "backend": engine.backend(), "dtype": format!("{:?}", a.dtype).to_lowercase(),
+            "world": a.world, "tp": a.tp, "backend": engine.backend(), "dtype": a.dtype.name(),
             "ranks": engine.describe_ranks(), "weight_bytes": weight_bytes,
             "decode_roofline_latency": roofline, "decode_vs_roofline": roofline / med,
             "copy_bandwidth_gbps": min_bw / 1e9,

@@ -9,15 +9,17 @@ use clap::Args;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::generate::Model;
+use super::common::open_model;
 use super::profile::measure;
 use super::rollout::{rollout, EstimatorArg, Outcome, PolicyArg, RolloutArgs};
 use super::{ArchArg, PresetArg};
-use crate::error::{Error, Result};
-use crate::model::init::{init_model, InitDtype, InitOptions};
-use crate::parallel::layout::check_tp_for_model;
-use crate::policy::{Trace, TraceRequest};
-use crate::reshard::cost::KvPolicy;
+use pat::engine::profiler::ProfileGrid;
+use pat::error::{Error, Result};
+use pat::model::init::{init_model, InitOptions};
+use pat::parallel::layout::check_tp_for_model;
+use pat::policy::{Trace, TraceRequest};
+use pat::reshard::cost::KvPolicy;
+use pat::Dtype;
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -77,7 +79,7 @@ pub fn long_tail_trace(n: usize, cap: usize, vocab: usize, seed: u64) -> Trace {
 
 pub fn run(a: DemoArgs) -> Result<()> {
     if a.batch == 0 || a.max_response < 2 || a.world == 0 {
-        return Err(Error::Usage(
+        return Err(Error::Invalid(
             "--batch and --world must be >= 1 and --max-response >= 2".into(),
         ));
     }
@@ -89,7 +91,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
                 arch: a.arch.into(),
                 preset: a.preset.into(),
                 seed: a.seed,
-                dtype: InitDtype::F32,
+                dtype: Dtype::F32,
                 force: true,
             };
             eprintln!(
@@ -110,7 +112,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
 }
 
 fn run_on(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
-    let m = Model::open(dir)?;
+    let m = open_model(dir)?;
     let trace = long_tail_trace(a.batch, a.max_response, m.cfg.vocab_size, a.seed);
     let tps: Vec<usize> = (1..=a.world)
         .filter(|t| a.world % t == 0 && check_tp_for_model(*t, &m.cfg).is_ok())
@@ -121,11 +123,13 @@ fn run_on(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
     );
     let profile = measure(
         &m,
-        a.world,
-        &[1, 4, a.batch.clamp(1, 16)],
-        &[32, 128],
-        3,
-        a.seed,
+        &ProfileGrid {
+            world: a.world,
+            batches: vec![1, 4, a.batch.clamp(1, 16)],
+            contexts: vec![32, 128],
+            steps: 3,
+            seed: a.seed,
+        },
     )?;
     let mut args = RolloutArgs {
         model: dir.to_path_buf(),

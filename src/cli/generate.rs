@@ -1,19 +1,18 @@
 //! `pat generate`: run requests through the engine and print one JSON object per request.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::{ArgGroup, Args};
-use indicatif::{ProgressBar, ProgressStyle};
 
-use super::requests::parse_requests_jsonl;
-use super::DtypeArg;
-use crate::engine::{Engine, EngineOptions, Output, Request};
-use crate::error::{Error, Result};
-use crate::model::config::ModelConfig;
-use crate::model::sampling::SamplingParams;
-use crate::model::tokenizer::Tokenizer;
-use crate::model::weights::Checkpoint;
+use super::common::{open_model, progress};
+use pat::engine::parse_requests_jsonl;
+use pat::engine::sequence::prefill_rate;
+use pat::engine::{Engine, EngineOptions, Output, Request};
+use pat::error::{Error, Result};
+use pat::model::sampling::SamplingParams;
+use pat::model::tokenizer::Tokenizer;
+use pat::reshard::cost::CostModel;
 
 #[derive(Args, Debug)]
 #[command(group(ArgGroup::new("input").required(true).args(["prompt", "prompt_ids", "requests"])))]
@@ -31,8 +30,8 @@ pub struct GenerateArgs {
     pub tp: usize,
     /// Weight precision. The CPU reference computes in f32 and rounds the weights to bf16/f16;
     /// on cuda the weights, activations and KV cache are stored in it (f32 math in the kernels).
-    #[arg(long, value_enum, default_value = "f32")]
-    pub dtype: DtypeArg,
+    #[arg(long, default_value = "f32", value_name = "f32|bf16|f16")]
+    pub dtype: pat::Dtype,
     /// New tokens per request (a request file's `max_new_tokens` overrides it).
     #[arg(long, default_value_t = 32)]
     pub max_new_tokens: usize,
@@ -75,36 +74,13 @@ pub struct GenerateArgs {
     /// How unfinished sequences' KV reaches the new layout: migrate, recompute, or auto (a
     /// cost model from the measured copy bandwidth and this run's prefill rate picks per sequence).
     #[arg(long, default_value = "auto")]
-    pub kv_transfer: crate::reshard::cost::KvPolicy,
-}
-
-/// A loaded model directory.
-pub struct Model {
-    pub cfg: ModelConfig,
-    pub ck: Checkpoint,
-    pub tok: Option<Tokenizer>,
-}
-
-impl Model {
-    pub fn open(dir: &Path) -> Result<Self> {
-        if !dir.is_dir() {
-            return Err(Error::Usage(format!(
-                "--model {}: not a directory",
-                dir.display()
-            )));
-        }
-        Ok(Model {
-            cfg: ModelConfig::load(dir)?,
-            ck: Checkpoint::open(dir)?,
-            tok: Tokenizer::load_dir(dir)?,
-        })
-    }
+    pub kv_transfer: pat::reshard::cost::KvPolicy,
 }
 
 /// Collects the requests named by exactly one of --prompt, --prompt-ids, --requests.
 fn requests(a: &GenerateArgs, tok: Option<&Tokenizer>) -> Result<Vec<Request>> {
     if a.max_new_tokens == 0 {
-        return Err(Error::Usage("--max-new-tokens must be at least 1".into()));
+        return Err(Error::Invalid("--max-new-tokens must be at least 1".into()));
     }
     let one = |input_ids| {
         Ok(vec![Request {
@@ -115,7 +91,7 @@ fn requests(a: &GenerateArgs, tok: Option<&Tokenizer>) -> Result<Vec<Request>> {
     };
     if let Some(p) = &a.prompt {
         let tok = tok.ok_or_else(|| {
-            Error::Usage(format!(
+            Error::Invalid(format!(
                 "--prompt needs {}/tokenizer.json; use --prompt-ids",
                 a.model.display()
             ))
@@ -128,59 +104,46 @@ fn requests(a: &GenerateArgs, tok: Option<&Tokenizer>) -> Result<Vec<Request>> {
     let path = a
         .requests
         .as_ref()
-        .ok_or_else(|| Error::Usage("give --prompt, --prompt-ids or --requests".into()))?;
+        .ok_or_else(|| Error::Invalid("give --prompt, --prompt-ids or --requests".into()))?;
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     parse_requests_jsonl(path, &text, tok, a.max_new_tokens, a.ignore_eos)
 }
 
-/// A progress bar on stderr (hidden when stderr is not a terminal).
-pub fn progress(total: u64, what: &str) -> ProgressBar {
-    let pb = ProgressBar::new(total);
-    let style =
-        ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> ");
-    pb.set_style(style);
-    pb.set_message(what.to_string());
-    pb
-}
-
 pub fn run(a: GenerateArgs) -> Result<()> {
     let backend = a.backend.backend()?;
-    if backend != crate::engine::Backend::Cpu && !a.reconfigure.is_empty() {
-        return Err(Error::Usage(
+    if backend != pat::engine::Backend::Cpu && !a.reconfigure.is_empty() {
+        return Err(Error::Invalid(
             "--reconfigure runs on the CPU backend only for now (GPU ranks keep one layout)".into(),
         ));
     }
-    let m = Model::open(&a.model)?;
+    let m = open_model(&a.model)?;
     let reqs = requests(&a, m.tok.as_ref())?;
     super::switch::check_switches(&a.reconfigure, a.world, &m)?;
-    let kv_blocks = a.kv_blocks.unwrap_or_else(|| {
-        let block_bytes = 2
-            * m.cfg.num_layers
-            * (m.cfg.num_kv_heads / a.tp.max(1))
-            * a.block_size.max(1)
-            * m.cfg.head_dim
-            * 4;
-        let floor = if a.reconfigure.is_empty() {
-            0
-        } else {
-            (64 << 20) / block_bytes.max(1)
-        };
-        Engine::blocks_needed(&reqs, a.block_size).max(floor)
-    });
-    let opts = EngineOptions {
+    let mut opts = EngineOptions {
         world: a.world,
         tp: a.tp,
         block_size: a.block_size,
-        kv_blocks,
-        dtype: a.dtype.into(),
+        kv_blocks: 0,
+        dtype: a.dtype,
         sampling: SamplingParams {
             temperature: a.temperature,
             top_k: a.top_k,
             top_p: a.top_p,
             seed: a.seed,
         },
+    };
+    // Default pool: every request at once; with switches at least 64 MiB per rank, so a switch to
+    // a smaller tp still finds room for the larger weight shards.
+    opts.kv_blocks = match a.kv_blocks {
+        Some(n) => n,
+        None => {
+            let floor = if a.reconfigure.is_empty() {
+                0
+            } else {
+                opts.blocks_in(&m.cfg, &backend, 64 << 20)?
+            };
+            Engine::blocks_needed(&reqs, a.block_size).max(floor)
+        }
     };
     let t0 = Instant::now();
     let mut engine = Engine::with_backend(m.cfg.clone(), &m.ck, opts, &backend)?;
@@ -200,9 +163,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         while let Some(sw) = plan.next_if(|sw| steps.len() == sw.step + 1) {
             // Measured once, at the first switch, from this run's prefill.
             let cost = cost.get_or_insert_with(|| {
-                super::switch::measured_cost_model(
-                    super::switch::prefill_rate(&steps).unwrap_or(1.0),
-                )
+                CostModel::measured_cpu(prefill_rate(&steps).unwrap_or(1.0))
             });
             match engine.reconfigure(sw.tp, a.kv_transfer, cost) {
                 Ok(r) => {
@@ -246,7 +207,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
 
 /// One output record; adds "text" when a tokenizer is present.
 pub fn output_json(o: &Output, tok: Option<&Tokenizer>) -> Result<String> {
-    let mut v = serde_json::to_value(o).map_err(|e| Error::Usage(e.to_string()))?;
+    let mut v = serde_json::to_value(o).map_err(|e| Error::Invalid(e.to_string()))?;
     if let Some(t) = tok {
         v["text"] = serde_json::Value::String(t.decode(&o.output_ids)?);
     }

@@ -1,10 +1,10 @@
 //! The `pat` command line: argument definitions and dispatch.
 
 mod bench;
+mod common;
 mod demo;
 mod generate;
 mod profile;
-mod requests;
 mod rollout;
 pub mod simulate;
 mod switch;
@@ -14,12 +14,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::error::Result;
-use crate::model::config::Arch;
-use crate::model::decoder::WeightDtype;
-use crate::model::init::{init_model, InitDtype, InitOptions, Preset};
-
-pub use requests::parse_requests_jsonl;
+use pat::error::Result;
+use pat::model::config::Arch;
+use pat::model::init::{init_model, InitOptions, Preset};
 
 /// Adaptive tensor parallelism for the long-tail generation stage of synchronous RLHF.
 ///
@@ -94,23 +91,6 @@ impl From<PresetArg> for Preset {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum DtypeArg {
-    F32,
-    Bf16,
-    F16,
-}
-
-impl From<DtypeArg> for WeightDtype {
-    fn from(d: DtypeArg) -> Self {
-        match d {
-            DtypeArg::F32 => WeightDtype::F32,
-            DtypeArg::Bf16 => WeightDtype::Bf16,
-            DtypeArg::F16 => WeightDtype::F16,
-        }
-    }
-}
-
 /// Where the ranks run (shared by the commands that run the engine).
 #[derive(Args, Debug, Clone)]
 pub struct BackendArgs {
@@ -133,13 +113,13 @@ pub enum BackendArg {
 
 impl BackendArgs {
     /// The engine backend, or a usage error for --devices without --backend cuda.
-    pub fn backend(&self) -> Result<crate::engine::Backend> {
+    pub fn backend(&self) -> Result<pat::engine::Backend> {
         match self.backend {
-            BackendArg::Cpu if self.devices.is_some() => Err(crate::error::Error::Usage(
+            BackendArg::Cpu if self.devices.is_some() => Err(pat::error::Error::Invalid(
                 "--devices needs --backend cuda".into(),
             )),
-            BackendArg::Cpu => Ok(crate::engine::Backend::Cpu),
-            BackendArg::Cuda => Ok(crate::engine::Backend::Cuda {
+            BackendArg::Cpu => Ok(pat::engine::Backend::Cpu),
+            BackendArg::Cuda => Ok(pat::engine::Backend::Cuda {
                 devices: self.devices.clone(),
             }),
         }
@@ -158,11 +138,35 @@ pub struct InitModelArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Storage dtype of the weights.
-    #[arg(long, value_enum, default_value = "f32")]
-    pub dtype: DtypeArg,
+    #[arg(long, default_value = "f32", value_name = "f32|bf16|f16")]
+    pub dtype: pat::Dtype,
     /// Overwrite a non-empty output directory.
     #[arg(long)]
     pub force: bool,
+}
+
+/// Library parameter names, as library errors write them (in backticks), and the flag that sets
+/// each one. The library never names a flag; this table is the one place they meet.
+const FLAGS: &[(&str, &str)] = &[
+    ("`block_size`", "--block-size"),
+    ("`kv_blocks`", "--kv-blocks"),
+    ("`temperature`", "--temperature"),
+    ("`top_p`", "--top-p"),
+    ("`top_k`", "--top-k"),
+    ("`check_every`", "--check-every"),
+    ("`devices`", "--devices"),
+    ("`world`", "--world"),
+    ("`tp`", "--tp"),
+    ("`force`", "--force"),
+    ("`max_new_tokens`", "--max-new-tokens"),
+    ("`backend cuda`", "--backend cuda"),
+];
+
+/// A library error message with its parameter names turned into the flags that set them.
+pub fn flag_names(msg: &str) -> String {
+    FLAGS
+        .iter()
+        .fold(msg.to_string(), |m, (param, flag)| m.replace(param, flag))
 }
 
 /// Runs the parsed command.
@@ -173,11 +177,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 arch: a.arch.into(),
                 preset: a.preset.into(),
                 seed: a.seed,
-                dtype: match a.dtype {
-                    DtypeArg::F32 => InitDtype::F32,
-                    DtypeArg::Bf16 => InitDtype::Bf16,
-                    DtypeArg::F16 => InitDtype::F16,
-                },
+                dtype: a.dtype,
                 force: a.force,
             };
             let bytes = init_model(&a.out, &opts)?;

@@ -5,25 +5,25 @@
 
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::time::Instant;
 
 use clap::Args;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
-use super::generate::{progress, Model};
-use crate::engine::{Engine, EngineOptions, Request};
-use crate::error::{Error, Result};
-use crate::model::decoder::WeightDtype;
-use crate::model::sampling::SamplingParams;
-use crate::parallel::layout::check_tp_for_model;
-use crate::parallel::Layout;
-use crate::policy::decide::{decide, DecideInput, LiveSeq, SwitchCost};
-use crate::policy::remaining::{LengthDist, Remaining, SeqView};
-use crate::policy::{ModelDims, Predictor, Profile, Trace};
-use crate::reshard::cost::{CostModel, KvPolicy};
-use crate::sim::run::{simulate, PolicyKind, SimConfig, SimModel};
+use super::common::{open_model, progress};
+use pat::engine::{Backend, Engine, EngineOptions, EngineSource, Request};
+use pat::error::{Error, Result};
+use pat::model::ModelDir;
+use pat::parallel::layout::check_tp_for_model;
+use pat::parallel::Layout;
+use pat::policy::controller::{drive, Controller, ControllerConfig, Event};
+use pat::policy::decide::SwitchCost;
+use pat::policy::remaining::{LengthDist, Remaining};
+use pat::policy::{ModelDims, Predictor, Profile, Trace};
+use pat::reshard::cost::{CostModel, KvPolicy};
+use pat::sim::run::{best_static, SimConfig, SimModel};
+use pat::Dtype;
 
 /// `static:K` or `adaptive`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,7 +94,7 @@ pub struct RolloutArgs {
 }
 
 pub fn run(a: RolloutArgs) -> Result<()> {
-    let m = Model::open(&a.model)?;
+    let m = open_model(&a.model)?;
     let trace = Trace::load(&a.trace)?;
     let profile = a.profile.as_deref().map(Profile::load).transpose()?;
     rollout(&m, &trace, &a, profile.as_ref(), true).map(|_| ())
@@ -111,10 +111,10 @@ pub struct Outcome {
     pub final_tp: usize,
 }
 
-/// Runs one rollout of `trace` (the paths in `a` are not read); with `emit`, JSONL on stdout and
-/// a summary on stderr.
+/// Runs one rollout of `trace` (the paths in `a` are not read) through the one adaptive loop
+/// (`pat::policy::drive`); with `emit`, JSONL on stdout and a summary on stderr.
 pub fn rollout(
-    m: &Model,
+    m: &ModelDir,
     trace: &Trace,
     a: &RolloutArgs,
     profile: Option<&Profile>,
@@ -124,39 +124,44 @@ pub fn rollout(
         .filter(|t| a.world % t == 0 && check_tp_for_model(*t, &m.cfg).is_ok())
         .collect();
     if a.check_every == 0 {
-        return Err(Error::Usage("--check-every must be at least 1".into()));
+        return Err(Error::Invalid("--check-every must be at least 1".into()));
     }
     // The adaptive policy's inputs, all checked before any work starts.
     let adaptive = match a.policy {
         PolicyArg::Static(_) => None,
         PolicyArg::Adaptive => {
             let profile = profile.ok_or_else(|| {
-                Error::Usage(
+                Error::Invalid(
                     "--policy adaptive needs --profile P.json (make one with `pat profile`)".into(),
                 )
             })?;
             let mut dims = ModelDims::from_config(&m.cfg);
-            dims.dtype_bytes = 4;
+            dims.dtype_bytes = Backend::Cpu.kv_elem_bytes(Dtype::F32);
             profile.check_matches(&dims, a.world)?;
             let predictor = Predictor::from_profile(profile)?;
             let lens = trace.response_lens();
-            let cap = lens.iter().copied().max();
             let est = match a.estimator {
-                EstimatorArg::Empirical => Remaining::Empirical(LengthDist::new(&lens, cap)?),
+                EstimatorArg::Empirical => {
+                    Remaining::Empirical(LengthDist::new(&lens, lens.iter().copied().max())?)
+                }
                 EstimatorArg::Oracle => Remaining::Oracle,
             };
-            let cost = CostModel {
-                transfer_bytes_per_s: profile.switch.kv_bytes_per_s,
-                fixed_transfer_s: 0.0,
-                prefill_tokens_per_s: profile
-                    .prefill
-                    .iter()
-                    .map(|p| (p.tp, p.tokens_per_s))
-                    .collect(),
-                fixed_prefill_s: 0.0,
-            };
-            Some((SwitchCost::from_profile(profile), predictor, est, cost))
+            Some((SwitchCost::from_profile(profile), predictor, est))
         }
+    };
+    let candidates: Vec<usize> = match &adaptive {
+        Some((_, predictor, _)) => tps
+            .iter()
+            .copied()
+            .filter(|t| predictor.fit(*t).is_ok())
+            .collect(),
+        None => tps.clone(),
+    };
+    let ctrl_cfg = ControllerConfig {
+        candidates: candidates.clone(),
+        check_every: a.check_every,
+        margin: a.margin,
+        min_gain_ms: a.min_gain_ms,
     };
     // Static: the given tp. Adaptive: --start-tp, else the static layout the profile predicts
     // finishes this whole batch first (the simulator, same predictor), so a batch that never
@@ -164,42 +169,32 @@ pub fn rollout(
     let start = match (a.policy, &adaptive) {
         (PolicyArg::Static(k), _) => k,
         (PolicyArg::Adaptive, _) if a.start_tp.is_some() => a.start_tp.unwrap_or(1),
-        (PolicyArg::Adaptive, Some((sc, predictor, _, _))) => {
-            let prefill: Vec<(usize, f64)> = profile
-                .map(|p| p.prefill.iter().map(|x| (x.tp, x.tokens_per_s)).collect())
-                .unwrap_or_default();
+        (PolicyArg::Adaptive, Some((sc, predictor, _))) => {
+            let prefill = profile.map(|p| p.prefill_points()).unwrap_or_default();
             let model = SimModel {
                 predictor,
                 switch: sc,
                 prefill: &prefill,
             };
-            let cands: Vec<usize> = tps
-                .iter()
-                .copied()
-                .filter(|t| predictor.fit(*t).is_ok())
-                .collect();
             let cfg = SimConfig {
                 world: a.world,
-                candidates: cands.clone(),
-                check_every: a.check_every.max(1),
+                candidates: candidates.clone(),
+                check_every: a.check_every,
                 margin: a.margin,
                 min_gain_ms: a.min_gain_ms,
                 start_tp: None,
             };
-            let mut best = (cands.first().copied().unwrap_or(1), f64::INFINITY);
-            for &tp in &cands {
-                let r = simulate(trace, &model, &cfg, PolicyKind::Static(tp), tp)?;
-                if r.total_ms < best.1 {
-                    best = (tp, r.total_ms);
-                }
-            }
-            best.0
+            best_static(trace, &model, &cfg)?
         }
         (PolicyArg::Adaptive, None) => tps.first().copied().unwrap_or(1),
     };
     Layout::new(a.world, start)
         .and_then(|_| check_tp_for_model(start, &m.cfg))
-        .map_err(|e| Error::Usage(format!("--policy/--start-tp: {e}")))?;
+        .map_err(|e| e.context("--policy/--start-tp"))?;
+    let ctrl = adaptive
+        .as_ref()
+        .map(|(sc, predictor, est)| Controller::new(ctrl_cfg, predictor, sc, est.clone()))
+        .transpose()?;
     let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
     let vocab = m.cfg.vocab_size as u32;
     let reqs: Vec<Request> = trace
@@ -208,136 +203,113 @@ pub fn rollout(
         .map(|r| Request {
             input_ids: r.input_ids.clone().unwrap_or_else(|| {
                 (0..r.prompt_len)
-                    .map(|_| rng.random_range(3..vocab))
+                    .map(|_| rng.random_range(3.min(vocab - 1)..vocab))
                     .collect()
             }),
             max_new_tokens: r.response_len,
             ignore_eos: true,
         })
         .collect();
-    let block_bytes = 2 * m.cfg.num_layers * (m.cfg.num_kv_heads / start) * 16 * m.cfg.head_dim * 4;
-    let kv_blocks = Engine::blocks_needed(&reqs, 16).max((64 << 20) / block_bytes.max(1));
-    let opts = EngineOptions {
-        world: a.world,
-        tp: start,
-        block_size: 16,
-        kv_blocks,
-        dtype: WeightDtype::F32,
-        sampling: SamplingParams::default(),
-    };
+    // A pool that holds the batch and at least 64 MiB per rank, so a switch to a smaller tp still
+    // finds room for the larger weight shards.
+    let backend = Backend::Cpu;
+    let mut opts =
+        EngineOptions::for_memory_budget(&m.cfg, &backend, a.world, start, Dtype::F32, 64 << 20)?;
+    opts.kv_blocks = opts
+        .kv_blocks
+        .max(Engine::blocks_needed(&reqs, opts.block_size));
     let mut engine = Engine::new(m.cfg.clone(), &m.ck, opts)?;
     engine.add_requests(&reqs)?;
 
     let total: u64 = reqs.iter().map(|r| r.max_new_tokens as u64).sum();
     let pb = progress(total, &format!("rollout {}", policy_name(a.policy)));
-    let t0 = Instant::now();
-    let (mut step, mut produced, mut switches) = (0usize, 0u64, Vec::new());
-    while engine.live() > 0 {
-        if let Some((sc, predictor, est, cost)) = &adaptive {
-            if step > 0 && (step - 1) % a.check_every == 0 {
-                let live = engine.live_seqs();
-                let views: Vec<SeqView> = live
-                    .iter()
-                    .map(|s| SeqView {
-                        generated: s.generated,
-                        replica: s.replica,
-                        true_len: Some(s.max_new_tokens),
+    // The profile's migrate-or-recompute model (a static run never switches: any model does).
+    let cost = profile.map(Profile::cost_model).unwrap_or(CostModel {
+        transfer_bytes_per_s: 1.0,
+        fixed_transfer_s: 0.0,
+        prefill_tokens_per_s: Vec::new(),
+        fixed_prefill_s: 0.0,
+    });
+    let mut src = EngineSource::new(&mut engine, a.kv_transfer, cost);
+    let mut produced = 0u64;
+    let mut switches: Vec<serde_json::Value> = Vec::new();
+    let run = drive(&mut src, ctrl.as_ref(), |ev| {
+        match ev {
+        Event::Step {
+            step,
+            tp,
+            t_ms,
+            done,
+        } => {
+            produced += done.tokens_out as u64;
+            pb.set_position(produced);
+            if emit {
+                println!(
+                    "{}",
+                    json!({
+                        "step": step, "t_ms": t_ms, "tp": tp,
+                        "running_reqs": done.running, "tokens_this_step": done.tokens_out,
+                        "prefill_tokens": done.tokens_in - done.tokens_out.min(done.tokens_in),
+                        "step_latency_ms": done.ms, "gen_throughput_tok_s": done.tokens_out as f64 / (done.ms / 1e3).max(1e-9),
                     })
-                    .collect();
-                let ests = est.estimate_set(&views)?;
-                let lv: Vec<LiveSeq> = live
-                    .iter()
-                    .zip(&ests)
-                    .map(|(s, &e)| LiveSeq {
-                        replica: s.replica,
-                        context: s.context,
-                        generated: s.generated,
-                        est_remaining: e,
-                    })
-                    .collect();
-                let input = DecideInput {
-                    world: a.world,
-                    current_tp: engine.layout().tp,
-                    candidates: &tps,
-                    live: &lv,
-                    predictor,
-                    switch: sc,
-                    margin: a.margin,
-                    min_gain_ms: a.min_gain_ms,
-                    lookahead_steps: a.check_every,
-                };
-                let d = decide(&input)?;
-                if !d.stay {
-                    let r = engine.reconfigure(d.to_tp, a.kv_transfer, cost)?;
-                    let rec = json!({ "switch": r, "step": step, "t_ms": t0.elapsed().as_secs_f64() * 1e3, "decision": d });
-                    if emit {
-                        println!("{rec}");
-                    }
-                    switches.push(rec);
-                }
+                );
             }
         }
-        let tp = engine.layout().tp;
-        let r = engine.step()?;
-        produced += r.tokens_out as u64;
-        pb.set_position(produced);
-        if emit {
-            println!(
-                "{}",
-                json!({
-                    "step": step, "t_ms": t0.elapsed().as_secs_f64() * 1e3, "tp": tp,
-                    "running_reqs": r.live_per_replica.iter().sum::<usize>(), "tokens_this_step": r.tokens_out,
-                    "prefill_tokens": r.tokens_in - r.tokens_out.min(r.tokens_in),
-                    "step_latency_ms": r.elapsed_ms, "gen_throughput_tok_s": r.tokens_out as f64 / (r.elapsed_ms / 1e3).max(1e-9),
-                })
-            );
+        Event::Switch {
+            summary,
+            decision,
+            record,
+        } => {
+            let rec = json!({ "switch": record, "step": summary.step, "t_ms": summary.t_ms, "decision": decision });
+            if emit {
+                pb.suspend(|| println!("{rec}"));
+            }
+            switches.push(rec);
         }
-        step += 1;
+        Event::SwitchFailed {
+            step,
+            from,
+            to,
+            error,
+        } => pb.suspend(|| {
+            eprintln!("warning: switch tp {from} -> {to} before step {step} not applied: {error}; decoding goes on at tp {from}")
+        }),
     }
+    })?;
     pb.finish_and_clear();
-    let gen_s = t0.elapsed().as_secs_f64();
+    let gen_s = run.total_ms / 1e3;
     let lens = trace.response_lens();
     let summary = json!({
         "policy": policy_name(a.policy), "world": a.world, "requests": reqs.len(),
-        "timing_s/gen": gen_s, "steps": step,
+        "timing_s/gen": gen_s, "steps": run.steps,
         "response_length/mean": lens.iter().sum::<usize>() as f64 / lens.len() as f64,
         "response_length/max": lens.iter().max(),
-        "tokens": produced, "tokens_per_s": produced as f64 / gen_s, "tokens_per_s_per_rank": produced as f64 / gen_s / a.world as f64,
-        "switches": switches.len(), "final_tp": engine.layout().tp,
+        "tokens": run.tokens, "tokens_per_s": run.tokens as f64 / gen_s, "tokens_per_s_per_rank": run.tokens as f64 / gen_s / a.world as f64,
+        "switches": run.switches.len(), "final_tp": run.final_tp,
     });
     if emit {
         println!("{}", json!({ "summary": summary }));
         eprintln!(
             "{}: {} requests, {} tokens in {:.2} s = {:.1} tok/s ({:.1} per rank), {} switch(es), final tp {}",
-            policy_name(a.policy), reqs.len(), produced, gen_s, produced as f64 / gen_s, produced as f64 / gen_s / a.world as f64, switches.len(), engine.layout().tp
+            policy_name(a.policy), reqs.len(), run.tokens, gen_s, run.tokens as f64 / gen_s, run.tokens as f64 / gen_s / a.world as f64, run.switches.len(), run.final_tp
         );
-        for s in &switches {
+        for s in &run.switches {
             eprintln!(
                 "  switch at step {}: tp {} -> {} in {:.1} ms",
-                s["step"],
-                s["switch"]["from_tp"],
-                s["switch"]["to_tp"],
-                s["switch"]["total_ms"].as_f64().unwrap_or(0.0)
+                s.step, s.from, s.to, s.ms
             );
         }
     }
     Ok(Outcome {
         gen_s,
-        tokens: produced,
-        steps: step,
-        switches: switches
+        tokens: run.tokens,
+        steps: run.steps,
+        switches: run
+            .switches
             .iter()
-            .map(|s| {
-                let u = |v: &serde_json::Value| v.as_u64().unwrap_or(0) as usize;
-                (
-                    u(&s["step"]),
-                    u(&s["switch"]["from_tp"]),
-                    u(&s["switch"]["to_tp"]),
-                    s["switch"]["total_ms"].as_f64().unwrap_or(0.0),
-                )
-            })
+            .map(|s| (s.step, s.from, s.to, s.ms))
             .collect(),
-        final_tp: engine.layout().tp,
+        final_tp: run.final_tp,
     })
 }
 

@@ -5,15 +5,15 @@ use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 
-use crate::error::{Error, Result};
-use crate::policy::decide::SwitchCost;
-use crate::policy::modeled::{modeled_profile, Hardware, Link, ModelShape};
-use crate::policy::predictor::{validate, Predictor};
-use crate::policy::profile::Profile;
-use crate::policy::trace::Trace;
-use crate::sim::report::SimReport;
-use crate::sim::run::{simulate_all, SimConfig, SimModel};
-use crate::sim::svg::chart;
+use pat::error::{Error, Result};
+use pat::policy::decide::SwitchCost;
+use pat::policy::modeled::{modeled_profile, Hardware, Link, ModelShape};
+use pat::policy::predictor::{validate, Predictor};
+use pat::policy::profile::Profile;
+use pat::policy::trace::Trace;
+use pat::sim::report::SimReport;
+use pat::sim::run::{simulate_all, SimConfig, SimModel};
+use pat::sim::svg::chart;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Gpu {
@@ -77,7 +77,7 @@ pub fn load_profile(a: &SimulateArgs) -> Result<(Profile, String)> {
     match &a.profile {
         Some(path) => {
             if a.link.is_some() || a.gpu.is_some() || a.per_seq_us.is_some() {
-                return Err(Error::Usage(
+                return Err(Error::Invalid(
                     "--link, --gpu and --per-seq-us shape only the modeled profile; a profile file already fixes them"
                         .into(),
                 ));
@@ -102,7 +102,7 @@ pub fn load_profile(a: &SimulateArgs) -> Result<(Profile, String)> {
             };
             if let Some(us) = a.per_seq_us {
                 if !(us >= 0.0 && us.is_finite()) {
-                    return Err(Error::Usage(format!(
+                    return Err(Error::Invalid(format!(
                         "--per-seq-us must be a non-negative number, got {us}"
                     )));
                 }
@@ -123,13 +123,13 @@ pub fn load_profile(a: &SimulateArgs) -> Result<(Profile, String)> {
 /// Runs the simulation and builds the report (what `run` prints).
 pub fn report(a: &SimulateArgs) -> Result<SimReport> {
     if !(a.margin >= 0.0 && a.margin < 1.0) {
-        return Err(Error::Usage(format!(
+        return Err(Error::Invalid(format!(
             "--margin must be in [0, 1), got {}",
             a.margin
         )));
     }
     if !(a.min_gain_ms >= 0.0 && a.min_gain_ms.is_finite()) {
-        return Err(Error::Usage(format!(
+        return Err(Error::Invalid(format!(
             "--min-gain-ms must be a non-negative number, got {}",
             a.min_gain_ms
         )));
@@ -138,7 +138,7 @@ pub fn report(a: &SimulateArgs) -> Result<SimReport> {
     let (mut profile, source_note) = load_profile(a)?;
     if let Some(ms) = a.switch_fixed_ms {
         if !(ms >= 0.0 && ms.is_finite()) {
-            return Err(Error::Usage(format!(
+            return Err(Error::Invalid(format!(
                 "--switch-fixed-ms must be a non-negative number, got {ms}"
             )));
         }
@@ -155,7 +155,7 @@ pub fn report(a: &SimulateArgs) -> Result<SimReport> {
         .filter(|t| fitted.contains(t))
         .collect();
     if candidates.is_empty() {
-        return Err(Error::Usage(format!(
+        return Err(Error::Invalid(format!(
             "no tp degree is both valid for world {} and profiled (profiled: {fitted:?})",
             a.world
         )));
@@ -259,7 +259,7 @@ mod tests {
 
     fn straggler_trace(dir: &std::path::Path) -> PathBuf {
         let p = dir.join("t.jsonl");
-        let t = crate::policy::trace::one_straggler(16, 100, 2000).unwrap();
+        let t = pat::policy::trace::one_straggler(16, 100, 2000).unwrap();
         std::fs::write(&p, t.to_jsonl()).unwrap();
         p
     }

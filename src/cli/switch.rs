@@ -1,4 +1,4 @@
-//! TP switches from the command line: `--reconfigure STEP:TP` parsing, the measured cost model,
+//! TP switches from the command line: `--reconfigure STEP:TP` parsing and checking,
 //! and `pat bench switch`.
 
 use std::path::PathBuf;
@@ -9,16 +9,15 @@ use clap::Args;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::bench::copy_bandwidth;
-use super::generate::Model;
-use super::DtypeArg;
-use crate::engine::{Engine, EngineOptions, Request, StepReport};
-use crate::error::{Error, Result};
-use crate::model::sampling::SamplingParams;
-use crate::parallel::layout::check_tp_for_model;
-use crate::parallel::Layout;
-use crate::reshard::cost::{CostModel, KvPolicy};
-use crate::stats::median;
+use super::common::open_model;
+use pat::engine::sequence::prefill_rate;
+use pat::engine::{Backend, Engine, EngineOptions, Request};
+use pat::error::{Error, Result};
+use pat::model::ModelDir;
+use pat::parallel::layout::check_tp_for_model;
+use pat::parallel::Layout;
+use pat::reshard::cost::{CostModel, KvPolicy};
+use pat::stats::median;
 
 /// A planned switch: after `step` decode steps, go to `tp`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,38 +48,13 @@ impl FromStr for SwitchAt {
 }
 
 /// Checks every planned tp against the world and the model before any work starts.
-pub fn check_switches(switches: &[SwitchAt], world: usize, model: &Model) -> Result<()> {
+pub fn check_switches(switches: &[SwitchAt], world: usize, model: &ModelDir) -> Result<()> {
     for s in switches {
         Layout::new(world, s.tp)
             .and_then(|_| check_tp_for_model(s.tp, &model.cfg))
-            .map_err(|e| Error::Usage(format!("--reconfigure {}:{}: {e}", s.step, s.tp)))?;
+            .map_err(|e| Error::Invalid(format!("--reconfigure {}:{}: {e}", s.step, s.tp)))?;
     }
     Ok(())
-}
-
-/// The CPU engine's cost model from measurements on this machine. KV migration runs on one
-/// thread and copies each byte twice (gather into staging, scatter into the new blocks), so its
-/// rate is a quarter of the single-thread copy bandwidth (which counts read + write). Prefill runs
-/// at the rate this engine just achieved; on the CPU backend it is bound by the cores, not by
-/// tp, so the same rate serves every tp.
-pub fn measured_cost_model(prefill_tokens_per_s: f64) -> CostModel {
-    CostModel {
-        transfer_bytes_per_s: copy_bandwidth(1) / 4.0,
-        fixed_transfer_s: 0.0,
-        prefill_tokens_per_s: vec![(1, prefill_tokens_per_s.max(1.0))],
-        fixed_prefill_s: 0.0,
-    }
-}
-
-/// Prefill tokens/s from the steps seen so far (steps that fed more tokens than sequences).
-pub fn prefill_rate(steps: &[StepReport]) -> Option<f64> {
-    let pre: Vec<&StepReport> = steps
-        .iter()
-        .filter(|s| s.tokens_in > s.tokens_out)
-        .collect();
-    let toks: usize = pre.iter().map(|s| s.tokens_in).sum();
-    let ms: f64 = pre.iter().map(|s| s.elapsed_ms).sum();
-    (toks > 0 && ms > 0.0).then(|| toks as f64 / (ms / 1e3))
 }
 
 #[derive(Args, Debug)]
@@ -103,8 +77,8 @@ pub struct BenchSwitchArgs {
     pub context: usize,
     #[arg(long, default_value = "migrate")]
     pub kv_transfer: KvPolicy,
-    #[arg(long, value_enum, default_value = "f32")]
-    pub dtype: DtypeArg,
+    #[arg(long, default_value = "f32", value_name = "f32|bf16|f16")]
+    pub dtype: pat::Dtype,
     /// KV memory per rank in MiB at the starting layout (the switch re-divides it, plus the
     /// weight bytes it frees).
     #[arg(long, default_value_t = 256)]
@@ -114,9 +88,9 @@ pub struct BenchSwitchArgs {
 }
 
 pub fn bench_switch(a: BenchSwitchArgs) -> Result<()> {
-    let m = Model::open(&a.model)?;
+    let m = open_model(&a.model)?;
     if a.batch == 0 || a.context == 0 {
-        return Err(Error::Usage(
+        return Err(Error::Invalid(
             "--batch and --context must be at least 1".into(),
         ));
     }
@@ -124,7 +98,7 @@ pub fn bench_switch(a: BenchSwitchArgs) -> Result<()> {
     tps.extend(&a.to);
     for w in tps.windows(2) {
         if w[0] == w[1] {
-            return Err(Error::Usage(format!(
+            return Err(Error::Invalid(format!(
                 "switch from tp {} to tp {}: nothing changes",
                 w[0], w[1]
             )));
@@ -133,8 +107,6 @@ pub fn bench_switch(a: BenchSwitchArgs) -> Result<()> {
     let switches: Vec<SwitchAt> = a.to.iter().map(|&tp| SwitchAt { step: 0, tp }).collect();
     check_switches(&switches, a.world, &m)?;
     let cfg = &m.cfg;
-    let block_bytes =
-        2 * cfg.num_layers * (cfg.num_kv_heads / a.from.max(1)) * 16 * cfg.head_dim * 4;
     let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
     let steps_after = 3;
     let per_switch = 1 + steps_after;
@@ -148,21 +120,23 @@ pub fn bench_switch(a: BenchSwitchArgs) -> Result<()> {
             ignore_eos: true,
         })
         .collect();
-    let kv_blocks = ((a.kv_mib << 20) / block_bytes).max(Engine::blocks_needed(&reqs, 16));
-    let opts = EngineOptions {
-        world: a.world,
-        tp: a.from,
-        block_size: 16,
-        kv_blocks,
-        dtype: a.dtype.into(),
-        sampling: SamplingParams::default(),
-    };
+    let mut opts = EngineOptions::for_memory_budget(
+        cfg,
+        &Backend::Cpu,
+        a.world,
+        a.from,
+        a.dtype,
+        (a.kv_mib as u64) << 20,
+    )?;
+    opts.kv_blocks = opts
+        .kv_blocks
+        .max(Engine::blocks_needed(&reqs, opts.block_size));
     let mut engine = Engine::new(cfg.clone(), &m.ck, opts)?;
     engine.add_requests(&reqs)?;
     let t0 = Instant::now();
     let mut steps = vec![engine.step()?];
     let prefill = prefill_rate(&steps).unwrap_or(1.0);
-    let cost = measured_cost_model(prefill);
+    let cost = CostModel::measured_cpu(prefill);
     eprintln!(
         "prefill of {} x {} tokens in {:.0} ms ({:.0} tok/s); KV transfer {:.2} GB/s measured; cost-model crossover at tp {}: {:.0} tokens",
         a.batch,
@@ -183,7 +157,7 @@ pub fn bench_switch(a: BenchSwitchArgs) -> Result<()> {
             .map(|_| engine.step().map(|s| s.elapsed_ms))
             .collect::<Result<_>>()?;
         let post = median(&mut after);
-        let mut rec = serde_json::to_value(&r).map_err(|e| Error::Usage(e.to_string()))?;
+        let mut rec = serde_json::to_value(&r).map_err(|e| Error::Invalid(e.to_string()))?;
         rec["post_switch_step_latency_ms"] = post.into();
         rec["pre_switch_step_latency_ms"] = before.into();
         rec["world"] = a.world.into();

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand, ValueEnum};
 
-use crate::error::{Error, Result};
-use crate::policy::trace::{deepscaler_like, one_straggler, uniform, Trace};
+use pat::error::{Error, Result};
+use pat::policy::trace::{deepscaler_like, one_straggler, uniform, Trace};
 
 #[derive(Args, Debug)]
 pub struct TraceArgs {

@@ -1,111 +1,48 @@
-//! The engine: requests spread over dp replicas of tp ranks, one thread per rank per step, paged
-//! KV, and the shrinking batch of live sequences.
+//! The engine: requests spread over dp replicas of tp ranks, paged KV, and the shrinking batch of
+//! live sequences; the ranks run on the CPU (one thread per rank per step) or on GPU workers.
 //!
 //! Every step each live sequence feeds the tokens not yet in its KV cache (the prompt on its first
 //! step, then the last sampled token), so prefill, decode and recompute are one code path.
+//!
+//! - [`sequence`]: requests, outputs, step reports, the per-request state.
+//! - [`options`]: settings and KV pool sizing from a memory budget.
+//! - `scheduler`: admission, replica placement, per-step block grants.
+//! - [`requests`]: request files (JSONL).
+//! - `ranks`: the ranks behind the engine, one interface over the backends.
+//! - `reconfigure`: live tp switches.
+//! - [`adaptive`]: the engine as a `policy::StepSource`, so the one adaptive loop drives it.
+//! - [`profiler`]: measuring a profile of this engine.
 
+pub mod adaptive;
+pub mod options;
+pub mod profiler;
 mod ranks;
 mod reconfigure;
+pub mod requests;
+mod scheduler;
+pub mod sequence;
 
+/// A live sequence as the policy sees it (one type for the engine and the simulator).
+pub use crate::policy::LiveSeq;
+pub use adaptive::EngineSource;
+pub use options::{kv_block_bytes, EngineOptions, DEFAULT_BLOCK_SIZE};
 pub use ranks::Backend;
-pub use reconfigure::{weight_bytes_per_rank, SwitchReport};
+pub use reconfigure::SwitchReport;
+pub use requests::parse_requests_jsonl;
+pub use sequence::{FinishReason, Output, Request, StepReport};
 
 use std::time::Instant;
 
-use rand_chacha::ChaCha8Rng;
-
 use crate::error::{Error, Result};
-use crate::kv::{blocks_for, BlockAllocator, KvPool};
+use crate::kv::{BlockAllocator, KvPool};
 use crate::model::config::ModelConfig;
-use crate::model::decoder::{RankWeights, SeqInput, WeightDtype};
-use crate::model::sampling::{request_rng, sample, SamplingParams};
+use crate::model::decoder::{RankWeights, SeqInput};
+use crate::model::sampling::sample;
 use crate::model::weights::Checkpoint;
+use crate::model::ModelDir;
 use crate::parallel::{GroupCache, Layout};
 use ranks::{CpuRanks, Ranks, StepCtx};
-
-/// One generation request.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Request {
-    pub input_ids: Vec<u32>,
-    pub max_new_tokens: usize,
-    pub ignore_eos: bool,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FinishReason {
-    /// Reached max_new_tokens.
-    Length,
-    /// Produced an EOS token.
-    Stop,
-}
-
-/// A finished request, in input order.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
-pub struct Output {
-    pub index: usize,
-    pub input_ids: Vec<u32>,
-    pub output_ids: Vec<u32>,
-    pub finish_reason: FinishReason,
-}
-
-/// Engine settings.
-#[derive(Clone, Debug)]
-pub struct EngineOptions {
-    pub world: usize,
-    pub tp: usize,
-    pub block_size: usize,
-    /// KV blocks per rank.
-    pub kv_blocks: usize,
-    pub dtype: WeightDtype,
-    pub sampling: SamplingParams,
-}
-
-struct Sequence {
-    prompt_len: usize,
-    /// Prompt followed by every generated token.
-    tokens: Vec<u32>,
-    max_new: usize,
-    ignore_eos: bool,
-    replica: usize,
-    table: Vec<u32>,
-    /// Tokens whose K/V are in the cache.
-    cached: usize,
-    finished: Option<FinishReason>,
-    rng: ChaCha8Rng,
-}
-
-impl Sequence {
-    fn generated(&self) -> usize {
-        self.tokens.len() - self.prompt_len
-    }
-}
-
-/// A live sequence as the policy sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct LiveSeq {
-    /// Request index.
-    pub index: usize,
-    pub replica: usize,
-    /// Tokens so far (prompt + generated): the KV the sequence holds.
-    pub context: usize,
-    pub generated: usize,
-    pub max_new_tokens: usize,
-}
-
-/// What one step did.
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct StepReport {
-    pub step: usize,
-    /// Live sequences per replica at the start of the step.
-    pub live_per_replica: Vec<usize>,
-    /// Tokens fed through the model (prefill + decode).
-    pub tokens_in: usize,
-    /// Tokens sampled.
-    pub tokens_out: usize,
-    pub finished: usize,
-    pub elapsed_ms: f64,
-}
+use sequence::Sequence;
 
 /// A running generation over `world` ranks.
 pub struct Engine {
@@ -131,6 +68,11 @@ impl Engine {
         Self::with_backend(cfg, ck, opts, &Backend::Cpu)
     }
 
+    /// Loads every rank's shard of an opened model directory onto `backend`.
+    pub fn from_dir(model: &ModelDir, opts: EngineOptions, backend: &Backend) -> Result<Self> {
+        Self::with_backend(model.cfg.clone(), &model.ck, opts, backend)
+    }
+
     /// Loads every rank's shard onto `backend`. GPU ranks need a build with `--features cuda`;
     /// without it this is a clear error.
     pub fn with_backend(
@@ -142,11 +84,11 @@ impl Engine {
         let layout = Layout::new(opts.world, opts.tp)?;
         layout.validate_for(&cfg)?;
         if opts.block_size == 0 {
-            return Err(Error::Usage("--block-size must be at least 1".into()));
+            return Err(Error::Invalid("`block_size` must be at least 1".into()));
         }
         if opts.kv_blocks == 0 {
             return Err(Error::KvExhausted(
-                "the pool has 0 blocks (raise --kv-blocks)".into(),
+                "the pool has 0 blocks (raise `kv_blocks`)".into(),
             ));
         }
         opts.sampling.validate()?;
@@ -170,8 +112,8 @@ impl Engine {
             }
             #[cfg(not(feature = "cuda"))]
             Backend::Cuda { .. } => {
-                return Err(Error::Usage(
-                    "--backend cuda: this pat was built without the `cuda` feature; rebuild with \
+                return Err(Error::Invalid(
+                    "`backend cuda`: this pat was built without the `cuda` feature; rebuild with \
                      `cargo build --release --features cuda` (needs nvcc, see scripts/install-cuda-toolchain.sh)"
                         .into(),
                 ))
@@ -207,6 +149,12 @@ impl Engine {
     pub fn decode_read_bytes(&self, rank: usize) -> usize {
         self.ranks.set_ref().decode_read_bytes(rank)
     }
+    /// Measured bandwidth (bytes/s, read + write) of the memory behind each id of
+    /// [`Engine::rank_memory_ids`]: host memory on the CPU (copied by `threads` threads at once),
+    /// each GPU's memory on cuda.
+    pub fn memory_bandwidths(&self, threads: usize) -> Result<Vec<(usize, f64)>> {
+        self.ranks.set_ref().memory_bandwidths(threads)
+    }
     /// Per physical rank, which memory it reads its weights from (equal ids share bandwidth).
     pub fn rank_memory_ids(&self) -> Vec<usize> {
         self.ranks.set_ref().memory_ids()
@@ -224,73 +172,6 @@ impl Engine {
     /// Bytes of weights plus KV pool held by one rank.
     pub fn rank_bytes(&self, rank: usize) -> (usize, usize) {
         self.ranks.set_ref().rank_bytes(rank)
-    }
-
-    /// Checks a request against the model without admitting it.
-    pub fn validate_request(&self, index: usize, r: &Request) -> Result<()> {
-        let bad = |m: String| Err(Error::Request(format!("request {index}: {m}")));
-        if r.input_ids.is_empty() {
-            return bad("empty prompt".into());
-        }
-        if r.max_new_tokens == 0 {
-            return bad("max_new_tokens must be at least 1".into());
-        }
-        if let Some((pos, &id)) = r
-            .input_ids
-            .iter()
-            .enumerate()
-            .find(|(_, &id)| id as usize >= self.cfg.vocab_size)
-        {
-            return bad(format!(
-                "token id {id} at position {pos} is out of range (vocab_size {})",
-                self.cfg.vocab_size
-            ));
-        }
-        let total = r.input_ids.len() + r.max_new_tokens;
-        if total > self.cfg.max_position_embeddings {
-            return bad(format!(
-                "prompt ({}) + max_new_tokens ({}) = {total} exceeds max_position_embeddings {}",
-                r.input_ids.len(),
-                r.max_new_tokens,
-                self.cfg.max_position_embeddings
-            ));
-        }
-        let need = blocks_for(total, self.opts.block_size);
-        if need > self.opts.kv_blocks {
-            return Err(Error::KvExhausted(format!(
-                "request {index} needs {need} blocks of {} tokens but a rank's pool has {} (raise --kv-blocks)",
-                self.opts.block_size, self.opts.kv_blocks
-            )));
-        }
-        Ok(())
-    }
-
-    /// Admits requests (all or none), each to the replica with the least work assigned.
-    pub fn add_requests(&mut self, reqs: &[Request]) -> Result<()> {
-        let base = self.seqs.len();
-        for (i, r) in reqs.iter().enumerate() {
-            self.validate_request(base + i, r)?;
-        }
-        let mut load = vec![0usize; self.layout.dp()];
-        for s in self.seqs.iter().filter(|s| s.finished.is_none()) {
-            load[s.replica] += s.prompt_len + s.max_new - s.generated();
-        }
-        for (i, r) in reqs.iter().enumerate() {
-            let replica = (0..load.len()).min_by_key(|&d| (load[d], d)).unwrap_or(0);
-            load[replica] += r.input_ids.len() + r.max_new_tokens;
-            self.seqs.push(Sequence {
-                prompt_len: r.input_ids.len(),
-                tokens: r.input_ids.clone(),
-                max_new: r.max_new_tokens,
-                ignore_eos: r.ignore_eos,
-                replica,
-                table: Vec::new(),
-                cached: 0,
-                finished: None,
-                rng: request_rng(self.opts.sampling.seed, base + i),
-            });
-        }
-        Ok(())
     }
 
     /// Keep each step's logits (see `recorded_logits`); off by default.
@@ -323,7 +204,9 @@ impl Engine {
         self.seqs.iter().filter(|s| s.finished.is_none()).count()
     }
 
-    /// Runs one step on every replica with live sequences. On error nothing has changed.
+    /// Runs one step on every replica with live sequences. On error no token has been sampled
+    /// and no sequence has advanced (blocks granted for the step stay in its tables, to be used
+    /// by the next try).
     pub fn step(&mut self) -> Result<StepReport> {
         let t0 = Instant::now();
         let dp = self.layout.dp();
@@ -334,25 +217,7 @@ impl Engine {
         for &i in &live {
             live_per_replica[self.seqs[i].replica] += 1;
         }
-        // Blocks for this step's new tokens; all or nothing.
-        let mut granted: Vec<(usize, Vec<u32>)> = Vec::new();
-        for &i in &live {
-            let s = &self.seqs[i];
-            let need =
-                blocks_for(s.tokens.len(), self.opts.block_size).saturating_sub(s.table.len());
-            match self.allocs[s.replica].alloc(need) {
-                Ok(b) => granted.push((i, b)),
-                Err(e) => {
-                    for (j, b) in granted {
-                        self.allocs[self.seqs[j].replica].release(&b);
-                    }
-                    return Err(e);
-                }
-            }
-        }
-        for (i, b) in granted {
-            self.seqs[i].table.extend(b);
-        }
+        self.grant_blocks(&live)?;
 
         let per_replica: Vec<Vec<usize>> = (0..dp)
             .map(|d| {
@@ -460,13 +325,6 @@ impl Engine {
                 })
             })
             .collect()
-    }
-
-    /// Blocks per rank that hold every request in `reqs` at once.
-    pub fn blocks_needed(reqs: &[Request], block_size: usize) -> usize {
-        reqs.iter()
-            .map(|r| blocks_for(r.input_ids.len() + r.max_new_tokens, block_size.max(1)))
-            .sum()
     }
 }
 

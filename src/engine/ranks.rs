@@ -57,6 +57,9 @@ pub(crate) trait RankSet {
     /// Which memory each physical rank reads its weights from: ranks with the same id share one
     /// memory's bandwidth (every CPU rank shares host memory; GPU ranks their GPU's).
     fn memory_ids(&self) -> Vec<usize>;
+    /// Measured copy bandwidth (bytes/s, read + write) of each distinct memory id, ascending;
+    /// `threads` host threads copy at once on the CPU.
+    fn memory_bandwidths(&self, threads: usize) -> Result<Vec<(usize, f64)>>;
     /// Where the ranks run, for reports, e.g. "2 ranks on NVIDIA H100 80GB HBM3 (GPU 0)".
     fn describe(&self) -> String;
 }
@@ -143,6 +146,9 @@ impl RankSet for CpuRanks {
     fn memory_ids(&self) -> Vec<usize> {
         vec![0; self.weights.len()]
     }
+    fn memory_bandwidths(&self, threads: usize) -> Result<Vec<(usize, f64)>> {
+        Ok(vec![(0, crate::backend::cpu::copy_bandwidth(threads))])
+    }
     fn describe(&self) -> String {
         format!("{} CPU rank thread(s)", self.weights.len())
     }
@@ -183,7 +189,7 @@ impl Ranks {
         match self {
             Ranks::Cpu(c) => Ok(c),
             #[cfg(feature = "cuda")]
-            Ranks::Gpu(_) => Err(Error::Usage(format!(
+            Ranks::Gpu(_) => Err(Error::Invalid(format!(
                 "{what} is implemented on the CPU backend only; GPU ranks cannot do it yet"
             ))),
         }
@@ -203,6 +209,17 @@ impl RankSet for crate::backend::cuda::workers::GpuRanks {
     }
     fn memory_ids(&self) -> Vec<usize> {
         self.devices().to_vec()
+    }
+    fn memory_bandwidths(&self, _threads: usize) -> Result<Vec<(usize, f64)>> {
+        let mut ids = self.devices().to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.iter()
+            .map(|&o| {
+                let dev = crate::backend::cuda::CudaDev::new(o)?;
+                Ok((o, crate::backend::cuda::bench::copy_bandwidth(&dev)?))
+            })
+            .collect()
     }
     fn describe(&self) -> String {
         let mut per: Vec<(usize, &str, usize)> = Vec::new();

@@ -9,17 +9,17 @@
 
 use std::time::Instant;
 
-use super::Engine;
+use super::{kv_block_bytes, Engine};
 use crate::error::{Error, Result};
 use crate::kv::{blocks_for, BlockAllocator, KvPool};
-use crate::model::config::ModelConfig;
 use crate::parallel::layout::check_tp_for_model;
-use crate::parallel::shard::{self, Role};
+use crate::parallel::placement::balance_onto;
+use crate::parallel::shard::weight_bytes_per_rank;
 use crate::reshard::cost::{CostModel, KvMode, KvPolicy};
 use crate::reshard::kv::{self as kvplan, SeqKv};
 use crate::reshard::{nested_layout, weights as wplan};
 
-/// Bytes per element of the CPU engine's buffers.
+/// Bytes per element of the CPU engine's buffers (weights and KV are f32 whatever the dtype).
 const ELEM: u64 = 4;
 
 /// What one switch did and cost (the `pat bench switch` record).
@@ -60,37 +60,33 @@ pub struct SwitchReport {
     pub predicted_recompute_ms: f64,
 }
 
-/// Weight bytes one rank holds at degree `tp` (what `RankWeights::bytes` reports).
-pub fn weight_bytes_per_rank(cfg: &ModelConfig, tp: usize) -> u64 {
-    let h = cfg.hidden_size as u64;
-    let layer_rows: usize = Role::LAYER.iter().map(|&r| shard::rows(cfg, r, tp)).sum();
-    let vocab_rows =
-        shard::rows(cfg, Role::Embed, tp) * if cfg.tie_word_embeddings { 1 } else { 2 };
-    let norms = cfg.num_layers
-        * (2 * cfg.hidden_size
-            + if cfg.has_qk_norm() {
-                2 * cfg.head_dim
-            } else {
-                0
-            })
-        + cfg.hidden_size;
-    ((cfg.num_layers * layer_rows + vocab_rows) as u64 * h + norms as u64) * ELEM
-}
-
 impl Engine {
-    /// Switches every replica to tensor-parallel degree `new_tp`.
+    /// Switches every replica to tensor-parallel degree `new_tp`, placing the live sequences by
+    /// the engine's own rule (balanced by remaining KV footprint, ties staying home).
     pub fn reconfigure(
         &mut self,
         new_tp: usize,
         policy: KvPolicy,
         cost: &CostModel,
     ) -> Result<SwitchReport> {
+        self.reconfigure_placed(new_tp, policy, cost, None)
+    }
+
+    /// [`Engine::reconfigure`] with the live sequences (in [`Engine::live_seqs`] order) placed on
+    /// the new replicas `placement[i]` when given (the placement a policy's forecast assumed).
+    pub fn reconfigure_placed(
+        &mut self,
+        new_tp: usize,
+        policy: KvPolicy,
+        cost: &CostModel,
+        placement: Option<&[usize]>,
+    ) -> Result<SwitchReport> {
         let t0 = Instant::now();
         const WHAT: &str = "live TP reconfiguration";
         self.ranks.cpu_mut(WHAT)?;
         let (cfg, old) = (&self.cfg, self.layout.clone());
         if new_tp == old.tp {
-            return Err(Error::Usage(format!(
+            return Err(Error::Invalid(format!(
                 "the engine already runs at tp {new_tp}"
             )));
         }
@@ -101,31 +97,46 @@ impl Engine {
             .filter(|&i| self.seqs[i].finished.is_none())
             .collect();
         if live.is_empty() {
-            return Err(Error::Usage(
+            return Err(Error::Invalid(
                 "no live sequences: there is nothing to switch".into(),
             ));
         }
 
-        // Place live sequences: largest remaining KV first, onto the least-loaded new replica,
-        // ties going to the replica that already holds the sequence's old ranks.
-        let footprint = |i: usize| {
-            let s = &self.seqs[i];
-            s.tokens.len() + s.max_new - s.generated()
-        };
-        let home = |i: usize| {
-            let r = old.rank_of(self.seqs[i].replica, 0);
-            new.position(r).0
-        };
-        let mut order = live.clone();
-        order.sort_by_key(|&i| (std::cmp::Reverse(footprint(i)), i));
-        let mut load = vec![0usize; new.dp()];
+        // Place live sequences: the caller's placement, else largest remaining footprint first
+        // onto the least-loaded new replica, ties going to the replica that already holds the
+        // sequence's old ranks.
         let mut target = vec![usize::MAX; self.seqs.len()];
-        for &i in &order {
-            let d = (0..new.dp())
-                .min_by_key(|&d| (load[d], d != home(i), d))
-                .unwrap_or(0);
+        let at = match placement {
+            Some(p) => {
+                if p.len() != live.len() {
+                    return Err(Error::Invalid(format!(
+                        "placement lists {} replicas for {} live sequences",
+                        p.len(),
+                        live.len()
+                    )));
+                }
+                if let Some(&d) = p.iter().find(|&&d| d >= new.dp()) {
+                    return Err(Error::Invalid(format!(
+                        "placement names replica {d} but tp {new_tp} has {} replicas",
+                        new.dp()
+                    )));
+                }
+                p.to_vec()
+            }
+            None => {
+                let weights: Vec<f64> = live
+                    .iter()
+                    .map(|&i| self.seqs[i].footprint() as f64)
+                    .collect();
+                let home: Vec<usize> = live
+                    .iter()
+                    .map(|&i| new.position(old.rank_of(self.seqs[i].replica, 0)).0)
+                    .collect();
+                balance_onto(&weights, &vec![0.0; new.dp()], Some(&home))
+            }
+        };
+        for (&i, d) in live.iter().zip(at) {
             target[i] = d;
-            load[d] += footprint(i);
         }
 
         // Migrate or recompute, per sequence with cached KV.
@@ -147,18 +158,18 @@ impl Engine {
             let (cross, local) =
                 kvplan::seq_bytes(cfg, &old, &new, s.replica, target[i], s.cached, ELEM)?;
             report.kv_tokens += s.cached;
-            report.predicted_migrate_ms += cost.migrate_s(cross + local) * 1e3;
+            report.predicted_migrate_ms += cost.migrate_s((cross + local) as f64) * 1e3;
             report.predicted_recompute_ms += cost.recompute_s(new_tp, s.cached) * 1e3;
-            mode[i] = Some(policy.mode(cost, new_tp, s.cached, cross + local));
+            mode[i] = Some(policy.mode(cost, new_tp, s.cached, (cross + local) as f64));
         }
 
         // New pools: the old pool's bytes plus what the weight reshard frees (or minus what it takes).
         let (bs, layers, hd) = (self.opts.block_size, cfg.num_layers, cfg.head_dim);
         let kv_local = cfg.num_kv_heads / new_tp;
-        let block_bytes = (2 * layers * kv_local * bs * hd) as u64 * ELEM;
+        let block_bytes = kv_block_bytes(cfg, new_tp, bs, ELEM as usize);
         let budget = self.ranks.cpu_mut(WHAT)?.pools[0].bytes() as i128
-            + weight_bytes_per_rank(cfg, old.tp) as i128
-            - weight_bytes_per_rank(cfg, new_tp) as i128;
+            + weight_bytes_per_rank(cfg, old.tp, ELEM as usize) as i128
+            - weight_bytes_per_rank(cfg, new_tp, ELEM as usize) as i128;
         let new_blocks = if budget > 0 {
             (budget as u64 / block_bytes) as usize
         } else {

@@ -30,7 +30,7 @@ impl BlockAllocator {
     pub fn alloc(&mut self, n: usize) -> Result<Vec<u32>> {
         if n > self.free.len() {
             return Err(Error::KvExhausted(format!(
-                "need {n} more blocks, {} of {} free (raise --kv-blocks)",
+                "need {n} more blocks, {} of {} free (raise `kv_blocks`)",
                 self.free.len(),
                 self.total
             )));

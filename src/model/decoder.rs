@@ -6,22 +6,13 @@
 //! (after attention-out and MLP-down), one for the vocab-parallel embedding, one gather of logits.
 
 use crate::backend::cpu;
+use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::kv::{slot, KvPool};
 use crate::model::config::ModelConfig;
 use crate::model::weights::{round_to_bf16, round_to_f16, Checkpoint};
 use crate::parallel::shard::{self, Role, Source};
 use crate::parallel::Comm;
-
-/// Precision of the weights held by a rank (compute is always f32 on the CPU).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WeightDtype {
-    F32,
-    /// Weights rounded to bf16, f32 accumulation (emulates a bf16 engine).
-    Bf16,
-    /// Weights rounded to f16, f32 accumulation.
-    F16,
-}
 
 /// One layer's weights as held by one rank (split axis outermost, see `parallel::shard`).
 pub struct LayerWeights {
@@ -87,7 +78,7 @@ impl RankWeights {
         cfg: &ModelConfig,
         tp: usize,
         r: usize,
-        dtype: WeightDtype,
+        dtype: Dtype,
     ) -> Result<Self> {
         let h = cfg.hidden_size;
         let norm = |name: String, n: usize| ck.read(&name, &[n]);
@@ -132,9 +123,9 @@ impl RankWeights {
             layers,
         };
         match dtype {
-            WeightDtype::F32 => {}
-            WeightDtype::Bf16 => w.for_each_buffer(round_to_bf16),
-            WeightDtype::F16 => w.for_each_buffer(round_to_f16),
+            Dtype::F32 => {}
+            Dtype::Bf16 => w.for_each_buffer(round_to_bf16),
+            Dtype::F16 => w.for_each_buffer(round_to_f16),
         }
         Ok(w)
     }

@@ -5,9 +5,10 @@ use std::path::Path;
 
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use safetensors::{tensor::View, Dtype, SafeTensorError};
+use safetensors::{tensor::View, Dtype as StDtype, SafeTensorError};
 use serde_json::{json, Value};
 
+use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::model::config::Arch;
 use crate::model::tokenizer::Tokenizer;
@@ -23,21 +24,13 @@ pub enum Preset {
     Llama3_8bShape,
 }
 
-/// Element type of the written weights.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum InitDtype {
-    F32,
-    Bf16,
-    F16,
-}
-
 /// What `init_model` writes.
 #[derive(Clone, Copy, Debug)]
 pub struct InitOptions {
     pub arch: Arch,
     pub preset: Preset,
     pub seed: u64,
-    pub dtype: InitDtype,
+    pub dtype: Dtype,
     /// Write into an existing non-empty directory (files of the same names are replaced).
     pub force: bool,
 }
@@ -62,11 +55,6 @@ const PRESETS: [(&str, Preset); 3] = [
     ("small", Preset::Small),
     ("llama3-8b-shape", Preset::Llama3_8bShape),
 ];
-const DTYPES: [(&str, InitDtype); 3] = [
-    ("f32", InitDtype::F32),
-    ("bf16", InitDtype::Bf16),
-    ("f16", InitDtype::F16),
-];
 
 fn parse_named<T: Copy>(table: &[(&'static str, T)], what: &str, s: &str) -> Result<T> {
     table
@@ -75,7 +63,7 @@ fn parse_named<T: Copy>(table: &[(&'static str, T)], what: &str, s: &str) -> Res
         .map(|&(_, v)| v)
         .ok_or_else(|| {
             let valid: Vec<&str> = table.iter().map(|(n, _)| *n).collect();
-            Error::Usage(format!(
+            Error::Invalid(format!(
                 "unknown {what} `{s}` (valid: {})",
                 valid.join(", ")
             ))
@@ -99,27 +87,12 @@ impl std::fmt::Display for Preset {
     }
 }
 
-impl std::str::FromStr for InitDtype {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        parse_named(&DTYPES, "dtype", s)
-    }
-}
-
-impl std::fmt::Display for InitDtype {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(name_of(&DTYPES, self))
-    }
-}
-
-impl InitDtype {
-    /// (bytes per element, safetensors dtype, config.json `torch_dtype`).
-    fn info(self) -> (usize, Dtype, &'static str) {
-        match self {
-            InitDtype::F32 => (4, Dtype::F32, "float32"),
-            InitDtype::Bf16 => (2, Dtype::BF16, "bfloat16"),
-            InitDtype::F16 => (2, Dtype::F16, "float16"),
-        }
+/// (bytes per element, safetensors dtype, config.json `torch_dtype`) of a storage dtype.
+fn info(d: Dtype) -> (usize, StDtype, &'static str) {
+    match d {
+        Dtype::F32 => (4, StDtype::F32, "float32"),
+        Dtype::Bf16 => (2, StDtype::BF16, "bfloat16"),
+        Dtype::F16 => (2, StDtype::F16, "float16"),
     }
 }
 
@@ -176,7 +149,7 @@ fn config_json(opts: &InitOptions, d: &PresetDims) -> Value {
         "attention_dropout": 0.0,
         "bos_token_id": 1,
         "eos_token_id": 2,
-        "torch_dtype": opts.dtype.info().2,
+        "torch_dtype": info(opts.dtype).2,
         "initializer_range": 0.02,
         "use_cache": true,
     });
@@ -235,7 +208,7 @@ const CHUNK: usize = 1 << 16;
 struct LazyTensor {
     shape: Vec<usize>,
     init: Init,
-    dtype: InitDtype,
+    dtype: Dtype,
     seed: u64,
 }
 
@@ -267,22 +240,22 @@ impl LazyTensor {
             Init::Linear { fan_in } => (0.0, (3.0 / fan_in.max(1) as f32).sqrt()),
             Init::Norm => (1.0, 0.1 * 3f32.sqrt()),
         };
-        let eb = self.dtype.info().0;
+        let eb = info(self.dtype).0;
         for dst in out.chunks_exact_mut(eb) {
             // 24 random bits -> [0, 1) exactly representable in f32.
             let u = (rng.next_u32() >> 8) as f32 * (1.0 / (1u32 << 24) as f32);
             let v = offset + (2.0 * u - 1.0) * half_width;
             match self.dtype {
-                InitDtype::F32 => dst.copy_from_slice(&v.to_le_bytes()),
-                InitDtype::Bf16 => dst.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
-                InitDtype::F16 => dst.copy_from_slice(&half::f16::from_f32(v).to_le_bytes()),
+                Dtype::F32 => dst.copy_from_slice(&v.to_le_bytes()),
+                Dtype::Bf16 => dst.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
+                Dtype::F16 => dst.copy_from_slice(&half::f16::from_f32(v).to_le_bytes()),
             }
         }
     }
 
     /// Generates all bytes, spreading runs of whole chunks over up to `threads` threads.
     fn generate(&self, threads: usize) -> Vec<u8> {
-        let chunk_bytes = CHUNK * self.dtype.info().0;
+        let chunk_bytes = CHUNK * info(self.dtype).0;
         let mut buf = vec![0u8; self.data_len()];
         let n_chunks = buf.len().div_ceil(chunk_bytes).max(1);
         let per_thread = n_chunks.div_ceil(threads.clamp(1, n_chunks));
@@ -300,8 +273,8 @@ impl LazyTensor {
 }
 
 impl View for LazyTensor {
-    fn dtype(&self) -> Dtype {
-        self.dtype.info().1
+    fn dtype(&self) -> StDtype {
+        info(self.dtype).1
     }
     fn shape(&self) -> &[usize] {
         &self.shape
@@ -311,7 +284,7 @@ impl View for LazyTensor {
         Cow::Owned(self.generate(threads))
     }
     fn data_len(&self) -> usize {
-        self.numel() * self.dtype.info().0
+        self.numel() * info(self.dtype).0
     }
 }
 
@@ -374,8 +347,8 @@ fn write_json(dir: &Path, name: &str, v: &Value) -> Result<()> {
 fn prepare_dir(out: &Path, force: bool) -> Result<()> {
     match std::fs::read_dir(out) {
         Ok(mut entries) => match entries.next() {
-            Some(_) if !force => Err(Error::Usage(format!(
-                "{}: directory is not empty (use --force to write into it)",
+            Some(_) if !force => Err(Error::Invalid(format!(
+                "{}: directory is not empty (set `force` to write into it)",
                 out.display()
             ))),
             _ => {
@@ -427,7 +400,7 @@ mod tests {
     use super::*;
     use safetensors::SafeTensors;
 
-    fn opts(arch: Arch, dtype: InitDtype, seed: u64) -> InitOptions {
+    fn opts(arch: Arch, dtype: Dtype, seed: u64) -> InitOptions {
         let preset = Preset::Tiny;
         InitOptions {
             arch,
@@ -441,7 +414,7 @@ mod tests {
     fn all_tiny() -> impl Iterator<Item = InitOptions> {
         [Arch::Llama, Arch::Qwen3]
             .into_iter()
-            .flat_map(|a| DTYPES.map(|(_, d)| opts(a, d, 7)))
+            .flat_map(|a| Dtype::ALL.map(|d| opts(a, d, 7)))
     }
 
     fn read_json(p: &Path) -> Value {
@@ -468,7 +441,7 @@ mod tests {
             let mut total = 0;
             for (name, t) in &expected {
                 let v = st.tensor(name).expect("tensor present");
-                assert_eq!((v.shape(), v.dtype()), (&t.shape[..], o.dtype.info().1));
+                assert_eq!((v.shape(), v.dtype()), (&t.shape[..], info(o.dtype).1));
                 total += v.data().len() as u64;
             }
             assert_eq!(total, written);
@@ -497,7 +470,7 @@ mod tests {
             for key in keys.split_whitespace() {
                 assert!(c.get(key).is_some(), "{key} missing for {o:?}");
             }
-            assert_eq!(c["torch_dtype"], o.dtype.info().2);
+            assert_eq!(c["torch_dtype"], info(o.dtype).2);
             assert_eq!(c["tie_word_embeddings"], o.arch == Arch::Qwen3);
             if o.arch == Arch::Llama {
                 assert_eq!(c["architectures"], json!(["LlamaForCausalLM"]));
@@ -525,7 +498,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let run = |name: &str, seed| {
             let out = dir.path().join(name);
-            init_model(&out, &opts(Arch::Qwen3, InitDtype::Bf16, seed)).expect("init");
+            init_model(&out, &opts(Arch::Qwen3, Dtype::Bf16, seed)).expect("init");
             std::fs::read(out.join("model.safetensors")).expect("read")
         };
         let (a, b, c) = (run("a", 1), run("b", 1), run("c", 2));
@@ -536,7 +509,7 @@ mod tests {
 
     #[test]
     fn generation_is_independent_of_thread_count() {
-        let o = opts(Arch::Llama, InitDtype::F32, 3);
+        let o = opts(Arch::Llama, Dtype::F32, 3);
         let shape = vec![5, CHUNK / 2 + 3];
         let (_, t) = LazyTensor::new("x", shape.clone(), Init::Embedding, &o);
         let one = t.generate(1);
@@ -549,7 +522,7 @@ mod tests {
 
     #[test]
     fn value_statistics_match_the_init_rule() {
-        let o = opts(Arch::Llama, InitDtype::F32, 11);
+        let o = opts(Arch::Llama, Dtype::F32, 11);
         let lin = Init::Linear { fan_in: 256 };
         for (init, mean, std) in [
             (Init::Embedding, 0.0, 1.0),
@@ -574,7 +547,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let keep = dir.path().join("keep.txt");
         std::fs::write(&keep, "x").expect("write");
-        let mut o = opts(Arch::Llama, InitDtype::F32, 0);
+        let mut o = opts(Arch::Llama, Dtype::F32, 0);
         let e = init_model(dir.path(), &o)
             .expect_err("must refuse")
             .to_string();
@@ -606,15 +579,15 @@ mod tests {
             e.contains("`huge`") && e.contains("tiny, small, llama3-8b-shape"),
             "{e}"
         );
-        assert_eq!("bf16".parse::<InitDtype>().expect("bf16"), InitDtype::Bf16);
-        assert_eq!("f16".parse::<InitDtype>().expect("f16"), InitDtype::F16);
-        assert!("fp8".parse::<InitDtype>().is_err());
+        assert_eq!("bf16".parse::<Dtype>().expect("bf16"), Dtype::Bf16);
+        assert_eq!("f16".parse::<Dtype>().expect("f16"), Dtype::F16);
+        assert!("fp8".parse::<Dtype>().is_err());
         let l = preset_dims(Arch::Llama, Preset::Llama3_8bShape);
-        let o = opts(Arch::Llama, InitDtype::Bf16, 0);
+        let o = opts(Arch::Llama, Dtype::Bf16, 0);
         let n: usize = tensors(&o, &l).iter().map(|(_, t)| t.numel()).sum();
         assert_eq!(n, 8_030_261_248, "LLaMA-3.1-8B parameter count");
         let q = preset_dims(Arch::Qwen3, Preset::Llama3_8bShape);
-        let o = opts(Arch::Qwen3, InitDtype::Bf16, 0);
+        let o = opts(Arch::Qwen3, Dtype::Bf16, 0);
         let n: usize = tensors(&o, &q).iter().map(|(_, t)| t.numel()).sum();
         assert_eq!(n, 14_768_307_200, "Qwen3-14B parameter count");
         assert!(

@@ -2,7 +2,10 @@
 
 pub mod config;
 pub mod decoder;
+pub mod dir;
 pub mod init;
 pub mod sampling;
 pub mod tokenizer;
 pub mod weights;
+
+pub use dir::ModelDir;

@@ -31,14 +31,14 @@ impl Default for SamplingParams {
 impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(Error::Usage(format!(
-                "--temperature must be >= 0, got {}",
+            return Err(Error::Invalid(format!(
+                "`temperature` must be >= 0, got {}",
                 self.temperature
             )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(Error::Usage(format!(
-                "--top-p must be in (0, 1], got {}",
+            return Err(Error::Invalid(format!(
+                "`top_p` must be in (0, 1], got {}",
                 self.top_p
             )));
         }

@@ -2,6 +2,7 @@
 
 pub mod comm;
 pub mod layout;
+pub mod placement;
 pub mod shard;
 
 pub use comm::{Comm, CpuComm, GroupCache};
@@ -48,12 +49,12 @@ mod tests {
         );
         let e = per_rank(3, "t", |r| {
             if r == 1 {
-                Err(Error::Usage("rank one failed".into()))
+                Err(Error::Invalid("rank one failed".into()))
             } else {
                 Ok(r)
             }
         });
-        assert!(matches!(e, Err(Error::Usage(m)) if m == "rank one failed"));
+        assert!(matches!(e, Err(Error::Invalid(m)) if m == "rank one failed"));
         let p = per_rank(3, "loader", |r| {
             if r == 2 {
                 panic!("boom");

@@ -193,6 +193,23 @@ pub fn rows(cfg: &ModelConfig, role: Role, tp: usize) -> usize {
         .sum()
 }
 
+/// Weight bytes one rank holds at degree `tp` at `elem_bytes` per element (what
+/// `RankWeights::bytes` reports at 4).
+pub fn weight_bytes_per_rank(cfg: &ModelConfig, tp: usize, elem_bytes: usize) -> u64 {
+    let h = cfg.hidden_size as u64;
+    let layer_rows: usize = Role::LAYER.iter().map(|&r| rows(cfg, r, tp)).sum();
+    let vocab_rows = rows(cfg, Role::Embed, tp) * if cfg.tie_word_embeddings { 1 } else { 2 };
+    let norms = cfg.num_layers
+        * (2 * cfg.hidden_size
+            + if cfg.has_qk_norm() {
+                2 * cfg.head_dim
+            } else {
+                0
+            })
+        + cfg.hidden_size;
+    ((cfg.num_layers * layer_rows + vocab_rows) as u64 * h + norms as u64) * elem_bytes as u64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -28,29 +28,30 @@
 //!   missing pieces, `W (1/to - 1/from)` bytes, at `weight_bytes_per_s` (ranks receive in
 //!   parallel). Neither divides the other -> the whole new shard `W / to` (conservative). `W` is
 //!   every tp-split weight's bytes.
-//! - KV, per live sequence with `n` cached tokens: `min(migrate, recompute)` with
-//!   migrate = `n * KV_tok * (1 - min(from,to)/max(from,to)) / kv_bytes_per_s` (the slices the
-//!   sequence's old ranks already hold for their new heads stay) and recompute =
-//!   `n / prefill_tokens_per_s(to)`. Sequences are summed (handled one after another:
-//!   conservative).
+//! - KV, per live sequence with `n` cached tokens: the engine's own migrate-or-recompute cost
+//!   model ([`CostModel`], the one switch cost model) on `n * KV_tok * (1 - min(from,to)/max(from,to))`
+//!   bytes (the slices the sequence's old ranks already hold for their new heads stay) and `n`
+//!   tokens to re-prefill at `to`. Sequences are summed (handled one after another: conservative).
 
-use super::forecast::{balance, drain_ms, Pending};
+use super::forecast::{drain_ms, Pending};
 use super::predictor::Predictor;
-use super::profile::{rate_at, Profile};
+use super::profile::Profile;
 use crate::error::{Error, Result};
+use crate::parallel::placement::balance;
+use crate::reshard::cost::{CostModel, KvMode};
 
 /// Costs of changing the tp degree (formulas in the module docs).
 #[derive(Clone, Debug, PartialEq)]
 pub struct SwitchCost {
     pub fixed_ms: f64,
     pub weight_bytes_per_s: f64,
-    pub kv_bytes_per_s: f64,
     /// Bytes of every tp-split weight of the model (tp = 1).
     pub sharded_weight_bytes: f64,
     /// K+V bytes per cached token, all layers and kv heads.
     pub kv_bytes_per_token: f64,
-    /// Prefill tokens/s by tp (for recompute); empty means recompute is never chosen.
-    pub prefill_tokens_per_s: Vec<(usize, f64)>,
+    /// The migrate-or-recompute model the engine uses for each sequence (no prefill rates: never
+    /// recompute).
+    pub kv: CostModel,
 }
 
 /// One switch's cost, split by part.
@@ -69,10 +70,9 @@ impl SwitchCost {
         SwitchCost {
             fixed_ms: p.switch.fixed_ms,
             weight_bytes_per_s: p.switch.weight_bytes_per_s,
-            kv_bytes_per_s: p.switch.kv_bytes_per_s,
             sharded_weight_bytes: p.model.sharded_weight_bytes(),
             kv_bytes_per_token: p.model.kv_bytes_per_token(),
-            prefill_tokens_per_s: p.prefill_points(),
+            kv: p.cost_model(),
         }
     }
 
@@ -94,15 +94,10 @@ impl SwitchCost {
             return (0.0, false);
         }
         let moved = 1.0 - from.min(to) as f64 / from.max(to) as f64;
-        let migrate = 1e3 * tokens as f64 * self.kv_bytes_per_token * moved / self.kv_bytes_per_s;
-        let recompute = match rate_at(&self.prefill_tokens_per_s, to) {
-            Some(r) => 1e3 * tokens as f64 / r,
-            None => f64::INFINITY,
-        };
-        if recompute < migrate {
-            (recompute, true)
-        } else {
-            (migrate, false)
+        let bytes = tokens as f64 * self.kv_bytes_per_token * moved;
+        match self.kv.choose(to, tokens, bytes) {
+            KvMode::Migrate => (1e3 * self.kv.migrate_s(bytes), false),
+            KvMode::Recompute => (1e3 * self.kv.recompute_s(to, tokens), true),
         }
     }
 
@@ -130,9 +125,10 @@ impl SwitchCost {
     }
 }
 
-/// A live sequence as the decision rule sees it.
+/// A live sequence as the decision rule sees it: where it is, what it holds, and an estimate of
+/// what it still has to generate.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct LiveSeq {
+pub struct EstimatedSeq {
     /// Its replica in the current layout (0 .. world / current_tp).
     pub replica: usize,
     /// Cached tokens (prompt + generated).
@@ -142,7 +138,7 @@ pub struct LiveSeq {
     pub est_remaining: f64,
 }
 
-impl LiveSeq {
+impl EstimatedSeq {
     pub fn steps(&self) -> usize {
         (self.est_remaining.ceil().max(1.0)) as usize
     }
@@ -156,7 +152,7 @@ pub struct DecideInput<'a> {
     /// Tp degrees that may be chosen (each dividing world and the model dims); the current one may
     /// be among them.
     pub candidates: &'a [usize],
-    pub live: &'a [LiveSeq],
+    pub live: &'a [EstimatedSeq],
     pub predictor: &'a Predictor,
     pub switch: &'a SwitchCost,
     /// Required relative gain over staying, e.g. 0.1.
@@ -191,17 +187,17 @@ pub struct Decision {
 }
 
 /// Where each live sequence goes under a layout of `tp` (balanced by estimated remaining).
-pub fn placement(world: usize, tp: usize, live: &[LiveSeq]) -> Vec<usize> {
+pub fn placement(world: usize, tp: usize, live: &[EstimatedSeq]) -> Vec<usize> {
     let w: Vec<f64> = live.iter().map(|s| s.steps() as f64).collect();
     balance(&w, world / tp)
 }
 
 /// The live set `k` steps on, as the estimates see it: sequences expected to finish by then are
 /// gone, the others have `k` more cached tokens and `k` fewer to go.
-pub fn advance(live: &[LiveSeq], k: usize) -> Vec<LiveSeq> {
+pub fn advance(live: &[EstimatedSeq], k: usize) -> Vec<EstimatedSeq> {
     live.iter()
         .filter(|s| s.steps() > k)
-        .map(|s| LiveSeq {
+        .map(|s| EstimatedSeq {
             context: s.context + k,
             generated: s.generated + k,
             est_remaining: s.est_remaining - k as f64,
@@ -210,7 +206,7 @@ pub fn advance(live: &[LiveSeq], k: usize) -> Vec<LiveSeq> {
         .collect()
 }
 
-fn group(dp: usize, live: &[LiveSeq], replica_of: &[usize]) -> Vec<Vec<Pending>> {
+fn group(dp: usize, live: &[EstimatedSeq], replica_of: &[usize]) -> Vec<Vec<Pending>> {
     let mut reps = vec![Vec::new(); dp];
     for (s, &r) in live.iter().zip(replica_of) {
         reps[r].push(Pending {
@@ -225,19 +221,19 @@ fn group(dp: usize, live: &[LiveSeq], replica_of: &[usize]) -> Vec<Vec<Pending>>
 pub fn decide(inp: &DecideInput) -> Result<Decision> {
     let (world, cur) = (inp.world, inp.current_tp);
     if cur == 0 || world % cur != 0 {
-        return Err(Error::Usage(format!(
+        return Err(Error::Invalid(format!(
             "current tp {cur} does not divide world {world}"
         )));
     }
     if !(0.0..1.0).contains(&inp.margin) || inp.min_gain_ms.is_nan() || inp.min_gain_ms < 0.0 {
-        return Err(Error::Usage(format!(
+        return Err(Error::Invalid(format!(
             "margin must be in [0, 1) and min gain >= 0, got {} and {}",
             inp.margin, inp.min_gain_ms
         )));
     }
     let dp = world / cur;
     if let Some(s) = inp.live.iter().find(|s| s.replica >= dp) {
-        return Err(Error::Usage(format!(
+        return Err(Error::Invalid(format!(
             "a live sequence is on replica {} but tp {cur} has {dp} replicas",
             s.replica
         )));
@@ -256,7 +252,7 @@ pub fn decide(inp: &DecideInput) -> Result<Decision> {
     let mut best: Option<CandidateForecast> = None;
     for &tp in inp.candidates {
         if tp == 0 || world % tp != 0 {
-            return Err(Error::Usage(format!(
+            return Err(Error::Invalid(format!(
                 "candidate tp {tp} does not divide world {world}"
             )));
         }

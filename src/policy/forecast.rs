@@ -1,4 +1,4 @@
-//! Balanced placement of sequences over dp replicas, and the predicted time to drain a live set.
+//! The predicted time to drain a live set over dp replicas (placement: `crate::parallel::placement`).
 //!
 //! Replicas decode in lockstep: every global step each replica with live sequences runs one
 //! decode step, and the step takes as long as the slowest replica (`max` over replicas of the
@@ -18,32 +18,6 @@ use super::predictor::Fit;
 pub struct Pending {
     pub context: usize,
     pub remaining: usize,
-}
-
-/// Longest-processing-time placement: items in descending weight (ties by index) each go to the
-/// replica with the least total weight (ties: fewer items, then lower index). Returns the replica
-/// of each item. Deterministic; with equal weights it deals items round-robin.
-pub fn balance(weights: &[f64], dp: usize) -> Vec<usize> {
-    let dp = dp.max(1);
-    let mut order: Vec<usize> = (0..weights.len()).collect();
-    order.sort_by(|&i, &j| weights[j].total_cmp(&weights[i]).then(i.cmp(&j)));
-    let mut load = vec![0f64; dp];
-    let mut count = vec![0usize; dp];
-    let mut out = vec![0usize; weights.len()];
-    for i in order {
-        let r = (0..dp)
-            .min_by(|&x, &y| {
-                load[x]
-                    .total_cmp(&load[y])
-                    .then(count[x].cmp(&count[y]))
-                    .then(x.cmp(&y))
-            })
-            .unwrap_or(0);
-        load[r] += weights[i];
-        count[r] += 1;
-        out[i] = r;
-    }
-    out
 }
 
 /// A replica's step time on one segment as a line `alpha + beta * s` in the global step index s.
@@ -184,12 +158,5 @@ mod tests {
         ];
         let (d, b) = (drain_ms(&fit, &reps), brute(&fit, &reps));
         assert!((d - b).abs() < 1e-9 * b, "{d} vs {b}");
-    }
-
-    #[test]
-    fn balance_is_lpt() {
-        // Weights 5,4,3,3,1 (items 1,3,0,4,2) over 2: 5->r0, 4->r1, 3->r1 (4<5), 3->r0 (5<7), 1->r1 (7<8).
-        assert_eq!(balance(&[3.0, 5.0, 1.0, 4.0, 3.0], 2), vec![1, 0, 1, 1, 0]);
-        assert_eq!(balance(&[1.0; 5], 2), vec![0, 1, 0, 1, 0]);
     }
 }

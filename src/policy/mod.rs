@@ -2,8 +2,8 @@
 //! remaining-length estimator and the switch decision rule.
 //!
 //! Nothing here touches a backend or an engine: every function takes plain numbers (profiles, live
-//! sequence states) and returns plain numbers, so the simulator (`crate::sim`) and the real engine
-//! call the same code.
+//! sequence states) and returns plain numbers, and the adaptive loop drives a [`StepSource`]
+//! trait, so the simulator (`crate::sim`) and the real engine run the same code.
 //!
 //! - [`trace`]: rollout length traces (JSONL) and seeded generators.
 //! - [`profile`]: the profile JSON (decode step samples, prefill rate, switch costs), validated.
@@ -12,7 +12,10 @@
 //! - [`remaining`]: remaining-length estimate from the length distribution (or the oracle).
 //! - [`forecast`]: balanced placement over replicas and the predicted time to drain a live set.
 //! - [`decide`]: the switch cost model and the stay-or-switch rule.
+//! - [`controller`]: the one adaptive loop ([`drive`]) over any [`StepSource`]: the engine or the
+//!   simulator.
 
+pub mod controller;
 pub mod decide;
 pub mod forecast;
 pub mod modeled;
@@ -21,7 +24,11 @@ pub mod profile;
 pub mod remaining;
 pub mod trace;
 
-pub use decide::{decide, DecideInput, Decision, LiveSeq, SwitchCost};
+pub use controller::{
+    drive, Controller, ControllerConfig, Event, LiveSeq, RunSummary, StepDone, StepSource,
+    SwitchSummary,
+};
+pub use decide::{decide, DecideInput, Decision, EstimatedSeq, SwitchCost};
 pub use modeled::{modeled_profile, Hardware, Link, ModelShape};
 pub use predictor::{Predictor, ValidationReport};
 pub use profile::{ModelDims, Profile};

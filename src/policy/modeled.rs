@@ -94,7 +94,7 @@ impl FromStr for ModelShape {
         match s {
             "llama3-8b" => Ok(ModelShape::Llama3_8b),
             "qwen3-14b" => Ok(ModelShape::Qwen3_14b),
-            o => Err(Error::Usage(format!(
+            o => Err(Error::Invalid(format!(
                 "unknown model shape `{o}` (expected llama3-8b or qwen3-14b)"
             ))),
         }
@@ -148,7 +148,7 @@ impl FromStr for Link {
             "pcie" => Ok(Link::Pcie),
             n => match n.parse::<f64>() {
                 Ok(g) if g.is_finite() && g > 0.0 => Ok(Link::GBps(g)),
-                _ => Err(Error::Usage(format!(
+                _ => Err(Error::Invalid(format!(
                     "bad link `{s}` (expected nvlink, pcie or a positive bandwidth in GB/s)"
                 ))),
             },
@@ -226,7 +226,7 @@ pub fn modeled_profile(shape: ModelShape, hw: Hardware, world: usize) -> Result<
     let dims = shape.dims();
     let tps = dims.candidate_tps(world);
     if world == 0 || tps.is_empty() {
-        return Err(Error::Usage(format!(
+        return Err(Error::Invalid(format!(
             "world {world}: no tp degree divides it and the {shape} dims"
         )));
     }

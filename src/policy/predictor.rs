@@ -77,7 +77,7 @@ fn features(form: FitForm, batch: usize, ctx: f64) -> [f64; 4] {
 pub fn fit_samples(samples: &[DecodeSample], form: FitForm, what: &str) -> Result<Fit> {
     let k = form.terms();
     let underdetermined = |why: &str| {
-        Error::Usage(format!(
+        Error::Invalid(format!(
             "{what}: cannot fit {k} coefficients ({why}); profile more (batch, context) points"
         ))
     };
@@ -176,7 +176,7 @@ impl Predictor {
             );
         }
         if fits.is_empty() {
-            return Err(Error::Usage("no decode samples to fit".into()));
+            return Err(Error::Invalid("no decode samples to fit".into()));
         }
         Ok(Predictor { form, fits })
     }
@@ -185,7 +185,7 @@ impl Predictor {
     pub fn fit(&self, tp: usize) -> Result<&Fit> {
         self.fits.get(&tp).ok_or_else(|| {
             let have: Vec<String> = self.fits.keys().map(|t| t.to_string()).collect();
-            Error::Usage(format!(
+            Error::Invalid(format!(
                 "the profile has no decode samples at tp {tp} (profiled: {})",
                 have.join(", ")
             ))
@@ -217,7 +217,7 @@ pub fn validate_form(
     form: FitForm,
 ) -> Result<ValidationReport> {
     if !(holdout_fraction > 0.0 && holdout_fraction < 1.0) {
-        return Err(Error::Usage(format!(
+        return Err(Error::Invalid(format!(
             "holdout fraction must be in (0, 1), got {holdout_fraction}"
         )));
     }
@@ -228,7 +228,7 @@ pub fn validate_form(
         let n = s.len();
         let test = ((n as f64 * holdout_fraction).round() as usize).max(1);
         if n < test + form.terms() {
-            return Err(Error::Usage(format!(
+            return Err(Error::Invalid(format!(
                 "tp {tp}: {n} samples are too few to hold out {test} and fit {} terms",
                 form.terms()
             )));

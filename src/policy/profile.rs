@@ -365,9 +365,9 @@ impl Profile {
         t
     }
 
-    /// Prefill tokens/s at `tp` (see [`rate_at`]); `None` without prefill samples.
+    /// Prefill tokens/s at `tp` (see [`crate::stats::rate_at`]); `None` without prefill samples.
     pub fn prefill_rate(&self, tp: usize) -> Option<f64> {
-        rate_at(&self.prefill_points(), tp)
+        crate::stats::rate_at(&self.prefill_points(), tp)
     }
 
     /// The prefill samples as (tp, tokens/s) pairs.
@@ -378,6 +378,17 @@ impl Profile {
             .collect()
     }
 
+    /// The KV migrate-or-recompute cost model this profile implies: KV moves at
+    /// `switch.kv_bytes_per_s`, recompute at the profiled prefill rates, no fixed costs.
+    pub fn cost_model(&self) -> crate::reshard::cost::CostModel {
+        crate::reshard::cost::CostModel {
+            transfer_bytes_per_s: self.switch.kv_bytes_per_s,
+            fixed_transfer_s: 0.0,
+            prefill_tokens_per_s: self.prefill_points(),
+            fixed_prefill_s: 0.0,
+        }
+    }
+
     /// "measured" or "modeled" for one group (missing counts as modeled).
     pub fn provenance(&self, group: &str) -> &'static str {
         if self.measured.get(group).copied().unwrap_or(false) {
@@ -386,21 +397,4 @@ impl Profile {
             "modeled"
         }
     }
-}
-
-/// A rate at `tp` from (tp, rate) points in any order: the point's rate, else linear interpolation
-/// between the nearest degrees, clamped to the end points; `None` with no points.
-pub fn rate_at(points: &[(usize, f64)], tp: usize) -> Option<f64> {
-    let mut pts = points.to_vec();
-    pts.sort_by_key(|p| p.0);
-    let (first, last) = (*pts.first()?, *pts.last()?);
-    if tp <= first.0 {
-        return Some(first.1);
-    }
-    if tp >= last.0 {
-        return Some(last.1);
-    }
-    let i = pts.iter().position(|&(t, _)| t >= tp)?;
-    let ((t0, r0), (t1, r1)) = (pts[i - 1], pts[i]);
-    Some(r0 + (r1 - r0) * (tp - t0) as f64 / (t1 - t0) as f64)
 }

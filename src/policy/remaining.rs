@@ -36,7 +36,7 @@ impl LengthDist {
     /// From observed response lengths (at least one) and the generation cap, if known.
     pub fn new(lengths: &[usize], cap: Option<usize>) -> Result<LengthDist> {
         if lengths.is_empty() {
-            return Err(Error::Usage(
+            return Err(Error::Invalid(
                 "a length distribution needs at least one observed length".into(),
             ));
         }
@@ -132,10 +132,10 @@ impl Remaining {
             Remaining::Empirical(d) => Ok(d.mean_residual(generated)),
             Remaining::Oracle => match true_len {
                 Some(r) if r > generated => Ok((r - generated) as f64),
-                Some(r) => Err(Error::Usage(format!(
+                Some(r) => Err(Error::Invalid(format!(
                     "oracle: a live sequence has generated {generated} of {r} tokens"
                 ))),
-                None => Err(Error::Usage(
+                None => Err(Error::Invalid(
                     "the oracle estimator needs each sequence's true length".into(),
                 )),
             },

@@ -245,7 +245,7 @@ pub fn loglogistic_params(cap: usize, over_third: f64, at_cap: f64) -> (f64, f64
 
 fn check_n(n: usize) -> Result<()> {
     if n == 0 {
-        return Err(Error::Usage(
+        return Err(Error::Invalid(
             "a trace needs at least one request (n = 0)".into(),
         ));
     }
@@ -256,7 +256,9 @@ fn check_n(n: usize) -> Result<()> {
 pub fn deepscaler_like(n: usize, cap: usize, seed: u64) -> Result<Trace> {
     check_n(n)?;
     if cap < 48 {
-        return Err(Error::Usage(format!("cap {cap} is too small (need >= 48)")));
+        return Err(Error::Invalid(format!(
+            "cap {cap} is too small (need >= 48)"
+        )));
     }
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let (alpha, beta) = loglogistic_params(cap, DEEPSCALER_OVER_THIRD, DEEPSCALER_AT_CAP);
@@ -284,7 +286,7 @@ pub fn deepscaler_like(n: usize, cap: usize, seed: u64) -> Result<Trace> {
 pub fn uniform(n: usize, lo: usize, hi: usize, seed: u64) -> Result<Trace> {
     check_n(n)?;
     if lo == 0 || lo > hi {
-        return Err(Error::Usage(format!(
+        return Err(Error::Invalid(format!(
             "uniform lengths need 1 <= lo <= hi, got lo {lo}, hi {hi}"
         )));
     }
@@ -303,7 +305,7 @@ pub fn uniform(n: usize, lo: usize, hi: usize, seed: u64) -> Result<Trace> {
 pub fn one_straggler(n: usize, short: usize, long: usize) -> Result<Trace> {
     check_n(n)?;
     if short == 0 || long == 0 {
-        return Err(Error::Usage(format!(
+        return Err(Error::Invalid(format!(
             "straggler lengths must be positive, got short {short}, long {long}"
         )));
     }

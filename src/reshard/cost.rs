@@ -38,7 +38,7 @@ impl FromStr for KvPolicy {
             "migrate" => Ok(KvPolicy::Migrate),
             "recompute" => Ok(KvPolicy::Recompute),
             "auto" => Ok(KvPolicy::Auto),
-            other => Err(Error::Usage(format!(
+            other => Err(Error::Invalid(format!(
                 "unknown KV policy `{other}` (expected migrate, recompute or auto)"
             ))),
         }
@@ -57,7 +57,7 @@ impl fmt::Display for KvPolicy {
 
 impl KvPolicy {
     /// The mode for one sequence: fixed, or `model.choose(..)` under `Auto`.
-    pub fn mode(&self, model: &CostModel, tp: usize, tokens: usize, bytes: u64) -> KvMode {
+    pub fn mode(&self, model: &CostModel, tp: usize, tokens: usize, bytes: f64) -> KvMode {
         match self {
             KvPolicy::Migrate => KvMode::Migrate,
             KvPolicy::Recompute => KvMode::Recompute,
@@ -85,13 +85,13 @@ impl CostModel {
         let rate_ok = |x: f64| x.is_finite() && x > 0.0;
         let fixed_ok = |x: f64| x.is_finite() && x >= 0.0;
         if !rate_ok(self.transfer_bytes_per_s) {
-            return Err(Error::Usage(format!(
+            return Err(Error::Invalid(format!(
                 "transfer bandwidth {} must be positive",
                 self.transfer_bytes_per_s
             )));
         }
         if !fixed_ok(self.fixed_transfer_s) || !fixed_ok(self.fixed_prefill_s) {
-            return Err(Error::Usage(
+            return Err(Error::Invalid(
                 "fixed costs must be finite and non-negative".into(),
             ));
         }
@@ -100,36 +100,36 @@ impl CostModel {
             .iter()
             .find(|&&(tp, r)| tp == 0 || !rate_ok(r))
         {
-            return Err(Error::Usage(format!(
+            return Err(Error::Invalid(format!(
                 "prefill rate {r} at tp {tp}: need tp >= 1 and a positive rate"
             )));
         }
         Ok(())
     }
 
+    /// The CPU engine's cost model from a measurement on this machine. KV migration copies each
+    /// byte twice (out of the old pool, into the new one), so its rate is a quarter of the
+    /// single-thread copy bandwidth (which counts read + write). Prefill runs at
+    /// `prefill_tokens_per_s` (measured by the caller, e.g. from this run's prefill step); on the
+    /// CPU it is bound by the cores, not by tp, so the one rate serves every tp.
+    pub fn measured_cpu(prefill_tokens_per_s: f64) -> CostModel {
+        CostModel {
+            transfer_bytes_per_s: crate::backend::cpu::copy_bandwidth(1) / 4.0,
+            fixed_transfer_s: 0.0,
+            prefill_tokens_per_s: vec![(1, prefill_tokens_per_s.max(1.0))],
+            fixed_prefill_s: 0.0,
+        }
+    }
+
     /// Seconds to migrate `bytes`: `fixed_transfer_s + bytes / transfer_bytes_per_s`.
-    pub fn migrate_s(&self, bytes: u64) -> f64 {
-        self.fixed_transfer_s + bytes as f64 / self.transfer_bytes_per_s
+    pub fn migrate_s(&self, bytes: f64) -> f64 {
+        self.fixed_transfer_s + bytes / self.transfer_bytes_per_s
     }
 
     /// Prefill tokens/s at `tp`: the profiled value, else linear interpolation in tp between the
     /// nearest profiled degrees, clamped to the ends; `None` with no profile.
     pub fn prefill_rate(&self, tp: usize) -> Option<f64> {
-        let mut pts = self.prefill_tokens_per_s.clone();
-        pts.sort_by_key(|&(t, _)| t);
-        let (first, last) = (*pts.first()?, *pts.last()?);
-        if tp <= first.0 {
-            return Some(first.1);
-        }
-        if tp >= last.0 {
-            return Some(last.1);
-        }
-        let i = pts.iter().position(|&(t, _)| t >= tp)?;
-        let ((t0, r0), (t1, r1)) = (pts[i - 1], pts[i]);
-        if t1 == tp {
-            return Some(r1);
-        }
-        Some(r0 + (r1 - r0) * (tp - t0) as f64 / (t1 - t0) as f64)
+        crate::stats::rate_at(&self.prefill_tokens_per_s, tp)
     }
 
     /// Seconds to recompute `tokens` at `tp`: `fixed_prefill_s + tokens / prefill_rate(tp)`
@@ -142,7 +142,7 @@ impl CostModel {
     }
 
     /// Migrate when `migrate_s(bytes) <= recompute_s(tp, tokens)`, else recompute.
-    pub fn choose(&self, tp: usize, tokens: usize, bytes: u64) -> KvMode {
+    pub fn choose(&self, tp: usize, tokens: usize, bytes: f64) -> KvMode {
         if self.migrate_s(bytes) <= self.recompute_s(tp, tokens) {
             KvMode::Migrate
         } else {
@@ -191,7 +191,7 @@ mod tests {
         let m = model();
         m.validate().unwrap();
         // 0.2 + 5e8 / 1e9
-        assert!((m.migrate_s(500_000_000) - 0.7).abs() < 1e-12);
+        assert!((m.migrate_s(5e8) - 0.7).abs() < 1e-12);
         // 0.05 + 900 / 1800
         assert!((m.recompute_s(2, 900) - 0.55).abs() < 1e-12);
         // tp 4 between (2, 1800) and (8, 6000): 1800 + 4200 * 2/6 = 3200 tokens/s.
@@ -204,7 +204,7 @@ mod tests {
             ..m
         };
         assert_eq!(none.recompute_s(2, 10), f64::INFINITY);
-        assert_eq!(none.choose(2, 10, u64::MAX), KvMode::Migrate);
+        assert_eq!(none.choose(2, 10, f64::MAX), KvMode::Migrate);
     }
 
     #[test]
@@ -215,8 +215,8 @@ mod tests {
         let b = 131072.0;
         let n = m.crossover_tokens(2, b);
         assert!((n - 353.37).abs() < 0.01, "{n}");
-        assert_eq!(m.choose(2, 353, 353 * 131072), KvMode::Recompute);
-        assert_eq!(m.choose(2, 354, 354 * 131072), KvMode::Migrate);
+        assert_eq!(m.choose(2, 353, 353.0 * 131072.0), KvMode::Recompute);
+        assert_eq!(m.choose(2, 354, 354.0 * 131072.0), KvMode::Migrate);
         // Migration dearer per token than prefill: it never wins for long sequences.
         assert_eq!(m.crossover_tokens(2, 1e7), f64::INFINITY);
         // Cheaper fixed cost and cheaper per token: always migrate.
@@ -235,15 +235,15 @@ mod tests {
             "migrate"
         );
         let e = "copy".parse::<KvPolicy>().unwrap_err();
-        assert!(matches!(e, Error::Usage(_)) && e.to_string().contains("copy"));
+        assert!(matches!(e, Error::Invalid(_)) && e.to_string().contains("copy"));
         let m = model();
         assert_eq!(
-            KvPolicy::Recompute.mode(&m, 2, 10_000, 0),
+            KvPolicy::Recompute.mode(&m, 2, 10_000, 0.0),
             KvMode::Recompute
         );
-        assert_eq!(KvPolicy::Migrate.mode(&m, 2, 1, u64::MAX), KvMode::Migrate);
+        assert_eq!(KvPolicy::Migrate.mode(&m, 2, 1, f64::MAX), KvMode::Migrate);
         assert_eq!(
-            KvPolicy::Auto.mode(&m, 2, 10, 10 * 131072),
+            KvPolicy::Auto.mode(&m, 2, 10, 10.0 * 131072.0),
             KvMode::Recompute
         );
         let bad = CostModel {

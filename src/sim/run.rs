@@ -12,9 +12,11 @@
 //!   step is prompt + tokens generated before it.
 //! - Placement: requests start spread over the replicas by longest-processing-time on
 //!   prompt + response length (the true length: a best case for static layouts).
-//! - Adaptive / oracle: every K steps (not at step 0) the decision rule runs on the live set with
-//!   remaining estimates from the trace's own length distribution (adaptive, strata of the
-//!   conditional distribution: `Remaining::estimate_set`) or the true remaining lengths (oracle).
+//! - Adaptive / oracle: the engine's adaptive loop (`policy::drive` with a `Controller`) over the
+//!   modeled node as its step source: every K steps (not at step 0) the decision rule runs on the
+//!   live set with remaining estimates from the trace's own length distribution (adaptive, strata
+//!   of the conditional distribution: `Remaining::estimate_set`) or the true remaining lengths
+//!   (oracle).
 //!   A switch adds its modeled cost to the clock, then the live sequences are re-placed over the
 //!   new replicas by estimated remaining length. They start from the best static layout unless
 //!   told otherwise, so until their first switch they are that layout.
@@ -22,12 +24,15 @@
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::policy::decide::{decide, placement, DecideInput, LiveSeq, SwitchCost};
-use crate::policy::forecast::balance;
-use crate::policy::predictor::Predictor;
-use crate::policy::profile::rate_at;
-use crate::policy::remaining::{LengthDist, Remaining, SeqView};
+use crate::parallel::placement::balance;
+use crate::policy::controller::{
+    drive, Controller, ControllerConfig, LiveSeq, StepDone, StepSource,
+};
+use crate::policy::decide::SwitchCost;
+use crate::policy::predictor::{Fit, Predictor};
+use crate::policy::remaining::{LengthDist, Remaining};
 use crate::policy::trace::Trace;
+use crate::stats::rate_at;
 
 /// Knobs of a simulation.
 #[derive(Clone, Debug, PartialEq)]
@@ -107,26 +112,19 @@ pub struct SimModel<'a> {
     pub prefill: &'a [(usize, f64)],
 }
 
-struct Seq {
-    prompt: usize,
-    target: usize,
-    generated: usize,
-    replica: usize,
-}
-
 /// Checks the config against the trace and the model before any run.
 pub fn check(cfg: &SimConfig, model: &SimModel) -> Result<()> {
     if cfg.world == 0 || cfg.candidates.is_empty() {
-        return Err(Error::Usage(
+        return Err(Error::Invalid(
             "need world >= 1 and at least one candidate tp".into(),
         ));
     }
     if cfg.check_every == 0 {
-        return Err(Error::Usage("--check-every must be at least 1".into()));
+        return Err(Error::Invalid("`check_every` must be at least 1".into()));
     }
     for &tp in cfg.candidates.iter().chain(cfg.start_tp.iter()) {
         if tp == 0 || cfg.world % tp != 0 {
-            return Err(Error::Usage(format!(
+            return Err(Error::Invalid(format!(
                 "tp {tp} does not divide world {}",
                 cfg.world
             )));
@@ -136,7 +134,109 @@ pub fn check(cfg: &SimConfig, model: &SimModel) -> Result<()> {
     Ok(())
 }
 
-/// Runs `policy` over `trace` (adaptive and oracle start at `start_tp`).
+struct Seq {
+    index: usize,
+    prompt: usize,
+    target: usize,
+    generated: usize,
+    replica: usize,
+}
+
+/// The modeled node as a [`StepSource`]: lockstep replicas timed by the predictor, switches by
+/// the switch cost model.
+struct Node<'a> {
+    model: &'a SimModel<'a>,
+    world: usize,
+    tp: usize,
+    fit: Fit,
+    seqs: Vec<Seq>,
+    t_ms: f64,
+    decode_ms: f64,
+    switch_ms: f64,
+    timeline: Vec<TimelinePoint>,
+    steps: usize,
+}
+
+impl StepSource for Node<'_> {
+    type SwitchRecord = ();
+    fn world(&self) -> usize {
+        self.world
+    }
+    fn tp(&self) -> usize {
+        self.tp
+    }
+    fn live(&self) -> Vec<LiveSeq> {
+        self.seqs
+            .iter()
+            .map(|s| LiveSeq {
+                index: s.index,
+                replica: s.replica,
+                context: s.prompt + s.generated,
+                generated: s.generated,
+                max_new_tokens: s.target,
+            })
+            .collect()
+    }
+    fn step(&mut self) -> Result<StepDone> {
+        let dp = self.world / self.tp;
+        let (mut batch, mut ctx) = (vec![0usize; dp], vec![0f64; dp]);
+        for s in &self.seqs {
+            batch[s.replica] += 1;
+            ctx[s.replica] += (s.prompt + s.generated) as f64;
+        }
+        let dt = (0..dp)
+            .filter(|&r| batch[r] > 0)
+            .map(|r| self.fit.step_ms(batch[r], ctx[r] / batch[r] as f64))
+            .fold(0.0, f64::max);
+        self.t_ms += dt;
+        self.decode_ms += dt;
+        self.steps += 1;
+        let before = self.seqs.len();
+        for s in &mut self.seqs {
+            s.generated += 1;
+        }
+        self.seqs.retain(|s| s.generated < s.target);
+        if self.seqs.len() != before {
+            self.timeline.push(TimelinePoint {
+                t_ms: self.t_ms,
+                step: self.steps,
+                live: self.seqs.len(),
+                tp: self.tp,
+            });
+        }
+        Ok(StepDone {
+            ms: dt,
+            running: before,
+            tokens_in: before,
+            tokens_out: before,
+        })
+    }
+    fn switch(&mut self, to_tp: usize, placement: &[usize]) -> Result<(f64, ())> {
+        let fit = *self.model.predictor.fit(to_tp)?;
+        let contexts: Vec<usize> = self.seqs.iter().map(|s| s.prompt + s.generated).collect();
+        let cost = self.model.switch.cost(self.tp, to_tp, &contexts).total_ms;
+        self.t_ms += cost;
+        self.switch_ms += cost;
+        for (s, &r) in self.seqs.iter_mut().zip(placement) {
+            s.replica = r;
+        }
+        self.tp = to_tp;
+        self.fit = fit;
+        self.timeline.push(TimelinePoint {
+            t_ms: self.t_ms,
+            step: self.steps,
+            live: self.seqs.len(),
+            tp: to_tp,
+        });
+        Ok((cost, ()))
+    }
+    fn now_ms(&self) -> f64 {
+        self.t_ms
+    }
+}
+
+/// Runs `policy` over `trace` (adaptive and oracle start at `start_tp`) with the same adaptive
+/// loop as the engine (`policy::drive`).
 pub fn simulate(
     trace: &Trace,
     model: &SimModel,
@@ -145,17 +245,17 @@ pub fn simulate(
     start_tp: usize,
 ) -> Result<SimResult> {
     check(cfg, model)?;
-    let mut tp = match policy {
+    let tp = match policy {
         PolicyKind::Static(t) => t,
         _ => start_tp,
     };
-    model.predictor.fit(tp)?;
-    if cfg.world % tp != 0 {
-        return Err(Error::Usage(format!(
+    if tp == 0 || cfg.world % tp != 0 {
+        return Err(Error::Invalid(format!(
             "tp {tp} does not divide world {}",
             cfg.world
         )));
     }
+    let fit = *model.predictor.fit(tp)?;
     let estimator = match policy {
         PolicyKind::Static(_) => None,
         PolicyKind::Adaptive => {
@@ -165,17 +265,34 @@ pub fn simulate(
         }
         PolicyKind::Oracle => Some(Remaining::Oracle),
     };
+    let ctrl = estimator
+        .map(|est| {
+            Controller::new(
+                ControllerConfig {
+                    candidates: cfg.candidates.clone(),
+                    check_every: cfg.check_every,
+                    margin: cfg.margin,
+                    min_gain_ms: cfg.min_gain_ms,
+                },
+                model.predictor,
+                model.switch,
+                est,
+            )
+        })
+        .transpose()?;
     let weights: Vec<f64> = trace
         .requests
         .iter()
         .map(|r| (r.prompt_len + r.response_len) as f64)
         .collect();
     let at = balance(&weights, cfg.world / tp);
-    let mut seqs: Vec<Seq> = trace
+    let seqs: Vec<Seq> = trace
         .requests
         .iter()
         .zip(at)
-        .map(|(r, replica)| Seq {
+        .enumerate()
+        .map(|(index, (r, replica))| Seq {
+            index,
             prompt: r.prompt_len,
             target: r.response_len,
             generated: 0,
@@ -183,119 +300,49 @@ pub fn simulate(
         })
         .collect();
     let prefill_ms = prefill_ms(&seqs, cfg.world / tp, rate_at(model.prefill, tp));
-    let mut res = SimResult {
-        policy: policy.name(),
-        start_tp: tp,
-        final_tp: tp,
-        total_ms: 0.0,
-        prefill_ms,
-        decode_ms: 0.0,
-        switch_ms: 0.0,
-        steps: 0,
-        switches: Vec::new(),
+    let mut node = Node {
+        model,
+        world: cfg.world,
+        tp,
+        fit,
         timeline: vec![TimelinePoint {
             t_ms: 0.0,
             step: 0,
             live: seqs.len(),
             tp,
         }],
+        seqs,
+        t_ms: prefill_ms,
+        decode_ms: 0.0,
+        switch_ms: 0.0,
+        steps: 0,
     };
-    let mut t = prefill_ms;
-    let mut step = 0usize;
-    let mut fit = *model.predictor.fit(tp)?;
-    while !seqs.is_empty() {
-        if let Some(est) = &estimator {
-            if step > 0 && step % cfg.check_every == 0 {
-                let views: Vec<SeqView> = seqs
-                    .iter()
-                    .map(|s| SeqView {
-                        generated: s.generated,
-                        replica: s.replica,
-                        true_len: Some(s.target),
-                    })
-                    .collect();
-                let live: Vec<LiveSeq> = seqs
-                    .iter()
-                    .zip(est.estimate_set(&views)?)
-                    .map(|(s, est_remaining)| LiveSeq {
-                        replica: s.replica,
-                        context: s.prompt + s.generated,
-                        generated: s.generated,
-                        est_remaining,
-                    })
-                    .collect();
-                let d = decide(&DecideInput {
-                    world: cfg.world,
-                    current_tp: tp,
-                    candidates: &cfg.candidates,
-                    live: &live,
-                    predictor: model.predictor,
-                    switch: model.switch,
-                    margin: cfg.margin,
-                    min_gain_ms: cfg.min_gain_ms,
-                    lookahead_steps: cfg.check_every,
-                })?;
-                if !d.stay {
-                    let contexts: Vec<usize> = live.iter().map(|s| s.context).collect();
-                    let cost = model.switch.cost(tp, d.to_tp, &contexts).total_ms;
-                    res.switches.push(SwitchEvent {
-                        step,
-                        t_ms: t,
-                        from: tp,
-                        to: d.to_tp,
-                        cost_ms: cost,
-                        live: seqs.len(),
-                        predicted_stay_ms: d.predicted_stay_ms,
-                        predicted_best_ms: d.predicted_best_ms,
-                    });
-                    t += cost;
-                    res.switch_ms += cost;
-                    for (s, r) in seqs.iter_mut().zip(placement(cfg.world, d.to_tp, &live)) {
-                        s.replica = r;
-                    }
-                    tp = d.to_tp;
-                    fit = *model.predictor.fit(tp)?;
-                    res.timeline.push(TimelinePoint {
-                        t_ms: t,
-                        step,
-                        live: seqs.len(),
-                        tp,
-                    });
-                }
-            }
-        }
-        // One lockstep decode step.
-        let dp = cfg.world / tp;
-        let (mut batch, mut ctx) = (vec![0usize; dp], vec![0f64; dp]);
-        for s in &seqs {
-            batch[s.replica] += 1;
-            ctx[s.replica] += (s.prompt + s.generated) as f64;
-        }
-        let dt = (0..dp)
-            .filter(|&r| batch[r] > 0)
-            .map(|r| fit.step_ms(batch[r], ctx[r] / batch[r] as f64))
-            .fold(0.0, f64::max);
-        t += dt;
-        res.decode_ms += dt;
-        step += 1;
-        let before = seqs.len();
-        for s in &mut seqs {
-            s.generated += 1;
-        }
-        seqs.retain(|s| s.generated < s.target);
-        if seqs.len() != before {
-            res.timeline.push(TimelinePoint {
-                t_ms: t,
-                step,
-                live: seqs.len(),
-                tp,
-            });
-        }
-    }
-    res.steps = step;
-    res.final_tp = tp;
-    res.total_ms = res.prefill_ms + res.decode_ms + res.switch_ms;
-    Ok(res)
+    let run = drive(&mut node, ctrl.as_ref(), |_| {})?;
+    Ok(SimResult {
+        policy: policy.name(),
+        start_tp: tp,
+        final_tp: run.final_tp,
+        total_ms: prefill_ms + node.decode_ms + node.switch_ms,
+        prefill_ms,
+        decode_ms: node.decode_ms,
+        switch_ms: node.switch_ms,
+        steps: run.steps,
+        switches: run
+            .switches
+            .iter()
+            .map(|s| SwitchEvent {
+                step: s.step,
+                t_ms: s.t_ms,
+                from: s.from,
+                to: s.to,
+                cost_ms: s.ms,
+                live: s.live,
+                predicted_stay_ms: s.predicted_stay_ms,
+                predicted_best_ms: s.predicted_best_ms,
+            })
+            .collect(),
+        timeline: node.timeline,
+    })
 }
 
 /// Slowest replica's prompt tokens over the prefill rate, in ms.
@@ -311,9 +358,8 @@ fn prefill_ms(seqs: &[Seq], dp: usize, rate: Option<f64>) -> f64 {
         .fold(0.0, f64::max)
 }
 
-/// Every static layout, then adaptive and oracle (starting at `cfg.start_tp` or the best static).
-/// Returns the runs and the best static tp.
-pub fn simulate_all(
+/// Every candidate's static run, and the tp of the fastest (the first on ties).
+fn static_runs(
     trace: &Trace,
     model: &SimModel,
     cfg: &SimConfig,
@@ -328,7 +374,24 @@ pub fn simulate_all(
         }
         runs.push(r);
     }
-    let best_tp = best.map(|b| b.0).unwrap_or(cfg.candidates[0]);
+    Ok((runs, best.map(|b| b.0).unwrap_or(cfg.candidates[0])))
+}
+
+/// The static layout the model predicts finishes the whole batch first: where an adaptive run
+/// starts unless told otherwise.
+pub fn best_static(trace: &Trace, model: &SimModel, cfg: &SimConfig) -> Result<usize> {
+    static_runs(trace, model, cfg).map(|r| r.1)
+}
+
+/// Every static layout, then adaptive and oracle (starting at `cfg.start_tp` or the best static).
+/// Returns the runs and the best static tp.
+pub fn simulate_all(
+    trace: &Trace,
+    model: &SimModel,
+    cfg: &SimConfig,
+) -> Result<(Vec<SimResult>, usize)> {
+    let (runs_static, best_tp) = static_runs(trace, model, cfg)?;
+    let mut runs = runs_static;
     let start = cfg.start_tp.unwrap_or(best_tp);
     runs.push(simulate(trace, model, cfg, PolicyKind::Adaptive, start)?);
     runs.push(simulate(trace, model, cfg, PolicyKind::Oracle, start)?);

@@ -5,9 +5,9 @@ use std::path::PathBuf;
 
 use pat::engine::{Engine, EngineOptions, Request};
 use pat::model::config::ModelConfig;
-use pat::model::decoder::WeightDtype;
 use pat::model::sampling::SamplingParams;
 use pat::model::weights::Checkpoint;
+use pat::Dtype;
 
 pub fn golden_dir(model: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -57,7 +57,7 @@ pub fn engine(
     dir: &std::path::Path,
     world: usize,
     tp: usize,
-    dtype: WeightDtype,
+    dtype: Dtype,
     kv_blocks: usize,
 ) -> Engine {
     let cfg = ModelConfig::load(dir).unwrap();

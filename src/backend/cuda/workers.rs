@@ -29,9 +29,10 @@ use super::comm::{DeviceComm, SameDeviceComm, SoloComm};
 use super::device::{probe, CudaDev};
 use super::nccl::{NcclComm, NcclId};
 use super::rank::GpuRank;
+use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
-use crate::model::decoder::{RankWeights, SeqInput, WeightDtype};
+use crate::model::decoder::{RankWeights, SeqInput};
 use crate::model::weights::Checkpoint;
 use crate::parallel::Layout;
 
@@ -42,7 +43,7 @@ pub struct GpuOptions {
     /// `world` GPUs, else every rank on GPU 0.
     pub devices: Option<Vec<usize>>,
     /// Weight, activation and KV dtype on the device (f32 arithmetic inside every kernel).
-    pub dtype: WeightDtype,
+    pub dtype: Dtype,
     /// KV blocks per rank.
     pub kv_blocks: usize,
     pub block_size: usize,
@@ -51,11 +52,11 @@ pub struct GpuOptions {
 }
 
 /// The device dtype for an engine dtype.
-pub fn device_dtype(d: WeightDtype) -> DType {
+pub fn device_dtype(d: Dtype) -> DType {
     match d {
-        WeightDtype::F32 => DType::F32,
-        WeightDtype::Bf16 => DType::Bf16,
-        WeightDtype::F16 => DType::F16,
+        Dtype::F32 => DType::F32,
+        Dtype::Bf16 => DType::Bf16,
+        Dtype::F16 => DType::F16,
     }
 }
 
@@ -157,14 +158,14 @@ fn place(explicit: Option<&[usize]>, world: usize, count: usize) -> Result<Vec<u
     match explicit {
         Some(d) => {
             if d.len() != world {
-                return Err(Error::Usage(format!(
-                    "--devices lists {} GPUs but --world is {world} (one ordinal per rank)",
+                return Err(Error::Invalid(format!(
+                    "`devices` lists {} GPUs but `world` is {world} (one ordinal per rank)",
                     d.len()
                 )));
             }
             if let Some(&bad) = d.iter().find(|&&o| o >= count) {
                 return Err(Error::Device(format!(
-                    "--devices names GPU {bad} but only {count} CUDA device(s) are present"
+                    "`devices` names GPU {bad} but only {count} CUDA device(s) are present"
                 )));
             }
             Ok(d.to_vec())
@@ -291,7 +292,7 @@ impl GpuRanks {
         let senders: Vec<Sender<Job>> = me.workers.iter().filter_map(|w| w.tx.clone()).collect();
         // Host shards are f32 until uploaded: load in waves that fit in the host's available
         // memory (half of it), so a wide dp does not stage every replica's weights at once.
-        let shard = crate::engine::weight_bytes_per_rank(cfg, layout.tp).max(1);
+        let shard = crate::parallel::shard::weight_bytes_per_rank(cfg, layout.tp, 4).max(1);
         let wave = host_available_bytes()
             .map(|avail| ((avail / 2) / shard).max(1) as usize)
             .unwrap_or(world)
@@ -303,7 +304,7 @@ impl GpuRanks {
                 let rank = first + i;
                 let (_, t) = layout.position(rank);
                 // Loaded in f32: the upload rounds once to the device dtype.
-                let weights = RankWeights::load(ck, cfg, layout.tp, t, WeightDtype::F32)?;
+                let weights = RankWeights::load(ck, cfg, layout.tp, t, Dtype::F32)?;
                 let (rtx, rrx) = channel();
                 senders[rank]
                     .send(Job::Upload {
@@ -493,7 +494,7 @@ impl WorkerCtx {
         if weights + kv + margin > free {
             let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
             return Err(Error::Device(format!(
-                "GPU {} ({}): weights {:.2} GiB + KV pool {:.2} GiB ({} blocks of {} tokens) + 0.5 GiB for activations exceed its free memory {:.2} of {:.2} GiB (lower --kv-blocks or the batch, raise --tp, or spread ranks with --devices)",
+                "GPU {} ({}): weights {:.2} GiB + KV pool {:.2} GiB ({} blocks of {} tokens) + 0.5 GiB for activations exceed its free memory {:.2} of {:.2} GiB (lower `kv_blocks` or the batch, raise `tp`, or spread ranks with `devices`)",
                 self.ordinal,
                 dev.name(),
                 gib(weights),
@@ -602,7 +603,7 @@ mod tests {
         assert_eq!(place(None, 4, 1).unwrap(), vec![0, 0, 0, 0]);
         assert_eq!(place(None, 4, 2).unwrap(), vec![0, 0, 0, 0]);
         assert_eq!(place(Some(&[1, 0]), 2, 2).unwrap(), vec![1, 0]);
-        assert!(matches!(place(Some(&[0]), 2, 2), Err(Error::Usage(_))));
+        assert!(matches!(place(Some(&[0]), 2, 2), Err(Error::Invalid(_))));
         assert!(matches!(place(Some(&[0, 2]), 2, 2), Err(Error::Device(_))));
     }
 

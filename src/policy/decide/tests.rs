@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use super::*;
 use crate::policy::predictor::{Fit, FitForm};
+use crate::reshard::cost::CostModel;
 
 fn close(a: f64, b: f64, rel: f64) -> bool {
     (a - b).abs() <= rel * b.abs().max(1e-300)
@@ -35,10 +36,14 @@ fn switch_cost(fixed_ms: f64) -> SwitchCost {
     SwitchCost {
         fixed_ms,
         weight_bytes_per_s: 1e9,
-        kv_bytes_per_s: 1e6,
         sharded_weight_bytes: 8e9,
         kv_bytes_per_token: 1000.0,
-        prefill_tokens_per_s: vec![],
+        kv: CostModel {
+            transfer_bytes_per_s: 1e6,
+            fixed_transfer_s: 0.0,
+            prefill_tokens_per_s: vec![],
+            fixed_prefill_s: 0.0,
+        },
     }
 }
 
@@ -57,7 +62,7 @@ fn switch_cost_formulas() {
     // 8 -> 4: weights 8e9 * (1/4 - 1/8) / 1e9 = 1 s. With prefill at 4e6 tokens/s, recomputing
     // 300 tokens (0.075 ms) beats migrating them (300 * 1000 * 0.5 / 1e6 = 150 ms).
     let mut r = switch_cost(0.0);
-    r.prefill_tokens_per_s = vec![(4, 4e6)];
+    r.kv.prefill_tokens_per_s = vec![(4, 4e6)];
     let b = r.cost(8, 4, &[300]);
     assert!(
         close(b.weight_ms, 1000.0, 1e-12) && close(b.kv_ms, 0.075, 1e-9),
@@ -66,9 +71,9 @@ fn switch_cost_formulas() {
     assert_eq!((b.recomputed, b.migrated), (1, 0));
 }
 
-fn live(n: usize, replicas: usize, est: f64, context: usize) -> Vec<LiveSeq> {
+fn live(n: usize, replicas: usize, est: f64, context: usize) -> Vec<EstimatedSeq> {
     (0..n)
-        .map(|i| LiveSeq {
+        .map(|i| EstimatedSeq {
             replica: i % replicas,
             context,
             generated: 0,
@@ -212,15 +217,15 @@ fn lookahead_defers_a_switch_until_waiting_stops_paying() {
     let pred = ladder_predictor();
     let mut sw = switch_cost(2000.0);
     sw.kv_bytes_per_token = 0.0;
-    let mut seqs: Vec<LiveSeq> = (0..127)
-        .map(|i| LiveSeq {
+    let mut seqs: Vec<EstimatedSeq> = (0..127)
+        .map(|i| EstimatedSeq {
             replica: usize::from(i >= 62),
             context: 0,
             generated: 6528,
             est_remaining: 1472.0,
         })
         .collect();
-    seqs.push(LiveSeq {
+    seqs.push(EstimatedSeq {
         replica: 0,
         context: 0,
         generated: 6528,

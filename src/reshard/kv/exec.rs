@@ -34,7 +34,7 @@ fn check_pools(plan: &KvPlan, pools: &[KvPool], tp: usize, side: &str) -> Result
             && pool.v.len() == plan.num_layers
             && pool.k.iter().chain(&pool.v).all(|b| b.len() == per_layer);
         if !shaped {
-            return Err(Error::Usage(format!(
+            return Err(Error::Invalid(format!(
                 "KV migration: {side} pool of rank {p} is not [{} layers][blocks, {heads} heads, {}, {}]",
                 plan.num_layers, plan.block_size, plan.head_dim
             )));
@@ -84,7 +84,7 @@ pub fn execute(plan: &KvPlan, old: &[KvPool], new: &mut [KvPool]) -> Result<KvSt
         let s = plan
             .seqs
             .get(pc.seq)
-            .ok_or_else(|| Error::Usage(format!("KV piece names sequence {}", pc.seq)))?;
+            .ok_or_else(|| Error::Invalid(format!("KV piece names sequence {}", pc.seq)))?;
         let ok = pc.src_rank < old.len()
             && pc.dst_rank < new.len()
             && pc.src_head < old[pc.src_rank].kv_heads
@@ -92,7 +92,7 @@ pub fn execute(plan: &KvPlan, old: &[KvPool], new: &mut [KvPool]) -> Result<KvSt
             && s.old_table.len() >= nb(s)
             && s.new_table.len() >= nb(s);
         if !ok {
-            return Err(Error::Usage(format!(
+            return Err(Error::Invalid(format!(
                 "KV piece {pc:?} does not fit the pools or tables"
             )));
         }
@@ -175,7 +175,7 @@ mod tests {
             .collect();
         assert!(matches!(
             execute(&p, &old, &mut wrong_heads),
-            Err(Error::Usage(_))
+            Err(Error::Invalid(_))
         ));
         assert!(matches!(
             execute(&p, &old[..2], &mut small),

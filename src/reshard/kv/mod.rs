@@ -92,7 +92,7 @@ fn check(
     check_tp_for_model(old.tp, cfg)?;
     check_tp_for_model(new.tp, cfg)?;
     if old_replica >= old.dp() || new_replica >= new.dp() {
-        return Err(Error::Usage(format!(
+        return Err(Error::Invalid(format!(
             "replica {old_replica} -> {new_replica} out of range ({} -> {} replicas)",
             old.dp(),
             new.dp()
@@ -138,7 +138,7 @@ pub fn plan(
     elem_bytes: u64,
 ) -> Result<KvPlan> {
     if block_size == 0 {
-        return Err(Error::Usage(
+        return Err(Error::Invalid(
             "KV migration: block size must be at least 1".into(),
         ));
     }
@@ -150,7 +150,7 @@ pub fn plan(
         check(cfg, old, new, s.old_replica, s.new_replica)?;
         let nb = blocks_for(s.len, block_size);
         if s.old_table.len() < nb || s.new_table.len() < nb {
-            return Err(Error::Usage(format!(
+            return Err(Error::Invalid(format!(
                 "KV migration: sequence {i} caches {} tokens ({nb} blocks of {block_size}) but its tables have {} and {} blocks",
                 s.len,
                 s.old_table.len(),
@@ -159,7 +159,7 @@ pub fn plan(
         }
         for &b in &s.new_table[..nb] {
             if !used.insert((s.new_replica, b)) {
-                return Err(Error::Usage(format!(
+                return Err(Error::Invalid(format!(
                     "KV migration: block {b} of new replica {} is given to two sequences (sequence {i})",
                     s.new_replica
                 )));
@@ -280,7 +280,7 @@ mod tests {
         };
         assert!(matches!(
             plan(&c, &a, &b, 4, std::slice::from_ref(&s), 4),
-            Err(Error::Usage(_))
+            Err(Error::Invalid(_))
         ));
         let bad_replica = SeqKv {
             new_replica: 1,
@@ -289,7 +289,7 @@ mod tests {
         };
         assert!(matches!(
             plan(&c, &a, &b, 4, &[bad_replica], 4),
-            Err(Error::Usage(_))
+            Err(Error::Invalid(_))
         ));
         let ok = SeqKv {
             new_table: vec![4, 5, 6],

@@ -53,7 +53,7 @@ fn buffer_mut(w: &mut RankWeights, role: Role, layer: usize) -> Option<&mut Vec<
 }
 
 fn usage(msg: String) -> Error {
-    Error::Usage(format!("weight reshard: {msg}"))
+    Error::Invalid(format!("weight reshard: {msg}"))
 }
 
 /// Checks the plan against the model and the ranks' current buffers, so execution cannot fail.

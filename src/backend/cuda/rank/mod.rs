@@ -40,7 +40,7 @@ impl GpuKvPool {
         dtype: DType,
     ) -> Result<Self> {
         if block_size == 0 {
-            return Err(Error::Usage("block size must be at least 1".into()));
+            return Err(Error::Invalid("block size must be at least 1".into()));
         }
         let per_layer = num_blocks
             .checked_mul(kv_heads * block_size * head_dim)
@@ -153,7 +153,7 @@ impl GpuRank {
         block_size: usize,
     ) -> Result<Self> {
         if !dtype.is_float() {
-            return Err(Error::Usage(format!(
+            return Err(Error::Invalid(format!(
                 "GPU rank dtype must be f32, bf16 or f16, not {}",
                 dtype.name()
             )));

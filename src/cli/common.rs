@@ -1,0 +1,27 @@
+//! What several commands share: opening `--model`, progress bars on stderr.
+
+use std::path::Path;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use pat::error::Result;
+use pat::model::ModelDir;
+
+/// Opens the `--model` directory; errors about the directory itself name the flag.
+pub fn open_model(dir: &Path) -> Result<ModelDir> {
+    ModelDir::open(dir).map_err(|e| match e {
+        e @ pat::Error::Invalid(_) => e.context("--model"),
+        e => e,
+    })
+}
+
+/// A progress bar on stderr (hidden when stderr is not a terminal).
+pub fn progress(total: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(total);
+    let style =
+        ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+    pb.set_style(style);
+    pb.set_message(what.to_string());
+    pb
+}

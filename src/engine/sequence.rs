@@ -1,0 +1,81 @@
+//! What the engine holds per request: the request, its live sequence state, and its output.
+
+use rand_chacha::ChaCha8Rng;
+
+/// One generation request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Request {
+    pub input_ids: Vec<u32>,
+    pub max_new_tokens: usize,
+    pub ignore_eos: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// Reached max_new_tokens.
+    Length,
+    /// Produced an EOS token.
+    Stop,
+}
+
+/// A finished request, in input order.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Output {
+    pub index: usize,
+    pub input_ids: Vec<u32>,
+    pub output_ids: Vec<u32>,
+    pub finish_reason: FinishReason,
+}
+
+/// What one step did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct StepReport {
+    pub step: usize,
+    /// Live sequences per replica at the start of the step.
+    pub live_per_replica: Vec<usize>,
+    /// Tokens fed through the model (prefill + decode).
+    pub tokens_in: usize,
+    /// Tokens sampled.
+    pub tokens_out: usize,
+    pub finished: usize,
+    pub elapsed_ms: f64,
+}
+
+/// One request as the engine runs it.
+pub(crate) struct Sequence {
+    pub prompt_len: usize,
+    /// Prompt followed by every generated token.
+    pub tokens: Vec<u32>,
+    pub max_new: usize,
+    pub ignore_eos: bool,
+    pub replica: usize,
+    pub table: Vec<u32>,
+    /// Tokens whose K/V are in the cache.
+    pub cached: usize,
+    pub finished: Option<FinishReason>,
+    pub rng: ChaCha8Rng,
+}
+
+impl Sequence {
+    pub fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+    /// Tokens this sequence still brings to its replica's KV: what it holds plus what it may
+    /// still generate (the weight the scheduler balances).
+    pub fn footprint(&self) -> usize {
+        self.tokens.len() + self.max_new - self.generated()
+    }
+}
+
+/// Prefill tokens/s over the steps seen so far (steps that fed more tokens than they sampled);
+/// `None` before any prefill.
+pub fn prefill_rate(steps: &[StepReport]) -> Option<f64> {
+    let pre: Vec<&StepReport> = steps
+        .iter()
+        .filter(|s| s.tokens_in > s.tokens_out)
+        .collect();
+    let toks: usize = pre.iter().map(|s| s.tokens_in).sum();
+    let ms: f64 = pre.iter().map(|s| s.elapsed_ms).sum();
+    (toks > 0 && ms > 0.0).then(|| toks as f64 / (ms / 1e3))
+}

@@ -1,0 +1,49 @@
+//! `ModelDir`: an HF model directory opened as one value: config, mmapped checkpoint, and the
+//! tokenizer when the directory has one.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::model::config::ModelConfig;
+use crate::model::tokenizer::Tokenizer;
+use crate::model::weights::Checkpoint;
+
+/// An opened model directory. The checkpoint is memory-mapped, so opening is cheap whatever the
+/// model's size; ranks read only their shards from it.
+pub struct ModelDir {
+    pub path: PathBuf,
+    pub cfg: ModelConfig,
+    pub ck: Checkpoint,
+    /// `tokenizer.json`, when present (a directory without one runs on token ids).
+    pub tok: Option<Tokenizer>,
+}
+
+impl ModelDir {
+    /// Opens `dir`: `config.json`, `model.safetensors` or its sharded index, and an optional
+    /// `tokenizer.json`. Every problem names the file and field.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        if !dir.is_dir() {
+            return Err(Error::Invalid(format!(
+                "model directory {}: not a directory",
+                dir.display()
+            )));
+        }
+        Ok(ModelDir {
+            path: dir.to_path_buf(),
+            cfg: ModelConfig::load(dir)?,
+            ck: Checkpoint::open(dir)?,
+            tok: Tokenizer::load_dir(dir)?,
+        })
+    }
+
+    /// The tokenizer, or an error saying the directory has none.
+    pub fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tok.as_ref().ok_or_else(|| {
+            Error::Invalid(format!(
+                "{} has no tokenizer.json: give token ids instead of text",
+                self.path.display()
+            ))
+        })
+    }
+}

@@ -1,0 +1,287 @@
+//! The one adaptive loop: a [`Controller`] (predictor, switch cost, remaining-length estimator,
+//! stay-or-switch rule) driving any [`StepSource`] — the real engine on any backend
+//! (`crate::engine::EngineSource`) or the simulator's modeled node (`crate::sim`).
+//!
+//! [`drive`] steps the source until no sequence is live. Before step `s` it asks the controller
+//! when [`Controller::checks_at`]`(s)`: every `check_every` steps, never before the first step
+//! (step 0 is the prefill: nothing to estimate yet). The controller sees only what the source
+//! reports of its live sequences; it never reads the source's clock, so a source whose clock is not
+//! the predictor (the engine; a simulator with its own cost model) makes predictor error part of
+//! the outcome. A static layout is the same loop with no controller.
+//!
+//! A switch the source refuses (an engine error) is reported as [`Event::SwitchFailed`] and the
+//! run goes on in the layout the source still runs: a failed switch loses nothing.
+
+use serde::Serialize;
+
+use super::decide::{decide, placement, DecideInput, Decision, EstimatedSeq, SwitchCost};
+use super::predictor::Predictor;
+use super::remaining::{Remaining, SeqView};
+use crate::error::{Error, Result};
+
+/// A live (unfinished) sequence as a step source reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct LiveSeq {
+    /// Request index.
+    pub index: usize,
+    /// Its replica in the current layout (0 .. world / tp).
+    pub replica: usize,
+    /// Tokens so far (prompt + generated): the KV the sequence holds.
+    pub context: usize,
+    pub generated: usize,
+    /// Its cap: the true response length when lengths are forced (a trace replay, ignore_eos),
+    /// which only the oracle estimator reads.
+    pub max_new_tokens: usize,
+}
+
+/// What one step did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct StepDone {
+    /// Duration on the source's clock.
+    pub ms: f64,
+    /// Live sequences at the start of the step.
+    pub running: usize,
+    /// Tokens fed through the model (prefill + decode).
+    pub tokens_in: usize,
+    /// Tokens produced.
+    pub tokens_out: usize,
+}
+
+/// Something that runs a rollout batch one step at a time and can change its tp degree.
+pub trait StepSource {
+    /// What a switch reports besides its duration (the engine's switch record, say).
+    type SwitchRecord: Serialize;
+    fn world(&self) -> usize;
+    fn tp(&self) -> usize;
+    /// The live sequences, in request order.
+    fn live(&self) -> Vec<LiveSeq>;
+    /// Runs one step of every replica with live sequences.
+    fn step(&mut self) -> Result<StepDone>;
+    /// Switches to `to_tp`, live sequence `i` (in [`StepSource::live`] order) going to replica
+    /// `placement[i]`. Returns the switch's duration in ms on the source's clock. On error the
+    /// source must still run its old layout.
+    fn switch(&mut self, to_tp: usize, placement: &[usize]) -> Result<(f64, Self::SwitchRecord)>;
+    /// Time since the run started on the source's clock, ms.
+    fn now_ms(&self) -> f64;
+}
+
+/// Knobs of the adaptive rule.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ControllerConfig {
+    /// Tp degrees the rule may pick (each dividing world and the model).
+    pub candidates: Vec<usize>,
+    /// Steps between two decisions (at least 1).
+    pub check_every: usize,
+    /// Relative predicted gain a switch must bring, in [0, 1).
+    pub margin: f64,
+    /// Absolute predicted gain a switch must bring, ms.
+    pub min_gain_ms: f64,
+}
+
+/// The adaptive policy: when and to what tp a live batch should switch.
+#[derive(Clone, Debug)]
+pub struct Controller<'a> {
+    pub cfg: ControllerConfig,
+    pub predictor: &'a Predictor,
+    pub switch: &'a SwitchCost,
+    pub estimator: Remaining,
+}
+
+impl<'a> Controller<'a> {
+    /// Checks the knobs; every candidate must have a fitted step time.
+    pub fn new(
+        cfg: ControllerConfig,
+        predictor: &'a Predictor,
+        switch: &'a SwitchCost,
+        estimator: Remaining,
+    ) -> Result<Self> {
+        if cfg.check_every == 0 {
+            return Err(Error::Invalid("`check_every` must be at least 1".into()));
+        }
+        if cfg.candidates.is_empty() {
+            return Err(Error::Invalid("the controller needs a candidate tp".into()));
+        }
+        for &tp in &cfg.candidates {
+            predictor.fit(tp)?;
+        }
+        Ok(Controller {
+            cfg,
+            predictor,
+            switch,
+            estimator,
+        })
+    }
+
+    /// Whether the rule runs before step `step` (0-based; step 0 is the prefill).
+    pub fn checks_at(&self, step: usize) -> bool {
+        step > 0 && step % self.cfg.check_every == 0
+    }
+
+    /// The rule's answer for `live` at (`world`, `tp`), and, when it switches, where each live
+    /// sequence goes under the new layout (the placement its forecast assumed).
+    pub fn decide(
+        &self,
+        world: usize,
+        tp: usize,
+        live: &[LiveSeq],
+    ) -> Result<(Decision, Vec<usize>)> {
+        let views: Vec<SeqView> = live
+            .iter()
+            .map(|s| SeqView {
+                generated: s.generated,
+                replica: s.replica,
+                true_len: Some(s.max_new_tokens),
+            })
+            .collect();
+        let est: Vec<EstimatedSeq> = live
+            .iter()
+            .zip(self.estimator.estimate_set(&views)?)
+            .map(|(s, est_remaining)| EstimatedSeq {
+                replica: s.replica,
+                context: s.context,
+                generated: s.generated,
+                est_remaining,
+            })
+            .collect();
+        let d = decide(&DecideInput {
+            world,
+            current_tp: tp,
+            candidates: &self.cfg.candidates,
+            live: &est,
+            predictor: self.predictor,
+            switch: self.switch,
+            margin: self.cfg.margin,
+            min_gain_ms: self.cfg.min_gain_ms,
+            lookahead_steps: self.cfg.check_every,
+        })?;
+        let at = if d.stay {
+            Vec::new()
+        } else {
+            placement(world, d.to_tp, &est)
+        };
+        Ok((d, at))
+    }
+}
+
+/// What [`drive`] reports as it goes.
+pub enum Event<'e, R> {
+    /// Step `step` ran at `tp`, ending at `t_ms`.
+    Step {
+        step: usize,
+        tp: usize,
+        t_ms: f64,
+        done: &'e StepDone,
+    },
+    /// Before step `step`, a switch.
+    Switch {
+        summary: &'e SwitchSummary,
+        decision: &'e Decision,
+        record: &'e R,
+    },
+    /// Before step `step`, the source refused a switch the rule asked for; it goes on at `from`.
+    SwitchFailed {
+        step: usize,
+        from: usize,
+        to: usize,
+        error: &'e Error,
+    },
+}
+
+/// One switch of a run.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SwitchSummary {
+    /// The step it ran before.
+    pub step: usize,
+    /// When it started, on the source's clock.
+    pub t_ms: f64,
+    pub from: usize,
+    pub to: usize,
+    pub ms: f64,
+    /// Live sequences at the switch.
+    pub live: usize,
+    pub predicted_stay_ms: f64,
+    pub predicted_best_ms: f64,
+}
+
+/// What a whole run did.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct RunSummary {
+    pub steps: usize,
+    /// The source's clock at the end.
+    pub total_ms: f64,
+    pub tokens: u64,
+    pub switches: Vec<SwitchSummary>,
+    pub failed_switches: usize,
+    pub start_tp: usize,
+    pub final_tp: usize,
+}
+
+/// Steps `src` until nothing is live; with a controller, asks it before every checked step and
+/// switches when it says so. `on_event` sees every step and switch as it happens.
+pub fn drive<S: StepSource>(
+    src: &mut S,
+    ctrl: Option<&Controller>,
+    mut on_event: impl FnMut(Event<'_, S::SwitchRecord>),
+) -> Result<RunSummary> {
+    let mut run = RunSummary {
+        start_tp: src.tp(),
+        ..RunSummary::default()
+    };
+    let mut step = 0usize;
+    loop {
+        let live = src.live();
+        if live.is_empty() {
+            break;
+        }
+        if let Some(c) = ctrl.filter(|c| c.checks_at(step)) {
+            let from = src.tp();
+            let (d, at) = c.decide(src.world(), from, &live)?;
+            if !d.stay {
+                let t_ms = src.now_ms();
+                match src.switch(d.to_tp, &at) {
+                    Ok((ms, record)) => {
+                        let summary = SwitchSummary {
+                            step,
+                            t_ms,
+                            from,
+                            to: d.to_tp,
+                            ms,
+                            live: live.len(),
+                            predicted_stay_ms: d.predicted_stay_ms,
+                            predicted_best_ms: d.predicted_best_ms,
+                        };
+                        on_event(Event::Switch {
+                            summary: &summary,
+                            decision: &d,
+                            record: &record,
+                        });
+                        run.switches.push(summary);
+                    }
+                    Err(error) => {
+                        run.failed_switches += 1;
+                        on_event(Event::SwitchFailed {
+                            step,
+                            from,
+                            to: d.to_tp,
+                            error: &error,
+                        });
+                    }
+                }
+            }
+        }
+        let tp = src.tp();
+        let done = src.step()?;
+        run.tokens += done.tokens_out as u64;
+        on_event(Event::Step {
+            step,
+            tp,
+            t_ms: src.now_ms(),
+            done: &done,
+        });
+        step += 1;
+    }
+    run.steps = step;
+    run.total_ms = src.now_ms();
+    run.final_tp = src.tp();
+    Ok(run)
+}
