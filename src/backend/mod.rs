@@ -1,5 +1,137 @@
-//! Compute backends. `cpu` is the reference oracle every device kernel is tested against.
+//! Compute backends behind one interface: [`RankOps`], the operations one tensor-parallel rank
+//! needs to run the decoder (`model::decoder::forward`, written once over it).
+//!
+//! - [`cpu`]: the reference oracle every device kernel is tested against (host `Vec<f32>`).
+//! - `cuda` (feature `cuda`): the hand-written kernels on a GPU (device buffers); without the
+//!   feature a stub says how to build it.
+//!
+//! A backend never sees the model's structure (which norm comes where, where the collectives
+//! go, the residual stream, the vocab-parallel head): only these operations on its own buffers.
 
+pub mod batch;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(not(feature = "cuda"))]
+#[path = "cuda_stub.rs"]
+pub mod cuda;
+
+pub use batch::{BatchPlan, SeqInput};
+
+use crate::error::Result;
+
+/// Head counts and constants of one rank's attention block.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttnShape {
+    /// Query heads on this rank.
+    pub q_heads: usize,
+    /// KV heads on this rank.
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// RMSNorm epsilon (q/k norms).
+    pub eps: f32,
+    /// Softmax scale, 1 / sqrt(head_dim).
+    pub scale: f32,
+}
+
+/// The operations one rank runs the decoder with, on its own buffers. Shapes are row-major
+/// `[rows, width]`; every method checks what its kernel cannot. `Buf` is an activation buffer,
+/// `Weight` a weight tensor of the rank's shard, `Batch` the per-call metadata of a packed batch
+/// (token ids, positions, cache slots, block tables) in the backend's memory.
+pub trait RankOps {
+    type Buf;
+    type Weight;
+    type Batch;
+
+    /// Validates a packed batch against the rank's KV pool and uploads its metadata.
+    fn batch(&mut self, seqs: &[SeqInput], vocab_size: usize) -> Result<Self::Batch>;
+    /// A zeroed activation buffer of `len` elements.
+    fn zeros(&mut self, len: usize) -> Result<Self::Buf>;
+    /// `out[t] = table[id_t - vocab_start]` for the tokens whose id falls in this rank's rows of
+    /// the vocab-parallel table, zero for the others (the all-reduce that follows completes it).
+    fn embedding(
+        &mut self,
+        out: &mut Self::Buf,
+        b: &Self::Batch,
+        table: &Self::Weight,
+        hidden: usize,
+        vocab_start: usize,
+    ) -> Result<()>;
+    /// `out = rmsnorm(x) * w` over `rows` rows.
+    fn rmsnorm(
+        &mut self,
+        out: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Weight,
+        rows: usize,
+        eps: f32,
+    ) -> Result<()>;
+    /// The residual step: `x += add`, then `out = rmsnorm(x) * w`.
+    fn add_rmsnorm(
+        &mut self,
+        out: &mut Self::Buf,
+        x: &mut Self::Buf,
+        add: &Self::Buf,
+        w: &Self::Weight,
+        rows: usize,
+        eps: f32,
+    ) -> Result<()>;
+    /// `out[n, m] = a[n, k] · w[m, k]ᵀ` (a column-parallel weight stored [out, in]).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_nt(
+        &mut self,
+        out: &mut Self::Buf,
+        a: &Self::Buf,
+        w: &Self::Weight,
+        n: usize,
+        k: usize,
+        m: usize,
+    ) -> Result<()>;
+    /// `out[n, m] = a[n, k] · w[k, m]` (a row-parallel weight stored [in, out]).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_nn(
+        &mut self,
+        out: &mut Self::Buf,
+        a: &Self::Buf,
+        w: &Self::Weight,
+        n: usize,
+        k: usize,
+        m: usize,
+    ) -> Result<()>;
+    /// The attention core of layer `layer` over the packed `qkv` rows `[q | k | v]`: optional
+    /// per-head q/k RMSNorm, RoPE on q and k, K/V appended to the paged cache at the batch's
+    /// slots, then causal attention of each token over its sequence's cache into `out`
+    /// `[rows, q_heads * head_dim]`. `qkv` may be changed in place.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &mut self,
+        layer: usize,
+        out: &mut Self::Buf,
+        qkv: &mut Self::Buf,
+        b: &Self::Batch,
+        qk_norm: Option<(&Self::Weight, &Self::Weight)>,
+        shape: AttnShape,
+    ) -> Result<()>;
+    /// `out[r] = silu(gu[r][..inter]) * gu[r][inter..]`.
+    fn silu_mul(
+        &mut self,
+        out: &mut Self::Buf,
+        gu: &Self::Buf,
+        rows: usize,
+        inter: usize,
+    ) -> Result<()>;
+    /// Row `last_row(s)` of `x` for every sequence `s` of the batch, into `out` `[seqs, hidden]`.
+    fn last_rows(
+        &mut self,
+        out: &mut Self::Buf,
+        x: &Self::Buf,
+        b: &Self::Batch,
+        hidden: usize,
+    ) -> Result<()>;
+    /// Sums `buf` over the rank's tp group, in place.
+    fn all_reduce_sum(&mut self, buf: &mut Self::Buf) -> Result<()>;
+    /// Concatenates every member's `local` in rank order into `out`.
+    fn all_gather(&mut self, local: &Self::Buf, out: &mut Self::Buf) -> Result<()>;
+    /// An f32 host copy of `buf`.
+    fn to_host(&mut self, buf: &Self::Buf) -> Result<Vec<f32>>;
+}

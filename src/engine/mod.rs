@@ -33,6 +33,7 @@ pub use sequence::{FinishReason, Output, Request, StepReport};
 
 use std::time::Instant;
 
+use crate::backend::cuda::{GpuOptions, GpuRanks};
 use crate::error::{Error, Result};
 use crate::kv::{BlockAllocator, KvPool};
 use crate::model::config::ModelConfig;
@@ -95,29 +96,18 @@ impl Engine {
         let inv_freq = cfg.inv_freq();
         let ranks = match backend {
             Backend::Cpu => Ranks::Cpu(load_cpu_ranks(&cfg, ck, &layout, &opts)?),
-            #[cfg(feature = "cuda")]
-            Backend::Cuda { devices } => {
-                Ranks::Gpu(crate::backend::cuda::workers::GpuRanks::new(
-                    &cfg,
-                    ck,
-                    &layout,
-                    &crate::backend::cuda::workers::GpuOptions {
-                        devices: devices.clone(),
-                        dtype: opts.dtype,
-                        kv_blocks: opts.kv_blocks,
-                        block_size: opts.block_size,
-                        inv_freq: inv_freq.clone(),
-                    },
-                )?)
-            }
-            #[cfg(not(feature = "cuda"))]
-            Backend::Cuda { .. } => {
-                return Err(Error::Invalid(
-                    "`backend cuda`: this pat was built without the `cuda` feature; rebuild with \
-                     `cargo build --release --features cuda` (needs nvcc, see scripts/install-cuda-toolchain.sh)"
-                        .into(),
-                ))
-            }
+            Backend::Cuda { devices } => Ranks::Gpu(GpuRanks::new(
+                &cfg,
+                ck,
+                &layout,
+                &GpuOptions {
+                    devices: devices.clone(),
+                    dtype: opts.dtype,
+                    kv_blocks: opts.kv_blocks,
+                    block_size: opts.block_size,
+                    inv_freq: inv_freq.clone(),
+                },
+            )?),
         };
         let allocs = (0..layout.dp())
             .map(|_| BlockAllocator::new(opts.kv_blocks))

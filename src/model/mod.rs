@@ -4,6 +4,7 @@ pub mod config;
 pub mod decoder;
 pub mod dir;
 pub mod init;
+pub mod rank_weights;
 pub mod sampling;
 pub mod tokenizer;
 pub mod weights;

@@ -462,6 +462,38 @@ impl GpuRanks {
     pub fn group_kinds(&self) -> &[GroupKind] {
         &self.groups
     }
+
+    /// Where the ranks run, e.g. "2 rank(s) on GPU 0 (NVIDIA H100 80GB HBM3); collectives: ...".
+    pub fn describe(&self) -> String {
+        let mut per: Vec<(usize, &str, usize)> = Vec::new();
+        for (rank, &o) in self.devices().iter().enumerate() {
+            let name = self.device_name(rank);
+            match per.iter_mut().find(|p| p.0 == o) {
+                Some(p) => p.2 += 1,
+                None => per.push((o, name, 1)),
+            }
+        }
+        let gpus: Vec<String> = per
+            .iter()
+            .map(|(o, name, n)| format!("{n} rank(s) on GPU {o} ({name})"))
+            .collect();
+        let kinds: Vec<&str> = self.group_kinds().iter().map(|k| k.name()).collect();
+        format!("{}; collectives: {}", gpus.join(", "), kinds.join(", "))
+    }
+
+    /// Measured device copy bandwidth (bytes/s, read + write) of each GPU the ranks use,
+    /// ascending by ordinal.
+    pub fn copy_bandwidths(&self) -> Result<Vec<(usize, f64)>> {
+        let mut ids = self.devices().to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.iter()
+            .map(|&o| {
+                let dev = CudaDev::new(o)?;
+                Ok((o, super::bench::copy_bandwidth(&dev)?))
+            })
+            .collect()
+    }
 }
 
 /// What a worker thread needs besides its jobs.

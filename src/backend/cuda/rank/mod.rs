@@ -1,20 +1,23 @@
 //! `GpuRank`: one tensor-parallel rank on a GPU — its weight shard and paged KV pool in device
-//! memory, and the decoder forward (in `forward.rs`) mirroring `model::decoder::forward`.
+//! memory; its forward is `model::decoder::forward` over [`GpuOps`] (in `ops.rs`).
 //!
 //! Weights come from a host `RankWeights` (same layout: split axis outermost, fused [q; k; v] and
 //! [gate; up] rows of `hidden`, o and down stored transposed, vocab-parallel embed/head) and are
 //! stored in the rank's dtype (f32, bf16 or f16); every activation uses that dtype too, with f32
 //! arithmetic inside each kernel and GEMM.
 
-mod forward;
+mod ops;
+
+pub use ops::{GpuBatch, GpuOps};
 
 use super::buffer::{DBuf, DType};
+use super::comm::DeviceComm;
 use super::device::CudaDev;
 use super::ops::KvCacheView;
 use crate::error::{Error, Result};
 use crate::kv::KvPool;
 use crate::model::config::ModelConfig;
-use crate::model::decoder::RankWeights;
+use crate::model::decoder::{self, RankWeights, SeqInput};
 use crate::parallel::layout::check_tp_for_model;
 
 /// One rank's K and V pools on the device, per layer `[num_blocks, kv_heads, block_size,
@@ -104,26 +107,11 @@ impl GpuKvPool {
     }
 }
 
-/// One layer's weights on the device (see `model::decoder::LayerWeights` for shapes).
-struct GpuLayer {
-    input_norm: DBuf,
-    post_norm: DBuf,
-    qk_norm: Option<(DBuf, DBuf)>,
-    qkv: DBuf,
-    o: DBuf,
-    gate_up: DBuf,
-    down: DBuf,
-}
-
 /// A rank's shard and KV pool on its device. Thread-confined, like its `CudaDev`.
 pub struct GpuRank {
-    tp: usize,
-    tp_rank: usize,
     dtype: DType,
-    embed: DBuf,
-    lm_head: Option<DBuf>,
-    final_norm: DBuf,
-    layers: Vec<GpuLayer>,
+    /// The shard in device memory (same shapes as the host `RankWeights`).
+    w: RankWeights<DBuf>,
     kv: GpuKvPool,
     /// Last: buffers are freed (in stream order) before the device's handles go.
     dev: CudaDev,
@@ -187,8 +175,6 @@ impl GpuRank {
             check_len(head, w.embed.len(), "lm_head", 0)?;
         }
         check_len(&w.final_norm, h, "final_norm", 0)?;
-        let up = |b: &[f32]| DBuf::from_f32(&dev, b, dtype);
-        let mut layers = Vec::with_capacity(cfg.num_layers);
         for (l, lw) in w.layers.iter().enumerate() {
             check_len(&lw.input_norm, h, "input_norm", l)?;
             check_len(&lw.post_norm, h, "post_norm", l)?;
@@ -196,45 +182,92 @@ impl GpuRank {
             check_len(&lw.o, hq * hd * h, "o", l)?;
             check_len(&lw.gate_up, 2 * inter * h, "gate_up", l)?;
             check_len(&lw.down, inter * h, "down", l)?;
-            let qk_norm = match (&lw.q_norm, &lw.k_norm, cfg.has_qk_norm()) {
+            match (&lw.q_norm, &lw.k_norm, cfg.has_qk_norm()) {
                 (Some(q), Some(k), true) => {
                     check_len(q, hd, "q_norm", l)?;
                     check_len(k, hd, "k_norm", l)?;
-                    Some((up(q)?, up(k)?))
                 }
-                (None, None, false) => None,
+                (None, None, false) => {}
                 _ => {
                     return Err(Error::Layout(format!(
                         "rank weights: layer {l} q/k norms do not match the model architecture"
                     )))
                 }
-            };
-            layers.push(GpuLayer {
-                input_norm: up(&lw.input_norm)?,
-                post_norm: up(&lw.post_norm)?,
-                qk_norm,
-                qkv: up(&lw.qkv)?,
-                o: up(&lw.o)?,
-                gate_up: up(&lw.gate_up)?,
-                down: up(&lw.down)?,
-            });
+            }
         }
-        let embed = up(&w.embed)?;
-        let lm_head = w.lm_head.as_deref().map(up).transpose()?;
-        let final_norm = up(&w.final_norm)?;
+        let up = w.try_map(|b| DBuf::from_f32(&dev, b, dtype))?;
         let kv = GpuKvPool::new(&dev, cfg.num_layers, kv_blocks, block_size, hkv, hd, dtype)?;
         dev.synchronize()?;
         Ok(GpuRank {
-            tp,
-            tp_rank: w.tp_rank,
             dtype,
-            embed,
-            lm_head,
-            final_norm,
-            layers,
+            w: up,
             kv,
             dev,
         })
+    }
+
+    /// Runs this rank's shard over a packed batch (`model::decoder::forward` on [`GpuOps`]);
+    /// returns logits [n_seqs, vocab] (f32) for each sequence's last token, identical on every
+    /// rank of the group. On error the group is poisoned so peers do not wait forever.
+    pub fn forward(
+        &mut self,
+        cfg: &ModelConfig,
+        inv_freq: &[f32],
+        comm: &dyn DeviceComm,
+        seqs: &[SeqInput],
+    ) -> Result<Vec<f32>> {
+        let r = self.forward_inner(cfg, inv_freq, comm, seqs);
+        if r.is_err() {
+            comm.poison();
+        }
+        r
+    }
+
+    fn forward_inner(
+        &mut self,
+        cfg: &ModelConfig,
+        inv_freq: &[f32],
+        comm: &dyn DeviceComm,
+        seqs: &[SeqInput],
+    ) -> Result<Vec<f32>> {
+        let tp = self.w.tp;
+        if comm.size() != tp || comm.rank() != self.w.tp_rank {
+            return Err(Error::Layout(format!(
+                "rank {} of tp {tp} called with comm member {} of {}",
+                self.w.tp_rank,
+                comm.rank(),
+                comm.size()
+            )));
+        }
+        if cfg.hidden_size != self.w.final_norm.len()
+            || cfg.num_layers != self.w.layers.len()
+            || cfg.head_dim != self.kv.head_dim
+            || cfg.num_kv_heads / tp != self.kv.kv_heads
+        {
+            return Err(Error::Layout(
+                "forward called with a model config other than the one the rank was built for"
+                    .into(),
+            ));
+        }
+        if inv_freq.len() != cfg.head_dim / 2 {
+            return Err(Error::Device(format!(
+                "inv_freq has {} entries, head_dim {} needs {}",
+                inv_freq.len(),
+                cfg.head_dim,
+                cfg.head_dim / 2
+            )));
+        }
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut ops = GpuOps {
+            dev: &self.dev,
+            kv: &self.kv,
+            comm,
+            dtype: self.dtype,
+            inv_freq: DBuf::from_slice(&self.dev, inv_freq)?,
+        };
+        decoder::forward(&mut ops, cfg, &self.w, seqs)
     }
 
     pub fn dev(&self) -> &CudaDev {
@@ -247,42 +280,20 @@ impl GpuRank {
         self.dtype
     }
     pub fn tp(&self) -> usize {
-        self.tp
+        self.w.tp
     }
     pub fn tp_rank(&self) -> usize {
-        self.tp_rank
+        self.w.tp_rank
     }
 
     /// Weight bytes a decode step reads: all of them but an untied embedding table, of which a
     /// step reads only the rows of its tokens.
     pub fn decode_read_bytes(&self) -> usize {
-        let untied_embed = if self.lm_head.is_some() {
-            self.embed.bytes()
-        } else {
-            0
-        };
-        self.weight_bytes() - untied_embed
+        self.w.held_and_read_bytes(DBuf::bytes).1
     }
 
     /// Bytes of weights held on the device.
     pub fn weight_bytes(&self) -> usize {
-        let mut n = self.embed.bytes()
-            + self.lm_head.as_ref().map_or(0, DBuf::bytes)
-            + self.final_norm.bytes();
-        for l in &self.layers {
-            n += [
-                &l.input_norm,
-                &l.post_norm,
-                &l.qkv,
-                &l.o,
-                &l.gate_up,
-                &l.down,
-            ]
-            .iter()
-            .map(|b| b.bytes())
-            .sum::<usize>();
-            n += l.qk_norm.as_ref().map_or(0, |(q, k)| q.bytes() + k.bytes());
-        }
-        n
+        self.w.held_and_read_bytes(DBuf::bytes).0
     }
 }

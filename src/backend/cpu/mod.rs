@@ -1,4 +1,9 @@
 //! CPU reference kernels: clear, exact, f32 accumulation. GEMMs go through `matrixmultiply`.
+//! [`CpuOps`] puts them behind the backend interface the decoder runs on.
+
+mod ops;
+
+pub use ops::{CpuBatch, CpuOps};
 
 use std::time::Instant;
 

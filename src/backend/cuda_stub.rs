@@ -1,0 +1,65 @@
+//! The `cuda` backend in a build without the `cuda` feature: the same names the engine uses, a
+//! [`GpuRanks`] that cannot exist (its constructor says how to build the real one), so code above
+//! the backend needs no `cfg` arms.
+
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+use crate::model::config::ModelConfig;
+use crate::model::decoder::SeqInput;
+use crate::model::weights::Checkpoint;
+use crate::parallel::Layout;
+
+/// The error every GPU entry point returns in this build.
+pub fn not_built() -> Error {
+    Error::Invalid(
+        "`backend cuda`: this pat was built without the `cuda` feature; rebuild with \
+         `cargo build --release --features cuda` (needs nvcc, see scripts/install-cuda-toolchain.sh)"
+            .into(),
+    )
+}
+
+/// How an engine's ranks go onto GPUs (see the real backend).
+#[derive(Clone, Debug)]
+pub struct GpuOptions {
+    pub devices: Option<Vec<usize>>,
+    pub dtype: Dtype,
+    pub kv_blocks: usize,
+    pub block_size: usize,
+    pub inv_freq: Vec<f32>,
+}
+
+/// GPU ranks: uninhabited here, so every method below is unreachable.
+pub enum GpuRanks {}
+
+impl GpuRanks {
+    pub fn new(
+        _cfg: &ModelConfig,
+        _ck: &Checkpoint,
+        _layout: &Layout,
+        _opts: &GpuOptions,
+    ) -> Result<GpuRanks> {
+        Err(not_built())
+    }
+    pub fn step(
+        &mut self,
+        _layout: &Layout,
+        _inputs: &[Vec<SeqInput<'_>>],
+    ) -> Result<Vec<Vec<f32>>> {
+        match *self {}
+    }
+    pub fn bytes(&self, _rank: usize) -> (usize, usize) {
+        match *self {}
+    }
+    pub fn read_bytes(&self, _rank: usize) -> usize {
+        match *self {}
+    }
+    pub fn devices(&self) -> &[usize] {
+        match *self {}
+    }
+    pub fn describe(&self) -> String {
+        match *self {}
+    }
+    pub fn copy_bandwidths(&self) -> Result<Vec<(usize, f64)>> {
+        match *self {}
+    }
+}

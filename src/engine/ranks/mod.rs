@@ -1,0 +1,108 @@
+//! The ranks behind an engine, whatever runs them: one interface ([`RankSet`]), two backends.
+//!
+//! - `cpu`: the reference. Each rank's shard and KV pool are host memory; a step runs one
+//!   scoped thread per busy rank over `model::decoder::forward`, with `CpuComm` groups from the
+//!   engine's `GroupCache`.
+//! - `gpu`: `backend::cuda::GpuRanks`, each rank a long-lived worker thread owning its device,
+//!   shard and KV pool; a step sends each busy rank its packed batch. In builds without the `cuda`
+//!   feature the type is a stub whose constructor says how to build it, so this module has no
+//!   `cfg` arms.
+//!
+//! The engine owns everything above the ranks (requests, block tables, allocators, sampling), so
+//! the scheduling, the paged-KV bookkeeping and the sampler are the same code on both backends.
+
+mod cpu;
+mod gpu;
+
+pub(crate) use cpu::CpuRanks;
+
+use crate::backend::cuda::GpuRanks;
+use crate::error::{Error, Result};
+use crate::model::config::ModelConfig;
+use crate::model::decoder::SeqInput;
+use crate::parallel::{GroupCache, Layout};
+
+/// Which backend runs the ranks.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Backend {
+    /// Host threads, f32 compute (the reference).
+    #[default]
+    Cpu,
+    /// GPU ranks (needs a build with `--features cuda`). `devices[r]` is rank r's CUDA ordinal;
+    /// `None` picks one GPU per rank when there are at least `world` GPUs, else GPU 0 for all.
+    Cuda { devices: Option<Vec<usize>> },
+}
+
+impl Backend {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Cpu => "cpu",
+            Backend::Cuda { .. } => "cuda",
+        }
+    }
+}
+
+/// What a step needs from the engine besides the batch.
+pub(crate) struct StepCtx<'a> {
+    pub cfg: &'a ModelConfig,
+    pub layout: &'a Layout,
+    pub inv_freq: &'a [f32],
+    pub groups: &'a mut GroupCache,
+}
+
+/// A set of `world` ranks arranged as `layout`: runs one step and reports memory.
+pub(crate) trait RankSet {
+    /// Runs replica d's packed batch `inputs[d]` through its tp ranks (idle replicas have an empty
+    /// batch). Returns each replica's logits [n_seqs, vocab] (empty for idle replicas). On error
+    /// no sequence's cached-token count may be assumed to have advanced.
+    fn forward(&mut self, ctx: StepCtx<'_>, inputs: &[Vec<SeqInput<'_>>]) -> Result<Vec<Vec<f32>>>;
+    /// (weight bytes, KV pool bytes) held by physical rank `rank`.
+    fn rank_bytes(&self, rank: usize) -> (usize, usize);
+    /// Weight bytes physical rank `rank` reads per decode step (an untied embedding is not read
+    /// whole): what the bandwidth roofline counts.
+    fn decode_read_bytes(&self, rank: usize) -> usize;
+    /// Which memory each physical rank reads its weights from: ranks with the same id share one
+    /// memory's bandwidth (every CPU rank shares host memory; GPU ranks their GPU's).
+    fn memory_ids(&self) -> Vec<usize>;
+    /// Measured copy bandwidth (bytes/s, read + write) of each distinct memory id, ascending;
+    /// `threads` host threads copy at once on the CPU.
+    fn memory_bandwidths(&self, threads: usize) -> Result<Vec<(usize, f64)>>;
+    /// Where the ranks run, for reports, e.g. "2 ranks on NVIDIA H100 80GB HBM3 (GPU 0)".
+    fn describe(&self) -> String;
+}
+
+/// The ranks of an engine on one of the backends.
+pub(crate) enum Ranks {
+    Cpu(CpuRanks),
+    Gpu(GpuRanks),
+}
+
+impl Ranks {
+    pub fn set(&mut self) -> &mut dyn RankSet {
+        match self {
+            Ranks::Cpu(c) => c,
+            Ranks::Gpu(g) => g,
+        }
+    }
+    pub fn set_ref(&self) -> &dyn RankSet {
+        match self {
+            Ranks::Cpu(c) => c,
+            Ranks::Gpu(g) => g,
+        }
+    }
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Ranks::Cpu(_) => "cpu",
+            Ranks::Gpu(_) => "cuda",
+        }
+    }
+    /// The host ranks, or a clear error naming `what` for GPU ranks.
+    pub fn cpu_mut(&mut self, what: &str) -> Result<&mut CpuRanks> {
+        match self {
+            Ranks::Cpu(c) => Ok(c),
+            Ranks::Gpu(_) => Err(Error::Invalid(format!(
+                "{what} is implemented on the CPU backend only; GPU ranks cannot do it yet"
+            ))),
+        }
+    }
+}
