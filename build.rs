@@ -1,12 +1,15 @@
 //! Build script. Without the `cuda` feature it does nothing. With it:
 //! - compiles every `cuda/*.cu` with nvcc into `OUT_DIR/<name>.fatbin`, using the flags in
 //!   `cuda/nvcc.flags` (the same file `scripts/compile-kernels.sh` reads);
-//! - runs bindgen on `cuda/params.h` into `OUT_DIR/params.rs` (kernel parameter structs and the
-//!   `PAT_*` launch constants);
-//! - writes `OUT_DIR/kernels.rs`: `KERNELS: &[(&str, &[u8])]`, the embedded fatbins by file stem.
+//! - writes `OUT_DIR/kernels.rs`: `KERNELS: &[(&str, &[u8])]`, the embedded fatbins by file stem;
+//! - checks that `src/backend/cuda/params.rs`, the committed bindgen output for `cuda/params.h`
+//!   (kernel parameter structs and the `PAT_*` launch constants), was generated from the current
+//!   params.h: its header records an FNV-1a hash of the header file. It does not run bindgen, so
+//!   no libclang is needed; after editing params.h run `scripts/check-params-bindings.sh --fix`
+//!   (CI runs it without `--fix` as the drift check).
 //!
 //! nvcc is found via `$NVCC`, `$CUDA_HOME/bin/nvcc`, `PATH`, then the repo's `.cuda-toolchain/`
-//! (see `scripts/install-cuda-toolchain.sh`). No GPU is needed; bindgen needs libclang.
+//! (see `scripts/install-cuda-toolchain.sh`). No GPU is needed.
 
 use std::env;
 use std::fmt::{self, Write as _};
@@ -43,6 +46,7 @@ fn main() -> Result<(), BuildError> {
     let (root, out) = (var("CARGO_MANIFEST_DIR")?, var("OUT_DIR")?);
     let cuda = root.join("cuda");
     println!("cargo:rerun-if-changed={}", cuda.display()); // catches added and removed files
+    check_params_bindings(&cuda.join("params.h"), &root.join(PARAMS_RS))?;
 
     let mut sources = Vec::new();
     for entry in fs::read_dir(&cuda).map_err(fail(format!("cannot read {}", cuda.display())))? {
@@ -64,8 +68,43 @@ fn main() -> Result<(), BuildError> {
     let nvcc = find_nvcc(&root)?;
     let flags = read_flags(&cuda.join("nvcc.flags"))?;
     compile_all(&nvcc, &flags, &cuda, &sources, &out)?;
-    write_kernels_rs(&sources, &out.join("kernels.rs"))?;
-    generate_params(&cuda.join("params.h"), &out.join("params.rs"))
+    write_kernels_rs(&sources, &out.join("kernels.rs"))
+}
+
+/// The committed Rust bindings of `cuda/params.h`, relative to the manifest directory.
+const PARAMS_RS: &str = "src/backend/cuda/params.rs";
+/// The line of `PARAMS_RS` holding the hash of the params.h it was generated from.
+const PARAMS_HASH_PREFIX: &str = "// cuda/params.h fnv1a64: ";
+
+/// Fails when `params.rs` was generated from another `params.h` than the one nvcc compiles, which
+/// would make the kernels and the Rust launch wrappers disagree on struct layouts.
+fn check_params_bindings(header: &Path, bindings: &Path) -> Result<(), BuildError> {
+    println!("cargo:rerun-if-changed={}", header.display());
+    println!("cargo:rerun-if-changed={}", bindings.display());
+    let h = fs::read(header).map_err(fail(format!("cannot read {}", header.display())))?;
+    let rs = fs::read_to_string(bindings)
+        .map_err(fail(format!("cannot read {}", bindings.display())))?;
+    let want = format!(
+        "{:016x}",
+        fnv1a64(h.iter().copied().filter(|&b| b != b'\r'))
+    );
+    let recorded = rs.lines().find_map(|l| l.strip_prefix(PARAMS_HASH_PREFIX));
+    if recorded.map(str::trim) == Some(want.as_str()) {
+        return Ok(());
+    }
+    Err(BuildError(format!(
+        "{PARAMS_RS} was not generated from the current cuda/params.h (params.h hashes to {want}, \
+         the bindings record {}); regenerate them with `scripts/check-params-bindings.sh --fix` \
+         (needs libclang) and commit the result",
+        recorded.unwrap_or("no hash")
+    )))
+}
+
+/// 64-bit FNV-1a; `scripts/check-params-bindings.sh` computes the same (on params.h without `\r`).
+fn fnv1a64(bytes: impl Iterator<Item = u8>) -> u64 {
+    bytes.fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// `$NVCC`, `$CUDA_HOME/bin/nvcc`, `nvcc` on `PATH`, `.cuda-toolchain/lib/python3*/.../cu13/bin/nvcc`.
@@ -189,30 +228,4 @@ fn stem(path: &Path) -> String {
     path.file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default()
-}
-
-#[cfg(feature = "cuda")]
-fn generate_params(header: &Path, out: &Path) -> Result<(), BuildError> {
-    bindgen::Builder::default()
-        .header(header.to_string_lossy())
-        .allowlist_type("Pat.*")
-        .allowlist_var("PAT_.*")
-        .derive_copy(true)
-        .derive_debug(true)
-        .derive_default(true)
-        .generate_comments(false) // params.h is the documentation
-        .generate()
-        .map_err(fail(format!(
-            "bindgen on {} failed (is libclang installed?)",
-            header.display()
-        )))?
-        .write_to_file(out)
-        .map_err(fail(format!("cannot write {}", out.display())))
-}
-
-#[cfg(not(feature = "cuda"))]
-fn generate_params(_header: &Path, _out: &Path) -> Result<(), BuildError> {
-    Err(BuildError(
-        "CARGO_FEATURE_CUDA is set but build.rs was built without `cuda`".into(),
-    ))
 }

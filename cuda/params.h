@@ -2,14 +2,17 @@
  * params.h - parameter structs for every kernel in the cuda/ .cu files, shared with Rust.
  *
  * Plain C (C99): fixed-width integers, no C++ features, so nvcc compiles it into the kernels and
- * bindgen turns it into Rust (build.rs -> OUT_DIR/params.rs). Each kernel takes exactly one of these
+ * bindgen turns it into Rust: the output is committed as src/backend/cuda/params.rs. After editing
+ * this file run `scripts/check-params-bindings.sh --fix` (CI checks for drift; build.rs refuses
+ * bindings made from another version of this file). Each kernel takes exactly one of these
  * structs *by value* as its only argument; the Rust wrapper fills it and passes a pointer to it as
  * the single entry of the launch argument array.
  *
  * Conventions
  *  - Device pointers are PatDevPtr (a CUdeviceptr, u64 in Rust). "nullable" means 0 is allowed.
  *  - Element counts and strides are in elements of the tensor's dtype unless the name says bytes.
- *  - 8-byte fields come first so the layout has no padding surprises; bindgen layout tests check it.
+ *  - 8-byte fields come first so the layout has no padding surprises; bindgen's compile-time layout
+ *    checks (in params.rs) check it.
  *  - "T" below is the kernel's dtype (bf16, f16 or f32, from the entry-point suffix).
  *  - Limits marked "caller checks" are not re-checked on the device: a kernel cannot report errors,
  *    so the Rust wrapper validates them and returns an error value instead of launching.
