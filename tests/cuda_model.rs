@@ -340,7 +340,7 @@ fn gpu_kv_pool_and_logits_match_the_cpu_decoder() {
                 start_pos: start,
                 table: &table,
             }];
-            let want = decoder::forward(
+            let want = decoder::forward_cpu(
                 &m.cfg,
                 &w,
                 &mut cpu_kv,
