@@ -16,8 +16,8 @@
 //       dst + (b-1)*dst_stride + row_bytes <= src + a*src_stride, with rows < a done by earlier
 //       launches. A row already in place (its dst == its src) is skipped, e.g. keeping the first
 //       half of the heads of every KV block: row 0 stays, then rows [1,2), [2,4), [4,8), ...
-//   Nested TP growth (DESIGN invariant 3) gives shift >= size for every QKV / gate_up / row-parallel
-//   block move, so weight compaction is one launch per block move.
+//   Nested TP growth (new shards lie inside old ones) gives shift >= size for every QKV /
+//   gate_up / row-parallel block move, so weight compaction is one launch per block move.
 // kv_gather:   for each listed block i (physical id block_ids[i]) and kv in {K, V}:
 //   staging[kv, i, :, :, :] = cache_kv[block_ids[i], head_start .. head_start + num_heads, :, :]
 //   i.e. staging is [2][num_list_blocks][num_heads][block_size][head_dim]; because the cache is

@@ -4,7 +4,8 @@
 #
 # The five wheels must come from the same 13.0 release: a newer nvidia-nvvm or nvidia-cuda-crt
 # pulled in by dependency resolution makes ptxas fail with "Unsupported .version ...".
-# See CUDA.md. Idempotent: re-running with a working toolchain only prints the PATH line.
+# The versions must match each other exactly (a newer nvidia-nvvm or nvidia-cuda-crt makes ptxas
+# fail with "Unsupported .version"). Idempotent: re-running with a working toolchain only prints the PATH line.
 #
 # Usage: scripts/install-cuda-toolchain.sh            (from anywhere inside the repo)
 #        PYTHON=python3.12 scripts/install-cuda-toolchain.sh
@@ -48,7 +49,7 @@ else
     [[ -x "$cuda_home/bin/nvcc" ]] || die "nvcc not found at $cuda_home/bin/nvcc after install"
 fi
 
-# Verify the versions actually installed agree (the failure mode CUDA.md warns about).
+# Verify the versions actually installed agree (mismatched wheels are the failure mode above).
 installed="$("$venv/bin/python" -m pip list --disable-pip-version-check --format=freeze 2>/dev/null)" \
     || die "cannot list the venv's packages"
 for spec in "${wheels[@]}"; do

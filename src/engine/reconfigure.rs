@@ -4,8 +4,10 @@
 //! ties to the replica holding their cache) -> migrate-or-recompute per sequence (cost model) ->
 //! size the new pools from the old pool plus the weight bytes the reshard frees -> allocate
 //! new pools and tables -> migrate KV into them -> reshard weights in place -> swap -> create or
-//! reuse comm groups -> recompute the sequences chosen for it. Every fallible step runs before the
-//! swap, so an error leaves the engine decoding in its old layout with nothing lost.
+//! reuse comm groups -> recompute the sequences chosen for it. Every fallible step but the recompute
+//! runs before the swap, so such an error leaves the engine decoding in its old layout with
+//! nothing lost; a recompute failure (after the swap) returns the error with the new layout live
+//! and those sequences' caches empty, so the next step prefills them again.
 
 use std::time::Instant;
 

@@ -1,16 +1,17 @@
 //! Random-weight HF model directories (config, safetensors, tokenizer): the tool runs with no downloads.
 
-use std::borrow::Cow;
 use std::path::Path;
 
-use rand::{RngCore, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-use safetensors::{tensor::View, Dtype as StDtype, SafeTensorError};
+use safetensors::{tensor::View, SafeTensorError};
 use serde_json::{json, Value};
 
+#[cfg(test)]
+use super::random::CHUNK;
+use super::random::{info, Init, LazyTensor};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::model::config::Arch;
+use crate::model::dims::ModelDims;
 use crate::model::tokenizer::Tokenizer;
 
 /// Model size presets.
@@ -35,65 +36,12 @@ pub struct InitOptions {
     pub force: bool,
 }
 
-/// The dimensions of one (arch, preset) pair.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// One (arch, preset) pair: the model's dimensions plus what config.json needs beyond them.
+#[derive(Clone, Debug, PartialEq)]
 pub struct PresetDims {
-    pub vocab_size: usize,
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_layers: usize,
-    pub num_heads: usize,
-    pub num_kv_heads: usize,
-    pub head_dim: usize,
+    pub dims: ModelDims,
     pub max_position_embeddings: usize,
     pub rope_theta: f64,
-    pub tie_word_embeddings: bool,
-}
-
-const PRESETS: [(&str, Preset); 3] = [
-    ("tiny", Preset::Tiny),
-    ("small", Preset::Small),
-    ("llama3-8b-shape", Preset::Llama3_8bShape),
-];
-
-fn parse_named<T: Copy>(table: &[(&'static str, T)], what: &str, s: &str) -> Result<T> {
-    table
-        .iter()
-        .find(|(n, _)| *n == s)
-        .map(|&(_, v)| v)
-        .ok_or_else(|| {
-            let valid: Vec<&str> = table.iter().map(|(n, _)| *n).collect();
-            Error::Invalid(format!(
-                "unknown {what} `{s}` (valid: {})",
-                valid.join(", ")
-            ))
-        })
-}
-
-fn name_of<T: PartialEq>(table: &[(&'static str, T)], v: &T) -> &'static str {
-    table.iter().find(|(_, t)| t == v).map_or("?", |(n, _)| n)
-}
-
-impl std::str::FromStr for Preset {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        parse_named(&PRESETS, "preset", s)
-    }
-}
-
-impl std::fmt::Display for Preset {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(name_of(&PRESETS, self))
-    }
-}
-
-/// (bytes per element, safetensors dtype, config.json `torch_dtype`) of a storage dtype.
-fn info(d: Dtype) -> (usize, StDtype, &'static str) {
-    match d {
-        Dtype::F32 => (4, StDtype::F32, "float32"),
-        Dtype::Bf16 => (2, StDtype::BF16, "bfloat16"),
-        Dtype::F16 => (2, StDtype::F16, "float16"),
-    }
 }
 
 /// The dimensions of `preset` for `arch`.
@@ -109,16 +57,20 @@ pub fn preset_dims(arch: Arch, preset: Preset) -> PresetDims {
         (Preset::Llama3_8bShape, true) => (151_936, 5120, 17_408, 40, 40, 8, 128, 40_960),
     };
     PresetDims {
-        vocab_size: vocab,
-        hidden_size: hidden,
-        intermediate_size: inter,
-        num_layers: layers,
-        num_heads: heads,
-        num_kv_heads: kv,
-        head_dim,
+        dims: ModelDims {
+            arch: if qwen { "qwen3" } else { "llama" }.into(),
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: inter,
+            num_layers: layers,
+            num_heads: heads,
+            num_kv_heads: kv,
+            head_dim,
+            tie_word_embeddings: qwen && preset != Preset::Llama3_8bShape,
+            dtype_bytes: 2,
+        },
         max_position_embeddings: max_pos,
         rope_theta: if qwen { 1e6 } else { 500_000.0 },
-        tie_word_embeddings: qwen && preset != Preset::Llama3_8bShape,
     }
 }
 
@@ -134,17 +86,17 @@ fn llama_original_max_pos(preset: Preset) -> usize {
 /// config.json as transformers writes it.
 fn config_json(opts: &InitOptions, d: &PresetDims) -> Value {
     let mut c = json!({
-        "vocab_size": d.vocab_size,
-        "hidden_size": d.hidden_size,
-        "intermediate_size": d.intermediate_size,
-        "num_hidden_layers": d.num_layers,
-        "num_attention_heads": d.num_heads,
-        "num_key_value_heads": d.num_kv_heads,
-        "head_dim": d.head_dim,
+        "vocab_size": d.dims.vocab_size,
+        "hidden_size": d.dims.hidden_size,
+        "intermediate_size": d.dims.intermediate_size,
+        "num_hidden_layers": d.dims.num_layers,
+        "num_attention_heads": d.dims.num_heads,
+        "num_key_value_heads": d.dims.num_kv_heads,
+        "head_dim": d.dims.head_dim,
         "hidden_act": "silu",
         "rope_theta": d.rope_theta,
         "max_position_embeddings": d.max_position_embeddings,
-        "tie_word_embeddings": d.tie_word_embeddings,
+        "tie_word_embeddings": d.dims.tie_word_embeddings,
         "attention_bias": false,
         "attention_dropout": 0.0,
         "bos_token_id": 1,
@@ -174,7 +126,7 @@ fn config_json(opts: &InitOptions, d: &PresetDims) -> Value {
             "rope_scaling": null,
             "use_sliding_window": false,
             "sliding_window": null,
-            "max_window_layers": d.num_layers,
+            "max_window_layers": d.dims.num_layers,
         }),
     };
     if let (Some(c), Value::Object(e)) = (c.as_object_mut(), extra) {
@@ -183,125 +135,25 @@ fn config_json(opts: &InitOptions, d: &PresetDims) -> Value {
     c
 }
 
-/// 64-bit FNV-1a: a stable hash of tensor names (std's hasher may change between releases).
-fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
-/// How a tensor's values are drawn.
-#[derive(Clone, Copy, Debug)]
-enum Init {
-    /// Uniform, std 1.
-    Embedding,
-    /// Uniform, std 1/sqrt(fan_in).
-    Linear { fan_in: usize },
-    /// 1 + uniform noise of std 0.1.
-    Norm,
-}
-
-/// Elements per independently seeded ChaCha stream: fixed, so the bytes do not depend on thread count.
-const CHUNK: usize = 1 << 16;
-
-/// A tensor whose bytes are generated on demand in `data()`, deterministically from (seed, name).
-struct LazyTensor {
-    shape: Vec<usize>,
-    init: Init,
-    dtype: Dtype,
-    seed: u64,
-}
-
-impl LazyTensor {
-    fn new(name: &str, shape: Vec<usize>, init: Init, opts: &InitOptions) -> (String, Self) {
-        let seed = opts.seed ^ fnv1a64(name.as_bytes());
-        let dtype = opts.dtype;
-        (
-            name.to_string(),
-            LazyTensor {
-                shape,
-                init,
-                dtype,
-                seed,
-            },
-        )
-    }
-
-    fn numel(&self) -> usize {
-        self.shape.iter().product()
-    }
-
-    /// Fills chunk `index` (`out` holds its bytes).
-    fn fill_chunk(&self, index: usize, out: &mut [u8]) {
-        let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
-        rng.set_stream(index as u64);
-        let (offset, half_width) = match self.init {
-            Init::Embedding => (0.0, 3f32.sqrt()),
-            Init::Linear { fan_in } => (0.0, (3.0 / fan_in.max(1) as f32).sqrt()),
-            Init::Norm => (1.0, 0.1 * 3f32.sqrt()),
-        };
-        let eb = info(self.dtype).0;
-        for dst in out.chunks_exact_mut(eb) {
-            // 24 random bits -> [0, 1) exactly representable in f32.
-            let u = (rng.next_u32() >> 8) as f32 * (1.0 / (1u32 << 24) as f32);
-            let v = offset + (2.0 * u - 1.0) * half_width;
-            match self.dtype {
-                Dtype::F32 => dst.copy_from_slice(&v.to_le_bytes()),
-                Dtype::Bf16 => dst.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
-                Dtype::F16 => dst.copy_from_slice(&half::f16::from_f32(v).to_le_bytes()),
-            }
-        }
-    }
-
-    /// Generates all bytes, spreading runs of whole chunks over up to `threads` threads.
-    fn generate(&self, threads: usize) -> Vec<u8> {
-        let chunk_bytes = CHUNK * info(self.dtype).0;
-        let mut buf = vec![0u8; self.data_len()];
-        let n_chunks = buf.len().div_ceil(chunk_bytes).max(1);
-        let per_thread = n_chunks.div_ceil(threads.clamp(1, n_chunks));
-        std::thread::scope(|s| {
-            for (t, run) in buf.chunks_mut(per_thread * chunk_bytes).enumerate() {
-                s.spawn(move || {
-                    for (i, c) in run.chunks_mut(chunk_bytes).enumerate() {
-                        self.fill_chunk(t * per_thread + i, c);
-                    }
-                });
-            }
-        });
-        buf
-    }
-}
-
-impl View for LazyTensor {
-    fn dtype(&self) -> StDtype {
-        info(self.dtype).1
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Cow::Owned(self.generate(threads))
-    }
-    fn data_len(&self) -> usize {
-        self.numel() * info(self.dtype).0
-    }
-}
-
 /// Every tensor of the model, with HF names and shapes.
 fn tensors(opts: &InitOptions, d: &PresetDims) -> Vec<(String, LazyTensor)> {
-    let (h, inter, hd) = (d.hidden_size, d.intermediate_size, d.head_dim);
-    let (q, kv) = (d.num_heads * hd, d.num_kv_heads * hd);
+    let (h, inter, hd) = (
+        d.dims.hidden_size,
+        d.dims.intermediate_size,
+        d.dims.head_dim,
+    );
+    let (q, kv) = (d.dims.num_heads * hd, d.dims.num_kv_heads * hd);
     let lin = |fan_in| Init::Linear { fan_in };
     let mut v = Vec::new();
-    let mut push =
-        |name: &str, shape: Vec<usize>, init| v.push(LazyTensor::new(name, shape, init, opts));
+    let mut push = |name: &str, shape: Vec<usize>, init| {
+        v.push(LazyTensor::new(name, shape, init, opts.seed, opts.dtype))
+    };
     push(
         "model.embed_tokens.weight",
-        vec![d.vocab_size, h],
+        vec![d.dims.vocab_size, h],
         Init::Embedding,
     );
-    for i in 0..d.num_layers {
+    for i in 0..d.dims.num_layers {
         let p = |name: &str| format!("model.layers.{i}.{name}");
         push(&p("input_layernorm.weight"), vec![h], Init::Norm);
         push(&p("self_attn.q_proj.weight"), vec![q, h], lin(h));
@@ -318,8 +170,8 @@ fn tensors(opts: &InitOptions, d: &PresetDims) -> Vec<(String, LazyTensor)> {
         push(&p("mlp.down_proj.weight"), vec![h, inter], lin(inter));
     }
     push("model.norm.weight", vec![h], Init::Norm);
-    if !d.tie_word_embeddings {
-        push("lm_head.weight", vec![d.vocab_size, h], lin(h));
+    if !d.dims.tie_word_embeddings {
+        push("lm_head.weight", vec![d.dims.vocab_size, h], lin(h));
     }
     v
 }
@@ -384,7 +236,7 @@ pub fn init_model(out: &Path, opts: &InitOptions) -> Result<u64> {
         })
     })?;
 
-    let tok = Tokenizer::byte_level(d.vocab_size)?;
+    let tok = Tokenizer::byte_level(d.dims.vocab_size)?;
     write_atomic(out, "tokenizer.json", |p| tok.save(p))?;
     write_json(
         out,
@@ -455,12 +307,15 @@ mod tests {
             let q = st
                 .tensor("model.layers.1.self_attn.q_proj.weight")
                 .expect("q");
-            assert_eq!(q.shape(), [8 * d.head_dim, 64]);
+            assert_eq!(q.shape(), [8 * d.dims.head_dim, 64]);
 
             let tok = Tokenizer::load(&out.join("tokenizer.json")).expect("tokenizer");
-            assert_eq!(tok.vocab_size(), d.vocab_size);
+            assert_eq!(tok.vocab_size(), d.dims.vocab_size);
             let cfg = crate::model::config::ModelConfig::load(&out).expect("config parses");
-            assert_eq!((cfg.vocab_size, cfg.head_dim), (d.vocab_size, d.head_dim));
+            assert_eq!(
+                (cfg.vocab_size, cfg.head_dim),
+                (d.dims.vocab_size, d.dims.head_dim)
+            );
 
             let c = read_json(&out.join("config.json"));
             let keys = "architectures model_type vocab_size hidden_size intermediate_size \
@@ -511,12 +366,12 @@ mod tests {
     fn generation_is_independent_of_thread_count() {
         let o = opts(Arch::Llama, Dtype::F32, 3);
         let shape = vec![5, CHUNK / 2 + 3];
-        let (_, t) = LazyTensor::new("x", shape.clone(), Init::Embedding, &o);
+        let (_, t) = LazyTensor::new("x", shape.clone(), Init::Embedding, o.seed, o.dtype);
         let one = t.generate(1);
         assert_eq!(one.len(), t.data_len());
         assert_eq!(one, t.generate(2));
         assert_eq!(one, t.generate(7));
-        let (_, other) = LazyTensor::new("y", shape, Init::Embedding, &o);
+        let (_, other) = LazyTensor::new("y", shape, Init::Embedding, o.seed, o.dtype);
         assert_ne!(one, other.generate(1));
     }
 
@@ -529,7 +384,7 @@ mod tests {
             (lin, 0.0, 0.0625),
             (Init::Norm, 1.0, 0.1),
         ] {
-            let (_, t) = LazyTensor::new("w", vec![256, 256], init, &o);
+            let (_, t) = LazyTensor::new("w", vec![256, 256], init, o.seed, o.dtype);
             let bytes = t.generate(2);
             let v: Vec<f64> = bytes
                 .chunks_exact(4)
@@ -567,21 +422,7 @@ mod tests {
     }
 
     #[test]
-    fn parse_names_and_preset_dims() {
-        for (name, p) in PRESETS {
-            assert_eq!(
-                (name.parse::<Preset>().expect("parse"), p.to_string()),
-                (p, name.into())
-            );
-        }
-        let e = "huge".parse::<Preset>().expect_err("bad").to_string();
-        assert!(
-            e.contains("`huge`") && e.contains("tiny, small, llama3-8b-shape"),
-            "{e}"
-        );
-        assert_eq!("bf16".parse::<Dtype>().expect("bf16"), Dtype::Bf16);
-        assert_eq!("f16".parse::<Dtype>().expect("f16"), Dtype::F16);
-        assert!("fp8".parse::<Dtype>().is_err());
+    fn preset_dims_are_the_real_models() {
         let l = preset_dims(Arch::Llama, Preset::Llama3_8bShape);
         let o = opts(Arch::Llama, Dtype::Bf16, 0);
         let n: usize = tensors(&o, &l).iter().map(|(_, t)| t.numel()).sum();
@@ -591,7 +432,9 @@ mod tests {
         let n: usize = tensors(&o, &q).iter().map(|(_, t)| t.numel()).sum();
         assert_eq!(n, 14_768_307_200, "Qwen3-14B parameter count");
         assert!(
-            !q.tie_word_embeddings && q.rope_theta == 1e6 && q.max_position_embeddings == 40_960
+            !q.dims.tie_word_embeddings
+                && q.rope_theta == 1e6
+                && q.max_position_embeddings == 40_960
         );
     }
 }

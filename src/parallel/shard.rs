@@ -40,7 +40,7 @@ pub enum Source {
         transposed: bool,
         total_rows: usize,
     },
-    /// Zero padding (vocab padded to a multiple of tp).
+    /// Zero padding (vocab padded to a multiple of lcm(tp, 64)).
     Zeros,
 }
 

@@ -12,7 +12,7 @@
 //!
 //! - `W_step`: bytes of every layer matrix plus the lm_head (read once per step, split by tp);
 //!   `P_step` the same in parameters. `KV_tok`: K+V bytes per cached token (128 KiB for 8B).
-//! - 0.80 of HBM peak: the best paged-attention kernels reach 78-80% of peak (BACKGROUND.md).
+//! - 0.80 of HBM peak: the best paged-attention kernels reach 78-80% of peak (public measurements of paged-attention kernels).
 //! - 0.60 of dense bf16 peak for the matmuls; decode at batch <= 128 stays memory-bound anyway.
 //! - 1.0 ms per step: kernel launches (graph replay), sampling and scheduling. Calibrated so that
 //!   batch-1 TP1 LLaMA-3.1-8B is 6.6 ms (engines: 7.2-7.7 ms; roofline 4.48 ms) and the batch-1
@@ -24,7 +24,7 @@
 //!   ~20 us (PAT measured TP2 x DP4 as the best static layout, so its engine sits above that).
 //! - Two all-reduces per layer (after attention-out and MLP-down), ring algorithm: each rank sends
 //!   and receives `2 (tp-1)/tp` of the message. NVLink: 900 GB/s bidirectional -> 450 GB/s one
-//!   way, 8 us per small all-reduce (BACKGROUND: NCCL 6-20 us, custom 3.7-11.8 us). PCIe Gen4:
+//!   way, 8 us per small all-reduce (public measurements: NCCL 6-20 us, custom all-reduce 3.7-11.8 us). PCIe Gen4:
 //!   ~25 GB/s one way, 20 us. A link given in GB/s is one-way; its latency is 8 us above 100 GB/s
 //!   and 20 us otherwise. 0.80 of the link is achievable.
 //!
@@ -46,6 +46,8 @@ use super::profile::{
     PROFILE_VERSION,
 };
 use crate::error::{Error, Result};
+use crate::model::config::Arch;
+use crate::model::init::{preset_dims, Preset};
 
 pub const HBM_EFFICIENCY: f64 = 0.80;
 pub const MATMUL_EFFICIENCY: f64 = 0.60;
@@ -58,7 +60,7 @@ pub const SWITCH_FIXED_MS: f64 = 2130.0;
 pub const BATCHES: [usize; 9] = [1, 2, 4, 8, 16, 32, 64, 128, 256];
 pub const CONTEXTS: [usize; 7] = [256, 1024, 4096, 8192, 16384, 24576, 32768];
 
-/// The model shapes with built-in dims (BACKGROUND.md).
+/// The model shapes with built-in dims (public measurements of paged-attention kernels).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ModelShape {
     /// LLaMA-3.1-8B: 32 layers, hidden 4096, 32/8 heads, head_dim 128, ffn 14336, vocab 128256.
@@ -68,23 +70,14 @@ pub enum ModelShape {
 }
 
 impl ModelShape {
+    /// The real model's dimensions (the same table `pat init-model --preset llama3-8b-shape`
+    /// writes), bf16.
     pub fn dims(self) -> ModelDims {
-        let (arch, l, h, nh, kv, ffn, vocab) = match self {
-            ModelShape::Llama3_8b => ("llama", 32, 4096, 32, 8, 14336, 128256),
-            ModelShape::Qwen3_14b => ("qwen3", 40, 5120, 40, 8, 17408, 151936),
+        let arch = match self {
+            ModelShape::Llama3_8b => Arch::Llama,
+            ModelShape::Qwen3_14b => Arch::Qwen3,
         };
-        ModelDims {
-            arch: arch.into(),
-            num_layers: l,
-            hidden_size: h,
-            num_heads: nh,
-            num_kv_heads: kv,
-            head_dim: 128,
-            intermediate_size: ffn,
-            vocab_size: vocab,
-            tie_word_embeddings: false,
-            dtype_bytes: 2,
-        }
+        preset_dims(arch, Preset::Llama3_8bShape).dims
     }
 }
 

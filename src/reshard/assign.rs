@@ -12,10 +12,9 @@
 //! - neither divides the other (world 6, tp 2 -> 3): a greedy assignment maximising the rows each
 //!   rank keeps (documented on the private `greedy`).
 //!
-//! The vocab-parallel embedding and head are padded to a multiple of tp (`shard::padded_vocab`), so
-//! their shards nest only when ceil(vocab / tp) scales exactly (e.g. tp divides the vocabulary);
-//! otherwise a few rows per new shard come from a neighbour (vocab 301, tp 2 -> 4: one row).
-//! Padding the vocabulary to a multiple of the world size instead would make them nest as well.
+//! The vocab-parallel embedding and head are padded to a multiple of lcm(tp, 64)
+//! (`shard::padded_vocab`), so for power-of-two tp degrees their shards nest too: growing tp moves
+//! zero weight bytes in total (at most 63 padding rows change owner, and those are zeros).
 
 use crate::error::{Error, Result};
 use crate::parallel::Layout;

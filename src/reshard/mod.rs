@@ -2,7 +2,7 @@
 //!
 //! A switch from layout A to layout B is described by data before anything moves:
 //!
-//! - [`nested_layout`] picks B's placement so new shards nest inside old ones (DESIGN invariant 3).
+//! - [`nested_layout`] picks B's placement so new shards nest inside old ones (shards nest: growing tp moves no weight bytes between ranks).
 //! - [`weights::plan`] lists, per role and destination rank, the row copies (in place or from another
 //!   rank's old shard) and zero fills that build the new shard; [`weights::execute`] applies it layer
 //!   by layer, compacting in place when the shard shrinks.
