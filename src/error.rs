@@ -151,3 +151,43 @@ impl Error {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_variant_has_a_kind_and_context_keeps_it() {
+        let cases = [
+            (
+                Error::io("x", std::io::Error::other("e")),
+                ErrorKind::Io,
+            ),
+            (Error::config("c.json", "bad"), ErrorKind::BadFile),
+            (Error::checkpoint("m", "bad"), ErrorKind::BadFile),
+            (Error::unsupported("f", 1, "h"), ErrorKind::Unsupported),
+            (Error::Layout("l".into()), ErrorKind::InvalidArgument),
+            (Error::KvExhausted("k".into()), ErrorKind::ResourceExhausted),
+            (Error::Request("r".into()), ErrorKind::InvalidArgument),
+            (Error::Tokenizer("t".into()), ErrorKind::BadFile),
+            (Error::Invalid("i".into()), ErrorKind::InvalidArgument),
+            (
+                Error::Rank {
+                    rank: 1,
+                    msg: "m".into(),
+                },
+                ErrorKind::Internal,
+            ),
+            (Error::Device("d".into()), ErrorKind::Device),
+            (Error::Internal("x".into()), ErrorKind::Internal),
+        ];
+        for (e, kind) in cases {
+            assert_eq!(e.kind(), kind, "{e}");
+            let c = e.context("ctx");
+            assert_eq!(c.kind(), kind);
+        }
+        let e = Error::KvExhausted("need 3 blocks".into()).context("request 2");
+        assert_eq!(e.to_string(), "KV cache exhausted: request 2: need 3 blocks");
+        assert_eq!(ErrorKind::ResourceExhausted.name(), "resource_exhausted");
+    }
+}
