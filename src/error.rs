@@ -159,10 +159,7 @@ mod tests {
     #[test]
     fn every_variant_has_a_kind_and_context_keeps_it() {
         let cases = [
-            (
-                Error::io("x", std::io::Error::other("e")),
-                ErrorKind::Io,
-            ),
+            (Error::io("x", std::io::Error::other("e")), ErrorKind::Io),
             (Error::config("c.json", "bad"), ErrorKind::BadFile),
             (Error::checkpoint("m", "bad"), ErrorKind::BadFile),
             (Error::unsupported("f", 1, "h"), ErrorKind::Unsupported),
@@ -187,7 +184,10 @@ mod tests {
             assert_eq!(c.kind(), kind);
         }
         let e = Error::KvExhausted("need 3 blocks".into()).context("request 2");
-        assert_eq!(e.to_string(), "KV cache exhausted: request 2: need 3 blocks");
+        assert_eq!(
+            e.to_string(),
+            "KV cache exhausted: request 2: need 3 blocks"
+        );
         assert_eq!(ErrorKind::ResourceExhausted.name(), "resource_exhausted");
     }
 }

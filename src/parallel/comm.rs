@@ -1,10 +1,13 @@
-//! `Comm`: collectives between the ranks of one group; CPU implementation and the group cache.
+//! `Comm`: collectives and point-to-point messages between the ranks of one group; CPU
+//! implementation and the group cache.
 //!
 //! Ranks are threads that own their buffers; bytes cross ranks only through these calls. Sums are
-//! taken in rank order so a reduction is deterministic. If a member leaves (error or panic), the
-//! group is poisoned and every peer's pending call returns an error instead of hanging.
+//! taken in rank order so a reduction is deterministic. Point-to-point sends are buffered (a send
+//! returns at once) and messages between two members arrive in the order they were sent. If a
+//! member leaves (error or panic), the group is poisoned and every peer's pending call returns an
+//! error instead of hanging.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -19,6 +22,11 @@ pub trait Comm: Send + Sync {
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()>;
     /// Concatenates every member's `local` (equal lengths) in rank order into `out`.
     fn all_gather(&self, local: &[f32], out: &mut [f32]) -> Result<()>;
+    /// Sends `data` to member `to`; returns without waiting for the receiver.
+    fn send(&self, to: usize, data: &[f32]) -> Result<()>;
+    /// Receives the next message member `from` sent to this member into `out`, whose length must
+    /// be the message's.
+    fn recv(&self, from: usize, out: &mut [f32]) -> Result<()>;
     /// Marks the group failed so peers stop waiting.
     fn poison(&self);
 }
@@ -28,6 +36,8 @@ pub trait Comm: Send + Sync {
 struct Group {
     size: usize,
     slots: Mutex<Vec<Vec<f32>>>,
+    /// Point-to-point queues, index `from * size + to`.
+    mail: Mutex<Vec<VecDeque<Vec<f32>>>>,
     arrived: AtomicUsize,
     generation: AtomicU64,
     poisoned: AtomicBool,
@@ -43,6 +53,7 @@ impl Group {
         Group {
             size,
             slots: Mutex::new(vec![Vec::new(); size]),
+            mail: Mutex::new(vec![VecDeque::new(); size * size]),
             arrived: AtomicUsize::new(0),
             generation: AtomicU64::new(0),
             poisoned: AtomicBool::new(false),
@@ -183,6 +194,73 @@ impl Comm for CpuComm {
         self.group.wait(self.rank)
     }
 
+    fn send(&self, to: usize, data: &[f32]) -> Result<()> {
+        let size = self.group.size;
+        if to >= size {
+            return Err(self.err(&format!("send to member {to} of a group of {size}")));
+        }
+        if self.group.is_poisoned() {
+            return Err(self.err("a peer in the communication group failed"));
+        }
+        self.group
+            .mail
+            .lock()
+            .map_err(|_| self.err("lock poisoned"))?[self.rank * size + to]
+            .push_back(data.to_vec());
+        // Taking the lock orders this notify after a receiver's check-then-wait.
+        let _g = self
+            .group
+            .lock
+            .lock()
+            .map_err(|_| self.err("lock poisoned"))?;
+        self.group.cv.notify_all();
+        Ok(())
+    }
+
+    fn recv(&self, from: usize, out: &mut [f32]) -> Result<()> {
+        let size = self.group.size;
+        if from >= size {
+            return Err(self.err(&format!("receive from member {from} of a group of {size}")));
+        }
+        let take = || -> Result<Option<Vec<f32>>> {
+            Ok(self
+                .group
+                .mail
+                .lock()
+                .map_err(|_| self.err("lock poisoned"))?[from * size + self.rank]
+                .pop_front())
+        };
+        let mut g = self
+            .group
+            .lock
+            .lock()
+            .map_err(|_| self.err("lock poisoned"))?;
+        let msg = loop {
+            if let Some(m) = take()? {
+                break m;
+            }
+            if self.group.is_poisoned() {
+                return Err(self.err("a peer in the communication group failed"));
+            }
+            g = self
+                .group
+                .cv
+                .wait(g)
+                .map_err(|_| self.err("lock poisoned"))?;
+        };
+        drop(g);
+        if msg.len() != out.len() {
+            self.poison();
+            return Err(self.err(&format!(
+                "message from member {from} has {} elements, the receiver expects {}",
+                msg.len(),
+                out.len()
+            )));
+        }
+        out.copy_from_slice(&msg);
+        Ok(())
+    }
+
     fn poison(&self) {
         self.group.poisoned.store(true, Ordering::Release);
         let _g = self.group.lock.lock();
@@ -258,6 +336,52 @@ mod tests {
         }
         let _ = cache.get(&[3, 1, 2]);
         assert_eq!((cache.created, cache.reused), (1, 1));
+    }
+
+    #[test]
+    fn point_to_point_keeps_order_and_fails_cleanly() {
+        let mut cache = GroupCache::default();
+        let comms = cache.get(&[0, 1, 2]);
+        let got: Vec<Vec<f32>> = std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .iter()
+                .cloned()
+                .map(|c| {
+                    s.spawn(move || {
+                        // Everyone sends two messages to everyone else, then receives.
+                        let me = c.rank() as f32;
+                        for to in (0..3).filter(|&t| t != c.rank()) {
+                            c.send(to, &[me, to as f32]).unwrap();
+                            c.send(to, &[me + 10.0, to as f32]).unwrap();
+                        }
+                        let mut got = Vec::new();
+                        for from in (0..3).filter(|&f| f != c.rank()) {
+                            let mut buf = [0f32; 2];
+                            c.recv(from, &mut buf).unwrap();
+                            got.extend(buf);
+                            c.recv(from, &mut buf).unwrap();
+                            got.extend(buf);
+                        }
+                        got
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(got[0], vec![1.0, 0.0, 11.0, 0.0, 2.0, 0.0, 12.0, 0.0]);
+        assert_eq!(got[2], vec![0.0, 2.0, 10.0, 2.0, 1.0, 2.0, 11.0, 2.0]);
+        // A wrong length is an error; a receiver whose peer fails is released.
+        comms[0].send(1, &[1.0, 2.0, 3.0]).unwrap();
+        assert!(comms[1].recv(0, &mut [0.0; 2]).is_err());
+        let comms = cache.get(&[0, 1]);
+        let r = std::thread::scope(|s| {
+            let b = comms[1].clone();
+            let h = s.spawn(move || b.recv(0, &mut [0.0]));
+            comms[0].poison();
+            h.join().unwrap()
+        });
+        assert!(r.is_err());
+        assert!(comms[0].send(5, &[1.0]).is_err());
     }
 
     #[test]

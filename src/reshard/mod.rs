@@ -15,6 +15,7 @@
 
 pub mod assign;
 pub mod cost;
+pub mod cpu;
 pub mod kv;
 pub mod weights;
 

@@ -1,23 +1,32 @@
-//! Executes a [`KvPlan`]: per piece and layer, gather one head's slices of the source blocks into a
-//! staging buffer (the transfer), then scatter them into the destination blocks of the new pools.
+//! Executes a [`KvPlan`] as per-rank programs (`program`); the gather / scatter of one head's
+//! slices of a sequence's blocks, and the checks of pools and tables.
 
+use super::program::programs;
 use super::{KvPlan, SeqKv};
 use crate::error::{Error, Result};
 use crate::kv::{blocks_for, KvPool};
+use crate::reshard::cpu;
 
 /// What executing a KV plan did (f32 bytes).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KvStats {
     pub bytes_cross_rank: u64,
     pub bytes_in_place: u64,
-    /// Largest staging buffer (one head of one sequence in one layer, K or V).
+    /// Largest message or staging buffer (one head of one sequence: every layer, K and V).
     pub peak_staging_bytes: u64,
     pub pieces: usize,
 }
 
-/// Checks one side's pools against the plan's geometry.
-fn check_pools(plan: &KvPlan, pools: &[KvPool], tp: usize, side: &str) -> Result<()> {
-    if pools.len() != plan.old.world {
+/// Checks one side's pools against the plan's geometry: every rank's (`only` = None), or the one
+/// pool of rank `only`.
+pub(super) fn check_pools(
+    plan: &KvPlan,
+    pools: &[KvPool],
+    tp: usize,
+    side: &str,
+    only: Option<usize>,
+) -> Result<()> {
+    if only.is_none() && pools.len() != plan.old.world {
         return Err(Error::Layout(format!(
             "KV migration: {} {side} pools for world {}",
             pools.len(),
@@ -25,7 +34,8 @@ fn check_pools(plan: &KvPlan, pools: &[KvPool], tp: usize, side: &str) -> Result
         )));
     }
     let heads = plan.num_kv_heads / tp;
-    for (p, pool) in pools.iter().enumerate() {
+    for (i, pool) in pools.iter().enumerate() {
+        let p = only.unwrap_or(i);
         let per_layer = pool.num_blocks * heads * plan.block_size * plan.head_dim;
         let shaped = pool.kv_heads == heads
             && pool.head_dim == plan.head_dim
@@ -43,7 +53,7 @@ fn check_pools(plan: &KvPlan, pools: &[KvPool], tp: usize, side: &str) -> Result
     Ok(())
 }
 
-fn check_blocks(table: &[u32], pool: &KvPool, seq: usize, rank: usize) -> Result<()> {
+pub(super) fn check_blocks(table: &[u32], pool: &KvPool, seq: usize, rank: usize) -> Result<()> {
     match table.iter().find(|&&b| b as usize >= pool.num_blocks) {
         Some(b) => Err(Error::KvExhausted(format!(
             "sequence {seq}: block {b} is outside rank {rank}'s pool of {} blocks",
@@ -54,7 +64,14 @@ fn check_blocks(table: &[u32], pool: &KvPool, seq: usize, rank: usize) -> Result
 }
 
 /// Copies one head's first `len` tokens out of a layer buffer, block by block (last may be partial).
-fn gather(out: &mut Vec<f32>, buf: &[f32], pool: &KvPool, table: &[u32], head: usize, len: usize) {
+pub(super) fn gather(
+    out: &mut Vec<f32>,
+    buf: &[f32],
+    pool: &KvPool,
+    table: &[u32],
+    head: usize,
+    len: usize,
+) {
     let (bs, hd) = (pool.block_size, pool.head_dim);
     out.clear();
     for (i, &b) in table.iter().enumerate() {
@@ -65,7 +82,13 @@ fn gather(out: &mut Vec<f32>, buf: &[f32], pool: &KvPool, table: &[u32], head: u
 }
 
 /// Writes a staged head slice into a layer buffer of geometry (kv_heads, block_size, head_dim).
-fn scatter(buf: &mut [f32], geom: (usize, usize, usize), table: &[u32], head: usize, data: &[f32]) {
+pub(super) fn scatter(
+    buf: &mut [f32],
+    geom: (usize, usize, usize),
+    table: &[u32],
+    head: usize,
+    data: &[f32],
+) {
     let (heads, bs, hd) = geom;
     for (i, &b) in table.iter().enumerate() {
         let n = bs.min(data.len() / hd - i * bs);
@@ -75,10 +98,11 @@ fn scatter(buf: &mut [f32], geom: (usize, usize, usize), table: &[u32], head: us
 }
 
 /// Executes `plan`: `old` pools (index = physical rank, old layout) are read, `new` pools (new
-/// layout, kv_heads / new_tp heads) are written. Everything is validated before the first write.
+/// layout, kv_heads / new_tp heads) are written, as per-rank programs one thread per rank over a
+/// CPU group of the whole world (`reshard::cpu`). Everything is validated before the first write.
 pub fn execute(plan: &KvPlan, old: &[KvPool], new: &mut [KvPool]) -> Result<KvStats> {
-    check_pools(plan, old, plan.old.tp, "old")?;
-    check_pools(plan, new, plan.new.tp, "new")?;
+    check_pools(plan, old, plan.old.tp, "old", None)?;
+    check_pools(plan, new, plan.new.tp, "new", None)?;
     let nb = |s: &SeqKv| blocks_for(s.len, plan.block_size);
     for pc in &plan.pieces {
         let s = plan
@@ -109,35 +133,9 @@ pub fn execute(plan: &KvPlan, old: &[KvPool], new: &mut [KvPool]) -> Result<KvSt
             pc.dst_rank,
         )?;
     }
-    let mut stats = KvStats {
-        pieces: plan.pieces.len(),
-        ..Default::default()
-    };
-    let mut staging = Vec::new();
-    for pc in &plan.pieces {
-        let s = &plan.seqs[pc.seq];
-        let (src_table, dst_table) = (&s.old_table[..nb(s)], &s.new_table[..nb(s)]);
-        let src = &old[pc.src_rank];
-        let dst = &mut new[pc.dst_rank];
-        let geom = (dst.kv_heads, dst.block_size, dst.head_dim);
-        let mut moved = 0u64;
-        for l in 0..plan.num_layers {
-            for (from, to) in [(&src.k[l], &mut dst.k[l]), (&src.v[l], &mut dst.v[l])] {
-                gather(&mut staging, from, src, src_table, pc.src_head, s.len);
-                // The staging buffer is the message: between ranks on a real cluster, a local copy
-                // (still re-laid out for the new head count) when source and destination coincide.
-                scatter(to, geom, dst_table, pc.dst_head, &staging);
-                moved += staging.len() as u64 * 4;
-                stats.peak_staging_bytes = stats.peak_staging_bytes.max(staging.len() as u64 * 4);
-            }
-        }
-        if pc.cross_rank() {
-            stats.bytes_cross_rank += moved;
-        } else {
-            stats.bytes_in_place += moved;
-        }
-    }
-    Ok(stats)
+    let progs = programs(plan);
+    let comms = cpu::world_group(plan.old.world);
+    cpu::migrate_kv(plan, &progs, old, new, &comms, None)
 }
 
 #[cfg(test)]
@@ -206,7 +204,8 @@ mod tests {
             .map(|_| KvPool::new(2, 4, 4, 1, 2).unwrap())
             .collect();
         let st = execute(&p, &old, &mut new).unwrap();
-        assert_eq!(st.peak_staging_bytes, 6 * 2 * 4);
+        // One piece: 6 tokens x head_dim 2 x f32, K and V, in each of 2 layers.
+        assert_eq!(st.peak_staging_bytes, 6 * 2 * 4 * 2 * 2);
         // Head 1, position 5 (block 1 of the table, offset 1): old block 0 head 1 offset 1.
         let (o, n) = (old[1].offset(0, 1, 1), new[1].offset(1, 0, 1));
         assert_eq!(&new[1].k[1][n..n + 2], &old[1].k[1][o..o + 2]);

@@ -9,10 +9,12 @@
 //! so even data that stays on its rank is re-laid out.
 
 mod exec;
+pub mod program;
 
 use std::collections::HashSet;
 
 pub use exec::{execute, KvStats};
+pub use program::{KvProgram, KvStep};
 
 use crate::error::{Error, Result};
 use crate::kv::blocks_for;

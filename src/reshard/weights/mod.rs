@@ -8,10 +8,12 @@
 //! embedding and the untied head appear once. Norm weights are replicated and never move.
 
 mod exec;
+pub mod program;
 
 use std::ops::Range;
 
 pub use exec::{execute, ReshardStats};
+pub use program::{RoleProgram, Step, WeightProgram};
 
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
