@@ -26,7 +26,7 @@ pub mod sequence;
 pub use crate::policy::LiveSeq;
 pub use adaptive::EngineSource;
 pub use options::{kv_block_bytes, EngineOptions, DEFAULT_BLOCK_SIZE};
-pub use ranks::Backend;
+pub use ranks::{Backend, SwitchFault, SwitchPhase};
 pub use reconfigure::SwitchReport;
 pub use requests::parse_requests_jsonl;
 pub use sequence::{FinishReason, Output, Request, StepReport};
@@ -43,6 +43,7 @@ use crate::model::weights::Checkpoint;
 use crate::model::ModelDir;
 use crate::parallel::{GroupCache, Layout};
 use ranks::{CpuRanks, Ranks, StepCtx};
+
 use sequence::Sequence;
 
 /// A running generation over `world` ranks.
@@ -59,6 +60,8 @@ pub struct Engine {
     steps: usize,
     /// When set, (sequence, logits) of the latest step are kept for inspection.
     record_logits: bool,
+    /// Tests of the failure paths: the next switches fail as told.
+    fault: Option<SwitchFault>,
     recorded: Vec<(usize, Vec<f32>)>,
 }
 
@@ -124,6 +127,7 @@ impl Engine {
             steps: 0,
             record_logits: false,
             recorded: Vec::new(),
+            fault: None,
         })
     }
 
@@ -162,6 +166,12 @@ impl Engine {
     /// Bytes of weights plus KV pool held by one rank.
     pub fn rank_bytes(&self, rank: usize) -> (usize, usize) {
         self.ranks.set_ref().rank_bytes(rank)
+    }
+
+    /// Makes switches fail as `fault` says, until cleared with `None` (for tests of the
+    /// failure paths: a failed switch must leave the engine decoding with nothing lost).
+    pub fn inject_switch_fault(&mut self, fault: Option<SwitchFault>) {
+        self.fault = fault;
     }
 
     /// Keep each step's logits (see `recorded_logits`); off by default.
@@ -267,6 +277,16 @@ impl Engine {
         per_replica: &[Vec<usize>],
         upto: impl Fn(&Sequence) -> usize,
     ) -> Result<Vec<Vec<f32>>> {
+        self.forward_replicas_failing(per_replica, upto, None)
+    }
+
+    /// [`Engine::forward_replicas`] with rank `fail_rank` failing (tests of the failure paths).
+    fn forward_replicas_failing(
+        &mut self,
+        per_replica: &[Vec<usize>],
+        upto: impl Fn(&Sequence) -> usize,
+        fail_rank: Option<usize>,
+    ) -> Result<Vec<Vec<f32>>> {
         let seqs = &self.seqs;
         let inputs: Vec<Vec<SeqInput>> = per_replica
             .iter()
@@ -288,6 +308,7 @@ impl Engine {
             layout: &self.layout,
             inv_freq: &self.inv_freq,
             groups: &mut self.groups,
+            fail_rank,
         };
         self.ranks.set().forward(ctx, &inputs)
     }
@@ -338,5 +359,5 @@ fn load_cpu_ranks(
         Ok((weights, kv))
     })?;
     let (weights, pools) = loaded.into_iter().unzip();
-    Ok(CpuRanks { weights, pools })
+    Ok(CpuRanks::new(weights, pools))
 }

@@ -11,9 +11,10 @@
 
 use std::time::Instant;
 
+use super::ranks::{SwitchPhase, SwitchWork};
 use super::{kv_block_bytes, Engine};
 use crate::error::{Error, Result};
-use crate::kv::{blocks_for, BlockAllocator, KvPool};
+use crate::kv::{blocks_for, BlockAllocator};
 use crate::parallel::layout::check_tp_for_model;
 use crate::parallel::placement::balance_onto;
 use crate::parallel::shard::weight_bytes_per_rank;
@@ -84,8 +85,6 @@ impl Engine {
         placement: Option<&[usize]>,
     ) -> Result<SwitchReport> {
         let t0 = Instant::now();
-        const WHAT: &str = "live TP reconfiguration";
-        self.ranks.cpu_mut(WHAT)?;
         let (cfg, old) = (&self.cfg, self.layout.clone());
         if new_tp == old.tp {
             return Err(Error::Invalid(format!(
@@ -166,10 +165,9 @@ impl Engine {
         }
 
         // New pools: the old pool's bytes plus what the weight reshard frees (or minus what it takes).
-        let (bs, layers, hd) = (self.opts.block_size, cfg.num_layers, cfg.head_dim);
-        let kv_local = cfg.num_kv_heads / new_tp;
+        let bs = self.opts.block_size;
         let block_bytes = kv_block_bytes(cfg, new_tp, bs, ELEM as usize);
-        let budget = self.ranks.cpu_mut(WHAT)?.pools[0].bytes() as i128
+        let budget = self.ranks.set_ref().rank_bytes(0).1 as i128
             + weight_bytes_per_rank(cfg, old.tp, ELEM as usize) as i128
             - weight_bytes_per_rank(cfg, new_tp, ELEM as usize) as i128;
         let new_blocks = if budget > 0 {
@@ -190,12 +188,8 @@ impl Engine {
                 ))
             })?;
         }
-        let mut pools = (0..old.world)
-            .map(|_| KvPool::new(layers, new_blocks, bs, kv_local, hd))
-            .collect::<Result<Vec<_>>>()?;
 
-        // Migrate.
-        let tk = Instant::now();
+        // Plans and per-rank programs: pure data, before anything moves.
         let migrated: Vec<usize> = live
             .iter()
             .copied()
@@ -215,24 +209,68 @@ impl Engine {
             })
             .collect();
         let kp = kvplan::plan(cfg, &old, &new, bs, &seq_kv, ELEM)?;
-        let ks = kvplan::execute(&kp, &self.ranks.cpu_mut(WHAT)?.pools, &mut pools)?;
-        report.kv_migrate_ms = tk.elapsed().as_secs_f64() * 1e3;
-
-        // Weights, in place; an error leaves every rank's shard untouched.
-        let tw = Instant::now();
         let wp = wplan::plan(cfg, &old, &new, ELEM)?;
-        let ws = wplan::execute(&wp, cfg, &mut self.ranks.cpu_mut(WHAT)?.weights)?;
-        report.weight_reshard_ms = tw.elapsed().as_secs_f64() * 1e3;
+        let (kv_progs, w_progs) = (
+            kvplan::program::programs(&kp),
+            wplan::program::programs(&wp),
+        );
+        let work = SwitchWork {
+            cfg,
+            new: &new,
+            weights: &w_progs,
+            kv_plan: &kp,
+            kv: &kv_progs,
+            new_blocks,
+            block_size: bs,
+        };
+        let fault = |phase: SwitchPhase| self.fault.filter(|f| f.phase == phase).map(|f| f.rank);
+        let (f_begin, f_apply, f_commit) = (
+            fault(SwitchPhase::Begin),
+            fault(SwitchPhase::Apply),
+            fault(SwitchPhase::Commit),
+        );
+
+        // Begin, apply, commit on every rank; any failure before the commit's rebuild aborts
+        // and leaves the old layout decoding. Groups (the world group the programs exchange
+        // through, then the new replicas') come from the cache and are counted.
+        let (c0, r0) = (self.groups.created, self.groups.reused);
+        let ranks = self.ranks.set();
+        report.kv_alloc_ms = ranks.begin_switch(&work, f_begin)?;
+        let done = match ranks.apply_switch(&work, &mut self.groups, f_apply) {
+            Ok(d) => d,
+            Err(e) => {
+                ranks.abort_switch();
+                return Err(e.context(format!(
+                    "switch to tp {new_tp} aborted, still at tp {}",
+                    old.tp
+                )));
+            }
+        };
+        if let Err(e) = ranks.commit_switch(&work, f_commit) {
+            ranks.abort_switch();
+            return Err(e.context(format!(
+                "switch to tp {new_tp} aborted, still at tp {}",
+                old.tp
+            )));
+        }
+        report.kv_migrate_ms = done.kv_migrate_ms;
+        report.weight_reshard_ms = done.weight_ms;
+        let ks = done.kv;
+        let w_recv: u64 = w_progs.iter().map(|p| p.bytes_received).sum();
+        let w_local: u64 = w_progs.iter().map(|p| p.bytes_in_place).sum();
+        let w_peak = w_progs
+            .iter()
+            .map(|p| p.peak_extra_bytes)
+            .max()
+            .unwrap_or(0);
 
         // Swap: nothing below can fail until the recompute.
         report.kv_blocks_per_rank_before = self.opts.kv_blocks;
         report.kv_blocks_per_rank_after = new_blocks;
-        report.peak_extra_bytes =
-            pools[0].bytes() as u64 + ks.peak_staging_bytes.max(ws.peak_extra_bytes);
-        report.bytes_moved_cross_rank = ks.bytes_cross_rank + ws.bytes_cross_rank;
-        report.bytes_moved_in_place = ks.bytes_in_place + ws.bytes_in_place;
-        report.weight_bytes_cross_rank = ws.bytes_cross_rank;
-        self.ranks.cpu_mut(WHAT)?.pools = pools;
+        report.peak_extra_bytes = done.new_pool_bytes + ks.peak_staging_bytes.max(w_peak);
+        report.bytes_moved_cross_rank = ks.bytes_cross_rank + w_recv;
+        report.bytes_moved_in_place = ks.bytes_in_place + w_local;
+        report.weight_bytes_cross_rank = w_recv;
         self.allocs = allocs;
         self.layout = new;
         self.opts.tp = new_tp;
@@ -251,7 +289,6 @@ impl Engine {
         report.n_recomputed = recompute.iter().map(Vec::len).sum();
 
         let tg = Instant::now();
-        let (c0, r0) = (self.groups.created, self.groups.reused);
         for d in 0..self.layout.dp() {
             let _ = self.groups.get(self.layout.replica_ranks(d));
         }
@@ -262,7 +299,14 @@ impl Engine {
         // Recompute: prefill everything but the last sampled token under the new layout.
         let tr = Instant::now();
         if report.n_recomputed > 0 {
-            self.forward_replicas(&recompute, |s| s.tokens.len() - 1)?;
+            let fail = fault(SwitchPhase::Recompute);
+            self.forward_replicas_failing(&recompute, |s| s.tokens.len() - 1, fail)
+                .map_err(|e| {
+                    e.context(format!(
+                        "switched to tp {new_tp}, but recomputing the KV of {} sequence(s) failed; the next step prefills them again",
+                        report.n_recomputed
+                    ))
+                })?;
             for i in recompute.into_iter().flatten() {
                 self.seqs[i].cached = self.seqs[i].tokens.len() - 1;
             }

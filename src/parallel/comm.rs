@@ -13,6 +13,28 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use crate::error::{Error, Result};
 
+/// The message of the error a member gets when a peer left the group: a consequence, never the
+/// cause (see [`first_cause`]).
+pub const PEER_FAILED: &str = "a peer in the communication group failed";
+
+/// Of several ranks' results, the first error that is a cause rather than a peer's reaction to
+/// it (a rank that only saw its group poisoned), else the first error, else every value.
+pub fn first_cause<T>(results: Vec<Result<T>>) -> Result<Vec<T>> {
+    let is_echo = |e: &Error| matches!(e, Error::Rank { msg, .. } if msg == PEER_FAILED);
+    if let Some(i) = results
+        .iter()
+        .position(|r| matches!(r, Err(e) if !is_echo(e)))
+        .or_else(|| results.iter().position(Result::is_err))
+    {
+        return Err(results
+            .into_iter()
+            .nth(i)
+            .and_then(Result::err)
+            .unwrap_or_else(|| Error::Internal("lost a rank's error".into())));
+    }
+    results.into_iter().collect()
+}
+
 /// Collectives over one group of ranks.
 pub trait Comm: Send + Sync {
     /// This member's index in the group (its tp-rank).
@@ -69,7 +91,7 @@ impl Group {
     fn wait(&self, rank: usize) -> Result<()> {
         let fail = || Error::Rank {
             rank,
-            msg: "a peer in the communication group failed".into(),
+            msg: PEER_FAILED.into(),
         };
         if self.is_poisoned() {
             return Err(fail());
@@ -200,7 +222,7 @@ impl Comm for CpuComm {
             return Err(self.err(&format!("send to member {to} of a group of {size}")));
         }
         if self.group.is_poisoned() {
-            return Err(self.err("a peer in the communication group failed"));
+            return Err(self.err(PEER_FAILED));
         }
         self.group
             .mail
@@ -240,7 +262,7 @@ impl Comm for CpuComm {
                 break m;
             }
             if self.group.is_poisoned() {
-                return Err(self.err("a peer in the communication group failed"));
+                return Err(self.err(PEER_FAILED));
             }
             g = self
                 .group

@@ -5,14 +5,14 @@ pub mod layout;
 pub mod placement;
 pub mod shard;
 
-pub use comm::{Comm, CpuComm, GroupCache};
+pub use comm::{first_cause, Comm, CpuComm, GroupCache, PEER_FAILED};
 pub use layout::Layout;
 
 use crate::error::{Error, Result};
 
 /// Runs `f(rank)` for every rank in `0..world`, one scoped thread each, and returns the results
-/// in rank order: the first error, or `Error::Rank` naming a rank whose thread panicked. Every
-/// thread is joined before returning.
+/// in rank order, or the first error that caused the others (`first_cause`), or `Error::Rank`
+/// naming a rank whose thread panicked. Every thread is joined before returning.
 pub fn per_rank<T: Send>(
     world: usize,
     what: &str,
@@ -33,7 +33,7 @@ pub fn per_rank<T: Send>(
                 })
             })
             .collect();
-        results.into_iter().collect()
+        first_cause(results)
     })
 }
 

@@ -13,7 +13,7 @@ use super::weights::program::{exchange_all, rebuild_all, Staged, WeightProgram};
 use crate::error::{Error, Result};
 use crate::kv::KvPool;
 use crate::model::decoder::RankWeights;
-use crate::parallel::{per_rank, Comm, CpuComm, Layout};
+use crate::parallel::{first_cause, per_rank, Comm, CpuComm, Layout};
 
 /// An injected failure, for tests of the failure paths: this rank fails at the start of its part.
 pub type FailRank = Option<usize>;
@@ -135,8 +135,7 @@ pub fn migrate_kv(
             .collect()
     });
     let mut total = KvStats::default();
-    for r in results {
-        let st = r?;
+    for st in first_cause(results)? {
         total.bytes_cross_rank += st.bytes_cross_rank;
         total.bytes_in_place += st.bytes_in_place;
         total.pieces += st.pieces;

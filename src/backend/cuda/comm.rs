@@ -181,7 +181,7 @@ impl SameDeviceComm {
             .lock()
             .map_err(|_| self.fail("comm lock poisoned"))?;
         if s.poisoned {
-            return Err(self.fail("a peer in the communication group failed"));
+            return Err(self.fail(crate::parallel::PEER_FAILED));
         }
         Ok(s)
     }
@@ -205,7 +205,7 @@ impl SameDeviceComm {
                 .map_err(|_| self.fail("comm lock poisoned"))?;
         }
         if s.generation == gen {
-            return Err(self.fail("a peer in the communication group failed"));
+            return Err(self.fail(crate::parallel::PEER_FAILED));
         }
         Ok(())
     }

@@ -1,16 +1,45 @@
 //! Host ranks: each rank's shard and KV pool in host memory; a step runs one scoped thread per
 //! busy rank over the decoder on the CPU backend, with `CpuComm` groups from the engine's cache.
 
-use super::{RankSet, StepCtx};
+use std::time::Instant;
+
+use super::{RankSet, StepCtx, SwitchDone, SwitchWork};
 use crate::error::{Error, Result};
 use crate::kv::KvPool;
 use crate::model::decoder::{forward_cpu, RankWeights, SeqInput};
-use crate::parallel::Comm;
+use crate::parallel::{first_cause, Comm, GroupCache};
+use crate::reshard::cpu as run;
+use crate::reshard::weights::program::Staged;
 
 /// Host ranks: shards and pools in host memory.
 pub(crate) struct CpuRanks {
     pub weights: Vec<RankWeights>,
     pub pools: Vec<KvPool>,
+    /// A switch in progress: the new pools (after `begin_switch`) and each rank's staged weight
+    /// rows (after `apply_switch`).
+    pending: Option<Pending>,
+}
+
+struct Pending {
+    pools: Vec<KvPool>,
+    staged: Option<Vec<Vec<Vec<Staged>>>>,
+}
+
+impl CpuRanks {
+    pub fn new(weights: Vec<RankWeights>, pools: Vec<KvPool>) -> Self {
+        CpuRanks {
+            weights,
+            pools,
+            pending: None,
+        }
+    }
+}
+
+fn injected(rank: usize, what: &str) -> Error {
+    Error::Rank {
+        rank,
+        msg: format!("injected failure in {what}"),
+    }
 }
 
 impl RankSet for CpuRanks {
@@ -20,6 +49,7 @@ impl RankSet for CpuRanks {
             layout,
             inv_freq,
             groups,
+            fail_rank,
         } = ctx;
         let dp = layout.dp();
         let comms: Vec<_> = (0..dp)
@@ -48,7 +78,11 @@ impl RankSet for CpuRanks {
                         rank,
                         t,
                         sc.spawn(move || {
-                            let r = forward_cpu(cfg, w, kv, inv_freq, &comm, inp);
+                            let r = if fail_rank == Some(rank) {
+                                Err(injected(rank, "the step"))
+                            } else {
+                                forward_cpu(cfg, w, kv, inv_freq, &comm, inp)
+                            };
                             if r.is_err() {
                                 comm.poison();
                             }
@@ -71,8 +105,9 @@ impl RankSet for CpuRanks {
                 .collect()
         });
         let mut logits = vec![Vec::new(); dp];
-        for (rank, t, r) in results {
-            let l = r?;
+        let where_: Vec<(usize, usize)> = results.iter().map(|(rank, t, _)| (*rank, *t)).collect();
+        let values = first_cause(results.into_iter().map(|(_, _, r)| r).collect())?;
+        for ((rank, t), l) in where_.into_iter().zip(values) {
             if t == 0 {
                 logits[layout.position(rank).0] = l;
             }
@@ -94,5 +129,87 @@ impl RankSet for CpuRanks {
     }
     fn describe(&self) -> String {
         format!("{} CPU rank thread(s)", self.weights.len())
+    }
+
+    fn begin_switch(&mut self, work: &SwitchWork<'_>, fault: Option<usize>) -> Result<f64> {
+        let t = Instant::now();
+        self.pending = None;
+        let cfg = work.cfg;
+        let kv_local = cfg.num_kv_heads / work.new.tp;
+        let pools = crate::parallel::per_rank(self.weights.len(), "KV pool allocation", |p| {
+            if fault == Some(p) {
+                return Err(injected(p, "allocating the new KV pool"));
+            }
+            KvPool::new(
+                cfg.num_layers,
+                work.new_blocks,
+                work.block_size,
+                kv_local,
+                cfg.head_dim,
+            )
+        })?;
+        self.pending = Some(Pending {
+            pools,
+            staged: None,
+        });
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    }
+
+    fn apply_switch(
+        &mut self,
+        work: &SwitchWork<'_>,
+        groups: &mut GroupCache,
+        fault: Option<usize>,
+    ) -> Result<SwitchDone> {
+        let pending = self
+            .pending
+            .as_mut()
+            .ok_or_else(|| Error::Internal("apply_switch before begin_switch".into()))?;
+        let world: Vec<usize> = (0..self.weights.len()).collect();
+        let comms = groups.get(&world);
+        let t = Instant::now();
+        let kv = run::migrate_kv(
+            work.kv_plan,
+            work.kv,
+            &self.pools,
+            &mut pending.pools,
+            &comms,
+            fault,
+        )?;
+        let kv_migrate_ms = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        pending.staged = Some(run::exchange_weights(
+            work.weights,
+            &self.weights,
+            &comms,
+            fault,
+        )?);
+        Ok(SwitchDone {
+            kv,
+            kv_migrate_ms,
+            weight_ms: t.elapsed().as_secs_f64() * 1e3,
+            new_pool_bytes: pending.pools.first().map_or(0, |p| p.bytes() as u64),
+        })
+    }
+
+    fn commit_switch(&mut self, work: &SwitchWork<'_>, fault: Option<usize>) -> Result<f64> {
+        if let Some(p) = fault {
+            return Err(injected(p, "committing the switch"));
+        }
+        let Some(Pending {
+            pools,
+            staged: Some(staged),
+        }) = self.pending.take()
+        else {
+            return Err(Error::Internal("commit_switch before apply_switch".into()));
+        };
+        let t = Instant::now();
+        run::rebuild_weights(work.weights, work.new, &mut self.weights, staged);
+        self.pools = pools;
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    }
+
+    fn abort_switch(&mut self) {
+        self.pending = None;
     }
 }

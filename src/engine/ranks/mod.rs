@@ -17,10 +17,12 @@ mod gpu;
 pub(crate) use cpu::CpuRanks;
 
 use crate::backend::cuda::GpuRanks;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::config::ModelConfig;
 use crate::model::decoder::SeqInput;
 use crate::parallel::{GroupCache, Layout};
+use crate::reshard::kv::{KvPlan, KvProgram, KvStats};
+use crate::reshard::weights::WeightProgram;
 
 /// Which backend runs the ranks.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -48,6 +50,50 @@ pub(crate) struct StepCtx<'a> {
     pub layout: &'a Layout,
     pub inv_freq: &'a [f32],
     pub groups: &'a mut GroupCache,
+    /// Tests of the failure paths: this physical rank fails the step.
+    pub fail_rank: Option<usize>,
+}
+
+/// A planned switch's per-rank work (pure data, computed by the engine before anything moves).
+pub(crate) struct SwitchWork<'a> {
+    pub cfg: &'a ModelConfig,
+    pub new: &'a Layout,
+    pub weights: &'a [WeightProgram],
+    pub kv_plan: &'a KvPlan,
+    pub kv: &'a [KvProgram],
+    /// KV blocks of each rank's new pool.
+    pub new_blocks: usize,
+    pub block_size: usize,
+}
+
+/// What the switch phases did.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct SwitchDone {
+    pub kv: KvStats,
+    pub kv_migrate_ms: f64,
+    pub weight_ms: f64,
+    /// The new pools' bytes on one rank.
+    pub new_pool_bytes: u64,
+}
+
+/// Where a switch may be made to fail, for tests of the failure paths.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SwitchPhase {
+    /// Allocating the destination KV pools.
+    Begin,
+    /// Migrating KV and exchanging weight rows (nothing of the old layout is written).
+    Apply,
+    /// Before the weights are rebuilt and the pools swapped.
+    Commit,
+    /// Re-prefilling the sequences chosen for recompute, after the swap.
+    Recompute,
+}
+
+/// An injected switch failure: `rank` fails in `phase`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SwitchFault {
+    pub phase: SwitchPhase,
+    pub rank: usize,
 }
 
 /// A set of `world` ranks arranged as `layout`: runs one step and reports memory.
@@ -69,6 +115,24 @@ pub(crate) trait RankSet {
     fn memory_bandwidths(&self, threads: usize) -> Result<Vec<(usize, f64)>>;
     /// Where the ranks run, for reports, e.g. "2 ranks on NVIDIA H100 80GB HBM3 (GPU 0)".
     fn describe(&self) -> String;
+
+    /// Switch phase 1: allocates every rank's destination KV pool (and scratch). Nothing the
+    /// ranks decode with changes; on error nothing is kept.
+    fn begin_switch(&mut self, work: &SwitchWork<'_>, fault: Option<usize>) -> Result<f64>;
+    /// Switch phase 2: every rank runs its programs' fallible part (KV into the new pool, weight
+    /// rows exchanged into staging), bytes crossing ranks through `world` (a group of every rank).
+    /// The old layout is not written; on error the caller aborts.
+    fn apply_switch(
+        &mut self,
+        work: &SwitchWork<'_>,
+        groups: &mut GroupCache,
+        fault: Option<usize>,
+    ) -> Result<SwitchDone>;
+    /// Switch phase 3: every rank rebuilds its shard in place and swaps in its new pool. Fails
+    /// only before anything changes (then the caller aborts).
+    fn commit_switch(&mut self, work: &SwitchWork<'_>, fault: Option<usize>) -> Result<f64>;
+    /// Drops whatever `begin_switch` and `apply_switch` made; the old layout keeps decoding.
+    fn abort_switch(&mut self);
 }
 
 /// The ranks of an engine on one of the backends.
@@ -94,15 +158,6 @@ impl Ranks {
         match self {
             Ranks::Cpu(_) => "cpu",
             Ranks::Gpu(_) => "cuda",
-        }
-    }
-    /// The host ranks, or a clear error naming `what` for GPU ranks.
-    pub fn cpu_mut(&mut self, what: &str) -> Result<&mut CpuRanks> {
-        match self {
-            Ranks::Cpu(c) => Ok(c),
-            Ranks::Gpu(_) => Err(Error::Invalid(format!(
-                "{what} is implemented on the CPU backend only; GPU ranks cannot do it yet"
-            ))),
         }
     }
 }
