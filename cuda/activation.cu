@@ -12,7 +12,7 @@
 //   inter % V == 0 and 16-byte aligned pointers, else element by element.
 // Test: against the CPU backend's silu_and_mul on random inputs (including |g| > 20), n_rows in
 //   {1, 5, 128}, inter in {8, 1792, 1793}; tolerance abs+rel 1e-5 (f32), 1e-2 (bf16), 2e-3 (f16).
-// Bench: bytes read + written / time vs measured copy bandwidth.
+// Bench (none yet): bytes read + written / time vs measured copy bandwidth.
 #include "common.cuh"
 
 namespace {

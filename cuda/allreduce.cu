@@ -14,7 +14,7 @@
 //   V = 16 / sizeof(T); no shared memory. 16-byte vector path when n_elems % V == 0 and every
 //   pointer is 16-byte aligned, else element by element.
 // Test: against the CPU Comm's all-reduce bitwise, k in {1, 2, 3, 8, 16}, n in {1, 7, 4096, 10^6},
-//   including in-place (outputs == inputs). Bench: bytes (k reads + j writes) / time vs measured
+//   including in-place (outputs == inputs). Bench (none yet): bytes (k reads + j writes) / time vs measured
 //   copy bandwidth.
 #include "common.cuh"
 

@@ -13,7 +13,7 @@
 //   shared memory. Copies 16 bytes per thread-step when hidden*sizeof(T) is a multiple of 16 and the
 //   pointers are 16-byte aligned, else element by element.
 // Test: compared bitwise (it is a copy) against the CPU backend's embedding on random ids that fall
-//   inside, below and above the shard range. Bench: bytes written / time vs measured copy bandwidth.
+//   inside, below and above the shard range. Bench (none yet): bytes written / time vs measured copy bandwidth.
 #include "common.cuh"
 
 namespace {

@@ -14,7 +14,7 @@
 //   pointers are 16-byte aligned. Slots must be distinct among non-skipped tokens (caller's
 //   allocator guarantees it); the kernel does not check slot < num_blocks * block_size.
 // Test: against the CPU backend's kv_append on a random cache with random distinct slots and some
-//   -1 entries; compared bitwise, including untouched slots. Bench: bytes written / time.
+//   -1 entries; compared bitwise, including untouched slots. Bench (none yet): bytes written / time.
 #include "common.cuh"
 
 namespace {

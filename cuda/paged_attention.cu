@@ -37,8 +37,8 @@
 // Test: against the CPU backend's paged attention (f32 oracle) on random caches with shuffled
 //   block tables: G in {1, 4, 5, 8}, head_dim in {64, 96, 128, 256}, L in {1, 15, 16, 17, 1000,
 //   5000}, with and without split (P = 512 and P = 16); tolerance abs+rel 2e-5 (f32), 2e-2 (bf16),
-//   3e-3 (f16). Bench: KV bytes read / time vs measured copy bandwidth, at batch {1, 8, 64} and
-//   context {1K, 8K, 32K}.
+//   3e-3 (f16). Bench: `pat bench attention --num-seqs 1,16,64 --context 2048,8192` (KV bytes
+//   read / time vs the measured device copy bandwidth).
 #include "common.cuh"
 
 namespace {

@@ -29,7 +29,7 @@
 //   block tables: batches mixing q_len {1, 15, 16, 17, 100, 300} with prior context c {0, 5, 64},
 //   G in {1, 4, 8}, head_dim {64, 96, 128, 256}; tolerance abs+rel 2e-5 (f32), 2e-2 (bf16),
 //   3e-3 (f16). Also: a chunked prefill (two chunks) equals the one-shot prefill within tolerance.
-// Bench: FLOP/s (4 * q_len * visible keys * head_dim per head) against the measured matrix rate,
+// Bench (none yet): FLOP/s (4 * q_len * visible keys * head_dim per head) against the measured matrix rate,
 //   and prefill tokens/s, which feeds the migrate-vs-recompute cost model.
 #include "common.cuh"
 

@@ -33,7 +33,7 @@
 //   step, the widest that every address, size and stride allows.
 // Test: against the CPU backend's copies bitwise (random bytes, odd sizes/strides/alignment,
 //   rows = 1 and many), gather-then-scatter round trips, and the in-place compaction recipes
-//   above applied to layout A giving exactly layout B. Bench: bytes moved / time vs measured copy
+//   above applied to layout A giving exactly layout B. Bench (none yet): bytes moved / time vs measured copy
 //   bandwidth (count read + write, as the copy bandwidth does).
 #include "common.cuh"
 

@@ -22,7 +22,7 @@
 // Test: against the CPU backend's rmsnorm / fused_add_rmsnorm / qk_norm on random inputs with
 //   n_rows in {1, 7, 64}, dim in {64, 128, 4096, 4100 (scalar path)}; tolerance abs+rel 1e-5 (f32),
 //   1e-2 (bf16), 2e-3 (f16); the fused variant's residual output must match the oracle's rounded sum.
-// Bench: bytes read + written / time vs measured copy bandwidth.
+// Bench (none yet): bytes read + written / time vs measured copy bandwidth.
 #include "common.cuh"
 
 namespace {

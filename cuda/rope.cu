@@ -17,7 +17,7 @@
 //   (1 KiB static for the token's cos/sin table).
 // Test: against the CPU backend's rope on random q/k, positions in {0, 1, 17, 8191, 32767}, both
 //   default and llama3-scaled inv_freq tables; tolerance abs+rel 1e-5 (f32), 1e-2 (bf16),
-//   2e-3 (f16). Bench: bytes read + written / time (it is memory bound).
+//   2e-3 (f16). Bench (none yet): bytes read + written / time (it is memory bound).
 #include "common.cuh"
 
 namespace {

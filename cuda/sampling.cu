@@ -28,7 +28,7 @@
 // Test: argmax against the CPU oracle bitwise (ties, NaN, -inf rows, vocab not a multiple of 8,
 //   row_stride > vocab). sample: exact index match against the oracle for u in a grid away from
 //   boundaries; top_k = 1 equals argmax; top_p -> 0 equals argmax; frequencies over 10^5 draws
-//   within 4 sigma of the filtered softmax. Bench: rows/s at vocab 151936 for batch {1, 64}.
+//   within 4 sigma of the filtered softmax. Bench (none yet): rows/s at vocab 151936 for batch {1, 64}.
 #include "common.cuh"
 
 namespace {
