@@ -6,13 +6,36 @@ mod cli;
 
 use clap::Parser;
 
-fn main() -> std::process::ExitCode {
-    let args = cli::Cli::parse();
+use std::process::ExitCode;
+
+/// The exit status of a process whose reader closed the pipe (as if killed by SIGPIPE).
+const CLOSED_PIPE: u8 = 141;
+
+fn main() -> ExitCode {
+    let args = match cli::Cli::try_parse() {
+        Ok(a) => a,
+        // --help, --version and usage errors: clap's text, but a closed or full stdout is not a
+        // panic.
+        Err(e) => {
+            return match e.print() {
+                Err(io) if io.kind() == std::io::ErrorKind::BrokenPipe => {
+                    ExitCode::from(CLOSED_PIPE)
+                }
+                Err(io) => {
+                    eprintln!("error: <stdout>: {io}");
+                    ExitCode::FAILURE
+                }
+                Ok(()) => ExitCode::from(e.exit_code().clamp(0, 255) as u8),
+            };
+        }
+    };
     match cli::run(args) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(()) => ExitCode::SUCCESS,
+        // The reader of our stdout went away (`pat ... | head -1`): stop quietly.
+        Err(e) if cli::common::is_closed_pipe(&e) => ExitCode::from(CLOSED_PIPE),
         Err(e) => {
             eprintln!("error: {}", cli::flag_names(&e.to_string()));
-            std::process::ExitCode::FAILURE
+            ExitCode::FAILURE
         }
     }
 }

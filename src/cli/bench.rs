@@ -130,7 +130,7 @@ fn attention(a: AttentionArgs) -> Result<()> {
                 a.iters,
             )?;
             let frac = r.gbps * 1e9 / bw;
-            println!(
+            outln!(
                 "{}",
                 serde_json::json!({
                     "kernel": "paged_attention", "device": dev.name(), "dtype": dtype.name(),
@@ -139,7 +139,7 @@ fn attention(a: AttentionArgs) -> Result<()> {
                     "median_ms": r.median_ms, "bytes": r.bytes, "gbps": r.gbps,
                     "copy_bandwidth_gbps": bw / 1e9, "fraction_of_copy_bandwidth": frac,
                 })
-            );
+            )?;
             eprintln!(
                 "paged attention {ns:>4} seqs x {ctx:>6} ctx: {:.3} ms, {:.0} GB/s = {:.0}% of copy bandwidth (split {:?})",
                 r.median_ms,
@@ -254,13 +254,14 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
             "copy_bandwidth_gbps": min_bw / 1e9,
         });
         pb.inc(1);
-        pb.suspend(|| {
-            println!("{rec}");
+        pb.suspend(|| -> pat::Result<()> {
+            outln!("{rec}")?;
             eprintln!(
                 "batch {batch:>3} in {input_len:>5} out {output_len:>4}: prefill {:.1} ms ({:.0} tok/s), decode {:.2} ms/step = {:.1} tok/s, {:.0}% of the bandwidth roofline ({:.2} ms)",
                 prefill * 1e3, (batch * input_len) as f64 / prefill, med * 1e3, batch as f64 / med, 100.0 * roofline / med, roofline * 1e3
             );
-        });
+            Ok(())
+        })?;
     }
     pb.finish_and_clear();
     Ok(())

@@ -1,5 +1,7 @@
 //! What several commands share: opening `--model`, progress bars on stderr.
 
+use std::fmt;
+use std::io::Write;
 use std::path::Path;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -24,4 +26,18 @@ pub fn progress(total: u64, what: &str) -> ProgressBar {
     pb.set_style(style);
     pb.set_message(what.to_string());
     pb
+}
+
+/// Writes `text` to stdout. A closed stdout (`pat ... | head -1`) or a full disk is an error
+/// naming `<stdout>`, never a panic; `main` exits quietly on a closed pipe.
+pub fn stdout_write(text: fmt::Arguments<'_>) -> pat::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_fmt(text)
+        .and_then(|()| out.flush())
+        .map_err(|e| pat::Error::io("<stdout>", e))
+}
+
+/// Whether `e` is stdout's reader having gone away (the consumer of a pipe exited).
+pub fn is_closed_pipe(e: &pat::Error) -> bool {
+    matches!(e, pat::Error::Io { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe)
 }

@@ -171,13 +171,13 @@ fn run_on(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
                 "tokens_per_s": o.tokens as f64 / o.gen_s, "vs_best_static": o.gen_s / best - 1.0, "final_tp": o.final_tp,
                 "switches": o.switches.iter().map(|s| serde_json::json!({"step": s.0, "from_tp": s.1, "to_tp": s.2, "ms": s.3})).collect::<Vec<_>>()}))
             .collect();
-        println!(
+        outln!(
             "{}",
             serde_json::json!({"world": a.world, "batch": a.batch, "max_response": a.max_response, "runs": rows})
-        );
+        )?;
         return Ok(());
     }
-    println!(
+    outln!(
         "pat demo: {} requests, responses {}..{} tokens (mean {:.0}), world {} ({})",
         a.batch,
         lens.iter().min().unwrap_or(&0),
@@ -185,18 +185,21 @@ fn run_on(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
         lens.iter().sum::<usize>() as f64 / lens.len() as f64,
         a.world,
         profile.device
-    );
-    println!(
+    )?;
+    outln!(
         "{:<18} {:>9} {:>9} {:>14}  switches",
-        "policy", "time s", "tok/s", "vs best static"
-    );
+        "policy",
+        "time s",
+        "tok/s",
+        "vs best static"
+    )?;
     for (name, o) in &runs {
         let sw: Vec<String> = o
             .switches
             .iter()
             .map(|s| format!("step {}: tp{}->tp{} ({:.0} ms)", s.0, s.1, s.2, s.3))
             .collect();
-        println!(
+        outln!(
             "{:<18} {:>9.2} {:>9.1} {:>13.1}%  {}",
             name,
             o.gen_s,
@@ -207,19 +210,19 @@ fn run_on(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
             } else {
                 sw.join(", ")
             }
-        );
+        )?;
     }
     if let Some((_, ad)) = runs.last().filter(|(_, o)| o.switches.is_empty()) {
         if let Some((name, st)) = runs
             .iter()
             .find(|(n, _)| n.starts_with(&format!("static tp{} ", ad.final_tp)))
         {
-            println!(
+            outln!(
                 "adaptive made no switch: it ran the same layout as `{name}`, so the {:+.1}% between them is run-to-run noise, not a gain.",
                 100.0 * (ad.gen_s / st.gen_s - 1.0)
-            );
+            )?;
         }
     }
-    println!("static layouts keep one tp for the whole batch; adaptive starts where the profile predicts the batch finishes first and switches only when the predicted gain beats the switch cost.");
+    outln!("static layouts keep one tp for the whole batch; adaptive starts where the profile predicts the batch finishes first and switches only when the predicted gain beats the switch cost.")?;
     Ok(())
 }

@@ -193,7 +193,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     pb.finish_and_clear();
     let gen_s = t1.elapsed().as_secs_f64();
     for o in engine.outputs() {
-        println!("{}", output_json(&o, m.tok.as_ref())?);
+        outln!("{}", output_json(&o, m.tok.as_ref())?)?;
     }
     eprintln!(
         "{} requests, {produced} tokens in {gen_s:.2} s ({:.1} tok/s) on world {}, tp {} at the end; load {load_s:.2} s",

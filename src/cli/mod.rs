@@ -1,7 +1,15 @@
 //! The `pat` command line: argument definitions and dispatch.
 
+/// `println!` for the commands: returns the error (closed pipe, full disk) with `?` instead of
+/// panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::common::stdout_write(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 mod bench;
-mod common;
+pub mod common;
 mod demo;
 mod generate;
 mod profile;

@@ -121,7 +121,7 @@ pub fn run(a: ProfileArgs) -> Result<()> {
     }
     if a.validate {
         let r = validate(&profile, 0.25, a.seed)?;
-        println!("{}", serde_json::to_string(&r).unwrap_or_default());
+        outln!("{}", serde_json::to_string(&r).unwrap_or_default())?;
         eprintln!(
             "predictor: mean absolute error {:.1}% on {} held-out points ({} fitted)",
             r.overall_mape, r.n_test, r.n_train

@@ -233,6 +233,8 @@ pub fn rollout(
     let mut src = EngineSource::new(&mut engine, a.kv_transfer, cost);
     let mut produced = 0u64;
     let mut switches: Vec<serde_json::Value> = Vec::new();
+    // A write error (closed pipe, full disk) is kept and returned once the run ends.
+    let mut out_err: Option<Error> = None;
     let run = drive(&mut src, ctrl.as_ref(), |ev| {
         match ev {
         Event::Step {
@@ -244,7 +246,7 @@ pub fn rollout(
             produced += done.tokens_out as u64;
             pb.set_position(produced);
             if emit {
-                println!(
+                outln!(
                     "{}",
                     json!({
                         "step": step, "t_ms": t_ms, "tp": tp,
@@ -252,7 +254,9 @@ pub fn rollout(
                         "prefill_tokens": done.tokens_in - done.tokens_out.min(done.tokens_in),
                         "step_latency_ms": done.ms, "gen_throughput_tok_s": done.tokens_out as f64 / (done.ms / 1e3).max(1e-9),
                     })
-                );
+                )
+                .err()
+                .map(|e| out_err.get_or_insert(e));
             }
         }
         Event::Switch {
@@ -262,7 +266,9 @@ pub fn rollout(
         } => {
             let rec = json!({ "switch": record, "step": summary.step, "t_ms": summary.t_ms, "decision": decision });
             if emit {
-                pb.suspend(|| println!("{rec}"));
+                if let Err(e) = pb.suspend(|| outln!("{rec}")) {
+                    out_err.get_or_insert(e);
+                }
             }
             switches.push(rec);
         }
@@ -277,6 +283,9 @@ pub fn rollout(
     }
     })?;
     pb.finish_and_clear();
+    if let Some(e) = out_err {
+        return Err(e);
+    }
     let gen_s = run.total_ms / 1e3;
     let lens = trace.response_lens();
     let summary = json!({
@@ -288,7 +297,7 @@ pub fn rollout(
         "switches": run.switches.len(), "final_tp": run.final_tp,
     });
     if emit {
-        println!("{}", json!({ "summary": summary }));
+        outln!("{}", json!({ "summary": summary }))?;
         eprintln!(
             "{}: {} requests, {} tokens in {:.2} s = {:.1} tok/s ({:.1} per rank), {} switch(es), final tp {}",
             policy_name(a.policy), reqs.len(), run.tokens, gen_s, run.tokens as f64 / gen_s, run.tokens as f64 / gen_s / a.world as f64, run.switches.len(), run.final_tp

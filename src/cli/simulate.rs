@@ -227,7 +227,7 @@ pub fn run(a: SimulateArgs) -> Result<()> {
             .map_err(|e| Error::io(path, e))?;
     }
     if a.json {
-        println!("{}", rep.to_json());
+        outln!("{}", rep.to_json())?;
     } else {
         print!("{}", rep.table());
     }

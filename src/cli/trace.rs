@@ -107,10 +107,10 @@ pub fn run(a: TraceArgs) -> Result<()> {
         TraceCommand::Stats(s) => {
             let st = Trace::load(&s.file)?.stats(s.cap);
             if s.json {
-                println!("{}", serde_json::to_string(&st).unwrap_or_default());
+                outln!("{}", serde_json::to_string(&st).unwrap_or_default())?;
             } else {
-                println!("{}", s.file.display());
-                print!("{}", st.table());
+                outln!("{}", s.file.display())?;
+                super::common::stdout_write(format_args!("{}", st.table()))?;
             }
             Ok(())
         }
