@@ -9,11 +9,146 @@ use std::time::Instant;
 
 use crate::kv::KvPool;
 
+/// Up to this many rows of `x`, the GEMMs stream each weight row once (decode of a small live
+/// batch: the long tail); above it, `matrixmultiply`'s packed GEMM is faster on this machine
+/// (measured 2026-12-01, see benches/RESULTS.md).
+pub const STREAM_MAX_ROWS: usize = 4;
+
+/// `LANES` partial sums over `k`, then combined pairwise in a fixed order; the tail last. The
+/// order depends on nothing but `k`, so results do not depend on threads or call sites.
+const LANES: usize = 8;
+
+#[inline(always)]
+fn reduce(acc: &[f32; LANES]) -> f32 {
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
+/// Four dot products of `w` with rows `x0..x3` at once (each `w` chunk is loaded once).
+#[inline(always)]
+fn dot4(xs: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
+    let mut acc = [[0f32; LANES]; 4];
+    let k = w.len() - w.len() % LANES;
+    for c in (0..k).step_by(LANES) {
+        let wc = &w[c..c + LANES];
+        for (a, x) in acc.iter_mut().zip(&xs) {
+            let xc = &x[c..c + LANES];
+            for l in 0..LANES {
+                a[l] += xc[l] * wc[l];
+            }
+        }
+    }
+    let mut out = [0f32; 4];
+    for ((o, a), x) in out.iter_mut().zip(&acc).zip(&xs) {
+        *o = reduce(a);
+        for t in k..w.len() {
+            *o += x[t] * w[t];
+        }
+    }
+    out
+}
+
+/// `out[n, m] = x[n, k] · w[m, k]ᵀ` for few rows: each weight row is read once, from memory, and
+/// dotted with every row of `x` (which stays in cache), four rows at a time, then one by one.
+#[inline(always)]
+fn stream_nt_body(out: &mut [f32], x: &[f32], w: &[f32], n: usize, k: usize, m: usize) {
+    let row = |i: usize| &x[i * k..(i + 1) * k];
+    for (j, wr) in w[..m * k].chunks_exact(k).enumerate() {
+        let mut i = 0;
+        while i + 4 <= n {
+            let d = dot4([row(i), row(i + 1), row(i + 2), row(i + 3)], wr);
+            for (t, v) in d.iter().enumerate() {
+                out[(i + t) * m + j] = *v;
+            }
+            i += 4;
+        }
+        for i in i..n {
+            out[i * m + j] = dot(row(i), wr);
+        }
+    }
+}
+
+/// One dot product, in the same order as each of [`dot4`]'s.
+#[inline(always)]
+fn dot(x: &[f32], w: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let k = w.len() - w.len() % LANES;
+    for c in (0..k).step_by(LANES) {
+        let (xc, wc) = (&x[c..c + LANES], &w[c..c + LANES]);
+        for l in 0..LANES {
+            acc[l] += xc[l] * wc[l];
+        }
+    }
+    let mut o = reduce(&acc);
+    for t in k..w.len() {
+        o += x[t] * w[t];
+    }
+    o
+}
+
+/// `out[n, m] = x[n, k] · w[k, m]` for few rows: weight row `kk` is read once and added, scaled
+/// by `x[i, kk]`, into every output row (which stay in cache). Each output sums over `kk` in order.
+#[inline(always)]
+fn stream_nn_body(out: &mut [f32], x: &[f32], w: &[f32], n: usize, k: usize, m: usize) {
+    out[..n * m].fill(0.0);
+    for (kk, wr) in w[..k * m].chunks_exact(m).enumerate() {
+        for i in 0..n {
+            let a = x[i * k + kk];
+            for (o, b) in out[i * m..(i + 1) * m].iter_mut().zip(wr) {
+                *o += a * b;
+            }
+        }
+    }
+}
+
+/// [`stream_nt_body`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2 (checked by the caller).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn stream_nt_avx2(out: &mut [f32], x: &[f32], w: &[f32], n: usize, k: usize, m: usize) {
+    stream_nt_body(out, x, w, n, k, m)
+}
+
+/// [`stream_nn_body`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2 (checked by the caller).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn stream_nn_avx2(out: &mut [f32], x: &[f32], w: &[f32], n: usize, k: usize, m: usize) {
+    stream_nn_body(out, x, w, n, k, m)
+}
+
+fn stream_nt(out: &mut [f32], x: &[f32], w: &[f32], n: usize, k: usize, m: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present (checked just above).
+        return unsafe { stream_nt_avx2(out, x, w, n, k, m) };
+    }
+    stream_nt_body(out, x, w, n, k, m)
+}
+
+fn stream_nn(out: &mut [f32], x: &[f32], w: &[f32], n: usize, k: usize, m: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present (checked just above).
+        return unsafe { stream_nn_avx2(out, x, w, n, k, m) };
+    }
+    stream_nn_body(out, x, w, n, k, m)
+}
+
 /// out[n, m] = x[n, k] · w[m, k]ᵀ (weights stored [out, in]).
 pub fn matmul_nt(out: &mut [f32], x: &[f32], w: &[f32], n: usize, k: usize, m: usize) {
     assert!(x.len() >= n * k && w.len() >= m * k && out.len() >= n * m);
     if n == 0 || m == 0 {
         return;
+    }
+    if k == 0 {
+        return out[..n * m].fill(0.0);
+    }
+    if n <= STREAM_MAX_ROWS {
+        return stream_nt(out, x, w, n, k, m);
     }
     // SAFETY: the asserts above bound every index the strides reach: A is n×k row-major, B = wᵀ is
     // k×m read with row stride 1 and column stride k, C is n×m row-major; the slices do not alias.
@@ -42,6 +177,12 @@ pub fn matmul_nn(out: &mut [f32], x: &[f32], w: &[f32], n: usize, k: usize, m: u
     assert!(x.len() >= n * k && w.len() >= k * m && out.len() >= n * m);
     if n == 0 || m == 0 {
         return;
+    }
+    if k == 0 {
+        return out[..n * m].fill(0.0);
+    }
+    if n <= STREAM_MAX_ROWS {
+        return stream_nn(out, x, w, n, k, m);
     }
     // SAFETY: as in `matmul_nt`, with B = w read row-major (row stride m, column stride 1).
     unsafe {
@@ -225,6 +366,41 @@ mod tests {
             for j in 0..m {
                 let r: f32 = (0..k).map(|t| x[i * k + t] * w[j * k + t]).sum();
                 assert!((a[i * m + j] - r).abs() < 1e-5 && (b[i * m + j] - r).abs() < 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn streaming_and_packed_gemms_match_an_f64_reference() {
+        // Row counts on both sides of STREAM_MAX_ROWS; k and m not multiples of the 8 lanes.
+        for (n, k, m) in [
+            (1, 37, 19),
+            (7, 64, 33),
+            (32, 13, 5),
+            (33, 29, 11),
+            (48, 8, 3),
+            (2, 0, 4),
+        ] {
+            let x: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.37).sin()).collect();
+            let w: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.11).cos()).collect();
+            let wt: Vec<f32> = (0..k * m).map(|i| w[(i % m) * k + i / m]).collect();
+            let (mut a, mut b) = (vec![f32::NAN; n * m], vec![f32::NAN; n * m]);
+            matmul_nt(&mut a, &x, &w, n, k, m);
+            matmul_nn(&mut b, &x, &wt, n, k, m);
+            for i in 0..n {
+                for j in 0..m {
+                    let r: f64 = (0..k)
+                        .map(|t| x[i * k + t] as f64 * w[j * k + t] as f64)
+                        .sum();
+                    let (ea, eb) = (
+                        (a[i * m + j] as f64 - r).abs(),
+                        (b[i * m + j] as f64 - r).abs(),
+                    );
+                    assert!(
+                        ea < 1e-4 && eb < 1e-4,
+                        "{n}x{k}x{m} at ({i},{j}): {ea} {eb}"
+                    );
+                }
             }
         }
     }
