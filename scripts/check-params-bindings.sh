@@ -12,7 +12,7 @@
 #
 # Needs (installed when missing, so it runs on a fresh Debian machine; idempotent):
 #   - bindgen-cli $BINDGEN_VERSION: `bindgen` on PATH at that version, else
-#     `cargo install bindgen-cli --locked` into ${CARGO_TARGET_DIR:-target}/tools/;
+#     `cargo install bindgen-cli --locked --debug` into ${CARGO_TARGET_DIR:-target}/tools/;
 #   - libclang: `apt-get install -y libclang-dev` (as root, or with passwordless sudo);
 #   - rustfmt and python3 (for the hash).
 #
@@ -47,8 +47,9 @@ for cand in "$(command -v bindgen || true)" "$tools/bin/bindgen"; do
 done
 if [[ -z "$bindgen" ]]; then
     command -v cargo >/dev/null 2>&1 || die "cargo not found (needed to install bindgen-cli)"
-    info "installing bindgen-cli $BINDGEN_VERSION into $tools (cargo install --locked)"
-    cargo install --quiet --locked --version "=$BINDGEN_VERSION" --root "$tools" bindgen-cli \
+    # --debug: about 1 minute on 2 cores instead of 4; speed does not matter for one small header.
+    info "installing bindgen-cli $BINDGEN_VERSION into $tools (cargo install --locked --debug)"
+    cargo install --quiet --locked --debug --version "=$BINDGEN_VERSION" --root "$tools" bindgen-cli \
         || die "cargo install bindgen-cli failed (network? see messages above)"
     bindgen="$tools/bin/bindgen"
     bindgen_ok "$bindgen" || die "$bindgen does not report version $BINDGEN_VERSION"

@@ -4,7 +4,7 @@
 # The GPU machines have a driver, Python's NVIDIA pip packages (cuBLAS, NCCL) and no Rust, so the
 # test binaries are built here and carried over. Two steps:
 #
-#   1. On the build machine (nvcc + libclang, no GPU needed), from the repo root:
+#   1. On the build machine (nvcc, no GPU needed), from the repo root:
 #        scripts/gpu-check.sh build [gpu-bin]
 #      which runs `cargo test --features cuda --no-run --message-format=json`, picks the
 #      cuda_kernels / cuda_model test executables from cargo's JSON (the "executable" field of
