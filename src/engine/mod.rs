@@ -22,10 +22,11 @@ pub mod requests;
 mod scheduler;
 pub mod sequence;
 
+pub use crate::kv::kv_block_bytes;
 /// A live sequence as the policy sees it (one type for the engine and the simulator).
 pub use crate::policy::LiveSeq;
 pub use adaptive::EngineSource;
-pub use options::{kv_block_bytes, EngineOptions, DEFAULT_BLOCK_SIZE};
+pub use options::{EngineOptions, DEFAULT_BLOCK_SIZE};
 pub use ranks::{Backend, SwitchFault, SwitchPhase};
 pub use reconfigure::SwitchReport;
 pub use requests::parse_requests_jsonl;

@@ -7,6 +7,7 @@ use crate::model::config::ModelConfig;
 use crate::model::sampling::SamplingParams;
 
 use super::ranks::Backend;
+use crate::kv::kv_block_bytes;
 
 /// Tokens per KV block unless told otherwise.
 pub const DEFAULT_BLOCK_SIZE: usize = 16;
@@ -21,12 +22,6 @@ pub struct EngineOptions {
     pub kv_blocks: usize,
     pub dtype: Dtype,
     pub sampling: SamplingParams,
-}
-
-/// Bytes one KV block takes on one rank at degree `tp`: K and V for every layer and the rank's
-/// `num_kv_heads / tp` heads, `block_size` tokens of `elem_bytes` per element.
-pub fn kv_block_bytes(cfg: &ModelConfig, tp: usize, block_size: usize, elem_bytes: usize) -> u64 {
-    (cfg.kv_bytes_per_token(elem_bytes) / tp.max(1)) as u64 * block_size as u64
 }
 
 impl Backend {

@@ -4,6 +4,7 @@
 //! block is contiguous. A replica's ranks share one block table per sequence.
 
 use crate::error::{Error, Result};
+use crate::model::config::ModelConfig;
 
 /// Free-list allocator of block ids, shared by the ranks of one replica.
 #[derive(Clone, Debug)]
@@ -64,6 +65,12 @@ impl BlockAllocator {
 /// Blocks needed to hold `tokens` tokens.
 pub fn blocks_for(tokens: usize, block_size: usize) -> usize {
     tokens.div_ceil(block_size)
+}
+
+/// The one bytes-per-block formula: bytes one KV block takes on one rank at degree `tp`: K and V for every layer and the rank's
+/// `num_kv_heads / tp` heads, `block_size` tokens of `elem_bytes` per element.
+pub fn kv_block_bytes(cfg: &ModelConfig, tp: usize, block_size: usize, elem_bytes: usize) -> u64 {
+    (cfg.kv_bytes_per_token(elem_bytes) / tp.max(1)) as u64 * block_size as u64
 }
 
 /// A sequence's block table: position p lives in block `table[p / bs]` at offset `p % bs`.

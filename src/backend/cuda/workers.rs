@@ -513,14 +513,8 @@ impl WorkerCtx {
     fn check_fits(&self, dev: &CudaDev, w: &RankWeights) -> Result<()> {
         let elem = self.dtype.size();
         let weights = w.bytes() / 4 * elem;
-        let kv_heads = self.cfg.num_kv_heads / w.tp.max(1);
-        let kv = 2
-            * self.cfg.num_layers
-            * self.kv_blocks
-            * self.block_size
-            * kv_heads
-            * self.cfg.head_dim
-            * elem;
+        let kv = crate::kv::kv_block_bytes(&self.cfg, w.tp, self.block_size, elem) as usize
+            * self.kv_blocks;
         let (free, total) = dev.mem_info()?;
         let margin = 512 << 20;
         if weights + kv + margin > free {
