@@ -161,6 +161,10 @@ impl Engine {
     pub fn layout(&self) -> &Layout {
         &self.layout
     }
+    /// The settings in force (`tp` and `kv_blocks` change at every switch).
+    pub fn options(&self) -> &EngineOptions {
+        &self.opts
+    }
     pub fn groups(&self) -> &GroupCache {
         &self.groups
     }
