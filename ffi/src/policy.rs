@@ -1,0 +1,226 @@
+//! The switch policy as one pure call (`pat::policy::{Profile, Predictor, SwitchCost, decide}`):
+//! a profile and the live batch in, stay or (target tp, predicted gain, predicted cost) out. The
+//! caller decides whether and when to act on it.
+
+use std::ffi::c_char;
+use std::path::Path;
+
+use pat::policy::remaining::SeqView;
+use pat::policy::{
+    decide, DecideInput, EstimatedSeq, LengthDist, Predictor, Profile, Remaining, SwitchCost,
+};
+
+use crate::engine::pat_live_seq;
+use crate::status::{guard, pat_status, Fail, FfiResult};
+use crate::util::{read_params, slice, u32_of, Out, Params};
+
+/// Settings of `pat_policy_decide` (`pat::policy::DecideInput` and the remaining-length
+/// estimate).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct pat_policy_params {
+    /// sizeof(pat_policy_params), set by `pat_policy_default_params`.
+    pub struct_size: u32,
+    /// Ranks; 0 (the default): the profile's `world`.
+    pub world: u32,
+    /// The tp the live batch runs at now (required: the default 0 is refused).
+    pub current_tp: u32,
+    /// Also forecast "switch this many steps later" and switch now only if now is no worse
+    /// (use the re-check interval); 0 (the default) = off.
+    pub lookahead_steps: u32,
+    /// Relative predicted gain over staying a switch must bring, in [0, 1) (default 0.1).
+    pub margin: f64,
+    /// Absolute predicted gain a switch must bring, ms (default 0).
+    pub min_gain_ms: f64,
+    /// Tp degrees that may be chosen, `n_candidates` entries; NULL (the default): every tp the
+    /// profile has step times for that divides world and the model's heads and intermediate
+    /// size. Borrowed for the call.
+    pub candidates: *const u32,
+    pub n_candidates: usize,
+    /// Observed response lengths (earlier rollouts, a trace), `n_length_samples` entries: they
+    /// estimate the remaining length of live sequences whose `est_remaining` is NaN (the
+    /// empirical mean residual life, `pat::policy::remaining`). Borrowed for the call.
+    pub length_samples: *const u64,
+    pub n_length_samples: usize,
+    /// The generation cap, if known (bounds the estimate); 0 (the default) = none.
+    pub length_cap: u64,
+}
+
+impl Params for pat_policy_params {
+    const MIN_SIZE: usize = size_of::<pat_policy_params>();
+    fn defaults() -> Self {
+        pat_policy_params {
+            struct_size: size_of::<Self>() as u32,
+            world: 0,
+            current_tp: 0,
+            lookahead_steps: 0,
+            margin: 0.1,
+            min_gain_ms: 0.0,
+            candidates: std::ptr::null(),
+            n_candidates: 0,
+            length_samples: std::ptr::null(),
+            n_length_samples: 0,
+            length_cap: 0,
+        }
+    }
+}
+
+/// The defaults of `pat_policy_params` (`current_tp` still to set). Thread-safe.
+#[unsafe(no_mangle)]
+pub extern "C" fn pat_policy_default_params() -> pat_policy_params {
+    pat_policy_params::defaults()
+}
+
+/// The rule's answer (`pat::policy::Decision`). Times are predicted ms to drain the live batch.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct pat_decision {
+    /// The tp to switch to; the current tp when staying.
+    pub to_tp: u32,
+    /// Candidates forecast (the current tp excluded).
+    pub n_candidates: u32,
+    /// Staying at the current tp.
+    pub predicted_stay_ms: f64,
+    /// Switching to `to_tp`, switch cost included (= `predicted_stay_ms` when staying).
+    pub predicted_best_ms: f64,
+    /// `predicted_stay_ms - predicted_best_ms` (0 when staying).
+    pub predicted_gain_ms: f64,
+    /// The switch's predicted cost: fixed + weights + KV (0 when staying).
+    pub switch_cost_ms: f64,
+    /// True: stay at the current tp.
+    pub stay: bool,
+}
+
+fn estimates(p: &pat_policy_params, live: &[pat_live_seq]) -> FfiResult<Vec<f64>> {
+    // NaN asks for an estimate; anything else must be finite and >= 0.
+    let bad = |x: f64| x < 0.0 || x.is_infinite();
+    if let Some((i, s)) = live.iter().enumerate().find(|(_, s)| bad(s.est_remaining)) {
+        return Err(Fail::Invalid(format!(
+            "live[{i}].est_remaining is {}: give a finite estimate >= 0, or NaN to estimate it",
+            s.est_remaining
+        )));
+    }
+    let mut est: Vec<f64> = live.iter().map(|s| s.est_remaining).collect();
+    if est.iter().any(|e| e.is_nan()) {
+        // SAFETY: the params' array holds `n_length_samples` entries (pat_policy_decide's contract).
+        let samples = unsafe { slice(p.length_samples, p.n_length_samples, "length_samples") }?;
+        if samples.is_empty() {
+            return Err(Fail::Invalid(
+                "a live sequence's est_remaining is NaN and no length_samples were given to estimate it".into(),
+            ));
+        }
+        let lengths: Vec<usize> = samples.iter().map(|&x| x as usize).collect();
+        let cap = (p.length_cap > 0).then_some(p.length_cap as usize);
+        let remaining = Remaining::Empirical(LengthDist::new(&lengths, cap)?);
+        let views: Vec<SeqView> = live
+            .iter()
+            .map(|s| SeqView {
+                generated: s.generated as usize,
+                replica: s.replica as usize,
+                true_len: None,
+            })
+            .collect();
+        for (e, x) in est.iter_mut().zip(remaining.estimate_set(&views)?) {
+            if e.is_nan() {
+                *e = x;
+            }
+        }
+    }
+    Ok(est)
+}
+
+/// Whether the live batch should switch tp now, and to what: the profile's step-time predictor
+/// forecasts draining the live sequences at the current tp and at each candidate (re-placed over
+/// the candidate's replicas), each candidate paying its switch cost (fixed, weights, KV); the
+/// best one is taken when it beats staying by `margin` and `min_gain_ms` (`pat::policy::decide`).
+/// Pure: nothing is kept between calls. `profile_json` is `len` bytes of profile JSON (what
+/// `pat profile` writes; UTF-8, no NUL needed); `live` holds `n_live` sequences (only `replica`,
+/// `context`, `generated` and `est_remaining` are read: `pat_engine_live` fills them). `params`
+/// is required (`current_tp`). Errors: `PAT_ERR_BAD_FILE` (malformed profile),
+/// `PAT_ERR_INVALID_ARGUMENT` (a bad tp, margin, replica, estimate, or a candidate without step
+/// times in the profile). Thread-safe.
+///
+/// # Safety
+/// `profile_json` holds `len` bytes; `params` is a readable `pat_policy_params` whose arrays hold
+/// their counts; `live` holds `n_live` entries; `out` is a writable `pat_decision`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pat_policy_decide(
+    profile_json: *const c_char,
+    len: usize,
+    params: *const pat_policy_params,
+    live: *const pat_live_seq,
+    n_live: usize,
+    out: *mut pat_decision,
+) -> pat_status {
+    guard(|| {
+        // SAFETY: forwarded contract (`out` is writable).
+        let out = unsafe { Out::new(out, "out") }?;
+        if params.is_null() {
+            return Err(Fail::Null("params"));
+        }
+        // SAFETY: forwarded contract.
+        let (p, bytes, live) = unsafe {
+            (
+                read_params(params, "params")?,
+                slice(profile_json.cast::<u8>(), len, "profile_json")?,
+                slice(live, n_live, "live")?,
+            )
+        };
+        let text = std::str::from_utf8(bytes)
+            .map_err(|_| Fail::Invalid("`profile_json` is not UTF-8".into()))?;
+        let profile = Profile::from_json(text, Path::new("<profile json>"))?;
+        let predictor = Predictor::from_profile(&profile)?;
+        let switch = SwitchCost::from_profile(&profile);
+        let world = if p.world == 0 {
+            profile.world
+        } else {
+            p.world as usize
+        };
+        let candidates: Vec<usize> = if p.candidates.is_null() {
+            profile
+                .model
+                .candidate_tps(world)
+                .into_iter()
+                .filter(|&t| predictor.fit(t).is_ok())
+                .collect()
+        } else {
+            // SAFETY: forwarded contract.
+            unsafe { slice(p.candidates, p.n_candidates, "candidates") }?
+                .iter()
+                .map(|&t| t as usize)
+                .collect()
+        };
+        let est = estimates(&p, live)?;
+        let seqs: Vec<EstimatedSeq> = live
+            .iter()
+            .zip(est)
+            .map(|(s, est_remaining)| EstimatedSeq {
+                replica: s.replica as usize,
+                context: s.context as usize,
+                generated: s.generated as usize,
+                est_remaining,
+            })
+            .collect();
+        let d = decide(&DecideInput {
+            world,
+            current_tp: p.current_tp as usize,
+            candidates: &candidates,
+            live: &seqs,
+            predictor: &predictor,
+            switch: &switch,
+            margin: p.margin,
+            min_gain_ms: p.min_gain_ms,
+            lookahead_steps: p.lookahead_steps as usize,
+        })?;
+        out.put(pat_decision {
+            to_tp: u32_of(d.to_tp),
+            n_candidates: u32_of(d.candidates.len()),
+            predicted_stay_ms: d.predicted_stay_ms,
+            predicted_best_ms: d.predicted_best_ms,
+            predicted_gain_ms: d.predicted_stay_ms - d.predicted_best_ms,
+            switch_cost_ms: d.switch_cost_ms,
+            stay: d.stay,
+        });
+        Ok(())
+    })
+}

@@ -1,0 +1,170 @@
+//! `pat_policy_decide`: the library's decision rule as one pure call on profile JSON.
+
+use std::ptr::null;
+
+use pat::policy::{
+    decide, modeled_profile, DecideInput, EstimatedSeq, Hardware, Link, ModelShape, Predictor,
+    SwitchCost,
+};
+use pat_ffi::engine::pat_live_seq;
+use pat_ffi::policy::*;
+use pat_ffi::*;
+
+use super::expect;
+
+fn seq(replica: u32, context: u64, generated: u64, est: f64) -> pat_live_seq {
+    pat_live_seq {
+        replica,
+        context,
+        generated,
+        est_remaining: est,
+        ..Default::default()
+    }
+}
+
+fn call(json: &str, p: &pat_policy_params, live: &[pat_live_seq]) -> (pat_status, pat_decision) {
+    let mut d = pat_decision::default();
+    // SAFETY: every pointer is a local that outlives the call.
+    let st = unsafe {
+        pat_policy_decide(
+            json.as_ptr().cast(),
+            json.len(),
+            p,
+            live.as_ptr(),
+            live.len(),
+            &mut d,
+        )
+    };
+    (st, d)
+}
+
+#[test]
+fn stragglers_switch_up_and_a_full_batch_stays() {
+    let profile = modeled_profile(ModelShape::Llama3_8b, Hardware::h100(Link::NvLink), 8).unwrap();
+    let json = profile.to_json();
+    let mut p = pat_policy_default_params();
+    p.current_tp = 1;
+    // Two stragglers on an 8-rank node at tp 1: a higher tp drains them much faster.
+    let tail = [seq(0, 9000, 8000, 8000.0), seq(3, 8500, 8000, 6000.0)];
+    let (st, d) = call(&json, &p, &tail);
+    expect(st, PAT_OK, "");
+    assert!(!d.stay && d.to_tp > 1, "{d:?}");
+    assert!(d.switch_cost_ms > 0.0 && d.predicted_gain_ms > 0.0, "{d:?}");
+    assert_eq!(
+        d.predicted_gain_ms,
+        d.predicted_stay_ms - d.predicted_best_ms
+    );
+
+    // The same answer as the library's rule.
+    let predictor = Predictor::from_profile(&profile).unwrap();
+    let switch = SwitchCost::from_profile(&profile);
+    let est: Vec<EstimatedSeq> = tail
+        .iter()
+        .map(|s| EstimatedSeq {
+            replica: s.replica as usize,
+            context: s.context as usize,
+            generated: s.generated as usize,
+            est_remaining: s.est_remaining,
+        })
+        .collect();
+    let cands = profile.model.candidate_tps(8);
+    let want = decide(&DecideInput {
+        world: 8,
+        current_tp: 1,
+        candidates: &cands,
+        live: &est,
+        predictor: &predictor,
+        switch: &switch,
+        margin: 0.1,
+        min_gain_ms: 0.0,
+        lookahead_steps: 0,
+    })
+    .unwrap();
+    assert_eq!(
+        (d.to_tp as usize, d.predicted_best_ms, d.switch_cost_ms),
+        (want.to_tp, want.predicted_best_ms, want.switch_cost_ms)
+    );
+
+    // A full batch about to finish stays: the switch would cost more than it saves.
+    let full: Vec<pat_live_seq> = (0..256).map(|i| seq(i % 8, 600, 100, 5.0)).collect();
+    let (st, d) = call(&json, &p, &full);
+    expect(st, PAT_OK, "");
+    assert!(
+        d.stay && d.to_tp == 1 && d.predicted_gain_ms == 0.0 && d.switch_cost_ms == 0.0,
+        "{d:?}"
+    );
+
+    // Candidates limit the choice.
+    let only2 = [2u32];
+    p.candidates = only2.as_ptr();
+    p.n_candidates = 1;
+    let (st, d) = call(&json, &p, &tail);
+    expect(st, PAT_OK, "");
+    assert_eq!((d.to_tp, d.n_candidates), (2, 1));
+}
+
+#[test]
+fn remaining_lengths_are_estimated_from_samples_when_not_given() {
+    let json = modeled_profile(ModelShape::Llama3_8b, Hardware::h100(Link::NvLink), 8)
+        .unwrap()
+        .to_json();
+    let mut p = pat_policy_default_params();
+    p.current_tp = 2;
+    let live = [seq(0, 3000, 2500, f64::NAN), seq(1, 3100, 2500, f64::NAN)];
+    let (st, _) = call(&json, &p, &live);
+    expect(st, PAT_ERR_INVALID_ARGUMENT, "length_samples");
+    let samples: Vec<u64> = (1..=100).map(|i| i * 100).collect();
+    p.length_samples = samples.as_ptr();
+    p.n_length_samples = samples.len();
+    p.length_cap = 10_000;
+    let (st, d) = call(&json, &p, &live);
+    expect(st, PAT_OK, "");
+    assert!(d.predicted_stay_ms > 0.0, "{d:?}");
+    let (st, _) = call(&json, &p, &[seq(0, 10, 5, -3.0)]);
+    expect(st, PAT_ERR_INVALID_ARGUMENT, "est_remaining");
+}
+
+#[test]
+fn bad_profiles_and_params_are_errors() {
+    let json = modeled_profile(ModelShape::Llama3_8b, Hardware::h100(Link::NvLink), 8)
+        .unwrap()
+        .to_json();
+    let p = pat_policy_default_params();
+    let live = [seq(0, 100, 10, 50.0)];
+    let (st, _) = call(&json, &p, &live);
+    expect(st, PAT_ERR_INVALID_ARGUMENT, "current tp 0");
+    let mut p1 = p;
+    p1.current_tp = 1;
+    let (st, _) = call("{\"version\": 1}", &p1, &live);
+    expect(st, PAT_ERR_BAD_FILE, "bad profile");
+    let (st, _) = call(&json, &pat_policy_params { margin: 1.5, ..p1 }, &live);
+    expect(st, PAT_ERR_INVALID_ARGUMENT, "margin");
+    let (st, _) = call(&json, &p1, &[seq(9, 100, 10, 50.0)]);
+    expect(st, PAT_ERR_INVALID_ARGUMENT, "replica 9");
+    let mut d = pat_decision::default();
+    // SAFETY: NULL params and NULL profile are what is tested; the rest are locals.
+    unsafe {
+        expect(
+            pat_policy_decide(
+                json.as_ptr().cast(),
+                json.len(),
+                null(),
+                live.as_ptr(),
+                1,
+                &mut d,
+            ),
+            PAT_ERR_NULL,
+            "params",
+        );
+        expect(
+            pat_policy_decide(null(), 5, &p1, live.as_ptr(), 1, &mut d),
+            PAT_ERR_NULL,
+            "profile_json",
+        );
+        expect(
+            pat_policy_decide(json.as_ptr().cast(), json.len(), &p1, null(), 1, &mut d),
+            PAT_ERR_NULL,
+            "live",
+        );
+    }
+}
