@@ -630,7 +630,7 @@ void pat_engine_free(struct pat_engine *engine);
 // requests are numbered 0, 1, ... in the order they were added. Errors:
 // `PAT_ERR_INVALID_ARGUMENT` (empty prompt, `max_new_tokens` 0, a token outside the vocabulary,
 // a request longer than the model's context), `PAT_RESOURCE_EXHAUSTED` (longer than a rank's
-// whole KV pool); nothing is added then.
+// whole KV pool); nothing is added then. Thread-safe (calls on one engine run one at a time).
 //
 // # Safety
 // `ids` holds `n_ids` token ids; `index` is NULL or a writable `uint64_t`.
@@ -645,6 +645,7 @@ pat_status pat_engine_add_request(struct pat_engine *engine,
 // token for the others, in one pass. `out` may be NULL. `PAT_RESOURCE_EXHAUSTED`: the KV pool
 // cannot hold this step's tokens; as on every error, no token was sampled and no request
 // advanced (finish or free requests, or retry after a switch to a layout with more KV).
+// Thread-safe (calls on one engine run one at a time).
 //
 // # Safety
 // `out` is NULL or a writable `pat_step_report`.
@@ -658,6 +659,7 @@ pat_status pat_engine_step(struct pat_engine *engine,
 // model or world, no live request; `PAT_RESOURCE_EXHAUSTED`: the new pools cannot hold the live
 // requests) leave the engine decoding at its old tp with nothing lost. If recomputing the KV
 // fails after the swap, the new tp is live and the next step prefills those requests again.
+// Thread-safe (calls on one engine run one at a time).
 //
 // # Safety
 // `params` is a readable `pat_switch_params` whose prefill arrays hold `n_prefill` entries;
@@ -669,7 +671,8 @@ pat_status pat_engine_reconfigure(struct pat_engine *engine,
 // Takes the finished request with the lowest index not taken yet: writes its record to `out`,
 // its generated ids to `ids` and their count to `*n_ids`. Each output is taken once.
 // `PAT_NO_OUTPUT`: none is waiting (step more). `PAT_BUFFER_TOO_SMALL`: `cap` is below the
-// count; only `*n_ids` is written and the output stays to be taken.
+// count; only `*n_ids` is written and the output stays to be taken. Thread-safe (calls on one
+// engine run one at a time).
 //
 // # Safety
 // `out` is a writable `pat_output`; `ids` is NULL or holds `cap` writable ids; `n_ids` is a
@@ -680,7 +683,7 @@ pat_status pat_engine_take_output(struct pat_engine *engine,
                                   size_t cap,
                                   size_t *n_ids);
 
-// What the engine runs now.
+// What the engine runs now. Thread-safe.
 //
 // # Safety
 // `out` is a writable `pat_engine_info`.
@@ -688,7 +691,7 @@ pat_status pat_engine_get_info(const struct pat_engine *engine,
                                struct pat_engine_info *out);
 
 // The live (unfinished) requests in index order (buffer negotiation as
-// `pat_model_load_shard`), `est_remaining` NaN: ready for `pat_policy_decide`.
+// `pat_model_load_shard`), `est_remaining` NaN: ready for `pat_policy_decide`. Thread-safe.
 //
 // # Safety
 // `buf` is NULL or holds `cap` writable entries; `n` is a writable `size_t`.

@@ -90,8 +90,3 @@ pub fn release<T: Send + 'static, P>(p: *mut P) {
     drop(map);
     drop(removed);
 }
-
-/// Live handles of every type (for leak checks in tests).
-pub fn live_count() -> usize {
-    live().len()
-}

@@ -399,3 +399,38 @@ fn a_panic_becomes_a_status_and_poisons_the_handle() {
     expect(unsafe { pat_model_get_dims(m, &mut dims) }, PAT_OK, "");
     pat_model_free(m);
 }
+
+#[test]
+fn dims_from_config_text_equal_the_opened_model() {
+    let m = open_llama();
+    let text = std::fs::read_to_string(format!("{}/config.json", super::LLAMA)).unwrap();
+    let (mut a, mut b) = (pat_model_dims::default(), pat_model_dims::default());
+    // SAFETY: a live model; the text's pointer and length; locals.
+    unsafe {
+        expect(pat_model_get_dims(m, &mut a), PAT_OK, "");
+        expect(
+            pat_model_dims_from_config_json(text.as_ptr().cast(), text.len(), &mut b),
+            PAT_OK,
+            "",
+        );
+        assert_eq!(a, b);
+        assert_eq!(
+            (
+                a.num_layers,
+                a.num_kv_heads,
+                a.vocab_size,
+                a.tie_word_embeddings
+            ),
+            (2, 4, 301, 0)
+        );
+        let bad = "{\"hidden_size\": 64}";
+        let mut c = pat_model_dims::default();
+        expect(
+            pat_model_dims_from_config_json(bad.as_ptr().cast(), bad.len(), &mut c),
+            PAT_ERR_BAD_FILE,
+            "config.json text",
+        );
+        assert_eq!(c, pat_model_dims::default());
+    }
+    pat_model_free(m);
+}
