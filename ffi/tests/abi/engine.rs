@@ -140,3 +140,55 @@ fn exhausted_kv_is_a_retry_code_and_loses_nothing() {
     pat_engine_free(e);
     pat_ffi::model::pat_model_free(m);
 }
+
+#[test]
+fn shrinking_with_recompute_keeps_the_golden_tokens() {
+    let (prompts, max_new) = golden();
+    let (m, e) = engine(2, 2, 0);
+    pat_ffi::model::pat_model_free(m);
+    // SAFETY: a live engine; every buffer is a local of the stated size.
+    unsafe {
+        for (ids, _) in &prompts {
+            let st = pat_engine_add_request(e, ids.as_ptr(), ids.len(), max_new, 1, null_mut());
+            expect(st, PAT_OK, "");
+        }
+        for _ in 0..5 {
+            expect(pat_engine_step(e, null_mut()), PAT_OK, "");
+        }
+        let (tps, rates) = ([1u32, 2], [1e4f64, 2e4]);
+        let mut sp = pat_switch_default_params();
+        (sp.new_tp, sp.kv_policy) = (1, PAT_KV_RECOMPUTE);
+        (sp.prefill_tp, sp.prefill_tokens_per_s, sp.n_prefill) = (tps.as_ptr(), rates.as_ptr(), 2);
+        let mut rep = pat_switch_report::default();
+        expect(pat_engine_reconfigure(e, &sp, &mut rep), PAT_OK, "");
+        assert_eq!((rep.from_tp, rep.to_tp), (2, 1));
+        assert_eq!(
+            (rep.n_recomputed, rep.n_migrated),
+            (prompts.len() as u64, 0)
+        );
+        assert!(rep.predicted_recompute_ms.is_finite() && rep.weight_bytes_cross_rank > 0);
+        sp.prefill_tokens_per_s = std::ptr::null();
+        expect(
+            pat_engine_reconfigure(e, &sp, &mut rep),
+            PAT_ERR_NULL,
+            "prefill_tokens_per_s",
+        );
+        let mut info = pat_engine_info::default();
+        expect(pat_engine_get_info(e, &mut info), PAT_OK, "");
+        while info.n_live > 0 {
+            expect(pat_engine_step(e, null_mut()), PAT_OK, "");
+            expect(pat_engine_get_info(e, &mut info), PAT_OK, "");
+        }
+        for (_, want) in &prompts {
+            let (mut out, mut n) = (pat_output::default(), 0usize);
+            let mut ids = vec![0u32; want.len()];
+            expect(
+                pat_engine_take_output(e, &mut out, ids.as_mut_ptr(), ids.len(), &mut n),
+                PAT_OK,
+                "",
+            );
+            assert_eq!(&ids, want, "request {}", out.index);
+        }
+    }
+    pat_engine_free(e);
+}
