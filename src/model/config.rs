@@ -122,11 +122,18 @@ fn parse_rope_scaling(
     key: &str,
     obj: &Map<String, Value>,
 ) -> Result<Option<Llama3Scaling>> {
-    let kind = obj
-        .get("rope_type")
-        .or_else(|| obj.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
+    // `type` is the legacy spelling of `rope_type`. transformers cannot build a model from a
+    // `rope_scaling` without either, so neither does pat (no silent fallback to default RoPE).
+    let kind = match obj.get("rope_type").or_else(|| obj.get("type")) {
+        Some(Value::String(k)) => k.as_str(),
+        Some(v) => return Err(f.err(format!("`{key}.rope_type` must be a string, got {v}"))),
+        None if key == "rope_parameters" => "default",
+        None => {
+            return Err(f.err(format!(
+                "`{key}` has neither `rope_type` nor `type` (transformers refuses it too)"
+            )))
+        }
+    };
     match kind {
         "default" => Ok(None),
         "llama3" => {
@@ -429,6 +436,21 @@ mod tests {
                 "rope_scaling",
                 serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
                 "rope_type",
+            ),
+            (
+                "rope_scaling",
+                serde_json::json!({"factor": 8.0, "low_freq_factor": 1.0}),
+                "neither `rope_type` nor `type`",
+            ),
+            (
+                "rope_scaling",
+                serde_json::json!({"rope_type": 3, "factor": 8.0}),
+                "must be a string",
+            ),
+            (
+                "rope_scaling",
+                serde_json::json!({"type": "yarn", "factor": 4.0}),
+                "yarn",
             ),
             ("hidden_size", serde_json::json!(-3), "hidden_size"),
             (

@@ -83,6 +83,10 @@ impl Tokenizer {
         let path = dir.join("tokenizer.json");
         if path.is_file() {
             Self::load(&path).map(Some)
+        } else if path.exists() {
+            // A directory (or anything but a file) where the tokenizer belongs: say so rather
+            // than run without it.
+            Err(Error::Tokenizer(format!("{}: not a file", path.display())))
         } else {
             Ok(None)
         }
@@ -282,5 +286,8 @@ mod tests {
         let e = Tokenizer::load(&bad).expect_err("bad");
         assert!(e.to_string().contains("bad.json"));
         assert!(Tokenizer::load_dir(dir.path()).expect("load_dir").is_none());
+        std::fs::create_dir(dir.path().join("tokenizer.json")).expect("mkdir");
+        let e = Tokenizer::load_dir(dir.path()).expect_err("a directory");
+        assert!(e.to_string().contains("tokenizer.json: not a file"), "{e}");
     }
 }
