@@ -27,6 +27,7 @@ pub mod comm;
 pub mod device;
 pub mod nccl;
 pub mod ops;
+pub mod placement;
 pub mod rank;
 pub mod testing;
 pub mod workers;
