@@ -13,7 +13,7 @@ use pat::policy::predictor::{Fit, FitForm, Predictor};
 use pat::policy::remaining::{LengthDist, Remaining};
 use pat::policy::trace::{Trace, TraceRequest};
 use pat::reshard::cost::{CostModel, KvPolicy};
-use pat::sim::{simulate, PolicyKind, SimConfig, SimModel};
+use pat::sim::{simulate, Placement, PolicyKind, SimConfig, SimModel};
 use pat::Dtype;
 
 const WORLD: usize = 4;
@@ -25,6 +25,7 @@ fn predictor() -> Predictor {
         b,
         c: 0.0,
         d: 0.0,
+        ..Fit::default()
     };
     Predictor {
         form: FitForm::Abc,
@@ -81,6 +82,7 @@ fn controller<'a>(p: &'a Predictor, sc: &'a SwitchCost, est: Remaining) -> Contr
             check_every: 2,
             margin: 0.1,
             min_gain_ms: 0.0,
+            max_switches: None,
         },
         p,
         sc,
@@ -120,9 +122,9 @@ fn engine_run(est: Remaining) -> (Vec<Switch>, Vec<Output>) {
 fn sim_run(kind: PolicyKind) -> Vec<Switch> {
     let (p, sc) = (predictor(), switch_cost());
     let model = SimModel {
+        clock: &p,
         predictor: &p,
         switch: &sc,
-        prefill: &[],
     };
     let cfg = SimConfig {
         world: WORLD,
@@ -131,6 +133,9 @@ fn sim_run(kind: PolicyKind) -> Vec<Switch> {
         margin: 0.1,
         min_gain_ms: 0.0,
         start_tp: Some(1),
+        placement: Placement::Lpt,
+        optimum: false,
+        lockstep: true,
     };
     let r = simulate(&trace(), &model, &cfg, kind, 1).unwrap();
     r.switches

@@ -1,15 +1,16 @@
-//! Policy pieces against hand-computed references: traces, profiles, the modeled roofline, the
+//! Policy pieces against hand-computed references: traces, profiles, the modeled profile, the
 //! least-squares predictor, remaining-length estimates and the drain forecast. (The decision
 //! rule's hand-computed cases are unit tests in src/policy/decide/tests.rs.)
 
 use std::path::Path;
 
 use pat::policy::forecast::{drain_ms, Pending};
-use pat::policy::modeled::{modeled_profile, modeled_step_ms, Hardware, Link, ModelShape};
+use pat::policy::modeled::{Link, ModelShape};
 use pat::policy::predictor::{validate, Fit, FitForm, Predictor};
 use pat::policy::profile::{DecodeSample, Profile};
 use pat::policy::remaining::{LengthDist, Remaining, SeqView};
 use pat::policy::trace::{deepscaler_like, loglogistic_params, one_straggler, uniform, Trace};
+use pat::sim::{sampled_profile, ComponentModel, ComponentParams, GpuKind};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -111,30 +112,34 @@ fn trace_stats_by_hand() {
 }
 
 fn llama_profile() -> Profile {
-    modeled_profile(ModelShape::Llama3_8b, Hardware::h100(Link::NvLink), 8).unwrap()
+    let m = ComponentModel::new(
+        ModelShape::Llama3_8b.dims(),
+        ComponentParams::defaults(GpuKind::H100, Link::NvLink),
+    )
+    .unwrap();
+    sampled_profile(&m, 8).unwrap()
 }
 
 #[test]
-fn modeled_roofline_matches_hand_arithmetic() {
+fn modeled_profile_samples_the_component_model() {
     // LLaMA-3.1-8B: per layer 4096*(4096+2048) + 4096^2 + 3*4096*14336 = 218,103,808 params;
-    // x32 + lm_head 128256*4096 = 7,504,658,432 params = 15,009,316,864 bytes read per step.
-    // tp1, batch 1, ctx 1024: (15,009,316,864 + 1024 * 131072) / 2.68e12 s + 1 ms = 6.650573 ms.
-    // tp8: that / 8 = 0.706322 ms; all-reduces 64 * (8 us + 1.75 * 8192 B / 360 GB/s) =
-    // 0.514549 ms; + 1 ms = 2.220870 ms.
+    // x32 + lm_head 128256*4096 = 7,504,658,432 params.
     let p = llama_profile();
     let d = &p.model;
     assert_eq!(d.step_read_params(), 7_504_658_432.0);
     assert_eq!(d.kv_bytes_per_token(), 131072.0);
     assert_eq!(d.candidate_tps(8), vec![1, 2, 4, 8]);
-    let hw = Hardware::h100(Link::NvLink);
-    assert!(close(modeled_step_ms(d, &hw, 1, 1, 1024.0), 6.650573, 1e-6));
-    assert!(close(modeled_step_ms(d, &hw, 8, 1, 1024.0), 2.220870, 1e-6));
+    let m = ComponentModel::new(
+        d.clone(),
+        ComponentParams::defaults(GpuKind::H100, Link::NvLink),
+    )
+    .unwrap();
     let s = p
         .decode
         .iter()
         .find(|s| (s.tp, s.batch, s.context) == (8, 1, 1024))
         .unwrap();
-    assert!(close(s.step_ms, 2.220870, 1e-6));
+    assert_eq!(s.step_ms, m.step_ms(8, 1, 1024.0));
     // Prefill at tp1: 990e12 * 0.5 / (2 * 7,504,658,432) = 32,979.5 tokens/s.
     assert!(close(p.prefill_rate(1).unwrap(), 32979.5156, 1e-8));
     assert_eq!(p.provenance("decode"), "modeled");
@@ -238,12 +243,14 @@ fn predictor_recovers_exact_coefficients_without_noise() {
         b: 0.05,
         c: 2e-5,
         d: 0.0,
+        ..Fit::default()
     };
     let g = Fit {
         a: 1.5,
         b: 0.08,
         c: 4e-6,
         d: 3e-5,
+        ..Fit::default()
     };
     let mut s = synthetic(2, f, 0.0, 0);
     s.extend(synthetic(8, g, 0.0, 0));
@@ -271,6 +278,7 @@ fn predictor_holdout_error_is_bounded_by_the_noise() {
         b: 0.05,
         c: 2e-5,
         d: 0.0,
+        ..Fit::default()
     };
     let mut s = synthetic(1, f, 0.01, 1);
     s.extend(synthetic(
@@ -280,6 +288,7 @@ fn predictor_holdout_error_is_bounded_by_the_noise() {
             b: 0.07,
             c: 5e-6,
             d: 0.0,
+            ..Fit::default()
         },
         0.01,
         2,
@@ -300,6 +309,7 @@ fn predictor_refuses_underdetermined_fits() {
         b: 1.0,
         c: 1.0,
         d: 0.0,
+        ..Fit::default()
     };
     let two = synthetic(2, f, 0.0, 0)[..2].to_vec();
     let e = Predictor::from_samples(&two, FitForm::Abc)
@@ -377,6 +387,7 @@ fn drain_forecast_by_hand() {
         b: 0.5,
         c: 0.1,
         d: 0.0,
+        ..Fit::default()
     };
     let p = |context, remaining| Pending { context, remaining };
     let t = drain_ms(&fit, &[vec![p(10, 2)], vec![p(0, 1), p(4, 3)]]);

@@ -17,12 +17,12 @@ use pat::error::{Error, Result};
 use pat::model::ModelDir;
 use pat::parallel::layout::check_tp_for_model;
 use pat::parallel::Layout;
-use pat::policy::controller::{drive, Controller, ControllerConfig, Event};
+use pat::policy::controller::{drive, Controller, ControllerConfig, Event, LiveSeq};
 use pat::policy::decide::SwitchCost;
 use pat::policy::remaining::{LengthDist, Remaining};
 use pat::policy::{ModelDims, Predictor, Profile, Trace};
 use pat::reshard::cost::{CostModel, KvPolicy};
-use pat::sim::run::{best_static, SimConfig, SimModel};
+use pat::sim::run::{initial_placement, requests, Placement};
 use pat::Dtype;
 
 /// `static:K` or `adaptive`.
@@ -162,39 +162,40 @@ pub fn rollout(
         check_every: a.check_every,
         margin: a.margin,
         min_gain_ms: a.min_gain_ms,
+        max_switches: None,
     };
-    // Static: the given tp. Adaptive: --start-tp, else the static layout the profile predicts
-    // finishes this whole batch first (the simulator, same predictor), so a batch that never
-    // needs a switch runs at the best static layout from its first step.
-    let start = match (a.policy, &adaptive) {
+    let ctrl = adaptive
+        .as_ref()
+        .map(|(sc, predictor, est)| Controller::new(ctrl_cfg, predictor, sc, est.clone()))
+        .transpose()?;
+    // Static: the given tp. Adaptive: --start-tp, else the layout whose predicted plan (stay, or
+    // switch once later) finishes this batch first: the start is chosen for the whole run.
+    let start = match (a.policy, &ctrl) {
         (PolicyArg::Static(k), _) => k,
         (PolicyArg::Adaptive, _) if a.start_tp.is_some() => a.start_tp.unwrap_or(1),
-        (PolicyArg::Adaptive, Some((sc, predictor, _))) => {
-            let prefill = profile.map(|p| p.prefill_points()).unwrap_or_default();
-            let model = SimModel {
-                predictor,
-                switch: sc,
-                prefill: &prefill,
-            };
-            let cfg = SimConfig {
-                world: a.world,
-                candidates: candidates.clone(),
-                check_every: a.check_every,
-                margin: a.margin,
-                min_gain_ms: a.min_gain_ms,
-                start_tp: None,
-            };
-            best_static(trace, &model, &cfg)?
+        (PolicyArg::Adaptive, Some(c)) => {
+            let reqs = requests(trace);
+            c.plan_start(a.world, |tp| {
+                let at = initial_placement(&reqs, a.world / tp, Placement::Lpt);
+                reqs.iter()
+                    .zip(at)
+                    .enumerate()
+                    .map(|(index, (&(p, r), replica))| LiveSeq {
+                        index,
+                        replica,
+                        context: p,
+                        generated: 0,
+                        max_new_tokens: r,
+                    })
+                    .collect()
+            })?
+            .0
         }
         (PolicyArg::Adaptive, None) => tps.first().copied().unwrap_or(1),
     };
     Layout::new(a.world, start)
         .and_then(|_| check_tp_for_model(start, &m.cfg))
         .map_err(|e| e.context("--policy/--start-tp"))?;
-    let ctrl = adaptive
-        .as_ref()
-        .map(|(sc, predictor, est)| Controller::new(ctrl_cfg, predictor, sc, est.clone()))
-        .transpose()?;
     let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
     let vocab = m.cfg.vocab_size as u32;
     let reqs: Vec<Request> = trace

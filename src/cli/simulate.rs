@@ -1,5 +1,7 @@
-//! `pat simulate`: a rollout batch from a trace on an N-GPU node, every static TP layout against
-//! the adaptive rule and its oracle, from a profile (or a roofline-modeled one, said so loudly).
+//! `pat simulate`: a rollout batch from a trace on an N-GPU node under every baseline (static
+//! layouts, PAT's rule, adaptive, the oracle rule, the optimum). The clock is a component cost
+//! model (MODELED, said so) or a measured profile's interpolated table; the policy sees only its
+//! predictor fitted to a profile.
 
 use std::path::PathBuf;
 
@@ -7,13 +9,20 @@ use clap::{Args, ValueEnum};
 
 use pat::error::{Error, Result};
 use pat::policy::decide::SwitchCost;
-use pat::policy::modeled::{modeled_profile, Hardware, Link, ModelShape};
+use pat::policy::modeled::{Link, ModelShape};
 use pat::policy::predictor::{validate, Predictor};
 use pat::policy::profile::Profile;
 use pat::policy::trace::Trace;
+use pat::sim::component::{range_error, CALIBRATION};
 use pat::sim::report::SimReport;
-use pat::sim::run::{simulate_all, SimConfig, SimModel};
+use pat::sim::run::{simulate_all, Placement, SimConfig, SimModel};
 use pat::sim::svg::chart;
+use pat::sim::{
+    sampled_profile, ComponentModel, ComponentParams, GpuKind, ProfileTable, StepClock,
+};
+
+/// Largest node `pat simulate` models.
+pub const MAX_WORLD: usize = 1024;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Gpu {
@@ -22,32 +31,54 @@ pub enum Gpu {
     A40,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PlacementArg {
+    /// Contiguous chunks of the trace per replica, as VeRL places a GRPO batch.
+    Chunks,
+    /// Balanced on the true lengths (an ideal no engine has).
+    Lpt,
+}
+
 #[derive(Args, Debug)]
 pub struct SimulateArgs {
-    /// Profile JSON (from `pat profile`). Omitted: a roofline-modeled profile of --model-shape on
-    /// an H100-like node (every number modeled; the output says so).
+    /// Rollout length trace, JSONL (`pat trace gen`).
+    #[arg(long, required_unless_present = "calibration")]
+    pub trace: Option<PathBuf>,
+    /// Measured profile JSON (from `pat profile`): the clock is its samples, interpolated, and
+    /// the policy's predictor is fitted to them. Omitted: the component cost model of
+    /// --model-shape on --gpu (every number MODELED; the output says so).
     #[arg(long)]
     pub profile: Option<PathBuf>,
-    /// Rollout length trace, JSONL (`pat trace gen`).
-    #[arg(long)]
-    pub trace: PathBuf,
     /// GPUs in the node.
     #[arg(long, default_value_t = 8)]
     pub world: usize,
-    /// Link of the modeled profile: nvlink, pcie or a one-way bandwidth in GB/s (default nvlink).
+    /// Modeled node: link between GPUs (nvlink, pcie or a one-way bandwidth in GB/s; default
+    /// nvlink). Picks the all-reduce table and the switch's transfer rate.
     #[arg(long)]
     pub link: Option<Link>,
-    /// llama3-8b or qwen3-14b: the modeled profile's shape (default llama3-8b); with --profile it
-    /// is checked against the profile's model.
+    /// llama3-8b or qwen3-14b (default llama3-8b); with --profile it is checked against the
+    /// profile's model.
     #[arg(long)]
     pub model_shape: Option<ModelShape>,
-    /// GPU of the modeled profile: h100 (default), h200 or a40.
+    /// Modeled node: h100 (default), h200 or a40.
     #[arg(long, value_enum)]
     pub gpu: Option<Gpu>,
-    /// Modeled profile only: engine cost per sequence per decode step, in us, that no layout
-    /// divides (scheduler, stop checks, host sampling). Default 0: pure roofline.
+    /// Modeled node: host cost per sequence per decode step, us (scheduler, stop checks,
+    /// detokenization; overlapped with the device). Default 20 (modern engines ~1-20, PAT-era
+    /// ~80-100). It decides whether TP2 or TP8 wins the full batch.
     #[arg(long)]
     pub per_seq_us: Option<f64>,
+    /// Modeled node: fraction of GPU memory for weights + KV (colocated RL runs 0.4-0.6;
+    /// default 0.5). Replicas queue what does not fit and preempt when the KV overflows.
+    #[arg(long)]
+    pub mem_fraction: Option<f64>,
+    /// Modeled node: JSON object replacing any constants of the component model (keys as in
+    /// `--json` output's `params`; see src/sim/component.rs).
+    #[arg(long)]
+    pub cost_model: Option<PathBuf>,
+    /// How the batch is spread over replicas before any switch.
+    #[arg(long, value_enum, default_value = "chunks")]
+    pub placement: PlacementArg,
     /// Decode steps between two decisions of the adaptive rule.
     #[arg(long, default_value_t = 64)]
     pub check_every: usize,
@@ -57,28 +88,79 @@ pub struct SimulateArgs {
     /// ... and by at least this many ms.
     #[arg(long, default_value_t = 0.0)]
     pub min_gain_ms: f64,
-    /// Replace the profile's fixed cost per switch (ms); e.g. 5520 charges PAT's whole measured
-    /// switch as fixed cost on top of the modeled KV and weight parts.
+    /// Replace the fixed cost per switch of this project's switch model (ms; default 2130:
+    /// PAT's graph recapture + rest; KV and weights are modeled from bytes on top).
     #[arg(long)]
     pub switch_fixed_ms: Option<f64>,
-    /// Tp the adaptive and oracle runs start at (default: the best static layout).
+    /// Tp the adaptive and oracle runs start at (default: where their predicted plan is
+    /// shortest). PAT's rule starts here too (default: the best static layout).
     #[arg(long)]
     pub start_tp: Option<usize>,
+    /// Skip the optimum search (the slowest part: a few hundred runs of the node).
+    #[arg(long)]
+    pub no_optimum: bool,
     /// Write an SVG chart of live sequences and tp over time, one panel per policy.
     #[arg(long)]
     pub svg: Option<PathBuf>,
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Print the component model against the public measurements it is calibrated to, and exit.
+    #[arg(long)]
+    pub calibration: bool,
 }
 
-/// The profile to simulate with, and a note saying where it came from.
-pub fn load_profile(a: &SimulateArgs) -> Result<(Profile, String)> {
+fn non_negative(v: f64, flag: &str) -> Result<f64> {
+    if v >= 0.0 && v.is_finite() {
+        Ok(v)
+    } else {
+        Err(Error::Invalid(format!(
+            "{flag} must be a non-negative number, got {v}"
+        )))
+    }
+}
+
+/// The modeled node's component model from the flags.
+pub fn component_model(a: &SimulateArgs) -> Result<ComponentModel> {
+    let shape = a.model_shape.unwrap_or(ModelShape::Llama3_8b);
+    let link = a.link.unwrap_or(Link::NvLink);
+    let gpu = match a.gpu.unwrap_or(Gpu::H100) {
+        Gpu::H100 => GpuKind::H100,
+        Gpu::H200 => GpuKind::H200,
+        Gpu::A40 => GpuKind::A40,
+    };
+    let mut p = ComponentParams::defaults(gpu, link);
+    if let Some(path) = &a.cost_model {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        p = p.overridden(&text, &format!("--cost-model {}", path.display()))?;
+    }
+    if let Some(us) = a.per_seq_us {
+        p.host_per_seq_us = non_negative(us, "--per-seq-us")?;
+    }
+    if let Some(f) = a.mem_fraction {
+        if !(f > 0.0 && f <= 1.0) {
+            return Err(Error::Invalid(format!(
+                "--mem-fraction must be in (0, 1], got {f}"
+            )));
+        }
+        p.mem_fraction = f;
+    }
+    ComponentModel::new(shape.dims(), p)
+}
+
+/// The clock, the profile the policy's predictor is fitted to, and a note on where both came
+/// from.
+pub fn world_model(a: &SimulateArgs) -> Result<(Box<dyn StepClock>, Profile, String)> {
     match &a.profile {
         Some(path) => {
-            if a.link.is_some() || a.gpu.is_some() || a.per_seq_us.is_some() {
+            if a.link.is_some()
+                || a.gpu.is_some()
+                || a.per_seq_us.is_some()
+                || a.mem_fraction.is_some()
+                || a.cost_model.is_some()
+            {
                 return Err(Error::Invalid(
-                    "--link, --gpu and --per-seq-us shape only the modeled profile; a profile file already fixes them"
+                    "--link, --gpu, --per-seq-us, --mem-fraction and --cost-model shape only the modeled node; a --profile already fixes them"
                         .into(),
                 ));
             }
@@ -88,36 +170,51 @@ pub fn load_profile(a: &SimulateArgs) -> Result<(Profile, String)> {
                 None => p.model.clone(),
             };
             p.check_matches(&dims, a.world)?;
-            let note = format!("profile read from {}", path.display());
-            Ok((p, note))
+            let table = ProfileTable::new(&p)?;
+            let note = format!(
+                "clock: the profile {} itself (interpolated; KV capacity not modeled); the policy sees a predictor fitted to it",
+                path.display()
+            );
+            Ok((Box::new(table), p, note))
         }
         None => {
-            let shape = a.model_shape.unwrap_or(ModelShape::Llama3_8b);
-            let link = a.link.unwrap_or(Link::NvLink);
-            let gpu = a.gpu.unwrap_or(Gpu::H100);
-            let mut hw = match gpu {
-                Gpu::H100 => Hardware::h100(link),
-                Gpu::H200 => Hardware::h200(link),
-                Gpu::A40 => Hardware::a40(link),
-            };
-            if let Some(us) = a.per_seq_us {
-                if !(us >= 0.0 && us.is_finite()) {
-                    return Err(Error::Invalid(format!(
-                        "--per-seq-us must be a non-negative number, got {us}"
-                    )));
-                }
-                hw.per_seq_overhead_s = us * 1e-6;
-            }
-            let p = modeled_profile(shape, hw, a.world)?;
+            let m = component_model(a)?;
+            let prof = sampled_profile(&m, a.world)?;
             let note = format!(
-                "no --profile: using a roofline-MODELED profile of {shape} on {} {gpu:?}-like GPUs ({link}, \
-                 {} us per sequence per step); all times are modeled, not measured (constants: src/policy/modeled.rs)",
-                a.world,
-                hw.per_seq_overhead_s * 1e6
+                "clock: {} (constants: src/sim/component.rs; `pat simulate --calibration` compares it with public measurements); \
+                 the policy sees only a predictor fitted to a profile sampled from it",
+                m.describe()
             );
-            Ok((p, note))
+            Ok((Box::new(m), prof, note))
         }
     }
+}
+
+/// Refuses what the simulator cannot model sensibly: absurd worlds, lengths beyond the model's
+/// context.
+fn check_bounds(a: &SimulateArgs, trace: &Trace) -> Result<()> {
+    if a.world == 0 || a.world > MAX_WORLD {
+        return Err(Error::Invalid(format!(
+            "--world must be in 1..={MAX_WORLD}, got {}",
+            a.world
+        )));
+    }
+    let shape = a.model_shape.unwrap_or(ModelShape::Llama3_8b);
+    let max_pos = shape.max_position_embeddings();
+    if let Some((i, r)) = trace
+        .requests
+        .iter()
+        .enumerate()
+        .find(|(_, r)| r.prompt_len.saturating_add(r.response_len) > max_pos)
+    {
+        return Err(Error::Invalid(format!(
+            "--trace request {} has prompt {} + response {} tokens, beyond {shape}'s context of {max_pos}",
+            i + 1,
+            r.prompt_len,
+            r.response_len
+        )));
+    }
+    Ok(())
 }
 
 /// Runs the simulation and builds the report (what `run` prints).
@@ -128,25 +225,19 @@ pub fn report(a: &SimulateArgs) -> Result<SimReport> {
             a.margin
         )));
     }
-    if !(a.min_gain_ms >= 0.0 && a.min_gain_ms.is_finite()) {
-        return Err(Error::Invalid(format!(
-            "--min-gain-ms must be a non-negative number, got {}",
-            a.min_gain_ms
-        )));
-    }
-    let trace = Trace::load(&a.trace)?;
-    let (mut profile, source_note) = load_profile(a)?;
+    non_negative(a.min_gain_ms, "--min-gain-ms")?;
+    let path = a
+        .trace
+        .as_ref()
+        .ok_or_else(|| Error::Invalid("--trace is required".into()))?;
+    let trace = Trace::load(path)?;
+    check_bounds(a, &trace)?;
+    let (clock, mut profile, source_note) = world_model(a)?;
     if let Some(ms) = a.switch_fixed_ms {
-        if !(ms >= 0.0 && ms.is_finite()) {
-            return Err(Error::Invalid(format!(
-                "--switch-fixed-ms must be a non-negative number, got {ms}"
-            )));
-        }
-        profile.switch.fixed_ms = ms;
+        profile.switch.fixed_ms = non_negative(ms, "--switch-fixed-ms")?;
     }
     let predictor = Predictor::from_profile(&profile)?;
     let switch = SwitchCost::from_profile(&profile);
-    let prefill = profile.prefill_points();
     let fitted = predictor.tps();
     let candidates: Vec<usize> = profile
         .model
@@ -156,7 +247,7 @@ pub fn report(a: &SimulateArgs) -> Result<SimReport> {
         .collect();
     if candidates.is_empty() {
         return Err(Error::Invalid(format!(
-            "no tp degree is both valid for world {} and profiled (profiled: {fitted:?})",
+            "no tp degree is both valid for --world {} and profiled (profiled: {fitted:?})",
             a.world
         )));
     }
@@ -167,43 +258,39 @@ pub fn report(a: &SimulateArgs) -> Result<SimReport> {
         margin: a.margin,
         min_gain_ms: a.min_gain_ms,
         start_tp: a.start_tp,
+        placement: match a.placement {
+            PlacementArg::Chunks => Placement::Chunks,
+            PlacementArg::Lpt => Placement::Lpt,
+        },
+        optimum: !a.no_optimum,
+        lockstep: false,
     };
     let model = SimModel {
+        clock: clock.as_ref(),
         predictor: &predictor,
         switch: &switch,
-        prefill: &prefill,
     };
     let (runs, best) = simulate_all(&trace, &model, &cfg)?;
     let mut notes = vec![source_note];
     if let Ok(v) = validate(&profile, 0.2, 0) {
-        let why = if profile.backend == "modeled" {
-            " (the modeled profile is itself of this form; measured profiles show real error)"
-        } else {
-            ""
-        };
         notes.push(format!(
-            "predictor (a + b*batch + c*batch*ctx per tp) on 20% held-out profile samples: MAPE {:.2}%{why}",
+            "predictor ({}) on 20% held-out profile samples: MAPE {:.2}%",
+            predictor.form.name(),
             v.overall_mape
         ));
     }
-    let start = a.start_tp.unwrap_or(best);
     notes.push(format!(
-        "adaptive and oracle start at tp{start}{}, re-deciding every {} steps",
-        if a.start_tp.is_some() {
-            " (--start-tp)"
-        } else {
-            " (the best static layout)"
-        },
-        a.check_every
+        "replicas decode independently and meet at each switch (a barrier) and at the end; the batch is placed as {}; \
+         adaptive estimates remaining lengths from this batch's own length distribution (in-sample), the oracle rule knows them; \
+         the optimum searches switch schedules on the true clock (src/sim/optimum.rs)",
+        match cfg.placement {
+            Placement::Chunks => "contiguous chunks per replica (VeRL)",
+            Placement::Lpt => "LPT on the true lengths (an ideal)",
+        }
     ));
-    notes.push(
-        "replicas decode in lockstep; static layouts are placed knowing true lengths (best case for static); \
-         adaptive estimates remaining length from the trace's own length distribution, oracle knows it"
-            .into(),
-    );
     Ok(SimReport::new(
         &profile,
-        &a.trace.display().to_string(),
+        &path.display().to_string(),
         trace.stats(None),
         &cfg,
         runs,
@@ -212,12 +299,52 @@ pub fn report(a: &SimulateArgs) -> Result<SimReport> {
     ))
 }
 
+/// The calibration table: the default H100 component model against public step times.
+pub fn calibration_table() -> String {
+    let mut s = String::from(
+        "MODELED step times (default H100 SXM NVLink component model, host 20 us/seq) vs public measurements\n\n",
+    );
+    s += &format!(
+        "{:<10} {:>3} {:>6} {:>6} {:>9} {:>14} {:>7}  source\n",
+        "model", "tp", "batch", "ctx", "model ms", "public ms", "error"
+    );
+    for c in CALIBRATION {
+        let shape: ModelShape = c.shape.parse().unwrap_or(ModelShape::Llama3_8b);
+        let m = ComponentModel::new(
+            shape.dims(),
+            ComponentParams::defaults(GpuKind::H100, Link::NvLink),
+        );
+        let Ok(m) = m else { continue };
+        let ms = m.step_ms(c.tp, c.batch, c.context as f64);
+        let public = if c.lo_ms == c.hi_ms {
+            format!("{}", c.lo_ms)
+        } else {
+            format!("{}-{}", c.lo_ms, c.hi_ms)
+        };
+        s += &format!(
+            "{:<10} {:>3} {:>6} {:>6} {:>9.2} {:>14} {:>+6.1}%  {}\n",
+            c.shape,
+            c.tp,
+            c.batch,
+            c.context,
+            ms,
+            public,
+            100.0 * range_error(ms, c.lo_ms, c.hi_ms),
+            c.source
+        );
+    }
+    s
+}
+
 pub fn run(a: SimulateArgs) -> Result<()> {
+    if a.calibration {
+        return super::common::stdout_write(format_args!("{}", calibration_table()));
+    }
     let rep = report(&a)?;
     if let Some(path) = &a.svg {
         let runs: Vec<_> = rep.rows.iter().map(|r| r.result.clone()).collect();
         let title = format!(
-            "{} on {} GPUs, {} requests ({})",
+            "{} on {} GPUs, {} requests ({}) - MODELED unless a measured profile",
             rep.model.split(' ').next().unwrap_or("model"),
             rep.world,
             rep.trace.count,
@@ -229,82 +356,10 @@ pub fn run(a: SimulateArgs) -> Result<()> {
     if a.json {
         outln!("{}", rep.to_json())?;
     } else {
-        print!("{}", rep.table());
+        super::common::stdout_write(format_args!("{}", rep.table()))?;
     }
     Ok(())
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn args(trace: PathBuf) -> SimulateArgs {
-        SimulateArgs {
-            profile: None,
-            trace,
-            world: 8,
-            link: None,
-            model_shape: None,
-            gpu: None,
-            per_seq_us: None,
-            check_every: 64,
-            margin: 0.1,
-            min_gain_ms: 0.0,
-            switch_fixed_ms: None,
-            start_tp: None,
-            svg: None,
-            json: false,
-        }
-    }
-
-    fn straggler_trace(dir: &std::path::Path) -> PathBuf {
-        let p = dir.join("t.jsonl");
-        let t = pat::policy::trace::one_straggler(16, 100, 2000).unwrap();
-        std::fs::write(&p, t.to_jsonl()).unwrap();
-        p
-    }
-
-    #[test]
-    fn modeled_run_says_so_and_writes_svg() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut a = args(straggler_trace(dir.path()));
-        let rep = report(&a).unwrap();
-        assert_eq!(rep.rows.len(), 6); // tp 1, 2, 4, 8, adaptive, oracle
-        let table = rep.table();
-        assert!(
-            table.contains("MODELED") && table.contains("static tp8"),
-            "{table}"
-        );
-        assert!(rep.to_json().contains("\"vs_best_static_pct\""));
-        a.svg = Some(dir.path().join("c.svg"));
-        run(a).unwrap();
-        let svg = std::fs::read_to_string(dir.path().join("c.svg")).unwrap();
-        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
-    }
-
-    #[test]
-    fn profile_file_is_checked_against_shape_and_world() {
-        let dir = tempfile::tempdir().unwrap();
-        let trace = straggler_trace(dir.path());
-        let prof = dir.path().join("p.json");
-        modeled_profile(ModelShape::Llama3_8b, Hardware::h100(Link::NvLink), 8)
-            .unwrap()
-            .save(&prof)
-            .unwrap();
-        let mut a = args(trace);
-        a.profile = Some(prof);
-        assert!(report(&a).unwrap().table().contains("p.json"));
-        a.model_shape = Some(ModelShape::Qwen3_14b);
-        let e = report(&a).unwrap_err().to_string();
-        assert!(e.contains("model.arch"), "{e}");
-        a.model_shape = None;
-        a.world = 4;
-        assert!(report(&a).unwrap_err().to_string().contains("world"));
-        a.world = 8;
-        a.link = Some(Link::Pcie);
-        assert!(report(&a).unwrap_err().to_string().contains("--link"));
-        a.link = None;
-        a.margin = 1.5;
-        assert!(report(&a).unwrap_err().to_string().contains("--margin"));
-    }
-}
+mod tests;

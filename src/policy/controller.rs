@@ -14,7 +14,7 @@
 
 use serde::Serialize;
 
-use super::decide::{decide, placement, DecideInput, Decision, EstimatedSeq, SwitchCost};
+use super::decide::{decide, placement, plan_ms, DecideInput, Decision, EstimatedSeq, SwitchCost};
 use super::predictor::Predictor;
 use super::remaining::{Remaining, SeqView};
 use crate::error::{Error, Result};
@@ -63,6 +63,11 @@ pub trait StepSource {
     fn switch(&mut self, to_tp: usize, placement: &[usize]) -> Result<(f64, Self::SwitchRecord)>;
     /// Time since the run started on the source's clock, ms.
     fn now_ms(&self) -> f64;
+    /// How many sequences are live (the length of [`StepSource::live`], cheaper where a source
+    /// can count without listing).
+    fn live_count(&self) -> usize {
+        self.live().len()
+    }
 }
 
 /// Knobs of the adaptive rule.
@@ -76,6 +81,8 @@ pub struct ControllerConfig {
     pub margin: f64,
     /// Absolute predicted gain a switch must bring, ms.
     pub min_gain_ms: f64,
+    /// At most this many switches per run (`None`: no limit). PAT's rule is one switch.
+    pub max_switches: Option<usize>,
 }
 
 /// The adaptive policy: when and to what tp a live batch should switch.
@@ -117,14 +124,7 @@ impl<'a> Controller<'a> {
         step > 0 && step % self.cfg.check_every == 0
     }
 
-    /// The rule's answer for `live` at (`world`, `tp`), and, when it switches, where each live
-    /// sequence goes under the new layout (the placement its forecast assumed).
-    pub fn decide(
-        &self,
-        world: usize,
-        tp: usize,
-        live: &[LiveSeq],
-    ) -> Result<(Decision, Vec<usize>)> {
+    fn estimated(&self, live: &[LiveSeq]) -> Result<Vec<EstimatedSeq>> {
         let views: Vec<SeqView> = live
             .iter()
             .map(|s| SeqView {
@@ -133,7 +133,7 @@ impl<'a> Controller<'a> {
                 true_len: Some(s.max_new_tokens),
             })
             .collect();
-        let est: Vec<EstimatedSeq> = live
+        Ok(live
             .iter()
             .zip(self.estimator.estimate_set(&views)?)
             .map(|(s, est_remaining)| EstimatedSeq {
@@ -142,18 +142,52 @@ impl<'a> Controller<'a> {
                 generated: s.generated,
                 est_remaining,
             })
-            .collect();
-        let d = decide(&DecideInput {
+            .collect())
+    }
+
+    fn input<'b>(&'b self, world: usize, tp: usize, est: &'b [EstimatedSeq]) -> DecideInput<'b> {
+        DecideInput {
             world,
             current_tp: tp,
             candidates: &self.cfg.candidates,
-            live: &est,
+            live: est,
             predictor: self.predictor,
             switch: self.switch,
             margin: self.cfg.margin,
             min_gain_ms: self.cfg.min_gain_ms,
             lookahead_steps: self.cfg.check_every,
-        })?;
+        }
+    }
+
+    /// Where a batch should start: the candidate whose best predicted plan (stay, or switch once
+    /// later; [`plan_ms`]) is shortest. `placed(tp)` is the batch as it would be placed at `tp`.
+    /// Returns the tp and its predicted total, ms.
+    pub fn plan_start(
+        &self,
+        world: usize,
+        placed: impl Fn(usize) -> Vec<LiveSeq>,
+    ) -> Result<(usize, f64)> {
+        let mut best: Option<(usize, f64)> = None;
+        for &tp in &self.cfg.candidates {
+            let est = self.estimated(&placed(tp))?;
+            let (ms, _) = plan_ms(&self.input(world, tp, &est), self.cfg.check_every, 48)?;
+            if best.is_none_or(|b| ms < b.1) {
+                best = Some((tp, ms));
+            }
+        }
+        best.ok_or_else(|| Error::Invalid("the controller needs a candidate tp".into()))
+    }
+
+    /// The rule's answer for `live` at (`world`, `tp`), and, when it switches, where each live
+    /// sequence goes under the new layout (the placement its forecast assumed).
+    pub fn decide(
+        &self,
+        world: usize,
+        tp: usize,
+        live: &[LiveSeq],
+    ) -> Result<(Decision, Vec<usize>)> {
+        let est = self.estimated(live)?;
+        let d = decide(&self.input(world, tp, &est))?;
         let at = if d.stay {
             Vec::new()
         } else {
@@ -229,11 +263,13 @@ pub fn drive<S: StepSource>(
     };
     let mut step = 0usize;
     loop {
-        let live = src.live();
-        if live.is_empty() {
+        if src.live_count() == 0 {
             break;
         }
-        if let Some(c) = ctrl.filter(|c| c.checks_at(step)) {
+        let may_switch =
+            |c: &&Controller| c.cfg.max_switches.is_none_or(|m| run.switches.len() < m);
+        if let Some(c) = ctrl.filter(|c| c.checks_at(step)).filter(may_switch) {
+            let live = src.live();
             let from = src.tp();
             let (d, at) = c.decide(src.world(), from, &live)?;
             if !d.stay {

@@ -303,5 +303,42 @@ pub fn decide(inp: &DecideInput) -> Result<Decision> {
     Ok(out)
 }
 
+/// The best plan the estimates allow from a live set at `from`: stay, or run on and switch once to
+/// another candidate at one of up to `points` evenly spaced steps (multiples of `every`).
+/// Returns (predicted total ms, the switch as (steps from now, tp) if any). Used to choose where a
+/// batch starts: the start is chosen for the whole run, not as the best static layout.
+pub fn plan_ms(
+    inp: &DecideInput,
+    every: usize,
+    points: usize,
+) -> Result<(f64, Option<(usize, usize)>)> {
+    let (world, cur) = (inp.world, inp.current_tp);
+    let dp = world / cur.max(1);
+    let here: Vec<usize> = inp.live.iter().map(|s| s.replica).collect();
+    let stay_ms = drain_ms(inp.predictor.fit(cur)?, &group(dp, inp.live, &here));
+    let mut best = (stay_ms, None);
+    let longest = inp.live.iter().map(|s| s.steps()).max().unwrap_or(0);
+    let every = every.max(1);
+    let stride = (longest / every / points.max(1)).max(1) * every;
+    for &tp in inp.candidates.iter().filter(|&&t| t != cur) {
+        let mut k = 0;
+        while k < longest {
+            let later = advance(inp.live, k);
+            let at_here: Vec<usize> = later.iter().map(|s| s.replica).collect();
+            let rest_here = drain_ms(inp.predictor.fit(cur)?, &group(dp, &later, &at_here));
+            let at = placement(world, tp, &later);
+            let ctx: Vec<usize> = later.iter().map(|s| s.context).collect();
+            let total = (stay_ms - rest_here)
+                + inp.switch.cost(cur, tp, &ctx).total_ms
+                + drain_ms(inp.predictor.fit(tp)?, &group(world / tp, &later, &at));
+            if total < best.0 {
+                best = (total, Some((k, tp)));
+            }
+            k += stride;
+        }
+    }
+    Ok(best)
+}
+
 #[cfg(test)]
 mod tests;

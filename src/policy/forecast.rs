@@ -3,7 +3,7 @@
 //! Replicas decode in lockstep: every global step each replica with live sequences runs one
 //! decode step, and the step takes as long as the slowest replica (`max` over replicas of the
 //! predictor's step time). Global step boundaries are where a layout switch can happen, so this is
-//! the clock both the decision rule and the simulator use. A sequence with `remaining` steps left
+//! the clock the decision rule forecasts with (the simulator keeps its own clock: `crate::sim`). A sequence with `remaining` steps left
 //! takes part in the next `remaining` steps, its context growing by one token per step.
 //!
 //! [`drain_ms`] sums that clock in closed form: between two finish events every replica's batch is
@@ -100,6 +100,17 @@ pub fn drain_ms(fit: &Fit, replicas: &[Vec<Pending>]) -> f64 {
                 alpha: fit.a + fit.b * bf + fit.c * ctx0 + fit.d * ctx0 / bf,
                 beta: fit.c * bf + fit.d,
             });
+            // The host branch of a HostMax fit: constant while the batch is.
+            lines.push(Line {
+                alpha: fit.host_ms(b),
+                beta: 0.0,
+            });
+            if let Some([a, bb, c, d]) = fit.compute {
+                lines.push(Line {
+                    alpha: a + bb * bf + c * ctx0 + d * ctx0 / bf,
+                    beta: c * bf + d,
+                });
+            }
         }
         total += envelope_sum(&lines, lo, hi);
         // Sequences whose remaining == hi finish after step hi - 1.
@@ -148,6 +159,9 @@ mod tests {
             b: 0.3,
             c: 1e-3,
             d: 2e-4,
+            h0: 3.0,
+            h1: 0.9,
+            compute: Some([-40.0, 2.5, 1e-3, 2e-4]),
         };
         let p = |context, remaining| Pending { context, remaining };
         let reps = vec![

@@ -7,7 +7,7 @@
 //!
 //! - [`trace`]: rollout length traces (JSONL) and seeded generators.
 //! - [`profile`]: the profile JSON (decode step samples, prefill rate, switch costs), validated.
-//! - [`modeled`]: a roofline-modeled profile for a model shape on H100-like hardware.
+//! - [`modeled`]: model shapes and links of modeled nodes (their cost model: `crate::sim::component`).
 //! - [`predictor`]: per-tp least-squares fit `a + b*batch + c*batch*context (+ d*context)`.
 //! - [`remaining`]: remaining-length estimate from the length distribution (or the oracle).
 //! - [`forecast`]: balanced placement over replicas and the predicted time to drain a live set.
@@ -29,7 +29,7 @@ pub use controller::{
     SwitchSummary,
 };
 pub use decide::{decide, DecideInput, Decision, EstimatedSeq, SwitchCost};
-pub use modeled::{modeled_profile, Hardware, Link, ModelShape};
+pub use modeled::{Link, ModelShape};
 pub use predictor::{Predictor, ValidationReport};
 pub use profile::{ModelDims, Profile};
 pub use remaining::{LengthDist, Remaining};

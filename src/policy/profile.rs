@@ -1,6 +1,6 @@
 //! The profile JSON: decode step latencies, prefill rates and switch costs of one model on one node.
 //!
-//! Written by `pat profile` (measured) or [`crate::policy::modeled_profile`] (roofline-modeled),
+//! Written by `pat profile` (measured) or `crate::sim::sampled_profile` (modeled),
 //! read by the predictor and the decision rule. Schema, version 1 (unknown keys are errors):
 //!
 //! ```text

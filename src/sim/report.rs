@@ -35,7 +35,7 @@ impl ProfileInfo {
             .iter()
             .partition(|g| self.measured.get(**g).copied().unwrap_or(false));
         match (m.is_empty(), n.is_empty()) {
-            (true, _) => "every number is MODELED (roofline), none measured".into(),
+            (true, _) => "every number is MODELED, none measured".into(),
             (false, true) => "every number is measured".into(),
             _ => format!("measured: {}; MODELED: {}", m.join(", "), n.join(", ")),
         }
@@ -156,15 +156,16 @@ impl SimReport {
         let _ = writeln!(s);
         let _ = writeln!(
             s,
-            "{:<12} {:<18} {:>9} {:>9} {:>9} {:>9} {:>7} {:>8} {:>10}",
+            "{:<12} {:<14} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>9} {:>9}",
             "policy",
             "layouts",
             "total s",
             "prefill s",
             "decode s",
             "switch s",
-            "steps",
-            "switches",
+            "recomp s",
+            "preempt",
+            "pred err",
             "vs best"
         );
         for row in &self.rows {
@@ -178,20 +179,30 @@ impl SimReport {
             } else {
                 format!("{:+.1}%", row.vs_best_static_pct)
             };
+            let err = r
+                .predictor_error_pct
+                .map_or("-".to_string(), |e| format!("{e:.1}%"));
             let _ = writeln!(
                 s,
-                "{:<12} {:<18} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>7} {:>8} {:>10}",
+                "{:<12} {:<14} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>7} {:>9} {:>9}",
                 r.policy,
                 layouts,
                 r.total_ms / 1e3,
                 r.prefill_ms / 1e3,
                 r.decode_ms / 1e3,
                 r.switch_ms / 1e3,
-                r.steps,
-                r.switches.len(),
+                r.recompute_ms / 1e3,
+                r.preemptions,
+                err,
                 tag
             );
         }
+        let _ = writeln!(
+            s,
+            "\nvs best: total time against the best static layout (negative = faster). pred err: the policy's \
+             predictor against the clock where the run went. recomp: prefill of sequences admitted after \
+             waiting for KV room or preempted (KV capacity)."
+        );
         for row in &self.rows {
             let r = &row.result;
             if r.switches.is_empty() {
@@ -199,17 +210,24 @@ impl SimReport {
             }
             let _ = writeln!(s, "\n{} switches:", r.policy);
             for e in &r.switches {
+                let predicted = if e.predicted_stay_ms > 0.0 {
+                    format!(
+                        "  (predicted drain: stay {:.2} s, switch {:.2} s incl. cost)",
+                        e.predicted_stay_ms / 1e3,
+                        e.predicted_best_ms / 1e3
+                    )
+                } else {
+                    String::new()
+                };
                 let _ = writeln!(
                     s,
-                    "  step {:>6}  t {:>8.2} s  tp{} -> tp{}  live {:>3}  cost {:.2} s  (predicted drain: stay {:.2} s, switch {:.2} s incl. cost)",
+                    "  step {:>6}  t {:>8.2} s  tp{} -> tp{}  live {:>4}  cost {:.2} s{predicted}",
                     e.step,
                     e.t_ms / 1e3,
                     e.from,
                     e.to,
                     e.live,
                     e.cost_ms / 1e3,
-                    e.predicted_stay_ms / 1e3,
-                    e.predicted_best_ms / 1e3
                 );
             }
         }

@@ -1,38 +1,51 @@
-//! The discrete-event loop: one rollout batch on an N-GPU node under a static, adaptive or oracle
-//! policy, timed by the predictor.
+//! The runs of a simulation: one rollout batch on an N-GPU node under every baseline.
 //!
-//! Model of a run (the same clock as `policy::forecast`):
+//! Two things are kept apart (the point of this simulator):
 //!
-//! - Prefill: each replica prefills its prompts at the profile's prefill tokens/s for its tp;
-//!   replicas run in parallel, so prefill takes the slowest replica's time (0 without prefill
-//!   samples).
-//! - Decode: global steps. In each, every replica with live sequences decodes one token for each
-//!   of them, taking `predictor(tp, batch, mean context)`; the step lasts as long as the slowest
-//!   replica. A request with `response_len = R` is live for exactly R steps; its context during a
-//!   step is prompt + tokens generated before it.
-//! - Placement: requests start spread over the replicas by longest-processing-time on
-//!   prompt + response length (the true length: a best case for static layouts).
-//! - Adaptive / oracle: the engine's adaptive loop (`policy::drive` with a `Controller`) over the
-//!   modeled node as its step source: every K steps (not at step 0) the decision rule runs on the
-//!   live set with remaining estimates from the trace's own length distribution (adaptive, strata
-//!   of the conditional distribution: `Remaining::estimate_set`) or the true remaining lengths
-//!   (oracle).
-//!   A switch adds its modeled cost to the clock, then the live sequences are re-placed over the
-//!   new replicas by estimated remaining length. They start from the best static layout unless
-//!   told otherwise, so until their first switch they are that layout.
+//! - **truth**: the node's clock ([`StepClock`]: the component model, or a measured profile's
+//!   table) and the true switch cost. Replicas decode independently and meet at switches and at
+//!   the end ([`Node`]).
+//! - **what the policy sees**: its fitted [`Predictor`], the switch cost model and a
+//!   remaining-length estimate. It forecasts with them; the node charges the truth. Predictor
+//!   error therefore shows up in the outcome, and is reported.
+//!
+//! Baselines ([`PolicyKind`]):
+//!
+//! - every static layout, requests placed as VeRL places them (contiguous chunks per replica) or,
+//!   with [`Placement::Lpt`], balanced on their true lengths (an ideal no engine has);
+//! - **PAT's rule**: start at the best static layout, one switch to tp = world at the point its
+//!   predictor picks, at PAT's measured 5.52 s switch cost and at this project's modeled cost;
+//! - **adaptive**: this project's rule (ladders allowed), starting where its predicted plan is
+//!   shortest (or at `start_tp`), estimating remaining lengths from the batch's length
+//!   distribution; the **oracle rule** is the same rule told the true remaining lengths;
+//! - **optimum**: a search over switch schedules on the true clock with the true lengths
+//!   ([`super::optimum`]).
 
 use serde::Serialize;
 
+use super::clock::StepClock;
+use super::node::{Node, TrueSwitch};
+use super::optimum;
 use crate::error::{Error, Result};
 use crate::parallel::placement::balance;
-use crate::policy::controller::{
-    drive, Controller, ControllerConfig, LiveSeq, StepDone, StepSource,
-};
+use crate::policy::controller::{drive, Controller, ControllerConfig, LiveSeq, RunSummary};
 use crate::policy::decide::SwitchCost;
-use crate::policy::predictor::{Fit, Predictor};
+use crate::policy::predictor::Predictor;
 use crate::policy::remaining::{LengthDist, Remaining};
 use crate::policy::trace::Trace;
-use crate::stats::rate_at;
+use crate::reshard::cost::CostModel;
+
+/// PAT's measured switch, ms (paper: 5.52 s from TP2xDP4 to TP8).
+pub const PAT_SWITCH_MS: f64 = 5520.0;
+
+/// How a batch is spread over replicas before any switch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Placement {
+    /// Contiguous chunks of the request list (VeRL): GRPO siblings share a replica.
+    Chunks,
+    /// Longest-processing-time on the true lengths (an ideal: needs the lengths in advance).
+    Lpt,
+}
 
 /// Knobs of a simulation.
 #[derive(Clone, Debug, PartialEq)]
@@ -44,16 +57,27 @@ pub struct SimConfig {
     pub check_every: usize,
     pub margin: f64,
     pub min_gain_ms: f64,
-    /// Layout the adaptive and oracle runs start from; `None`: the best static layout.
+    /// Layout the adaptive and oracle runs start from; `None`: where their plan is shortest.
     pub start_tp: Option<usize>,
+    pub placement: Placement,
+    /// Search for the optimum schedule (the slowest part of a simulation).
+    pub optimum: bool,
+    /// Replicas wait for the slowest after every step (one engine process, as `pat rollout`
+    /// runs) instead of decoding independently (separate engines, as RL frameworks run them).
+    pub lockstep: bool,
 }
 
 /// Which policy a run follows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum PolicyKind {
     Static(usize),
     Adaptive,
     Oracle,
+    /// PAT's rule; `flat_ms`: its switch costs this much (PAT's 5.52 s), else the modeled cost.
+    Pat {
+        flat_ms: Option<f64>,
+    },
+    Optimum,
 }
 
 impl PolicyKind {
@@ -61,7 +85,10 @@ impl PolicyKind {
         match self {
             PolicyKind::Static(tp) => format!("static tp{tp}"),
             PolicyKind::Adaptive => "adaptive".into(),
-            PolicyKind::Oracle => "oracle".into(),
+            PolicyKind::Oracle => "oracle rule".into(),
+            PolicyKind::Pat { flat_ms: Some(ms) } => format!("PAT @{:.2}s", ms / 1e3),
+            PolicyKind::Pat { flat_ms: None } => "PAT @ours".into(),
+            PolicyKind::Optimum => "optimum".into(),
         }
     }
 }
@@ -88,7 +115,8 @@ pub struct TimelinePoint {
     pub tp: usize,
 }
 
-/// The outcome of one run. `total_ms = prefill_ms + decode_ms + switch_ms`.
+/// The outcome of one run. `total_ms` is when the last replica finished;
+/// `decode_ms = total_ms - prefill_ms - switch_ms` (it includes recompute and barrier waits).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct SimResult {
     pub policy: String,
@@ -98,25 +126,34 @@ pub struct SimResult {
     pub prefill_ms: f64,
     pub decode_ms: f64,
     pub switch_ms: f64,
+    /// Prefill of preempted or queued sequences when admitted (KV capacity).
+    pub recompute_ms: f64,
+    pub preemptions: usize,
     pub steps: usize,
+    /// What the policy predicted its run would take at its start (adaptive rules only).
+    pub predicted_ms: Option<f64>,
+    /// Mean |predictor - clock| / clock over the (tp, batch, context) points the run visited, %.
+    pub predictor_error_pct: Option<f64>,
     pub switches: Vec<SwitchEvent>,
     pub timeline: Vec<TimelinePoint>,
 }
 
-/// What a run is timed by: the predictor, the switch cost model and the prefill rates.
-#[derive(Clone, Copy, Debug)]
+/// What a run is timed by, and what its policy sees.
+#[derive(Clone, Copy)]
 pub struct SimModel<'a> {
+    /// The truth: step times, prefill rate, KV capacity.
+    pub clock: &'a dyn StepClock,
+    /// What the policy forecasts with.
     pub predictor: &'a Predictor,
+    /// The switch cost model (the policy's forecast and the true cost of this project's switch).
     pub switch: &'a SwitchCost,
-    /// (tp, prefill tokens/s); empty: prefill is free.
-    pub prefill: &'a [(usize, f64)],
 }
 
-/// Checks the config against the trace and the model before any run.
+/// Checks the config against the model before any run.
 pub fn check(cfg: &SimConfig, model: &SimModel) -> Result<()> {
     if cfg.world == 0 || cfg.candidates.is_empty() {
         return Err(Error::Invalid(
-            "need world >= 1 and at least one candidate tp".into(),
+            "need `world` >= 1 and at least one candidate tp".into(),
         ));
     }
     if cfg.check_every == 0 {
@@ -125,7 +162,7 @@ pub fn check(cfg: &SimConfig, model: &SimModel) -> Result<()> {
     for &tp in cfg.candidates.iter().chain(cfg.start_tp.iter()) {
         if tp == 0 || cfg.world % tp != 0 {
             return Err(Error::Invalid(format!(
-                "tp {tp} does not divide world {}",
+                "tp {tp} does not divide `world` {}",
                 cfg.world
             )));
         }
@@ -134,232 +171,210 @@ pub fn check(cfg: &SimConfig, model: &SimModel) -> Result<()> {
     Ok(())
 }
 
-struct Seq {
-    index: usize,
-    prompt: usize,
-    target: usize,
-    generated: usize,
-    replica: usize,
+/// (prompt, response) of every request.
+pub fn requests(trace: &Trace) -> Vec<(usize, usize)> {
+    trace
+        .requests
+        .iter()
+        .map(|r| (r.prompt_len, r.response_len))
+        .collect()
 }
 
-/// The modeled node as a [`StepSource`]: lockstep replicas timed by the predictor, switches by
-/// the switch cost model.
-struct Node<'a> {
-    model: &'a SimModel<'a>,
-    world: usize,
-    tp: usize,
-    fit: Fit,
-    seqs: Vec<Seq>,
-    t_ms: f64,
-    decode_ms: f64,
-    switch_ms: f64,
-    timeline: Vec<TimelinePoint>,
-    steps: usize,
+/// Replica of each request at `tp` before any switch.
+pub fn initial_placement(reqs: &[(usize, usize)], dp: usize, how: Placement) -> Vec<usize> {
+    match how {
+        Placement::Chunks => {
+            let n = reqs.len().max(1);
+            (0..reqs.len()).map(|i| i * dp / n).collect()
+        }
+        Placement::Lpt => {
+            let w: Vec<f64> = reqs.iter().map(|&(p, r)| (p + r) as f64).collect();
+            balance(&w, dp)
+        }
+    }
 }
 
-impl StepSource for Node<'_> {
-    type SwitchRecord = ();
-    fn world(&self) -> usize {
-        self.world
-    }
-    fn tp(&self) -> usize {
-        self.tp
-    }
-    fn live(&self) -> Vec<LiveSeq> {
-        self.seqs
-            .iter()
-            .map(|s| LiveSeq {
-                index: s.index,
-                replica: s.replica,
-                context: s.prompt + s.generated,
-                generated: s.generated,
-                max_new_tokens: s.target,
+fn result(
+    policy: String,
+    node: &Node,
+    start_tp: usize,
+    run: Option<&RunSummary>,
+    predicted_ms: Option<f64>,
+) -> SimResult {
+    use crate::policy::controller::StepSource;
+    let total_ms = node.now_ms();
+    SimResult {
+        policy,
+        start_tp,
+        final_tp: node.tp(),
+        total_ms,
+        prefill_ms: node.prefill_ms,
+        decode_ms: total_ms - node.prefill_ms - node.switch_ms,
+        switch_ms: node.switch_ms,
+        recompute_ms: node.recompute_ms,
+        preemptions: node.preemptions,
+        steps: node.rounds,
+        predicted_ms,
+        predictor_error_pct: None,
+        switches: run
+            .map(|r| {
+                r.switches
+                    .iter()
+                    .map(|s| SwitchEvent {
+                        step: s.step,
+                        t_ms: s.t_ms,
+                        from: s.from,
+                        to: s.to,
+                        cost_ms: s.ms,
+                        live: s.live,
+                        predicted_stay_ms: s.predicted_stay_ms,
+                        predicted_best_ms: s.predicted_best_ms,
+                    })
+                    .collect()
             })
-            .collect()
-    }
-    fn step(&mut self) -> Result<StepDone> {
-        let dp = self.world / self.tp;
-        let (mut batch, mut ctx) = (vec![0usize; dp], vec![0f64; dp]);
-        for s in &self.seqs {
-            batch[s.replica] += 1;
-            ctx[s.replica] += (s.prompt + s.generated) as f64;
-        }
-        let dt = (0..dp)
-            .filter(|&r| batch[r] > 0)
-            .map(|r| self.fit.step_ms(batch[r], ctx[r] / batch[r] as f64))
-            .fold(0.0, f64::max);
-        self.t_ms += dt;
-        self.decode_ms += dt;
-        self.steps += 1;
-        let before = self.seqs.len();
-        for s in &mut self.seqs {
-            s.generated += 1;
-        }
-        self.seqs.retain(|s| s.generated < s.target);
-        if self.seqs.len() != before {
-            self.timeline.push(TimelinePoint {
-                t_ms: self.t_ms,
-                step: self.steps,
-                live: self.seqs.len(),
-                tp: self.tp,
-            });
-        }
-        Ok(StepDone {
-            ms: dt,
-            running: before,
-            tokens_in: before,
-            tokens_out: before,
-        })
-    }
-    fn switch(&mut self, to_tp: usize, placement: &[usize]) -> Result<(f64, ())> {
-        let fit = *self.model.predictor.fit(to_tp)?;
-        let contexts: Vec<usize> = self.seqs.iter().map(|s| s.prompt + s.generated).collect();
-        let cost = self.model.switch.cost(self.tp, to_tp, &contexts).total_ms;
-        self.t_ms += cost;
-        self.switch_ms += cost;
-        for (s, &r) in self.seqs.iter_mut().zip(placement) {
-            s.replica = r;
-        }
-        self.tp = to_tp;
-        self.fit = fit;
-        self.timeline.push(TimelinePoint {
-            t_ms: self.t_ms,
-            step: self.steps,
-            live: self.seqs.len(),
-            tp: to_tp,
-        });
-        Ok((cost, ()))
-    }
-    fn now_ms(&self) -> f64 {
-        self.t_ms
+            .unwrap_or_default(),
+        timeline: node.timeline.clone(),
     }
 }
 
-/// Runs `policy` over `trace` (adaptive and oracle start at `start_tp`) with the same adaptive
-/// loop as the engine (`policy::drive`).
+/// A flat-cost switch model as the policy sees it (no weight or KV terms).
+fn flat_switch(ms: f64) -> SwitchCost {
+    SwitchCost {
+        fixed_ms: ms,
+        weight_bytes_per_s: 1.0,
+        sharded_weight_bytes: 0.0,
+        kv_bytes_per_token: 0.0,
+        kv: CostModel {
+            transfer_bytes_per_s: 1.0,
+            fixed_transfer_s: 0.0,
+            prefill_tokens_per_s: vec![],
+            fixed_prefill_s: 0.0,
+        },
+    }
+}
+
+/// Runs `policy` over `trace`. `best_static` is where PAT's rule starts (the caller's best
+/// static layout on the true clock).
 pub fn simulate(
     trace: &Trace,
     model: &SimModel,
     cfg: &SimConfig,
     policy: PolicyKind,
-    start_tp: usize,
+    best_static: usize,
 ) -> Result<SimResult> {
     check(cfg, model)?;
-    let tp = match policy {
-        PolicyKind::Static(t) => t,
-        _ => start_tp,
-    };
-    if tp == 0 || cfg.world % tp != 0 {
-        return Err(Error::Invalid(format!(
-            "tp {tp} does not divide world {}",
-            cfg.world
-        )));
-    }
-    let fit = *model.predictor.fit(tp)?;
-    let estimator = match policy {
-        PolicyKind::Static(_) => None,
-        PolicyKind::Adaptive => {
-            let lens = trace.response_lens();
-            let cap = lens.iter().copied().max();
-            Some(Remaining::Empirical(LengthDist::new(&lens, cap)?))
+    let reqs = requests(trace);
+    let place = |tp: usize| initial_placement(&reqs, cfg.world / tp, cfg.placement);
+    let modeled = TrueSwitch::Modeled(model.switch);
+    match policy {
+        PolicyKind::Static(tp) => {
+            let mut node = Node::new(model.clock, modeled, cfg.world, tp, &reqs, &place(tp))?;
+            node.lockstep = cfg.lockstep;
+            node.run_to_end()?;
+            Ok(result(policy.name(), &node, tp, None, None))
         }
-        PolicyKind::Oracle => Some(Remaining::Oracle),
-    };
-    let ctrl = estimator
-        .map(|est| {
-            Controller::new(
+        PolicyKind::Optimum => optimum::search(trace, model, cfg).map(|mut r| {
+            r.policy = policy.name();
+            r
+        }),
+        PolicyKind::Adaptive | PolicyKind::Oracle | PolicyKind::Pat { .. } => {
+            let estimator = match policy {
+                PolicyKind::Oracle => Remaining::Oracle,
+                _ => {
+                    let lens = trace.response_lens();
+                    Remaining::Empirical(LengthDist::new(&lens, lens.iter().copied().max())?)
+                }
+            };
+            let pat_flat = match policy {
+                PolicyKind::Pat { flat_ms } => Some(flat_ms),
+                _ => None,
+            };
+            let flat = pat_flat.flatten().map(flat_switch);
+            let seen_switch = flat.as_ref().unwrap_or(model.switch);
+            let true_switch = match pat_flat.flatten() {
+                Some(ms) => TrueSwitch::Flat(ms),
+                None => modeled,
+            };
+            let (candidates, max_switches) = match pat_flat {
+                Some(_) => {
+                    let start = cfg.start_tp.unwrap_or(best_static);
+                    let mut c = vec![start, cfg.world];
+                    c.dedup();
+                    (c, Some(1))
+                }
+                None => (cfg.candidates.clone(), None),
+            };
+            let ctrl = Controller::new(
                 ControllerConfig {
-                    candidates: cfg.candidates.clone(),
+                    candidates,
                     check_every: cfg.check_every,
                     margin: cfg.margin,
                     min_gain_ms: cfg.min_gain_ms,
+                    max_switches,
                 },
                 model.predictor,
-                model.switch,
-                est,
-            )
-        })
-        .transpose()?;
-    let weights: Vec<f64> = trace
-        .requests
-        .iter()
-        .map(|r| (r.prompt_len + r.response_len) as f64)
-        .collect();
-    let at = balance(&weights, cfg.world / tp);
-    let seqs: Vec<Seq> = trace
-        .requests
-        .iter()
-        .zip(at)
-        .enumerate()
-        .map(|(index, (r, replica))| Seq {
-            index,
-            prompt: r.prompt_len,
-            target: r.response_len,
-            generated: 0,
-            replica,
-        })
-        .collect();
-    let prefill_ms = prefill_ms(&seqs, cfg.world / tp, rate_at(model.prefill, tp));
-    let mut node = Node {
-        model,
-        world: cfg.world,
-        tp,
-        fit,
-        timeline: vec![TimelinePoint {
-            t_ms: 0.0,
-            step: 0,
-            live: seqs.len(),
-            tp,
-        }],
-        seqs,
-        t_ms: prefill_ms,
-        decode_ms: 0.0,
-        switch_ms: 0.0,
-        steps: 0,
-    };
-    let run = drive(&mut node, ctrl.as_ref(), |_| {})?;
-    Ok(SimResult {
-        policy: policy.name(),
-        start_tp: tp,
-        final_tp: run.final_tp,
-        total_ms: prefill_ms + node.decode_ms + node.switch_ms,
-        prefill_ms,
-        decode_ms: node.decode_ms,
-        switch_ms: node.switch_ms,
-        steps: run.steps,
-        switches: run
-            .switches
-            .iter()
-            .map(|s| SwitchEvent {
-                step: s.step,
-                t_ms: s.t_ms,
-                from: s.from,
-                to: s.to,
-                cost_ms: s.ms,
-                live: s.live,
-                predicted_stay_ms: s.predicted_stay_ms,
-                predicted_best_ms: s.predicted_best_ms,
-            })
-            .collect(),
-        timeline: node.timeline,
-    })
+                seen_switch,
+                estimator,
+            )?;
+            let placed = |tp: usize| -> Vec<LiveSeq> {
+                reqs.iter()
+                    .zip(place(tp))
+                    .enumerate()
+                    .map(|(index, (&(p, r), replica))| LiveSeq {
+                        index,
+                        replica,
+                        context: p,
+                        generated: 0,
+                        max_new_tokens: r,
+                    })
+                    .collect()
+            };
+            let (start, predicted) = match (pat_flat, cfg.start_tp) {
+                (Some(_), s) => (s.unwrap_or(best_static), None),
+                (None, Some(s)) => (s, None),
+                (None, None) => {
+                    let (tp, ms) = ctrl.plan_start(cfg.world, placed)?;
+                    (tp, Some(ms))
+                }
+            };
+            let mut node = Node::new(
+                model.clock,
+                true_switch,
+                cfg.world,
+                start,
+                &reqs,
+                &place(start),
+            )?;
+            node.lockstep = cfg.lockstep;
+            let run = drive(&mut node, Some(&ctrl), |_| {})?;
+            let mut r = result(
+                policy.name(),
+                &node,
+                start,
+                Some(&run),
+                predicted.map(|p| p + node.prefill_ms),
+            );
+            r.predictor_error_pct = visited_error(model, &node.visited);
+            Ok(r)
+        }
+    }
 }
 
-/// Slowest replica's prompt tokens over the prefill rate, in ms.
-fn prefill_ms(seqs: &[Seq], dp: usize, rate: Option<f64>) -> f64 {
-    let Some(rate) = rate else { return 0.0 };
-    let mut tokens = vec![0usize; dp];
-    for s in seqs {
-        tokens[s.replica] += s.prompt;
-    }
-    tokens
+/// Mean relative error of the predictor against the clock at `points`, %.
+pub fn visited_error(model: &SimModel, points: &[(usize, usize, f64)]) -> Option<f64> {
+    let errs: Vec<f64> = points
         .iter()
-        .map(|&n| 1e3 * n as f64 / rate)
-        .fold(0.0, f64::max)
+        .filter_map(|&(tp, b, ctx)| {
+            let truth = model.clock.step_ms(tp, b, ctx);
+            let pred = model.predictor.step_ms(tp, b, ctx).ok()?;
+            (truth > 0.0).then(|| 100.0 * (pred - truth).abs() / truth)
+        })
+        .collect();
+    (!errs.is_empty()).then(|| errs.iter().sum::<f64>() / errs.len() as f64)
 }
 
 /// Every candidate's static run, and the tp of the fastest (the first on ties).
-fn static_runs(
+pub fn static_runs(
     trace: &Trace,
     model: &SimModel,
     cfg: &SimConfig,
@@ -377,23 +392,28 @@ fn static_runs(
     Ok((runs, best.map(|b| b.0).unwrap_or(cfg.candidates[0])))
 }
 
-/// The static layout the model predicts finishes the whole batch first: where an adaptive run
-/// starts unless told otherwise.
-pub fn best_static(trace: &Trace, model: &SimModel, cfg: &SimConfig) -> Result<usize> {
-    static_runs(trace, model, cfg).map(|r| r.1)
-}
-
-/// Every static layout, then adaptive and oracle (starting at `cfg.start_tp` or the best static).
-/// Returns the runs and the best static tp.
+/// Every baseline (module docs): the static layouts, PAT's rule at 5.52 s and at the modeled
+/// switch cost, adaptive, the oracle rule, and (with `cfg.optimum`) the optimum. Returns the runs
+/// and the best static tp.
 pub fn simulate_all(
     trace: &Trace,
     model: &SimModel,
     cfg: &SimConfig,
 ) -> Result<(Vec<SimResult>, usize)> {
-    let (runs_static, best_tp) = static_runs(trace, model, cfg)?;
-    let mut runs = runs_static;
-    let start = cfg.start_tp.unwrap_or(best_tp);
-    runs.push(simulate(trace, model, cfg, PolicyKind::Adaptive, start)?);
-    runs.push(simulate(trace, model, cfg, PolicyKind::Oracle, start)?);
-    Ok((runs, best_tp))
+    let (mut runs, best) = static_runs(trace, model, cfg)?;
+    let mut kinds = vec![
+        PolicyKind::Pat {
+            flat_ms: Some(PAT_SWITCH_MS),
+        },
+        PolicyKind::Pat { flat_ms: None },
+        PolicyKind::Adaptive,
+        PolicyKind::Oracle,
+    ];
+    if cfg.optimum {
+        kinds.push(PolicyKind::Optimum);
+    }
+    for k in kinds {
+        runs.push(simulate(trace, model, cfg, k, best)?);
+    }
+    Ok((runs, best))
 }

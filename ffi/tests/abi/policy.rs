@@ -2,15 +2,23 @@
 
 use std::ptr::null;
 
-use pat::policy::{
-    decide, modeled_profile, DecideInput, EstimatedSeq, Hardware, Link, ModelShape, Predictor,
-    SwitchCost,
-};
+use pat::policy::{decide, DecideInput, EstimatedSeq, Link, ModelShape, Predictor, SwitchCost};
+use pat::sim::{sampled_profile, ComponentModel, ComponentParams, GpuKind};
 use pat_ffi::engine::pat_live_seq;
 use pat_ffi::policy::*;
 use pat_ffi::*;
 
 use super::expect;
+
+/// The modeled 8 x H100 node's profile (component model, sampled).
+fn modeled() -> pat::policy::Profile {
+    let m = ComponentModel::new(
+        ModelShape::Llama3_8b.dims(),
+        ComponentParams::defaults(GpuKind::H100, Link::NvLink),
+    )
+    .unwrap();
+    sampled_profile(&m, 8).unwrap()
+}
 
 fn seq(replica: u32, context: u64, generated: u64, est: f64) -> pat_live_seq {
     pat_live_seq {
@@ -40,7 +48,7 @@ fn call(json: &str, p: &pat_policy_params, live: &[pat_live_seq]) -> (pat_status
 
 #[test]
 fn stragglers_switch_up_and_a_full_batch_stays() {
-    let profile = modeled_profile(ModelShape::Llama3_8b, Hardware::h100(Link::NvLink), 8).unwrap();
+    let profile = modeled();
     let json = profile.to_json();
     let mut p = pat_policy_default_params();
     p.current_tp = 1;
@@ -105,9 +113,7 @@ fn stragglers_switch_up_and_a_full_batch_stays() {
 
 #[test]
 fn remaining_lengths_are_estimated_from_samples_when_not_given() {
-    let json = modeled_profile(ModelShape::Llama3_8b, Hardware::h100(Link::NvLink), 8)
-        .unwrap()
-        .to_json();
+    let json = modeled().to_json();
     let mut p = pat_policy_default_params();
     p.current_tp = 2;
     let live = [seq(0, 3000, 2500, f64::NAN), seq(1, 3100, 2500, f64::NAN)];
@@ -126,9 +132,7 @@ fn remaining_lengths_are_estimated_from_samples_when_not_given() {
 
 #[test]
 fn bad_profiles_and_params_are_errors() {
-    let json = modeled_profile(ModelShape::Llama3_8b, Hardware::h100(Link::NvLink), 8)
-        .unwrap()
-        .to_json();
+    let json = modeled().to_json();
     let p = pat_policy_default_params();
     let live = [seq(0, 100, 10, 50.0)];
     let (st, _) = call(&json, &p, &live);

@@ -22,6 +22,7 @@ fn constant_predictor(steps: &[(usize, f64, f64)]) -> Predictor {
                     b,
                     c: 0.0,
                     d: 0.0,
+                    ..Fit::default()
                 },
             )
         })

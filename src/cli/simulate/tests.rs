@@ -1,0 +1,97 @@
+use super::*;
+
+fn args(trace: PathBuf) -> SimulateArgs {
+    SimulateArgs {
+        trace: Some(trace),
+        profile: None,
+        world: 8,
+        link: None,
+        model_shape: None,
+        gpu: None,
+        per_seq_us: None,
+        mem_fraction: None,
+        cost_model: None,
+        placement: PlacementArg::Chunks,
+        check_every: 64,
+        margin: 0.1,
+        min_gain_ms: 0.0,
+        switch_fixed_ms: None,
+        start_tp: None,
+        no_optimum: false,
+        svg: None,
+        json: false,
+        calibration: false,
+    }
+}
+
+fn straggler_trace(dir: &std::path::Path) -> PathBuf {
+    let p = dir.join("t.jsonl");
+    let t = pat::policy::trace::one_straggler(16, 100, 2000).unwrap();
+    std::fs::write(&p, t.to_jsonl()).unwrap();
+    p
+}
+
+#[test]
+fn modeled_run_says_so_and_writes_svg() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = args(straggler_trace(dir.path()));
+    let rep = report(&a).unwrap();
+    // tp 1, 2, 4, 8, PAT at 5.52 s and at ours, adaptive, oracle rule, optimum
+    assert_eq!(rep.rows.len(), 9);
+    let table = rep.table();
+    assert!(
+        table.contains("MODELED") && table.contains("static tp8") && table.contains("optimum"),
+        "{table}"
+    );
+    assert!(rep.to_json().contains("\"vs_best_static_pct\""));
+    a.svg = Some(dir.path().join("c.svg"));
+    run(a).unwrap();
+    let svg = std::fs::read_to_string(dir.path().join("c.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+}
+
+#[test]
+fn profile_file_is_checked_against_shape_and_world() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = straggler_trace(dir.path());
+    let prof = dir.path().join("p.json");
+    let m = component_model(&args(trace.clone())).unwrap();
+    sampled_profile(&m, 8).unwrap().save(&prof).unwrap();
+    let mut a = args(trace);
+    a.profile = Some(prof);
+    a.no_optimum = true;
+    assert!(report(&a).unwrap().table().contains("p.json"));
+    a.model_shape = Some(ModelShape::Qwen3_14b);
+    let e = report(&a).unwrap_err().to_string();
+    assert!(e.contains("model.arch"), "{e}");
+    a.model_shape = None;
+    a.world = 4;
+    assert!(report(&a).unwrap_err().to_string().contains("world"));
+    a.world = 8;
+    a.link = Some(Link::Pcie);
+    assert!(report(&a).unwrap_err().to_string().contains("--link"));
+    a.link = None;
+    a.margin = 1.5;
+    assert!(report(&a).unwrap_err().to_string().contains("--margin"));
+}
+
+#[test]
+fn absurd_worlds_and_lengths_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = args(straggler_trace(dir.path()));
+    a.world = 1 << 40;
+    let e = report(&a).unwrap_err().to_string();
+    assert!(e.contains("--world"), "{e}");
+    let long = dir.path().join("long.jsonl");
+    std::fs::write(&long, "{\"prompt_len\":100,\"response_len\":40900}\n").unwrap();
+    let mut a = args(long);
+    a.model_shape = Some(ModelShape::Qwen3_14b);
+    let e = report(&a).unwrap_err().to_string();
+    assert!(e.contains("40960") && e.contains("request 1"), "{e}");
+}
+
+#[test]
+fn calibration_table_lists_every_public_point() {
+    let t = calibration_table();
+    assert_eq!(t.matches("%  ").count(), CALIBRATION.len(), "{t}");
+}

@@ -1,0 +1,231 @@
+//! The simulator's clock: what a decode step, a prefill and a replica's KV capacity really cost.
+//! The policy never reads it; it sees only its predictor, fitted to a profile (measured, or
+//! sampled from this clock by [`sampled_profile`]), so predictor error shows in the outcome.
+//!
+//! - [`ComponentModel`](super::component::ComponentModel): a modeled GPU node, term by term.
+//! - [`ProfileTable`]: a measured profile's own samples, interpolated (linear in context within
+//!   each profiled batch, then linear in batch between the two nearest batches; beyond the
+//!   profiled range, extended along the last segment and never below zero).
+
+use std::collections::BTreeMap;
+
+use super::component::ComponentModel;
+use crate::error::{Error, Result};
+use crate::policy::profile::{
+    DecodeSample, PrefillSample, Profile, SwitchProfile, MEASURED_GROUPS, PROFILE_VERSION,
+};
+
+/// The true cost of running a replica.
+pub trait StepClock {
+    /// One decode step of a replica at `tp` with `batch` sequences of mean context `ctx`, ms.
+    fn step_ms(&self, tp: usize, batch: usize, ctx: f64) -> f64;
+    /// Prompt tokens/s a replica at `tp` prefills; `None`: prefill is not modeled (free).
+    fn prefill_tokens_per_s(&self, tp: usize) -> Option<f64>;
+    /// KV tokens a replica at `tp` can hold; `None`: unbounded.
+    fn kv_capacity_tokens(&self, tp: usize) -> Option<usize>;
+    /// One line saying what this clock is.
+    fn describe(&self) -> String;
+}
+
+impl StepClock for ComponentModel {
+    fn step_ms(&self, tp: usize, batch: usize, ctx: f64) -> f64 {
+        ComponentModel::step_ms(self, tp, batch, ctx)
+    }
+    fn prefill_tokens_per_s(&self, tp: usize) -> Option<f64> {
+        Some(ComponentModel::prefill_tokens_per_s(self, tp))
+    }
+    fn kv_capacity_tokens(&self, tp: usize) -> Option<usize> {
+        Some(ComponentModel::kv_capacity_tokens(self, tp))
+    }
+    fn describe(&self) -> String {
+        format!(
+            "component model (MODELED): {}, host {} ms + {} us/seq per step{}, memory fraction {}",
+            self.p.name,
+            self.p.host_step_ms,
+            self.p.host_per_seq_us,
+            if self.p.overlap_host {
+                " overlapped"
+            } else {
+                " not overlapped"
+            },
+            self.p.mem_fraction
+        )
+    }
+}
+
+/// A predictor as the clock: the policy's own view taken as the truth (for hand-checked tests, and
+/// to measure what predictor error costs by comparison).
+impl StepClock for crate::policy::predictor::Predictor {
+    fn step_ms(&self, tp: usize, batch: usize, ctx: f64) -> f64 {
+        crate::policy::predictor::Predictor::step_ms(self, tp, batch, ctx).unwrap_or(f64::INFINITY)
+    }
+    fn prefill_tokens_per_s(&self, _tp: usize) -> Option<f64> {
+        None
+    }
+    fn kv_capacity_tokens(&self, _tp: usize) -> Option<usize> {
+        None
+    }
+    fn describe(&self) -> String {
+        "the policy's own predictor (no predictor error)".into()
+    }
+}
+
+/// Linear interpolation through sorted `(x, y)` points, extended along the end segments.
+fn interp(points: &[(f64, f64)], x: f64) -> f64 {
+    match points.len() {
+        0 => 0.0,
+        1 => points[0].1,
+        n => {
+            let i = points.partition_point(|p| p.0 < x).clamp(1, n - 1);
+            let ((x0, y0), (x1, y1)) = (points[i - 1], points[i]);
+            y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+        }
+    }
+}
+
+/// A measured profile as a clock: its samples interpolated (module docs).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProfileTable {
+    /// tp -> batch -> (context, ms) sorted by context (repeated points averaged).
+    decode: BTreeMap<usize, BTreeMap<usize, Vec<(f64, f64)>>>,
+    prefill: Vec<(usize, f64)>,
+    what: String,
+}
+
+impl ProfileTable {
+    pub fn new(p: &Profile) -> Result<ProfileTable> {
+        // (tp, batch, context) -> (sum of step ms, count).
+        let mut acc: BTreeMap<(usize, usize, usize), (f64, usize)> = BTreeMap::new();
+        for s in &p.decode {
+            let e = acc.entry((s.tp, s.batch, s.context)).or_insert((0.0, 0));
+            e.0 += s.step_ms;
+            e.1 += 1;
+        }
+        if acc.is_empty() {
+            return Err(Error::Invalid(format!(
+                "{}: no decode samples to simulate with",
+                p.source.display()
+            )));
+        }
+        let mut decode: BTreeMap<usize, BTreeMap<usize, Vec<(f64, f64)>>> = BTreeMap::new();
+        for ((tp, b, c), (sum, n)) in acc {
+            decode
+                .entry(tp)
+                .or_default()
+                .entry(b)
+                .or_default()
+                .push((c as f64, sum / n as f64));
+        }
+        Ok(ProfileTable {
+            decode,
+            prefill: p.prefill_points(),
+            what: format!(
+                "measured profile {} ({}, {}), interpolated",
+                p.source.display(),
+                p.backend,
+                p.device
+            ),
+        })
+    }
+
+    /// The tp degrees the table covers.
+    pub fn tps(&self) -> Vec<usize> {
+        self.decode.keys().copied().collect()
+    }
+}
+
+impl StepClock for ProfileTable {
+    fn step_ms(&self, tp: usize, batch: usize, ctx: f64) -> f64 {
+        if batch == 0 {
+            return 0.0;
+        }
+        let Some(by_b) = self.decode.get(&tp) else {
+            return f64::INFINITY;
+        };
+        let per_batch: Vec<(f64, f64)> = by_b
+            .iter()
+            .map(|(&b, pts)| (b as f64, interp(pts, ctx)))
+            .collect();
+        interp(&per_batch, batch as f64).max(0.0)
+    }
+    fn prefill_tokens_per_s(&self, tp: usize) -> Option<f64> {
+        crate::stats::rate_at(&self.prefill, tp)
+    }
+    fn kv_capacity_tokens(&self, _tp: usize) -> Option<usize> {
+        None
+    }
+    fn describe(&self) -> String {
+        self.what.clone()
+    }
+}
+
+/// Batches and contexts a modeled profile samples (the policy's predictor is fitted to them).
+pub const SAMPLE_BATCHES: [usize; 11] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024];
+pub const SAMPLE_CONTEXTS: [usize; 7] = [256, 1024, 4096, 8192, 16384, 24576, 32768];
+
+/// A profile of `model` on a `world`-GPU node sampled on the grid above: what a `pat profile` run
+/// on that node would give the policy (every group marked modeled).
+pub fn sampled_profile(model: &ComponentModel, world: usize) -> Result<Profile> {
+    let dims = &model.dims;
+    let tps = dims.candidate_tps(world);
+    if world == 0 || tps.is_empty() {
+        return Err(Error::Invalid(format!(
+            "`world` {world}: no tp degree divides it and the model's heads"
+        )));
+    }
+    let mut decode = Vec::new();
+    for &tp in &tps {
+        for &batch in &SAMPLE_BATCHES {
+            for &context in &SAMPLE_CONTEXTS {
+                decode.push(DecodeSample {
+                    tp,
+                    batch,
+                    context,
+                    step_ms: model.step_ms(tp, batch, context as f64),
+                });
+            }
+        }
+    }
+    let link = model.p.link_bytes_per_s;
+    Ok(Profile {
+        version: PROFILE_VERSION,
+        world,
+        backend: "modeled".into(),
+        device: format!("MODELED component model: {world} x {}", model.p.name),
+        decode,
+        prefill: tps
+            .iter()
+            .map(|&tp| PrefillSample {
+                tp,
+                tokens_per_s: model.prefill_tokens_per_s(tp),
+            })
+            .collect(),
+        transfer_bytes_per_s: link,
+        switch: SwitchProfile {
+            fixed_ms: crate::policy::modeled::SWITCH_FIXED_MS,
+            weight_bytes_per_s: link,
+            kv_bytes_per_s: link,
+        },
+        measured: MEASURED_GROUPS
+            .iter()
+            .map(|g| (g.to_string(), false))
+            .collect(),
+        model: dims.clone(),
+        source: "<modeled>".into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interpolation_by_hand() {
+        let pts = [(0.0, 1.0), (10.0, 3.0), (20.0, 4.0)];
+        assert_eq!(interp(&pts, 5.0), 2.0);
+        assert_eq!(interp(&pts, 15.0), 3.5);
+        assert_eq!(interp(&pts, 30.0), 5.0); // extended along the last segment
+        assert_eq!(interp(&pts, -10.0), -1.0);
+        assert_eq!(interp(&pts[..1], 7.0), 1.0);
+    }
+}

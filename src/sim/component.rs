@@ -1,0 +1,605 @@
+//! The component cost model: the simulator's clock for a modeled GPU node (the policy never sees
+//! it; it sees a predictor fitted to a profile sampled from it).
+//!
+//! One decode step of one tp-replica with `B` sequences of mean context `ctx` (per rank, bf16):
+//!
+//! ```text
+//! gemm(K, N)   = gemm_launch + max(gemm_floor, K*N*e / BW, 2*B*K*N / matmul_flops)
+//! layer        = gemm(h, (q + 2 kv_r)/..) + gemm(q/tp, h) + gemm(h, 2 f/tp) + gemm(f/tp, h)
+//!              + small_kernels * small_kernel + B*(4h + 3f/tp)*e / BW
+//!              + attn_launch + max(attn_floor, B*ctx*2*kv_r*d*e / BW_attn(B*kv_r))
+//!              + 2 * allreduce(tp, B*h*e)                                   (tp > 1)
+//! gpu          = L*layer + gemm(h, V/tp) + logits_gather + sampling + misc
+//! host         = host_step + B*host_per_seq
+//! step         = max(gpu + fixed_step, host)      (overlapped host: the default)
+//!              = gpu + fixed_step + host          (no overlap)
+//! ```
+//!
+//! `BW = hbm_bytes_per_s * hbm_efficiency`; `BW_attn(u)` rises log-linearly from
+//! `attn_bw_one_unit` (one (sequence, kv head) unit per rank) to `attn_bw_saturated` at
+//! `attn_units_saturate` units (fractions of HBM peak); `allreduce(tp, bytes) = latency(tp) +
+//! bytes / algbw(tp)` from a per-link table; `kv_r = max(1, kv_heads / tp)`.
+//!
+//! Every constant is a field of [`ComponentParams`], overridable from a JSON file. The defaults
+//! are the public measurements of `research/perf-model.md` §1 (H100 SXM; sources in the field
+//! docs), and [`CALIBRATION`] lists the public step times the model is checked against (the
+//! test `component_model_matches_public_measurements` fails when it drifts more than 25%).
+//!
+//! Also here: prefill tokens/s (`tp * prefill_flops / 2P`) and the KV capacity of a replica at a
+//! memory fraction (`tp * mem_fraction * gpu_memory - weights`, over the KV bytes per token of
+//! the replica, kv heads replicated when tp > kv heads).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::model::dims::ModelDims;
+use crate::policy::modeled::Link;
+
+/// One row of an all-reduce table: latency and algorithm bandwidth at a tp degree.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllReducePoint {
+    pub tp: usize,
+    pub latency_us: f64,
+    /// Message bytes / (time - latency), GB/s.
+    pub algbw_gbps: f64,
+}
+
+/// Every constant of the component model (module docs). Units in the field names.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentParams {
+    /// What these numbers describe (printed in reports).
+    pub name: String,
+    /// HBM peak, bytes/s (H100 SXM 3.35e12, H200 4.8e12, A40 0.696e12).
+    pub hbm_bytes_per_s: f64,
+    /// Fraction of peak a weight-streaming GEMM reaches (2.6 of 3.35 TB/s: the wide-N GEMV in
+    /// onnxruntime#32382 reaches 95% of achievable, achievable ~80% of peak).
+    pub hbm_efficiency: f64,
+    /// Achieved dense matmul FLOP/s (600e12: ~60% of H100 bf16 peak).
+    pub matmul_flops: f64,
+    /// GPU memory, bytes (80e9 for H100).
+    pub gpu_memory_bytes: f64,
+    /// Launch gap per GEMM inside a graph, us (~1.3 us measured per kernel; anchors-perf §2a).
+    pub gemm_launch_us: f64,
+    /// Shortest GEMM, us (skinny GEMV N=1024,K=3072: 6.27 us, onnxruntime#32382).
+    pub gemm_floor_us: f64,
+    /// Non-GEMM kernels per layer (norms, rope, residual adds, activation) and their time each.
+    pub small_kernels_per_layer: f64,
+    pub small_kernel_us: f64,
+    /// Decode attention: launch, floor (FlashInfer batch 1: 12.3 us at 1K ctx, vllm-fa#63).
+    pub attn_launch_us: f64,
+    pub attn_floor_us: f64,
+    /// Attention bandwidth as a fraction of HBM peak at one (sequence, kv head) unit per rank and
+    /// at saturation (1.3 and 2.6 TB/s on H100: FlashInfer 16K batch-1 reaches 1.34 TB/s).
+    pub attn_bw_one_unit: f64,
+    pub attn_bw_saturated: f64,
+    pub attn_units_saturate: f64,
+    /// All-reduce latency and algorithm bandwidth per tp (custom all-reduce, 8xH100:
+    /// sglang#2904: 3.9-7.8 us small, 7.9-16.7 us at 512 KiB). A tp beyond the table uses its
+    /// last row.
+    pub allreduce: Vec<AllReducePoint>,
+    /// Logits all-gather bandwidth, GB/s.
+    pub logits_gather_gbps: f64,
+    /// Sampling: kernels and fp32 passes over batch x vocab.
+    pub sampling_kernels: f64,
+    pub sampling_passes: f64,
+    /// Other per-step device work, us.
+    pub misc_us: f64,
+    /// Per-step device cost that no layout divides (graph launch, metadata copy, token D2H), ms.
+    pub fixed_step_ms: f64,
+    /// Host cost per step and per sequence per step (scheduler, stop checks, detokenization):
+    /// ~1.1 us/seq for one modern vLLM V1 loop (vllm#46112), ~100 us/seq for vLLM 0.5
+    /// (vllm#6801). 20 us is the central value, 80 us PAT-era engines.
+    pub host_step_ms: f64,
+    pub host_per_seq_us: f64,
+    /// Host work overlaps the device (SGLang >= 0.4 overlap scheduler): step = max(host, device).
+    pub overlap_host: bool,
+    /// Prefill FLOP/s per GPU (compute-bound; half of dense peak).
+    pub prefill_flops: f64,
+    /// Fraction of GPU memory the engine may use (colocated RL: 0.4-0.6).
+    pub mem_fraction: f64,
+    /// Point-to-point bytes/s between ranks for a switch's transfers (0.8 of the one-way link).
+    pub link_bytes_per_s: f64,
+}
+
+/// The GPUs with built-in defaults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GpuKind {
+    H100,
+    H200,
+    A40,
+}
+
+fn nvlink_allreduce() -> Vec<AllReducePoint> {
+    [(2, 5.0, 150.0), (4, 6.0, 100.0), (8, 8.0, 80.0)]
+        .iter()
+        .map(|&(tp, latency_us, algbw_gbps)| AllReducePoint {
+            tp,
+            latency_us,
+            algbw_gbps,
+        })
+        .collect()
+}
+
+/// A ring all-reduce over a one-way link of `gbps` at 0.8 efficiency: each rank moves
+/// `2 (tp-1)/tp` of the message, so algbw = 0.8 link * tp / (2 (tp - 1)).
+fn ring_allreduce(gbps: f64, latency_us: f64) -> Vec<AllReducePoint> {
+    [2usize, 4, 8]
+        .iter()
+        .map(|&tp| AllReducePoint {
+            tp,
+            latency_us,
+            algbw_gbps: 0.8 * gbps * tp as f64 / (2.0 * (tp as f64 - 1.0)),
+        })
+        .collect()
+}
+
+impl ComponentParams {
+    /// The defaults for `gpu` on `link` with the central host cost (20 us per sequence).
+    pub fn defaults(gpu: GpuKind, link: Link) -> ComponentParams {
+        let (name, hbm, flops, mem) = match gpu {
+            GpuKind::H100 => ("H100 SXM", 3.35e12, 990e12, 80e9),
+            GpuKind::H200 => ("H200", 4.8e12, 990e12, 141e9),
+            GpuKind::A40 => ("A40", 0.696e12, 150e12, 48e9),
+        };
+        let allreduce = match link {
+            Link::NvLink => nvlink_allreduce(),
+            Link::Pcie => ring_allreduce(25.0, 20.0),
+            Link::GBps(g) if g > 100.0 => nvlink_allreduce()
+                .into_iter()
+                .map(|p| AllReducePoint {
+                    algbw_gbps: p.algbw_gbps * g / 450.0,
+                    ..p
+                })
+                .collect(),
+            Link::GBps(g) => ring_allreduce(g, 20.0),
+        };
+        ComponentParams {
+            name: format!("{name}, {link}"),
+            hbm_bytes_per_s: hbm,
+            hbm_efficiency: 0.78,
+            matmul_flops: 0.6 * flops,
+            gpu_memory_bytes: mem,
+            gemm_launch_us: 1.5,
+            gemm_floor_us: 4.0,
+            small_kernels_per_layer: 6.0,
+            small_kernel_us: 2.5,
+            attn_launch_us: 1.5,
+            attn_floor_us: 8.0,
+            attn_bw_one_unit: 1.3 / 3.35,
+            attn_bw_saturated: 2.6 / 3.35,
+            attn_units_saturate: 64.0,
+            allreduce,
+            logits_gather_gbps: 150.0,
+            sampling_kernels: 3.0,
+            sampling_passes: 3.0,
+            misc_us: 15.0,
+            fixed_step_ms: 0.5,
+            host_step_ms: 1.5,
+            host_per_seq_us: 20.0,
+            overlap_host: true,
+            prefill_flops: 0.5 * flops,
+            mem_fraction: 0.5,
+            link_bytes_per_s: 0.8 * link.bytes_per_s(),
+        }
+    }
+
+    /// `self` with the keys of a JSON object replaced (unknown keys and bad values are errors
+    /// naming `what`, the file).
+    pub fn overridden(&self, json: &str, what: &str) -> Result<ComponentParams> {
+        let bad = |m: String| Error::Invalid(format!("{what}: {m}"));
+        let over: Value =
+            serde_json::from_str(json).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let over = over
+            .as_object()
+            .ok_or_else(|| bad("must be a JSON object of component-model constants".into()))?;
+        let mut base = serde_json::to_value(self).map_err(|e| Error::Internal(e.to_string()))?;
+        let obj = base
+            .as_object_mut()
+            .ok_or_else(|| Error::Internal("params are not an object".into()))?;
+        for (k, v) in over {
+            if !obj.contains_key(k) {
+                let known: Vec<&str> = obj.keys().map(|s| s.as_str()).collect();
+                return Err(bad(format!(
+                    "unknown key `{k}` (known: {})",
+                    known.join(", ")
+                )));
+            }
+            obj.insert(k.clone(), v.clone());
+        }
+        let p: ComponentParams =
+            serde_json::from_value(base).map_err(|e| bad(format!("bad value: {e}")))?;
+        p.validate().map_err(|e| bad(e.to_string()))?;
+        Ok(p)
+    }
+
+    /// Every rate positive and finite, fractions in (0, 1], times non-negative.
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("hbm_bytes_per_s", self.hbm_bytes_per_s),
+            ("matmul_flops", self.matmul_flops),
+            ("gpu_memory_bytes", self.gpu_memory_bytes),
+            ("attn_units_saturate", self.attn_units_saturate),
+            ("logits_gather_gbps", self.logits_gather_gbps),
+            ("prefill_flops", self.prefill_flops),
+            ("link_bytes_per_s", self.link_bytes_per_s),
+        ];
+        let fractions = [
+            ("hbm_efficiency", self.hbm_efficiency),
+            ("attn_bw_one_unit", self.attn_bw_one_unit),
+            ("attn_bw_saturated", self.attn_bw_saturated),
+            ("mem_fraction", self.mem_fraction),
+        ];
+        let non_negative = [
+            ("gemm_launch_us", self.gemm_launch_us),
+            ("gemm_floor_us", self.gemm_floor_us),
+            ("small_kernels_per_layer", self.small_kernels_per_layer),
+            ("small_kernel_us", self.small_kernel_us),
+            ("attn_launch_us", self.attn_launch_us),
+            ("attn_floor_us", self.attn_floor_us),
+            ("sampling_kernels", self.sampling_kernels),
+            ("sampling_passes", self.sampling_passes),
+            ("misc_us", self.misc_us),
+            ("fixed_step_ms", self.fixed_step_ms),
+            ("host_step_ms", self.host_step_ms),
+            ("host_per_seq_us", self.host_per_seq_us),
+        ];
+        for (k, v) in positive {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(Error::Invalid(format!("`{k}` must be positive, got {v}")));
+            }
+        }
+        for (k, v) in fractions {
+            if !(v.is_finite() && v > 0.0 && v <= 1.0) {
+                return Err(Error::Invalid(format!("`{k}` must be in (0, 1], got {v}")));
+            }
+        }
+        for (k, v) in non_negative {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(Error::Invalid(format!(
+                    "`{k}` must be a non-negative number, got {v}"
+                )));
+            }
+        }
+        for p in &self.allreduce {
+            if p.tp < 2 || !(p.latency_us >= 0.0 && p.algbw_gbps > 0.0 && p.algbw_gbps.is_finite())
+            {
+                return Err(Error::Invalid(format!(
+                    "`allreduce` row for tp {}: need tp >= 2, latency >= 0 and a positive bandwidth",
+                    p.tp
+                )));
+            }
+        }
+        if self.allreduce.is_empty() {
+            return Err(Error::Invalid("`allreduce` needs at least one row".into()));
+        }
+        Ok(())
+    }
+
+    /// (latency s, algbw bytes/s) of one all-reduce at `tp` (the row for the smallest tabled tp
+    /// >= `tp`, else the last).
+    fn allreduce_at(&self, tp: usize) -> (f64, f64) {
+        let mut rows = self.allreduce.clone();
+        rows.sort_by_key(|p| p.tp);
+        let p = rows
+            .iter()
+            .find(|p| p.tp >= tp)
+            .or(rows.last())
+            .copied()
+            .unwrap_or(AllReducePoint {
+                tp,
+                latency_us: 0.0,
+                algbw_gbps: f64::INFINITY,
+            });
+        (p.latency_us * 1e-6, p.algbw_gbps * 1e9)
+    }
+}
+
+/// A step's time split into its terms, ms.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct StepBreakdown {
+    pub gemm_ms: f64,
+    pub small_kernels_ms: f64,
+    pub attention_ms: f64,
+    pub allreduce_ms: f64,
+    pub sampling_ms: f64,
+    pub device_ms: f64,
+    pub host_ms: f64,
+    pub step_ms: f64,
+}
+
+/// A model shape on a node of one kind of GPU: the simulator's clock for modeled runs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ComponentModel {
+    pub dims: ModelDims,
+    pub p: ComponentParams,
+}
+
+impl ComponentModel {
+    pub fn new(dims: ModelDims, p: ComponentParams) -> Result<ComponentModel> {
+        p.validate()?;
+        Ok(ComponentModel { dims, p })
+    }
+
+    fn bw(&self) -> f64 {
+        self.p.hbm_bytes_per_s * self.p.hbm_efficiency
+    }
+
+    fn gemm_s(&self, batch: f64, k: f64, n: f64) -> f64 {
+        let e = self.dims.dtype_bytes as f64;
+        let p = &self.p;
+        p.gemm_launch_us * 1e-6
+            + (p.gemm_floor_us * 1e-6)
+                .max(k * n * e / self.bw())
+                .max(2.0 * batch * k * n / p.matmul_flops)
+    }
+
+    /// KV heads one rank holds at `tp` (replicated when tp > kv heads).
+    fn kv_heads_per_rank(&self, tp: usize) -> f64 {
+        (self.dims.num_kv_heads as f64 / tp as f64).max(1.0)
+    }
+
+    /// The terms of one decode step (module docs).
+    pub fn breakdown(&self, tp: usize, batch: usize, ctx: f64) -> StepBreakdown {
+        if batch == 0 {
+            return StepBreakdown::default();
+        }
+        let (d, p) = (&self.dims, &self.p);
+        let (t, b, e) = (tp as f64, batch as f64, d.dtype_bytes as f64);
+        let (h, hd, layers) = (d.hidden_size as f64, d.head_dim as f64, d.num_layers as f64);
+        let (q, f, v) = (
+            d.num_heads as f64 * hd,
+            d.intermediate_size as f64,
+            d.vocab_size as f64,
+        );
+        let kv_r = self.kv_heads_per_rank(tp);
+        let layer_gemm = self.gemm_s(b, h, q / t + 2.0 * kv_r * hd)
+            + self.gemm_s(b, q / t, h)
+            + self.gemm_s(b, h, 2.0 * f / t)
+            + self.gemm_s(b, f / t, h);
+        let gemm = layers * layer_gemm + self.gemm_s(b, h, v / t);
+        let small = layers
+            * (p.small_kernels_per_layer * p.small_kernel_us * 1e-6
+                + b * (4.0 * h + 3.0 * f / t) * e / self.bw());
+        let units = b * kv_r;
+        let frac = (units.max(1.0).log2() / p.attn_units_saturate.max(2.0).log2()).min(1.0);
+        let attn_bw = p.hbm_bytes_per_s
+            * (p.attn_bw_one_unit + (p.attn_bw_saturated - p.attn_bw_one_unit) * frac);
+        let kv_bytes = b * ctx * 2.0 * kv_r * hd * e;
+        let attention =
+            layers * (p.attn_launch_us * 1e-6 + (p.attn_floor_us * 1e-6).max(kv_bytes / attn_bw));
+        let (allreduce, gather) = if tp > 1 {
+            let (lat, algbw) = p.allreduce_at(tp);
+            (
+                2.0 * layers * (lat + b * h * e / algbw),
+                b * v * e / (p.logits_gather_gbps * 1e9),
+            )
+        } else {
+            (0.0, 0.0)
+        };
+        let sampling = p.sampling_kernels * p.small_kernel_us * 1e-6
+            + p.sampling_passes * b * v * 4.0 / self.bw()
+            + gather;
+        let device = gemm + small + attention + allreduce + sampling + p.misc_us * 1e-6;
+        let device_ms = 1e3 * device + p.fixed_step_ms;
+        let host_ms = p.host_step_ms + b * p.host_per_seq_us * 1e-3;
+        let step_ms = if p.overlap_host {
+            device_ms.max(host_ms)
+        } else {
+            device_ms + host_ms
+        };
+        StepBreakdown {
+            gemm_ms: 1e3 * gemm,
+            small_kernels_ms: 1e3 * small,
+            attention_ms: 1e3 * attention,
+            allreduce_ms: 1e3 * allreduce,
+            sampling_ms: 1e3 * sampling,
+            device_ms,
+            host_ms,
+            step_ms,
+        }
+    }
+
+    /// One decode step of a replica at `tp` with `batch` sequences of mean context `ctx`, ms.
+    pub fn step_ms(&self, tp: usize, batch: usize, ctx: f64) -> f64 {
+        self.breakdown(tp, batch, ctx).step_ms
+    }
+
+    /// Prefill tokens/s of a replica at `tp` (compute-bound).
+    pub fn prefill_tokens_per_s(&self, tp: usize) -> f64 {
+        tp as f64 * self.p.prefill_flops / (2.0 * self.dims.step_read_params())
+    }
+
+    /// Tokens of KV a replica at `tp` holds at the memory fraction (0 when the weights alone do
+    /// not fit).
+    pub fn kv_capacity_tokens(&self, tp: usize) -> usize {
+        let d = &self.dims;
+        let t = tp as f64;
+        let embed = if d.tie_word_embeddings {
+            0.0
+        } else {
+            (d.vocab_size * d.hidden_size) as f64 * d.dtype_bytes as f64
+        };
+        // Every weight once over the replica (the embedding is sharded or replicated: count it
+        // once) plus nothing else: activations and graphs are in the (1 - mem_fraction) part.
+        let weights = d.step_read_params() * d.dtype_bytes as f64 + embed;
+        let free = t * self.p.mem_fraction * self.p.gpu_memory_bytes - weights;
+        let per_token = 2.0
+            * d.num_layers as f64
+            * self.kv_heads_per_rank(tp)
+            * t
+            * d.head_dim as f64
+            * d.dtype_bytes as f64;
+        if free <= 0.0 {
+            0
+        } else {
+            (free / per_token) as usize
+        }
+    }
+}
+
+/// A public step-time measurement the default H100 parameters are checked against.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CalibrationPoint {
+    /// "llama3-8b" or "qwen3-14b".
+    pub shape: &'static str,
+    pub tp: usize,
+    pub batch: usize,
+    pub context: usize,
+    /// The measured range (ms); a single number has lo == hi.
+    pub lo_ms: f64,
+    pub hi_ms: f64,
+    pub source: &'static str,
+}
+
+const LAMBDA: &str = "vLLM 0.6, H100 SXM (LambdaLabsML/vllm-benchmark)";
+const ENERGY: &str = "vLLM, H100, median ITL (ml-energy/leaderboard)";
+
+/// The public numbers of `research/perf-model.md` §1 (H100 SXM, NVLink, bf16).
+pub const CALIBRATION: [CalibrationPoint; 12] = [
+    cp("llama3-8b", 1, 1, 512, 7.05, 7.5, LAMBDA),
+    cp("llama3-8b", 8, 1, 512, 2.9, 3.5, LAMBDA),
+    cp("llama3-8b", 1, 8, 1024, 7.3, 7.3, ENERGY),
+    cp("llama3-8b", 1, 32, 1024, 8.9, 8.9, ENERGY),
+    cp("llama3-8b", 1, 64, 1024, 11.5, 11.5, ENERGY),
+    cp("llama3-8b", 1, 128, 1024, 16.5, 16.5, ENERGY),
+    cp("llama3-8b", 1, 256, 1024, 26.1, 26.1, ENERGY),
+    cp("llama3-8b", 1, 512, 1024, 47.4, 47.4, ENERGY),
+    cp("qwen3-14b", 1, 8, 1024, 12.5, 12.5, ENERGY),
+    cp("qwen3-14b", 1, 32, 1024, 15.0, 15.0, ENERGY),
+    cp("qwen3-14b", 1, 128, 1024, 26.2, 26.2, ENERGY),
+    cp("qwen3-14b", 1, 256, 1024, 38.4, 38.4, ENERGY),
+];
+
+const fn cp(
+    shape: &'static str,
+    tp: usize,
+    batch: usize,
+    context: usize,
+    lo_ms: f64,
+    hi_ms: f64,
+    source: &'static str,
+) -> CalibrationPoint {
+    CalibrationPoint {
+        shape,
+        tp,
+        batch,
+        context,
+        lo_ms,
+        hi_ms,
+        source,
+    }
+}
+
+/// Relative error of `model_ms` against a measured range: 0 inside it, else the distance to the
+/// nearer end over that end.
+pub fn range_error(model_ms: f64, lo: f64, hi: f64) -> f64 {
+    if model_ms < lo {
+        (model_ms - lo) / lo
+    } else if model_ms > hi {
+        (model_ms - hi) / hi
+    } else {
+        0.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::modeled::ModelShape;
+
+    fn model(shape: &str) -> ComponentModel {
+        let s: ModelShape = shape.parse().unwrap();
+        ComponentModel::new(
+            s.dims(),
+            ComponentParams::defaults(GpuKind::H100, Link::NvLink),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn component_model_matches_public_measurements() {
+        let mut worst: f64 = 0.0;
+        for c in CALIBRATION {
+            let ms = model(c.shape).step_ms(c.tp, c.batch, c.context as f64);
+            let err = range_error(ms, c.lo_ms, c.hi_ms);
+            eprintln!(
+                "{} tp{} b{} ctx{}: model {ms:.2} ms, public {}-{} ms, error {:+.1}%",
+                c.shape,
+                c.tp,
+                c.batch,
+                c.context,
+                c.lo_ms,
+                c.hi_ms,
+                100.0 * err
+            );
+            worst = worst.max(err.abs());
+        }
+        assert!(worst <= 0.25, "worst calibration error {worst}");
+    }
+
+    #[test]
+    fn terms_by_hand_at_batch_one() {
+        // LLaMA-3.1-8B TP8, batch 1, ctx 512: every GEMM sits on its floor but gate_up
+        // (4096 x 3584 x 2 B = 29.4 MB over 2.613 TB/s = 11.24 us) and down (14.7 MB: 5.62 us).
+        let m = model("llama3-8b");
+        let b = m.breakdown(8, 1, 512.0);
+        let bw = 3.35e12 * 0.78;
+        let gate_up = 1.5 + 4096.0 * 3584.0 * 2.0 / bw * 1e6;
+        let down = 1.5 + 1792.0 * 4096.0 * 2.0 / bw * 1e6;
+        let lm = 1.5 + 4096.0 * 16032.0 * 2.0 / bw * 1e6;
+        let want_gemm = 32.0 * (5.5 + 5.5 + gate_up + down) + lm;
+        assert!((b.gemm_ms * 1e3 - want_gemm).abs() < 1e-6, "{b:?}");
+        // Two all-reduces per layer of 1 x 4096 x 2 bytes at 8 us + 8192 B / 80 GB/s.
+        let ar = 64.0 * (8.0 + 8192.0 / 80e9 * 1e6);
+        assert!((b.allreduce_ms * 1e3 - ar).abs() < 1e-6);
+        // Host (1.52 ms) hides under the device.
+        assert!(b.step_ms > b.host_ms && (b.step_ms - b.device_ms).abs() < 1e-12);
+    }
+
+    #[test]
+    fn host_bound_when_the_batch_is_large_and_tp_high() {
+        let m = model("llama3-8b");
+        let b = m.breakdown(8, 512, 256.0);
+        assert!(b.host_ms > b.device_ms, "{b:?}");
+        assert_eq!(b.step_ms, b.host_ms);
+        let mut p = m.p.clone();
+        p.overlap_host = false;
+        let serial = ComponentModel::new(m.dims.clone(), p).unwrap();
+        let s = serial.breakdown(8, 512, 256.0);
+        assert!((s.step_ms - (s.device_ms + s.host_ms)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn kv_capacity_by_hand() {
+        // 8B at mem fraction 0.5 on 80 GB: TP1 has 40 GB - 16.06 GB of weights for 128 KiB
+        // per token.
+        let m = model("llama3-8b");
+        let d = &m.dims;
+        let weights = (d.step_read_params() + (d.vocab_size * d.hidden_size) as f64) * 2.0;
+        let want = ((40e9 - weights) / 131072.0) as usize;
+        assert_eq!(m.kv_capacity_tokens(1), want);
+        assert!(m.kv_capacity_tokens(8) > 8 * want);
+    }
+
+    #[test]
+    fn overrides_replace_named_keys_and_refuse_unknown_ones() {
+        let p = ComponentParams::defaults(GpuKind::H100, Link::NvLink);
+        let q = p
+            .overridden(r#"{"host_per_seq_us": 80, "mem_fraction": 0.4}"#, "f.json")
+            .unwrap();
+        assert_eq!(q.host_per_seq_us, 80.0);
+        assert_eq!(q.mem_fraction, 0.4);
+        assert_eq!(q.gemm_floor_us, p.gemm_floor_us);
+        let e = p.overridden(r#"{"host_us": 1}"#, "f.json").unwrap_err();
+        assert!(e.to_string().contains("`host_us`"), "{e}");
+        let e = p
+            .overridden(r#"{"mem_fraction": 1.5}"#, "f.json")
+            .unwrap_err();
+        assert!(e.to_string().contains("mem_fraction"), "{e}");
+        let e = p.overridden("[1]", "f.json").unwrap_err();
+        assert!(e.to_string().contains("f.json"), "{e}");
+    }
+}

@@ -1,0 +1,211 @@
+//! The optimum baseline: the best switch schedule on the true clock, knowing the true lengths.
+//!
+//! Search (every candidate run on the node itself, not on a forecast):
+//!
+//! 1. every start layout, static;
+//! 2. every start, one switch to every other layout at each of `GRID` evenly spaced rounds of the
+//!    longest response (snapshots of the static run, so each candidate only simulates its suffix);
+//! 3. from the `KEEP` best single switches, a second switch to every other layout at every later
+//!    grid round (ladders such as 1 -> 2 -> 8);
+//! 4. the last switch of the best schedule moved in `REFINE` finer steps within one grid cell on
+//!    either side.
+//!
+//! After a switch the live sequences are placed by longest-processing-time on their true
+//! remaining lengths. The search is exhaustive on its grid, not over every round: the reported
+//! optimum is a lower bound on what a switch at a grid point can reach, and an upper bound on the
+//! true optimum.
+
+use super::node::{Node, TrueSwitch};
+use super::run::{initial_placement, requests, SimConfig, SimModel, SimResult, SwitchEvent};
+use crate::error::Result;
+use crate::parallel::placement::balance;
+use crate::policy::controller::StepSource;
+use crate::policy::trace::Trace;
+
+pub const GRID: usize = 32;
+pub const KEEP: usize = 3;
+pub const REFINE: usize = 8;
+
+/// A schedule: start layout, then (round, tp) switches in round order.
+#[derive(Clone, Debug, PartialEq)]
+struct Schedule {
+    start: usize,
+    switches: Vec<(usize, usize)>,
+}
+
+fn step_to(node: &mut Node, round: usize) -> Result<()> {
+    while node.rounds < round && node.live_count() > 0 {
+        node.step()?;
+    }
+    Ok(())
+}
+
+/// Switches `node` to `tp`, placing the live sequences on their true remaining lengths.
+fn switch_true(node: &mut Node, tp: usize) -> Result<SwitchEvent> {
+    let remaining: Vec<f64> = node.true_remaining().iter().map(|&r| r as f64).collect();
+    let at = balance(&remaining, node.world() / tp);
+    let (t_ms, from, live) = (node.now_ms(), node.tp(), remaining.len());
+    let (cost_ms, ()) = node.switch(tp, &at)?;
+    Ok(SwitchEvent {
+        step: node.rounds,
+        t_ms,
+        from,
+        to: tp,
+        cost_ms,
+        live,
+        predicted_stay_ms: 0.0,
+        predicted_best_ms: 0.0,
+    })
+}
+
+fn finish(mut node: Node) -> Result<f64> {
+    node.run_to_end()?;
+    Ok(node.now_ms())
+}
+
+/// The best schedule (module docs) as a run.
+pub fn search(trace: &Trace, model: &SimModel, cfg: &SimConfig) -> Result<SimResult> {
+    let reqs = requests(trace);
+    let longest = reqs.iter().map(|r| r.1).max().unwrap_or(0);
+    let fresh = |tp: usize| {
+        Node::new(
+            model.clock,
+            TrueSwitch::Modeled(model.switch),
+            cfg.world,
+            tp,
+            &reqs,
+            &initial_placement(&reqs, cfg.world / tp, cfg.placement),
+        )
+        .map(|mut n| {
+            n.lockstep = cfg.lockstep;
+            n
+        })
+    };
+    let grid: Vec<usize> = (1..GRID)
+        .map(|j| j * longest / GRID)
+        .filter(|&r| r > 0)
+        .collect();
+    let mut best: Option<(f64, Schedule)> = None;
+    let mut singles: Vec<(f64, Schedule)> = Vec::new();
+    let consider = |best: &mut Option<(f64, Schedule)>, t: f64, s: &Schedule| {
+        if best.as_ref().is_none_or(|b| t < b.0) {
+            *best = Some((t, s.clone()));
+        }
+    };
+    for &a in &cfg.candidates {
+        let mut node = fresh(a)?;
+        let stat = Schedule {
+            start: a,
+            switches: vec![],
+        };
+        consider(&mut best, finish(node.clone())?, &stat);
+        for &r in &grid {
+            step_to(&mut node, r)?;
+            if node.live_count() == 0 {
+                break;
+            }
+            for &b in cfg.candidates.iter().filter(|&&b| b != a) {
+                let mut n = node.clone();
+                switch_true(&mut n, b)?;
+                let s = Schedule {
+                    start: a,
+                    switches: vec![(r, b)],
+                };
+                let t = finish(n)?;
+                consider(&mut best, t, &s);
+                singles.push((t, s));
+            }
+        }
+    }
+    singles.sort_by(|x, y| x.0.total_cmp(&y.0));
+    for (_, s) in singles.iter().take(KEEP) {
+        let (r1, b) = s.switches[0];
+        let mut node = fresh(s.start)?;
+        step_to(&mut node, r1)?;
+        switch_true(&mut node, b)?;
+        for &r in grid.iter().filter(|&&r| r > r1) {
+            step_to(&mut node, r)?;
+            if node.live_count() == 0 {
+                break;
+            }
+            for &c in cfg.candidates.iter().filter(|&&c| c != b) {
+                let mut n = node.clone();
+                switch_true(&mut n, c)?;
+                let mut l = s.clone();
+                l.switches.push((r, c));
+                consider(&mut best, finish(n)?, &l);
+            }
+        }
+    }
+    let (_, mut sched) = best
+        .ok_or_else(|| crate::error::Error::Invalid("no candidate layout to search over".into()))?;
+    // Refine the last switch within one grid cell on either side.
+    if let Some(&(r_last, tp_last)) = sched.switches.last() {
+        let cell = (longest / GRID).max(1);
+        let prev = sched.switches.iter().rev().nth(1).map_or(0, |s| s.0);
+        let mut best_t = replay(model, cfg, &reqs, &sched)?.0.now_ms();
+        for k in 1..=2 * REFINE {
+            let off = k * cell / REFINE;
+            let Some(r) = (r_last + off).checked_sub(cell) else {
+                continue;
+            };
+            if r <= prev || r == r_last {
+                continue;
+            }
+            let mut cand = sched.clone();
+            if let Some(last) = cand.switches.last_mut() {
+                *last = (r, tp_last);
+            }
+            let t = replay(model, cfg, &reqs, &cand)?.0.now_ms();
+            if t < best_t {
+                best_t = t;
+                sched = cand;
+            }
+        }
+    }
+    let (node, events) = replay(model, cfg, &reqs, &sched)?;
+    let total_ms = node.now_ms();
+    Ok(SimResult {
+        policy: "optimum".into(),
+        start_tp: sched.start,
+        final_tp: node.tp(),
+        total_ms,
+        prefill_ms: node.prefill_ms,
+        decode_ms: total_ms - node.prefill_ms - node.switch_ms,
+        switch_ms: node.switch_ms,
+        recompute_ms: node.recompute_ms,
+        preemptions: node.preemptions,
+        steps: node.rounds,
+        predicted_ms: None,
+        predictor_error_pct: None,
+        switches: events,
+        timeline: node.timeline,
+    })
+}
+
+/// Runs `sched` from the start; the finished node and its switches.
+fn replay<'a>(
+    model: &SimModel<'a>,
+    cfg: &SimConfig,
+    reqs: &[(usize, usize)],
+    sched: &Schedule,
+) -> Result<(Node<'a>, Vec<SwitchEvent>)> {
+    let mut node = Node::new(
+        model.clock,
+        TrueSwitch::Modeled(model.switch),
+        cfg.world,
+        sched.start,
+        reqs,
+        &initial_placement(reqs, cfg.world / sched.start, cfg.placement),
+    )?;
+    node.lockstep = cfg.lockstep;
+    let mut events = Vec::new();
+    for &(r, tp) in &sched.switches {
+        step_to(&mut node, r)?;
+        if node.live_count() > 0 {
+            events.push(switch_true(&mut node, tp)?);
+        }
+    }
+    node.run_to_end()?;
+    Ok((node, events))
+}
