@@ -30,6 +30,7 @@ fn predictor() -> Predictor {
     Predictor {
         form: FitForm::Abc,
         fits: BTreeMap::from([(1, fit(10.0, 1.0)), (2, fit(6.0, 1.5)), (4, fit(3.0, 2.0))]),
+        noise: 0.0,
     }
 }
 
@@ -59,6 +60,7 @@ fn trace() -> Trace {
                 prompt_len: 3 + i,
                 response_len: r,
                 input_ids: Some((0..3 + i as u32).map(|t| 5 + 7 * t + i as u32).collect()),
+                group: None,
             })
             .collect(),
     }

@@ -234,6 +234,7 @@ fn a_predictor_that_is_its_own_clock_has_no_error() {
     let pred = Predictor {
         form: FitForm::Abc,
         fits: BTreeMap::from([(1, fit(10.0, 0.5)), (2, fit(6.0, 1.0))]),
+        noise: 0.0,
     };
     let sw = SwitchCost {
         fixed_ms: 50.0,
@@ -258,6 +259,7 @@ fn a_predictor_that_is_its_own_clock_has_no_error() {
                 prompt_len: 8,
                 response_len: if i == 0 { 2000 } else { 100 + i },
                 input_ids: None,
+                group: None,
             })
             .collect(),
     };

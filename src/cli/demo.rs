@@ -71,6 +71,7 @@ pub fn long_tail_trace(n: usize, cap: usize, vocab: usize, seed: u64) -> Trace {
                 prompt_len,
                 response_len,
                 input_ids: Some(ids),
+                group: None,
             }
         })
         .collect();

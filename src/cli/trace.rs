@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand, ValueEnum};
 
 use pat::error::{Error, Result};
-use pat::policy::trace::{deepscaler_like, one_straggler, uniform, Trace};
+use pat::policy::grpo::{grpo, GrpoSpec};
+use pat::policy::trace::{deepscaler_like, one_straggler, uniform, Trace, DEEPSCALER_AT_CAP};
 
 #[derive(Args, Debug)]
 pub struct TraceArgs {
@@ -30,15 +31,30 @@ pub enum TraceKind {
     Uniform,
     /// n-1 requests of --short tokens and one of --long.
     Straggler,
+    /// GRPO: --prompts x --group-size responses, DeepScaleR-like lengths correlated within a
+    /// prompt's group (--rho), --at-cap of them at the cap; groups contiguous, as VeRL places them.
+    Grpo,
 }
 
 #[derive(Args, Debug)]
 pub struct GenArgs {
     #[arg(long, value_enum, default_value = "deepscaler")]
     pub kind: TraceKind,
-    /// Requests in the batch.
+    /// Requests in the batch (not grpo: there it is --prompts x --group-size).
     #[arg(long, default_value_t = 128)]
     pub n: usize,
+    /// Grpo: prompts in the batch (PAT's "batch 128" is 128 prompts).
+    #[arg(long, default_value_t = 128)]
+    pub prompts: usize,
+    /// Grpo: responses per prompt (GRPO's n).
+    #[arg(long, default_value_t = 8)]
+    pub group_size: usize,
+    /// Grpo: correlation of sibling responses' latent lengths, 0 (independent) to 1.
+    #[arg(long, default_value_t = 0.5)]
+    pub rho: f64,
+    /// Grpo: fraction of responses that run to the cap (default 2.8/128, PAT's ~2.8 per 128).
+    #[arg(long)]
+    pub at_cap: Option<f64>,
     /// Response cap (longest response).
     #[arg(long, default_value_t = 24576)]
     pub cap: usize,
@@ -89,6 +105,14 @@ pub fn generate(a: &GenArgs) -> Result<Trace> {
             a.short.unwrap_or((cap / 16).max(1)),
             a.long.unwrap_or(cap),
         ),
+        TraceKind::Grpo => grpo(&GrpoSpec {
+            prompts: a.prompts,
+            group_size: a.group_size,
+            cap,
+            rho: a.rho,
+            at_cap: a.at_cap.unwrap_or(DEEPSCALER_AT_CAP),
+            seed: a.seed,
+        }),
     }
 }
 
@@ -125,6 +149,10 @@ mod tests {
         GenArgs {
             kind,
             n: 8,
+            prompts: 4,
+            group_size: 2,
+            rho: 0.5,
+            at_cap: None,
             cap: 3200,
             seed: 0,
             lo: None,

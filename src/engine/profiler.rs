@@ -22,6 +22,15 @@ use crate::policy::{ModelDims, Profile};
 use crate::reshard::cost::{CostModel, KvPolicy};
 use crate::stats::median;
 
+/// Half the interquartile range of sorted `v` (nearest rank), 0 for fewer than 4 values.
+fn half_iqr(v: &[f64]) -> f64 {
+    if v.len() < 4 {
+        return 0.0;
+    }
+    let q = |p: f64| v[((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+    (q(0.75) - q(0.25)) / 2.0
+}
+
 /// What to measure.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ProfileGrid {
@@ -132,11 +141,13 @@ pub fn measure_profile(
                 while engine.live() > 0 {
                     times.push(engine.step()?.elapsed_ms);
                 }
+                let step_ms = median(&mut times);
                 decode.push(DecodeSample {
                     tp,
                     batch: b,
                     context: c + grid.steps / 2,
-                    step_ms: median(&mut times),
+                    step_ms,
+                    spread_ms: half_iqr(&times),
                 });
                 done += 1;
                 on_point(done, total);

@@ -153,29 +153,42 @@ impl<'a> Controller<'a> {
             live: est,
             predictor: self.predictor,
             switch: self.switch,
-            margin: self.cfg.margin,
+            // A predicted gain inside the profile's measured spread is noise: never act on it.
+            margin: self.cfg.margin.max((2.0 * self.predictor.noise).min(0.5)),
             min_gain_ms: self.cfg.min_gain_ms,
             lookahead_steps: self.cfg.check_every,
         }
     }
 
     /// Where a batch should start: the candidate whose best predicted plan (stay, or switch once
-    /// later; [`plan_ms`]) is shortest. `placed(tp)` is the batch as it would be placed at `tp`.
-    /// Returns the tp and its predicted total, ms.
+    /// later; [`plan_ms`]) is shortest — unless that beats the best plan that never switches by
+    /// less than the profile's noise, then the latter (a difference inside the spread is not
+    /// acted on). `placed(tp)` is the batch as it would be placed at `tp`. Returns the tp and
+    /// its predicted total, ms.
     pub fn plan_start(
         &self,
         world: usize,
         placed: impl Fn(usize) -> Vec<LiveSeq>,
     ) -> Result<(usize, f64)> {
         let mut best: Option<(usize, f64)> = None;
+        let mut best_stay: Option<(usize, f64)> = None;
         for &tp in &self.cfg.candidates {
             let est = self.estimated(&placed(tp))?;
-            let (ms, _) = plan_ms(&self.input(world, tp, &est), self.cfg.check_every, 48)?;
+            let plan = plan_ms(&self.input(world, tp, &est), self.cfg.check_every, 48)?;
+            let (ms, stay) = (plan.total_ms, plan.stay_ms);
             if best.is_none_or(|b| ms < b.1) {
                 best = Some((tp, ms));
             }
+            if best_stay.is_none_or(|b| stay < b.1) {
+                best_stay = Some((tp, stay));
+            }
         }
-        best.ok_or_else(|| Error::Invalid("the controller needs a candidate tp".into()))
+        let noise = (2.0 * self.predictor.noise).min(0.5);
+        match (best, best_stay) {
+            (Some(b), Some(s)) if b.1 >= s.1 * (1.0 - noise) => Ok(s),
+            (Some(b), _) => Ok(b),
+            _ => Err(Error::Invalid("the controller needs a candidate tp".into())),
+        }
     }
 
     /// The rule's answer for `live` at (`world`, `tp`), and, when it switches, where each live

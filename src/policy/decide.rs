@@ -303,15 +303,23 @@ pub fn decide(inp: &DecideInput) -> Result<Decision> {
     Ok(out)
 }
 
+/// A predicted plan for a live set.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Plan {
+    /// Predicted total of the best plan, ms.
+    pub total_ms: f64,
+    /// Its switch, as (steps from now, tp); `None`: staying is best.
+    pub switch: Option<(usize, usize)>,
+    /// Predicted total of staying, ms.
+    pub stay_ms: f64,
+}
+
 /// The best plan the estimates allow from a live set at `from`: stay, or run on and switch once to
 /// another candidate at one of up to `points` evenly spaced steps (multiples of `every`).
-/// Returns (predicted total ms, the switch as (steps from now, tp) if any). Used to choose where a
-/// batch starts: the start is chosen for the whole run, not as the best static layout.
-pub fn plan_ms(
-    inp: &DecideInput,
-    every: usize,
-    points: usize,
-) -> Result<(f64, Option<(usize, usize)>)> {
+/// Returns the best plan and the stay prediction.
+/// Used to choose where a batch starts: the start is chosen for the whole run, not as the best
+/// static layout.
+pub fn plan_ms(inp: &DecideInput, every: usize, points: usize) -> Result<Plan> {
     let (world, cur) = (inp.world, inp.current_tp);
     let dp = world / cur.max(1);
     let here: Vec<usize> = inp.live.iter().map(|s| s.replica).collect();
@@ -337,7 +345,11 @@ pub fn plan_ms(
             k += stride;
         }
     }
-    Ok(best)
+    Ok(Plan {
+        total_ms: best.0,
+        switch: best.1,
+        stay_ms,
+    })
 }
 
 #[cfg(test)]

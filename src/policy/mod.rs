@@ -18,6 +18,7 @@
 pub mod controller;
 pub mod decide;
 pub mod forecast;
+pub mod grpo;
 pub mod modeled;
 pub mod predictor;
 pub mod profile;

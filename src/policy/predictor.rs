@@ -335,6 +335,10 @@ pub fn fit_samples(samples: &[DecodeSample], form: FitForm, what: &str) -> Resul
 pub struct Predictor {
     pub form: FitForm,
     pub fits: BTreeMap<usize, Fit>,
+    /// Relative spread of the profile's repeated measurements (median of spread / step over the
+    /// samples that report one; 0 when none do). Differences of two predictions inside about
+    /// twice this are noise.
+    pub noise: f64,
 }
 
 /// Held-out accuracy of the predictor on a profile (mean absolute percentage error, in %).
@@ -371,7 +375,17 @@ impl Predictor {
         if fits.is_empty() {
             return Err(Error::Invalid("no decode samples to fit".into()));
         }
-        Ok(Predictor { form, fits })
+        let mut rel: Vec<f64> = samples
+            .iter()
+            .filter(|s| s.spread_ms > 0.0 && s.step_ms > 0.0)
+            .map(|s| s.spread_ms / s.step_ms)
+            .collect();
+        let noise = if rel.is_empty() {
+            0.0
+        } else {
+            crate::stats::median(&mut rel)
+        };
+        Ok(Predictor { form, fits, noise })
     }
 
     /// The fit for `tp`, or an error naming the tp and the degrees that were profiled.

@@ -48,6 +48,15 @@ pub struct DecodeSample {
     /// Mean cached tokens per sequence during the step.
     pub context: usize,
     pub step_ms: f64,
+    /// Half the interquartile range of the repeated step times at this point, ms (0: not
+    /// measured, as for modeled profiles). The policy does not act on predicted differences
+    /// inside the profile's relative spread.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub spread_ms: f64,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]

@@ -18,6 +18,7 @@
 //!   Prompt lengths are uniform in `[cap/384, cap/48]` (64..512 at a 24K cap).
 //! - [`uniform`]: response lengths uniform in `[lo, hi]`, prompts uniform in 64..=512.
 //! - [`one_straggler`]: `n-1` requests of `short` and one of `long` (the last), prompts 256.
+//! - [`super::grpo::grpo`]: GRPO batches (prompts x responses, correlated lengths in a group).
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -41,6 +42,10 @@ pub struct TraceRequest {
     pub response_len: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub input_ids: Option<Vec<u32>>,
+    /// The prompt this response answers (GRPO: `n` responses share a prompt); kept, unused by
+    /// the simulator's clock.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<usize>,
 }
 
 /// A rollout batch: the requests in file order (never empty once parsed or generated).
@@ -94,12 +99,11 @@ impl Trace {
             let obj = v
                 .as_object()
                 .ok_or_else(|| err("each line must be a JSON object".into()))?;
-            if let Some(k) = obj
-                .keys()
-                .find(|k| !["prompt_len", "response_len", "input_ids"].contains(&k.as_str()))
-            {
+            if let Some(k) = obj.keys().find(|k| {
+                !["prompt_len", "response_len", "input_ids", "group"].contains(&k.as_str())
+            }) {
                 return Err(err(format!(
-                    "unknown key `{k}` (expected prompt_len, response_len, input_ids)"
+                    "unknown key `{k}` (expected prompt_len, response_len, input_ids, group)"
                 )));
             }
             let field = |key: &str| -> Result<usize> {
@@ -134,10 +138,17 @@ impl Trace {
                         Some(ids)
                     }
                 };
+            let group = match obj.get("group") {
+                None => None,
+                Some(g) => Some(g.as_u64().map(|g| g as usize).ok_or_else(|| {
+                    err(format!("`group` must be a non-negative integer, got {g}"))
+                })?),
+            };
             requests.push(TraceRequest {
                 prompt_len,
                 response_len,
                 input_ids,
+                group,
             });
         }
         if requests.is_empty() {
@@ -276,6 +287,7 @@ pub fn deepscaler_like(n: usize, cap: usize, seed: u64) -> Result<Trace> {
                 prompt_len: rng.random_range(plo..=phi),
                 response_len: (x.round() as usize).clamp(1, cap),
                 input_ids: None,
+                group: None,
             }
         })
         .collect();
@@ -296,6 +308,7 @@ pub fn uniform(n: usize, lo: usize, hi: usize, seed: u64) -> Result<Trace> {
             prompt_len: rng.random_range(64..=512),
             response_len: rng.random_range(lo..=hi),
             input_ids: None,
+            group: None,
         })
         .collect();
     Ok(Trace { requests })
@@ -314,6 +327,7 @@ pub fn one_straggler(n: usize, short: usize, long: usize) -> Result<Trace> {
             prompt_len: 256,
             response_len: if i + 1 == n { long } else { short },
             input_ids: None,
+            group: None,
         })
         .collect();
     Ok(Trace { requests })

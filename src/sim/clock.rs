@@ -182,6 +182,7 @@ pub fn sampled_profile(model: &ComponentModel, world: usize) -> Result<Profile> 
                     batch,
                     context,
                     step_ms: model.step_ms(tp, batch, context as f64),
+                    spread_ms: 0.0,
                 });
             }
         }

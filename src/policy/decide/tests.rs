@@ -30,6 +30,7 @@ fn constant_predictor(steps: &[(usize, f64, f64)]) -> Predictor {
     Predictor {
         form: FitForm::Abc,
         fits,
+        noise: 0.0,
     }
 }
 
