@@ -50,11 +50,6 @@ pub struct ProfileArgs {
     pub dtype: pat::Dtype,
 }
 
-/// Profiles the CPU engine in f32 over a grid, with a progress bar (the demo's profile).
-pub fn measure(m: &ModelDir, grid: &ProfileGrid) -> Result<Profile> {
-    measure_on(m, grid, &Backend::Cpu, Dtype::F32)
-}
-
 /// [`measure_profile`] with the expected run time and a progress bar on stderr.
 fn measure_on(
     m: &ModelDir,

@@ -97,18 +97,7 @@ pub fn run(a: RolloutArgs) -> Result<()> {
     let m = open_model(&a.model)?;
     let trace = Trace::load(&a.trace)?;
     let profile = a.profile.as_deref().map(Profile::load).transpose()?;
-    rollout(&m, &trace, &a, profile.as_ref(), true).map(|_| ())
-}
-
-/// What one rollout did.
-#[derive(Clone, Debug)]
-pub struct Outcome {
-    pub gen_s: f64,
-    pub tokens: u64,
-    pub steps: usize,
-    /// (decode step, from tp, to tp, switch ms)
-    pub switches: Vec<(usize, usize, usize, f64)>,
-    pub final_tp: usize,
+    rollout(&m, &trace, &a, profile.as_ref(), true)
 }
 
 /// Runs one rollout of `trace` (the paths in `a` are not read) through the one adaptive loop
@@ -119,7 +108,7 @@ pub fn rollout(
     a: &RolloutArgs,
     profile: Option<&Profile>,
     emit: bool,
-) -> Result<Outcome> {
+) -> Result<()> {
     let tps: Vec<usize> = (1..=a.world)
         .filter(|t| a.world % t == 0 && check_tp_for_model(*t, &m.cfg).is_ok())
         .collect();
@@ -310,17 +299,7 @@ pub fn rollout(
             );
         }
     }
-    Ok(Outcome {
-        gen_s,
-        tokens: run.tokens,
-        steps: run.steps,
-        switches: run
-            .switches
-            .iter()
-            .map(|s| (s.step, s.from, s.to, s.ms))
-            .collect(),
-        final_tp: run.final_tp,
-    })
+    Ok(())
 }
 
 fn policy_name(p: PolicyArg) -> String {
