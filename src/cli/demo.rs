@@ -128,6 +128,9 @@ pub fn run(a: DemoArgs) -> Result<()> {
     result
 }
 
+/// A forced switch: (decode step, to tp), or none.
+type Switch = Option<(usize, usize)>;
+
 /// One timed run of the batch: static at `tp`, or switching to `switch.1` after `switch.0` steps.
 struct Run {
     secs: f64,
@@ -140,7 +143,7 @@ fn one_run(
     world: usize,
     tp: usize,
     reqs: &[Request],
-    switch: Option<(usize, usize)>,
+    switch: Switch,
 ) -> Result<Run> {
     let backend = Backend::Cpu;
     let mut opts =
@@ -188,7 +191,7 @@ fn run_on(a: &DemoArgs, dir: &Path) -> Result<()> {
         .collect();
     // Switch once every request shorter than a quarter of the cap has finished: the long tail.
     let at = (a.max_response / 4).max(1);
-    let configs: [(String, usize, Option<(usize, usize)>); 3] = [
+    let configs: [(String, usize, Switch); 3] = [
         (format!("static tp{low} x dp{}", a.world / low), low, None),
         (format!("static tp{} x dp1", a.world), a.world, None),
         (
