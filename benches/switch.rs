@@ -29,6 +29,7 @@ fn setup() -> Setup {
         seed: 1,
         dtype: Dtype::F32,
         force: true,
+        shard: 1,
     };
     init_model(dir.path(), &opts).expect("init model");
     let cfg = ModelConfig::load(dir.path()).expect("config");

@@ -32,3 +32,47 @@ fn host_max_predictor_holds_out_within_3_percent_on_modeled_profiles() {
         }
     }
 }
+
+#[test]
+fn a_node_profile_composes_shard_steps_with_the_links_collectives() {
+    use pat::policy::profile::DecodeSample;
+    use pat::sim::compose::{compose_node, shard_of};
+    let full = ModelShape::Llama3_8b.dims();
+    let p = ComponentParams::defaults(GpuKind::H100, Link::NvLink);
+    let shard = |k: usize, ms: f64| {
+        let m = ComponentModel::new(shard_of(&full, k), p.clone()).unwrap();
+        let mut prof = sampled_profile(&m, 1).unwrap();
+        prof.decode = vec![DecodeSample {
+            tp: 1,
+            batch: 4,
+            context: 1000,
+            step_ms: ms,
+            spread_ms: 0.1,
+        }];
+        prof
+    };
+    let node = compose_node(&[(1, shard(1, 7.0)), (8, shard(8, 3.0))], &full, 8, &p).unwrap();
+    let at = |tp| node.decode.iter().find(|s| s.tp == tp).unwrap();
+    // tp1: no collective. tp8: 2 x 32 all-reduces of 4 x 4096 x 2 B at 8 us + 80 GB/s, and a
+    // logits all-gather of 4 x 128256 x 2 B at 150 GB/s: 0.538214 + 0.006840 ms.
+    assert_eq!(at(1).step_ms, 7.0);
+    let comm = 64.0 * (8e-3 + 4.0 * 4096.0 * 2.0 / 80e9 * 1e3) + 4.0 * 128256.0 * 2.0 / 150e9 * 1e3;
+    assert!(
+        (at(8).step_ms - 3.0 - comm).abs() < 1e-9,
+        "{}",
+        at(8).step_ms
+    );
+    assert_eq!(
+        (at(8).batch, at(8).context, at(8).spread_ms),
+        (4, 1000, 0.1)
+    );
+    assert_eq!(node.model, full);
+    assert!(node.measured["decode"] && !node.measured["switch"]);
+    // A shard of the wrong model, a tp that does not split the model, or one given twice: errors.
+    let e = compose_node(&[(2, shard(4, 1.0))], &full, 8, &p).unwrap_err();
+    assert!(e.to_string().contains("not the tp-2 shard"), "{e}");
+    let e = compose_node(&[(3, shard(1, 1.0))], &full, 8, &p).unwrap_err();
+    assert!(e.to_string().contains("tp 3"), "{e}");
+    let e = compose_node(&[(1, shard(1, 1.0)), (1, shard(1, 1.0))], &full, 8, &p).unwrap_err();
+    assert!(e.to_string().contains("twice"), "{e}");
+}

@@ -110,6 +110,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
                 seed: a.seed,
                 dtype: Dtype::F32,
                 force: true,
+                shard: 1,
             };
             eprintln!(
                 "making a random {:?} {:?} model in {}",
@@ -138,13 +139,7 @@ struct Run {
     report: Option<SwitchReport>,
 }
 
-fn one_run(
-    m: &ModelDir,
-    world: usize,
-    tp: usize,
-    reqs: &[Request],
-    switch: Switch,
-) -> Result<Run> {
+fn one_run(m: &ModelDir, world: usize, tp: usize, reqs: &[Request], switch: Switch) -> Result<Run> {
     let backend = Backend::Cpu;
     let mut opts =
         EngineOptions::for_memory_budget(&m.cfg, &backend, world, tp, Dtype::F32, 64 << 20)?;

@@ -10,6 +10,7 @@ macro_rules! outln {
 
 mod bench;
 pub mod common;
+mod compose;
 mod demo;
 mod generate;
 mod profile;
@@ -44,19 +45,23 @@ pub enum Command {
     InitModel(InitModelArgs),
     /// Generate continuations; one JSON object per request on stdout, in input order.
     Generate(generate::GenerateArgs),
-    /// The main job on a built-in default: one long-tail batch under every static layout and the
-    /// adaptive policy, side by side with the switch points.
+    /// The main job on a built-in default: a real live switch on CPU ranks (tokens identical, zero
+    /// weight bytes moved), then what adaptive TP buys on a modeled 8-GPU node (MODELED).
     Demo(demo::DemoArgs),
     /// Offline profile of this engine (decode latency grid, prefill rate, transfer and switch
     /// costs) as the profile JSON the predictor and `pat simulate` read.
     Profile(profile::ProfileArgs),
+    /// A node profile from per-rank shard profiles measured on one GPU (scripts/gpu-calibrate.sh)
+    /// plus public all-reduce numbers for the link: what `pat simulate --profile` reads.
+    ComposeProfile(compose::ComposeArgs),
     /// Real generation of a rollout batch with response lengths forced from a trace, under a
     /// static layout or the adaptive policy; JSONL timeline, switch records and a summary.
     Rollout(rollout::RolloutArgs),
-    /// Rollout length traces: generate (DeepScaleR-like, uniform, straggler) or summarize.
+    /// Rollout length traces: generate (DeepScaleR-like, GRPO groups, uniform, straggler) or
+    /// summarize.
     Trace(trace::TraceArgs),
-    /// Discrete-event simulation of an N-GPU node: every static layout, adaptive and an oracle,
-    /// with the same predictor and policy code; table, JSON and an SVG timeline.
+    /// Simulation of an N-GPU node on a component cost model or a measured profile: every static
+    /// layout, PAT's rule, the adaptive rule, its oracle and the optimum; table, JSON, SVG.
     Simulate(simulate::SimulateArgs),
     /// Benchmarks; each prints one JSON record per setting on stdout and a readable line on stderr.
     #[command(subcommand)]
@@ -151,6 +156,11 @@ pub struct InitModelArgs {
     /// Overwrite a non-empty output directory.
     #[arg(long)]
     pub force: bool,
+    /// Write one rank's shard of TP-K instead (heads, kv heads, intermediate and vocab divided by
+    /// K): `pat profile` on it measures a TP-K rank's compute on one GPU
+    /// (scripts/gpu-calibrate.sh; `pat compose-profile` adds the collectives).
+    #[arg(long, default_value_t = 1, value_name = "K")]
+    pub shard: usize,
 }
 
 /// Library parameter names, as library errors write them (in backticks), and the flag that sets
@@ -166,6 +176,7 @@ const FLAGS: &[(&str, &str)] = &[
     ("`world`", "--world"),
     ("`tp`", "--tp"),
     ("`force`", "--force"),
+    ("`shard`", "--shard"),
     ("`max_new_tokens`", "--max-new-tokens"),
     ("`backend cuda`", "--backend cuda"),
 ];
@@ -187,6 +198,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 seed: a.seed,
                 dtype: a.dtype,
                 force: a.force,
+                shard: a.shard,
             };
             let bytes = init_model(&a.out, &opts)?;
             eprintln!(
@@ -200,6 +212,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Demo(a) => demo::run(a),
         Command::Bench(c) => bench::run(c),
         Command::Profile(a) => profile::run(a),
+        Command::ComposeProfile(a) => compose::run(a),
         Command::Rollout(a) => rollout::run(a),
         Command::Trace(a) => trace::run(a),
         Command::Simulate(a) => simulate::run(a),

@@ -34,6 +34,10 @@ pub struct InitOptions {
     pub dtype: Dtype,
     /// Write into an existing non-empty directory (files of the same names are replaced).
     pub force: bool,
+    /// Write one rank's shard of TP-`shard` as a model of its own (heads, kv heads, intermediate
+    /// size and vocab divided by `shard`): profiling it on one GPU measures a TP-`shard` rank's
+    /// compute without the collectives. 1: the whole model.
+    pub shard: usize,
 }
 
 /// One (arch, preset) pair: the model's dimensions plus what config.json needs beyond them.
@@ -72,6 +76,29 @@ pub fn preset_dims(arch: Arch, preset: Preset) -> PresetDims {
         max_position_embeddings: max_pos,
         rope_theta: if qwen { 1e6 } else { 500_000.0 },
     }
+}
+
+/// `d` cut to one rank's shard of TP-`k` (see [`InitOptions::shard`]); an error names what `k`
+/// does not divide.
+pub fn shard_dims(mut d: PresetDims, k: usize) -> Result<PresetDims> {
+    let m = &d.dims;
+    for (what, n) in [
+        ("attention heads", m.num_heads),
+        ("kv heads", m.num_kv_heads),
+        ("intermediate size", m.intermediate_size),
+        ("vocab size", m.vocab_size),
+    ] {
+        if k == 0 || n % k != 0 {
+            return Err(Error::Invalid(format!(
+                "`shard` {k} does not divide the {what} ({n})"
+            )));
+        }
+    }
+    d.dims.num_heads /= k;
+    d.dims.num_kv_heads /= k;
+    d.dims.intermediate_size /= k;
+    d.dims.vocab_size /= k;
+    Ok(d)
 }
 
 /// `original_max_position_embeddings` of the llama3 rope scaling: small enough that scaling is active.
@@ -223,7 +250,7 @@ fn prepare_dir(out: &Path, force: bool) -> Result<()> {
 /// Returns the bytes of weights written. config.json is written last, so an interrupted run
 /// never leaves a directory that looks like a complete model.
 pub fn init_model(out: &Path, opts: &InitOptions) -> Result<u64> {
-    let d = preset_dims(opts.arch, opts.preset);
+    let d = shard_dims(preset_dims(opts.arch, opts.preset), opts.shard)?;
     prepare_dir(out, opts.force)?;
 
     let tensors = tensors(opts, &d);
@@ -260,6 +287,7 @@ mod tests {
             seed,
             dtype,
             force: false,
+            shard: 1,
         }
     }
 
@@ -435,6 +463,41 @@ mod tests {
             !q.dims.tie_word_embeddings
                 && q.rope_theta == 1e6
                 && q.max_position_embeddings == 40_960
+        );
+    }
+
+    #[test]
+    fn a_shard_is_the_tp_slice_of_every_split_dimension() {
+        let full = preset_dims(Arch::Llama, Preset::Llama3_8bShape);
+        let s = shard_dims(full.clone(), 8).unwrap();
+        assert_eq!(
+            (
+                s.dims.num_heads,
+                s.dims.num_kv_heads,
+                s.dims.intermediate_size,
+                s.dims.vocab_size
+            ),
+            (4, 1, 1792, 16032)
+        );
+        assert_eq!(
+            (s.dims.hidden_size, s.dims.head_dim, s.dims.num_layers),
+            (4096, 128, 32)
+        );
+        let e = shard_dims(full.clone(), 3).unwrap_err().to_string();
+        assert!(
+            e.contains("`shard` 3") && e.contains("attention heads"),
+            "{e}"
+        );
+        assert!(shard_dims(full, 0).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(Arch::Llama, Dtype::F32, 0);
+        o.preset = Preset::Small;
+        o.shard = 2;
+        init_model(dir.path(), &o).unwrap();
+        let cfg = crate::model::config::ModelConfig::load(dir.path()).unwrap();
+        assert_eq!(
+            (cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size),
+            (4, 2, 1024)
         );
     }
 }

@@ -280,7 +280,7 @@ impl ComponentParams {
 
     /// (latency s, algbw bytes/s) of one all-reduce at `tp` (the row for the smallest tabled tp
     /// >= `tp`, else the last).
-    fn allreduce_at(&self, tp: usize) -> (f64, f64) {
+    pub fn allreduce_at(&self, tp: usize) -> (f64, f64) {
         let mut rows = self.allreduce.clone();
         rows.sort_by_key(|p| p.tp);
         let p = rows

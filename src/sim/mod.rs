@@ -13,6 +13,7 @@
 
 pub mod clock;
 pub mod component;
+pub mod compose;
 pub mod node;
 pub mod optimum;
 pub mod report;

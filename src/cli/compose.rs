@@ -1,0 +1,99 @@
+//! `pat compose-profile`: a node profile from shard profiles measured on one GPU
+//! (`pat::sim::compose`), written as a profile `pat simulate --profile` and `pat rollout` read.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use clap::Args;
+
+use pat::error::{Error, Result};
+use pat::policy::modeled::{Link, ModelShape};
+use pat::policy::predictor::validate;
+use pat::policy::Profile;
+use pat::sim::compose::compose_node;
+use pat::sim::{ComponentParams, GpuKind};
+
+/// `K=FILE`: the profile of the TP-K shard model.
+#[derive(Clone, Debug)]
+pub struct ShardArg {
+    pub k: usize,
+    pub file: PathBuf,
+}
+
+impl FromStr for ShardArg {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let (k, f) = s
+            .split_once('=')
+            .ok_or_else(|| format!("expected K=FILE (e.g. 8=shard8.json), got `{s}`"))?;
+        let k: usize = k
+            .parse()
+            .ok()
+            .filter(|&k| k > 0)
+            .ok_or_else(|| format!("K in K=FILE must be a positive integer, got `{k}`"))?;
+        if f.is_empty() {
+            return Err(format!("FILE in K=FILE is empty in `{s}`"));
+        }
+        Ok(ShardArg {
+            k,
+            file: PathBuf::from(f),
+        })
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct ComposeArgs {
+    /// K=FILE: `pat profile --world 1` of the model `pat init-model --shard K` wrote (repeatable;
+    /// one per tp degree of the node).
+    #[arg(long = "shard", required = true, value_name = "K=FILE")]
+    pub shards: Vec<ShardArg>,
+    /// The full model the shards were cut from (a built-in shape; see also --model).
+    #[arg(long, default_value = "llama3-8b")]
+    pub model_shape: ModelShape,
+    /// ... or the full model's directory (its config.json), e.g. a small preset for a rehearsal.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// GPUs of the node the profile describes.
+    #[arg(long, default_value_t = 8)]
+    pub world: usize,
+    /// Link between the node's GPUs: picks the all-reduce table (nvlink, pcie, or GB/s).
+    #[arg(long, default_value = "nvlink")]
+    pub link: Link,
+    /// Output profile JSON.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn run(a: ComposeArgs) -> Result<()> {
+    if a.world == 0 {
+        return Err(Error::Invalid("--world must be at least 1".into()));
+    }
+    let shards = a
+        .shards
+        .iter()
+        .map(|s| Profile::load(&s.file).map(|p| (s.k, p)))
+        .collect::<Result<Vec<_>>>()?;
+    let params = ComponentParams::defaults(GpuKind::H100, a.link);
+    let full = match &a.model {
+        Some(dir) => {
+            let cfg =
+                pat::model::config::ModelConfig::load(dir).map_err(|e| e.context("--model"))?;
+            pat::model::dims::ModelDims::from_config(&cfg)
+        }
+        None => a.model_shape.dims(),
+    };
+    let mut p = compose_node(&shards, &full, a.world, &params).map_err(|e| e.context("--shard"))?;
+    p.source = a.out.clone();
+    p.validate()?;
+    p.save(&a.out)?;
+    let fit = validate(&p, 0.2, 0)
+        .map(|r| format!("{:.2}%", r.overall_mape))
+        .unwrap_or_else(|e| format!("not computed ({e})"));
+    eprintln!(
+        "wrote {}: {} decode samples at tp {:?}; predictor held-out error {fit}",
+        a.out.display(),
+        p.decode.len(),
+        p.decode_tps()
+    );
+    Ok(())
+}
