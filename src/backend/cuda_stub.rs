@@ -18,6 +18,11 @@ pub fn not_built() -> Error {
     )
 }
 
+/// Kernel launches so far: none in a build without the `cuda` feature.
+pub fn launches() -> u64 {
+    0
+}
+
 /// How an engine's ranks go onto GPUs (see the real backend).
 #[derive(Clone, Debug)]
 pub struct GpuOptions {

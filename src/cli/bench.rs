@@ -238,7 +238,18 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
         engine.add_requests(&real)?;
         let t0 = Instant::now();
         let mut steps = Vec::new();
-        engine.run(|r| steps.push(r.elapsed_ms / 1e3))?;
+        let mut launched = Vec::new();
+        engine.run(|r| {
+            steps.push(r.elapsed_ms / 1e3);
+            launched.push(pat::backend::cuda::launches());
+        })?;
+        // GPU kernels + cuBLAS calls per decode step (0 on the CPU backend).
+        let launches_per_step = match (launched.first(), launched.last()) {
+            (Some(a), Some(b)) if launched.len() > 1 => {
+                (b - a) as f64 / (launched.len() - 1) as f64
+            }
+            _ => 0.0,
+        };
         let total = t0.elapsed().as_secs_f64();
         let prefill = steps[0];
         let mut decode: Vec<f64> = steps[1..].to_vec();
@@ -252,6 +263,8 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
             "ranks": engine.describe_ranks(), "weight_bytes": weight_bytes,
             "decode_roofline_latency": roofline, "decode_vs_roofline": roofline / med,
             "copy_bandwidth_gbps": min_bw / 1e9,
+            "launches_per_decode_step": launches_per_step,
+            "ms_per_launch": med * 1e3 / launches_per_step.max(1.0),
         });
         pb.inc(1);
         pb.suspend(|| -> pat::Result<()> {

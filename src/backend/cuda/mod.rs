@@ -35,6 +35,7 @@ pub mod workers;
 pub use buffer::{DBuf, DType, DView, HostElem};
 pub use comm::{DeviceComm, HostComm, SameDeviceComm, SoloComm};
 pub use device::{probe, CudaDev};
+pub use ops::launches;
 pub use rank::{GpuKvPool, GpuRank};
 pub use workers::{GpuOptions, GpuRanks};
 

@@ -59,6 +59,7 @@ fn run(dev: &CudaDev, g: Gemm<'_>, what: &str) -> Result<()> {
         cublasOperation_t::CUBLAS_OP_N
     };
     dev.bind()?;
+    super::count_launch();
     // SAFETY: the handle is bound to this device's stream; out holds n*m, a m*k and b n*k elements
     // of the dtype passed as the cuBLAS data type, with the leading dimensions used here; alpha and
     // beta are host f32 scalars, as CUBLAS_COMPUTE_32F with the default pointer mode expects.

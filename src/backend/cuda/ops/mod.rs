@@ -16,6 +16,7 @@ mod misc;
 mod norm;
 
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use cudarc::driver::result;
 
@@ -118,6 +119,19 @@ pub(crate) fn suffix(dt: DType) -> Result<&'static str> {
     }
 }
 
+/// Kernel launches and cuBLAS calls made by this process (every device, every thread).
+static LAUNCHES: AtomicU64 = AtomicU64::new(0);
+
+/// How many kernels and cuBLAS GEMMs this process has launched so far: the difference over a
+/// decode step is its launch count, whose per-launch cost is the floor of a small shard's step.
+pub fn launches() -> u64 {
+    LAUNCHES.load(Ordering::Relaxed)
+}
+
+pub(crate) fn count_launch() {
+    LAUNCHES.fetch_add(1, Ordering::Relaxed);
+}
+
 /// Blocks of a grid-stride launch: ceil(work / per_block), at least 1, at most `cap`.
 pub(crate) fn stride_grid(work: usize, per_block: usize, cap: u32) -> u32 {
     work.div_ceil(per_block.max(1))
@@ -151,6 +165,7 @@ pub(crate) unsafe fn launch<P>(
     // cuLaunchKernel copies the argument bytes before returning, so a pointer to the borrowed
     // struct is enough.
     let mut args = [params as *const P as *mut c_void];
+    count_launch();
     result::launch_kernel(f, grid, (block, 1, 1), 0, dev.cu_stream(), &mut args)
         .map_err(dev_err(format!("launching {symbol}")))
 }
