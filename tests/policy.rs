@@ -362,6 +362,7 @@ fn estimates_for_a_live_set_and_the_oracle() {
         generated: 0,
         replica,
         true_len: Some(true_len),
+        live_siblings: 0,
     };
     let set = [v(0, 5), v(0, 6), v(1, 7), v(1, 8)];
     // Strata at g = 0, k = 4: 20, 10, 4, 2 dealt to (1st of r0), (1st of r1), (2nd of r0), (2nd of r1).
@@ -509,6 +510,7 @@ fn the_policy_does_not_act_inside_the_profiles_spread() {
         context: 100,
         generated: 0,
         max_new_tokens: 1000,
+        group: None,
     }];
     let ctrl = |p| {
         Controller::new(
@@ -530,4 +532,30 @@ fn the_policy_does_not_act_inside_the_profiles_spread() {
     // Where to start: tp2 is predicted 15% faster; inside the noise band the start is still the
     // best non-switching plan (tp2), and a switching plan is not preferred over it.
     assert_eq!(ctrl(&noisy).plan_start(2, |_| live.to_vec()).unwrap().0, 2);
+}
+
+#[test]
+fn sequences_whose_siblings_still_run_are_dealt_the_longer_strata() {
+    // Lengths 10..=100; at g = 0 four sequences get the strata of the whole distribution. The one
+    // whose group has three live members gets the longest, the lone ones the shortest, whatever
+    // their replicas.
+    let d = LengthDist::new(&(1..=10).map(|i| 10 * i).collect::<Vec<_>>(), None).unwrap();
+    let v = |replica, live_siblings| SeqView {
+        generated: 0,
+        replica,
+        true_len: None,
+        live_siblings,
+    };
+    let est = Remaining::Empirical(d.clone())
+        .estimate_set(&[v(0, 1), v(1, 3), v(0, 2), v(1, 1)])
+        .unwrap();
+    let strata = d.residual_strata(0, 4); // descending
+    assert_eq!(est[1], strata[0]);
+    assert_eq!(est[2], strata[1]);
+    assert!(est[0] < est[2] && est[3] < est[2]);
+    // Without sibling information the deal is by replica round-robin, as before.
+    let est = Remaining::Empirical(d)
+        .estimate_set(&[v(0, 0), v(1, 0), v(0, 0), v(1, 0)])
+        .unwrap();
+    assert_eq!((est[0], est[1]), (strata[0], strata[1]));
 }

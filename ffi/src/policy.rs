@@ -118,6 +118,7 @@ fn estimates(p: &pat_policy_params, live: &[pat_live_seq]) -> FfiResult<Vec<f64>
                 generated: s.generated as usize,
                 replica: s.replica as usize,
                 true_len: None,
+                live_siblings: 0,
             })
             .collect();
         for (e, x) in est.iter_mut().zip(remaining.estimate_set(&views)?) {

@@ -175,6 +175,7 @@ pub fn rollout(
                         context: p,
                         generated: 0,
                         max_new_tokens: r,
+                        group: None,
                     })
                     .collect()
             })?

@@ -200,6 +200,7 @@ impl Engine {
                 context: s.tokens.len(),
                 generated: s.generated(),
                 max_new_tokens: s.max_new,
+                group: None,
             })
             .collect()
     }

@@ -32,6 +32,8 @@ pub struct LiveSeq {
     /// Its cap: the true response length when lengths are forced (a trace replay, ignore_eos),
     /// which only the oracle estimator reads.
     pub max_new_tokens: usize,
+    /// Its prompt group (GRPO: the responses to one prompt), when the source knows it.
+    pub group: Option<usize>,
 }
 
 /// What one step did.
@@ -125,12 +127,17 @@ impl<'a> Controller<'a> {
     }
 
     fn estimated(&self, live: &[LiveSeq]) -> Result<Vec<EstimatedSeq>> {
+        let mut per_group: std::collections::HashMap<usize, usize> = Default::default();
+        for g in live.iter().filter_map(|s| s.group) {
+            *per_group.entry(g).or_default() += 1;
+        }
         let views: Vec<SeqView> = live
             .iter()
             .map(|s| SeqView {
                 generated: s.generated,
                 replica: s.replica,
                 true_len: Some(s.max_new_tokens),
+                live_siblings: s.group.map_or(0, |g| per_group[&g]),
             })
             .collect();
         Ok(live

@@ -113,6 +113,10 @@ pub struct SeqView {
     pub replica: usize,
     /// The real response length: only the oracle reads it.
     pub true_len: Option<usize>,
+    /// Live sequences of its prompt group (GRPO siblings), itself included; 0 when unknown. At
+    /// equal `generated`, a sequence whose siblings are still running is dealt a longer stratum:
+    /// sibling lengths are correlated, so a group still running is likely a long group.
+    pub live_siblings: usize,
 }
 
 /// How the decision rule learns how long each live sequence will still run.
@@ -157,18 +161,24 @@ impl Remaining {
         }
         let mut out = vec![0.0; seqs.len()];
         for (g, idx) in groups {
-            // Deal order: the n-th sequence of each replica, replicas ascending, n ascending.
+            // Deal order: most live siblings first, then the n-th sequence of each replica,
+            // replicas ascending, n ascending.
             let mut seen: std::collections::BTreeMap<usize, usize> = Default::default();
-            let mut order: Vec<(usize, usize, usize)> = idx
+            let mut order: Vec<(std::cmp::Reverse<usize>, usize, usize, usize)> = idx
                 .iter()
                 .map(|&i| {
                     let n = seen.entry(seqs[i].replica).or_insert(0);
                     *n += 1;
-                    (*n, seqs[i].replica, i)
+                    (
+                        std::cmp::Reverse(seqs[i].live_siblings),
+                        *n,
+                        seqs[i].replica,
+                        i,
+                    )
                 })
                 .collect();
             order.sort_unstable();
-            for ((_, _, i), est) in order.into_iter().zip(d.residual_strata(g, idx.len())) {
+            for ((_, _, _, i), est) in order.into_iter().zip(d.residual_strata(g, idx.len())) {
                 out[i] = est;
             }
         }

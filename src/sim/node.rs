@@ -61,6 +61,7 @@ struct Seq {
     state: State,
     /// Its KV is cached (a queued sequence lost it, or never had it).
     cached: bool,
+    group: Option<usize>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -134,6 +135,7 @@ impl<'a> Node<'a> {
                 replica: replica.min(dp - 1),
                 state: State::Queued,
                 cached: false,
+                group: None,
             })
             .collect();
         let mut node = Node {
@@ -168,6 +170,14 @@ impl<'a> Node<'a> {
         node.recompute_ms = 0.0;
         node.mark();
         Ok(node)
+    }
+
+    /// Tells the node each request's prompt group (what the policy may see of it).
+    pub fn with_groups(mut self, groups: &[Option<usize>]) -> Self {
+        for (s, &g) in self.seqs.iter_mut().zip(groups) {
+            s.group = g;
+        }
+        self
     }
 
     fn generated(&self, i: usize) -> usize {
@@ -325,6 +335,7 @@ impl StepSource for Node<'_> {
                 context: self.context(i),
                 generated: self.generated(i),
                 max_new_tokens: self.seqs[i].target,
+                group: self.seqs[i].group,
             })
             .collect()
     }

@@ -264,6 +264,7 @@ pub fn simulate(
 ) -> Result<SimResult> {
     check(cfg, model)?;
     let reqs = requests(trace);
+    let groups: Vec<Option<usize>> = trace.requests.iter().map(|r| r.group).collect();
     let place = |tp: usize| initial_placement(&reqs, cfg.world / tp, cfg.placement);
     let modeled = TrueSwitch::Modeled(model.switch);
     match policy {
@@ -326,6 +327,7 @@ pub fn simulate(
                         context: p,
                         generated: 0,
                         max_new_tokens: r,
+                        group: groups[index],
                     })
                     .collect()
             };
@@ -344,7 +346,8 @@ pub fn simulate(
                 start,
                 &reqs,
                 &place(start),
-            )?;
+            )?
+            .with_groups(&groups);
             node.lockstep = cfg.lockstep;
             let run = drive(&mut node, Some(&ctrl), |_| {})?;
             let mut r = result(
