@@ -5,10 +5,10 @@
 //! 1. every start layout, static;
 //! 2. every start, one switch to every other layout at each of `GRID` evenly spaced rounds of the
 //!    longest response (snapshots of the static run, so each candidate only simulates its suffix);
-//! 3. from the `KEEP` best single switches, a second switch to every other layout at every later
-//!    grid round (ladders such as 1 -> 2 -> 8);
-//! 4. the last switch of the best schedule moved in `REFINE` finer steps within one grid cell on
-//!    either side.
+//! 3. from the best single switch of every (start, target) pair and the `KEEP` best overall, a
+//!    second switch to every other layout at every later grid round (ladders such as 1 -> 2 -> 8);
+//! 4. each switch of the best schedule moved in `REFINE` finer steps within one grid cell on
+//!    either side (last switch first, two passes).
 //!
 //! After a switch the live sequences are placed by longest-processing-time on their true
 //! remaining lengths. The search is exhaustive on its grid, not over every round: the reported
@@ -117,8 +117,19 @@ pub fn search(trace: &Trace, model: &SimModel, cfg: &SimConfig) -> Result<SimRes
             }
         }
     }
+    // Ladders from the best first switch of every (start, target) pair and from the overall best
+    // few.
     singles.sort_by(|x, y| x.0.total_cmp(&y.0));
-    for (_, s) in singles.iter().take(KEEP) {
+    let mut firsts: Vec<Schedule> = Vec::new();
+    for (_, s) in &singles {
+        let pair_seen = firsts
+            .iter()
+            .any(|f| f.start == s.start && f.switches[0].1 == s.switches[0].1);
+        if !pair_seen || firsts.len() < KEEP {
+            firsts.push(s.clone());
+        }
+    }
+    for s in &firsts {
         let (r1, b) = s.switches[0];
         let mut node = fresh(s.start)?;
         step_to(&mut node, r1)?;
@@ -137,29 +148,29 @@ pub fn search(trace: &Trace, model: &SimModel, cfg: &SimConfig) -> Result<SimRes
             }
         }
     }
-    let (_, mut sched) = best
+    let (mut best_t, mut sched) = best
         .ok_or_else(|| crate::error::Error::Invalid("no candidate layout to search over".into()))?;
-    // Refine the last switch within one grid cell on either side.
-    if let Some(&(r_last, tp_last)) = sched.switches.last() {
-        let cell = (longest / GRID).max(1);
-        let prev = sched.switches.iter().rev().nth(1).map_or(0, |s| s.0);
-        let mut best_t = replay(model, cfg, &reqs, &sched)?.0.now_ms();
-        for k in 1..=2 * REFINE {
-            let off = k * cell / REFINE;
-            let Some(r) = (r_last + off).checked_sub(cell) else {
-                continue;
-            };
-            if r <= prev || r == r_last {
-                continue;
-            }
-            let mut cand = sched.clone();
-            if let Some(last) = cand.switches.last_mut() {
-                *last = (r, tp_last);
-            }
-            let t = replay(model, cfg, &reqs, &cand)?.0.now_ms();
-            if t < best_t {
-                best_t = t;
-                sched = cand;
+    // Refine each switch within one grid cell on either side, the last first, twice over.
+    let cell = (longest / GRID).max(1);
+    for _ in 0..2 {
+        for i in (0..sched.switches.len()).rev() {
+            let lo = if i == 0 { 0 } else { sched.switches[i - 1].0 };
+            let hi = sched.switches.get(i + 1).map_or(usize::MAX, |s| s.0);
+            let r0 = sched.switches[i].0;
+            for k in 0..=2 * REFINE {
+                let Some(r) = (r0 + k * cell / REFINE).checked_sub(cell) else {
+                    continue;
+                };
+                if r <= lo || r >= hi || r == sched.switches[i].0 {
+                    continue;
+                }
+                let mut cand = sched.clone();
+                cand.switches[i].0 = r;
+                let t = replay(model, cfg, &reqs, &cand)?.0.now_ms();
+                if t < best_t {
+                    best_t = t;
+                    sched = cand;
+                }
             }
         }
     }

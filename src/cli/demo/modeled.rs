@@ -43,7 +43,7 @@ fn runs_for(host_us: f64) -> Result<(Vec<SimResult>, usize)> {
         world: 8,
         candidates: vec![1, 2, 4, 8],
         check_every: 64,
-        margin: 0.1,
+        margin: 0.05,
         min_gain_ms: 0.0,
         start_tp: None,
         placement: Placement::Chunks,

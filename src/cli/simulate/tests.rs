@@ -13,7 +13,7 @@ fn args(trace: PathBuf) -> SimulateArgs {
         cost_model: None,
         placement: PlacementArg::Chunks,
         check_every: 64,
-        margin: 0.1,
+        margin: 0.05,
         min_gain_ms: 0.0,
         switch_fixed_ms: None,
         start_tp: None,
