@@ -460,7 +460,6 @@ fn grpo_batches_hold_their_fractions_groups_and_correlation() {
 fn the_policy_does_not_act_inside_the_profiles_spread() {
     use pat::policy::controller::{Controller, ControllerConfig, LiveSeq};
     use pat::policy::decide::SwitchCost;
-    use pat::reshard::cost::CostModel;
     // tp1 steps take 10 ms, tp2 8.5 ms: switching one 1000-token sequence gains 15%, above the
     // 10% margin. With a profile spread of 10% (2 x 10% = 20% band) it is noise: stay.
     let flat = |a| Fit {
@@ -492,18 +491,7 @@ fn the_policy_does_not_act_inside_the_profiles_spread() {
         noise: 0.0,
         ..noisy.clone()
     };
-    let sw = SwitchCost {
-        fixed_ms: 0.0,
-        weight_bytes_per_s: 1e9,
-        sharded_weight_bytes: 0.0,
-        kv_bytes_per_token: 0.0,
-        kv: CostModel {
-            transfer_bytes_per_s: 1e9,
-            fixed_transfer_s: 0.0,
-            prefill_tokens_per_s: vec![],
-            fixed_prefill_s: 0.0,
-        },
-    };
+    let sw = SwitchCost::flat(0.0);
     let live = [LiveSeq {
         index: 0,
         replica: 0,

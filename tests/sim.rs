@@ -9,7 +9,6 @@ use pat::policy::decide::SwitchCost;
 use pat::policy::modeled::{Link, ModelShape};
 use pat::policy::predictor::{Fit, FitForm, Predictor};
 use pat::policy::trace::{deepscaler_like, uniform, Trace, TraceRequest};
-use pat::reshard::cost::CostModel;
 use pat::sim::node::{Node, TrueSwitch};
 use pat::sim::{
     sampled_profile, simulate_all, ComponentModel, ComponentParams, GpuKind, Placement, SimConfig,
@@ -236,18 +235,7 @@ fn a_predictor_that_is_its_own_clock_has_no_error() {
         fits: BTreeMap::from([(1, fit(10.0, 0.5)), (2, fit(6.0, 1.0))]),
         noise: 0.0,
     };
-    let sw = SwitchCost {
-        fixed_ms: 50.0,
-        weight_bytes_per_s: 1e9,
-        sharded_weight_bytes: 1e6,
-        kv_bytes_per_token: 0.0,
-        kv: CostModel {
-            transfer_bytes_per_s: 1e9,
-            fixed_transfer_s: 0.0,
-            prefill_tokens_per_s: vec![],
-            fixed_prefill_s: 0.0,
-        },
-    };
+    let sw = SwitchCost::flat(50.0);
     let model = SimModel {
         clock: &pred,
         predictor: &pred,

@@ -17,12 +17,12 @@ use pat::error::{Error, Result};
 use pat::model::ModelDir;
 use pat::parallel::layout::check_tp_for_model;
 use pat::parallel::Layout;
-use pat::policy::controller::{drive, Controller, ControllerConfig, Event, LiveSeq};
+use pat::policy::controller::{drive, Controller, ControllerConfig, Event};
 use pat::policy::decide::SwitchCost;
 use pat::policy::remaining::{LengthDist, Remaining};
 use pat::policy::{ModelDims, Predictor, Profile, Trace};
 use pat::reshard::cost::{CostModel, KvPolicy};
-use pat::sim::run::{initial_placement, requests, Placement};
+use pat::sim::run::{fresh_batch, initial_placement, requests, Placement};
 use pat::Dtype;
 
 /// `static:K` or `adaptive`.
@@ -165,19 +165,11 @@ pub fn rollout(
         (PolicyArg::Adaptive, Some(c)) => {
             let reqs = requests(trace);
             c.plan_start(a.world, |tp| {
-                let at = initial_placement(&reqs, a.world / tp, Placement::Lpt);
-                reqs.iter()
-                    .zip(at)
-                    .enumerate()
-                    .map(|(index, (&(p, r), replica))| LiveSeq {
-                        index,
-                        replica,
-                        context: p,
-                        generated: 0,
-                        max_new_tokens: r,
-                        group: None,
-                    })
-                    .collect()
+                fresh_batch(
+                    &reqs,
+                    &[],
+                    &initial_placement(&reqs, a.world / tp, Placement::Lpt),
+                )
             })?
             .0
         }

@@ -66,6 +66,22 @@ pub struct SwitchBreakdown {
 }
 
 impl SwitchCost {
+    /// A switch that costs `fixed_ms` whatever it moves (no weight or KV terms; never recompute).
+    pub fn flat(fixed_ms: f64) -> SwitchCost {
+        SwitchCost {
+            fixed_ms,
+            weight_bytes_per_s: 1.0,
+            sharded_weight_bytes: 0.0,
+            kv_bytes_per_token: 0.0,
+            kv: CostModel {
+                transfer_bytes_per_s: 1.0,
+                fixed_transfer_s: 0.0,
+                prefill_tokens_per_s: vec![],
+                fixed_prefill_s: 0.0,
+            },
+        }
+    }
+
     pub fn from_profile(p: &Profile) -> SwitchCost {
         SwitchCost {
             fixed_ms: p.switch.fixed_ms,

@@ -16,7 +16,9 @@
 //! true optimum.
 
 use super::node::{Node, TrueSwitch};
-use super::run::{initial_placement, requests, SimConfig, SimModel, SimResult, SwitchEvent};
+use super::run::{
+    initial_placement, requests, result, SimConfig, SimModel, SimResult, SwitchEvent,
+};
 use crate::error::Result;
 use crate::parallel::placement::balance;
 use crate::policy::controller::StepSource;
@@ -175,23 +177,7 @@ pub fn search(trace: &Trace, model: &SimModel, cfg: &SimConfig) -> Result<SimRes
         }
     }
     let (node, events) = replay(model, cfg, &reqs, &sched)?;
-    let total_ms = node.now_ms();
-    Ok(SimResult {
-        policy: "optimum".into(),
-        start_tp: sched.start,
-        final_tp: node.tp(),
-        total_ms,
-        prefill_ms: node.prefill_ms,
-        decode_ms: total_ms - node.prefill_ms - node.switch_ms,
-        switch_ms: node.switch_ms,
-        recompute_ms: node.recompute_ms,
-        preemptions: node.preemptions,
-        steps: node.rounds,
-        predicted_ms: None,
-        predictor_error_pct: None,
-        switches: events,
-        timeline: node.timeline,
-    })
+    Ok(result("optimum".into(), &node, sched.start, events, None))
 }
 
 /// Runs `sched` from the start; the finished node and its switches.

@@ -28,12 +28,11 @@ use super::node::{Node, TrueSwitch};
 use super::optimum;
 use crate::error::{Error, Result};
 use crate::parallel::placement::balance;
-use crate::policy::controller::{drive, Controller, ControllerConfig, LiveSeq, RunSummary};
+use crate::policy::controller::{drive, Controller, ControllerConfig, LiveSeq};
 use crate::policy::decide::SwitchCost;
 use crate::policy::predictor::Predictor;
 use crate::policy::remaining::{LengthDist, Remaining};
 use crate::policy::trace::Trace;
-use crate::reshard::cost::CostModel;
 
 /// PAT's measured switch, ms (paper: 5.52 s from TP2xDP4 to TP8).
 pub const PAT_SWITCH_MS: f64 = 5520.0;
@@ -180,6 +179,27 @@ pub fn requests(trace: &Trace) -> Vec<(usize, usize)> {
         .collect()
 }
 
+/// A batch before its first step as live sequences: request `i` (prompt, response) on replica
+/// `at[i]`, in prompt group `groups[i]` (missing: none).
+pub fn fresh_batch(
+    reqs: &[(usize, usize)],
+    groups: &[Option<usize>],
+    at: &[usize],
+) -> Vec<LiveSeq> {
+    reqs.iter()
+        .zip(at)
+        .enumerate()
+        .map(|(index, (&(p, r), &replica))| LiveSeq {
+            index,
+            replica,
+            context: p,
+            generated: 0,
+            max_new_tokens: r,
+            group: groups.get(index).copied().flatten(),
+        })
+        .collect()
+}
+
 /// Replica of each request at `tp` before any switch.
 pub fn initial_placement(reqs: &[(usize, usize)], dp: usize, how: Placement) -> Vec<usize> {
     match how {
@@ -194,11 +214,12 @@ pub fn initial_placement(reqs: &[(usize, usize)], dp: usize, how: Placement) -> 
     }
 }
 
-fn result(
+/// A run's result from its finished node and its switches.
+pub(crate) fn result(
     policy: String,
     node: &Node,
     start_tp: usize,
-    run: Option<&RunSummary>,
+    switches: Vec<SwitchEvent>,
     predicted_ms: Option<f64>,
 ) -> SimResult {
     use crate::policy::controller::StepSource;
@@ -216,40 +237,8 @@ fn result(
         steps: node.rounds,
         predicted_ms,
         predictor_error_pct: None,
-        switches: run
-            .map(|r| {
-                r.switches
-                    .iter()
-                    .map(|s| SwitchEvent {
-                        step: s.step,
-                        t_ms: s.t_ms,
-                        from: s.from,
-                        to: s.to,
-                        cost_ms: s.ms,
-                        live: s.live,
-                        predicted_stay_ms: s.predicted_stay_ms,
-                        predicted_best_ms: s.predicted_best_ms,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default(),
+        switches,
         timeline: node.timeline.clone(),
-    }
-}
-
-/// A flat-cost switch model as the policy sees it (no weight or KV terms).
-fn flat_switch(ms: f64) -> SwitchCost {
-    SwitchCost {
-        fixed_ms: ms,
-        weight_bytes_per_s: 1.0,
-        sharded_weight_bytes: 0.0,
-        kv_bytes_per_token: 0.0,
-        kv: CostModel {
-            transfer_bytes_per_s: 1.0,
-            fixed_transfer_s: 0.0,
-            prefill_tokens_per_s: vec![],
-            fixed_prefill_s: 0.0,
-        },
     }
 }
 
@@ -272,7 +261,7 @@ pub fn simulate(
             let mut node = Node::new(model.clock, modeled, cfg.world, tp, &reqs, &place(tp))?;
             node.lockstep = cfg.lockstep;
             node.run_to_end()?;
-            Ok(result(policy.name(), &node, tp, None, None))
+            Ok(result(policy.name(), &node, tp, Vec::new(), None))
         }
         PolicyKind::Optimum => optimum::search(trace, model, cfg).map(|mut r| {
             r.policy = policy.name();
@@ -290,7 +279,7 @@ pub fn simulate(
                 PolicyKind::Pat { flat_ms } => Some(flat_ms),
                 _ => None,
             };
-            let flat = pat_flat.flatten().map(flat_switch);
+            let flat = pat_flat.flatten().map(SwitchCost::flat);
             let seen_switch = flat.as_ref().unwrap_or(model.switch);
             let true_switch = match pat_flat.flatten() {
                 Some(ms) => TrueSwitch::Flat(ms),
@@ -317,20 +306,7 @@ pub fn simulate(
                 seen_switch,
                 estimator,
             )?;
-            let placed = |tp: usize| -> Vec<LiveSeq> {
-                reqs.iter()
-                    .zip(place(tp))
-                    .enumerate()
-                    .map(|(index, (&(p, r), replica))| LiveSeq {
-                        index,
-                        replica,
-                        context: p,
-                        generated: 0,
-                        max_new_tokens: r,
-                        group: groups[index],
-                    })
-                    .collect()
-            };
+            let placed = |tp: usize| fresh_batch(&reqs, &groups, &place(tp));
             let (start, predicted) = match (pat_flat, cfg.start_tp) {
                 (Some(_), s) => (s.unwrap_or(best_static), None),
                 (None, Some(s)) => (s, None),
@@ -350,11 +326,25 @@ pub fn simulate(
             .with_groups(&groups);
             node.lockstep = cfg.lockstep;
             let run = drive(&mut node, Some(&ctrl), |_| {})?;
+            let switches = run
+                .switches
+                .iter()
+                .map(|s| SwitchEvent {
+                    step: s.step,
+                    t_ms: s.t_ms,
+                    from: s.from,
+                    to: s.to,
+                    cost_ms: s.ms,
+                    live: s.live,
+                    predicted_stay_ms: s.predicted_stay_ms,
+                    predicted_best_ms: s.predicted_best_ms,
+                })
+                .collect();
             let mut r = result(
                 policy.name(),
                 &node,
                 start,
-                Some(&run),
+                switches,
                 predicted.map(|p| p + node.prefill_ms),
             );
             r.predictor_error_pct = visited_error(model, &node.visited);
