@@ -204,19 +204,28 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
             bw / 1e9
         );
     }
-    // Every rank reads its whole weight shard once per decode step, all ranks at once; ranks on
-    // the same memory share its bandwidth, so the step is bound by the busiest memory.
+    // Every rank of a replica with sequences reads its whole weight shard once per decode step,
+    // all such ranks at once (a batch smaller than dp leaves replicas idle: they read nothing);
+    // ranks on the same memory share its bandwidth, so the step is bound by the busiest memory.
     let ids = engine.rank_memory_ids();
-    let roofline = bws
-        .iter()
-        .map(|&(id, bw)| {
-            let bytes: usize = (0..a.world)
-                .filter(|&r| ids[r] == id)
-                .map(|r| engine.decode_read_bytes(r))
-                .sum();
-            bytes as f64 / (bw / 2.0) // reads only: half the copy traffic
-        })
-        .fold(0.0, f64::max);
+    let layout = pat::parallel::Layout::new(a.world, a.tp)?;
+    let read_bytes: Vec<usize> = (0..a.world).map(|r| engine.decode_read_bytes(r)).collect();
+    let roofline_for = |batch: usize| {
+        let busy: Vec<usize> = (0..layout.dp().min(batch))
+            .flat_map(|rep| (0..a.tp).map(move |t| (rep, t)))
+            .map(|(rep, t)| layout.rank_of(rep, t))
+            .collect();
+        bws.iter()
+            .map(|&(id, bw)| {
+                let bytes: usize = busy
+                    .iter()
+                    .filter(|&&r| ids[r] == id)
+                    .map(|&r| read_bytes[r])
+                    .sum();
+                bytes as f64 / (bw / 2.0) // reads only: half the copy traffic
+            })
+            .fold(0.0, f64::max)
+    };
     let min_bw = bws.iter().map(|b| b.1).fold(f64::INFINITY, f64::min);
     let weight_bytes: usize = (0..a.world).map(|r| engine.rank_bytes(r).0).sum();
     let pb = progress(settings.len() as u64, "bench one-batch");
@@ -254,6 +263,7 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
         let prefill = steps[0];
         let mut decode: Vec<f64> = steps[1..].to_vec();
         let med = median(&mut decode);
+        let roofline = roofline_for(batch);
         let rec = serde_json::json!({
             "run_name": a.run_name, "batch_size": batch, "input_len": input_len, "output_len": output_len,
             "prefill_latency": prefill, "prefill_throughput": (batch * input_len) as f64 / prefill,
