@@ -92,6 +92,9 @@ pub enum PresetArg {
     /// LLaMA-3.1-8B dimensions (Qwen3-14B with --arch qwen3): for GPU benchmarks.
     #[value(name = "llama3-8b-shape")]
     Llama3_8bShape,
+    /// SmolLM2-135M dimensions (30 layers, hidden 576, tied): a real shape for CPU benchmarks.
+    #[value(name = "smollm-135m-shape")]
+    Smollm135mShape,
 }
 
 impl From<PresetArg> for Preset {
@@ -100,6 +103,7 @@ impl From<PresetArg> for Preset {
             PresetArg::Tiny => Preset::Tiny,
             PresetArg::Small => Preset::Small,
             PresetArg::Llama3_8bShape => Preset::Llama3_8bShape,
+            PresetArg::Smollm135mShape => Preset::Smollm135mShape,
         }
     }
 }

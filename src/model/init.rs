@@ -23,6 +23,9 @@ pub enum Preset {
     Small,
     /// Exactly LLaMA-3.1-8B dims (Qwen3-14B dims for the Qwen3 arch): realistic memory and timing.
     Llama3_8bShape,
+    /// SmolLM2-135M dims (30 layers, hidden 576, 9/3 heads, ffn 1536, vocab 49152, tied): a real
+    /// shape small enough for CPU benchmarks against torch.
+    Smollm135mShape,
 }
 
 /// What `init_model` writes.
@@ -59,6 +62,8 @@ pub fn preset_dims(arch: Arch, preset: Preset) -> PresetDims {
         (Preset::Llama3_8bShape, false) => (128_256, 4096, 14_336, 32, 32, 8, 128, 131_072),
         // Qwen3-14B.
         (Preset::Llama3_8bShape, true) => (151_936, 5120, 17_408, 40, 40, 8, 128, 40_960),
+        // SmolLM2-135M (a LLaMA; the same dims for the Qwen3 arch).
+        (Preset::Smollm135mShape, _) => (49_152, 576, 1536, 30, 9, 3, 64, 8192),
     };
     PresetDims {
         dims: ModelDims {
@@ -70,7 +75,8 @@ pub fn preset_dims(arch: Arch, preset: Preset) -> PresetDims {
             num_heads: heads,
             num_kv_heads: kv,
             head_dim,
-            tie_word_embeddings: qwen && preset != Preset::Llama3_8bShape,
+            tie_word_embeddings: (qwen && preset != Preset::Llama3_8bShape)
+                || preset == Preset::Smollm135mShape,
             dtype_bytes: 2,
         },
         max_position_embeddings: max_pos,
@@ -106,7 +112,7 @@ fn llama_original_max_pos(preset: Preset) -> usize {
     match preset {
         Preset::Tiny => 64,
         Preset::Small => 512,
-        Preset::Llama3_8bShape => 8192,
+        Preset::Llama3_8bShape | Preset::Smollm135mShape => 8192,
     }
 }
 
