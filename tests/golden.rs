@@ -19,7 +19,7 @@ fn check_model(model: &str) {
             world,
             tp,
             Dtype::F32,
-            Engine::blocks_needed(&reqs, 16),
+            Engine::blocks_needed(&reqs, 16).unwrap(),
         );
         e.record_logits(true);
         e.add_requests(&reqs).unwrap();
