@@ -76,7 +76,15 @@ pub struct StatsArgs {
 /// Builds the trace `pat trace gen` would write.
 pub fn generate(a: &GenArgs) -> Result<Trace> {
     let cap = a.cap;
-    match a.kind {
+    if cap == 0 {
+        return Err(Error::Invalid("--cap must be at least 1".into()));
+    }
+    if a.kind == TraceKind::Uniform && a.lo.is_none() && a.hi.is_none() && cap / 4 == 0 {
+        return Err(Error::Invalid(format!(
+            "--cap {cap} is too small for the default uniform range (cap/4 +- cap/32); give --lo and --hi"
+        )));
+    }
+    let r = match a.kind {
         TraceKind::Deepscaler => deepscaler_like(a.n, cap, a.seed),
         TraceKind::Uniform => uniform(
             a.n,
@@ -89,7 +97,24 @@ pub fn generate(a: &GenArgs) -> Result<Trace> {
             a.short.unwrap_or((cap / 16).max(1)),
             a.long.unwrap_or(cap),
         ),
+    };
+    r.map_err(|e| Error::Invalid(trace_flags(&e.to_string())))
+}
+
+/// A generator's message with its parameter names as the flags of `pat trace gen`.
+fn trace_flags(msg: &str) -> String {
+    let mut m = msg.to_string();
+    for (p, f) in [
+        ("`n`", "--n"),
+        ("`cap`", "--cap"),
+        ("`lo`", "--lo"),
+        ("`hi`", "--hi"),
+        ("`short`", "--short"),
+        ("`long`", "--long"),
+    ] {
+        m = m.replace(p, f);
     }
+    m
 }
 
 pub fn run(a: TraceArgs) -> Result<()> {
