@@ -64,7 +64,7 @@ fn kv_heads_near_2_pow_30_are_refused_before_any_allocation() {
             &mut plan,
         )
     };
-    expect(st, PAT_ERR_INVALID_ARGUMENT, "num_key_value_heads");
+    expect(st, PAT_ERR_INVALID_ARGUMENT, "larger than pat supports");
     assert!(plan.is_null());
     let mut wp = null_mut();
     // SAFETY: as above.
