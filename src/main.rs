@@ -4,15 +4,16 @@
 
 mod cli;
 
-use clap::Parser;
-
 use std::process::ExitCode;
 
 /// The exit status of a process whose reader closed the pipe (as if killed by SIGPIPE).
 const CLOSED_PIPE: u8 = 141;
 
 fn main() -> ExitCode {
-    let args = match cli::Cli::try_parse() {
+    let parsed = cli::command()
+        .try_get_matches()
+        .and_then(|m| <cli::Cli as clap::FromArgMatches>::from_arg_matches(&m));
+    let args = match parsed {
         Ok(a) => a,
         // --help, --version and usage errors: clap's text, but a closed or full stdout is not a
         // panic.

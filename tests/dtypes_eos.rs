@@ -116,7 +116,13 @@ fn generation_stops_at_eos_unless_ignored() {
             max_new_tokens: 24,
             ignore_eos,
         }];
-        let mut e = engine(&dir, 2, 2, Dtype::F32, Engine::blocks_needed(&reqs, 16));
+        let mut e = engine(
+            &dir,
+            2,
+            2,
+            Dtype::F32,
+            Engine::blocks_needed(&reqs, 16).unwrap(),
+        );
         e.add_requests(&reqs).unwrap();
         e.run(|_| {}).unwrap();
         let o = &e.outputs()[0];

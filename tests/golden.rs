@@ -19,7 +19,7 @@ fn check_model(model: &str) {
             world,
             tp,
             Dtype::F32,
-            Engine::blocks_needed(&reqs, 16),
+            Engine::blocks_needed(&reqs, 16).unwrap(),
         );
         e.record_logits(true);
         e.add_requests(&reqs).unwrap();
@@ -84,5 +84,51 @@ fn bf16_weights_stay_close_to_the_f32_reference() {
             err < 3e-2 && err > 1e-6,
             "{model}: bf16 logits relative error {err:e}"
         );
+    }
+}
+
+#[test]
+fn a_pool_that_holds_one_request_at_a_time_queues_the_rest_with_the_same_tokens() {
+    // Admission control: every request fits the pool alone, none fits beside another, so the
+    // scheduler runs them one after another (per replica) instead of failing mid-run; the tokens
+    // are still transformers' own.
+    let (max_new, gold) = golden("llama");
+    let reqs = golden_requests(&gold, max_new);
+    let one = reqs
+        .iter()
+        .map(|r| pat::kv::blocks_for(r.input_ids.len() + r.max_new_tokens, 16))
+        .max()
+        .unwrap();
+    let smallest = reqs
+        .iter()
+        .map(|r| pat::kv::blocks_for(r.input_ids.len() + r.max_new_tokens, 16))
+        .min()
+        .unwrap();
+    assert!(
+        2 * smallest > one,
+        "the fixture's requests must not fit two at a time"
+    );
+    for (world, tp) in [(1, 1), (2, 1)] {
+        let mut e = engine(&golden_dir("llama"), world, tp, Dtype::F32, one);
+        e.add_requests(&reqs).unwrap();
+        let mut most_running = 0;
+        while e.live() > 0 {
+            let r = e.step().unwrap();
+            most_running = most_running.max(r.tokens_out);
+        }
+        // At most one sequence per replica ran at once.
+        assert!(
+            most_running <= world,
+            "world {world}: {most_running} ran at once"
+        );
+        let outs = e.outputs();
+        assert_eq!(outs.len(), gold.len());
+        for (o, g) in outs.iter().zip(&gold) {
+            assert_eq!(
+                o.output_ids, g.output_ids,
+                "world {world} prompt {}",
+                o.index
+            );
+        }
     }
 }

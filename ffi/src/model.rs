@@ -151,7 +151,7 @@ pub(crate) unsafe fn config_of(d: *const pat_model_dims) -> FfiResult<ModelConfi
             d.num_kv_heads, d.num_heads
         )));
     }
-    Ok(ModelConfig {
+    let cfg = ModelConfig {
         arch,
         vocab_size: d.vocab_size as usize,
         hidden_size: d.hidden_size as usize,
@@ -168,7 +168,11 @@ pub(crate) unsafe fn config_of(d: *const pat_model_dims) -> FfiResult<ModelConfi
         bos_token_id: None,
         eos_token_ids: Vec::new(),
         dtype: None,
-    })
+    };
+    // The bounds config.json gets (products of sizes stay inside u64; plans stay small).
+    cfg.check_sizes()
+        .map_err(|m| Fail::Invalid(format!("`dims`: {m}")))?;
+    Ok(cfg)
 }
 
 /// Opens the HF model directory `dir` (UTF-8 path): config.json, model.safetensors or its

@@ -6,13 +6,13 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::{Args, Subcommand};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::common::{open_model, progress};
-use pat::engine::{Engine, EngineOptions, Request};
+use pat::engine::{check_lengths, Engine, EngineOptions, Request};
 use pat::error::{Error, Result};
-use pat::model::sampling::SamplingParams;
+use pat::model::sampling::{random_ids, SamplingParams};
 use pat::stats::median;
 
 #[derive(Subcommand, Debug)]
@@ -160,6 +160,13 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
             "batch sizes and input lengths must be >= 1, output lengths >= 2".into(),
         ));
     }
+    for &i in &a.input_len {
+        for &o in &a.output_len {
+            check_lengths(&m.cfg, i, o).map_err(|msg| {
+                Error::Invalid(format!("--input-len {i} with --output-len {o}: {msg}"))
+            })?;
+        }
+    }
     let backend = a.backend.backend()?;
     let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
     let mut settings = Vec::new();
@@ -172,11 +179,14 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
     }
     // One engine for the whole sweep (loading an 8B shard takes a while): its pool holds the
     // largest setting; every setting's sequences finish and free their blocks before the next.
-    let kv_blocks = settings
-        .iter()
-        .map(|&(b, i, o)| b * pat::kv::blocks_for(i + o, 16))
-        .max()
-        .unwrap_or(1);
+    let mut kv_blocks = 1;
+    for &(b, i, o) in &settings {
+        let n = pat::kv::blocks_for(i + o, 16)
+            .checked_mul(b)
+            .filter(|&n| n <= u32::MAX as usize)
+            .ok_or_else(|| Error::Invalid(format!("--batch-size {b} is too large")))?;
+        kv_blocks = kv_blocks.max(n);
+    }
     let opts = EngineOptions {
         world: a.world,
         tp: a.tp,
@@ -230,11 +240,11 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
     let weight_bytes: usize = (0..a.world).map(|r| engine.rank_bytes(r).0).sum();
     let pb = progress(settings.len() as u64, "bench one-batch");
     for &(batch, input_len, output_len) in &settings {
-        let vocab = m.cfg.vocab_size as u32;
+        let vocab = m.cfg.vocab_size;
         let mut reqs = |n: usize, il: usize, ol: usize| -> Vec<Request> {
             (0..n)
                 .map(|_| Request {
-                    input_ids: (0..il).map(|_| rng.random_range(3..vocab)).collect(),
+                    input_ids: random_ids(&mut rng, il, vocab),
                     max_new_tokens: ol,
                     ignore_eos: true,
                 })

@@ -145,7 +145,7 @@ fn one_run(m: &ModelDir, world: usize, tp: usize, reqs: &[Request], switch: Swit
         EngineOptions::for_memory_budget(&m.cfg, &backend, world, tp, Dtype::F32, 64 << 20)?;
     opts.kv_blocks = opts
         .kv_blocks
-        .max(Engine::blocks_needed(reqs, opts.block_size));
+        .max(Engine::blocks_needed(reqs, opts.block_size)?);
     let mut engine = Engine::new(m.cfg.clone(), &m.ck, opts)?;
     engine.add_requests(reqs)?;
     let t0 = Instant::now();

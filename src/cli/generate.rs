@@ -8,7 +8,7 @@ use clap::{ArgGroup, Args};
 use super::common::{open_model, progress};
 use pat::engine::parse_requests_jsonl;
 use pat::engine::sequence::prefill_rate;
-use pat::engine::{Engine, EngineOptions, Output, Request};
+use pat::engine::{check_request, Engine, EngineOptions, Output, Request};
 use pat::error::{Error, Result};
 use pat::model::sampling::SamplingParams;
 use pat::model::tokenizer::Tokenizer;
@@ -109,6 +109,26 @@ fn requests(a: &GenerateArgs, tok: Option<&Tokenizer>) -> Result<Vec<Request>> {
     parse_requests_jsonl(path, &text, tok, a.max_new_tokens, a.ignore_eos)
 }
 
+/// Checks every request against the model before any pool or engine is built; the message names
+/// where the request came from (the flags, or the request file).
+fn check_requests(
+    a: &GenerateArgs,
+    reqs: &[Request],
+    cfg: &pat::model::config::ModelConfig,
+) -> Result<()> {
+    for (i, r) in reqs.iter().enumerate() {
+        check_request(cfg, i, r).map_err(|e| match &a.requests {
+            Some(p) => e.context(p.display().to_string()),
+            None => e.context(if a.prompt.is_some() {
+                "--prompt with --max-new-tokens"
+            } else {
+                "--prompt-ids with --max-new-tokens"
+            }),
+        })?;
+    }
+    Ok(())
+}
+
 pub fn run(a: GenerateArgs) -> Result<()> {
     let backend = a.backend.backend()?;
     if backend != pat::engine::Backend::Cpu && !a.reconfigure.is_empty() {
@@ -118,7 +138,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     }
     let m = open_model(&a.model)?;
     let reqs = requests(&a, m.tok.as_ref())?;
-    super::switch::check_switches(&a.reconfigure, a.world, &m)?;
+    check_requests(&a, &reqs, &m.cfg)?;
+    super::switch::check_switches(&a.reconfigure, a.world, &m, |s| {
+        format!("--reconfigure {}:{}", s.step, s.tp)
+    })?;
     let mut opts = EngineOptions {
         world: a.world,
         tp: a.tp,
@@ -142,7 +165,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             } else {
                 opts.blocks_in(&m.cfg, &backend, 64 << 20)?
             };
-            Engine::blocks_needed(&reqs, a.block_size).max(floor)
+            Engine::blocks_needed(&reqs, a.block_size)?.max(floor)
         }
     };
     let t0 = Instant::now();
@@ -158,9 +181,12 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let mut plan = a.reconfigure.clone();
     plan.sort_by_key(|s| s.step);
     let mut plan = plan.into_iter().peekable();
+    // An error ends the loop, but the requests that finished before it are still printed.
+    let mut failed = None;
     while engine.live() > 0 {
-        // Engine step 0 is the prefill; after it, step k is the k-th decode step.
-        while let Some(sw) = plan.next_if(|sw| steps.len() == sw.step + 1) {
+        // Engine step 0 is the prefill; after it, step k is the k-th decode step (checked: a
+        // huge STEP never wraps around to before the prefill).
+        while let Some(sw) = plan.next_if(|sw| sw.step.checked_add(1) == Some(steps.len())) {
             // Measured once, at the first switch, from this run's prefill.
             let cost = cost.get_or_insert_with(|| {
                 CostModel::measured_cpu(prefill_rate(&steps).unwrap_or(1.0))
@@ -179,12 +205,18 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                 }),
             }
         }
-        let r = engine.step()?;
+        let r = match engine.step() {
+            Ok(r) => r,
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        };
         produced += r.tokens_out as u64;
         pb.set_position(produced);
         steps.push(r);
     }
-    for sw in plan {
+    for sw in plan.take_while(|_| failed.is_none()) {
         eprintln!(
             "warning: --reconfigure {}:{} not applied: every request finished first",
             sw.step, sw.tp
@@ -194,6 +226,13 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let gen_s = t1.elapsed().as_secs_f64();
     for o in engine.outputs() {
         outln!("{}", output_json(&o, m.tok.as_ref())?)?;
+    }
+    if let Some(e) = failed {
+        let done = engine.outputs().len();
+        return Err(e.context(format!(
+            "{done} of {} requests finished (printed above) before this error",
+            reqs.len()
+        )));
     }
     eprintln!(
         "{} requests, {produced} tokens in {gen_s:.2} s ({:.1} tok/s) on world {}, tp {} at the end; load {load_s:.2} s",

@@ -183,6 +183,9 @@ const FLAGS: &[(&str, &str)] = &[
     ("`shard`", "--shard"),
     ("`max_new_tokens`", "--max-new-tokens"),
     ("`backend cuda`", "--backend cuda"),
+    ("`contexts`", "--contexts"),
+    ("`dtype`", "--dtype"),
+    ("`batches`", "--batches"),
 ];
 
 /// A library error message with its parameter names turned into the flags that set them.
@@ -190,6 +193,27 @@ pub fn flag_names(msg: &str) -> String {
     FLAGS
         .iter()
         .fold(msg.to_string(), |m, (param, flag)| m.replace(param, flag))
+}
+
+/// The command line with every option of every subcommand accepting a negative number as its
+/// value, so `--temperature -1` reaches pat's own check ("must be >= 0") and `--world -1`
+/// clap's "invalid value '-1' for '--world'", instead of "unexpected argument '-1'".
+pub fn command() -> clap::Command {
+    fn negatives(cmd: clap::Command) -> clap::Command {
+        let cmd = cmd.mut_args(|a| {
+            if a.get_action().takes_values() {
+                a.allow_negative_numbers(true)
+            } else {
+                a
+            }
+        });
+        let subs: Vec<String> = cmd
+            .get_subcommands()
+            .map(|s| s.get_name().to_string())
+            .collect();
+        subs.iter().fold(cmd, |c, n| c.mut_subcommand(n, negatives))
+    }
+    negatives(<Cli as clap::CommandFactory>::command())
 }
 
 /// Runs the parsed command.

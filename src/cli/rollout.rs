@@ -7,13 +7,14 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use clap::Args;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
 use super::common::{open_model, progress};
-use pat::engine::{Backend, Engine, EngineOptions, EngineSource, Request};
+use pat::engine::{check_lengths, Backend, Engine, EngineOptions, EngineSource, Request};
 use pat::error::{Error, Result};
+use pat::model::sampling::random_ids;
 use pat::model::ModelDir;
 use pat::parallel::layout::check_tp_for_model;
 use pat::parallel::Layout;
@@ -109,6 +110,13 @@ pub fn rollout(
     profile: Option<&Profile>,
     emit: bool,
 ) -> Result<()> {
+    Layout::new(a.world, 1)?;
+    // Lengths first: a trace line the model cannot hold is refused before anything is built.
+    for (i, r) in trace.requests.iter().enumerate() {
+        check_lengths(&m.cfg, r.prompt_len, r.response_len).map_err(|msg| {
+            Error::Invalid(format!("--trace request {} (line order): {msg}", i + 1))
+        })?;
+    }
     let tps: Vec<usize> = (1..=a.world)
         .filter(|t| a.world % t == 0 && check_tp_for_model(*t, &m.cfg).is_ok())
         .collect();
@@ -178,30 +186,35 @@ pub fn rollout(
     Layout::new(a.world, start)
         .and_then(|_| check_tp_for_model(start, &m.cfg))
         .map_err(|e| e.context("--policy/--start-tp"))?;
-    let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
-    let vocab = m.cfg.vocab_size as u32;
-    let reqs: Vec<Request> = trace
-        .requests
-        .iter()
-        .map(|r| Request {
-            input_ids: r.input_ids.clone().unwrap_or_else(|| {
-                (0..r.prompt_len)
-                    .map(|_| rng.random_range(3.min(vocab - 1)..vocab))
-                    .collect()
-            }),
-            max_new_tokens: r.response_len,
-            ignore_eos: true,
-        })
-        .collect();
     // A pool that holds the batch and at least 64 MiB per rank, so a switch to a smaller tp still
     // finds room for the larger weight shards.
     let backend = Backend::Cpu;
     let mut opts =
         EngineOptions::for_memory_budget(&m.cfg, &backend, a.world, start, Dtype::F32, 64 << 20)?;
-    opts.kv_blocks = opts
-        .kv_blocks
-        .max(Engine::blocks_needed(&reqs, opts.block_size));
+    let needed = Engine::blocks_for_lengths(
+        trace
+            .requests
+            .iter()
+            .map(|r| (r.prompt_len, r.response_len)),
+        opts.block_size,
+    )
+    .map_err(|e| e.context("--trace"))?;
+    opts.kv_blocks = opts.kv_blocks.max(needed);
     let mut engine = Engine::new(m.cfg.clone(), &m.ck, opts)?;
+    // Prompts only now: the pool that holds their KV is allocated, so their ids fit too.
+    let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
+    let reqs: Vec<Request> = trace
+        .requests
+        .iter()
+        .map(|r| Request {
+            input_ids: r
+                .input_ids
+                .clone()
+                .unwrap_or_else(|| random_ids(&mut rng, r.prompt_len, m.cfg.vocab_size)),
+            max_new_tokens: r.response_len,
+            ignore_eos: true,
+        })
+        .collect();
     engine.add_requests(&reqs)?;
 
     let total: u64 = reqs.iter().map(|r| r.max_new_tokens as u64).sum();

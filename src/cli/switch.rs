@@ -6,13 +6,15 @@ use std::str::FromStr;
 use std::time::Instant;
 
 use clap::Args;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::common::open_model;
 use pat::engine::sequence::prefill_rate;
-use pat::engine::{Backend, Engine, EngineOptions, Request};
+use pat::engine::{check_lengths, Backend, Engine, EngineOptions, Request};
 use pat::error::{Error, Result};
+use pat::kv::blocks_for;
+use pat::model::sampling::random_ids;
 use pat::model::ModelDir;
 use pat::parallel::layout::check_tp_for_model;
 use pat::parallel::Layout;
@@ -47,12 +49,19 @@ impl FromStr for SwitchAt {
     }
 }
 
-/// Checks every planned tp against the world and the model before any work starts.
-pub fn check_switches(switches: &[SwitchAt], world: usize, model: &ModelDir) -> Result<()> {
+/// Checks every planned tp against the world and the model before any work starts; `flag`
+/// names a switch as the user gave it (`--reconfigure 8:4`, `--to 4`).
+pub fn check_switches(
+    switches: &[SwitchAt],
+    world: usize,
+    model: &ModelDir,
+    flag: impl Fn(&SwitchAt) -> String,
+) -> Result<()> {
+    Layout::new(world, 1)?;
     for s in switches {
         Layout::new(world, s.tp)
             .and_then(|_| check_tp_for_model(s.tp, &model.cfg))
-            .map_err(|e| Error::Invalid(format!("--reconfigure {}:{}: {e}", s.step, s.tp)))?;
+            .map_err(|e| Error::Invalid(format!("{}: {e}", flag(s))))?;
     }
     Ok(())
 }
@@ -104,34 +113,43 @@ pub fn bench_switch(a: BenchSwitchArgs) -> Result<()> {
             )));
         }
     }
+    Layout::new(a.world, a.from)
+        .and_then(|_| check_tp_for_model(a.from, &m.cfg))
+        .map_err(|e| Error::Invalid(format!("--from {}: {e}", a.from)))?;
     let switches: Vec<SwitchAt> = a.to.iter().map(|&tp| SwitchAt { step: 0, tp }).collect();
-    check_switches(&switches, a.world, &m)?;
+    check_switches(&switches, a.world, &m, |s| format!("--to {}", s.tp))?;
     let cfg = &m.cfg;
     let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
     let steps_after = 3;
     let per_switch = 1 + steps_after;
     let max_new = 2 + per_switch * a.to.len() + 1;
-    let reqs: Vec<Request> = (0..a.batch)
-        .map(|_| Request {
-            input_ids: (0..a.context)
-                .map(|_| rng.random_range(3..cfg.vocab_size as u32))
-                .collect(),
-            max_new_tokens: max_new,
-            ignore_eos: true,
-        })
-        .collect();
+    // Lengths first: nothing is built for a context the model cannot hold.
+    check_lengths(cfg, a.context, max_new)
+        .map_err(|m| Error::Invalid(format!("--context {}: {m}", a.context)))?;
+    let needed = blocks_for(a.context + max_new, pat::engine::DEFAULT_BLOCK_SIZE)
+        .checked_mul(a.batch)
+        .filter(|&n| n <= u32::MAX as usize)
+        .ok_or_else(|| Error::Invalid("--batch x --context is too large".into()))?;
     let mut opts = EngineOptions::for_memory_budget(
         cfg,
         &Backend::Cpu,
         a.world,
         a.from,
         a.dtype,
-        (a.kv_mib as u64) << 20,
+        (a.kv_mib as u64)
+            .checked_mul(1 << 20)
+            .ok_or_else(|| Error::Invalid(format!("--kv-mib {} is too large", a.kv_mib)))?,
     )?;
-    opts.kv_blocks = opts
-        .kv_blocks
-        .max(Engine::blocks_needed(&reqs, opts.block_size));
+    opts.kv_blocks = opts.kv_blocks.max(needed);
     let mut engine = Engine::new(cfg.clone(), &m.ck, opts)?;
+    // The pool holds every prompt's KV, far more than the prompts' ids: these fit too.
+    let reqs: Vec<Request> = (0..a.batch)
+        .map(|_| Request {
+            input_ids: random_ids(&mut rng, a.context, cfg.vocab_size),
+            max_new_tokens: max_new,
+            ignore_eos: true,
+        })
+        .collect();
     engine.add_requests(&reqs)?;
     let t0 = Instant::now();
     let mut steps = vec![engine.step()?];

@@ -92,7 +92,15 @@ pub struct StatsArgs {
 /// Builds the trace `pat trace gen` would write.
 pub fn generate(a: &GenArgs) -> Result<Trace> {
     let cap = a.cap;
-    match a.kind {
+    if cap == 0 {
+        return Err(Error::Invalid("--cap must be at least 1".into()));
+    }
+    if a.kind == TraceKind::Uniform && a.lo.is_none() && a.hi.is_none() && cap / 4 == 0 {
+        return Err(Error::Invalid(format!(
+            "--cap {cap} is too small for the default uniform range (cap/4 +- cap/32); give --lo and --hi"
+        )));
+    }
+    let r = match a.kind {
         TraceKind::Deepscaler => deepscaler_like(a.n, cap, a.seed),
         TraceKind::Uniform => uniform(
             a.n,
@@ -113,7 +121,28 @@ pub fn generate(a: &GenArgs) -> Result<Trace> {
             at_cap: a.at_cap.unwrap_or(DEEPSCALER_AT_CAP),
             seed: a.seed,
         }),
+    };
+    r.map_err(|e| Error::Invalid(trace_flags(&e.to_string())))
+}
+
+/// A generator's message with its parameter names as the flags of `pat trace gen`.
+fn trace_flags(msg: &str) -> String {
+    let mut m = msg.to_string();
+    for (p, f) in [
+        ("`n`", "--n"),
+        ("`cap`", "--cap"),
+        ("`lo`", "--lo"),
+        ("`hi`", "--hi"),
+        ("`short`", "--short"),
+        ("`long`", "--long"),
+        ("`prompts`", "--prompts"),
+        ("`group_size`", "--group-size"),
+        ("`rho`", "--rho"),
+        ("`at_cap`", "--at-cap"),
+    ] {
+        m = m.replace(p, f);
     }
+    m
 }
 
 pub fn run(a: TraceArgs) -> Result<()> {

@@ -30,6 +30,7 @@ pub use options::{EngineOptions, DEFAULT_BLOCK_SIZE};
 pub use ranks::{Backend, SwitchFault, SwitchPhase};
 pub use reconfigure::SwitchReport;
 pub use requests::parse_requests_jsonl;
+pub use scheduler::{check_lengths, check_request};
 pub use sequence::{FinishReason, Output, Request, StepReport};
 
 use std::time::Instant;
@@ -88,13 +89,24 @@ impl Engine {
     ) -> Result<Self> {
         let layout = Layout::new(opts.world, opts.tp)?;
         layout.validate_for(&cfg)?;
-        if opts.block_size == 0 {
-            return Err(Error::Invalid("`block_size` must be at least 1".into()));
+        if opts.block_size == 0 || opts.block_size > cfg.max_position_embeddings {
+            return Err(Error::Invalid(format!(
+                "`block_size` is {}, expected 1 ..= max_position_embeddings ({})",
+                opts.block_size, cfg.max_position_embeddings
+            )));
         }
         if opts.kv_blocks == 0 {
             return Err(Error::KvExhausted(
                 "the pool has 0 blocks (raise `kv_blocks`)".into(),
             ));
+        }
+        if opts.kv_blocks > u32::MAX as usize {
+            // Block ids are u32 (block tables, the C ABI).
+            return Err(Error::Invalid(format!(
+                "`kv_blocks` is {}, more than block ids count ({})",
+                opts.kv_blocks,
+                u32::MAX
+            )));
         }
         opts.sampling.validate()?;
         let inv_freq = cfg.inv_freq();
@@ -210,16 +222,17 @@ impl Engine {
         self.seqs.iter().filter(|s| s.finished.is_none()).count()
     }
 
-    /// Runs one step on every replica with live sequences. On error no token has been sampled
+    /// Runs one step on every replica with live sequences (the scheduler admits waiting ones as
+    /// their KV blocks fit; see `admitted`). On error no token has been sampled
     /// and no sequence has advanced (blocks granted for the step stay in its tables, to be used
     /// by the next try).
     pub fn step(&mut self) -> Result<StepReport> {
         let t0 = Instant::now();
         let dp = self.layout.dp();
         let mut live_per_replica = vec![0; dp];
-        let live: Vec<usize> = (0..self.seqs.len())
-            .filter(|&i| self.seqs[i].finished.is_none())
-            .collect();
+        // The sequences that run this step: those already running, and waiting ones whose whole
+        // footprint fits what their replica's pool has left (the rest wait for blocks to free).
+        let live = self.admitted();
         for &i in &live {
             live_per_replica[self.seqs[i].replica] += 1;
         }
@@ -241,6 +254,19 @@ impl Engine {
         let logits_per_replica = self.forward_replicas(&per_replica, |s| s.tokens.len())?;
 
         let (vocab, mut finished) = (self.cfg.vocab_size, 0);
+        // NaN or inf logits would sample garbage silently: an error, before anything advances.
+        for (d, ids) in per_replica.iter().enumerate() {
+            for (row, &i) in ids.iter().enumerate() {
+                let l = &logits_per_replica[d][row * vocab..(row + 1) * vocab];
+                if let Some(t) = l.iter().position(|x| !x.is_finite()) {
+                    return Err(Error::Invalid(format!(
+                        "request {i}: the model produced a non-finite logit ({}) for token {t} at step {}: \
+                         the weights overflow in this dtype (try `dtype` f32) or are corrupt",
+                        l[t], self.steps
+                    )));
+                }
+            }
+        }
         self.recorded.clear();
         for (d, ids) in per_replica.iter().enumerate() {
             for (row, &i) in ids.iter().enumerate() {

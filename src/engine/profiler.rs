@@ -8,15 +8,17 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::{Backend, Engine, EngineOptions, Request, DEFAULT_BLOCK_SIZE};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
+use crate::model::sampling::random_ids;
 use crate::model::sampling::SamplingParams;
 use crate::model::ModelDir;
 use crate::parallel::layout::check_tp_for_model;
+use crate::parallel::Layout;
 use crate::policy::profile::{DecodeSample, PrefillSample, SwitchProfile, PROFILE_VERSION};
 use crate::policy::{ModelDims, Profile};
 use crate::reshard::cost::{CostModel, KvPolicy};
@@ -48,6 +50,7 @@ pub struct ProfileGrid {
 impl ProfileGrid {
     /// Checks the grid; returns the tp degrees it will measure.
     pub fn tps(&self, model: &ModelDir) -> Result<Vec<usize>> {
+        Layout::new(self.world, 1)?;
         if self.batches.is_empty()
             || self.contexts.is_empty()
             || self.batches.contains(&0)
@@ -57,6 +60,15 @@ impl ProfileGrid {
             return Err(Error::Invalid(
                 "profile grid: `batches`, `contexts` and `steps` must be positive".into(),
             ));
+        }
+        for &c in &self.contexts {
+            crate::engine::check_lengths(&model.cfg, c, self.steps.saturating_add(1)).map_err(
+                |m| {
+                    Error::Invalid(format!(
+                        "profile grid: `contexts` value {c} is too long: {m}"
+                    ))
+                },
+            )?;
         }
         let tps: Vec<usize> = (1..=self.world)
             .filter(|t| self.world % t == 0 && check_tp_for_model(*t, &model.cfg).is_ok())
@@ -77,7 +89,15 @@ impl ProfileGrid {
 
     /// Prompt tokens the grid prefills in all (what dominates its run time on a CPU).
     pub fn prefill_tokens(&self, tps: &[usize]) -> usize {
-        self.batches.iter().sum::<usize>() * self.contexts.iter().sum::<usize>() * tps.len()
+        let b = self
+            .batches
+            .iter()
+            .fold(0usize, |a, &x| a.saturating_add(x));
+        let c = self
+            .contexts
+            .iter()
+            .fold(0usize, |a, &x| a.saturating_add(x));
+        b.saturating_mul(c).saturating_mul(tps.len())
     }
 }
 
@@ -98,7 +118,15 @@ pub fn measure_profile(
         *grid.contexts.iter().max().unwrap_or(&1),
     );
     let mut rng = ChaCha8Rng::seed_from_u64(grid.seed);
-    let vocab = model.cfg.vocab_size as u32;
+    let vocab = model.cfg.vocab_size;
+    // Every grid point's batch at once: an error, not a wrapped count, for absurd grids.
+    let kv_blocks = (max_c + grid.steps + 2)
+        .div_ceil(DEFAULT_BLOCK_SIZE)
+        .checked_mul(max_b)
+        .and_then(|n| n.checked_add(8))
+        .ok_or_else(|| {
+            Error::Invalid("profile grid: `batches` x `contexts` is too large".into())
+        })?;
     let (mut device, mut copy_bw) = (String::new(), 0.0);
     let (mut decode, mut prefill, mut done) = (Vec::new(), Vec::new(), 0);
     for &tp in &tps {
@@ -106,7 +134,7 @@ pub fn measure_profile(
             world: tp,
             tp,
             block_size: DEFAULT_BLOCK_SIZE,
-            kv_blocks: max_b * (max_c + grid.steps + 2).div_ceil(DEFAULT_BLOCK_SIZE) + 8,
+            kv_blocks,
             dtype,
             sampling: SamplingParams::default(),
         };
@@ -128,7 +156,7 @@ pub fn measure_profile(
             for &c in &grid.contexts {
                 let reqs: Vec<Request> = (0..b)
                     .map(|_| Request {
-                        input_ids: (0..c).map(|_| rng.random_range(3..vocab.max(4))).collect(),
+                        input_ids: random_ids(&mut rng, c, vocab),
                         max_new_tokens: grid.steps + 1,
                         ignore_eos: true,
                     })
@@ -237,9 +265,7 @@ fn measure_switch(
     let mut rng = ChaCha8Rng::seed_from_u64(grid.seed ^ 1);
     let reqs: Vec<Request> = (0..4)
         .map(|_| Request {
-            input_ids: (0..64)
-                .map(|_| rng.random_range(3..(model.cfg.vocab_size as u32).max(4)))
-                .collect(),
+            input_ids: random_ids(&mut rng, 64, model.cfg.vocab_size),
             max_new_tokens: 4,
             ignore_eos: true,
         })

@@ -29,6 +29,11 @@ pub fn parse_requests_jsonl(
         if line.trim().is_empty() {
             continue;
         }
+        let line = if i == 0 {
+            crate::model::config::strip_bom(line)
+        } else {
+            line
+        };
         let v: Value =
             serde_json::from_str(line).map_err(|e| err(format!("not valid JSON: {e}")))?;
         let obj = v

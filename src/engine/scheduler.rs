@@ -6,39 +6,59 @@ use super::sequence::{Request, Sequence};
 use super::Engine;
 use crate::error::{Error, Result};
 use crate::kv::blocks_for;
+use crate::model::config::ModelConfig;
 use crate::model::sampling::request_rng;
 use crate::parallel::placement::balance_onto;
 
+/// Checks a request against the model alone (what can be checked when a request file is read,
+/// before any pool or prompt is built): a prompt, at least one new token, ids inside the
+/// vocabulary, and prompt + `max_new_tokens` within `max_position_embeddings` (checked
+/// arithmetic: a huge `max_new_tokens` cannot wrap past it).
+pub fn check_request(cfg: &ModelConfig, index: usize, r: &Request) -> Result<()> {
+    let bad = |m: String| Err(Error::Request(format!("request {index}: {m}")));
+    if r.input_ids.is_empty() {
+        return bad("empty prompt".into());
+    }
+    if r.max_new_tokens == 0 {
+        return bad("`max_new_tokens` must be at least 1".into());
+    }
+    if let Some((pos, &id)) = r
+        .input_ids
+        .iter()
+        .enumerate()
+        .find(|(_, &id)| id as usize >= cfg.vocab_size)
+    {
+        return bad(format!(
+            "token id {id} at position {pos} is out of range (vocab_size {})",
+            cfg.vocab_size
+        ));
+    }
+    check_lengths(cfg, r.input_ids.len(), r.max_new_tokens)
+        .map_err(|m| Error::Request(format!("request {index}: {m}")))
+}
+
+/// Whether a prompt of `prompt_len` tokens followed by `max_new` new tokens fits the model's
+/// positions (checked arithmetic); the message says what does not. For callers that know the
+/// lengths before any prompt exists (traces, `--context`): check first, then build.
+pub fn check_lengths(
+    cfg: &ModelConfig,
+    prompt_len: usize,
+    max_new: usize,
+) -> std::result::Result<(), String> {
+    let max = cfg.max_position_embeddings;
+    match prompt_len.checked_add(max_new) {
+        Some(total) if total <= max => Ok(()),
+        _ => Err(format!(
+            "prompt ({prompt_len}) + max_new_tokens ({max_new}) exceeds max_position_embeddings {max}"
+        )),
+    }
+}
+
 impl Engine {
-    /// Checks a request against the model without admitting it.
+    /// Checks a request against the model and the pool without admitting it.
     pub fn validate_request(&self, index: usize, r: &Request) -> Result<()> {
-        let bad = |m: String| Err(Error::Request(format!("request {index}: {m}")));
-        if r.input_ids.is_empty() {
-            return bad("empty prompt".into());
-        }
-        if r.max_new_tokens == 0 {
-            return bad("`max_new_tokens` must be at least 1".into());
-        }
-        if let Some((pos, &id)) = r
-            .input_ids
-            .iter()
-            .enumerate()
-            .find(|(_, &id)| id as usize >= self.cfg.vocab_size)
-        {
-            return bad(format!(
-                "token id {id} at position {pos} is out of range (vocab_size {})",
-                self.cfg.vocab_size
-            ));
-        }
-        let total = r.input_ids.len().saturating_add(r.max_new_tokens);
-        if total > self.cfg.max_position_embeddings {
-            return bad(format!(
-                "prompt ({}) + max_new_tokens ({}) = {total} exceeds max_position_embeddings {}",
-                r.input_ids.len(),
-                r.max_new_tokens,
-                self.cfg.max_position_embeddings
-            ));
-        }
+        check_request(&self.cfg, index, r)?;
+        let total = r.input_ids.len() + r.max_new_tokens;
         let need = blocks_for(total, self.opts.block_size);
         if need > self.opts.kv_blocks {
             return Err(Error::KvExhausted(format!(
@@ -60,6 +80,7 @@ impl Engine {
         for s in self.seqs.iter().filter(|s| s.finished.is_none()) {
             load[s.replica] += s.footprint() as f64;
         }
+        // Validated above: each sum fits (it is at most max_position_embeddings).
         let weights: Vec<f64> = reqs
             .iter()
             .map(|r| (r.input_ids.len() + r.max_new_tokens) as f64)
@@ -79,6 +100,42 @@ impl Engine {
             });
         }
         Ok(())
+    }
+
+    /// The unfinished sequences that run this step, in request order. A sequence that has started
+    /// (it holds blocks or cached KV) keeps running; a waiting one is admitted when its whole
+    /// footprint (prompt + `max_new_tokens`) fits the blocks its replica has free after what the
+    /// running ones may still claim. Requests that each fit the pool but not together therefore
+    /// queue and run as blocks free up, and a running sequence never runs out of blocks (every
+    /// request fits the pool alone: `validate_request`). A replica with waiting sequences and
+    /// none running admits at least its first waiting one, so every step makes progress.
+    pub(super) fn admitted(&self) -> Vec<usize> {
+        let bs = self.opts.block_size;
+        let mut spare: Vec<usize> = self.allocs.iter().map(|a| a.free_blocks()).collect();
+        let started = |s: &Sequence| s.cached > 0 || !s.table.is_empty();
+        for s in self
+            .seqs
+            .iter()
+            .filter(|s| s.finished.is_none() && started(s))
+        {
+            let owed = blocks_for(s.footprint(), bs).saturating_sub(s.table.len());
+            spare[s.replica] = spare[s.replica].saturating_sub(owed);
+        }
+        let mut run = Vec::new();
+        for (i, s) in self.seqs.iter().enumerate() {
+            if s.finished.is_some() {
+                continue;
+            }
+            if !started(s) {
+                let need = blocks_for(s.footprint(), bs);
+                if need > spare[s.replica] {
+                    continue;
+                }
+                spare[s.replica] -= need;
+            }
+            run.push(i);
+        }
+        run
     }
 
     /// Blocks for this step's new tokens of the sequences `live`, all or nothing: on error no
@@ -105,10 +162,34 @@ impl Engine {
         Ok(())
     }
 
-    /// Blocks per rank that hold every request in `reqs` at once.
-    pub fn blocks_needed(reqs: &[Request], block_size: usize) -> usize {
-        reqs.iter()
-            .map(|r| blocks_for(r.input_ids.len() + r.max_new_tokens, block_size.max(1)))
-            .sum()
+    /// Blocks per rank that hold every request in `reqs` at once; an error when the count does
+    /// not fit a `usize` (lengths from an untrusted file).
+    pub fn blocks_needed(reqs: &[Request], block_size: usize) -> Result<usize> {
+        Self::blocks_for_lengths(
+            reqs.iter().map(|r| (r.input_ids.len(), r.max_new_tokens)),
+            block_size,
+        )
+    }
+
+    /// [`Engine::blocks_needed`] from (prompt length, max new tokens) pairs, before any prompt
+    /// is built.
+    pub fn blocks_for_lengths(
+        lens: impl IntoIterator<Item = (usize, usize)>,
+        block_size: usize,
+    ) -> Result<usize> {
+        let mut total = 0usize;
+        for (prompt, max_new) in lens {
+            let n = prompt
+                .checked_add(max_new)
+                .map(|t| blocks_for(t, block_size.max(1)))
+                .and_then(|b| total.checked_add(b));
+            total = n.ok_or_else(|| {
+                Error::Invalid(format!(
+                    "the requests' lengths add up past {} tokens",
+                    usize::MAX
+                ))
+            })?;
+        }
+        Ok(total)
     }
 }

@@ -97,8 +97,10 @@ impl KvPool {
         kv_heads: usize,
         head_dim: usize,
     ) -> Result<Self> {
-        let per_layer = num_blocks
-            .checked_mul(kv_heads * block_size * head_dim)
+        let per_layer = kv_heads
+            .checked_mul(block_size)
+            .and_then(|x| x.checked_mul(head_dim))
+            .and_then(|x| x.checked_mul(num_blocks))
             .ok_or_else(|| Error::KvExhausted("pool size overflows".into()))?;
         let mut k = Vec::new();
         let mut v = Vec::new();
@@ -147,7 +149,7 @@ fn try_zeroed(n: usize) -> Result<Vec<f32>> {
     let oom = || {
         Error::KvExhausted(format!(
             "cannot allocate {} MiB for the KV pool",
-            (n * 4) >> 20
+            n.saturating_mul(4) >> 20
         ))
     };
     if n == 0 {

@@ -51,6 +51,21 @@ pub struct ModelConfig {
     pub dtype: Option<String>,
 }
 
+/// Bounds on config sizes, far above any published model, that keep every product of them
+/// (weight and KV sizes) inside u64 and refuse a corrupt file before anything is allocated.
+pub const MAX_DIM: usize = 1 << 24;
+pub const MAX_LAYERS: usize = 1 << 12;
+pub const MAX_HEADS: usize = 1 << 14;
+pub const MAX_HEAD_DIM: usize = 1 << 12;
+pub const MAX_POSITIONS: usize = 1 << 30;
+/// Parameters (about 17.6 T): byte counts of any plan over such a model fit a u64.
+pub const MAX_PARAMS: u64 = 1 << 44;
+
+/// `text` without a leading UTF-8 byte-order mark (some editors write one; JSON parsers refuse it).
+pub fn strip_bom(text: &str) -> &str {
+    text.strip_prefix('\u{feff}').unwrap_or(text)
+}
+
 struct Fields<'a> {
     obj: &'a Map<String, Value>,
     path: &'a Path,
@@ -182,37 +197,59 @@ impl ModelConfig {
         let gen_path = dir.join("generation_config.json");
         if gen_path.exists() {
             let text = std::fs::read_to_string(&gen_path).map_err(|e| Error::io(&gen_path, e))?;
-            let v: Value = serde_json::from_str(&text)
-                .map_err(|e| Error::config(&gen_path, format!("not valid JSON: {e}")))?;
-            if let Some(obj) = v.as_object() {
-                let f = Fields {
-                    obj,
-                    path: &gen_path,
-                };
-                for id in f.token_ids("eos_token_id")? {
-                    if !cfg.eos_token_ids.contains(&id) {
-                        cfg.eos_token_ids.push(id);
-                    }
-                }
-            }
+            cfg.apply_generation_config(&text, &gen_path)?;
         }
         Ok(cfg)
     }
 
+    /// Adds the EOS ids of generation_config.json text (`path` only names it in messages). Ids
+    /// outside the vocabulary are refused, as they are in config.json.
+    pub fn apply_generation_config(&mut self, text: &str, path: &Path) -> Result<()> {
+        let v: Value = serde_json::from_str(strip_bom(text))
+            .map_err(|e| Error::config(path, format!("not valid JSON: {e}")))?;
+        let Some(obj) = v.as_object() else {
+            return Err(Error::config(path, "top level must be a JSON object"));
+        };
+        let f = Fields { obj, path };
+        for id in f.token_ids("eos_token_id")? {
+            if id as usize >= self.vocab_size {
+                return Err(f.err(format!(
+                    "`eos_token_id` {id} is outside the vocabulary (vocab_size {} in config.json)",
+                    self.vocab_size
+                )));
+            }
+            if !self.eos_token_ids.contains(&id) {
+                self.eos_token_ids.push(id);
+            }
+        }
+        Ok(())
+    }
+
     /// Parses config.json text; `path` is only used in error messages.
     pub fn from_json(text: &str, path: &Path) -> Result<Self> {
-        let v: Value = serde_json::from_str(text)
+        let v: Value = serde_json::from_str(strip_bom(text))
             .map_err(|e| Error::config(path, format!("not valid JSON: {e}")))?;
         let obj = v
             .as_object()
             .ok_or_else(|| Error::config(path, "top level must be a JSON object"))?;
         let f = Fields { obj, path };
-        let arch_name = obj
-            .get("architectures")
-            .and_then(Value::as_array)
-            .and_then(|a| a.first())
-            .and_then(Value::as_str)
-            .ok_or_else(|| f.err("missing field `architectures`".into()))?;
+        let arch_name = match obj.get("architectures") {
+            None | Some(Value::Null) => return Err(f.err("missing field `architectures`".into())),
+            Some(Value::Array(a)) => match a.first() {
+                Some(Value::String(s)) => s.as_str(),
+                _ => {
+                    return Err(f.err(format!(
+                        "`architectures` must be a list holding a class name such as \"LlamaForCausalLM\", got {}",
+                        Value::Array(a.clone())
+                    )))
+                }
+            },
+            Some(v) => {
+                return Err(f.err(format!(
+                    "`architectures` must be a list such as [\"LlamaForCausalLM\"], got {v}"
+                )))
+            }
+        };
         let arch = match arch_name {
             "LlamaForCausalLM" => Arch::Llama,
             "Qwen3ForCausalLM" => Arch::Qwen3,
@@ -313,6 +350,7 @@ impl ModelConfig {
             eos_token_ids: f.token_ids("eos_token_id")?,
             dtype,
         };
+        cfg.check_sizes().map_err(|m| f.err(m))?;
         for &id in cfg.eos_token_ids.iter().chain(cfg.bos_token_id.iter()) {
             if id as usize >= cfg.vocab_size {
                 return Err(f.err(format!(
@@ -322,6 +360,44 @@ impl ModelConfig {
             }
         }
         Ok(cfg)
+    }
+
+    /// Checks every size against the bounds (`MAX_DIM` and the others) that keep products of
+    /// them inside u64 and allocations sane; the message names the config.json key.
+    pub fn check_sizes(&self) -> std::result::Result<(), String> {
+        for (key, v, max) in [
+            ("vocab_size", self.vocab_size, MAX_DIM),
+            ("hidden_size", self.hidden_size, MAX_DIM),
+            ("intermediate_size", self.intermediate_size, MAX_DIM),
+            ("num_hidden_layers", self.num_layers, MAX_LAYERS),
+            ("num_attention_heads", self.num_heads, MAX_HEADS),
+            ("num_key_value_heads", self.num_kv_heads, MAX_HEADS),
+            ("head_dim", self.head_dim, MAX_HEAD_DIM),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                MAX_POSITIONS,
+            ),
+        ] {
+            if v > max {
+                return Err(format!(
+                    "`{key}` {v} is larger than pat supports ({max}); is the file corrupt?"
+                ));
+            }
+        }
+        let (h, l) = (self.hidden_size as u128, self.num_layers as u128);
+        let (q, kv) = (
+            (self.num_heads * self.head_dim) as u128,
+            (self.num_kv_heads * self.head_dim) as u128,
+        );
+        let params = l * (h * (q + 2 * kv) + q * h + 3 * h * self.intermediate_size as u128)
+            + 2 * self.vocab_size as u128 * h;
+        if params > MAX_PARAMS as u128 {
+            return Err(format!(
+                "these sizes make {params} parameters, more than pat supports ({MAX_PARAMS}); is the file corrupt?"
+            ));
+        }
+        Ok(())
     }
 
     /// Query width of the attention block (num_heads * head_dim); may differ from hidden_size.

@@ -105,8 +105,26 @@ pub fn load_role(
     r: usize,
 ) -> Result<Vec<f32>> {
     let h = cfg.hidden_size;
+    let segs = shard::segments(cfg, role, layer, tp, r);
+    // Every tensor's header against the config before anything is allocated from the config's
+    // sizes (a corrupt config.json must not allocate what the checkpoint does not hold).
+    for seg in &segs {
+        if let Source::Tensor {
+            name,
+            transposed,
+            total_rows,
+        } = &seg.source
+        {
+            let shape = if *transposed {
+                [h, *total_rows]
+            } else {
+                [*total_rows, h]
+            };
+            ck.info(name, &shape)?;
+        }
+    }
     let mut out = Vec::with_capacity(shard::rows(cfg, role, tp) * h);
-    for seg in shard::segments(cfg, role, layer, tp, r) {
+    for seg in segs {
         match seg.source {
             Source::Zeros => out.resize(out.len() + seg.rows.len() * h, 0.0),
             Source::Tensor {

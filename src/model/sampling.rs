@@ -106,6 +106,15 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut ChaCha8Rng) -> u32 {
     idx[probs.len() - 1] as u32
 }
 
+/// `len` random token ids for synthetic prompts (benchmarks, profiles, traces without ids):
+/// uniform in 3..vocab, skipping the usual special ids 0..2, or over the whole vocabulary when
+/// it has no more than 3 tokens (a degenerate but valid model).
+pub fn random_ids(rng: &mut impl rand::Rng, len: usize, vocab: usize) -> Vec<u32> {
+    let hi = u32::try_from(vocab).unwrap_or(u32::MAX).max(1);
+    let lo = if hi > 3 { 3 } else { 0 };
+    (0..len).map(|_| rng.random_range(lo..hi)).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

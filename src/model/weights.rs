@@ -47,12 +47,18 @@ impl Checkpoint {
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
+            let v: serde_json::Value = serde_json::from_str(crate::model::config::strip_bom(&text))
                 .map_err(|e| Error::checkpoint(&index, format!("not valid JSON: {e}")))?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| Error::checkpoint(&index, "missing object `weight_map`"))?;
+            if map.is_empty() {
+                return Err(Error::checkpoint(
+                    &index,
+                    "`weight_map` is empty: it must name the shard file of every tensor",
+                ));
+            }
             let mut names: Vec<String> = Vec::new();
             for (tensor, file) in map {
                 let f = file.as_str().ok_or_else(|| {
@@ -83,6 +89,12 @@ impl Checkpoint {
         let mut shards = Vec::new();
         let mut tensors = HashMap::new();
         for (i, path) in files.into_iter().enumerate() {
+            if path.is_dir() {
+                return Err(Error::checkpoint(
+                    &path,
+                    "is a directory, expected a safetensors file",
+                ));
+            }
             let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
             // SAFETY: the file is opened read-only and mapped privately; we never write through the
             // map. Another process truncating it while we read is outside what we can guard against.
@@ -121,6 +133,11 @@ impl Checkpoint {
         Ok(Checkpoint { shards, tensors })
     }
 
+    /// Every tensor's name and header, in no particular order.
+    pub fn tensors(&self) -> impl Iterator<Item = (&str, &TensorInfo)> {
+        self.tensors.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }
@@ -157,8 +174,9 @@ impl Checkpoint {
         rows: std::ops::Range<usize>,
     ) -> Result<Vec<f32>> {
         let info = self.info(name, expected)?;
-        // A 1-D tensor is one row.
+        // A 0-D or 1-D tensor is one row.
         let (n_rows, cols) = match expected {
+            [] => (1, 1),
             [n] => (1, *n),
             _ => (expected[0], expected[1..].iter().product()),
         };
@@ -171,12 +189,26 @@ impl Checkpoint {
         let eb = elem_bytes(info.dtype).unwrap_or(4);
         let bytes = &self.shards[info.shard].mmap[info.start..info.end];
         let sel = &bytes[rows.start * cols * eb..rows.end * cols * eb];
-        Ok(decode(info.dtype, sel))
+        let v = decode(info.dtype, sel);
+        // NaN or inf weights give garbage tokens without any other sign: refuse them here, where
+        // every weight is read.
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(Error::checkpoint(
+                &self.shards[info.shard].path,
+                format!(
+                    "tensor `{name}` holds a non-finite value ({}) at row {}, column {}",
+                    v[i],
+                    rows.start + i / cols.max(1),
+                    i % cols.max(1)
+                ),
+            ));
+        }
+        Ok(v)
     }
 
     /// The whole tensor as f32.
     pub fn read(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
-        let rows = if expected.len() == 1 { 1 } else { expected[0] };
+        let rows = if expected.len() <= 1 { 1 } else { expected[0] };
         self.read_rows(name, expected, 0..rows)
     }
 

@@ -3,6 +3,10 @@
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
 
+/// The most ranks a layout may have: far above one node, and small enough that per-rank
+/// threads, buffers and plans stay bounded.
+pub const MAX_WORLD: usize = 4096;
+
 /// `world` ranks split into `dp = world / tp` replicas of `tp` ranks each.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Layout {
@@ -51,6 +55,11 @@ impl Layout {
     }
 
     fn check(world: usize, tp: usize) -> Result<()> {
+        if world > MAX_WORLD {
+            return Err(Error::Layout(format!(
+                "`world` {world} is more ranks than pat supports ({MAX_WORLD})"
+            )));
+        }
         if world == 0 || tp == 0 {
             return Err(Error::Layout(format!(
                 "world ({world}) and tp ({tp}) must be at least 1"
@@ -98,8 +107,14 @@ pub fn check_tp_for_model(tp: usize, cfg: &ModelConfig) -> Result<()> {
         ("intermediate_size", cfg.intermediate_size),
     ] {
         if n % tp != 0 {
+            // Only the KV heads could be replicated instead of split (not implemented).
+            let note = if what == "num_key_value_heads" {
+                " (KV-head replication is not implemented)"
+            } else {
+                ""
+            };
             return Err(Error::Layout(format!(
-                "tp {tp} does not divide {what} {n} (KV-head replication is not implemented)"
+                "tp {tp} does not divide {what} {n}{note}"
             )));
         }
     }

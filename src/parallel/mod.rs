@@ -20,7 +20,20 @@ pub fn per_rank<T: Send>(
 ) -> Result<Vec<T>> {
     std::thread::scope(|s| {
         let f = &f;
-        let hs: Vec<_> = (0..world).map(|rank| s.spawn(move || f(rank))).collect();
+        let mut hs = Vec::with_capacity(world);
+        for rank in 0..world {
+            // A thread the OS refuses (limits, memory) is an error, not a panic; the threads
+            // already started finish and are joined by the scope.
+            match std::thread::Builder::new().spawn_scoped(s, move || f(rank)) {
+                Ok(h) => hs.push(h),
+                Err(e) => {
+                    return Err(Error::Rank {
+                        rank,
+                        msg: format!("cannot start its {what} thread: {e}"),
+                    })
+                }
+            }
+        }
         let results: Vec<Result<T>> = hs
             .into_iter()
             .enumerate()

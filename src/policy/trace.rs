@@ -74,11 +74,23 @@ pub struct TraceStats {
     pub response_tokens: usize,
 }
 
+/// The longest prompt or response a trace may give: no model has more positions, and sums of
+/// many such lengths stay far inside u64.
+pub const MAX_TRACE_LEN: usize = 1 << 30;
+/// The most requests a generated trace may have.
+pub const MAX_TRACE_REQUESTS: usize = 1 << 24;
+
 fn positive(v: &Value, key: &str) -> std::result::Result<usize, String> {
-    v.as_u64()
+    let n = v
+        .as_u64()
         .filter(|&n| n > 0)
-        .map(|n| n as usize)
-        .ok_or_else(|| format!("`{key}` must be a positive integer, got {v}"))
+        .ok_or_else(|| format!("`{key}` must be a positive integer, got {v}"))?;
+    usize::try_from(n)
+        .ok()
+        .filter(|&n| n <= MAX_TRACE_LEN)
+        .ok_or_else(|| {
+            format!("`{key}` {n} is longer than any model's context (at most {MAX_TRACE_LEN})")
+        })
 }
 
 impl Trace {
@@ -93,6 +105,11 @@ impl Trace {
                 path: path.to_path_buf(),
                 line: i + 1,
                 msg,
+            };
+            let line = if i == 0 {
+                crate::model::config::strip_bom(line)
+            } else {
+                line
             };
             let v: Value =
                 serde_json::from_str(line).map_err(|e| err(format!("not valid JSON: {e}")))?;
@@ -191,10 +208,14 @@ impl Trace {
         let pct = |p: f64| r[((p / 100.0 * n as f64).ceil() as usize).clamp(1, n) - 1];
         let max = r.last().copied().unwrap_or(0);
         let cap = cap.unwrap_or(max);
-        let over = r.iter().filter(|&&x| 3 * x > cap).count();
+        let over = r.iter().filter(|&&x| x > cap / 3).count();
         let at_cap = r.iter().filter(|&&x| x >= cap).count();
-        let total: usize = r.iter().sum();
-        let prompts: usize = self.requests.iter().map(|q| q.prompt_len).sum();
+        // Saturating: hand-built traces are not bounded like parsed ones.
+        let total = r.iter().fold(0usize, |a, &x| a.saturating_add(x));
+        let prompts = self
+            .requests
+            .iter()
+            .fold(0usize, |a, q| a.saturating_add(q.prompt_len));
         TraceStats {
             count: r.len(),
             prompt_mean: prompts as f64 / n as f64,
@@ -257,8 +278,22 @@ pub fn loglogistic_params(cap: usize, over_third: f64, at_cap: f64) -> (f64, f64
 fn check_n(n: usize) -> Result<()> {
     if n == 0 {
         return Err(Error::Invalid(
-            "a trace needs at least one request (n = 0)".into(),
+            "a trace needs at least one request (`n` = 0)".into(),
         ));
+    }
+    if n > MAX_TRACE_REQUESTS {
+        return Err(Error::Invalid(format!(
+            "`n` {n} is more requests than a trace may have ({MAX_TRACE_REQUESTS})"
+        )));
+    }
+    Ok(())
+}
+
+fn check_len(what: &str, v: usize) -> Result<()> {
+    if v > MAX_TRACE_LEN {
+        return Err(Error::Invalid(format!(
+            "`{what}` {v} is longer than any model's context (at most {MAX_TRACE_LEN})"
+        )));
     }
     Ok(())
 }
@@ -266,9 +301,10 @@ fn check_n(n: usize) -> Result<()> {
 /// A DeepScaleR-like batch of `n` requests at response cap `cap` (see the module docs).
 pub fn deepscaler_like(n: usize, cap: usize, seed: u64) -> Result<Trace> {
     check_n(n)?;
+    check_len("cap", cap)?;
     if cap < 48 {
         return Err(Error::Invalid(format!(
-            "cap {cap} is too small (need >= 48)"
+            "`cap` {cap} is too small (need >= 48)"
         )));
     }
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -297,9 +333,10 @@ pub fn deepscaler_like(n: usize, cap: usize, seed: u64) -> Result<Trace> {
 /// `n` requests with response lengths uniform in `[lo, hi]` and prompts uniform in 64..=512.
 pub fn uniform(n: usize, lo: usize, hi: usize, seed: u64) -> Result<Trace> {
     check_n(n)?;
+    check_len("hi", hi)?;
     if lo == 0 || lo > hi {
         return Err(Error::Invalid(format!(
-            "uniform lengths need 1 <= lo <= hi, got lo {lo}, hi {hi}"
+            "uniform lengths need 1 <= `lo` <= `hi`, got `lo` {lo}, `hi` {hi}"
         )));
     }
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -317,9 +354,11 @@ pub fn uniform(n: usize, lo: usize, hi: usize, seed: u64) -> Result<Trace> {
 /// `n - 1` requests of `short` tokens and one (the last) of `long`; prompts of 256.
 pub fn one_straggler(n: usize, short: usize, long: usize) -> Result<Trace> {
     check_n(n)?;
+    check_len("short", short)?;
+    check_len("long", long)?;
     if short == 0 || long == 0 {
         return Err(Error::Invalid(format!(
-            "straggler lengths must be positive, got short {short}, long {long}"
+            "straggler lengths must be positive, got `short` {short}, `long` {long}"
         )));
     }
     let requests = (0..n)

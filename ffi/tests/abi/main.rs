@@ -3,6 +3,7 @@
 
 mod conventions;
 mod engine;
+mod fuzz_regressions;
 mod plans;
 mod policy;
 

@@ -103,6 +103,32 @@ fn check(
     Ok(())
 }
 
+/// Bytes of one piece (one kv head of a sequence of `len` tokens, every layer, K and V); an error
+/// when the count does not fit a u64 (lengths and sizes from an untrusted caller).
+fn piece_bytes(cfg: &ModelConfig, len: usize, elem_bytes: u64) -> Result<u64> {
+    [
+        cfg.num_layers as u64,
+        len as u64,
+        cfg.head_dim as u64,
+        elem_bytes,
+    ]
+    .iter()
+    .try_fold(2u64, |a, &x| a.checked_mul(x))
+    .ok_or_else(|| {
+        Error::Invalid(format!(
+            "KV migration: a sequence of {len} tokens is more bytes than a u64 counts"
+        ))
+    })
+}
+
+/// Adds `b` to a byte total, or errors when the total no longer fits a u64.
+fn add_bytes(total: &mut u64, b: u64) -> Result<()> {
+    *total = total.checked_add(b).ok_or_else(|| {
+        Error::Invalid("KV migration: the plan moves more bytes than a u64 counts".into())
+    })?;
+    Ok(())
+}
+
 /// (cross-rank, in-place) bytes of migrating one sequence of `len` cached tokens: the input to
 /// the migrate/recompute decision, available before any block is allocated.
 pub fn seq_bytes(
@@ -115,15 +141,15 @@ pub fn seq_bytes(
     elem_bytes: u64,
 ) -> Result<(u64, u64)> {
     check(cfg, old, new, old_replica, new_replica)?;
-    let per_head = 2 * (cfg.num_layers * len * cfg.head_dim) as u64 * elem_bytes;
+    let per_head = piece_bytes(cfg, len, elem_bytes)?;
     let (mut cross, mut local) = (0, 0);
     for h in 0..cfg.num_kv_heads {
         if head_home(old, cfg.num_kv_heads, old_replica, h).0
             == head_home(new, cfg.num_kv_heads, new_replica, h).0
         {
-            local += per_head;
+            add_bytes(&mut local, per_head)?;
         } else {
-            cross += per_head;
+            add_bytes(&mut cross, per_head)?;
         }
     }
     Ok((cross, local))
@@ -144,9 +170,11 @@ pub fn plan(
             "KV migration: block size must be at least 1".into(),
         ));
     }
+    crate::reshard::weights::check_elem_bytes(elem_bytes)?;
     let kv = cfg.num_kv_heads;
     let mut used = HashSet::new();
-    let mut pieces = Vec::with_capacity(seqs.len() * kv);
+    // Grown as sequences pass their checks: nothing is reserved from untrusted counts.
+    let mut pieces = Vec::new();
     let (mut cross, mut local) = (0, 0);
     for (i, s) in seqs.iter().enumerate() {
         check(cfg, old, new, s.old_replica, s.new_replica)?;
@@ -170,7 +198,7 @@ pub fn plan(
         if s.len == 0 {
             continue;
         }
-        let bytes = 2 * (cfg.num_layers * s.len * cfg.head_dim) as u64 * elem_bytes;
+        let bytes = piece_bytes(cfg, s.len, elem_bytes)?;
         for h in 0..kv {
             let (src_rank, src_head) = head_home(old, kv, s.old_replica, h);
             let (dst_rank, dst_head) = head_home(new, kv, s.new_replica, h);
@@ -184,9 +212,9 @@ pub fn plan(
                 bytes,
             };
             if p.cross_rank() {
-                cross += bytes;
+                add_bytes(&mut cross, bytes)?;
             } else {
-                local += bytes;
+                add_bytes(&mut local, bytes)?;
             }
             pieces.push(p);
         }

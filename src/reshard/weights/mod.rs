@@ -219,6 +219,16 @@ fn rank_ops(cfg: &ModelConfig, role: Role, old: &Layout, new: &Layout, p: usize)
     }
 }
 
+/// Bytes per element: 1 ..= 8 (fp8 to f64), so byte counts of any valid model fit a u64.
+pub fn check_elem_bytes(elem_bytes: u64) -> Result<()> {
+    if !(1..=8).contains(&elem_bytes) {
+        return Err(Error::Invalid(format!(
+            "`elem_bytes` is {elem_bytes}, expected 1 ..= 8"
+        )));
+    }
+    Ok(())
+}
+
 /// Plans the reshard of every tp-split weight from `old` to `new`.
 ///
 /// Rows the destination already holds come from its own old buffer; the rest from another holder
@@ -226,6 +236,7 @@ fn rank_ops(cfg: &ModelConfig, role: Role, old: &Layout, new: &Layout, p: usize)
 /// the nearest rank id, then the lowest. Padding rows are zeroed. Byte counts use `elem_bytes`.
 pub fn plan(cfg: &ModelConfig, old: &Layout, new: &Layout, elem_bytes: u64) -> Result<WeightPlan> {
     check_layouts(cfg, old, new)?;
+    check_elem_bytes(elem_bytes)?;
     let row_bytes = cfg.hidden_size as u64 * elem_bytes;
     let mut ops = Vec::new();
     for (role, repeats) in roles(cfg) {

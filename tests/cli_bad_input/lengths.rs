@@ -1,0 +1,169 @@
+//! Arithmetic on untrusted lengths and allocation before validation: sizes from flags, request
+//! files, traces and config.json that would overflow, wrap, hang or allocate without bound are
+//! refused up front with a message naming them.
+
+use super::{a, check, err, Case, Fx};
+
+fn gen(fx: &Fx, extra: &[&str]) -> Vec<String> {
+    let mut v = a(&["generate", "--model", &fx.p("m")]);
+    v.extend(a(extra));
+    v
+}
+
+const CASES: &[Case] = &[
+    err(
+        "max_new_tokens_u64_max_flag",
+        |f| gen(f, &["--prompt-ids", "1,2", "--max-new-tokens", "18446744073709551615"]),
+        "--max-new-tokens: request 0: prompt (2) + max_new_tokens (18446744073709551615) exceeds max_position_embeddings 512",
+    ),
+    err(
+        "max_new_tokens_near_u64_max_in_file",
+        |f| gen(f, &["--requests", &f.p("huge_max_new.jsonl")]),
+        "huge_max_new.jsonl: request 0: prompt (2) + max_new_tokens",
+    ),
+    err(
+        "max_new_tokens_past_positions_with_text_prompt",
+        |f| gen(f, &["--prompt", "hello", "--max-new-tokens", "600"]),
+        "--prompt with --max-new-tokens",
+    ),
+    Case {
+        name: "reconfigure_step_u64_max_never_switches_before_prefill",
+        args: |f| {
+            gen(f, &["--world", "2", "--prompt-ids", "1,2", "--max-new-tokens", "3",
+                     "--reconfigure", "18446744073709551615:2"])
+        },
+        code: 0,
+        needle: "--reconfigure 18446744073709551615:2 not applied: every request finished first",
+        absent: Some("\"from_tp\""),
+    },
+    err(
+        "trace_response_len_u64_max",
+        |f| a(&["trace", "stats", &f.p("trace_u64max.jsonl")]),
+        "`response_len` 18446744073709551615 is longer than any model's context",
+    ),
+    err(
+        "trace_response_len_2p40",
+        |f| a(&["rollout", "--model", &f.p("m"), "--world", "1", "--policy", "static:1",
+                "--trace", &f.p("trace_2p40.jsonl")]),
+        "trace_2p40.jsonl:1: `response_len` 1099511627776",
+    ),
+    err(
+        "rollout_trace_past_positions_refused_before_prompts",
+        |f| a(&["rollout", "--model", &f.p("m"), "--world", "1", "--policy", "static:1",
+                "--trace", &f.p("trace_long.jsonl")]),
+        "--trace request 2 (line order): prompt (100) + max_new_tokens (1000) exceeds max_position_embeddings 512",
+    ),
+    err(
+        "bench_switch_context_1e9",
+        |f| a(&["bench", "switch", "--model", &f.p("m"), "--world", "2", "--from", "1",
+                "--to", "2", "--context", "1000000000"]),
+        "--context 1000000000: prompt (1000000000)",
+    ),
+    err(
+        "bench_switch_batch_times_context_overflows",
+        |f| a(&["bench", "switch", "--model", &f.p("m"), "--world", "2", "--from", "1",
+                "--to", "2", "--context", "100", "--batch", "18446744073709551615"]),
+        "--batch x --context",
+    ),
+    err(
+        "bench_switch_kv_mib_overflows",
+        |f| a(&["bench", "switch", "--model", &f.p("m"), "--world", "2", "--from", "1",
+                "--to", "2", "--kv-mib", "18446744073709551615"]),
+        "--kv-mib 18446744073709551615 is too large",
+    ),
+    err(
+        "bench_one_batch_input_len_past_positions",
+        |f| a(&["bench", "one-batch", "--model", &f.p("m"), "--batch-size", "1",
+                "--input-len", "100000", "--output-len", "2"]),
+        "--input-len 100000 with --output-len 2",
+    ),
+    err(
+        "bench_one_batch_batch_overflows",
+        |f| a(&["bench", "one-batch", "--model", &f.p("m"), "--batch-size", "18446744073709551615",
+                "--input-len", "8", "--output-len", "2"]),
+        "--batch-size 18446744073709551615",
+    ),
+    err(
+        "profile_contexts_past_positions",
+        |f| a(&["profile", "--model", &f.p("m"), "--world", "1", "--contexts", "8,100000",
+                "--out", &f.p("never.json")]),
+        "--contexts value 100000 is too long",
+    ),
+    err(
+        "profile_world_huge",
+        |f| a(&["profile", "--model", &f.p("m"), "--world", "1000000000000",
+                "--out", &f.p("never.json")]),
+        "--world 1000000000000 is more ranks than pat supports",
+    ),
+    err(
+        "generate_world_1e5",
+        |f| gen(f, &["--world", "100000", "--prompt-ids", "1"]),
+        "--world 100000 is more ranks than pat supports (4096)",
+    ),
+    err(
+        "generate_world_u64_max",
+        |f| gen(f, &["--world", "18446744073709551615", "--prompt-ids", "1"]),
+        "--world 18446744073709551615 is more ranks",
+    ),
+    err(
+        "rollout_world_huge",
+        |f| a(&["rollout", "--model", &f.p("m"), "--world", "10000000", "--policy", "static:1",
+                "--trace", &f.p("trace_small.jsonl")]),
+        "--world 10000000 is more ranks",
+    ),
+    err(
+        "generate_block_size_1e9",
+        |f| gen(f, &["--block-size", "1000000000", "--prompt-ids", "1"]),
+        "--block-size is 1000000000, expected 1 ..= max_position_embeddings (512)",
+    ),
+    err(
+        "generate_kv_blocks_1e13",
+        |f| gen(f, &["--kv-blocks", "10000000000000", "--prompt-ids", "1"]),
+        "--kv-blocks is 10000000000000, more than block ids count",
+    ),
+    err(
+        "trace_gen_n_u64_max",
+        |_| a(&["trace", "gen", "--n", "18446744073709551615"]),
+        "--n 18446744073709551615 is more requests than a trace may have",
+    ),
+    err(
+        "trace_gen_n_1e10",
+        |_| a(&["trace", "gen", "--kind", "uniform", "--n", "10000000000"]),
+        "--n 10000000000",
+    ),
+    err(
+        "trace_gen_cap_2p40",
+        |_| a(&["trace", "gen", "--cap", "1099511627776"]),
+        "--cap 1099511627776 is longer than any model's context",
+    ),
+    err(
+        "config_layers_1e9",
+        |f| a(&["generate", "--model", &f.p("layers_1e9"), "--prompt-ids", "1"]),
+        "`num_hidden_layers` 1000000000 is larger than pat supports",
+    ),
+    err(
+        "config_vocab_1e12",
+        |f| a(&["generate", "--model", &f.p("vocab_1e12"), "--prompt-ids", "1"]),
+        "`vocab_size` 1000000000000 is larger than pat supports",
+    ),
+    err(
+        "config_head_dim_2p62",
+        |f| a(&["generate", "--model", &f.p("head_dim_2p62"), "--prompt-ids", "1"]),
+        "`head_dim` 4611686018427387904 is larger than pat supports",
+    ),
+    err(
+        "config_heads_2p40",
+        |f| a(&["generate", "--model", &f.p("heads_2p40"), "--prompt-ids", "1"]),
+        "`num_attention_heads` 1099511627776",
+    ),
+    err(
+        "config_intermediate_checked_against_the_tensor_before_allocating",
+        |f| a(&["generate", "--model", &f.p("inter_1e6"), "--prompt-ids", "1"]),
+        "has shape [128, 64], expected [1000000, 64]",
+    ),
+];
+
+#[test]
+fn untrusted_lengths_and_sizes() {
+    check(CASES);
+}

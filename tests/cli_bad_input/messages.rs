@@ -1,0 +1,264 @@
+//! Messages that must name what the user gave (the flag, the file and line, the field), for
+//! layouts, flags, requests and traces; and KV admission (requests that each fit the pool but
+//! not together queue instead of failing).
+
+use super::{a, check, err, Case, Fx};
+
+fn gen(fx: &Fx, extra: &[&str]) -> Vec<String> {
+    let mut v = a(&["generate", "--model", &fx.p("m")]);
+    v.extend(a(extra));
+    v
+}
+
+const fn usage(name: &'static str, args: fn(&Fx) -> Vec<String>, needle: &'static str) -> Case {
+    Case {
+        name,
+        args,
+        code: 2,
+        needle,
+        absent: None,
+    }
+}
+
+const CASES: &[Case] = &[
+    // Layouts.
+    err(
+        "tp_not_dividing_world",
+        |f| gen(f, &["--world", "4", "--tp", "3", "--prompt-ids", "1"]),
+        "tp 3 does not divide world 4",
+    ),
+    Case {
+        name: "tp_not_dividing_query_heads_is_not_blamed_on_kv_replication",
+        args: |f| gen(f, &["--world", "3", "--tp", "3", "--prompt-ids", "1"]),
+        code: 1,
+        needle: "tp 3 does not divide num_attention_heads 8",
+        absent: Some("replication"),
+    },
+    err(
+        "tp_not_dividing_kv_heads",
+        |f| gen(f, &["--world", "8", "--tp", "8", "--prompt-ids", "1"]),
+        "does not divide num_key_value_heads 4 (KV-head replication is not implemented)",
+    ),
+    err(
+        "world_zero",
+        |f| gen(f, &["--world", "0", "--prompt-ids", "1"]),
+        "world (0) and tp (1) must be at least 1",
+    ),
+    err(
+        "reconfigure_to_a_tp_not_dividing_world",
+        |f| {
+            gen(
+                f,
+                &["--world", "2", "--prompt-ids", "1", "--reconfigure", "1:3"],
+            )
+        },
+        "--reconfigure 1:3: invalid layout: tp 3 does not divide world 2",
+    ),
+    Case {
+        name: "bench_switch_to_zero_names_to",
+        args: |f| {
+            a(&[
+                "bench",
+                "switch",
+                "--model",
+                &f.p("m"),
+                "--world",
+                "2",
+                "--from",
+                "1",
+                "--to",
+                "0",
+            ])
+        },
+        code: 1,
+        needle: "--to 0:",
+        absent: Some("--reconfigure"),
+    },
+    Case {
+        name: "bench_switch_to_past_world_names_to",
+        args: |f| {
+            a(&[
+                "bench",
+                "switch",
+                "--model",
+                &f.p("m"),
+                "--world",
+                "2",
+                "--from",
+                "1",
+                "--to",
+                "8",
+            ])
+        },
+        code: 1,
+        needle: "--to 8: invalid layout: tp 8 does not divide world 2",
+        absent: Some("--reconfigure"),
+    },
+    err(
+        "bench_switch_world_zero_names_world",
+        |f| {
+            a(&[
+                "bench",
+                "switch",
+                "--model",
+                &f.p("m"),
+                "--world",
+                "0",
+                "--from",
+                "1",
+                "--to",
+                "2",
+            ])
+        },
+        "--from 1: invalid layout: world (0)",
+    ),
+    // Flags.
+    err(
+        "negative_temperature_reaches_pats_check",
+        |f| gen(f, &["--prompt-ids", "1", "--temperature", "-1"]),
+        "--temperature must be >= 0, got -1",
+    ),
+    usage(
+        "negative_world_names_the_flag",
+        |f| gen(f, &["--prompt-ids", "1", "--world", "-1"]),
+        "invalid value '-1' for '--world <WORLD>'",
+    ),
+    usage(
+        "negative_top_k_names_the_flag",
+        |f| gen(f, &["--prompt-ids", "1", "--top-k", "-1"]),
+        "invalid value '-1' for '--top-k <TOP_K>'",
+    ),
+    err(
+        "top_p_zero",
+        |f| gen(f, &["--prompt-ids", "1", "--top-p", "0"]),
+        "--top-p",
+    ),
+    err(
+        "max_new_tokens_zero",
+        |f| gen(f, &["--prompt-ids", "1", "--max-new-tokens", "0"]),
+        "--max-new-tokens must be at least 1",
+    ),
+    err(
+        "devices_without_cuda",
+        |f| gen(f, &["--devices", "0", "--prompt-ids", "1"]),
+        "--devices needs --backend cuda",
+    ),
+    err(
+        "reconfigure_on_cuda",
+        |f| {
+            gen(
+                f,
+                &[
+                    "--backend",
+                    "cuda",
+                    "--reconfigure",
+                    "2:1",
+                    "--prompt-ids",
+                    "1",
+                ],
+            )
+        },
+        "--reconfigure runs on the CPU backend only",
+    ),
+    usage(
+        "no_input",
+        |f| a(&["generate", "--model", &f.p("m")]),
+        "required",
+    ),
+    err(
+        "trace_gen_cap_zero_names_cap",
+        |_| a(&["trace", "gen", "--kind", "uniform", "--cap", "0"]),
+        "--cap must be at least 1",
+    ),
+    Case {
+        name: "trace_gen_tiny_cap_names_cap_not_lo_hi",
+        args: |_| a(&["trace", "gen", "--kind", "uniform", "--cap", "3"]),
+        code: 1,
+        needle: "--cap 3 is too small for the default uniform range",
+        absent: Some("got lo"),
+    },
+    err(
+        "trace_gen_straggler_long_zero",
+        |_| a(&["trace", "gen", "--kind", "straggler", "--long", "0"]),
+        "--long 0",
+    ),
+    usage(
+        "trace_summarize_is_not_a_subcommand",
+        |_| a(&["trace", "summarize"]),
+        "unrecognized subcommand",
+    ),
+    // Requests.
+    err(
+        "token_id_outside_vocab",
+        |f| gen(f, &["--prompt-ids", "1,2,99999"]),
+        "token id 99999 at position 2 is out of range",
+    ),
+    err(
+        "token_id_outside_vocab_in_file",
+        |f| gen(f, &["--requests", &f.p("ids_oov.jsonl")]),
+        "ids_oov.jsonl: request 0: token id 5000",
+    ),
+    err(
+        "request_larger_than_the_pool",
+        |f| {
+            gen(
+                f,
+                &[
+                    "--prompt-ids",
+                    "1,2,3",
+                    "--max-new-tokens",
+                    "40",
+                    "--kv-blocks",
+                    "2",
+                ],
+            )
+        },
+        "needs 3 blocks of 16 tokens but a rank's pool has 2 (raise --kv-blocks)",
+    ),
+    err(
+        "request_file_bad_json_names_the_line",
+        |f| gen(f, &["--requests", &f.p("bad.jsonl")]),
+        "bad.jsonl:2: not valid JSON",
+    ),
+    err(
+        "request_file_missing",
+        |f| gen(f, &["--requests", &f.p("missing.jsonl")]),
+        "missing.jsonl",
+    ),
+    Case {
+        name: "request_file_with_a_bom_is_read",
+        args: |f| gen(f, &["--requests", &f.p("bom.jsonl")]),
+        code: 0,
+        needle: "\"output_ids\"",
+        absent: None,
+    },
+    err(
+        "model_dir_missing",
+        |f| a(&["generate", "--model", &f.p("nope"), "--prompt-ids", "1"]),
+        "--model: model directory",
+    ),
+    // KV admission: 16 requests of 4 blocks each through a pool of 8 blocks run two at a time.
+    Case {
+        name: "requests_that_fit_alone_but_not_together_queue",
+        args: |f| {
+            gen(
+                f,
+                &[
+                    "--requests",
+                    &f.p("reqs16.jsonl"),
+                    "--kv-blocks",
+                    "8",
+                    "--ignore-eos",
+                ],
+            )
+        },
+        code: 0,
+        needle: "16 requests, 64 tokens",
+        absent: Some("KV cache exhausted"),
+    },
+];
+
+#[test]
+fn messages_name_what_the_user_gave() {
+    check(CASES);
+}
