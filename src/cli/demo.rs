@@ -79,9 +79,7 @@ pub fn long_tail_trace(n: usize, cap: usize, vocab: usize, seed: u64) -> Trace {
             } else {
                 rng.random_range((cap / 16).max(1)..=(cap / 5).max(2))
             };
-            let ids = (0..prompt_len)
-                .map(|_| rng.random_range(3..vocab.max(4) as u32))
-                .collect();
+            let ids = pat::model::sampling::random_ids(&mut rng, prompt_len, vocab);
             TraceRequest {
                 prompt_len,
                 response_len,

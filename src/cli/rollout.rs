@@ -123,6 +123,11 @@ pub fn rollout(
     if a.check_every == 0 {
         return Err(Error::Invalid("--check-every must be at least 1".into()));
     }
+    if let (PolicyArg::Static(k), Some(s)) = (a.policy, a.start_tp) {
+        return Err(Error::Invalid(format!(
+            "--start-tp {s} is for --policy adaptive; --policy static:{k} runs at tp {k} throughout"
+        )));
+    }
     // The adaptive policy's inputs, all checked before any work starts.
     let adaptive = match a.policy {
         PolicyArg::Static(_) => None,

@@ -307,6 +307,7 @@ fn make() -> Fx {
     let trace = |p: u64, r: u64| json!({"prompt_len": p, "response_len": r}).to_string();
     write(d, "trace_u64max.jsonl", trace(1, u64::MAX));
     write(d, "trace_2p40.jsonl", trace(4, 1 << 40));
+    write(d, "trace_200k.jsonl", trace(8, 200_000));
     write(
         d,
         "trace_long.jsonl",

@@ -161,6 +161,38 @@ const CASES: &[Case] = &[
         |f| a(&["generate", "--model", &f.p("inter_1e6"), "--prompt-ids", "1"]),
         "has shape [128, 64], expected [1000000, 64]",
     ),
+    err(
+        "simulate_world_past_any_node",
+        |f| a(&["simulate", "--trace", &f.p("trace_small.jsonl"), "--world", "1000000", "--no-optimum"]),
+        "--world must be in 1..=1024, got 1000000",
+    ),
+    err(
+        "simulate_response_past_the_shapes_context",
+        |f| a(&["simulate", "--trace", &f.p("trace_200k.jsonl"), "--no-optimum"]),
+        "--trace request 1 has prompt 8 + response 200000 tokens, beyond llama3-8b's context of 131072",
+    ),
+    err(
+        "trace_gen_grpo_correlation_past_one",
+        |_| a(&["trace", "gen", "--kind", "grpo", "--rho", "1.5"]),
+        "--rho must be in [0, 1], got 1.5",
+    ),
+    err(
+        "trace_gen_grpo_batch_past_the_bound",
+        |_| a(&["trace", "gen", "--kind", "grpo", "--prompts", "4294967296", "--group-size", "4294967296"]),
+        "--prompts x --group-size must be between 1 and",
+    ),
+    err(
+        "init_model_shard_not_dividing_the_heads",
+        |f| a(&["init-model", "--preset", "small", "--shard", "3", "--out", &f.p("shard3")]),
+        "--shard 3 does not divide the attention heads (8)",
+    ),
+    Case {
+        name: "compose_profile_shard_without_a_file",
+        args: |f| a(&["compose-profile", "--shard", "8", "--out", &f.p("node.json")]),
+        code: 2,
+        needle: "expected K=FILE",
+        absent: None,
+    },
 ];
 
 #[test]

@@ -256,6 +256,25 @@ const CASES: &[Case] = &[
         needle: "16 requests, 64 tokens",
         absent: Some("KV cache exhausted"),
     },
+    err(
+        "rollout_start_tp_with_a_static_policy",
+        |f| {
+            a(&[
+                "rollout",
+                "--model",
+                &f.p("m"),
+                "--trace",
+                &f.p("trace_small.jsonl"),
+                "--world",
+                "2",
+                "--policy",
+                "static:1",
+                "--start-tp",
+                "2",
+            ])
+        },
+        "--start-tp 2 is for --policy adaptive",
+    ),
 ];
 
 #[test]
