@@ -355,3 +355,42 @@ fn live_switches_keep_generate_output_identical() {
         (Some(4), Some(1))
     );
 }
+
+#[test]
+fn requests_from_stdin_equal_requests_from_a_file() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tiny(tmp.path(), "llama");
+    let text = "{\"input_ids\":[5,6,7]}\n{\"input_ids\":[9],\"max_new_tokens\":4}\n";
+    let reqs = tmp.path().join("reqs.jsonl");
+    std::fs::write(&reqs, text).unwrap();
+    let args = [
+        "generate",
+        "--model",
+        m.to_str().unwrap(),
+        "--max-new-tokens",
+        "6",
+    ];
+    let mut from_file = args.to_vec();
+    from_file.extend(["--requests", reqs.to_str().unwrap()]);
+    let want = ok(&from_file);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pat"))
+        .args(args)
+        .args(["--requests", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = String::from_utf8(o.stdout).unwrap();
+    assert_eq!(output_ids(&got), output_ids(&want));
+    assert_eq!(output_ids(&want).len(), 2);
+}

@@ -57,7 +57,7 @@ pub struct GenerateArgs {
     #[arg(long, value_delimiter = ',')]
     pub prompt_ids: Option<Vec<u32>>,
     /// JSONL file, one request per line: {"input_ids":[...]} or {"prompt":"..."}, optional
-    /// "max_new_tokens" and "ignore_eos".
+    /// "max_new_tokens" and "ignore_eos"; `-` reads standard input.
     #[arg(long)]
     pub requests: Option<PathBuf>,
     /// Tokens per KV block.
@@ -105,7 +105,14 @@ fn requests(a: &GenerateArgs, tok: Option<&Tokenizer>) -> Result<Vec<Request>> {
         .requests
         .as_ref()
         .ok_or_else(|| Error::Invalid("give --prompt, --prompt-ids or --requests".into()))?;
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = if path.as_os_str() == "-" {
+        let mut t = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut t)
+            .map_err(|e| Error::io("<stdin>", e))?;
+        t
+    } else {
+        std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?
+    };
     parse_requests_jsonl(path, &text, tok, a.max_new_tokens, a.ignore_eos)
 }
 
