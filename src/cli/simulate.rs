@@ -13,7 +13,7 @@ use pat::policy::modeled::{Link, ModelShape};
 use pat::policy::predictor::{validate, Predictor};
 use pat::policy::profile::Profile;
 use pat::policy::trace::Trace;
-use pat::sim::component::{range_error, CALIBRATION};
+use pat::sim::calibration::{range_error, CALIBRATION};
 use pat::sim::report::SimReport;
 use pat::sim::run::{simulate_all, Placement, SimConfig, SimModel};
 use pat::sim::svg::chart;

@@ -254,7 +254,7 @@ pub fn decide(inp: &DecideInput) -> Result<Decision> {
             s.replica
         )));
     }
-    let here: Vec<usize> = inp.live.iter().map(|s| s.replica).collect();
+    let here = replicas(inp.live);
     let stay_ms = drain_ms(inp.predictor.fit(cur)?, &group(dp, inp.live, &here));
     let contexts: Vec<usize> = inp.live.iter().map(|s| s.context).collect();
     let mut out = Decision {
@@ -291,15 +291,7 @@ pub fn decide(inp: &DecideInput) -> Result<Decision> {
         let total = b.drain_ms + b.switch_ms;
         let mut now_is_best = true;
         if inp.lookahead_steps > 0 {
-            let k = inp.lookahead_steps;
-            let later = advance(inp.live, k);
-            let here_later: Vec<usize> = later.iter().map(|s| s.replica).collect();
-            let rest_here = drain_ms(inp.predictor.fit(cur)?, &group(dp, &later, &here_later));
-            let at = placement(world, b.tp, &later);
-            let ctx_later: Vec<usize> = later.iter().map(|s| s.context).collect();
-            let later_ms = (stay_ms - rest_here)
-                + inp.switch.cost(cur, b.tp, &ctx_later).total_ms
-                + drain_ms(inp.predictor.fit(b.tp)?, &group(world / b.tp, &later, &at));
+            let later_ms = switch_after(inp, stay_ms, inp.lookahead_steps, b.tp)?;
             if let Some(c) = out.candidates.iter_mut().find(|c| c.tp == b.tp) {
                 c.later_ms = Some(later_ms);
             }
@@ -319,6 +311,27 @@ pub fn decide(inp: &DecideInput) -> Result<Decision> {
     Ok(out)
 }
 
+/// Each live sequence's current replica.
+fn replicas(live: &[EstimatedSeq]) -> Vec<usize> {
+    live.iter().map(|s| s.replica).collect()
+}
+
+/// Predicted total of staying at the current layout `k` more steps, then switching to `tp` and
+/// draining there; `stay_ms` is the predicted drain of staying throughout.
+fn switch_after(inp: &DecideInput, stay_ms: f64, k: usize, tp: usize) -> Result<f64> {
+    let (world, cur) = (inp.world, inp.current_tp);
+    let later = advance(inp.live, k);
+    let rest_here = drain_ms(
+        inp.predictor.fit(cur)?,
+        &group(world / cur.max(1), &later, &replicas(&later)),
+    );
+    let at = placement(world, tp, &later);
+    let ctx: Vec<usize> = later.iter().map(|s| s.context).collect();
+    Ok((stay_ms - rest_here)
+        + inp.switch.cost(cur, tp, &ctx).total_ms
+        + drain_ms(inp.predictor.fit(tp)?, &group(world / tp, &later, &at)))
+}
+
 /// A predicted plan for a live set.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Plan {
@@ -336,10 +349,11 @@ pub struct Plan {
 /// Used to choose where a batch starts: the start is chosen for the whole run, not as the best
 /// static layout.
 pub fn plan_ms(inp: &DecideInput, every: usize, points: usize) -> Result<Plan> {
-    let (world, cur) = (inp.world, inp.current_tp);
-    let dp = world / cur.max(1);
-    let here: Vec<usize> = inp.live.iter().map(|s| s.replica).collect();
-    let stay_ms = drain_ms(inp.predictor.fit(cur)?, &group(dp, inp.live, &here));
+    let cur = inp.current_tp;
+    let stay_ms = drain_ms(
+        inp.predictor.fit(cur)?,
+        &group(inp.world / cur.max(1), inp.live, &replicas(inp.live)),
+    );
     let mut best = (stay_ms, None);
     let longest = inp.live.iter().map(|s| s.steps()).max().unwrap_or(0);
     let every = every.max(1);
@@ -347,14 +361,7 @@ pub fn plan_ms(inp: &DecideInput, every: usize, points: usize) -> Result<Plan> {
     for &tp in inp.candidates.iter().filter(|&&t| t != cur) {
         let mut k = 0;
         while k < longest {
-            let later = advance(inp.live, k);
-            let at_here: Vec<usize> = later.iter().map(|s| s.replica).collect();
-            let rest_here = drain_ms(inp.predictor.fit(cur)?, &group(dp, &later, &at_here));
-            let at = placement(world, tp, &later);
-            let ctx: Vec<usize> = later.iter().map(|s| s.context).collect();
-            let total = (stay_ms - rest_here)
-                + inp.switch.cost(cur, tp, &ctx).total_ms
-                + drain_ms(inp.predictor.fit(tp)?, &group(world / tp, &later, &at));
+            let total = switch_after(inp, stay_ms, k, tp)?;
             if total < best.0 {
                 best = (total, Some((k, tp)));
             }

@@ -11,6 +11,7 @@
 //! - [`report`]: the table / JSON report, with which numbers are modeled.
 //! - [`svg`]: a hand-written SVG chart of live sequences and tp over time.
 
+pub mod calibration;
 pub mod clock;
 pub mod component;
 pub mod compose;
