@@ -102,7 +102,7 @@ fn write_checkpoint(cfg: &ModelConfig, dir: &Path) {
             let n: usize = s.iter().product();
             let mut next = || {
                 counter += 1;
-                counter as f32 * if counter % 2 == 0 { 1.0 } else { -0.5 }
+                counter as f32 * if counter.is_multiple_of(2) { 1.0 } else { -0.5 }
             };
             (0..n).flat_map(|_| next().to_le_bytes()).collect()
         })
@@ -146,7 +146,7 @@ fn load_all(ck: &Checkpoint, cfg: &ModelConfig, l: &Layout) -> Vec<RankWeights> 
 /// The initial tp followed by the switches, each a tp the model and world allow.
 fn ladder(cfg: &ModelConfig, world: usize, picks: &[Index]) -> Vec<usize> {
     let ok: Vec<usize> = (1..=world)
-        .filter(|&t| world % t == 0 && check_tp_for_model(t, cfg).is_ok())
+        .filter(|&t| world.is_multiple_of(t) && check_tp_for_model(t, cfg).is_ok())
         .collect();
     let mut tps = vec![ok[picks[0].index(ok.len())]];
     for i in &picks[1..] {
@@ -415,7 +415,7 @@ proptest! {
                     let (a, b) = (held(&cfg, role, &cur, r), held(&cfg, role, &new, r));
                     if tp % cur.tp == 0 {
                         prop_assert!(inside(&b, &a), "rank {} {:?}: {} -> {}", r, role, cur.tp, tp);
-                    } else if cur.tp % tp == 0 {
+                    } else if cur.tp.is_multiple_of(tp) {
                         prop_assert!(inside(&a, &b), "rank {} {:?}: {} -> {}", r, role, cur.tp, tp);
                     }
                 }

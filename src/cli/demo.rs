@@ -170,7 +170,7 @@ fn run_on(a: &DemoArgs, dir: &Path) -> Result<()> {
     let m = open_model(dir)?;
     let trace = long_tail_trace(a.batch, a.max_response, m.cfg.vocab_size, a.seed);
     let low = (1..=a.world)
-        .find(|t| a.world % t == 0 && check_tp_for_model(*t, &m.cfg).is_ok())
+        .find(|t| a.world.is_multiple_of(*t) && check_tp_for_model(*t, &m.cfg).is_ok())
         .unwrap_or(1);
     check_tp_for_model(a.world, &m.cfg).map_err(|e| e.context("--world"))?;
     let reqs: Vec<Request> = trace

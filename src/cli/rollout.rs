@@ -118,7 +118,7 @@ pub fn rollout(
         })?;
     }
     let tps: Vec<usize> = (1..=a.world)
-        .filter(|t| a.world % t == 0 && check_tp_for_model(*t, &m.cfg).is_ok())
+        .filter(|t| a.world.is_multiple_of(*t) && check_tp_for_model(*t, &m.cfg).is_ok())
         .collect();
     if a.check_every == 0 {
         return Err(Error::Invalid("--check-every must be at least 1".into()));

@@ -71,7 +71,7 @@ impl ProfileGrid {
             )?;
         }
         let tps: Vec<usize> = (1..=self.world)
-            .filter(|t| self.world % t == 0 && check_tp_for_model(*t, &model.cfg).is_ok())
+            .filter(|t| self.world.is_multiple_of(*t) && check_tp_for_model(*t, &model.cfg).is_ok())
             .collect();
         if tps.is_empty() {
             return Err(Error::Invalid(format!(

@@ -83,10 +83,10 @@ impl ModelDims {
     pub fn candidate_tps(&self, world: usize) -> Vec<usize> {
         (1..=world)
             .filter(|t| {
-                world % t == 0
-                    && self.num_heads % t == 0
-                    && self.num_kv_heads % t == 0
-                    && self.intermediate_size % t == 0
+                world.is_multiple_of(*t)
+                    && self.num_heads.is_multiple_of(*t)
+                    && self.num_kv_heads.is_multiple_of(*t)
+                    && self.intermediate_size.is_multiple_of(*t)
             })
             .collect()
     }

@@ -65,7 +65,7 @@ impl Layout {
                 "world ({world}) and tp ({tp}) must be at least 1"
             )));
         }
-        if world % tp != 0 {
+        if !world.is_multiple_of(tp) {
             return Err(Error::Layout(format!(
                 "tp {tp} does not divide world {world}"
             )));

@@ -123,7 +123,7 @@ impl<'a> Controller<'a> {
 
     /// Whether the rule runs before step `step` (0-based; step 0 is the prefill).
     pub fn checks_at(&self, step: usize) -> bool {
-        step > 0 && step % self.cfg.check_every == 0
+        step > 0 && step.is_multiple_of(self.cfg.check_every)
     }
 
     fn estimated(&self, live: &[LiveSeq]) -> Result<Vec<EstimatedSeq>> {

@@ -95,9 +95,9 @@ impl SwitchCost {
     /// Weight bytes each rank receives going from `from` to `to`.
     pub fn weight_bytes(&self, from: usize, to: usize) -> f64 {
         let w = self.sharded_weight_bytes;
-        if to == from || to % from == 0 {
+        if to == from || to.is_multiple_of(from) {
             0.0
-        } else if from % to == 0 {
+        } else if from.is_multiple_of(to) {
             w * (1.0 / to as f64 - 1.0 / from as f64)
         } else {
             w / to as f64

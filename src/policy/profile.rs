@@ -169,7 +169,7 @@ impl Profile {
             return Err(self.err("`decode` has no samples".into()));
         }
         let rate_ok = |x: f64| x.is_finite() && x > 0.0;
-        let tp_ok = |tp: usize| tp >= 1 && self.world % tp == 0;
+        let tp_ok = |tp: usize| tp >= 1 && self.world.is_multiple_of(tp);
         for (i, s) in self.decode.iter().enumerate() {
             if !tp_ok(s.tp) || s.batch == 0 || !rate_ok(s.step_ms) {
                 return Err(self.err(format!(

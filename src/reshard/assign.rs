@@ -25,7 +25,7 @@ use crate::parallel::Layout;
 /// ways is a separate check (`layout::check_tp_for_model`).
 pub fn nested_layout(old: &Layout, new_tp: usize) -> Result<Layout> {
     let world = old.world;
-    if new_tp == 0 || world % new_tp != 0 {
+    if new_tp == 0 || !world.is_multiple_of(new_tp) {
         return Err(Error::Layout(format!(
             "cannot switch to tp {new_tp}: it does not divide world {world}"
         )));
@@ -35,7 +35,7 @@ pub fn nested_layout(old: &Layout, new_tp: usize) -> Result<Layout> {
         (0..old.dp())
             .map(|e| old.replica_ranks(e).to_vec())
             .collect()
-    } else if new_tp % old_tp == 0 {
+    } else if new_tp.is_multiple_of(old_tp) {
         let k = new_tp / old_tp;
         (0..new_dp)
             .map(|e| {

@@ -116,7 +116,7 @@ impl<'a> Node<'a> {
         requests: &[(usize, usize)],
         at: &[usize],
     ) -> Result<Node<'a>> {
-        if tp == 0 || world % tp != 0 {
+        if tp == 0 || !world.is_multiple_of(tp) {
             return Err(Error::Invalid(format!(
                 "tp {tp} does not divide world {world}"
             )));
@@ -345,7 +345,7 @@ impl StepSource for Node<'_> {
     fn step(&mut self) -> Result<StepDone> {
         let before = (self.now_ms(), self.live);
         let running: usize = self.reps.iter().map(|r| r.batch).sum();
-        if self.rounds % VISIT_EVERY == 0 {
+        if self.rounds.is_multiple_of(VISIT_EVERY) {
             for r in self.reps.iter().filter(|r| r.batch > 0) {
                 self.visited
                     .push((self.tp, r.batch, r.tokens as f64 / r.batch as f64));
@@ -372,7 +372,7 @@ impl StepSource for Node<'_> {
         })
     }
     fn switch(&mut self, to_tp: usize, placement: &[usize]) -> Result<(f64, ())> {
-        if to_tp == 0 || self.world % to_tp != 0 {
+        if to_tp == 0 || !self.world.is_multiple_of(to_tp) {
             return Err(Error::Invalid(format!(
                 "tp {to_tp} does not divide world {}",
                 self.world

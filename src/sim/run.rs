@@ -159,7 +159,7 @@ pub fn check(cfg: &SimConfig, model: &SimModel) -> Result<()> {
         return Err(Error::Invalid("`check_every` must be at least 1".into()));
     }
     for &tp in cfg.candidates.iter().chain(cfg.start_tp.iter()) {
-        if tp == 0 || cfg.world % tp != 0 {
+        if tp == 0 || !cfg.world.is_multiple_of(tp) {
             return Err(Error::Invalid(format!(
                 "tp {tp} does not divide `world` {}",
                 cfg.world
