@@ -242,7 +242,7 @@ pub fn paged_attention_bench(
             "{W}: iters must be at most {MAX_ITERS}, not {iters}"
         )));
     }
-    if q_heads % kv_heads != 0 {
+    if !q_heads.is_multiple_of(kv_heads) {
         return Err(Error::Device(format!(
             "{W}: {q_heads} q heads are not a multiple of {kv_heads} kv heads"
         )));

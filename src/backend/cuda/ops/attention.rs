@@ -68,7 +68,7 @@ fn check_common(
 ) -> Result<(DType, usize)> {
     let dt = cache.check(what)?;
     same_float(&[out, q.data, cache.k], what)?;
-    if cache.num_kv_heads == 0 || q.heads % cache.num_kv_heads != 0 {
+    if cache.num_kv_heads == 0 || !q.heads.is_multiple_of(cache.num_kv_heads) {
         return Err(Error::Device(format!(
             "{what}: {} q heads are not a multiple of {} kv heads",
             q.heads, cache.num_kv_heads

@@ -24,7 +24,7 @@ pub fn embedding(
     const W: &str = "embedding";
     ids.check_dtype(DType::U32, W)?;
     let dt = same_float(&[out, table], W)?;
-    if hidden == 0 || table.len() % hidden != 0 {
+    if hidden == 0 || !table.len().is_multiple_of(hidden) {
         return Err(Error::Device(format!(
             "{W}: table of {} elements is not a whole number of rows of {hidden}",
             table.len()
@@ -203,7 +203,7 @@ pub fn rope(
     positions.check_dtype(DType::I32, W)?;
     inv_freq.check_dtype(DType::F32, W)?;
     let hd = q.head_dim;
-    if k.head_dim != hd || hd % 2 != 0 {
+    if k.head_dim != hd || !hd.is_multiple_of(2) {
         return Err(Error::Device(format!(
             "{W}: head_dim must be even and equal for q and k (got {hd}, {})",
             k.head_dim
