@@ -8,9 +8,9 @@ Makes a random-weight model of a real shape with `pat init-model` (default: Smol
 `--preset smollm-135m-shape`), then for each batch size times decode only (after prefill), pat
 and torch interleaved run by run, and prints the median decode tokens/s of each and their ratio.
 
-- pat: `pat bench one-batch` (its `median_decode_latency`), world = --threads ranks at tp 1
-  (data-parallel replicas, one thread each) and one rank alone; pat's GEMMs use one thread per
-  rank.
+- pat: `pat bench one-batch` (its `median_decode_latency`) with PAT_THREADS = --threads, world =
+  --threads ranks at tp 1 (data-parallel replicas; at batch 1 only one is busy and takes every
+  thread) and one rank alone (its GEMMs and attention split over every thread).
 - torch: `AutoModelForCausalLM` in f32 with `torch.set_num_threads(--threads)`, one prefill with
   the KV cache, then one forward per decode step on the last token (greedy), each step timed;
   the median step.
@@ -28,12 +28,13 @@ import tempfile
 import time
 
 
-def pat_decode(pat, model, world, batch, input_len, output_len):
+def pat_decode(pat, model, world, batch, input_len, output_len, threads):
+    env = dict(os.environ, PAT_THREADS=str(threads))
     out = subprocess.run(
         [pat, "bench", "one-batch", "--model", model, "--world", str(world), "--tp", "1",
          "--batch-size", str(batch), "--input-len", str(input_len),
          "--output-len", str(output_len)],
-        check=True, capture_output=True, text=True).stdout
+        check=True, capture_output=True, text=True, env=env).stdout
     rec = json.loads(out.strip().splitlines()[-1])
     return rec["median_decode_latency"]
 
@@ -97,8 +98,9 @@ def main():
     batches = [int(b) for b in a.batch_sizes.split(",")]
     runners = {
         f"pat world {a.threads}": lambda b: pat_decode(a.pat, model, a.threads, b, a.input_len,
-                                                       a.output_len),
-        "pat world 1": lambda b: pat_decode(a.pat, model, 1, b, a.input_len, a.output_len),
+                                                       a.output_len, a.threads),
+        "pat world 1": lambda b: pat_decode(a.pat, model, 1, b, a.input_len, a.output_len,
+                                            a.threads),
         f"torch {a.threads} threads": lambda b: torch_decode(model, b, a.input_len, a.output_len,
                                                              a.threads, 0),
     }

@@ -25,6 +25,9 @@ pub enum BenchCommand {
     /// GPU paged decode attention alone (cuda builds): achieved GB/s of KV read against the
     /// measured device copy bandwidth, per (num-seqs, context).
     Attention(AttentionArgs),
+    /// The CPU backend's decode GEMMs alone on a model shape (every layer's own weights): ms per
+    /// step, weight GB/s against the measured copy bandwidth, and matrixmultiply in the same run.
+    Gemm(super::bench_gemm::GemmArgs),
 }
 
 #[derive(Args, Debug)]
@@ -89,6 +92,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::OneBatch(a) => one_batch(a),
         BenchCommand::Switch(a) => super::switch::bench_switch(a),
         BenchCommand::Attention(a) => attention(a),
+        BenchCommand::Gemm(a) => super::bench_gemm::gemm(a),
     }
 }
 

@@ -9,6 +9,7 @@ macro_rules! outln {
 }
 
 mod bench;
+mod bench_gemm;
 pub mod common;
 mod compose;
 mod demo;
@@ -111,8 +112,10 @@ impl From<PresetArg> for Preset {
 /// Where the ranks run (shared by the commands that run the engine).
 #[derive(Args, Debug, Clone)]
 pub struct BackendArgs {
-    /// cpu: the f32 reference (one thread per rank). cuda: GPU ranks with the hand-written kernels
-    /// (needs a build with `--features cuda`); live --reconfigure is CPU-only for now.
+    /// cpu: the f32 reference (a thread per rank; the busy ranks share the cores, each rank's
+    /// GEMMs and attention split over its share; PAT_THREADS caps the cores used). cuda: GPU
+    /// ranks with the hand-written kernels (needs a build with `--features cuda`); live
+    /// --reconfigure is CPU-only for now.
     #[arg(long, value_enum, default_value = "cpu")]
     pub backend: BackendArg,
     /// With --backend cuda: the CUDA ordinal of each rank, comma-separated (e.g. 0,0,1,1).

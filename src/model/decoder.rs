@@ -11,7 +11,7 @@
 pub use crate::backend::SeqInput;
 pub use crate::model::rank_weights::{load_role, LayerWeights, RankWeights};
 
-use crate::backend::cpu::CpuOps;
+use crate::backend::cpu::{CpuOps, Gemm};
 use crate::backend::{AttnShape, RankOps};
 use crate::error::{Error, Result};
 use crate::kv::KvPool;
@@ -35,7 +35,7 @@ pub fn forward<O: RankOps>(
         return Ok(Vec::new());
     }
     let tp = w.tp;
-    if tp == 0 || cfg.num_heads % tp != 0 || cfg.num_kv_heads % tp != 0 {
+    if tp == 0 || !cfg.num_heads.is_multiple_of(tp) || !cfg.num_kv_heads.is_multiple_of(tp) {
         return Err(Error::Layout(format!(
             "rank weights for tp {tp} do not split the model's heads"
         )));
@@ -124,7 +124,8 @@ fn assemble_logits(gathered: &[f32], tp: usize, ns: usize, vl: usize, vocab: usi
     logits
 }
 
-/// [`forward`] on the CPU reference backend: the rank's host shard `w`, its KV pool and its group.
+/// [`forward`] on the CPU reference backend: the rank's host shard `w`, its KV pool and its group,
+/// its GEMMs on one thread.
 pub fn forward_cpu(
     cfg: &ModelConfig,
     w: &RankWeights,
@@ -133,5 +134,23 @@ pub fn forward_cpu(
     comm: &dyn Comm,
     seqs: &[SeqInput],
 ) -> Result<Vec<f32>> {
-    forward(&mut CpuOps::new(kv, comm, inv_freq), cfg, w, seqs)
+    forward_cpu_on(cfg, w, kv, inv_freq, comm, seqs, Gemm::default())
+}
+
+/// [`forward_cpu`] with the rank's GEMMs on `gemm`'s threads.
+pub fn forward_cpu_on(
+    cfg: &ModelConfig,
+    w: &RankWeights,
+    kv: &mut KvPool,
+    inv_freq: &[f32],
+    comm: &dyn Comm,
+    seqs: &[SeqInput],
+    gemm: Gemm,
+) -> Result<Vec<f32>> {
+    forward(
+        &mut CpuOps::new(kv, comm, inv_freq).with_gemm(gemm),
+        cfg,
+        w,
+        seqs,
+    )
 }

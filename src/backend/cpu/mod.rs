@@ -1,209 +1,16 @@
-//! CPU reference kernels: clear, exact, f32 accumulation. GEMMs go through `matrixmultiply`.
+//! CPU reference kernels: clear, exact, f32 accumulation. The GEMMs are in `gemm` (streaming
+//! kernels for decode, `matrixmultiply` for prefill, columns split over a rank's threads).
 //! [`CpuOps`] puts them behind the backend interface the decoder runs on.
 
+mod gemm;
 mod ops;
 
+pub use gemm::{cpu_threads, matmul_nn, matmul_nt, Gemm, STREAM_MAX_ROWS};
 pub use ops::{CpuBatch, CpuOps};
 
 use std::time::Instant;
 
 use crate::kv::KvPool;
-
-/// Up to this many rows of `x`, the GEMMs stream each weight row once (decode of a small live
-/// batch: the long tail); above it, `matrixmultiply`'s packed GEMM is faster on this machine
-/// (measured 2026-12-01, see benches/RESULTS.md).
-pub const STREAM_MAX_ROWS: usize = 4;
-
-/// `LANES` partial sums over `k`, then combined pairwise in a fixed order; the tail last. The
-/// order depends on nothing but `k`, so results do not depend on threads or call sites.
-const LANES: usize = 8;
-
-#[inline(always)]
-fn reduce(acc: &[f32; LANES]) -> f32 {
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
-}
-
-/// Four dot products of `w` with rows `x0..x3` at once (each `w` chunk is loaded once).
-#[inline(always)]
-fn dot4(xs: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
-    let mut acc = [[0f32; LANES]; 4];
-    let k = w.len() - w.len() % LANES;
-    for c in (0..k).step_by(LANES) {
-        let wc = &w[c..c + LANES];
-        for (a, x) in acc.iter_mut().zip(&xs) {
-            let xc = &x[c..c + LANES];
-            for l in 0..LANES {
-                a[l] += xc[l] * wc[l];
-            }
-        }
-    }
-    let mut out = [0f32; 4];
-    for ((o, a), x) in out.iter_mut().zip(&acc).zip(&xs) {
-        *o = reduce(a);
-        for t in k..w.len() {
-            *o += x[t] * w[t];
-        }
-    }
-    out
-}
-
-/// `out[n, m] = x[n, k] · w[m, k]ᵀ` for few rows: each weight row is read once, from memory, and
-/// dotted with every row of `x` (which stays in cache), four rows at a time, then one by one.
-#[inline(always)]
-fn stream_nt_body(out: &mut [f32], x: &[f32], w: &[f32], n: usize, k: usize, m: usize) {
-    let row = |i: usize| &x[i * k..(i + 1) * k];
-    for (j, wr) in w[..m * k].chunks_exact(k).enumerate() {
-        let mut i = 0;
-        while i + 4 <= n {
-            let d = dot4([row(i), row(i + 1), row(i + 2), row(i + 3)], wr);
-            for (t, v) in d.iter().enumerate() {
-                out[(i + t) * m + j] = *v;
-            }
-            i += 4;
-        }
-        for i in i..n {
-            out[i * m + j] = dot(row(i), wr);
-        }
-    }
-}
-
-/// One dot product, in the same order as each of [`dot4`]'s.
-#[inline(always)]
-fn dot(x: &[f32], w: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let k = w.len() - w.len() % LANES;
-    for c in (0..k).step_by(LANES) {
-        let (xc, wc) = (&x[c..c + LANES], &w[c..c + LANES]);
-        for l in 0..LANES {
-            acc[l] += xc[l] * wc[l];
-        }
-    }
-    let mut o = reduce(&acc);
-    for t in k..w.len() {
-        o += x[t] * w[t];
-    }
-    o
-}
-
-/// `out[n, m] = x[n, k] · w[k, m]` for few rows: weight row `kk` is read once and added, scaled
-/// by `x[i, kk]`, into every output row (which stay in cache). Each output sums over `kk` in order.
-#[inline(always)]
-fn stream_nn_body(out: &mut [f32], x: &[f32], w: &[f32], n: usize, k: usize, m: usize) {
-    out[..n * m].fill(0.0);
-    for (kk, wr) in w[..k * m].chunks_exact(m).enumerate() {
-        for i in 0..n {
-            let a = x[i * k + kk];
-            for (o, b) in out[i * m..(i + 1) * m].iter_mut().zip(wr) {
-                *o += a * b;
-            }
-        }
-    }
-}
-
-/// [`stream_nt_body`] compiled for AVX2.
-///
-/// # Safety
-/// The CPU must support AVX2 (checked by the caller).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn stream_nt_avx2(out: &mut [f32], x: &[f32], w: &[f32], n: usize, k: usize, m: usize) {
-    stream_nt_body(out, x, w, n, k, m)
-}
-
-/// [`stream_nn_body`] compiled for AVX2.
-///
-/// # Safety
-/// The CPU must support AVX2 (checked by the caller).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn stream_nn_avx2(out: &mut [f32], x: &[f32], w: &[f32], n: usize, k: usize, m: usize) {
-    stream_nn_body(out, x, w, n, k, m)
-}
-
-fn stream_nt(out: &mut [f32], x: &[f32], w: &[f32], n: usize, k: usize, m: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 is present (checked just above).
-        return unsafe { stream_nt_avx2(out, x, w, n, k, m) };
-    }
-    stream_nt_body(out, x, w, n, k, m)
-}
-
-fn stream_nn(out: &mut [f32], x: &[f32], w: &[f32], n: usize, k: usize, m: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 is present (checked just above).
-        return unsafe { stream_nn_avx2(out, x, w, n, k, m) };
-    }
-    stream_nn_body(out, x, w, n, k, m)
-}
-
-/// out[n, m] = x[n, k] · w[m, k]ᵀ (weights stored [out, in]).
-pub fn matmul_nt(out: &mut [f32], x: &[f32], w: &[f32], n: usize, k: usize, m: usize) {
-    assert!(x.len() >= n * k && w.len() >= m * k && out.len() >= n * m);
-    if n == 0 || m == 0 {
-        return;
-    }
-    if k == 0 {
-        return out[..n * m].fill(0.0);
-    }
-    if n <= STREAM_MAX_ROWS {
-        return stream_nt(out, x, w, n, k, m);
-    }
-    // SAFETY: the asserts above bound every index the strides reach: A is n×k row-major, B = wᵀ is
-    // k×m read with row stride 1 and column stride k, C is n×m row-major; the slices do not alias.
-    unsafe {
-        matrixmultiply::sgemm(
-            n,
-            k,
-            m,
-            1.0,
-            x.as_ptr(),
-            k as isize,
-            1,
-            w.as_ptr(),
-            1,
-            k as isize,
-            0.0,
-            out.as_mut_ptr(),
-            m as isize,
-            1,
-        );
-    }
-}
-
-/// out[n, m] = x[n, k] · w[k, m] (row-parallel weights stored [in, out]).
-pub fn matmul_nn(out: &mut [f32], x: &[f32], w: &[f32], n: usize, k: usize, m: usize) {
-    assert!(x.len() >= n * k && w.len() >= k * m && out.len() >= n * m);
-    if n == 0 || m == 0 {
-        return;
-    }
-    if k == 0 {
-        return out[..n * m].fill(0.0);
-    }
-    if n <= STREAM_MAX_ROWS {
-        return stream_nn(out, x, w, n, k, m);
-    }
-    // SAFETY: as in `matmul_nt`, with B = w read row-major (row stride m, column stride 1).
-    unsafe {
-        matrixmultiply::sgemm(
-            n,
-            k,
-            m,
-            1.0,
-            x.as_ptr(),
-            k as isize,
-            1,
-            w.as_ptr(),
-            m as isize,
-            1,
-            0.0,
-            out.as_mut_ptr(),
-            m as isize,
-            1,
-        );
-    }
-}
 
 /// Row-wise RMSNorm: out = x / sqrt(mean(x²) + eps) * w, rows of length w.len().
 pub fn rmsnorm(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
@@ -268,6 +75,25 @@ pub struct AttnSeq<'a> {
     pub table: &'a [u32],
 }
 
+/// `q · k` over 8 partial sums (vectorizable; no dependency chain through every element),
+/// combined pairwise, the tail last.
+#[inline(always)]
+fn dot8(q: &[f32], k: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (qc, kc) = (q.chunks_exact(8), k.chunks_exact(8));
+    let (qt, kt) = (qc.remainder(), kc.remainder());
+    for (a, b) in qc.zip(kc) {
+        for l in 0..8 {
+            acc[l] += a[l] * b[l];
+        }
+    }
+    let mut o = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (a, b) in qt.iter().zip(kt) {
+        o += a * b;
+    }
+    o
+}
+
 /// Causal attention over the paged cache (prefill and decode alike): token i of a sequence at
 /// position p attends to cached positions 0..=p. q/out: [n, q_heads, head_dim]; GQA by head groups.
 pub fn paged_attention(
@@ -279,41 +105,115 @@ pub fn paged_attention(
     q_heads: usize,
     scale: f32,
 ) {
+    attend(out, 0, q, pool, layer, seqs, q_heads, scale)
+}
+
+/// [`paged_attention`] with the sequences split over `gemm`'s threads (contiguous groups of
+/// about equal work, each writing only its own rows of `out`). Each sequence's result is the same
+/// as on one thread.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention_on(
+    gemm: Gemm,
+    out: &mut [f32],
+    q: &[f32],
+    pool: &KvPool,
+    layer: usize,
+    seqs: &[AttnSeq],
+    q_heads: usize,
+    scale: f32,
+) {
+    let ordered = seqs.windows(2).all(|w| w[0].row + w[0].len <= w[1].row);
+    let parts = gemm.threads.min(seqs.len());
+    if parts < 2 || !ordered {
+        return paged_attention(out, q, pool, layer, seqs, q_heads, scale);
+    }
+    let row_len = q_heads * pool.head_dim;
+    let work: Vec<usize> = seqs.iter().map(|s| s.len * (s.start_pos + s.len)).collect();
+    let total: usize = work.iter().sum();
+    // Contiguous groups: a group ends once the work so far reaches its share of the total.
+    let mut groups = Vec::with_capacity(parts);
+    let (mut lo, mut acc) = (0, 0);
+    for (i, w) in work.iter().enumerate() {
+        acc += w;
+        if acc * parts >= total * (groups.len() + 1) || i + 1 == seqs.len() {
+            groups.push(&seqs[lo..=i]);
+            lo = i + 1;
+        }
+    }
+    let mut rest = out;
+    let mut at = 0; // first row of `rest`
+    let mut items = Vec::with_capacity(groups.len());
+    for g in groups {
+        let (first, last) = (g[0].row, g[g.len() - 1].row + g[g.len() - 1].len);
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut((first - at) * row_len);
+        let (mine, tail) = tail.split_at_mut((last - first) * row_len);
+        items.push((mine, first, g));
+        (rest, at) = (tail, last);
+    }
+    gemm.each(items, |(o, base, g)| {
+        attend(o, base, q, pool, layer, g, q_heads, scale)
+    });
+}
+
+/// The attention of `seqs`, whose rows start at `base` in `out`.
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    out: &mut [f32],
+    base: usize,
+    q: &[f32],
+    pool: &KvPool,
+    layer: usize,
+    seqs: &[AttnSeq],
+    q_heads: usize,
+    scale: f32,
+) {
     let (hd, bs) = (pool.head_dim, pool.block_size);
     let group = q_heads / pool.kv_heads;
     let (kc, vc) = (&pool.k[layer], &pool.v[layer]);
+    // Per kv head, its `group` query heads together: each cached K and V row is read once for
+    // all of them, block by block (a block's rows of one head are contiguous).
     let mut scores = Vec::new();
     for s in seqs {
         for i in 0..s.len {
             let ctx = s.start_pos + i + 1;
-            for h in 0..q_heads {
-                let kvh = h / group;
-                let qr = &q[((s.row + i) * q_heads + h) * hd..][..hd];
+            let row = s.row + i;
+            for kvh in 0..pool.kv_heads {
+                let h0 = kvh * group;
                 scores.clear();
-                let mut max = f32::NEG_INFINITY;
-                for p in 0..ctx {
-                    let o = pool.offset(s.table[p / bs] as usize, kvh, p % bs);
-                    let dot: f32 = qr
-                        .iter()
-                        .zip(&kc[o..o + hd])
-                        .map(|(a, b)| a * b)
-                        .sum::<f32>()
-                        * scale;
-                    max = max.max(dot);
-                    scores.push(dot);
+                scores.resize(group * ctx, 0f32);
+                for (b, &blk) in s.table[..ctx.div_ceil(bs)].iter().enumerate() {
+                    let kbase = pool.offset(blk as usize, kvh, 0);
+                    for off in 0..bs.min(ctx - b * bs) {
+                        let kr = &kc[kbase + off * hd..][..hd];
+                        for g in 0..group {
+                            let qr = &q[(row * q_heads + h0 + g) * hd..][..hd];
+                            scores[g * ctx + b * bs + off] = dot8(qr, kr) * scale;
+                        }
+                    }
                 }
-                let mut denom = 0.0;
-                for sc in scores.iter_mut() {
-                    *sc = (*sc - max).exp();
-                    denom += *sc;
+                for (g, sc) in scores.chunks_exact_mut(ctx).enumerate() {
+                    let max = sc.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                    let mut denom = 0.0;
+                    for v in sc.iter_mut() {
+                        *v = (*v - max).exp();
+                        denom += *v;
+                    }
+                    for v in sc.iter_mut() {
+                        *v /= denom;
+                    }
+                    out[((row - base) * q_heads + h0 + g) * hd..][..hd].fill(0.0);
                 }
-                let or = &mut out[((s.row + i) * q_heads + h) * hd..][..hd];
-                or.fill(0.0);
-                for (p, sc) in scores.iter().enumerate() {
-                    let o = pool.offset(s.table[p / bs] as usize, kvh, p % bs);
-                    let wgt = sc / denom;
-                    for (a, b) in or.iter_mut().zip(&vc[o..o + hd]) {
-                        *a += wgt * b;
+                for (b, &blk) in s.table[..ctx.div_ceil(bs)].iter().enumerate() {
+                    let vbase = pool.offset(blk as usize, kvh, 0);
+                    for off in 0..bs.min(ctx - b * bs) {
+                        let vr = &vc[vbase + off * hd..][..hd];
+                        for g in 0..group {
+                            let wgt = scores[g * ctx + b * bs + off];
+                            let or = &mut out[((row - base) * q_heads + h0 + g) * hd..][..hd];
+                            for (a, v) in or.iter_mut().zip(vr) {
+                                *a += wgt * v;
+                            }
+                        }
                     }
                 }
             }
@@ -428,5 +328,97 @@ mod tests {
         }];
         paged_attention(&mut out, &q, &pool, 0, &s, 2, 0.7);
         assert_eq!(out, vec![5.0, -3.0, 5.0, -3.0]);
+    }
+
+    #[test]
+    fn attention_split_over_threads_equals_one_thread_and_an_f64_reference() {
+        // 4 sequences of different lengths (decode rows and a 3-token prefill chunk), GQA 2:1,
+        // block size 4, shuffled block tables.
+        let (kvh, hd, bs, qh) = (2, 8, 4, 4);
+        let mut pool = KvPool::new(1, 32, bs, kvh, hd).unwrap();
+        let ctxs = [9usize, 3, 14, 6];
+        let mut tables = Vec::new();
+        let mut next = 31u32;
+        for &c in &ctxs {
+            let t: Vec<u32> = (0..c.div_ceil(bs))
+                .map(|_| {
+                    next -= 1;
+                    next
+                })
+                .collect();
+            for p in 0..c {
+                let slot = t[p / bs] as usize * bs + p % bs;
+                let kv: Vec<f32> = (0..kvh * hd)
+                    .map(|e| ((p * 7 + e + c) as f32).sin())
+                    .collect();
+                let vv: Vec<f32> = (0..kvh * hd).map(|e| ((p * 3 + e) as f32).cos()).collect();
+                pool.append(0, &kv, &vv, &[slot]);
+            }
+            tables.push(t);
+        }
+        // Sequence 1 prefills its last 3 tokens; the others decode their last one.
+        let lens = [1usize, 3, 1, 1];
+        let mut seqs = Vec::new();
+        let mut row = 0;
+        for (i, t) in tables.iter().enumerate() {
+            seqs.push(AttnSeq {
+                row,
+                len: lens[i],
+                start_pos: ctxs[i] - lens[i],
+                table: t,
+            });
+            row += lens[i];
+        }
+        let q: Vec<f32> = (0..row * qh * hd)
+            .map(|e| (e as f32 * 0.37).sin())
+            .collect();
+        let mut one = vec![f32::NAN; row * qh * hd];
+        paged_attention(&mut one, &q, &pool, 0, &seqs, qh, 0.3);
+        for threads in [2, 3, 4] {
+            let mut split = vec![f32::NAN; row * qh * hd];
+            let g = Gemm {
+                threads,
+                ..Gemm::default()
+            };
+            paged_attention_on(g, &mut split, &q, &pool, 0, &seqs, qh, 0.3);
+            assert_eq!(split, one, "{threads} threads");
+        }
+        // f64 reference: softmax over positions 0..=p of q·k · scale, weights on v.
+        for s in &seqs {
+            for i in 0..s.len {
+                let p = s.start_pos + i;
+                for h in 0..qh {
+                    let kv = h / (qh / kvh);
+                    let qr = &q[((s.row + i) * qh + h) * hd..][..hd];
+                    let at = |c: &Vec<f32>, pos: usize| {
+                        let o = pool.offset(s.table[pos / bs] as usize, kv, pos % bs);
+                        c[o..o + hd].to_vec()
+                    };
+                    let sc: Vec<f64> = (0..=p)
+                        .map(|pos| {
+                            let kr = at(&pool.k[0], pos);
+                            qr.iter()
+                                .zip(&kr)
+                                .map(|(a, b)| *a as f64 * *b as f64)
+                                .sum::<f64>()
+                                * 0.3
+                        })
+                        .collect();
+                    let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let den: f64 = sc.iter().map(|v| (v - mx).exp()).sum();
+                    for d in 0..hd {
+                        let want: f64 = (0..=p)
+                            .map(|pos| (sc[pos] - mx).exp() / den * at(&pool.v[0], pos)[d] as f64)
+                            .sum();
+                        let got = one[((s.row + i) * qh + h) * hd + d] as f64;
+                        assert!(
+                            (got - want).abs() < 1e-5,
+                            "row {} head {h} dim {d}",
+                            s.row + i
+                        );
+                    }
+                }
+            }
+        }
     }
 }

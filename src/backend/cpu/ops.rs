@@ -2,7 +2,7 @@
 //! `backend::cpu`, the rank's `KvPool`, and a host `Comm` group.
 
 use super::AttnSeq;
-use super::{matmul_nn, matmul_nt, paged_attention, rmsnorm, rmsnorm_inplace, rope, silu_mul};
+use super::{paged_attention_on, rmsnorm, rmsnorm_inplace, rope, silu_mul, Gemm};
 use crate::backend::{AttnShape, BatchPlan, RankOps, SeqInput};
 use crate::error::{Error, Result};
 use crate::kv::KvPool;
@@ -15,6 +15,8 @@ pub struct CpuOps<'a> {
     pub inv_freq: &'a [f32],
     /// Scratch for the attention core, reused across layers: q, k, v.
     scratch: [Vec<f32>; 3],
+    /// The threads this rank's GEMMs use.
+    pub gemm: Gemm,
 }
 
 impl<'a> CpuOps<'a> {
@@ -24,7 +26,14 @@ impl<'a> CpuOps<'a> {
             comm,
             inv_freq,
             scratch: Default::default(),
+            gemm: Gemm::default(),
         }
+    }
+
+    /// The same, with the rank's GEMMs on `gemm`'s threads.
+    pub fn with_gemm(mut self, gemm: Gemm) -> Self {
+        self.gemm = gemm;
+        self
     }
 }
 
@@ -137,7 +146,8 @@ impl RankOps for CpuOps<'_> {
         check(out.len(), n * m, "gemm_nt out")?;
         check(a.len(), n * k, "gemm_nt a")?;
         check(w.len(), m * k, "gemm_nt w")?;
-        matmul_nt(&mut out[..n * m], &a[..n * k], &w[..m * k], n, k, m);
+        self.gemm
+            .nt(&mut out[..n * m], &a[..n * k], &w[..m * k], n, k, m);
         Ok(())
     }
 
@@ -153,7 +163,8 @@ impl RankOps for CpuOps<'_> {
         check(out.len(), n * m, "gemm_nn out")?;
         check(a.len(), n * k, "gemm_nn a")?;
         check(w.len(), k * m, "gemm_nn w")?;
-        matmul_nn(&mut out[..n * m], &a[..n * k], &w[..k * m], n, k, m);
+        self.gemm
+            .nn(&mut out[..n * m], &a[..n * k], &w[..k * m], n, k, m);
         Ok(())
     }
 
@@ -205,7 +216,8 @@ impl RankOps for CpuOps<'_> {
                 }
             })
             .collect();
-        paged_attention(
+        paged_attention_on(
+            self.gemm,
             &mut out[..n * hq * hd],
             q,
             self.kv,

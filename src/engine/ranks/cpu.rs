@@ -4,9 +4,10 @@
 use std::time::Instant;
 
 use super::{RankSet, StepCtx, SwitchDone, SwitchWork};
+use crate::backend::cpu::Gemm;
 use crate::error::{Error, Result};
 use crate::kv::KvPool;
-use crate::model::decoder::{forward_cpu, RankWeights, SeqInput};
+use crate::model::decoder::{forward_cpu_on, RankWeights, SeqInput};
 use crate::parallel::{first_cause, Comm, GroupCache};
 use crate::reshard::cpu as run;
 use crate::reshard::weights::program::Staged;
@@ -61,6 +62,11 @@ impl RankSet for CpuRanks {
                 }
             })
             .collect();
+        // The busy ranks share the machine's cores: each rank's GEMMs split over its share.
+        let busy = (0..layout.world)
+            .filter(|&r| !inputs[layout.position(r).0].is_empty())
+            .count();
+        let gemm = Gemm::share(busy);
         let results: Vec<(usize, usize, Result<Vec<f32>>)> = std::thread::scope(|sc| {
             let hs: Vec<_> = self
                 .weights
@@ -81,7 +87,7 @@ impl RankSet for CpuRanks {
                             let r = if fail_rank == Some(rank) {
                                 Err(injected(rank, "the step"))
                             } else {
-                                forward_cpu(cfg, w, kv, inv_freq, &comm, inp)
+                                forward_cpu_on(cfg, w, kv, inv_freq, &comm, inp, gemm)
                             };
                             if r.is_err() {
                                 comm.poison();
