@@ -206,7 +206,22 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
         t_load.elapsed().as_secs_f64(),
         engine.describe_ranks()
     );
-    let bws = engine.memory_bandwidths(a.world)?;
+    // The CPU backend's busy ranks share every core it may use, so host memory is measured with
+    // that many threads; and, as decode only reads weights, also as a read stream (its true limit).
+    let cpu = engine.backend() == "cpu";
+    let threads = if cpu {
+        pat::backend::cpu::cpu_threads()
+    } else {
+        a.world
+    };
+    let bws = engine.memory_bandwidths(threads)?;
+    let read_bw = cpu.then(|| pat::backend::cpu::read_bandwidth(threads));
+    if let Some(r) = read_bw {
+        eprintln!(
+            "measured read bandwidth of host memory: {:.1} GB/s ({threads} threads)",
+            r / 1e9
+        );
+    }
     for (id, bw) in &bws {
         eprintln!(
             "measured copy bandwidth of {} {id}: {:.1} GB/s (read + write)",
@@ -278,6 +293,8 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
         let mut decode: Vec<f64> = steps[1..].to_vec();
         let med = median(&mut decode);
         let roofline = roofline_for(batch);
+        // On the CPU: the weights the busy ranks read over the measured read bandwidth.
+        let read_roofline = read_bw.map(|bw| roofline * (min_bw / 2.0) / bw);
         let rec = serde_json::json!({
             "run_name": a.run_name, "batch_size": batch, "input_len": input_len, "output_len": output_len,
             "prefill_latency": prefill, "prefill_throughput": (batch * input_len) as f64 / prefill,
@@ -287,6 +304,9 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
             "ranks": engine.describe_ranks(), "weight_bytes": weight_bytes,
             "decode_roofline_latency": roofline, "decode_vs_roofline": roofline / med,
             "copy_bandwidth_gbps": min_bw / 1e9,
+            "read_bandwidth_gbps": read_bw.map(|b| b / 1e9),
+            "decode_read_roofline_latency": read_roofline,
+            "decode_vs_read_roofline": read_roofline.map(|r| r / med),
             "launches_per_decode_step": launches_per_step,
             "ms_per_launch": med * 1e3 / launches_per_step.max(1.0),
         });
@@ -297,6 +317,9 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
                 "batch {batch:>3} in {input_len:>5} out {output_len:>4}: prefill {:.1} ms ({:.0} tok/s), decode {:.2} ms/step = {:.1} tok/s, {:.0}% of the bandwidth roofline ({:.2} ms)",
                 prefill * 1e3, (batch * input_len) as f64 / prefill, med * 1e3, batch as f64 / med, 100.0 * roofline / med, roofline * 1e3
             );
+            if let Some(r) = read_roofline {
+                eprintln!("  {:.0}% of the read-bandwidth roofline ({:.2} ms)", 100.0 * r / med, r * 1e3);
+            }
             Ok(())
         })?;
     }

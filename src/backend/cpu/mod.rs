@@ -248,6 +248,39 @@ pub fn copy_bandwidth(threads: usize) -> f64 {
     (threads.max(1) * n * 4 * 2) as f64 / t
 }
 
+/// Measured host-memory read bandwidth in bytes/s: `threads` threads each summing their own
+/// 256 MiB (beyond any cache) at once, the best of 3 passes. Decode streams weights, reading only,
+/// so this is its limit; a copy's read side ([`copy_bandwidth`] / 2) is lower.
+pub fn read_bandwidth(threads: usize) -> f64 {
+    let n = 64 << 20; // 256 MiB of f32 per thread
+    let t = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads.max(1))
+            .map(|_| {
+                s.spawn(move || {
+                    let src = vec![1f32; n];
+                    (0..3)
+                        .map(|_| {
+                            let t0 = Instant::now();
+                            let mut acc = [0f32; 16];
+                            for c in src.chunks_exact(16) {
+                                for (a, v) in acc.iter_mut().zip(c) {
+                                    *a += v;
+                                }
+                            }
+                            std::hint::black_box(acc);
+                            t0.elapsed().as_secs_f64()
+                        })
+                        .fold(f64::INFINITY, f64::min)
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap_or(f64::INFINITY))
+            .fold(0.0, f64::max)
+    });
+    (threads.max(1) * n * 4) as f64 / t
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
