@@ -22,9 +22,9 @@
 use std::sync::OnceLock;
 
 /// Up to this many rows of `x` the streaming kernels run; above it, `matrixmultiply`. Measured on
-/// the 2-core Xeon VM (2026-12-01, `pat bench gemm`, benches/RESULTS.md): the streaming kernels
-/// win at 16 and 32 rows on the SmolLM2-135M and LLaMA-8B shard shapes, matrixmultiply at 128.
-pub const STREAM_MAX_ROWS: usize = 48;
+/// the 2-core Xeon VM (2026-12-01, `pat bench gemm`, benches/RESULTS.md): streaming is 1.1-1.4x
+/// the packed GEMM at 16 and 32 rows on the SmolLM2-135M shape, and behind it at 48 on one thread.
+pub const STREAM_MAX_ROWS: usize = 32;
 
 /// `LANES` partial sums over `k`, then combined pairwise in a fixed order; the tail last.
 const LANES: usize = 8;
