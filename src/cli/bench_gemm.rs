@@ -44,6 +44,10 @@ pub struct GemmArgs {
 
 /// Bytes of f32 weights this bench will hold at most.
 const MAX_BYTES: usize = 8 << 30;
+/// Activation rows at most (decode batches; the packed path takes over at 32).
+const MAX_ROWS: usize = 4096;
+/// Threads per GEMM at most (the pool has `cpu_threads() - 1` helpers whatever is asked).
+const MAX_THREADS: usize = 1024;
 
 struct Shape {
     name: &'static str,
@@ -62,6 +66,20 @@ pub fn gemm(a: GemmArgs) -> Result<()> {
             "--layers, --iters, --rows and --threads must be >= 1".into(),
         ));
     }
+    for (flag, values, max) in [
+        ("--rows", &a.rows, MAX_ROWS),
+        ("--threads", &a.threads, MAX_THREADS),
+    ] {
+        if let Some(v) = values.iter().find(|&&v| v > max) {
+            return Err(Error::Invalid(format!("{flag} {v} is more than {max}")));
+        }
+    }
+    if a.iters > 1000 {
+        return Err(Error::Invalid(format!(
+            "--iters {} is more than 1000",
+            a.iters
+        )));
+    }
     let threads = if a.threads.is_empty() {
         let mut t = vec![1, cpu_threads()];
         t.dedup();
@@ -78,7 +96,9 @@ pub fn gemm(a: GemmArgs) -> Result<()> {
         ("down", false, d.intermediate_size, h, layers),
         ("lm_head", true, h, d.vocab_size, 1),
     ];
-    let bytes: usize = dims.iter().map(|&(_, _, k, m, l)| k * m * l * 4).sum();
+    let bytes = dims.iter().fold(0usize, |acc, &(_, _, k, m, l)| {
+        acc.saturating_add(k.saturating_mul(m).saturating_mul(l).saturating_mul(4))
+    });
     if bytes > MAX_BYTES {
         return Err(Error::Invalid(format!(
             "the weights of {layers} layers of this shape are {:.1} GiB (more than {} GiB): pass \
@@ -114,7 +134,11 @@ pub fn gemm(a: GemmArgs) -> Result<()> {
         bytes as f64 / 1e6,
         a.shard
     );
-    let bws: Vec<f64> = threads.iter().map(|&t| copy_bandwidth(t)).collect();
+    // More threads than the backend's cores copy no faster (and would each allocate buffers).
+    let bws: Vec<f64> = threads
+        .iter()
+        .map(|&t| copy_bandwidth(t.min(cpu_threads())))
+        .collect();
 
     // One step: every GEMM of every layer, then lm_head; per shape, its seconds.
     let step = |g: Gemm, n: usize, out: &mut [f32]| -> Vec<f64> {

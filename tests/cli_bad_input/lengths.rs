@@ -84,6 +84,36 @@ const CASES: &[Case] = &[
         "--batch-size 18446744073709551615",
     ),
     err(
+        "bench_gemm_zero_rows",
+        |_| a(&["bench", "gemm", "--rows", "0"]),
+        "--layers, --iters, --rows and --threads must be >= 1",
+    ),
+    err(
+        "bench_gemm_huge_rows",
+        |_| a(&["bench", "gemm", "--rows", "1000000000"]),
+        "--rows 1000000000 is more than 4096",
+    ),
+    err(
+        "bench_gemm_huge_threads",
+        |_| a(&["bench", "gemm", "--threads", "1,1000000"]),
+        "--threads 1000000 is more than 1024",
+    ),
+    err(
+        "bench_gemm_layers_overflow",
+        |_| a(&["bench", "gemm", "--layers", "18446744073709551615"]),
+        "GiB (more than 8 GiB): pass --shard or --layers",
+    ),
+    err(
+        "bench_gemm_8b_shape_unsharded",
+        |_| a(&["bench", "gemm", "--preset", "llama3-8b-shape"]),
+        "(more than 8 GiB): pass --shard or --layers",
+    ),
+    err(
+        "bench_gemm_shard_not_dividing",
+        |_| a(&["bench", "gemm", "--shard", "5"]),
+        "--shard 5 does not divide the attention heads (9)",
+    ),
+    err(
         "profile_contexts_past_positions",
         |f| a(&["profile", "--model", &f.p("m"), "--world", "1", "--contexts", "8,100000",
                 "--out", &f.p("never.json")]),

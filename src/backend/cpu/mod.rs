@@ -249,12 +249,13 @@ pub fn copy_bandwidth(threads: usize) -> f64 {
 }
 
 /// Measured host-memory read bandwidth in bytes/s: `threads` threads each summing their own
-/// 256 MiB (beyond any cache) at once, the best of 3 passes. Decode streams weights, reading only,
+/// buffer at once (1 GiB in all, beyond any cache; at least 32 MiB each), the best of 3 passes. Decode streams weights, reading only,
 /// so this is its limit; a copy's read side ([`copy_bandwidth`] / 2) is lower.
 pub fn read_bandwidth(threads: usize) -> f64 {
-    let n = 64 << 20; // 256 MiB of f32 per thread
+    let threads = threads.max(1);
+    let n = ((256 << 20) / threads).max(8 << 20); // f32 elements per thread
     let t = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..threads.max(1))
+        let hs: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(move || {
                     let src = vec![1f32; n];
@@ -278,7 +279,7 @@ pub fn read_bandwidth(threads: usize) -> f64 {
             .map(|h| h.join().unwrap_or(f64::INFINITY))
             .fold(0.0, f64::max)
     });
-    (threads.max(1) * n * 4) as f64 / t
+    (threads * n * 4) as f64 / t
 }
 
 #[cfg(test)]

@@ -255,15 +255,16 @@ unsafe fn chunk(
     }
 }
 
-/// The threads the CPU backend may use in all: `PAT_THREADS`, else the machine's cores.
+/// The threads the CPU backend may use in all: the machine's cores, or fewer with `PAT_THREADS`.
 pub fn cpu_threads() -> usize {
     static T: OnceLock<usize> = OnceLock::new();
     *T.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         std::env::var("PAT_THREADS")
             .ok()
             .and_then(|v| v.trim().parse::<usize>().ok())
             .filter(|&t| t > 0)
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .map_or(cores, |t| t.min(cores))
     })
 }
 
