@@ -20,7 +20,8 @@
 #      <bin-dir>/logs/, then (unless PAT_GPU_BENCH=0) the benchmarks: `pat init-model --preset
 #      llama3-8b-shape --dtype bf16` into $PAT_BENCH_DIR (default /tmp/pat-bench, ~16 GB;
 #      PAT_BENCH_PRESET=small for a quick run),
-#      `pat bench one-batch --backend cuda` on it and `pat bench attention` (64 seqs x 2048), JSON
+#      `pat bench one-batch --backend cuda` on it, `pat bench attention` (1-64 seqs x 2048-8192)
+#      and `pat bench reshard` (the switch kernels, 16 MiB-1 GiB), JSON
 #      lines kept in <bin-dir>/logs/*.jsonl. A summary table comes last. Exit status: 0 only if
 #      every test passed and every benchmark ran.
 #
@@ -95,7 +96,8 @@ have_lib() {
     return 1
 }
 
-# Benchmarks on the GPU: llama3-8b-shape bf16 one-batch decode and paged attention bandwidth.
+# Benchmarks on the GPU: llama3-8b-shape bf16 one-batch decode, paged attention and switch-kernel
+# bandwidth.
 bench() {
     local bin_dir="$1" logs="$2" pat="$1/pat" ok=0
     local preset="${PAT_BENCH_PRESET:-llama3-8b-shape}"
@@ -110,6 +112,10 @@ bench() {
     "$pat" bench attention --num-seqs 1,16,64 --context 2048,8192 --dtype bf16 \
         >"$logs/bench-attention.jsonl" 2>"$logs/bench-attention.log" || ok=1
     cat "$logs/bench-attention.log"
+    echo "gpu-check: pat bench reshard"
+    "$pat" bench reshard --sizes-mib 16,128,1024 --dtype bf16 \
+        >"$logs/bench-reshard.jsonl" 2>"$logs/bench-reshard.log" || ok=1
+    cat "$logs/bench-reshard.log"
     echo "gpu-check: pat bench one-batch --backend cuda ($preset, bf16)"
     "$pat" bench one-batch --backend cuda --model "$model" --dtype bf16 \
         --batch-size 1,16,64 --input-len 128 --output-len 64 --run-name gpu-check \
@@ -122,6 +128,12 @@ def rows(name):
     p = logs / name
     return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.exists() else []
 a, b = rows("bench-attention.jsonl"), rows("bench-one-batch.jsonl")
+c = rows("bench-reshard.jsonl")
+if c:
+    print(f"switch kernels on {c[0]['device']}, copy bandwidth {c[0]['copy_bandwidth_gbps']:.0f} GB/s")
+    print(f"{'kernel':<12} {'MiB':>5} {'ms':>8} {'GB/s':>7} {'of copy':>8}")
+    for r in c:
+        print(f"{r['kernel']:<12} {r['size_mib']:>5} {r['median_ms']:>8.3f} {r['gbps']:>7.0f} {100*r['fraction_of_copy_bandwidth']:>7.0f}%")
 if a:
     print(f"paged decode attention on {a[0]['device']} ({a[0]['dtype']}), copy bandwidth {a[0]['copy_bandwidth_gbps']:.0f} GB/s")
     print(f"{'seqs':>5} {'ctx':>6} {'ms':>8} {'GB/s':>7} {'of copy':>8}")
@@ -132,7 +144,7 @@ if b:
     print(f"{'batch':>5} {'ms/step':>8} {'tok/s':>8} {'roofline ms':>11} {'vs roofline':>11}")
     for r in b:
         print(f"{r['batch_size']:>5} {1e3*r['median_decode_latency']:>8.2f} {r['median_decode_throughput']:>8.0f} {1e3*r['decode_roofline_latency']:>11.2f} {100*r['decode_vs_roofline']:>10.0f}%")
-if not a or not b:
+if not a or not b or not c:
     sys.exit(1)
 PY
     return $ok

@@ -28,6 +28,9 @@ pub enum BenchCommand {
     /// The CPU backend's decode GEMMs alone on a model shape (every layer's own weights): ms per
     /// step, weight GB/s against the measured copy bandwidth, and matrixmultiply in the same run.
     Gemm(super::bench_gemm::GemmArgs),
+    /// The GPU switch kernels alone (cuda builds): strided_copy compaction, kv_gather and
+    /// kv_scatter at LLaMA-8B shapes, GB/s against the measured device copy bandwidth.
+    Reshard(super::bench_reshard::ReshardArgs),
 }
 
 #[derive(Args, Debug)]
@@ -93,6 +96,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Switch(a) => super::switch::bench_switch(a),
         BenchCommand::Attention(a) => attention(a),
         BenchCommand::Gemm(a) => super::bench_gemm::gemm(a),
+        BenchCommand::Reshard(a) => super::bench_reshard::reshard(a),
     }
 }
 

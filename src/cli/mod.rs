@@ -10,6 +10,7 @@ macro_rules! outln {
 
 mod bench;
 mod bench_gemm;
+mod bench_reshard;
 pub mod common;
 mod compose;
 mod demo;

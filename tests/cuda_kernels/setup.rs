@@ -53,3 +53,20 @@ fn every_kernel_symbol_resolves() {
     }
     assert!(d.check_kernel("no_such_kernel").is_err());
 }
+
+#[test]
+fn reshard_bench_times_every_switch_kernel() {
+    let d = gpu!("reshard_bench_times_every_switch_kernel");
+    let rs = pat::backend::cuda::bench_reshard::reshard_bench(&d, DType::Bf16, 4, 3).unwrap();
+    let names: Vec<&str> = rs.iter().map(|r| r.kernel).collect();
+    assert_eq!(names, ["strided_copy", "kv_gather", "kv_scatter"]);
+    for r in &rs {
+        // 4 MiB read and as much written per call.
+        assert_eq!(r.bytes, 8 << 20, "{r:?}");
+        assert!(
+            r.median_ms.is_finite() && r.median_ms > 0.0 && r.gbps > 0.0,
+            "{r:?}"
+        );
+    }
+    assert!(pat::backend::cuda::bench_reshard::reshard_bench(&d, DType::I32, 4, 3).is_err());
+}

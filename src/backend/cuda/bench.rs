@@ -35,7 +35,7 @@ const MAX_ITERS: usize = 100_000;
 /// Host-generated random values per buffer; the rest of the buffer repeats them.
 const RANDOM_TILE: usize = 1 << 20;
 /// Fixed seed: the benchmark inputs are the same on every run.
-const SEED: u64 = 0x5EED_BE7C;
+pub(super) const SEED: u64 = 0x5EED_BE7C;
 
 /// A CUDA event with timing enabled; destroyed on drop.
 struct TimingEvent {
@@ -82,7 +82,11 @@ impl Drop for TimingEvent {
 
 /// Runs `op` once as warm-up, then `iters` times back to back on `dev`'s stream with an event
 /// between each two runs; returns the median interval in milliseconds.
-fn median_ms(dev: &CudaDev, iters: usize, mut op: impl FnMut() -> Result<()>) -> Result<f64> {
+pub(super) fn median_ms(
+    dev: &CudaDev,
+    iters: usize,
+    mut op: impl FnMut() -> Result<()>,
+) -> Result<f64> {
     if iters == 0 || iters > MAX_ITERS {
         return Err(Error::Device(format!(
             "benchmark iterations must be 1..={MAX_ITERS}, not {iters}"
@@ -177,7 +181,7 @@ fn mul(a: usize, b: usize, what: &str) -> Result<usize> {
 /// on the host and uploaded, then repeated over the rest of the buffer by device copies that
 /// double the filled prefix each time (fast for buffers of billions of elements; the values
 /// do not matter for timing, only that they are finite and not all zero).
-fn fill_random(dev: &CudaDev, buf: &DBuf, r: &mut ChaCha8Rng) -> Result<()> {
+pub(super) fn fill_random(dev: &CudaDev, buf: &DBuf, r: &mut ChaCha8Rng) -> Result<()> {
     let n = buf.len();
     if n == 0 {
         return Ok(());

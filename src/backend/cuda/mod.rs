@@ -22,6 +22,7 @@
 //! their buffers are visible to each other, which the same-device comm relies on).
 
 pub mod bench;
+pub mod bench_reshard;
 pub mod buffer;
 pub mod comm;
 pub mod device;
