@@ -64,6 +64,9 @@ impl GpuRanks {
     pub fn describe(&self) -> String {
         match *self {}
     }
+    pub fn elem_bytes(&self) -> u64 {
+        match *self {}
+    }
     pub fn copy_bandwidths(&self) -> Result<Vec<(usize, f64)>> {
         match *self {}
     }

@@ -22,9 +22,6 @@ use crate::reshard::cost::{CostModel, KvMode, KvPolicy};
 use crate::reshard::kv::{self as kvplan, SeqKv};
 use crate::reshard::{nested_layout, weights as wplan};
 
-/// Bytes per element of the CPU engine's buffers (weights and KV are f32 whatever the dtype).
-const ELEM: u64 = 4;
-
 /// What one switch did and cost (the `pat bench switch` record).
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct SwitchReport {
@@ -86,6 +83,8 @@ impl Engine {
     ) -> Result<SwitchReport> {
         let t0 = Instant::now();
         let (cfg, old) = (&self.cfg, self.layout.clone());
+        // The planners count bytes in the ranks' own element size (f32 on the CPU).
+        let elem = self.ranks.set_ref().elem_bytes();
         if new_tp == old.tp {
             return Err(Error::Invalid(format!(
                 "the engine already runs at tp {new_tp}"
@@ -157,7 +156,7 @@ impl Engine {
             // Every KV byte is copied once (the heads per rank change, so even bytes that stay on
             // their rank are re-laid out); on the CPU both kinds go at the same memcpy rate.
             let (cross, local) =
-                kvplan::seq_bytes(cfg, &old, &new, s.replica, target[i], s.cached, ELEM)?;
+                kvplan::seq_bytes(cfg, &old, &new, s.replica, target[i], s.cached, elem)?;
             report.kv_tokens += s.cached;
             report.predicted_migrate_ms += cost.migrate_s((cross + local) as f64) * 1e3;
             report.predicted_recompute_ms += cost.recompute_s(new_tp, s.cached) * 1e3;
@@ -166,10 +165,10 @@ impl Engine {
 
         // New pools: the old pool's bytes plus what the weight reshard frees (or minus what it takes).
         let bs = self.opts.block_size;
-        let block_bytes = kv_block_bytes(cfg, new_tp, bs, ELEM as usize);
+        let block_bytes = kv_block_bytes(cfg, new_tp, bs, elem as usize);
         let budget = self.ranks.set_ref().rank_bytes(0).1 as i128
-            + weight_bytes_per_rank(cfg, old.tp, ELEM as usize) as i128
-            - weight_bytes_per_rank(cfg, new_tp, ELEM as usize) as i128;
+            + weight_bytes_per_rank(cfg, old.tp, elem as usize) as i128
+            - weight_bytes_per_rank(cfg, new_tp, elem as usize) as i128;
         let new_blocks = if budget > 0 {
             (budget as u64 / block_bytes) as usize
         } else {
@@ -208,8 +207,8 @@ impl Engine {
                 }
             })
             .collect();
-        let kp = kvplan::plan(cfg, &old, &new, bs, &seq_kv, ELEM)?;
-        let wp = wplan::plan(cfg, &old, &new, ELEM)?;
+        let kp = kvplan::plan(cfg, &old, &new, bs, &seq_kv, elem)?;
+        let wp = wplan::plan(cfg, &old, &new, elem)?;
         let (kv_progs, w_progs) = (
             kvplan::program::programs(&kp),
             wplan::program::programs(&wp),

@@ -114,6 +114,8 @@ pub struct GpuRanks {
     workers: Vec<Worker>,
     devices: Vec<usize>,
     tp: usize,
+    /// The device dtype of weights, activations and KV.
+    dtype: DType,
     groups: Vec<GroupKind>,
     /// What each rank reported after its upload (empty until every rank has uploaded).
     uploaded: Vec<Uploaded>,
@@ -189,6 +191,7 @@ impl GpuRanks {
             workers: Vec::with_capacity(world),
             devices: devices.clone(),
             tp: layout.tp,
+            dtype,
             groups,
             uploaded: Vec::new(),
             broken: None,
@@ -371,6 +374,11 @@ impl GpuRanks {
     }
 
     /// (weight bytes, KV pool bytes) on physical rank `rank`'s device.
+    /// Bytes per element of every rank's weight and KV buffers (the device dtype's size).
+    pub fn elem_bytes(&self) -> u64 {
+        self.dtype.size() as u64
+    }
+
     pub fn bytes(&self, rank: usize) -> (usize, usize) {
         let u = &self.uploaded[rank];
         (u.weight_bytes, u.kv_bytes)

@@ -136,6 +136,9 @@ impl RankSet for CpuRanks {
     fn describe(&self) -> String {
         format!("{} CPU rank thread(s)", self.weights.len())
     }
+    fn elem_bytes(&self) -> u64 {
+        4
+    }
 
     fn begin_switch(&mut self, work: &SwitchWork<'_>, fault: Option<usize>) -> Result<f64> {
         let t = Instant::now();

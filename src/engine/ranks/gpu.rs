@@ -38,6 +38,9 @@ impl RankSet for GpuRanks {
     fn describe(&self) -> String {
         GpuRanks::describe(self)
     }
+    fn elem_bytes(&self) -> u64 {
+        self.elem_bytes()
+    }
     fn begin_switch(&mut self, _work: &SwitchWork<'_>, _fault: Option<usize>) -> Result<f64> {
         Err(not_yet())
     }

@@ -115,6 +115,10 @@ pub(crate) trait RankSet {
     fn memory_bandwidths(&self, threads: usize) -> Result<Vec<(usize, f64)>>;
     /// Where the ranks run, for reports, e.g. "2 ranks on NVIDIA H100 80GB HBM3 (GPU 0)".
     fn describe(&self) -> String;
+    /// Bytes per element of the ranks' weight and KV buffers (4 on the CPU, whose buffers are
+    /// f32 whatever the checkpoint's dtype; the device dtype's size on GPUs): what the switch
+    /// planners count bytes in.
+    fn elem_bytes(&self) -> u64;
 
     /// Switch phase 1: allocates every rank's destination KV pool (and scratch). Nothing the
     /// ranks decode with changes; on error nothing is kept.
