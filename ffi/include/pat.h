@@ -179,6 +179,18 @@ typedef struct pat_engine_params {
   uint64_t seed;
 } pat_engine_params;
 
+// What one step did (`pat::engine::StepReport`).
+typedef struct pat_step_report {
+  uint64_t step;
+  // Tokens fed through the model (prefill + decode).
+  uint64_t tokens_in;
+  // Tokens sampled.
+  uint64_t tokens_out;
+  // Requests that finished in this step.
+  uint64_t finished;
+  double elapsed_ms;
+} pat_step_report;
+
 // Settings of `pat_engine_reconfigure` (`pat::reshard::cost::{KvPolicy, CostModel}`).
 typedef struct pat_switch_params {
   // sizeof(pat_switch_params), set by `pat_switch_default_params`.
@@ -198,18 +210,6 @@ typedef struct pat_switch_params {
   const double *prefill_tokens_per_s;
   size_t n_prefill;
 } pat_switch_params;
-
-// What one step did (`pat::engine::StepReport`).
-typedef struct pat_step_report {
-  uint64_t step;
-  // Tokens fed through the model (prefill + decode).
-  uint64_t tokens_in;
-  // Tokens sampled.
-  uint64_t tokens_out;
-  // Requests that finished in this step.
-  uint64_t finished;
-  double elapsed_ms;
-} pat_step_report;
 
 // What one switch did and cost (`pat::engine::SwitchReport`).
 typedef struct pat_switch_report {
@@ -604,12 +604,6 @@ size_t pat_last_error_message(char *buf,
 // Rust panic hook also prints the panic to stderr. Thread-safe.
 pat_status pat_test_panic(struct pat_engine *engine);
 
-// The defaults of `pat_engine_params` (1 rank, tp 1, greedy, 64 MiB of KV). Thread-safe.
-struct pat_engine_params pat_engine_default_params(void);
-
-// The defaults of `pat_switch_params` (migrate at 1 GB/s; `new_tp` still to set). Thread-safe.
-struct pat_switch_params pat_switch_default_params(void);
-
 // Loads every rank's shard of `model` (ranks read only their rows, in parallel) and makes an
 // engine. `params` NULL means the defaults. Errors: `PAT_ERR_INVALID_ARGUMENT` (an impossible
 // world/tp, a bad enum, `struct_size`, sampling value or block size), `PAT_RESOURCE_EXHAUSTED`
@@ -701,6 +695,12 @@ pat_status pat_engine_live(const struct pat_engine *engine,
                            struct pat_live_seq *buf,
                            size_t cap,
                            size_t *n);
+
+// The defaults of `pat_engine_params` (1 rank, tp 1, greedy, 64 MiB of KV). Thread-safe.
+struct pat_engine_params pat_engine_default_params(void);
+
+// The defaults of `pat_switch_params` (migrate at 1 GB/s; `new_tp` still to set). Thread-safe.
+struct pat_switch_params pat_switch_default_params(void);
 
 // Plans the KV migration of `seqs` (`n_seqs` live sequences) from `old_layout` to
 // `new_layout` (same world) with pools of `block_size` tokens per block, and lowers it to one

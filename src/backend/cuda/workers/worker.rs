@@ -1,0 +1,120 @@
+//! The worker thread of one GPU rank: its context, the upload check, and the job loop.
+
+use super::*;
+
+/// What a worker thread needs besides its jobs.
+pub(super) struct WorkerCtx {
+    pub(super) ordinal: usize,
+    pub(super) cfg: ModelConfig,
+    pub(super) inv_freq: Vec<f32>,
+    pub(super) dtype: DType,
+    pub(super) kv_blocks: usize,
+    pub(super) block_size: usize,
+}
+
+impl WorkerCtx {
+    /// Errors, naming the sizes, unless the rank's weights and KV pool fit in the device's free
+    /// memory with a margin for a step's activations (the allocations would fail anyway; this
+    /// says why).
+    fn check_fits(&self, dev: &CudaDev, w: &RankWeights) -> Result<()> {
+        let elem = self.dtype.size();
+        let weights = w.bytes() / 4 * elem;
+        let kv = crate::kv::kv_block_bytes(&self.cfg, w.tp, self.block_size, elem) as usize
+            * self.kv_blocks;
+        let (free, total) = dev.mem_info()?;
+        let margin = 512 << 20;
+        if weights + kv + margin > free {
+            let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+            return Err(Error::Device(format!(
+                "GPU {} ({}): weights {:.2} GiB + KV pool {:.2} GiB ({} blocks of {} tokens) + 0.5 GiB for activations exceed its free memory {:.2} of {:.2} GiB (lower `kv_blocks` or the batch, raise `tp`, or spread ranks with `devices`)",
+                self.ordinal,
+                dev.name(),
+                gib(weights),
+                gib(kv),
+                self.kv_blocks,
+                self.block_size,
+                gib(free),
+                gib(total)
+            )));
+        }
+        Ok(())
+    }
+
+    /// The worker loop: serves jobs until the channel closes. Replies that cannot be delivered
+    /// (the engine gave up waiting) are dropped.
+    pub(super) fn serve(self, rx: Receiver<Job>) {
+        let mut rank: Option<GpuRank> = None;
+        // Declared after `rank`, so dropped first: the group goes before the device it lives on.
+        let mut comm: Option<Box<dyn DeviceComm>> = None;
+        for job in rx {
+            match job {
+                Job::Upload { weights, reply } => {
+                    let r = CudaDev::new(self.ordinal).and_then(|dev| {
+                        self.check_fits(&dev, &weights)?;
+                        GpuRank::new(
+                            dev,
+                            &self.cfg,
+                            &weights,
+                            self.dtype,
+                            self.kv_blocks,
+                            self.block_size,
+                        )
+                    });
+                    drop(weights);
+                    let _ = reply.send(r.map(|g| {
+                        let u = Uploaded {
+                            weight_bytes: g.weight_bytes(),
+                            read_bytes: g.decode_read_bytes(),
+                            kv_bytes: g.kv().bytes(),
+                            device_name: g.dev().name().to_owned(),
+                        };
+                        rank = Some(g);
+                        u
+                    }));
+                }
+                Job::Connect { comm: spec, reply } => {
+                    // The old group (if any) goes before the new one is made. It is aborted, not
+                    // closed in order: a regroup follows a failure, after which its peers'
+                    // communicators may already be gone.
+                    if let Some(old) = comm.take() {
+                        old.poison();
+                    }
+                    let r = match (&rank, spec) {
+                        (None, _) => Err(Error::Device(
+                            "connect before the rank's weights were uploaded".into(),
+                        )),
+                        (Some(_), CommSpec::Solo) => Ok(Box::new(SoloComm) as Box<dyn DeviceComm>),
+                        (Some(_), CommSpec::Same(c)) => Ok(Box::new(c) as Box<dyn DeviceComm>),
+                        (Some(g), CommSpec::Nccl { id, rank, size }) => {
+                            NcclComm::init(g.dev(), id, rank, size)
+                                .map(|c| Box::new(c) as Box<dyn DeviceComm>)
+                        }
+                    };
+                    let _ = reply.send(r.map(|c| {
+                        comm = Some(c);
+                    }));
+                }
+                Job::Forward { batch, reply } => {
+                    let r = match (&mut rank, &comm) {
+                        (Some(g), Some(c)) => {
+                            let seqs: Vec<SeqInput> = batch
+                                .iter()
+                                .map(|s| SeqInput {
+                                    tokens: &s.tokens,
+                                    start_pos: s.start_pos,
+                                    table: &s.table,
+                                })
+                                .collect();
+                            g.forward(&self.cfg, &self.inv_freq, c.as_ref(), &seqs)
+                        }
+                        _ => Err(Error::Device(
+                            "forward before the rank was uploaded and connected".into(),
+                        )),
+                    };
+                    drop(batch);
+                    let _ = reply.send(r);
+                }
+            }
+        }
+    }
+}
