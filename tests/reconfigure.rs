@@ -151,6 +151,40 @@ fn bad_switches_are_errors_and_decoding_goes_on() {
 }
 
 #[test]
+fn a_shrink_whose_sequences_could_outgrow_the_new_pool_is_refused_up_front() {
+    // A pool where, after tp 4 -> 2 at step 1, the live sequences' cached KV fits each new
+    // replica but their whole footprints (prompt + max_new_tokens) do not: before the check, that
+    // switch went through and a later step failed with KV exhausted.
+    let model = "llama";
+    let (max_new, gold) = golden(model);
+    let reqs = golden_requests(&gold, max_new);
+    let cm = cost(1e9, 1e3);
+    let mut found = None;
+    for kv in 40..400 {
+        let mut e = engine(&golden_dir(model), 4, 4, Dtype::F32, kv);
+        e.add_requests(&reqs).unwrap();
+        e.step().unwrap();
+        match e.reconfigure(2, KvPolicy::Migrate, &cm) {
+            Err(err) if err.to_string().contains("may grow to") => {
+                found = Some((kv, e));
+                break;
+            }
+            _ => continue,
+        }
+    }
+    let (kv, mut e) = found.expect("some pool size makes the shrink outgrow the new pool");
+    assert_eq!(
+        e.layout().tp,
+        4,
+        "kv {kv}: the refused switch left the old layout"
+    );
+    e.run(|_| {}).unwrap();
+    for (o, g) in e.outputs().iter().zip(&gold) {
+        assert_eq!(o.output_ids, g.output_ids, "kv {kv}");
+    }
+}
+
+#[test]
 fn groups_are_created_once_and_reused() {
     let (max_new, gold) = golden("qwen3");
     let reqs = golden_requests(&gold, max_new);

@@ -188,6 +188,24 @@ impl Engine {
             })?;
         }
 
+        // The cached KV fits; the scheduler's invariant must hold too: the running sequences of
+        // each new replica may all grow to their whole footprint (prompt + max_new_tokens) in
+        // its pool, so no later step runs out of blocks. A shrink that breaks it is refused now,
+        // while the old layout can go on, rather than failing a step later.
+        let mut owed = vec![0usize; new.dp()];
+        for &i in &live {
+            let s = &self.seqs[i];
+            if s.cached > 0 || !s.table.is_empty() {
+                owed[target[i]] += blocks_for(s.footprint(), bs);
+            }
+        }
+        if let Some(r) = (0..new.dp()).find(|&r| owed[r] > new_blocks) {
+            return Err(Error::KvExhausted(format!(
+                "at tp {new_tp} a rank's pool holds {new_blocks} blocks (its old pool plus the weight bytes the reshard frees) but the running sequences placed on replica {r} may grow to {} blocks (prompt + max_new_tokens); still decoding at tp {}",
+                owed[r], old.tp
+            )));
+        }
+
         // Plans and per-rank programs: pure data, before anything moves.
         let migrated: Vec<usize> = live
             .iter()
