@@ -11,7 +11,7 @@ use pat::backend::cuda::testing::{check_bitwise, check_close, device_or_skip, ro
 use pat::backend::cuda::{
     CudaDev, DBuf, DType, DeviceComm, GpuRank, HostComm, SameDeviceComm, SoloComm,
 };
-use pat::engine::{Backend, Engine, EngineOptions, Request};
+use pat::engine::{Backend, Engine, EngineOptions, Request, SwitchFault, SwitchPhase};
 use pat::kv::{blocks_for, BlockAllocator, KvPool};
 use pat::model::config::ModelConfig;
 use pat::model::decoder::{self, RankWeights, SeqInput};
@@ -461,8 +461,9 @@ fn same_device_collectives_match_host_sums() {
 /// The whole engine on GPU ranks (`Backend::Cuda`, what `--backend cuda` runs): the golden prompts
 /// in one batch, greedy, at (world, tp) = (1,1), (2,1), (2,2), (4,2), (4,4), every rank on GPU 0.
 /// Tokens identical to transformers; every step's logits within 1e-4 of the CPU engine's (the
-/// oracle) run side by side; live reconfiguration refused with a usage error that leaves the
-/// engine decoding.
+/// oracle) run side by side, through a ladder of live switches made on both engines (every other
+/// step; migrate, recompute and auto in turn): the GPU switch is host-staged through the CPU's
+/// per-rank programs, so both must land on the same layout and keep the same logits.
 fn check_engine(name: &'static str) {
     let Some(m) = Model::open_or_skip(name, &format!("{name}_engine_on_gpu")) else {
         return;
@@ -482,7 +483,8 @@ fn check_engine(name: &'static str) {
             world,
             tp,
             block_size: BS,
-            kv_blocks: BLOCKS,
+            // Room for the weight shards to grow when tp shrinks during the ladder.
+            kv_blocks: 1024,
             dtype: Dtype::F32,
             sampling: SamplingParams::default(),
         };
@@ -512,19 +514,35 @@ fn check_engine(name: &'static str) {
                     "{at} step {step} seq {gi}: logits off by {err:e}"
                 );
             }
-            if step == 1 && world > 1 {
-                let to = if tp == 1 { 2 } else { tp / 2 };
+            // The ladder: from tp, every other step to the next degree dividing world.
+            let ladder: Vec<usize> = [1, 2, 4, 1, 2, 4]
+                .into_iter()
+                .filter(|&t| world % t == 0)
+                .collect();
+            if world > 1 && step % 2 == 1 && step / 2 < ladder.len() {
+                let to = ladder[step / 2];
+                let policy = [KvPolicy::Migrate, KvPolicy::Recompute, KvPolicy::Auto][step / 2 % 3];
                 let cost = CostModel {
                     transfer_bytes_per_s: 1e9,
                     fixed_transfer_s: 0.0,
                     prefill_tokens_per_s: vec![(1, 1e4)],
                     fixed_prefill_s: 0.0,
                 };
-                let r = gpu.reconfigure(to, KvPolicy::Migrate, &cost);
-                assert!(
-                    matches!(r, Err(Error::Invalid(_))),
-                    "{at}: reconfigure on GPU ranks: {r:?}"
-                );
+                if to != gpu.layout().tp && gpu.live() > 0 {
+                    let g = gpu
+                        .reconfigure(to, policy, &cost)
+                        .unwrap_or_else(|e| panic!("{at} step {step}: GPU switch to tp {to}: {e}"));
+                    let c = cpu.reconfigure(to, policy, &cost).unwrap();
+                    assert_eq!(
+                        (g.to_tp, g.n_migrated, g.n_recomputed),
+                        (c.to_tp, c.n_migrated, c.n_recomputed)
+                    );
+                    assert_eq!(gpu.layout().tp, to, "{at} step {step}");
+                    eprintln!(
+                        "{at} step {step}: switched to tp {to} ({policy:?}) in {:.1} ms",
+                        g.total_ms
+                    );
+                }
             }
             step += 1;
         }
@@ -553,4 +571,79 @@ fn llama_engine_on_gpu_ranks_matches_transformers_and_the_cpu_engine() {
 #[test]
 fn qwen3_engine_on_gpu_ranks_matches_transformers_and_the_cpu_engine() {
     check_engine("qwen3");
+}
+
+/// A GPU switch that fails in any phase on any rank loses nothing: before the swap the old
+/// layout keeps decoding; a recompute failure comes after it (the new layout decodes, the
+/// failed sequences are re-prefilled on the next step). Then the engine still switches and every
+/// token equals transformers'.
+#[test]
+fn a_failed_gpu_switch_in_any_phase_on_any_rank_loses_nothing() {
+    let Some(m) = Model::open_or_skip("qwen3", "a_failed_gpu_switch") else {
+        return;
+    };
+    let reqs: Vec<Request> = m
+        .gold
+        .iter()
+        .map(|g| Request {
+            input_ids: g.input_ids.clone(),
+            max_new_tokens: m.max_new,
+            ignore_eos: true,
+        })
+        .collect();
+    let cost = CostModel {
+        transfer_bytes_per_s: 1e9,
+        fixed_transfer_s: 0.0,
+        prefill_tokens_per_s: vec![(1, 1e3), (4, 1e3)],
+        fixed_prefill_s: 0.0,
+    };
+    for phase in [
+        SwitchPhase::Begin,
+        SwitchPhase::Apply,
+        SwitchPhase::Commit,
+        SwitchPhase::Recompute,
+    ] {
+        for rank in 0..4 {
+            let at = format!("{phase:?} rank {rank}");
+            let opts = EngineOptions {
+                world: 4,
+                tp: 1,
+                block_size: BS,
+                kv_blocks: 256,
+                dtype: Dtype::F32,
+                sampling: SamplingParams::default(),
+            };
+            let backend = Backend::Cuda {
+                devices: Some(vec![0; 4]),
+            };
+            let mut e = Engine::with_backend(m.cfg.clone(), &m.ck, opts, &backend).unwrap();
+            e.add_requests(&reqs).unwrap();
+            e.step().unwrap();
+            e.step().unwrap();
+            e.inject_switch_fault(Some(SwitchFault { phase, rank }));
+            let policy = if phase == SwitchPhase::Recompute {
+                KvPolicy::Recompute
+            } else {
+                KvPolicy::Migrate
+            };
+            let err = e.reconfigure(2, policy, &cost).unwrap_err().to_string();
+            assert!(err.contains(&format!("rank {rank}")), "{at}: {err}");
+            let tp = if phase == SwitchPhase::Recompute {
+                2
+            } else {
+                1
+            };
+            assert_eq!(e.layout().tp, tp, "{at}: {err}");
+            e.inject_switch_fault(None);
+            e.step()
+                .unwrap_or_else(|x| panic!("{at}: step after the failed switch: {x}"));
+            let back = if tp == 1 { 4 } else { 1 };
+            e.reconfigure(back, KvPolicy::Migrate, &cost)
+                .unwrap_or_else(|x| panic!("{at}: switch to tp {back}: {x}"));
+            e.run(|_| {}).unwrap();
+            for (o, g) in e.outputs().iter().zip(&m.gold) {
+                assert_eq!(o.output_ids, g.output_ids, "{at}");
+            }
+        }
+    }
 }

@@ -4,8 +4,9 @@
 
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
+use crate::kv::KvPool;
 use crate::model::config::ModelConfig;
-use crate::model::decoder::SeqInput;
+use crate::model::decoder::{RankWeights, SeqInput};
 use crate::model::weights::Checkpoint;
 use crate::parallel::Layout;
 
@@ -16,6 +17,11 @@ pub fn not_built() -> Error {
          `cargo build --release --features cuda` (needs nvcc, see scripts/install-cuda-toolchain.sh)"
             .into(),
     )
+}
+
+/// Host memory available (unknown in this build, where no GPU rank exists).
+pub(crate) fn host_available_bytes() -> Option<u64> {
+    None
 }
 
 /// Kernel launches so far: none in a build without the `cuda` feature.
@@ -65,6 +71,15 @@ impl GpuRanks {
         match *self {}
     }
     pub fn elem_bytes(&self) -> u64 {
+        match *self {}
+    }
+    pub fn download(&self) -> Result<Vec<(RankWeights, KvPool)>> {
+        match *self {}
+    }
+    pub fn replace(&mut self, _tp: usize, _ranks: Vec<(RankWeights, KvPool)>) -> Result<()> {
+        match *self {}
+    }
+    pub fn set_broken(&mut self, _why: String) {
         match *self {}
     }
     pub fn copy_bandwidths(&self) -> Result<Vec<(usize, f64)>> {

@@ -138,11 +138,6 @@ fn check_requests(
 
 pub fn run(a: GenerateArgs) -> Result<()> {
     let backend = a.backend.backend()?;
-    if backend != pat::engine::Backend::Cpu && !a.reconfigure.is_empty() {
-        return Err(Error::Invalid(
-            "--reconfigure runs on the CPU backend only for now (GPU ranks keep one layout)".into(),
-        ));
-    }
     let m = open_model(&a.model)?;
     let reqs = requests(&a, m.tok.as_ref())?;
     check_requests(&a, &reqs, &m.cfg)?;

@@ -115,8 +115,8 @@ impl From<PresetArg> for Preset {
 pub struct BackendArgs {
     /// cpu: the f32 reference (a thread per rank; the busy ranks share the cores, each rank's
     /// GEMMs and attention split over its share; PAT_THREADS caps the cores used). cuda: GPU
-    /// ranks with the hand-written kernels (needs a build with `--features cuda`); live
-    /// --reconfigure is CPU-only for now.
+    /// ranks with the hand-written kernels (needs a build with `--features cuda`); their live
+    /// switches are host-staged for now (exact, not fast).
     #[arg(long, value_enum, default_value = "cpu")]
     pub backend: BackendArg,
     /// With --backend cuda: the CUDA ordinal of each rank, comma-separated (e.g. 0,0,1,1).

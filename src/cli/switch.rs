@@ -11,7 +11,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::common::open_model;
 use pat::engine::sequence::prefill_rate;
-use pat::engine::{check_lengths, Backend, Engine, EngineOptions, Request};
+use pat::engine::{check_lengths, Engine, EngineOptions, Request};
 use pat::error::{Error, Result};
 use pat::kv::blocks_for;
 use pat::model::sampling::random_ids;
@@ -88,6 +88,8 @@ pub struct BenchSwitchArgs {
     pub kv_transfer: KvPolicy,
     #[arg(long, default_value = "f32", value_name = "f32|bf16|f16")]
     pub dtype: pat::Dtype,
+    #[command(flatten)]
+    pub backend: super::BackendArgs,
     /// KV memory per rank in MiB at the starting layout (the switch re-divides it, plus the
     /// weight bytes it frees).
     #[arg(long, default_value_t = 256)]
@@ -130,9 +132,10 @@ pub fn bench_switch(a: BenchSwitchArgs) -> Result<()> {
         .checked_mul(a.batch)
         .filter(|&n| n <= u32::MAX as usize)
         .ok_or_else(|| Error::Invalid("--batch x --context is too large".into()))?;
+    let backend = a.backend.backend()?;
     let mut opts = EngineOptions::for_memory_budget(
         cfg,
-        &Backend::Cpu,
+        &backend,
         a.world,
         a.from,
         a.dtype,
@@ -141,7 +144,7 @@ pub fn bench_switch(a: BenchSwitchArgs) -> Result<()> {
             .ok_or_else(|| Error::Invalid(format!("--kv-mib {} is too large", a.kv_mib)))?,
     )?;
     opts.kv_blocks = opts.kv_blocks.max(needed);
-    let mut engine = Engine::new(cfg.clone(), &m.ck, opts)?;
+    let mut engine = Engine::with_backend(cfg.clone(), &m.ck, opts, &backend)?;
     // The pool holds every prompt's KV, far more than the prompts' ids: these fit too.
     let reqs: Vec<Request> = (0..a.batch)
         .map(|_| Request {

@@ -44,7 +44,7 @@ use crate::model::sampling::sample;
 use crate::model::weights::Checkpoint;
 use crate::model::ModelDir;
 use crate::parallel::{GroupCache, Layout};
-use ranks::{CpuRanks, Ranks, StepCtx};
+use ranks::{CpuRanks, GpuSet, Ranks, StepCtx};
 
 use sequence::Sequence;
 
@@ -112,18 +112,21 @@ impl Engine {
         let inv_freq = cfg.inv_freq();
         let ranks = match backend {
             Backend::Cpu => Ranks::Cpu(load_cpu_ranks(&cfg, ck, &layout, &opts)?),
-            Backend::Cuda { devices } => Ranks::Gpu(GpuRanks::new(
-                &cfg,
-                ck,
-                &layout,
-                &GpuOptions {
-                    devices: devices.clone(),
-                    dtype: opts.dtype,
-                    kv_blocks: opts.kv_blocks,
-                    block_size: opts.block_size,
-                    inv_freq: inv_freq.clone(),
-                },
-            )?),
+            Backend::Cuda { devices } => Ranks::Gpu(
+                GpuRanks::new(
+                    &cfg,
+                    ck,
+                    &layout,
+                    &GpuOptions {
+                        devices: devices.clone(),
+                        dtype: opts.dtype,
+                        kv_blocks: opts.kv_blocks,
+                        block_size: opts.block_size,
+                        inv_freq: inv_freq.clone(),
+                    },
+                )
+                .map(GpuSet::new)?,
+            ),
         };
         let allocs = (0..layout.dp())
             .map(|_| BlockAllocator::new(opts.kv_blocks))

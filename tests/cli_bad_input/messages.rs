@@ -143,8 +143,9 @@ const CASES: &[Case] = &[
         |f| gen(f, &["--devices", "0", "--prompt-ids", "1"]),
         "--devices needs --backend cuda",
     ),
+    // GPU ranks switch now; without the feature the backend itself is what is refused.
     err(
-        "reconfigure_on_cuda",
+        "reconfigure_on_cuda_without_the_feature",
         |f| {
             gen(
                 f,
@@ -158,7 +159,7 @@ const CASES: &[Case] = &[
                 ],
             )
         },
-        "--reconfigure runs on the CPU backend only",
+        "built without the `cuda` feature",
     ),
     usage(
         "no_input",

@@ -36,7 +36,7 @@ impl CpuRanks {
     }
 }
 
-fn injected(rank: usize, what: &str) -> Error {
+pub(super) fn injected(rank: usize, what: &str) -> Error {
     Error::Rank {
         rank,
         msg: format!("injected failure in {what}"),

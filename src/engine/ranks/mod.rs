@@ -15,8 +15,8 @@ mod cpu;
 mod gpu;
 
 pub(crate) use cpu::CpuRanks;
+pub(crate) use gpu::GpuSet;
 
-use crate::backend::cuda::GpuRanks;
 use crate::error::Result;
 use crate::model::config::ModelConfig;
 use crate::model::decoder::SeqInput;
@@ -142,7 +142,7 @@ pub(crate) trait RankSet {
 /// The ranks of an engine on one of the backends.
 pub(crate) enum Ranks {
     Cpu(CpuRanks),
-    Gpu(GpuRanks),
+    Gpu(GpuSet),
 }
 
 impl Ranks {

@@ -90,6 +90,41 @@ impl GpuKvPool {
         self.k.iter().chain(&self.v).map(DBuf::bytes).sum()
     }
 
+    /// Replaces every layer's K and V with `p`'s contents (converted to the pool's dtype); `p`
+    /// must have this pool's geometry.
+    pub fn upload(&mut self, dev: &CudaDev, p: &KvPool) -> Result<()> {
+        if (
+            p.k.len(),
+            p.num_blocks,
+            p.block_size,
+            p.kv_heads,
+            p.head_dim,
+        ) != (
+            self.layers(),
+            self.num_blocks,
+            self.block_size,
+            self.kv_heads,
+            self.head_dim,
+        ) {
+            return Err(Error::Layout(format!(
+                "KV upload: a host pool of {} layers x {} blocks x {} heads does not match the \
+                 device pool's {} x {} x {}",
+                p.k.len(),
+                p.num_blocks,
+                p.kv_heads,
+                self.layers(),
+                self.num_blocks,
+                self.kv_heads
+            )));
+        }
+        for l in 0..self.layers() {
+            let dtype = self.k[l].dtype();
+            self.k[l] = DBuf::from_f32(dev, &p.k[l], dtype)?;
+            self.v[l] = DBuf::from_f32(dev, &p.v[l], dtype)?;
+        }
+        Ok(())
+    }
+
     /// An f32 host copy with the same layout (for comparisons against the CPU engine).
     pub fn to_host(&self, dev: &CudaDev) -> Result<KvPool> {
         let mut p = KvPool::new(
@@ -268,6 +303,29 @@ impl GpuRank {
             inv_freq: DBuf::from_slice(&self.dev, inv_freq)?,
         };
         decoder::forward(&mut ops, cfg, &self.w, seqs)
+    }
+
+    /// The rank's shard and KV pool as f32 host copies, in the layouts of `RankWeights` and
+    /// `KvPool` (exact: every device dtype widens to f32 without rounding). A live TP switch
+    /// stages through them.
+    pub fn to_host(&self) -> Result<(RankWeights, KvPool)> {
+        let w = self.w.try_map(|b| b.to_f32(&self.dev))?;
+        Ok((w, self.kv.to_host(&self.dev)?))
+    }
+
+    /// A rank made from host copies: `w` uploaded as [`GpuRank::new`] does, and a KV pool of
+    /// `kv`'s geometry holding its contents.
+    pub fn from_host(
+        dev: CudaDev,
+        cfg: &ModelConfig,
+        w: &RankWeights,
+        kv: &KvPool,
+        dtype: DType,
+    ) -> Result<Self> {
+        let mut r = GpuRank::new(dev, cfg, w, dtype, kv.num_blocks, kv.block_size)?;
+        r.kv.upload(&r.dev, kv)?;
+        r.dev.synchronize()?;
+        Ok(r)
     }
 
     pub fn dev(&self) -> &CudaDev {

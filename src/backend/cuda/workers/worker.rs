@@ -16,11 +16,11 @@ impl WorkerCtx {
     /// Errors, naming the sizes, unless the rank's weights and KV pool fit in the device's free
     /// memory with a margin for a step's activations (the allocations would fail anyway; this
     /// says why).
-    fn check_fits(&self, dev: &CudaDev, w: &RankWeights) -> Result<()> {
+    fn check_fits(&self, dev: &CudaDev, w: &RankWeights, kv_blocks: usize) -> Result<()> {
         let elem = self.dtype.size();
         let weights = w.bytes() / 4 * elem;
-        let kv = crate::kv::kv_block_bytes(&self.cfg, w.tp, self.block_size, elem) as usize
-            * self.kv_blocks;
+        let kv =
+            crate::kv::kv_block_bytes(&self.cfg, w.tp, self.block_size, elem) as usize * kv_blocks;
         let (free, total) = dev.mem_info()?;
         let margin = 512 << 20;
         if weights + kv + margin > free {
@@ -31,7 +31,7 @@ impl WorkerCtx {
                 dev.name(),
                 gib(weights),
                 gib(kv),
-                self.kv_blocks,
+                kv_blocks,
                 self.block_size,
                 gib(free),
                 gib(total)
@@ -50,7 +50,7 @@ impl WorkerCtx {
             match job {
                 Job::Upload { weights, reply } => {
                     let r = CudaDev::new(self.ordinal).and_then(|dev| {
-                        self.check_fits(&dev, &weights)?;
+                        self.check_fits(&dev, &weights, self.kv_blocks)?;
                         GpuRank::new(
                             dev,
                             &self.cfg,
@@ -92,6 +92,41 @@ impl WorkerCtx {
                     };
                     let _ = reply.send(r.map(|c| {
                         comm = Some(c);
+                    }));
+                }
+                Job::Download { reply } => {
+                    let r = match &rank {
+                        Some(g) => g.to_host().map(|(w, kv)| HostRank {
+                            weights: Box::new(w),
+                            kv: Box::new(kv),
+                        }),
+                        None => Err(Error::Device(
+                            "download before the rank was uploaded".into(),
+                        )),
+                    };
+                    let _ = reply.send(r);
+                }
+                Job::Replace { rank: host, reply } => {
+                    // The group, then the old buffers, go first: the device must hold only one
+                    // copy of the rank.
+                    if let Some(old) = comm.take() {
+                        old.poison();
+                    }
+                    rank = None;
+                    let r = CudaDev::new(self.ordinal).and_then(|dev| {
+                        self.check_fits(&dev, &host.weights, host.kv.num_blocks)?;
+                        GpuRank::from_host(dev, &self.cfg, &host.weights, &host.kv, self.dtype)
+                    });
+                    drop(host);
+                    let _ = reply.send(r.map(|g| {
+                        let u = Uploaded {
+                            weight_bytes: g.weight_bytes(),
+                            read_bytes: g.decode_read_bytes(),
+                            kv_bytes: g.kv().bytes(),
+                            device_name: g.dev().name().to_owned(),
+                        };
+                        rank = Some(g);
+                        u
                     }));
                 }
                 Job::Forward { batch, reply } => {
