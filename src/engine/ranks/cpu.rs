@@ -36,6 +36,55 @@ impl CpuRanks {
     }
 }
 
+/// The new layout's KV pools, one per rank, on the host (a switch's `begin`).
+pub(super) fn new_pools(
+    work: &SwitchWork<'_>,
+    n: usize,
+    fault: Option<usize>,
+) -> Result<Vec<KvPool>> {
+    let cfg = work.cfg;
+    let kv_local = cfg.num_kv_heads / work.new.tp;
+    crate::parallel::per_rank(n, "KV pool allocation", |p| {
+        if fault == Some(p) {
+            return Err(injected(p, "allocating the new KV pool"));
+        }
+        KvPool::new(
+            cfg.num_layers,
+            work.new_blocks,
+            work.block_size,
+            kv_local,
+            cfg.head_dim,
+        )
+    })
+}
+
+/// A switch's `apply` on host shards and pools: every rank's KV programs (`pools` into
+/// `new_pools`), then its weight exchange, one thread per rank over a CPU group of the world.
+/// Returns what was done (the new pools' bytes in f32) and the staged weight rows.
+pub(super) fn host_apply(
+    work: &SwitchWork<'_>,
+    groups: &mut GroupCache,
+    weights: &[RankWeights],
+    pools: &[KvPool],
+    new_pools: &mut [KvPool],
+    fault: Option<usize>,
+) -> Result<(SwitchDone, Vec<Vec<Vec<Staged>>>)> {
+    let world: Vec<usize> = (0..weights.len()).collect();
+    let comms = groups.get(&world);
+    let t = Instant::now();
+    let kv = run::migrate_kv(work.kv_plan, work.kv, pools, new_pools, &comms, fault)?;
+    let kv_migrate_ms = t.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    let staged = run::exchange_weights(work.weights, weights, &comms, fault)?;
+    let done = SwitchDone {
+        kv,
+        kv_migrate_ms,
+        weight_ms: t.elapsed().as_secs_f64() * 1e3,
+        new_pool_bytes: new_pools.first().map_or(0, |p| p.bytes() as u64),
+    };
+    Ok((done, staged))
+}
+
 pub(super) fn injected(rank: usize, what: &str) -> Error {
     Error::Rank {
         rank,
@@ -143,20 +192,7 @@ impl RankSet for CpuRanks {
     fn begin_switch(&mut self, work: &SwitchWork<'_>, fault: Option<usize>) -> Result<f64> {
         let t = Instant::now();
         self.pending = None;
-        let cfg = work.cfg;
-        let kv_local = cfg.num_kv_heads / work.new.tp;
-        let pools = crate::parallel::per_rank(self.weights.len(), "KV pool allocation", |p| {
-            if fault == Some(p) {
-                return Err(injected(p, "allocating the new KV pool"));
-            }
-            KvPool::new(
-                cfg.num_layers,
-                work.new_blocks,
-                work.block_size,
-                kv_local,
-                cfg.head_dim,
-            )
-        })?;
+        let pools = new_pools(work, self.weights.len(), fault)?;
         self.pending = Some(Pending {
             pools,
             staged: None,
@@ -174,31 +210,16 @@ impl RankSet for CpuRanks {
             .pending
             .as_mut()
             .ok_or_else(|| Error::Internal("apply_switch before begin_switch".into()))?;
-        let world: Vec<usize> = (0..self.weights.len()).collect();
-        let comms = groups.get(&world);
-        let t = Instant::now();
-        let kv = run::migrate_kv(
-            work.kv_plan,
-            work.kv,
+        let (done, staged) = host_apply(
+            work,
+            groups,
+            &self.weights,
             &self.pools,
             &mut pending.pools,
-            &comms,
             fault,
         )?;
-        let kv_migrate_ms = t.elapsed().as_secs_f64() * 1e3;
-        let t = Instant::now();
-        pending.staged = Some(run::exchange_weights(
-            work.weights,
-            &self.weights,
-            &comms,
-            fault,
-        )?);
-        Ok(SwitchDone {
-            kv,
-            kv_migrate_ms,
-            weight_ms: t.elapsed().as_secs_f64() * 1e3,
-            new_pool_bytes: pending.pools.first().map_or(0, |p| p.bytes() as u64),
-        })
+        pending.staged = Some(staged);
+        Ok(done)
     }
 
     fn commit_switch(&mut self, work: &SwitchWork<'_>, fault: Option<usize>) -> Result<f64> {

@@ -13,7 +13,7 @@
 
 use std::time::Instant;
 
-use super::cpu::injected;
+use super::cpu::{host_apply, injected, new_pools};
 use super::{RankSet, StepCtx, SwitchDone, SwitchWork};
 use crate::backend::cuda::GpuRanks;
 use crate::error::{Error, Result};
@@ -106,19 +106,7 @@ impl RankSet for GpuSet {
         }
         let (weights, kv): (Vec<RankWeights>, Vec<KvPool>) =
             self.ranks.download()?.into_iter().unzip();
-        let kv_local = cfg.num_kv_heads / work.new.tp;
-        let new_kv = crate::parallel::per_rank(weights.len(), "KV pool allocation", |p| {
-            if fault == Some(p) {
-                return Err(injected(p, "allocating the new KV pool"));
-            }
-            KvPool::new(
-                cfg.num_layers,
-                work.new_blocks,
-                work.block_size,
-                kv_local,
-                cfg.head_dim,
-            )
-        })?;
+        let new_kv = new_pools(work, weights.len(), fault)?;
         self.pending = Some(Staging {
             weights,
             kv,
@@ -138,27 +126,11 @@ impl RankSet for GpuSet {
             .pending
             .as_mut()
             .ok_or_else(|| Error::Internal("apply_switch before begin_switch".into()))?;
-        let world: Vec<usize> = (0..p.weights.len()).collect();
-        let comms = groups.get(&world);
-        let t = Instant::now();
-        let kv = run::migrate_kv(work.kv_plan, work.kv, &p.kv, &mut p.new_kv, &comms, fault)?;
-        let kv_migrate_ms = t.elapsed().as_secs_f64() * 1e3;
-        let t = Instant::now();
-        p.staged = Some(run::exchange_weights(
-            work.weights,
-            &p.weights,
-            &comms,
-            fault,
-        )?);
-        Ok(SwitchDone {
-            kv,
-            kv_migrate_ms,
-            weight_ms: t.elapsed().as_secs_f64() * 1e3,
-            new_pool_bytes: p
-                .new_kv
-                .first()
-                .map_or(0, |k| (k.bytes() as u64 / 4) * self.ranks.elem_bytes()),
-        })
+        let (mut done, staged) = host_apply(work, groups, &p.weights, &p.kv, &mut p.new_kv, fault)?;
+        p.staged = Some(staged);
+        // The device pools hold the device dtype, not the host copies' f32.
+        done.new_pool_bytes = done.new_pool_bytes / 4 * self.ranks.elem_bytes();
+        Ok(done)
     }
 
     fn commit_switch(&mut self, work: &SwitchWork<'_>, fault: Option<usize>) -> Result<f64> {
