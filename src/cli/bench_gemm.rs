@@ -1,6 +1,7 @@
 //! `pat bench gemm`: the CPU backend's decode GEMMs alone, on a model shape's weights (one
 //! distinct buffer per layer, so a step reads them from memory as decode does), against the
-//! measured copy bandwidth and against `matrixmultiply`'s packed GEMM in the same run.
+//! measured copy bandwidth and against `matrixmultiply`'s packed GEMM in the same run. One JSON
+//! record per setting on stdout, a table on stderr.
 
 use std::time::Instant;
 
@@ -37,9 +38,6 @@ pub struct GemmArgs {
     /// Timed steps per setting (the median is reported).
     #[arg(long, default_value_t = 7)]
     pub iters: usize,
-    /// One JSON object per setting on stdout instead of the table.
-    #[arg(long)]
-    pub json: bool,
 }
 
 /// Bytes of f32 weights this bench will hold at most.
@@ -197,40 +195,36 @@ pub fn gemm(a: GemmArgs) -> Result<()> {
                     .map(|(s, p)| (s.name.to_string(), serde_json::json!(p * 1e3)))
                     .collect::<serde_json::Map<_, _>>(),
             });
-            if a.json {
-                pb.suspend(|| outln!("{rec}"))?;
-            }
+            pb.suspend(|| outln!("{rec}"))?;
             table.push((n, t, ms, ms_packed, gbps, frac, flops / ms / 1e9));
             pb.inc(1);
         }
     }
     pb.finish_and_clear();
-    if !a.json {
-        outln!(
-            "{:>5} {:>7} {:>10} {:>11} {:>9} {:>10} {:>9} {:>8}",
-            "rows",
-            "threads",
-            "ms/step",
-            "packed ms",
-            "x packed",
-            "weight GB/s",
-            "% copy bw",
-            "GFLOP/s"
-        )?;
-        for (n, t, ms, mp, gbps, frac, gf) in table {
-            outln!(
-                "{n:>5} {t:>7} {:>10.2} {:>11.2} {:>8.2}x {gbps:>10.1} {:>8.0}% {gf:>8.1}",
-                ms * 1e3,
-                mp * 1e3,
-                mp / ms,
-                frac * 100.0
-            )?;
-        }
-        outln!(
-            "ms/step: every GEMM of one decode step (all layers + lm_head) at that many rows; \
-             packed: matrixmultiply on the same threads; % copy bw: weight bytes/s over the \
-             measured host copy bandwidth (read + write) at that many threads."
-        )?;
+    eprintln!(
+        "{:>5} {:>7} {:>10} {:>11} {:>9} {:>10} {:>9} {:>8}",
+        "rows",
+        "threads",
+        "ms/step",
+        "packed ms",
+        "x packed",
+        "weight GB/s",
+        "% copy bw",
+        "GFLOP/s"
+    );
+    for (n, t, ms, mp, gbps, frac, gf) in table {
+        eprintln!(
+            "{n:>5} {t:>7} {:>10.2} {:>11.2} {:>8.2}x {gbps:>10.1} {:>8.0}% {gf:>8.1}",
+            ms * 1e3,
+            mp * 1e3,
+            mp / ms,
+            frac * 100.0
+        );
     }
+    eprintln!(
+        "ms/step: every GEMM of one decode step (all layers + lm_head) at that many rows; \
+         packed: matrixmultiply on the same threads; % copy bw: weight bytes/s over the \
+         measured host copy bandwidth (read + write) at that many threads."
+    );
     Ok(())
 }
