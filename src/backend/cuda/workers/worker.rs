@@ -12,6 +12,16 @@ pub(super) struct WorkerCtx {
     pub(super) block_size: usize,
 }
 
+/// What a rank reports once its buffers are on the device.
+fn uploaded(g: &GpuRank) -> Uploaded {
+    Uploaded {
+        weight_bytes: g.weight_bytes(),
+        read_bytes: g.decode_read_bytes(),
+        kv_bytes: g.kv().bytes(),
+        device_name: g.dev().name().to_owned(),
+    }
+}
+
 impl WorkerCtx {
     /// Errors, naming the sizes, unless the rank's weights and KV pool fit in the device's free
     /// memory with a margin for a step's activations (the allocations would fail anyway; this
@@ -62,12 +72,7 @@ impl WorkerCtx {
                     });
                     drop(weights);
                     let _ = reply.send(r.map(|g| {
-                        let u = Uploaded {
-                            weight_bytes: g.weight_bytes(),
-                            read_bytes: g.decode_read_bytes(),
-                            kv_bytes: g.kv().bytes(),
-                            device_name: g.dev().name().to_owned(),
-                        };
+                        let u = uploaded(&g);
                         rank = Some(g);
                         u
                     }));
@@ -119,12 +124,7 @@ impl WorkerCtx {
                     });
                     drop(host);
                     let _ = reply.send(r.map(|g| {
-                        let u = Uploaded {
-                            weight_bytes: g.weight_bytes(),
-                            read_bytes: g.decode_read_bytes(),
-                            kv_bytes: g.kv().bytes(),
-                            device_name: g.dev().name().to_owned(),
-                        };
+                        let u = uploaded(&g);
                         rank = Some(g);
                         u
                     }));
