@@ -109,20 +109,28 @@ fn attention(_a: AttentionArgs) -> Result<()> {
     ))
 }
 
+/// GPU `ordinal` and its measured copy bandwidth (read + write, bytes/s), said on stderr.
+#[cfg(feature = "cuda")]
+pub(super) fn device_and_copy_bandwidth(
+    ordinal: usize,
+) -> Result<(pat::backend::cuda::CudaDev, f64)> {
+    let dev = pat::backend::cuda::CudaDev::new(ordinal)?;
+    let bw = pat::backend::cuda::bench::copy_bandwidth(&dev)?;
+    eprintln!(
+        "{} (GPU {ordinal}): device copy bandwidth {:.0} GB/s (read + write)",
+        dev.name(),
+        bw / 1e9
+    );
+    Ok((dev, bw))
+}
+
 #[cfg(feature = "cuda")]
 fn attention(a: AttentionArgs) -> Result<()> {
-    use pat::backend::cuda::{bench, workers::device_dtype, CudaDev};
+    use pat::backend::cuda::{bench, workers::device_dtype};
     if a.iters == 0 {
         return Err(Error::Invalid("--iters must be at least 1".into()));
     }
-    let dev = CudaDev::new(a.device)?;
-    let bw = bench::copy_bandwidth(&dev)?;
-    eprintln!(
-        "{} (GPU {}): device copy bandwidth {:.0} GB/s (read + write)",
-        dev.name(),
-        a.device,
-        bw / 1e9
-    );
+    let (dev, bw) = device_and_copy_bandwidth(a.device)?;
     let dtype = device_dtype(a.dtype);
     for &ns in &a.num_seqs {
         for &ctx in &a.context {

@@ -32,20 +32,13 @@ pub fn reshard(_a: ReshardArgs) -> Result<()> {
 
 #[cfg(feature = "cuda")]
 pub fn reshard(a: ReshardArgs) -> Result<()> {
-    use pat::backend::cuda::{bench, bench_reshard, workers::device_dtype, CudaDev};
+    use pat::backend::cuda::{bench_reshard, workers::device_dtype};
     if a.iters == 0 || a.sizes_mib.contains(&0) {
         return Err(Error::Invalid(
             "--iters and --sizes-mib must be >= 1".into(),
         ));
     }
-    let dev = CudaDev::new(a.device)?;
-    let bw = bench::copy_bandwidth(&dev)?;
-    eprintln!(
-        "{} (GPU {}): device copy bandwidth {:.0} GB/s (read + write)",
-        dev.name(),
-        a.device,
-        bw / 1e9
-    );
+    let (dev, bw) = super::bench::device_and_copy_bandwidth(a.device)?;
     let dtype = device_dtype(a.dtype);
     for &mib in &a.sizes_mib {
         for r in bench_reshard::reshard_bench(&dev, dtype, mib, a.iters)? {

@@ -1,0 +1,190 @@
+//! The whole engine on GPU ranks: goldens through switch ladders side by side with the CPU
+//! engine, and failed GPU switches that lose nothing.
+
+use super::*;
+
+/// The golden prompts as requests for the fixture's `max_new_tokens`, ignoring EOS.
+fn requests(m: &Model) -> Vec<Request> {
+    m.gold
+        .iter()
+        .map(|g| Request {
+            input_ids: g.input_ids.clone(),
+            max_new_tokens: m.max_new,
+            ignore_eos: true,
+        })
+        .collect()
+}
+
+/// The whole engine on GPU ranks (`Backend::Cuda`, what `--backend cuda` runs): the golden prompts
+/// in one batch, greedy, at (world, tp) = (1,1), (2,1), (2,2), (4,2), (4,4), every rank on GPU 0.
+/// Tokens identical to transformers; every step's logits within 1e-4 of the CPU engine's (the
+/// oracle) run side by side, through a ladder of live switches made on both engines (every other
+/// step; migrate, recompute and auto in turn): the GPU switch is host-staged through the CPU's
+/// per-rank programs, so both must land on the same layout and keep the same logits.
+fn check_engine(name: &'static str) {
+    let Some(m) = Model::open_or_skip(name, &format!("{name}_engine_on_gpu")) else {
+        return;
+    };
+    let reqs = requests(&m);
+    for (world, tp) in [(1, 1), (2, 1), (2, 2), (4, 2), (4, 4)] {
+        let at = format!("{name} engine world {world} tp {tp}");
+        let opts = EngineOptions {
+            world,
+            tp,
+            block_size: BS,
+            // Room for the weight shards to grow when tp shrinks during the ladder.
+            kv_blocks: 1024,
+            dtype: Dtype::F32,
+            sampling: SamplingParams::default(),
+        };
+        let backend = Backend::Cuda {
+            devices: Some(vec![0; world]),
+        };
+        let mut gpu = Engine::with_backend(m.cfg.clone(), &m.ck, opts.clone(), &backend)
+            .unwrap_or_else(|e| panic!("{at}: {e}"));
+        assert_eq!(gpu.backend(), "cuda");
+        let mut cpu = Engine::new(m.cfg.clone(), &m.ck, opts).unwrap();
+        for e in [&mut gpu, &mut cpu] {
+            e.record_logits(true);
+            e.add_requests(&reqs).unwrap();
+        }
+        let mut step = 0;
+        while gpu.live() > 0 {
+            gpu.step()
+                .unwrap_or_else(|e| panic!("{at} step {step}: {e}"));
+            cpu.step().unwrap();
+            let (g, c) = (gpu.recorded_logits(), cpu.recorded_logits());
+            assert_eq!(g.len(), c.len(), "{at} step {step}: sequences sampled");
+            for ((gi, gl), (ci, cl)) in g.iter().zip(c) {
+                assert_eq!(gi, ci, "{at} step {step}: sequence order");
+                let err = rel_err(gl, cl);
+                assert!(
+                    err < 1e-4,
+                    "{at} step {step} seq {gi}: logits off by {err:e}"
+                );
+            }
+            // The ladder: from tp, every other step to the next degree dividing world.
+            let ladder: Vec<usize> = [1, 2, 4, 1, 2, 4]
+                .into_iter()
+                .filter(|&t| world % t == 0)
+                .collect();
+            if world > 1 && step % 2 == 1 && step / 2 < ladder.len() {
+                let to = ladder[step / 2];
+                let policy = [KvPolicy::Migrate, KvPolicy::Recompute, KvPolicy::Auto][step / 2 % 3];
+                let cost = CostModel {
+                    transfer_bytes_per_s: 1e9,
+                    fixed_transfer_s: 0.0,
+                    prefill_tokens_per_s: vec![(1, 1e4)],
+                    fixed_prefill_s: 0.0,
+                };
+                if to != gpu.layout().tp && gpu.live() > 0 {
+                    let g = gpu
+                        .reconfigure(to, policy, &cost)
+                        .unwrap_or_else(|e| panic!("{at} step {step}: GPU switch to tp {to}: {e}"));
+                    let c = cpu.reconfigure(to, policy, &cost).unwrap();
+                    assert_eq!(
+                        (g.to_tp, g.n_migrated, g.n_recomputed),
+                        (c.to_tp, c.n_migrated, c.n_recomputed)
+                    );
+                    assert_eq!(gpu.layout().tp, to, "{at} step {step}");
+                    eprintln!(
+                        "{at} step {step}: switched to tp {to} ({policy:?}) in {:.1} ms",
+                        g.total_ms
+                    );
+                }
+            }
+            step += 1;
+        }
+        let outs = gpu.outputs();
+        assert_eq!(outs.len(), m.gold.len(), "{at}: finished requests");
+        for (o, g) in outs.iter().zip(&m.gold) {
+            assert_eq!(
+                o.output_ids, g.output_ids,
+                "{at} prompt {}: greedy tokens differ from transformers",
+                o.index
+            );
+        }
+        let (w, kv) = gpu.rank_bytes(0);
+        eprintln!(
+            "{at}: ok; rank 0 holds {w} weight bytes and {kv} KV bytes; {}",
+            gpu.describe_ranks()
+        );
+    }
+}
+
+#[test]
+fn llama_engine_on_gpu_ranks_matches_transformers_and_the_cpu_engine() {
+    check_engine("llama");
+}
+
+#[test]
+fn qwen3_engine_on_gpu_ranks_matches_transformers_and_the_cpu_engine() {
+    check_engine("qwen3");
+}
+
+/// A GPU switch that fails in any phase on any rank loses nothing: before the swap the old
+/// layout keeps decoding; a recompute failure comes after it (the new layout decodes, the
+/// failed sequences are re-prefilled on the next step). Then the engine still switches and every
+/// token equals transformers'.
+#[test]
+fn a_failed_gpu_switch_in_any_phase_on_any_rank_loses_nothing() {
+    let Some(m) = Model::open_or_skip("qwen3", "a_failed_gpu_switch") else {
+        return;
+    };
+    let reqs = requests(&m);
+    let cost = CostModel {
+        transfer_bytes_per_s: 1e9,
+        fixed_transfer_s: 0.0,
+        prefill_tokens_per_s: vec![(1, 1e3), (4, 1e3)],
+        fixed_prefill_s: 0.0,
+    };
+    for phase in [
+        SwitchPhase::Begin,
+        SwitchPhase::Apply,
+        SwitchPhase::Commit,
+        SwitchPhase::Recompute,
+    ] {
+        for rank in 0..4 {
+            let at = format!("{phase:?} rank {rank}");
+            let opts = EngineOptions {
+                world: 4,
+                tp: 1,
+                block_size: BS,
+                kv_blocks: 256,
+                dtype: Dtype::F32,
+                sampling: SamplingParams::default(),
+            };
+            let backend = Backend::Cuda {
+                devices: Some(vec![0; 4]),
+            };
+            let mut e = Engine::with_backend(m.cfg.clone(), &m.ck, opts, &backend).unwrap();
+            e.add_requests(&reqs).unwrap();
+            e.step().unwrap();
+            e.step().unwrap();
+            e.inject_switch_fault(Some(SwitchFault { phase, rank }));
+            let policy = if phase == SwitchPhase::Recompute {
+                KvPolicy::Recompute
+            } else {
+                KvPolicy::Migrate
+            };
+            let err = e.reconfigure(2, policy, &cost).unwrap_err().to_string();
+            assert!(err.contains(&format!("rank {rank}")), "{at}: {err}");
+            let tp = if phase == SwitchPhase::Recompute {
+                2
+            } else {
+                1
+            };
+            assert_eq!(e.layout().tp, tp, "{at}: {err}");
+            e.inject_switch_fault(None);
+            e.step()
+                .unwrap_or_else(|x| panic!("{at}: step after the failed switch: {x}"));
+            let back = if tp == 1 { 4 } else { 1 };
+            e.reconfigure(back, KvPolicy::Migrate, &cost)
+                .unwrap_or_else(|x| panic!("{at}: switch to tp {back}: {x}"));
+            e.run(|_| {}).unwrap();
+            for (o, g) in e.outputs().iter().zip(&m.gold) {
+                assert_eq!(o.output_ids, g.output_ids, "{at}");
+            }
+        }
+    }
+}
