@@ -212,6 +212,7 @@ pub unsafe extern "C" fn pat_policy_decide(
             margin: p.margin,
             min_gain_ms: p.min_gain_ms,
             lookahead_steps: p.lookahead_steps as usize,
+            follow_up_points: 0,
         })?;
         out.put(pat_decision {
             to_tp: u32_of(d.to_tp),

@@ -72,6 +72,10 @@ pub trait StepSource {
     }
 }
 
+/// Later points at which the rule tries a follow-up switch when it values a candidate
+/// ([`DecideInput::follow_up_points`]).
+pub const FOLLOW_UP_POINTS: usize = 16;
+
 /// Knobs of the adaptive rule.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ControllerConfig {
@@ -152,7 +156,15 @@ impl<'a> Controller<'a> {
             .collect())
     }
 
-    fn input<'b>(&'b self, world: usize, tp: usize, est: &'b [EstimatedSeq]) -> DecideInput<'b> {
+    /// The rule's input; `switches_left`: how many more switches the run may make (`None`: no
+    /// limit). A candidate is valued with a follow-up switch only when two more are allowed.
+    fn input<'b>(
+        &'b self,
+        world: usize,
+        tp: usize,
+        est: &'b [EstimatedSeq],
+        switches_left: Option<usize>,
+    ) -> DecideInput<'b> {
         DecideInput {
             world,
             current_tp: tp,
@@ -164,6 +176,11 @@ impl<'a> Controller<'a> {
             margin: self.cfg.margin.max((2.0 * self.predictor.noise).min(0.5)),
             min_gain_ms: self.cfg.min_gain_ms,
             lookahead_steps: self.cfg.check_every,
+            follow_up_points: if switches_left.is_none_or(|n| n >= 2) {
+                FOLLOW_UP_POINTS
+            } else {
+                0
+            },
         }
     }
 
@@ -181,7 +198,8 @@ impl<'a> Controller<'a> {
         let mut best_stay: Option<(usize, f64)> = None;
         for &tp in &self.cfg.candidates {
             let est = self.estimated(&placed(tp))?;
-            let plan = plan_ms(&self.input(world, tp, &est), self.cfg.check_every, 48)?;
+            let inp = self.input(world, tp, &est, self.cfg.max_switches);
+            let plan = plan_ms(&inp, self.cfg.check_every, 48)?;
             let (ms, stay) = (plan.total_ms, plan.stay_ms);
             if best.is_none_or(|b| ms < b.1) {
                 best = Some((tp, ms));
@@ -198,16 +216,22 @@ impl<'a> Controller<'a> {
         }
     }
 
-    /// The rule's answer for `live` at (`world`, `tp`), and, when it switches, where each live
-    /// sequence goes under the new layout (the placement its forecast assumed).
+    /// The rule's answer for `live` at (`world`, `tp`) after `switches_done` switches in this
+    /// run, and, when it switches, where each live sequence goes under the new layout (the
+    /// placement its forecast assumed).
     pub fn decide(
         &self,
         world: usize,
         tp: usize,
         live: &[LiveSeq],
+        switches_done: usize,
     ) -> Result<(Decision, Vec<usize>)> {
         let est = self.estimated(live)?;
-        let d = decide(&self.input(world, tp, &est))?;
+        let left = self
+            .cfg
+            .max_switches
+            .map(|m| m.saturating_sub(switches_done));
+        let d = decide(&self.input(world, tp, &est, left))?;
         let at = if d.stay {
             Vec::new()
         } else {
@@ -291,7 +315,7 @@ pub fn drive<S: StepSource>(
         if let Some(c) = ctrl.filter(|c| c.checks_at(step)).filter(may_switch) {
             let live = src.live();
             let from = src.tp();
-            let (d, at) = c.decide(src.world(), from, &live)?;
+            let (d, at) = c.decide(src.world(), from, &live, run.switches.len())?;
             if !d.stay {
                 let t_ms = src.now_ms();
                 match src.switch(d.to_tp, &at) {

@@ -20,6 +20,14 @@
 //! the switch happens now only if now is no worse than then. Since the rule runs again K steps
 //! later, the switch lands at the first check where waiting stops paying.
 //!
+//! *Where to next* depends on what comes after: valued as if it stayed for good, TP4 can beat TP2
+//! from TP1 when the best plan is TP2 now and TP4 once the big batch has drained. With
+//! `follow_up_points = P > 0` each candidate is valued by its best plan with one more switch
+//! ([`plan_ms`]: stay, or switch to another candidate at one of P evenly spaced later steps), and
+//! a switch also has to beat the current layout's own best plan whose switch waits at least K
+//! steps (so a ladder is not walked back the check after it was climbed). The controller sets
+//! P only when the run may still switch twice (PAT's rule switches once: no follow-up).
+//!
 //! Switch cost, from `from` to `to` tp (all per switch, ms):
 //!
 //! - fixed: the profile's `switch.fixed_ms` (groups, graph recapture, barriers).
@@ -178,6 +186,9 @@ pub struct DecideInput<'a> {
     /// Compare switching now with switching this many steps later (0: do not); use the
     /// re-check interval.
     pub lookahead_steps: usize,
+    /// Value a candidate by its best plan with at most one further switch, tried at up to this
+    /// many evenly spaced later points ([`plan_ms`]); 0: as if it stayed there for good.
+    pub follow_up_points: usize,
 }
 
 /// One candidate's prediction.
@@ -275,10 +286,9 @@ pub fn decide(inp: &DecideInput) -> Result<Decision> {
         if tp == cur || inp.live.is_empty() {
             continue;
         }
-        let at = placement(world, tp, inp.live);
         let c = CandidateForecast {
             tp,
-            drain_ms: drain_ms(inp.predictor.fit(tp)?, &group(world / tp, inp.live, &at)),
+            drain_ms: value_at(inp, tp, inp.live)?,
             switch_ms: inp.switch.cost(cur, tp, &contexts).total_ms,
             later_ms: None,
         };
@@ -291,11 +301,22 @@ pub fn decide(inp: &DecideInput) -> Result<Decision> {
         let total = b.drain_ms + b.switch_ms;
         let mut now_is_best = true;
         if inp.lookahead_steps > 0 {
-            let later_ms = switch_after(inp, stay_ms, inp.lookahead_steps, b.tp)?;
+            let later_ms = Later::new(inp, inp.lookahead_steps)?.switch_to(inp, stay_ms, b.tp)?;
             if let Some(c) = out.candidates.iter_mut().find(|c| c.tp == b.tp) {
                 c.later_ms = Some(later_ms);
             }
             now_is_best = total <= later_ms;
+        }
+        if now_is_best && inp.follow_up_points > 0 {
+            // Valued with a follow-up, a candidate must also beat staying with one: the current
+            // layout's own best plan whose switch (if any) waits at least a re-check.
+            let wait = plan_from(
+                inp,
+                inp.lookahead_steps.max(1),
+                inp.lookahead_steps,
+                inp.follow_up_points,
+            )?;
+            now_is_best = total < wait.total_ms;
         }
         if now_is_best
             && total <= stay_ms * (1.0 - inp.margin)
@@ -316,20 +337,61 @@ fn replicas(live: &[EstimatedSeq]) -> Vec<usize> {
     live.iter().map(|s| s.replica).collect()
 }
 
-/// Predicted total of staying at the current layout `k` more steps, then switching to `tp` and
-/// draining there; `stay_ms` is the predicted drain of staying throughout.
-fn switch_after(inp: &DecideInput, stay_ms: f64, k: usize, tp: usize) -> Result<f64> {
-    let (world, cur) = (inp.world, inp.current_tp);
-    let later = advance(inp.live, k);
-    let rest_here = drain_ms(
-        inp.predictor.fit(cur)?,
-        &group(world / cur.max(1), &later, &replicas(&later)),
-    );
-    let at = placement(world, tp, &later);
-    let ctx: Vec<usize> = later.iter().map(|s| s.context).collect();
-    Ok((stay_ms - rest_here)
-        + inp.switch.cost(cur, tp, &ctx).total_ms
-        + drain_ms(inp.predictor.fit(tp)?, &group(world / tp, &later, &at)))
+/// The live set `k` steps on (as the estimates see it) and the predicted ms of draining it at the
+/// current layout.
+struct Later {
+    live: Vec<EstimatedSeq>,
+    contexts: Vec<usize>,
+    rest_here_ms: f64,
+}
+
+impl Later {
+    fn new(inp: &DecideInput, k: usize) -> Result<Later> {
+        let (world, cur) = (inp.world, inp.current_tp);
+        let live = advance(inp.live, k);
+        let rest_here_ms = drain_ms(
+            inp.predictor.fit(cur)?,
+            &group(world / cur.max(1), &live, &replicas(&live)),
+        );
+        let contexts = live.iter().map(|s| s.context).collect();
+        Ok(Later {
+            live,
+            contexts,
+            rest_here_ms,
+        })
+    }
+
+    /// Predicted total of staying until then, switching to `tp` and draining there; `stay_ms`
+    /// is the predicted drain of staying throughout.
+    fn switch_to(&self, inp: &DecideInput, stay_ms: f64, tp: usize) -> Result<f64> {
+        Ok((stay_ms - self.rest_here_ms)
+            + inp.switch.cost(inp.current_tp, tp, &self.contexts).total_ms
+            + value_at(inp, tp, &self.live)?)
+    }
+}
+
+/// Predicted ms to drain `live` after it is re-placed at `tp`: staying there for good, or, with
+/// `follow_up_points`, the best plan from there with at most one more switch.
+fn value_at(inp: &DecideInput, tp: usize, live: &[EstimatedSeq]) -> Result<f64> {
+    let at = placement(inp.world, tp, live);
+    if inp.follow_up_points == 0 {
+        return Ok(drain_ms(
+            inp.predictor.fit(tp)?,
+            &group(inp.world / tp, live, &at),
+        ));
+    }
+    let placed: Vec<EstimatedSeq> = live
+        .iter()
+        .zip(&at)
+        .map(|(s, &replica)| EstimatedSeq { replica, ..*s })
+        .collect();
+    let there = DecideInput {
+        current_tp: tp,
+        live: &placed,
+        follow_up_points: 0,
+        ..*inp
+    };
+    Ok(plan_ms(&there, inp.lookahead_steps, inp.follow_up_points)?.total_ms)
 }
 
 /// A predicted plan for a live set.
@@ -349,6 +411,11 @@ pub struct Plan {
 /// Used to choose where a batch starts: the start is chosen for the whole run, not as the best
 /// static layout.
 pub fn plan_ms(inp: &DecideInput, every: usize, points: usize) -> Result<Plan> {
+    plan_from(inp, 0, every, points)
+}
+
+/// [`plan_ms`] with the switch no earlier than `first` steps from now.
+fn plan_from(inp: &DecideInput, first: usize, every: usize, points: usize) -> Result<Plan> {
     let cur = inp.current_tp;
     let stay_ms = drain_ms(
         inp.predictor.fit(cur)?,
@@ -358,15 +425,16 @@ pub fn plan_ms(inp: &DecideInput, every: usize, points: usize) -> Result<Plan> {
     let longest = inp.live.iter().map(|s| s.steps()).max().unwrap_or(0);
     let every = every.max(1);
     let stride = (longest / every / points.max(1)).max(1) * every;
-    for &tp in inp.candidates.iter().filter(|&&t| t != cur) {
-        let mut k = 0;
-        while k < longest {
-            let total = switch_after(inp, stay_ms, k, tp)?;
+    let mut k = first;
+    while k < longest {
+        let later = Later::new(inp, k)?;
+        for &tp in inp.candidates.iter().filter(|&&t| t != cur) {
+            let total = later.switch_to(inp, stay_ms, tp)?;
             if total < best.0 {
                 best = (total, Some((k, tp)));
             }
-            k += stride;
         }
+        k += stride;
     }
     Ok(Plan {
         total_ms: best.0,

@@ -84,11 +84,13 @@ pub fn drain_ms(fit: &Fit, replicas: &[Vec<Pending>]) -> f64 {
     events.sort_unstable();
     events.dedup();
     let (mut total, mut lo) = (0.0, 0u64);
+    let mut lines = Vec::with_capacity(1 + 3 * reps.len());
     for &hi in &events {
-        let mut lines = vec![Line {
+        lines.clear();
+        lines.push(Line {
             alpha: 0.0,
             beta: 0.0,
-        }];
+        });
         for (v, first, ctx0) in &reps {
             let b = v.len() - first;
             if b == 0 {

@@ -7,7 +7,9 @@
 //!    longest response (snapshots of the static run, so each candidate only simulates its suffix);
 //! 3. from the best single switch of every (start, target) pair and the `KEEP` best overall, a
 //!    second switch to every other layout at every later grid round (ladders such as 1 -> 2 -> 8);
-//! 4. each switch of the best schedule moved in `REFINE` finer steps within one grid cell on
+//! 4. from the best two-switch schedule of each of the `2 KEEP` best layout paths, a third switch
+//!    the same way (`MAX_SWITCHES` = 3: ladders such as 1 -> 2 -> 4 -> 8);
+//! 5. each switch of the best schedule moved in `REFINE` finer steps within one grid cell on
 //!    either side (last switch first, two passes).
 //!
 //! After a switch the live sequences are placed by longest-processing-time on their true
@@ -27,6 +29,8 @@ use crate::policy::trace::Trace;
 pub const GRID: usize = 32;
 pub const KEEP: usize = 3;
 pub const REFINE: usize = 8;
+/// Switches in the longest schedule searched.
+pub const MAX_SWITCHES: usize = 3;
 
 /// A schedule: start layout, then (round, tp) switches in round order.
 #[derive(Clone, Debug, PartialEq)]
@@ -119,36 +123,35 @@ pub fn search(trace: &Trace, model: &SimModel, cfg: &SimConfig) -> Result<SimRes
             }
         }
     }
-    // Ladders from the best first switch of every (start, target) pair and from the overall best
-    // few.
-    singles.sort_by(|x, y| x.0.total_cmp(&y.0));
-    let mut firsts: Vec<Schedule> = Vec::new();
-    for (_, s) in &singles {
-        let pair_seen = firsts
-            .iter()
-            .any(|f| f.start == s.start && f.switches[0].1 == s.switches[0].1);
-        if !pair_seen || firsts.len() < KEEP {
-            firsts.push(s.clone());
-        }
-    }
-    for s in &firsts {
-        let (r1, b) = s.switches[0];
-        let mut node = fresh(s.start)?;
-        step_to(&mut node, r1)?;
-        switch_true(&mut node, b)?;
-        for &r in grid.iter().filter(|&&r| r > r1) {
-            step_to(&mut node, r)?;
-            if node.live_count() == 0 {
-                break;
+    // Ladders: a second switch after the best first switch of every (start, target) pair and the
+    // overall best few; then a third after the best two-switch schedule of the best few paths.
+    let mut seeds = pick(&singles, KEEP, usize::MAX);
+    for _ in 1..MAX_SWITCHES {
+        let mut next: Vec<(f64, Schedule)> = Vec::new();
+        for s in &seeds {
+            let &(r1, b) = s.switches.last().expect("seeds switch");
+            let mut node = fresh(s.start)?;
+            for &(r, tp) in &s.switches {
+                step_to(&mut node, r)?;
+                switch_true(&mut node, tp)?;
             }
-            for &c in cfg.candidates.iter().filter(|&&c| c != b) {
-                let mut n = node.clone();
-                switch_true(&mut n, c)?;
-                let mut l = s.clone();
-                l.switches.push((r, c));
-                consider(&mut best, finish(n)?, &l);
+            for &r in grid.iter().filter(|&&r| r > r1) {
+                step_to(&mut node, r)?;
+                if node.live_count() == 0 {
+                    break;
+                }
+                for &c in cfg.candidates.iter().filter(|&&c| c != b) {
+                    let mut n = node.clone();
+                    switch_true(&mut n, c)?;
+                    let mut l = s.clone();
+                    l.switches.push((r, c));
+                    let t = finish(n)?;
+                    consider(&mut best, t, &l);
+                    next.push((t, l));
+                }
             }
         }
+        seeds = pick(&next, 0, 2 * KEEP);
     }
     let (mut best_t, mut sched) = best
         .ok_or_else(|| crate::error::Error::Invalid("no candidate layout to search over".into()))?;
@@ -178,6 +181,32 @@ pub fn search(trace: &Trace, model: &SimModel, cfg: &SimConfig) -> Result<SimRes
     }
     let (node, events) = replay(model, cfg, &reqs, &sched)?;
     Ok(result("optimum".into(), &node, sched.start, events, None))
+}
+
+/// Seeds for the next level of the search: the best schedule of each layout path (start and
+/// targets), best first, at most `paths` of them, plus the `keep` best schedules overall.
+fn pick(done: &[(f64, Schedule)], keep: usize, paths: usize) -> Vec<Schedule> {
+    let mut sorted: Vec<&(f64, Schedule)> = done.iter().collect();
+    sorted.sort_by(|x, y| x.0.total_cmp(&y.0));
+    let mut out: Vec<Schedule> = Vec::new();
+    let mut n_paths = 0;
+    for (_, s) in sorted {
+        let new_path = !out.iter().any(|f| {
+            f.start == s.start
+                && f.switches
+                    .iter()
+                    .map(|x| x.1)
+                    .eq(s.switches.iter().map(|x| x.1))
+        });
+        if new_path && n_paths < paths {
+            n_paths += 1;
+            out.push(s.clone());
+        } else if out.len() < keep {
+            n_paths += usize::from(new_path);
+            out.push(s.clone());
+        }
+    }
+    out
 }
 
 /// Runs `sched` from the start; the finished node and its switches.

@@ -86,6 +86,7 @@ fn stragglers_switch_up_and_a_full_batch_stays() {
         margin: 0.1,
         min_gain_ms: 0.0,
         lookahead_steps: 0,
+        follow_up_points: 0,
     })
     .unwrap();
     assert_eq!(

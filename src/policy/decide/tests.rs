@@ -1,5 +1,6 @@
 //! Decision-rule tests against hand-computed forecasts: switch cost parts, gain just below and
-//! just above the cost, uniform vs straggler live sets, bad input, and the lookahead.
+//! just above the cost, uniform vs straggler live sets, bad input, the lookahead, and valuing a
+//! candidate with a follow-up switch.
 
 use std::collections::BTreeMap;
 
@@ -103,6 +104,7 @@ fn never_switches_when_the_gain_does_not_cover_the_cost() {
             margin,
             min_gain_ms: 0.0,
             lookahead_steps: 0,
+            follow_up_points: 0,
         })
         .unwrap()
     };
@@ -138,6 +140,7 @@ fn uniform_live_set_stays_at_the_best_static_layout() {
         margin: 0.1,
         min_gain_ms: 0.0,
         lookahead_steps: 0,
+        follow_up_points: 0,
     })
     .unwrap();
     assert!(d.stay, "{d:?}");
@@ -169,6 +172,7 @@ fn one_straggler_switches_to_a_higher_tp() {
             margin: 0.1,
             min_gain_ms: 0.0,
             lookahead_steps: 0,
+            follow_up_points: 0,
         })
         .unwrap()
     };
@@ -197,6 +201,7 @@ fn decide_rejects_bad_input() {
         margin: 0.1,
         min_gain_ms: 0.0,
         lookahead_steps: 0,
+        follow_up_points: 0,
     };
     // Replicas 2 and 3 do not exist at tp2 (2 replicas).
     assert!(decide(&inp).unwrap_err().to_string().contains("replica 2"));
@@ -244,6 +249,7 @@ fn lookahead_defers_a_switch_until_waiting_stops_paying() {
             margin: 0.1,
             min_gain_ms: 0.0,
             lookahead_steps,
+            follow_up_points: 0,
         })
         .unwrap()
     };
@@ -256,4 +262,98 @@ fn lookahead_defers_a_switch_until_waiting_stops_paying() {
     assert!(d.stay, "{d:?}");
     let c4 = d.candidates.iter().find(|c| c.tp == 4).unwrap();
     assert!(close(c4.later_ms.unwrap(), 51916.16, 1e-12), "{c4:?}");
+}
+
+/// World 4 at tp1: 7 short sequences (100 steps left) and 1 long one (1600), contexts 0, KV free,
+/// 200 ms per switch. Step ms per replica: tp1 20 (any batch), tp2 4 + batch, tp4 1 + 2 batch.
+/// At tp2 the long one runs alone on one replica, the shorts on the other.
+///   stay at tp1:                 1600 * 20                                   = 32000
+///   tp4 now, for good:           200 + 100 * (1 + 16) + 1500 * (1 + 2)       =  6400
+///   tp2 now, for good:           200 + 100 * (4 + 7) + 1500 * (4 + 1)        =  8800
+///   tp2 now, tp4 after 100:      200 + 1100 + 200 + 1500 * 3                  =  6000
+fn ladder_case() -> (Predictor, SwitchCost, Vec<EstimatedSeq>) {
+    let pred = constant_predictor(&[(1, 20.0, 0.0), (2, 4.0, 1.0), (4, 1.0, 2.0)]);
+    let mut sw = switch_cost(200.0);
+    sw.kv_bytes_per_token = 0.0;
+    let seqs = (0..8)
+        .map(|i| EstimatedSeq {
+            replica: i % 4,
+            context: 0,
+            generated: 0,
+            est_remaining: if i == 0 { 1600.0 } else { 100.0 },
+        })
+        .collect();
+    (pred, sw, seqs)
+}
+
+#[test]
+fn a_follow_up_switch_makes_the_ladders_first_step_worth_taking() {
+    let (pred, sw, seqs) = ladder_case();
+    let run = |follow_up_points: usize| {
+        decide(&DecideInput {
+            world: 4,
+            current_tp: 1,
+            candidates: &[1, 2, 4],
+            live: &seqs,
+            predictor: &pred,
+            switch: &sw,
+            margin: 0.1,
+            min_gain_ms: 0.0,
+            lookahead_steps: 1,
+            follow_up_points,
+        })
+        .unwrap()
+    };
+    // Valued as if it stayed there, tp4 wins: 6400 against 8800 (and against 6403 one step on).
+    let d = run(0);
+    assert!(!d.stay && d.to_tp == 4, "{d:?}");
+    assert!(close(d.predicted_stay_ms, 32000.0, 1e-12));
+    assert!(close(d.predicted_best_ms, 6400.0, 1e-12), "{d:?}");
+    // Valued with a follow-up on a 16-point grid (every 100 steps from here), tp2 then tp4 wins.
+    // One step later: 20 + 200 + 99 * 11 + 200 + 1500 * 3 = 6009, so now.
+    let d = run(16);
+    assert!(!d.stay && d.to_tp == 2, "{d:?}");
+    assert!(close(d.predicted_best_ms, 6000.0, 1e-12), "{d:?}");
+    let c2 = d.candidates.iter().find(|c| c.tp == 2).unwrap();
+    assert!(close(c2.later_ms.unwrap(), 6009.0, 1e-12), "{c2:?}");
+}
+
+#[test]
+fn a_follow_up_is_assumed_only_when_the_switch_budget_allows_it() {
+    use crate::policy::controller::{Controller, ControllerConfig, LiveSeq};
+    use crate::policy::remaining::Remaining;
+    let (pred, sw, seqs) = ladder_case();
+    let live: Vec<LiveSeq> = seqs
+        .iter()
+        .enumerate()
+        .map(|(index, s)| LiveSeq {
+            index,
+            replica: s.replica,
+            context: 0,
+            generated: 0,
+            max_new_tokens: s.est_remaining as usize,
+            group: None,
+        })
+        .collect();
+    let to = |max_switches: Option<usize>, done: usize| {
+        let c = Controller::new(
+            ControllerConfig {
+                candidates: vec![1, 2, 4],
+                check_every: 1,
+                margin: 0.1,
+                min_gain_ms: 0.0,
+                max_switches,
+            },
+            &pred,
+            &sw,
+            Remaining::Oracle,
+        )
+        .unwrap();
+        c.decide(4, 1, &live, done).unwrap().0.to_tp
+    };
+    assert_eq!(to(None, 0), 2);
+    assert_eq!(to(Some(2), 0), 2);
+    // One switch left (PAT's rule; or the second of two): the ladder cannot be finished.
+    assert_eq!(to(Some(1), 0), 4);
+    assert_eq!(to(Some(2), 1), 4);
 }
