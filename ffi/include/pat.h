@@ -430,6 +430,13 @@ typedef struct pat_policy_params {
   size_t n_length_samples;
   // The generation cap, if known (bounds the estimate); 0 (the default) = none.
   uint64_t length_cap;
+  // Value each candidate by its best plan with one more switch, tried at this many evenly
+  // spaced later steps (multiples of `lookahead_steps`), and switch only when that also beats
+  // the current layout's own best plan that waits; pass 16 where the engine may switch at
+  // least twice more (what `pat rollout` and `pat simulate` do); 0 (the default) = value a
+  // candidate as if it stayed for good. Added after ABI version 1's first release: a caller's
+  // shorter struct (`struct_size` without it) reads as 0.
+  uint32_t follow_up_points;
 } pat_policy_params;
 
 // The rule's answer (`pat::policy::Decision`). Times are predicted ms to drain the live batch.

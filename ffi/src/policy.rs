@@ -44,10 +44,17 @@ pub struct pat_policy_params {
     pub n_length_samples: usize,
     /// The generation cap, if known (bounds the estimate); 0 (the default) = none.
     pub length_cap: u64,
+    /// Value each candidate by its best plan with one more switch, tried at this many evenly
+    /// spaced later steps (multiples of `lookahead_steps`), and switch only when that also beats
+    /// the current layout's own best plan that waits; pass 16 where the engine may switch at
+    /// least twice more (what `pat rollout` and `pat simulate` do); 0 (the default) = value a
+    /// candidate as if it stayed for good. Added after ABI version 1's first release: a caller's
+    /// shorter struct (`struct_size` without it) reads as 0.
+    pub follow_up_points: u32,
 }
 
 impl Params for pat_policy_params {
-    const MIN_SIZE: usize = size_of::<pat_policy_params>();
+    const MIN_SIZE: usize = std::mem::offset_of!(pat_policy_params, follow_up_points);
     fn defaults() -> Self {
         pat_policy_params {
             struct_size: size_of::<Self>() as u32,
@@ -61,6 +68,7 @@ impl Params for pat_policy_params {
             length_samples: std::ptr::null(),
             n_length_samples: 0,
             length_cap: 0,
+            follow_up_points: 0,
         }
     }
 }
@@ -212,7 +220,7 @@ pub unsafe extern "C" fn pat_policy_decide(
             margin: p.margin,
             min_gain_ms: p.min_gain_ms,
             lookahead_steps: p.lookahead_steps as usize,
-            follow_up_points: 0,
+            follow_up_points: p.follow_up_points as usize,
         })?;
         out.put(pat_decision {
             to_tp: u32_of(d.to_tp),

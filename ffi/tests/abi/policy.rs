@@ -94,6 +94,43 @@ fn stragglers_switch_up_and_a_full_batch_stays() {
         (want.to_tp, want.predicted_best_ms, want.switch_cost_ms)
     );
 
+    // With follow-ups valued, still the library's answer; and a caller built before the field
+    // existed (a struct_size that stops short of it) gets the default, 0.
+    let lib = |follow_up_points: usize, lookahead_steps: usize| {
+        decide(&DecideInput {
+            world: 8,
+            current_tp: 1,
+            candidates: &cands,
+            live: &est,
+            predictor: &predictor,
+            switch: &switch,
+            margin: 0.1,
+            min_gain_ms: 0.0,
+            lookahead_steps,
+            follow_up_points,
+        })
+        .unwrap()
+    };
+    let mut q = p;
+    (q.follow_up_points, q.lookahead_steps) = (16, 64);
+    let (st, d) = call(&json, &q, &tail);
+    expect(st, PAT_OK, "");
+    let want = lib(16, 64);
+    assert_eq!(
+        (d.to_tp as usize, d.predicted_best_ms, d.predicted_stay_ms),
+        (want.to_tp, want.predicted_best_ms, want.predicted_stay_ms)
+    );
+    q.struct_size = std::mem::offset_of!(pat_policy_params, follow_up_points) as u32;
+    let (st, d) = call(&json, &q, &tail);
+    expect(st, PAT_OK, "");
+    assert_eq!(d.predicted_best_ms, lib(0, 64).predicted_best_ms);
+    q.struct_size -= 1;
+    expect(
+        call(&json, &q, &tail).0,
+        PAT_ERR_INVALID_ARGUMENT,
+        "struct_size",
+    );
+
     // A full batch about to finish stays: the switch would cost more than it saves.
     let full: Vec<pat_live_seq> = (0..256).map(|i| seq(i % 8, 600, 100, 5.0)).collect();
     let (st, d) = call(&json, &p, &full);
