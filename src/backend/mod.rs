@@ -18,6 +18,16 @@ pub mod cuda;
 
 pub use batch::{BatchPlan, SeqInput};
 
+/// Device collective groups a backend makes and reuses itself, counted over its ranks' life (one
+/// per replica); the CPU backend's groups come from the engine's `GroupCache` instead.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct GroupCounts {
+    pub created: usize,
+    pub reused: usize,
+    /// Time the last switch spent making or activating groups, ms.
+    pub last_ms: f64,
+}
+
 use crate::error::Result;
 
 /// Head counts and constants of one rank's attention block.

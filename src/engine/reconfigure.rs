@@ -252,6 +252,7 @@ impl Engine {
         // through, then the new replicas') come from the cache and are counted.
         let (c0, r0) = (self.groups.created, self.groups.reused);
         let ranks = self.ranks.set();
+        let device0 = ranks.device_groups();
         report.kv_alloc_ms = ranks.begin_switch(&work, f_begin)?;
         let done = match ranks.apply_switch(&work, &mut self.groups, f_apply) {
             Ok(d) => d,
@@ -305,13 +306,24 @@ impl Engine {
         report.n_migrated = migrated.len();
         report.n_recomputed = recompute.iter().map(Vec::len).sum();
 
-        let tg = Instant::now();
-        for d in 0..self.layout.dp() {
-            let _ = self.groups.get(self.layout.replica_ranks(d));
+        match (device0, self.ranks.set_ref().device_groups()) {
+            // GPU ranks: the commit gave every replica its device group (the host-staged
+            // programs' CPU world group is an implementation detail of the staging).
+            (Some(g0), Some(g1)) => {
+                report.groups_created = g1.created - g0.created;
+                report.groups_reused = g1.reused - g0.reused;
+                report.comm_group_ms = g1.last_ms;
+            }
+            _ => {
+                let tg = Instant::now();
+                for d in 0..self.layout.dp() {
+                    let _ = self.groups.get(self.layout.replica_ranks(d));
+                }
+                report.groups_created = self.groups.created - c0;
+                report.groups_reused = self.groups.reused - r0;
+                report.comm_group_ms = tg.elapsed().as_secs_f64() * 1e3;
+            }
         }
-        report.groups_created = self.groups.created - c0;
-        report.groups_reused = self.groups.reused - r0;
-        report.comm_group_ms = tg.elapsed().as_secs_f64() * 1e3;
 
         // Recompute: prefill everything but the last sampled token under the new layout.
         let tr = Instant::now();

@@ -20,7 +20,8 @@ fn requests(m: &Model) -> Vec<Request> {
 /// Tokens identical to transformers; every step's logits within 1e-4 of the CPU engine's (the
 /// oracle) run side by side, through a ladder of live switches made on both engines (every other
 /// step; migrate, recompute and auto in turn): the GPU switch is host-staged through the CPU's
-/// per-rank programs, so both must land on the same layout and keep the same logits.
+/// per-rank programs, so both must land on the same layout and keep the same logits. A switch
+/// back to a tp seen before reuses its device groups.
 fn check_engine(name: &'static str) {
     let Some(m) = Model::open_or_skip(name, &format!("{name}_engine_on_gpu")) else {
         return;
@@ -49,6 +50,8 @@ fn check_engine(name: &'static str) {
             e.add_requests(&reqs).unwrap();
         }
         let mut step = 0;
+        // The tps the GPU ranks have run at: their device groups exist from then on.
+        let mut visited = vec![tp];
         while gpu.live() > 0 {
             gpu.step()
                 .unwrap_or_else(|e| panic!("{at} step {step}: {e}"));
@@ -87,6 +90,20 @@ fn check_engine(name: &'static str) {
                         (c.to_tp, c.n_migrated, c.n_recomputed)
                     );
                     assert_eq!(gpu.layout().tp, to, "{at} step {step}");
+                    // One device group per replica: made at the first visit to a tp, reused by
+                    // every later one.
+                    let dp = world / to;
+                    let want = if visited.contains(&to) {
+                        (0, dp)
+                    } else {
+                        (dp, 0)
+                    };
+                    assert_eq!(
+                        (g.groups_created, g.groups_reused),
+                        want,
+                        "{at} step {step}: device groups made, reused at tp {to}"
+                    );
+                    visited.push(to);
                     eprintln!(
                         "{at} step {step}: switched to tp {to} ({policy:?}) in {:.1} ms",
                         g.total_ms

@@ -6,7 +6,8 @@
 //! KV pool (f32, exact) and allocates the new host pools; `apply` runs the same per-rank
 //! programs as the CPU backend on those host copies (one thread per rank, bytes across ranks
 //! only through the CPU `Comm`); `commit` rebuilds the shards and makes every GPU rank again from
-//! them in the new layout, with fresh groups. So a GPU switch is exactly the CPU's, tested
+//! them in the new layout, with its device groups (made at the first visit to a tp, reused by
+//! every later one). So a GPU switch is exactly the CPU's, tested
 //! reshard, at the price of a round trip through host memory: correct, not fast. A failed commit
 //! restores the old layout from the host copies kept until then. The device-side path (the
 //! `reshard.cu` kernels, point-to-point device copies) is issue #10's next step.
@@ -71,6 +72,9 @@ impl RankSet for GpuSet {
     }
     fn elem_bytes(&self) -> u64 {
         self.ranks.elem_bytes()
+    }
+    fn device_groups(&self) -> Option<crate::backend::GroupCounts> {
+        Some(self.ranks.group_counts())
     }
 
     fn begin_switch(&mut self, work: &SwitchWork<'_>, fault: Option<usize>) -> Result<f64> {

@@ -119,6 +119,11 @@ pub(crate) trait RankSet {
     /// f32 whatever the checkpoint's dtype; the device dtype's size on GPUs): what the switch
     /// planners count bytes in.
     fn elem_bytes(&self) -> u64;
+    /// The device groups the backend keeps itself (GPU ranks: one per replica per tp, made once
+    /// and reused by a switch back); `None` where the engine's `GroupCache` holds the groups.
+    fn device_groups(&self) -> Option<crate::backend::GroupCounts> {
+        None
+    }
 
     /// Switch phase 1: allocates every rank's destination KV pool (and scratch). Nothing the
     /// ranks decode with changes; on error nothing is kept.

@@ -9,7 +9,10 @@
 //!    copy is dropped right after.
 //! 2. `Connect`: the rank's collective group — `SoloComm` for tp 1, one `SameDeviceComm` group
 //!    when a replica's ranks share a GPU, NCCL when each has its own GPU. Sent to every member
-//!    before any reply is awaited, because NCCL's init blocks until all members join.
+//!    before any reply is awaited, because NCCL's init blocks until all members join. A rank
+//!    keeps the group of every tp it has run at: a live switch back to that tp sends `Activate`
+//!    instead (no NCCL init), and counts it (`GpuRanks::group_counts`, the switch record's
+//!    `groups_created` / `groups_reused`).
 //! 3. `Forward`: one packed batch (owned copies of the engine's `SeqInput`s, shared by the
 //!    replica's members) → logits [n_seqs, vocab] on the host, from tp-rank 0.
 //!
@@ -31,6 +34,7 @@ use super::nccl::{NcclComm, NcclId};
 pub use super::placement::GroupKind;
 use super::placement::{group_kind, host_available_bytes, place};
 use super::rank::GpuRank;
+use crate::backend::GroupCounts;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::kv::KvPool;
@@ -98,8 +102,15 @@ enum Job {
         weights: Box<RankWeights>,
         reply: Sender<Result<Uploaded>>,
     },
+    /// Make the rank's group for layouts of `tp` (replacing a cached one) and use it.
     Connect {
         comm: CommSpec,
+        tp: usize,
+        reply: Sender<Result<()>>,
+    },
+    /// Use the group for `tp` made by an earlier `Connect` (a switch back to a tp seen before).
+    Activate {
+        tp: usize,
         reply: Sender<Result<()>>,
     },
     Forward {
@@ -108,8 +119,8 @@ enum Job {
     },
     /// The rank's shard and KV pool as f32 host copies (a live switch stages through them).
     Download { reply: Sender<Result<HostRank>> },
-    /// Drop the rank's group and buffers, then make the rank again from host copies (a switch's
-    /// commit, or the restore after a failed one). Connect follows.
+    /// Drop the rank's buffers, then make the rank again from host copies (a switch's commit, or
+    /// the restore after a failed one); its groups stay cached. Activate or Connect follows.
     Replace {
         rank: HostRank,
         reply: Sender<Result<Uploaded>>,
@@ -135,11 +146,15 @@ pub struct GpuRanks {
     tp: usize,
     /// The device dtype of weights, activations and KV.
     dtype: DType,
-    groups: Vec<GroupKind>,
+    /// What each replica's collectives run on.
+    group_kinds: Vec<GroupKind>,
     /// What each rank reported after its upload (empty until every rank has uploaded).
     uploaded: Vec<Uploaded>,
     /// Set when a failed replica could not get a fresh group: every later step errors with it.
     broken: Option<String>,
+    /// Tps whose groups every rank holds (made once, reused by a switch back).
+    cached_tps: Vec<usize>,
+    groups: GroupCounts,
 }
 
 impl Drop for GpuRanks {
@@ -172,6 +187,19 @@ fn group_specs(kind: GroupKind, tp: usize) -> Result<Vec<CommSpec>> {
     })
 }
 
+/// Waits for every reply; the first error, if any.
+fn first_error(replies: Vec<(usize, Receiver<Result<()>>)>) -> Result<()> {
+    let mut first = Ok(());
+    for (rank, rrx) in replies {
+        if let Err(e) = recv(rank, &rrx) {
+            if first.is_ok() {
+                first = Err(e);
+            }
+        }
+    }
+    first
+}
+
 /// A reply from worker `rank`, or an error if it died.
 fn recv<T>(rank: usize, rx: &Receiver<Result<T>>) -> Result<T> {
     rx.recv().unwrap_or_else(|_| {
@@ -194,7 +222,7 @@ impl GpuRanks {
         let count = probe()?;
         let world = layout.world;
         let devices = place(opts.devices.as_deref(), world, count)?;
-        let groups = (0..layout.dp())
+        let group_kinds = (0..layout.dp())
             .map(|d| group_kind(layout, &devices, d))
             .collect::<Result<Vec<_>>>()?;
         if opts.inv_freq.len() != cfg.head_dim / 2 {
@@ -211,9 +239,11 @@ impl GpuRanks {
             devices: devices.clone(),
             tp: layout.tp,
             dtype,
-            groups,
+            group_kinds,
             uploaded: Vec::new(),
             broken: None,
+            cached_tps: Vec::new(),
+            groups: GroupCounts::default(),
         };
         for (rank, &ordinal) in devices.iter().enumerate() {
             let (tx, rx) = channel();
@@ -270,30 +300,73 @@ impl GpuRanks {
             })?);
         }
         me.uploaded = uploaded;
-        for d in 0..layout.dp() {
-            me.connect(layout, d)?;
-        }
+        me.group_all(layout)?;
         Ok(me)
     }
 
-    /// Gives replica `d`'s members a fresh group (all sent before any reply is awaited).
+    /// Gives every replica of `layout` its group: the cached one when every rank holds one for
+    /// this tp (a switch back), else a fresh one, which is then cached.
+    fn group_all(&mut self, layout: &Layout) -> Result<()> {
+        let t = std::time::Instant::now();
+        let cached = self.cached_tps.contains(&layout.tp);
+        for d in 0..layout.dp() {
+            if !(cached && self.activate(layout, d).is_ok()) {
+                self.connect(layout, d)?;
+            }
+        }
+        if !cached {
+            self.cached_tps.push(layout.tp);
+        }
+        self.groups.last_ms = t.elapsed().as_secs_f64() * 1e3;
+        Ok(())
+    }
+
+    /// Gives replica `d`'s members a fresh group for `layout.tp`, replacing any cached one (all
+    /// sent before any reply is awaited).
     fn connect(&mut self, layout: &Layout, d: usize) -> Result<()> {
-        let specs = group_specs(self.groups[d], layout.tp)?;
+        let specs = group_specs(self.group_kinds[d], layout.tp)?;
         let mut replies = Vec::with_capacity(specs.len());
         for (&rank, comm) in layout.replica_ranks(d).iter().zip(specs) {
             let (rtx, rrx) = channel();
-            self.send(rank, Job::Connect { comm, reply: rtx })?;
+            let job = Job::Connect {
+                comm,
+                tp: layout.tp,
+                reply: rtx,
+            };
+            self.send(rank, job)?;
             replies.push((rank, rrx));
         }
-        let mut first = Ok(());
-        for (rank, rrx) in replies {
-            if let Err(e) = recv(rank, &rrx) {
-                if first.is_ok() {
-                    first = Err(e);
-                }
-            }
+        let r = first_error(replies);
+        match r {
+            Ok(()) => self.groups.created += 1,
+            // Some members may hold no usable group for this tp now: never activate it again.
+            Err(_) => self.cached_tps.retain(|&t| t != layout.tp),
         }
-        first
+        r
+    }
+
+    /// Makes replica `d`'s members use their cached group for `layout.tp`.
+    fn activate(&mut self, layout: &Layout, d: usize) -> Result<()> {
+        let mut replies = Vec::new();
+        for &rank in layout.replica_ranks(d) {
+            let (rtx, rrx) = channel();
+            self.send(
+                rank,
+                Job::Activate {
+                    tp: layout.tp,
+                    reply: rtx,
+                },
+            )?;
+            replies.push((rank, rrx));
+        }
+        first_error(replies)?;
+        self.groups.reused += 1;
+        Ok(())
+    }
+
+    /// Device collective groups made and reused so far.
+    pub fn group_counts(&self) -> GroupCounts {
+        self.groups
     }
 
     fn send(&self, rank: usize, job: Job) -> Result<()> {
@@ -416,7 +489,7 @@ impl GpuRanks {
     }
     /// What each replica's collectives run on.
     pub fn group_kinds(&self) -> &[GroupKind] {
-        &self.groups
+        &self.group_kinds
     }
 
     /// Where the ranks run, e.g. "2 rank(s) on GPU 0 (NVIDIA H100 80GB HBM3); collectives: ...".

@@ -20,7 +20,8 @@ impl GpuRanks {
     }
 
     /// Makes every rank again from host copies (`ranks[r]` for physical rank r) as the ranks of
-    /// a layout of `tp`, then gives every replica a fresh group. Each rank's old buffers are
+    /// a layout of `tp`, then gives every replica its group (cached from an earlier visit to this
+    /// tp, else made and cached: `group_counts`). Each rank's old buffers are
     /// freed before its new ones are allocated. On error the ranks are in no usable layout: the
     /// caller restores them (again with `replace`) or gives up on them.
     pub fn replace(&mut self, tp: usize, ranks: Vec<(RankWeights, KvPool)>) -> Result<()> {
@@ -32,7 +33,7 @@ impl GpuRanks {
                 ranks.len()
             )));
         }
-        let groups = (0..layout.dp())
+        let group_kinds = (0..layout.dp())
             .map(|d| group_kind(&layout, &self.devices, d))
             .collect::<Result<Vec<_>>>()?;
         let mut replies = Vec::with_capacity(world);
@@ -66,12 +67,9 @@ impl GpuRanks {
         }
         self.uploaded = uploaded;
         self.tp = tp;
-        self.groups = groups;
+        self.group_kinds = group_kinds;
         self.broken = None;
-        for d in 0..layout.dp() {
-            self.connect(&layout, d)?;
-        }
-        Ok(())
+        self.group_all(&layout)
     }
 
     /// Marks the ranks unusable (every later step errors with `why`).

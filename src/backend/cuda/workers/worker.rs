@@ -1,5 +1,7 @@
 //! The worker thread of one GPU rank: its context, the upload check, and the job loop.
 
+use std::collections::BTreeMap;
+
 use super::*;
 
 /// What a worker thread needs besides its jobs.
@@ -54,8 +56,11 @@ impl WorkerCtx {
     /// (the engine gave up waiting) are dropped.
     pub(super) fn serve(self, rx: Receiver<Job>) {
         let mut rank: Option<GpuRank> = None;
-        // Declared after `rank`, so dropped first: the group goes before the device it lives on.
-        let mut comm: Option<Box<dyn DeviceComm>> = None;
+        // This rank's groups, one per tp it has run at (made once, reused by later switches),
+        // and the one its layout uses now. Declared after `rank`, so dropped first: groups go
+        // before the device they live on.
+        let mut comms: BTreeMap<usize, Box<dyn DeviceComm>> = BTreeMap::new();
+        let mut active: Option<usize> = None;
         for job in rx {
             match job {
                 Job::Upload { weights, reply } => {
@@ -77,13 +82,18 @@ impl WorkerCtx {
                         u
                     }));
                 }
-                Job::Connect { comm: spec, reply } => {
-                    // The old group (if any) goes before the new one is made. It is aborted, not
-                    // closed in order: a regroup follows a failure, after which its peers'
-                    // communicators may already be gone.
-                    if let Some(old) = comm.take() {
+                Job::Connect {
+                    comm: spec,
+                    tp,
+                    reply,
+                } => {
+                    // The old group of this tp (if any) goes before the new one is made. It is
+                    // aborted, not closed in order: a regroup follows a failure, after which its
+                    // peers' communicators may already be gone.
+                    if let Some(old) = comms.remove(&tp) {
                         old.poison();
                     }
+                    active = None;
                     let r = match (&rank, spec) {
                         (None, _) => Err(Error::Device(
                             "connect before the rank's weights were uploaded".into(),
@@ -96,8 +106,20 @@ impl WorkerCtx {
                         }
                     };
                     let _ = reply.send(r.map(|c| {
-                        comm = Some(c);
+                        comms.insert(tp, c);
+                        active = Some(tp);
                     }));
+                }
+                Job::Activate { tp, reply } => {
+                    let r = if rank.is_some() && comms.contains_key(&tp) {
+                        active = Some(tp);
+                        Ok(())
+                    } else {
+                        Err(Error::Internal(format!(
+                            "no group for tp {tp} is cached on this rank"
+                        )))
+                    };
+                    let _ = reply.send(r);
                 }
                 Job::Download { reply } => {
                     let r = match &rank {
@@ -112,13 +134,14 @@ impl WorkerCtx {
                     let _ = reply.send(r);
                 }
                 Job::Replace { rank: host, reply } => {
-                    // The group, then the old buffers, go first: the device must hold only one
-                    // copy of the rank.
-                    if let Some(old) = comm.take() {
-                        old.poison();
-                    }
+                    // The old buffers go first: the device must hold only one copy of the rank.
+                    // The cached groups stay (a later switch back reuses them), so the new
+                    // device handle is made before the old one goes: the primary context they
+                    // live in is never released in between.
+                    active = None;
+                    let dev = CudaDev::new(self.ordinal);
                     rank = None;
-                    let r = CudaDev::new(self.ordinal).and_then(|dev| {
+                    let r = dev.and_then(|dev| {
                         self.check_fits(&dev, &host.weights, host.kv.num_blocks)?;
                         GpuRank::from_host(dev, &self.cfg, &host.weights, &host.kv, self.dtype)
                     });
@@ -130,7 +153,8 @@ impl WorkerCtx {
                     }));
                 }
                 Job::Forward { batch, reply } => {
-                    let r = match (&mut rank, &comm) {
+                    let comm = active.and_then(|t| comms.get(&t));
+                    let r = match (&mut rank, comm) {
                         (Some(g), Some(c)) => {
                             let seqs: Vec<SeqInput> = batch
                                 .iter()
