@@ -92,49 +92,34 @@ pub fn search(trace: &Trace, model: &SimModel, cfg: &SimConfig) -> Result<SimRes
         .filter(|&r| r > 0)
         .collect();
     let mut best: Option<(f64, Schedule)> = None;
-    let mut singles: Vec<(f64, Schedule)> = Vec::new();
     let consider = |best: &mut Option<(f64, Schedule)>, t: f64, s: &Schedule| {
         if best.as_ref().is_none_or(|b| t < b.0) {
             *best = Some((t, s.clone()));
         }
     };
-    for &a in &cfg.candidates {
-        let mut node = fresh(a)?;
-        let stat = Schedule {
-            start: a,
+    // Level by level: every start static and with one switch; a second switch after the best
+    // first switch of every (start, target) pair and the overall best few; a third after the
+    // best two-switch schedule of the best few layout paths.
+    let mut seeds: Vec<Schedule> = cfg
+        .candidates
+        .iter()
+        .map(|&start| Schedule {
+            start,
             switches: vec![],
-        };
-        consider(&mut best, finish(node.clone())?, &stat);
-        for &r in &grid {
-            step_to(&mut node, r)?;
-            if node.live_count() == 0 {
-                break;
-            }
-            for &b in cfg.candidates.iter().filter(|&&b| b != a) {
-                let mut n = node.clone();
-                switch_true(&mut n, b)?;
-                let s = Schedule {
-                    start: a,
-                    switches: vec![(r, b)],
-                };
-                let t = finish(n)?;
-                consider(&mut best, t, &s);
-                singles.push((t, s));
-            }
-        }
-    }
-    // Ladders: a second switch after the best first switch of every (start, target) pair and the
-    // overall best few; then a third after the best two-switch schedule of the best few paths.
-    let mut seeds = pick(&singles, KEEP, usize::MAX);
-    for _ in 1..MAX_SWITCHES {
+        })
+        .collect();
+    for level in 0..MAX_SWITCHES {
         let mut next: Vec<(f64, Schedule)> = Vec::new();
         for s in &seeds {
-            let &(r1, b) = s.switches.last().expect("seeds switch");
             let mut node = fresh(s.start)?;
             for &(r, tp) in &s.switches {
                 step_to(&mut node, r)?;
                 switch_true(&mut node, tp)?;
             }
+            if s.switches.is_empty() {
+                consider(&mut best, finish(node.clone())?, s);
+            }
+            let (r1, b) = s.switches.last().copied().unwrap_or((0, s.start));
             for &r in grid.iter().filter(|&&r| r > r1) {
                 step_to(&mut node, r)?;
                 if node.live_count() == 0 {
@@ -151,7 +136,11 @@ pub fn search(trace: &Trace, model: &SimModel, cfg: &SimConfig) -> Result<SimRes
                 }
             }
         }
-        seeds = pick(&next, 0, 2 * KEEP);
+        seeds = if level == 0 {
+            pick(&next, KEEP, usize::MAX)
+        } else {
+            pick(&next, 0, 2 * KEEP)
+        };
     }
     let (mut best_t, mut sched) = best
         .ok_or_else(|| crate::error::Error::Invalid("no candidate layout to search over".into()))?;

@@ -76,26 +76,6 @@ fn stragglers_switch_up_and_a_full_batch_stays() {
         })
         .collect();
     let cands = profile.model.candidate_tps(8);
-    let want = decide(&DecideInput {
-        world: 8,
-        current_tp: 1,
-        candidates: &cands,
-        live: &est,
-        predictor: &predictor,
-        switch: &switch,
-        margin: 0.1,
-        min_gain_ms: 0.0,
-        lookahead_steps: 0,
-        follow_up_points: 0,
-    })
-    .unwrap();
-    assert_eq!(
-        (d.to_tp as usize, d.predicted_best_ms, d.switch_cost_ms),
-        (want.to_tp, want.predicted_best_ms, want.switch_cost_ms)
-    );
-
-    // With follow-ups valued, still the library's answer; and a caller built before the field
-    // existed (a struct_size that stops short of it) gets the default, 0.
     let lib = |follow_up_points: usize, lookahead_steps: usize| {
         decide(&DecideInput {
             world: 8,
@@ -111,6 +91,14 @@ fn stragglers_switch_up_and_a_full_batch_stays() {
         })
         .unwrap()
     };
+    let want = lib(0, 0);
+    assert_eq!(
+        (d.to_tp as usize, d.predicted_best_ms, d.switch_cost_ms),
+        (want.to_tp, want.predicted_best_ms, want.switch_cost_ms)
+    );
+
+    // With follow-ups valued, still the library's answer; and a caller built before the field
+    // existed (a struct_size that stops short of it) gets the default, 0.
     let mut q = p;
     (q.follow_up_points, q.lookahead_steps) = (16, 64);
     let (st, d) = call(&json, &q, &tail);

@@ -74,6 +74,29 @@ fn switch_cost_formulas() {
     assert_eq!((b.recomputed, b.migrated), (1, 0));
 }
 
+/// The rule's input with the tests' usual knobs: candidates 1, 2, 4; margin 0.1; no minimum gain,
+/// lookahead or follow-up (override with struct update syntax).
+fn input<'a>(
+    world: usize,
+    current_tp: usize,
+    live: &'a [EstimatedSeq],
+    predictor: &'a Predictor,
+    switch: &'a SwitchCost,
+) -> DecideInput<'a> {
+    DecideInput {
+        world,
+        current_tp,
+        candidates: &[1, 2, 4],
+        live,
+        predictor,
+        switch,
+        margin: 0.1,
+        min_gain_ms: 0.0,
+        lookahead_steps: 0,
+        follow_up_points: 0,
+    }
+}
+
 fn live(n: usize, replicas: usize, est: f64, context: usize) -> Vec<EstimatedSeq> {
     (0..n)
         .map(|i| EstimatedSeq {
@@ -95,16 +118,9 @@ fn never_switches_when_the_gain_does_not_cover_the_cost() {
     let run = |fixed: f64, margin: f64| {
         let sw = switch_cost(fixed);
         decide(&DecideInput {
-            world: 2,
-            current_tp: 1,
             candidates: &[1, 2],
-            live: &seqs,
-            predictor: &pred,
-            switch: &sw,
             margin,
-            min_gain_ms: 0.0,
-            lookahead_steps: 0,
-            follow_up_points: 0,
+            ..input(2, 1, &seqs, &pred, &sw)
         })
         .unwrap()
     };
@@ -130,19 +146,7 @@ fn uniform_live_set_stays_at_the_best_static_layout() {
     let pred = ladder_predictor();
     let sw = switch_cost(0.0);
     let seqs = live(64, 2, 1000.0, 0);
-    let d = decide(&DecideInput {
-        world: 4,
-        current_tp: 2,
-        candidates: &[1, 2, 4],
-        live: &seqs,
-        predictor: &pred,
-        switch: &sw,
-        margin: 0.1,
-        min_gain_ms: 0.0,
-        lookahead_steps: 0,
-        follow_up_points: 0,
-    })
-    .unwrap();
+    let d = decide(&input(4, 2, &seqs, &pred, &sw)).unwrap();
     assert!(d.stay, "{d:?}");
     assert!(close(d.predicted_stay_ms, 3840.0, 1e-12));
     let drain: BTreeMap<usize, f64> = d.candidates.iter().map(|c| (c.tp, c.drain_ms)).collect();
@@ -162,19 +166,7 @@ fn one_straggler_switches_to_a_higher_tp() {
     let sw = switch_cost(1000.0);
     let run = |context: usize| {
         let seqs = live(1, 2, 5000.0, context);
-        decide(&DecideInput {
-            world: 4,
-            current_tp: 2,
-            candidates: &[1, 2, 4],
-            live: &seqs,
-            predictor: &pred,
-            switch: &sw,
-            margin: 0.1,
-            min_gain_ms: 0.0,
-            lookahead_steps: 0,
-            follow_up_points: 0,
-        })
-        .unwrap()
+        decide(&input(4, 2, &seqs, &pred, &sw)).unwrap()
     };
     let d = run(5000);
     assert!(
@@ -191,18 +183,7 @@ fn decide_rejects_bad_input() {
     let pred = ladder_predictor();
     let sw = switch_cost(0.0);
     let seqs = live(4, 4, 10.0, 0);
-    let mut inp = DecideInput {
-        world: 4,
-        current_tp: 2,
-        candidates: &[1, 2, 4],
-        live: &seqs,
-        predictor: &pred,
-        switch: &sw,
-        margin: 0.1,
-        min_gain_ms: 0.0,
-        lookahead_steps: 0,
-        follow_up_points: 0,
-    };
+    let mut inp = input(4, 2, &seqs, &pred, &sw);
     // Replicas 2 and 3 do not exist at tp2 (2 replicas).
     assert!(decide(&inp).unwrap_err().to_string().contains("replica 2"));
     inp.current_tp = 3;
@@ -240,16 +221,8 @@ fn lookahead_defers_a_switch_until_waiting_stops_paying() {
     });
     let run = |lookahead_steps: usize| {
         decide(&DecideInput {
-            world: 4,
-            current_tp: 2,
-            candidates: &[1, 2, 4],
-            live: &seqs,
-            predictor: &pred,
-            switch: &sw,
-            margin: 0.1,
-            min_gain_ms: 0.0,
             lookahead_steps,
-            follow_up_points: 0,
+            ..input(4, 2, &seqs, &pred, &sw)
         })
         .unwrap()
     };
@@ -291,16 +264,9 @@ fn a_follow_up_switch_makes_the_ladders_first_step_worth_taking() {
     let (pred, sw, seqs) = ladder_case();
     let run = |follow_up_points: usize| {
         decide(&DecideInput {
-            world: 4,
-            current_tp: 1,
-            candidates: &[1, 2, 4],
-            live: &seqs,
-            predictor: &pred,
-            switch: &sw,
-            margin: 0.1,
-            min_gain_ms: 0.0,
             lookahead_steps: 1,
             follow_up_points,
+            ..input(4, 1, &seqs, &pred, &sw)
         })
         .unwrap()
     };
