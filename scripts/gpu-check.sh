@@ -21,7 +21,9 @@
 #      llama3-8b-shape --dtype bf16` into $PAT_BENCH_DIR (default /tmp/pat-bench, ~16 GB;
 #      PAT_BENCH_PRESET=small for a quick run),
 #      `pat bench one-batch --backend cuda` on it, `pat bench attention` (1-64 seqs x 2048-8192)
-#      and `pat bench reshard` (the switch kernels, 16 MiB-1 GiB), JSON
+#      and `pat bench reshard` (the switch kernels, 16 MiB-1 GiB), `pat bench switch --backend
+#      cuda` (a tp 1 -> 4 -> 1 -> 4 ladder of live switches on 4 ranks sharing the GPU, the
+#      `small` preset), JSON
 #      lines kept in <bin-dir>/logs/*.jsonl. A summary table comes last. Exit status: 0 only if
 #      every test passed and every benchmark ran.
 #
@@ -116,6 +118,18 @@ bench() {
     "$pat" bench reshard --sizes-mib 16,128,1024 --dtype bf16 \
         >"$logs/bench-reshard.jsonl" 2>"$logs/bench-reshard.log" || ok=1
     cat "$logs/bench-reshard.log"
+    # A live switch ladder on 4 GPU ranks sharing this GPU (host-staged for now; the small model:
+    # the staging holds every shard twice in f32 on the host). The second visit to a tp reuses
+    # its device groups (groups_reused).
+    local small="${PAT_BENCH_DIR:-/tmp/pat-bench}/small-f32"
+    if [[ ! -f "$small/config.json" ]]; then
+        "$pat" init-model --arch llama --preset small --out "$small" --force 2>&1 | tail -1 || ok=1
+    fi
+    echo "gpu-check: pat bench switch --backend cuda (small, world 4, tp 1 -> 4 -> 1 -> 4)"
+    "$pat" bench switch --backend cuda --devices 0,0,0,0 --model "$small" --world 4 --from 1 \
+        --to 4,1,4 --batch 8 --context 256 --dtype bf16 \
+        >"$logs/bench-switch.jsonl" 2>"$logs/bench-switch.log" || ok=1
+    tail -4 "$logs/bench-switch.log"
     echo "gpu-check: pat bench one-batch --backend cuda ($preset, bf16)"
     "$pat" bench one-batch --backend cuda --model "$model" --dtype bf16 \
         --batch-size 1,16,64 --input-len 128 --output-len 64 --run-name gpu-check \
@@ -129,6 +143,12 @@ def rows(name):
     return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.exists() else []
 a, b = rows("bench-attention.jsonl"), rows("bench-one-batch.jsonl")
 c = rows("bench-reshard.jsonl")
+s = rows("bench-switch.jsonl")
+if s:
+    print("live switch on 4 GPU ranks sharing one GPU (small model, bf16; host-staged)")
+    print(f"{'switch':>7} {'total ms':>9} {'weights':>8} {'KV':>7} {'pool':>7} {'groups new/reused':>18} {'MB across':>10}")
+    for r in s:
+        print(f"{r['from_tp']:>3}->{r['to_tp']:<3} {r['total_ms']:>9.1f} {r['weight_reshard_ms']:>8.1f} {r['kv_ms']:>7.1f} {r['kv_alloc_ms']:>7.1f} {r['groups_created']:>8}/{r['groups_reused']:<9} {r['bytes_moved_cross_rank']/1e6:>10.1f}")
 if c:
     print(f"switch kernels on {c[0]['device']}, copy bandwidth {c[0]['copy_bandwidth_gbps']:.0f} GB/s")
     print(f"{'kernel':<12} {'MiB':>5} {'ms':>8} {'GB/s':>7} {'of copy':>8}")
@@ -144,7 +164,7 @@ if b:
     print(f"{'batch':>5} {'ms/step':>8} {'tok/s':>8} {'roofline ms':>11} {'vs roofline':>11}")
     for r in b:
         print(f"{r['batch_size']:>5} {1e3*r['median_decode_latency']:>8.2f} {r['median_decode_throughput']:>8.0f} {1e3*r['decode_roofline_latency']:>11.2f} {100*r['decode_vs_roofline']:>10.0f}%")
-if not a or not b or not c:
+if not a or not b or not c or not s:
     sys.exit(1)
 PY
     return $ok
