@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use pat::engine::{SwitchFault, SwitchPhase, SwitchReport};
+use pat::engine::SwitchReport;
 use pat::model::config::ModelConfig;
 use pat::model::decoder::RankWeights;
 use pat::model::weights::Checkpoint;
@@ -231,43 +231,10 @@ fn a_failed_switch_in_any_phase_on_any_rank_loses_nothing() {
     let model = "qwen3";
     let (max_new, gold) = golden(model);
     let reqs = golden_requests(&gold, max_new);
-    let cm = cost(1e9, 1e3);
-    for phase in [
-        SwitchPhase::Begin,
-        SwitchPhase::Apply,
-        SwitchPhase::Commit,
-        SwitchPhase::Recompute,
-    ] {
-        for rank in 0..4 {
-            let mut e = engine(&golden_dir(model), 4, 1, Dtype::F32, 256);
-            e.add_requests(&reqs).unwrap();
-            e.step().unwrap();
-            e.step().unwrap();
-            e.inject_switch_fault(Some(SwitchFault { phase, rank }));
-            // Recompute every sequence, so a recompute failure has work to fail in.
-            let policy = if phase == SwitchPhase::Recompute {
-                KvPolicy::Recompute
-            } else {
-                KvPolicy::Migrate
-            };
-            let err = e.reconfigure(2, policy, &cm).unwrap_err().to_string();
-            assert!(err.contains(&format!("rank {rank}")), "{phase:?}: {err}");
-            // Before the swap the old layout keeps decoding; a recompute failure comes after it.
-            let tp = if phase == SwitchPhase::Recompute {
-                2
-            } else {
-                1
-            };
-            assert_eq!(e.layout().tp, tp, "{phase:?} rank {rank}: {err}");
-            e.inject_switch_fault(None);
-            e.step().unwrap();
-            // The engine still switches, and every token equals the transformers output.
-            let back = if tp == 1 { 4 } else { 1 };
-            e.reconfigure(back, KvPolicy::Migrate, &cm).unwrap();
-            e.run(|_| {}).unwrap();
-            for (o, g) in e.outputs().iter().zip(&gold) {
-                assert_eq!(o.output_ids, g.output_ids, "{phase:?} rank {rank}");
-            }
-        }
-    }
+    failed_switch_loses_nothing(
+        || engine(&golden_dir(model), 4, 1, Dtype::F32, 256),
+        &reqs,
+        &gold,
+        &cost(1e9, 1e3),
+    );
 }

@@ -1,12 +1,13 @@
 //! Shared helpers for the integration tests: fixture paths and an engine runner.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use pat::engine::{Engine, EngineOptions, Request};
+use pat::engine::{Engine, EngineOptions, Request, SwitchFault, SwitchPhase};
 use pat::model::config::ModelConfig;
 use pat::model::sampling::SamplingParams;
 use pat::model::weights::Checkpoint;
+use pat::reshard::cost::{CostModel, KvPolicy};
 use pat::Dtype;
 
 pub fn golden_dir(model: &str) -> PathBuf {
@@ -23,7 +24,14 @@ pub struct Golden {
 }
 
 pub fn golden(model: &str) -> (usize, Vec<Golden>) {
-    let text = std::fs::read_to_string(golden_dir(model).join("golden.json")).unwrap();
+    golden_at(&golden_dir(model))
+}
+
+/// (max_new_tokens, prompts) of the fixture in `dir` (see tests/data/README.md).
+pub fn golden_at(dir: &Path) -> (usize, Vec<Golden>) {
+    let path = dir.join("golden.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (set PAT_GOLDEN_DIR)", path.display()));
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     let ids = |x: &serde_json::Value| {
         x.as_array()
@@ -93,4 +101,55 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
         / scale
+}
+
+/// A switch from tp 1 to 2 on 4 ranks (engines from `make`, golden prompts `reqs`) that fails in
+/// any phase on any rank loses nothing: before the swap the old layout keeps decoding; a recompute
+/// failure comes after it (the new layout decodes, the failed sequences are re-prefilled on the
+/// next step). Then the engine still switches and every token equals transformers' (`gold`).
+pub fn failed_switch_loses_nothing(
+    make: impl Fn() -> Engine,
+    reqs: &[Request],
+    gold: &[Golden],
+    cost: &CostModel,
+) {
+    for phase in [
+        SwitchPhase::Begin,
+        SwitchPhase::Apply,
+        SwitchPhase::Commit,
+        SwitchPhase::Recompute,
+    ] {
+        for rank in 0..4 {
+            let at = format!("{phase:?} rank {rank}");
+            let mut e = make();
+            e.add_requests(reqs).unwrap();
+            e.step().unwrap();
+            e.step().unwrap();
+            e.inject_switch_fault(Some(SwitchFault { phase, rank }));
+            // Recompute every sequence, so a recompute failure has work to fail in.
+            let policy = if phase == SwitchPhase::Recompute {
+                KvPolicy::Recompute
+            } else {
+                KvPolicy::Migrate
+            };
+            let err = e.reconfigure(2, policy, cost).unwrap_err().to_string();
+            assert!(err.contains(&format!("rank {rank}")), "{at}: {err}");
+            let tp = if phase == SwitchPhase::Recompute {
+                2
+            } else {
+                1
+            };
+            assert_eq!(e.layout().tp, tp, "{at}: {err}");
+            e.inject_switch_fault(None);
+            e.step()
+                .unwrap_or_else(|x| panic!("{at}: step after the failed switch: {x}"));
+            let back = if tp == 1 { 4 } else { 1 };
+            e.reconfigure(back, KvPolicy::Migrate, cost)
+                .unwrap_or_else(|x| panic!("{at}: switch to tp {back}: {x}"));
+            e.run(|_| {}).unwrap();
+            for (o, g) in e.outputs().iter().zip(gold) {
+                assert_eq!(o.output_ids, g.output_ids, "{at}");
+            }
+        }
+    }
 }

@@ -3,18 +3,6 @@
 
 use super::*;
 
-/// The golden prompts as requests for the fixture's `max_new_tokens`, ignoring EOS.
-fn requests(m: &Model) -> Vec<Request> {
-    m.gold
-        .iter()
-        .map(|g| Request {
-            input_ids: g.input_ids.clone(),
-            max_new_tokens: m.max_new,
-            ignore_eos: true,
-        })
-        .collect()
-}
-
 /// The whole engine on GPU ranks (`Backend::Cuda`, what `--backend cuda` runs): the golden prompts
 /// in one batch, greedy, at (world, tp) = (1,1), (2,1), (2,2), (4,2), (4,4), every rank on GPU 0.
 /// Tokens identical to transformers; every step's logits within 1e-4 of the CPU engine's (the
@@ -26,7 +14,7 @@ fn check_engine(name: &'static str) {
     let Some(m) = Model::open_or_skip(name, &format!("{name}_engine_on_gpu")) else {
         return;
     };
-    let reqs = requests(&m);
+    let reqs = golden_requests(&m.gold, m.max_new);
     for (world, tp) in [(1, 1), (2, 1), (2, 2), (4, 2), (4, 4)] {
         let at = format!("{name} engine world {world} tp {tp}");
         let opts = EngineOptions {
@@ -148,60 +136,26 @@ fn a_failed_gpu_switch_in_any_phase_on_any_rank_loses_nothing() {
     let Some(m) = Model::open_or_skip("qwen3", "a_failed_gpu_switch") else {
         return;
     };
-    let reqs = requests(&m);
+    let reqs = golden_requests(&m.gold, m.max_new);
     let cost = CostModel {
         transfer_bytes_per_s: 1e9,
         fixed_transfer_s: 0.0,
         prefill_tokens_per_s: vec![(1, 1e3), (4, 1e3)],
         fixed_prefill_s: 0.0,
     };
-    for phase in [
-        SwitchPhase::Begin,
-        SwitchPhase::Apply,
-        SwitchPhase::Commit,
-        SwitchPhase::Recompute,
-    ] {
-        for rank in 0..4 {
-            let at = format!("{phase:?} rank {rank}");
-            let opts = EngineOptions {
-                world: 4,
-                tp: 1,
-                block_size: BS,
-                kv_blocks: 256,
-                dtype: Dtype::F32,
-                sampling: SamplingParams::default(),
-            };
-            let backend = Backend::Cuda {
-                devices: Some(vec![0; 4]),
-            };
-            let mut e = Engine::with_backend(m.cfg.clone(), &m.ck, opts, &backend).unwrap();
-            e.add_requests(&reqs).unwrap();
-            e.step().unwrap();
-            e.step().unwrap();
-            e.inject_switch_fault(Some(SwitchFault { phase, rank }));
-            let policy = if phase == SwitchPhase::Recompute {
-                KvPolicy::Recompute
-            } else {
-                KvPolicy::Migrate
-            };
-            let err = e.reconfigure(2, policy, &cost).unwrap_err().to_string();
-            assert!(err.contains(&format!("rank {rank}")), "{at}: {err}");
-            let tp = if phase == SwitchPhase::Recompute {
-                2
-            } else {
-                1
-            };
-            assert_eq!(e.layout().tp, tp, "{at}: {err}");
-            e.inject_switch_fault(None);
-            e.step()
-                .unwrap_or_else(|x| panic!("{at}: step after the failed switch: {x}"));
-            let back = if tp == 1 { 4 } else { 1 };
-            e.reconfigure(back, KvPolicy::Migrate, &cost)
-                .unwrap_or_else(|x| panic!("{at}: switch to tp {back}: {x}"));
-            e.run(|_| {}).unwrap();
-            for (o, g) in e.outputs().iter().zip(&m.gold) {
-                assert_eq!(o.output_ids, g.output_ids, "{at}");
-            }
-        }
-    }
+    let make = || {
+        let opts = EngineOptions {
+            world: 4,
+            tp: 1,
+            block_size: BS,
+            kv_blocks: 256,
+            dtype: Dtype::F32,
+            sampling: SamplingParams::default(),
+        };
+        let backend = Backend::Cuda {
+            devices: Some(vec![0; 4]),
+        };
+        Engine::with_backend(m.cfg.clone(), &m.ck, opts, &backend).unwrap()
+    };
+    failed_switch_loses_nothing(make, &reqs, &m.gold, &cost);
 }

@@ -5,13 +5,17 @@
 //! collectives equal to host sums. Skips visibly without a GPU unless PAT_REQUIRE_GPU=1.
 #![cfg(feature = "cuda")]
 
+#[path = "../common/mod.rs"]
+mod common;
+
 use std::path::{Path, PathBuf};
 
+use common::{failed_switch_loses_nothing, golden_at, golden_requests, rel_err, Golden};
 use pat::backend::cuda::testing::{check_bitwise, check_close, device_or_skip, round_to};
 use pat::backend::cuda::{
     CudaDev, DBuf, DType, DeviceComm, GpuRank, HostComm, SameDeviceComm, SoloComm,
 };
-use pat::engine::{Backend, Engine, EngineOptions, Request, SwitchFault, SwitchPhase};
+use pat::engine::{Backend, Engine, EngineOptions};
 use pat::kv::{blocks_for, BlockAllocator, KvPool};
 use pat::model::config::ModelConfig;
 use pat::model::decoder::{self, RankWeights, SeqInput};
@@ -41,59 +45,6 @@ fn golden_dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 
-/// One prompt of golden.json (see tests/data/README.md).
-struct Golden {
-    input_ids: Vec<u32>,
-    output_ids: Vec<u32>,
-    first_step_logits: Vec<f32>,
-    last_step_logits: Vec<f32>,
-}
-
-/// (max_new_tokens, prompts) of a fixture.
-fn golden(dir: &Path) -> (usize, Vec<Golden>) {
-    let path = dir.join("golden.json");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (set PAT_GOLDEN_DIR)", path.display()));
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let ids = |x: &serde_json::Value| -> Vec<u32> {
-        x.as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t.as_u64().unwrap() as u32)
-            .collect()
-    };
-    let fl = |x: &serde_json::Value| -> Vec<f32> {
-        x.as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t.as_f64().unwrap() as f32)
-            .collect()
-    };
-    let prompts = v["prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| Golden {
-            input_ids: ids(&p["input_ids"]),
-            output_ids: ids(&p["output_ids"]),
-            first_step_logits: fl(&p["first_step_logits"]),
-            last_step_logits: fl(&p["last_step_logits"]),
-        })
-        .collect();
-    (v["max_new_tokens"].as_u64().unwrap() as usize, prompts)
-}
-
-/// max |a - b| / max(1, max |b|), as tests/golden.rs measures.
-fn rel_err(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(1f32, |m, x| m.max(x.abs()));
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-        / scale
-}
-
 struct Model {
     name: &'static str,
     cfg: ModelConfig,
@@ -109,7 +60,7 @@ impl Model {
         device_or_skip(test).unwrap_or_else(|e| panic!("{e}"))?;
         let dir = golden_dir(name);
         let cfg = ModelConfig::load(&dir).unwrap();
-        let (max_new, gold) = golden(&dir);
+        let (max_new, gold) = golden_at(&dir);
         Some(Model {
             name,
             inv: cfg.inv_freq(),
