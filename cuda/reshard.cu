@@ -35,7 +35,12 @@
 //   rows = 1 and many), gather-then-scatter round trips, and the in-place compaction recipes
 //   above applied to layout A giving exactly layout B. Bench: `pat bench reshard --sizes-mib
 //   16,128,1024` (LLaMA-8B shapes: bytes read + written / time vs the measured device copy
-//   bandwidth, which counts read + write too).
+//   bandwidth, which counts read + write too); a whole switch on GPU ranks: `pat bench switch
+//   --backend cuda`.
+// Used by: a live switch on GPU ranks (src/backend/cuda/rank/switch.rs): kv_gather / kv_scatter
+//   move each KV piece (one kv head of one sequence, one launch per layer) into a message or the
+//   new pool; strided_copy builds each re-sharded weight buffer from the old one and the rows
+//   received (rows = 1, separate buffers).
 #include "common.cuh"
 
 namespace {

@@ -23,7 +23,8 @@
 #      `pat bench one-batch --backend cuda` on it, `pat bench attention` (1-64 seqs x 2048-8192)
 #      and `pat bench reshard` (the switch kernels, 16 MiB-1 GiB), `pat bench switch --backend
 #      cuda` (a tp 1 -> 4 -> 1 -> 4 ladder of live switches on 4 ranks sharing the GPU, the
-#      `small` preset), JSON
+#      `small` preset, once on the devices and once through the host; and, with the 8B shape,
+#      the target: world 8 on the GPU, TP2xDP4 -> TP8 with 32 sequences x 4K), JSON
 #      lines kept in <bin-dir>/logs/*.jsonl. A summary table comes last. Exit status: 0 only if
 #      every test passed and every benchmark ran.
 #
@@ -118,18 +119,30 @@ bench() {
     "$pat" bench reshard --sizes-mib 16,128,1024 --dtype bf16 \
         >"$logs/bench-reshard.jsonl" 2>"$logs/bench-reshard.log" || ok=1
     cat "$logs/bench-reshard.log"
-    # A live switch ladder on 4 GPU ranks sharing this GPU (host-staged for now; the small model:
-    # the staging holds every shard twice in f32 on the host). The second visit to a tp reuses
-    # its device groups (groups_reused).
-    local small="${PAT_BENCH_DIR:-/tmp/pat-bench}/small-f32"
+    # A live switch ladder on 4 GPU ranks sharing this GPU, on the devices and through the host
+    # (the small model: host staging holds every shard twice in f32). The second visit to a tp
+    # reuses its device groups (groups_reused).
+    local small="${PAT_BENCH_DIR:-/tmp/pat-bench}/small-f32" how
     if [[ ! -f "$small/config.json" ]]; then
         "$pat" init-model --arch llama --preset small --out "$small" --force 2>&1 | tail -1 || ok=1
     fi
-    echo "gpu-check: pat bench switch --backend cuda (small, world 4, tp 1 -> 4 -> 1 -> 4)"
-    "$pat" bench switch --backend cuda --devices 0,0,0,0 --model "$small" --world 4 --from 1 \
-        --to 4,1,4 --batch 8 --context 256 --dtype bf16 \
-        >"$logs/bench-switch.jsonl" 2>"$logs/bench-switch.log" || ok=1
-    tail -4 "$logs/bench-switch.log"
+    : >"$logs/bench-switch.jsonl"
+    for how in device host; do
+        echo "gpu-check: pat bench switch --backend cuda --gpu-switch $how (small, world 4, tp 1 -> 4 -> 1 -> 4)"
+        "$pat" bench switch --backend cuda --gpu-switch "$how" --devices 0,0,0,0 --model "$small" \
+            --world 4 --from 1 --to 4,1,4 --batch 8 --context 256 --dtype bf16 \
+            >>"$logs/bench-switch.jsonl" 2>"$logs/bench-switch-$how.log" || ok=1
+        tail -4 "$logs/bench-switch-$how.log"
+    done
+    # The target shape: LLaMA-3.1-8B bf16, 8 ranks on this GPU, TP2xDP4 -> TP8 with 32
+    # live sequences of 4K context, on the devices (<= 50 ms; PAT: 5.52 s).
+    if [[ "$preset" == llama3-8b-shape ]]; then
+        echo "gpu-check: pat bench switch --backend cuda (8B shape, world 8, tp 2 -> 8, 32 x 4096)"
+        timeout 300 "$pat" bench switch --backend cuda --devices 0,0,0,0,0,0,0,0 --model "$model" \
+            --world 8 --from 2 --to 8 --batch 32 --context 4096 --dtype bf16 --kv-mib 64 \
+            >>"$logs/bench-switch.jsonl" 2>"$logs/bench-switch-8b.log" || ok=1
+        tail -4 "$logs/bench-switch-8b.log"
+    fi
     echo "gpu-check: pat bench one-batch --backend cuda ($preset, bf16)"
     "$pat" bench one-batch --backend cuda --model "$model" --dtype bf16 \
         --batch-size 1,16,64 --input-len 128 --output-len 64 --run-name gpu-check \
@@ -145,10 +158,11 @@ a, b = rows("bench-attention.jsonl"), rows("bench-one-batch.jsonl")
 c = rows("bench-reshard.jsonl")
 s = rows("bench-switch.jsonl")
 if s:
-    print("live switch on 4 GPU ranks sharing one GPU (small model, bf16; host-staged)")
-    print(f"{'switch':>7} {'total ms':>9} {'weights':>8} {'KV':>7} {'pool':>7} {'groups new/reused':>18} {'MB across':>10}")
+    print("live switches on GPU ranks sharing one GPU (bf16; device = per-rank programs on the GPU, host = staged through host memory)")
+    print(f"{'how':<7} {'world':>5} {'seqs x ctx':>11} {'switch':>7} {'total ms':>9} {'weights':>8} {'KV':>7} {'pool':>7} {'groups new/reused':>18} {'MB across':>10} {'peak extra MB':>13}")
     for r in s:
-        print(f"{r['from_tp']:>3}->{r['to_tp']:<3} {r['total_ms']:>9.1f} {r['weight_reshard_ms']:>8.1f} {r['kv_ms']:>7.1f} {r['kv_alloc_ms']:>7.1f} {r['groups_created']:>8}/{r['groups_reused']:<9} {r['bytes_moved_cross_rank']/1e6:>10.1f}")
+        sx = f"{r['batch']}x{r['context']}"
+        print(f"{r.get('gpu_switch', '?'):<7} {r['world']:>5} {sx:>11} {r['from_tp']:>3}->{r['to_tp']:<3} {r['total_ms']:>9.1f} {r['weight_reshard_ms']:>8.1f} {r['kv_ms']:>7.1f} {r['kv_alloc_ms']:>7.1f} {r['groups_created']:>8}/{r['groups_reused']:<9} {r['bytes_moved_cross_rank']/1e6:>10.1f} {r['peak_extra_bytes']/1e6:>13.1f}")
 if c:
     print(f"switch kernels on {c[0]['device']}, copy bandwidth {c[0]['copy_bandwidth_gbps']:.0f} GB/s")
     print(f"{'kernel':<12} {'MiB':>5} {'ms':>8} {'GB/s':>7} {'of copy':>8}")

@@ -73,6 +73,29 @@ impl GpuRanks {
     pub fn elem_bytes(&self) -> u64 {
         match *self {}
     }
+    pub fn free_share(&self) -> Result<u64> {
+        match *self {}
+    }
+    pub fn world_kind(&self) -> Option<()> {
+        match *self {}
+    }
+    pub fn switch_begin(
+        &mut self,
+        _plan: std::sync::Arc<crate::reshard::SwitchPrograms>,
+        _new: &Layout,
+        _fault: Option<usize>,
+    ) -> Result<()> {
+        match *self {}
+    }
+    pub fn switch_apply(&mut self, _fault: Option<usize>) -> Result<crate::backend::DeviceApplied> {
+        match *self {}
+    }
+    pub fn switch_commit(&mut self, _new: &Layout, _fault: Option<usize>) -> Result<()> {
+        match *self {}
+    }
+    pub fn switch_abort(&mut self) {
+        match *self {}
+    }
     pub fn download(&self) -> Result<Vec<(RankWeights, KvPool)>> {
         match *self {}
     }

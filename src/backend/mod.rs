@@ -28,6 +28,15 @@ pub struct GroupCounts {
     pub last_ms: f64,
 }
 
+/// What a switch's exchange on the devices did on every rank together.
+#[derive(Clone, Debug, Default)]
+pub struct DeviceApplied {
+    pub kv: crate::reshard::KvStats,
+    /// The slowest rank's KV phase and weight phase, ms.
+    pub kv_ms: f64,
+    pub weight_ms: f64,
+}
+
 use crate::error::Result;
 
 /// Head counts and constants of one rank's attention block.

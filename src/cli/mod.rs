@@ -115,8 +115,7 @@ impl From<PresetArg> for Preset {
 pub struct BackendArgs {
     /// cpu: the f32 reference (a thread per rank; the busy ranks share the cores, each rank's
     /// GEMMs and attention split over its share; PAT_THREADS caps the cores used). cuda: GPU
-    /// ranks with the hand-written kernels (needs a build with `--features cuda`); their live
-    /// switches are host-staged for now (exact, not fast).
+    /// ranks with the hand-written kernels (needs a build with `--features cuda`).
     #[arg(long, value_enum, default_value = "cpu")]
     pub backend: BackendArg,
     /// With --backend cuda: the CUDA ordinal of each rank, comma-separated (e.g. 0,0,1,1).
@@ -124,6 +123,19 @@ pub struct BackendArgs {
     /// (ranks sharing a GPU reduce with device copies; one rank per GPU uses NCCL).
     #[arg(long, value_delimiter = ',', value_name = "ORDINALS")]
     pub devices: Option<Vec<usize>>,
+    /// With --backend cuda: how a live TP switch moves weights and KV. device: each rank runs
+    /// its per-rank programs on its own GPU buffers with the reshard kernels, bytes crossing
+    /// ranks by device copies (ranks sharing a GPU, at most 16) or NCCL send/recv (one rank per
+    /// GPU); other placements go through the host. host: every rank downloaded, resharded by the
+    /// CPU programs and uploaded again (exact, slow; the cross-check).
+    #[arg(long, value_enum, default_value = "device")]
+    pub gpu_switch: GpuSwitchArg,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GpuSwitchArg {
+    Device,
+    Host,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,15 +145,30 @@ pub enum BackendArg {
 }
 
 impl BackendArgs {
+    /// `--gpu-switch` as written.
+    pub fn gpu_switch_name(&self) -> &'static str {
+        match self.gpu_switch {
+            GpuSwitchArg::Device => "device",
+            GpuSwitchArg::Host => "host",
+        }
+    }
+
     /// The engine backend, or a usage error for --devices without --backend cuda.
     pub fn backend(&self) -> Result<pat::engine::Backend> {
         match self.backend {
             BackendArg::Cpu if self.devices.is_some() => Err(pat::error::Error::Invalid(
                 "--devices needs --backend cuda".into(),
             )),
+            BackendArg::Cpu if self.gpu_switch != GpuSwitchArg::Device => Err(
+                pat::error::Error::Invalid("--gpu-switch needs --backend cuda".into()),
+            ),
             BackendArg::Cpu => Ok(pat::engine::Backend::Cpu),
             BackendArg::Cuda => Ok(pat::engine::Backend::Cuda {
                 devices: self.devices.clone(),
+                switch: match self.gpu_switch {
+                    GpuSwitchArg::Device => pat::engine::GpuSwitch::Device,
+                    GpuSwitchArg::Host => pat::engine::GpuSwitch::Host,
+                },
             }),
         }
     }

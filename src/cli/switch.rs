@@ -128,8 +128,11 @@ pub fn bench_switch(a: BenchSwitchArgs) -> Result<()> {
     // Lengths first: nothing is built for a context the model cannot hold.
     check_lengths(cfg, a.context, max_new)
         .map_err(|m| Error::Invalid(format!("--context {}: {m}", a.context)))?;
+    // The scheduler spreads equal requests evenly over the replicas: each rank's pool holds its
+    // replica's share.
+    let per_replica = a.batch.div_ceil(a.world / a.from);
     let needed = blocks_for(a.context + max_new, pat::engine::DEFAULT_BLOCK_SIZE)
-        .checked_mul(a.batch)
+        .checked_mul(per_replica)
         .filter(|&n| n <= u32::MAX as usize)
         .ok_or_else(|| Error::Invalid("--batch x --context is too large".into()))?;
     let backend = a.backend.backend()?;
@@ -184,6 +187,10 @@ pub fn bench_switch(a: BenchSwitchArgs) -> Result<()> {
         rec["world"] = a.world.into();
         rec["batch"] = a.batch.into();
         rec["context"] = a.context.into();
+        rec["backend"] = engine.backend().into();
+        if engine.backend() == "cuda" {
+            rec["gpu_switch"] = a.backend.gpu_switch_name().into();
+        }
         outln!("{rec}")?;
         eprintln!(
             "tp {} -> {}: {} in flight, {} KV tokens, {}: total {:.1} ms (weights {:.1}, KV {:.1} [predicted migrate {:.1} / recompute {:.1}], pool alloc {:.1}, groups {:.3}); {:.2} MB across ranks, {:.2} MB in place; peak extra {:.1} MB; step {:.1} -> {:.1} ms",

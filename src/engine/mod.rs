@@ -27,7 +27,7 @@ pub use crate::kv::kv_block_bytes;
 pub use crate::policy::LiveSeq;
 pub use adaptive::EngineSource;
 pub use options::{EngineOptions, DEFAULT_BLOCK_SIZE};
-pub use ranks::{Backend, SwitchFault, SwitchPhase};
+pub use ranks::{Backend, GpuSwitch, SwitchFault, SwitchPhase};
 pub use reconfigure::SwitchReport;
 pub use requests::parse_requests_jsonl;
 pub use scheduler::{check_lengths, check_request};
@@ -112,7 +112,7 @@ impl Engine {
         let inv_freq = cfg.inv_freq();
         let ranks = match backend {
             Backend::Cpu => Ranks::Cpu(load_cpu_ranks(&cfg, ck, &layout, &opts)?),
-            Backend::Cuda { devices } => Ranks::Gpu(
+            Backend::Cuda { devices, switch } => Ranks::Gpu(
                 GpuRanks::new(
                     &cfg,
                     ck,
@@ -125,7 +125,7 @@ impl Engine {
                         inv_freq: inv_freq.clone(),
                     },
                 )
-                .map(GpuSet::new)?,
+                .map(|r| GpuSet::new(r, *switch))?,
             ),
         };
         let allocs = (0..layout.dp())

@@ -140,8 +140,12 @@ pub fn measure_profile(
         };
         let backend = match backend {
             // world = tp here: each degree gets the first tp of the listed devices.
-            Backend::Cuda { devices: Some(d) } => Backend::Cuda {
+            Backend::Cuda {
+                devices: Some(d),
+                switch,
+            } => Backend::Cuda {
                 devices: Some(d.iter().copied().take(tp).collect()),
+                switch: *switch,
             },
             other => other.clone(),
         };

@@ -148,6 +148,7 @@ impl Engine {
             ..Default::default()
         };
         let mut mode = vec![None; self.seqs.len()];
+        let mut kv_cross = 0u64;
         for &i in &live {
             let s = &self.seqs[i];
             if s.cached == 0 {
@@ -161,19 +162,22 @@ impl Engine {
             report.predicted_migrate_ms += cost.migrate_s((cross + local) as f64) * 1e3;
             report.predicted_recompute_ms += cost.recompute_s(new_tp, s.cached) * 1e3;
             mode[i] = Some(policy.mode(cost, new_tp, s.cached, (cross + local) as f64));
+            if mode[i] == Some(KvMode::Migrate) {
+                kv_cross += cross;
+            }
         }
 
-        // New pools: the old pool's bytes plus what the weight reshard frees (or minus what it takes).
+        // New pools: the old pool's bytes plus what the weight reshard frees (or minus what it
+        // takes), as far as the backend can hold them next to the old layout (`new_pool_bytes`).
         let bs = self.opts.block_size;
         let block_bytes = kv_block_bytes(cfg, new_tp, bs, elem as usize);
-        let budget = self.ranks.set_ref().rank_bytes(0).1 as i128
-            + weight_bytes_per_rank(cfg, old.tp, elem as usize) as i128
-            - weight_bytes_per_rank(cfg, new_tp, elem as usize) as i128;
-        let new_blocks = if budget > 0 {
-            (budget as u64 / block_bytes) as usize
-        } else {
-            0
-        };
+        let budget = self.ranks.set_ref().new_pool_bytes(
+            self.ranks.set_ref().rank_bytes(0).1 as u64,
+            weight_bytes_per_rank(cfg, old.tp, elem as usize),
+            weight_bytes_per_rank(cfg, new_tp, elem as usize),
+            kv_cross,
+        )?;
+        let new_blocks = (budget / block_bytes) as usize;
         let mut allocs: Vec<BlockAllocator> = (0..new.dp())
             .map(|_| BlockAllocator::new(new_blocks))
             .collect();
@@ -182,7 +186,7 @@ impl Engine {
             let n = blocks_for(self.seqs[i].cached, bs);
             tables[i] = allocs[target[i]].alloc(n).map_err(|_| {
                 Error::KvExhausted(format!(
-                    "at tp {new_tp} a rank's pool holds {new_blocks} blocks (its old pool plus the weight bytes the reshard frees) and replica {} cannot fit the live sequences; still decoding at tp {}",
+                    "at tp {new_tp} a rank's pool holds {new_blocks} blocks (its old pool plus the weight bytes the reshard frees, as far as the devices hold them) and replica {} cannot fit the live sequences; still decoding at tp {}",
                     target[i], old.tp
                 ))
             })?;
@@ -201,7 +205,7 @@ impl Engine {
         }
         if let Some(r) = (0..new.dp()).find(|&r| owed[r] > new_blocks) {
             return Err(Error::KvExhausted(format!(
-                "at tp {new_tp} a rank's pool holds {new_blocks} blocks (its old pool plus the weight bytes the reshard frees) but the running sequences placed on replica {r} may grow to {} blocks (prompt + max_new_tokens); still decoding at tp {}",
+                "at tp {new_tp} a rank's pool holds {new_blocks} blocks (its old pool plus the weight bytes the reshard frees, as far as the devices hold them) but the running sequences placed on replica {r} may grow to {} blocks (prompt + max_new_tokens); still decoding at tp {}",
                 owed[r], old.tp
             )));
         }
@@ -276,11 +280,13 @@ impl Engine {
         let ks = done.kv;
         let w_recv: u64 = w_progs.iter().map(|p| p.bytes_received).sum();
         let w_local: u64 = w_progs.iter().map(|p| p.bytes_in_place).sum();
-        let w_peak = w_progs
-            .iter()
-            .map(|p| p.peak_extra_bytes)
-            .max()
-            .unwrap_or(0);
+        let w_peak = done.weight_peak_bytes.unwrap_or_else(|| {
+            w_progs
+                .iter()
+                .map(|p| p.peak_extra_bytes)
+                .max()
+                .unwrap_or(0)
+        });
 
         // Swap: nothing below can fail until the recompute.
         report.kv_blocks_per_rank_before = self.opts.kv_blocks;
@@ -307,8 +313,9 @@ impl Engine {
         report.n_recomputed = recompute.iter().map(Vec::len).sum();
 
         match (device0, self.ranks.set_ref().device_groups()) {
-            // GPU ranks: the commit gave every replica its device group (the host-staged
-            // programs' CPU world group is an implementation detail of the staging).
+            // GPU ranks: the switch made or reused every replica's device group and, on the
+            // devices, the world group (through the host, the staging's CPU world group is an
+            // implementation detail and not counted).
             (Some(g0), Some(g1)) => {
                 report.groups_created = g1.created - g0.created;
                 report.groups_reused = g1.reused - g0.reused;

@@ -20,6 +20,21 @@ pub mod kv;
 pub mod weights;
 
 pub use assign::nested_layout;
+
+/// Every rank's programs of one switch, owned (a backend whose ranks are long-lived workers
+/// shares one copy among them).
+#[derive(Clone, Debug)]
+pub struct SwitchPrograms {
+    pub new_tp: usize,
+    /// Each physical rank's tp-rank in the new layout.
+    pub new_tp_ranks: Vec<usize>,
+    pub weights: Vec<weights::WeightProgram>,
+    pub kv_plan: KvPlan,
+    pub kv: Vec<kv::KvProgram>,
+    /// KV blocks of each rank's new pool, of `block_size` tokens.
+    pub new_blocks: usize,
+    pub block_size: usize,
+}
 pub use cost::{CostModel, KvMode, KvPolicy};
 pub use kv::{KvPlan, KvStats, SeqKv};
 pub use weights::{ReshardStats, WeightPlan};

@@ -143,6 +143,16 @@ const CASES: &[Case] = &[
         |f| gen(f, &["--devices", "0", "--prompt-ids", "1"]),
         "--devices needs --backend cuda",
     ),
+    err(
+        "gpu_switch_without_cuda",
+        |f| gen(f, &["--gpu-switch", "host", "--prompt-ids", "1"]),
+        "--gpu-switch needs --backend cuda",
+    ),
+    usage(
+        "gpu_switch_names_its_choices",
+        |f| gen(f, &["--gpu-switch", "nvlink", "--prompt-ids", "1"]),
+        "invalid value 'nvlink' for '--gpu-switch <GPU_SWITCH>'",
+    ),
     // GPU ranks switch now; without the feature the backend itself is what is refused.
     err(
         "reconfigure_on_cuda_without_the_feature",

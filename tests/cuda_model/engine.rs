@@ -7,16 +7,24 @@ use super::*;
 /// in one batch, greedy, at (world, tp) = (1,1), (2,1), (2,2), (4,2), (4,4), every rank on GPU 0.
 /// Tokens identical to transformers; every step's logits within 1e-4 of the CPU engine's (the
 /// oracle) run side by side, through a ladder of live switches made on both engines (every other
-/// step; migrate, recompute and auto in turn): the GPU switch is host-staged through the CPU's
-/// per-rank programs, so both must land on the same layout and keep the same logits. A switch
-/// back to a tp seen before reuses its device groups.
+/// step; migrate, recompute and auto in turn), each way a GPU switch runs: on the devices (the
+/// per-rank programs on each rank's own buffers with the reshard kernels, bytes across ranks by
+/// same-device copies) and through the host (the CPU's programs on host copies). Both must land
+/// on the same layout and keep the same logits as the CPU. A switch back to a tp seen before
+/// reuses its device groups; a switch on the devices makes the world group once and reuses it.
 fn check_engine(name: &'static str) {
     let Some(m) = Model::open_or_skip(name, &format!("{name}_engine_on_gpu")) else {
         return;
     };
     let reqs = golden_requests(&m.gold, m.max_new);
-    for (world, tp) in [(1, 1), (2, 1), (2, 2), (4, 2), (4, 4)] {
-        let at = format!("{name} engine world {world} tp {tp}");
+    let runs = [(1, 1), (2, 1), (2, 2), (4, 2), (4, 4)]
+        .into_iter()
+        .flat_map(|wt| [(wt, GpuSwitch::Device), (wt, GpuSwitch::Host)]);
+    for ((world, tp), how) in runs {
+        let at = format!(
+            "{name} engine world {world} tp {tp} switching {}",
+            how.name()
+        );
         let opts = EngineOptions {
             world,
             tp,
@@ -28,6 +36,7 @@ fn check_engine(name: &'static str) {
         };
         let backend = Backend::Cuda {
             devices: Some(vec![0; world]),
+            switch: how,
         };
         let mut gpu = Engine::with_backend(m.cfg.clone(), &m.ck, opts.clone(), &backend)
             .unwrap_or_else(|e| panic!("{at}: {e}"));
@@ -79,13 +88,21 @@ fn check_engine(name: &'static str) {
                     );
                     assert_eq!(gpu.layout().tp, to, "{at} step {step}");
                     // One device group per replica: made at the first visit to a tp, reused by
-                    // every later one.
+                    // every later one; on the devices, plus the world group (made by the first
+                    // switch, reused by the others).
                     let dp = world / to;
-                    let want = if visited.contains(&to) {
+                    let mut want = if visited.contains(&to) {
                         (0, dp)
                     } else {
                         (dp, 0)
                     };
+                    if how == GpuSwitch::Device {
+                        if visited.len() == 1 {
+                            want.0 += 1;
+                        } else {
+                            want.1 += 1;
+                        }
+                    }
                     assert_eq!(
                         (g.groups_created, g.groups_reused),
                         want,
@@ -143,6 +160,13 @@ fn a_failed_gpu_switch_in_any_phase_on_any_rank_loses_nothing() {
         prefill_tokens_per_s: vec![(1, 1e3), (4, 1e3)],
         fixed_prefill_s: 0.0,
     };
+    for how in [GpuSwitch::Device, GpuSwitch::Host] {
+        eprintln!("failed switches, switching {}", how.name());
+        failed_switches(&m, &reqs, &cost, how);
+    }
+}
+
+fn failed_switches(m: &Model, reqs: &[pat::engine::Request], cost: &CostModel, how: GpuSwitch) {
     let make = || {
         let opts = EngineOptions {
             world: 4,
@@ -154,8 +178,9 @@ fn a_failed_gpu_switch_in_any_phase_on_any_rank_loses_nothing() {
         };
         let backend = Backend::Cuda {
             devices: Some(vec![0; 4]),
+            switch: how,
         };
         Engine::with_backend(m.cfg.clone(), &m.ck, opts, &backend).unwrap()
     };
-    failed_switch_loses_nothing(make, &reqs, &m.gold, &cost);
+    failed_switch_loses_nothing(make, reqs, &m.gold, cost);
 }

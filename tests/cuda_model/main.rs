@@ -15,7 +15,7 @@ use pat::backend::cuda::testing::{check_bitwise, check_close, device_or_skip, ro
 use pat::backend::cuda::{
     CudaDev, DBuf, DType, DeviceComm, GpuRank, HostComm, SameDeviceComm, SoloComm,
 };
-use pat::engine::{Backend, Engine, EngineOptions};
+use pat::engine::{Backend, Engine, EngineOptions, GpuSwitch};
 use pat::kv::{blocks_for, BlockAllocator, KvPool};
 use pat::model::config::ModelConfig;
 use pat::model::decoder::{self, RankWeights, SeqInput};

@@ -52,7 +52,10 @@ pub unsafe extern "C" fn pat_engine_new(
         let p = unsafe { read_params(params, "params") }?;
         let backend = match p.backend {
             PAT_BACKEND_CPU => Backend::Cpu,
-            PAT_BACKEND_CUDA => Backend::Cuda { devices: None },
+            PAT_BACKEND_CUDA => Backend::Cuda {
+                devices: None,
+                switch: Default::default(),
+            },
             o => {
                 return Err(Fail::Invalid(format!(
                     "`backend` {o} is not a PAT_BACKEND_*"

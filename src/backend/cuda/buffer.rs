@@ -99,6 +99,17 @@ impl DBuf {
         Ok(b)
     }
 
+    /// `len` elements left as the allocator gives them: for buffers a kernel or copy fills
+    /// completely before anything reads them (a switch's message buffers).
+    pub(crate) fn uninit(dev: &CudaDev, dtype: DType, len: usize) -> Result<Self> {
+        let bytes = checked_bytes(dtype, len)?;
+        Ok(DBuf {
+            mem: dev.alloc_bytes(bytes)?,
+            len,
+            dtype,
+        })
+    }
+
     /// `len` zero elements.
     pub fn zeros(dev: &CudaDev, dtype: DType, len: usize) -> Result<Self> {
         Self::filled(dev, dtype, len, 0)

@@ -8,12 +8,13 @@
 //!   records "ready" after producing its buffer, the readers wait on it, and every rank waits for
 //!   the readers' "done" events before it touches its buffer again.
 //! - [`HostComm`]: any host `Comm` (e.g. the CPU group) through host memory — correct anywhere,
-//!   slow; the cross-check for the device collectives and the stand-in for multi-GPU groups.
+//!   slow; the cross-check for the device collectives.
+//! - `NcclComm` (`nccl.rs`): one rank per GPU.
 //!
-//! TODO(nccl): multi-GPU groups belong in an `NcclComm` here (cudarc's `nccl` module: one
-//! `Comm` per rank from a shared `Id`, `all_reduce` / `all_gather` on the rank's stream). Not done
-//! yet: it needs one device per rank (`CudaDev::new(ordinal)` already takes the ordinal) and a
-//! multi-GPU machine to test on; until then use `HostComm` across GPUs.
+//! Besides collectives, every group does point-to-point [`DeviceComm::exchange`]: what a live
+//! TP switch's per-rank programs send and receive (KV pieces, weight rows), all of a rank's
+//! messages in one call. Same-device members copy straight out of the sender's buffers (no
+//! staging); NCCL runs them as one grouped `ncclSend` / `ncclRecv`.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -36,8 +37,44 @@ pub trait DeviceComm {
     fn all_reduce_sum(&self, dev: &CudaDev, buf: DView<'_>) -> Result<()>;
     /// Every member's `local` (equal lengths) concatenated in rank order into `out`.
     fn all_gather(&self, dev: &CudaDev, local: DView<'_>, out: DView<'_>) -> Result<()>;
+    /// Point-to-point, called by every member at once: sends each `sends[i].1` to member
+    /// `sends[i].0` and receives into each `recvs[j].1` from member `recvs[j].0`. Between two
+    /// members the k-th send matches the k-th receive, and they must hold the same bytes. A sent
+    /// buffer must stay unchanged until the call returns; work this member's stream runs after
+    /// the call may reuse or free it. Ordered on `dev`'s stream.
+    fn exchange(
+        &self,
+        dev: &CudaDev,
+        sends: &[(usize, DView<'_>)],
+        recvs: &[(usize, DView<'_>)],
+    ) -> Result<()>;
     /// Marks the group failed so peers stop waiting.
     fn poison(&self);
+}
+
+/// Errors unless every peer of `sends` and `recvs` is another member of a group of `size`.
+pub(super) fn check_peers(
+    me: usize,
+    size: usize,
+    sends: &[(usize, DView<'_>)],
+    recvs: &[(usize, DView<'_>)],
+) -> Result<()> {
+    match sends
+        .iter()
+        .chain(recvs)
+        .find(|(p, _)| *p >= size || *p == me)
+    {
+        Some((p, _)) => Err(Error::Rank {
+            rank: me,
+            msg: format!("exchange names member {p} of a group of {size} (itself or outside it)"),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Bytes a view covers.
+pub(super) fn bytes_of(v: &DView<'_>) -> usize {
+    v.len() * v.dtype().size()
 }
 
 /// A group of one: all-reduce is a no-op, all-gather a copy.
@@ -55,6 +92,14 @@ impl DeviceComm for SoloComm {
     }
     fn all_gather(&self, dev: &CudaDev, local: DView<'_>, out: DView<'_>) -> Result<()> {
         copy_into(dev, out, 0, local)
+    }
+    fn exchange(
+        &self,
+        _dev: &CudaDev,
+        sends: &[(usize, DView<'_>)],
+        recvs: &[(usize, DView<'_>)],
+    ) -> Result<()> {
+        check_peers(0, 1, sends, recvs)
     }
     fn poison(&self) {}
 }
@@ -100,6 +145,25 @@ impl DeviceComm for HostComm<'_> {
         self.comm.all_gather(&h, &mut g)?;
         out.write_f32(dev, &g)
     }
+    /// Through host f32 copies (float views only): the host `Comm`'s sends are buffered, so
+    /// every member sends everything first, then receives.
+    fn exchange(
+        &self,
+        dev: &CudaDev,
+        sends: &[(usize, DView<'_>)],
+        recvs: &[(usize, DView<'_>)],
+    ) -> Result<()> {
+        check_peers(self.comm.rank(), self.comm.size(), sends, recvs)?;
+        for (to, v) in sends {
+            self.comm.send(*to, &v.to_f32(dev)?)?;
+        }
+        for (from, v) in recvs {
+            let mut h = vec![0f32; v.len()];
+            self.comm.recv(*from, &mut h)?;
+            v.write_f32(dev, &h)?;
+        }
+        Ok(())
+    }
     fn poison(&self) {
         self.comm.poison();
     }
@@ -115,6 +179,8 @@ struct Slot {
     ready: Option<Arc<CudaEvent>>,
     /// Recorded after the member's reads of its peers (written between the two barriers).
     done: Option<Arc<CudaEvent>>,
+    /// An exchange's messages: (to, device address, bytes), in send order.
+    sends: Vec<(usize, u64, usize)>,
 }
 
 struct State {
@@ -251,6 +317,25 @@ impl SameDeviceComm {
         Ok(views)
     }
 
+    /// After this member's reads of its peers' buffers (enqueued on `dev`'s stream; `s` is the
+    /// held lock): records "done", waits for every member, then makes the stream wait for every
+    /// peer's "done", so no member's stream changes or frees a buffer its peers still read.
+    fn end_reads(&self, dev: &CudaDev, mut s: MutexGuard<'_, State>) -> Result<()> {
+        let done = Arc::new(dev.new_event()?);
+        dev.record(&done)?;
+        s.slots[self.rank].done = Some(done);
+        drop(s);
+        self.barrier()?;
+        let s = self.lock()?;
+        for (r, slot) in s.slots.iter().enumerate() {
+            match &slot.done {
+                Some(done) if r != self.rank => dev.wait(done)?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// Runs `f`; on error poisons the group so peers return instead of waiting forever.
     fn guarded<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
         let r = f();
@@ -303,25 +388,78 @@ impl DeviceComm for SameDeviceComm {
         self.guarded(|| {
             self.publish(dev, &local)?;
             self.barrier()?;
+            let s = self.lock()?;
+            let views = self.peers(dev, &s, n, local.dtype())?;
+            for (r, v) in views.into_iter().enumerate() {
+                copy_into(dev, out, r * n, v)?;
+            }
+            self.end_reads(dev, s)
+        })
+    }
+
+    /// Every member publishes its sends (addresses into its own buffers, which stay unchanged
+    /// until the call returns); after a barrier each member copies what is addressed to it, in
+    /// order, straight out of the senders' buffers, and records "done"; after a second barrier
+    /// each waits for its readers' "done" before its stream touches the sent buffers again.
+    fn exchange(
+        &self,
+        dev: &CudaDev,
+        sends: &[(usize, DView<'_>)],
+        recvs: &[(usize, DView<'_>)],
+    ) -> Result<()> {
+        check_peers(self.rank, self.group.size, sends, recvs)?;
+        if self.group.size == 1 {
+            return Ok(());
+        }
+        self.guarded(|| {
+            let ready = Arc::new(dev.new_event()?);
+            dev.record(&ready)?;
             {
                 let mut s = self.lock()?;
-                let views = self.peers(dev, &s, n, local.dtype())?;
-                for (r, v) in views.into_iter().enumerate() {
-                    copy_into(dev, out, r * n, v)?;
-                }
-                let done = Arc::new(dev.new_event()?);
-                dev.record(&done)?;
-                s.slots[self.rank].done = Some(done);
+                let slot = &mut s.slots[self.rank];
+                slot.sends = sends.iter().map(|(to, v)| (*to, v.ptr(), bytes_of(v))).collect();
+                slot.ready = Some(ready);
             }
             self.barrier()?;
-            let s = self.lock()?;
-            for (r, slot) in s.slots.iter().enumerate() {
-                match &slot.done {
-                    Some(done) if r != self.rank => dev.wait(done)?,
-                    _ => {}
+            {
+                let s = self.lock()?;
+                // Each peer's messages to this member, in its send order.
+                let mut inbox: Vec<Vec<(u64, usize)>> = s
+                    .slots
+                    .iter()
+                    .map(|slot| {
+                        let mine = slot.sends.iter().filter(|m| m.0 == self.rank);
+                        mine.map(|&(_, ptr, n)| (ptr, n)).rev().collect()
+                    })
+                    .collect();
+                let mut waited = vec![false; self.group.size];
+                for (from, dst) in recvs {
+                    let (ptr, n) = inbox[*from].pop().ok_or_else(|| {
+                        self.fail(&format!("exchange: member {from} sent fewer messages than this member receives from it"))
+                    })?;
+                    if n != bytes_of(dst) {
+                        return Err(self.fail(&format!(
+                            "exchange: member {from} sent {n} bytes, this member receives {}",
+                            bytes_of(dst)
+                        )));
+                    }
+                    if !std::mem::replace(&mut waited[*from], true) {
+                        if let Some(ev) = &s.slots[*from].ready {
+                            dev.wait(ev)?;
+                        }
+                    }
+                    // SAFETY: the sender published `n` bytes at `ptr` of a live buffer it does
+                    // not change or free until every reader's "done" is waited on by its stream
+                    // (below); `dst` is a live view of `n` bytes; the buffers are distinct.
+                    unsafe { dev.dtod(dst.ptr(), ptr, n)? };
                 }
+                if let Some(from) = inbox.iter().position(|m| !m.is_empty()) {
+                    return Err(self.fail(&format!(
+                        "exchange: member {from} sent more messages than this member receives from it"
+                    )));
+                }
+                self.end_reads(dev, s)
             }
-            Ok(())
         })
     }
 

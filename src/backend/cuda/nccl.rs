@@ -1,5 +1,7 @@
 //! NCCL collectives for groups of one rank per GPU: [`NcclComm`] implements [`DeviceComm`] with
-//! `ncclAllReduce` / `ncclAllGather` enqueued on the rank's own stream.
+//! `ncclAllReduce` / `ncclAllGather` enqueued on the rank's own stream, and a switch's
+//! point-to-point exchange as one `ncclGroupStart` .. `ncclGroupEnd` of `ncclSend` / `ncclRecv`
+//! (bytes), so no member waits on a peer that is itself waiting.
 //!
 //! Set-up: one thread makes an [`NcclId`] (it also starts NCCL's bootstrap listener in this
 //! process) and hands a copy to every rank thread; each rank thread opens its own [`CudaDev`] on
@@ -34,7 +36,7 @@ use cudarc::nccl::result::{self as nccl, NcclError};
 use cudarc::nccl::sys;
 
 use super::buffer::{DType, DView};
-use super::comm::DeviceComm;
+use super::comm::{bytes_of, DeviceComm};
 use super::device::CudaDev;
 use crate::error::{Error, Result};
 
@@ -386,6 +388,71 @@ impl DeviceComm for NcclComm {
             }
             .map_err(self.call_err("ncclAllGather"))?;
             Ok(())
+        })
+    }
+
+    /// One NCCL group of every send and receive (as bytes), in list order: NCCL matches the k-th
+    /// send to a peer with that peer's k-th receive from this rank. Sizes cannot be checked
+    /// across ranks here (a mismatch is NCCL's error or a hang): the switch programs make both
+    /// sides from one plan.
+    fn exchange(
+        &self,
+        dev: &CudaDev,
+        sends: &[(usize, DView<'_>)],
+        recvs: &[(usize, DView<'_>)],
+    ) -> Result<()> {
+        self.guarded(|| {
+            self.check_usable(dev)?;
+            super::comm::check_peers(self.rank, self.size, sends, recvs)?;
+            if sends.is_empty() && recvs.is_empty() {
+                return Ok(());
+            }
+            dev.bind()?;
+            nccl::group_start().map_err(self.call_err("ncclGroupStart"))?;
+            let mut r = Ok(());
+            for (to, v) in sends {
+                // SAFETY: the communicator is live and on this device; `v` is a live view of
+                // `bytes_of(v)` bytes, unchanged until the grouped call has run on the stream.
+                let sent = unsafe {
+                    nccl::send(
+                        v.ptr() as *const c_void,
+                        bytes_of(v),
+                        sys::ncclDataType_t::ncclUint8,
+                        *to as c_int,
+                        self.comm,
+                        Self::stream(dev),
+                    )
+                };
+                r = sent.map(|_| ()).map_err(self.call_err("ncclSend"));
+                if r.is_err() {
+                    break;
+                }
+            }
+            if r.is_ok() {
+                for (from, v) in recvs {
+                    // SAFETY: as for the sends; `v` is writable device memory of `bytes_of(v)`
+                    // bytes that nothing else uses until the stream has run the receive.
+                    let got = unsafe {
+                        nccl::recv(
+                            v.ptr() as *mut c_void,
+                            bytes_of(v),
+                            sys::ncclDataType_t::ncclUint8,
+                            *from as c_int,
+                            self.comm,
+                            Self::stream(dev),
+                        )
+                    };
+                    r = got.map(|_| ()).map_err(self.call_err("ncclRecv"));
+                    if r.is_err() {
+                        break;
+                    }
+                }
+            }
+            // The group is closed even after a failed call, so NCCL's group state is not left open.
+            let end = nccl::group_end()
+                .map(|_| ())
+                .map_err(self.call_err("ncclGroupEnd"));
+            r.and(end)
         })
     }
 

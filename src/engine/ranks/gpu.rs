@@ -2,15 +2,24 @@
 //! thread per rank owning its device, shard and KV pool (a stub that refuses to start in builds
 //! without the `cuda` feature), plus the state of a live switch.
 //!
-//! A live switch on GPU ranks is host-staged for now: `begin` downloads every rank's shard and
-//! KV pool (f32, exact) and allocates the new host pools; `apply` runs the same per-rank
-//! programs as the CPU backend on those host copies (one thread per rank, bytes across ranks
-//! only through the CPU `Comm`); `commit` rebuilds the shards and makes every GPU rank again from
-//! them in the new layout, with its device groups (made at the first visit to a tp, reused by
-//! every later one). So a GPU switch is exactly the CPU's, tested
-//! reshard, at the price of a round trip through host memory: correct, not fast. A failed commit
-//! restores the old layout from the host copies kept until then. The device-side path (the
-//! `reshard.cu` kernels, point-to-point device copies) is issue #10's next step.
+//! A live switch on GPU ranks runs one of two ways ([`GpuSwitch`]):
+//!
+//! - **On the devices** (the default wherever the world forms one device group: every rank on
+//!   one GPU, at most 16, or each on its own GPU): the same per-rank programs as the CPU backend,
+//!   each rank executing its own on its own buffers with the `reshard.cu` kernels
+//!   (`backend::cuda::rank::switch`), bytes crossing ranks through a world device group
+//!   (same-device copies or grouped NCCL send/recv) made once and reused. `begin` allocates the
+//!   new pools; `apply` stages on every rank (checks, buffers, gathers; no communication) and only
+//!   then exchanges; `commit` builds every new shard (the old one only read) and only then swaps
+//!   on every rank. A failure before the swap leaves the old layout decoding.
+//! - **Through the host** (`--gpu-switch host`, or a placement the device path cannot group):
+//!   `begin` downloads every rank's shard and KV pool (f32, exact) and allocates the new host
+//!   pools; `apply` runs the CPU backend's programs on those copies; `commit` rebuilds the shards
+//!   and makes every GPU rank again from them. Exactly the CPU's reshard at the price of a round
+//!   trip through host memory; a failed commit restores the old layout from the host copies.
+//!
+//! Either way the new layout's device groups are made at the first visit to a tp and reused by
+//! every later one.
 
 use std::time::Instant;
 
@@ -23,11 +32,38 @@ use crate::model::decoder::{RankWeights, SeqInput};
 use crate::parallel::GroupCache;
 use crate::reshard::cpu as run;
 use crate::reshard::weights::program::Staged;
+use crate::reshard::SwitchPrograms;
+
+/// How GPU ranks make a live switch (see the module docs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GpuSwitch {
+    /// On the devices, where the world forms one device group; through the host elsewhere.
+    #[default]
+    Device,
+    /// Through host memory (exact, slow): the cross-check for the device path.
+    Host,
+}
+
+impl GpuSwitch {
+    pub fn name(self) -> &'static str {
+        match self {
+            GpuSwitch::Device => "device",
+            GpuSwitch::Host => "host",
+        }
+    }
+}
 
 /// GPU ranks and the switch being made on them.
 pub(crate) struct GpuSet {
     pub ranks: GpuRanks,
-    pending: Option<Staging>,
+    how: GpuSwitch,
+    pending: Option<Pending>,
+}
+
+enum Pending {
+    Host(Staging),
+    /// A switch on the devices: the state lives on the workers.
+    Device,
 }
 
 /// A host-staged switch between `begin` and `commit`.
@@ -39,11 +75,37 @@ struct Staging {
 }
 
 impl GpuSet {
-    pub fn new(ranks: GpuRanks) -> Self {
+    pub fn new(ranks: GpuRanks, how: GpuSwitch) -> Self {
         GpuSet {
             ranks,
+            how,
             pending: None,
         }
+    }
+
+    /// Whether the next switch runs on the devices.
+    fn on_device(&self) -> bool {
+        self.how == GpuSwitch::Device && self.ranks.world_kind().is_some()
+    }
+
+    fn device_begin(&mut self, work: &SwitchWork<'_>, fault: Option<usize>) -> Result<f64> {
+        let t = Instant::now();
+        let world = work.weights.len();
+        let plan = std::sync::Arc::new(SwitchPrograms {
+            new_tp: work.new.tp,
+            new_tp_ranks: (0..world).map(|p| work.new.position(p).1).collect(),
+            weights: work.weights.to_vec(),
+            kv_plan: work.kv_plan.clone(),
+            kv: work.kv.to_vec(),
+            new_blocks: work.new_blocks,
+            block_size: work.block_size,
+        });
+        self.pending = Some(Pending::Device);
+        if let Err(e) = self.ranks.switch_begin(plan, work.new, fault) {
+            self.abort_switch();
+            return Err(e);
+        }
+        Ok(t.elapsed().as_secs_f64() * 1e3)
     }
 }
 
@@ -77,9 +139,27 @@ impl RankSet for GpuSet {
         Some(self.ranks.group_counts())
     }
 
+    /// On the devices the new pool is allocated next to the old layout, so it also gets no more
+    /// than the device's free memory (each rank's share of its GPU) leaves after the new shard,
+    /// the KV messages (sent and received copies) and 512 MiB for activations; freed weight
+    /// bytes it cannot take stay free on the device.
+    fn new_pool_bytes(&self, old_pool: u64, old_w: u64, new_w: u64, kv_cross: u64) -> Result<u64> {
+        let grown = (old_pool + old_w).saturating_sub(new_w);
+        if !self.on_device() {
+            return Ok(grown);
+        }
+        let world = self.ranks.devices().len().max(1) as u64;
+        let staging = 2 * kv_cross / world + (512 << 20);
+        let room = self.ranks.free_share()?.saturating_sub(new_w + staging);
+        Ok(grown.min(room))
+    }
+
     fn begin_switch(&mut self, work: &SwitchWork<'_>, fault: Option<usize>) -> Result<f64> {
-        let t = Instant::now();
         self.pending = None;
+        if self.on_device() {
+            return self.device_begin(work, fault);
+        }
+        let t = Instant::now();
         let cfg = work.cfg;
         // Host staging holds, in f32, every rank's shard twice (old, kept to restore a failed
         // commit, and new), its old KV pool and its new one: refuse up front when that does not
@@ -111,12 +191,12 @@ impl RankSet for GpuSet {
         let (weights, kv): (Vec<RankWeights>, Vec<KvPool>) =
             self.ranks.download()?.into_iter().unzip();
         let new_kv = new_pools(work, weights.len(), fault)?;
-        self.pending = Some(Staging {
+        self.pending = Some(Pending::Host(Staging {
             weights,
             kv,
             new_kv,
             staged: None,
-        });
+        }));
         Ok(t.elapsed().as_secs_f64() * 1e3)
     }
 
@@ -126,10 +206,40 @@ impl RankSet for GpuSet {
         groups: &mut GroupCache,
         fault: Option<usize>,
     ) -> Result<SwitchDone> {
-        let p = self
-            .pending
-            .as_mut()
-            .ok_or_else(|| Error::Internal("apply_switch before begin_switch".into()))?;
+        let p = match self.pending.as_mut() {
+            Some(Pending::Host(p)) => p,
+            Some(Pending::Device) => {
+                let a = self.ranks.switch_apply(fault)?;
+                let elem = self.ranks.elem_bytes();
+                // Every re-sharded buffer is built fresh next to the old shard and the rows
+                // received into staging.
+                let weight_peak = work
+                    .weights
+                    .iter()
+                    .map(|p| {
+                        let fresh: u64 = p
+                            .roles
+                            .iter()
+                            .map(|r| (r.repeats * r.new_rows * p.hidden) as u64 * elem)
+                            .sum();
+                        fresh + p.bytes_received
+                    })
+                    .max();
+                return Ok(SwitchDone {
+                    kv: a.kv,
+                    kv_migrate_ms: a.kv_ms,
+                    weight_ms: a.weight_ms,
+                    new_pool_bytes: crate::kv::kv_block_bytes(
+                        work.cfg,
+                        work.new.tp,
+                        work.block_size,
+                        elem as usize,
+                    ) * work.new_blocks as u64,
+                    weight_peak_bytes: weight_peak,
+                });
+            }
+            None => return Err(Error::Internal("apply_switch before begin_switch".into())),
+        };
         let (mut done, staged) = host_apply(work, groups, &p.weights, &p.kv, &mut p.new_kv, fault)?;
         p.staged = Some(staged);
         // The device pools hold the device dtype, not the host copies' f32.
@@ -138,15 +248,21 @@ impl RankSet for GpuSet {
     }
 
     fn commit_switch(&mut self, work: &SwitchWork<'_>, fault: Option<usize>) -> Result<f64> {
+        if let Some(Pending::Device) = self.pending {
+            let t = Instant::now();
+            self.ranks.switch_commit(work.new, fault)?;
+            self.pending = None;
+            return Ok(t.elapsed().as_secs_f64() * 1e3);
+        }
         if let Some(p) = fault {
             return Err(injected(p, "committing the switch"));
         }
-        let Some(Staging {
+        let Some(Pending::Host(Staging {
             weights,
             kv,
             new_kv,
             staged: Some(staged),
-        }) = self.pending.take()
+        })) = self.pending.take()
         else {
             return Err(Error::Internal("commit_switch before apply_switch".into()));
         };
@@ -174,6 +290,8 @@ impl RankSet for GpuSet {
     }
 
     fn abort_switch(&mut self) {
-        self.pending = None;
+        if let Some(Pending::Device) = self.pending.take() {
+            self.ranks.switch_abort();
+        }
     }
 }

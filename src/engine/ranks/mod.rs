@@ -16,6 +16,7 @@ mod gpu;
 
 pub(crate) use cpu::CpuRanks;
 pub(crate) use gpu::GpuSet;
+pub use gpu::GpuSwitch;
 
 use crate::error::Result;
 use crate::model::config::ModelConfig;
@@ -32,7 +33,11 @@ pub enum Backend {
     Cpu,
     /// GPU ranks (needs a build with `--features cuda`). `devices[r]` is rank r's CUDA ordinal;
     /// `None` picks one GPU per rank when there are at least `world` GPUs, else GPU 0 for all.
-    Cuda { devices: Option<Vec<usize>> },
+    /// `switch`: how live switches run (on the devices by default).
+    Cuda {
+        devices: Option<Vec<usize>>,
+        switch: GpuSwitch,
+    },
 }
 
 impl Backend {
@@ -74,6 +79,9 @@ pub(crate) struct SwitchDone {
     pub weight_ms: f64,
     /// The new pools' bytes on one rank.
     pub new_pool_bytes: u64,
+    /// Most extra weight bytes one rank holds, where the backend knows better than the
+    /// programs' count (a switch on the devices builds every re-sharded buffer fresh).
+    pub weight_peak_bytes: Option<u64>,
 }
 
 /// Where a switch may be made to fail, for tests of the failure paths.
@@ -125,6 +133,13 @@ pub(crate) trait RankSet {
         None
     }
 
+    /// Bytes each rank's new KV pool may take at a switch from shards of `old_w` bytes to
+    /// `new_w`, with `old_pool` bytes of pool now and `kv_cross` KV bytes crossing ranks in all:
+    /// by default the old pool plus what the reshard frees (or minus what it takes).
+    fn new_pool_bytes(&self, old_pool: u64, old_w: u64, new_w: u64, kv_cross: u64) -> Result<u64> {
+        let _ = kv_cross;
+        Ok((old_pool + old_w).saturating_sub(new_w))
+    }
     /// Switch phase 1: allocates every rank's destination KV pool (and scratch). Nothing the
     /// ranks decode with changes; on error nothing is kept.
     fn begin_switch(&mut self, work: &SwitchWork<'_>, fault: Option<usize>) -> Result<f64>;

@@ -53,11 +53,10 @@ pub(super) fn check_pools(
     Ok(())
 }
 
-pub(super) fn check_blocks(table: &[u32], pool: &KvPool, seq: usize, rank: usize) -> Result<()> {
-    match table.iter().find(|&&b| b as usize >= pool.num_blocks) {
+pub(super) fn check_blocks(table: &[u32], blocks: usize, seq: usize, rank: usize) -> Result<()> {
+    match table.iter().find(|&&b| b as usize >= blocks) {
         Some(b) => Err(Error::KvExhausted(format!(
-            "sequence {seq}: block {b} is outside rank {rank}'s pool of {} blocks",
-            pool.num_blocks
+            "sequence {seq}: block {b} is outside rank {rank}'s pool of {blocks} blocks"
         ))),
         None => Ok(()),
     }
@@ -122,13 +121,13 @@ pub fn execute(plan: &KvPlan, old: &[KvPool], new: &mut [KvPool]) -> Result<KvSt
         }
         check_blocks(
             &s.old_table[..nb(s)],
-            &old[pc.src_rank],
+            old[pc.src_rank].num_blocks,
             pc.seq,
             pc.src_rank,
         )?;
         check_blocks(
             &s.new_table[..nb(s)],
-            &new[pc.dst_rank],
+            new[pc.dst_rank].num_blocks,
             pc.seq,
             pc.dst_rank,
         )?;

@@ -37,6 +37,21 @@ pub enum KvStep {
     },
 }
 
+impl KvStep {
+    /// (sequence, head read from the old pool, head written in the new pool).
+    pub fn parts(&self) -> (usize, Option<usize>, Option<usize>) {
+        match *self {
+            KvStep::Send { seq, src_head, .. } => (seq, Some(src_head), None),
+            KvStep::Local {
+                seq,
+                src_head,
+                dst_head,
+            } => (seq, Some(src_head), Some(dst_head)),
+            KvStep::Recv { seq, dst_head, .. } => (seq, None, Some(dst_head)),
+        }
+    }
+}
+
 /// One physical rank's part of a KV migration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KvProgram {
@@ -106,33 +121,44 @@ fn validate(plan: &KvPlan, prog: &KvProgram, old: &KvPool, new: &KvPool) -> Resu
     let p = prog.rank;
     check_pools(plan, std::slice::from_ref(old), plan.old.tp, "old", Some(p))?;
     check_pools(plan, std::slice::from_ref(new), plan.new.tp, "new", Some(p))?;
+    check_steps(
+        plan,
+        prog,
+        (old.kv_heads, old.num_blocks),
+        (new.kv_heads, new.num_blocks),
+    )
+}
+
+/// Checks every step of rank `prog.rank`'s program against its pools' (kv heads, blocks), old
+/// and new: each sequence exists, its tables cover its tokens, and every head and block lies
+/// inside the pool it is read from or written to. What any executor (CPU or GPU) checks before
+/// its first message, so a bad plan is an error on every rank rather than a hang.
+pub fn check_steps(
+    plan: &KvPlan,
+    prog: &KvProgram,
+    old: (usize, usize),
+    new: (usize, usize),
+) -> Result<()> {
+    let p = prog.rank;
     for st in &prog.steps {
-        let (seq, src, dst) = match *st {
-            KvStep::Send { seq, src_head, .. } => (seq, Some(src_head), None),
-            KvStep::Local {
-                seq,
-                src_head,
-                dst_head,
-            } => (seq, Some(src_head), Some(dst_head)),
-            KvStep::Recv { seq, dst_head, .. } => (seq, None, Some(dst_head)),
-        };
+        let (seq, src, dst) = st.parts();
         let s = seq_of(plan, seq)?;
         let nb = blocks_for(s.len, plan.block_size);
         if let Some(h) = src {
-            if h >= old.kv_heads || s.old_table.len() < nb {
+            if h >= old.0 || s.old_table.len() < nb {
                 return Err(Error::Invalid(format!(
                     "KV step {st:?} does not fit rank {p}'s old pool"
                 )));
             }
-            check_blocks(&s.old_table[..nb], old, seq, p)?;
+            check_blocks(&s.old_table[..nb], old.1, seq, p)?;
         }
         if let Some(h) = dst {
-            if h >= new.kv_heads || s.new_table.len() < nb {
+            if h >= new.0 || s.new_table.len() < nb {
                 return Err(Error::Invalid(format!(
                     "KV step {st:?} does not fit rank {p}'s new pool"
                 )));
             }
-            check_blocks(&s.new_table[..nb], new, seq, p)?;
+            check_blocks(&s.new_table[..nb], new.1, seq, p)?;
         }
     }
     Ok(())

@@ -281,8 +281,9 @@ fn fill(rp: &RoleProgram, h: usize, buf: &mut [f32], staged: &[f32]) {
     }
 }
 
-/// Every buffer of a host shard for one role, one per layer (or the single embedding / head).
-pub fn role_buffers(w: &RankWeights, role: Role) -> Vec<&Vec<f32>> {
+/// Every buffer of a shard (host or device) for one role, one per layer (or the single
+/// embedding / head).
+pub fn role_buffers<W>(w: &RankWeights<W>, role: Role) -> Vec<&W> {
     match role {
         Role::Embed => vec![&w.embed],
         Role::LmHead => w.lm_head.iter().collect(),
@@ -299,7 +300,8 @@ pub fn role_buffers(w: &RankWeights, role: Role) -> Vec<&Vec<f32>> {
     }
 }
 
-fn role_buffers_mut(w: &mut RankWeights, role: Role) -> Vec<&mut Vec<f32>> {
+/// [`role_buffers`], mutable.
+pub fn role_buffers_mut<W>(w: &mut RankWeights<W>, role: Role) -> Vec<&mut W> {
     match role {
         Role::Embed => vec![&mut w.embed],
         Role::LmHead => w.lm_head.iter_mut().collect(),

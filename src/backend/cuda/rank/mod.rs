@@ -7,8 +7,10 @@
 //! arithmetic inside each kernel and GEMM.
 
 mod ops;
+mod switch;
 
 pub use ops::{GpuBatch, GpuOps};
+pub use switch::{ExchangeStats, RankSwitch};
 
 use super::buffer::{DBuf, DType};
 use super::comm::DeviceComm;

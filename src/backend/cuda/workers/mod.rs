@@ -33,7 +33,7 @@ use super::device::{probe, CudaDev};
 use super::nccl::{NcclComm, NcclId};
 pub use super::placement::GroupKind;
 use super::placement::{group_kind, host_available_bytes, place};
-use super::rank::GpuRank;
+use super::rank::{ExchangeStats, GpuRank};
 use crate::backend::GroupCounts;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
@@ -42,6 +42,7 @@ use crate::model::config::ModelConfig;
 use crate::model::decoder::{RankWeights, SeqInput};
 use crate::model::weights::Checkpoint;
 use crate::parallel::Layout;
+use crate::reshard::SwitchPrograms;
 
 mod groups;
 mod switch;
@@ -103,7 +104,7 @@ enum Job {
         weights: Box<RankWeights>,
         reply: Sender<Result<Uploaded>>,
     },
-    /// Make the rank's group for layouts of `tp` (replacing a cached one) and use it.
+    /// Make the rank's group for layouts of `tp` (replacing a cached one); `Activate` uses it.
     Connect {
         comm: CommSpec,
         tp: usize,
@@ -119,12 +120,48 @@ enum Job {
         reply: Sender<Result<Vec<f32>>>,
     },
     /// The rank's shard and KV pool as f32 host copies (a live switch stages through them).
-    Download { reply: Sender<Result<HostRank>> },
+    Download {
+        reply: Sender<Result<HostRank>>,
+    },
     /// Drop the rank's buffers, then make the rank again from host copies (a switch's commit, or
     /// the restore after a failed one); its groups stay cached. Activate or Connect follows.
     Replace {
         rank: HostRank,
         reply: Sender<Result<Uploaded>>,
+    },
+    /// Make the rank's member of the world group (member index = physical rank), replacing any
+    /// earlier one: what a switch on the devices exchanges through.
+    ConnectWorld {
+        comm: CommSpec,
+        reply: Sender<Result<()>>,
+    },
+    /// A switch on the device, phase by phase (`rank::switch`); `fail` injects a failure.
+    SwitchBegin {
+        plan: Arc<SwitchPrograms>,
+        fail: bool,
+        reply: Sender<Result<()>>,
+    },
+    SwitchStage {
+        fail: bool,
+        reply: Sender<Result<u64>>,
+    },
+    SwitchExchange {
+        reply: Sender<Result<ExchangeStats>>,
+    },
+    SwitchBuild {
+        fail: bool,
+        reply: Sender<Result<()>>,
+    },
+    SwitchSwap {
+        reply: Sender<Result<Uploaded>>,
+    },
+    /// Drop whatever the switch made; the rank keeps its current layout.
+    SwitchAbort {
+        reply: Sender<Result<()>>,
+    },
+    /// The rank's device's free memory, bytes.
+    FreeBytes {
+        reply: Sender<Result<usize>>,
     },
 }
 
@@ -155,6 +192,10 @@ pub struct GpuRanks {
     broken: Option<String>,
     /// Tps whose groups every rank holds (made once, reused by a switch back).
     cached_tps: Vec<usize>,
+    /// Whether every rank holds a usable member of the world group (a switch on the devices).
+    world_group: bool,
+    /// During a switch on the devices: whether the new tp's groups were cached before it.
+    new_cached: Option<bool>,
     groups: GroupCounts,
 }
 
@@ -214,11 +255,14 @@ impl GpuRanks {
             uploaded: Vec::new(),
             broken: None,
             cached_tps: Vec::new(),
+            world_group: false,
+            new_cached: None,
             groups: GroupCounts::default(),
         };
         for (rank, &ordinal) in devices.iter().enumerate() {
             let (tx, rx) = channel();
             let ctx = WorkerCtx {
+                rank,
                 ordinal,
                 cfg: cfg.clone(),
                 inv_freq: opts.inv_freq.clone(),
@@ -273,6 +317,48 @@ impl GpuRanks {
         me.uploaded = uploaded;
         me.group_all(layout)?;
         Ok(me)
+    }
+
+    /// Sends every rank the job `make(rank, reply)` (all sent before any reply is awaited), then
+    /// collects the replies in rank order; the first error, after every reply arrived.
+    fn all<T>(&self, mut make: impl FnMut(usize, Sender<Result<T>>) -> Job) -> Result<Vec<T>> {
+        let each = vec![(); self.workers.len()];
+        self.all_with(each, |rank, (), reply| make(rank, reply))
+    }
+
+    /// [`GpuRanks::all`] with one input per rank (`inputs[rank]`, moved into its job).
+    fn all_with<I, T>(
+        &self,
+        inputs: Vec<I>,
+        mut make: impl FnMut(usize, I, Sender<Result<T>>) -> Job,
+    ) -> Result<Vec<T>> {
+        if inputs.len() != self.workers.len() {
+            return Err(Error::Internal(format!(
+                "{} inputs for {} GPU ranks",
+                inputs.len(),
+                self.workers.len()
+            )));
+        }
+        let mut replies = Vec::with_capacity(inputs.len());
+        for (rank, input) in inputs.into_iter().enumerate() {
+            let (rtx, rrx) = channel();
+            self.send(rank, make(rank, input, rtx))?;
+            replies.push(rrx);
+        }
+        let mut out = Vec::with_capacity(replies.len());
+        let mut first = None;
+        for (rank, rx) in replies.iter().enumerate() {
+            match recv(rank, rx) {
+                Ok(v) => out.push(v),
+                Err(e) => {
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        match first {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
     }
 
     fn send(&self, rank: usize, job: Job) -> Result<()> {
@@ -360,7 +446,10 @@ impl GpuRanks {
         if let Some(e) = first {
             if self.broken.is_none() {
                 for d in failed {
-                    if let Err(c) = self.connect(layout, d) {
+                    let regroup = self
+                        .connect(layout, d)
+                        .and_then(|()| self.activate(layout, d));
+                    if let Err(c) = regroup {
                         self.broken = Some(format!("replica {d} could not regroup: {c}"));
                         break;
                     }
@@ -385,6 +474,19 @@ impl GpuRanks {
     pub fn read_bytes(&self, rank: usize) -> usize {
         self.uploaded[rank].read_bytes
     }
+    /// The least free device memory any rank can count on: its GPU's free bytes divided among
+    /// the ranks on that GPU.
+    pub fn free_share(&self) -> Result<u64> {
+        let free = self.all(|_, reply| Job::FreeBytes { reply })?;
+        let on = |o: usize| self.devices.iter().filter(|&&d| d == o).count().max(1);
+        Ok(free
+            .iter()
+            .zip(&self.devices)
+            .map(|(&f, &o)| (f / on(o)) as u64)
+            .min()
+            .unwrap_or(0))
+    }
+
     /// CUDA ordinal of each physical rank.
     pub fn devices(&self) -> &[usize] {
         &self.devices

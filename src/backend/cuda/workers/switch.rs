@@ -1,22 +1,21 @@
-//! A live switch's side of the GPU ranks: host copies of every rank, and every rank made again
-//! from host copies in a new layout (see `engine::ranks::gpu`).
+//! A live switch's side of the GPU ranks, two ways (see `engine::ranks::gpu`):
+//!
+//! - on the devices (`switch_begin` .. `switch_commit`): each rank runs its per-rank programs on
+//!   its own buffers with the `reshard.cu` kernels (`rank::switch`), bytes crossing ranks through
+//!   a world device group (made once, reused);
+//! - through the host (`download`, `replace`): host copies of every rank, every rank made again
+//!   from host copies in the new layout.
+
+use std::time::Instant;
 
 use super::*;
+use crate::backend::DeviceApplied;
 
 impl GpuRanks {
     /// Every rank's shard and KV pool as f32 host copies, rank order (all ranks at once).
     pub fn download(&self) -> Result<Vec<(RankWeights, KvPool)>> {
-        let mut replies = Vec::with_capacity(self.workers.len());
-        for rank in 0..self.workers.len() {
-            let (rtx, rrx) = channel();
-            self.send(rank, Job::Download { reply: rtx })?;
-            replies.push(rrx);
-        }
-        replies
-            .iter()
-            .enumerate()
-            .map(|(rank, rx)| recv(rank, rx).map(|h| (*h.weights, *h.kv)))
-            .collect()
+        let hosts = self.all(|_, reply| Job::Download { reply })?;
+        Ok(hosts.into_iter().map(|h| (*h.weights, *h.kv)).collect())
     }
 
     /// Makes every rank again from host copies (`ranks[r]` for physical rank r) as the ranks of
@@ -25,46 +24,15 @@ impl GpuRanks {
     /// freed before its new ones are allocated. On error the ranks are in no usable layout: the
     /// caller restores them (again with `replace`) or gives up on them.
     pub fn replace(&mut self, tp: usize, ranks: Vec<(RankWeights, KvPool)>) -> Result<()> {
-        let world = self.workers.len();
-        let layout = Layout::new(world, tp)?;
-        if ranks.len() != world {
-            return Err(Error::Internal(format!(
-                "replace: {} host ranks for {world} GPU ranks",
-                ranks.len()
-            )));
-        }
-        let group_kinds = (0..layout.dp())
-            .map(|d| group_kind(&layout, &self.devices, d))
-            .collect::<Result<Vec<_>>>()?;
-        let mut replies = Vec::with_capacity(world);
-        for (rank, (w, kv)) in ranks.into_iter().enumerate() {
-            let (rtx, rrx) = channel();
-            let host = HostRank {
+        let layout = Layout::new(self.workers.len(), tp)?;
+        let group_kinds = self.group_kinds_for(&layout)?;
+        let uploaded = self.all_with(ranks, |_, (w, kv), reply| Job::Replace {
+            rank: HostRank {
                 weights: Box::new(w),
                 kv: Box::new(kv),
-            };
-            self.send(
-                rank,
-                Job::Replace {
-                    rank: host,
-                    reply: rtx,
-                },
-            )?;
-            replies.push(rrx);
-        }
-        let mut uploaded = Vec::with_capacity(world);
-        let mut first = None;
-        for (rank, rx) in replies.iter().enumerate() {
-            match recv(rank, rx) {
-                Ok(u) => uploaded.push(u),
-                Err(e) => {
-                    first.get_or_insert(e);
-                }
-            }
-        }
-        if let Some(e) = first {
-            return Err(e);
-        }
+            },
+            reply,
+        })?;
         self.uploaded = uploaded;
         self.tp = tp;
         self.group_kinds = group_kinds;
@@ -75,5 +43,76 @@ impl GpuRanks {
     /// Marks the ranks unusable (every later step errors with `why`).
     pub fn set_broken(&mut self, why: String) {
         self.broken = Some(why);
+    }
+
+    /// A switch on the devices, phase 1: the world group (made once) and `new`'s replica groups
+    /// (made and cached, not used yet), then every rank's new KV pool. `fault`: this rank fails.
+    pub fn switch_begin(
+        &mut self,
+        plan: Arc<SwitchPrograms>,
+        new: &Layout,
+        fault: Option<usize>,
+    ) -> Result<()> {
+        let t = Instant::now();
+        self.ensure_world()?;
+        self.new_cached = Some(self.prepare_groups(new)?);
+        self.groups.last_ms = t.elapsed().as_secs_f64() * 1e3;
+        self.all(|rank, reply| Job::SwitchBegin {
+            plan: plan.clone(),
+            fail: fault == Some(rank),
+            reply,
+        })?;
+        Ok(())
+    }
+
+    /// Phase 2: every rank stages (checks, message buffers, KV gathers; no communication), and
+    /// only when all have, every rank exchanges through the world group. A failed exchange
+    /// poisons the world group, which the next switch makes again.
+    pub fn switch_apply(&mut self, fault: Option<usize>) -> Result<DeviceApplied> {
+        let peaks = self.all(|rank, reply| Job::SwitchStage {
+            fail: fault == Some(rank),
+            reply,
+        })?;
+        let stats = self.all(|_, reply| Job::SwitchExchange { reply });
+        let stats = stats.inspect_err(|_| self.world_group = false)?;
+        let mut out = DeviceApplied::default();
+        for s in &stats {
+            out.kv.bytes_cross_rank += s.kv.bytes_cross_rank;
+            out.kv.bytes_in_place += s.kv.bytes_in_place;
+            out.kv.pieces += s.kv.pieces;
+            out.kv_ms = out.kv_ms.max(s.kv_ms);
+            out.weight_ms = out.weight_ms.max(s.weight_ms);
+        }
+        out.kv.peak_staging_bytes = peaks.into_iter().max().unwrap_or(0);
+        Ok(out)
+    }
+
+    /// Phase 3: every rank builds its new shard (fallible, the old one untouched), and only
+    /// when all have, every rank swaps to the new buffers and pool; then `new`'s groups go into
+    /// use. A failure after the first swap (a rank's worker died) leaves the ranks unusable.
+    pub fn switch_commit(&mut self, new: &Layout, fault: Option<usize>) -> Result<()> {
+        self.all(|rank, reply| Job::SwitchBuild {
+            fail: fault == Some(rank),
+            reply,
+        })?;
+        let group_kinds = self.group_kinds_for(new)?;
+        let uploaded = self
+            .all(|_, reply| Job::SwitchSwap { reply })
+            .inspect_err(|e| self.broken = Some(format!("a switch failed mid-swap: {e}")))?;
+        self.uploaded = uploaded;
+        self.tp = new.tp;
+        self.group_kinds = group_kinds;
+        let t = Instant::now();
+        let cached = self.new_cached.take().unwrap_or(false);
+        self.activate_all(new, cached)
+            .inspect_err(|e| self.broken = Some(format!("no groups after a switch: {e}")))?;
+        self.groups.last_ms += t.elapsed().as_secs_f64() * 1e3;
+        Ok(())
+    }
+
+    /// Drops whatever the switch made on every rank; the current layout keeps decoding.
+    pub fn switch_abort(&mut self) {
+        self.new_cached = None;
+        let _ = self.all(|_, reply| Job::SwitchAbort { reply });
     }
 }

@@ -2,16 +2,45 @@
 
 use std::collections::BTreeMap;
 
+use super::super::rank::RankSwitch;
+
 use super::*;
 
 /// What a worker thread needs besides its jobs.
 pub(super) struct WorkerCtx {
+    /// The physical rank.
+    pub(super) rank: usize,
     pub(super) ordinal: usize,
     pub(super) cfg: ModelConfig,
     pub(super) inv_freq: Vec<f32>,
     pub(super) dtype: DType,
     pub(super) kv_blocks: usize,
     pub(super) block_size: usize,
+}
+
+/// A rank's member of a new group.
+fn make_comm(rank: &Option<GpuRank>, spec: CommSpec) -> Result<Box<dyn DeviceComm>> {
+    match (rank, spec) {
+        (None, _) => Err(not_uploaded("connect")),
+        (Some(_), CommSpec::Solo) => Ok(Box::new(SoloComm)),
+        (Some(_), CommSpec::Same(c)) => Ok(Box::new(c)),
+        (Some(g), CommSpec::Nccl { id, rank, size }) => {
+            NcclComm::init(g.dev(), id, rank, size).map(|c| Box::new(c) as Box<dyn DeviceComm>)
+        }
+    }
+}
+
+fn not_uploaded(what: &str) -> Error {
+    Error::Device(format!(
+        "{what} before the rank's weights were uploaded (or out of order)"
+    ))
+}
+
+fn injected(rank: usize, what: &str) -> Error {
+    Error::Rank {
+        rank,
+        msg: format!("injected failure in {what}"),
+    }
 }
 
 /// What a rank reports once its buffers are on the device.
@@ -61,6 +90,9 @@ impl WorkerCtx {
         // before the device they live on.
         let mut comms: BTreeMap<usize, Box<dyn DeviceComm>> = BTreeMap::new();
         let mut active: Option<usize> = None;
+        // The world group a switch on the devices exchanges through, and that switch.
+        let mut world: Option<Box<dyn DeviceComm>> = None;
+        let mut switch: Option<RankSwitch> = None;
         for job in rx {
             match job {
                 Job::Upload { weights, reply } => {
@@ -93,22 +125,79 @@ impl WorkerCtx {
                     if let Some(old) = comms.remove(&tp) {
                         old.poison();
                     }
-                    active = None;
-                    let r = match (&rank, spec) {
-                        (None, _) => Err(Error::Device(
-                            "connect before the rank's weights were uploaded".into(),
-                        )),
-                        (Some(_), CommSpec::Solo) => Ok(Box::new(SoloComm) as Box<dyn DeviceComm>),
-                        (Some(_), CommSpec::Same(c)) => Ok(Box::new(c) as Box<dyn DeviceComm>),
-                        (Some(g), CommSpec::Nccl { id, rank, size }) => {
-                            NcclComm::init(g.dev(), id, rank, size)
-                                .map(|c| Box::new(c) as Box<dyn DeviceComm>)
-                        }
-                    };
+                    if active == Some(tp) {
+                        active = None;
+                    }
+                    let r = make_comm(&rank, spec);
                     let _ = reply.send(r.map(|c| {
                         comms.insert(tp, c);
-                        active = Some(tp);
                     }));
+                }
+                Job::ConnectWorld { comm: spec, reply } => {
+                    if let Some(old) = world.take() {
+                        old.poison();
+                    }
+                    let _ = reply.send(make_comm(&rank, spec).map(|c| world = Some(c)));
+                }
+                Job::SwitchBegin { plan, fail, reply } => {
+                    switch = None;
+                    let r = match (&rank, fail) {
+                        (_, true) => Err(injected(self.rank, "allocating the new KV pool")),
+                        (None, _) => Err(not_uploaded("switch")),
+                        (Some(g), _) => g.switch_begin(&self.cfg, self.rank, plan),
+                    };
+                    let _ = reply.send(r.map(|sw| switch = Some(sw)));
+                }
+                Job::SwitchStage { fail, reply } => {
+                    let r = match (&rank, &mut switch, fail) {
+                        (_, _, true) => Err(injected(self.rank, "staging the switch")),
+                        (Some(g), Some(sw), _) => g.switch_stage(sw, self.rank),
+                        _ => Err(not_uploaded("switch stage")),
+                    };
+                    let _ = reply.send(r);
+                }
+                Job::SwitchExchange { reply } => {
+                    let r = match (&rank, &mut switch, &world) {
+                        (Some(g), Some(sw), Some(c)) if c.rank() == self.rank => {
+                            g.switch_exchange(sw, c.as_ref())
+                        }
+                        _ => Err(not_uploaded("switch exchange (or no world group)")),
+                    };
+                    if r.is_err() {
+                        // Peers must not wait on this rank; the group is remade next time.
+                        if let Some(c) = world.take() {
+                            c.poison();
+                        }
+                    }
+                    let _ = reply.send(r);
+                }
+                Job::SwitchBuild { fail, reply } => {
+                    let r = match (&rank, &mut switch, fail) {
+                        (_, _, true) => Err(injected(self.rank, "committing the switch")),
+                        (Some(g), Some(sw), _) => g.switch_build(sw, self.rank),
+                        _ => Err(not_uploaded("switch build")),
+                    };
+                    let _ = reply.send(r);
+                }
+                Job::SwitchSwap { reply } => {
+                    let r = match (&mut rank, switch.take()) {
+                        (Some(g), Some(sw)) => g.switch_swap(sw, self.rank).map(|()| uploaded(g)),
+                        _ => Err(not_uploaded("switch swap")),
+                    };
+                    // The rank's tp changed: no group is in use until `Activate`.
+                    active = None;
+                    let _ = reply.send(r);
+                }
+                Job::SwitchAbort { reply } => {
+                    switch = None;
+                    let _ = reply.send(Ok(()));
+                }
+                Job::FreeBytes { reply } => {
+                    let r = match &rank {
+                        Some(g) => g.dev().mem_info().map(|(free, _)| free),
+                        None => Err(not_uploaded("memory query")),
+                    };
+                    let _ = reply.send(r);
                 }
                 Job::Activate { tp, reply } => {
                     let r = if rank.is_some() && comms.contains_key(&tp) {

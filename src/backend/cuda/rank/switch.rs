@@ -1,0 +1,457 @@
+//! A live TP switch on one GPU rank, on its device: the rank's part of the switch's per-rank
+//! programs (`reshard::weights::program`, `reshard::kv::program`) run with the `reshard.cu`
+//! kernels; bytes cross ranks only through a world group's [`DeviceComm::exchange`].
+//!
+//! Phases (each a job of the rank's worker; the engine runs a phase on every rank before the
+//! next, and aborts every rank if any fails before the swap):
+//! 1. [`GpuRank::switch_begin`]: the new layout's KV pool, checked against free memory.
+//! 2. [`GpuRank::switch_stage`] (no communication): the programs checked against this rank's
+//!    buffers, every message buffer allocated, each KV piece this rank sends gathered
+//!    (`kv_gather`, one launch per layer), and each piece that stays on the rank moved into the
+//!    new pool (`kv_gather` + `kv_scatter`). Every rank stages before any exchanges, so a bad plan
+//!    or a full device is an error on the host with no peer inside a collective (NCCL cannot be
+//!    woken from one).
+//! 3. [`GpuRank::switch_exchange`]: one exchange of KV pieces, each received piece scattered
+//!    into the new pool (`kv_scatter`), then one exchange of weight rows (sent straight out of
+//!    the old shard, received into staging).
+//! 4. [`GpuRank::switch_build`]: every re-sharded buffer made anew: moved rows from the old
+//!    buffer and received rows from staging (`strided_copy`), zero rows (vocab padding) from the
+//!    zeroed allocation. The old shard is not written, so a failure still leaves it whole.
+//! 5. [`GpuRank::switch_swap`] (cannot fail): the new buffers and pool replace the old ones,
+//!    which are freed in stream order.
+//!
+//! A KV piece (one kv head of one sequence) travels as `[layers][2 (K, V)][blocks][block_size]
+//! [head_dim]` in the device dtype: whole blocks, so a partly filled last block carries its
+//! unused slots too (never read: attention reads a sequence's first `len` positions only).
+
+use std::time::Instant;
+
+use super::{GpuKvPool, GpuRank};
+use crate::backend::cuda::buffer::{DBuf, DView};
+use crate::backend::cuda::comm::DeviceComm;
+use crate::backend::cuda::ops::{self, Strided};
+use crate::error::{Error, Result};
+use crate::kv::blocks_for;
+use crate::model::config::ModelConfig;
+use crate::reshard::kv::program::{check_steps, KvStep};
+use crate::reshard::kv::{KvPlan, KvStats};
+use crate::reshard::weights::program::{role_buffers, role_buffers_mut, Step, WeightProgram};
+use crate::reshard::SwitchPrograms;
+
+/// One rank's switch between `begin` and `swap`.
+pub struct RankSwitch {
+    new_kv: GpuKvPool,
+    /// This rank's programs and the plan they came from (shared by every rank).
+    plan: std::sync::Arc<SwitchPrograms>,
+    /// KV pieces gathered for peers, in this rank's send order: (to, piece).
+    outbox: Vec<(usize, DBuf)>,
+    /// Buffers for the KV pieces this rank receives, in its receive order: (from, seq, dst head,
+    /// piece).
+    inbox: Vec<(usize, usize, usize, DBuf)>,
+    /// Received weight rows per role and layer (program order), `None` where none are received.
+    staged: Vec<Vec<Option<DBuf>>>,
+    /// The re-sharded buffers per role and layer, after `build`.
+    built: Option<Vec<Vec<DBuf>>>,
+    /// Block ids (i32) of each sequence this rank touches: (old table, new table).
+    ids: std::collections::BTreeMap<usize, (DBuf, DBuf)>,
+}
+
+/// What a rank's exchange did.
+#[derive(Clone, Debug, Default)]
+pub struct ExchangeStats {
+    pub kv: KvStats,
+    pub kv_ms: f64,
+    pub weight_ms: f64,
+}
+
+/// Elements of one KV piece of a sequence of `nb` blocks.
+fn piece_len(plan: &KvPlan, nb: usize) -> usize {
+    plan.num_layers * 2 * nb * plan.block_size * plan.head_dim
+}
+
+fn internal(rank: usize, msg: String) -> Error {
+    Error::Rank { rank, msg }
+}
+
+impl GpuRank {
+    /// Phase 1: the new layout's KV pool (zeroed), refused with the sizes when it does not fit
+    /// next to what the rank holds now.
+    pub fn switch_begin(
+        &self,
+        cfg: &ModelConfig,
+        rank: usize,
+        plan: std::sync::Arc<SwitchPrograms>,
+    ) -> Result<RankSwitch> {
+        let heads = cfg.num_kv_heads / plan.new_tp.max(1);
+        let elem = self.dtype.size();
+        let need = crate::kv::kv_block_bytes(cfg, plan.new_tp, plan.block_size, elem) as usize
+            * plan.new_blocks;
+        let (free, _) = self.dev.mem_info()?;
+        if need > free {
+            let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+            return Err(Error::KvExhausted(format!(
+                "rank {rank}: the tp {} KV pool ({} blocks, {:.2} GiB) does not fit in GPU {}'s \
+                 free {:.2} GiB next to the current layout (a switch on the device holds both \
+                 pools at once; lower `kv_blocks`, or switch through the host with \
+                 --gpu-switch host)",
+                plan.new_tp,
+                plan.new_blocks,
+                gib(need),
+                self.dev.ordinal(),
+                gib(free)
+            )));
+        }
+        let new_kv = GpuKvPool::new(
+            &self.dev,
+            cfg.num_layers,
+            plan.new_blocks,
+            plan.block_size,
+            heads,
+            cfg.head_dim,
+            self.dtype,
+        )?;
+        Ok(RankSwitch {
+            new_kv,
+            plan,
+            outbox: Vec::new(),
+            inbox: Vec::new(),
+            staged: Vec::new(),
+            built: None,
+            ids: Default::default(),
+        })
+    }
+
+    /// Phase 2 (no communication): checks, allocates every message buffer, gathers the KV
+    /// pieces this rank sends and moves those that stay. Returns the bytes of KV message
+    /// buffers it holds (every piece it sends or receives, and one scratch piece).
+    pub fn switch_stage(&self, sw: &mut RankSwitch, rank: usize) -> Result<u64> {
+        let plans = sw.plan.clone();
+        let (plan, kp, wp) = (&plans.kv_plan, &plans.kv[rank], &plans.weights[rank]);
+        if kp.rank != rank || wp.rank != rank {
+            return Err(internal(rank, "switch programs of another rank".into()));
+        }
+        let old = (self.kv.kv_heads, self.kv.num_blocks);
+        check_steps(plan, kp, old, (sw.new_kv.kv_heads, sw.new_kv.num_blocks))?;
+        if (plan.head_dim, plan.block_size) != (self.kv.head_dim, self.kv.block_size) {
+            return Err(internal(
+                rank,
+                "the KV plan's geometry is not the pool's".into(),
+            ));
+        }
+        self.check_weights(wp, rank)?;
+        let es = self.dtype.size();
+        let mut held = 0u64;
+        let mut scratch: Option<DBuf> = None;
+        for st in &kp.steps {
+            let (seq, src, dst) = st.parts();
+            let s = &plan.seqs[seq];
+            let nb = blocks_for(s.len, plan.block_size);
+            if let std::collections::btree_map::Entry::Vacant(e) = sw.ids.entry(seq) {
+                let to_i32 = |t: &[u32]| t.iter().take(nb).map(|&b| b as i32).collect::<Vec<_>>();
+                let old_ids = DBuf::from_slice(&self.dev, &to_i32(&s.old_table))?;
+                let new_ids = DBuf::from_slice(&self.dev, &to_i32(&s.new_table))?;
+                e.insert((old_ids, new_ids));
+            }
+            let n = piece_len(plan, nb);
+            match (*st, src, dst) {
+                (KvStep::Send { to, .. }, Some(h), _) => {
+                    let piece = DBuf::uninit(&self.dev, self.dtype, n)?;
+                    self.gather_piece(&sw.ids[&seq].0, nb, h, piece.view())?;
+                    sw.outbox.push((to, piece));
+                    held += (n * es) as u64;
+                }
+                (KvStep::Local { .. }, Some(h), Some(d)) => {
+                    // One scratch piece, reused in stream order.
+                    let buf = match scratch.take() {
+                        Some(b) if b.len() >= n => b,
+                        old => {
+                            held -= old.map_or(0, |b| (b.len() * es) as u64);
+                            held += (n * es) as u64;
+                            DBuf::uninit(&self.dev, self.dtype, n)?
+                        }
+                    };
+                    let view = buf.view().slice(0, n)?;
+                    let (old_ids, new_ids) = &sw.ids[&seq];
+                    self.gather_piece(old_ids, nb, h, view)?;
+                    scatter_piece(&self.dev, &sw.new_kv, new_ids, nb, d, view)?;
+                    scratch = Some(buf);
+                }
+                (KvStep::Recv { from, .. }, _, Some(d)) => {
+                    let piece = DBuf::uninit(&self.dev, self.dtype, n)?;
+                    sw.inbox.push((from, seq, d, piece));
+                    held += (n * es) as u64;
+                }
+                _ => return Err(internal(rank, format!("malformed KV step {st:?}"))),
+            }
+        }
+        // Staging for the weight rows this rank receives.
+        let h = wp.hidden;
+        sw.staged = wp
+            .roles
+            .iter()
+            .map(|rp| {
+                let rows: usize = rp
+                    .steps
+                    .iter()
+                    .map(|s| match *s {
+                        Step::Recv { rows, .. } => rows,
+                        _ => 0,
+                    })
+                    .sum();
+                (0..rp.repeats)
+                    .map(|_| {
+                        (rows > 0)
+                            .then(|| DBuf::uninit(&self.dev, self.dtype, rows * h))
+                            .transpose()
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.dev.synchronize()?;
+        Ok(held)
+    }
+
+    /// Errors unless `wp` fits this rank's shard: its roles' buffers, one per layer, of the
+    /// program's old rows.
+    fn check_weights(&self, wp: &WeightProgram, rank: usize) -> Result<()> {
+        for rp in &wp.roles {
+            let bufs = role_buffers(&self.w, rp.role);
+            let ok =
+                bufs.len() == rp.repeats && bufs.iter().all(|b| b.len() == rp.old_rows * wp.hidden);
+            if !ok {
+                return Err(internal(
+                    rank,
+                    format!(
+                        "{:?}: the shard's buffers do not hold {} layers of {} rows of {}",
+                        rp.role, rp.repeats, rp.old_rows, wp.hidden
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Gathers kv head `head` of a sequence's `nb` blocks (`ids`) from every layer of the current
+    /// pool into `out` (a piece).
+    fn gather_piece(&self, ids: &DBuf, nb: usize, head: usize, out: DView<'_>) -> Result<()> {
+        if nb == 0 {
+            return Ok(());
+        }
+        let per = 2 * nb * self.kv.block_size * self.kv.head_dim;
+        for l in 0..self.kv.layers() {
+            let cache = self.kv.layer(l)?;
+            ops::kv_gather(
+                &self.dev,
+                &cache,
+                out.slice(l * per, per)?,
+                ids.view(),
+                head,
+                1,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Phase 3: the KV exchange (then each received piece into the new pool) and the weight
+    /// exchange, over `world` (a group of every rank, member index = physical rank).
+    pub fn switch_exchange(
+        &self,
+        sw: &mut RankSwitch,
+        world: &dyn DeviceComm,
+    ) -> Result<ExchangeStats> {
+        let es = self.dtype.size() as u64;
+        let mut st = ExchangeStats::default();
+        let t = Instant::now();
+        {
+            let sends: Vec<(usize, DView<'_>)> =
+                sw.outbox.iter().map(|(to, b)| (*to, b.view())).collect();
+            let recvs: Vec<(usize, DView<'_>)> = sw
+                .inbox
+                .iter()
+                .map(|(from, _, _, b)| (*from, b.view()))
+                .collect();
+            world.exchange(&self.dev, &sends, &recvs)?;
+        }
+        for (_, seq, head, piece) in &sw.inbox {
+            let nb = blocks_for(sw.plan.kv_plan.seqs[*seq].len, sw.plan.kv_plan.block_size);
+            scatter_piece(
+                &self.dev,
+                &sw.new_kv,
+                &sw.ids[seq].1,
+                nb,
+                *head,
+                piece.view(),
+            )?;
+        }
+        self.dev.synchronize()?;
+        st.kv_ms = t.elapsed().as_secs_f64() * 1e3;
+        let rank = world.rank();
+        let kp = &sw.plan.kv[rank];
+        let sent: u64 = sw.outbox.iter().map(|(_, b)| b.len() as u64 * es).sum();
+        let local = kp
+            .steps
+            .iter()
+            .filter_map(|s| match *s {
+                KvStep::Local { seq, .. } => Some(seq),
+                _ => None,
+            })
+            .map(|seq| {
+                let nb = blocks_for(sw.plan.kv_plan.seqs[seq].len, sw.plan.kv_plan.block_size);
+                piece_len(&sw.plan.kv_plan, nb) as u64 * es
+            })
+            .sum();
+        st.kv = KvStats {
+            bytes_cross_rank: sent,
+            bytes_in_place: local,
+            peak_staging_bytes: 0,
+            pieces: kp.steps.len() - sw.inbox.len(),
+        };
+        // The pieces are in the new pool; their buffers go (stream ordered: after the peers'
+        // reads, which the exchange made this stream wait for).
+        sw.outbox.clear();
+        sw.inbox.clear();
+
+        let t = Instant::now();
+        let wp = &sw.plan.weights[rank];
+        let h = wp.hidden;
+        let mut sends = Vec::new();
+        let mut recvs = Vec::new();
+        for (rp, staged) in wp.roles.iter().zip(&sw.staged) {
+            for (old, stage) in role_buffers(&self.w, rp.role).into_iter().zip(staged) {
+                let mut at = 0;
+                for s in &rp.steps {
+                    match *s {
+                        Step::Send { to, src_row, rows } => {
+                            sends.push((to, old.view().slice(src_row * h, rows * h)?));
+                        }
+                        Step::Recv { from, rows, .. } => {
+                            let buf = stage.as_ref().ok_or_else(|| {
+                                internal(rank, format!("{:?}: no staging", rp.role))
+                            })?;
+                            recvs.push((from, buf.view().slice(at, rows * h)?));
+                            at += rows * h;
+                        }
+                        Step::Move { .. } | Step::Zero { .. } => {}
+                    }
+                }
+            }
+        }
+        world.exchange(&self.dev, &sends, &recvs)?;
+        self.dev.synchronize()?;
+        st.weight_ms = t.elapsed().as_secs_f64() * 1e3;
+        Ok(st)
+    }
+
+    /// Phase 4: every re-sharded buffer built anew from the old one and the staging (the old
+    /// shard is only read). Checked against free memory first.
+    pub fn switch_build(&self, sw: &mut RankSwitch, rank: usize) -> Result<()> {
+        let wp = &sw.plan.weights[rank];
+        let h = wp.hidden;
+        let es = self.dtype.size();
+        let need: usize = wp
+            .roles
+            .iter()
+            .map(|rp| rp.repeats * rp.new_rows * h * es)
+            .sum();
+        let (free, _) = self.dev.mem_info()?;
+        if need > free {
+            return Err(Error::KvExhausted(format!(
+                "rank {rank}: the new weight shard ({:.2} GiB) does not fit in GPU {}'s free \
+                 {:.2} GiB next to the old one (lower `kv_blocks`, or --gpu-switch host)",
+                need as f64 / (1u64 << 30) as f64,
+                self.dev.ordinal(),
+                free as f64 / (1u64 << 30) as f64
+            )));
+        }
+        let row = |n: usize| Strided {
+            rows: 1,
+            row_bytes: n * h * es,
+            dst_stride: 0,
+            src_stride: 0,
+        };
+        let mut built = Vec::with_capacity(wp.roles.len());
+        for (rp, staged) in wp.roles.iter().zip(&sw.staged) {
+            let mut layers = Vec::with_capacity(rp.repeats);
+            for (old, stage) in role_buffers(&self.w, rp.role).into_iter().zip(staged) {
+                let out = DBuf::zeros(&self.dev, self.dtype, rp.new_rows * h)?;
+                let mut at = 0;
+                for s in &rp.steps {
+                    match *s {
+                        Step::Move {
+                            src_row,
+                            dst_row,
+                            rows,
+                        } => ops::strided_copy(
+                            &self.dev,
+                            out.view().slice(dst_row * h, rows * h)?,
+                            old.view().slice(src_row * h, rows * h)?,
+                            row(rows),
+                        )?,
+                        Step::Recv { dst_row, rows, .. } => {
+                            let buf = stage.as_ref().ok_or_else(|| {
+                                internal(rank, format!("{:?}: no staging", rp.role))
+                            })?;
+                            ops::strided_copy(
+                                &self.dev,
+                                out.view().slice(dst_row * h, rows * h)?,
+                                buf.view().slice(at, rows * h)?,
+                                row(rows),
+                            )?;
+                            at += rows * h;
+                        }
+                        Step::Send { .. } | Step::Zero { .. } => {}
+                    }
+                }
+                layers.push(out);
+            }
+            built.push(layers);
+        }
+        self.dev.synchronize()?;
+        sw.built = Some(built);
+        sw.staged.clear();
+        Ok(())
+    }
+
+    /// Phase 5: the built buffers and the new pool replace the old ones (freed in stream order).
+    /// Errors, changing nothing, only when `build` has not run.
+    pub fn switch_swap(&mut self, mut sw: RankSwitch, rank: usize) -> Result<()> {
+        let built = sw
+            .built
+            .take()
+            .ok_or_else(|| internal(rank, "swap before build".into()))?;
+        let wp = &sw.plan.weights[rank];
+        for (rp, layers) in wp.roles.iter().zip(built) {
+            for (slot, new) in role_buffers_mut(&mut self.w, rp.role)
+                .into_iter()
+                .zip(layers)
+            {
+                *slot = new;
+            }
+        }
+        self.w.tp = sw.plan.new_tp;
+        self.w.tp_rank = sw.plan.new_tp_ranks[rank];
+        self.kv = sw.new_kv;
+        Ok(())
+    }
+}
+
+/// Scatters a piece (as `gather_piece` lays it out) into kv head `head` of a sequence's `nb`
+/// blocks (`ids`) of every layer of `pool`.
+fn scatter_piece(
+    dev: &crate::backend::cuda::device::CudaDev,
+    pool: &GpuKvPool,
+    ids: &DBuf,
+    nb: usize,
+    head: usize,
+    piece: DView<'_>,
+) -> Result<()> {
+    if nb == 0 {
+        return Ok(());
+    }
+    let per = 2 * nb * pool.block_size * pool.head_dim;
+    for l in 0..pool.layers() {
+        let cache = pool.layer(l)?;
+        ops::kv_scatter(dev, &cache, piece.slice(l * per, per)?, ids.view(), head, 1)?;
+    }
+    Ok(())
+}
