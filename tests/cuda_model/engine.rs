@@ -1,5 +1,6 @@
 //! The whole engine on GPU ranks: goldens through switch ladders side by side with the CPU
-//! engine, and failed GPU switches that lose nothing.
+//! engine (switching on the devices and through the host), failed GPU switches that lose
+//! nothing (both ways), and bf16 switches on the devices bitwise equal to the host path's.
 
 use super::*;
 
@@ -183,4 +184,77 @@ fn failed_switches(m: &Model, reqs: &[pat::engine::Request], cost: &CostModel, h
         Engine::with_backend(m.cfg.clone(), &m.ck, opts, &backend).unwrap()
     };
     failed_switch_loses_nothing(make, reqs, &m.gold, cost);
+}
+
+/// bf16, the primary GPU dtype: world 4 on one GPU through a ladder 1 -> 2 -> 4 -> 1 -> 2
+/// (migrate), one engine switching on the devices and one through the host. The device path
+/// moves the very bf16 bytes the host path rounds back exactly (bf16 -> f32 -> bf16 is the
+/// identity), and the same-device all-reduce sums in rank order, so every step's logits and every
+/// token are bitwise the host path's (whose f32 twin equals the CPU oracle: `check_engine`). No
+/// weight byte crosses ranks when tp grows.
+#[test]
+fn bf16_switches_on_the_devices_equal_switches_through_the_host() {
+    let Some(m) = Model::open_or_skip("llama", "bf16_switches_on_the_devices") else {
+        return;
+    };
+    let reqs = golden_requests(&m.gold, m.max_new);
+    let make = |how: GpuSwitch| {
+        let opts = EngineOptions {
+            world: 4,
+            tp: 1,
+            block_size: BS,
+            kv_blocks: 1024,
+            dtype: Dtype::Bf16,
+            sampling: SamplingParams::default(),
+        };
+        let backend = Backend::Cuda {
+            devices: Some(vec![0; 4]),
+            switch: how,
+        };
+        let mut e = Engine::with_backend(m.cfg.clone(), &m.ck, opts, &backend).unwrap();
+        e.record_logits(true);
+        e.add_requests(&reqs).unwrap();
+        e
+    };
+    let (mut dev, mut host) = (make(GpuSwitch::Device), make(GpuSwitch::Host));
+    let cost = CostModel {
+        transfer_bytes_per_s: 1e9,
+        fixed_transfer_s: 0.0,
+        prefill_tokens_per_s: vec![(1, 1e4)],
+        fixed_prefill_s: 0.0,
+    };
+    let ladder = [2, 4, 1, 2];
+    let mut step = 0;
+    while dev.live() > 0 {
+        dev.step().unwrap_or_else(|e| panic!("step {step}: {e}"));
+        host.step().unwrap();
+        assert_eq!(
+            dev.recorded_logits(),
+            host.recorded_logits(),
+            "step {step}: logits after switching on the devices vs through the host"
+        );
+        if step % 2 == 1 && step / 2 < ladder.len() && dev.live() > 0 {
+            let to = ladder[step / 2];
+            let d = dev
+                .reconfigure(to, KvPolicy::Migrate, &cost)
+                .unwrap_or_else(|e| panic!("step {step}: switch to tp {to} on the devices: {e}"));
+            let h = host.reconfigure(to, KvPolicy::Migrate, &cost).unwrap();
+            assert_eq!((d.n_migrated, d.kv_tokens), (h.n_migrated, h.kv_tokens));
+            if to > d.from_tp {
+                assert_eq!(d.weight_bytes_cross_rank, 0, "tp {} -> {to}", d.from_tp);
+            }
+            eprintln!(
+                "bf16 tp {} -> {to}: on the devices {:.1} ms, through the host {:.1} ms",
+                d.from_tp, d.total_ms, h.total_ms
+            );
+        }
+        step += 1;
+    }
+    let ids = |e: &Engine| {
+        e.outputs()
+            .iter()
+            .map(|o| o.output_ids.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&dev), ids(&host));
 }
