@@ -90,7 +90,12 @@ impl GpuRanks {
     pub fn switch_apply(&mut self, _fault: Option<usize>) -> Result<crate::backend::DeviceApplied> {
         match *self {}
     }
-    pub fn switch_commit(&mut self, _new: &Layout, _fault: Option<usize>) -> Result<()> {
+    pub fn switch_commit(
+        &mut self,
+        _plan: &crate::reshard::SwitchPrograms,
+        _new: &Layout,
+        _fault: Option<usize>,
+    ) -> Result<()> {
         match *self {}
     }
     pub fn switch_abort(&mut self) {
@@ -99,7 +104,10 @@ impl GpuRanks {
     pub fn download(&self) -> Result<Vec<(RankWeights, KvPool)>> {
         match *self {}
     }
-    pub fn replace(&mut self, _tp: usize, _ranks: Vec<(RankWeights, KvPool)>) -> Result<()> {
+    pub fn layout(&self) -> &Layout {
+        match *self {}
+    }
+    pub fn replace(&mut self, _layout: &Layout, _ranks: Vec<(RankWeights, KvPool)>) -> Result<()> {
         match *self {}
     }
     pub fn set_broken(&mut self, _why: String) {

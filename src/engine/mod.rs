@@ -125,7 +125,7 @@ impl Engine {
                         inv_freq: inv_freq.clone(),
                     },
                 )
-                .map(|r| GpuSet::new(r, *switch))?,
+                .map(|r| Box::new(GpuSet::new(r, *switch)))?,
             ),
         };
         let allocs = (0..layout.dp())

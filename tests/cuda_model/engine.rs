@@ -11,8 +11,9 @@ use super::*;
 /// step; migrate, recompute and auto in turn), each way a GPU switch runs: on the devices (the
 /// per-rank programs on each rank's own buffers with the reshard kernels, bytes across ranks by
 /// same-device copies) and through the host (the CPU's programs on host copies). Both must land
-/// on the same layout and keep the same logits as the CPU. A switch back to a tp seen before
-/// reuses its device groups; a switch on the devices makes the world group once and reuses it.
+/// on the same layout and keep the same logits as the CPU. A switch back to a replica seen
+/// before (the same ranks in the same tp order) reuses its device group; a switch on the devices
+/// makes the world group once and reuses it.
 fn check_engine(name: &'static str) {
     let Some(m) = Model::open_or_skip(name, &format!("{name}_engine_on_gpu")) else {
         return;
@@ -48,8 +49,14 @@ fn check_engine(name: &'static str) {
             e.add_requests(&reqs).unwrap();
         }
         let mut step = 0;
-        // The tps the GPU ranks have run at: their device groups exist from then on.
-        let mut visited = vec![tp];
+        // The replicas (physical ranks in tp order: a switch's nested placement permutes them)
+        // the GPU ranks have run as: their device groups exist from then on.
+        let replicas = |e: &Engine| -> Vec<Vec<usize>> {
+            let l = e.layout();
+            (0..l.dp()).map(|d| l.replica_ranks(d).to_vec()).collect()
+        };
+        let mut seen = replicas(&gpu);
+        let mut switches = 0;
         while gpu.live() > 0 {
             gpu.step()
                 .unwrap_or_else(|e| panic!("{at} step {step}: {e}"));
@@ -88,28 +95,31 @@ fn check_engine(name: &'static str) {
                         (c.to_tp, c.n_migrated, c.n_recomputed)
                     );
                     assert_eq!(gpu.layout().tp, to, "{at} step {step}");
-                    // One device group per replica: made at the first visit to a tp, reused by
-                    // every later one; on the devices, plus the world group (made by the first
-                    // switch, reused by the others).
-                    let dp = world / to;
-                    let mut want = if visited.contains(&to) {
-                        (0, dp)
-                    } else {
-                        (dp, 0)
-                    };
+                    // One device group per replica: made at the first visit to that replica,
+                    // reused by every later one; on the devices, plus the world group (made by
+                    // the first switch, reused by the others).
+                    let mut want = (0, 0);
+                    for r in replicas(&gpu) {
+                        if seen.contains(&r) {
+                            want.1 += 1;
+                        } else {
+                            want.0 += 1;
+                            seen.push(r);
+                        }
+                    }
                     if how == GpuSwitch::Device {
-                        if visited.len() == 1 {
+                        if switches == 0 {
                             want.0 += 1;
                         } else {
                             want.1 += 1;
                         }
                     }
+                    switches += 1;
                     assert_eq!(
                         (g.groups_created, g.groups_reused),
                         want,
                         "{at} step {step}: device groups made, reused at tp {to}"
                     );
-                    visited.push(to);
                     eprintln!(
                         "{at} step {step}: switched to tp {to} ({policy:?}) in {:.1} ms",
                         g.total_ms

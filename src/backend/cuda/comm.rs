@@ -153,16 +153,22 @@ impl DeviceComm for HostComm<'_> {
         sends: &[(usize, DView<'_>)],
         recvs: &[(usize, DView<'_>)],
     ) -> Result<()> {
-        check_peers(self.comm.rank(), self.comm.size(), sends, recvs)?;
-        for (to, v) in sends {
-            self.comm.send(*to, &v.to_f32(dev)?)?;
+        let r = (|| {
+            check_peers(self.comm.rank(), self.comm.size(), sends, recvs)?;
+            for (to, v) in sends {
+                self.comm.send(*to, &v.to_f32(dev)?)?;
+            }
+            for (from, v) in recvs {
+                let mut h = vec![0f32; v.len()];
+                self.comm.recv(*from, &mut h)?;
+                v.write_f32(dev, &h)?;
+            }
+            Ok(())
+        })();
+        if r.is_err() {
+            self.comm.poison();
         }
-        for (from, v) in recvs {
-            let mut h = vec![0f32; v.len()];
-            self.comm.recv(*from, &mut h)?;
-            v.write_f32(dev, &h)?;
-        }
-        Ok(())
+        r
     }
     fn poison(&self) {
         self.comm.poison();
@@ -407,11 +413,11 @@ impl DeviceComm for SameDeviceComm {
         sends: &[(usize, DView<'_>)],
         recvs: &[(usize, DView<'_>)],
     ) -> Result<()> {
-        check_peers(self.rank, self.group.size, sends, recvs)?;
         if self.group.size == 1 {
-            return Ok(());
+            return check_peers(self.rank, 1, sends, recvs);
         }
         self.guarded(|| {
+            check_peers(self.rank, self.group.size, sends, recvs)?;
             let ready = Arc::new(dev.new_event()?);
             dev.record(&ready)?;
             {

@@ -73,6 +73,36 @@ fn keep_pool_memory(ctx: &CudaContext) {
     };
 }
 
+/// Bytes the device's default memory pool holds but no buffer uses (freed `DBuf`s it keeps, see
+/// [`keep_pool_memory`]): allocatable though the driver does not count them as free. 0 when the
+/// pool cannot be queried.
+fn pool_idle_bytes(ctx: &CudaContext) -> usize {
+    if ctx.bind_to_thread().is_err() {
+        return 0;
+    }
+    let mut pool = std::mem::MaybeUninit::<sys::CUmemoryPool>::uninit();
+    // SAFETY: `pool` is a valid out-pointer; the device handle comes from a live context.
+    let got = unsafe { sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), ctx.cu_device()) };
+    if got != CUresult::CUDA_SUCCESS {
+        return 0;
+    }
+    // SAFETY: cuDeviceGetDefaultMemPool succeeded, so `pool` is initialised.
+    let pool = unsafe { pool.assume_init() };
+    let attr = |a: sys::CUmemPool_attribute| -> Option<u64> {
+        let mut v: u64 = 0;
+        // SAFETY: both attributes take a pointer to a cuuint64_t, which `v` is.
+        let r = unsafe { sys::cuMemPoolGetAttribute(pool, a, &mut v as *mut u64 as *mut c_void) };
+        (r == CUresult::CUDA_SUCCESS).then_some(v)
+    };
+    use sys::CUmemPool_attribute::{
+        CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT as RESERVED, CU_MEMPOOL_ATTR_USED_MEM_CURRENT as USED,
+    };
+    match (attr(RESERVED), attr(USED)) {
+        (Some(r), Some(u)) => r.saturating_sub(u) as usize,
+        _ => 0,
+    }
+}
+
 /// Binds `ctx` for a destructor. cudarc's `bind_to_thread` first returns (and clears) any error
 /// recorded earlier, so a second try binds after a stale error.
 fn bind_for_drop(ctx: &CudaContext) -> bool {
@@ -212,6 +242,13 @@ impl CudaDev {
         self.ctx
             .mem_get_info()
             .map_err(dev_err("reading memory info"))
+    }
+
+    /// Bytes a new allocation can get: the driver's free memory plus what the memory pool keeps
+    /// from freed buffers.
+    pub fn allocatable_bytes(&self) -> Result<usize> {
+        let (free, _) = self.mem_info()?;
+        Ok(free + pool_idle_bytes(&self.ctx))
     }
 
     /// Waits for all work issued on this device's stream; reports asynchronous kernel faults.

@@ -62,8 +62,8 @@ pub(crate) struct GpuSet {
 
 enum Pending {
     Host(Staging),
-    /// A switch on the devices: the state lives on the workers.
-    Device,
+    /// A switch on the devices: the state lives on the workers; every rank's programs.
+    Device(std::sync::Arc<SwitchPrograms>),
 }
 
 /// A host-staged switch between `begin` and `commit`.
@@ -100,7 +100,7 @@ impl GpuSet {
             new_blocks: work.new_blocks,
             block_size: work.block_size,
         });
-        self.pending = Some(Pending::Device);
+        self.pending = Some(Pending::Device(plan.clone()));
         if let Err(e) = self.ranks.switch_begin(plan, work.new, fault) {
             self.abort_switch();
             return Err(e);
@@ -141,15 +141,16 @@ impl RankSet for GpuSet {
 
     /// On the devices the new pool is allocated next to the old layout, so it also gets no more
     /// than the device's free memory (each rank's share of its GPU) leaves after the new shard,
-    /// the KV messages (sent and received copies) and 512 MiB for activations; freed weight
-    /// bytes it cannot take stay free on the device.
+    /// the weight rows received into staging (what the shard grows by), the KV messages (sent
+    /// and received copies, a rank's even share) and 512 MiB for activations; freed weight bytes
+    /// it cannot take stay free on the device.
     fn new_pool_bytes(&self, old_pool: u64, old_w: u64, new_w: u64, kv_cross: u64) -> Result<u64> {
         let grown = (old_pool + old_w).saturating_sub(new_w);
         if !self.on_device() {
             return Ok(grown);
         }
         let world = self.ranks.devices().len().max(1) as u64;
-        let staging = 2 * kv_cross / world + (512 << 20);
+        let staging = 2 * kv_cross / world + new_w.saturating_sub(old_w) + (512 << 20);
         let room = self.ranks.free_share()?.saturating_sub(new_w + staging);
         Ok(grown.min(room))
     }
@@ -208,7 +209,7 @@ impl RankSet for GpuSet {
     ) -> Result<SwitchDone> {
         let p = match self.pending.as_mut() {
             Some(Pending::Host(p)) => p,
-            Some(Pending::Device) => {
+            Some(Pending::Device(_)) => {
                 let a = self.ranks.switch_apply(fault)?;
                 let elem = self.ranks.elem_bytes();
                 // Every re-sharded buffer is built fresh next to the old shard and the rows
@@ -248,9 +249,10 @@ impl RankSet for GpuSet {
     }
 
     fn commit_switch(&mut self, work: &SwitchWork<'_>, fault: Option<usize>) -> Result<f64> {
-        if let Some(Pending::Device) = self.pending {
+        if let Some(Pending::Device(plan)) = &self.pending {
             let t = Instant::now();
-            self.ranks.switch_commit(work.new, fault)?;
+            let plan = plan.clone();
+            self.ranks.switch_commit(&plan, work.new, fault)?;
             self.pending = None;
             return Ok(t.elapsed().as_secs_f64() * 1e3);
         }
@@ -267,7 +269,7 @@ impl RankSet for GpuSet {
             return Err(Error::Internal("commit_switch before apply_switch".into()));
         };
         let t = Instant::now();
-        let old_tp = weights.first().map_or(1, |w| w.tp);
+        let old = self.ranks.layout().clone();
         // The old shards stay on the host until the new layout is up, to restore it on failure.
         let mut new_w = weights
             .iter()
@@ -276,10 +278,10 @@ impl RankSet for GpuSet {
         run::rebuild_weights(work.weights, work.new, &mut new_w, staged);
         if let Err(e) = self
             .ranks
-            .replace(work.new.tp, new_w.into_iter().zip(new_kv).collect())
+            .replace(work.new, new_w.into_iter().zip(new_kv).collect())
         {
-            let old = weights.into_iter().zip(kv).collect();
-            if let Err(r) = self.ranks.replace(old_tp, old) {
+            let ranks = weights.into_iter().zip(kv).collect();
+            if let Err(r) = self.ranks.replace(&old, ranks) {
                 self.ranks.set_broken(format!(
                     "a failed switch ({e}) could not restore the old layout: {r}"
                 ));
@@ -290,7 +292,7 @@ impl RankSet for GpuSet {
     }
 
     fn abort_switch(&mut self) {
-        if let Some(Pending::Device) = self.pending.take() {
+        if let Some(Pending::Device(_)) = self.pending.take() {
             self.ranks.switch_abort();
         }
     }

@@ -162,20 +162,20 @@ pub(crate) trait RankSet {
 /// The ranks of an engine on one of the backends.
 pub(crate) enum Ranks {
     Cpu(CpuRanks),
-    Gpu(GpuSet),
+    Gpu(Box<GpuSet>),
 }
 
 impl Ranks {
     pub fn set(&mut self) -> &mut dyn RankSet {
         match self {
             Ranks::Cpu(c) => c,
-            Ranks::Gpu(g) => g,
+            Ranks::Gpu(g) => g.as_mut(),
         }
     }
     pub fn set_ref(&self) -> &dyn RankSet {
         match self {
             Ranks::Cpu(c) => c,
-            Ranks::Gpu(g) => g,
+            Ranks::Gpu(g) => g.as_ref(),
         }
     }
     pub fn backend(&self) -> &'static str {

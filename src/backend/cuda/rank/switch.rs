@@ -74,33 +74,13 @@ fn internal(rank: usize, msg: String) -> Error {
 }
 
 impl GpuRank {
-    /// Phase 1: the new layout's KV pool (zeroed), refused with the sizes when it does not fit
-    /// next to what the rank holds now.
+    /// Phase 1: the new layout's KV pool (zeroed). The caller checked that every rank's fits.
     pub fn switch_begin(
         &self,
         cfg: &ModelConfig,
-        rank: usize,
         plan: std::sync::Arc<SwitchPrograms>,
     ) -> Result<RankSwitch> {
         let heads = cfg.num_kv_heads / plan.new_tp.max(1);
-        let elem = self.dtype.size();
-        let need = crate::kv::kv_block_bytes(cfg, plan.new_tp, plan.block_size, elem) as usize
-            * plan.new_blocks;
-        let (free, _) = self.dev.mem_info()?;
-        if need > free {
-            let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
-            return Err(Error::KvExhausted(format!(
-                "rank {rank}: the tp {} KV pool ({} blocks, {:.2} GiB) does not fit in GPU {}'s \
-                 free {:.2} GiB next to the current layout (a switch on the device holds both \
-                 pools at once; lower `kv_blocks`, or switch through the host with \
-                 --gpu-switch host)",
-                plan.new_tp,
-                plan.new_blocks,
-                gib(need),
-                self.dev.ordinal(),
-                gib(free)
-            )));
-        }
         let new_kv = GpuKvPool::new(
             &self.dev,
             cfg.num_layers,
@@ -212,12 +192,27 @@ impl GpuRank {
     }
 
     /// Errors unless `wp` fits this rank's shard: its roles' buffers, one per layer, of the
-    /// program's old rows.
+    /// program's old rows, and every step's rows inside the old or new buffer. So nothing in the
+    /// exchange can fail on a bad program (with NCCL a peer could not be woken).
     fn check_weights(&self, wp: &WeightProgram, rank: usize) -> Result<()> {
+        let inside =
+            |at: usize, rows: usize, of: usize| at.checked_add(rows).is_some_and(|e| e <= of);
         for rp in &wp.roles {
             let bufs = role_buffers(&self.w, rp.role);
-            let ok =
-                bufs.len() == rp.repeats && bufs.iter().all(|b| b.len() == rp.old_rows * wp.hidden);
+            let steps_fit = rp.steps.iter().all(|s| match *s {
+                Step::Send { src_row, rows, .. } => inside(src_row, rows, rp.old_rows),
+                Step::Recv { dst_row, rows, .. } | Step::Zero { dst_row, rows } => {
+                    inside(dst_row, rows, rp.new_rows)
+                }
+                Step::Move {
+                    src_row,
+                    dst_row,
+                    rows,
+                } => inside(src_row, rows, rp.old_rows) && inside(dst_row, rows, rp.new_rows),
+            });
+            let ok = steps_fit
+                && bufs.len() == rp.repeats
+                && bufs.iter().all(|b| b.len() == rp.old_rows * wp.hidden);
             if !ok {
                 return Err(internal(
                     rank,
@@ -343,26 +338,11 @@ impl GpuRank {
     }
 
     /// Phase 4: every re-sharded buffer built anew from the old one and the staging (the old
-    /// shard is only read). Checked against free memory first.
+    /// shard is only read). The caller checked that every rank's new shard fits.
     pub fn switch_build(&self, sw: &mut RankSwitch, rank: usize) -> Result<()> {
         let wp = &sw.plan.weights[rank];
         let h = wp.hidden;
         let es = self.dtype.size();
-        let need: usize = wp
-            .roles
-            .iter()
-            .map(|rp| rp.repeats * rp.new_rows * h * es)
-            .sum();
-        let (free, _) = self.dev.mem_info()?;
-        if need > free {
-            return Err(Error::KvExhausted(format!(
-                "rank {rank}: the new weight shard ({:.2} GiB) does not fit in GPU {}'s free \
-                 {:.2} GiB next to the old one (lower `kv_blocks`, or --gpu-switch host)",
-                need as f64 / (1u64 << 30) as f64,
-                self.dev.ordinal(),
-                free as f64 / (1u64 << 30) as f64
-            )));
-        }
         let row = |n: usize| Strided {
             rows: 1,
             row_bytes: n * h * es,

@@ -1,5 +1,7 @@
-//! The device collective groups of GPU ranks: one per replica per tp, made at the first visit to
-//! a tp (`Connect`) and reused by every later one (`Activate`), counted in [`GroupCounts`].
+//! The device collective groups of GPU ranks: one per replica — its ranks in tp order, which a
+//! switch's nested placement may permute — made at the first visit to that replica (`Connect`)
+//! and reused by every later one (`Activate`), counted in [`GroupCounts`]; and the world group a
+//! switch on the devices exchanges through.
 
 use super::*;
 
@@ -34,35 +36,38 @@ fn first_error(replies: Vec<(usize, Receiver<Result<()>>)>) -> Result<()> {
 }
 
 impl GpuRanks {
-    /// Gives every replica of `layout` its group: the cached one when every rank holds one for
-    /// this tp (a switch back), else a fresh one, which is then cached.
+    /// Gives every replica of `layout` its group: the cached one when its members hold one for
+    /// exactly this replica (the same ranks in the same tp order: a switch back), else a fresh
+    /// one, which is then cached.
     pub(super) fn group_all(&mut self, layout: &Layout) -> Result<()> {
         let t = std::time::Instant::now();
         let cached = self.prepare_groups(layout)?;
-        self.activate_all(layout, cached)?;
+        self.activate_all(layout, &cached)?;
         self.groups.last_ms = t.elapsed().as_secs_f64() * 1e3;
         Ok(())
     }
 
-    /// Makes sure every rank holds a group for `layout.tp` (made and cached now unless it was
-    /// already), without using it yet; returns whether it was cached.
-    pub(super) fn prepare_groups(&mut self, layout: &Layout) -> Result<bool> {
-        if self.cached_tps.contains(&layout.tp) {
-            return Ok(true);
-        }
+    /// Makes sure the members of every replica of `layout` hold a group for it (made and cached
+    /// now unless it was already), without using it yet; returns, per replica, whether it was
+    /// cached.
+    pub(super) fn prepare_groups(&mut self, layout: &Layout) -> Result<Vec<bool>> {
+        let mut was = Vec::with_capacity(layout.dp());
         for d in 0..layout.dp() {
-            self.connect(layout, d)?;
+            let cached = self.cached.iter().any(|c| c == layout.replica_ranks(d));
+            if !cached {
+                self.connect(layout, d)?;
+            }
+            was.push(cached);
         }
-        self.cached_tps.push(layout.tp);
-        Ok(false)
+        Ok(was)
     }
 
-    /// Makes every replica of `layout` use its group for `layout.tp`, made again for a replica
-    /// whose members cannot (counted as reused when `cached`, i.e. made by an earlier visit).
-    pub(super) fn activate_all(&mut self, layout: &Layout, cached: bool) -> Result<()> {
+    /// Makes every replica of `layout` use its group, made again for a replica whose members
+    /// cannot (counted as reused where `cached[d]`, i.e. made by an earlier visit).
+    pub(super) fn activate_all(&mut self, layout: &Layout, cached: &[bool]) -> Result<()> {
         for d in 0..layout.dp() {
             if self.activate(layout, d).is_ok() {
-                self.groups.reused += cached as usize;
+                self.groups.reused += cached.get(d).copied().unwrap_or(false) as usize;
             } else {
                 self.connect(layout, d)?;
                 self.activate(layout, d)?;
@@ -72,27 +77,28 @@ impl GpuRanks {
     }
 
     /// Makes a fresh group for replica `d` of `layout` on its members and caches it, replacing
-    /// any cached one (all sent before any reply is awaited). `activate` puts it in use.
+    /// any cached one of the same members (all sent before any reply is awaited). `activate`
+    /// puts it in use.
     pub(super) fn connect(&mut self, layout: &Layout, d: usize) -> Result<()> {
+        let members = layout.replica_ranks(d).to_vec();
         let specs = group_specs(self.group_kinds_for(layout)?[d], layout.tp)?;
+        self.cached.retain(|c| c != &members);
         let mut replies = Vec::with_capacity(specs.len());
-        for (&rank, comm) in layout.replica_ranks(d).iter().zip(specs) {
+        for (&rank, comm) in members.iter().zip(specs) {
             let (rtx, rrx) = channel();
             let job = Job::Connect {
                 comm,
-                tp: layout.tp,
+                members: members.clone(),
                 reply: rtx,
             };
             self.send(rank, job)?;
             replies.push((rank, rrx));
         }
-        let r = first_error(replies);
-        match r {
-            Ok(()) => self.groups.created += 1,
-            // Some members may hold no usable group for this tp now: never activate it again.
-            Err(_) => self.cached_tps.retain(|&t| t != layout.tp),
-        }
-        r
+        // On error some members may hold no usable group: it stays out of the cache.
+        first_error(replies)?;
+        self.groups.created += 1;
+        self.cached.push(members);
+        Ok(())
     }
 
     /// The kind of each replica's group in `layout` on these ranks' devices.
@@ -102,18 +108,17 @@ impl GpuRanks {
             .collect()
     }
 
-    /// Makes replica `d`'s members use their cached group for `layout.tp`.
+    /// Makes replica `d`'s members use their cached group for exactly that replica.
     pub(super) fn activate(&mut self, layout: &Layout, d: usize) -> Result<()> {
+        let members = layout.replica_ranks(d);
         let mut replies = Vec::new();
-        for &rank in layout.replica_ranks(d) {
+        for &rank in members {
             let (rtx, rrx) = channel();
-            self.send(
-                rank,
-                Job::Activate {
-                    tp: layout.tp,
-                    reply: rtx,
-                },
-            )?;
+            let job = Job::Activate {
+                members: members.to_vec(),
+                reply: rtx,
+            };
+            self.send(rank, job)?;
             replies.push((rank, rrx));
         }
         first_error(replies)

@@ -10,11 +10,15 @@
 //! 2. `Connect`: the rank's collective group — `SoloComm` for tp 1, one `SameDeviceComm` group
 //!    when a replica's ranks share a GPU, NCCL when each has its own GPU. Sent to every member
 //!    before any reply is awaited, because NCCL's init blocks until all members join. A rank
-//!    keeps the group of every tp it has run at: a live switch back to that tp sends `Activate`
-//!    instead (no NCCL init), and counts it (`GpuRanks::group_counts`, the switch record's
-//!    `groups_created` / `groups_reused`).
+//!    keeps the group of every replica it has been a member of (keyed by the replica's ranks in
+//!    tp order, which a switch's nested placement permutes); `Activate` puts one in use, so a
+//!    live switch back to a replica seen before makes no group (no NCCL init), and counts it
+//!    (`GpuRanks::group_counts`, the switch record's `groups_created` / `groups_reused`).
 //! 3. `Forward`: one packed batch (owned copies of the engine's `SeqInput`s, shared by the
 //!    replica's members) → logits [n_seqs, vocab] on the host, from tp-rank 0.
+//! 4. A live switch: on the devices (`ConnectWorld` once, then `SwitchBegin`, `SwitchStage`,
+//!    `SwitchExchange`, `SwitchBuild`, `SwitchSwap`, or `SwitchAbort`; see `rank::switch`), or
+//!    through the host (`Download`, then `Replace`).
 //!
 //! Failures: a rank's error poisons its group, so peers return instead of waiting; the failed
 //! replica then gets a fresh group (`Connect` again) so the engine can carry on, as it does on the
@@ -104,15 +108,17 @@ enum Job {
         weights: Box<RankWeights>,
         reply: Sender<Result<Uploaded>>,
     },
-    /// Make the rank's group for layouts of `tp` (replacing a cached one); `Activate` uses it.
+    /// Make the rank's group for the replica of `members` (physical ranks in tp order),
+    /// replacing a cached one; `Activate` uses it.
     Connect {
         comm: CommSpec,
-        tp: usize,
+        members: Vec<usize>,
         reply: Sender<Result<()>>,
     },
-    /// Use the group for `tp` made by an earlier `Connect` (a switch back to a tp seen before).
+    /// Use the group for `members` made by an earlier `Connect` (a switch back to a replica seen
+    /// before).
     Activate {
-        tp: usize,
+        members: Vec<usize>,
         reply: Sender<Result<()>>,
     },
     Forward {
@@ -181,7 +187,8 @@ struct Worker {
 pub struct GpuRanks {
     workers: Vec<Worker>,
     devices: Vec<usize>,
-    tp: usize,
+    /// The layout the ranks hold now (placement included: groups are per replica).
+    layout: Layout,
     /// The device dtype of weights, activations and KV.
     dtype: DType,
     /// What each replica's collectives run on.
@@ -190,12 +197,13 @@ pub struct GpuRanks {
     uploaded: Vec<Uploaded>,
     /// Set when a failed replica could not get a fresh group: every later step errors with it.
     broken: Option<String>,
-    /// Tps whose groups every rank holds (made once, reused by a switch back).
-    cached_tps: Vec<usize>,
+    /// Replicas (physical ranks in tp order) whose members all hold a group for them (made
+    /// once, reused by a switch back).
+    cached: Vec<Vec<usize>>,
     /// Whether every rank holds a usable member of the world group (a switch on the devices).
     world_group: bool,
-    /// During a switch on the devices: whether the new tp's groups were cached before it.
-    new_cached: Option<bool>,
+    /// During a switch on the devices: whether each new replica's group was cached before it.
+    new_cached: Option<Vec<bool>>,
     groups: GroupCounts,
 }
 
@@ -249,12 +257,12 @@ impl GpuRanks {
         let mut me = GpuRanks {
             workers: Vec::with_capacity(world),
             devices: devices.clone(),
-            tp: layout.tp,
+            layout: layout.clone(),
             dtype,
             group_kinds,
             uploaded: Vec::new(),
             broken: None,
-            cached_tps: Vec::new(),
+            cached: Vec::new(),
             world_group: false,
             new_cached: None,
             groups: GroupCounts::default(),
@@ -380,14 +388,15 @@ impl GpuRanks {
                 "the GPU ranks are unusable after an earlier failure: {why}"
             )));
         }
-        if layout.world != self.workers.len() || layout.tp != self.tp || inputs.len() != layout.dp()
-        {
+        if layout != &self.layout || inputs.len() != layout.dp() {
             return Err(Error::Layout(format!(
-                "GPU ranks were built as world {} tp {}, asked to run world {} tp {} with {} replica batches",
-                self.workers.len(),
-                self.tp,
+                "GPU ranks hold world {} tp {} ({:?}), asked to run world {} tp {} ({:?}) with {} replica batches",
+                self.layout.world,
+                self.layout.tp,
+                (0..self.layout.dp()).map(|d| self.layout.replica_ranks(d)).collect::<Vec<_>>(),
                 layout.world,
                 layout.tp,
+                (0..layout.dp()).map(|d| layout.replica_ranks(d)).collect::<Vec<_>>(),
                 inputs.len()
             )));
         }

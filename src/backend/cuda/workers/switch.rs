@@ -19,13 +19,19 @@ impl GpuRanks {
     }
 
     /// Makes every rank again from host copies (`ranks[r]` for physical rank r) as the ranks of
-    /// a layout of `tp`, then gives every replica its group (cached from an earlier visit to this
-    /// tp, else made and cached: `group_counts`). Each rank's old buffers are
-    /// freed before its new ones are allocated. On error the ranks are in no usable layout: the
-    /// caller restores them (again with `replace`) or gives up on them.
-    pub fn replace(&mut self, tp: usize, ranks: Vec<(RankWeights, KvPool)>) -> Result<()> {
-        let layout = Layout::new(self.workers.len(), tp)?;
-        let group_kinds = self.group_kinds_for(&layout)?;
+    /// `layout`, then gives every replica its group (cached from an earlier visit to the same
+    /// replica, else made and cached: `group_counts`). Each rank's old buffers are freed before
+    /// its new ones are allocated. On error the ranks are in no usable layout: the caller
+    /// restores them (again with `replace`) or gives up on them.
+    pub fn replace(&mut self, layout: &Layout, ranks: Vec<(RankWeights, KvPool)>) -> Result<()> {
+        if layout.world != self.workers.len() {
+            return Err(Error::Layout(format!(
+                "replace: a layout of world {} for {} GPU ranks",
+                layout.world,
+                self.workers.len()
+            )));
+        }
+        let group_kinds = self.group_kinds_for(layout)?;
         let uploaded = self.all_with(ranks, |_, (w, kv), reply| Job::Replace {
             rank: HostRank {
                 weights: Box::new(w),
@@ -34,10 +40,15 @@ impl GpuRanks {
             reply,
         })?;
         self.uploaded = uploaded;
-        self.tp = tp;
+        self.layout = layout.clone();
         self.group_kinds = group_kinds;
         self.broken = None;
-        self.group_all(&layout)
+        self.group_all(layout)
+    }
+
+    /// The layout the ranks hold now.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
     }
 
     /// Marks the ranks unusable (every later step errors with `why`).
@@ -53,10 +64,20 @@ impl GpuRanks {
         new: &Layout,
         fault: Option<usize>,
     ) -> Result<()> {
+        if let Some(why) = &self.broken {
+            return Err(Error::Device(format!(
+                "the GPU ranks are unusable after an earlier failure: {why}"
+            )));
+        }
         let t = Instant::now();
         self.ensure_world()?;
         self.new_cached = Some(self.prepare_groups(new)?);
         self.groups.last_ms = t.elapsed().as_secs_f64() * 1e3;
+        let kp = &plan.kv_plan;
+        let heads = kp.num_kv_heads / plan.new_tp.max(1);
+        let pool = 2 * kp.num_layers * plan.new_blocks * heads * plan.block_size * kp.head_dim;
+        let elem = self.dtype.size();
+        self.check_room("its new KV pool", |_| pool * elem)?;
         self.all(|rank, reply| Job::SwitchBegin {
             plan: plan.clone(),
             fail: fault == Some(rank),
@@ -90,7 +111,18 @@ impl GpuRanks {
     /// Phase 3: every rank builds its new shard (fallible, the old one untouched), and only
     /// when all have, every rank swaps to the new buffers and pool; then `new`'s groups go into
     /// use. A failure after the first swap (a rank's worker died) leaves the ranks unusable.
-    pub fn switch_commit(&mut self, new: &Layout, fault: Option<usize>) -> Result<()> {
+    pub fn switch_commit(
+        &mut self,
+        plan: &SwitchPrograms,
+        new: &Layout,
+        fault: Option<usize>,
+    ) -> Result<()> {
+        let elem = self.dtype.size();
+        self.check_room("its new weight shard", |r| {
+            let wp = &plan.weights[r];
+            let rows: usize = wp.roles.iter().map(|rp| rp.repeats * rp.new_rows).sum();
+            rows * wp.hidden * elem
+        })?;
         self.all(|rank, reply| Job::SwitchBuild {
             fail: fault == Some(rank),
             reply,
@@ -98,15 +130,51 @@ impl GpuRanks {
         let group_kinds = self.group_kinds_for(new)?;
         let uploaded = self
             .all(|_, reply| Job::SwitchSwap { reply })
-            .inspect_err(|e| self.broken = Some(format!("a switch failed mid-swap: {e}")))?;
+            .map_err(|e| {
+                let why = format!("a switch failed mid-swap: {e}");
+                self.broken = Some(why.clone());
+                Error::Device(format!("{why}; the GPU ranks are unusable"))
+            })?;
         self.uploaded = uploaded;
-        self.tp = new.tp;
+        self.layout = new.clone();
         self.group_kinds = group_kinds;
         let t = Instant::now();
-        let cached = self.new_cached.take().unwrap_or(false);
-        self.activate_all(new, cached)
-            .inspect_err(|e| self.broken = Some(format!("no groups after a switch: {e}")))?;
+        let cached = self.new_cached.take().unwrap_or_default();
+        self.activate_all(new, &cached).map_err(|e| {
+            let why = format!("the switch swapped every rank but its groups failed: {e}");
+            self.broken = Some(why.clone());
+            Error::Device(format!("{why}; the GPU ranks are unusable"))
+        })?;
         self.groups.last_ms += t.elapsed().as_secs_f64() * 1e3;
+        Ok(())
+    }
+
+    /// Errors, naming the sizes, unless every GPU can hold what its ranks are about to allocate
+    /// at once (`need(rank)` bytes each) in the memory an allocation can get now.
+    fn check_room(&self, what: &str, need: impl Fn(usize) -> usize) -> Result<()> {
+        let free = self.all(|_, reply| Job::FreeBytes { reply })?;
+        let mut ords = self.devices.clone();
+        ords.sort_unstable();
+        ords.dedup();
+        for o in ords {
+            let ranks: Vec<usize> = (0..self.devices.len())
+                .filter(|&r| self.devices[r] == o)
+                .collect();
+            let total: usize = ranks.iter().map(|&r| need(r)).sum();
+            let avail = ranks.first().map_or(0, |&r| free[r]);
+            if total > avail {
+                let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+                return Err(Error::KvExhausted(format!(
+                    "a switch on the devices: each rank on GPU {o} needs {what} next to its current \
+                     layout, {:.2} GiB for its {} rank(s), but {:.2} GiB can be allocated (lower \
+                     `kv_blocks`, or switch through the host with --gpu-switch host); still \
+                     decoding at the old layout",
+                    gib(total),
+                    ranks.len(),
+                    gib(avail)
+                )));
+            }
+        }
         Ok(())
     }
 

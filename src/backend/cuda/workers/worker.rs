@@ -62,7 +62,8 @@ impl WorkerCtx {
         let weights = w.bytes() / 4 * elem;
         let kv =
             crate::kv::kv_block_bytes(&self.cfg, w.tp, self.block_size, elem) as usize * kv_blocks;
-        let (free, total) = dev.mem_info()?;
+        let (_, total) = dev.mem_info()?;
+        let free = dev.allocatable_bytes()?;
         let margin = 512 << 20;
         if weights + kv + margin > free {
             let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
@@ -85,11 +86,11 @@ impl WorkerCtx {
     /// (the engine gave up waiting) are dropped.
     pub(super) fn serve(self, rx: Receiver<Job>) {
         let mut rank: Option<GpuRank> = None;
-        // This rank's groups, one per tp it has run at (made once, reused by later switches),
+        // This rank's groups, one per replica it has been a member of (made once, reused by later switches),
         // and the one its layout uses now. Declared after `rank`, so dropped first: groups go
         // before the device they live on.
-        let mut comms: BTreeMap<usize, Box<dyn DeviceComm>> = BTreeMap::new();
-        let mut active: Option<usize> = None;
+        let mut comms: BTreeMap<Vec<usize>, Box<dyn DeviceComm>> = BTreeMap::new();
+        let mut active: Option<Vec<usize>> = None;
         // The world group a switch on the devices exchanges through, and that switch.
         let mut world: Option<Box<dyn DeviceComm>> = None;
         let mut switch: Option<RankSwitch> = None;
@@ -116,21 +117,21 @@ impl WorkerCtx {
                 }
                 Job::Connect {
                     comm: spec,
-                    tp,
+                    members,
                     reply,
                 } => {
-                    // The old group of this tp (if any) goes before the new one is made. It is
-                    // aborted, not closed in order: a regroup follows a failure, after which its
-                    // peers' communicators may already be gone.
-                    if let Some(old) = comms.remove(&tp) {
+                    // The old group of these members (if any) goes before the new one is made.
+                    // It is aborted, not closed in order: a regroup follows a failure, after
+                    // which its peers' communicators may already be gone.
+                    if let Some(old) = comms.remove(&members) {
                         old.poison();
                     }
-                    if active == Some(tp) {
+                    if active.as_ref() == Some(&members) {
                         active = None;
                     }
                     let r = make_comm(&rank, spec);
                     let _ = reply.send(r.map(|c| {
-                        comms.insert(tp, c);
+                        comms.insert(members, c);
                     }));
                 }
                 Job::ConnectWorld { comm: spec, reply } => {
@@ -144,7 +145,7 @@ impl WorkerCtx {
                     let r = match (&rank, fail) {
                         (_, true) => Err(injected(self.rank, "allocating the new KV pool")),
                         (None, _) => Err(not_uploaded("switch")),
-                        (Some(g), _) => g.switch_begin(&self.cfg, self.rank, plan),
+                        (Some(g), _) => g.switch_begin(&self.cfg, plan),
                     };
                     let _ = reply.send(r.map(|sw| switch = Some(sw)));
                 }
@@ -167,6 +168,11 @@ impl WorkerCtx {
                         // Peers must not wait on this rank; the group is remade next time.
                         if let Some(c) = world.take() {
                             c.poison();
+                        }
+                        // Copies this rank enqueued may read peers' messages: let them finish
+                        // before anyone's abort frees those (every rank replies first).
+                        if let Some(g) = &rank {
+                            let _ = g.dev().synchronize();
                         }
                     }
                     let _ = reply.send(r);
@@ -194,18 +200,18 @@ impl WorkerCtx {
                 }
                 Job::FreeBytes { reply } => {
                     let r = match &rank {
-                        Some(g) => g.dev().mem_info().map(|(free, _)| free),
+                        Some(g) => g.dev().allocatable_bytes(),
                         None => Err(not_uploaded("memory query")),
                     };
                     let _ = reply.send(r);
                 }
-                Job::Activate { tp, reply } => {
-                    let r = if rank.is_some() && comms.contains_key(&tp) {
-                        active = Some(tp);
+                Job::Activate { members, reply } => {
+                    let r = if rank.is_some() && comms.contains_key(&members) {
+                        active = Some(members);
                         Ok(())
                     } else {
                         Err(Error::Internal(format!(
-                            "no group for tp {tp} is cached on this rank"
+                            "no group for replica {members:?} is cached on this rank"
                         )))
                     };
                     let _ = reply.send(r);
@@ -242,7 +248,7 @@ impl WorkerCtx {
                     }));
                 }
                 Job::Forward { batch, reply } => {
-                    let comm = active.and_then(|t| comms.get(&t));
+                    let comm = active.as_ref().and_then(|m| comms.get(m));
                     let r = match (&mut rank, comm) {
                         (Some(g), Some(c)) => {
                             let seqs: Vec<SeqInput> = batch
