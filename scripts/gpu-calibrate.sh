@@ -111,10 +111,20 @@ run profile-host "$pat" profile --backend "$backend" --model "$dir/tiny" --world
 run launches "$pat" bench one-batch --backend "$backend" --model "$dir/tiny" --dtype "$dtype" \
     --batch-size 1,16 --input-len 64 --output-len 16
 
-# 5. The node profile.
+# 5. The node profile, with each replica's KV capacity from this GPU's memory (PAT_CAL_GPU:
+# h100, h200 or a40; default: from nvidia-smi's name, else h100) at PAT_CAL_MEM_FRACTION (0.5).
+gpu_kind="${PAT_CAL_GPU:-}"
+if [[ -z "$gpu_kind" ]]; then
+    case "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)" in
+        *H200*) gpu_kind=h200 ;;
+        *A40*) gpu_kind=a40 ;;
+        *) gpu_kind=h100 ;;
+    esac
+fi
 if [[ ${#compose_args[@]} -gt 0 ]]; then
     run compose "$pat" compose-profile "${compose_args[@]}" --model "$dir/shard1" \
-        --world "$world" --link "$link" --out "$dir/node.json"
+        --world "$world" --link "$link" --gpu "$gpu_kind" \
+        --mem-fraction "${PAT_CAL_MEM_FRACTION:-0.5}" --out "$dir/node.json"
 else
     echo "gpu-calibrate: no shard profile: nothing to compose" >&2
     ok=1

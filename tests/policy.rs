@@ -143,6 +143,12 @@ fn modeled_profile_samples_the_component_model() {
     // Prefill at tp1: 990e12 * 0.5 / (2 * 7,504,658,432) = 32,979.5 tokens/s.
     assert!(close(p.prefill_rate(1).unwrap(), 32979.5156, 1e-8));
     assert_eq!(p.provenance("decode"), "modeled");
+    // Each replica's KV capacity at memory fraction 0.5 of 80 GB (by hand in tests/sim_model.rs:
+    // (4 x 80e9 x 0.5 - 16,059,990,016 B of weights) / 131,072 B per token at tp 4).
+    assert_eq!(
+        p.kv_capacity_tokens[&4],
+        ((160e9 - 16_059_990_016.0) / 131_072.0) as usize
+    );
     assert_eq!("pcie".parse::<Link>().unwrap(), Link::Pcie);
     assert_eq!("100".parse::<Link>().unwrap(), Link::GBps(100.0));
     assert!("fast".parse::<Link>().is_err() && "-3".parse::<Link>().is_err());

@@ -3,7 +3,9 @@
 
 use pat::policy::modeled::{Link, ModelShape};
 use pat::policy::predictor::{validate_form, FitForm};
-use pat::sim::{sampled_profile, ComponentModel, ComponentParams, GpuKind};
+use pat::sim::{
+    sampled_profile, ComponentModel, ComponentParams, GpuKind, ProfileTable, StepClock,
+};
 
 fn model(shape: ModelShape, per_seq_us: f64, link: Link) -> ComponentModel {
     let mut p = ComponentParams::defaults(GpuKind::H100, link);
@@ -68,6 +70,30 @@ fn a_node_profile_composes_shard_steps_with_the_links_collectives() {
     );
     assert_eq!(node.model, full);
     assert!(node.measured["decode"] && !node.measured["switch"]);
+    // KV capacity per replica at memory fraction 0.5 of an H100's 80 GB: the bf16 weights are
+    // 7,504,658,432 x 2 + 128256 x 4096 x 2 (untied embedding) = 16,059,990,016 B; a token's KV
+    // is 2 x 32 layers x 8 kv heads x 128 x 2 B = 131,072 B at any tp. tp1: (40e9 - W) / 131072
+    // = 182,647; tp8: (320e9 - W) / 131072 = 2,318,878.
+    let cap: Vec<(usize, usize)> = node.kv_capacity_tokens.clone().into_iter().collect();
+    assert_eq!(cap, vec![(1, 182_647), (8, 2_318_878)]);
+    // The simulator's clock for this profile holds exactly that; a profile without capacities
+    // (the engine profiler's) is unbounded.
+    let table = ProfileTable::new(&node).unwrap();
+    assert_eq!(table.kv_capacity_tokens(8), Some(2_318_878));
+    assert_eq!(table.kv_capacity_tokens(2), None);
+    let mut bare = node.clone();
+    bare.kv_capacity_tokens.clear();
+    assert_eq!(
+        ProfileTable::new(&bare).unwrap().kv_capacity_tokens(1),
+        None
+    );
+    // The capacities survive the profile file; a tp that does not divide the world is refused.
+    let back = pat::policy::Profile::from_json(&node.to_json(), "node.json".as_ref()).unwrap();
+    assert_eq!(back.kv_capacity_tokens, node.kv_capacity_tokens);
+    let mut bad = node.clone();
+    bad.kv_capacity_tokens.insert(3, 10);
+    let e = bad.validate().unwrap_err().to_string();
+    assert!(e.contains("kv_capacity_tokens names tp 3"), "{e}");
     // A shard of the wrong model, a tp that does not split the model, or one given twice: errors.
     let e = compose_node(&[(2, shard(4, 1.0))], &full, 8, &p).unwrap_err();
     assert!(e.to_string().contains("not the tp-2 shard"), "{e}");

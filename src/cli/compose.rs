@@ -11,7 +11,7 @@ use pat::policy::modeled::{Link, ModelShape};
 use pat::policy::predictor::validate;
 use pat::policy::Profile;
 use pat::sim::compose::compose_node;
-use pat::sim::{ComponentParams, GpuKind};
+use pat::sim::ComponentParams;
 
 /// `K=FILE`: the profile of the TP-K shard model.
 #[derive(Clone, Debug)]
@@ -59,6 +59,14 @@ pub struct ComposeArgs {
     /// Link between the node's GPUs: picks the all-reduce table (nvlink, pcie, or GB/s).
     #[arg(long, default_value = "nvlink")]
     pub link: Link,
+    /// The node's GPUs (h100, h200 or a40): their memory sets each replica's KV capacity.
+    #[arg(long, value_enum, default_value = "h100")]
+    pub gpu: super::simulate::Gpu,
+    /// Fraction of GPU memory for weights + KV (colocated RL runs 0.4-0.6): a TP-k replica
+    /// holds `k * fraction * GPU memory - weights` of KV; `pat simulate` queues and preempts
+    /// past it.
+    #[arg(long, default_value_t = 0.5)]
+    pub mem_fraction: f64,
     /// Output profile JSON.
     #[arg(long)]
     pub out: PathBuf,
@@ -68,12 +76,13 @@ pub fn run(a: ComposeArgs) -> Result<()> {
     if a.world == 0 {
         return Err(Error::Invalid("--world must be at least 1".into()));
     }
+    let mut params = ComponentParams::defaults(a.gpu.into(), a.link);
+    params.mem_fraction = super::simulate::mem_fraction(a.mem_fraction)?;
     let shards = a
         .shards
         .iter()
         .map(|s| Profile::load(&s.file).map(|p| (s.k, p)))
         .collect::<Result<Vec<_>>>()?;
-    let params = ComponentParams::defaults(GpuKind::H100, a.link);
     let full = match &a.model {
         Some(dir) => {
             let cfg =

@@ -127,12 +127,7 @@ fn non_negative(v: f64, flag: &str) -> Result<f64> {
 pub fn component_model(a: &SimulateArgs) -> Result<ComponentModel> {
     let shape = a.model_shape.unwrap_or(ModelShape::Llama3_8b);
     let link = a.link.unwrap_or(Link::NvLink);
-    let gpu = match a.gpu.unwrap_or(Gpu::H100) {
-        Gpu::H100 => GpuKind::H100,
-        Gpu::H200 => GpuKind::H200,
-        Gpu::A40 => GpuKind::A40,
-    };
-    let mut p = ComponentParams::defaults(gpu, link);
+    let mut p = ComponentParams::defaults(a.gpu.unwrap_or(Gpu::H100).into(), link);
     if let Some(path) = &a.cost_model {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         p = p.overridden(&text, &format!("--cost-model {}", path.display()))?;
@@ -141,14 +136,30 @@ pub fn component_model(a: &SimulateArgs) -> Result<ComponentModel> {
         p.host_per_seq_us = non_negative(us, "--per-seq-us")?;
     }
     if let Some(f) = a.mem_fraction {
-        if !(f > 0.0 && f <= 1.0) {
-            return Err(Error::Invalid(format!(
-                "--mem-fraction must be in (0, 1], got {f}"
-            )));
-        }
-        p.mem_fraction = f;
+        p.mem_fraction = mem_fraction(f)?;
     }
     ComponentModel::new(shape.dims(), p)
+}
+
+/// `--mem-fraction`, checked.
+pub fn mem_fraction(f: f64) -> Result<f64> {
+    if f > 0.0 && f <= 1.0 {
+        Ok(f)
+    } else {
+        Err(Error::Invalid(format!(
+            "--mem-fraction must be in (0, 1], got {f}"
+        )))
+    }
+}
+
+impl From<Gpu> for GpuKind {
+    fn from(g: Gpu) -> GpuKind {
+        match g {
+            Gpu::H100 => GpuKind::H100,
+            Gpu::H200 => GpuKind::H200,
+            Gpu::A40 => GpuKind::A40,
+        }
+    }
 }
 
 /// The clock, the profile the policy's predictor is fitted to, and a note on where both came

@@ -229,6 +229,7 @@ pub fn measure_profile(
         transfer_bytes_per_s: transfer,
         switch,
         measured,
+        kv_capacity_tokens: Default::default(),
         source: PathBuf::from("<profile>"),
     };
     profile.validate()?;

@@ -88,6 +88,12 @@ pub struct Profile {
     pub transfer_bytes_per_s: f64,
     pub switch: SwitchProfile,
     pub measured: BTreeMap<String, bool>,
+    /// KV tokens one replica holds at each tp (the node's memory at its memory fraction, less
+    /// the weights); a tp not listed is unbounded. `pat simulate --profile` queues and preempts
+    /// past it. Modeled and composed node profiles state it; the engine profiler measures speed
+    /// only and leaves it empty.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub kv_capacity_tokens: BTreeMap<usize, usize>,
     /// Where the profile was read from (for messages); not part of the file.
     #[serde(skip)]
     pub source: PathBuf,
@@ -177,6 +183,12 @@ impl Profile {
                     s.tp, s.batch, s.context, s.step_ms, self.world
                 )));
             }
+        }
+        if let Some(tp) = self.kv_capacity_tokens.keys().find(|&&tp| !tp_ok(tp)) {
+            return Err(self.err(format!(
+                "kv_capacity_tokens names tp {tp}, which does not divide world {}",
+                self.world
+            )));
         }
         for (i, s) in self.prefill.iter().enumerate() {
             if !tp_ok(s.tp) || !rate_ok(s.tokens_per_s) {

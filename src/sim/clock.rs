@@ -5,7 +5,8 @@
 //! - [`ComponentModel`](super::component::ComponentModel): a modeled GPU node, term by term.
 //! - [`ProfileTable`]: a measured profile's own samples, interpolated (linear in context within
 //!   each profiled batch, then linear in batch between the two nearest batches; beyond the
-//!   profiled range, extended along the last segment and never below zero).
+//!   profiled range, extended along the last segment and never below zero), with the profile's
+//!   KV capacity per replica where it states one.
 
 use std::collections::BTreeMap;
 
@@ -89,6 +90,8 @@ pub struct ProfileTable {
     /// tp -> batch -> (context, ms) sorted by context (repeated points averaged).
     decode: BTreeMap<usize, BTreeMap<usize, Vec<(f64, f64)>>>,
     prefill: Vec<(usize, f64)>,
+    /// tp -> KV tokens a replica holds (the profile's; absent: unbounded).
+    capacity: BTreeMap<usize, usize>,
     what: String,
 }
 
@@ -116,11 +119,22 @@ impl ProfileTable {
                 .or_default()
                 .push((c as f64, sum / n as f64));
         }
+        let capacity = if p.kv_capacity_tokens.is_empty() {
+            "KV unbounded".to_string()
+        } else {
+            let per: Vec<String> = p
+                .kv_capacity_tokens
+                .iter()
+                .map(|(tp, n)| format!("tp{tp} {n}"))
+                .collect();
+            format!("KV tokens per replica {}", per.join(", "))
+        };
         Ok(ProfileTable {
             decode,
             prefill: p.prefill_points(),
+            capacity: p.kv_capacity_tokens.clone(),
             what: format!(
-                "measured profile {} ({}, {}), interpolated",
+                "measured profile {} ({}, {}), interpolated; {capacity}",
                 p.source.display(),
                 p.backend,
                 p.device
@@ -151,8 +165,8 @@ impl StepClock for ProfileTable {
     fn prefill_tokens_per_s(&self, tp: usize) -> Option<f64> {
         crate::stats::rate_at(&self.prefill, tp)
     }
-    fn kv_capacity_tokens(&self, _tp: usize) -> Option<usize> {
-        None
+    fn kv_capacity_tokens(&self, tp: usize) -> Option<usize> {
+        self.capacity.get(&tp).copied()
     }
     fn describe(&self) -> String {
         self.what.clone()
@@ -210,6 +224,10 @@ pub fn sampled_profile(model: &ComponentModel, world: usize) -> Result<Profile> 
         measured: MEASURED_GROUPS
             .iter()
             .map(|g| (g.to_string(), false))
+            .collect(),
+        kv_capacity_tokens: tps
+            .iter()
+            .map(|&tp| (tp, model.kv_capacity_tokens(tp)))
             .collect(),
         model: dims.clone(),
         source: "<modeled>".into(),

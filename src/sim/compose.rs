@@ -8,7 +8,9 @@
 //!
 //! The shard's step already holds the engine's host cost (this engine is synchronous: host and
 //! device do not overlap), its kernels and their gaps. Prefill of a TP-k replica runs at the
-//! shard's rate (each rank does its 1/k of the work at once). The switch stays modeled.
+//! shard's rate (each rank does its 1/k of the work at once). The switch stays modeled. A TP-k
+//! replica holds `k * mem_fraction * gpu_memory - weights` bytes of KV (the component model's
+//! capacity, from the node's GPU memory and memory fraction).
 
 use super::component::ComponentParams;
 use crate::error::{Error, Result};
@@ -125,6 +127,16 @@ pub fn compose_node(
             .iter()
             .map(|g| (g.to_string(), matches!(*g, "decode" | "prefill")))
             .collect(),
+        kv_capacity_tokens: {
+            let node = super::component::ComponentModel::new(
+                ModelDims {
+                    dtype_bytes: first.model.dtype_bytes,
+                    ..full.clone()
+                },
+                p.clone(),
+            )?;
+            seen.iter().map(|&k| (k, node.kv_capacity_tokens(k))).collect()
+        },
         model: ModelDims {
             dtype_bytes: first.model.dtype_bytes,
             ..full.clone()
