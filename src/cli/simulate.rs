@@ -186,8 +186,9 @@ pub fn world_model(a: &SimulateArgs) -> Result<(Box<dyn StepClock>, Profile, Str
             p.check_matches(&dims, a.world)?;
             let table = ProfileTable::new(&p)?;
             let note = format!(
-                "clock: the profile {} itself (interpolated; KV capacity not modeled); the policy sees a predictor fitted to it",
-                path.display()
+                "clock: the profile {} itself (interpolated; {}); the policy sees a predictor fitted to it",
+                path.display(),
+                p.capacity_summary()
             );
             Ok((Box::new(table), p, note))
         }

@@ -135,6 +135,20 @@ impl Profile {
         Error::config(path, msg)
     }
 
+    /// The KV capacity the profile states, for reports: "KV tokens per replica: tp1 N, tp2 M",
+    /// or that it states none (unbounded).
+    pub fn capacity_summary(&self) -> String {
+        if self.kv_capacity_tokens.is_empty() {
+            return "KV capacity not stated, so unbounded".into();
+        }
+        let per: Vec<String> = self
+            .kv_capacity_tokens
+            .iter()
+            .map(|(tp, n)| format!("tp{tp} {n}"))
+            .collect();
+        format!("KV tokens per replica: {}", per.join(", "))
+    }
+
     /// Checks version, backend, dims, every sample and rate, and the `measured` map.
     pub fn validate(&self) -> Result<()> {
         if self.version != PROFILE_VERSION {

@@ -119,25 +119,16 @@ impl ProfileTable {
                 .or_default()
                 .push((c as f64, sum / n as f64));
         }
-        let capacity = if p.kv_capacity_tokens.is_empty() {
-            "KV unbounded".to_string()
-        } else {
-            let per: Vec<String> = p
-                .kv_capacity_tokens
-                .iter()
-                .map(|(tp, n)| format!("tp{tp} {n}"))
-                .collect();
-            format!("KV tokens per replica {}", per.join(", "))
-        };
         Ok(ProfileTable {
             decode,
             prefill: p.prefill_points(),
             capacity: p.kv_capacity_tokens.clone(),
             what: format!(
-                "measured profile {} ({}, {}), interpolated; {capacity}",
+                "measured profile {} ({}, {}), interpolated; {}",
                 p.source.display(),
                 p.backend,
-                p.device
+                p.device,
+                p.capacity_summary()
             ),
         })
     }

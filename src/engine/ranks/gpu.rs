@@ -181,9 +181,10 @@ impl RankSet for GpuSet {
             if need > avail {
                 let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
                 return Err(Error::KvExhausted(format!(
-                    "a GPU switch is staged through host memory for now and needs {:.2} GiB of it \
-                     (every rank's shard twice and its old and new KV pools, in f32); {:.2} GiB \
-                     are available. Still decoding at the old layout",
+                    "this GPU switch goes through host memory (--gpu-switch host, or a placement \
+                     the device path cannot group) and needs {:.2} GiB of it (every rank's shard \
+                     twice and its old and new KV pools, in f32); {:.2} GiB are available. Still \
+                     decoding at the old layout",
                     gib(need),
                     gib(avail)
                 )));
