@@ -73,6 +73,12 @@ impl GpuRanks {
     pub fn elem_bytes(&self) -> u64 {
         match *self {}
     }
+    pub fn broken(&self) -> Option<&str> {
+        match *self {}
+    }
+    pub fn check_groups(&self, _layout: &Layout) -> Result<()> {
+        match *self {}
+    }
     pub fn free_share(&self) -> Result<u64> {
         match *self {}
     }

@@ -270,10 +270,13 @@ impl Engine {
         };
         if let Err(e) = ranks.commit_switch(&work, f_commit) {
             ranks.abort_switch();
-            return Err(e.context(format!(
-                "switch to tp {new_tp} aborted, still at tp {}",
-                old.tp
-            )));
+            let at = match ranks.unusable() {
+                Some(_) => {
+                    format!("switch to tp {new_tp} failed after the swap; the ranks are unusable")
+                }
+                None => format!("switch to tp {new_tp} aborted, still at tp {}", old.tp),
+            };
+            return Err(e.context(at));
         }
         report.kv_migrate_ms = done.kv_migrate_ms;
         report.weight_reshard_ms = done.weight_ms;

@@ -18,8 +18,8 @@
 //!   and makes every GPU rank again from them. Exactly the CPU's reshard at the price of a round
 //!   trip through host memory; a failed commit restores the old layout from the host copies.
 //!
-//! Either way the new layout's device groups are made at the first visit to a tp and reused by
-//! every later one.
+//! Either way each replica's device group (its ranks in tp order) is made at the first visit to
+//! that replica and reused by every later one.
 
 use std::time::Instant;
 
@@ -157,9 +157,16 @@ impl RankSet for GpuSet {
 
     fn begin_switch(&mut self, work: &SwitchWork<'_>, fault: Option<usize>) -> Result<f64> {
         self.pending = None;
+        if let Some(why) = self.ranks.broken() {
+            return Err(Error::Device(format!(
+                "the GPU ranks are unusable after an earlier failure: {why}"
+            )));
+        }
         if self.on_device() {
             return self.device_begin(work, fault);
         }
+        // The new layout's groups must be possible before anything is downloaded.
+        self.ranks.check_groups(work.new)?;
         let t = Instant::now();
         let cfg = work.cfg;
         // Host staging holds, in f32, every rank's shard twice (old, kept to restore a failed
@@ -290,6 +297,10 @@ impl RankSet for GpuSet {
             return Err(e);
         }
         Ok(t.elapsed().as_secs_f64() * 1e3)
+    }
+
+    fn unusable(&self) -> Option<String> {
+        self.ranks.broken().map(str::to_owned)
     }
 
     fn abort_switch(&mut self) {

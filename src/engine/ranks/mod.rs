@@ -157,6 +157,11 @@ pub(crate) trait RankSet {
     fn commit_switch(&mut self, work: &SwitchWork<'_>, fault: Option<usize>) -> Result<f64>;
     /// Drops whatever `begin_switch` and `apply_switch` made; the old layout keeps decoding.
     fn abort_switch(&mut self);
+    /// Why the ranks cannot run any more (a switch failed after some rank swapped and the old
+    /// layout could not be restored), if so.
+    fn unusable(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The ranks of an engine on one of the backends.

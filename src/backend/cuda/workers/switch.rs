@@ -56,6 +56,16 @@ impl GpuRanks {
         self.broken = Some(why);
     }
 
+    /// Why the ranks are unusable, if they are.
+    pub fn broken(&self) -> Option<&str> {
+        self.broken.as_deref()
+    }
+
+    /// Errors unless every replica of `layout` can form a device group on these ranks' GPUs.
+    pub fn check_groups(&self, layout: &Layout) -> Result<()> {
+        self.group_kinds_for(layout).map(|_| ())
+    }
+
     /// A switch on the devices, phase 1: the world group (made once) and `new`'s replica groups
     /// (made and cached, not used yet), then every rank's new KV pool. `fault`: this rank fails.
     pub fn switch_begin(
