@@ -178,22 +178,25 @@ fn a_failed_gpu_switch_in_any_phase_on_any_rank_loses_nothing() {
 }
 
 fn failed_switches(m: &Model, reqs: &[pat::engine::Request], cost: &CostModel, how: GpuSwitch) {
-    let make = || {
-        let opts = EngineOptions {
-            world: 4,
-            tp: 1,
-            block_size: BS,
-            kv_blocks: 256,
-            dtype: Dtype::F32,
-            sampling: SamplingParams::default(),
-        };
-        let backend = Backend::Cuda {
-            devices: Some(vec![0; 4]),
-            switch: how,
-        };
-        Engine::with_backend(m.cfg.clone(), &m.ck, opts, &backend).unwrap()
-    };
+    let make = || four_ranks_at_tp1(m, 256, Dtype::F32, how);
     failed_switch_loses_nothing(make, reqs, &m.gold, cost);
+}
+
+/// An engine of 4 ranks on GPU 0 at tp 1 with `kv_blocks` blocks per rank.
+fn four_ranks_at_tp1(m: &Model, kv_blocks: usize, dtype: Dtype, how: GpuSwitch) -> Engine {
+    let opts = EngineOptions {
+        world: 4,
+        tp: 1,
+        block_size: BS,
+        kv_blocks,
+        dtype,
+        sampling: SamplingParams::default(),
+    };
+    let backend = Backend::Cuda {
+        devices: Some(vec![0; 4]),
+        switch: how,
+    };
+    Engine::with_backend(m.cfg.clone(), &m.ck, opts, &backend).unwrap()
 }
 
 /// bf16, the primary GPU dtype: world 4 on one GPU through a ladder 1 -> 2 -> 4 -> 1 -> 2
@@ -209,19 +212,7 @@ fn bf16_switches_on_the_devices_equal_switches_through_the_host() {
     };
     let reqs = golden_requests(&m.gold, m.max_new);
     let make = |how: GpuSwitch| {
-        let opts = EngineOptions {
-            world: 4,
-            tp: 1,
-            block_size: BS,
-            kv_blocks: 1024,
-            dtype: Dtype::Bf16,
-            sampling: SamplingParams::default(),
-        };
-        let backend = Backend::Cuda {
-            devices: Some(vec![0; 4]),
-            switch: how,
-        };
-        let mut e = Engine::with_backend(m.cfg.clone(), &m.ck, opts, &backend).unwrap();
+        let mut e = four_ranks_at_tp1(&m, 1024, Dtype::Bf16, how);
         e.record_logits(true);
         e.add_requests(&reqs).unwrap();
         e

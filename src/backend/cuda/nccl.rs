@@ -410,42 +410,26 @@ impl DeviceComm for NcclComm {
             dev.bind()?;
             nccl::group_start().map_err(self.call_err("ncclGroupStart"))?;
             let mut r = Ok(());
-            for (to, v) in sends {
-                // SAFETY: the communicator is live and on this device; `v` is a live view of
-                // `bytes_of(v)` bytes, unchanged until the grouped call has run on the stream.
-                let sent = unsafe {
-                    nccl::send(
-                        v.ptr() as *const c_void,
-                        bytes_of(v),
-                        sys::ncclDataType_t::ncclUint8,
-                        *to as c_int,
-                        self.comm,
-                        Self::stream(dev),
-                    )
+            let all = sends.iter().map(|m| (true, m));
+            for (send, (peer, v)) in all.chain(recvs.iter().map(|m| (false, m))) {
+                let (p, n, peer) = (v.ptr() as *mut c_void, bytes_of(v), *peer as c_int);
+                let (u8s, stream) = (sys::ncclDataType_t::ncclUint8, Self::stream(dev));
+                // The communicator is live and on this device; `v` is a live view of `n` bytes that
+                // stays unchanged (a send) or unused by anything else (a receive) until the
+                // grouped call has run on the stream.
+                r = if send {
+                    // SAFETY: see above.
+                    unsafe { nccl::send(p as *const c_void, n, u8s, peer, self.comm, stream) }
+                        .map(|_| ())
+                        .map_err(self.call_err("ncclSend"))
+                } else {
+                    // SAFETY: see above.
+                    unsafe { nccl::recv(p, n, u8s, peer, self.comm, stream) }
+                        .map(|_| ())
+                        .map_err(self.call_err("ncclRecv"))
                 };
-                r = sent.map(|_| ()).map_err(self.call_err("ncclSend"));
                 if r.is_err() {
                     break;
-                }
-            }
-            if r.is_ok() {
-                for (from, v) in recvs {
-                    // SAFETY: as for the sends; `v` is writable device memory of `bytes_of(v)`
-                    // bytes that nothing else uses until the stream has run the receive.
-                    let got = unsafe {
-                        nccl::recv(
-                            v.ptr() as *mut c_void,
-                            bytes_of(v),
-                            sys::ncclDataType_t::ncclUint8,
-                            *from as c_int,
-                            self.comm,
-                            Self::stream(dev),
-                        )
-                    };
-                    r = got.map(|_| ()).map_err(self.call_err("ncclRecv"));
-                    if r.is_err() {
-                        break;
-                    }
                 }
             }
             // The group is closed even after a failed call, so NCCL's group state is not left open.

@@ -49,6 +49,7 @@ use crate::parallel::Layout;
 use crate::reshard::SwitchPrograms;
 
 mod groups;
+mod info;
 mod switch;
 mod worker;
 use worker::WorkerCtx;
@@ -467,77 +468,5 @@ impl GpuRanks {
             return Err(e);
         }
         Ok(logits)
-    }
-
-    /// (weight bytes, KV pool bytes) on physical rank `rank`'s device.
-    /// Bytes per element of every rank's weight and KV buffers (the device dtype's size).
-    pub fn elem_bytes(&self) -> u64 {
-        self.dtype.size() as u64
-    }
-
-    pub fn bytes(&self, rank: usize) -> (usize, usize) {
-        let u = &self.uploaded[rank];
-        (u.weight_bytes, u.kv_bytes)
-    }
-    /// Weight bytes physical rank `rank` reads per decode step.
-    pub fn read_bytes(&self, rank: usize) -> usize {
-        self.uploaded[rank].read_bytes
-    }
-    /// The least free device memory any rank can count on: its GPU's free bytes divided among
-    /// the ranks on that GPU.
-    pub fn free_share(&self) -> Result<u64> {
-        let free = self.all(|_, reply| Job::FreeBytes { reply })?;
-        let on = |o: usize| self.devices.iter().filter(|&&d| d == o).count().max(1);
-        Ok(free
-            .iter()
-            .zip(&self.devices)
-            .map(|(&f, &o)| (f / on(o)) as u64)
-            .min()
-            .unwrap_or(0))
-    }
-
-    /// CUDA ordinal of each physical rank.
-    pub fn devices(&self) -> &[usize] {
-        &self.devices
-    }
-    /// Device name of physical rank `rank`, e.g. "NVIDIA H100 80GB HBM3".
-    pub fn device_name(&self, rank: usize) -> &str {
-        &self.uploaded[rank].device_name
-    }
-    /// What each replica's collectives run on.
-    pub fn group_kinds(&self) -> &[GroupKind] {
-        &self.group_kinds
-    }
-
-    /// Where the ranks run, e.g. "2 rank(s) on GPU 0 (NVIDIA H100 80GB HBM3); collectives: ...".
-    pub fn describe(&self) -> String {
-        let mut per: Vec<(usize, &str, usize)> = Vec::new();
-        for (rank, &o) in self.devices().iter().enumerate() {
-            let name = self.device_name(rank);
-            match per.iter_mut().find(|p| p.0 == o) {
-                Some(p) => p.2 += 1,
-                None => per.push((o, name, 1)),
-            }
-        }
-        let gpus: Vec<String> = per
-            .iter()
-            .map(|(o, name, n)| format!("{n} rank(s) on GPU {o} ({name})"))
-            .collect();
-        let kinds: Vec<&str> = self.group_kinds().iter().map(|k| k.name()).collect();
-        format!("{}; collectives: {}", gpus.join(", "), kinds.join(", "))
-    }
-
-    /// Measured device copy bandwidth (bytes/s, read + write) of each GPU the ranks use,
-    /// ascending by ordinal.
-    pub fn copy_bandwidths(&self) -> Result<Vec<(usize, f64)>> {
-        let mut ids = self.devices().to_vec();
-        ids.sort_unstable();
-        ids.dedup();
-        ids.iter()
-            .map(|&o| {
-                let dev = CudaDev::new(o)?;
-                Ok((o, super::bench::copy_bandwidth(&dev)?))
-            })
-            .collect()
     }
 }
