@@ -28,11 +28,12 @@ pub struct GroupCounts {
     pub last_ms: f64,
 }
 
-/// What a switch's exchange on the devices did on every rank together.
+/// What a switch's exchange on the devices did, on one rank or (summed; the slowest rank's times)
+/// on every rank together.
 #[derive(Clone, Debug, Default)]
 pub struct DeviceApplied {
     pub kv: crate::reshard::KvStats,
-    /// The slowest rank's KV phase and weight phase, ms.
+    /// The KV phase and the weight phase, ms.
     pub kv_ms: f64,
     pub weight_ms: f64,
 }

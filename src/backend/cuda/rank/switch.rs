@@ -56,13 +56,8 @@ pub struct RankSwitch {
     ids: std::collections::BTreeMap<usize, (DBuf, DBuf)>,
 }
 
-/// What a rank's exchange did.
-#[derive(Clone, Debug, Default)]
-pub struct ExchangeStats {
-    pub kv: KvStats,
-    pub kv_ms: f64,
-    pub weight_ms: f64,
-}
+/// What a rank's exchange did: the same record as every rank's together.
+pub type ExchangeStats = crate::backend::DeviceApplied;
 
 /// Elements of one KV piece of a sequence of `nb` blocks.
 fn piece_len(plan: &KvPlan, nb: usize) -> usize {
