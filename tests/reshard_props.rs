@@ -362,6 +362,18 @@ fn kv_ladder(
             .map(|b| b.unwrap().0)
             .sum();
         prop_assert_eq!(by_seq, plan.bytes_cross_rank);
+        // Each rank's message bytes, counted per sequence before any block exists, are what its
+        // program sends plus receives.
+        let mut messages = vec![0u64; cur.world];
+        for s in &spec {
+            let pair = (s.old_replica, s.new_replica);
+            kv::seq_messages(cfg, &cur, &new, pair, s.len, 4, &mut messages).unwrap();
+        }
+        let by_program: Vec<u64> = progs
+            .iter()
+            .map(|p| p.bytes_sent + p.bytes_received)
+            .collect();
+        prop_assert_eq!(messages, by_program);
         seqs = spec
             .into_iter()
             .map(|s| (s.new_replica, s.new_table, s.len))

@@ -79,7 +79,7 @@ impl GpuRanks {
     pub fn check_groups(&self, _layout: &Layout) -> Result<()> {
         match *self {}
     }
-    pub fn free_share(&self) -> Result<u64> {
+    pub fn free_bytes(&self) -> Result<Vec<usize>> {
         match *self {}
     }
     pub fn world_kind(&self) -> Option<()> {

@@ -148,7 +148,8 @@ impl Engine {
             ..Default::default()
         };
         let mut mode = vec![None; self.seqs.len()];
-        let mut kv_cross = 0u64;
+        // What each rank's KV message buffers will hold (sent + received), for the pool budget.
+        let mut messages = vec![0u64; old.world];
         for &i in &live {
             let s = &self.seqs[i];
             if s.cached == 0 {
@@ -163,7 +164,15 @@ impl Engine {
             report.predicted_recompute_ms += cost.recompute_s(new_tp, s.cached) * 1e3;
             mode[i] = Some(policy.mode(cost, new_tp, s.cached, (cross + local) as f64));
             if mode[i] == Some(KvMode::Migrate) {
-                kv_cross += cross;
+                kvplan::seq_messages(
+                    cfg,
+                    &old,
+                    &new,
+                    (s.replica, target[i]),
+                    s.cached,
+                    elem,
+                    &mut messages,
+                )?;
             }
         }
 
@@ -175,7 +184,7 @@ impl Engine {
             self.ranks.set_ref().rank_bytes(0).1 as u64,
             weight_bytes_per_rank(cfg, old.tp, elem as usize),
             weight_bytes_per_rank(cfg, new_tp, elem as usize),
-            kv_cross,
+            &messages,
         )?;
         let new_blocks = (budget / block_bytes) as usize;
         let mut allocs: Vec<BlockAllocator> = (0..new.dp())

@@ -109,6 +109,31 @@ impl GpuSet {
     }
 }
 
+/// The pool bytes every rank may allocate next to what it holds besides (`need[r]`): on each
+/// GPU, its free bytes (`free[r]`, as each of its ranks reports them; the least is taken) less
+/// every one of its ranks' needs, shared evenly by those ranks; the least over GPUs. One rank
+/// that receives more KV than the others thus narrows its GPU's share, not every GPU's.
+pub fn pool_room(free: &[usize], devices: &[usize], need: &[u64]) -> u64 {
+    let mut ords = devices.to_vec();
+    ords.sort_unstable();
+    ords.dedup();
+    ords.iter()
+        .map(|&o| {
+            let ranks: Vec<usize> = (0..devices.len()).filter(|&r| devices[r] == o).collect();
+            let avail = ranks
+                .iter()
+                .map(|&r| free.get(r).copied().unwrap_or(0))
+                .min();
+            let taken: u64 = ranks
+                .iter()
+                .map(|&r| need.get(r).copied().unwrap_or(0))
+                .sum();
+            (avail.unwrap_or(0) as u64).saturating_sub(taken) / ranks.len().max(1) as u64
+        })
+        .min()
+        .unwrap_or(0)
+}
+
 impl RankSet for GpuSet {
     fn forward(&mut self, ctx: StepCtx<'_>, inputs: &[Vec<SeqInput<'_>>]) -> Result<Vec<Vec<f32>>> {
         // A test of the failure paths: fail before anything is launched (no rank has changed).
@@ -140,18 +165,26 @@ impl RankSet for GpuSet {
     }
 
     /// On the devices the new pool is allocated next to the old layout, so it also gets no more
-    /// than the device's free memory (each rank's share of its GPU) leaves after the new shard,
-    /// the weight rows received into staging (what the shard grows by), the KV messages (sent
-    /// and received copies, a rank's even share) and 512 MiB for activations; freed weight bytes
-    /// it cannot take stay free on the device.
-    fn new_pool_bytes(&self, old_pool: u64, old_w: u64, new_w: u64, kv_cross: u64) -> Result<u64> {
+    /// than its GPU's free memory leaves after what every rank there holds besides: its new
+    /// shard, the weight rows it receives into staging (what the shard grows by), its own KV
+    /// messages (sent and received copies) and 512 MiB for activations ([`pool_room`]); freed
+    /// weight bytes it cannot take stay free on the device.
+    fn new_pool_bytes(
+        &self,
+        old_pool: u64,
+        old_w: u64,
+        new_w: u64,
+        messages: &[u64],
+    ) -> Result<u64> {
         let grown = (old_pool + old_w).saturating_sub(new_w);
         if !self.on_device() {
             return Ok(grown);
         }
-        let world = self.ranks.devices().len().max(1) as u64;
-        let staging = 2 * kv_cross / world + new_w.saturating_sub(old_w) + (512 << 20);
-        let room = self.ranks.free_share()?.saturating_sub(new_w + staging);
+        let besides = new_w + new_w.saturating_sub(old_w) + (512 << 20);
+        let need: Vec<u64> = (0..self.ranks.devices().len())
+            .map(|r| besides + messages.get(r).copied().unwrap_or(0))
+            .collect();
+        let room = pool_room(&self.ranks.free_bytes()?, self.ranks.devices(), &need);
         Ok(grown.min(room))
     }
 
@@ -307,5 +340,25 @@ impl RankSet for GpuSet {
         if let Some(Pending::Device(_)) = self.pending.take() {
             self.ranks.switch_abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pool_room;
+
+    #[test]
+    fn pool_room_shares_each_gpu_after_its_ranks_needs() {
+        // Four ranks on one GPU with 100 free: needs 10 + 10 + 30 + 10 leave 40, 10 each.
+        assert_eq!(pool_room(&[100; 4], &[0; 4], &[10, 10, 30, 10]), 10);
+        // One rank per GPU: each GPU's own free less its own rank's need; the least is 45.
+        assert_eq!(pool_room(&[100, 80, 100], &[0, 1, 2], &[10, 35, 10]), 45);
+        // Two GPUs of two ranks; GPU 1's ranks report 60 and 64 (the least counts): (60 - 20) / 2.
+        assert_eq!(
+            pool_room(&[100, 100, 60, 64], &[0, 0, 1, 1], &[5, 5, 10, 10]),
+            20
+        );
+        // Needs beyond what is free leave nothing, not an underflow.
+        assert_eq!(pool_room(&[10, 10], &[0, 0], &[8, 8]), 0);
     }
 }

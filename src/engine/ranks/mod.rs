@@ -134,10 +134,17 @@ pub(crate) trait RankSet {
     }
 
     /// Bytes each rank's new KV pool may take at a switch from shards of `old_w` bytes to
-    /// `new_w`, with `old_pool` bytes of pool now and `kv_cross` KV bytes crossing ranks in all:
-    /// by default the old pool plus what the reshard frees (or minus what it takes).
-    fn new_pool_bytes(&self, old_pool: u64, old_w: u64, new_w: u64, kv_cross: u64) -> Result<u64> {
-        let _ = kv_cross;
+    /// `new_w`, with `old_pool` bytes of pool now and `messages[r]` bytes of KV that rank `r`
+    /// sends plus receives: by default the old pool plus what the reshard frees (or minus what
+    /// it takes).
+    fn new_pool_bytes(
+        &self,
+        old_pool: u64,
+        old_w: u64,
+        new_w: u64,
+        messages: &[u64],
+    ) -> Result<u64> {
+        let _ = messages;
         Ok((old_pool + old_w).saturating_sub(new_w))
     }
     /// Switch phase 1: allocates every rank's destination KV pool (and scratch). Nothing the

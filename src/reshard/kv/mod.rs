@@ -140,16 +140,72 @@ pub fn seq_bytes(
     len: usize,
     elem_bytes: u64,
 ) -> Result<(u64, u64)> {
+    seq_walk(
+        cfg,
+        old,
+        new,
+        (old_replica, new_replica),
+        len,
+        elem_bytes,
+        |_, _, _| Ok(()),
+    )
+}
+
+/// [`seq_bytes`], also adding to `per_rank[r]` what physical rank `r` sends plus what it
+/// receives for this sequence: the bytes its KV message buffers hold in a switch on the devices
+/// (each rank's program's `bytes_sent + bytes_received`), known before any block is allocated.
+pub fn seq_messages(
+    cfg: &ModelConfig,
+    old: &Layout,
+    new: &Layout,
+    (old_replica, new_replica): (usize, usize),
+    len: usize,
+    elem_bytes: u64,
+    per_rank: &mut [u64],
+) -> Result<(u64, u64)> {
+    if per_rank.len() != old.world {
+        return Err(Error::Internal(format!(
+            "KV messages counted for {} ranks in a world of {}",
+            per_rank.len(),
+            old.world
+        )));
+    }
+    seq_walk(
+        cfg,
+        old,
+        new,
+        (old_replica, new_replica),
+        len,
+        elem_bytes,
+        |from, to, b| {
+            add_bytes(&mut per_rank[from], b)?;
+            add_bytes(&mut per_rank[to], b)
+        },
+    )
+}
+
+/// Walks one sequence's kv heads, calling `cross(from rank, to rank, bytes)` for each that
+/// changes rank; returns (cross-rank, in-place) bytes.
+fn seq_walk(
+    cfg: &ModelConfig,
+    old: &Layout,
+    new: &Layout,
+    (old_replica, new_replica): (usize, usize),
+    len: usize,
+    elem_bytes: u64,
+    mut cross_piece: impl FnMut(usize, usize, u64) -> Result<()>,
+) -> Result<(u64, u64)> {
     check(cfg, old, new, old_replica, new_replica)?;
     let per_head = piece_bytes(cfg, len, elem_bytes)?;
     let (mut cross, mut local) = (0, 0);
     for h in 0..cfg.num_kv_heads {
-        if head_home(old, cfg.num_kv_heads, old_replica, h).0
-            == head_home(new, cfg.num_kv_heads, new_replica, h).0
-        {
+        let from = head_home(old, cfg.num_kv_heads, old_replica, h).0;
+        let to = head_home(new, cfg.num_kv_heads, new_replica, h).0;
+        if from == to {
             add_bytes(&mut local, per_head)?;
         } else {
             add_bytes(&mut cross, per_head)?;
+            cross_piece(from, to, per_head)?;
         }
     }
     Ok((cross, local))

@@ -18,17 +18,10 @@ impl GpuRanks {
     pub fn read_bytes(&self, rank: usize) -> usize {
         self.uploaded[rank].read_bytes
     }
-    /// The least free device memory any rank can count on: its GPU's free bytes divided among
-    /// the ranks on that GPU.
-    pub fn free_share(&self) -> Result<u64> {
-        let free = self.all(|_, reply| Job::FreeBytes { reply })?;
-        let on = |o: usize| self.devices.iter().filter(|&&d| d == o).count().max(1);
-        Ok(free
-            .iter()
-            .zip(&self.devices)
-            .map(|(&f, &o)| (f / on(o)) as u64)
-            .min()
-            .unwrap_or(0))
+    /// Bytes an allocation can get now on each physical rank's GPU (free memory plus what the
+    /// memory pool keeps idle), as each rank reports it.
+    pub fn free_bytes(&self) -> Result<Vec<usize>> {
+        self.all(|_, reply| Job::FreeBytes { reply })
     }
 
     /// CUDA ordinal of each physical rank.

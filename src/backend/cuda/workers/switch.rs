@@ -162,7 +162,7 @@ impl GpuRanks {
     /// Errors, naming the sizes, unless every GPU can hold what its ranks are about to allocate
     /// at once (`need(rank)` bytes each) in the memory an allocation can get now.
     fn check_room(&self, what: &str, need: impl Fn(usize) -> usize) -> Result<()> {
-        let free = self.all(|_, reply| Job::FreeBytes { reply })?;
+        let free = self.free_bytes()?;
         let mut ords = self.devices.clone();
         ords.sort_unstable();
         ords.dedup();
