@@ -13,7 +13,8 @@
 //!    woken from one).
 //! 3. [`GpuRank::switch_exchange`]: one exchange of KV pieces, each received piece scattered
 //!    into the new pool (`kv_scatter`), then one exchange of weight rows (sent straight out of
-//!    the old shard, received into staging).
+//!    the old shard, received into staging). A rank makes both exchanges even when its scatter
+//!    fails in between, and reports that failure after, so no peer is left inside an exchange.
 //! 4. [`GpuRank::switch_build`]: every re-sharded buffer made anew: moved rows from the old
 //!    buffer and received rows from staging (`strided_copy`), zero rows (vocab padding) from the
 //!    zeroed allocation. The old shard is not written, so a failure still leaves it whole.
@@ -244,10 +245,18 @@ impl GpuRank {
 
     /// Phase 3: the KV exchange (then each received piece into the new pool) and the weight
     /// exchange, over `world` (a group of every rank, member index = physical rank).
+    ///
+    /// Every rank makes both exchanges whatever happened to it in between: a scatter that fails
+    /// on this rank is reported only after the weight exchange, so no peer waits in a grouped
+    /// NCCL send/recv this rank never joins (only an error in an exchange itself, after which
+    /// the worker poisons the group, or a device fault that stops the rank's stream, can still
+    /// leave peers waiting).
+    /// `fail`: an error to report as this rank's scatter failure (injected by tests).
     pub fn switch_exchange(
         &self,
         sw: &mut RankSwitch,
         world: &dyn DeviceComm,
+        fail: Option<Error>,
     ) -> Result<ExchangeStats> {
         let es = self.dtype.size() as u64;
         let mut st = ExchangeStats::default();
@@ -262,18 +271,16 @@ impl GpuRank {
                 .collect();
             world.exchange(&self.dev, &sends, &recvs)?;
         }
-        for (_, seq, head, piece) in &sw.inbox {
-            let nb = blocks_for(sw.plan.kv_plan.seqs[*seq].len, sw.plan.kv_plan.block_size);
-            scatter_piece(
-                &self.dev,
-                &sw.new_kv,
-                &sw.ids[seq].1,
-                nb,
-                *head,
-                piece.view(),
-            )?;
-        }
-        self.dev.synchronize()?;
+        let scattered = fail.map_or(Ok(()), Err).and_then(|()| {
+            sw.inbox.iter().try_for_each(|(_, seq, head, piece)| {
+                let nb = blocks_for(sw.plan.kv_plan.seqs[*seq].len, sw.plan.kv_plan.block_size);
+                let ids = sw.ids.get(seq).ok_or_else(|| {
+                    internal(world.rank(), format!("no new block ids for sequence {seq}"))
+                })?;
+                scatter_piece(&self.dev, &sw.new_kv, &ids.1, nb, *head, piece.view())
+            })
+        });
+        let scattered = scattered.and_then(|()| self.dev.synchronize());
         st.kv_ms = t.elapsed().as_secs_f64() * 1e3;
         let rank = world.rank();
         let kp = &sw.plan.kv[rank];
@@ -326,10 +333,12 @@ impl GpuRank {
                 }
             }
         }
-        world.exchange(&self.dev, &sends, &recvs)?;
-        self.dev.synchronize()?;
+        let exchanged = world
+            .exchange(&self.dev, &sends, &recvs)
+            .and_then(|()| self.dev.synchronize());
         st.weight_ms = t.elapsed().as_secs_f64() * 1e3;
-        Ok(st)
+        // The first failure is the one to report.
+        scattered.and(exchanged).map(|()| st)
     }
 
     /// Phase 4: every re-sharded buffer built anew from the old one and the staging (the old

@@ -149,10 +149,11 @@ enum Job {
         reply: Sender<Result<()>>,
     },
     SwitchStage {
-        fail: bool,
         reply: Sender<Result<u64>>,
     },
+    /// `fail`: an injected failure of this rank's KV scatter, between the two exchanges.
     SwitchExchange {
+        fail: bool,
         reply: Sender<Result<ExchangeStats>>,
     },
     SwitchBuild {

@@ -98,13 +98,15 @@ impl GpuRanks {
 
     /// Phase 2: every rank stages (checks, message buffers, KV gathers; no communication), and
     /// only when all have, every rank exchanges through the world group. A failed exchange
-    /// poisons the world group, which the next switch makes again.
+    /// poisons the world group, which the next switch makes again. An injected `fault` fails
+    /// that rank's KV scatter, between the KV and the weight exchanges: the hardest place, since
+    /// its peers are mid-protocol (a failure at stage returns before any exchange).
     pub fn switch_apply(&mut self, fault: Option<usize>) -> Result<DeviceApplied> {
-        let peaks = self.all(|rank, reply| Job::SwitchStage {
+        let peaks = self.all(|_, reply| Job::SwitchStage { reply })?;
+        let stats = self.all(|rank, reply| Job::SwitchExchange {
             fail: fault == Some(rank),
             reply,
-        })?;
-        let stats = self.all(|_, reply| Job::SwitchExchange { reply });
+        });
         let stats = stats.inspect_err(|_| self.world_group = false)?;
         let mut out = DeviceApplied::default();
         for s in &stats {

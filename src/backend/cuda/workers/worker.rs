@@ -149,18 +149,18 @@ impl WorkerCtx {
                     };
                     let _ = reply.send(r.map(|sw| switch = Some(sw)));
                 }
-                Job::SwitchStage { fail, reply } => {
-                    let r = match (&rank, &mut switch, fail) {
-                        (_, _, true) => Err(injected(self.rank, "staging the switch")),
-                        (Some(g), Some(sw), _) => g.switch_stage(sw, self.rank),
+                Job::SwitchStage { reply } => {
+                    let r = match (&rank, &mut switch) {
+                        (Some(g), Some(sw)) => g.switch_stage(sw, self.rank),
                         _ => Err(not_uploaded("switch stage")),
                     };
                     let _ = reply.send(r);
                 }
-                Job::SwitchExchange { reply } => {
+                Job::SwitchExchange { fail, reply } => {
+                    let fail = fail.then(|| injected(self.rank, "scattering the KV it received"));
                     let r = match (&rank, &mut switch, &world) {
                         (Some(g), Some(sw), Some(c)) if c.rank() == self.rank => {
-                            g.switch_exchange(sw, c.as_ref())
+                            g.switch_exchange(sw, c.as_ref(), fail)
                         }
                         _ => Err(not_uploaded("switch exchange (or no world group)")),
                     };
