@@ -189,4 +189,45 @@ mod tests {
         assert!(matches!(nested_layout(&a, 0), Err(Error::Layout(_))));
         assert!(matches!(nested_layout(&a, 16), Err(Error::Layout(_))));
     }
+
+    /// Nested placements permute ranks, and device groups are cached per replica order, so the
+    /// cache is bounded only if the orders switches can reach are. From the canonical layout,
+    /// switches among the power-of-two tp degrees reach (log2(world) + 1)! layouts: 6, 24 and
+    /// 120 of worlds 4, 8 and 16, holding 6, 30 and 152 distinct replicas of tp > 1 (counted by
+    /// a separate script that re-implements the module docs' rules).
+    #[test]
+    fn switches_reach_a_bounded_set_of_layouts() {
+        use std::collections::{BTreeSet, HashSet};
+        for (world, layouts, groups) in [(4, 6, 6), (8, 24, 30), (16, 120, 152)] {
+            let tps: Vec<usize> = [1, 2, 4, 8, 16]
+                .into_iter()
+                .filter(|&t| t <= world)
+                .collect();
+            let key = |l: &Layout| -> Vec<Vec<usize>> {
+                (0..l.dp()).map(|e| l.replica_ranks(e).to_vec()).collect()
+            };
+            let start = Layout::new(world, 1).unwrap();
+            let mut seen: HashSet<(usize, Vec<Vec<usize>>)> = HashSet::new();
+            seen.insert((1, key(&start)));
+            let mut todo = vec![start];
+            while let Some(l) = todo.pop() {
+                for &tp in &tps {
+                    let n = nested_layout(&l, tp).unwrap();
+                    if seen.insert((tp, key(&n))) {
+                        todo.push(n);
+                    }
+                }
+            }
+            let replicas: BTreeSet<&Vec<usize>> = seen
+                .iter()
+                .filter(|(tp, _)| *tp > 1)
+                .flat_map(|(_, k)| k.iter())
+                .collect();
+            assert_eq!(
+                (seen.len(), replicas.len()),
+                (layouts, groups),
+                "world {world}"
+            );
+        }
+    }
 }
