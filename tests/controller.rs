@@ -31,6 +31,7 @@ fn predictor() -> Predictor {
         form: FitForm::Abc,
         fits: BTreeMap::from([(1, fit(10.0, 1.0)), (2, fit(6.0, 1.5)), (4, fit(3.0, 2.0))]),
         noise: 0.0,
+        kv_capacity_tokens: BTreeMap::new(),
     }
 }
 

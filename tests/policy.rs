@@ -397,7 +397,11 @@ fn drain_forecast_by_hand() {
         d: 0.0,
         ..Fit::default()
     };
-    let p = |context, remaining| Pending { context, remaining };
-    let t = drain_ms(&fit, &[vec![p(10, 2)], vec![p(0, 1), p(4, 3)]]);
+    let p = |context, remaining| Pending {
+        context,
+        remaining,
+        cached: true,
+    };
+    let t = drain_ms(&fit, &[vec![p(10, 2)], vec![p(0, 1), p(4, 3)]], None);
     assert!(close(t, 7.2, 1e-12), "{t}");
 }

@@ -234,6 +234,7 @@ fn a_predictor_that_is_its_own_clock_has_no_error() {
         form: FitForm::Abc,
         fits: BTreeMap::from([(1, fit(10.0, 0.5)), (2, fit(6.0, 1.0))]),
         noise: 0.0,
+        kv_capacity_tokens: BTreeMap::new(),
     };
     let sw = SwitchCost::flat(50.0);
     let model = SimModel {
@@ -256,4 +257,132 @@ fn a_predictor_that_is_its_own_clock_has_no_error() {
     c.candidates = vec![1, 2];
     let (runs, _) = simulate_all(&trace, &model, &c).unwrap();
     assert_eq!(find(&runs, "adaptive").predictor_error_pct, Some(0.0));
+}
+
+/// A fitted step time as the clock, with an optional KV capacity and prefill rate.
+struct FitClock {
+    fit: Fit,
+    cap: Option<usize>,
+    prefill: Option<f64>,
+}
+
+impl StepClock for FitClock {
+    fn step_ms(&self, _tp: usize, batch: usize, ctx: f64) -> f64 {
+        self.fit.step_ms(batch, ctx)
+    }
+    fn prefill_tokens_per_s(&self, _tp: usize) -> Option<f64> {
+        self.prefill
+    }
+    fn kv_capacity_tokens(&self, _tp: usize) -> Option<usize> {
+        self.cap
+    }
+    fn describe(&self) -> String {
+        "a fit".into()
+    }
+}
+
+/// The forecast with KV room against the node it mirrors, run in lockstep on the forecast's own
+/// step times: admission in order while it fits, preemption of the newest on overflow, queued
+/// sequences re-admitted as others finish. Random replicas, lengths and capacities (some far
+/// below the batch's footprint, some above it); re-admission prefill on one replica (where
+/// lockstep adds nothing). Also stopped after a random number of rounds: the time so far and
+/// each sequence's progress.
+#[test]
+fn the_forecast_with_kv_room_equals_the_lockstep_node() {
+    use pat::policy::forecast::{drain_ms, drain_until, Pending, Room};
+    use rand::{Rng, SeedableRng};
+    let fit = Fit {
+        a: 2.0,
+        b: 0.3,
+        c: 1e-3,
+        d: 2e-3,
+        h0: 3.0,
+        h1: 0.4,
+        compute: None,
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let mut queued_somewhere = false;
+    for case in 0..200 {
+        let dp = rng.random_range(1..=4usize);
+        let reps: Vec<Vec<Pending>> = (0..dp)
+            .map(|_| {
+                (0..rng.random_range(0..=12usize))
+                    .map(|_| Pending {
+                        context: rng.random_range(1..=60),
+                        remaining: rng.random_range(1..=80),
+                        cached: true,
+                    })
+                    .collect()
+            })
+            .collect();
+        let cap = match case % 4 {
+            0 => None,
+            _ => Some(rng.random_range(20..=600usize)),
+        };
+        let prefill = if dp == 1 { Some(5e3) } else { None };
+        let (mut reqs, mut at) = (Vec::new(), Vec::new());
+        for (r, seqs) in reps.iter().enumerate() {
+            for p in seqs {
+                reqs.push((p.context, p.remaining));
+                at.push(r);
+            }
+        }
+        let clock = FitClock { fit, cap, prefill };
+        let mut node = Node::new(&clock, TrueSwitch::Flat(0.0), dp, 1, &reqs, &at).unwrap();
+        node.lockstep = true;
+        node.run_to_end().unwrap();
+        queued_somewhere |= node.preemptions > 0;
+        let room = cap.map(|tokens| Room {
+            tokens,
+            prefill_tokens_per_s: prefill,
+        });
+        let forecast = drain_ms(&fit, &reps, room);
+        // The node's clock includes the first prefill of what fit at the start; the forecast
+        // starts after it (the sequences hold their KV).
+        let want = node.now_ms() - node.prefill_ms;
+        assert!(
+            (forecast - want).abs() <= 1e-9 * want.max(1.0),
+            "case {case}: dp {dp} cap {cap:?}: forecast {forecast} vs node {want}"
+        );
+        // Stopped after k rounds: the time so far and every sequence's progress.
+        let k = rng.random_range(0..=90u64);
+        let mut node = Node::new(&clock, TrueSwitch::Flat(0.0), dp, 1, &reqs, &at).unwrap();
+        node.lockstep = true;
+        for _ in 0..k {
+            if node.live_count() > 0 {
+                node.step().unwrap();
+            }
+        }
+        let part = drain_until(&fit, &reps, room, k);
+        let ran: Vec<(usize, usize)> = part
+            .progress
+            .iter()
+            .flatten()
+            .map(|p| p.0)
+            .zip(reqs.iter().map(|r| r.1))
+            .collect();
+        let mut live = node.live().into_iter();
+        for (i, &(ran, len)) in ran.iter().enumerate() {
+            if ran < len {
+                let l = live.next().unwrap();
+                assert_eq!((l.index, l.generated), (i, ran), "case {case} k {k}");
+            }
+        }
+        assert!(
+            live.next().is_none(),
+            "case {case} k {k}: the node runs more"
+        );
+        if prefill.is_none() {
+            let want = node.now_ms() - node.prefill_ms;
+            assert!(
+                (part.ms - want).abs() <= 1e-9 * want.max(1.0),
+                "case {case} k {k}: forecast {} vs node {want}",
+                part.ms
+            );
+        }
+    }
+    assert!(
+        queued_somewhere,
+        "no case preempted: the test would not see the queue"
+    );
 }

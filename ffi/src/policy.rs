@@ -208,6 +208,8 @@ pub unsafe extern "C" fn pat_policy_decide(
                 context: s.context as usize,
                 generated: s.generated as usize,
                 est_remaining,
+                // The C struct does not say; a live sequence of an engine holds its KV.
+                cached: true,
             })
             .collect();
         let d = decide(&DecideInput {

@@ -152,6 +152,7 @@ impl<'a> Controller<'a> {
                 context: s.context,
                 generated: s.generated,
                 est_remaining,
+                cached: true,
             })
             .collect())
     }

@@ -1,10 +1,11 @@
 //! The switch cost model and the stay-or-switch rule, re-checked every K decode steps.
 //!
 //! For the current layout and every candidate tp, the rule predicts the time to drain the live set
-//! ([`forecast::drain_ms`]: remaining estimates, lockstep replicas, predictor step times). Staying
-//! keeps the current placement; a candidate re-places the live sequences over its `world / tp`
-//! replicas balanced by estimated remaining length and pays [`SwitchCost::cost`]. The best
-//! candidate is taken when its total beats staying by the margin:
+//! ([`forecast::drain_ms`]: remaining estimates, lockstep replicas, predictor step times, the KV
+//! room per replica the profile states). Staying keeps the current placement; a candidate
+//! re-places the live sequences over its `world / tp` replicas balanced by estimated remaining
+//! length and pays [`SwitchCost::cost`]. The best candidate is taken when its total beats staying
+//! by the margin:
 //!
 //! ```text
 //! best_total <= stay * (1 - margin)   and   stay - best_total >= min_gain_ms
@@ -41,7 +42,7 @@
 //!   bytes (the slices the sequence's old ranks already hold for their new heads stay) and `n`
 //!   tokens to re-prefill at `to`. Sequences are summed (handled one after another: conservative).
 
-use super::forecast::{drain_ms, Pending};
+use super::forecast::{drain_ms, drain_until, Pending, Room};
 use super::predictor::Predictor;
 use super::profile::Profile;
 use crate::error::{Error, Result};
@@ -160,6 +161,9 @@ pub struct EstimatedSeq {
     pub generated: usize,
     /// Estimated tokens still to generate (rounded up to whole steps, at least 1).
     pub est_remaining: f64,
+    /// It holds its KV; `false`: it lost it (preempted, or waiting for room) and prefills its
+    /// context when it runs again.
+    pub cached: bool,
 }
 
 impl EstimatedSeq {
@@ -219,26 +223,13 @@ pub fn placement(world: usize, tp: usize, live: &[EstimatedSeq]) -> Vec<usize> {
     balance(&w, world / tp)
 }
 
-/// The live set `k` steps on, as the estimates see it: sequences expected to finish by then are
-/// gone, the others have `k` more cached tokens and `k` fewer to go.
-pub fn advance(live: &[EstimatedSeq], k: usize) -> Vec<EstimatedSeq> {
-    live.iter()
-        .filter(|s| s.steps() > k)
-        .map(|s| EstimatedSeq {
-            context: s.context + k,
-            generated: s.generated + k,
-            est_remaining: s.est_remaining - k as f64,
-            ..*s
-        })
-        .collect()
-}
-
 fn group(dp: usize, live: &[EstimatedSeq], replica_of: &[usize]) -> Vec<Vec<Pending>> {
     let mut reps = vec![Vec::new(); dp];
     for (s, &r) in live.iter().zip(replica_of) {
         reps[r].push(Pending {
             context: s.context,
             remaining: s.steps(),
+            cached: s.cached,
         });
     }
     reps
@@ -266,7 +257,11 @@ pub fn decide(inp: &DecideInput) -> Result<Decision> {
         )));
     }
     let here = replicas(inp.live);
-    let stay_ms = drain_ms(inp.predictor.fit(cur)?, &group(dp, inp.live, &here));
+    let stay_ms = drain_ms(
+        inp.predictor.fit(cur)?,
+        &group(dp, inp.live, &here),
+        room(inp, cur),
+    );
     let contexts: Vec<usize> = inp.live.iter().map(|s| s.context).collect();
     let mut out = Decision {
         stay: true,
@@ -301,7 +296,7 @@ pub fn decide(inp: &DecideInput) -> Result<Decision> {
         let total = b.drain_ms + b.switch_ms;
         let mut now_is_best = true;
         if inp.lookahead_steps > 0 {
-            let later_ms = Later::new(inp, inp.lookahead_steps)?.switch_to(inp, stay_ms, b.tp)?;
+            let later_ms = Later::new(inp, inp.lookahead_steps)?.switch_to(inp, b.tp)?;
             if let Some(c) = out.candidates.iter_mut().find(|c| c.tp == b.tp) {
                 c.later_ms = Some(later_ms);
             }
@@ -332,39 +327,74 @@ pub fn decide(inp: &DecideInput) -> Result<Decision> {
     Ok(out)
 }
 
+/// A replica's KV room at `tp`, as the profile states it (`None`: unbounded), priced at the
+/// profile's prefill rate there.
+fn room(inp: &DecideInput, tp: usize) -> Option<Room> {
+    inp.predictor
+        .kv_capacity_tokens
+        .get(&tp)
+        .map(|&tokens| Room {
+            tokens,
+            prefill_tokens_per_s: inp.switch.kv.prefill_rate(tp),
+        })
+}
+
 /// Each live sequence's current replica.
 fn replicas(live: &[EstimatedSeq]) -> Vec<usize> {
     live.iter().map(|s| s.replica).collect()
 }
 
-/// The live set `k` steps on (as the estimates see it) and the predicted ms of draining it at the
-/// current layout.
+/// The live set `k` steps on at the current layout, as the forecast sees it (estimated lengths;
+/// with a KV room, only what ran moved on), and the predicted ms of those `k` steps.
 struct Later {
     live: Vec<EstimatedSeq>,
+    /// Cached tokens of the sequences holding KV then: what a switch then moves.
     contexts: Vec<usize>,
-    rest_here_ms: f64,
+    before_ms: f64,
 }
 
 impl Later {
     fn new(inp: &DecideInput, k: usize) -> Result<Later> {
         let (world, cur) = (inp.world, inp.current_tp);
-        let live = advance(inp.live, k);
-        let rest_here_ms = drain_ms(
+        let dp = world / cur.max(1);
+        let part = drain_until(
             inp.predictor.fit(cur)?,
-            &group(world / cur.max(1), &live, &replicas(&live)),
+            &group(dp, inp.live, &replicas(inp.live)),
+            room(inp, cur),
+            k as u64,
         );
-        let contexts = live.iter().map(|s| s.context).collect();
+        // `group` keeps live order within a replica: the n-th of replica r is progress[r][n].
+        let mut next = vec![0usize; dp];
+        let (mut live, mut contexts) = (Vec::new(), Vec::new());
+        for s in inp.live {
+            let n = next[s.replica];
+            next[s.replica] += 1;
+            let (ran, holds_kv) = part.progress[s.replica][n];
+            if ran >= s.steps() {
+                continue;
+            }
+            let moved = EstimatedSeq {
+                context: s.context + ran,
+                generated: s.generated + ran,
+                est_remaining: s.est_remaining - ran as f64,
+                cached: holds_kv,
+                ..*s
+            };
+            if holds_kv {
+                contexts.push(moved.context);
+            }
+            live.push(moved);
+        }
         Ok(Later {
             live,
             contexts,
-            rest_here_ms,
+            before_ms: part.ms,
         })
     }
 
-    /// Predicted total of staying until then, switching to `tp` and draining there; `stay_ms`
-    /// is the predicted drain of staying throughout.
-    fn switch_to(&self, inp: &DecideInput, stay_ms: f64, tp: usize) -> Result<f64> {
-        Ok((stay_ms - self.rest_here_ms)
+    /// Predicted total of staying until then, switching to `tp` and draining there.
+    fn switch_to(&self, inp: &DecideInput, tp: usize) -> Result<f64> {
+        Ok(self.before_ms
             + inp.switch.cost(inp.current_tp, tp, &self.contexts).total_ms
             + value_at(inp, tp, &self.live)?)
     }
@@ -378,6 +408,7 @@ fn value_at(inp: &DecideInput, tp: usize, live: &[EstimatedSeq]) -> Result<f64> 
         return Ok(drain_ms(
             inp.predictor.fit(tp)?,
             &group(inp.world / tp, live, &at),
+            room(inp, tp),
         ));
     }
     let placed: Vec<EstimatedSeq> = live
@@ -420,6 +451,7 @@ fn plan_from(inp: &DecideInput, first: usize, every: usize, points: usize) -> Re
     let stay_ms = drain_ms(
         inp.predictor.fit(cur)?,
         &group(inp.world / cur.max(1), inp.live, &replicas(inp.live)),
+        room(inp, cur),
     );
     let mut best = (stay_ms, None);
     let longest = inp.live.iter().map(|s| s.steps()).max().unwrap_or(0);
@@ -429,7 +461,7 @@ fn plan_from(inp: &DecideInput, first: usize, every: usize, points: usize) -> Re
     while k < longest {
         let later = Later::new(inp, k)?;
         for &tp in inp.candidates.iter().filter(|&&t| t != cur) {
-            let total = later.switch_to(inp, stay_ms, tp)?;
+            let total = later.switch_to(inp, tp)?;
             if total < best.0 {
                 best = (total, Some((k, tp)));
             }

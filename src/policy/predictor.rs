@@ -330,7 +330,8 @@ pub fn fit_samples(samples: &[DecodeSample], form: FitForm, what: &str) -> Resul
     }
 }
 
-/// Per-tp fits of a profile's decode samples.
+/// What the policy knows of the node: per-tp fits of a profile's decode samples, their noise,
+/// and the KV room the profile states.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Predictor {
     pub form: FitForm,
@@ -339,6 +340,10 @@ pub struct Predictor {
     /// samples that report one; 0 when none do). Differences of two predictions inside about
     /// twice this are noise.
     pub noise: f64,
+    /// KV tokens one replica holds, per tp (the profile's `kv_capacity_tokens`); a tp not listed
+    /// is unbounded. The forecast queues and preempts what does not fit
+    /// ([`super::forecast::drain_ms`]).
+    pub kv_capacity_tokens: BTreeMap<usize, usize>,
 }
 
 /// Held-out accuracy of the predictor on a profile (mean absolute percentage error, in %).
@@ -360,8 +365,12 @@ fn by_tp(samples: &[DecodeSample]) -> BTreeMap<usize, Vec<DecodeSample>> {
 
 impl Predictor {
     /// Fits every tp in the profile with the default form ([`FitForm::HostMax`]).
+    /// The profile's KV capacity comes along.
     pub fn from_profile(p: &Profile) -> Result<Predictor> {
-        Self::from_samples(&p.decode, FitForm::default())
+        Ok(Predictor {
+            kv_capacity_tokens: p.kv_capacity_tokens.clone(),
+            ..Self::from_samples(&p.decode, FitForm::default())?
+        })
     }
 
     pub fn from_samples(samples: &[DecodeSample], form: FitForm) -> Result<Predictor> {
@@ -385,7 +394,12 @@ impl Predictor {
         } else {
             crate::stats::median(&mut rel)
         };
-        Ok(Predictor { form, fits, noise })
+        Ok(Predictor {
+            form,
+            fits,
+            noise,
+            kv_capacity_tokens: BTreeMap::new(),
+        })
     }
 
     /// The fit for `tp`, or an error naming the tp and the degrees that were profiled.

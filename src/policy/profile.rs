@@ -90,8 +90,9 @@ pub struct Profile {
     pub measured: BTreeMap<String, bool>,
     /// KV tokens one replica holds at each tp (the node's memory at its memory fraction, less
     /// the weights); a tp not listed is unbounded. `pat simulate --profile` queues and preempts
-    /// past it. Modeled and composed node profiles state it; the engine profiler measures speed
-    /// only and leaves it empty.
+    /// past it, and so does the policy's forecast (a low tp that cannot hold its share is
+    /// forecast as what it is: small batches and recompute). Modeled and composed node profiles
+    /// state it; the engine profiler measures speed only and leaves it empty.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub kv_capacity_tokens: BTreeMap<usize, usize>,
     /// Where the profile was read from (for messages); not part of the file.

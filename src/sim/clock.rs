@@ -63,8 +63,8 @@ impl StepClock for crate::policy::predictor::Predictor {
     fn prefill_tokens_per_s(&self, _tp: usize) -> Option<f64> {
         None
     }
-    fn kv_capacity_tokens(&self, _tp: usize) -> Option<usize> {
-        None
+    fn kv_capacity_tokens(&self, tp: usize) -> Option<usize> {
+        self.kv_capacity_tokens.get(&tp).copied()
     }
     fn describe(&self) -> String {
         "the policy's own predictor (no predictor error)".into()

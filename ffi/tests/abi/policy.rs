@@ -73,6 +73,7 @@ fn stragglers_switch_up_and_a_full_batch_stays() {
             context: s.context as usize,
             generated: s.generated as usize,
             est_remaining: s.est_remaining,
+            cached: true,
         })
         .collect();
     let cands = profile.model.candidate_tps(8);

@@ -32,6 +32,7 @@ fn constant_predictor(steps: &[(usize, f64, f64)]) -> Predictor {
         form: FitForm::Abc,
         fits,
         noise: 0.0,
+        kv_capacity_tokens: BTreeMap::new(),
     }
 }
 
@@ -104,6 +105,7 @@ fn live(n: usize, replicas: usize, est: f64, context: usize) -> Vec<EstimatedSeq
             context,
             generated: 0,
             est_remaining: est,
+            cached: true,
         })
         .collect()
 }
@@ -211,6 +213,7 @@ fn lookahead_defers_a_switch_until_waiting_stops_paying() {
             context: 0,
             generated: 6528,
             est_remaining: 1472.0,
+            cached: true,
         })
         .collect();
     seqs.push(EstimatedSeq {
@@ -218,6 +221,7 @@ fn lookahead_defers_a_switch_until_waiting_stops_paying() {
         context: 0,
         generated: 6528,
         est_remaining: 17472.0,
+        cached: true,
     });
     let run = |lookahead_steps: usize| {
         decide(&DecideInput {
@@ -254,6 +258,7 @@ fn ladder_case() -> (Predictor, SwitchCost, Vec<EstimatedSeq>) {
             context: 0,
             generated: 0,
             est_remaining: if i == 0 { 1600.0 } else { 100.0 },
+            cached: true,
         })
         .collect();
     (pred, sw, seqs)
