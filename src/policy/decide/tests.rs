@@ -328,3 +328,35 @@ fn a_follow_up_is_assumed_only_when_the_switch_budget_allows_it() {
     assert_eq!(to(Some(1), 0), 4);
     assert_eq!(to(Some(2), 1), 4);
 }
+
+#[test]
+fn a_layout_that_cannot_hold_its_share_is_forecast_as_it_runs() {
+    // World 2: tp1 steps take 5 ms, tp2 steps 8 ms, whatever the batch. Four sequences of 100
+    // cached tokens, 10 steps each, two per tp1 replica. Unbounded, staying takes 10 * 5 = 50 ms
+    // and tp2 10 * 8 = 80 ms plus a 10 ms switch: stay. If a tp1 replica holds 150 tokens, it
+    // runs one sequence at a time (two hold 200): 20 steps, 100 ms, against tp2's 90: switch.
+    let mut pred = constant_predictor(&[(1, 5.0, 0.0), (2, 8.0, 0.0)]);
+    let mut sw = switch_cost(10.0);
+    sw.kv_bytes_per_token = 0.0;
+    let seqs = live(4, 2, 10.0, 100);
+    let run = |pred: &Predictor, sw: &SwitchCost| {
+        decide(&DecideInput {
+            candidates: &[1, 2],
+            margin: 0.0,
+            ..input(2, 1, &seqs, pred, sw)
+        })
+        .unwrap()
+    };
+    let d = run(&pred, &sw);
+    assert!(d.stay && close(d.predicted_stay_ms, 50.0, 1e-12), "{d:?}");
+    pred.kv_capacity_tokens = BTreeMap::from([(1, 150)]);
+    let d = run(&pred, &sw);
+    assert!(!d.stay && d.to_tp == 2, "{d:?}");
+    assert!(close(d.predicted_stay_ms, 100.0, 1e-12), "{d:?}");
+    assert!(close(d.predicted_best_ms, 90.0, 1e-12), "{d:?}");
+    // The re-admitted second sequence of each replica prefills its 100 tokens: at 10 tokens/ms
+    // that is 10 ms per replica, in parallel, so staying takes 110 ms.
+    sw.kv.prefill_tokens_per_s = vec![(1, 1e4)];
+    let d = run(&pred, &sw);
+    assert!(close(d.predicted_stay_ms, 110.0, 1e-12), "{d:?}");
+}
