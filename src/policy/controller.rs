@@ -152,6 +152,9 @@ impl<'a> Controller<'a> {
                 context: s.context,
                 generated: s.generated,
                 est_remaining,
+                // Sources do not say which live sequences wait without KV; taken as holding it
+                // (telling the rule, tried with the simulator's node, did not decide better:
+                // benches/RESULTS.md, 2026-12-02).
                 cached: true,
             })
             .collect())

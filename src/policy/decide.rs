@@ -262,7 +262,13 @@ pub fn decide(inp: &DecideInput) -> Result<Decision> {
         &group(dp, inp.live, &here),
         room(inp, cur),
     );
-    let contexts: Vec<usize> = inp.live.iter().map(|s| s.context).collect();
+    // A switch moves the KV of the sequences that hold it; the others prefill when they run.
+    let contexts: Vec<usize> = inp
+        .live
+        .iter()
+        .filter(|s| s.cached)
+        .map(|s| s.context)
+        .collect();
     let mut out = Decision {
         stay: true,
         to_tp: cur,
