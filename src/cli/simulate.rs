@@ -186,7 +186,8 @@ pub fn world_model(a: &SimulateArgs) -> Result<(Box<dyn StepClock>, Profile, Str
             p.check_matches(&dims, a.world)?;
             let table = ProfileTable::new(&p)?;
             let note = format!(
-                "clock: the profile {} itself (interpolated; {}); the policy sees a predictor fitted to it",
+                "clock: the profile {} itself (interpolated; {}); the policy sees a predictor fitted to it, \
+                 and the same KV capacity",
                 path.display(),
                 p.capacity_summary()
             );
@@ -197,8 +198,9 @@ pub fn world_model(a: &SimulateArgs) -> Result<(Box<dyn StepClock>, Profile, Str
             let prof = sampled_profile(&m, a.world)?;
             let note = format!(
                 "clock: {} (constants: src/sim/component.rs; `pat simulate --calibration` compares it with public measurements); \
-                 the policy sees only a predictor fitted to a profile sampled from it",
-                m.describe()
+                 {}; the policy sees only a predictor fitted to a profile sampled from it, and the same KV capacity",
+                m.describe(),
+                prof.capacity_summary()
             );
             Ok((Box::new(m), prof, note))
         }
