@@ -10,6 +10,10 @@
 #   --list          list the tests and exit
 #   -v              print the captured output of failing tests
 #   --seed N        base seed of data and thread schedules (default 1)
+#   --driver        build the emulated CUDA stack instead of running the tests: the same kernel
+#                   objects, cuda/test/driver/*.cpp and the emulator linked into
+#                   target/kernels-cpu/driver/libcuda.so (also named libcublas.so and libnccl.so),
+#                   which cudarc opens in place of NVIDIA's libraries (scripts/check-gpu-emu.sh)
 # Environment: CXX (default g++), PAT_CUDA_INCLUDE (directory holding cuda_bf16.h), JOBS (default:
 #   number of CPUs), PAT_EMU_CXXFLAGS (extra compiler flags, e.g. "-O0 -g" to debug, or
 #   -DEMU_UCONTEXT to use the portable, slower fiber switch).
@@ -27,6 +31,11 @@
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+driver=0
+test_args=()
+for arg in "$@"; do
+    if [[ "$arg" == --driver ]]; then driver=1; else test_args+=("$arg"); fi
+done
 build="$repo_root/target/kernels-cpu"
 cxx="${CXX:-g++}"
 die() { echo "check-kernels-cpu: error: $*" >&2; exit 1; }
@@ -61,10 +70,10 @@ cuda_inc="$(find_cuda_include)" || {
 }
 
 jobs="${JOBS:-$(nproc 2>/dev/null || echo 2)}"
-mkdir -p "$build/obj"
+mkdir -p "$build/obj" "$build/gen" "$build/driver"
 t_start=$SECONDS
 
-base_flags=(-O2 -std=c++17 -pthread -g0 -fno-strict-aliasing -Wall -Wextra -Wno-unknown-pragmas
+base_flags=(-O2 -std=c++17 -pthread -g0 -fPIC -fno-strict-aliasing -Wall -Wextra -Wno-unknown-pragmas
             -I "$repo_root/cuda" -I "$repo_root/cuda/test" -I "$cuda_inc")
 if [[ -n "${PAT_EMU_CXXFLAGS:-}" ]]; then
     read -r -a extra_flags <<< "$PAT_EMU_CXXFLAGS"
@@ -99,7 +108,8 @@ if [[ ! -f "$build/stamp" || "$(cat "$build/stamp")" != "$stamp" ]]; then
 fi
 
 # Headers every kernel object depends on.
-kernel_deps=("$repo_root"/cuda/*.h "$repo_root"/cuda/*.cuh "$repo_root"/cuda/test/*.h)
+kernel_deps=("$repo_root"/cuda/*.h "$repo_root"/cuda/*.cuh "$repo_root"/cuda/test/*.h
+             "$repo_root"/cuda/test/driver/*.h)
 
 stale() { # stale OBJ DEP... : OBJ missing or older than a dependency
     local obj="$1" d
@@ -109,11 +119,24 @@ stale() { # stale OBJ DEP... : OBJ missing or older than a dependency
     return 1
 }
 
-# Compile one kernel file and move its .bss sections into emu_shared.
+# The extern "C" kernel names of a .cu file (from its preprocessed text, so macro-made ones count).
+kernel_names() {
+    "$cxx" -E "${base_flags[@]}" -x c++ -include "$repo_root/cuda/test/emu.h" "$1" |
+        grep -oE 'extern +"C" +void +[A-Za-z_][A-Za-z0-9_]* *\(' | sed -E 's/.* ([A-Za-z0-9_]+) *\(/\1/'
+}
+
+# Compile one kernel file (through a generated file that adds the driver's thunks, see
+# cuda/test/driver/thunk.h) and move its .bss sections into emu_shared.
 build_kernel() {
-    local src="$1" obj="$2" secs s bad
+    local src="$1" obj="$2" secs s bad gen names
+    gen="$build/gen/$(basename "$src" .cu).cpp"
+    names="$(kernel_names "$src")" || return 1
+    [[ -n "$names" ]] || { echo "$src: no extern \"C\" kernel found" >&2; return 1; }
+    { printf '#include "%s"\n#include "driver/thunk.h"\n' "$src"
+      printf 'EMU_THUNK(%s)\n' $names; } > "$gen"
+    printf '%s\n' $names > "$gen.names"
     "$cxx" "${base_flags[@]}" "${san_flags[@]}" -x c++ -include "$repo_root/cuda/test/emu.h" \
-        -c "$src" -o "$obj.tmp" || return 1
+        -c "$gen" -o "$obj.tmp" || return 1
     secs=()
     while read -r s; do secs+=(--rename-section "$s=emu_shared"); done \
         < <(readelf -SW "$obj.tmp" | sed -n 's/^ *\[ *[0-9]*\] \(\.bss[^ ]*\) .*/\1/p')
@@ -161,6 +184,33 @@ done
 while (( pending > 0 )); do reap; done
 (( failed == 0 )) || die "compilation failed"
 
+kernel_objs=()
+for o in "${objs[@]}"; do [[ "$o" == */kernels_test.o ]] || kernel_objs+=("$o"); done
+
+if (( driver )); then
+    lib="$build/driver/libcuda.so"
+    cat "$build"/gen/*.cpp.names | sort -u | sed 's/.*/EMU_KERNEL(&)/' > "$build/gen/registry.inc.tmp"
+    if ! cmp -s "$build/gen/registry.inc.tmp" "$build/gen/registry.inc"; then
+        mv "$build/gen/registry.inc.tmp" "$build/gen/registry.inc"
+    fi
+    drv_objs=()
+    for src in "$repo_root"/cuda/test/driver/*.cpp; do
+        obj="$build/obj/driver_$(basename "$src" .cpp).o"
+        drv_objs+=("$obj")
+        if stale "$obj" "$src" "$build/gen/registry.inc" "${kernel_deps[@]}" "$0"; then
+            build_host "$src" "$obj" -I "$build/gen" || die "compiling $src failed"
+        fi
+    done
+    if stale "$lib" "${kernel_objs[@]}" "${drv_objs[@]}"; then
+        "$cxx" -shared "${base_flags[@]}" "${san_flags[@]}" "${kernel_objs[@]}" "${drv_objs[@]}" \
+            -Wl,-soname,libcuda.so.1 -Wl,--no-undefined -o "$lib.tmp" || die "linking the driver failed"
+        mv "$lib.tmp" "$lib"
+    fi
+    for name in libcuda.so.1 libcublas.so libnccl.so; do ln -sf libcuda.so "$build/driver/$name"; done
+    info "emulated CUDA stack: $lib ($(wc -l < "$build/gen/registry.inc") kernels; UBSan: ${san_flags[*]:-off})"
+    exit 0
+fi
+
 if stale "$build/kernels_test" "${objs[@]}"; then
     "$cxx" "${base_flags[@]}" "${san_flags[@]}" "${objs[@]}" -o "$build/kernels_test" || die "link failed"
 fi
@@ -169,4 +219,4 @@ info "built in $((SECONDS - t_start))s (CUDA headers: $cuda_inc; UBSan: ${san_fl
 rm -rf "$probe_dir"
 trap - EXIT
 # The test binary's last line is "N passed, M failed"; its exit status is the script's.
-exec "$build/kernels_test" -j "$jobs" "$@"
+exec "$build/kernels_test" -j "$jobs" "${test_args[@]}"
