@@ -22,17 +22,13 @@ fn group_specs(kind: GroupKind, tp: usize) -> Result<Vec<CommSpec>> {
     })
 }
 
-/// Waits for every reply; the first error, if any.
+/// Waits for every reply; the error that caused the others, if any (see [`first_cause`]).
 fn first_error(replies: Vec<(usize, Receiver<Result<()>>)>) -> Result<()> {
-    let mut first = Ok(());
-    for (rank, rrx) in replies {
-        if let Err(e) = recv(rank, &rrx) {
-            if first.is_ok() {
-                first = Err(e);
-            }
-        }
-    }
-    first
+    let results = replies
+        .into_iter()
+        .map(|(rank, rrx)| recv(rank, &rrx))
+        .collect();
+    first_cause(results).map(|_| ())
 }
 
 impl GpuRanks {

@@ -45,7 +45,7 @@ use crate::kv::KvPool;
 use crate::model::config::ModelConfig;
 use crate::model::decoder::{RankWeights, SeqInput};
 use crate::model::weights::Checkpoint;
-use crate::parallel::Layout;
+use crate::parallel::{first_cause, Layout};
 use crate::reshard::SwitchPrograms;
 
 mod groups;
@@ -355,20 +355,13 @@ impl GpuRanks {
             self.send(rank, make(rank, input, rtx))?;
             replies.push(rrx);
         }
-        let mut out = Vec::with_capacity(replies.len());
-        let mut first = None;
-        for (rank, rx) in replies.iter().enumerate() {
-            match recv(rank, rx) {
-                Ok(v) => out.push(v),
-                Err(e) => {
-                    first.get_or_insert(e);
-                }
-            }
-        }
-        match first {
-            Some(e) => Err(e),
-            None => Ok(out),
-        }
+        // Every reply is awaited; the error reported is the cause, not a peer's echo of it.
+        let results = replies
+            .iter()
+            .enumerate()
+            .map(|(rank, rx)| recv(rank, rx))
+            .collect();
+        first_cause(results)
     }
 
     fn send(&self, rank: usize, job: Job) -> Result<()> {
@@ -434,7 +427,7 @@ impl GpuRanks {
         }
         let mut logits = vec![Vec::new(); layout.dp()];
         let mut failed: Vec<usize> = Vec::new();
-        let mut first: Option<Error> = None;
+        let mut errors: Vec<Result<()>> = Vec::new();
         for (d, t, rank, rrx) in pending {
             let r = match rrx {
                 Some(rrx) => recv(rank, &rrx),
@@ -450,11 +443,11 @@ impl GpuRanks {
                     if !failed.contains(&d) {
                         failed.push(d);
                     }
-                    first.get_or_insert(e);
+                    errors.push(Err(e));
                 }
             }
         }
-        if let Some(e) = first {
+        if let Err(e) = first_cause(errors) {
             if self.broken.is_none() {
                 for d in failed {
                     let regroup = self
