@@ -14,10 +14,17 @@ use super::*;
 /// on the same layout and keep the same logits as the CPU. A switch back to a replica seen
 /// before (the same ranks in the same tp order) reuses its device group; a switch on the devices
 /// makes the world group once and reuses it.
-fn check_engine(name: &'static str) {
-    let Some(m) = Model::open_or_skip(name, &format!("{name}_engine_on_gpu")) else {
+///
+/// `spread` puts rank r on GPU r (one rank per GPU: the replicas' groups are NCCL
+/// communicators, and a switch on the devices exchanges through NCCL) instead of every rank on
+/// GPU 0 (same-device groups and copies); a world larger than the GPUs present is skipped,
+/// visibly, with "needs N GPUs".
+fn check_engine(name: &'static str, spread: bool) {
+    let test = format!("{name}_engine_on_gpu{}", if spread { "s" } else { "" });
+    let Some(m) = Model::open_or_skip(name, &test) else {
         return;
     };
+    let gpus = pat::backend::cuda::probe().unwrap_or(0);
     let reqs = golden_requests(&m.gold, m.max_new);
     let runs = [(1, 1), (2, 1), (2, 2), (4, 2), (4, 4)]
         .into_iter()
@@ -36,8 +43,20 @@ fn check_engine(name: &'static str) {
             dtype: Dtype::F32,
             sampling: SamplingParams::default(),
         };
+        if spread && world > gpus {
+            pat::backend::cuda::testing::skip_notice(
+                &test,
+                &format!("world {world}: needs {world} GPUs, found {gpus}"),
+            );
+            continue;
+        }
+        let devices = if spread {
+            (0..world).collect()
+        } else {
+            vec![0; world]
+        };
         let backend = Backend::Cuda {
-            devices: Some(vec![0; world]),
+            devices: Some(devices),
             switch: how,
         };
         let mut gpu = Engine::with_backend(m.cfg.clone(), &m.ck, opts.clone(), &backend)
@@ -147,12 +166,18 @@ fn check_engine(name: &'static str) {
 
 #[test]
 fn llama_engine_on_gpu_ranks_matches_transformers_and_the_cpu_engine() {
-    check_engine("llama");
+    check_engine("llama", false);
 }
 
 #[test]
 fn qwen3_engine_on_gpu_ranks_matches_transformers_and_the_cpu_engine() {
-    check_engine("qwen3");
+    check_engine("qwen3", false);
+}
+
+/// As above with one rank per GPU: NCCL groups, and switches on the devices through NCCL.
+#[test]
+fn llama_engine_with_one_rank_per_gpu_matches_transformers_and_the_cpu_engine() {
+    check_engine("llama", true);
 }
 
 /// A GPU switch that fails in any phase on any rank loses nothing: before the swap the old
@@ -173,17 +198,63 @@ fn a_failed_gpu_switch_in_any_phase_on_any_rank_loses_nothing() {
     };
     for how in [GpuSwitch::Device, GpuSwitch::Host] {
         eprintln!("failed switches, switching {}", how.name());
-        failed_switches(&m, &reqs, &cost, how);
+        failed_switches(&m, &reqs, &cost, how, vec![0; 4]);
     }
 }
 
-fn failed_switches(m: &Model, reqs: &[pat::engine::Request], cost: &CostModel, how: GpuSwitch) {
-    let make = || four_ranks_at_tp1(m, 256, Dtype::F32, how);
+/// As above with one rank per GPU (4 GPUs): the groups are NCCL communicators, and no rank may
+/// be left waiting in an NCCL call a failed peer never joins.
+#[test]
+fn a_failed_switch_with_one_rank_per_gpu_loses_nothing() {
+    let test = "a_failed_switch_with_one_rank_per_gpu";
+    let Some(m) = Model::open_or_skip("qwen3", test) else {
+        return;
+    };
+    let gpus = pat::backend::cuda::probe().unwrap_or(0);
+    if gpus < 4 {
+        pat::backend::cuda::testing::skip_notice(test, &format!("needs 4 GPUs, found {gpus}"));
+        return;
+    }
+    let reqs = golden_requests(&m.gold, m.max_new);
+    let cost = CostModel {
+        transfer_bytes_per_s: 1e9,
+        fixed_transfer_s: 0.0,
+        prefill_tokens_per_s: vec![(1, 1e3), (4, 1e3)],
+        fixed_prefill_s: 0.0,
+    };
+    for how in [GpuSwitch::Device, GpuSwitch::Host] {
+        eprintln!(
+            "failed switches, one rank per GPU, switching {}",
+            how.name()
+        );
+        failed_switches(&m, &reqs, &cost, how, vec![0, 1, 2, 3]);
+    }
+}
+
+fn failed_switches(
+    m: &Model,
+    reqs: &[pat::engine::Request],
+    cost: &CostModel,
+    how: GpuSwitch,
+    devices: Vec<usize>,
+) {
+    let make = || ranks_at_tp1(m, 256, Dtype::F32, how, devices.clone());
     failed_switch_loses_nothing(make, reqs, &m.gold, cost);
 }
 
 /// An engine of 4 ranks on GPU 0 at tp 1 with `kv_blocks` blocks per rank.
 fn four_ranks_at_tp1(m: &Model, kv_blocks: usize, dtype: Dtype, how: GpuSwitch) -> Engine {
+    ranks_at_tp1(m, kv_blocks, dtype, how, vec![0; 4])
+}
+
+/// An engine of 4 ranks on GPUs `devices` at tp 1 with `kv_blocks` blocks per rank.
+fn ranks_at_tp1(
+    m: &Model,
+    kv_blocks: usize,
+    dtype: Dtype,
+    how: GpuSwitch,
+    devices: Vec<usize>,
+) -> Engine {
     let opts = EngineOptions {
         world: 4,
         tp: 1,
@@ -193,7 +264,7 @@ fn four_ranks_at_tp1(m: &Model, kv_blocks: usize, dtype: Dtype, how: GpuSwitch) 
         sampling: SamplingParams::default(),
     };
     let backend = Backend::Cuda {
-        devices: Some(vec![0; 4]),
+        devices: Some(devices),
         switch: how,
     };
     Engine::with_backend(m.cfg.clone(), &m.ck, opts, &backend).unwrap()

@@ -94,22 +94,27 @@ int cublasGemmEx(void* h, int transa, int transb, int m, int n, int k, const voi
     }
     if (m == 0 || n == 0) return OK;
     const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
-    if ((k > 0 && (!emud::check_device_range((uint64_t)(uintptr_t)A, span(a_rows, a_cols, lda, a_type), "cublasGemmEx A") ||
-                   !emud::check_device_range((uint64_t)(uintptr_t)B, span(b_rows, b_cols, ldb, b_type), "cublasGemmEx B"))) ||
-        !emud::check_device_range((uint64_t)(uintptr_t)C, span(m, n, ldc, c_type), "cublasGemmEx C"))
-        return EXECUTION_FAILED;
-    for (int j = 0; j < n; ++j)
-        for (int i = 0; i < m; ++i) {
-            float acc = 0.0f;
-            for (int p = 0; p < k; ++p) {
-                const size_t ai = transa ? (size_t)p + (size_t)i * lda : (size_t)i + (size_t)p * lda;
-                const size_t bi = transb ? (size_t)j + (size_t)p * ldb : (size_t)p + (size_t)j * ldb;
-                acc += load(A, ai, a_type) * load(B, bi, b_type);
+    // In stream order, after whatever is queued ahead of it (e.g. an NCCL all-reduce of A).
+    const int r = emud::submit(static_cast<Handle*>(h)->stream, [=](bool) {
+        if ((k > 0 && (!emud::check_device_range((uint64_t)(uintptr_t)A, span(a_rows, a_cols, lda, a_type), "cublasGemmEx A") ||
+                       !emud::check_device_range((uint64_t)(uintptr_t)B, span(b_rows, b_cols, ldb, b_type), "cublasGemmEx B"))) ||
+            !emud::check_device_range((uint64_t)(uintptr_t)C, span(m, n, ldc, c_type), "cublasGemmEx C"))
+            return 719; // CUDA_ERROR_LAUNCH_FAILED, as a faulting kernel reports at the next sync
+        for (int j = 0; j < n; ++j)
+            for (int i = 0; i < m; ++i) {
+                float acc = 0.0f;
+                for (int p = 0; p < k; ++p) {
+                    const size_t ai = transa ? (size_t)p + (size_t)i * lda : (size_t)i + (size_t)p * lda;
+                    const size_t bi = transb ? (size_t)j + (size_t)p * ldb : (size_t)p + (size_t)j * ldb;
+                    acc += load(A, ai, a_type) * load(B, bi, b_type);
+                }
+                const size_t ci = (size_t)i + (size_t)j * ldc;
+                // beta == 0 must not read C (it may hold NaN), as in cuBLAS.
+                store(C, ci, c_type, be == 0.0f ? al * acc : al * acc + be * load(C, ci, c_type));
             }
-            const size_t ci = (size_t)i + (size_t)j * ldc;
-            // beta == 0 must not read C (it may hold NaN), as in cuBLAS.
-            store(C, ci, c_type, be == 0.0f ? al * acc : al * acc + be * load(C, ci, c_type));
-        }
+        return 0;
+    });
+    if (r) return EXECUTION_FAILED;
     return OK;
 }
 
