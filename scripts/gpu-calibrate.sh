@@ -22,8 +22,11 @@
 #
 # Knobs (environment): PAT_CAL_PRESET (llama3-8b-shape; `small` for a quick run), PAT_CAL_ARCH
 # (llama | qwen3), PAT_CAL_SHARDS ("1 2 4 8"), PAT_CAL_BATCHES (1,4,16,64,128), PAT_CAL_CONTEXTS
-# (256,2048), PAT_CAL_STEPS (5), PAT_CAL_LINK (nvlink), PAT_CAL_WORLD (8), PAT_BACKEND (cuda;
-# `cpu` rehearses the whole script without a GPU, e.g. PAT_BACKEND=cpu PAT_CAL_PRESET=small).
+# (256,2048), PAT_CAL_STEPS (5), PAT_CAL_LINK (nvlink), PAT_CAL_WORLD (8), PAT_CAL_ATT_SEQS
+# (1,4,16,64), PAT_CAL_ATT_CONTEXTS (1024,8192,24576), PAT_BACKEND (cuda; `cpu` rehearses the
+# whole script without a GPU, e.g. PAT_BACKEND=cpu PAT_CAL_PRESET=small). With PAT_EMU_GPUS set
+# and the emulated CUDA stack on LD_LIBRARY_PATH (scripts/check-gpu-emu.sh), the cuda path runs
+# without a GPU too (no nvidia-smi check; tiny sizes, since its timings mean nothing).
 # Budget: under 8 minutes on one H200 with the defaults (not yet run on a GPU: the CPU rehearsal
 # is what CI-like checks run).
 set -uo pipefail
@@ -50,7 +53,7 @@ dtype=bf16
 [[ "$backend" == cpu ]] && dtype=f32
 [[ " $shards " == *" 1 "* ]] || die "PAT_CAL_SHARDS must include 1 (the full model: compose reads its config)"
 
-if [[ "$backend" == cuda ]]; then
+if [[ "$backend" == cuda && -z "${PAT_EMU_GPUS:-}" ]]; then
     command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1 \
         || die "no GPU visible (nvidia-smi -L failed); PAT_BACKEND=cpu rehearses the script without one"
     # The pip NVIDIA libraries (cuBLAS, NCCL) as gpu-check.sh finds them.
@@ -83,7 +86,8 @@ if [[ "$backend" == cuda ]]; then
     : >"$dir/attention.jsonl"
     for kv in 8 4 2 1; do
         run "attention-kv$kv" "$pat" bench attention --kv-heads "$kv" --q-heads $((kv * 4)) \
-            --num-seqs 1,4,16,64 --context 1024,8192,24576 --dtype bf16 --iters 10 \
+            --num-seqs "${PAT_CAL_ATT_SEQS:-1,4,16,64}" \
+            --context "${PAT_CAL_ATT_CONTEXTS:-1024,8192,24576}" --dtype bf16 --iters 10 \
             && cat "$dir/attention-kv$kv.jsonl" >>"$dir/attention.jsonl"
     done
 fi
