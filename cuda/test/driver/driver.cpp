@@ -14,6 +14,7 @@
 #include <sys/mman.h>
 
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -51,16 +52,22 @@ struct Ctx {
 };
 struct Stream {
     int device = -1;
-    std::mutex run; // held by whoever runs this stream's operations
-    std::mutex qm;  // guards the fields below
+    std::mutex qm; // guards the fields below
+    std::condition_variable cv; // signalled when an operation finishes
     std::deque<std::pair<emud::Op, const void*>> q;
-    bool front_running = false;
+    bool busy = false;          // an operation of this stream is running (on some thread)
+    bool front_running = false; // ... and it is q.front()
     uint64_t submitted = 0, completed = 0; // operations, in order
 };
-struct Event {
+struct EventState {
     Stream* stream = nullptr;
     uint64_t seq = 0; // complete when stream->completed >= seq
     double ms = 0;
+};
+// A CUevent: destroying it with a record still queued is allowed (as in CUDA), so the queued
+// record holds the state too.
+struct Event {
+    std::shared_ptr<EventState> st = std::make_shared<EventState>();
 };
 struct Module {
     int device;
@@ -119,22 +126,27 @@ bool reached(Stream* st, uint64_t seq) {
     return st->completed >= seq;
 }
 
-// Runs queued operations of `st` until `seq` of them have completed (or the queue is empty).
+// Runs queued operations of `st` until `seq` of them have completed (or the queue is empty). Any
+// thread may help a stream along (a stream waiting on another's event runs that stream's work, as
+// a GPU runs every stream), one operation at a time: no lock is held while an operation runs.
 int drain_upto(Stream* st, uint64_t seq) {
-    std::lock_guard<std::mutex> run(st->run);
+    std::unique_lock<std::mutex> g(st->qm);
     for (;;) {
-        emud::Op op;
-        {
-            std::lock_guard<std::mutex> g(st->qm);
-            if (st->q.empty() || st->completed >= seq) return 0;
-            op = st->q.front().first;
-            st->front_running = true;
+        if (st->completed >= seq) return 0;
+        if (st->busy) {
+            st->cv.wait(g);
+            continue;
         }
+        if (st->q.empty()) return 0;
+        emud::Op op = st->q.front().first;
+        st->busy = st->front_running = true;
+        g.unlock();
         const int r = op(true);
-        std::lock_guard<std::mutex> g(st->qm);
-        st->front_running = false;
+        g.lock();
+        st->busy = st->front_running = false;
         st->q.pop_front();
         ++st->completed;
+        st->cv.notify_all();
         if (r != 0) return r;
     }
 }
@@ -261,26 +273,33 @@ double nccl_timeout_s() {
     return s;
 }
 
+bool defer_all() {
+    static const bool d = env_int("PAT_EMU_DEFER", 0, 0, 1) == 1;
+    return d;
+}
+
 int submit(void* s, Op op, const void* owner) {
     Stream* st = resolve(s);
     if (!st) return INVALID_CONTEXT;
-    std::lock_guard<std::mutex> run(st->run);
-    {
-        std::lock_guard<std::mutex> g(st->qm);
-        ++st->submitted;
-        if (!st->q.empty()) {
-            st->q.emplace_back(std::move(op), owner);
-            return 0;
-        }
-    }
-    const int r = op(false);
-    std::lock_guard<std::mutex> g(st->qm);
-    if (r == kWouldBlock) {
+    std::unique_lock<std::mutex> g(st->qm);
+    ++st->submitted;
+    if (!st->q.empty() || st->busy || defer_all()) {
         st->q.emplace_back(std::move(op), owner);
         return 0;
     }
-    ++st->completed;
-    return r;
+    st->busy = true;
+    g.unlock();
+    const int r = op(false);
+    g.lock();
+    st->busy = false;
+    if (r == kWouldBlock) {
+        // Only the stream's owner submits, so nothing was queued meanwhile: this is the front.
+        st->q.emplace_back(std::move(op), owner);
+    } else {
+        ++st->completed;
+    }
+    st->cv.notify_all();
+    return r == kWouldBlock ? 0 : r;
 }
 
 int drain(void* s) {
@@ -297,6 +316,7 @@ void drop_owned(const void* owner) {
             if (st->q[i].second == owner) {
                 st->q.erase(st->q.begin() + (long)i);
                 ++st->completed;
+                st->cv.notify_all();
             } else {
                 ++i;
             }
@@ -435,11 +455,10 @@ CUresult cuStreamDestroy_v2(void* s) {
     if (!s) return INVALID_HANDLE;
     Stream* st = static_cast<Stream*>(s);
     const int r = drain_upto(st, UINT64_MAX); // destroy waits for the stream's work, as on a GPU
-    {
-        std::lock_guard<std::mutex> g(g_streams_mutex);
-        g_streams.erase(st);
-    }
-    delete st;
+    std::lock_guard<std::mutex> g(g_streams_mutex);
+    g_streams.erase(st);
+    // Not deleted: another stream may still hold a wait on one of its events (allowed in CUDA),
+    // and reads its completed count. A stream is a few dozen bytes; processes make few.
     return r;
 }
 CUresult cuStreamSynchronize(void* s) { return emud::drain(s); }
@@ -453,9 +472,9 @@ CUresult cuStreamWaitEvent(void* s, void* e, unsigned) {
     if (!e) return INVALID_HANDLE;
     Stream* st = resolve(s);
     if (!st) return INVALID_CONTEXT;
-    Event* ev = static_cast<Event*>(e);
-    Stream* src = ev->stream;
-    const uint64_t seq = ev->seq;
+    const EventState& ev = *static_cast<Event*>(e)->st;
+    Stream* src = ev.stream;
+    const uint64_t seq = ev.seq;
     if (!src || src == st) return OK;
     return emud::submit(st, [src, seq](bool block) {
         if (reached(src, seq)) return 0;
@@ -475,31 +494,40 @@ CUresult cuEventRecord(void* e, void* s) {
     if (!e) return INVALID_HANDLE;
     Stream* st = resolve(s);
     if (!st) return INVALID_CONTEXT;
-    Event* ev = static_cast<Event*>(e);
+    // A new state for each record: a queued earlier record of this event writes the old one.
+    auto ev = std::make_shared<EventState>();
     const int r = emud::submit(st, [ev](bool) {
         ev->ms = now_ms();
         return 0;
     });
-    std::lock_guard<std::mutex> g(st->qm);
-    ev->stream = st;
-    ev->seq = st->submitted;
+    {
+        std::lock_guard<std::mutex> g(st->qm);
+        ev->stream = st;
+        ev->seq = st->submitted;
+    }
+    static_cast<Event*>(e)->st = ev;
     return r;
 }
 CUresult cuEventRecordWithFlags(void* e, void* s, unsigned) { return cuEventRecord(e, s); }
 CUresult cuEventSynchronize(void* e) {
     if (!e) return INVALID_HANDLE;
-    Event* ev = static_cast<Event*>(e);
-    return ev->stream ? drain_upto(ev->stream, ev->seq) : OK;
+    const EventState& ev = *static_cast<Event*>(e)->st;
+    return ev.stream ? drain_upto(ev.stream, ev.seq) : OK;
 }
 CUresult cuEventQuery(void* e) {
     if (!e) return INVALID_HANDLE;
-    Event* ev = static_cast<Event*>(e);
-    return !ev->stream || reached(ev->stream, ev->seq) ? OK : NOT_READY;
+    const EventState& ev = *static_cast<Event*>(e)->st;
+    return !ev.stream || reached(ev.stream, ev.seq) ? OK : NOT_READY;
 }
 CUresult cuEventElapsedTime(float* ms, void* a, void* b) {
     if (!ms) return INVALID_VALUE;
     if (!a || !b) return INVALID_HANDLE;
-    *ms = (float)(static_cast<Event*>(b)->ms - static_cast<Event*>(a)->ms);
+    for (void* e : {a, b}) { // as in CUDA: an event not yet complete is an error, not a wait
+        const EventState& ev = *static_cast<Event*>(e)->st;
+        if (!ev.stream) return INVALID_HANDLE;
+        if (!reached(ev.stream, ev.seq)) return NOT_READY;
+    }
+    *ms = (float)(static_cast<Event*>(b)->st->ms - static_cast<Event*>(a)->st->ms);
     return OK;
 }
 CUresult cuEventElapsedTime_v2(float* ms, void* a, void* b) { return cuEventElapsedTime(ms, a, b); }

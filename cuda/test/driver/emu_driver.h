@@ -42,6 +42,10 @@ double nccl_timeout_s();
 // events) drains the queue. This keeps the host asynchronous where a GPU's would be: a rank that
 // enqueues a receive and goes on to a host-side rendezvous does not block where a GPU would not.
 //
+// With PAT_EMU_DEFER=1 every operation is queued until a synchronize (stream, event, context,
+// a synchronous copy, cuMemFree, stream destroy), as late as a GPU may run it: host code that
+// reads a result (or reuses a buffer) before synchronizing sees stale data.
+//
 // An operation is called with block = false when it may be deferred (return kWouldBlock to stay
 // queued) and with block = true from a drain (it must finish, or fail after nccl_timeout_s()).
 // It returns 0 or a CUresult error code. `owner` tags it for drop_owned (ncclCommAbort).
