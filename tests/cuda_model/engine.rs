@@ -189,17 +189,7 @@ fn a_failed_gpu_switch_in_any_phase_on_any_rank_loses_nothing() {
     let Some(m) = Model::open_or_skip("qwen3", "a_failed_gpu_switch") else {
         return;
     };
-    let reqs = golden_requests(&m.gold, m.max_new);
-    let cost = CostModel {
-        transfer_bytes_per_s: 1e9,
-        fixed_transfer_s: 0.0,
-        prefill_tokens_per_s: vec![(1, 1e3), (4, 1e3)],
-        fixed_prefill_s: 0.0,
-    };
-    for how in [GpuSwitch::Device, GpuSwitch::Host] {
-        eprintln!("failed switches, switching {}", how.name());
-        failed_switches(&m, &reqs, &cost, how, vec![0; 4]);
-    }
+    failed_switches(&m, vec![0; 4]);
 }
 
 /// As above with one rank per GPU (4 GPUs): the groups are NCCL communicators, and no rank may
@@ -215,6 +205,12 @@ fn a_failed_switch_with_one_rank_per_gpu_loses_nothing() {
         pat::backend::cuda::testing::skip_notice(test, &format!("needs 4 GPUs, found {gpus}"));
         return;
     }
+    failed_switches(&m, vec![0, 1, 2, 3]);
+}
+
+/// The failed-switch matrix (`failed_switch_loses_nothing`) on 4 ranks on GPUs `devices`, each
+/// way a GPU switch runs.
+fn failed_switches(m: &Model, devices: Vec<usize>) {
     let reqs = golden_requests(&m.gold, m.max_new);
     let cost = CostModel {
         transfer_bytes_per_s: 1e9,
@@ -224,22 +220,12 @@ fn a_failed_switch_with_one_rank_per_gpu_loses_nothing() {
     };
     for how in [GpuSwitch::Device, GpuSwitch::Host] {
         eprintln!(
-            "failed switches, one rank per GPU, switching {}",
+            "failed switches on GPUs {devices:?}, switching {}",
             how.name()
         );
-        failed_switches(&m, &reqs, &cost, how, vec![0, 1, 2, 3]);
+        let make = || ranks_at_tp1(m, 256, Dtype::F32, how, devices.clone());
+        failed_switch_loses_nothing(make, &reqs, &m.gold, &cost);
     }
-}
-
-fn failed_switches(
-    m: &Model,
-    reqs: &[pat::engine::Request],
-    cost: &CostModel,
-    how: GpuSwitch,
-    devices: Vec<usize>,
-) {
-    let make = || ranks_at_tp1(m, 256, Dtype::F32, how, devices.clone());
-    failed_switch_loses_nothing(make, reqs, &m.gold, cost);
 }
 
 /// An engine of 4 ranks on GPU 0 at tp 1 with `kv_blocks` blocks per rank.
