@@ -38,8 +38,8 @@
 //   bandwidth, which counts read + write too); a whole switch on GPU ranks: `pat bench switch
 //   --backend cuda`.
 // Used by: a live switch on GPU ranks (src/backend/cuda/rank/switch.rs): kv_gather / kv_scatter
-//   move each KV piece (one kv head of one sequence, one launch per layer) into a message or the
-//   new pool; strided_copy builds each re-sharded weight buffer from the old one and the rows
+//   move each KV batch (one kv head of many sequences, one launch per layer) into a message or
+//   the new pool; strided_copy builds each re-sharded weight buffer from the old one and the rows
 //   received (rows = 1, separate buffers).
 #include "common.cuh"
 

@@ -8,6 +8,7 @@
 //! engine from the new replica's allocator beforehand). The new pools have kv_heads / new_tp heads,
 //! so even data that stays on its rank is re-laid out.
 
+pub mod batch;
 mod exec;
 pub mod program;
 

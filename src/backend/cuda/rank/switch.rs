@@ -6,12 +6,14 @@
 //! next, and aborts every rank if any fails before the swap):
 //! 1. [`GpuRank::switch_begin`]: the new layout's KV pool, checked against free memory.
 //! 2. [`GpuRank::switch_stage`] (no communication): the programs checked against this rank's
-//!    buffers, every message buffer allocated, each KV piece this rank sends gathered
-//!    (`kv_gather`, one launch per layer), and each piece that stays on the rank moved into the
-//!    new pool (`kv_gather` + `kv_scatter`). Every rank stages before any exchanges, so a bad plan
-//!    or a full device is an error on the host with no peer inside a collective (NCCL cannot be
-//!    woken from one).
-//! 3. [`GpuRank::switch_exchange`]: one exchange of KV pieces, each received piece scattered
+//!    buffers, every message buffer allocated, each KV batch this rank sends gathered
+//!    (`kv_gather`, one launch per layer), and each batch that stays on the rank moved into the
+//!    new pool layer by layer through one scratch (`kv_gather` + `kv_scatter`). A batch
+//!    (`reshard::kv::batch`) is the pieces of one peer, source head and destination head, all
+//!    sequences together: one launch per batch and layer, not per piece (sequence) and layer.
+//!    Every rank stages before any exchanges, so a bad plan or a full device is an error on the
+//!    host with no peer inside a collective (NCCL cannot be woken from one).
+//! 3. [`GpuRank::switch_exchange`]: one exchange of KV batches, each received batch scattered
 //!    into the new pool (`kv_scatter`), then one exchange of weight rows (sent straight out of
 //!    the old shard, received into staging). A rank makes both exchanges even when its scatter
 //!    fails in between, and reports that failure after, so no peer is left inside an exchange.
@@ -21,8 +23,8 @@
 //! 5. [`GpuRank::switch_swap`] (cannot fail): the new buffers and pool replace the old ones,
 //!    which are freed in stream order.
 //!
-//! A KV piece (one kv head of one sequence) travels as `[layers][2 (K, V)][blocks][block_size]
-//! [head_dim]` in the device dtype: whole blocks, so a partly filled last block carries its
+//! A KV batch travels as `[layers][2 (K, V)][blocks][block_size][head_dim]` in the device dtype,
+//! its sequences' blocks in plan order: whole blocks, so a partly filled last block carries its
 //! unused slots too (never read: attention reads a sequence's first `len` positions only).
 
 use std::time::Instant;
@@ -34,6 +36,7 @@ use crate::backend::cuda::ops::{self, Strided};
 use crate::error::{Error, Result};
 use crate::kv::blocks_for;
 use crate::model::config::ModelConfig;
+use crate::reshard::kv::batch::{batches, BatchKind, KvBatch};
 use crate::reshard::kv::program::{check_steps, KvStep};
 use crate::reshard::kv::{KvPlan, KvStats};
 use crate::reshard::weights::program::{role_buffers, role_buffers_mut, Step, WeightProgram};
@@ -44,25 +47,56 @@ pub struct RankSwitch {
     new_kv: GpuKvPool,
     /// This rank's programs and the plan they came from (shared by every rank).
     plan: std::sync::Arc<SwitchPrograms>,
-    /// KV pieces gathered for peers, in this rank's send order: (to, piece).
+    /// KV batches gathered for peers, in this rank's send order: (to, message).
     outbox: Vec<(usize, DBuf)>,
-    /// Buffers for the KV pieces this rank receives, in its receive order: (from, seq, dst head,
-    /// piece).
-    inbox: Vec<(usize, usize, usize, DBuf)>,
+    /// KV batches this rank receives, in its receive order.
+    inbox: Vec<Inbound>,
+    /// Bytes of KV moved within the rank (staged already).
+    local_bytes: u64,
     /// Received weight rows per role and layer (program order), `None` where none are received.
     staged: Vec<Vec<Option<DBuf>>>,
     /// The re-sharded buffers per role and layer, after `build`.
     built: Option<Vec<Vec<DBuf>>>,
-    /// Block ids (i32) of each sequence this rank touches: (old table, new table).
-    ids: std::collections::BTreeMap<usize, (DBuf, DBuf)>,
+}
+
+/// A KV batch to receive and where it goes in the new pool.
+struct Inbound {
+    from: usize,
+    /// Destination local head.
+    head: usize,
+    /// The batch's new blocks (i32 ids), `blocks` of them.
+    ids: DBuf,
+    blocks: usize,
+    data: DBuf,
 }
 
 /// What a rank's exchange did: the same record as every rank's together.
 pub type ExchangeStats = crate::backend::DeviceApplied;
 
-/// Elements of one KV piece of a sequence of `nb` blocks.
-fn piece_len(plan: &KvPlan, nb: usize) -> usize {
-    plan.num_layers * 2 * nb * plan.block_size * plan.head_dim
+/// Elements of `layers` layers of a KV batch of `nb` blocks (K and V).
+fn batch_len(plan: &KvPlan, layers: usize, nb: usize) -> usize {
+    layers * 2 * nb * plan.block_size * plan.head_dim
+}
+
+/// Scratch for one layer of a local batch, at most (unless one sequence needs more): local
+/// batches are cut to fit it.
+const LOCAL_SCRATCH_BYTES: usize = 64 << 20;
+
+/// The batch's blocks (i32 ids) on the device: its sequences' old or `new` tables, in order.
+fn batch_ids(
+    dev: &crate::backend::cuda::device::CudaDev,
+    plan: &KvPlan,
+    b: &KvBatch,
+    new: bool,
+) -> Result<DBuf> {
+    let mut ids = Vec::with_capacity(b.blocks);
+    for &seq in &b.seqs {
+        let s = &plan.seqs[seq];
+        let nb = blocks_for(s.len, plan.block_size);
+        let table = if new { &s.new_table } else { &s.old_table };
+        ids.extend(table[..nb].iter().map(|&x| x as i32));
+    }
+    DBuf::from_slice(dev, &ids)
 }
 
 fn internal(rank: usize, msg: String) -> Error {
@@ -91,9 +125,9 @@ impl GpuRank {
             plan,
             outbox: Vec::new(),
             inbox: Vec::new(),
+            local_bytes: 0,
             staged: Vec::new(),
             built: None,
-            ids: Default::default(),
         })
     }
 
@@ -116,48 +150,54 @@ impl GpuRank {
         }
         self.check_weights(wp, rank)?;
         let es = self.dtype.size();
+        let layers = plan.num_layers;
+        // One layer of one block (K and V): the unit of the local scratch.
+        let block_layer = batch_len(plan, 1, 1) * es;
+        let cap = (LOCAL_SCRATCH_BYTES / block_layer.max(1)).max(1);
         let mut held = 0u64;
         let mut scratch: Option<DBuf> = None;
-        for st in &kp.steps {
-            let (seq, src, dst) = st.parts();
-            let s = &plan.seqs[seq];
-            let nb = blocks_for(s.len, plan.block_size);
-            if let std::collections::btree_map::Entry::Vacant(e) = sw.ids.entry(seq) {
-                let to_i32 = |t: &[u32]| t.iter().take(nb).map(|&b| b as i32).collect::<Vec<_>>();
-                let old_ids = DBuf::from_slice(&self.dev, &to_i32(&s.old_table))?;
-                let new_ids = DBuf::from_slice(&self.dev, &to_i32(&s.new_table))?;
-                e.insert((old_ids, new_ids));
-            }
-            let n = piece_len(plan, nb);
-            match (*st, src, dst) {
-                (KvStep::Send { to, .. }, Some(h), _) => {
-                    let piece = DBuf::uninit(&self.dev, self.dtype, n)?;
-                    self.gather_piece(&sw.ids[&seq].0, nb, h, piece.view())?;
-                    sw.outbox.push((to, piece));
+        for b in batches(plan, kp, cap) {
+            let n = batch_len(plan, layers, b.blocks);
+            match (b.kind, b.src_head, b.dst_head) {
+                (BatchKind::Send { to }, Some(h), _) => {
+                    let ids = batch_ids(&self.dev, plan, &b, false)?;
+                    let msg = DBuf::uninit(&self.dev, self.dtype, n)?;
+                    kv_layers(&self.dev, &self.kv, &ids, b.blocks, h, msg.view(), true)?;
+                    sw.outbox.push((to, msg));
                     held += (n * es) as u64;
                 }
-                (KvStep::Local { .. }, Some(h), Some(d)) => {
-                    // One scratch piece, reused in stream order.
+                (BatchKind::Local, Some(h), Some(d)) => {
+                    // Layer by layer through one scratch, reused in stream order.
+                    let per = batch_len(plan, 1, b.blocks);
                     let buf = match scratch.take() {
-                        Some(b) if b.len() >= n => b,
-                        old => {
-                            held -= old.map_or(0, |b| (b.len() * es) as u64);
-                            held += (n * es) as u64;
-                            DBuf::uninit(&self.dev, self.dtype, n)?
+                        Some(x) if x.len() >= per => x,
+                        prev => {
+                            held -= prev.map_or(0, |x| (x.len() * es) as u64);
+                            held += (per * es) as u64;
+                            DBuf::uninit(&self.dev, self.dtype, per)?
                         }
                     };
-                    let view = buf.view().slice(0, n)?;
-                    let (old_ids, new_ids) = &sw.ids[&seq];
-                    self.gather_piece(old_ids, nb, h, view)?;
-                    scatter_piece(&self.dev, &sw.new_kv, new_ids, nb, d, view)?;
+                    let view = buf.view().slice(0, per)?;
+                    let src = batch_ids(&self.dev, plan, &b, false)?;
+                    let dst = batch_ids(&self.dev, plan, &b, true)?;
+                    for l in 0..layers {
+                        kv_move(&self.dev, &self.kv, l, &src, b.blocks, h, view, true)?;
+                        kv_move(&self.dev, &sw.new_kv, l, &dst, b.blocks, d, view, false)?;
+                    }
+                    sw.local_bytes += (n * es) as u64;
                     scratch = Some(buf);
                 }
-                (KvStep::Recv { from, .. }, _, Some(d)) => {
-                    let piece = DBuf::uninit(&self.dev, self.dtype, n)?;
-                    sw.inbox.push((from, seq, d, piece));
+                (BatchKind::Recv { from }, _, Some(d)) => {
+                    sw.inbox.push(Inbound {
+                        from,
+                        head: d,
+                        ids: batch_ids(&self.dev, plan, &b, true)?,
+                        blocks: b.blocks,
+                        data: DBuf::uninit(&self.dev, self.dtype, n)?,
+                    });
                     held += (n * es) as u64;
                 }
-                _ => return Err(internal(rank, format!("malformed KV step {st:?}"))),
+                _ => return Err(internal(rank, format!("malformed KV batch {b:?}"))),
             }
         }
         // Staging for the weight rows this rank receives.
@@ -222,27 +262,6 @@ impl GpuRank {
         Ok(())
     }
 
-    /// Gathers kv head `head` of a sequence's `nb` blocks (`ids`) from every layer of the current
-    /// pool into `out` (a piece).
-    fn gather_piece(&self, ids: &DBuf, nb: usize, head: usize, out: DView<'_>) -> Result<()> {
-        if nb == 0 {
-            return Ok(());
-        }
-        let per = 2 * nb * self.kv.block_size * self.kv.head_dim;
-        for l in 0..self.kv.layers() {
-            let cache = self.kv.layer(l)?;
-            ops::kv_gather(
-                &self.dev,
-                &cache,
-                out.slice(l * per, per)?,
-                ids.view(),
-                head,
-                1,
-            )?;
-        }
-        Ok(())
-    }
-
     /// Phase 3: the KV exchange (then each received piece into the new pool) and the weight
     /// exchange, over `world` (a group of every rank, member index = physical rank).
     ///
@@ -264,20 +283,14 @@ impl GpuRank {
         {
             let sends: Vec<(usize, DView<'_>)> =
                 sw.outbox.iter().map(|(to, b)| (*to, b.view())).collect();
-            let recvs: Vec<(usize, DView<'_>)> = sw
-                .inbox
-                .iter()
-                .map(|(from, _, _, b)| (*from, b.view()))
-                .collect();
+            let recvs: Vec<(usize, DView<'_>)> =
+                sw.inbox.iter().map(|r| (r.from, r.data.view())).collect();
             world.exchange(&self.dev, &sends, &recvs)?;
         }
         let scattered = fail.map_or(Ok(()), Err).and_then(|()| {
-            sw.inbox.iter().try_for_each(|(_, seq, head, piece)| {
-                let nb = blocks_for(sw.plan.kv_plan.seqs[*seq].len, sw.plan.kv_plan.block_size);
-                let ids = sw.ids.get(seq).ok_or_else(|| {
-                    internal(world.rank(), format!("no new block ids for sequence {seq}"))
-                })?;
-                scatter_piece(&self.dev, &sw.new_kv, &ids.1, nb, *head, piece.view())
+            sw.inbox.iter().try_for_each(|r| {
+                let (pool, data) = (&sw.new_kv, r.data.view());
+                kv_layers(&self.dev, pool, &r.ids, r.blocks, r.head, data, false)
             })
         });
         let scattered = scattered.and_then(|()| self.dev.synchronize());
@@ -285,23 +298,16 @@ impl GpuRank {
         let rank = world.rank();
         let kp = &sw.plan.kv[rank];
         let sent: u64 = sw.outbox.iter().map(|(_, b)| b.len() as u64 * es).sum();
-        let local = kp
+        let received = kp
             .steps
             .iter()
-            .filter_map(|s| match *s {
-                KvStep::Local { seq, .. } => Some(seq),
-                _ => None,
-            })
-            .map(|seq| {
-                let nb = blocks_for(sw.plan.kv_plan.seqs[seq].len, sw.plan.kv_plan.block_size);
-                piece_len(&sw.plan.kv_plan, nb) as u64 * es
-            })
-            .sum();
+            .filter(|s| matches!(s, KvStep::Recv { .. }))
+            .count();
         st.kv = KvStats {
             bytes_cross_rank: sent,
-            bytes_in_place: local,
+            bytes_in_place: sw.local_bytes,
             peak_staging_bytes: 0,
-            pieces: kp.steps.len() - sw.inbox.len(),
+            pieces: kp.steps.len() - received,
         };
         // The pieces are in the new pool; their buffers go (stream ordered: after the peers'
         // reads, which the exchange made this stream wait for).
@@ -419,23 +425,53 @@ impl GpuRank {
     }
 }
 
-/// Scatters a piece (as `gather_piece` lays it out) into kv head `head` of a sequence's `nb`
-/// blocks (`ids`) of every layer of `pool`.
-fn scatter_piece(
+/// One layer of a KV batch: kv head `head` of `nb` blocks (`ids`) of `pool`'s layer `l` copied
+/// into `data` (`gather`) or out of it, `data` = `[2 (K, V)][nb][block_size][head_dim]`.
+#[allow(clippy::too_many_arguments)]
+fn kv_move(
+    dev: &crate::backend::cuda::device::CudaDev,
+    pool: &GpuKvPool,
+    l: usize,
+    ids: &DBuf,
+    nb: usize,
+    head: usize,
+    data: DView<'_>,
+    gather: bool,
+) -> Result<()> {
+    if nb == 0 {
+        return Ok(());
+    }
+    let cache = pool.layer(l)?;
+    if gather {
+        ops::kv_gather(dev, &cache, data, ids.view(), head, 1)
+    } else {
+        ops::kv_scatter(dev, &cache, data, ids.view(), head, 1)
+    }
+}
+
+/// [`kv_move`] for every layer of `pool`: `data` = `[layers][2 (K, V)][nb][block_size]
+/// [head_dim]`.
+fn kv_layers(
     dev: &crate::backend::cuda::device::CudaDev,
     pool: &GpuKvPool,
     ids: &DBuf,
     nb: usize,
     head: usize,
-    piece: DView<'_>,
+    data: DView<'_>,
+    gather: bool,
 ) -> Result<()> {
-    if nb == 0 {
-        return Ok(());
-    }
     let per = 2 * nb * pool.block_size * pool.head_dim;
     for l in 0..pool.layers() {
-        let cache = pool.layer(l)?;
-        ops::kv_scatter(dev, &cache, piece.slice(l * per, per)?, ids.view(), head, 1)?;
+        kv_move(
+            dev,
+            pool,
+            l,
+            ids,
+            nb,
+            head,
+            data.slice(l * per, per)?,
+            gather,
+        )?;
     }
     Ok(())
 }
