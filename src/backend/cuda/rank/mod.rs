@@ -34,7 +34,10 @@ pub struct GpuKvPool {
 }
 
 impl GpuKvPool {
-    /// A zeroed pool of `num_blocks` blocks for each of `layers` layers.
+    /// A pool of `num_blocks` blocks for each of `layers` layers: zeroed, or (`zeroed` false) as
+    /// the allocator gives it, for a pool whose every read position is written first (attention
+    /// reads a sequence's first `len` positions only, each written by an append or a switch).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         dev: &CudaDev,
         layers: usize,
@@ -43,6 +46,7 @@ impl GpuKvPool {
         kv_heads: usize,
         head_dim: usize,
         dtype: DType,
+        zeroed: bool,
     ) -> Result<Self> {
         if block_size == 0 {
             return Err(Error::Invalid("block size must be at least 1".into()));
@@ -52,9 +56,13 @@ impl GpuKvPool {
             .ok_or_else(|| Error::KvExhausted("pool size overflows".into()))?;
         let mut k = Vec::with_capacity(layers);
         let mut v = Vec::with_capacity(layers);
+        let make = |n| match zeroed {
+            true => DBuf::zeros(dev, dtype, n),
+            false => DBuf::uninit(dev, dtype, n),
+        };
         for _ in 0..layers {
-            k.push(DBuf::zeros(dev, dtype, per_layer)?);
-            v.push(DBuf::zeros(dev, dtype, per_layer)?);
+            k.push(make(per_layer)?);
+            v.push(make(per_layer)?);
         }
         Ok(GpuKvPool {
             num_blocks,
@@ -233,7 +241,16 @@ impl GpuRank {
             }
         }
         let up = w.try_map(|b| DBuf::from_f32(&dev, b, dtype))?;
-        let kv = GpuKvPool::new(&dev, cfg.num_layers, kv_blocks, block_size, hkv, hd, dtype)?;
+        let kv = GpuKvPool::new(
+            &dev,
+            cfg.num_layers,
+            kv_blocks,
+            block_size,
+            hkv,
+            hd,
+            dtype,
+            true,
+        )?;
         dev.synchronize()?;
         Ok(GpuRank {
             dtype,

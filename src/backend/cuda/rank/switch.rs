@@ -18,8 +18,9 @@
 //!    the old shard, received into staging). A rank makes both exchanges even when its scatter
 //!    fails in between, and reports that failure after, so no peer is left inside an exchange.
 //! 4. [`GpuRank::switch_build`]: every re-sharded buffer made anew: moved rows from the old
-//!    buffer and received rows from staging (`strided_copy`), zero rows (vocab padding) from the
-//!    zeroed allocation. The old shard is not written, so a failure still leaves it whole.
+//!    buffer and received rows from staging (`strided_copy`), zero rows (vocab padding) by a
+//!    memset; those steps tile the new rows, so nothing else is zeroed (nor the new KV pool).
+//!    The old shard is not written, so a failure still leaves it whole.
 //! 5. [`GpuRank::switch_swap`] (cannot fail): the new buffers and pool replace the old ones,
 //!    which are freed in stream order.
 //!
@@ -104,7 +105,9 @@ fn internal(rank: usize, msg: String) -> Error {
 }
 
 impl GpuRank {
-    /// Phase 1: the new layout's KV pool (zeroed). The caller checked that every rank's fits.
+    /// Phase 1: the new layout's KV pool, not zeroed (every position a sequence reads is written
+    /// by this switch or a later append; zeroing would cost a memset of the whole pool). The
+    /// caller checked that every rank's fits.
     pub fn switch_begin(
         &self,
         cfg: &ModelConfig,
@@ -119,6 +122,7 @@ impl GpuRank {
             heads,
             cfg.head_dim,
             self.dtype,
+            false,
         )?;
         Ok(RankSwitch {
             new_kv,
@@ -363,7 +367,8 @@ impl GpuRank {
         for (rp, staged) in wp.roles.iter().zip(&sw.staged) {
             let mut layers = Vec::with_capacity(rp.repeats);
             for (old, stage) in role_buffers(&self.w, rp.role).into_iter().zip(staged) {
-                let out = DBuf::zeros(&self.dev, self.dtype, rp.new_rows * h)?;
+                // The steps tile the new rows exactly once (moves, receives, zero fills).
+                let out = DBuf::uninit(&self.dev, self.dtype, rp.new_rows * h)?;
                 let mut at = 0;
                 for s in &rp.steps {
                     match *s {
@@ -389,7 +394,12 @@ impl GpuRank {
                             )?;
                             at += rows * h;
                         }
-                        Step::Send { .. } | Step::Zero { .. } => {}
+                        Step::Zero { dst_row, rows } => {
+                            let v = out.view().slice(dst_row * h, rows * h)?;
+                            // SAFETY: `v` is a live view of this rank's new buffer.
+                            unsafe { self.dev.memset(v.ptr(), 0, rows * h * es)? };
+                        }
+                        Step::Send { .. } => {}
                     }
                 }
                 layers.push(out);
