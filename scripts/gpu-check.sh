@@ -159,10 +159,10 @@ c = rows("bench-reshard.jsonl")
 s = rows("bench-switch.jsonl")
 if s:
     print("live switches on GPU ranks sharing one GPU (bf16; device = per-rank programs on the GPU, host = staged through host memory)")
-    print(f"{'how':<7} {'world':>5} {'seqs x ctx':>11} {'switch':>7} {'total ms':>9} {'weights':>8} {'KV':>7} {'pool':>7} {'groups new/reused':>18} {'MB across':>10} {'peak extra MB':>13}")
+    print(f"{'how':<7} {'world':>5} {'seqs x ctx':>11} {'switch':>7} {'total ms':>9} {'weights':>8} {'KV':>7} {'pool':>7} {'commit':>7} {'groups new/reused':>18} {'MB across':>10} {'peak extra MB':>13}")
     for r in s:
         sx = f"{r['batch']}x{r['context']}"
-        print(f"{r.get('gpu_switch', '?'):<7} {r['world']:>5} {sx:>11} {r['from_tp']:>3}->{r['to_tp']:<3} {r['total_ms']:>9.1f} {r['weight_reshard_ms']:>8.1f} {r['kv_ms']:>7.1f} {r['kv_alloc_ms']:>7.1f} {r['groups_created']:>8}/{r['groups_reused']:<9} {r['bytes_moved_cross_rank']/1e6:>10.1f} {r['peak_extra_bytes']/1e6:>13.1f}")
+        print(f"{r.get('gpu_switch', '?'):<7} {r['world']:>5} {sx:>11} {r['from_tp']:>3}->{r['to_tp']:<3} {r['total_ms']:>9.1f} {r['weight_reshard_ms']:>8.1f} {r['kv_ms']:>7.1f} {r['kv_alloc_ms']:>7.1f} {r.get('commit_ms', 0):>7.1f} {r['groups_created']:>8}/{r['groups_reused']:<9} {r['bytes_moved_cross_rank']/1e6:>10.1f} {r['peak_extra_bytes']/1e6:>13.1f}")
 if c:
     print(f"switch kernels on {c[0]['device']}, copy bandwidth {c[0]['copy_bandwidth_gbps']:.0f} GB/s")
     print(f"{'kernel':<12} {'MiB':>5} {'ms':>8} {'GB/s':>7} {'of copy':>8}")

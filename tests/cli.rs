@@ -335,6 +335,7 @@ fn live_switches_keep_generate_output_identical() {
         "weight_reshard_ms",
         "kv_ms",
         "comm_group_ms",
+        "commit_ms",
         "total_ms",
         "bytes_moved_cross_rank",
         "bytes_moved_in_place",

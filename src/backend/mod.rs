@@ -33,7 +33,8 @@ pub struct GroupCounts {
 #[derive(Clone, Debug, Default)]
 pub struct DeviceApplied {
     pub kv: crate::reshard::KvStats,
-    /// The KV phase and the weight phase, ms.
+    /// The KV phase (on the devices: staging, exchange, scatters) and the weight phase (the
+    /// rows' exchange), ms.
     pub kv_ms: f64,
     pub weight_ms: f64,
 }

@@ -41,6 +41,11 @@ pub struct SwitchReport {
     pub kv_recompute_ms: f64,
     /// Allocating the new layout's KV pools (not part of `kv_ms`).
     pub kv_alloc_ms: f64,
+    /// The commit: every rank's new shard built (CPU: compacted in place; GPU ranks switching
+    /// on the devices: copied from the rows kept and received; through the host: rebuilt and
+    /// uploaded with the new KV pools) and swapped in (not part of `weight_reshard_ms`, which is
+    /// the rows' exchange).
+    pub commit_ms: f64,
     pub comm_group_ms: f64,
     pub total_ms: f64,
     pub bytes_moved_cross_rank: u64,
@@ -277,16 +282,21 @@ impl Engine {
                 )));
             }
         };
-        if let Err(e) = ranks.commit_switch(&work, f_commit) {
-            ranks.abort_switch();
-            let at = match ranks.unusable() {
-                Some(_) => {
-                    format!("switch to tp {new_tp} failed after the swap; the ranks are unusable")
-                }
-                None => format!("switch to tp {new_tp} aborted, still at tp {}", old.tp),
-            };
-            return Err(e.context(at));
-        }
+        report.commit_ms = match ranks.commit_switch(&work, f_commit) {
+            Ok(ms) => ms,
+            Err(e) => {
+                ranks.abort_switch();
+                let at = match ranks.unusable() {
+                    Some(_) => {
+                        format!(
+                            "switch to tp {new_tp} failed after the swap; the ranks are unusable"
+                        )
+                    }
+                    None => format!("switch to tp {new_tp} aborted, still at tp {}", old.tp),
+                };
+                return Err(e.context(at));
+            }
+        };
         report.kv_migrate_ms = done.kv_migrate_ms;
         report.weight_reshard_ms = done.weight_ms;
         let ks = done.kv;

@@ -101,8 +101,12 @@ impl GpuRanks {
     /// poisons the world group, which the next switch makes again. An injected `fault` fails
     /// that rank's KV scatter, between the KV and the weight exchanges: the hardest place, since
     /// its peers are mid-protocol (a failure at stage returns before any exchange).
+    /// The KV time reported counts the stage (gathers and moves within a rank) and the KV
+    /// exchange with its scatters; the weight time, the rows' exchange.
     pub fn switch_apply(&mut self, fault: Option<usize>) -> Result<DeviceApplied> {
+        let t = Instant::now();
         let peaks = self.all(|_, reply| Job::SwitchStage { reply })?;
+        let stage_ms = t.elapsed().as_secs_f64() * 1e3;
         let stats = self.all(|rank, reply| Job::SwitchExchange {
             fail: fault == Some(rank),
             reply,
@@ -116,6 +120,7 @@ impl GpuRanks {
             out.kv_ms = out.kv_ms.max(s.kv_ms);
             out.weight_ms = out.weight_ms.max(s.weight_ms);
         }
+        out.kv_ms += stage_ms;
         out.kv.peak_staging_bytes = peaks.into_iter().max().unwrap_or(0);
         Ok(out)
     }
