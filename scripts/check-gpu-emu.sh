@@ -16,9 +16,11 @@
 #   1. cargo test --features cuda --lib --test cuda_kernels --test cuda_model with
 #      PAT_REQUIRE_GPU=1 (a skip for want of a GPU is a failure), twice: stream work run as soon
 #      as nothing is queued ahead of it, then with PAT_EMU_DEFER=1 (all of it deferred to the
-#      next synchronize: a missing synchronize shows as stale data). Two statistical kernel tests are
-#      left out: each runs ~10^5 blocks of up to 1024 emulated threads (hours here); their kernels
-#      are checked directly by scripts/check-kernels-cpu.sh.
+#      next synchronize: a missing synchronize shows as stale data), the second time with a
+#      switch's KV exchanged one layer per round (PAT_SWITCH_ROUND_BYTES=1, so message buffers
+#      are reused across rounds). Two statistical kernel tests are left out: each runs ~10^5
+#      blocks of up to 1024 emulated threads (hours here); their kernels are checked directly
+#      by scripts/check-kernels-cpu.sh.
 #   2. `pat generate` through a ladder of live switches (tp 1 -> 2 -> 4 -> 1 -> 2, migrate,
 #      recompute and auto) on the llama fixture: one rank per GPU and all ranks on GPU 0, on the
 #      devices and through the host; every run's tokens must equal the CPU backend's.
@@ -35,7 +37,7 @@ profile=()
 case "${1:-}" in
     "") ;;
     --release) profile=(--release) ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) die "unknown argument '$1' (try --help)" ;;
 esac
 
@@ -51,9 +53,12 @@ trap 'rm -f "$log"' EXIT
 for defer in 0 1; do
     # PAT_EMU_DEFER=1: every stream operation waits for a synchronize (as late as a GPU may run
     # it), so host code that reads a result or reuses a buffer before synchronizing fails.
-    info "1. the GPU tests on $PAT_EMU_GPUS emulated GPUs, PAT_EMU_DEFER=$defer"
+    # The deferred pass also exchanges a switch's KV one layer per round
+    # (PAT_SWITCH_ROUND_BYTES=1): on these small models the default round is every layer.
+    rounds=$((defer == 1 ? 1 : 0))
+    info "1. the GPU tests on $PAT_EMU_GPUS emulated GPUs, PAT_EMU_DEFER=$defer, one layer per switch round: $defer"
     set +e
-    PAT_EMU_DEFER=$defer cargo test "${profile[@]}" --features cuda --lib --test cuda_kernels \
+    PAT_SWITCH_ROUND_BYTES=$rounds PAT_EMU_DEFER=$defer cargo test "${profile[@]}" --features cuda --lib --test cuda_kernels \
         --test cuda_model -- \
         --skip sample_follows_the_filtered_distribution \
         --skip paged_attention_matches_the_oracle_with_and_without_split 2>&1 | tee "$log"

@@ -153,7 +153,8 @@ impl Engine {
             ..Default::default()
         };
         let mut mode = vec![None; self.seqs.len()];
-        // What each rank's KV message buffers will hold (sent + received), for the pool budget.
+        // What each rank's KV message buffers will hold (sent + received, all layers; a round of
+        // layers at a time on the devices), for the pool budget.
         let mut messages = vec![0u64; old.world];
         for &i in &live {
             let s = &self.seqs[i];
@@ -189,7 +190,7 @@ impl Engine {
             self.ranks.set_ref().rank_bytes(0).1 as u64,
             weight_bytes_per_rank(cfg, old.tp, elem as usize),
             weight_bytes_per_rank(cfg, new_tp, elem as usize),
-            &messages,
+            &kvplan::batch::round_messages(&messages, cfg.num_layers),
         )?;
         let new_blocks = (budget / block_bytes) as usize;
         let mut allocs: Vec<BlockAllocator> = (0..new.dp())

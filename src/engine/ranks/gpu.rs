@@ -167,7 +167,8 @@ impl RankSet for GpuSet {
     /// On the devices the new pool is allocated next to the old layout, so it also gets no more
     /// than its GPU's free memory leaves after what every rank there holds besides: its new
     /// shard, the weight rows it receives into staging (what the shard grows by), its own KV
-    /// messages (sent and received copies) and 512 MiB for activations ([`pool_room`]); freed
+    /// messages (sent and received copies of one round of layers) and 512 MiB for activations
+    /// ([`pool_room`]); freed
     /// weight bytes it cannot take stay free on the device.
     fn new_pool_bytes(
         &self,

@@ -134,9 +134,10 @@ pub(crate) trait RankSet {
     }
 
     /// Bytes each rank's new KV pool may take at a switch from shards of `old_w` bytes to
-    /// `new_w`, with `old_pool` bytes of pool now and `messages[r]` bytes of KV that rank `r`
-    /// sends plus receives: by default the old pool plus what the reshard frees (or minus what
-    /// it takes).
+    /// `new_w`, with `old_pool` bytes of pool now and `messages[r]` bytes of KV messages that
+    /// rank `r` holds at once (sent plus received, one round of layers:
+    /// `reshard::kv::batch::round_messages`): by default the old pool plus what the reshard
+    /// frees (or minus what it takes).
     fn new_pool_bytes(
         &self,
         old_pool: u64,

@@ -39,6 +39,45 @@ pub struct KvBatch {
     pub blocks: usize,
 }
 
+/// Most KV message bytes (sent plus received) one rank holds at once in an executor that
+/// exchanges a switch's KV a round of layers at a time (unless one layer needs more).
+pub const ROUND_BYTES: u64 = 256 << 20;
+
+/// [`ROUND_BYTES`], or the environment's `PAT_SWITCH_ROUND_BYTES` when it is a positive count
+/// (the GPU tests set it to 1 to run a round per layer on small models; a benchmark can try
+/// other sizes). One process reads one value, so every rank of a switch agrees.
+pub fn round_bytes() -> u64 {
+    std::env::var("PAT_SWITCH_ROUND_BYTES")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .filter(|&b| b > 0)
+        .unwrap_or(ROUND_BYTES)
+}
+
+/// Layers per exchange round: as many as keep the busiest rank's messages within
+/// [`round_bytes`] (`per_layer`: its bytes sent plus received for one layer), at least one, at
+/// most `layers`. Every rank of a switch must use the same value.
+pub fn round_layers(per_layer: u64, layers: usize) -> usize {
+    round_layers_within(round_bytes(), per_layer, layers)
+}
+
+fn round_layers_within(cap: u64, per_layer: u64, layers: usize) -> usize {
+    let most = layers.max(1);
+    match cap.checked_div(per_layer) {
+        Some(n) => (n.min(most as u64) as usize).max(1),
+        None => most,
+    }
+}
+
+/// What each rank holds in KV messages at once when every rank exchanges a round of layers at
+/// a time ([`round_layers`]), from what it sends plus receives over all `layers`
+/// (`messages[r]`).
+pub fn round_messages(messages: &[u64], layers: usize) -> Vec<u64> {
+    let per = |m: u64| m.div_ceil(layers.max(1) as u64);
+    let round = round_layers(messages.iter().map(|&m| per(m)).max().unwrap_or(0), layers);
+    messages.iter().map(|&m| per(m) * round as u64).collect()
+}
+
 /// Groups `prog`'s steps into batches, in program order (sends, locals, receives; within each,
 /// batches by first appearance). A local batch (which an executor stages through scratch) is cut
 /// before it would pass `local_cap_blocks` blocks, unless it holds a single sequence; sends and
@@ -105,6 +144,23 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    #[test]
+    fn rounds_hold_at_most_round_bytes_unless_one_layer_is_more() {
+        assert_eq!(round_layers(0, 32), 32);
+        assert_eq!(round_layers(1, 0), 1);
+        assert_eq!(round_layers(ROUND_BYTES / 4, 32), 4);
+        assert_eq!(round_layers(ROUND_BYTES / 4 + 1, 32), 3);
+        assert_eq!(round_layers(ROUND_BYTES * 3, 32), 1);
+        assert_eq!(round_layers(1, 32), 32);
+        // 8B TP2xDP4 -> TP8, 32 x 4K: 3 GiB sent + received per rank over 32 layers, 96 MiB a
+        // layer: 2 layers a round, 192 MiB held instead of 3 GiB.
+        let m = 3u64 << 30;
+        assert_eq!(
+            round_messages(&[m, m / 2, 0], 32),
+            vec![192 << 20, 96 << 20, 0]
+        );
     }
 
     proptest! {

@@ -6,17 +6,21 @@
 //! next, and aborts every rank if any fails before the swap):
 //! 1. [`GpuRank::switch_begin`]: the new layout's KV pool, checked against free memory.
 //! 2. [`GpuRank::switch_stage`] (no communication): the programs checked against this rank's
-//!    buffers, every message buffer allocated, each KV batch this rank sends gathered
-//!    (`kv_gather`, one launch per layer), and each batch that stays on the rank moved into the
-//!    new pool layer by layer through one scratch (`kv_gather` + `kv_scatter`). A batch
-//!    (`reshard::kv::batch`) is the pieces of one peer, source head and destination head, all
-//!    sequences together: one launch per batch and layer, not per piece (sequence) and layer.
-//!    Every rank stages before any exchanges, so a bad plan or a full device is an error on the
-//!    host with no peer inside a collective (NCCL cannot be woken from one).
-//! 3. [`GpuRank::switch_exchange`]: one exchange of KV batches, each received batch scattered
-//!    into the new pool (`kv_scatter`), then one exchange of weight rows (sent straight out of
-//!    the old shard, received into staging). A rank makes both exchanges even when its scatter
-//!    fails in between, and reports that failure after, so no peer is left inside an exchange.
+//!    buffers, every message buffer allocated (one round of layers each, below), and each KV
+//!    batch that stays on the rank moved into the new pool layer by layer through one scratch
+//!    (`kv_gather` + `kv_scatter`). A batch (`reshard::kv::batch`) is the pieces of one peer,
+//!    source head and destination head, all sequences together: one launch per batch and
+//!    layer, not per piece (sequence) and layer. Every rank stages before any exchanges, so a
+//!    bad plan or a full device is an error on the host with no peer inside a collective (NCCL
+//!    cannot be woken from one).
+//! 3. [`GpuRank::switch_exchange`]: the KV batches exchanged a round of layers at a time (as
+//!    many layers as keep the busiest rank's messages within `batch::ROUND_BYTES`, the same
+//!    round on every rank): each round gathers its layers of every batch sent (`kv_gather`),
+//!    exchanges them and scatters those received into the new pool (`kv_scatter`); the
+//!    message buffers are reused in stream order, so a rank holds one round of messages, not
+//!    all of them. Then one exchange of weight rows (sent straight out of the old shard,
+//!    received into staging). A rank takes part in every exchange even when a gather or
+//!    scatter of its own fails, and reports that failure after, so no peer is left inside one.
 //! 4. [`GpuRank::switch_build`]: every re-sharded buffer made anew: moved rows from the old
 //!    buffer and received rows from staging (`strided_copy`), zero rows (vocab padding) by a
 //!    memset; those steps tile the new rows, so nothing else is zeroed (nor the new KV pool).
@@ -24,8 +28,8 @@
 //! 5. [`GpuRank::switch_swap`] (cannot fail): the new buffers and pool replace the old ones,
 //!    which are freed in stream order.
 //!
-//! A KV batch travels as `[layers][2 (K, V)][blocks][block_size][head_dim]` in the device dtype,
-//! its sequences' blocks in plan order: whole blocks, so a partly filled last block carries its
+//! A KV batch travels as `[round layers][2 (K, V)][blocks][block_size][head_dim]` per round, in
+//! the device dtype, its sequences' blocks in plan order: whole blocks, so a partly filled last block carries its
 //! unused slots too (never read: attention reads a sequence's first `len` positions only).
 
 use std::time::Instant;
@@ -37,7 +41,7 @@ use crate::backend::cuda::ops::{self, Strided};
 use crate::error::{Error, Result};
 use crate::kv::blocks_for;
 use crate::model::config::ModelConfig;
-use crate::reshard::kv::batch::{batches, BatchKind, KvBatch};
+use crate::reshard::kv::batch::{batches, round_layers, BatchKind, KvBatch};
 use crate::reshard::kv::program::{check_steps, KvStep};
 use crate::reshard::kv::{KvPlan, KvStats};
 use crate::reshard::weights::program::{role_buffers, role_buffers_mut, Step, WeightProgram};
@@ -48,10 +52,12 @@ pub struct RankSwitch {
     new_kv: GpuKvPool,
     /// This rank's programs and the plan they came from (shared by every rank).
     plan: std::sync::Arc<SwitchPrograms>,
-    /// KV batches gathered for peers, in this rank's send order: (to, message).
-    outbox: Vec<(usize, DBuf)>,
+    /// KV batches this rank sends, in its send order.
+    outbox: Vec<Message>,
     /// KV batches this rank receives, in its receive order.
-    inbox: Vec<Inbound>,
+    inbox: Vec<Message>,
+    /// Layers per exchange round (the same on every rank).
+    round: usize,
     /// Bytes of KV moved within the rank (staged already).
     local_bytes: u64,
     /// Received weight rows per role and layer (program order), `None` where none are received.
@@ -60,14 +66,17 @@ pub struct RankSwitch {
     built: Option<Vec<Vec<DBuf>>>,
 }
 
-/// A KV batch to receive and where it goes in the new pool.
-struct Inbound {
-    from: usize,
-    /// Destination local head.
+/// A KV batch this rank sends (gathered from the old pool) or receives (scattered into the
+/// new pool), a round of layers at a time through `data`.
+struct Message {
+    /// The peer (the receiver of a send, the sender of a receive).
+    peer: usize,
+    /// Local head in the old pool (send) or the new pool (receive).
     head: usize,
-    /// The batch's new blocks (i32 ids), `blocks` of them.
+    /// The batch's blocks (i32 ids) in that pool, `blocks` of them.
     ids: DBuf,
     blocks: usize,
+    /// One round's layers of the batch.
     data: DBuf,
 }
 
@@ -129,15 +138,16 @@ impl GpuRank {
             plan,
             outbox: Vec::new(),
             inbox: Vec::new(),
+            round: 1,
             local_bytes: 0,
             staged: Vec::new(),
             built: None,
         })
     }
 
-    /// Phase 2 (no communication): checks, allocates every message buffer, gathers the KV
-    /// pieces this rank sends and moves those that stay. Returns the bytes of KV message
-    /// buffers it holds (every piece it sends or receives, and one scratch piece).
+    /// Phase 2 (no communication): checks, allocates every message buffer (one round of layers
+    /// of each batch it sends or receives) and moves the KV batches that stay. Returns the bytes
+    /// of KV message and scratch buffers it holds.
     pub fn switch_stage(&self, sw: &mut RankSwitch, rank: usize) -> Result<u64> {
         let plans = sw.plan.clone();
         let (plan, kp, wp) = (&plans.kv_plan, &plans.kv[rank], &plans.weights[rank]);
@@ -160,15 +170,25 @@ impl GpuRank {
         let cap = (LOCAL_SCRATCH_BYTES / block_layer.max(1)).max(1);
         let mut held = 0u64;
         let mut scratch: Option<DBuf> = None;
+        // Messages go a round of layers at a time; every rank derives the same round.
+        let per_layer = (0..plans.kv.len())
+            .map(|r| message_blocks(plan, &plans.kv[r]) * block_layer)
+            .max()
+            .unwrap_or(0);
+        sw.round = round_layers(per_layer as u64, layers);
         for b in batches(plan, kp, cap) {
             let n = batch_len(plan, layers, b.blocks);
+            let round_len = batch_len(plan, sw.round, b.blocks);
             match (b.kind, b.src_head, b.dst_head) {
                 (BatchKind::Send { to }, Some(h), _) => {
-                    let ids = batch_ids(&self.dev, plan, &b, false)?;
-                    let msg = DBuf::uninit(&self.dev, self.dtype, n)?;
-                    kv_layers(&self.dev, &self.kv, &ids, b.blocks, h, msg.view(), true)?;
-                    sw.outbox.push((to, msg));
-                    held += (n * es) as u64;
+                    sw.outbox.push(Message {
+                        peer: to,
+                        head: h,
+                        ids: batch_ids(&self.dev, plan, &b, false)?,
+                        blocks: b.blocks,
+                        data: DBuf::uninit(&self.dev, self.dtype, round_len)?,
+                    });
+                    held += (round_len * es) as u64;
                 }
                 (BatchKind::Local, Some(h), Some(d)) => {
                     // Layer by layer through one scratch, reused in stream order.
@@ -192,14 +212,14 @@ impl GpuRank {
                     scratch = Some(buf);
                 }
                 (BatchKind::Recv { from }, _, Some(d)) => {
-                    sw.inbox.push(Inbound {
-                        from,
+                    sw.inbox.push(Message {
+                        peer: from,
                         head: d,
                         ids: batch_ids(&self.dev, plan, &b, true)?,
                         blocks: b.blocks,
-                        data: DBuf::uninit(&self.dev, self.dtype, n)?,
+                        data: DBuf::uninit(&self.dev, self.dtype, round_len)?,
                     });
-                    held += (n * es) as u64;
+                    held += (round_len * es) as u64;
                 }
                 _ => return Err(internal(rank, format!("malformed KV batch {b:?}"))),
             }
@@ -266,14 +286,15 @@ impl GpuRank {
         Ok(())
     }
 
-    /// Phase 3: the KV exchange (then each received piece into the new pool) and the weight
-    /// exchange, over `world` (a group of every rank, member index = physical rank).
+    /// Phase 3: the KV exchange round by round (each round's layers gathered, exchanged and
+    /// scattered into the new pool) and the weight exchange, over `world` (a group of every
+    /// rank, member index = physical rank).
     ///
-    /// Every rank makes both exchanges whatever happened to it in between: a scatter that fails
-    /// on this rank is reported only after the weight exchange, so no peer waits in a grouped
-    /// NCCL send/recv this rank never joins (only an error in an exchange itself, after which
-    /// the worker poisons the group, or a device fault that stops the rank's stream, can still
-    /// leave peers waiting).
+    /// Every rank makes every exchange whatever happened to it in between: a gather or scatter
+    /// that fails on this rank is reported only after the weight exchange, so no peer waits in
+    /// a grouped NCCL send/recv this rank never joins (only an error in an exchange itself,
+    /// after which the worker poisons the group, or a device fault that stops the rank's
+    /// stream, can still leave peers waiting).
     /// `fail`: an error to report as this rank's scatter failure (injected by tests).
     pub fn switch_exchange(
         &self,
@@ -284,24 +305,43 @@ impl GpuRank {
         let es = self.dtype.size() as u64;
         let mut st = ExchangeStats::default();
         let t = Instant::now();
-        {
-            let sends: Vec<(usize, DView<'_>)> =
-                sw.outbox.iter().map(|(to, b)| (*to, b.view())).collect();
-            let recvs: Vec<(usize, DView<'_>)> =
-                sw.inbox.iter().map(|r| (r.from, r.data.view())).collect();
+        let layers = sw.plan.kv_plan.num_layers;
+        // A gather or scatter that fails (or the injected failure) is reported after both
+        // exchanges: every round's exchange still runs, so no peer waits for this rank.
+        let mut failed = fail;
+        for l0 in (0..layers).step_by(sw.round.max(1)) {
+            let ls = l0..layers.min(l0 + sw.round);
+            if failed.is_none() {
+                if let Err(e) = (sw.outbox.iter())
+                    .try_for_each(|m| kv_layers(&self.dev, &self.kv, m, ls.clone(), true))
+                {
+                    failed = Some(e);
+                }
+            }
+            let (plan, n) = (&sw.plan.kv_plan, ls.len());
+            let sends = (sw.outbox.iter())
+                .map(|m| round_part(plan, n, m))
+                .collect::<Result<Vec<_>>>()?;
+            let recvs = (sw.inbox.iter())
+                .map(|m| round_part(plan, n, m))
+                .collect::<Result<Vec<_>>>()?;
             world.exchange(&self.dev, &sends, &recvs)?;
+            if failed.is_none() {
+                if let Err(e) = (sw.inbox.iter())
+                    .try_for_each(|m| kv_layers(&self.dev, &sw.new_kv, m, ls.clone(), false))
+                {
+                    failed = Some(e);
+                }
+            }
         }
-        let scattered = fail.map_or(Ok(()), Err).and_then(|()| {
-            sw.inbox.iter().try_for_each(|r| {
-                let (pool, data) = (&sw.new_kv, r.data.view());
-                kv_layers(&self.dev, pool, &r.ids, r.blocks, r.head, data, false)
-            })
-        });
+        let scattered = failed.map_or(Ok(()), Err);
         let scattered = scattered.and_then(|()| self.dev.synchronize());
         st.kv_ms = t.elapsed().as_secs_f64() * 1e3;
         let rank = world.rank();
         let kp = &sw.plan.kv[rank];
-        let sent: u64 = sw.outbox.iter().map(|(_, b)| b.len() as u64 * es).sum();
+        let sent: u64 = (sw.outbox.iter())
+            .map(|m| batch_len(&sw.plan.kv_plan, layers, m.blocks) as u64 * es)
+            .sum();
         let received = kp
             .steps
             .iter()
@@ -459,29 +499,37 @@ fn kv_move(
     }
 }
 
-/// [`kv_move`] for every layer of `pool`: `data` = `[layers][2 (K, V)][nb][block_size]
-/// [head_dim]`.
+/// [`kv_move`] for layers `layers` of `pool` and message `m`: `m.data` =
+/// `[layers][2 (K, V)][blocks][block_size][head_dim]`, its first layer `layers.start`.
 fn kv_layers(
     dev: &crate::backend::cuda::device::CudaDev,
     pool: &GpuKvPool,
-    ids: &DBuf,
-    nb: usize,
-    head: usize,
-    data: DView<'_>,
+    m: &Message,
+    layers: std::ops::Range<usize>,
     gather: bool,
 ) -> Result<()> {
-    let per = 2 * nb * pool.block_size * pool.head_dim;
-    for l in 0..pool.layers() {
-        kv_move(
-            dev,
-            pool,
-            l,
-            ids,
-            nb,
-            head,
-            data.slice(l * per, per)?,
-            gather,
-        )?;
+    let per = 2 * m.blocks * pool.block_size * pool.head_dim;
+    for (i, l) in layers.enumerate() {
+        let data = m.data.view().slice(i * per, per)?;
+        kv_move(dev, pool, l, &m.ids, m.blocks, m.head, data, gather)?;
     }
     Ok(())
+}
+
+/// The peer of `m` and its first `layers` layers of data (one round's message).
+fn round_part<'a>(plan: &KvPlan, layers: usize, m: &'a Message) -> Result<(usize, DView<'a>)> {
+    Ok((
+        m.peer,
+        m.data.view().slice(0, batch_len(plan, layers, m.blocks))?,
+    ))
+}
+
+/// Blocks a rank's program sends plus receives (each batch's blocks, per layer and K or V).
+fn message_blocks(plan: &KvPlan, prog: &crate::reshard::kv::KvProgram) -> usize {
+    prog.steps
+        .iter()
+        .filter(|s| !matches!(s, KvStep::Local { .. }))
+        .filter_map(|s| plan.seqs.get(s.parts().0))
+        .map(|s| blocks_for(s.len, plan.block_size))
+        .sum()
 }
