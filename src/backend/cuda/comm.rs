@@ -14,7 +14,8 @@
 //! Besides collectives, every group does point-to-point [`DeviceComm::exchange`]: what a live
 //! TP switch's per-rank programs send and receive (KV pieces, weight rows), all of a rank's
 //! messages in one call. Same-device members copy straight out of the sender's buffers (no
-//! staging); NCCL runs them as one grouped `ncclSend` / `ncclRecv`.
+//! staging), or with [`DeviceComm::exchange_then`] read them in place (no copy at all); NCCL
+//! runs them as one grouped `ncclSend` / `ncclRecv`.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -26,6 +27,10 @@ use super::ops;
 use super::params::PAT_MAX_ALLREDUCE_INPUTS;
 use crate::error::{Error, Result};
 use crate::parallel::Comm;
+
+/// What [`DeviceComm::exchange_then`] hands each received message to: (its index in `recvs`,
+/// a view of its bytes).
+pub type Take<'a> = dyn FnMut(usize, DView<'_>) -> Result<()> + 'a;
 
 /// Collectives over one group of ranks, on device buffers of any float dtype.
 pub trait DeviceComm {
@@ -48,6 +53,26 @@ pub trait DeviceComm {
         sends: &[(usize, DView<'_>)],
         recvs: &[(usize, DView<'_>)],
     ) -> Result<()>;
+    /// [`DeviceComm::exchange`], then each received message handed to `take(j, message)` in
+    /// `recvs` order, ordered on `dev`'s stream; `recvs[j]` names the peer and the length.
+    /// What `take` reads may be `recvs[j].1` (received into, the default) or, where a member
+    /// can read the sender's buffer directly ([`SameDeviceComm`]), the sender's own buffer: no
+    /// copy, and only valid for work `take` enqueues on `dev`'s stream before it returns. An
+    /// error from `take` fails the exchange (and poisons the group); a caller that must keep
+    /// its peers' protocol going records its own failure and returns `Ok`.
+    fn exchange_then(
+        &self,
+        dev: &CudaDev,
+        sends: &[(usize, DView<'_>)],
+        recvs: &[(usize, DView<'_>)],
+        take: &mut Take<'_>,
+    ) -> Result<()> {
+        self.exchange(dev, sends, recvs)?;
+        recvs
+            .iter()
+            .enumerate()
+            .try_for_each(|(j, (_, v))| take(j, *v))
+    }
     /// Marks the group failed so peers stop waiting.
     fn poison(&self);
 }
@@ -342,6 +367,78 @@ impl SameDeviceComm {
         Ok(())
     }
 
+    /// [`DeviceComm::exchange`] (`take` = None: each message copied into `recvs`) or
+    /// [`DeviceComm::exchange_then`] (each message handed to `take` as a view of the sender's
+    /// buffer, read before this member's "done" is recorded).
+    fn exchange_with(
+        &self,
+        dev: &CudaDev,
+        sends: &[(usize, DView<'_>)],
+        recvs: &[(usize, DView<'_>)],
+        mut take: Option<&mut Take<'_>>,
+    ) -> Result<()> {
+        if self.group.size == 1 {
+            return check_peers(self.rank, 1, sends, recvs);
+        }
+        self.guarded(|| {
+            check_peers(self.rank, self.group.size, sends, recvs)?;
+            let ready = Arc::new(dev.new_event()?);
+            dev.record(&ready)?;
+            {
+                let mut s = self.lock()?;
+                let slot = &mut s.slots[self.rank];
+                slot.sends = sends.iter().map(|(to, v)| (*to, v.ptr(), bytes_of(v))).collect();
+                slot.ready = Some(ready);
+            }
+            self.barrier()?;
+            {
+                let s = self.lock()?;
+                // Each peer's messages to this member, in its send order.
+                let mut inbox: Vec<Vec<(u64, usize)>> = s
+                    .slots
+                    .iter()
+                    .map(|slot| {
+                        let mine = slot.sends.iter().filter(|m| m.0 == self.rank);
+                        mine.map(|&(_, ptr, n)| (ptr, n)).rev().collect()
+                    })
+                    .collect();
+                let mut waited = vec![false; self.group.size];
+                for (j, (from, dst)) in recvs.iter().enumerate() {
+                    let (ptr, n) = inbox[*from].pop().ok_or_else(|| {
+                        self.fail(&format!("exchange: member {from} sent fewer messages than this member receives from it"))
+                    })?;
+                    if n != bytes_of(dst) {
+                        return Err(self.fail(&format!(
+                            "exchange: member {from} sent {n} bytes, this member receives {}",
+                            bytes_of(dst)
+                        )));
+                    }
+                    if !std::mem::replace(&mut waited[*from], true) {
+                        if let Some(ev) = &s.slots[*from].ready {
+                            dev.wait(ev)?;
+                        }
+                    }
+                    match take.as_mut() {
+                        // SAFETY: the sender published `n` bytes (`dst.len()` elements of
+                        // `dst`'s dtype) at `ptr` of a live buffer it does not change or free
+                        // until every reader's "done" is waited on by its stream (below), and
+                        // `take` only enqueues work on this stream before that "done".
+                        Some(f) => f(j, unsafe { DView::from_raw(ptr, dst.len(), dst.dtype()) })?,
+                        // SAFETY: as above; `dst` is a live view of `n` bytes; the buffers are
+                        // distinct.
+                        None => unsafe { dev.dtod(dst.ptr(), ptr, n)? },
+                    }
+                }
+                if let Some(from) = inbox.iter().position(|m| !m.is_empty()) {
+                    return Err(self.fail(&format!(
+                        "exchange: member {from} sent more messages than this member receives from it"
+                    )));
+                }
+                self.end_reads(dev, s)
+            }
+        })
+    }
+
     /// Runs `f`; on error poisons the group so peers return instead of waiting forever.
     fn guarded<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
         let r = f();
@@ -413,60 +510,18 @@ impl DeviceComm for SameDeviceComm {
         sends: &[(usize, DView<'_>)],
         recvs: &[(usize, DView<'_>)],
     ) -> Result<()> {
-        if self.group.size == 1 {
-            return check_peers(self.rank, 1, sends, recvs);
-        }
-        self.guarded(|| {
-            check_peers(self.rank, self.group.size, sends, recvs)?;
-            let ready = Arc::new(dev.new_event()?);
-            dev.record(&ready)?;
-            {
-                let mut s = self.lock()?;
-                let slot = &mut s.slots[self.rank];
-                slot.sends = sends.iter().map(|(to, v)| (*to, v.ptr(), bytes_of(v))).collect();
-                slot.ready = Some(ready);
-            }
-            self.barrier()?;
-            {
-                let s = self.lock()?;
-                // Each peer's messages to this member, in its send order.
-                let mut inbox: Vec<Vec<(u64, usize)>> = s
-                    .slots
-                    .iter()
-                    .map(|slot| {
-                        let mine = slot.sends.iter().filter(|m| m.0 == self.rank);
-                        mine.map(|&(_, ptr, n)| (ptr, n)).rev().collect()
-                    })
-                    .collect();
-                let mut waited = vec![false; self.group.size];
-                for (from, dst) in recvs {
-                    let (ptr, n) = inbox[*from].pop().ok_or_else(|| {
-                        self.fail(&format!("exchange: member {from} sent fewer messages than this member receives from it"))
-                    })?;
-                    if n != bytes_of(dst) {
-                        return Err(self.fail(&format!(
-                            "exchange: member {from} sent {n} bytes, this member receives {}",
-                            bytes_of(dst)
-                        )));
-                    }
-                    if !std::mem::replace(&mut waited[*from], true) {
-                        if let Some(ev) = &s.slots[*from].ready {
-                            dev.wait(ev)?;
-                        }
-                    }
-                    // SAFETY: the sender published `n` bytes at `ptr` of a live buffer it does
-                    // not change or free until every reader's "done" is waited on by its stream
-                    // (below); `dst` is a live view of `n` bytes; the buffers are distinct.
-                    unsafe { dev.dtod(dst.ptr(), ptr, n)? };
-                }
-                if let Some(from) = inbox.iter().position(|m| !m.is_empty()) {
-                    return Err(self.fail(&format!(
-                        "exchange: member {from} sent more messages than this member receives from it"
-                    )));
-                }
-                self.end_reads(dev, s)
-            }
-        })
+        self.exchange_with(dev, sends, recvs, None)
+    }
+
+    /// Reads each message straight out of the sender's buffer: no copy into `recvs`.
+    fn exchange_then(
+        &self,
+        dev: &CudaDev,
+        sends: &[(usize, DView<'_>)],
+        recvs: &[(usize, DView<'_>)],
+        take: &mut Take<'_>,
+    ) -> Result<()> {
+        self.exchange_with(dev, sends, recvs, Some(take))
     }
 
     fn poison(&self) {

@@ -8,7 +8,7 @@
 //!   one GPU, at most 16, or each on its own GPU): the same per-rank programs as the CPU backend,
 //!   each rank executing its own on its own buffers with the `reshard.cu` kernels
 //!   (`backend::cuda::rank::switch`), bytes crossing ranks through a world device group
-//!   (same-device copies or grouped NCCL send/recv) made once and reused. `begin` allocates the
+//!   (same-device reads of the sender's buffers or grouped NCCL send/recv) made once and reused. `begin` allocates the
 //!   new pools; `apply` stages on every rank (checks, buffers, gathers; no communication) and only
 //!   then exchanges; `commit` builds every new shard (the old one only read) and only then swaps
 //!   on every rank. A failure before the swap leaves the old layout decoding.

@@ -312,9 +312,9 @@ impl GpuRank {
         for l0 in (0..layers).step_by(sw.round.max(1)) {
             let ls = l0..layers.min(l0 + sw.round);
             if failed.is_none() {
-                if let Err(e) = (sw.outbox.iter())
-                    .try_for_each(|m| kv_layers(&self.dev, &self.kv, m, ls.clone(), true))
-                {
+                if let Err(e) = (sw.outbox.iter()).try_for_each(|m| {
+                    kv_layers(&self.dev, &self.kv, m, m.data.view(), ls.clone(), true)
+                }) {
                     failed = Some(e);
                 }
             }
@@ -325,14 +325,19 @@ impl GpuRank {
             let recvs = (sw.inbox.iter())
                 .map(|m| round_part(plan, n, m))
                 .collect::<Result<Vec<_>>>()?;
-            world.exchange(&self.dev, &sends, &recvs)?;
-            if failed.is_none() {
-                if let Err(e) = (sw.inbox.iter())
-                    .try_for_each(|m| kv_layers(&self.dev, &sw.new_kv, m, ls.clone(), false))
-                {
-                    failed = Some(e);
+            // Each received message scattered into the new pool as the exchange hands it over
+            // (ranks sharing a GPU: straight out of the sender's buffer, no copy).
+            let (inbox, pool) = (&sw.inbox, &sw.new_kv);
+            let mut take = |j: usize, data: DView<'_>| {
+                if failed.is_none() {
+                    let m = &inbox[j];
+                    if let Err(e) = kv_layers(&self.dev, pool, m, data, ls.clone(), false) {
+                        failed = Some(e);
+                    }
                 }
-            }
+                Ok(())
+            };
+            world.exchange_then(&self.dev, &sends, &recvs, &mut take)?;
         }
         let scattered = failed.map_or(Ok(()), Err);
         let scattered = scattered.and_then(|()| self.dev.synchronize());
@@ -499,18 +504,19 @@ fn kv_move(
     }
 }
 
-/// [`kv_move`] for layers `layers` of `pool` and message `m`: `m.data` =
+/// [`kv_move`] for layers `layers` of `pool` and message `m`'s blocks and head: `data` =
 /// `[layers][2 (K, V)][blocks][block_size][head_dim]`, its first layer `layers.start`.
 fn kv_layers(
     dev: &crate::backend::cuda::device::CudaDev,
     pool: &GpuKvPool,
     m: &Message,
+    data: DView<'_>,
     layers: std::ops::Range<usize>,
     gather: bool,
 ) -> Result<()> {
     let per = 2 * m.blocks * pool.block_size * pool.head_dim;
     for (i, l) in layers.enumerate() {
-        let data = m.data.view().slice(i * per, per)?;
+        let data = data.slice(i * per, per)?;
         kv_move(dev, pool, l, &m.ids, m.blocks, m.head, data, gather)?;
     }
     Ok(())
