@@ -8,9 +8,10 @@
 //!   one GPU, at most 16, or each on its own GPU): the same per-rank programs as the CPU backend,
 //!   each rank executing its own on its own buffers with the `reshard.cu` kernels
 //!   (`backend::cuda::rank::switch`), bytes crossing ranks through a world device group
-//!   (same-device reads of the sender's buffers or grouped NCCL send/recv) made once and reused. `begin` allocates the
-//!   new pools; `apply` stages on every rank (checks, buffers, gathers; no communication) and only
-//!   then exchanges; `commit` builds every new shard (the old one only read) and only then swaps
+//!   (same-device reads of the sender's buffers or grouped NCCL send/recv) made once and
+//!   reused. `begin` allocates the new pools; `apply` stages on every rank (checks, buffers,
+//!   moves within a rank; no communication) and only then exchanges, a round of layers at a
+//!   time; `commit` builds every new shard (the old one only read) and only then swaps
 //!   on every rank. A failure before the swap leaves the old layout decoding.
 //! - **Through the host** (`--gpu-switch host`, or a placement the device path cannot group):
 //!   `begin` downloads every rank's shard and KV pool (f32, exact) and allocates the new host
