@@ -179,15 +179,20 @@ impl GpuRank {
         for b in batches(plan, kp, cap) {
             let n = batch_len(plan, layers, b.blocks);
             let round_len = batch_len(plan, sw.round, b.blocks);
+            // A message of one round of this batch's layers, and its blocks in the old pool (a
+            // send) or the `new` one (a receive).
+            let message = |peer, head, new| -> Result<Message> {
+                Ok(Message {
+                    peer,
+                    head,
+                    ids: batch_ids(&self.dev, plan, &b, new)?,
+                    blocks: b.blocks,
+                    data: DBuf::uninit(&self.dev, self.dtype, round_len)?,
+                })
+            };
             match (b.kind, b.src_head, b.dst_head) {
                 (BatchKind::Send { to }, Some(h), _) => {
-                    sw.outbox.push(Message {
-                        peer: to,
-                        head: h,
-                        ids: batch_ids(&self.dev, plan, &b, false)?,
-                        blocks: b.blocks,
-                        data: DBuf::uninit(&self.dev, self.dtype, round_len)?,
-                    });
+                    sw.outbox.push(message(to, h, false)?);
                     held += (round_len * es) as u64;
                 }
                 (BatchKind::Local, Some(h), Some(d)) => {
@@ -212,13 +217,7 @@ impl GpuRank {
                     scratch = Some(buf);
                 }
                 (BatchKind::Recv { from }, _, Some(d)) => {
-                    sw.inbox.push(Message {
-                        peer: from,
-                        head: d,
-                        ids: batch_ids(&self.dev, plan, &b, true)?,
-                        blocks: b.blocks,
-                        data: DBuf::uninit(&self.dev, self.dtype, round_len)?,
-                    });
+                    sw.inbox.push(message(from, d, true)?);
                     held += (round_len * es) as u64;
                 }
                 _ => return Err(internal(rank, format!("malformed KV batch {b:?}"))),
