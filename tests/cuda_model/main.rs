@@ -410,3 +410,4 @@ fn same_device_collectives_match_host_sums() {
 }
 
 mod engine;
+mod exchange;
