@@ -29,8 +29,9 @@
 //!    which are freed in stream order.
 //!
 //! A KV batch travels as `[round layers][2 (K, V)][blocks][block_size][head_dim]` per round, in
-//! the device dtype, its sequences' blocks in plan order: whole blocks, so a partly filled last block carries its
-//! unused slots too (never read: attention reads a sequence's first `len` positions only).
+//! the device dtype, its sequences' blocks in plan order: whole blocks, so a partly filled last
+//! block carries its unused slots too (never read: attention reads a sequence's first `len`
+//! positions only).
 
 use std::time::Instant;
 
