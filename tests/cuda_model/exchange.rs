@@ -30,7 +30,17 @@ fn same_device_exchanges_deliver_every_message_in_order_and_in_place() {
         let hs: Vec<_> = comms
             .into_iter()
             .enumerate()
-            .map(|(r, c)| s.spawn(move || one_member(r, size, &c)))
+            .map(|(r, c)| {
+                s.spawn(move || {
+                    // A member that fails releases its peers (they would wait in the next
+                    // round's exchange forever).
+                    let res = one_member(r, size, &c).map_err(|e| e.context(format!("rank {r}")));
+                    if res.is_err() {
+                        c.poison();
+                    }
+                    res
+                })
+            })
             .collect();
         hs.into_iter()
             .map(|h| {
@@ -39,9 +49,8 @@ fn same_device_exchanges_deliver_every_message_in_order_and_in_place() {
             })
             .collect()
     });
-    for (r, x) in results.into_iter().enumerate() {
-        x.unwrap_or_else(|e| panic!("rank {r}: {e}"));
-    }
+    // The failing member's own error, not a peer's echo of it.
+    pat::parallel::first_cause(results).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Member `r`'s side: 4 rounds, two messages to and from every peer (sizes differ by pair,
