@@ -25,32 +25,7 @@ fn same_device_exchanges_deliver_every_message_in_order_and_in_place() {
         return;
     }
     let size = 3usize;
-    let comms = SameDeviceComm::group(size).unwrap();
-    let results: Vec<Result<()>> = std::thread::scope(|s| {
-        let hs: Vec<_> = comms
-            .into_iter()
-            .enumerate()
-            .map(|(r, c)| {
-                s.spawn(move || {
-                    // A member that fails releases its peers (they would wait in the next
-                    // round's exchange forever).
-                    let res = one_member(r, size, &c).map_err(|e| e.context(format!("rank {r}")));
-                    if res.is_err() {
-                        c.poison();
-                    }
-                    res
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(Error::Device("panicked".into())))
-            })
-            .collect()
-    });
-    // The failing member's own error, not a peer's echo of it.
-    pat::parallel::first_cause(results).unwrap_or_else(|e| panic!("{e}"));
+    on_each_member(size, |r, c| one_member(r, size, c)).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Member `r`'s side: 4 rounds, two messages to and from every peer (sizes differ by pair,

@@ -332,6 +332,39 @@ fn gpu_kv_pool_and_logits_match_the_cpu_decoder() {
     }
 }
 
+/// Runs `f(member, its handle)` for every member of a new same-device group of `size`, each on
+/// its own thread; a member that fails poisons the group (so its peers return instead of
+/// waiting in the next collective). The failing member's own error, not a peer's echo.
+fn on_each_member(
+    size: usize,
+    f: impl Fn(usize, &SameDeviceComm) -> Result<()> + Sync,
+) -> Result<()> {
+    let comms = SameDeviceComm::group(size)?;
+    let f = &f;
+    let results: Vec<Result<()>> = std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(r, c)| {
+                s.spawn(move || {
+                    let res = f(r, &c).map_err(|e| e.context(format!("rank {r}")));
+                    if res.is_err() {
+                        c.poison();
+                    }
+                    res
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::Device("panicked".into())))
+            })
+            .collect()
+    });
+    pat::parallel::first_cause(results).map(|_| ())
+}
+
 #[test]
 fn same_device_collectives_match_host_sums() {
     if device_or_skip("same_device_comm")
@@ -347,52 +380,36 @@ fn same_device_collectives_match_host_sums() {
                 .map(|i| ((i * 7 + r * 13 + it * 3) % 101) as f32 / 17.0 - 2.9)
                 .collect()
         };
-        let comms = SameDeviceComm::group(tp).unwrap();
-        let results: Vec<Result<()>> = std::thread::scope(|s| {
-            let hs: Vec<_> = comms
-                .into_iter()
-                .enumerate()
-                .map(|(r, c)| {
-                    s.spawn(move || -> Result<()> {
-                        let d = CudaDev::new(0)?;
-                        for it in 0..20 {
-                            let buf = DBuf::from_f32(&d, &input(r, it), dt)?;
-                            c.all_reduce_sum(&d, buf.view())?;
-                            let mut want = vec![0f32; n];
-                            for q in 0..tp {
-                                let x = round_to(&input(q, it), dt);
-                                want.iter_mut().zip(&x).for_each(|(a, b)| *a += b);
-                            }
-                            check_bitwise("all_reduce", &buf.to_f32(&d)?, &round_to(&want, dt))
-                                .map_err(Error::Device)?;
-                            let out = DBuf::filled(&d, dt, n * tp, 0xFF)?;
-                            c.all_gather(&d, buf.view().slice(0, n - it)?, out.view())?;
-                            let got = out.to_f32(&d)?;
-                            let want = round_to(&want, dt);
-                            for q in 0..tp {
-                                check_bitwise(
-                                    "all_gather",
-                                    &got[q * (n - it)..][..n - it],
-                                    &want[..n - it],
-                                )
-                                .map_err(Error::Device)?;
-                            }
-                        }
-                        Ok(())
-                    })
-                })
-                .collect();
-            hs.into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(Error::Device("panicked".into())))
-                })
-                .collect()
-        });
-        for (r, x) in results.into_iter().enumerate() {
-            x.unwrap_or_else(|e| panic!("{dt:?} rank {r}: {e}"));
-        }
+        on_each_member(tp, |r, c| {
+            let d = CudaDev::new(0)?;
+            for it in 0..20 {
+                let buf = DBuf::from_f32(&d, &input(r, it), dt)?;
+                c.all_reduce_sum(&d, buf.view())?;
+                let mut want = vec![0f32; n];
+                for q in 0..tp {
+                    let x = round_to(&input(q, it), dt);
+                    want.iter_mut().zip(&x).for_each(|(a, b)| *a += b);
+                }
+                check_bitwise("all_reduce", &buf.to_f32(&d)?, &round_to(&want, dt))
+                    .map_err(Error::Device)?;
+                let out = DBuf::filled(&d, dt, n * tp, 0xFF)?;
+                c.all_gather(&d, buf.view().slice(0, n - it)?, out.view())?;
+                let got = out.to_f32(&d)?;
+                let want = round_to(&want, dt);
+                for q in 0..tp {
+                    check_bitwise(
+                        "all_gather",
+                        &got[q * (n - it)..][..n - it],
+                        &want[..n - it],
+                    )
+                    .map_err(Error::Device)?;
+                }
+            }
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("{dt:?}: {e}"));
     }
+
     // A member that fails releases the others instead of leaving them waiting.
     let mut comms = SameDeviceComm::group(2).unwrap();
     let (b, a) = (comms.pop().unwrap(), comms.pop().unwrap());
