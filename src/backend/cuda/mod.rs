@@ -30,6 +30,7 @@ pub mod nccl;
 pub mod ops;
 pub mod placement;
 pub mod rank;
+mod same_device;
 pub mod testing;
 pub mod workers;
 

@@ -8,6 +8,7 @@
 
 mod ops;
 mod switch;
+mod switch_kv;
 
 pub use ops::{GpuBatch, GpuOps};
 pub use switch::{ExchangeStats, RankSwitch};

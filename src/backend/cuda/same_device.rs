@@ -1,0 +1,354 @@
+//! [`SameDeviceComm`]: a group of ranks sharing one GPU, each on its own thread and stream (see
+//! `comm` for the model). All-reduce is one `all_reduce_sum` kernel launched by rank 0;
+//! all-gather and exchanges read peers' buffers directly, ordered by "ready" and "done" events.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use cudarc::driver::CudaEvent;
+
+use super::buffer::{DType, DView};
+use super::comm::{bytes_of, check_peers, copy_into, DeviceComm, Take};
+use super::device::CudaDev;
+use super::ops;
+use super::params::PAT_MAX_ALLREDUCE_INPUTS;
+use crate::error::{Error, Result};
+
+/// What one member published for the current collective.
+#[derive(Default)]
+struct Slot {
+    ptr: u64,
+    len: usize,
+    dtype: Option<DType>,
+    /// Recorded after the member's buffer was produced (written before the first barrier).
+    ready: Option<Arc<CudaEvent>>,
+    /// Recorded after the member's reads of its peers (written between the two barriers).
+    done: Option<Arc<CudaEvent>>,
+    /// An exchange's messages: (to, device address, bytes), in send order.
+    sends: Vec<(usize, u64, usize)>,
+}
+
+struct State {
+    slots: Vec<Slot>,
+    /// Rank 0's all-reduce completion (written between the two barriers).
+    reduced: Option<Arc<CudaEvent>>,
+    waiting: usize,
+    generation: u64,
+    poisoned: bool,
+}
+
+struct Group {
+    size: usize,
+    state: Mutex<State>,
+    cv: Condvar,
+}
+
+/// One member's handle on a group of ranks sharing one GPU. Move each handle to its rank's
+/// thread; the group is poisoned if a member's thread panics while holding its handle.
+pub struct SameDeviceComm {
+    group: Arc<Group>,
+    rank: usize,
+}
+
+impl SameDeviceComm {
+    /// Handles for a new group of `size` members, in rank order (1..=16 members: the all-reduce
+    /// kernel takes at most PAT_MAX_ALLREDUCE_INPUTS buffers).
+    pub fn group(size: usize) -> Result<Vec<SameDeviceComm>> {
+        if size == 0 || size > PAT_MAX_ALLREDUCE_INPUTS as usize {
+            return Err(Error::Layout(format!(
+                "a same-device group has 1..={PAT_MAX_ALLREDUCE_INPUTS} members, not {size}"
+            )));
+        }
+        let group = Arc::new(Group {
+            size,
+            state: Mutex::new(State {
+                slots: (0..size).map(|_| Slot::default()).collect(),
+                reduced: None,
+                waiting: 0,
+                generation: 0,
+                poisoned: false,
+            }),
+            cv: Condvar::new(),
+        });
+        Ok((0..size)
+            .map(|rank| SameDeviceComm {
+                group: group.clone(),
+                rank,
+            })
+            .collect())
+    }
+
+    fn fail(&self, msg: &str) -> Error {
+        Error::Rank {
+            rank: self.rank,
+            msg: msg.into(),
+        }
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, State>> {
+        let s = self
+            .group
+            .state
+            .lock()
+            .map_err(|_| self.fail("comm lock poisoned"))?;
+        if s.poisoned {
+            return Err(self.fail(crate::parallel::PEER_FAILED));
+        }
+        Ok(s)
+    }
+
+    /// Waits until every member arrives; errors if the group is poisoned meanwhile.
+    fn barrier(&self) -> Result<()> {
+        let mut s = self.lock()?;
+        s.waiting += 1;
+        if s.waiting == self.group.size {
+            s.waiting = 0;
+            s.generation += 1;
+            self.group.cv.notify_all();
+            return Ok(());
+        }
+        let gen = s.generation;
+        while s.generation == gen && !s.poisoned {
+            s = self
+                .group
+                .cv
+                .wait(s)
+                .map_err(|_| self.fail("comm lock poisoned"))?;
+        }
+        if s.generation == gen {
+            return Err(self.fail(crate::parallel::PEER_FAILED));
+        }
+        Ok(())
+    }
+
+    /// Records "ready" on this rank's stream and publishes `buf`.
+    fn publish(&self, dev: &CudaDev, buf: &DView<'_>) -> Result<()> {
+        let ready = Arc::new(dev.new_event()?);
+        dev.record(&ready)?;
+        let mut s = self.lock()?;
+        let slot = &mut s.slots[self.rank];
+        slot.ptr = buf.ptr();
+        slot.len = buf.len();
+        slot.dtype = Some(buf.dtype());
+        slot.ready = Some(ready);
+        Ok(())
+    }
+
+    /// The peers' buffers as views, after making `dev`'s stream wait for each one's "ready".
+    /// Errors if members disagree on length or dtype.
+    fn peers<'s>(
+        &self,
+        dev: &CudaDev,
+        s: &'s State,
+        len: usize,
+        dtype: DType,
+    ) -> Result<Vec<DView<'s>>> {
+        let mut views = Vec::with_capacity(s.slots.len());
+        for (r, slot) in s.slots.iter().enumerate() {
+            if slot.len != len || slot.dtype != Some(dtype) {
+                return Err(self.fail(&format!(
+                    "collective called with {} x {:?} on rank {r} but {len} x {dtype:?} on rank {}",
+                    slot.len, slot.dtype, self.rank
+                )));
+            }
+            if let Some(ev) = &slot.ready {
+                dev.wait(ev)?;
+            }
+            // SAFETY: the member is blocked in this collective until every reader's "done" event
+            // has been waited on by its stream, so its buffer stays allocated and unmodified for
+            // as long as the work enqueued here may run.
+            views.push(unsafe { DView::from_raw(slot.ptr, slot.len, dtype) });
+        }
+        Ok(views)
+    }
+
+    /// After this member's reads of its peers' buffers (enqueued on `dev`'s stream; `s` is the
+    /// held lock): records "done", waits for every member, then makes the stream wait for every
+    /// peer's "done", so no member's stream changes or frees a buffer its peers still read.
+    fn end_reads(&self, dev: &CudaDev, mut s: MutexGuard<'_, State>) -> Result<()> {
+        let done = Arc::new(dev.new_event()?);
+        dev.record(&done)?;
+        s.slots[self.rank].done = Some(done);
+        drop(s);
+        self.barrier()?;
+        let s = self.lock()?;
+        for (r, slot) in s.slots.iter().enumerate() {
+            match &slot.done {
+                Some(done) if r != self.rank => dev.wait(done)?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// [`DeviceComm::exchange`] (`take` = None: each message copied into `recvs`) or
+    /// [`DeviceComm::exchange_then`] (each message handed to `take` as a view of the sender's
+    /// buffer, read before this member's "done" is recorded).
+    fn exchange_with(
+        &self,
+        dev: &CudaDev,
+        sends: &[(usize, DView<'_>)],
+        recvs: &[(usize, DView<'_>)],
+        mut take: Option<&mut Take<'_>>,
+    ) -> Result<()> {
+        if self.group.size == 1 {
+            return check_peers(self.rank, 1, sends, recvs);
+        }
+        self.guarded(|| {
+            check_peers(self.rank, self.group.size, sends, recvs)?;
+            let ready = Arc::new(dev.new_event()?);
+            dev.record(&ready)?;
+            {
+                let mut s = self.lock()?;
+                let slot = &mut s.slots[self.rank];
+                slot.sends = sends.iter().map(|(to, v)| (*to, v.ptr(), bytes_of(v))).collect();
+                slot.ready = Some(ready);
+            }
+            self.barrier()?;
+            {
+                let s = self.lock()?;
+                // Each peer's messages to this member, in its send order.
+                let mut inbox: Vec<Vec<(u64, usize)>> = s
+                    .slots
+                    .iter()
+                    .map(|slot| {
+                        let mine = slot.sends.iter().filter(|m| m.0 == self.rank);
+                        mine.map(|&(_, ptr, n)| (ptr, n)).rev().collect()
+                    })
+                    .collect();
+                let mut waited = vec![false; self.group.size];
+                for (j, (from, dst)) in recvs.iter().enumerate() {
+                    let (ptr, n) = inbox[*from].pop().ok_or_else(|| {
+                        self.fail(&format!("exchange: member {from} sent fewer messages than this member receives from it"))
+                    })?;
+                    if n != bytes_of(dst) {
+                        return Err(self.fail(&format!(
+                            "exchange: member {from} sent {n} bytes, this member receives {}",
+                            bytes_of(dst)
+                        )));
+                    }
+                    if !std::mem::replace(&mut waited[*from], true) {
+                        if let Some(ev) = &s.slots[*from].ready {
+                            dev.wait(ev)?;
+                        }
+                    }
+                    match take.as_mut() {
+                        // SAFETY: the sender published `n` bytes (`dst.len()` elements of
+                        // `dst`'s dtype) at `ptr` of a live buffer it does not change or free
+                        // until every reader's "done" is waited on by its stream (below), and
+                        // `take` only enqueues work on this stream before that "done".
+                        Some(f) => f(j, unsafe { DView::from_raw(ptr, dst.len(), dst.dtype()) })?,
+                        // SAFETY: as above; `dst` is a live view of `n` bytes; the buffers are
+                        // distinct.
+                        None => unsafe { dev.dtod(dst.ptr(), ptr, n)? },
+                    }
+                }
+                if let Some(from) = inbox.iter().position(|m| !m.is_empty()) {
+                    return Err(self.fail(&format!(
+                        "exchange: member {from} sent more messages than this member receives from it"
+                    )));
+                }
+                self.end_reads(dev, s)
+            }
+        })
+    }
+
+    /// Runs `f`; on error poisons the group so peers return instead of waiting forever.
+    fn guarded<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let r = f();
+        if r.is_err() {
+            self.poison();
+        }
+        r
+    }
+}
+
+impl DeviceComm for SameDeviceComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.group.size
+    }
+
+    fn all_reduce_sum(&self, dev: &CudaDev, buf: DView<'_>) -> Result<()> {
+        if self.group.size == 1 {
+            return Ok(());
+        }
+        self.guarded(|| {
+            self.publish(dev, &buf)?;
+            self.barrier()?;
+            if self.rank == 0 {
+                let mut s = self.lock()?;
+                let views = self.peers(dev, &s, buf.len(), buf.dtype())?;
+                ops::all_reduce_sum(dev, &views, &views, buf.len())?;
+                let done = Arc::new(dev.new_event()?);
+                dev.record(&done)?;
+                s.reduced = Some(done);
+            }
+            self.barrier()?;
+            let s = self.lock()?;
+            match (&s.reduced, self.rank) {
+                (_, 0) => Ok(()),
+                (Some(done), _) => dev.wait(done),
+                (None, _) => Err(self.fail("all-reduce finished without a result")),
+            }
+        })
+    }
+
+    fn all_gather(&self, dev: &CudaDev, local: DView<'_>, out: DView<'_>) -> Result<()> {
+        let n = local.len();
+        out.need(n * self.group.size, "all_gather")?;
+        if self.group.size == 1 {
+            return copy_into(dev, out, 0, local);
+        }
+        self.guarded(|| {
+            self.publish(dev, &local)?;
+            self.barrier()?;
+            let s = self.lock()?;
+            let views = self.peers(dev, &s, n, local.dtype())?;
+            for (r, v) in views.into_iter().enumerate() {
+                copy_into(dev, out, r * n, v)?;
+            }
+            self.end_reads(dev, s)
+        })
+    }
+
+    /// Every member publishes its sends (addresses into its own buffers, which stay unchanged
+    /// until the call returns); after a barrier each member copies what is addressed to it, in
+    /// order, straight out of the senders' buffers, and records "done"; after a second barrier
+    /// each waits for its readers' "done" before its stream touches the sent buffers again.
+    fn exchange(
+        &self,
+        dev: &CudaDev,
+        sends: &[(usize, DView<'_>)],
+        recvs: &[(usize, DView<'_>)],
+    ) -> Result<()> {
+        self.exchange_with(dev, sends, recvs, None)
+    }
+
+    /// Reads each message straight out of the sender's buffer: no copy into `recvs`.
+    fn exchange_then(
+        &self,
+        dev: &CudaDev,
+        sends: &[(usize, DView<'_>)],
+        recvs: &[(usize, DView<'_>)],
+        take: &mut Take<'_>,
+    ) -> Result<()> {
+        self.exchange_with(dev, sends, recvs, Some(take))
+    }
+
+    fn poison(&self) {
+        if let Ok(mut s) = self.group.state.lock() {
+            s.poisoned = true;
+        }
+        self.group.cv.notify_all();
+    }
+}
+
+impl Drop for SameDeviceComm {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.poison();
+        }
+    }
+}
