@@ -222,4 +222,25 @@ typedef struct PatKvGatherParams {
     int32_t _pad;
 } PatKvGatherParams;
 
+/* kv_copy: head slice [src_head_start, + num_heads) of listed blocks of one cache into head slice
+ * [dst_head_start, + num_heads) of listed blocks of another (same block_size, head_dim, dtype). */
+typedef struct PatKvCopyParams {
+    PatDevPtr src_k;     /* [src blocks, src_heads, block_size, head_dim] */
+    PatDevPtr src_v;
+    PatDevPtr dst_k;     /* [dst blocks, dst_heads, block_size, head_dim] */
+    PatDevPtr dst_v;
+    PatDevPtr src_ids;   /* i32 [num_list_blocks], physical block index in the source cache */
+    PatDevPtr dst_ids;   /* i32 [num_list_blocks], physical block index in the destination cache */
+    int32_t num_list_blocks;
+    int32_t src_heads;
+    int32_t src_head_start;
+    int32_t dst_heads;
+    int32_t dst_head_start;
+    int32_t num_heads;
+    int32_t block_size;
+    int32_t head_dim;
+    int32_t elem_bytes;  /* 2 for bf16/f16, 4 for f32 */
+    int32_t _pad;
+} PatKvCopyParams;
+
 #endif /* PAT_PARAMS_H */

@@ -74,6 +74,7 @@ DECL_HD(prefill_attention, PatPrefillAttentionParams, f32)
 extern "C" void strided_copy(PatStridedCopyParams);
 extern "C" void kv_gather(PatKvGatherParams);
 extern "C" void kv_scatter(PatKvGatherParams);
+extern "C" void kv_copy(PatKvCopyParams);
 
 namespace {
 
@@ -1498,7 +1499,7 @@ void register_all_reduce() {
 }
 
 // =================================================================================================
-// reshard.cu: strided_copy, kv_gather, kv_scatter
+// reshard.cu: strided_copy, kv_gather, kv_scatter, kv_copy
 // =================================================================================================
 void fill_bytes(Rng& r, unsigned char* p, size_t n) {
     for (size_t i = 0; i < n; ++i) p[i] = (unsigned char)r.g();
@@ -1563,8 +1564,12 @@ void test_compaction(int kind, int64_t a, int64_t b, size_t base_off) {
     g_ctx->info = fmt("%d launches", launches);
 }
 
+// kv_gather to staging, kv_scatter from it into another layout, and kv_copy straight between the
+// two layouts (which must give what the scatter gave). Grid: the launchers' (ceil(nlist / 4), 2)
+// plus `extra`, or `gx` CTAs along x when gx > 0 (fewer than the work: they grid-stride).
 void test_kv_gather_scatter(int eb, int nb, int heads, int h0, int nh, int bs, int hd, int nlist, int heads2, int h02,
-                            size_t misalign, dim3 extra) {
+                            size_t misalign, dim3 extra, unsigned gx) {
+    const dim3 grid(gx > 0 ? gx : (unsigned)(nlist + 3) / 4 + extra.x, 2 + extra.y);
     Rng& r = g_ctx->rng;
     const size_t head_bytes = (size_t)bs * hd * eb, chunk = head_bytes * nh, cache_bytes = (size_t)nb * heads * head_bytes;
     Buf<unsigned char> kc("k_cache", cache_bytes, 0, misalign), vc("v_cache", cache_bytes, 0, misalign);
@@ -1577,7 +1582,7 @@ void test_kv_gather_scatter(int eb, int nb, int heads, int h0, int nh, int bs, i
     for (int i = 0; i < nlist; ++i) ids[i] = perm[i];
     Buf<unsigned char> staging("staging", 2 * nlist * chunk, 0xee);
     PatKvGatherParams g{kc.dev(), vc.dev(), staging.dev(), ids.dev(), nlist, heads, h0, nh, bs, hd, eb, 0};
-    launch("kv_gather", kv_gather, dim3(nlist + extra.x, 2 + extra.y), dim3(256), g);
+    launch("kv_gather", kv_gather, grid, dim3(256), g);
     std::vector<unsigned char> want(2 * nlist * chunk);
     for (int kv = 0; kv < 2; ++kv)
         for (int i = 0; i < nlist; ++i)
@@ -1591,25 +1596,35 @@ void test_kv_gather_scatter(int eb, int nb, int heads, int h0, int nh, int bs, i
     fill_bytes(r, k2.data(), cache2);
     fill_bytes(r, v2.data(), cache2);
     std::vector<unsigned char> wk = k2.copy(), wv = v2.copy();
+    Buf<unsigned char> k3("k_cache3", cache2), v3("v_cache3", cache2);
+    std::memcpy(k3.data(), wk.data(), cache2);
+    std::memcpy(v3.data(), wv.data(), cache2);
     std::vector<int32_t> perm2(nb2);
     std::iota(perm2.begin(), perm2.end(), 0);
     std::shuffle(perm2.begin(), perm2.end(), r.g);
     Buf<int32_t> ids2("block_ids2", nlist);
     for (int i = 0; i < nlist; ++i) ids2[i] = perm2[i];
     PatKvGatherParams s{k2.dev(), v2.dev(), staging.dev(), ids2.dev(), nlist, heads2, h02, nh, bs, hd, eb, 0};
-    launch("kv_scatter", kv_scatter, dim3(nlist + extra.x, 2 + extra.y), dim3(256), s);
+    launch("kv_scatter", kv_scatter, grid, dim3(256), s);
     for (int kv = 0; kv < 2; ++kv)
         for (int i = 0; i < nlist; ++i)
             std::memcpy((kv ? wv : wk).data() + ((size_t)ids2[i] * heads2 + h02) * head_bytes, &want[(kv * nlist + i) * chunk], chunk);
     expect_bits("k_cache2", k2.data(), wk.data(), cache2, 1);
     expect_bits("v_cache2", v2.data(), wv.data(), cache2, 1);
-    g_ctx->info = fmt("chunk=%zu bytes", chunk);
+
+    PatKvCopyParams c{kc.dev(), vc.dev(), k3.dev(), v3.dev(), ids.dev(), ids2.dev(), nlist, heads, h0, heads2, h02,
+                      nh, bs, hd, eb, 0};
+    launch("kv_copy", kv_copy, grid, dim3(256), c);
+    expect_bits("kv_copy k_cache3", k3.data(), wk.data(), cache2, 1);
+    expect_bits("kv_copy v_cache3", v3.data(), wv.data(), cache2, 1);
+    g_ctx->info = fmt("chunk=%zu bytes, grid %ux%u", chunk, grid.x, grid.y);
 }
 
 void register_reshard() {
     struct C { int64_t rows, rb, ss, ds; size_t so, doff; dim3 grid; };
     const C cases[] = {
         {1, 65536, 0, 0, 0, 0, dim3(16, 1)},        // one contiguous move, 16-byte units
+        {2, 1048592, 1048608, 1048592, 16, 0, dim3(3, 1)}, // many 4-unit steps per thread, partial last
         {37, 48, 96, 64, 16, 32, dim3(2, 5)},       // 16-byte units, grid.y < rows
         {300, 24, 40, 24, 8, 0, dim3(1, 7)},        // 8-byte units
         {53, 12, 20, 16, 4, 12, dim3(3, 2)},        // 4-byte units
@@ -1640,20 +1655,24 @@ void register_reshard() {
     add("strided_copy", "in-place row compaction (keep first half of 37 rows of 512 B)", [] { test_compaction(1, 37, 512, 0); });
     add("strided_copy", "in-place row compaction, odd stride (100 rows of 26 B)", [] { test_compaction(1, 100, 26, 1); });
 
-    struct G { int eb, nb, heads, h0, nh, bs, hd, nlist, heads2, h02; size_t mis; dim3 extra; };
+    struct G { int eb, nb, heads, h0, nh, bs, hd, nlist, heads2, h02; size_t mis; dim3 extra; unsigned gx; };
     const G gs[] = {
-        {2, 9, 8, 2, 4, 16, 128, 3, 4, 0, 0, dim3(0, 0)},   // 16-byte units
-        {4, 7, 4, 1, 2, 16, 80, 5, 2, 0, 0, dim3(1, 1)},    // extra CTAs must do nothing
-        {2, 6, 3, 1, 1, 1, 3, 4, 5, 4, 0, dim3(0, 0)},      // 6-byte chunks: 1-byte units
-        {2, 5, 2, 1, 1, 1, 2, 3, 2, 1, 0, dim3(0, 1)},      // 4-byte units
-        {4, 5, 6, 3, 3, 2, 1, 2, 3, 0, 0, dim3(0, 0)},      // 24-byte chunks: 8-byte units
-        {2, 8, 4, 0, 4, 16, 64, 6, 8, 4, 2, dim3(0, 0)},    // misaligned cache
+        {2, 9, 8, 2, 4, 16, 128, 3, 4, 0, 0, dim3(0, 0), 0},   // 16-byte units
+        {4, 7, 4, 1, 2, 16, 80, 5, 2, 0, 0, dim3(1, 1), 0},    // extra CTAs must do nothing
+        {2, 6, 3, 1, 1, 1, 3, 4, 5, 4, 0, dim3(0, 0), 0},      // 6-byte chunks: 1-byte units
+        {2, 5, 2, 1, 1, 1, 2, 3, 2, 1, 0, dim3(0, 1), 0},      // 4-byte units
+        {4, 5, 6, 3, 3, 2, 1, 2, 3, 0, 0, dim3(0, 0), 0},      // 24-byte chunks: 8-byte units
+        {2, 8, 4, 0, 4, 16, 64, 6, 8, 4, 2, dim3(0, 0), 0},    // misaligned cache
+        {2, 40, 8, 5, 1, 16, 128, 37, 1, 0, 0, dim3(0, 0), 0}, // a switch's batch: one head, 37 blocks
+        {2, 40, 8, 5, 1, 16, 128, 37, 2, 1, 0, dim3(0, 0), 2}, // 2 CTAs for 10 groups: grid-stride
+        {4, 12, 4, 1, 2, 16, 128, 11, 2, 0, 0, dim3(0, 0), 1}, // one CTA; 16 KiB chunks: 4 units a thread
     };
     for (const G& g : gs)
-        add("kv_gather_scatter", fmt("elem=%dB blocks=%d/%d heads [%d,%d) of %d -> at %d of %d block_size=%d hd=%d%s%s",
+        add("kv_gather_scatter", fmt("elem=%dB blocks=%d/%d heads [%d,%d) of %d -> at %d of %d block_size=%d hd=%d%s%s%s",
                                      g.eb, g.nlist, g.nb, g.h0, g.h0 + g.nh, g.heads, g.h02, g.heads2, g.bs, g.hd,
-                                     g.mis ? " misaligned" : "", g.extra.x + g.extra.y ? " extra-CTAs" : ""),
-            [=] { test_kv_gather_scatter(g.eb, g.nb, g.heads, g.h0, g.nh, g.bs, g.hd, g.nlist, g.heads2, g.h02, g.mis, g.extra); });
+                                     g.mis ? " misaligned" : "", g.extra.x + g.extra.y ? " extra-CTAs" : "",
+                                     g.gx ? " small-grid" : ""),
+            [=] { test_kv_gather_scatter(g.eb, g.nb, g.heads, g.h0, g.nh, g.bs, g.hd, g.nlist, g.heads2, g.h02, g.mis, g.extra, g.gx); });
 }
 
 // =================================================================================================

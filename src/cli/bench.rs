@@ -28,8 +28,9 @@ pub enum BenchCommand {
     /// The CPU backend's decode GEMMs alone on a model shape (every layer's own weights): ms per
     /// step, weight GB/s against the measured copy bandwidth, and matrixmultiply in the same run.
     Gemm(super::bench_gemm::GemmArgs),
-    /// The GPU switch kernels alone (cuda builds): strided_copy compaction, kv_gather and
-    /// kv_scatter at LLaMA-8B shapes, GB/s against the measured device copy bandwidth.
+    /// The GPU switch kernels alone (cuda builds): strided_copy compaction, kv_gather,
+    /// kv_scatter and kv_copy at LLaMA-8B shapes, GB/s against the measured device copy
+    /// bandwidth.
     Reshard(super::bench_reshard::ReshardArgs),
 }
 

@@ -1,4 +1,5 @@
-//! The same-device all-reduce and the reshard copies (strided_copy, kv_gather, kv_scatter).
+//! The same-device all-reduce and the reshard copies (strided_copy, kv_gather, kv_scatter,
+//! kv_copy).
 
 use super::*;
 
@@ -132,6 +133,82 @@ fn reshard_copies_match_host_copies() {
             &format!("kv_scatter v {dt:?}"),
             &host(&d, &fresh.v),
             &pool.v[0],
+        ));
+    }
+}
+
+/// kv_copy against the host pools: heads [1, 3) of shuffled blocks of a 4-head cache into heads
+/// [0, 2) of other blocks of a 2-head cache (a switch from tp 1 to tp 2); the rest untouched.
+/// And its refusals, before anything is launched.
+#[test]
+fn kv_copy_moves_a_head_slice_between_pools_bitwise() {
+    let d = gpu!("kv_copy");
+    let mut r = rng("kv_copy");
+    for dt in [DType::F32, DType::Bf16] {
+        let (nb, bs, hd) = (10, 16, 64);
+        let src = random_cache(&d, &mut r, dt, (4, hd, bs), &[nb * bs]);
+        let dst = random_cache(&d, &mut r, dt, (2, hd, bs), &[nb * bs]);
+        let (from, to) = ([7i32, 2, 9, 0, 5], [4i32, 0, 6, 9, 1]);
+        let (fb, tb) = (
+            DBuf::from_slice(&d, &from).unwrap(),
+            DBuf::from_slice(&d, &to).unwrap(),
+        );
+        ops::kv_copy(&d, &src.view(), fb.view(), 1, &dst.view(), tb.view(), 0, 2).unwrap();
+        let mut want = [dst.pool.k[0].clone(), dst.pool.v[0].clone()];
+        let chunk = 2 * bs * hd;
+        for (cache, out) in [&src.pool.k[0], &src.pool.v[0]].into_iter().zip(&mut want) {
+            for (&a, &b) in from.iter().zip(&to) {
+                let o = src.pool.offset(a as usize, 1, 0);
+                let p = dst.pool.offset(b as usize, 0, 0);
+                out[p..p + chunk].copy_from_slice(&cache[o..o + chunk]);
+            }
+        }
+        ok(check_bitwise(
+            &format!("kv_copy k {dt:?}"),
+            &host(&d, &dst.k),
+            &want[0],
+        ));
+        ok(check_bitwise(
+            &format!("kv_copy v {dt:?}"),
+            &host(&d, &dst.v),
+            &want[1],
+        ));
+
+        let before = host(&d, &dst.k);
+        let refused = [
+            (
+                "the same cache both ways",
+                ops::kv_copy(&d, &src.view(), fb.view(), 0, &src.view(), tb.view(), 2, 2),
+            ),
+            (
+                "source heads past the cache",
+                ops::kv_copy(&d, &src.view(), fb.view(), 3, &dst.view(), tb.view(), 0, 2),
+            ),
+            (
+                "destination heads past the cache",
+                ops::kv_copy(&d, &src.view(), fb.view(), 0, &dst.view(), tb.view(), 1, 2),
+            ),
+            (
+                "lists of different lengths",
+                ops::kv_copy(
+                    &d,
+                    &src.view(),
+                    fb.view(),
+                    0,
+                    &dst.view(),
+                    tb.view().slice(0, 4).unwrap(),
+                    0,
+                    2,
+                ),
+            ),
+        ];
+        for (what, res) in refused {
+            assert!(res.is_err(), "kv_copy must refuse {what}");
+        }
+        ok(check_bitwise(
+            "kv_copy refused: untouched",
+            &host(&d, &dst.k),
+            &before,
         ));
     }
 }

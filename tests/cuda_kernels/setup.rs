@@ -48,7 +48,7 @@ fn every_kernel_symbol_resolves() {
                 .unwrap();
         }
     }
-    for f in ["strided_copy", "kv_gather", "kv_scatter"] {
+    for f in ["strided_copy", "kv_gather", "kv_scatter", "kv_copy"] {
         d.check_kernel(f).unwrap();
     }
     assert!(d.check_kernel("no_such_kernel").is_err());
@@ -59,7 +59,10 @@ fn reshard_bench_times_every_switch_kernel() {
     let d = gpu!("reshard_bench_times_every_switch_kernel");
     let rs = pat::backend::cuda::bench_reshard::reshard_bench(&d, DType::Bf16, 4, 3).unwrap();
     let names: Vec<&str> = rs.iter().map(|r| r.kernel).collect();
-    assert_eq!(names, ["strided_copy", "kv_gather", "kv_scatter"]);
+    assert_eq!(
+        names,
+        ["strided_copy", "kv_gather", "kv_scatter", "kv_copy"]
+    );
     for r in &rs {
         // 4 MiB read and as much written per call.
         assert_eq!(r.bytes, 8 << 20, "{r:?}");

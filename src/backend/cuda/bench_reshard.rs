@@ -4,8 +4,9 @@
 //! - `strided_copy` compaction: a weight shard keeps half of every row when tp doubles (rows of
 //!   `row_bytes` out of rows twice as long), out of place (an in-place compaction is a sequence of
 //!   such launches, each over non-overlapping spans).
-//! - `kv_gather` / `kv_scatter`: half of the kv heads of a shuffled list of cache blocks to and
-//!   from a contiguous staging buffer (what a KV migration sends and receives).
+//! - `kv_gather` / `kv_scatter`: one kv head of a shuffled list of cache blocks to and from a
+//!   contiguous staging buffer (what a KV migration sends and receives: one batch, one layer);
+//!   `kv_copy`: the same head into another cache's blocks in one pass (KV staying on its rank).
 //!
 //! Bytes counted: every byte read plus every byte written, as [`super::bench::copy_bandwidth`]
 //! counts a copy, so `gbps / copy` is the fraction of the copy limit.
@@ -23,7 +24,7 @@ use crate::error::{Error, Result};
 /// One measurement.
 #[derive(Clone, Debug)]
 pub struct ReshardBench {
-    /// `strided_copy`, `kv_gather` or `kv_scatter`.
+    /// `strided_copy`, `kv_gather`, `kv_scatter` or `kv_copy`.
     pub kernel: &'static str,
     /// The geometry, for people.
     pub shape: String,
@@ -51,7 +52,7 @@ fn result(kernel: &'static str, shape: String, bytes: usize, ms: f64) -> Reshard
     }
 }
 
-/// Times the three switch kernels, each reading `mib` MiB per call (and writing as much), `dtype`
+/// Times the four switch kernels, each reading `mib` MiB per call (and writing as much), `dtype`
 /// KV, one warm-up and the median of `iters` calls. Errors (nothing launched) on a zero or oversized
 /// request or a non-float dtype.
 pub fn reshard_bench(
@@ -74,12 +75,13 @@ pub fn reshard_bench(
     }
     let bytes = mib << 20;
     let (free, _) = dev.mem_info()?;
-    // Each case holds 3 x `bytes`: a source of twice what is read (half of every row, or of
-    // every block's heads) and a destination.
-    if 3 * bytes > free - free / 16 {
+    // The KV case holds the most: a cache of KV_HEADS heads of which one is read, staging (or
+    // the one-head destination cache) and the destination of kv_copy.
+    let need = (KV_HEADS + 2) * bytes;
+    if need > free - free / 16 {
         return Err(Error::Device(format!(
             "{W}: {mib} MiB per case needs about {} MiB free, {} MiB are",
-            3 * mib,
+            need >> 20,
             free >> 20
         )));
     }
@@ -107,43 +109,61 @@ pub fn reshard_bench(
     ));
     drop((src, dst));
 
-    // kv_gather / kv_scatter: half of the heads of every block of an `nb`-block cache, listed in
-    // shuffled order.
+    // kv_gather / kv_scatter / kv_copy: one kv head of every block of an `nb`-block cache,
+    // listed in shuffled order: the shape a switch gives them (a KV batch is one head of many
+    // sequences' blocks, `reshard::kv::batch`). kv_copy moves it into another cache's head 0.
     let es = dtype.size();
-    let half = KV_HEADS / 2;
-    let chunk = 2 * half * BLOCK * HEAD_DIM * es; // K and V of one block's half
+    let head = KV_HEADS / 2;
+    let chunk = 2 * BLOCK * HEAD_DIM * es; // K and V of one block's head
     let nb = (bytes / chunk).max(1);
-    let cache_blocks = nb;
-    let elems = cache_blocks * KV_HEADS * BLOCK * HEAD_DIM;
+    let elems = nb * KV_HEADS * BLOCK * HEAD_DIM;
     let k = DBuf::zeros(dev, dtype, elems)?;
     let v = DBuf::zeros(dev, dtype, elems)?;
     fill_random(dev, &k, &mut r)?;
     fill_random(dev, &v, &mut r)?;
     let staging = DBuf::zeros(dev, dtype, nb * chunk / es)?;
-    let mut ids: Vec<i32> = (0..cache_blocks as i32).collect();
+    let mut ids: Vec<i32> = (0..nb as i32).collect();
     shuffle(&mut r, &mut ids);
     let ids = DBuf::from_slice(dev, &ids)?;
     let cache = KvCacheView {
         k: k.view(),
         v: v.view(),
-        num_blocks: cache_blocks,
+        num_blocks: nb,
         num_kv_heads: KV_HEADS,
         block_size: BLOCK,
         head_dim: HEAD_DIM,
     };
     let shape = format!(
-        "{nb} blocks (shuffled), heads {half}..{KV_HEADS} of {KV_HEADS} x {HEAD_DIM}, {BLOCK} \
-         tokens, {}",
+        "{nb} blocks (shuffled), head {head} of {KV_HEADS} x {HEAD_DIM}, {BLOCK} tokens, {}",
         dtype.name()
     );
     let moved = 2 * nb * chunk; // read + written
     let ms = median_ms(dev, iters, || {
-        ops::kv_gather(dev, &cache, staging.view(), ids.view(), half, half)
+        ops::kv_gather(dev, &cache, staging.view(), ids.view(), head, 1)
     })?;
     out.push(result("kv_gather", shape.clone(), moved, ms));
     let ms = median_ms(dev, iters, || {
-        ops::kv_scatter(dev, &cache, staging.view(), ids.view(), half, half)
+        ops::kv_scatter(dev, &cache, staging.view(), ids.view(), head, 1)
     })?;
-    out.push(result("kv_scatter", shape, moved, ms));
+    out.push(result("kv_scatter", shape.clone(), moved, ms));
+    drop(staging);
+    // The destination: a one-head cache (a rank's pool at tp = kv heads), its blocks in the
+    // reverse of the source's shuffled order.
+    let (k2, v2) = (
+        DBuf::zeros(dev, dtype, nb * BLOCK * HEAD_DIM)?,
+        DBuf::zeros(dev, dtype, nb * BLOCK * HEAD_DIM)?,
+    );
+    let ids2: Vec<i32> = (0..nb as i32).rev().collect();
+    let ids2 = DBuf::from_slice(dev, &ids2)?;
+    let dst = KvCacheView {
+        k: k2.view(),
+        v: v2.view(),
+        num_kv_heads: 1,
+        ..cache
+    };
+    let ms = median_ms(dev, iters, || {
+        ops::kv_copy(dev, &cache, ids.view(), head, &dst, ids2.view(), 0, 1)
+    })?;
+    out.push(result("kv_copy", shape, moved, ms));
     Ok(out)
 }

@@ -4,8 +4,8 @@
 use super::super::buffer::{DType, DView};
 use super::super::device::CudaDev;
 use super::super::params::{
-    PatAllReduceParams, PatArgmaxParams, PatKvGatherParams, PatSampleParams, PatStridedCopyParams,
-    PAT_MAX_ALLREDUCE_INPUTS, PAT_SAMPLE_THREADS,
+    PatAllReduceParams, PatArgmaxParams, PatKvCopyParams, PatKvGatherParams, PatSampleParams,
+    PatStridedCopyParams, PAT_MAX_ALLREDUCE_INPUTS, PAT_SAMPLE_THREADS,
 };
 use super::{i32_of, launch, same_float, stride_grid, suffix, KvCacheView};
 use crate::error::{Error, Result};
@@ -229,8 +229,9 @@ pub fn strided_copy(dev: &CudaDev, dst: DView<'_>, src: DView<'_>, s: Strided) -
         dst_stride: s.dst_stride as i64,
         src_stride: s.src_stride as i64,
     };
+    // A CTA moves 256 threads x 4 units of up to 16 bytes per step (cuda/reshard.cu).
     let grid = (
-        stride_grid(s.row_bytes, 4096, 1024),
+        stride_grid(s.row_bytes, 16384, 1024),
         s.rows.min(65535) as u32,
         1,
     );
@@ -278,7 +279,16 @@ fn kv_move(
     };
     // SAFETY: staging holds 2 x nb chunks, the head range lies inside the cache; block id
     // contents (< num_blocks) are the caller's contract.
-    unsafe { launch(dev, symbol, (nb as u32, 2, 1), 256, &p) }
+    unsafe { launch(dev, symbol, kv_grid(nb), 256, &p) }
+}
+
+/// A KV kernel's grid: a CTA moves `KV_CHUNKS_PER_CTA` list blocks' chunks, of K (y = 0) or V.
+fn kv_grid(list_blocks: usize) -> (u32, u32, u32) {
+    const KV_CHUNKS_PER_CTA: usize = 4;
+    let x = list_blocks
+        .div_ceil(KV_CHUNKS_PER_CTA)
+        .min(i32::MAX as usize);
+    (x as u32, 2, 1)
 }
 
 /// Copies heads `[head_start, head_start + num_heads)` of the listed cache blocks (i32 ids) into
@@ -320,4 +330,88 @@ pub fn kv_scatter(
         num_heads,
         "kv_scatter",
     )
+}
+
+/// Heads `[src_head, src_head + num_heads)` of the blocks `src_ids` lists in `src` copied into
+/// heads `[dst_head, ..)` of the blocks `dst_ids` lists in `dst`, K and V, in one pass (what
+/// `kv_gather` into staging then `kv_scatter` out of it does, without the staging). The two
+/// caches share block size, head dim and dtype and must not overlap.
+#[allow(clippy::too_many_arguments)]
+pub fn kv_copy(
+    dev: &CudaDev,
+    src: &KvCacheView<'_>,
+    src_ids: DView<'_>,
+    src_head: usize,
+    dst: &KvCacheView<'_>,
+    dst_ids: DView<'_>,
+    dst_head: usize,
+    num_heads: usize,
+) -> Result<()> {
+    const W: &str = "kv_copy";
+    let dt = src.check(W)?;
+    dst.check(W)?;
+    same_float(&[src.k, dst.k], W)?;
+    src_ids.check_dtype(DType::I32, W)?;
+    dst_ids.check_dtype(DType::I32, W)?;
+    if (src.block_size, src.head_dim) != (dst.block_size, dst.head_dim) {
+        return Err(Error::Device(format!(
+            "{W}: blocks of {} x {} (source) and {} x {} (destination) differ",
+            src.block_size, src.head_dim, dst.block_size, dst.head_dim
+        )));
+    }
+    for (c, h, side) in [(src, src_head, "source"), (dst, dst_head, "destination")] {
+        if h + num_heads > c.num_kv_heads {
+            return Err(Error::Device(format!(
+                "{W}: {side} heads [{h}, {}) outside the cache's {}",
+                h + num_heads,
+                c.num_kv_heads
+            )));
+        }
+    }
+    let nb = src_ids.len();
+    if dst_ids.len() != nb {
+        return Err(Error::Device(format!(
+            "{W}: {nb} source blocks listed, {} destination blocks",
+            dst_ids.len()
+        )));
+    }
+    let bytes = |c: &KvCacheView<'_>| {
+        (c.num_blocks * c.num_kv_heads * c.block_size * c.head_dim * dt.size()) as u64
+    };
+    for (a, b) in [
+        (src.k, dst.k),
+        (src.k, dst.v),
+        (src.v, dst.k),
+        (src.v, dst.v),
+    ] {
+        if a.ptr() < b.ptr() + bytes(dst) && b.ptr() < a.ptr() + bytes(src) {
+            return Err(Error::Device(format!(
+                "{W}: the source and destination caches overlap"
+            )));
+        }
+    }
+    let p = PatKvCopyParams {
+        src_k: src.k.ptr(),
+        src_v: src.v.ptr(),
+        dst_k: dst.k.ptr(),
+        dst_v: dst.v.ptr(),
+        src_ids: src_ids.ptr(),
+        dst_ids: dst_ids.ptr(),
+        num_list_blocks: i32_of(nb, "num_list_blocks")?,
+        src_heads: i32_of(src.num_kv_heads, "src_heads")?,
+        src_head_start: i32_of(src_head, "src_head_start")?,
+        dst_heads: i32_of(dst.num_kv_heads, "dst_heads")?,
+        dst_head_start: i32_of(dst_head, "dst_head_start")?,
+        num_heads: i32_of(num_heads, "num_heads")?,
+        block_size: i32_of(src.block_size, "block_size")?,
+        head_dim: i32_of(src.head_dim, "head_dim")?,
+        elem_bytes: dt.size() as i32,
+        ..Default::default()
+    };
+    if nb == 0 || num_heads == 0 {
+        return Ok(());
+    }
+    // SAFETY: both head ranges lie inside their caches, which do not overlap; block id contents
+    // (< each cache's num_blocks) are the caller's contract.
+    unsafe { launch(dev, W, kv_grid(nb), 256, &p) }
 }

@@ -23,7 +23,8 @@ use cudarc::driver::result;
 pub use attention::{auto_partition, paged_attention, prefill_attention, SeqMeta};
 pub use gemm::{gemm_nn, gemm_nt};
 pub use misc::{
-    all_reduce_sum, argmax, kv_gather, kv_scatter, sample, strided_copy, Rows, SampleCfg, Strided,
+    all_reduce_sum, argmax, kv_copy, kv_gather, kv_scatter, sample, strided_copy, Rows, SampleCfg,
+    Strided,
 };
 pub use norm::{embedding, fused_add_rmsnorm, kv_append, qk_norm, rmsnorm, rope, silu_mul};
 

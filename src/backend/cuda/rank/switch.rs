@@ -7,8 +7,8 @@
 //! 1. [`GpuRank::switch_begin`]: the new layout's KV pool, checked against free memory.
 //! 2. [`GpuRank::switch_stage`] (no communication): the programs checked against this rank's
 //!    buffers, every message buffer allocated (one round of layers each, below), and each KV
-//!    batch that stays on the rank moved into the new pool layer by layer through one scratch
-//!    (`kv_gather` + `kv_scatter`). A batch (`reshard::kv::batch`) is the pieces of one peer,
+//!    batch that stays on the rank copied from the old pool into the new one in one pass, a
+//!    launch per layer (`kv_copy`, no scratch). A batch (`reshard::kv::batch`) is the pieces of one peer,
 //!    source head and destination head, all sequences together: one launch per batch and
 //!    layer, not per piece (sequence) and layer. Every rank stages before any exchanges, so a
 //!    bad plan or a full device is an error on the host with no peer inside a collective (NCCL
@@ -36,8 +36,7 @@
 use std::time::Instant;
 
 use super::switch_kv::{
-    batch_ids, batch_len, kv_layers, kv_move, message_blocks, round_part, Message,
-    LOCAL_SCRATCH_BYTES,
+    batch_ids, batch_len, kv_copy_layer, kv_layers, message_blocks, round_part, Message,
 };
 use super::{GpuKvPool, GpuRank};
 use crate::backend::cuda::buffer::{DBuf, DView};
@@ -111,7 +110,7 @@ impl GpuRank {
 
     /// Phase 2 (no communication): checks, allocates every message buffer (one round of layers
     /// of each batch it sends or receives) and moves the KV batches that stay. Returns the bytes
-    /// of KV message and scratch buffers it holds.
+    /// of KV message buffers it holds.
     pub fn switch_stage(&self, sw: &mut RankSwitch, rank: usize) -> Result<u64> {
         let plans = sw.plan.clone();
         let (plan, kp, wp) = (&plans.kv_plan, &plans.kv[rank], &plans.weights[rank]);
@@ -129,18 +128,17 @@ impl GpuRank {
         self.check_weights(wp, rank)?;
         let es = self.dtype.size();
         let layers = plan.num_layers;
-        // One layer of one block (K and V): the unit of the local scratch.
+        // One layer of one block (K and V).
         let block_layer = batch_len(plan, 1, 1) * es;
-        let cap = (LOCAL_SCRATCH_BYTES / block_layer.max(1)).max(1);
         let mut held = 0u64;
-        let mut scratch: Option<DBuf> = None;
         // Messages go a round of layers at a time; every rank derives the same round.
         let per_layer = (0..plans.kv.len())
             .map(|r| message_blocks(plan, &plans.kv[r]) * block_layer)
             .max()
             .unwrap_or(0);
         sw.round = round_layers(per_layer as u64, layers);
-        for b in batches(plan, kp, cap) {
+        // Local batches are copied pool to pool without scratch: none is cut.
+        for b in batches(plan, kp, usize::MAX) {
             let n = batch_len(plan, layers, b.blocks);
             let round_len = batch_len(plan, sw.round, b.blocks);
             // A message of one round of this batch's layers, and its blocks in the old pool (a
@@ -160,25 +158,13 @@ impl GpuRank {
                     held += (round_len * es) as u64;
                 }
                 (BatchKind::Local, Some(h), Some(d)) => {
-                    // Layer by layer through one scratch, reused in stream order.
-                    let per = batch_len(plan, 1, b.blocks);
-                    let buf = match scratch.take() {
-                        Some(x) if x.len() >= per => x,
-                        prev => {
-                            held -= prev.map_or(0, |x| (x.len() * es) as u64);
-                            held += (per * es) as u64;
-                            DBuf::uninit(&self.dev, self.dtype, per)?
-                        }
-                    };
-                    let view = buf.view().slice(0, per)?;
+                    // Old pool to new pool in one pass, a launch per layer.
                     let src = batch_ids(&self.dev, plan, &b, false)?;
                     let dst = batch_ids(&self.dev, plan, &b, true)?;
                     for l in 0..layers {
-                        kv_move(&self.dev, &self.kv, l, &src, b.blocks, h, view, true)?;
-                        kv_move(&self.dev, &sw.new_kv, l, &dst, b.blocks, d, view, false)?;
+                        kv_copy_layer(&self.dev, (&self.kv, &src, h), (&sw.new_kv, &dst, d), l)?;
                     }
                     sw.local_bytes += (n * es) as u64;
-                    scratch = Some(buf);
                 }
                 (BatchKind::Recv { from }, _, Some(d)) => {
                     sw.inbox.push(message(from, d, true)?);

@@ -1,6 +1,7 @@
 //! The KV side of a GPU rank's switch (`switch`): messages (one round of layers of a KV batch),
-//! block ids on the device, and the `kv_gather` / `kv_scatter` launches that move a batch
-//! between a pool and a message, one launch per layer.
+//! block ids on the device, the `kv_gather` / `kv_scatter` launches that move a batch between a
+//! pool and a message and the `kv_copy` launches that move a batch staying on the rank from the
+//! old pool to the new one, one launch per layer.
 
 use super::GpuKvPool;
 use crate::backend::cuda::buffer::{DBuf, DView};
@@ -30,10 +31,6 @@ pub(super) fn batch_len(plan: &KvPlan, layers: usize, nb: usize) -> usize {
     layers * 2 * nb * plan.block_size * plan.head_dim
 }
 
-/// Scratch for one layer of a local batch, at most (unless one sequence needs more): local
-/// batches are cut to fit it.
-pub(super) const LOCAL_SCRATCH_BYTES: usize = 64 << 20;
-
 /// The batch's blocks (i32 ids) on the device: its sequences' old or `new` tables, in order.
 pub(super) fn batch_ids(
     dev: &crate::backend::cuda::device::CudaDev,
@@ -54,7 +51,7 @@ pub(super) fn batch_ids(
 /// One layer of a KV batch: kv head `head` of `nb` blocks (`ids`) of `pool`'s layer `l` copied
 /// into `data` (`gather`) or out of it, `data` = `[2 (K, V)][nb][block_size][head_dim]`.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn kv_move(
+fn kv_move(
     dev: &crate::backend::cuda::device::CudaDev,
     pool: &GpuKvPool,
     l: usize,
@@ -73,6 +70,21 @@ pub(super) fn kv_move(
     } else {
         ops::kv_scatter(dev, &cache, data, ids.view(), head, 1)
     }
+}
+
+/// One layer of a KV batch that stays on the rank: its blocks (`src.1`) and head (`src.2`) of
+/// the old pool copied into its blocks and head of the new pool (`dst`), in one pass.
+pub(super) fn kv_copy_layer(
+    dev: &crate::backend::cuda::device::CudaDev,
+    src: (&GpuKvPool, &DBuf, usize),
+    dst: (&GpuKvPool, &DBuf, usize),
+    l: usize,
+) -> Result<()> {
+    if src.1.is_empty() {
+        return Ok(());
+    }
+    let (from, to) = (src.0.layer(l)?, dst.0.layer(l)?);
+    ops::kv_copy(dev, &from, src.1.view(), src.2, &to, dst.1.view(), dst.2, 1)
 }
 
 /// [`kv_move`] for layers `layers` of `pool` and message `m`'s blocks and head: `data` =
