@@ -85,6 +85,9 @@ impl GpuRanks {
     pub fn world_kind(&self) -> Option<()> {
         match *self {}
     }
+    pub fn world_shares_memory(&self) -> bool {
+        match *self {}
+    }
     pub fn switch_begin(
         &mut self,
         _plan: std::sync::Arc<crate::reshard::SwitchPrograms>,

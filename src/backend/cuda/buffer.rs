@@ -225,7 +225,7 @@ impl<'a> DView<'a> {
     /// # Safety
     /// `ptr .. ptr + len * dtype.size()` must be device memory (of this GPU) that stays allocated
     /// for `'a` and for as long as work using the view may still run on any stream.
-    pub(crate) unsafe fn from_raw(ptr: u64, len: usize, dtype: DType) -> DView<'a> {
+    pub unsafe fn from_raw(ptr: u64, len: usize, dtype: DType) -> DView<'a> {
         DView {
             ptr,
             len,

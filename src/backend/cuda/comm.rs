@@ -14,7 +14,9 @@
 //! Besides collectives, every group does point-to-point [`DeviceComm::exchange`]: what a live
 //! TP switch's per-rank programs send and receive (KV pieces, weight rows), all of a rank's
 //! messages in one call. Same-device members copy straight out of the sender's buffers (no
-//! staging), or with [`DeviceComm::exchange_then`] read them in place (no copy at all); NCCL
+//! staging), or with [`DeviceComm::exchange_then`] read them in place (no copy at all), or with
+//! [`DeviceComm::share`] exchange only descriptions of memory that each reader then reads in
+//! place (a switch's KV, copied from the sender's old pool into the receiver's new one); NCCL
 //! runs them as one grouped `ncclSend` / `ncclRecv`.
 
 use super::buffer::DView;
@@ -27,6 +29,10 @@ pub use super::same_device::SameDeviceComm;
 /// What [`DeviceComm::exchange_then`] hands each received message to: (its index in `recvs`,
 /// a view of its bytes).
 pub type Take<'a> = dyn FnMut(usize, DView<'_>) -> Result<()> + 'a;
+
+/// What [`DeviceComm::share`] hands each offer addressed to this member: (its index in
+/// `expect`, the offer's words).
+pub type Read<'a> = dyn FnMut(usize, &[u64]) -> Result<()> + 'a;
 
 /// Collectives over one group of ranks, on device buffers of any float dtype.
 pub trait DeviceComm {
@@ -69,8 +75,51 @@ pub trait DeviceComm {
             .enumerate()
             .try_for_each(|(j, (_, v))| take(j, *v))
     }
+    /// Whether members read each other's device memory in place ([`DeviceComm::share`]).
+    fn shares_memory(&self) -> bool {
+        false
+    }
+    /// Point-to-point by reference, where members share device memory ([`SameDeviceComm`]):
+    /// called by every member at once. Each member offers `offers[i].1` to member
+    /// `offers[i].0`: words describing some of its own device memory (addresses and geometry,
+    /// in the caller's encoding, as RDMA keys would). `read(j, words)` is then called for each
+    /// offer addressed to this member, `expect[j]` naming the member of its j-th; between two
+    /// members the k-th offer matches the k-th expected. Work `read` enqueues on `dev`'s stream
+    /// before it returns may read the offered memory, after whatever the offering member's
+    /// stream did before the call; the offering member leaves that memory allocated and
+    /// unchanged until its stream has waited for every reader. Errors (poisoning nothing)
+    /// where members do not share memory; an error from `read` fails the call and poisons the
+    /// group.
+    fn share(
+        &self,
+        _dev: &CudaDev,
+        _offers: &[(usize, Vec<u64>)],
+        _expect: &[usize],
+        _read: &mut Read<'_>,
+    ) -> Result<()> {
+        Err(Error::Rank {
+            rank: self.rank(),
+            msg: "this group's members do not share device memory: exchange messages instead"
+                .into(),
+        })
+    }
     /// Marks the group failed so peers stop waiting.
     fn poison(&self);
+}
+
+/// Errors unless every one of `peers` is another member of a group of `size`.
+pub(super) fn check_members(
+    me: usize,
+    size: usize,
+    mut peers: impl Iterator<Item = usize>,
+) -> Result<()> {
+    match peers.find(|&p| p >= size || p == me) {
+        Some(p) => Err(Error::Rank {
+            rank: me,
+            msg: format!("exchange names member {p} of a group of {size} (itself or outside it)"),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Errors unless every peer of `sends` and `recvs` is another member of a group of `size`.
@@ -80,17 +129,7 @@ pub(super) fn check_peers(
     sends: &[(usize, DView<'_>)],
     recvs: &[(usize, DView<'_>)],
 ) -> Result<()> {
-    match sends
-        .iter()
-        .chain(recvs)
-        .find(|(p, _)| *p >= size || *p == me)
-    {
-        Some((p, _)) => Err(Error::Rank {
-            rank: me,
-            msg: format!("exchange names member {p} of a group of {size} (itself or outside it)"),
-        }),
-        None => Ok(()),
-    }
+    check_members(me, size, sends.iter().chain(recvs).map(|(p, _)| *p))
 }
 
 /// Bytes a view covers.

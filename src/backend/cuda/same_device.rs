@@ -7,7 +7,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use cudarc::driver::CudaEvent;
 
 use super::buffer::{DType, DView};
-use super::comm::{bytes_of, check_peers, copy_into, DeviceComm, Take};
+use super::comm::{bytes_of, check_members, copy_into, DeviceComm, Read, Take};
 use super::device::CudaDev;
 use super::ops;
 use super::params::PAT_MAX_ALLREDUCE_INPUTS;
@@ -23,8 +23,8 @@ struct Slot {
     ready: Option<Arc<CudaEvent>>,
     /// Recorded after the member's reads of its peers (written between the two barriers).
     done: Option<Arc<CudaEvent>>,
-    /// An exchange's messages: (to, device address, bytes), in send order.
-    sends: Vec<(usize, u64, usize)>,
+    /// An exchange's offers: (to, words), in send order (a message: its address and bytes).
+    sends: Vec<(usize, Vec<u64>)>,
 }
 
 struct State {
@@ -180,9 +180,68 @@ impl SameDeviceComm {
         Ok(())
     }
 
+    /// Every member publishes its `offers` (each to one peer); after a barrier this member
+    /// hands each offer addressed to it to `each(j, words)`, `expect[j]` naming its sender (in
+    /// each sender's offer order), once its stream waited for that sender's "ready"; then
+    /// "done" and the wait for every reader's "done" ([`Self::end_reads`]).
+    fn offer_then(
+        &self,
+        dev: &CudaDev,
+        offers: Vec<(usize, Vec<u64>)>,
+        expect: &[usize],
+        each: &mut Read<'_>,
+    ) -> Result<()> {
+        let peers: Vec<usize> = offers
+            .iter()
+            .map(|o| o.0)
+            .chain(expect.iter().copied())
+            .collect();
+        if self.group.size == 1 {
+            return check_members(self.rank, 1, peers.into_iter());
+        }
+        self.guarded(|| {
+            check_members(self.rank, self.group.size, peers.into_iter())?;
+            let ready = Arc::new(dev.new_event()?);
+            dev.record(&ready)?;
+            {
+                let mut s = self.lock()?;
+                let slot = &mut s.slots[self.rank];
+                slot.sends = offers;
+                slot.ready = Some(ready);
+            }
+            self.barrier()?;
+            let s = self.lock()?;
+            // Each peer's offers to this member, in its offer order.
+            let mut inbox: Vec<Vec<Vec<u64>>> = (s.slots.iter())
+                .map(|slot| {
+                    let mine = slot.sends.iter().filter(|m| m.0 == self.rank);
+                    mine.map(|m| m.1.clone()).rev().collect()
+                })
+                .collect();
+            let mut waited = vec![false; self.group.size];
+            for (j, &from) in expect.iter().enumerate() {
+                let words = inbox[from].pop().ok_or_else(|| {
+                    self.fail(&format!("exchange: member {from} sent fewer messages than this member receives from it"))
+                })?;
+                if !std::mem::replace(&mut waited[from], true) {
+                    if let Some(ev) = &s.slots[from].ready {
+                        dev.wait(ev)?;
+                    }
+                }
+                each(j, &words)?;
+            }
+            if let Some(from) = inbox.iter().position(|m| !m.is_empty()) {
+                return Err(self.fail(&format!(
+                    "exchange: member {from} sent more messages than this member receives from it"
+                )));
+            }
+            self.end_reads(dev, s)
+        })
+    }
+
     /// [`DeviceComm::exchange`] (`take` = None: each message copied into `recvs`) or
     /// [`DeviceComm::exchange_then`] (each message handed to `take` as a view of the sender's
-    /// buffer, read before this member's "done" is recorded).
+    /// buffer, read before this member's "done" is recorded): offers of (address, bytes).
     fn exchange_with(
         &self,
         dev: &CudaDev,
@@ -190,64 +249,29 @@ impl SameDeviceComm {
         recvs: &[(usize, DView<'_>)],
         mut take: Option<&mut Take<'_>>,
     ) -> Result<()> {
-        if self.group.size == 1 {
-            return check_peers(self.rank, 1, sends, recvs);
-        }
-        self.guarded(|| {
-            check_peers(self.rank, self.group.size, sends, recvs)?;
-            let ready = Arc::new(dev.new_event()?);
-            dev.record(&ready)?;
-            {
-                let mut s = self.lock()?;
-                let slot = &mut s.slots[self.rank];
-                slot.sends = sends.iter().map(|(to, v)| (*to, v.ptr(), bytes_of(v))).collect();
-                slot.ready = Some(ready);
+        let offers = (sends.iter())
+            .map(|(to, v)| (*to, vec![v.ptr(), bytes_of(v) as u64]))
+            .collect();
+        let expect: Vec<usize> = recvs.iter().map(|r| r.0).collect();
+        self.offer_then(dev, offers, &expect, &mut |j, words| {
+            let ((from, dst), &[ptr, n]) = (&recvs[j], words) else {
+                return Err(self.fail("exchange: a malformed message offer"));
+            };
+            let n = n as usize;
+            if n != bytes_of(dst) {
+                return Err(self.fail(&format!(
+                    "exchange: member {from} sent {n} bytes, this member receives {}",
+                    bytes_of(dst)
+                )));
             }
-            self.barrier()?;
-            {
-                let s = self.lock()?;
-                // Each peer's messages to this member, in its send order.
-                let mut inbox: Vec<Vec<(u64, usize)>> = s
-                    .slots
-                    .iter()
-                    .map(|slot| {
-                        let mine = slot.sends.iter().filter(|m| m.0 == self.rank);
-                        mine.map(|&(_, ptr, n)| (ptr, n)).rev().collect()
-                    })
-                    .collect();
-                let mut waited = vec![false; self.group.size];
-                for (j, (from, dst)) in recvs.iter().enumerate() {
-                    let (ptr, n) = inbox[*from].pop().ok_or_else(|| {
-                        self.fail(&format!("exchange: member {from} sent fewer messages than this member receives from it"))
-                    })?;
-                    if n != bytes_of(dst) {
-                        return Err(self.fail(&format!(
-                            "exchange: member {from} sent {n} bytes, this member receives {}",
-                            bytes_of(dst)
-                        )));
-                    }
-                    if !std::mem::replace(&mut waited[*from], true) {
-                        if let Some(ev) = &s.slots[*from].ready {
-                            dev.wait(ev)?;
-                        }
-                    }
-                    match take.as_mut() {
-                        // SAFETY: the sender published `n` bytes (`dst.len()` elements of
-                        // `dst`'s dtype) at `ptr` of a live buffer it does not change or free
-                        // until every reader's "done" is waited on by its stream (below), and
-                        // `take` only enqueues work on this stream before that "done".
-                        Some(f) => f(j, unsafe { DView::from_raw(ptr, dst.len(), dst.dtype()) })?,
-                        // SAFETY: as above; `dst` is a live view of `n` bytes; the buffers are
-                        // distinct.
-                        None => unsafe { dev.dtod(dst.ptr(), ptr, n)? },
-                    }
-                }
-                if let Some(from) = inbox.iter().position(|m| !m.is_empty()) {
-                    return Err(self.fail(&format!(
-                        "exchange: member {from} sent more messages than this member receives from it"
-                    )));
-                }
-                self.end_reads(dev, s)
+            match take.as_mut() {
+                // SAFETY: the sender published `n` bytes (`dst.len()` elements of `dst`'s
+                // dtype) at `ptr` of a live buffer it does not change or free until every
+                // reader's "done" is waited on by its stream, and `take` only enqueues work on
+                // this stream before that "done".
+                Some(f) => f(j, unsafe { DView::from_raw(ptr, dst.len(), dst.dtype()) }),
+                // SAFETY: as above; `dst` is a live view of `n` bytes; the buffers are distinct.
+                None => unsafe { dev.dtod(dst.ptr(), ptr, n) },
             }
         })
     }
@@ -335,6 +359,20 @@ impl DeviceComm for SameDeviceComm {
         take: &mut Take<'_>,
     ) -> Result<()> {
         self.exchange_with(dev, sends, recvs, Some(take))
+    }
+
+    fn shares_memory(&self) -> bool {
+        true
+    }
+
+    fn share(
+        &self,
+        dev: &CudaDev,
+        offers: &[(usize, Vec<u64>)],
+        expect: &[usize],
+        read: &mut Read<'_>,
+    ) -> Result<()> {
+        self.offer_then(dev, offers.to_vec(), expect, read)
     }
 
     fn poison(&self) {

@@ -168,9 +168,9 @@ impl RankSet for GpuSet {
     /// On the devices the new pool is allocated next to the old layout, so it also gets no more
     /// than its GPU's free memory leaves after what every rank there holds besides: its new
     /// shard, the weight rows it receives into staging (what the shard grows by), its own KV
-    /// messages (sent and received copies of one round of layers) and 512 MiB for activations
-    /// ([`pool_room`]); freed
-    /// weight bytes it cannot take stay free on the device.
+    /// messages (sent and received copies of one round of layers; none where all ranks share
+    /// one GPU and read each other's KV in place) and 512 MiB for activations ([`pool_room`]);
+    /// freed weight bytes it cannot take stay free on the device.
     fn new_pool_bytes(
         &self,
         old_pool: u64,
@@ -183,8 +183,12 @@ impl RankSet for GpuSet {
             return Ok(grown);
         }
         let besides = new_w + new_w.saturating_sub(old_w) + (512 << 20);
+        let in_place = self.ranks.world_shares_memory();
         let need: Vec<u64> = (0..self.ranks.devices().len())
-            .map(|r| besides + messages.get(r).copied().unwrap_or(0))
+            .map(|r| match in_place {
+                true => besides,
+                false => besides + messages.get(r).copied().unwrap_or(0),
+            })
             .collect();
         let room = pool_room(&self.ranks.free_bytes()?, self.ranks.devices(), &need);
         Ok(grown.min(room))

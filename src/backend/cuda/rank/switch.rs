@@ -1,26 +1,33 @@
 //! A live TP switch on one GPU rank, on its device: the rank's part of the switch's per-rank
 //! programs (`reshard::weights::program`, `reshard::kv::program`) run with the `reshard.cu`
-//! kernels; bytes cross ranks only through a world group's [`DeviceComm::exchange`].
+//! kernels; bytes cross ranks only through a world group's [`DeviceComm`] (`exchange`, or
+//! `share` where the ranks share a GPU).
 //!
 //! Phases (each a job of the rank's worker; the engine runs a phase on every rank before the
 //! next, and aborts every rank if any fails before the swap):
 //! 1. [`GpuRank::switch_begin`]: the new layout's KV pool, checked against free memory.
 //! 2. [`GpuRank::switch_stage`] (no communication): the programs checked against this rank's
-//!    buffers, every message buffer allocated (one round of layers each, below), and each KV
-//!    batch that stays on the rank copied from the old pool into the new one in one pass, a
-//!    launch per layer (`kv_copy`, no scratch). A batch (`reshard::kv::batch`) is the pieces of one peer,
-//!    source head and destination head, all sequences together: one launch per batch and
-//!    layer, not per piece (sequence) and layer. Every rank stages before any exchanges, so a
-//!    bad plan or a full device is an error on the host with no peer inside a collective (NCCL
-//!    cannot be woken from one).
-//! 3. [`GpuRank::switch_exchange`]: the KV batches exchanged a round of layers at a time (as
-//!    many layers as keep the busiest rank's messages within `batch::ROUND_BYTES`, the same
-//!    round on every rank): each round gathers its layers of every batch sent (`kv_gather`),
-//!    exchanges them and scatters those received into the new pool (`kv_scatter`); the
-//!    message buffers are reused in stream order, so a rank holds one round of messages, not
-//!    all of them. Then one exchange of weight rows (sent straight out of the old shard,
-//!    received into staging). A rank takes part in every exchange even when a gather or
-//!    scatter of its own fails, and reports that failure after, so no peer is left inside one.
+//!    buffers, every message buffer allocated (one round of layers each, below; none where the
+//!    ranks share a GPU), and each KV batch that stays on the rank copied from the old pool into
+//!    the new one in one pass, a launch per layer (`kv_copy`, no scratch). A batch
+//!    (`reshard::kv::batch`) is the pieces of one peer, source head and destination head, all
+//!    sequences together: one launch per batch and layer, not per piece (sequence) and layer.
+//!    Every rank stages before any exchanges, so a bad plan or a full device is an error on the
+//!    host with no peer inside a collective (NCCL cannot be woken from one).
+//! 3. [`GpuRank::switch_exchange`]: the KV batches that change rank, then one exchange of
+//!    weight rows (sent straight out of the old shard, received into staging). The KV goes one
+//!    of two ways:
+//!    - ranks sharing a GPU (`DeviceComm::shares_memory`): each sender offers its batches in
+//!      place (where its blocks lie in its old pool) and each receiver copies them into its new
+//!      pool in one pass (`kv_copy`): no gather, no message, half the memory traffic;
+//!    - otherwise by messages a round of layers at a time (as many layers as keep the busiest
+//!      rank's messages within `batch::ROUND_BYTES`, the same round on every rank): each round
+//!      gathers its layers of every batch sent (`kv_gather`), exchanges them and scatters those
+//!      received into the new pool (`kv_scatter`); the message buffers are reused in stream
+//!      order, so a rank holds one round of messages, not all of them.
+//!
+//!    A rank takes part in every exchange even when a copy, gather or scatter of its own fails,
+//!    and reports that failure after, so no peer is left inside one.
 //! 4. [`GpuRank::switch_build`]: every re-sharded buffer made anew: moved rows from the old
 //!    buffer and received rows from staging (`strided_copy`), zero rows (vocab padding) by a
 //!    memset; those steps tile the new rows, so nothing else is zeroed (nor the new KV pool).
@@ -28,7 +35,7 @@
 //! 5. [`GpuRank::switch_swap`] (cannot fail): the new buffers and pool replace the old ones,
 //!    which are freed in stream order.
 //!
-//! A KV batch travels as `[round layers][2 (K, V)][blocks][block_size][head_dim]` per round, in
+//! A KV message carries `[round layers][2 (K, V)][blocks][block_size][head_dim]` per round, in
 //! the device dtype, its sequences' blocks in plan order: whole blocks, so a partly filled last
 //! block carries its unused slots too (never read: attention reads a sequence's first `len`
 //! positions only).
@@ -36,7 +43,8 @@
 use std::time::Instant;
 
 use super::switch_kv::{
-    batch_ids, batch_len, kv_copy_layer, kv_layers, message_blocks, round_part, Message,
+    batch_ids, batch_len, data, kv_copy_layer, kv_layers, kv_offer, kv_take_offer, message_blocks,
+    round_part, Message,
 };
 use super::{GpuKvPool, GpuRank};
 use crate::backend::cuda::buffer::{DBuf, DView};
@@ -61,6 +69,8 @@ pub struct RankSwitch {
     inbox: Vec<Message>,
     /// Layers per exchange round (the same on every rank).
     round: usize,
+    /// The KV goes by offers read in place (`DeviceComm::share`), not messages.
+    in_place: bool,
     /// Bytes of KV moved within the rank (staged already).
     local_bytes: u64,
     /// Received weight rows per role and layer (program order), `None` where none are received.
@@ -102,6 +112,7 @@ impl GpuRank {
             outbox: Vec::new(),
             inbox: Vec::new(),
             round: 1,
+            in_place: false,
             local_bytes: 0,
             staged: Vec::new(),
             built: None,
@@ -109,9 +120,10 @@ impl GpuRank {
     }
 
     /// Phase 2 (no communication): checks, allocates every message buffer (one round of layers
-    /// of each batch it sends or receives) and moves the KV batches that stay. Returns the bytes
-    /// of KV message buffers it holds.
-    pub fn switch_stage(&self, sw: &mut RankSwitch, rank: usize) -> Result<u64> {
+    /// of each batch it sends or receives; none when `in_place`: the ranks share device memory,
+    /// and each receiver copies its batches straight out of its peers' old pools) and moves the
+    /// KV batches that stay. Returns the bytes of KV message buffers it holds.
+    pub fn switch_stage(&self, sw: &mut RankSwitch, rank: usize, in_place: bool) -> Result<u64> {
         let plans = sw.plan.clone();
         let (plan, kp, wp) = (&plans.kv_plan, &plans.kv[rank], &plans.weights[rank]);
         if kp.rank != rank || wp.rank != rank {
@@ -137,10 +149,15 @@ impl GpuRank {
             .max()
             .unwrap_or(0);
         sw.round = round_layers(per_layer as u64, layers);
+        sw.in_place = in_place;
         // Local batches are copied pool to pool without scratch: none is cut.
         for b in batches(plan, kp, usize::MAX) {
             let n = batch_len(plan, layers, b.blocks);
-            let round_len = batch_len(plan, sw.round, b.blocks);
+            let round_len = if in_place {
+                0
+            } else {
+                batch_len(plan, sw.round, b.blocks)
+            };
             // A message of one round of this batch's layers, and its blocks in the old pool (a
             // send) or the `new` one (a receive).
             let message = |peer, head, new| -> Result<Message> {
@@ -149,7 +166,9 @@ impl GpuRank {
                     head,
                     ids: batch_ids(&self.dev, plan, &b, new)?,
                     blocks: b.blocks,
-                    data: DBuf::uninit(&self.dev, self.dtype, round_len)?,
+                    data: (!in_place)
+                        .then(|| DBuf::uninit(&self.dev, self.dtype, round_len))
+                        .transpose()?,
                 })
             };
             match (b.kind, b.src_head, b.dst_head) {
@@ -255,38 +274,13 @@ impl GpuRank {
         let mut st = ExchangeStats::default();
         let t = Instant::now();
         let layers = sw.plan.kv_plan.num_layers;
-        // A gather or scatter that fails (or the injected failure) is reported after both
-        // exchanges: every round's exchange still runs, so no peer waits for this rank.
+        // A gather, scatter or copy that fails (or the injected failure) is reported after both
+        // exchanges: every exchange still runs, so no peer waits for this rank.
         let mut failed = fail;
-        for l0 in (0..layers).step_by(sw.round.max(1)) {
-            let ls = l0..layers.min(l0 + sw.round);
-            if failed.is_none() {
-                if let Err(e) = (sw.outbox.iter()).try_for_each(|m| {
-                    kv_layers(&self.dev, &self.kv, m, m.data.view(), ls.clone(), true)
-                }) {
-                    failed = Some(e);
-                }
-            }
-            let (plan, n) = (&sw.plan.kv_plan, ls.len());
-            let sends = (sw.outbox.iter())
-                .map(|m| round_part(plan, n, m))
-                .collect::<Result<Vec<_>>>()?;
-            let recvs = (sw.inbox.iter())
-                .map(|m| round_part(plan, n, m))
-                .collect::<Result<Vec<_>>>()?;
-            // Each received message scattered into the new pool as the exchange hands it over
-            // (ranks sharing a GPU: straight out of the sender's buffer, no copy).
-            let (inbox, pool) = (&sw.inbox, &sw.new_kv);
-            let mut take = |j: usize, data: DView<'_>| {
-                if failed.is_none() {
-                    let m = &inbox[j];
-                    if let Err(e) = kv_layers(&self.dev, pool, m, data, ls.clone(), false) {
-                        failed = Some(e);
-                    }
-                }
-                Ok(())
-            };
-            world.exchange_then(&self.dev, &sends, &recvs, &mut take)?;
+        if sw.in_place {
+            self.kv_in_place(sw, world, &mut failed)?;
+        } else {
+            self.kv_rounds(sw, world, &mut failed)?;
         }
         let scattered = failed.map_or(Ok(()), Err);
         let scattered = scattered.and_then(|()| self.dev.synchronize());
@@ -343,6 +337,75 @@ impl GpuRank {
         st.weight_ms = t.elapsed().as_secs_f64() * 1e3;
         // The first failure is the one to report.
         scattered.and(exchanged).map(|()| st)
+    }
+
+    /// The KV exchange by messages, a round of layers at a time: each round's layers of every
+    /// batch sent gathered into its message, the messages exchanged, and each received one
+    /// scattered into the new pool as the exchange hands it over (ranks sharing a GPU without
+    /// `in_place`: straight out of the sender's buffer). Only an exchange's own error returns;
+    /// a failed gather or scatter goes to `failed` and the rounds go on.
+    fn kv_rounds(
+        &self,
+        sw: &RankSwitch,
+        world: &dyn DeviceComm,
+        failed: &mut Option<Error>,
+    ) -> Result<()> {
+        let layers = sw.plan.kv_plan.num_layers;
+        for l0 in (0..layers).step_by(sw.round.max(1)) {
+            let ls = l0..layers.min(l0 + sw.round);
+            if failed.is_none() {
+                if let Err(e) = (sw.outbox.iter())
+                    .try_for_each(|m| kv_layers(&self.dev, &self.kv, m, data(m)?, ls.clone(), true))
+                {
+                    *failed = Some(e);
+                }
+            }
+            let (plan, n) = (&sw.plan.kv_plan, ls.len());
+            let sends = (sw.outbox.iter())
+                .map(|m| round_part(plan, n, m))
+                .collect::<Result<Vec<_>>>()?;
+            let recvs = (sw.inbox.iter())
+                .map(|m| round_part(plan, n, m))
+                .collect::<Result<Vec<_>>>()?;
+            let (inbox, pool) = (&sw.inbox, &sw.new_kv);
+            let mut take = |j: usize, data: DView<'_>| {
+                if failed.is_none() {
+                    let m = &inbox[j];
+                    if let Err(e) = kv_layers(&self.dev, pool, m, data, ls.clone(), false) {
+                        *failed = Some(e);
+                    }
+                }
+                Ok(())
+            };
+            world.exchange_then(&self.dev, &sends, &recvs, &mut take)?;
+        }
+        Ok(())
+    }
+
+    /// The KV exchange by reference (ranks sharing device memory): every batch sent offered in
+    /// place (`kv_offer`: its blocks in the old pool), and each batch received copied from the
+    /// sender's old pool into the new pool in one pass per layer (`kv_copy`): no gather, no
+    /// message. Errors as [`Self::kv_rounds`].
+    fn kv_in_place(
+        &self,
+        sw: &RankSwitch,
+        world: &dyn DeviceComm,
+        failed: &mut Option<Error>,
+    ) -> Result<()> {
+        let offers = (sw.outbox.iter())
+            .map(|m| Ok((m.peer, kv_offer(&self.kv, m)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let expect: Vec<usize> = sw.inbox.iter().map(|m| m.peer).collect();
+        let (inbox, pool) = (&sw.inbox, &sw.new_kv);
+        let mut read = |j: usize, words: &[u64]| {
+            if failed.is_none() {
+                if let Err(e) = kv_take_offer(&self.dev, words, pool, &inbox[j]) {
+                    *failed = Some(e);
+                }
+            }
+            Ok(())
+        };
+        world.share(&self.dev, &offers, &expect, &mut read)
     }
 
     /// Phase 4: every re-sharded buffer built anew from the old one and the staging (the old

@@ -4,16 +4,17 @@
 //! old pool to the new one, one launch per layer.
 
 use super::GpuKvPool;
-use crate::backend::cuda::buffer::{DBuf, DView};
-use crate::backend::cuda::ops;
-use crate::error::Result;
+use crate::backend::cuda::buffer::{DBuf, DType, DView};
+use crate::backend::cuda::ops::{self, KvCacheView};
+use crate::error::{Error, Result};
 use crate::kv::blocks_for;
 use crate::reshard::kv::batch::KvBatch;
 use crate::reshard::kv::program::KvStep;
 use crate::reshard::kv::KvPlan;
 
 /// A KV batch this rank sends (gathered from the old pool) or receives (scattered into the
-/// new pool), a round of layers at a time through `data`.
+/// new pool), a round of layers at a time through `data`; or, where ranks share device memory,
+/// offered in place (`kv_offer`) and copied pool to pool by the receiver (`data` None).
 pub(super) struct Message {
     /// The peer (the receiver of a send, the sender of a receive).
     pub(super) peer: usize,
@@ -22,8 +23,8 @@ pub(super) struct Message {
     /// The batch's blocks (i32 ids) in that pool, `blocks` of them.
     pub(super) ids: DBuf,
     pub(super) blocks: usize,
-    /// One round's layers of the batch.
-    pub(super) data: DBuf,
+    /// One round's layers of the batch (None when offered in place).
+    pub(super) data: Option<DBuf>,
 }
 
 /// Elements of `layers` layers of a KV batch of `nb` blocks (K and V).
@@ -113,8 +114,96 @@ pub(super) fn round_part<'a>(
 ) -> Result<(usize, DView<'a>)> {
     Ok((
         m.peer,
-        m.data.view().slice(0, batch_len(plan, layers, m.blocks))?,
+        data(m)?.slice(0, batch_len(plan, layers, m.blocks))?,
     ))
+}
+
+/// `m`'s message buffer.
+pub(super) fn data(m: &Message) -> Result<DView<'_>> {
+    (m.data.as_ref().map(DBuf::view))
+        .ok_or_else(|| Error::Internal("a KV message without its buffer".into()))
+}
+
+/// Words before the per-layer pointers of a [`kv_offer`].
+const OFFER_HEAD: usize = 8;
+
+/// A batch this rank sends, offered in place ([`DeviceComm::share`]): its block ids (device
+/// address and count) and head in this rank's old pool, the pool's geometry and element size,
+/// then each layer's K and V addresses.
+///
+/// [`DeviceComm::share`]: crate::backend::cuda::comm::DeviceComm::share
+pub(super) fn kv_offer(pool: &GpuKvPool, m: &Message) -> Result<Vec<u64>> {
+    let es = pool.layer(0).map_or(0, |c| c.k.dtype().size());
+    let mut w = vec![
+        m.ids.view().ptr(),
+        m.blocks as u64,
+        m.head as u64,
+        pool.kv_heads as u64,
+        pool.num_blocks as u64,
+        pool.block_size as u64,
+        pool.head_dim as u64,
+        es as u64,
+    ];
+    for l in 0..pool.layers() {
+        let c = pool.layer(l)?;
+        w.extend([c.k.ptr(), c.v.ptr()]);
+    }
+    Ok(w)
+}
+
+/// Every layer of a batch a peer offered in place (`words`, [`kv_offer`]) copied from the
+/// peer's old pool into `pool` (this rank's new one) at receive `m`'s blocks and head
+/// (`kv_copy`). Errors, copying nothing, when the offer does not describe `m`'s batch in a pool
+/// of `pool`'s geometry and dtype.
+pub(super) fn kv_take_offer(
+    dev: &crate::backend::cuda::device::CudaDev,
+    words: &[u64],
+    pool: &GpuKvPool,
+    m: &Message,
+) -> Result<()> {
+    let layers = pool.layers();
+    let bad = |what: &str| Error::Internal(format!("a KV offer from rank {}: {what}", m.peer));
+    if words.len() != OFFER_HEAD + 2 * layers {
+        return Err(bad(&format!("{} words for {layers} layers", words.len())));
+    }
+    let n = |i: usize| words[i] as usize;
+    let (ids, blocks, head, heads, num_blocks) = (words[0], n(1), n(2), n(3), n(4));
+    let own = pool.layer(0)?;
+    let dtype = own.k.dtype();
+    if blocks != m.blocks || (n(5), n(6), n(7)) != (pool.block_size, pool.head_dim, dtype.size()) {
+        return Err(bad(&format!(
+            "{blocks} blocks of {} x {} x {} bytes, this rank receives {} of {} x {} x {}",
+            n(5),
+            n(6),
+            n(7),
+            m.blocks,
+            pool.block_size,
+            pool.head_dim,
+            dtype.size()
+        )));
+    }
+    let elems = num_blocks * heads * pool.block_size * pool.head_dim;
+    // SAFETY: the offering rank's old pool and block ids stay allocated and unchanged until its
+    // stream waited for this rank's reads (`DeviceComm::share`); the copies below are enqueued
+    // on this rank's stream before `share` returns.
+    let src_ids = unsafe { DView::from_raw(ids, blocks, DType::I32) };
+    for l in 0..layers {
+        let (k, v) = (words[OFFER_HEAD + 2 * l], words[OFFER_HEAD + 2 * l + 1]);
+        // SAFETY: as above: layer `l` of the offering pool, `elems` elements of `dtype` each.
+        let src = unsafe {
+            KvCacheView {
+                k: DView::from_raw(k, elems, dtype),
+                v: DView::from_raw(v, elems, dtype),
+                num_blocks,
+                num_kv_heads: heads,
+                block_size: pool.block_size,
+                head_dim: pool.head_dim,
+            }
+        };
+        let dst = pool.layer(l)?;
+        ops::kv_copy(dev, &src, src_ids, head, &dst, m.ids.view(), m.head, 1)?;
+    }
+    Ok(())
 }
 
 /// Blocks a rank's program sends plus receives (each batch's blocks, per layer and K or V).

@@ -132,6 +132,12 @@ impl GpuRanks {
         }
     }
 
+    /// Whether the world group's members share one GPU's memory (and read each other's KV in
+    /// place in a switch, `DeviceComm::share`).
+    pub fn world_shares_memory(&self) -> bool {
+        self.world_kind() == Some(GroupKind::SameDevice)
+    }
+
     /// Gives every rank its member of the world group (member index = physical rank): made at
     /// the first switch on the devices, reused by later ones, made again after a failed
     /// exchange poisoned it.

@@ -151,7 +151,10 @@ impl WorkerCtx {
                 }
                 Job::SwitchStage { reply } => {
                     let r = match (&rank, &mut switch) {
-                        (Some(g), Some(sw)) => g.switch_stage(sw, self.rank),
+                        (Some(g), Some(sw)) => {
+                            let in_place = world.as_ref().is_some_and(|c| c.shares_memory());
+                            g.switch_stage(sw, self.rank, in_place)
+                        }
                         _ => Err(not_uploaded("switch stage")),
                     };
                     let _ = reply.send(r);
