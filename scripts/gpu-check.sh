@@ -134,7 +134,7 @@ bench() {
         "$pat" bench switch --backend cuda --gpu-switch "$how" --devices 0,0,0,0 --model "$small" \
             --world 4 --from 1 --to 4,1,4 --batch 8 --context 256 --dtype bf16 \
             >>"$logs/bench-switch.jsonl" 2>"$logs/bench-switch-$how.log" || ok=1
-        tail -4 "$logs/bench-switch-$how.log"
+        tail -7 "$logs/bench-switch-$how.log"
     done
     # The target shape: LLaMA-3.1-8B bf16, 8 ranks on this GPU, TP2xDP4 -> TP8 with 32
     # live sequences of 4K context, on the devices (<= 50 ms; PAT: 5.52 s).
@@ -143,7 +143,7 @@ bench() {
         timeout 300 "$pat" bench switch --backend cuda --devices 0,0,0,0,0,0,0,0 --model "$model" \
             --world 8 --from 2 --to 8 --batch 32 --context 4096 --dtype bf16 --kv-mib 64 \
             >>"$logs/bench-switch.jsonl" 2>"$logs/bench-switch-8b.log" || ok=1
-        tail -4 "$logs/bench-switch-8b.log"
+        tail -3 "$logs/bench-switch-8b.log"
     fi
     echo "gpu-check: pat bench one-batch --backend cuda ($preset, bf16)"
     "$pat" bench one-batch --backend cuda --model "$model" --dtype bf16 \
@@ -159,12 +159,25 @@ def rows(name):
 a, b = rows("bench-attention.jsonl"), rows("bench-one-batch.jsonl")
 c = rows("bench-reshard.jsonl")
 s = rows("bench-switch.jsonl")
+# The device's copy bandwidth (read + write), from the kernel bench of this run.
+copy = c[0]["copy_bandwidth_gbps"] if c else None
+def traffic(r):
+    # The switch's own copies: GB read + written, GB/s over the whole switch, % of copy.
+    g = r.get("memory_gbps")
+    if g is None:
+        return None
+    return r["memory_bytes"] / 1e9, g, (100 * g / copy if copy else None)
+def traffic_cell(r):
+    t = traffic(r)
+    if t is None:
+        return f"{'-':>8} {'-':>11}"
+    return f"{t[0]:>8.2f} {t[1]:>6.0f}" + (f" {t[2]:3.0f}%" if t[2] is not None else "")
 if s:
     print("live switches on GPU ranks sharing one GPU (bf16; device = per-rank programs on the GPU, host = staged through host memory)")
-    print(f"{'how':<7} {'world':>5} {'seqs x ctx':>11} {'switch':>7} {'total ms':>9} {'weights':>8} {'KV':>7} {'pool':>7} {'commit':>7} {'groups new/reused':>18} {'MB across':>10} {'peak extra MB':>13}")
+    print(f"{'how':<7} {'world':>5} {'seqs x ctx':>11} {'switch':>7} {'total ms':>9} {'weights':>8} {'KV':>7} {'pool':>7} {'commit':>7} {'groups new/reused':>18} {'MB across':>10} {'peak extra MB':>13} {'mem GB':>8} {'GB/s (copy)':>11}")
     for r in s:
         sx = f"{r['batch']}x{r['context']}"
-        print(f"{r.get('gpu_switch', '?'):<7} {r['world']:>5} {sx:>11} {r['from_tp']:>3}->{r['to_tp']:<3} {r['total_ms']:>9.1f} {r['weight_reshard_ms']:>8.1f} {r['kv_ms']:>7.1f} {r['kv_alloc_ms']:>7.1f} {r.get('commit_ms', 0):>7.1f} {r['groups_created']:>8}/{r['groups_reused']:<9} {r['bytes_moved_cross_rank']/1e6:>10.1f} {r['peak_extra_bytes']/1e6:>13.1f}")
+        print(f"{r.get('gpu_switch', '?'):<7} {r['world']:>5} {sx:>11} {r['from_tp']:>3}->{r['to_tp']:<3} {r['total_ms']:>9.1f} {r['weight_reshard_ms']:>8.1f} {r['kv_ms']:>7.1f} {r['kv_alloc_ms']:>7.1f} {r.get('commit_ms', 0):>7.1f} {r['groups_created']:>8}/{r['groups_reused']:<9} {r['bytes_moved_cross_rank']/1e6:>10.1f} {r['peak_extra_bytes']/1e6:>13.1f} {traffic_cell(r)}")
 if c:
     print(f"switch kernels on {c[0]['device']}, copy bandwidth {c[0]['copy_bandwidth_gbps']:.0f} GB/s")
     print(f"{'kernel':<12} {'MiB':>5} {'ms':>8} {'GB/s':>7} {'of copy':>8}")
@@ -190,6 +203,10 @@ for r in t:
     print(f"  8B-shape TP2xDP4 -> TP8, {r['batch']}x{r['context']}: {r['total_ms']:.1f} ms "
           f"(<= 50 ms; PAT 5520 ms), weight bytes across ranks {r['weight_bytes_cross_rank']} "
           f"(0): {verdict}; peak extra {r['peak_extra_bytes']/2**30:.2f} GiB")
+    tr = traffic(r)
+    if tr is not None:
+        pct = f" = {tr[2]:.0f}% of the copy bandwidth" if tr[2] is not None else ""
+        print(f"    its copies read + write {tr[0]:.1f} GB: {tr[1]:.0f} GB/s over the whole switch{pct}")
 if c:
     big = max(r["size_mib"] for r in c)
     for k in sorted({r["kernel"] for r in c}):

@@ -37,6 +37,10 @@ pub struct DeviceApplied {
     /// rows' exchange), ms.
     pub kv_ms: f64,
     pub weight_ms: f64,
+    /// Bytes the staging and both exchanges read plus wrote in device memory, every rank
+    /// together (each copy's reads and writes; a byte sent to another rank counts once read,
+    /// at the sender, and once written, at the receiver).
+    pub memory_bytes: u64,
 }
 
 use crate::error::Result;

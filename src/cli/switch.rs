@@ -191,12 +191,24 @@ pub fn bench_switch(a: BenchSwitchArgs) -> Result<()> {
         if engine.backend() == "cuda" {
             rec["gpu_switch"] = a.backend.gpu_switch_name().into();
         }
+        // The switch's memory traffic over its whole time, where the ranks count it.
+        let gbps = r
+            .memory_bytes
+            .map(|b| b as f64 / (r.total_ms * 1e-3).max(1e-9) / 1e9);
+        rec["memory_gbps"] = gbps.into();
         outln!("{rec}")?;
         eprintln!(
             "tp {} -> {}: {} in flight, {} KV tokens, {}: total {:.1} ms (weights {:.1}, KV {:.1} [predicted migrate {:.1} / recompute {:.1}], pool alloc {:.1}, commit {:.1}, groups {:.3}); {:.2} MB across ranks, {:.2} MB in place; peak extra {:.1} MB; step {:.1} -> {:.1} ms",
             r.from_tp, r.to_tp, r.n_inflight, r.kv_tokens, r.kv_policy, r.total_ms, r.weight_reshard_ms, r.kv_ms, r.predicted_migrate_ms, r.predicted_recompute_ms, r.kv_alloc_ms, r.commit_ms, r.comm_group_ms,
             r.bytes_moved_cross_rank as f64 / 1e6, r.bytes_moved_in_place as f64 / 1e6, r.peak_extra_bytes as f64 / 1e6, before, post
         );
+        if let (Some(b), Some(g)) = (r.memory_bytes, gbps) {
+            eprintln!(
+                "  device memory: {:.2} GB read + written by the switch's copies, {g:.0} GB/s over its {:.1} ms (compare the device copy bandwidth: `pat bench reshard`)",
+                b as f64 / 1e9,
+                r.total_ms
+            );
+        }
         before = post;
     }
     Ok(())

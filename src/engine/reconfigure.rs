@@ -56,6 +56,12 @@ pub struct SwitchReport {
     /// Largest extra memory on one rank during the switch: the new KV pool while the old one is
     /// still held, plus the larger of KV staging and weight-reshard scratch.
     pub peak_extra_bytes: u64,
+    /// Bytes the switch read plus wrote in the ranks' memory to move KV (migrated sequences)
+    /// and weights (the rows' exchange and the new shards' build), counted by GPU ranks
+    /// switching on the devices from the copies they launch; `None` elsewhere. Over
+    /// `total_ms` it is the switch's achieved memory bandwidth, to set against the device's
+    /// copy bandwidth.
+    pub memory_bytes: Option<u64>,
     pub kv_blocks_per_rank_before: usize,
     pub kv_blocks_per_rank_after: usize,
     pub groups_created: usize,
@@ -315,6 +321,7 @@ impl Engine {
         report.kv_blocks_per_rank_before = self.opts.kv_blocks;
         report.kv_blocks_per_rank_after = new_blocks;
         report.peak_extra_bytes = done.new_pool_bytes + ks.peak_staging_bytes.max(w_peak);
+        report.memory_bytes = done.memory_bytes;
         report.bytes_moved_cross_rank = ks.bytes_cross_rank + w_recv;
         report.bytes_moved_in_place = ks.bytes_in_place + w_local;
         report.weight_bytes_cross_rank = w_recv;

@@ -300,7 +300,22 @@ fn bf16_switches_on_the_devices_equal_switches_through_the_host() {
             assert_eq!((d.n_migrated, d.kv_tokens), (h.n_migrated, h.kv_tokens));
             if to > d.from_tp {
                 assert_eq!(d.weight_bytes_cross_rank, 0, "tp {} -> {to}", d.from_tp);
+                // The copies the devices counted: every byte moved (KV in place or across
+                // ranks, weight rows kept) read once and written once, and the vocab padding
+                // of each new replica's embedding and head written once.
+                let c = &m.cfg;
+                let pad = pat::parallel::shard::padded_vocab(c.vocab_size, to) - c.vocab_size;
+                let roles = if c.tie_word_embeddings { 1 } else { 2 };
+                let zeroed = (4 / to * pad * roles * c.hidden_size * 2) as u64;
+                let moved = d.bytes_moved_cross_rank + d.bytes_moved_in_place;
+                assert_eq!(
+                    d.memory_bytes,
+                    Some(2 * moved + zeroed),
+                    "tp {} -> {to}",
+                    d.from_tp
+                );
             }
+            assert_eq!(h.memory_bytes, None, "through the host nothing is counted");
             eprintln!(
                 "bf16 tp {} -> {to}: on the devices {:.1} ms, through the host {:.1} ms",
                 d.from_tp, d.total_ms, h.total_ms

@@ -82,6 +82,7 @@ pub(super) fn host_apply(
         weight_ms: t.elapsed().as_secs_f64() * 1e3,
         new_pool_bytes: new_pools.first().map_or(0, |p| p.bytes() as u64),
         weight_peak_bytes: None,
+        memory_bytes: None,
     };
     Ok((done, staged))
 }

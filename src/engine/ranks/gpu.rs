@@ -284,10 +284,17 @@ impl RankSet for GpuSet {
                         elem as usize,
                     ) * work.new_blocks as u64,
                     weight_peak_bytes: weight_peak,
+                    memory_bytes: Some(
+                        a.memory_bytes
+                            + (work.weights.iter())
+                                .map(|p| p.rebuild_bytes())
+                                .sum::<u64>(),
+                    ),
                 });
             }
             None => return Err(Error::Internal("apply_switch before begin_switch".into())),
         };
+        // Through the host nothing is counted (`memory_bytes` None, as on the CPU).
         let (mut done, staged) = host_apply(work, groups, &p.weights, &p.kv, &mut p.new_kv, fault)?;
         p.staged = Some(staged);
         // The device pools hold the device dtype, not the host copies' f32.

@@ -82,6 +82,9 @@ pub(crate) struct SwitchDone {
     /// Most extra weight bytes one rank holds, where the backend knows better than the
     /// programs' count (a switch on the devices builds every re-sharded buffer fresh).
     pub weight_peak_bytes: Option<u64>,
+    /// Bytes the switch reads plus writes in the ranks' memory to move KV and weights, where
+    /// the backend counts them (GPU ranks switching on the devices).
+    pub memory_bytes: Option<u64>,
 }
 
 /// Where a switch may be made to fail, for tests of the failure paths.

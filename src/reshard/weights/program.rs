@@ -79,6 +79,27 @@ pub struct WeightProgram {
     pub peak_extra_bytes: u64,
 }
 
+impl WeightProgram {
+    /// Bytes read plus written to build every re-sharded buffer anew from the old one and the
+    /// rows received (how GPU ranks commit a switch; the CPU compacts in place instead): each
+    /// moved or received row read once and written once, each zero row written once.
+    pub fn rebuild_bytes(&self) -> u64 {
+        let rows: usize = (self.roles.iter())
+            .map(|rp| {
+                let per: usize = (rp.steps.iter())
+                    .map(|s| match *s {
+                        Step::Move { rows, .. } | Step::Recv { rows, .. } => 2 * rows,
+                        Step::Zero { rows, .. } => rows,
+                        Step::Send { .. } => 0,
+                    })
+                    .sum();
+                rp.repeats * per
+            })
+            .sum();
+        (rows * self.hidden) as u64 * self.elem_bytes
+    }
+}
+
 /// Lowers `plan` to one program per physical rank (index = rank).
 pub fn programs(plan: &WeightPlan) -> Vec<WeightProgram> {
     let world = plan.old.world;

@@ -290,6 +290,16 @@ impl GpuRank {
         let sent: u64 = (sw.outbox.iter())
             .map(|m| batch_len(&sw.plan.kv_plan, layers, m.blocks) as u64 * es)
             .sum();
+        let got: u64 = (sw.inbox.iter())
+            .map(|m| batch_len(&sw.plan.kv_plan, layers, m.blocks) as u64 * es)
+            .sum();
+        // Device memory traffic: the local copies (read + write); received batches copied pool
+        // to pool (in place), or gathered, sent (read here, written there) and scattered.
+        st.memory_bytes = 2 * sw.local_bytes
+            + match sw.in_place {
+                true => 2 * got,
+                false => 3 * (sent + got),
+            };
         let received = kp
             .steps
             .iter()
@@ -334,6 +344,10 @@ impl GpuRank {
         let exchanged = world
             .exchange(&self.dev, &sends, &recvs)
             .and_then(|()| self.dev.synchronize());
+        // Each row read here when sent and written here when received.
+        st.memory_bytes += (sends.iter().chain(&recvs))
+            .map(|(_, v)| (v.len() * v.dtype().size()) as u64)
+            .sum::<u64>();
         st.weight_ms = t.elapsed().as_secs_f64() * 1e3;
         // The first failure is the one to report.
         scattered.and(exchanged).map(|()| st)

@@ -117,6 +117,7 @@ impl GpuRanks {
             out.kv.bytes_cross_rank += s.kv.bytes_cross_rank;
             out.kv.bytes_in_place += s.kv.bytes_in_place;
             out.kv.pieces += s.kv.pieces;
+            out.memory_bytes += s.memory_bytes;
             out.kv_ms = out.kv_ms.max(s.kv_ms);
             out.weight_ms = out.weight_ms.max(s.weight_ms);
         }
