@@ -307,7 +307,13 @@ run() {
 
     local brows=()
     if [[ "${PAT_GPU_BENCH:-1}" != 0 ]]; then
-        bench "$bin_dir" "$logs" || failed=1
+        # Without a GPU the benchmarks can only fail, after writing a 16 GB model: skip them.
+        if [[ -z "${PAT_EMU_GPUS:-}" ]] && ! { command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; }; then
+            echo "gpu-check: no GPU visible (nvidia-smi -L failed): benchmarks not run" >&2
+            failed=1
+        else
+            bench "$bin_dir" "$logs" || failed=1
+        fi
     fi
 
     echo
