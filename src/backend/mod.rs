@@ -38,8 +38,9 @@ pub struct DeviceApplied {
     pub kv_ms: f64,
     pub weight_ms: f64,
     /// Bytes the staging and both exchanges read plus wrote in device memory, every rank
-    /// together (each copy's reads and writes; a byte sent to another rank counts once read,
-    /// at the sender, and once written, at the receiver).
+    /// together: each copy's reads and writes (a byte moved to another rank is read once and
+    /// written once by the copy that moves it, and by a gather and a scatter too where it
+    /// travels as a message).
     pub memory_bytes: u64,
 }
 

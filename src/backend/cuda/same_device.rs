@@ -210,21 +210,25 @@ impl SameDeviceComm {
                 slot.ready = Some(ready);
             }
             self.barrier()?;
-            let s = self.lock()?;
-            // Each peer's offers to this member, in its offer order.
-            let mut inbox: Vec<Vec<Vec<u64>>> = (s.slots.iter())
-                .map(|slot| {
-                    let mine = slot.sends.iter().filter(|m| m.0 == self.rank);
-                    mine.map(|m| m.1.clone()).rev().collect()
-                })
-                .collect();
+            // Each peer's offers to this member, in its offer order, and its "ready": copied
+            // out, so members read without holding the lock (no slot changes before every
+            // member passed the barrier in `end_reads`).
+            let (mut inbox, ready): (Vec<Vec<Vec<u64>>>, Vec<_>) = {
+                let s = self.lock()?;
+                (s.slots.iter())
+                    .map(|slot| {
+                        let mine = slot.sends.iter().filter(|m| m.0 == self.rank);
+                        (mine.map(|m| m.1.clone()).rev().collect(), slot.ready.clone())
+                    })
+                    .unzip()
+            };
             let mut waited = vec![false; self.group.size];
             for (j, &from) in expect.iter().enumerate() {
                 let words = inbox[from].pop().ok_or_else(|| {
-                    self.fail(&format!("exchange: member {from} sent fewer messages than this member receives from it"))
+                    self.fail(&format!("exchange: member {from} offered fewer messages than this member takes from it"))
                 })?;
                 if !std::mem::replace(&mut waited[from], true) {
-                    if let Some(ev) = &s.slots[from].ready {
+                    if let Some(ev) = &ready[from] {
                         dev.wait(ev)?;
                     }
                 }
@@ -232,9 +236,10 @@ impl SameDeviceComm {
             }
             if let Some(from) = inbox.iter().position(|m| !m.is_empty()) {
                 return Err(self.fail(&format!(
-                    "exchange: member {from} sent more messages than this member receives from it"
+                    "exchange: member {from} offered more messages than this member takes from it"
                 )));
             }
+            let s = self.lock()?;
             self.end_reads(dev, s)
         })
     }

@@ -19,7 +19,7 @@ use crate::kv::blocks_for;
 pub enum BatchKind {
     /// Gather from the old pool and send to rank `to`.
     Send { to: usize },
-    /// Gather from the old pool and scatter into the new pool of the same rank.
+    /// Copy from the old pool into the new pool of the same rank.
     Local,
     /// Receive from rank `from` and scatter into the new pool.
     Recv { from: usize },
@@ -79,9 +79,10 @@ pub fn round_messages(messages: &[u64], layers: usize) -> Vec<u64> {
 }
 
 /// Groups `prog`'s steps into batches, in program order (sends, locals, receives; within each,
-/// batches by first appearance). A local batch (which an executor stages through scratch) is cut
-/// before it would pass `local_cap_blocks` blocks, unless it holds a single sequence; sends and
-/// receives are never cut, so both sides of a message agree.
+/// batches by first appearance). A local batch is cut before it would pass `local_cap_blocks`
+/// blocks, unless it holds a single sequence (for an executor that stages local batches through
+/// bounded scratch; the GPU ranks copy pool to pool and pass `usize::MAX`); sends and receives
+/// are never cut, so both sides of a message agree.
 pub fn batches(plan: &KvPlan, prog: &KvProgram, local_cap_blocks: usize) -> Vec<KvBatch> {
     let mut out: Vec<KvBatch> = Vec::new();
     // Index in `out` of the open batch for each key.

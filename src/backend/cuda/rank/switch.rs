@@ -160,12 +160,23 @@ impl GpuRank {
             };
             // A message of one round of this batch's layers, and its blocks in the old pool (a
             // send) or the `new` one (a receive).
+            // The batch's global kv head: the old pool's heads of this rank's old tp-rank (a
+            // send) or the new pool's of its new one (a receive).
+            let global = |head: usize, new: bool| match new {
+                false => self.w.tp_rank * self.kv.kv_heads + head,
+                true => plans.new_tp_ranks[rank] * sw.new_kv.kv_heads + head,
+            };
             let message = |peer, head, new| -> Result<Message> {
                 Ok(Message {
                     peer,
                     head,
                     ids: batch_ids(&self.dev, plan, &b, new)?,
                     blocks: b.blocks,
+                    key: [
+                        global(head, new) as u64,
+                        b.seqs.first().map_or(0, |&s| s as u64),
+                        b.seqs.len() as u64,
+                    ],
                     data: (!in_place)
                         .then(|| DBuf::uninit(&self.dev, self.dtype, round_len))
                         .transpose()?,
@@ -254,12 +265,12 @@ impl GpuRank {
         Ok(())
     }
 
-    /// Phase 3: the KV exchange round by round (each round's layers gathered, exchanged and
-    /// scattered into the new pool) and the weight exchange, over `world` (a group of every
-    /// rank, member index = physical rank).
+    /// Phase 3: the KV exchange (offered in place and copied pool to pool where the ranks share
+    /// a GPU, [`Self::kv_in_place`]; else by messages round by round, [`Self::kv_rounds`]) and
+    /// the weight exchange, over `world` (a group of every rank, member index = physical rank).
     ///
-    /// Every rank makes every exchange whatever happened to it in between: a gather or scatter
-    /// that fails on this rank is reported only after the weight exchange, so no peer waits in
+    /// Every rank makes every exchange whatever happened to it in between: a copy, gather or
+    /// scatter that fails on this rank is reported only after the weight exchange, so no peer waits in
     /// a grouped NCCL send/recv this rank never joins (only an error in an exchange itself,
     /// after which the worker poisons the group, or a device fault that stops the rank's
     /// stream, can still leave peers waiting).

@@ -23,6 +23,9 @@ pub(super) struct Message {
     /// The batch's blocks (i32 ids) in that pool, `blocks` of them.
     pub(super) ids: DBuf,
     pub(super) blocks: usize,
+    /// What both sides of the batch agree on: its global kv head, first sequence and number of
+    /// sequences (an offer carries it; the receiver checks it).
+    pub(super) key: [u64; 3],
     /// One round's layers of the batch (None when offered in place).
     pub(super) data: Option<DBuf>,
 }
@@ -125,11 +128,11 @@ pub(super) fn data(m: &Message) -> Result<DView<'_>> {
 }
 
 /// Words before the per-layer pointers of a [`kv_offer`].
-const OFFER_HEAD: usize = 8;
+const OFFER_HEAD: usize = 11;
 
 /// A batch this rank sends, offered in place ([`DeviceComm::share`]): its block ids (device
 /// address and count) and head in this rank's old pool, the pool's geometry and element size,
-/// then each layer's K and V addresses.
+/// the batch's key ([`Message::key`]), then each layer's K and V addresses.
 ///
 /// [`DeviceComm::share`]: crate::backend::cuda::comm::DeviceComm::share
 pub(super) fn kv_offer(pool: &GpuKvPool, m: &Message) -> Result<Vec<u64>> {
@@ -144,6 +147,7 @@ pub(super) fn kv_offer(pool: &GpuKvPool, m: &Message) -> Result<Vec<u64>> {
         pool.head_dim as u64,
         es as u64,
     ];
+    w.extend(m.key);
     for l in 0..pool.layers() {
         let c = pool.layer(l)?;
         w.extend([c.k.ptr(), c.v.ptr()]);
@@ -170,6 +174,13 @@ pub(super) fn kv_take_offer(
     let (ids, blocks, head, heads, num_blocks) = (words[0], n(1), n(2), n(3), n(4));
     let own = pool.layer(0)?;
     let dtype = own.k.dtype();
+    if words[8..OFFER_HEAD] != m.key {
+        return Err(bad(&format!(
+            "it is the batch of global kv head {}, first sequence {} and {} sequences; this rank \
+             receives head {}, first sequence {} and {} sequences",
+            words[8], words[9], words[10], m.key[0], m.key[1], m.key[2]
+        )));
+    }
     if blocks != m.blocks || (n(5), n(6), n(7)) != (pool.block_size, pool.head_dim, dtype.size()) {
         return Err(bad(&format!(
             "{blocks} blocks of {} x {} x {} bytes, this rank receives {} of {} x {} x {}",

@@ -96,13 +96,14 @@ impl GpuRanks {
         Ok(())
     }
 
-    /// Phase 2: every rank stages (checks, message buffers, KV gathers; no communication), and
+    /// Phase 2: every rank stages (checks, message buffers, the KV that stays copied into the
+    /// new pool; no communication), and
     /// only when all have, every rank exchanges through the world group. A failed exchange
     /// poisons the world group, which the next switch makes again. An injected `fault` fails
     /// that rank's KV scatter, between the KV and the weight exchanges: the hardest place, since
     /// its peers are mid-protocol (a failure at stage returns before any exchange).
-    /// The KV time reported counts the stage (gathers and moves within a rank) and the KV
-    /// exchange with its scatters; the weight time, the rows' exchange.
+    /// The KV time reported counts the stage (copies within a rank) and the KV exchange with its
+    /// copies or scatters; the weight time, the rows' exchange.
     pub fn switch_apply(&mut self, fault: Option<usize>) -> Result<DeviceApplied> {
         let t = Instant::now();
         let peaks = self.all(|_, reply| Job::SwitchStage { reply })?;
