@@ -191,8 +191,7 @@ fn weight_ladder(cfg: &ModelConfig, world: usize, tps: &[usize]) -> Result<(), T
         prop_assert_eq!(accounted, total);
         // Per-rank programs: every send has its receive; growing tp sends nothing.
         let progs = weights::program::programs(&plan);
-        // Building every new shard anew reads and writes each kept or received row once and
-        // writes each padding row once.
+        // A fresh build reads + writes each kept or received row once, writes each padding row.
         let rebuild: u64 = progs.iter().map(|p| p.rebuild_bytes()).sum();
         prop_assert_eq!(rebuild, 2 * total - plan.bytes_zeroed);
         let sent: u64 = progs.iter().map(|p| p.bytes_sent).sum();

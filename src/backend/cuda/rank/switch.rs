@@ -42,12 +42,9 @@
 
 use std::time::Instant;
 
-use super::switch_kv::{
-    batch_ids, batch_len, data, kv_copy_layer, kv_layers, kv_offer, kv_take_offer, message_blocks,
-    round_part, Message,
-};
+use super::switch_kv::{batch_ids, batch_len, kv_copy_layer, message_blocks, Message};
 use super::{GpuKvPool, GpuRank};
-use crate::backend::cuda::buffer::{DBuf, DView};
+use crate::backend::cuda::buffer::DBuf;
 use crate::backend::cuda::comm::DeviceComm;
 use crate::backend::cuda::ops::{self, Strided};
 use crate::error::{Error, Result};
@@ -60,15 +57,15 @@ use crate::reshard::SwitchPrograms;
 
 /// One rank's switch between `begin` and `swap`.
 pub struct RankSwitch {
-    new_kv: GpuKvPool,
+    pub(super) new_kv: GpuKvPool,
     /// This rank's programs and the plan they came from (shared by every rank).
-    plan: std::sync::Arc<SwitchPrograms>,
+    pub(super) plan: std::sync::Arc<SwitchPrograms>,
     /// KV batches this rank sends, in its send order.
-    outbox: Vec<Message>,
+    pub(super) outbox: Vec<Message>,
     /// KV batches this rank receives, in its receive order.
-    inbox: Vec<Message>,
+    pub(super) inbox: Vec<Message>,
     /// Layers per exchange round (the same on every rank).
-    round: usize,
+    pub(super) round: usize,
     /// The KV goes by offers read in place (`DeviceComm::share`), not messages.
     in_place: bool,
     /// Bytes of KV moved within the rank (staged already).
@@ -158,14 +155,14 @@ impl GpuRank {
             } else {
                 batch_len(plan, sw.round, b.blocks)
             };
-            // A message of one round of this batch's layers, and its blocks in the old pool (a
-            // send) or the `new` one (a receive).
             // The batch's global kv head: the old pool's heads of this rank's old tp-rank (a
             // send) or the new pool's of its new one (a receive).
             let global = |head: usize, new: bool| match new {
                 false => self.w.tp_rank * self.kv.kv_heads + head,
                 true => plans.new_tp_ranks[rank] * sw.new_kv.kv_heads + head,
             };
+            // A message of one round of this batch's layers, and its blocks in the old pool (a
+            // send) or the `new` one (a receive).
             let message = |peer, head, new| -> Result<Message> {
                 Ok(Message {
                     peer,
@@ -270,10 +267,10 @@ impl GpuRank {
     /// the weight exchange, over `world` (a group of every rank, member index = physical rank).
     ///
     /// Every rank makes every exchange whatever happened to it in between: a copy, gather or
-    /// scatter that fails on this rank is reported only after the weight exchange, so no peer waits in
-    /// a grouped NCCL send/recv this rank never joins (only an error in an exchange itself,
-    /// after which the worker poisons the group, or a device fault that stops the rank's
-    /// stream, can still leave peers waiting).
+    /// scatter that fails on this rank is reported only after the weight exchange, so no peer
+    /// waits in a grouped NCCL send/recv this rank never joins (only an error in an exchange
+    /// itself, after which the worker poisons the group, or a device fault that stops the
+    /// rank's stream, can still leave peers waiting).
     /// `fail`: an error to report as this rank's scatter failure (injected by tests).
     pub fn switch_exchange(
         &self,
@@ -362,75 +359,6 @@ impl GpuRank {
         st.weight_ms = t.elapsed().as_secs_f64() * 1e3;
         // The first failure is the one to report.
         scattered.and(exchanged).map(|()| st)
-    }
-
-    /// The KV exchange by messages, a round of layers at a time: each round's layers of every
-    /// batch sent gathered into its message, the messages exchanged, and each received one
-    /// scattered into the new pool as the exchange hands it over (ranks sharing a GPU without
-    /// `in_place`: straight out of the sender's buffer). Only an exchange's own error returns;
-    /// a failed gather or scatter goes to `failed` and the rounds go on.
-    fn kv_rounds(
-        &self,
-        sw: &RankSwitch,
-        world: &dyn DeviceComm,
-        failed: &mut Option<Error>,
-    ) -> Result<()> {
-        let layers = sw.plan.kv_plan.num_layers;
-        for l0 in (0..layers).step_by(sw.round.max(1)) {
-            let ls = l0..layers.min(l0 + sw.round);
-            if failed.is_none() {
-                if let Err(e) = (sw.outbox.iter())
-                    .try_for_each(|m| kv_layers(&self.dev, &self.kv, m, data(m)?, ls.clone(), true))
-                {
-                    *failed = Some(e);
-                }
-            }
-            let (plan, n) = (&sw.plan.kv_plan, ls.len());
-            let sends = (sw.outbox.iter())
-                .map(|m| round_part(plan, n, m))
-                .collect::<Result<Vec<_>>>()?;
-            let recvs = (sw.inbox.iter())
-                .map(|m| round_part(plan, n, m))
-                .collect::<Result<Vec<_>>>()?;
-            let (inbox, pool) = (&sw.inbox, &sw.new_kv);
-            let mut take = |j: usize, data: DView<'_>| {
-                if failed.is_none() {
-                    let m = &inbox[j];
-                    if let Err(e) = kv_layers(&self.dev, pool, m, data, ls.clone(), false) {
-                        *failed = Some(e);
-                    }
-                }
-                Ok(())
-            };
-            world.exchange_then(&self.dev, &sends, &recvs, &mut take)?;
-        }
-        Ok(())
-    }
-
-    /// The KV exchange by reference (ranks sharing device memory): every batch sent offered in
-    /// place (`kv_offer`: its blocks in the old pool), and each batch received copied from the
-    /// sender's old pool into the new pool in one pass per layer (`kv_copy`): no gather, no
-    /// message. Errors as [`Self::kv_rounds`].
-    fn kv_in_place(
-        &self,
-        sw: &RankSwitch,
-        world: &dyn DeviceComm,
-        failed: &mut Option<Error>,
-    ) -> Result<()> {
-        let offers = (sw.outbox.iter())
-            .map(|m| Ok((m.peer, kv_offer(&self.kv, m)?)))
-            .collect::<Result<Vec<_>>>()?;
-        let expect: Vec<usize> = sw.inbox.iter().map(|m| m.peer).collect();
-        let (inbox, pool) = (&sw.inbox, &sw.new_kv);
-        let mut read = |j: usize, words: &[u64]| {
-            if failed.is_none() {
-                if let Err(e) = kv_take_offer(&self.dev, words, pool, &inbox[j]) {
-                    *failed = Some(e);
-                }
-            }
-            Ok(())
-        };
-        world.share(&self.dev, &offers, &expect, &mut read)
     }
 
     /// Phase 4: every re-sharded buffer built anew from the old one and the staging (the old

@@ -1,10 +1,13 @@
 //! The KV side of a GPU rank's switch (`switch`): messages (one round of layers of a KV batch),
 //! block ids on the device, the `kv_gather` / `kv_scatter` launches that move a batch between a
-//! pool and a message and the `kv_copy` launches that move a batch staying on the rank from the
-//! old pool to the new one, one launch per layer.
+//! pool and a message, the `kv_copy` launches that move a batch pool to pool (staying on the
+//! rank, or offered in place by a peer on the same GPU), one launch per layer, and the two ways
+//! batches change rank (`GpuRank::kv_rounds`, `GpuRank::kv_in_place`).
 
-use super::GpuKvPool;
+use super::switch::RankSwitch;
+use super::{GpuKvPool, GpuRank};
 use crate::backend::cuda::buffer::{DBuf, DType, DView};
+use crate::backend::cuda::comm::DeviceComm;
 use crate::backend::cuda::ops::{self, KvCacheView};
 use crate::error::{Error, Result};
 use crate::kv::blocks_for;
@@ -84,16 +87,13 @@ pub(super) fn kv_copy_layer(
     dst: (&GpuKvPool, &DBuf, usize),
     l: usize,
 ) -> Result<()> {
-    if src.1.is_empty() {
-        return Ok(());
-    }
     let (from, to) = (src.0.layer(l)?, dst.0.layer(l)?);
     ops::kv_copy(dev, &from, src.1.view(), src.2, &to, dst.1.view(), dst.2, 1)
 }
 
 /// [`kv_move`] for layers `layers` of `pool` and message `m`'s blocks and head: `data` =
 /// `[layers][2 (K, V)][blocks][block_size][head_dim]`, its first layer `layers.start`.
-pub(super) fn kv_layers(
+fn kv_layers(
     dev: &crate::backend::cuda::device::CudaDev,
     pool: &GpuKvPool,
     m: &Message,
@@ -122,7 +122,7 @@ pub(super) fn round_part<'a>(
 }
 
 /// `m`'s message buffer.
-pub(super) fn data(m: &Message) -> Result<DView<'_>> {
+fn data(m: &Message) -> Result<DView<'_>> {
     (m.data.as_ref().map(DBuf::view))
         .ok_or_else(|| Error::Internal("a KV message without its buffer".into()))
 }
@@ -135,7 +135,7 @@ const OFFER_HEAD: usize = 11;
 /// the batch's key ([`Message::key`]), then each layer's K and V addresses.
 ///
 /// [`DeviceComm::share`]: crate::backend::cuda::comm::DeviceComm::share
-pub(super) fn kv_offer(pool: &GpuKvPool, m: &Message) -> Result<Vec<u64>> {
+fn kv_offer(pool: &GpuKvPool, m: &Message) -> Result<Vec<u64>> {
     let es = pool.layer(0).map_or(0, |c| c.k.dtype().size());
     let mut w = vec![
         m.ids.view().ptr(),
@@ -159,7 +159,7 @@ pub(super) fn kv_offer(pool: &GpuKvPool, m: &Message) -> Result<Vec<u64>> {
 /// peer's old pool into `pool` (this rank's new one) at receive `m`'s blocks and head
 /// (`kv_copy`). Errors, copying nothing, when the offer does not describe `m`'s batch in a pool
 /// of `pool`'s geometry and dtype.
-pub(super) fn kv_take_offer(
+fn kv_take_offer(
     dev: &crate::backend::cuda::device::CudaDev,
     words: &[u64],
     pool: &GpuKvPool,
@@ -225,4 +225,75 @@ pub(super) fn message_blocks(plan: &KvPlan, prog: &crate::reshard::kv::KvProgram
         .filter_map(|s| plan.seqs.get(s.parts().0))
         .map(|s| blocks_for(s.len, plan.block_size))
         .sum()
+}
+
+/// The two ways a switch's KV batches change rank ([`GpuRank::switch_exchange`]).
+impl GpuRank {
+    /// The KV exchange by messages, a round of layers at a time: each round's layers of every
+    /// batch sent gathered into its message, the messages exchanged, and each received one
+    /// scattered into the new pool as the exchange hands it over. Only an exchange's own error
+    /// returns; a failed gather or scatter goes to `failed` and the rounds go on.
+    pub(super) fn kv_rounds(
+        &self,
+        sw: &RankSwitch,
+        world: &dyn DeviceComm,
+        failed: &mut Option<Error>,
+    ) -> Result<()> {
+        let layers = sw.plan.kv_plan.num_layers;
+        for l0 in (0..layers).step_by(sw.round.max(1)) {
+            let ls = l0..layers.min(l0 + sw.round);
+            if failed.is_none() {
+                if let Err(e) = (sw.outbox.iter())
+                    .try_for_each(|m| kv_layers(&self.dev, &self.kv, m, data(m)?, ls.clone(), true))
+                {
+                    *failed = Some(e);
+                }
+            }
+            let (plan, n) = (&sw.plan.kv_plan, ls.len());
+            let sends = (sw.outbox.iter())
+                .map(|m| round_part(plan, n, m))
+                .collect::<Result<Vec<_>>>()?;
+            let recvs = (sw.inbox.iter())
+                .map(|m| round_part(plan, n, m))
+                .collect::<Result<Vec<_>>>()?;
+            let (inbox, pool) = (&sw.inbox, &sw.new_kv);
+            let mut take = |j: usize, data: DView<'_>| {
+                if failed.is_none() {
+                    let m = &inbox[j];
+                    if let Err(e) = kv_layers(&self.dev, pool, m, data, ls.clone(), false) {
+                        *failed = Some(e);
+                    }
+                }
+                Ok(())
+            };
+            world.exchange_then(&self.dev, &sends, &recvs, &mut take)?;
+        }
+        Ok(())
+    }
+
+    /// The KV exchange by reference (ranks sharing device memory): every batch sent offered in
+    /// place (`kv_offer`: its blocks in the old pool), and each batch received copied from the
+    /// sender's old pool into the new pool in one pass per layer (`kv_copy`): no gather, no
+    /// message. Errors as [`Self::kv_rounds`].
+    pub(super) fn kv_in_place(
+        &self,
+        sw: &RankSwitch,
+        world: &dyn DeviceComm,
+        failed: &mut Option<Error>,
+    ) -> Result<()> {
+        let offers = (sw.outbox.iter())
+            .map(|m| Ok((m.peer, kv_offer(&self.kv, m)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let expect: Vec<usize> = sw.inbox.iter().map(|m| m.peer).collect();
+        let (inbox, pool) = (&sw.inbox, &sw.new_kv);
+        let mut read = |j: usize, words: &[u64]| {
+            if failed.is_none() {
+                if let Err(e) = kv_take_offer(&self.dev, words, pool, &inbox[j]) {
+                    *failed = Some(e);
+                }
+            }
+            Ok(())
+        };
+        world.share(&self.dev, &offers, &expect, &mut read)
+    }
 }
