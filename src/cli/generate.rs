@@ -214,6 +214,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                 break;
             }
         };
+        if let Some(g) = &r.pool_growth {
+            let line = serde_json::json!({ "step": r.step, "pool_growth": g });
+            pb.suspend(|| eprintln!("{line}"));
+        }
         produced += r.tokens_out as u64;
         pb.set_position(produced);
         steps.push(r);

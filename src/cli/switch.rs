@@ -209,6 +209,12 @@ pub fn bench_switch(a: BenchSwitchArgs) -> Result<()> {
                 r.total_ms
             );
         }
+        if r.kv_blocks_per_rank_goal > r.kv_blocks_per_rank_after {
+            eprintln!(
+                "  KV pool: {} blocks per rank now (the devices could not hold more next to the old layout); the first step that needs more grows it toward {} (the old pool plus the freed shard bytes)",
+                r.kv_blocks_per_rank_after, r.kv_blocks_per_rank_goal
+            );
+        }
         before = post;
     }
     Ok(())

@@ -31,7 +31,7 @@ pub use ranks::{Backend, GpuSwitch, SwitchFault, SwitchPhase};
 pub use reconfigure::SwitchReport;
 pub use requests::parse_requests_jsonl;
 pub use scheduler::{check_lengths, check_request};
-pub use sequence::{FinishReason, Output, Request, StepReport};
+pub use sequence::{FinishReason, Output, PoolGrowth, Request, StepReport};
 
 use std::time::Instant;
 
@@ -57,6 +57,11 @@ pub struct Engine {
     /// Per physical rank: its weight shard and its KV pool, on the backend that runs it.
     ranks: Ranks,
     allocs: Vec<BlockAllocator>,
+    /// Blocks per rank the pools may grow to (above `opts.kv_blocks` after a switch whose
+    /// devices could not hold the whole new pools next to the old layout; see `grow_pools`).
+    pool_goal: usize,
+    /// A growth made outside a step (`add_requests`), for the next step's report.
+    growth: Option<PoolGrowth>,
     groups: GroupCache,
     seqs: Vec<Sequence>,
     steps: usize,
@@ -131,6 +136,7 @@ impl Engine {
         let allocs = (0..layout.dp())
             .map(|_| BlockAllocator::new(opts.kv_blocks))
             .collect();
+        let pool_goal = opts.kv_blocks;
         Ok(Engine {
             inv_freq,
             cfg,
@@ -138,6 +144,8 @@ impl Engine {
             opts,
             ranks,
             allocs,
+            pool_goal,
+            growth: None,
             groups: GroupCache::default(),
             seqs: Vec::new(),
             steps: 0,
@@ -235,7 +243,12 @@ impl Engine {
         let mut live_per_replica = vec![0; dp];
         // The sequences that run this step: those already running, and waiting ones whose whole
         // footprint fits what their replica's pool has left (the rest wait for blocks to free).
-        let live = self.admitted();
+        let mut live = self.admitted();
+        if self.pool_goal > self.opts.kv_blocks && self.waiting_left_out(&live) {
+            // Kept for this step's report (or, if the step fails, the next one's).
+            self.growth = Some(self.grow_pools());
+            live = self.admitted();
+        }
         for &i in &live {
             live_per_replica[self.seqs[i].replica] += 1;
         }
@@ -299,6 +312,7 @@ impl Engine {
             tokens_out: live.len(),
             finished,
             elapsed_ms: t0.elapsed().as_secs_f64() * 1e3,
+            pool_growth: self.growth.take(),
         };
         self.steps += 1;
         Ok(report)

@@ -64,6 +64,11 @@ pub struct SwitchReport {
     pub memory_bytes: Option<u64>,
     pub kv_blocks_per_rank_before: usize,
     pub kv_blocks_per_rank_after: usize,
+    /// The blocks per rank the new pool may grow to later: the old pool plus the weight bytes
+    /// the reshard frees. Above `kv_blocks_per_rank_after` where the devices could not hold
+    /// them next to the old layout; the pool grows into them at the first step that needs more
+    /// blocks ([`StepReport::pool_growth`](crate::engine::StepReport)).
+    pub kv_blocks_per_rank_goal: usize,
     pub groups_created: usize,
     pub groups_reused: usize,
     /// Cost-model predictions for this switch's KV work.
@@ -189,15 +194,21 @@ impl Engine {
         }
 
         // New pools: the old pool's bytes plus what the weight reshard frees (or minus what it
-        // takes), as far as the backend can hold them next to the old layout (`new_pool_bytes`).
+        // takes), as far as the backend can hold them next to the old layout
+        // (`new_pool_room`); what it cannot hold yet the pools may grow into after the swap.
         let bs = self.opts.block_size;
         let block_bytes = kv_block_bytes(cfg, new_tp, bs, elem as usize);
-        let budget = self.ranks.set_ref().new_pool_bytes(
-            self.ranks.set_ref().rank_bytes(0).1 as u64,
+        let (old_w, new_w) = (
             weight_bytes_per_rank(cfg, old.tp, elem as usize),
             weight_bytes_per_rank(cfg, new_tp, elem as usize),
+        );
+        let grown = (self.ranks.set_ref().rank_bytes(0).1 as u64 + old_w).saturating_sub(new_w);
+        let room = self.ranks.set_ref().new_pool_room(
+            old_w,
+            new_w,
             &kvplan::batch::round_messages(&messages, cfg.num_layers),
         )?;
+        let budget = room.map_or(grown, |r| r.min(grown));
         let new_blocks = (budget / block_bytes) as usize;
         let mut allocs: Vec<BlockAllocator> = (0..new.dp())
             .map(|_| BlockAllocator::new(new_blocks))
@@ -329,6 +340,10 @@ impl Engine {
         self.layout = new;
         self.opts.tp = new_tp;
         self.opts.kv_blocks = new_blocks;
+        self.pool_goal = usize::try_from(grown / block_bytes)
+            .unwrap_or(u32::MAX as usize)
+            .clamp(new_blocks, u32::MAX as usize);
+        report.kv_blocks_per_rank_goal = self.pool_goal;
         let mut recompute: Vec<Vec<usize>> = vec![Vec::new(); self.layout.dp()];
         for &i in &live {
             let s = &mut self.seqs[i];

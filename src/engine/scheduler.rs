@@ -2,8 +2,11 @@
 //! them on replicas (the one placement rule, `parallel::placement`), and granting each step's
 //! KV blocks all or nothing.
 
-use super::sequence::{Request, Sequence};
-use super::Engine;
+use std::time::Instant;
+
+use super::ranks::PoolGrow;
+use super::sequence::{PoolGrowth, Request, Sequence};
+use super::{kv_block_bytes, Engine};
 use crate::error::{Error, Result};
 use crate::kv::blocks_for;
 use crate::model::config::ModelConfig;
@@ -74,6 +77,21 @@ impl Engine {
     pub fn add_requests(&mut self, reqs: &[Request]) -> Result<()> {
         let base = self.seqs.len();
         for (i, r) in reqs.iter().enumerate() {
+            check_request(&self.cfg, base + i, r)?;
+        }
+        let bs = self.opts.block_size;
+        let most = reqs
+            .iter()
+            .map(|r| blocks_for(r.input_ids.len().saturating_add(r.max_new_tokens), bs))
+            .max()
+            .unwrap_or(0);
+        if most > self.opts.kv_blocks && self.pool_goal > self.opts.kv_blocks {
+            // A request the pool cannot hold alone may fit the pool grown into the bytes the
+            // last switch freed; the next step reports the growth.
+            let g = self.grow_pools();
+            self.growth = Some(g);
+        }
+        for (i, r) in reqs.iter().enumerate() {
             self.validate_request(base + i, r)?;
         }
         let mut load = vec![0f64; self.layout.dp()];
@@ -136,6 +154,65 @@ impl Engine {
             run.push(i);
         }
         run
+    }
+
+    /// Whether a waiting sequence is left out of this step's `live` (its footprint does not fit
+    /// the blocks its replica has spare).
+    pub(super) fn waiting_left_out(&self, live: &[usize]) -> bool {
+        self.seqs.iter().enumerate().any(|(i, s)| {
+            s.finished.is_none() && s.cached == 0 && s.table.is_empty() && !live.contains(&i)
+        })
+    }
+
+    /// Grows the KV pools toward `pool_goal` blocks per rank (the bytes the last switch freed
+    /// that the devices could not give the new pools next to the old layout), keeping every
+    /// block a table holds; tried once per switch. The engine goes on with what the pools hold
+    /// whatever happens: a failure is the growth's note, not an error.
+    pub(super) fn grow_pools(&mut self) -> PoolGrowth {
+        let t = Instant::now();
+        let from = self.opts.kv_blocks;
+        let goal = std::mem::replace(&mut self.pool_goal, from);
+        let used = self
+            .seqs
+            .iter()
+            .filter(|s| s.finished.is_none())
+            .flat_map(|s| s.table.iter())
+            .map(|&b| b as usize + 1)
+            .max()
+            .unwrap_or(0);
+        let elem = self.ranks.set_ref().elem_bytes() as usize;
+        let grow = PoolGrow {
+            blocks: from,
+            goal,
+            used,
+            block_bytes: kv_block_bytes(&self.cfg, self.layout.tp, self.opts.block_size, elem),
+            layers: self.cfg.num_layers,
+        };
+        let (to, copied, note) = match self.ranks.set().grow_pools(&grow) {
+            Ok((to, copied)) => {
+                let note = (to < goal).then(|| {
+                    format!("the devices had room for {to} of the {goal} blocks per rank")
+                });
+                (to.max(from), copied, note)
+            }
+            Err(e) => (
+                from,
+                0,
+                Some(format!("the pools stay at {from} blocks: {e}")),
+            ),
+        };
+        for a in &mut self.allocs {
+            a.grow_to(to);
+        }
+        self.opts.kv_blocks = to;
+        PoolGrowth {
+            from_blocks: from,
+            to_blocks: to,
+            goal_blocks: goal,
+            ms: t.elapsed().as_secs_f64() * 1e3,
+            copied_bytes: copied,
+            note,
+        }
     }
 
     /// Blocks for this step's new tokens of the sequences `live`, all or nothing: on error no

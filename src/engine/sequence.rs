@@ -40,6 +40,28 @@ pub struct StepReport {
     pub tokens_out: usize,
     pub finished: usize,
     pub elapsed_ms: f64,
+    /// Set when this step first grew the KV pools (part of `elapsed_ms`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool_growth: Option<PoolGrowth>,
+}
+
+/// A KV pool growth into the weight bytes a switch freed, made by the first step that needed
+/// more blocks than the pools held (the devices could not hold them next to the old layout
+/// during the switch).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct PoolGrowth {
+    /// Blocks per rank before and after, and the goal: the old pool plus the shard bytes the
+    /// switch freed.
+    pub from_blocks: usize,
+    pub to_blocks: usize,
+    pub goal_blocks: usize,
+    pub ms: f64,
+    /// Bytes read plus written copying the blocks in use into the larger pools.
+    pub copied_bytes: u64,
+    /// Why the pools grew less than to the goal, or not at all, if so: the engine goes on with
+    /// what they hold.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// One request as the engine runs it.

@@ -229,7 +229,12 @@ fn failed_switches(m: &Model, devices: Vec<usize>) {
 }
 
 /// An engine of 4 ranks on GPU 0 at tp 1 with `kv_blocks` blocks per rank.
-fn four_ranks_at_tp1(m: &Model, kv_blocks: usize, dtype: Dtype, how: GpuSwitch) -> Engine {
+pub(super) fn four_ranks_at_tp1(
+    m: &Model,
+    kv_blocks: usize,
+    dtype: Dtype,
+    how: GpuSwitch,
+) -> Engine {
     ranks_at_tp1(m, kv_blocks, dtype, how, vec![0; 4])
 }
 

@@ -19,6 +19,7 @@ fn message(from: usize, to: usize, k: usize, round: usize) -> Vec<f32> {
 
 #[test]
 fn same_device_exchanges_deliver_every_message_in_order_and_in_place() {
+    let _memory = sharing();
     if device_or_skip("same_device_exchange")
         .unwrap_or_else(|e| panic!("{e}"))
         .is_none()
@@ -122,6 +123,7 @@ fn one_member(r: usize, size: usize, c: &SameDeviceComm) -> Result<()> {
 /// group whose members do not share device memory refuses to share at all.
 #[test]
 fn mismatched_offers_fail_every_member_and_unshared_groups_refuse() {
+    let _memory = sharing();
     let Some(d) = device_or_skip("share_mismatch").unwrap_or_else(|e| panic!("{e}")) else {
         return;
     };

@@ -9,6 +9,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use common::{failed_switch_loses_nothing, golden_at, golden_requests, rel_err, Golden};
 use pat::backend::cuda::testing::{check_bitwise, check_close, device_or_skip, round_to};
@@ -45,6 +46,23 @@ fn golden_dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 
+/// Device memory as the tests share it: every test holds this lock shared for its whole run
+/// (`Model::open_or_skip`, [`sharing`]), except those that measure the GPU's free memory and
+/// take nearly all of it (`pool_growth`), which hold it alone (`Model::open_alone`).
+static DEVICE_MEMORY: RwLock<()> = RwLock::new(());
+
+/// This test's share of the GPUs' memory (a panic in another test does not end the sharing).
+fn sharing() -> RwLockReadGuard<'static, ()> {
+    DEVICE_MEMORY.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How a test holds [`DEVICE_MEMORY`]; held until the test's `Model` goes.
+#[allow(dead_code)] // held, never read
+enum Memory {
+    Shared(RwLockReadGuard<'static, ()>),
+    Alone(RwLockWriteGuard<'static, ()>),
+}
+
 struct Model {
     name: &'static str,
     cfg: ModelConfig,
@@ -52,11 +70,23 @@ struct Model {
     inv: Vec<f32>,
     gold: Vec<Golden>,
     max_new: usize,
+    _memory: Memory,
 }
 
 impl Model {
-    /// The fixture, or `None` (after a visible SKIP) when no GPU is usable.
+    /// The fixture, or `None` (after a visible SKIP) when no GPU is usable; the GPUs' memory
+    /// shared with other tests.
     fn open_or_skip(name: &'static str, test: &str) -> Option<Model> {
+        Self::open(name, test, Memory::Shared(sharing()))
+    }
+
+    /// [`Model::open_or_skip`] for a test that runs with no other test holding GPU memory.
+    fn open_alone(name: &'static str, test: &str) -> Option<Model> {
+        let alone = DEVICE_MEMORY.write().unwrap_or_else(|e| e.into_inner());
+        Self::open(name, test, Memory::Alone(alone))
+    }
+
+    fn open(name: &'static str, test: &str, memory: Memory) -> Option<Model> {
         device_or_skip(test).unwrap_or_else(|e| panic!("{e}"))?;
         let dir = golden_dir(name);
         let cfg = ModelConfig::load(&dir).unwrap();
@@ -68,6 +98,7 @@ impl Model {
             cfg,
             gold,
             max_new,
+            _memory: memory,
         })
     }
 }
@@ -367,6 +398,7 @@ fn on_each_member(
 
 #[test]
 fn same_device_collectives_match_host_sums() {
+    let _memory = sharing();
     if device_or_skip("same_device_comm")
         .unwrap_or_else(|e| panic!("{e}"))
         .is_none()
@@ -428,3 +460,4 @@ fn same_device_collectives_match_host_sums() {
 
 mod engine;
 mod exchange;
+mod pool_growth;

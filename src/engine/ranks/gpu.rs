@@ -25,7 +25,7 @@
 use std::time::Instant;
 
 use super::cpu::{host_apply, injected, new_pools};
-use super::{RankSet, StepCtx, SwitchDone, SwitchWork};
+use super::{PoolGrow, RankSet, StepCtx, SwitchDone, SwitchWork};
 use crate::backend::cuda::GpuRanks;
 use crate::error::{Error, Result};
 use crate::kv::KvPool;
@@ -110,6 +110,9 @@ impl GpuSet {
     }
 }
 
+/// Bytes a GPU keeps free for activations besides what a switch or a pool growth allocates.
+const ACTIVATIONS: u64 = 512 << 20;
+
 /// The pool bytes every rank may allocate next to what it holds besides (`need[r]`): on each
 /// GPU, its free bytes (`free[r]`, as each of its ranks reports them; the least is taken) less
 /// every one of its ranks' needs, shared evenly by those ranks; the least over GPUs. One rank
@@ -165,24 +168,17 @@ impl RankSet for GpuSet {
         Some(self.ranks.group_counts())
     }
 
-    /// On the devices the new pool is allocated next to the old layout, so it also gets no more
-    /// than its GPU's free memory leaves after what every rank there holds besides: its new
-    /// shard, the weight rows it receives into staging (what the shard grows by), its own KV
-    /// messages (sent and received copies of one round of layers; none where all ranks share
-    /// one GPU and read each other's KV in place) and 512 MiB for activations ([`pool_room`]);
-    /// freed weight bytes it cannot take stay free on the device.
-    fn new_pool_bytes(
-        &self,
-        old_pool: u64,
-        old_w: u64,
-        new_w: u64,
-        messages: &[u64],
-    ) -> Result<u64> {
-        let grown = (old_pool + old_w).saturating_sub(new_w);
+    /// On the devices the new pool is allocated next to the old layout, so it gets no more than
+    /// its GPU's free memory leaves after what every rank there holds besides: its new shard,
+    /// the weight rows it receives into staging (what the shard grows by), its own KV messages
+    /// (sent and received copies of one round of layers; none where all ranks share one GPU and
+    /// read each other's KV in place) and 512 MiB for activations ([`pool_room`]). The freed
+    /// weight bytes it cannot take now it takes after the swap ([`RankSet::grow_pools`]).
+    fn new_pool_room(&self, old_w: u64, new_w: u64, messages: &[u64]) -> Result<Option<u64>> {
         if !self.on_device() {
-            return Ok(grown);
+            return Ok(None);
         }
-        let besides = new_w + new_w.saturating_sub(old_w) + (512 << 20);
+        let besides = new_w + new_w.saturating_sub(old_w) + ACTIVATIONS;
         let in_place = self.ranks.world_shares_memory();
         let need: Vec<u64> = (0..self.ranks.devices().len())
             .map(|r| match in_place {
@@ -190,8 +186,32 @@ impl RankSet for GpuSet {
                 false => besides + messages.get(r).copied().unwrap_or(0),
             })
             .collect();
+        Ok(Some(pool_room(
+            &self.ranks.free_bytes()?,
+            self.ranks.devices(),
+            &need,
+        )))
+    }
+
+    /// Each GPU's free memory now, less per rank one layer's new K (or V) buffer (held next to
+    /// the old one while its kept blocks are copied) and 512 MiB for activations, shared by its
+    /// ranks ([`pool_room`]), in whole blocks on top of `g.blocks`, up to `g.goal`.
+    fn grow_pools(&mut self, g: &PoolGrow) -> Result<(usize, u64)> {
+        if g.goal <= g.blocks || g.block_bytes == 0 {
+            return Ok((g.blocks, 0));
+        }
+        let layer = g.block_bytes / (2 * g.layers.max(1)) as u64 * g.goal as u64;
+        let need = vec![layer + ACTIVATIONS; self.ranks.devices().len()];
         let room = pool_room(&self.ranks.free_bytes()?, self.ranks.devices(), &need);
-        Ok(grown.min(room))
+        let more = usize::try_from(room / g.block_bytes).unwrap_or(usize::MAX);
+        let target = g.goal.min(g.blocks.saturating_add(more));
+        if target <= g.blocks {
+            return Ok((g.blocks, 0));
+        }
+        let blocks = self.ranks.grow_kv(target, g.used)?;
+        // Each rank read and wrote its kept blocks once.
+        let kept = 2 * g.block_bytes * g.used as u64 * self.ranks.devices().len() as u64;
+        Ok((blocks, kept))
     }
 
     fn begin_switch(&mut self, work: &SwitchWork<'_>, fault: Option<usize>) -> Result<f64> {

@@ -71,6 +71,20 @@ pub(crate) struct SwitchWork<'a> {
     pub block_size: usize,
 }
 
+/// A KV pool growth: after a switch whose devices could not hold the new pools' whole share
+/// of the freed weight bytes next to the old layout (`RankSet::grow_pools`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PoolGrow {
+    /// Blocks per rank now, and the most it may grow to.
+    pub blocks: usize,
+    pub goal: usize,
+    /// Blocks `[0, used)` hold live KV and are kept.
+    pub used: usize,
+    /// Bytes of one block on one rank, over its `layers` layers' K and V.
+    pub block_bytes: u64,
+    pub layers: usize,
+}
+
 /// What the switch phases did.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct SwitchDone {
@@ -136,20 +150,24 @@ pub(crate) trait RankSet {
         None
     }
 
-    /// Bytes each rank's new KV pool may take at a switch from shards of `old_w` bytes to
-    /// `new_w`, with `old_pool` bytes of pool now and `messages[r]` bytes of KV messages that
-    /// rank `r` holds at once (sent plus received, one round of layers:
-    /// `reshard::kv::batch::round_messages`): by default the old pool plus what the reshard
-    /// frees (or minus what it takes).
-    fn new_pool_bytes(
-        &self,
-        old_pool: u64,
-        old_w: u64,
-        new_w: u64,
-        messages: &[u64],
-    ) -> Result<u64> {
-        let _ = messages;
-        Ok((old_pool + old_w).saturating_sub(new_w))
+    /// Bytes each rank's new KV pool may take next to the old layout at a switch from shards of
+    /// `old_w` bytes to `new_w`, where `messages[r]` bytes of KV messages are held at once on
+    /// rank `r` (sent plus received, one round of layers: `reshard::kv::batch::round_messages`);
+    /// `None` (the default) where nothing limits it below the old pool plus what the reshard
+    /// frees. Where it is less, the pool grows into the freed bytes later ([`grow_pools`]).
+    ///
+    /// [`grow_pools`]: RankSet::grow_pools
+    fn new_pool_room(&self, old_w: u64, new_w: u64, messages: &[u64]) -> Result<Option<u64>> {
+        let _ = (old_w, new_w, messages);
+        Ok(None)
+    }
+    /// Grows every rank's KV pool from `g.blocks` toward `g.goal` blocks, as far as the
+    /// backend's memory allows, keeping blocks `[0, g.used)`; returns the blocks every rank now
+    /// holds (at least `g.blocks`: an error leaves each rank with a pool of at least its old
+    /// blocks, the old ones intact) and the bytes read plus written doing it. By default pools
+    /// never need it (a switch gives them the whole goal).
+    fn grow_pools(&mut self, g: &PoolGrow) -> Result<(usize, u64)> {
+        Ok((g.blocks, 0))
     }
     /// Switch phase 1: allocates every rank's destination KV pool (and scratch). Nothing the
     /// ranks decode with changes; on error nothing is kept.

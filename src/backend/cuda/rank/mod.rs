@@ -14,7 +14,7 @@ pub use ops::{GpuBatch, GpuOps};
 pub use switch::{ExchangeStats, RankSwitch};
 
 use super::buffer::{DBuf, DType};
-use super::comm::DeviceComm;
+use super::comm::{copy_into, DeviceComm};
 use super::device::CudaDev;
 use super::ops::KvCacheView;
 use crate::error::{Error, Result};
@@ -96,6 +96,42 @@ impl GpuKvPool {
         })
     }
 
+    /// Grows the pool to `blocks` blocks per layer, keeping blocks `[0, used)`: one layer's K or
+    /// V at a time, a fresh buffer (the new blocks left as the allocator gives them: attention
+    /// reads only written positions), the kept blocks copied in, the old buffer freed in stream
+    /// order after the copy; so beyond the pool the device holds at most one layer's new buffer.
+    /// On error (an allocation the device cannot make) the layers grown so far keep their larger
+    /// buffers, the pool keeps its block count and every kept block is intact.
+    pub fn grow(&mut self, dev: &CudaDev, blocks: usize, used: usize) -> Result<()> {
+        if used > self.num_blocks {
+            return Err(Error::Internal(format!(
+                "growing a pool of {} blocks while keeping {used}",
+                self.num_blocks
+            )));
+        }
+        if blocks <= self.num_blocks {
+            return Ok(());
+        }
+        let per_block = self.kv_heads * self.block_size * self.head_dim;
+        let per_layer = blocks
+            .checked_mul(per_block)
+            .ok_or_else(|| Error::KvExhausted("pool size overflows".into()))?;
+        for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
+            if buf.len() >= per_layer {
+                continue; // grown by an earlier try that stopped short
+            }
+            let new = DBuf::uninit(dev, buf.dtype(), per_layer)?;
+            if used > 0 {
+                let kept = buf.view().slice(0, used * per_block)?;
+                copy_into(dev, new.view(), 0, kept)?;
+            }
+            *buf = new;
+        }
+        dev.synchronize()?;
+        self.num_blocks = blocks;
+        Ok(())
+    }
+
     /// Bytes held on the device.
     pub fn bytes(&self) -> usize {
         self.k.iter().chain(&self.v).map(DBuf::bytes).sum()
@@ -145,9 +181,11 @@ impl GpuKvPool {
             self.kv_heads,
             self.head_dim,
         )?;
+        // A layer's buffer may be larger than the pool (a growth that stopped short).
+        let n = self.num_blocks * self.kv_heads * self.block_size * self.head_dim;
         for l in 0..self.layers() {
-            p.k[l] = self.k[l].to_f32(dev)?;
-            p.v[l] = self.v[l].to_f32(dev)?;
+            p.k[l] = self.k[l].view().slice(0, n)?.to_f32(dev)?;
+            p.v[l] = self.v[l].view().slice(0, n)?.to_f32(dev)?;
         }
         Ok(p)
     }
@@ -368,6 +406,11 @@ impl GpuRank {
     /// step reads only the rows of its tokens.
     pub fn decode_read_bytes(&self) -> usize {
         self.w.held_and_read_bytes(DBuf::bytes).1
+    }
+
+    /// Grows the KV pool to `blocks` blocks, keeping blocks `[0, used)` ([`GpuKvPool::grow`]).
+    pub fn grow_kv(&mut self, blocks: usize, used: usize) -> Result<()> {
+        self.kv.grow(&self.dev, blocks, used)
     }
 
     /// Bytes of weights held on the device.

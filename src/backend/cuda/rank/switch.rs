@@ -422,8 +422,9 @@ impl GpuRank {
         Ok(())
     }
 
-    /// Phase 5: the built buffers and the new pool replace the old ones (freed in stream order).
-    /// Errors, changing nothing, only when `build` has not run.
+    /// Phase 5: the built buffers and the new pool replace the old ones (freed in stream order,
+    /// then waited for). Errors, changing nothing, when `build` has not run; after the swap, only
+    /// when the device fails.
     pub fn switch_swap(&mut self, mut sw: RankSwitch, rank: usize) -> Result<()> {
         let built = sw
             .built
@@ -441,6 +442,8 @@ impl GpuRank {
         self.w.tp = sw.plan.new_tp;
         self.w.tp_rank = sw.plan.new_tp_ranks[rank];
         self.kv = sw.new_kv;
-        Ok(())
+        // The old shard and pool are freed in stream order: wait for that, so the switch ends
+        // with their memory back on the device (what a pool growth after it counts).
+        self.dev.synchronize()
     }
 }

@@ -19,8 +19,10 @@ impl GpuRanks {
         self.uploaded[rank].read_bytes
     }
     /// Bytes an allocation can get now on each physical rank's GPU (free memory plus what the
-    /// memory pool keeps idle), as each rank reports it.
+    /// memory pool keeps idle), as each rank reports it once every rank's stream has drained (so
+    /// the buffers any of them freed in stream order count as free).
     pub fn free_bytes(&self) -> Result<Vec<usize>> {
+        self.all(|_, reply| Job::Sync { reply })?;
         self.all(|_, reply| Job::FreeBytes { reply })
     }
 

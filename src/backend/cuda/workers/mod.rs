@@ -167,10 +167,29 @@ enum Job {
     SwitchAbort {
         reply: Sender<Result<()>>,
     },
+    /// Grow the rank's KV pool to `blocks` blocks, keeping blocks `[0, used)`
+    /// (`GpuKvPool::grow`); the reply says how far it got whatever happened.
+    GrowKv {
+        blocks: usize,
+        used: usize,
+        reply: Sender<Result<Grown>>,
+    },
+    /// Wait for the rank's stream: the frees it queued are done.
+    Sync {
+        reply: Sender<Result<()>>,
+    },
     /// The rank's device's free memory, bytes.
     FreeBytes {
         reply: Sender<Result<usize>>,
     },
+}
+
+/// A rank's pool after `Job::GrowKv`: its blocks and bytes now, and the error that stopped it
+/// short, if any.
+struct Grown {
+    blocks: usize,
+    kv_bytes: usize,
+    error: Option<Error>,
 }
 
 /// A rank's shard and KV pool on the host.

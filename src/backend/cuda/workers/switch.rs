@@ -12,6 +12,36 @@ use super::*;
 use crate::backend::DeviceApplied;
 
 impl GpuRanks {
+    /// Grows every rank's KV pool to `blocks` blocks, keeping blocks `[0, used)` (after a switch,
+    /// into the weight bytes it freed); returns the blocks every rank now holds. On error each
+    /// rank keeps a pool of at least its old blocks, those intact, and the first rank's cause is
+    /// returned.
+    pub fn grow_kv(&mut self, blocks: usize, used: usize) -> Result<usize> {
+        let grown = self.all(|_, reply| Job::GrowKv {
+            blocks,
+            used,
+            reply,
+        })?;
+        let mut least = usize::MAX;
+        let mut first = None;
+        for (rank, g) in grown.into_iter().enumerate() {
+            if let Some(u) = self.uploaded.get_mut(rank) {
+                u.kv_bytes = g.kv_bytes;
+            }
+            least = least.min(g.blocks);
+            if let (None, Some(e)) = (&first, g.error) {
+                first = Some(Error::Rank {
+                    rank,
+                    msg: e.to_string(),
+                });
+            }
+        }
+        match first {
+            Some(e) => Err(e),
+            None => Ok(least),
+        }
+    }
+
     /// Every rank's shard and KV pool as f32 host copies, rank order (all ranks at once).
     pub fn download(&self) -> Result<Vec<(RankWeights, KvPool)>> {
         let hosts = self.all(|_, reply| Job::Download { reply })?;

@@ -201,6 +201,31 @@ impl WorkerCtx {
                     switch = None;
                     let _ = reply.send(Ok(()));
                 }
+                Job::GrowKv {
+                    blocks,
+                    used,
+                    reply,
+                } => {
+                    let r = match &mut rank {
+                        Some(g) => {
+                            let error = g.grow_kv(blocks, used).err();
+                            Ok(Grown {
+                                blocks: g.kv().num_blocks,
+                                kv_bytes: g.kv().bytes(),
+                                error,
+                            })
+                        }
+                        None => Err(not_uploaded("pool growth")),
+                    };
+                    let _ = reply.send(r);
+                }
+                Job::Sync { reply } => {
+                    let r = match &rank {
+                        Some(g) => g.dev().synchronize(),
+                        None => Err(not_uploaded("synchronize")),
+                    };
+                    let _ = reply.send(r);
+                }
                 Job::FreeBytes { reply } => {
                     let r = match &rank {
                         Some(g) => g.dev().allocatable_bytes(),
