@@ -238,3 +238,28 @@ fn a_failed_switch_in_any_phase_on_any_rank_loses_nothing() {
         &cost(1e9, 1e3),
     );
 }
+
+/// A switch that gives the new pools fewer blocks than the old pool plus the freed shard bytes
+/// (capped, as a full GPU would) grows them to exactly that goal at the first step that has to
+/// leave a request waiting; the goal is (old pool + old shard - new shard) / new block, from the
+/// loaded sizes; every request then runs in that step and ends with transformers' tokens.
+#[test]
+fn pools_held_short_at_a_switch_grow_when_a_step_needs_blocks() {
+    let model = "llama";
+    let (max_new, gold) = golden(model);
+    let reqs = golden_requests(&gold, max_new);
+    let e = engine(&golden_dir(model), 4, 1, Dtype::F32, 64);
+    let cfg = e.config().clone();
+    let (w1, pool1) = e.rank_bytes(0);
+    let block = pat::kv::kv_block_bytes(&cfg, 2, 16, 4) as usize;
+    let goal = (pool1 + w1 - weight_bytes_per_rank(&cfg, 2, 4) as usize) / block;
+    let (r, g, step, total) = short_pools_grow_when_a_step_needs_blocks(e, &reqs, &gold, 8, |_| ());
+    assert_eq!(r.kv_blocks_per_rank_goal, goal);
+    assert_eq!(g.to_blocks, goal);
+    assert_eq!(g.note, None);
+    assert_eq!(
+        step.live_per_replica.iter().sum::<usize>(),
+        total,
+        "all ran in the growth step"
+    );
+}

@@ -62,6 +62,8 @@ pub struct Engine {
     pool_goal: usize,
     /// A growth made outside a step (`add_requests`), for the next step's report.
     growth: Option<PoolGrowth>,
+    /// Tests: the most blocks per rank a switch gives the new pools.
+    switch_pool_cap: Option<usize>,
     groups: GroupCache,
     seqs: Vec<Sequence>,
     steps: usize,
@@ -146,6 +148,7 @@ impl Engine {
             allocs,
             pool_goal,
             growth: None,
+            switch_pool_cap: None,
             groups: GroupCache::default(),
             seqs: Vec::new(),
             steps: 0,
@@ -200,6 +203,22 @@ impl Engine {
     /// failure paths: a failed switch must leave the engine decoding with nothing lost).
     pub fn inject_switch_fault(&mut self, fault: Option<SwitchFault>) {
         self.fault = fault;
+    }
+
+    /// Caps the KV blocks per rank a switch gives the new pools, until cleared with `None` (for
+    /// tests of the pool growth: a switch whose GPU could not hold the whole new pools next to
+    /// the old layout, without filling the GPU).
+    pub fn cap_switch_pools(&mut self, blocks: Option<usize>) {
+        self.switch_pool_cap = blocks;
+    }
+
+    /// Grows the KV pools now toward the goal the last switch left them (the old pool plus the
+    /// shard bytes it freed, where the devices could not hold that next to the old layout), as
+    /// far as the devices have room: what a step does by itself when it has to leave a request
+    /// waiting for blocks, for a caller about to add a batch. `None` when there is nothing to
+    /// grow (no switch left the pools short, or a growth was already tried since).
+    pub fn grow_kv_pools(&mut self) -> Option<PoolGrowth> {
+        (self.pool_goal > self.opts.kv_blocks).then(|| self.grow_pools())
     }
 
     /// Keep each step's logits (see `recorded_logits`); off by default.

@@ -209,7 +209,8 @@ impl Engine {
             &kvplan::batch::round_messages(&messages, cfg.num_layers),
         )?;
         let budget = room.map_or(grown, |r| r.min(grown));
-        let new_blocks = (budget / block_bytes) as usize;
+        let new_blocks =
+            ((budget / block_bytes) as usize).min(self.switch_pool_cap.unwrap_or(usize::MAX));
         let mut allocs: Vec<BlockAllocator> = (0..new.dp())
             .map(|_| BlockAllocator::new(new_blocks))
             .collect();

@@ -56,7 +56,8 @@ pub struct PoolGrowth {
     pub to_blocks: usize,
     pub goal_blocks: usize,
     pub ms: f64,
-    /// Bytes read plus written copying the blocks in use into the larger pools.
+    /// Bytes read plus written copying the blocks in use into the larger pools (GPU ranks; 0
+    /// on the CPU, whose allocator's moves are not counted).
     pub copied_bytes: u64,
     /// Why the pools grew less than to the goal, or not at all, if so: the engine goes on with
     /// what they hold.

@@ -53,11 +53,11 @@ impl BlockAllocator {
             self.free.push(b);
         }
     }
-    /// Grows the pool to `total` blocks (after a reshard freed memory).
+    /// Grows the pool to `total` blocks (after a reshard freed memory). The new blocks are
+    /// handed out first, lowest id first.
     pub fn grow_to(&mut self, total: usize) {
-        for b in (self.total..total).rev() {
-            self.free.insert(0, b as u32);
-        }
+        self.free
+            .extend((self.total..total).rev().map(|b| b as u32));
         self.total = self.total.max(total);
     }
 }
@@ -137,6 +137,29 @@ impl KvPool {
         }
     }
 
+    /// Grows every layer to `blocks` blocks, the blocks held kept and the new ones zeroed; an
+    /// error (the host cannot allocate it) leaves the pool's blocks as they were.
+    pub fn grow(&mut self, blocks: usize) -> Result<()> {
+        if blocks <= self.num_blocks {
+            return Ok(());
+        }
+        let n = blocks
+            .checked_mul(self.kv_heads * self.block_size * self.head_dim)
+            .ok_or_else(|| Error::KvExhausted("pool size overflows".into()))?;
+        for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
+            buf.try_reserve_exact(n.saturating_sub(buf.len()))
+                .map_err(|_| {
+                    Error::KvExhausted(format!(
+                        "cannot allocate {} MiB for the KV pool",
+                        (n * 4) >> 20
+                    ))
+                })?;
+            buf.resize(n, 0.0);
+        }
+        self.num_blocks = blocks;
+        Ok(())
+    }
+
     /// Bytes held by this pool (f32 elements).
     pub fn bytes(&self) -> usize {
         2 * self.k.len() * self.num_blocks * self.kv_heads * self.block_size * self.head_dim * 4
@@ -188,9 +211,10 @@ mod tests {
         let mut all: Vec<u32> = y.iter().chain(&z).copied().collect();
         all.sort();
         assert_eq!(all, vec![0, 1, 2, 3, 4]);
+        a.release(&[1]);
         a.grow_to(7);
-        assert_eq!(a.alloc(2).unwrap().len(), 2);
         assert_eq!(a.total(), 7);
+        assert_eq!(a.alloc(3).unwrap(), vec![5, 6, 1], "new blocks first");
     }
 
     #[test]

@@ -3,7 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use pat::engine::{Engine, EngineOptions, Request, SwitchFault, SwitchPhase};
+use pat::engine::{
+    Engine, EngineOptions, PoolGrowth, Request, StepReport, SwitchFault, SwitchPhase, SwitchReport,
+};
+use pat::kv::blocks_for;
 use pat::model::config::ModelConfig;
 use pat::model::sampling::SamplingParams;
 use pat::model::weights::Checkpoint;
@@ -152,4 +155,79 @@ pub fn failed_switch_loses_nothing(
             }
         }
     }
+}
+
+/// A tp 1 -> 2 switch of `e` (4 ranks at tp 1, after two steps of the golden prompts `reqs`)
+/// whose new pools get `cap` blocks per rank (`cap_switch_pools`: what a GPU too full to hold
+/// them next to the old layout would give) grows them at the first step that has to leave a
+/// request waiting. New requests (the golden prompts again, enough that the short pools cannot
+/// admit them) make that the next step; `crowd(report)` may take memory before it (held until
+/// the end). One growth, in that step, from `cap` blocks, toward the goal the switch reported;
+/// every request, old and new, ends with transformers' tokens (`gold`): the live blocks kept,
+/// the grown ones (handed out first) written and read back. Returns the switch, the growth and
+/// that step's report and the number of requests.
+pub fn short_pools_grow_when_a_step_needs_blocks<G>(
+    mut e: Engine,
+    reqs: &[Request],
+    gold: &[Golden],
+    cap: usize,
+    crowd: impl FnOnce(&SwitchReport) -> G,
+) -> (SwitchReport, PoolGrowth, StepReport, usize) {
+    e.add_requests(reqs).unwrap();
+    e.step().unwrap();
+    e.step().unwrap();
+    e.cap_switch_pools(Some(cap));
+    let cm = CostModel {
+        transfer_bytes_per_s: 1e9,
+        fixed_transfer_s: 0.0,
+        prefill_tokens_per_s: vec![(1, 1e4)],
+        fixed_prefill_s: 0.0,
+    };
+    let r = e.reconfigure(2, KvPolicy::Migrate, &cm).unwrap();
+    e.cap_switch_pools(None);
+    assert_eq!(r.kv_blocks_per_rank_after, cap, "the capped switch");
+    assert!(
+        r.kv_blocks_per_rank_goal > cap,
+        "goal {}",
+        r.kv_blocks_per_rank_goal
+    );
+    let _held = crowd(&r);
+    let per_set: usize = reqs
+        .iter()
+        .map(|q| blocks_for(q.input_ids.len() + q.max_new_tokens, 16))
+        .sum();
+    let sets = 2 * cap / per_set + 1;
+    let more: Vec<Request> = (0..sets).flat_map(|_| reqs.iter().cloned()).collect();
+    e.add_requests(&more).unwrap();
+    let mut steps = Vec::new();
+    e.run(|s| steps.push(s.clone())).unwrap();
+    let grew: Vec<&StepReport> = steps.iter().filter(|s| s.pool_growth.is_some()).collect();
+    assert_eq!(grew.len(), 1, "one growth");
+    assert_eq!(
+        grew[0].step, steps[0].step,
+        "the growth is the first step's"
+    );
+    let g = grew[0].pool_growth.clone().unwrap();
+    assert_eq!(
+        (g.from_blocks, g.goal_blocks),
+        (cap, r.kv_blocks_per_rank_goal),
+        "the growth"
+    );
+    assert!(
+        cap < g.to_blocks && g.to_blocks <= g.goal_blocks,
+        "grew to {}",
+        g.to_blocks
+    );
+    assert_eq!(e.options().kv_blocks, g.to_blocks);
+    let outs = e.outputs();
+    assert_eq!(outs.len(), reqs.len() * (sets + 1), "finished requests");
+    for o in &outs {
+        assert_eq!(
+            o.output_ids,
+            gold[o.index % gold.len()].output_ids,
+            "request {}: greedy tokens differ from transformers",
+            o.index
+        );
+    }
+    (r, g, grew[0].clone(), outs.len())
 }

@@ -95,6 +95,14 @@ pub(super) fn injected(rank: usize, what: &str) -> Error {
 }
 
 impl RankSet for CpuRanks {
+    /// Host memory: every rank's pool grows to the goal (a switch gives it the goal unless a
+    /// test capped it). The allocator's moves are not counted.
+    fn grow_pools(&mut self, g: &super::PoolGrow) -> Result<(usize, u64)> {
+        for p in &mut self.pools {
+            p.grow(g.goal)?;
+        }
+        Ok((g.goal.max(g.blocks), 0))
+    }
     fn forward(&mut self, ctx: StepCtx<'_>, inputs: &[Vec<SeqInput<'_>>]) -> Result<Vec<Vec<f32>>> {
         let StepCtx {
             cfg,
