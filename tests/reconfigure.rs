@@ -263,3 +263,34 @@ fn pools_held_short_at_a_switch_grow_when_a_step_needs_blocks() {
         "all ran in the growth step"
     );
 }
+
+/// A pool a switch left shorter than a waiting request, that could not grow (a cap, as a full
+/// GPU would), makes the step an error naming the request rather than a step that runs nothing
+/// forever; another switch gives the pools room again and every request ends with
+/// transformers' tokens.
+#[test]
+fn a_short_pool_that_cannot_grow_is_an_error_and_a_switch_recovers() {
+    let model = "llama";
+    let (max_new, gold) = golden(model);
+    let reqs = golden_requests(&gold, max_new);
+    let mut e = engine(&golden_dir(model), 2, 1, Dtype::F32, 64);
+    e.add_requests(&reqs).unwrap();
+    // Before the first step every request waits: nothing running owes blocks.
+    e.cap_switch_pools(Some(1));
+    let r = e
+        .reconfigure(2, KvPolicy::Migrate, &cost(1e9, 1e3))
+        .unwrap();
+    assert_eq!(r.kv_blocks_per_rank_after, 1);
+    let err = e.step().unwrap_err().to_string();
+    assert!(
+        err.contains("request 0 needs 2 blocks") && err.contains("could not grow"),
+        "{err}"
+    );
+    e.cap_switch_pools(None);
+    e.reconfigure(1, KvPolicy::Migrate, &cost(1e9, 1e3))
+        .unwrap();
+    e.run(|_| {}).unwrap();
+    for (o, g) in e.outputs().iter().zip(&gold) {
+        assert_eq!(o.output_ids, g.output_ids, "prompt {}", o.index);
+    }
+}

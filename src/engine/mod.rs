@@ -37,7 +37,7 @@ use std::time::Instant;
 
 use crate::backend::cuda::{GpuOptions, GpuRanks};
 use crate::error::{Error, Result};
-use crate::kv::{BlockAllocator, KvPool};
+use crate::kv::{blocks_for, BlockAllocator, KvPool};
 use crate::model::config::ModelConfig;
 use crate::model::decoder::{RankWeights, SeqInput};
 use crate::model::sampling::sample;
@@ -57,9 +57,13 @@ pub struct Engine {
     /// Per physical rank: its weight shard and its KV pool, on the backend that runs it.
     ranks: Ranks,
     allocs: Vec<BlockAllocator>,
-    /// Blocks per rank the pools may grow to (above `opts.kv_blocks` after a switch whose
-    /// devices could not hold the whole new pools next to the old layout; see `grow_pools`).
+    /// Blocks per rank the pools may grow to: the last switch's old pool plus the shard bytes
+    /// it freed (above `opts.kv_blocks` where the devices could not hold the whole new pools
+    /// next to the old layout; see `grow_pools`). A later switch counts the old pool at least
+    /// this large.
     pool_goal: usize,
+    /// Whether a growth toward `pool_goal` was tried since the last switch (once per switch).
+    grow_tried: bool,
     /// A growth made outside a step (`add_requests`), for the next step's report.
     growth: Option<PoolGrowth>,
     /// Tests: the most blocks per rank a switch gives the new pools.
@@ -147,6 +151,7 @@ impl Engine {
             ranks,
             allocs,
             pool_goal,
+            grow_tried: false,
             growth: None,
             switch_pool_cap: None,
             groups: GroupCache::default(),
@@ -205,9 +210,9 @@ impl Engine {
         self.fault = fault;
     }
 
-    /// Caps the KV blocks per rank a switch gives the new pools, until cleared with `None` (for
-    /// tests of the pool growth: a switch whose GPU could not hold the whole new pools next to
-    /// the old layout, without filling the GPU).
+    /// Caps the KV blocks per rank a switch gives the new pools and a growth after it, until
+    /// cleared with `None` (for tests of the pool growth: a GPU that could not hold the whole
+    /// new pools, without filling a GPU).
     pub fn cap_switch_pools(&mut self, blocks: Option<usize>) {
         self.switch_pool_cap = blocks;
     }
@@ -218,7 +223,7 @@ impl Engine {
     /// waiting for blocks, for a caller about to add a batch. `None` when there is nothing to
     /// grow (no switch left the pools short, or a growth was already tried since).
     pub fn grow_kv_pools(&mut self) -> Option<PoolGrowth> {
-        (self.pool_goal > self.opts.kv_blocks).then(|| self.grow_pools())
+        self.may_grow().then(|| self.grow_pools())
     }
 
     /// Keep each step's logits (see `recorded_logits`); off by default.
@@ -263,10 +268,31 @@ impl Engine {
         // The sequences that run this step: those already running, and waiting ones whose whole
         // footprint fits what their replica's pool has left (the rest wait for blocks to free).
         let mut live = self.admitted();
-        if self.pool_goal > self.opts.kv_blocks && self.waiting_left_out(&live) {
+        if self.may_grow() && self.waiting_left_out(&live) {
             // Kept for this step's report (or, if the step fails, the next one's).
             self.growth = Some(self.grow_pools());
             live = self.admitted();
+        }
+        if live.is_empty() {
+            if let Some((i, s)) = self
+                .seqs
+                .iter()
+                .enumerate()
+                .find(|(_, s)| s.finished.is_none())
+            {
+                // Only a request larger than a whole pool waits with nothing running: a pool
+                // a switch left short that could not grow enough.
+                return Err(Error::KvExhausted(format!(
+                    "request {i} needs {} blocks of {} tokens but a rank's pool holds {} (a switch left it short and it could not grow: {}); switch to a layout with more KV per rank",
+                    blocks_for(s.footprint(), self.opts.block_size),
+                    self.opts.block_size,
+                    self.opts.kv_blocks,
+                    self.growth
+                        .as_ref()
+                        .and_then(|g| g.note.clone())
+                        .unwrap_or_else(|| "tried before".into())
+                )));
+            }
         }
         for &i in &live {
             live_per_replica[self.seqs[i].replica] += 1;

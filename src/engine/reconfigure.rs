@@ -202,7 +202,11 @@ impl Engine {
             weight_bytes_per_rank(cfg, old.tp, elem as usize),
             weight_bytes_per_rank(cfg, new_tp, elem as usize),
         );
-        let grown = (self.ranks.set_ref().rank_bytes(0).1 as u64 + old_w).saturating_sub(new_w);
+        // The old pool counts at its goal where an earlier switch left it short of that.
+        let old_pool = (self.ranks.set_ref().rank_bytes(0).1 as u64).max(
+            kv_block_bytes(cfg, old.tp, bs, elem as usize).saturating_mul(self.pool_goal as u64),
+        );
+        let grown = (old_pool + old_w).saturating_sub(new_w);
         let room = self.ranks.set_ref().new_pool_room(
             old_w,
             new_w,
@@ -240,6 +244,21 @@ impl Engine {
             return Err(Error::KvExhausted(format!(
                 "at tp {new_tp} a rank's pool holds {new_blocks} blocks (its old pool plus the weight bytes the reshard frees, as far as the devices hold them) but the running sequences placed on replica {r} may grow to {} blocks (prompt + max_new_tokens); still decoding at tp {}",
                 owed[r], old.tp
+            )));
+        }
+        // A waiting request must fit a whole pool, at least once the pools grow to their goal,
+        // or it could never run.
+        let goal_blocks = grown / block_bytes;
+        if let Some(&i) = live.iter().find(|&&i| {
+            let s = &self.seqs[i];
+            s.cached == 0
+                && s.table.is_empty()
+                && blocks_for(s.footprint(), bs) as u64 > goal_blocks
+        }) {
+            return Err(Error::KvExhausted(format!(
+                "at tp {new_tp} a rank's pool holds at most {goal_blocks} blocks (its old pool plus the weight bytes the reshard frees) but waiting request {i} needs {} (prompt + max_new_tokens); still decoding at tp {}",
+                blocks_for(self.seqs[i].footprint(), bs),
+                old.tp
             )));
         }
 
@@ -341,10 +360,11 @@ impl Engine {
         self.layout = new;
         self.opts.tp = new_tp;
         self.opts.kv_blocks = new_blocks;
-        self.pool_goal = usize::try_from(grown / block_bytes)
+        self.pool_goal = usize::try_from(goal_blocks)
             .unwrap_or(u32::MAX as usize)
             .clamp(new_blocks, u32::MAX as usize);
         report.kv_blocks_per_rank_goal = self.pool_goal;
+        self.grow_tried = false;
         let mut recompute: Vec<Vec<usize>> = vec![Vec::new(); self.layout.dp()];
         for &i in &live {
             let s = &mut self.seqs[i];

@@ -63,10 +63,15 @@ impl Engine {
         check_request(&self.cfg, index, r)?;
         let total = r.input_ids.len() + r.max_new_tokens;
         let need = blocks_for(total, self.opts.block_size);
-        if need > self.opts.kv_blocks {
+        // A pool a switch left short may grow to its goal (`add_requests` grows it first).
+        let most = match self.may_grow() {
+            true => self.pool_goal,
+            false => self.opts.kv_blocks,
+        };
+        if need > most {
             return Err(Error::KvExhausted(format!(
-                "request {index} needs {need} blocks of {} tokens but a rank's pool has {} (raise `kv_blocks`)",
-                self.opts.block_size, self.opts.kv_blocks
+                "request {index} needs {need} blocks of {} tokens but a rank's pool has {most} (raise `kv_blocks`)",
+                self.opts.block_size
             )));
         }
         Ok(())
@@ -85,7 +90,7 @@ impl Engine {
             .map(|r| blocks_for(r.input_ids.len().saturating_add(r.max_new_tokens), bs))
             .max()
             .unwrap_or(0);
-        if most > self.opts.kv_blocks && self.pool_goal > self.opts.kv_blocks {
+        if most > self.opts.kv_blocks && self.may_grow() {
             // A request the pool cannot hold alone may fit the pool grown into the bytes the
             // last switch freed; the next step reports the growth.
             let g = self.grow_pools();
@@ -124,9 +129,11 @@ impl Engine {
     /// (it holds blocks or cached KV) keeps running; a waiting one is admitted when its whole
     /// footprint (prompt + `max_new_tokens`) fits the blocks its replica has free after what the
     /// running ones may still claim. Requests that each fit the pool but not together therefore
-    /// queue and run as blocks free up, and a running sequence never runs out of blocks (every
-    /// request fits the pool alone: `validate_request`). A replica with waiting sequences and
-    /// none running admits at least its first waiting one, so every step makes progress.
+    /// queue and run as blocks free up, and a running sequence never runs out of blocks. Every
+    /// request fits a whole pool (`validate_request`; a switch refuses to leave one that cannot
+    /// fit its pools' goal, and a step grows short pools first), so a replica with waiting
+    /// sequences and none running admits its first one; where a short pool could not grow
+    /// enough, the step says so (an error) rather than run nothing.
     pub(super) fn admitted(&self) -> Vec<usize> {
         let bs = self.opts.block_size;
         let mut spare: Vec<usize> = self.allocs.iter().map(|a| a.free_blocks()).collect();
@@ -159,9 +166,18 @@ impl Engine {
     /// Whether a waiting sequence is left out of this step's `live` (its footprint does not fit
     /// the blocks its replica has spare).
     pub(super) fn waiting_left_out(&self, live: &[usize]) -> bool {
+        // `live` is in request order.
         self.seqs.iter().enumerate().any(|(i, s)| {
-            s.finished.is_none() && s.cached == 0 && s.table.is_empty() && !live.contains(&i)
+            s.finished.is_none()
+                && s.cached == 0
+                && s.table.is_empty()
+                && live.binary_search(&i).is_err()
         })
+    }
+
+    /// Whether the pools are short of their goal and no growth was tried since the last switch.
+    pub(super) fn may_grow(&self) -> bool {
+        !self.grow_tried && self.pool_goal > self.opts.kv_blocks
     }
 
     /// Grows the KV pools toward `pool_goal` blocks per rank (the bytes the last switch freed
@@ -171,7 +187,8 @@ impl Engine {
     pub(super) fn grow_pools(&mut self) -> PoolGrowth {
         let t = Instant::now();
         let from = self.opts.kv_blocks;
-        let goal = std::mem::replace(&mut self.pool_goal, from);
+        let goal = self.pool_goal;
+        self.grow_tried = true;
         let used = self
             .seqs
             .iter()
@@ -181,14 +198,20 @@ impl Engine {
             .max()
             .unwrap_or(0);
         let elem = self.ranks.set_ref().elem_bytes() as usize;
+        // A test's cap on the pools (`cap_switch_pools`) holds here too.
+        let reach = goal.min(self.switch_pool_cap.unwrap_or(usize::MAX));
         let grow = PoolGrow {
             blocks: from,
-            goal,
+            goal: reach,
             used,
             block_bytes: kv_block_bytes(&self.cfg, self.layout.tp, self.opts.block_size, elem),
             layers: self.cfg.num_layers,
         };
-        let (to, copied, note) = match self.ranks.set().grow_pools(&grow) {
+        let grown = match reach > from {
+            true => self.ranks.set().grow_pools(&grow),
+            false => Ok((from, 0)),
+        };
+        let (to, copied, note) = match grown {
             Ok((to, copied)) => {
                 let note = (to < goal).then(|| {
                     format!("the devices had room for {to} of the {goal} blocks per rank")

@@ -40,14 +40,16 @@ pub struct StepReport {
     pub tokens_out: usize,
     pub finished: usize,
     pub elapsed_ms: f64,
-    /// Set when this step first grew the KV pools (part of `elapsed_ms`).
+    /// Set when the KV pools grew since the previous step's report: in this step (part of
+    /// `elapsed_ms`), or in `add_requests` or a failed step before it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pool_growth: Option<PoolGrowth>,
 }
 
-/// A KV pool growth into the weight bytes a switch freed, made by the first step that needed
-/// more blocks than the pools held (the devices could not hold them next to the old layout
-/// during the switch).
+/// A KV pool growth into the weight bytes a switch freed (the devices could not hold them next
+/// to the old layout during the switch): made by the first step that had to leave a request
+/// waiting for blocks, by `add_requests` for a request larger than the pools, or by
+/// `Engine::grow_kv_pools`.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct PoolGrowth {
     /// Blocks per rank before and after, and the goal: the old pool plus the shard bytes the

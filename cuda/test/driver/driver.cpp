@@ -637,6 +637,10 @@ CUresult cuMemPoolSetAttribute(void* pool, int attr, void* value) {
     if (attr == 4) static_cast<Pool*>(pool)->release_threshold = *static_cast<uint64_t*>(value);
     return OK;
 }
+CUresult cuMemPoolTrimTo(void* pool, size_t) {
+    // Freed memory goes back to the device at once here (reserved == used): nothing to trim.
+    return pool ? OK : INVALID_VALUE;
+}
 CUresult cuMemPoolGetAttribute(void* pool, int attr, void* value) {
     if (!pool || !value) return INVALID_VALUE;
     Pool* p = static_cast<Pool*>(pool);

@@ -51,17 +51,9 @@ pub fn probe() -> Result<usize> {
 /// step allocates and frees its activations, and re-mapping them every step costs far more than
 /// the kernels of a small batch. Best effort: on failure allocations still work, only slower.
 fn keep_pool_memory(ctx: &CudaContext) {
-    if ctx.bind_to_thread().is_err() {
+    let Some(pool) = default_pool(ctx) else {
         return;
-    }
-    let mut pool = std::mem::MaybeUninit::<sys::CUmemoryPool>::uninit();
-    // SAFETY: `pool` is a valid out-pointer; the device handle comes from a live context.
-    let got = unsafe { sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), ctx.cu_device()) };
-    if got != CUresult::CUDA_SUCCESS {
-        return;
-    }
-    // SAFETY: cuDeviceGetDefaultMemPool succeeded, so `pool` is initialised.
-    let pool = unsafe { pool.assume_init() };
+    };
     let mut threshold: u64 = u64::MAX;
     // SAFETY: the release threshold attribute takes a pointer to a cuuint64_t, which `threshold` is.
     let _ = unsafe {
@@ -73,21 +65,23 @@ fn keep_pool_memory(ctx: &CudaContext) {
     };
 }
 
+/// The default memory pool of `ctx`'s device, with `ctx` bound; `None` when it cannot be had.
+fn default_pool(ctx: &CudaContext) -> Option<sys::CUmemoryPool> {
+    ctx.bind_to_thread().ok()?;
+    let mut pool = std::mem::MaybeUninit::<sys::CUmemoryPool>::uninit();
+    // SAFETY: `pool` is a valid out-pointer; the device handle comes from a live context.
+    let got = unsafe { sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), ctx.cu_device()) };
+    // SAFETY: on success cuDeviceGetDefaultMemPool initialised `pool`.
+    (got == CUresult::CUDA_SUCCESS).then(|| unsafe { pool.assume_init() })
+}
+
 /// Bytes the device's default memory pool holds but no buffer uses (freed `DBuf`s it keeps, see
 /// [`keep_pool_memory`]): allocatable though the driver does not count them as free. 0 when the
 /// pool cannot be queried.
 fn pool_idle_bytes(ctx: &CudaContext) -> usize {
-    if ctx.bind_to_thread().is_err() {
+    let Some(pool) = default_pool(ctx) else {
         return 0;
-    }
-    let mut pool = std::mem::MaybeUninit::<sys::CUmemoryPool>::uninit();
-    // SAFETY: `pool` is a valid out-pointer; the device handle comes from a live context.
-    let got = unsafe { sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), ctx.cu_device()) };
-    if got != CUresult::CUDA_SUCCESS {
-        return 0;
-    }
-    // SAFETY: cuDeviceGetDefaultMemPool succeeded, so `pool` is initialised.
-    let pool = unsafe { pool.assume_init() };
+    };
     let attr = |a: sys::CUmemPool_attribute| -> Option<u64> {
         let mut v: u64 = 0;
         // SAFETY: both attributes take a pointer to a cuuint64_t, which `v` is.
@@ -244,9 +238,17 @@ impl CudaDev {
             .map_err(dev_err("reading memory info"))
     }
 
-    /// Bytes a new allocation can get: the driver's free memory plus what the memory pool keeps
-    /// from freed buffers.
+    /// Bytes a new allocation of any size can get: the memory pool first gives the driver back
+    /// what it keeps from freed buffers (pieces the size of earlier allocations, which serve
+    /// only allocations that fit one of them), then the driver's free memory plus whatever the
+    /// pool could not give back. Buffers freed in stream order count once their stream has
+    /// reached the free (synchronize first).
     pub fn allocatable_bytes(&self) -> Result<usize> {
+        if let Some(pool) = default_pool(&self.ctx) {
+            // SAFETY: a live pool handle. Best effort: a pool that cannot trim keeps its memory,
+            // which the idle bytes below still count.
+            let _ = unsafe { sys::cuMemPoolTrimTo(pool, 0) };
+        }
         let (free, _) = self.mem_info()?;
         Ok(free + pool_idle_bytes(&self.ctx))
     }
