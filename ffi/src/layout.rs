@@ -9,7 +9,7 @@ use crate::util::{copy_out, slice, Out};
 
 /// `world` ranks as `world / tp` replicas of `tp` ranks. `placement` is NULL for the contiguous
 /// placement (replica d holds ranks d*tp .. d*tp + tp - 1), or `world` physical ranks, row-major
-/// [replica][tp_rank]: a permutation of 0 .. world - 1. Borrowed for the call only.
+/// `[replica][tp_rank]`: a permutation of 0 .. world - 1. Borrowed for the call only.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct pat_layout {
@@ -54,7 +54,7 @@ pub(crate) fn flat_placement(l: &Layout) -> Vec<u32> {
 /// The placement for `new_tp` over the same ranks as `old` whose weight shards nest inside the
 /// old ones (`pat::reshard::nested_layout`): when tp grows by a factor, every rank's new shard lies
 /// inside its old one, so the weight reshard moves zero bytes between ranks. Writes `world`
-/// entries, row-major [replica][tp_rank], to `placement` and `world` to `*n` (with `cap` too small
+/// entries, row-major `[replica][tp_rank]`, to `placement` and `world` to `*n` (with `cap` too small
 /// only `*n`, and `PAT_BUFFER_TOO_SMALL`). Use it as the new layout's `placement`. Errors:
 /// `PAT_ERR_INVALID_ARGUMENT` (a bad layout, or `new_tp` not dividing world). Whether the model
 /// splits `new_tp` ways is checked by the plans. Thread-safe.

@@ -9,7 +9,7 @@ use crate::kv::blocks_for;
 /// One sequence's part of a forward call.
 pub struct SeqInput<'a> {
     pub tokens: &'a [u32],
-    /// Position of tokens[0]; positions before it are already in the cache.
+    /// Position of `tokens[0]`; positions before it are already in the cache.
     pub start_pos: usize,
     /// Block table covering at least start_pos + tokens.len() positions.
     pub table: &'a [u32],

@@ -84,7 +84,7 @@ pub struct KvPool {
     pub block_size: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
-    /// k[layer] and v[layer]: [num_blocks, kv_heads, block_size, head_dim].
+    /// `k[layer]` and `v[layer]`: [num_blocks, kv_heads, block_size, head_dim].
     pub k: Vec<Vec<f32>>,
     pub v: Vec<Vec<f32>>,
 }

@@ -1,7 +1,7 @@
 //! The switch cost model and the stay-or-switch rule, re-checked every K decode steps.
 //!
 //! For the current layout and every candidate tp, the rule predicts the time to drain the live set
-//! ([`forecast::drain_ms`]: remaining estimates, lockstep replicas, predictor step times, the KV
+//! ([`drain_ms`]: remaining estimates, lockstep replicas, predictor step times, the KV
 //! room per replica the profile states). Staying keeps the current placement; a candidate
 //! re-places the live sequences over its `world / tp` replicas balanced by estimated remaining
 //! length and pays [`SwitchCost::cost`]. The best candidate is taken when its total beats staying

@@ -13,7 +13,7 @@
 //! KV and is re-admitted, paying its prefill, once others finish). A layout whose replicas cannot
 //! hold their share then forecasts smaller batches for longer, plus the recompute — which is what
 //! makes a low tp with its many weight copies lose to a higher one on a tight memory budget.
-//! Each replica's running set is worked out first ([`replica_run`], event by event), as
+//! Each replica's running set is worked out first (`replica_run`, event by event), as
 //! segments on which its batch is fixed.
 //!
 //! [`drain_ms`] then sums the lockstep clock in closed form: on a segment between two events of
@@ -300,7 +300,7 @@ pub struct Partial {
 
 /// Predicted ms until every sequence of every replica has run its remaining steps, with replicas
 /// in lockstep (module docs) and each replica's step time `fit.step_ms(batch, mean context)`.
-/// With a `room`, each replica runs only what fits and queues the rest ([`replica_run`]); the
+/// With a `room`, each replica runs only what fits and queues the rest (`replica_run`); the
 /// prefill of re-admitted sequences delays their replica, so the largest per-replica prefill adds
 /// to the total.
 pub fn drain_ms(fit: &Fit, replicas: &[Vec<Pending>], room: Option<Room>) -> f64 {

@@ -11,7 +11,7 @@
 //! - [`predictor`]: per-tp least-squares fit `a + b*batch + c*batch*context (+ d*context)`.
 //! - [`remaining`]: remaining-length estimate from the length distribution (or the oracle).
 //! - [`forecast`]: balanced placement over replicas and the predicted time to drain a live set.
-//! - [`decide`]: the switch cost model and the stay-or-switch rule.
+//! - [`mod@decide`]: the switch cost model and the stay-or-switch rule.
 //! - [`controller`]: the one adaptive loop ([`drive`]) over any [`StepSource`]: the engine or the
 //!   simulator.
 

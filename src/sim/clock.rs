@@ -2,7 +2,7 @@
 //! The policy never reads it; it sees only its predictor, fitted to a profile (measured, or
 //! sampled from this clock by [`sampled_profile`]), so predictor error shows in the outcome.
 //!
-//! - [`ComponentModel`](super::component::ComponentModel): a modeled GPU node, term by term.
+//! - [`super::component::ComponentModel`]: a modeled GPU node, term by term.
 //! - [`ProfileTable`]: a measured profile's own samples, interpolated (linear in context within
 //!   each profiled batch, then linear in batch between the two nearest batches; beyond the
 //!   profiled range, extended along the last segment and never below zero), with the profile's

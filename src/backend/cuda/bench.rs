@@ -2,7 +2,7 @@
 //! attention at a given shape.
 //!
 //! Timing: CUDA events with timing enabled, made with the raw driver API
-//! (`cuEventCreate(CU_EVENT_DEFAULT)`) because [`CudaDev::new_event`] makes timing-disabled events
+//! (`cuEventCreate(CU_EVENT_DEFAULT)`) because `CudaDev::new_event` makes timing-disabled events
 //! for ordering. The timed operations are enqueued back to back with an event between each two,
 //! so the GPU never idles waiting for the host inside a measured interval (unless the host
 //! cannot keep up, which is then part of the honest cost); one warm-up run precedes them, and

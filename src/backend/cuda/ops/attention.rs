@@ -20,7 +20,7 @@ pub struct SeqMeta<'a> {
     /// block ids of the cache (the caller checks on the host).
     pub block_tables: DView<'a>,
     pub max_blocks_per_seq: usize,
-    /// i32 [num_seqs]: cached tokens including this step's.
+    /// i32 `[num_seqs]`: cached tokens including this step's.
     pub context_lens: DView<'a>,
     /// The largest entry of `context_lens` (sizes split-K).
     pub max_context: usize,

@@ -87,7 +87,7 @@ pub struct SampleCfg {
     pub top_p: f32,
 }
 
-/// Per row, one draw with the host uniform `uniforms[r]` in [0, 1) (f32 [n_rows]).
+/// Per row, one draw with the host uniform `uniforms[r]` in [0, 1) (f32 `[n_rows]`).
 pub fn sample(
     dev: &CudaDev,
     logits: DView<'_>,

@@ -188,7 +188,7 @@ pub fn qk_norm(
     unsafe { launch(dev, &format!("{W}_{}", suffix(dt)?), (grid, 1, 1), 256, &p) }
 }
 
-/// HF rotate-half RoPE in place on q and k at `positions` (i32 [n_tokens]) with the host-computed
+/// HF rotate-half RoPE in place on q and k at `positions` (i32 `[n_tokens]`) with the host-computed
 /// `inv_freq` (f32 [head_dim / 2]).
 pub fn rope(
     dev: &CudaDev,
@@ -265,7 +265,7 @@ pub fn silu_mul(
     unsafe { launch(dev, &format!("{W}_{}", suffix(dt)?), (grid, 1, 1), 256, &p) }
 }
 
-/// Scatters the new tokens' k and v heads into the paged cache at `slot_mapping` (i64 [n_tokens],
+/// Scatters the new tokens' k and v heads into the paged cache at `slot_mapping` (i64 `[n_tokens]`,
 /// `block * block_size + offset`, or -1 to skip). Slots must be distinct and inside the cache
 /// (the caller's allocator guarantees it; the kernel does not check).
 pub fn kv_append(

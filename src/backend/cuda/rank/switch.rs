@@ -263,7 +263,7 @@ impl GpuRank {
     }
 
     /// Phase 3: the KV exchange (offered in place and copied pool to pool where the ranks share
-    /// a GPU, [`Self::kv_in_place`]; else by messages round by round, [`Self::kv_rounds`]) and
+    /// a GPU, `kv_in_place`; else by messages round by round, `kv_rounds`) and
     /// the weight exchange, over `world` (a group of every rank, member index = physical rank).
     ///
     /// Every rank makes every exchange whatever happened to it in between: a copy, gather or
