@@ -157,7 +157,7 @@ if os.path.exists(host):
     b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(sum((x - mx) ** 2 for x in xs), 1e-12)
     print(f"host cost (tiny preset): {my - b * mx:.3f} ms per step + {1e3 * b:.1f} us per sequence")
 for r in jl("launches.jsonl"):
-    if r["launches_per_decode_step"] > 0:
+    if (r.get("launches_per_decode_step") or 0) > 0:
         print(f"batch {r['batch_size']:>3}: {r['launches_per_decode_step']:.0f} launches per decode step, {1e3 * r['ms_per_launch']:.1f} us per launch ({r['median_decode_latency'] * 1e3:.2f} ms/step)")
 node = os.path.join(d, "node.json")
 if os.path.exists(node):

@@ -132,3 +132,47 @@ fn a_pool_that_holds_one_request_at_a_time_queues_the_rest_with_the_same_tokens(
         }
     }
 }
+
+#[test]
+fn a_step_token_cap_prefills_the_queue_over_several_steps_with_the_same_tokens() {
+    // A host that cannot hold every prompt's activations at once (on the CPU the cap is what half
+    // the available memory holds): each step admits waiting prompts only while their tokens fit
+    // the cap, the first one whatever its length. With a cap of one token, one prompt a step.
+    // The tokens stay transformers' own.
+    let (max_new, gold) = golden("llama");
+    let reqs = golden_requests(&gold, max_new);
+    assert!(reqs.len() >= 3, "the fixture has {} prompts", reqs.len());
+    for (world, tp, cap) in [
+        (1, 1, None),
+        (1, 1, Some(1)),
+        (2, 1, Some(1)),
+        (2, 2, Some(1)),
+    ] {
+        let mut e = engine(&golden_dir("llama"), world, tp, Dtype::F32, 64);
+        e.cap_step_tokens(cap);
+        e.add_requests(&reqs).unwrap();
+        let mut live_before = 0;
+        while e.live() > 0 {
+            let r = e.step().unwrap();
+            let live: usize = r.live_per_replica.iter().sum();
+            match cap {
+                None if r.step == 0 => assert_eq!(live, reqs.len(), "uncapped: all at once"),
+                Some(_) => assert!(
+                    live <= live_before + 1,
+                    "world {world} tp {tp}: step {} runs {live} after {live_before}",
+                    r.step
+                ),
+                None => {}
+            }
+            live_before = live;
+        }
+        assert_eq!(e.outputs().len(), gold.len(), "world {world} tp {tp}");
+        for (o, g) in e.outputs().iter().zip(&gold) {
+            assert_eq!(
+                o.output_ids, g.output_ids,
+                "world {world} tp {tp} cap {cap:?} prompt {}",
+                o.index
+            );
+        }
+    }
+}

@@ -19,11 +19,6 @@ pub fn not_built() -> Error {
     )
 }
 
-/// Host memory available (unknown in this build, where no GPU rank exists).
-pub(crate) fn host_available_bytes() -> Option<u64> {
-    None
-}
-
 /// Kernel launches so far: none in a build without the `cuda` feature.
 pub fn launches() -> u64 {
     0

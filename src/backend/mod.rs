@@ -18,6 +18,14 @@ pub mod cuda;
 
 pub use batch::{BatchPlan, SeqInput};
 
+/// `MemAvailable` of /proc/meminfo in bytes (`None` where it cannot be read).
+pub(crate) fn host_available_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// Device collective groups a backend makes and reuses itself, counted over its ranks' life (one
 /// per replica); the CPU backend's groups come from the engine's `GroupCache` instead.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -160,4 +168,15 @@ pub trait RankOps {
     fn all_gather(&mut self, local: &Self::Buf, out: &mut Self::Buf) -> Result<()>;
     /// An f32 host copy of `buf`.
     fn to_host(&mut self, buf: &Self::Buf) -> Result<Vec<f32>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_memory_is_read_from_proc_meminfo() {
+        let avail = host_available_bytes().expect("/proc/meminfo has MemAvailable on Linux");
+        assert!(avail > 1 << 20, "{avail} bytes available");
+    }
 }

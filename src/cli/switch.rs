@@ -68,8 +68,10 @@ pub fn check_switches(
 
 #[derive(Args, Debug)]
 pub struct BenchSwitchArgs {
+    /// Model directory (config.json + safetensors; `pat init-model` makes one).
     #[arg(long)]
     pub model: PathBuf,
+    /// Ranks (CPU threads, or GPU ranks with --backend cuda).
     #[arg(long, default_value_t = 4)]
     pub world: usize,
     /// TP degree before the switch.
@@ -84,6 +86,9 @@ pub struct BenchSwitchArgs {
     /// Context (prompt tokens) of each sequence.
     #[arg(long, default_value_t = 256)]
     pub context: usize,
+    /// How the in-flight sequences' KV reaches the new layout: migrate (the default here: the
+    /// bench times the KV reshard), recompute, or auto (the cost model picks per sequence, as
+    /// `generate` does by default).
     #[arg(long, default_value = "migrate")]
     pub kv_transfer: KvPolicy,
     #[arg(long, default_value = "f32", value_name = "f32|bf16|f16")]
@@ -94,6 +99,7 @@ pub struct BenchSwitchArgs {
     /// weight bytes it frees).
     #[arg(long, default_value_t = 256)]
     pub kv_mib: usize,
+    /// Seed of the random prompts.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
@@ -147,7 +153,14 @@ pub fn bench_switch(a: BenchSwitchArgs) -> Result<()> {
             .ok_or_else(|| Error::Invalid(format!("--kv-mib {} is too large", a.kv_mib)))?,
     )?;
     opts.kv_blocks = opts.kv_blocks.max(needed);
-    let mut engine = Engine::with_backend(cfg.clone(), &m.ck, opts, &backend)?;
+    let mut engine =
+        Engine::with_backend(cfg.clone(), &m.ck, opts, &backend).map_err(|e| match e {
+            Error::KvExhausted(msg) => Error::KvExhausted(format!(
+                "--batch {} x --context {} (--kv-mib {}): {msg}",
+                a.batch, a.context, a.kv_mib
+            )),
+            e => e,
+        })?;
     // The pool holds every prompt's KV, far more than the prompts' ids: these fit too.
     let reqs: Vec<Request> = (0..a.batch)
         .map(|_| Request {
@@ -162,7 +175,8 @@ pub fn bench_switch(a: BenchSwitchArgs) -> Result<()> {
     let prefill = prefill_rate(&steps).unwrap_or(1.0);
     let cost = CostModel::measured_cpu(prefill);
     eprintln!(
-        "prefill of {} x {} tokens in {:.0} ms ({:.0} tok/s); KV transfer {:.2} GB/s measured; cost-model crossover at tp {}: {:.0} tokens",
+        "first step prefilled {} of {} x {} prompt tokens in {:.0} ms ({:.0} tok/s); KV transfer {:.2} GB/s measured; cost-model crossover at tp {}: {:.0} tokens",
+        steps[0].tokens_in,
         a.batch,
         a.context,
         t0.elapsed().as_secs_f64() * 1e3,

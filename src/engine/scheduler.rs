@@ -133,7 +133,9 @@ impl Engine {
     /// request fits a whole pool (`validate_request`; a switch refuses to leave one that cannot
     /// fit its pools' goal, and a step grows short pools first), so a replica with waiting
     /// sequences and none running admits its first one; where a short pool could not grow
-    /// enough, the step says so (an error) rather than run nothing.
+    /// enough, the step says so (an error) rather than run nothing. Waiting sequences are also
+    /// admitted only while their prompt tokens fit the step's cap (`step_tokens`; the first one
+    /// whatever its length), so a long queue is prefilled over several steps.
     pub(super) fn admitted(&self) -> Vec<usize> {
         let bs = self.opts.block_size;
         let mut spare: Vec<usize> = self.allocs.iter().map(|a| a.free_blocks()).collect();
@@ -147,16 +149,20 @@ impl Engine {
             spare[s.replica] = spare[s.replica].saturating_sub(owed);
         }
         let mut run = Vec::new();
+        let cap = self.step_tokens.unwrap_or(usize::MAX);
+        let mut prefill = 0usize;
         for (i, s) in self.seqs.iter().enumerate() {
             if s.finished.is_some() {
                 continue;
             }
             if !started(s) {
                 let need = blocks_for(s.footprint(), bs);
-                if need > spare[s.replica] {
+                let feed = s.tokens.len();
+                if need > spare[s.replica] || (prefill > 0 && prefill.saturating_add(feed) > cap) {
                     continue;
                 }
                 spare[s.replica] -= need;
+                prefill = prefill.saturating_add(feed);
             }
             run.push(i);
         }

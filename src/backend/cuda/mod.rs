@@ -38,7 +38,6 @@ pub use buffer::{DBuf, DType, DView, HostElem};
 pub use comm::{DeviceComm, HostComm, SameDeviceComm, SoloComm};
 pub use device::{probe, CudaDev};
 pub use ops::launches;
-pub(crate) use placement::host_available_bytes;
 pub use rank::{GpuKvPool, GpuRank};
 pub use workers::{GpuOptions, GpuRanks};
 

@@ -69,23 +69,9 @@ pub(crate) fn group_kind(layout: &Layout, devices: &[usize], d: usize) -> Result
     )))
 }
 
-/// `MemAvailable` of /proc/meminfo in bytes (`None` where it cannot be read).
-pub(crate) fn host_available_bytes() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn host_memory_is_read_from_proc_meminfo() {
-        let avail = host_available_bytes().expect("/proc/meminfo has MemAvailable on Linux");
-        assert!(avail > 1 << 20, "{avail} bytes available");
-    }
 
     #[test]
     fn placement_defaults_and_checks() {

@@ -36,6 +36,41 @@ impl CpuRanks {
     }
 }
 
+/// Refuses `ranks` host KV pools of `blocks` blocks of `block_bytes` each (every layer's K and V)
+/// when the host has less memory available than they need: their pages are zeroed lazily, so
+/// pools the host cannot back would be allocated anyway and the process killed when a step first
+/// writes them.
+pub(crate) fn check_host_room(blocks: usize, block_bytes: u64, ranks: usize) -> Result<()> {
+    let bytes = (blocks as u64)
+        .checked_mul(block_bytes)
+        .and_then(|b| b.checked_mul(ranks as u64));
+    let avail = crate::backend::host_available_bytes();
+    match (bytes, avail) {
+        (Some(b), Some(a)) if b <= a => Ok(()),
+        (Some(_), None) => Ok(()),
+        (b, a) => Err(Error::KvExhausted(format!(
+            "the KV pools ({blocks} blocks per rank x {ranks} ranks) need {} but the host has {} \
+             available",
+            b.map_or("more than 2^64 bytes".into(), gib),
+            a.map_or("?".into(), gib),
+        ))),
+    }
+}
+
+/// Bytes of one host KV block over `layers` layers' K and V (f32).
+pub(crate) fn host_block_bytes(
+    layers: usize,
+    block_size: usize,
+    kv_local: usize,
+    hd: usize,
+) -> u64 {
+    2 * 4 * (layers * block_size * kv_local * hd) as u64
+}
+
+fn gib(b: u64) -> String {
+    format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+}
+
 /// The new layout's KV pools, one per rank, on the host (a switch's `begin`).
 pub(super) fn new_pools(
     work: &SwitchWork<'_>,
@@ -44,6 +79,11 @@ pub(super) fn new_pools(
 ) -> Result<Vec<KvPool>> {
     let cfg = work.cfg;
     let kv_local = cfg.num_kv_heads / work.new.tp;
+    check_host_room(
+        work.new_blocks,
+        host_block_bytes(cfg.num_layers, work.block_size, kv_local, cfg.head_dim),
+        n,
+    )?;
     crate::parallel::per_rank(n, "KV pool allocation", |p| {
         if fault == Some(p) {
             return Err(injected(p, "allocating the new KV pool"));
@@ -98,6 +138,11 @@ impl RankSet for CpuRanks {
     /// Host memory: every rank's pool grows to the goal (a switch gives it the goal unless a
     /// test capped it). The allocator's moves are not counted.
     fn grow_pools(&mut self, g: &super::PoolGrow) -> Result<(usize, u64)> {
+        if let Some(p) = self.pools.first() {
+            let more = g.goal.saturating_sub(p.num_blocks);
+            let block = host_block_bytes(p.k.len(), p.block_size, p.kv_heads, p.head_dim);
+            check_host_room(more, block, self.pools.len())?;
+        }
         for p in &mut self.pools {
             p.grow(g.goal)?;
         }
@@ -251,5 +296,27 @@ impl RankSet for CpuRanks {
 
     fn abort_switch(&mut self) {
         self.pending = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_pools_beyond_the_host_memory_are_refused_before_allocation() {
+        // One block of one byte fits any host; 2^62 blocks of 1 MiB on 4 ranks overflow u64.
+        check_host_room(1, 1, 1).unwrap();
+        let e = check_host_room(1 << 62, 1 << 20, 4)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("more than 2^64 bytes"), "{e}");
+        // More than the host has: all of it and one byte more, on one rank.
+        if let Some(avail) = crate::backend::host_available_bytes() {
+            let e = check_host_room(1, avail + (1 << 30), 1)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("need") && e.contains("the host has"), "{e}");
+        }
     }
 }

@@ -243,7 +243,7 @@ impl RankSet for GpuSet {
             .saturating_mul(work.new_blocks as u64)
             .saturating_mul(world as u64);
         let need = held.saturating_add(new_kv_bytes);
-        if let Some(avail) = crate::backend::cuda::host_available_bytes() {
+        if let Some(avail) = crate::backend::host_available_bytes() {
             if need > avail {
                 let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
                 return Err(Error::KvExhausted(format!(
