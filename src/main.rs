@@ -34,6 +34,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         // The reader of our stdout went away (`pat ... | head -1`): stop quietly.
         Err(e) if cli::common::is_closed_pipe(&e) => ExitCode::from(CLOSED_PIPE),
+        // A file's content names its own keys: only argument errors get their flag names.
+        Err(e) if e.kind() == pat::error::ErrorKind::BadFile => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("error: {}", cli::flag_names(&e.to_string()));
             ExitCode::FAILURE

@@ -294,12 +294,13 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
             steps.push(r.elapsed_ms / 1e3);
             launched.push(pat::backend::cuda::launches());
         })?;
-        // GPU kernels + cuBLAS calls per decode step (0 on the CPU backend).
+        // GPU kernels + cuBLAS calls per decode step (none on the CPU backend: null).
         let launches_per_step = match (launched.first(), launched.last()) {
+            _ if engine.backend() == "cpu" => None,
             (Some(a), Some(b)) if launched.len() > 1 => {
-                (b - a) as f64 / (launched.len() - 1) as f64
+                Some((b - a) as f64 / (launched.len() - 1) as f64)
             }
-            _ => 0.0,
+            _ => None,
         };
         let total = t0.elapsed().as_secs_f64();
         let prefill = steps[0];
@@ -321,7 +322,7 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
             "decode_read_roofline_latency": read_roofline,
             "decode_vs_read_roofline": read_roofline.map(|r| r / med),
             "launches_per_decode_step": launches_per_step,
-            "ms_per_launch": med * 1e3 / launches_per_step.max(1.0),
+            "ms_per_launch": launches_per_step.map(|l| med * 1e3 / l.max(1.0)),
         });
         pb.inc(1);
         pb.suspend(|| -> pat::Result<()> {
@@ -332,6 +333,15 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
             );
             if let Some(r) = read_roofline {
                 eprintln!("  {:.0}% of the read-bandwidth roofline ({:.2} ms)", 100.0 * r / med, r * 1e3);
+            }
+            match read_roofline {
+                Some(r) if roofline > med && r <= med => eprintln!(
+                    "  (over 100% of the first: it counts reads at half the copy bandwidth; reads alone run faster, as the read-bandwidth roofline counts them)"
+                ),
+                _ if roofline.max(read_roofline.unwrap_or(0.0)) > med => eprintln!(
+                    "  (over 100%: part of the weights came from caches faster than the measured memory bandwidth; a model this small fits in them)"
+                ),
+                _ => {}
             }
             Ok(())
         })?;

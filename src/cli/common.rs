@@ -16,6 +16,28 @@ pub fn open_model(dir: &Path) -> Result<ModelDir> {
     })
 }
 
+/// Checks the decision rule's flags shared by `rollout` and `simulate` before any work: the
+/// margin a fraction in [0, 1), the least gain a non-negative number of ms, checks at least
+/// every step.
+pub fn check_rule_flags(margin: f64, min_gain_ms: f64, check_every: usize) -> Result<()> {
+    if !(0.0..1.0).contains(&margin) {
+        return Err(pat::Error::Invalid(format!(
+            "--margin must be a fraction in [0, 1), got {margin}"
+        )));
+    }
+    if !(min_gain_ms >= 0.0 && min_gain_ms.is_finite()) {
+        return Err(pat::Error::Invalid(format!(
+            "--min-gain-ms must be a non-negative number of ms, got {min_gain_ms}"
+        )));
+    }
+    if check_every == 0 {
+        return Err(pat::Error::Invalid(
+            "--check-every must be at least 1".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// A progress bar on stderr (hidden when stderr is not a terminal).
 pub fn progress(total: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(total);

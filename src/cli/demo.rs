@@ -38,11 +38,11 @@ pub struct DemoArgs {
     /// Use this model directory instead of making a random one.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Architecture of the random model.
-    #[arg(long, value_enum, default_value = "llama")]
+    /// Architecture of the random model (not with --model).
+    #[arg(long, value_enum, default_value = "llama", conflicts_with = "model")]
     pub arch: ArchArg,
-    /// Size of the random model.
-    #[arg(long, value_enum, default_value = "small")]
+    /// Size of the random model (not with --model).
+    #[arg(long, value_enum, default_value = "small", conflicts_with = "model")]
     pub preset: PresetArg,
     /// Ranks (threads) of the real run; it switches from the lowest tp to tp = world.
     #[arg(long, default_value_t = 2)]
@@ -55,8 +55,12 @@ pub struct DemoArgs {
     pub max_response: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Where to write the modeled part's SVG timeline.
-    #[arg(long, default_value = "pat-demo-timeline.svg")]
+    /// Where to write the modeled part's SVG timeline (not with --no-sim).
+    #[arg(
+        long,
+        default_value = "pat-demo-timeline.svg",
+        conflicts_with = "no_sim"
+    )]
     pub svg: PathBuf,
     /// Skip the modeled 8-GPU part.
     #[arg(long)]
@@ -92,11 +96,20 @@ pub fn long_tail_trace(n: usize, cap: usize, vocab: usize, seed: u64) -> Trace {
 }
 
 pub fn run(a: DemoArgs) -> Result<()> {
-    if a.batch == 0 || a.max_response < 2 || a.world < 2 {
-        return Err(Error::Invalid(
-            "--batch must be >= 1, --world >= 2 (a switch needs two layouts) and --max-response >= 2"
-                .into(),
-        ));
+    if a.batch == 0 {
+        return Err(Error::Invalid("--batch must be at least 1, got 0".into()));
+    }
+    if a.world < 2 {
+        return Err(Error::Invalid(format!(
+            "--world must be at least 2 (a switch needs two layouts), got {}",
+            a.world
+        )));
+    }
+    if a.max_response < 2 {
+        return Err(Error::Invalid(format!(
+            "--max-response must be at least 2, got {}",
+            a.max_response
+        )));
     }
     let tmp = std::env::temp_dir().join(format!("pat-demo-{}", std::process::id()));
     let dir = match &a.model {
@@ -243,13 +256,21 @@ fn run_on(a: &DemoArgs, dir: &Path) -> Result<()> {
         return Ok(());
     }
     outln!(
-        "1. The mechanism, for real: {} requests (responses {}..{} tokens), {} CPU ranks, random {:?} {:?} model\n",
+        "1. The mechanism, for real: {} requests (responses {}..{} tokens), {} CPU ranks, {}\n",
         a.batch,
         lens.iter().min().unwrap_or(&0),
         lens.iter().max().unwrap_or(&0),
         a.world,
-        a.arch,
-        a.preset
+        match &a.model {
+            Some(d) => format!(
+                "model {} ({:?}, {} layers, hidden {})",
+                d.display(),
+                m.cfg.arch,
+                m.cfg.num_layers,
+                m.cfg.hidden_size
+            ),
+            None => format!("random {:?} {:?} model", a.arch, a.preset),
+        }
     )?;
     outln!(
         "{:<24} {:>12} {:>12} {:>16}",

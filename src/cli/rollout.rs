@@ -11,7 +11,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
-use super::common::{open_model, progress};
+use super::common::{check_rule_flags, open_model, progress};
 use pat::engine::{check_lengths, Backend, Engine, EngineOptions, EngineSource, Request};
 use pat::error::{Error, Result};
 use pat::model::sampling::random_ids;
@@ -60,11 +60,13 @@ pub enum EstimatorArg {
 
 #[derive(Args, Debug)]
 pub struct RolloutArgs {
+    /// Model directory (config.json + safetensors; `pat init-model` makes one).
     #[arg(long)]
     pub model: PathBuf,
     /// JSONL trace: {"prompt_len":P,"response_len":R} per line (see `pat trace gen`).
     #[arg(long)]
     pub trace: PathBuf,
+    /// Ranks (CPU threads, or GPU ranks with --backend cuda).
     #[arg(long)]
     pub world: usize,
     /// static:K (tp K x dp world/K throughout) or adaptive (switch when the profile says it pays).
@@ -86,10 +88,15 @@ pub struct RolloutArgs {
     /// Absolute predicted gain a switch must bring, ms.
     #[arg(long, default_value_t = 0.0)]
     pub min_gain_ms: f64,
+    /// How the adaptive rule estimates each sequence's remaining length.
     #[arg(long, value_enum, default_value = "empirical")]
     pub estimator: EstimatorArg,
+    /// How unfinished sequences' KV reaches the new layout at a switch: migrate, recompute, or
+    /// auto (a cost model from the measured copy bandwidth and this run's prefill rate picks per
+    /// sequence).
     #[arg(long, default_value = "auto")]
     pub kv_transfer: KvPolicy,
+    /// Seed of the random prompts made for the trace's lengths.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
@@ -120,9 +127,7 @@ pub fn rollout(
     let tps: Vec<usize> = (1..=a.world)
         .filter(|t| a.world.is_multiple_of(*t) && check_tp_for_model(*t, &m.cfg).is_ok())
         .collect();
-    if a.check_every == 0 {
-        return Err(Error::Invalid("--check-every must be at least 1".into()));
-    }
+    check_rule_flags(a.margin, a.min_gain_ms, a.check_every)?;
     if let (PolicyArg::Static(k), Some(s)) = (a.policy, a.start_tp) {
         return Err(Error::Invalid(format!(
             "--start-tp {s} is for --policy adaptive; --policy static:{k} runs at tp {k} throughout"

@@ -236,13 +236,7 @@ fn check_bounds(a: &SimulateArgs, trace: &Trace) -> Result<()> {
 
 /// Runs the simulation and builds the report (what `run` prints).
 pub fn report(a: &SimulateArgs) -> Result<SimReport> {
-    if !(a.margin >= 0.0 && a.margin < 1.0) {
-        return Err(Error::Invalid(format!(
-            "--margin must be in [0, 1), got {}",
-            a.margin
-        )));
-    }
-    non_negative(a.min_gain_ms, "--min-gain-ms")?;
+    super::common::check_rule_flags(a.margin, a.min_gain_ms, a.check_every)?;
     let path = a
         .trace
         .as_ref()

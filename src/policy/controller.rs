@@ -111,6 +111,12 @@ impl<'a> Controller<'a> {
         if cfg.check_every == 0 {
             return Err(Error::Invalid("`check_every` must be at least 1".into()));
         }
+        if !(0.0..1.0).contains(&cfg.margin) || cfg.min_gain_ms.is_nan() || cfg.min_gain_ms < 0.0 {
+            return Err(Error::Invalid(format!(
+                "`margin` must be in [0, 1) and `min_gain_ms` >= 0, got {} and {}",
+                cfg.margin, cfg.min_gain_ms
+            )));
+        }
         if cfg.candidates.is_empty() {
             return Err(Error::Invalid("the controller needs a candidate tp".into()));
         }

@@ -13,7 +13,7 @@
 //!
 //! - every static layout, requests placed as VeRL places them (contiguous chunks per replica) or,
 //!   with [`Placement::Lpt`], balanced on their true lengths (an ideal no engine has);
-//! - **PAT's rule**: start at the best static layout, one switch to tp = world at the point its
+//! - **PAT's rule**: start at the best static layout, one switch to tp = world (or the largest tp the model shards to, where world is more) at the point its
 //!   predictor picks, at PAT's measured 5.52 s switch cost and at this project's modeled cost;
 //! - **adaptive**: this project's rule (ladders allowed), starting where its predicted plan is
 //!   shortest (or at `start_tp`), estimating remaining lengths from the batch's length
@@ -288,7 +288,9 @@ pub fn simulate(
             let (candidates, max_switches) = match pat_flat {
                 Some(_) => {
                     let start = cfg.start_tp.unwrap_or(best_static);
-                    let mut c = vec![start, cfg.world];
+                    // tp = world, or the largest tp the model shards to where world is more.
+                    let top = cfg.candidates.iter().copied().max().unwrap_or(cfg.world);
+                    let mut c = vec![start, top];
                     c.dedup();
                     (c, Some(1))
                 }

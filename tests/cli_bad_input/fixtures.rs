@@ -298,6 +298,7 @@ fn make() -> Fx {
         line(&[1, 2], 18_446_744_073_709_551_000),
     );
     write(d, "bom.jsonl", format!("\u{feff}{}\n", line(&[1], 2)));
+    write(d, "max_new_zero.jsonl", line(&[1, 2], 0));
     write(
         d,
         "bad.jsonl",

@@ -10,6 +10,22 @@ fn gen(fx: &Fx, extra: &[&str]) -> Vec<String> {
     v
 }
 
+fn rollout_small(fx: &Fx, extra: &[&str]) -> Vec<String> {
+    let mut v = a(&[
+        "rollout",
+        "--model",
+        &fx.p("m"),
+        "--trace",
+        &fx.p("trace_small.jsonl"),
+        "--world",
+        "2",
+        "--policy",
+        "static:1",
+    ]);
+    v.extend(a(extra));
+    v
+}
+
 const fn usage(name: &'static str, args: fn(&Fx) -> Vec<String>, needle: &'static str) -> Case {
     Case {
         name,
@@ -266,6 +282,53 @@ const CASES: &[Case] = &[
         code: 0,
         needle: "16 requests, 64 tokens",
         absent: Some("KV cache exhausted"),
+    },
+    Case {
+        // A file's own keys, not the flags of the same name.
+        name: "a_request_file_key_is_named_as_in_the_file",
+        args: |f| gen(f, &["--requests", &f.p("max_new_zero.jsonl")]),
+        code: 1,
+        needle: "max_new_zero.jsonl:1: `max_new_tokens` must be a positive integer, got 0",
+        absent: Some("--max-new-tokens"),
+    },
+    Case {
+        // Checked before the rollout runs a step (it used to fail at its first decision).
+        name: "rollout_negative_min_gain_before_any_step",
+        args: |f| rollout_small(f, &["--min-gain-ms", "-5"]),
+        code: 1,
+        needle: "--min-gain-ms must be a non-negative number of ms, got -5",
+        absent: Some("step"),
+    },
+    err(
+        "rollout_nan_margin",
+        |f| rollout_small(f, &["--margin", "NaN"]),
+        "--margin must be a fraction in [0, 1), got NaN",
+    ),
+    usage(
+        "demo_model_with_a_preset",
+        |f| a(&["demo", "--model", &f.p("m"), "--preset", "tiny", "--no-sim"]),
+        "cannot be used with",
+    ),
+    err(
+        "demo_world_one_names_world_only",
+        |_| a(&["demo", "--world", "1", "--no-sim"]),
+        "--world must be at least 2 (a switch needs two layouts), got 1",
+    ),
+    Case {
+        // tp = world does not shard this model: PAT's rule switches to the largest tp that does.
+        name: "simulate_a_world_the_model_cannot_shard_whole",
+        args: |f| {
+            a(&[
+                "simulate",
+                "--trace",
+                &f.p("trace_small.jsonl"),
+                "--world",
+                "3",
+            ])
+        },
+        code: 0,
+        needle: "PAT @5.52s",
+        absent: Some("error"),
     },
     err(
         "rollout_start_tp_with_a_static_policy",
