@@ -30,6 +30,10 @@ fn main() -> ExitCode {
             };
         }
     };
+    if let Err(e) = cli::check_env() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
         // The reader of our stdout went away (`pat ... | head -1`): stop quietly.

@@ -395,3 +395,42 @@ fn requests_from_stdin_equal_requests_from_a_file() {
     assert_eq!(output_ids(&got), output_ids(&want));
     assert_eq!(output_ids(&want).len(), 2);
 }
+
+#[test]
+fn bad_environment_variables_are_named_before_any_work() {
+    for (var, val, needle) in [
+        (
+            "PAT_THREADS",
+            "0",
+            "PAT_THREADS must be a positive number of threads, got \"0\"",
+        ),
+        (
+            "PAT_THREADS",
+            "abc",
+            "PAT_THREADS must be a positive number of threads",
+        ),
+        (
+            "PAT_CPU_ISA",
+            "avx9",
+            "PAT_CPU_ISA must be portable, avx2 or avx512, got \"avx9\"",
+        ),
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_pat"))
+            .args(["trace", "gen", "--kind", "grpo"])
+            .env(var, val)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{var}={val}: {err}");
+        assert!(err.contains(needle), "{var}={val}: {err}");
+        assert!(o.stdout.is_empty(), "{var}={val}: nothing written");
+    }
+    // A good value runs.
+    let o = Command::new(env!("CARGO_BIN_EXE_pat"))
+        .args(["trace", "gen", "--kind", "grpo"])
+        .env("PAT_THREADS", "1")
+        .env("PAT_CPU_ISA", "portable")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}

@@ -219,6 +219,28 @@ const FLAGS: &[(&str, &str)] = &[
     ("`batches`", "--batches"),
 ];
 
+/// The environment variables pat reads, checked before any command runs (the library takes a
+/// bad value as unset).
+pub fn check_env() -> Result<()> {
+    if let Some(v) = std::env::var_os("PAT_THREADS") {
+        let v = v.to_string_lossy();
+        if !v.trim().parse::<usize>().is_ok_and(|t| t > 0) {
+            return Err(pat::Error::Invalid(format!(
+                "PAT_THREADS must be a positive number of threads, got {v:?}"
+            )));
+        }
+    }
+    if let Some(v) = std::env::var_os("PAT_CPU_ISA") {
+        let v = v.to_string_lossy();
+        if !["portable", "avx2", "avx512"].contains(&v.as_ref()) {
+            return Err(pat::Error::Invalid(format!(
+                "PAT_CPU_ISA must be portable, avx2 or avx512, got {v:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A library error message with its parameter names turned into the flags that set them.
 pub fn flag_names(msg: &str) -> String {
     FLAGS
