@@ -59,6 +59,12 @@ struct Shape {
 pub fn gemm(a: GemmArgs) -> Result<()> {
     let d = shard_dims(preset_dims(a.arch.into(), a.preset.into()), a.shard)?.dims;
     let layers = a.layers.unwrap_or(d.num_layers);
+    if layers > d.num_layers {
+        return Err(Error::Invalid(format!(
+            "--layers {layers} is more than the shape's {} layers",
+            d.num_layers
+        )));
+    }
     if layers == 0 || a.iters == 0 || a.rows.contains(&0) || a.threads.contains(&0) {
         return Err(Error::Invalid(
             "--layers, --iters, --rows and --threads must be >= 1".into(),

@@ -93,6 +93,18 @@ pub fn run(a: ComposeArgs) -> Result<()> {
     };
     let mut p = compose_node(&shards, &full, a.world, &params).map_err(|e| e.context("--shard"))?;
     p.source = a.out.clone();
+    let missing: Vec<usize> = full
+        .candidate_tps(a.world)
+        .into_iter()
+        .filter(|t| !p.decode_tps().contains(t))
+        .collect();
+    if !missing.is_empty() {
+        eprintln!(
+            "note: no --shard for tp {missing:?}: the profile leaves {} out (`pat simulate` and the \
+             policy consider only the tps it covers)",
+            if missing.len() == 1 { "it" } else { "them" }
+        );
+    }
     p.validate()?;
     p.save(&a.out)?;
     let fit = validate(&p, 0.2, 0)

@@ -174,8 +174,13 @@ pub fn bench_switch(a: BenchSwitchArgs) -> Result<()> {
     let mut steps = vec![engine.step()?];
     let prefill = prefill_rate(&steps).unwrap_or(1.0);
     let cost = CostModel::measured_cpu(prefill);
+    let crossover = match cost.crossover_tokens(a.to[0], cfg.kv_bytes_per_token(4) as f64) {
+        0.0 => "migrating beats recomputing at any length".to_string(),
+        n if n.is_infinite() => "recomputing beats migrating at any length".to_string(),
+        n => format!("migrating beats recomputing above {n:.0} tokens"),
+    };
     eprintln!(
-        "first step prefilled {} of {} x {} prompt tokens in {:.0} ms ({:.0} tok/s); KV transfer {:.2} GB/s measured; cost-model crossover at tp {}: {:.0} tokens",
+        "first step prefilled {} of {} x {} prompt tokens in {:.0} ms ({:.0} tok/s); KV transfer {:.2} GB/s measured; cost model at tp {}: {crossover}",
         steps[0].tokens_in,
         a.batch,
         a.context,
@@ -183,7 +188,6 @@ pub fn bench_switch(a: BenchSwitchArgs) -> Result<()> {
         prefill,
         cost.transfer_bytes_per_s / 1e9,
         a.to[0],
-        cost.crossover_tokens(a.to[0], cfg.kv_bytes_per_token(4) as f64)
     );
     for _ in 0..2 {
         steps.push(engine.step()?);
