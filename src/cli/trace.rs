@@ -1,7 +1,7 @@
 //! `pat trace gen | stats`: make seeded rollout length traces (JSONL on stdout) and summarize them.
 
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand, ValueEnum};
 
@@ -19,7 +19,8 @@ pub struct TraceArgs {
 pub enum TraceCommand {
     /// Write a seeded trace as JSONL (`{"prompt_len":P,"response_len":R}` per line) to stdout.
     Gen(GenArgs),
-    /// Count, mean / p50 / p90 / p99 / max response length and the fraction over cap/3.
+    /// Count, mean / p50 / p90 / p99 / max response length and the fractions over cap/3 and at
+    /// the cap.
     Stats(StatsArgs),
 }
 
@@ -36,40 +37,58 @@ pub enum TraceKind {
     Grpo,
 }
 
+impl TraceKind {
+    fn name(self) -> &'static str {
+        match self {
+            TraceKind::Deepscaler => "deepscaler",
+            TraceKind::Uniform => "uniform",
+            TraceKind::Straggler => "straggler",
+            TraceKind::Grpo => "grpo",
+        }
+    }
+}
+
+// Each flag is used by the kinds its help names first; given with any other --kind it is an
+// error, not ignored (`check_gen_flags`).
 #[derive(Args, Debug)]
 pub struct GenArgs {
     #[arg(long, value_enum, default_value = "deepscaler")]
     pub kind: TraceKind,
-    /// Requests in the batch (not grpo: there it is --prompts x --group-size).
-    #[arg(long, default_value_t = 128)]
-    pub n: usize,
-    /// Grpo: prompts in the batch (PAT's "batch 128" is 128 prompts).
-    #[arg(long, default_value_t = 128)]
-    pub prompts: usize,
-    /// Grpo: responses per prompt (GRPO's n).
-    #[arg(long, default_value_t = 8)]
-    pub group_size: usize,
-    /// Grpo: correlation of sibling responses' latent lengths, 0 (independent) to 1.
-    #[arg(long, default_value_t = 0.5)]
-    pub rho: f64,
+    /// Deepscaler, uniform, straggler: requests in the batch [default: 128] (grpo: --prompts x
+    /// --group-size).
+    #[arg(long)]
+    pub n: Option<usize>,
+    /// Grpo: prompts in the batch (PAT's "batch 128" is 128 prompts) [default: 128].
+    #[arg(long)]
+    pub prompts: Option<usize>,
+    /// Grpo: responses per prompt (GRPO's n) [default: 8].
+    #[arg(long)]
+    pub group_size: Option<usize>,
+    /// Grpo: correlation of sibling responses' latent lengths, 0 (independent) to 1
+    /// [default: 0.5].
+    #[arg(long)]
+    pub rho: Option<f64>,
     /// Grpo: fraction of responses that run to the cap (default 2.8/128, PAT's ~2.8 per 128).
     #[arg(long)]
     pub at_cap: Option<f64>,
-    /// Response cap (longest response).
+    /// Response cap: no response is longer. Deepscaler and grpo clamp their drawn lengths to it
+    /// (as a capped generation does); an explicit --lo, --hi, --short or --long above it is an
+    /// error, not clamped.
     #[arg(long, default_value_t = 24576)]
     pub cap: usize,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// Deepscaler, uniform, grpo: seed of the draws [default: 0] (straggler draws nothing).
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Uniform: shortest response (default cap/4 - cap/32).
     #[arg(long)]
     pub lo: Option<usize>,
-    /// Uniform: longest response (default cap/4 + cap/32).
+    /// Uniform: longest response (default cap/4 + cap/32), at most --cap.
     #[arg(long)]
     pub hi: Option<usize>,
-    /// Straggler: length of the n-1 short responses (default cap/16).
+    /// Straggler: length of the n-1 short responses (default cap/16), at most --long.
     #[arg(long)]
     pub short: Option<usize>,
-    /// Straggler: length of the one long response (default cap).
+    /// Straggler: length of the one long response (default cap), at most --cap.
     #[arg(long)]
     pub long: Option<usize>,
     /// Write here instead of stdout.
@@ -79,9 +98,10 @@ pub struct GenArgs {
 
 #[derive(Args, Debug)]
 pub struct StatsArgs {
-    /// A JSONL trace.
+    /// A JSONL trace; `-` reads standard input.
     pub file: PathBuf,
-    /// Cap the fractions refer to (default: the longest response in the file).
+    /// Cap the fractions refer to (default: the longest response in the file); a response longer
+    /// than it is an error, since a trace made with that cap has none.
     #[arg(long)]
     pub cap: Option<usize>,
     /// Print one JSON object instead of a table.
@@ -89,37 +109,105 @@ pub struct StatsArgs {
     pub json: bool,
 }
 
-/// Builds the trace `pat trace gen` would write.
-pub fn generate(a: &GenArgs) -> Result<Trace> {
+/// Which kinds use each kind-specific flag, and whether it was given.
+fn kind_flags(a: &GenArgs) -> [(&'static str, bool, &'static [TraceKind]); 10] {
+    use TraceKind::*;
+    [
+        ("--n", a.n.is_some(), &[Deepscaler, Uniform, Straggler]),
+        ("--prompts", a.prompts.is_some(), &[Grpo]),
+        ("--group-size", a.group_size.is_some(), &[Grpo]),
+        ("--rho", a.rho.is_some(), &[Grpo]),
+        ("--at-cap", a.at_cap.is_some(), &[Grpo]),
+        ("--seed", a.seed.is_some(), &[Deepscaler, Uniform, Grpo]),
+        ("--lo", a.lo.is_some(), &[Uniform]),
+        ("--hi", a.hi.is_some(), &[Uniform]),
+        ("--short", a.short.is_some(), &[Straggler]),
+        ("--long", a.long.is_some(), &[Straggler]),
+    ]
+}
+
+/// Refuses a flag the chosen kind does not use, and lengths above the cap.
+fn check_gen_flags(a: &GenArgs) -> Result<()> {
     let cap = a.cap;
     if cap == 0 {
         return Err(Error::Invalid("--cap must be at least 1".into()));
     }
+    for (flag, given, kinds) in kind_flags(a) {
+        if given && !kinds.contains(&a.kind) {
+            let users: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
+            return Err(Error::Invalid(format!(
+                "{flag} is not used by --kind {} (only by {})",
+                a.kind.name(),
+                users.join(", ")
+            )));
+        }
+    }
+    for (flag, v) in [
+        ("--lo", a.lo),
+        ("--hi", a.hi),
+        ("--short", a.short),
+        ("--long", a.long),
+    ] {
+        if let Some(v) = v.filter(|&v| v > cap) {
+            return Err(Error::Invalid(format!(
+                "{flag} {v} is longer than --cap {cap}: no response may be longer than the cap"
+            )));
+        }
+    }
+    if a.kind == TraceKind::Straggler {
+        let (short, long) = straggler_lens(a);
+        if long < short {
+            let said = |v: Option<usize>, default: &str| match v {
+                Some(_) => String::new(),
+                None => format!(" ({default})"),
+            };
+            return Err(Error::Invalid(format!(
+                "--long {long}{} is shorter than --short {short}{}: the straggler is the longest",
+                said(a.long, "the default, --cap"),
+                said(a.short, "the default, cap/16"),
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// (short, long) of a straggler trace, defaults applied.
+fn straggler_lens(a: &GenArgs) -> (usize, usize) {
+    (
+        a.short.unwrap_or((a.cap / 16).max(1)),
+        a.long.unwrap_or(a.cap),
+    )
+}
+
+/// Builds the trace `pat trace gen` would write.
+pub fn generate(a: &GenArgs) -> Result<Trace> {
+    check_gen_flags(a)?;
+    let cap = a.cap;
+    let (n, seed) = (a.n.unwrap_or(128), a.seed.unwrap_or(0));
     if a.kind == TraceKind::Uniform && a.lo.is_none() && a.hi.is_none() && cap / 4 == 0 {
         return Err(Error::Invalid(format!(
             "--cap {cap} is too small for the default uniform range (cap/4 +- cap/32); give --lo and --hi"
         )));
     }
     let r = match a.kind {
-        TraceKind::Deepscaler => deepscaler_like(a.n, cap, a.seed),
+        TraceKind::Deepscaler => deepscaler_like(n, cap, seed),
         TraceKind::Uniform => uniform(
-            a.n,
+            n,
             a.lo.unwrap_or((cap / 4).saturating_sub(cap / 32).max(1)),
             a.hi.unwrap_or(cap / 4 + cap / 32),
-            a.seed,
+            seed,
         ),
-        TraceKind::Straggler => one_straggler(
-            a.n,
-            a.short.unwrap_or((cap / 16).max(1)),
-            a.long.unwrap_or(cap),
-        ),
+        TraceKind::Straggler => {
+            let (short, long) = straggler_lens(a);
+            one_straggler(n, short, long)
+        }
         TraceKind::Grpo => grpo(&GrpoSpec {
-            prompts: a.prompts,
-            group_size: a.group_size,
+            prompts: a.prompts.unwrap_or(128),
+            group_size: a.group_size.unwrap_or(8),
             cap,
-            rho: a.rho,
+            rho: a.rho.unwrap_or(0.5),
             at_cap: a.at_cap.unwrap_or(DEEPSCALER_AT_CAP),
-            seed: a.seed,
+            seed,
         }),
     };
     r.map_err(|e| Error::Invalid(trace_flags(&e.to_string())))
@@ -145,6 +233,45 @@ fn trace_flags(msg: &str) -> String {
     m
 }
 
+/// The trace in `file` (`-`: stdin), checked against `cap`: a response longer than the cap is an
+/// error naming its line.
+fn load_for_stats(file: &Path, cap: Option<usize>) -> Result<Trace> {
+    if cap == Some(0) {
+        return Err(Error::Invalid("--cap must be at least 1".into()));
+    }
+    let (shown, text) = if file.as_os_str() == "-" {
+        let mut t = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut t)
+            .map_err(|e| Error::io("<stdin>", e))?;
+        (PathBuf::from("<stdin>"), t)
+    } else {
+        let t = std::fs::read_to_string(file).map_err(|e| Error::io(file, e))?;
+        (file.to_path_buf(), t)
+    };
+    let trace = Trace::parse(&shown, &text)?;
+    if let Some(cap) = cap {
+        // Trace::parse skips blank lines: request i is the i-th non-blank line.
+        let lines = text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, _)| i + 1);
+        for (r, line) in trace.requests.iter().zip(lines) {
+            if r.response_len > cap {
+                return Err(Error::Input {
+                    path: shown,
+                    line,
+                    msg: format!(
+                        "`response_len` {} is longer than --cap {cap} (a trace made with that cap has none longer)",
+                        r.response_len
+                    ),
+                });
+            }
+        }
+    }
+    Ok(trace)
+}
+
 pub fn run(a: TraceArgs) -> Result<()> {
     match a.cmd {
         TraceCommand::Gen(g) => {
@@ -158,11 +285,15 @@ pub fn run(a: TraceArgs) -> Result<()> {
             }
         }
         TraceCommand::Stats(s) => {
-            let st = Trace::load(&s.file)?.stats(s.cap);
+            let st = load_for_stats(&s.file, s.cap)?.stats(s.cap);
             if s.json {
                 outln!("{}", serde_json::to_string(&st).unwrap_or_default())?;
             } else {
-                outln!("{}", s.file.display())?;
+                if s.file.as_os_str() == "-" {
+                    outln!("<stdin>")?;
+                } else {
+                    outln!("{}", s.file.display())?;
+                }
                 super::common::stdout_write(format_args!("{}", st.table()))?;
             }
             Ok(())
@@ -177,13 +308,13 @@ mod tests {
     fn gen(kind: TraceKind) -> GenArgs {
         GenArgs {
             kind,
-            n: 8,
-            prompts: 4,
-            group_size: 2,
-            rho: 0.5,
+            n: (kind != TraceKind::Grpo).then_some(8),
+            prompts: (kind == TraceKind::Grpo).then_some(4),
+            group_size: (kind == TraceKind::Grpo).then_some(2),
+            rho: None,
             at_cap: None,
             cap: 3200,
-            seed: 0,
+            seed: None,
             lo: None,
             hi: None,
             short: None,
