@@ -1,7 +1,8 @@
 //! `pat profile`: offline profile of the real engine on synthetic batches (the measurement is
 //! `pat::engine::profiler`), written as the profile JSON the predictor and the decision rule read.
 
-use std::path::PathBuf;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::Args;
@@ -9,9 +10,9 @@ use clap::Args;
 use super::common::{open_model, progress};
 use pat::engine::profiler::{measure_profile, ProfileGrid};
 use pat::engine::Backend;
-use pat::error::Result;
+use pat::error::{Error, Result};
 use pat::model::ModelDir;
-use pat::policy::predictor::validate;
+use pat::policy::predictor::{validate, FitForm};
 use pat::policy::Profile;
 use pat::Dtype;
 
@@ -50,15 +51,19 @@ pub struct ProfileArgs {
     pub dtype: pat::Dtype,
 }
 
-/// [`measure_profile`] with the expected run time and a progress bar on stderr.
+/// The held-out fraction of `--validate`.
+const HOLDOUT: f64 = 0.25;
+
+/// [`measure_profile`] on a checked grid (`tps` from [`ProfileGrid::tps`]) with the expected run
+/// time and a progress bar on stderr.
 fn measure_on(
     m: &ModelDir,
     grid: &ProfileGrid,
+    tps: &[usize],
     backend: &Backend,
     dtype: Dtype,
 ) -> Result<Profile> {
-    let tps = grid.tps(m)?;
-    let prefill_tokens = grid.prefill_tokens(&tps);
+    let prefill_tokens = grid.prefill_tokens(tps);
     if *backend == Backend::Cpu {
         eprintln!(
             "profiling tp {:?} x batch {:?} x context {:?}, {} decode steps each ({} prefill tokens in all; on this CPU backend at ~500 tok/s that is ~{:.0} s)",
@@ -70,21 +75,111 @@ fn measure_on(
             tps, grid.batches, grid.contexts, backend.name(), grid.steps, prefill_tokens
         );
     }
-    let pb = progress(grid.points(&tps) as u64, "profile");
+    let pb = progress(grid.points(tps) as u64, "profile");
     let r = measure_profile(m, grid, backend, dtype, |done, _| {
         pb.set_position(done as u64)
     });
     pb.finish_and_clear();
-    r.map_err(|e| match e {
-        e @ pat::Error::Invalid(_) => e.context("--batches/--contexts/--steps/--world"),
-        e => e,
-    })
+    r
+}
+
+/// Refuses `--backend cuda` in a build without the cuda feature, before anything else.
+fn check_backend_built(backend: &Backend) -> Result<()> {
+    #[cfg(not(feature = "cuda"))]
+    if matches!(backend, Backend::Cuda { .. }) {
+        return Err(pat::backend::cuda::not_built());
+    }
+    let _ = backend;
+    Ok(())
+}
+
+/// Refuses a grid too small for `--validate` (see [`validate`]: each tp holds out
+/// `max(1, round(n * HOLDOUT))` of its `n` points and fits the rest, at least one point per
+/// term; the fit needs two batch sizes and two contexts to tell their terms apart).
+fn check_validate_grid(grid: &ProfileGrid) -> Result<()> {
+    let distinct = |v: &[usize]| v.iter().collect::<BTreeSet<_>>().len();
+    let (nb, nc) = (distinct(&grid.batches), distinct(&grid.contexts));
+    if nb < 2 || nc < 2 {
+        return Err(Error::Invalid(format!(
+            "--validate fits step time over batch and context: it needs at least 2 different \
+             --batches and 2 different --contexts, got {nb} and {nc}"
+        )));
+    }
+    let terms = FitForm::default().terms();
+    let held_out = |n: usize| ((n as f64 * HOLDOUT).round() as usize).max(1);
+    let need = (1..)
+        .find(|&n| n >= held_out(n) + terms)
+        .unwrap_or(usize::MAX);
+    let (b, c) = (grid.batches.len(), grid.contexts.len());
+    if b.saturating_mul(c) < need {
+        return Err(Error::Invalid(format!(
+            "--validate needs at least {need} grid points per tp (it holds out {}% and fits {terms} \
+             terms), but --batches x --contexts gives {b} x {c} = {}; add batches or contexts",
+            HOLDOUT * 100.0,
+            b * c
+        )));
+    }
+    Ok(())
+}
+
+/// The `--out` file, made sure of before profiling: created (removed again unless [`Self::keep`]
+/// is called) or, when it exists, opened for writing without changing it.
+struct OutFile {
+    path: PathBuf,
+    created: bool,
+    kept: bool,
+}
+
+impl OutFile {
+    fn claim(path: &Path) -> Result<OutFile> {
+        let bad = |why: String| Error::Invalid(format!("--out {}: {why}", path.display()));
+        if path.is_dir() {
+            return Err(bad("is a directory".into()));
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if !dir.is_dir() {
+                return Err(bad(format!("directory {} does not exist", dir.display())));
+            }
+        }
+        let open = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path);
+        let created = match open {
+            Ok(_) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| bad(format!("cannot write it ({e})")))?;
+                false
+            }
+            Err(e) => return Err(bad(format!("cannot create it ({e})"))),
+        };
+        Ok(OutFile {
+            path: path.to_path_buf(),
+            created,
+            kept: false,
+        })
+    }
+
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for OutFile {
+    fn drop(&mut self) {
+        if self.created && !self.kept {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 pub fn run(a: ProfileArgs) -> Result<()> {
     let backend = a.backend.backend()?;
+    check_backend_built(&backend)?;
     let m = open_model(&a.model)?;
-    let t0 = Instant::now();
     let grid = ProfileGrid {
         world: a.world,
         batches: a.batches.clone(),
@@ -92,18 +187,35 @@ pub fn run(a: ProfileArgs) -> Result<()> {
         steps: a.steps,
         seed: a.seed,
     };
-    let mut profile = measure_on(&m, &grid, &backend, a.dtype)?;
+    let tps = grid.tps(&m).map_err(|e| match e {
+        e @ pat::Error::Invalid(_) => e.context("--batches/--contexts/--steps/--world"),
+        e => e,
+    })?;
+    if a.validate {
+        check_validate_grid(&grid)?;
+    }
+    let out = OutFile::claim(&a.out)?;
+    let t0 = Instant::now();
+    let mut profile = measure_on(&m, &grid, &tps, &backend, a.dtype)?;
     profile.source = a.out.clone();
     profile.validate()?;
     profile.save(&a.out)?;
+    out.keep();
     eprintln!(
         "wrote {} in {:.1} s",
         a.out.display(),
         t0.elapsed().as_secs_f64()
     );
+    // The engine times `--steps` decode steps per point; a sample's context is the cached
+    // tokens at the middle one, which the fits use.
+    eprintln!(
+        "mid ctx: tokens cached at the middle of the {} timed decode steps (each --contexts value + {})",
+        grid.steps,
+        grid.steps / 2
+    );
     eprintln!(
         "{:>4} {:>6} {:>8} {:>10}",
-        "tp", "batch", "context", "step ms"
+        "tp", "batch", "mid ctx", "step ms"
     );
     for s in &profile.decode {
         eprintln!(
@@ -115,7 +227,7 @@ pub fn run(a: ProfileArgs) -> Result<()> {
         eprintln!("prefill tp {}: {:.0} tokens/s", p.tp, p.tokens_per_s);
     }
     if a.validate {
-        let r = validate(&profile, 0.25, a.seed)?;
+        let r = validate(&profile, HOLDOUT, a.seed)?;
         outln!("{}", serde_json::to_string(&r).unwrap_or_default())?;
         eprintln!(
             "predictor: mean absolute error {:.1}% on {} held-out points ({} fitted)",
