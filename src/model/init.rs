@@ -12,7 +12,7 @@ use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::model::config::Arch;
 use crate::model::dims::ModelDims;
-use crate::model::tokenizer::Tokenizer;
+use crate::model::tokenizer::{Tokenizer, MIN_BYTE_LEVEL_VOCAB};
 
 /// Model size presets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,6 +26,18 @@ pub enum Preset {
     /// SmolLM2-135M dims (30 layers, hidden 576, 9/3 heads, ffn 1536, vocab 49152, tied): a real
     /// shape small enough for CPU benchmarks against torch.
     Smollm135mShape,
+}
+
+impl Preset {
+    /// The preset's name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Tiny => "tiny",
+            Preset::Small => "small",
+            Preset::Llama3_8bShape => "llama3-8b-shape",
+            Preset::Smollm135mShape => "smollm-135m-shape",
+        }
+    }
 }
 
 /// What `init_model` writes.
@@ -209,27 +221,74 @@ fn tensors(opts: &InitOptions, d: &PresetDims) -> Vec<(String, LazyTensor)> {
     v
 }
 
-/// Runs `write` on `DIR/NAME.tmp`, then renames it to `DIR/NAME`.
-fn write_atomic(dir: &Path, name: &str, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let fin = dir.join(name);
-    let tmp = dir.join(format!("{name}.tmp"));
-    if let Err(e) = write(&tmp) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+#[cfg(test)]
+thread_local! {
+    /// Tests: the file whose write fails (a disk filling up at that point).
+    static FAIL_WRITING: std::cell::Cell<Option<&'static str>> = const { std::cell::Cell::new(None) };
+}
+
+/// The files one `init_model` run has written, removed again unless the run completes.
+struct Written {
+    dir: std::path::PathBuf,
+    files: Vec<std::path::PathBuf>,
+    /// The first directory this run created (the output or an ancestor of it), if any.
+    created: Option<std::path::PathBuf>,
+    done: bool,
+}
+
+impl Written {
+    /// Runs `write` on `DIR/NAME.tmp`, then renames it to `DIR/NAME`.
+    fn write_atomic(&mut self, name: &str, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+        let fin = self.dir.join(name);
+        let tmp = self.dir.join(format!("{name}.tmp"));
+        #[cfg(test)]
+        let write = |p: &Path| match FAIL_WRITING.with(|f| f.get()) {
+            Some(n) if n == name => Err(Error::io(p, std::io::Error::other("injected failure"))),
+            _ => write(p),
+        };
+        if let Err(e) = write(&tmp) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        std::fs::rename(&tmp, &fin).map_err(|e| Error::io(&fin, e))?;
+        self.files.push(fin);
+        Ok(())
     }
-    std::fs::rename(&tmp, &fin).map_err(|e| Error::io(&fin, e))
+
+    fn write_json(&mut self, name: &str, v: &Value) -> Result<()> {
+        let text = serde_json::to_string_pretty(v)
+            .map_err(|e| Error::config(self.dir.join(name), e.to_string()))?;
+        self.write_atomic(name, |p| {
+            std::fs::write(p, text + "\n").map_err(|e| Error::io(p, e))
+        })
+    }
 }
 
-fn write_json(dir: &Path, name: &str, v: &Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(v)
-        .map_err(|e| Error::config(dir.join(name), e.to_string()))?;
-    write_atomic(dir, name, |p| {
-        std::fs::write(p, text + "\n").map_err(|e| Error::io(p, e))
-    })
+impl Drop for Written {
+    /// An unfinished run takes back what it wrote: its files, and the directories it created.
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        for f in &self.files {
+            let _ = std::fs::remove_file(f);
+        }
+        if let Some(top) = &self.created {
+            // Only directories this run created; remove_dir refuses any that hold other files.
+            let mut d = self.dir.clone();
+            loop {
+                let _ = std::fs::remove_dir(&d);
+                if d == *top || !d.pop() {
+                    break;
+                }
+            }
+        }
+    }
 }
 
-/// Refuses an existing non-empty directory unless `force`; creates it if missing.
-fn prepare_dir(out: &Path, force: bool) -> Result<()> {
+/// Refuses an existing non-empty directory unless `force`; creates it if missing. Returns the
+/// first directory it created (`out` or an ancestor), if any.
+fn prepare_dir(out: &Path, force: bool) -> Result<Option<std::path::PathBuf>> {
     match std::fs::read_dir(out) {
         Ok(mut entries) => match entries.next() {
             Some(_) if !force => Err(Error::Invalid(format!(
@@ -241,42 +300,86 @@ fn prepare_dir(out: &Path, force: bool) -> Result<()> {
                 let index = out.join("model.safetensors.index.json");
                 match std::fs::remove_file(&index) {
                     Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(&index, e)),
-                    _ => Ok(()),
+                    _ => Ok(None),
                 }
             }
         },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))
+            let top = out
+                .ancestors()
+                .take_while(|a| !a.as_os_str().is_empty() && !a.exists())
+                .last()
+                .unwrap_or(out)
+                .to_path_buf();
+            std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+            Ok(Some(top))
         }
         Err(e) => Err(Error::io(out, e)),
     }
 }
 
+/// The byte-level tokenizer of `d`; an error names the shard or preset whose vocab is too small.
+fn tokenizer_for(opts: &InitOptions, d: &PresetDims) -> Result<Tokenizer> {
+    let vocab = d.dims.vocab_size;
+    if vocab < MIN_BYTE_LEVEL_VOCAB {
+        let full = preset_dims(opts.arch, opts.preset).dims.vocab_size;
+        let what = if opts.shard > 1 {
+            format!(
+                "`shard` {} with preset {}: the shard's vocab is {full}/{} = {vocab}",
+                opts.shard,
+                opts.preset.name(),
+                opts.shard
+            )
+        } else {
+            format!("preset {}: its vocab is {vocab}", opts.preset.name())
+        };
+        return Err(Error::Invalid(format!(
+            "{what}, below the {MIN_BYTE_LEVEL_VOCAB} tokens of the byte-level tokenizer \
+             (3 specials + 256 bytes); use a smaller `shard` or a larger preset"
+        )));
+    }
+    Tokenizer::byte_level(vocab)
+}
+
 /// Writes DIR/{config.json, generation_config.json, model.safetensors, tokenizer.json}.
 /// Returns the bytes of weights written. config.json is written last, so an interrupted run
-/// never leaves a directory that looks like a complete model.
+/// never leaves a directory that looks like a complete model; a run that fails removes the
+/// files it wrote and the directories it created.
 pub fn init_model(out: &Path, opts: &InitOptions) -> Result<u64> {
     let d = shard_dims(preset_dims(opts.arch, opts.preset), opts.shard)?;
-    prepare_dir(out, opts.force)?;
+    let tok = tokenizer_for(opts, &d)?;
+    let created = prepare_dir(out, opts.force)?;
+    let mut w = Written {
+        dir: out.to_path_buf(),
+        files: Vec::new(),
+        created,
+        done: false,
+    };
 
     let tensors = tensors(opts, &d);
     let bytes: u64 = tensors.iter().map(|(_, t)| t.data_len() as u64).sum();
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    write_atomic(out, "model.safetensors", |p| {
+    w.write_atomic("model.safetensors", |p| {
+        // safetensors writes through a private (0600) temporary file; give the result the
+        // permissions of a file created here, as the other files have.
+        let perms = std::fs::File::create(p)
+            .and_then(|f| f.metadata())
+            .map_err(|e| Error::io(p, e))?
+            .permissions();
         safetensors::serialize_to_file(tensors, Some(meta), p).map_err(|e| match e {
             SafeTensorError::IoError(io) => Error::io(p, io),
             other => Error::checkpoint(p, other.to_string()),
-        })
+        })?;
+        std::fs::set_permissions(p, perms).map_err(|e| Error::io(p, e))
     })?;
 
-    let tok = Tokenizer::byte_level(d.dims.vocab_size)?;
-    write_atomic(out, "tokenizer.json", |p| tok.save(p))?;
-    write_json(
-        out,
+    w.write_atomic("tokenizer.json", |p| tok.save(p))?;
+    w.write_json(
         "generation_config.json",
         &json!({"bos_token_id": 1, "eos_token_id": 2, "do_sample": false}),
     )?;
-    write_json(out, "config.json", &config_json(opts, &d))?;
+    w.write_json("config.json", &config_json(opts, &d))?;
+    w.done = true;
     Ok(bytes)
 }
 

@@ -220,3 +220,54 @@ fn a_shard_is_the_tp_slice_of_every_split_dimension() {
         (4, 2, 1024)
     );
 }
+
+#[test]
+fn a_shard_too_small_for_the_tokenizer_is_refused_before_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("d");
+    let mut o = opts(Arch::Llama, Dtype::F32, 0);
+    o.shard = 2;
+    let e = init_model(&out, &o).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "`shard` 2 with preset tiny: the shard's vocab is 320/2 = 160, below the 259 tokens of \
+         the byte-level tokenizer (3 specials + 256 bytes); use a smaller `shard` or a larger preset"
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn a_failed_run_takes_back_what_it_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(Arch::Llama, Dtype::F32, 0);
+    let fail_at = |name: &'static str, out: &Path| {
+        FAIL_WRITING.with(|f| f.set(Some(name)));
+        let r = init_model(out, &o);
+        FAIL_WRITING.with(|f| f.set(None));
+        r.expect_err("injected failure").to_string()
+    };
+    // Directories this run created go, up to the first that existed.
+    let out = dir.path().join("new/model");
+    let e = fail_at("generation_config.json", &out);
+    assert!(e.contains("generation_config.json.tmp"), "{e}");
+    assert!(!dir.path().join("new").exists());
+    // An existing empty directory stays, empty.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    fail_at("config.json", &empty);
+    assert_eq!(std::fs::read_dir(&empty).unwrap().count(), 0);
+    // --force into a directory: its other files stay.
+    let keep = empty.join("keep.txt");
+    std::fs::write(&keep, "x").unwrap();
+    let forced = InitOptions { force: true, ..o };
+    FAIL_WRITING.with(|f| f.set(Some("tokenizer.json")));
+    let r = init_model(&empty, &forced);
+    FAIL_WRITING.with(|f| f.set(None));
+    assert!(r.is_err());
+    let names: Vec<_> = std::fs::read_dir(&empty)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["keep.txt"]);
+    init_model(&out, &o).expect("a rerun works");
+}
