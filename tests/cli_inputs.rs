@@ -1,0 +1,323 @@
+//! Command-line inputs of `pat trace`, `pat profile` and `pat init-model` that must be refused
+//! up front (naming the flag, before any work or any file is written), and what they print.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn pat(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pat"))
+        .args(args)
+        .output()
+        .expect("run pat")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs pat expecting exit code 1 (a refused input); returns stderr, asserting it holds every
+/// needle and no panic.
+fn refused(args: &[&str], needles: &[&str]) -> String {
+    let o = pat(args);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "pat {args:?}: {err}");
+    assert!(!err.contains("panicked"), "pat {args:?} panicked: {err}");
+    for n in needles {
+        assert!(err.contains(n), "pat {args:?}: expected {n:?} in: {err}");
+    }
+    err
+}
+
+fn ok(args: &[&str]) -> Output {
+    let o = pat(args);
+    assert!(o.status.success(), "pat {args:?} failed: {}", stderr(&o));
+    o
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A straggler trace of 24, 24, 320 tokens.
+fn straggler(dir: &Path) -> PathBuf {
+    let t = dir.join("t.jsonl");
+    ok(&[
+        "trace",
+        "gen",
+        "--kind",
+        "straggler",
+        "--n",
+        "3",
+        "--short",
+        "24",
+        "--long",
+        "320",
+        "--out",
+        s(&t),
+    ]);
+    t
+}
+
+fn tiny(dir: &Path) -> PathBuf {
+    let m = dir.join("m");
+    ok(&["init-model", "--preset", "tiny", "--out", s(&m)]);
+    m
+}
+
+#[test]
+fn trace_stats_refuses_a_response_longer_than_the_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = straggler(dir.path());
+    // Line 3 holds the 320-token response.
+    refused(
+        &["trace", "stats", s(&t), "--cap", "100"],
+        &[&format!("{}:3:", t.display()), "320", "--cap 100"],
+    );
+    refused(
+        &["trace", "stats", s(&t), "--cap", "0"],
+        &["--cap must be at least 1"],
+    );
+    let o = ok(&["trace", "stats", s(&t), "--cap", "320", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["frac_at_cap"], 1.0 / 3.0);
+}
+
+#[test]
+fn trace_stats_reads_stdin() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read(straggler(dir.path())).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pat"))
+        .args(["trace", "stats", "-", "--json"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&text).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (v["count"].as_u64(), v["cap"].as_u64()),
+        (Some(3), Some(320))
+    );
+}
+
+#[test]
+fn trace_gen_keeps_lengths_within_the_cap() {
+    refused(
+        &[
+            "trace", "gen", "--kind", "uniform", "--hi", "50000", "--cap", "100",
+        ],
+        &["--hi 50000", "--cap 100"],
+    );
+    refused(
+        &[
+            "trace",
+            "gen",
+            "--kind",
+            "straggler",
+            "--long",
+            "200",
+            "--cap",
+            "100",
+        ],
+        &["--long 200", "--cap 100"],
+    );
+    let o = ok(&[
+        "trace", "gen", "--kind", "uniform", "--lo", "90", "--hi", "100", "--cap", "100",
+    ]);
+    let text = String::from_utf8(o.stdout).unwrap();
+    for l in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert!(v["response_len"].as_u64().unwrap() <= 100, "{l}");
+    }
+}
+
+#[test]
+fn trace_gen_refuses_flags_the_kind_does_not_use() {
+    for (kind, flag, value) in [
+        ("deepscaler", "--rho", "0.3"),
+        ("deepscaler", "--lo", "5"),
+        ("uniform", "--long", "5"),
+        ("grpo", "--n", "4"),
+        ("straggler", "--seed", "1"),
+    ] {
+        refused(
+            &["trace", "gen", "--kind", kind, flag, value],
+            &[&format!("{flag} is not used by --kind {kind}")],
+        );
+    }
+    refused(
+        &[
+            "trace",
+            "gen",
+            "--kind",
+            "straggler",
+            "--short",
+            "20",
+            "--long",
+            "10",
+        ],
+        &["--long 10 is shorter than --short 20"],
+    );
+}
+
+#[test]
+fn profile_refuses_a_grid_too_small_to_validate_before_measuring() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let out = dir.path().join("p.json");
+    let err = refused(
+        &[
+            "profile",
+            "--model",
+            s(&m),
+            "--world",
+            "1",
+            "--out",
+            s(&out),
+            "--validate",
+            "--batches",
+            "1,2",
+            "--contexts",
+            "4,8",
+            "--steps",
+            "1",
+        ],
+        &[
+            "--validate needs at least 5",
+            "--batches x --contexts gives 2 x 2 = 4",
+        ],
+    );
+    assert!(!err.contains("profiling"), "{err}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn profile_refuses_an_output_it_cannot_write_before_measuring() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let out = dir.path().join("missing/p.json");
+    let err = refused(
+        &[
+            "profile",
+            "--model",
+            s(&m),
+            "--world",
+            "1",
+            "--out",
+            s(&out),
+            "--batches",
+            "1",
+            "--contexts",
+            "4",
+            "--steps",
+            "1",
+        ],
+        &[&format!("--out {}", out.display()), "does not exist"],
+    );
+    assert!(!err.contains("profiling"), "{err}");
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn profile_on_cuda_without_the_feature_blames_the_backend_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let out = dir.path().join("p.json");
+    let err = refused(
+        &[
+            "profile",
+            "--model",
+            s(&m),
+            "--world",
+            "1",
+            "--out",
+            s(&out),
+            "--batches",
+            "1",
+            "--contexts",
+            "4",
+            "--steps",
+            "1",
+            "--backend",
+            "cuda",
+        ],
+        &["error: --backend cuda: this pat was built without the `cuda` feature"],
+    );
+    assert!(
+        !err.contains("profiling") && !err.contains("--batches"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn profile_labels_the_context_it_measured() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let out = dir.path().join("p.json");
+    let o = ok(&[
+        "profile",
+        "--model",
+        s(&m),
+        "--world",
+        "1",
+        "--out",
+        s(&out),
+        "--batches",
+        "1",
+        "--contexts",
+        "32",
+        "--steps",
+        "5",
+    ]);
+    // The sample's context is the asked 32 plus half the 5 timed steps, and says so.
+    let err = stderr(&o);
+    assert!(err.contains("(each --contexts value + 2)"), "{err}");
+    assert!(err.contains("batch  mid ctx"), "{err}");
+    assert!(
+        err.lines()
+            .any(|l| l.split_whitespace().take(3).eq(["1", "1", "34"])),
+        "no row of context 34 in: {err}"
+    );
+}
+
+#[test]
+fn init_model_refuses_a_shard_too_small_for_the_tokenizer_writing_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("d");
+    refused(
+        &[
+            "init-model",
+            "--preset",
+            "tiny",
+            "--out",
+            s(&out),
+            "--shard",
+            "2",
+        ],
+        &["--shard 2 with preset tiny", "160", "259"],
+    );
+    assert!(!out.exists(), "a refused run leaves nothing behind");
+    ok(&["init-model", "--preset", "tiny", "--out", s(&out)]);
+}
+
+#[cfg(unix)]
+#[test]
+fn init_model_weights_have_the_permissions_of_the_other_files() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let mode = |name: &str| {
+        std::fs::metadata(m.join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("model.safetensors"), mode("config.json"));
+    assert_eq!(mode("model.safetensors"), mode("tokenizer.json"));
+}
