@@ -59,8 +59,8 @@ pub enum Command {
     /// Real generation of a rollout batch with response lengths forced from a trace, under a
     /// static layout or the adaptive policy; JSONL timeline, switch records and a summary.
     Rollout(rollout::RolloutArgs),
-    /// Rollout length traces: generate (DeepScaleR-like, GRPO groups, uniform, straggler) or
-    /// summarize.
+    /// Rollout length traces: `gen` writes one (DeepScaleR-like, GRPO groups, uniform,
+    /// straggler), `stats` summarizes one.
     Trace(trace::TraceArgs),
     /// Simulation of an N-GPU node on a component cost model or a measured profile: every static
     /// layout, PAT's rule, the adaptive rule, its oracle and the optimum; table, JSON, SVG.
@@ -183,6 +183,7 @@ pub struct InitModelArgs {
     /// Output directory (created; must be empty unless --force).
     #[arg(long)]
     pub out: PathBuf,
+    /// Seed of the random weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Storage dtype of the weights.
