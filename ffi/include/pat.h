@@ -303,7 +303,7 @@ typedef struct pat_model_dims {
 
 // `world` ranks as `world / tp` replicas of `tp` ranks. `placement` is NULL for the contiguous
 // placement (replica d holds ranks d*tp .. d*tp + tp - 1), or `world` physical ranks, row-major
-// [replica][tp_rank]: a permutation of 0 .. world - 1. Borrowed for the call only.
+// `[replica][tp_rank]`: a permutation of 0 .. world - 1. Borrowed for the call only.
 typedef struct pat_layout {
   uint32_t world;
   uint32_t tp;
@@ -644,7 +644,10 @@ pat_status pat_engine_add_request(struct pat_engine *engine,
 
 // Runs one step on every replica with live requests: prefill of new prompts and one decode
 // token for the others, in one pass. `out` may be NULL. A request starts once its whole KV
-// (prompt + `max_new_tokens`) fits beside the running ones; until then it waits. Error
+// (prompt + `max_new_tokens`) fits beside the running ones; until then it waits. On the CPU
+// a step also admits new prompts only while their tokens' activations fit half the host's
+// available memory (the first one whatever its length), so a long queue is prefilled over
+// several steps. Error
 // `PAT_RESOURCE_EXHAUSTED` (only after a switch to a layout with less KV): the pool cannot hold
 // this step's tokens; as on every error, no token was sampled and no request advanced (finish
 // or free requests, or retry after a switch to a layout with more KV).
@@ -770,7 +773,7 @@ pat_status pat_kv_plan_rank_bytes(const struct pat_kv_plan *plan,
 // The placement for `new_tp` over the same ranks as `old` whose weight shards nest inside the
 // old ones (`pat::reshard::nested_layout`): when tp grows by a factor, every rank's new shard lies
 // inside its old one, so the weight reshard moves zero bytes between ranks. Writes `world`
-// entries, row-major [replica][tp_rank], to `placement` and `world` to `*n` (with `cap` too small
+// entries, row-major `[replica][tp_rank]`, to `placement` and `world` to `*n` (with `cap` too small
 // only `*n`, and `PAT_BUFFER_TOO_SMALL`). Use it as the new layout's `placement`. Errors:
 // `PAT_ERR_INVALID_ARGUMENT` (a bad layout, or `new_tp` not dividing world). Whether the model
 // splits `new_tp` ways is checked by the plans. Thread-safe.

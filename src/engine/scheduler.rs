@@ -150,7 +150,15 @@ impl Engine {
         }
         let mut run = Vec::new();
         let cap = self.step_tokens.unwrap_or(usize::MAX);
-        let mut prefill = 0usize;
+        // What the started ones feed counts first: one token each while decoding, the whole
+        // sequence where it holds blocks but no cached KV (a step or a recompute that failed).
+        let mut prefill: usize = self
+            .seqs
+            .iter()
+            .filter(|s| s.finished.is_none() && started(s))
+            .map(|s| s.tokens.len() - s.cached)
+            .filter(|&n| n > 1)
+            .sum();
         for (i, s) in self.seqs.iter().enumerate() {
             if s.finished.is_some() {
                 continue;
@@ -170,7 +178,7 @@ impl Engine {
     }
 
     /// Whether a waiting sequence is left out of this step's `live` (its footprint does not fit
-    /// the blocks its replica has spare).
+    /// the blocks its replica has spare, or its prompt the step's token cap).
     pub(super) fn waiting_left_out(&self, live: &[usize]) -> bool {
         // `live` is in request order.
         self.seqs.iter().enumerate().any(|(i, s)| {

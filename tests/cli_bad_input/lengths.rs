@@ -101,7 +101,7 @@ const CASES: &[Case] = &[
     err(
         "bench_gemm_layers_overflow",
         |_| a(&["bench", "gemm", "--layers", "18446744073709551615"]),
-        "GiB (more than 8 GiB): pass --shard or --layers",
+        "--layers 18446744073709551615 is more than the shape's 30 layers",
     ),
     err(
         "bench_gemm_8b_shape_unsharded",

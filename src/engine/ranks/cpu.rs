@@ -39,7 +39,9 @@ impl CpuRanks {
 /// Refuses `ranks` host KV pools of `blocks` blocks of `block_bytes` each (every layer's K and V)
 /// when the host has less memory available than they need: their pages are zeroed lazily, so
 /// pools the host cannot back would be allocated anyway and the process killed when a step first
-/// writes them.
+/// writes them. Checked when the engine loads; a switch's new pools need no check of their own,
+/// being the old pools plus the weight bytes the reshard frees (or less what it takes), all
+/// given back at its commit.
 pub(crate) fn check_host_room(blocks: usize, block_bytes: u64, ranks: usize) -> Result<()> {
     let bytes = (blocks as u64)
         .checked_mul(block_bytes)
@@ -49,8 +51,8 @@ pub(crate) fn check_host_room(blocks: usize, block_bytes: u64, ranks: usize) -> 
         (Some(b), Some(a)) if b <= a => Ok(()),
         (Some(_), None) => Ok(()),
         (b, a) => Err(Error::KvExhausted(format!(
-            "the KV pools ({blocks} blocks per rank x {ranks} ranks) need {} but the host has {} \
-             available",
+            "the KV pools (`kv_blocks` {blocks} per rank x {ranks} ranks) need {} but the host has \
+             {} available",
             b.map_or("more than 2^64 bytes".into(), gib),
             a.map_or("?".into(), gib),
         ))),
@@ -64,7 +66,9 @@ pub(crate) fn host_block_bytes(
     kv_local: usize,
     hd: usize,
 ) -> u64 {
-    2 * 4 * (layers * block_size * kv_local * hd) as u64
+    [layers, block_size, kv_local, hd]
+        .iter()
+        .fold(8u64, |a, &x| a.saturating_mul(x as u64))
 }
 
 fn gib(b: u64) -> String {
@@ -79,11 +83,6 @@ pub(super) fn new_pools(
 ) -> Result<Vec<KvPool>> {
     let cfg = work.cfg;
     let kv_local = cfg.num_kv_heads / work.new.tp;
-    check_host_room(
-        work.new_blocks,
-        host_block_bytes(cfg.num_layers, work.block_size, kv_local, cfg.head_dim),
-        n,
-    )?;
     crate::parallel::per_rank(n, "KV pool allocation", |p| {
         if fault == Some(p) {
             return Err(injected(p, "allocating the new KV pool"));
@@ -138,11 +137,6 @@ impl RankSet for CpuRanks {
     /// Host memory: every rank's pool grows to the goal (a switch gives it the goal unless a
     /// test capped it). The allocator's moves are not counted.
     fn grow_pools(&mut self, g: &super::PoolGrow) -> Result<(usize, u64)> {
-        if let Some(p) = self.pools.first() {
-            let more = g.goal.saturating_sub(p.num_blocks);
-            let block = host_block_bytes(p.k.len(), p.block_size, p.kv_heads, p.head_dim);
-            check_host_room(more, block, self.pools.len())?;
-        }
         for p in &mut self.pools {
             p.grow(g.goal)?;
         }
