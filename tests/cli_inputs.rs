@@ -39,6 +39,13 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// `pat profile --model m --world 1 --out out` and `extra`.
+fn profile<'a>(m: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec!["profile", "--model", s(m), "--world", "1", "--out", s(out)];
+    v.extend_from_slice(extra);
+    v
+}
+
 /// A straggler trace of 24, 24, 320 tokens.
 fn straggler(dir: &Path) -> PathBuf {
     let t = dir.join("t.jsonl");
@@ -170,22 +177,19 @@ fn profile_refuses_a_grid_too_small_to_validate_before_measuring() {
     let m = tiny(dir.path());
     let out = dir.path().join("p.json");
     let err = refused(
-        &[
-            "profile",
-            "--model",
-            s(&m),
-            "--world",
-            "1",
-            "--out",
-            s(&out),
-            "--validate",
-            "--batches",
-            "1,2",
-            "--contexts",
-            "4,8",
-            "--steps",
-            "1",
-        ],
+        &profile(
+            &m,
+            &out,
+            &[
+                "--validate",
+                "--batches",
+                "1,2",
+                "--contexts",
+                "4,8",
+                "--steps",
+                "1",
+            ],
+        ),
         &[
             "--validate needs at least 5",
             "--batches x --contexts gives 2 x 2 = 4",
@@ -201,21 +205,11 @@ fn profile_refuses_an_output_it_cannot_write_before_measuring() {
     let m = tiny(dir.path());
     let out = dir.path().join("missing/p.json");
     let err = refused(
-        &[
-            "profile",
-            "--model",
-            s(&m),
-            "--world",
-            "1",
-            "--out",
-            s(&out),
-            "--batches",
-            "1",
-            "--contexts",
-            "4",
-            "--steps",
-            "1",
-        ],
+        &profile(
+            &m,
+            &out,
+            &["--batches", "1", "--contexts", "4", "--steps", "1"],
+        ),
         &[&format!("--out {}", out.display()), "does not exist"],
     );
     assert!(!err.contains("profiling"), "{err}");
@@ -228,23 +222,20 @@ fn profile_on_cuda_without_the_feature_blames_the_backend_first() {
     let m = tiny(dir.path());
     let out = dir.path().join("p.json");
     let err = refused(
-        &[
-            "profile",
-            "--model",
-            s(&m),
-            "--world",
-            "1",
-            "--out",
-            s(&out),
-            "--batches",
-            "1",
-            "--contexts",
-            "4",
-            "--steps",
-            "1",
-            "--backend",
-            "cuda",
-        ],
+        &profile(
+            &m,
+            &out,
+            &[
+                "--batches",
+                "1",
+                "--contexts",
+                "4",
+                "--steps",
+                "1",
+                "--backend",
+                "cuda",
+            ],
+        ),
         &["error: --backend cuda: this pat was built without the `cuda` feature"],
     );
     assert!(
@@ -259,21 +250,11 @@ fn profile_labels_the_context_it_measured() {
     let dir = tempfile::tempdir().unwrap();
     let m = tiny(dir.path());
     let out = dir.path().join("p.json");
-    let o = ok(&[
-        "profile",
-        "--model",
-        s(&m),
-        "--world",
-        "1",
-        "--out",
-        s(&out),
-        "--batches",
-        "1",
-        "--contexts",
-        "32",
-        "--steps",
-        "5",
-    ]);
+    let o = ok(&profile(
+        &m,
+        &out,
+        &["--batches", "1", "--contexts", "32", "--steps", "5"],
+    ));
     // The sample's context is the asked 32 plus half the 5 timed steps, and says so.
     let err = stderr(&o);
     assert!(err.contains("(each --contexts value + 2)"), "{err}");

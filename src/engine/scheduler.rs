@@ -139,6 +139,7 @@ impl Engine {
     pub(super) fn admitted(&self) -> Vec<usize> {
         let bs = self.opts.block_size;
         let mut spare: Vec<usize> = self.allocs.iter().map(|a| a.free_blocks()).collect();
+        let mut prefill = 0usize;
         let started = |s: &Sequence| s.cached > 0 || !s.table.is_empty();
         for s in self
             .seqs
@@ -147,18 +148,16 @@ impl Engine {
         {
             let owed = blocks_for(s.footprint(), bs).saturating_sub(s.table.len());
             spare[s.replica] = spare[s.replica].saturating_sub(owed);
+            // What a started one prefills counts first toward the token cap: the whole sequence
+            // where it holds blocks but no cached KV (a step or a recompute that failed), not
+            // the one token of a decode.
+            let feed = s.tokens.len() - s.cached;
+            if feed > 1 {
+                prefill = prefill.saturating_add(feed);
+            }
         }
         let mut run = Vec::new();
         let cap = self.step_tokens.unwrap_or(usize::MAX);
-        // What the started ones feed counts first: one token each while decoding, the whole
-        // sequence where it holds blocks but no cached KV (a step or a recompute that failed).
-        let mut prefill: usize = self
-            .seqs
-            .iter()
-            .filter(|s| s.finished.is_none() && started(s))
-            .map(|s| s.tokens.len() - s.cached)
-            .filter(|&n| n > 1)
-            .sum();
         for (i, s) in self.seqs.iter().enumerate() {
             if s.finished.is_some() {
                 continue;

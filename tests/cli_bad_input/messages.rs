@@ -332,21 +332,7 @@ const CASES: &[Case] = &[
     },
     err(
         "rollout_start_tp_with_a_static_policy",
-        |f| {
-            a(&[
-                "rollout",
-                "--model",
-                &f.p("m"),
-                "--trace",
-                &f.p("trace_small.jsonl"),
-                "--world",
-                "2",
-                "--policy",
-                "static:1",
-                "--start-tp",
-                "2",
-            ])
-        },
+        |f| rollout_small(f, &["--start-tp", "2"]),
         "--start-tp 2 is for --policy adaptive",
     ),
 ];
