@@ -30,6 +30,10 @@ pub enum Error {
     /// The paged KV pool cannot hold what was asked of it.
     #[error("KV cache exhausted: {0}")]
     KvExhausted(String),
+    /// The host has too little memory available for what the CPU ranks must hold (their
+    /// weights, checked when the engine loads).
+    #[error("host memory: {0}")]
+    HostMemory(String),
     /// A bad generation request: token id out of range, prompt too long, empty prompt, ...
     #[error("bad request: {0}")]
     Request(String),
@@ -104,7 +108,7 @@ impl Error {
             Error::Tokenizer(_) => ErrorKind::BadFile,
             Error::Unsupported { .. } => ErrorKind::Unsupported,
             Error::Layout(_) | Error::Request(_) | Error::Invalid(_) => ErrorKind::InvalidArgument,
-            Error::KvExhausted(_) => ErrorKind::ResourceExhausted,
+            Error::KvExhausted(_) | Error::HostMemory(_) => ErrorKind::ResourceExhausted,
             Error::Device(_) => ErrorKind::Device,
             Error::Rank { .. } | Error::Internal(_) => ErrorKind::Internal,
         }
@@ -120,8 +124,13 @@ impl Error {
             Error::Layout(m) => Error::Layout(format!("{ctx}: {m}")),
             Error::Request(m) => Error::Request(format!("{ctx}: {m}")),
             Error::KvExhausted(m) => Error::KvExhausted(format!("{ctx}: {m}")),
+            Error::HostMemory(m) => Error::HostMemory(format!("{ctx}: {m}")),
             Error::Device(m) => Error::Device(format!("{ctx}: {m}")),
             Error::Internal(m) => Error::Internal(format!("{ctx}: {m}")),
+            Error::Rank { rank, msg } => Error::Rank {
+                rank,
+                msg: format!("{ctx}: {msg}"),
+            },
             other => other,
         }
     }
@@ -165,6 +174,7 @@ mod tests {
             (Error::unsupported("f", 1, "h"), ErrorKind::Unsupported),
             (Error::Layout("l".into()), ErrorKind::InvalidArgument),
             (Error::KvExhausted("k".into()), ErrorKind::ResourceExhausted),
+            (Error::HostMemory("h".into()), ErrorKind::ResourceExhausted),
             (Error::Request("r".into()), ErrorKind::InvalidArgument),
             (Error::Tokenizer("t".into()), ErrorKind::BadFile),
             (Error::Invalid("i".into()), ErrorKind::InvalidArgument),

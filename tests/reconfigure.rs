@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use pat::engine::SwitchReport;
+use pat::engine::{SwitchFault, SwitchPhase, SwitchReport};
 use pat::model::config::ModelConfig;
 use pat::model::decoder::RankWeights;
 use pat::model::weights::Checkpoint;
@@ -292,5 +292,72 @@ fn a_short_pool_that_cannot_grow_is_an_error_and_a_switch_recovers() {
     e.run(|_| {}).unwrap();
     for (o, g) in e.outputs().iter().zip(&gold) {
         assert_eq!(o.output_ids, g.output_ids, "prompt {}", o.index);
+    }
+}
+
+#[test]
+fn a_recompute_larger_than_a_step_runs_in_passes_with_the_same_tokens() {
+    // A host that cannot hold every recomputed sequence's activations at once (on the CPU a
+    // step's cap is what half the available memory holds): the switch recomputes in passes that
+    // each fit the cap, the first sequence of a pass whatever its length, so with a cap of one
+    // token one sequence a pass. A recompute that fails part way keeps the passes done; the
+    // sequences left are prefilled again by the next steps under the same cap, one a step. The
+    // tokens stay transformers' own.
+    let model = "llama";
+    let (max_new, gold) = golden(model);
+    let reqs = golden_requests(&gold, max_new);
+    let n = reqs.len();
+    assert!(n >= 3, "the fixture has {n} prompts");
+    // No fault; then a fault on rank 0 (the first pass's replica: nothing recomputed) and on
+    // rank 3 (the other replica at tp 2: the passes before its first sequence's are kept).
+    for fault in [None, Some(0), Some(3)] {
+        let mut e = engine(&golden_dir(model), 4, 1, Dtype::F32, 1024);
+        e.add_requests(&reqs).unwrap();
+        e.step().unwrap();
+        e.step().unwrap();
+        e.cap_step_tokens(Some(1));
+        e.inject_switch_fault(fault.map(|rank| SwitchFault {
+            phase: SwitchPhase::Recompute,
+            rank,
+        }));
+        let mut live_before = match e.reconfigure(2, KvPolicy::Recompute, &cost(1e9, 1e3)) {
+            Ok(r) => {
+                assert!(fault.is_none());
+                assert_eq!((r.n_recomputed, r.kv_recompute_passes), (n, n), "{r:?}");
+                n
+            }
+            Err(err) => {
+                let err = err.to_string();
+                let left: usize = err
+                    .split("recomputing the KV of ")
+                    .nth(1)
+                    .and_then(|t| t.split(' ').next())
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or_else(|| panic!("{fault:?}: {err}"));
+                assert!(
+                    fault.is_some() && left >= 1 && left <= n,
+                    "{fault:?}: {err}"
+                );
+                if fault == Some(3) {
+                    assert!(left < n, "rank 3 failed the first pass: {err}");
+                }
+                e.inject_switch_fault(None);
+                n - left
+            }
+        };
+        assert_eq!(e.layout().tp, 2);
+        while e.live() > 0 {
+            let r = e.step().unwrap();
+            let live: usize = r.live_per_replica.iter().sum();
+            assert!(
+                live <= live_before + 1,
+                "{fault:?}: step {} runs {live} after {live_before}",
+                r.step
+            );
+            live_before = live;
+        }
+        for (o, g) in e.outputs().iter().zip(&gold) {
+            assert_eq!(o.output_ids, g.output_ids, "{fault:?}: prompt {}", o.index);
+        }
     }
 }

@@ -46,6 +46,7 @@ use crate::model::ModelDir;
 use crate::parallel::{GroupCache, Layout};
 use ranks::{CpuRanks, GpuSet, Ranks, StepCtx};
 
+use scheduler::StepCap;
 use sequence::Sequence;
 
 /// A running generation over `world` ranks.
@@ -68,10 +69,9 @@ pub struct Engine {
     growth: Option<PoolGrowth>,
     /// Tests: the most blocks per rank a switch gives the new pools.
     switch_pool_cap: Option<usize>,
-    /// The most prompt tokens a step admits (the first waiting request is admitted whatever its
-    /// length): on the CPU, what half the host's available memory holds of a step's activations
-    /// (`host_step_tokens`); a longer queue is prefilled over several steps.
-    step_tokens: Option<usize>,
+    /// What one step (and one pass of a switch's recompute) may prefill; the first prompt is
+    /// admitted whatever its length, and a longer queue is prefilled over several steps.
+    step_cap: StepCap,
     groups: GroupCache,
     seqs: Vec<Sequence>,
     steps: usize,
@@ -147,9 +147,9 @@ impl Engine {
             .map(|_| BlockAllocator::new(opts.kv_blocks))
             .collect();
         let pool_goal = opts.kv_blocks;
-        let step_tokens = match backend {
-            Backend::Cpu => host_step_tokens(&cfg, opts.world),
-            Backend::Cuda { .. } => None,
+        let step_cap = match (backend, crate::backend::host_available_bytes()) {
+            (Backend::Cpu, Some(avail)) => StepCap::HostBytes(avail / 2),
+            _ => StepCap::None,
         };
         Ok(Engine {
             inv_freq,
@@ -162,7 +162,7 @@ impl Engine {
             grow_tried: false,
             growth: None,
             switch_pool_cap: None,
-            step_tokens,
+            step_cap,
             groups: GroupCache::default(),
             seqs: Vec::new(),
             steps: 0,
@@ -226,10 +226,11 @@ impl Engine {
         self.switch_pool_cap = blocks;
     }
 
-    /// Caps the prompt tokens a step admits (`None`: no cap), for tests of a queue prefilled over
-    /// several steps; the CPU default is what half the host's available memory holds.
+    /// Caps the prompt tokens a step (or one pass of a switch's recompute) prefills (`None`: no
+    /// cap), for tests of a queue prefilled over several steps; the CPU default is what half the
+    /// host's available memory holds of a step's activations.
     pub fn cap_step_tokens(&mut self, tokens: Option<usize>) {
-        self.step_tokens = tokens;
+        self.step_cap = tokens.map_or(StepCap::None, StepCap::Tokens);
     }
 
     /// Grows the KV pools now toward the goal the last switch left them (the old pool plus the
@@ -448,20 +449,6 @@ impl Engine {
     }
 }
 
-/// The most prompt tokens a CPU step admits: half the host's available memory over a token's
-/// activations on every rank (the residual stream and its normed copy, q, k, v, the attention
-/// output, the MLP's gate, up and product, f32, counted whole on every rank, as if tp were 1).
-/// `None` where the host's memory cannot be read.
-fn host_step_tokens(cfg: &ModelConfig, world: usize) -> Option<usize> {
-    let per_token = 4
-        * world
-        * (4 * cfg.hidden_size
-            + (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
-            + 3 * cfg.intermediate_size);
-    let avail = crate::backend::host_available_bytes()? / 2;
-    Some(((avail / per_token.max(1) as u64) as usize).max(1))
-}
-
 /// Every rank's shard and a zeroed KV pool in host memory, loaded by one thread per rank.
 fn load_cpu_ranks(
     cfg: &ModelConfig,
@@ -475,7 +462,8 @@ fn load_cpu_ranks(
         cfg.num_kv_heads / opts.tp,
         cfg.head_dim,
     );
-    ranks::check_host_room(opts.kv_blocks, block, opts.world)?;
+    let weights = crate::parallel::shard::weight_bytes_per_rank(cfg, opts.tp, 4);
+    ranks::check_host_room(weights, opts.kv_blocks, block, opts.world)?;
     let loaded = crate::parallel::per_rank(opts.world, "loader", |rank| {
         let (_, t) = layout.position(rank);
         let weights = RankWeights::load(ck, cfg, opts.tp, t, opts.dtype)?;

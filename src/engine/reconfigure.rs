@@ -39,6 +39,9 @@ pub struct SwitchReport {
     pub kv_ms: f64,
     pub kv_migrate_ms: f64,
     pub kv_recompute_ms: f64,
+    /// Forward passes the recompute took: one, or more where the recomputed tokens' activations
+    /// outgrow a step's cap (on the CPU, what half the host's available memory holds).
+    pub kv_recompute_passes: usize,
     /// Allocating the new layout's KV pools (not part of `kv_ms`).
     pub kv_alloc_ms: f64,
     /// The commit: every rank's new shard built (CPU: compacted in place; GPU ranks switching
@@ -398,19 +401,38 @@ impl Engine {
             }
         }
 
-        // Recompute: prefill everything but the last sampled token under the new layout.
+        // Recompute: prefill everything but the last sampled token under the new layout, in
+        // passes that each fit a step's cap (the first sequence of a pass whatever its length).
         let tr = Instant::now();
         if report.n_recomputed > 0 {
             let fail = fault(SwitchPhase::Recompute);
-            self.forward_replicas_failing(&recompute, |s| s.tokens.len() - 1, fail)
-                .map_err(|e| {
-                    e.context(format!(
-                        "switched to tp {new_tp}, but recomputing the KV of {} sequence(s) failed; the next step prefills them again",
-                        report.n_recomputed
-                    ))
-                })?;
-            for i in recompute.into_iter().flatten() {
-                self.seqs[i].cached = self.seqs[i].tokens.len() - 1;
+            let mut order: Vec<usize> = recompute.into_iter().flatten().collect();
+            order.sort_unstable();
+            let mut left = order.len();
+            let mut rest = order.as_slice();
+            while !rest.is_empty() {
+                let mut room = self.step_room();
+                let take = rest
+                    .iter()
+                    .take_while(|&&i| room.take(self.seqs[i].tokens.len() - 1))
+                    .count();
+                let (pass, later) = rest.split_at(take);
+                let mut per_replica = vec![Vec::new(); self.layout.dp()];
+                for &i in pass {
+                    per_replica[self.seqs[i].replica].push(i);
+                }
+                self.forward_replicas_failing(&per_replica, |s| s.tokens.len() - 1, fail)
+                    .map_err(|e| {
+                        e.context(format!(
+                            "switched to tp {new_tp}, but recomputing the KV of {left} sequence(s) failed; the next steps prefill them again"
+                        ))
+                    })?;
+                for &i in pass {
+                    self.seqs[i].cached = self.seqs[i].tokens.len() - 1;
+                }
+                report.kv_recompute_passes += 1;
+                left -= pass.len();
+                rest = later;
             }
         }
         report.kv_recompute_ms = tr.elapsed().as_secs_f64() * 1e3;

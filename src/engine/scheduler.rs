@@ -57,6 +57,84 @@ pub fn check_lengths(
     }
 }
 
+/// What one step may prefill.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum StepCap {
+    /// No cap (GPU ranks: a device allocation that does not fit fails the step cleanly).
+    None,
+    /// At most this many prompt tokens (tests of a queue prefilled over several steps).
+    Tokens(usize),
+    /// A step's activations within this many bytes (CPU ranks: half the host memory available
+    /// when the engine loaded; a host step that outgrew memory would kill the process).
+    HostBytes(u64),
+}
+
+/// What is left of one step's cap as its sequences are counted in.
+pub(super) struct StepRoom {
+    left: u64,
+    /// Cost of one token fed and of one sequence's logits row (bytes or, for a token cap, 1 and 0).
+    per_token: u64,
+    per_seq: u64,
+    /// Whether a prefill was taken: the first always is, so every step makes progress.
+    prefilled: bool,
+}
+
+impl StepRoom {
+    /// The room a step has under `cap` at degree `tp`. Host bytes count a CPU step's f32
+    /// buffers over a replica's `tp` ranks (`decoder::forward`): per token, each rank's residual
+    /// stream, its normed copy, the projection and the all-reduce's slot (`4h` whole on every
+    /// rank), the batch's positions and slots, and the sharded q, k, v, attention output, gate,
+    /// up and product (split over the ranks); per sequence, each rank's last row, vocab shard,
+    /// the all-gather's slot, the gathered and host copies of the logits and the logits row.
+    pub(super) fn new(cap: StepCap, cfg: &ModelConfig, tp: usize) -> Self {
+        let (h, hd, tp64) = (cfg.hidden_size as u64, cfg.head_dim as u64, tp as u64);
+        let (q, kv) = (cfg.num_heads as u64, cfg.num_kv_heads as u64);
+        let (left, per_token, per_seq) = match cap {
+            StepCap::None => (u64::MAX, 0, 0),
+            StepCap::Tokens(n) => (n as u64, 1, 0),
+            StepCap::HostBytes(b) => {
+                let vl = cfg.vocab_size.div_ceil(tp) as u64;
+                let token =
+                    tp64 * (4 * h + 8) + (2 * q + 2 * kv) * hd + 3 * cfg.intermediate_size as u64;
+                let seq = tp64 * (h + 2 * vl + 2 * tp64 * vl + cfg.vocab_size as u64);
+                (b, 4 * token, 4 * seq)
+            }
+        };
+        StepRoom {
+            left,
+            per_token,
+            per_seq,
+            prefilled: false,
+        }
+    }
+
+    fn cost(&self, feed: usize) -> u64 {
+        (feed as u64)
+            .saturating_mul(self.per_token)
+            .saturating_add(self.per_seq)
+    }
+
+    /// Counts a sequence of `feed` tokens that runs whatever is left (a decode; a token cap counts
+    /// prompt tokens only).
+    pub(super) fn charge(&mut self, feed: usize) {
+        if self.per_seq > 0 {
+            self.left = self.left.saturating_sub(self.cost(feed));
+        }
+    }
+
+    /// Whether a prefill of `feed` tokens fits what is left (counted in if so); the step's first
+    /// prefill always does.
+    pub(super) fn take(&mut self, feed: usize) -> bool {
+        let cost = self.cost(feed);
+        if self.prefilled && cost > self.left {
+            return false;
+        }
+        self.left = self.left.saturating_sub(cost);
+        self.prefilled = true;
+        true
+    }
+}
+
 impl Engine {
     /// Checks a request against the model and the pool without admitting it.
     pub fn validate_request(&self, index: usize, r: &Request) -> Result<()> {
@@ -133,14 +211,16 @@ impl Engine {
     /// request fits a whole pool (`validate_request`; a switch refuses to leave one that cannot
     /// fit its pools' goal, and a step grows short pools first), so a replica with waiting
     /// sequences and none running admits its first one; where a short pool could not grow
-    /// enough, the step says so (an error) rather than run nothing. Waiting sequences are also
-    /// admitted only while their prompt tokens fit the step's cap (`step_tokens`; the first one
-    /// whatever its length), so a long queue is prefilled over several steps.
+    /// enough, the step says so (an error) rather than run nothing. What a step prefills is also
+    /// bounded by its cap (`StepRoom`): a waiting prompt, or a started sequence that holds no
+    /// cached KV (after a failed step or recompute), runs only while it fits what the decodes and
+    /// the prefills before it left (the first prefill whatever its length), so a long queue is
+    /// prefilled over several steps.
     pub(super) fn admitted(&self) -> Vec<usize> {
         let bs = self.opts.block_size;
         let mut spare: Vec<usize> = self.allocs.iter().map(|a| a.free_blocks()).collect();
-        let mut prefill = 0usize;
         let started = |s: &Sequence| s.cached > 0 || !s.table.is_empty();
+        let mut room = self.step_room();
         for s in self
             .seqs
             .iter()
@@ -148,32 +228,34 @@ impl Engine {
         {
             let owed = blocks_for(s.footprint(), bs).saturating_sub(s.table.len());
             spare[s.replica] = spare[s.replica].saturating_sub(owed);
-            // What a started one prefills counts first toward the token cap: the whole sequence
-            // where it holds blocks but no cached KV (a step or a recompute that failed), not
-            // the one token of a decode.
-            let feed = s.tokens.len() - s.cached;
-            if feed > 1 {
-                prefill = prefill.saturating_add(feed);
+            // Decodes run whatever the cap; they count first.
+            if s.tokens.len() - s.cached == 1 {
+                room.charge(1);
             }
         }
         let mut run = Vec::new();
-        let cap = self.step_tokens.unwrap_or(usize::MAX);
         for (i, s) in self.seqs.iter().enumerate() {
             if s.finished.is_some() {
                 continue;
             }
+            let feed = s.tokens.len() - s.cached;
             if !started(s) {
                 let need = blocks_for(s.footprint(), bs);
-                let feed = s.tokens.len();
-                if need > spare[s.replica] || (prefill > 0 && prefill.saturating_add(feed) > cap) {
+                if need > spare[s.replica] || !room.take(feed) {
                     continue;
                 }
                 spare[s.replica] -= need;
-                prefill = prefill.saturating_add(feed);
+            } else if feed > 1 && !room.take(feed) {
+                continue;
             }
             run.push(i);
         }
         run
+    }
+
+    /// A fresh room for one step's (or one recompute pass's) prefills under the current layout.
+    pub(super) fn step_room(&self) -> StepRoom {
+        StepRoom::new(self.step_cap, &self.cfg, self.layout.tp)
     }
 
     /// Whether a waiting sequence is left out of this step's `live` (its footprint does not fit
@@ -304,5 +386,71 @@ impl Engine {
             })?;
         }
         Ok(total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::Arch;
+
+    fn cfg() -> ModelConfig {
+        ModelConfig {
+            arch: Arch::Llama,
+            vocab_size: 301,
+            hidden_size: 64,
+            intermediate_size: 96,
+            num_layers: 2,
+            num_heads: 8,
+            num_kv_heads: 4,
+            head_dim: 8,
+            rms_norm_eps: 1e-5,
+            rope_theta: 1e4,
+            rope_scaling: None,
+            max_position_embeddings: 128,
+            tie_word_embeddings: false,
+            bos_token_id: None,
+            eos_token_ids: vec![],
+            dtype: None,
+        }
+    }
+
+    #[test]
+    fn a_step_room_takes_the_first_prefill_and_then_what_fits() {
+        let c = cfg();
+        let mut r = StepRoom::new(StepCap::None, &c, 1);
+        assert!((0..100).all(|_| r.take(1 << 20)));
+        // A token cap counts prompt tokens only.
+        let mut r = StepRoom::new(StepCap::Tokens(5), &c, 2);
+        r.charge(1);
+        assert!(r.take(3) && !r.take(3) && r.take(2) && !r.take(1));
+        let mut r = StepRoom::new(StepCap::Tokens(1), &c, 1);
+        assert!(r.take(40), "the first prefill whatever its length");
+        assert!(!r.take(1));
+
+        // Host bytes: a CPU step's f32 buffers over a replica's ranks, each rank's counted from
+        // the decoder's list (per token: x, hbuf, proj, the all-reduce slot, 8 words of batch
+        // bookkeeping, q/k/v, attention output, gate/up, product; per sequence: the last row, the
+        // vocab shard and its all-gather slot, the gathered and host copies, the logits row).
+        for tp in [1, 2, 4] {
+            let (h, hd, i) = (64u64, 8u64, 96 / tp as u64);
+            let (hq, hkv, vl) = (8 / tp as u64, 4 / tp as u64, 301u64.div_ceil(tp as u64));
+            let token_rank = 4 * h + 8 + (hq + 2 * hkv) * hd + hq * hd + 3 * i;
+            let seq_rank = h + 2 * vl + 2 * tp as u64 * vl + 301;
+            let (token, seq) = (4 * tp as u64 * token_rank, 4 * tp as u64 * seq_rank);
+            let ten = 10 * token + seq;
+            let mut r = StepRoom::new(StepCap::HostBytes(ten), &c, tp);
+            assert!(r.take(10), "tp {tp}: ten tokens fit exactly");
+            assert!(!r.take(1), "tp {tp}: nothing is left");
+            // A decode counts first; a prefill then still runs (the step's first), nothing after.
+            let mut r = StepRoom::new(StepCap::HostBytes(ten + token + seq), &c, tp);
+            r.charge(1);
+            assert!(r.take(10) && !r.take(1), "tp {tp}");
+            let mut r = StepRoom::new(StepCap::HostBytes(ten - 1), &c, tp);
+            assert!(
+                r.take(9) && !r.take(1),
+                "tp {tp}: one byte short of the tenth token"
+            );
+        }
     }
 }

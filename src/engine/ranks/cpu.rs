@@ -36,25 +36,46 @@ impl CpuRanks {
     }
 }
 
-/// Refuses `ranks` host KV pools of `blocks` blocks of `block_bytes` each (every layer's K and V)
-/// when the host has less memory available than they need: their pages are zeroed lazily, so
-/// pools the host cannot back would be allocated anyway and the process killed when a step first
-/// writes them. Checked when the engine loads; a switch's new pools need no check of their own,
-/// being the old pools plus the weight bytes the reshard frees (or less what it takes), all
-/// given back at its commit.
-pub(crate) fn check_host_room(blocks: usize, block_bytes: u64, ranks: usize) -> Result<()> {
-    let bytes = (blocks as u64)
+/// Refuses to load `ranks` CPU ranks, each holding `weight_bytes` of weights and a KV pool of
+/// `blocks` blocks of `block_bytes` each (every layer's K and V), when the host has less memory
+/// available than they need: the weights are written as they load, so a host short of them
+/// would kill the process part way; the pools' pages are zeroed lazily, so pools the host cannot
+/// back would be allocated anyway and the process killed when a step first writes them. A
+/// switch's new pools need no check of their own, being the old pools plus the weight bytes the
+/// reshard frees (or less what it takes), all given back at its commit.
+pub(crate) fn check_host_room(
+    weight_bytes: u64,
+    blocks: usize,
+    block_bytes: u64,
+    ranks: usize,
+) -> Result<()> {
+    let Some(avail) = crate::backend::host_available_bytes() else {
+        return Ok(());
+    };
+    let weights = weight_bytes.checked_mul(ranks as u64);
+    let pools = (blocks as u64)
         .checked_mul(block_bytes)
         .and_then(|b| b.checked_mul(ranks as u64));
-    let avail = crate::backend::host_available_bytes();
-    match (bytes, avail) {
-        (Some(b), Some(a)) if b <= a => Ok(()),
-        (Some(_), None) => Ok(()),
-        (b, a) => Err(Error::KvExhausted(format!(
+    let show = |b: Option<u64>| b.map_or("more than 2^64 bytes".into(), gib);
+    match (weights, pools) {
+        (Some(w), _) if w > avail => Err(Error::HostMemory(format!(
+            "the weights ({} per rank x {ranks} ranks, f32 on the CPU) need {} but the host has {} \
+             available; use fewer ranks (`world`), more tp per replica, or a smaller model",
+            gib(weight_bytes),
+            gib(w),
+            gib(avail)
+        ))),
+        (None, _) => Err(Error::HostMemory(format!(
+            "the weights ({} per rank x {ranks} ranks) need more than 2^64 bytes",
+            gib(weight_bytes)
+        ))),
+        (Some(w), Some(p)) if p <= avail - w => Ok(()),
+        (Some(w), p) => Err(Error::KvExhausted(format!(
             "the KV pools (`kv_blocks` {blocks} per rank x {ranks} ranks) need {} but the host has \
-             {} available",
-            b.map_or("more than 2^64 bytes".into(), gib),
-            a.map_or("?".into(), gib),
+             {} available next to the weights' {}",
+            show(p),
+            gib(avail - w),
+            gib(w),
         ))),
     }
 }
@@ -298,19 +319,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn host_pools_beyond_the_host_memory_are_refused_before_allocation() {
-        // One block of one byte fits any host; 2^62 blocks of 1 MiB on 4 ranks overflow u64.
-        check_host_room(1, 1, 1).unwrap();
-        let e = check_host_room(1 << 62, 1 << 20, 4)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("more than 2^64 bytes"), "{e}");
-        // More than the host has: all of it and one byte more, on one rank.
-        if let Some(avail) = crate::backend::host_available_bytes() {
-            let e = check_host_room(1, avail + (1 << 30), 1)
-                .unwrap_err()
-                .to_string();
-            assert!(e.contains("need") && e.contains("the host has"), "{e}");
+    fn host_pools_and_weights_beyond_the_host_memory_are_refused_before_allocation() {
+        // One block of one byte next to one byte of weights fits any host; 2^62 blocks of 1 MiB
+        // on 4 ranks overflow u64.
+        check_host_room(1, 1, 1, 1).unwrap();
+        if crate::backend::host_available_bytes().is_none() {
+            return;
         }
+        let e = check_host_room(1, 1 << 62, 1 << 20, 4).unwrap_err();
+        assert!(e.to_string().contains("more than 2^64 bytes"), "{e}");
+        assert!(matches!(e, Error::KvExhausted(_)), "{e}");
+        let avail = crate::backend::host_available_bytes().unwrap();
+        // More than the host has: all of it and a GiB more, on one rank, in pools...
+        let e = check_host_room(1, 1, avail + (1 << 30), 1).unwrap_err();
+        assert!(matches!(e, Error::KvExhausted(_)), "{e}");
+        assert!(e.to_string().contains("the host has"), "{e}");
+        // ... in weights (a GiB more than the host over 2 ranks) ...
+        let e = check_host_room(avail / 2 + (1 << 30), 1, 1, 2).unwrap_err();
+        assert!(matches!(e, Error::HostMemory(_)), "{e}");
+        assert!(e.to_string().contains("x 2 ranks"), "{e}");
+        // ... and in the two together where each alone fits (a third of the host each, on 2
+        // ranks: the pools need 2/3 of the host next to the weights' 2/3).
+        let third = avail / 3;
+        check_host_room(third, 1, 1, 2).unwrap();
+        check_host_room(1, 1, third, 2).unwrap();
+        let e = check_host_room(third, 1, third, 2).unwrap_err();
+        assert!(matches!(e, Error::KvExhausted(_)), "{e}");
+        assert!(e.to_string().contains("next to the weights"), "{e}");
     }
 }
