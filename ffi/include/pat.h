@@ -237,7 +237,33 @@ typedef struct pat_switch_report {
   uint64_t kv_blocks_after;
   double predicted_migrate_ms;
   double predicted_recompute_ms;
+  // Blocks per rank the pools may grow to later: the old pool plus the weight bytes the
+  // reshard freed. Above `kv_blocks_after` where the devices could not hold them next to the
+  // old layout; a step that has to leave a request waiting grows the pools into them, or
+  // `pat_engine_grow_kv_pools` does now.
+  uint64_t kv_blocks_goal;
+  // Forward passes the recompute took: one, or more where the recomputed tokens' activations
+  // outgrow what one step may prefill (on the CPU, half the host's available memory).
+  uint64_t kv_recompute_passes;
 } pat_switch_report;
+
+// What `pat_engine_grow_kv_pools` did (`pat::engine::PoolGrowth`).
+typedef struct pat_pool_growth {
+  // 1 where a growth was tried; 0 where there was nothing to grow (no switch left the pools
+  // short of their goal, or a growth was tried since), and the blocks below are the pools'
+  // as they stand.
+  uint32_t tried;
+  // 1 where the pools reached their goal.
+  uint32_t reached_goal;
+  // KV blocks per rank before and after, and the goal.
+  uint64_t from_blocks;
+  uint64_t to_blocks;
+  uint64_t goal_blocks;
+  // Bytes read plus written copying the blocks in use into the larger pools (GPU ranks; 0
+  // on the CPU).
+  uint64_t copied_bytes;
+  double elapsed_ms;
+} pat_pool_growth;
 
 // A finished request (`pat::engine::Output`); its generated ids go to the caller's buffer.
 typedef struct pat_output {
@@ -673,6 +699,19 @@ pat_status pat_engine_step(struct pat_engine *engine,
 pat_status pat_engine_reconfigure(struct pat_engine *engine,
                                   const struct pat_switch_params *params,
                                   struct pat_switch_report *out);
+
+// Grows the KV pools now toward the goal the last switch left them (`kv_blocks_goal` in its
+// report: the old pool plus the weight bytes it freed, where the devices could not hold that
+// next to the old layout), as far as the devices have room, keeping every block in use. A step
+// does this by itself when it has to leave a request waiting for blocks; call it to have it
+// happen now, e.g. before adding a batch. Tried once per switch: `out->tried` is 0 where there
+// is nothing to grow. The engine goes on with what the pools hold whatever happens, so this
+// fails only on a bad argument. Thread-safe (calls on one engine run one at a time).
+//
+// # Safety
+// `out` is a writable `pat_pool_growth`.
+pat_status pat_engine_grow_kv_pools(struct pat_engine *engine,
+                                    struct pat_pool_growth *out);
 
 // Takes the finished request with the lowest index not taken yet: writes its record to `out`,
 // its generated ids to `ids` and their count to `*n_ids`. Each output is taken once.

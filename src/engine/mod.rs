@@ -233,6 +233,13 @@ impl Engine {
         self.step_cap = tokens.map_or(StepCap::None, StepCap::Tokens);
     }
 
+    /// KV blocks per rank the pools may grow to: the last switch's old pool plus the shard bytes
+    /// it freed, above `options().kv_blocks` where the devices could not hold that next to the
+    /// old layout (see `grow_kv_pools`); the pools' own size where nothing is short.
+    pub fn kv_blocks_goal(&self) -> usize {
+        self.pool_goal
+    }
+
     /// Grows the KV pools now toward the goal the last switch left them (the old pool plus the
     /// shard bytes it freed, where the devices could not hold that next to the old layout), as
     /// far as the devices have room: what a step does by itself when it has to leave a request

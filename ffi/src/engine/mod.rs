@@ -255,7 +255,54 @@ pub unsafe extern "C" fn pat_engine_reconfigure(
             kv_blocks_after: u(r.kv_blocks_per_rank_after),
             predicted_migrate_ms: r.predicted_migrate_ms,
             predicted_recompute_ms: r.predicted_recompute_ms,
+            kv_blocks_goal: u(r.kv_blocks_per_rank_goal),
+            kv_recompute_passes: u(r.kv_recompute_passes),
         });
+        Ok(())
+    })
+}
+
+/// Grows the KV pools now toward the goal the last switch left them (`kv_blocks_goal` in its
+/// report: the old pool plus the weight bytes it freed, where the devices could not hold that
+/// next to the old layout), as far as the devices have room, keeping every block in use. A step
+/// does this by itself when it has to leave a request waiting for blocks; call it to have it
+/// happen now, e.g. before adding a batch. Tried once per switch: `out->tried` is 0 where there
+/// is nothing to grow. The engine goes on with what the pools hold whatever happens, so this
+/// fails only on a bad argument. Thread-safe (calls on one engine run one at a time).
+///
+/// # Safety
+/// `out` is a writable `pat_pool_growth`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pat_engine_grow_kv_pools(
+    engine: *mut pat_engine,
+    out: *mut pat_pool_growth,
+) -> pat_status {
+    guard(|| {
+        // SAFETY: forwarded contract (`out` is writable).
+        let out = unsafe { Out::new(out, "out") }?;
+        let g = with_engine(engine, |s| {
+            let blocks = s.engine.options().kv_blocks as u64;
+            Ok(match s.engine.grow_kv_pools() {
+                Some(g) => pat_pool_growth {
+                    tried: 1,
+                    reached_goal: u32::from(g.to_blocks >= g.goal_blocks),
+                    from_blocks: g.from_blocks as u64,
+                    to_blocks: g.to_blocks as u64,
+                    goal_blocks: g.goal_blocks as u64,
+                    copied_bytes: g.copied_bytes,
+                    elapsed_ms: g.ms,
+                },
+                None => pat_pool_growth {
+                    tried: 0,
+                    reached_goal: u32::from(s.engine.kv_blocks_goal() <= blocks as usize),
+                    from_blocks: blocks,
+                    to_blocks: blocks,
+                    goal_blocks: s.engine.kv_blocks_goal() as u64,
+                    ..Default::default()
+                },
+            })
+        })?;
+        out.put(g);
         Ok(())
     })
 }
@@ -372,4 +419,85 @@ pub unsafe extern "C" fn pat_engine_live(
             unsafe { copy_out(&live, buf, cap, &n, "buf") }
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ptr::null_mut;
+
+    /// A switch whose new pools are held short (a test's cap, as a full GPU would) reports the
+    /// goal above the blocks it gave; `pat_engine_grow_kv_pools` then grows them to that goal
+    /// (the engine's own count, independent of the ABI's copy), and a second call has nothing
+    /// to grow.
+    #[test]
+    fn pools_a_switch_left_short_grow_through_the_abi() {
+        let dir = std::ffi::CString::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/data/golden/llama"
+        ))
+        .unwrap();
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/data/golden/llama/golden.json"
+        ))
+        .unwrap();
+        let gold: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let ids: Vec<u32> = gold["prompts"][0]["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_u64().unwrap() as u32)
+            .collect();
+        let (mut m, mut e) = (null_mut(), null_mut());
+        // SAFETY: a NUL-terminated path, local params and out pointers; the engine is live
+        // until freed at the end.
+        unsafe {
+            assert_eq!(crate::model::pat_model_open(dir.as_ptr(), &mut m), 0);
+            let mut p = pat_engine_default_params();
+            (p.world, p.tp, p.kv_blocks) = (2, 1, 64);
+            assert_eq!(pat_engine_new(m, &p, &mut e), 0);
+            crate::model::pat_model_free(m);
+            let st = pat_engine_add_request(e, ids.as_ptr(), ids.len(), 4, 1, null_mut());
+            assert_eq!(st, 0);
+            assert_eq!(pat_engine_step(e, null_mut()), 0);
+            with_engine(e, |s| {
+                s.engine.cap_switch_pools(Some(8));
+                Ok(())
+            })
+            .unwrap();
+            let mut sp = pat_switch_default_params();
+            sp.new_tp = 2;
+            let mut rep = pat_switch_report::default();
+            assert_eq!(pat_engine_reconfigure(e, &sp, &mut rep), 0);
+            assert_eq!(rep.kv_blocks_after, 8);
+            assert!(rep.kv_blocks_goal > 8, "{rep:?}");
+            with_engine(e, |s| {
+                s.engine.cap_switch_pools(None);
+                Ok(())
+            })
+            .unwrap();
+            let mut g = pat_pool_growth::default();
+            assert_eq!(pat_engine_grow_kv_pools(e, &mut g), 0);
+            assert_eq!((g.tried, g.reached_goal), (1, 1), "{g:?}");
+            assert_eq!(
+                (g.from_blocks, g.to_blocks, g.goal_blocks),
+                (8, rep.kv_blocks_goal, rep.kv_blocks_goal)
+            );
+            let mut info = pat_engine_info::default();
+            assert_eq!(pat_engine_get_info(e, &mut info), 0);
+            assert_eq!(info.kv_blocks, rep.kv_blocks_goal);
+            assert_eq!(pat_engine_grow_kv_pools(e, &mut g), 0);
+            assert_eq!((g.tried, g.to_blocks), (0, rep.kv_blocks_goal), "{g:?}");
+            // The request goes on in the grown pools.
+            while pat_engine_step(e, null_mut()) == 0 {
+                assert_eq!(pat_engine_get_info(e, &mut info), 0);
+                if info.n_live == 0 {
+                    break;
+                }
+            }
+            assert_eq!(info.n_live, 0);
+        }
+        pat_engine_free(e);
+    }
 }

@@ -228,4 +228,32 @@ pub struct pat_switch_report {
     pub kv_blocks_after: u64,
     pub predicted_migrate_ms: f64,
     pub predicted_recompute_ms: f64,
+    /// Blocks per rank the pools may grow to later: the old pool plus the weight bytes the
+    /// reshard freed. Above `kv_blocks_after` where the devices could not hold them next to the
+    /// old layout; a step that has to leave a request waiting grows the pools into them, or
+    /// `pat_engine_grow_kv_pools` does now.
+    pub kv_blocks_goal: u64,
+    /// Forward passes the recompute took: one, or more where the recomputed tokens' activations
+    /// outgrow what one step may prefill (on the CPU, half the host's available memory).
+    pub kv_recompute_passes: u64,
+}
+
+/// What `pat_engine_grow_kv_pools` did (`pat::engine::PoolGrowth`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct pat_pool_growth {
+    /// 1 where a growth was tried; 0 where there was nothing to grow (no switch left the pools
+    /// short of their goal, or a growth was tried since), and the blocks below are the pools'
+    /// as they stand.
+    pub tried: u32,
+    /// 1 where the pools reached their goal.
+    pub reached_goal: u32,
+    /// KV blocks per rank before and after, and the goal.
+    pub from_blocks: u64,
+    pub to_blocks: u64,
+    pub goal_blocks: u64,
+    /// Bytes read plus written copying the blocks in use into the larger pools (GPU ranks; 0
+    /// on the CPU).
+    pub copied_bytes: u64,
+    pub elapsed_ms: f64,
 }

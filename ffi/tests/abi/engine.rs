@@ -69,6 +69,19 @@ fn greedy_tokens_through_a_live_switch_match_transformers() {
         expect(pat_engine_get_info(e, &mut info), PAT_OK, "");
         assert_eq!((info.world, info.tp, info.dp, info.n_steps), (2, 2, 1, 3));
         assert_eq!(info.kv_blocks, rep.kv_blocks_after);
+        // Host pools get the whole goal at the switch: nothing is left to grow.
+        assert_eq!(rep.kv_blocks_goal, rep.kv_blocks_after);
+        let mut g = pat_pool_growth {
+            tried: 7,
+            ..Default::default()
+        };
+        expect(pat_engine_grow_kv_pools(e, &mut g), PAT_OK, "");
+        assert_eq!((g.tried, g.reached_goal), (0, 1), "{g:?}");
+        assert_eq!(
+            (g.from_blocks, g.to_blocks, g.goal_blocks),
+            (info.kv_blocks, info.kv_blocks, info.kv_blocks)
+        );
+        expect(pat_engine_grow_kv_pools(e, null_mut()), PAT_ERR_NULL, "out");
 
         let mut report = pat_step_report::default();
         while info.n_live > 0 {
@@ -172,6 +185,8 @@ fn shrinking_with_recompute_keeps_the_golden_tokens() {
             (prompts.len() as u64, 0)
         );
         assert!(rep.predicted_recompute_ms.is_finite() && rep.weight_bytes_cross_rank > 0);
+        // The fixture's few short prompts fit one pass of any host's cap.
+        assert_eq!(rep.kv_recompute_passes, 1);
         sp.prefill_tokens_per_s = std::ptr::null();
         expect(
             pat_engine_reconfigure(e, &sp, &mut rep),
