@@ -152,9 +152,23 @@ fn a_step_token_cap_prefills_the_queue_over_several_steps_with_the_same_tokens()
         e.cap_step_tokens(cap);
         e.add_requests(&reqs).unwrap();
         let mut live_before = 0;
+        assert_eq!(e.unprefilled(), reqs.len());
         while e.live() > 0 {
             let r = e.step().unwrap();
             let live: usize = r.live_per_replica.iter().sum();
+            // One prompt prefilled a step under a cap of one token, all of them in step 0
+            // without a cap.
+            let started = if cap.is_some() {
+                r.step + 1
+            } else {
+                reqs.len()
+            };
+            assert_eq!(
+                e.unprefilled(),
+                reqs.len().saturating_sub(started),
+                "world {world} tp {tp} cap {cap:?} step {}",
+                r.step
+            );
             match cap {
                 None if r.step == 0 => assert_eq!(live, reqs.len(), "uncapped: all at once"),
                 Some(_) => assert!(

@@ -288,10 +288,17 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
         engine.run(|_| {})?;
         engine.add_requests(&real)?;
         let t0 = Instant::now();
-        let mut steps = Vec::new();
-        let mut launched = Vec::new();
+        // The prefill: one step, or several where the prompts outgrow a step's cap (on the
+        // CPU, what half the host's memory holds); the decode steps follow.
+        let (mut prefill, mut prefill_steps) = (0.0, 0usize);
+        while engine.unprefilled() > 0 {
+            prefill += engine.step()?.elapsed_ms / 1e3;
+            prefill_steps += 1;
+        }
+        let mut decode = Vec::new();
+        let mut launched = vec![pat::backend::cuda::launches()];
         engine.run(|r| {
-            steps.push(r.elapsed_ms / 1e3);
+            decode.push(r.elapsed_ms / 1e3);
             launched.push(pat::backend::cuda::launches());
         })?;
         // GPU kernels + cuBLAS calls per decode step (none on the CPU backend: null).
@@ -303,8 +310,6 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
             _ => None,
         };
         let total = t0.elapsed().as_secs_f64();
-        let prefill = steps[0];
-        let mut decode: Vec<f64> = steps[1..].to_vec();
         let med = median(&mut decode);
         let roofline = roofline_for(batch);
         // On the CPU: the weights the busy ranks read over the measured read bandwidth.
@@ -312,6 +317,7 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
         let rec = serde_json::json!({
             "run_name": a.run_name, "batch_size": batch, "input_len": input_len, "output_len": output_len,
             "prefill_latency": prefill, "prefill_throughput": (batch * input_len) as f64 / prefill,
+            "prefill_steps": prefill_steps,
             "median_decode_latency": med, "median_decode_throughput": batch as f64 / med,
             "total_latency": total, "overall_throughput": (batch * (input_len + output_len)) as f64 / total,
             "world": a.world, "tp": a.tp, "backend": engine.backend(), "dtype": a.dtype.name(),
@@ -331,6 +337,11 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
                 "batch {batch:>3} in {input_len:>5} out {output_len:>4}: prefill {:.1} ms ({:.0} tok/s), decode {:.2} ms/step = {:.1} tok/s, {:.0}% of the bandwidth roofline ({:.2} ms)",
                 prefill * 1e3, (batch * input_len) as f64 / prefill, med * 1e3, batch as f64 / med, 100.0 * roofline / med, roofline * 1e3
             );
+            if prefill_steps > 1 {
+                eprintln!(
+                    "  the prefill took {prefill_steps} steps: the prompts' activations outgrow what one CPU step may hold (half the available memory); its latency includes the decodes of the prompts started first"
+                );
+            }
             if let Some(r) = read_roofline {
                 eprintln!("  {:.0}% of the read-bandwidth roofline ({:.2} ms)", 100.0 * r / med, r * 1e3);
             }

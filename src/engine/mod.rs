@@ -280,6 +280,15 @@ impl Engine {
         self.seqs.iter().filter(|s| s.finished.is_none()).count()
     }
 
+    /// Live sequences with no cached KV: prompts not prefilled yet (waiting for blocks or for
+    /// room in a step's cap), and sequences to prefill again after a failed step or recompute.
+    pub fn unprefilled(&self) -> usize {
+        self.seqs
+            .iter()
+            .filter(|s| s.finished.is_none() && s.cached == 0)
+            .count()
+    }
+
     /// Runs one step on every replica with live sequences (the scheduler admits waiting ones as
     /// their KV blocks fit; see `admitted`). On error no token has been sampled
     /// and no sequence has advanced (blocks granted for the step stay in its tables, to be used

@@ -166,9 +166,12 @@ pub fn measure_profile(
                     })
                     .collect();
                 engine.add_requests(&reqs)?;
-                let first = engine.step()?;
-                pre_tok += first.tokens_in;
-                pre_ms += first.elapsed_ms;
+                // The prefill: one step, or several where the prompts outgrow a step's cap
+                // (on the CPU, what half the host's memory holds); the decode steps follow.
+                pre_tok += b * c;
+                while engine.unprefilled() > 0 {
+                    pre_ms += engine.step()?.elapsed_ms;
+                }
                 let mut times = Vec::new();
                 while engine.live() > 0 {
                     times.push(engine.step()?.elapsed_ms);
