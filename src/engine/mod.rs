@@ -148,7 +148,14 @@ impl Engine {
             .collect();
         let pool_goal = opts.kv_blocks;
         let step_cap = match (backend, crate::backend::host_available_bytes()) {
-            (Backend::Cpu, Some(avail)) => StepCap::HostBytes(avail / 2),
+            // Half of what the host has left once the KV pools fill: their pages are zeroed
+            // lazily, so the memory available now still counts them.
+            (Backend::Cpu, Some(avail)) => {
+                let pools: u64 = (0..opts.world)
+                    .map(|r| ranks.set_ref().rank_bytes(r).1 as u64)
+                    .sum();
+                StepCap::HostBytes(avail.saturating_sub(pools) / 2)
+            }
             _ => StepCap::None,
         };
         Ok(Engine {

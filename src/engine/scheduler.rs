@@ -65,7 +65,8 @@ pub(super) enum StepCap {
     /// At most this many prompt tokens (tests of a queue prefilled over several steps).
     Tokens(usize),
     /// A step's activations within this many bytes (CPU ranks: half the host memory available
-    /// when the engine loaded; a host step that outgrew memory would kill the process).
+    /// when the engine loaded, less the KV pools that will fill it; a host step that outgrew
+    /// memory would kill the process).
     HostBytes(u64),
 }
 
