@@ -393,32 +393,11 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::config::Arch;
-
-    fn cfg() -> ModelConfig {
-        ModelConfig {
-            arch: Arch::Llama,
-            vocab_size: 301,
-            hidden_size: 64,
-            intermediate_size: 96,
-            num_layers: 2,
-            num_heads: 8,
-            num_kv_heads: 4,
-            head_dim: 8,
-            rms_norm_eps: 1e-5,
-            rope_theta: 1e4,
-            rope_scaling: None,
-            max_position_embeddings: 128,
-            tie_word_embeddings: false,
-            bos_token_id: None,
-            eos_token_ids: vec![],
-            dtype: None,
-        }
-    }
+    use crate::parallel::shard::tests::cfg;
 
     #[test]
     fn a_step_room_takes_the_first_prefill_and_then_what_fits() {
-        let c = cfg();
+        let c = cfg(301);
         let mut r = StepRoom::new(StepCap::None, &c, 1);
         assert!((0..100).all(|_| r.take(1 << 20)));
         // A token cap counts prompt tokens only.

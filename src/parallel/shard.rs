@@ -211,11 +211,12 @@ pub fn weight_bytes_per_rank(cfg: &ModelConfig, tp: usize, elem_bytes: usize) ->
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::config::Arch;
 
-    fn cfg(vocab: usize) -> ModelConfig {
+    /// A small Llama config (8 heads, 4 kv heads) with `vocab` entries, for tests.
+    pub(crate) fn cfg(vocab: usize) -> ModelConfig {
         ModelConfig {
             arch: Arch::Llama,
             vocab_size: vocab,
