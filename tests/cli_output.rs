@@ -1,6 +1,36 @@
-//! The `pat` binary's stdout: a closed pipe or a full disk is never a panic.
+//! The `pat` binary's output: a closed pipe or a full disk on stdout is never a panic; the
+//! human-readable text on stderr says counts with their nouns in agreement ("1 request",
+//! "0 switches") and memory sizes in the binary units it labels them with.
 
-use std::process::Command;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn pat(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pat"))
+        .args(args)
+        .output()
+        .expect("run pat")
+}
+
+/// Runs pat expecting success; returns (stdout, stderr).
+fn ok(args: &[&str]) -> (String, String) {
+    let o = pat(args);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "pat {args:?} failed: {err}");
+    (String::from_utf8(o.stdout).unwrap(), err)
+}
+
+fn tiny(dir: &Path) -> String {
+    let m = dir.join("m");
+    ok(&[
+        "init-model",
+        "--preset",
+        "tiny",
+        "--out",
+        m.to_str().unwrap(),
+    ]);
+    m.to_string_lossy().into_owned()
+}
 
 #[test]
 fn closed_or_full_stdout_is_never_a_panic() {
@@ -47,4 +77,102 @@ fn closed_or_full_stdout_is_never_a_panic() {
         assert!(!o.status.success() && !err.contains("panicked"), "{err}");
         assert!(err.contains("<stdout>"), "{err}");
     }
+}
+
+#[test]
+fn counts_agree_with_their_nouns() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let (_, err) = ok(&[
+        "generate",
+        "--model",
+        &m,
+        "--prompt-ids",
+        "5,6",
+        "--max-new-tokens",
+        "1",
+    ]);
+    assert!(err.contains("1 request, 1 token in "), "{err}");
+    let (_, err) = ok(&[
+        "generate",
+        "--model",
+        &m,
+        "--prompt-ids",
+        "5,6",
+        "--max-new-tokens",
+        "2",
+        "--ignore-eos",
+    ]);
+    assert!(err.contains("1 request, 2 tokens in "), "{err}");
+    // One request, static: no switch.
+    let trace = dir.path().join("t.jsonl");
+    std::fs::write(&trace, "{\"prompt_len\":3,\"response_len\":2}\n").unwrap();
+    let (_, err) = ok(&[
+        "rollout",
+        "--model",
+        &m,
+        "--trace",
+        trace.to_str().unwrap(),
+        "--world",
+        "1",
+        "--policy",
+        "static:1",
+    ]);
+    assert!(
+        err.contains("static:1: 1 request, 2 tokens in ")
+            && err.contains(", 0 switches, final tp 1"),
+        "{err}"
+    );
+}
+
+#[test]
+fn memory_sizes_are_in_the_binary_units_they_are_labeled_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let o = pat(&[
+        "bench",
+        "switch",
+        "--model",
+        &m,
+        "--world",
+        "2",
+        "--from",
+        "1",
+        "--to",
+        "2",
+        "--batch",
+        "8",
+        "--context",
+        "256",
+        "--kv-mib",
+        "4",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let rec: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let mib = |key: &str| rec[key].as_u64().unwrap() as f64 / (1u64 << 20) as f64;
+    // Here MB and MiB differ in the printed digits (e.g. 0.53 MB is 0.50 MiB).
+    for want in [
+        format!("{:.2} MiB across ranks", mib("bytes_moved_cross_rank")),
+        format!("{:.2} MiB in place", mib("bytes_moved_in_place")),
+        format!("peak extra {:.1} MiB", mib("peak_extra_bytes")),
+    ] {
+        assert!(err.contains(&want), "expected {want:?} in: {err}");
+    }
+    let (_, err) = ok(&[
+        "bench",
+        "gemm",
+        "--preset",
+        "tiny",
+        "--rows",
+        "1",
+        "--threads",
+        "1",
+        "--iters",
+        "1",
+    ]);
+    assert!(
+        err.contains(" MiB of f32 weights") && !err.contains(" MB "),
+        "{err}"
+    );
 }

@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::common::{open_model, progress};
+use super::common::{open_model, plural, progress};
 use pat::engine::{check_lengths, Engine, EngineOptions, Request};
 use pat::error::{Error, Result};
 use pat::model::sampling::{random_ids, SamplingParams};
@@ -158,7 +158,8 @@ fn attention(a: AttentionArgs) -> Result<()> {
                 })
             )?;
             eprintln!(
-                "paged attention {ns:>4} seqs x {ctx:>6} ctx: {:.3} ms, {:.0} GB/s = {:.0}% of copy bandwidth (split {:?})",
+                "paged attention {:>9} x {ctx:>6} ctx: {:.3} ms, {:.0} GB/s = {:.0}% of copy bandwidth (split {:?})",
+                plural(ns, "seq"),
                 r.median_ms,
                 r.gbps,
                 100.0 * frac,
@@ -231,8 +232,9 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
     let read_bw = cpu.then(|| pat::backend::cpu::read_bandwidth(threads));
     if let Some(r) = read_bw {
         eprintln!(
-            "measured read bandwidth of host memory: {:.1} GB/s ({threads} threads)",
-            r / 1e9
+            "measured read bandwidth of host memory: {:.1} GB/s ({})",
+            r / 1e9,
+            plural(threads, "thread")
         );
     }
     for (id, bw) in &bws {
@@ -339,7 +341,8 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
             );
             if prefill_steps > 1 {
                 eprintln!(
-                    "  the prefill took {prefill_steps} steps: the prompts' activations outgrow what one CPU step may hold (half the available memory); its latency includes the decodes of the prompts started first"
+                    "  the prefill took {}: the prompts' activations outgrow what one CPU step may hold (half the available memory); its latency includes the decodes of the prompts started first",
+                    plural(prefill_steps, "step")
                 );
             }
             if let Some(r) = read_roofline {

@@ -9,7 +9,7 @@ use clap::Args;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::common::progress;
+use super::common::{plural, progress, GIB, MIB};
 use super::{ArchArg, PresetArg};
 use pat::backend::cpu::{copy_bandwidth, cpu_threads, Gemm};
 use pat::error::{Error, Result};
@@ -61,8 +61,8 @@ pub fn gemm(a: GemmArgs) -> Result<()> {
     let layers = a.layers.unwrap_or(d.num_layers);
     if layers > d.num_layers {
         return Err(Error::Invalid(format!(
-            "--layers {layers} is more than the shape's {} layers",
-            d.num_layers
+            "--layers {layers} is more than the shape's {}",
+            plural(d.num_layers, "layer")
         )));
     }
     if layers == 0 || a.iters == 0 || a.rows.contains(&0) || a.threads.contains(&0) {
@@ -105,9 +105,10 @@ pub fn gemm(a: GemmArgs) -> Result<()> {
     });
     if bytes > MAX_BYTES {
         return Err(Error::Invalid(format!(
-            "the weights of {layers} layers of this shape are {:.1} GiB (more than {} GiB): pass \
+            "the weights of {} of this shape are {:.1} GiB (more than {} GiB): pass \
              --shard or --layers",
-            bytes as f64 / (1u64 << 30) as f64,
+            plural(layers, "layer"),
+            bytes as f64 / GIB,
             MAX_BYTES >> 30
         )));
     }
@@ -132,10 +133,11 @@ pub fn gemm(a: GemmArgs) -> Result<()> {
         .collect();
     let mut out = vec![0f32; rows_max * mmax];
     eprintln!(
-        "bench gemm: {} GEMMs per step over {:.0} MB of f32 weights ({layers} layers, shard {}); \
+        "bench gemm: {} per step over {:.1} MiB of f32 weights ({}, shard {}); \
          measuring copy bandwidth",
-        4 * layers + 1,
-        bytes as f64 / 1e6,
+        plural(4 * layers + 1, "GEMM"),
+        bytes as f64 / MIB,
+        plural(layers, "layer"),
         a.shard
     );
     // More threads than the backend's cores copy no faster (and would each allocate buffers).

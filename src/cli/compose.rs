@@ -100,9 +100,9 @@ pub fn run(a: ComposeArgs) -> Result<()> {
         .collect();
     if !missing.is_empty() {
         eprintln!(
-            "note: no --shard for tp {missing:?}: the profile leaves {} out (`pat simulate` and the \
-             policy consider only the tps it covers)",
-            if missing.len() == 1 { "it" } else { "them" }
+            "note: no --shard for tp {missing:?}: the profile covers only tp {:?} (`pat simulate` \
+             and the policy consider only the tps it covers)",
+            p.decode_tps()
         );
     }
     p.validate()?;
@@ -111,9 +111,9 @@ pub fn run(a: ComposeArgs) -> Result<()> {
         .map(|r| format!("{:.2}%", r.overall_mape))
         .unwrap_or_else(|e| format!("not computed ({e})"));
     eprintln!(
-        "wrote {}: {} decode samples at tp {:?}; predictor held-out error {fit}",
+        "wrote {}: {} at tp {:?}; predictor held-out error {fit}",
         a.out.display(),
-        p.decode.len(),
+        super::common::plural(p.decode.len(), "decode sample"),
         p.decode_tps()
     );
     Ok(())

@@ -22,7 +22,7 @@ use clap::Args;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::common::{open_model, progress};
+use super::common::{open_model, plural, progress};
 use super::{ArchArg, PresetArg};
 use pat::engine::{Backend, Engine, EngineOptions, Output, Request, SwitchReport};
 use pat::error::{Error, Result};
@@ -207,8 +207,9 @@ fn run_on(a: &DemoArgs, dir: &Path) -> Result<()> {
         ),
     ];
     eprintln!(
-        "part 1: {} requests on {} CPU ranks, each layout run twice (interleaved) to measure the spread...",
-        a.batch, a.world
+        "part 1: {} on {}, each layout run twice (interleaved) to measure the spread...",
+        plural(a.batch, "request"),
+        plural(a.world, "CPU rank")
     );
     let mut runs: Vec<Vec<Run>> = vec![Vec::new(), Vec::new(), Vec::new()];
     let pb = progress(6, "real runs");
@@ -256,17 +257,17 @@ fn run_on(a: &DemoArgs, dir: &Path) -> Result<()> {
         return Ok(());
     }
     outln!(
-        "1. The mechanism, for real: {} requests (responses {}..{} tokens), {} CPU ranks, {}\n",
-        a.batch,
+        "1. The mechanism, for real: {} (responses {}..{} tokens), {}, {}\n",
+        plural(a.batch, "request"),
         lens.iter().min().unwrap_or(&0),
         lens.iter().max().unwrap_or(&0),
-        a.world,
+        plural(a.world, "CPU rank"),
         match &a.model {
             Some(d) => format!(
-                "model {} ({:?}, {} layers, hidden {})",
+                "model {} ({:?}, {}, hidden {})",
                 d.display(),
                 m.cfg.arch,
-                m.cfg.num_layers,
+                plural(m.cfg.num_layers, "layer"),
                 m.cfg.hidden_size
             ),
             None => format!("random {:?} {:?} model", a.arch, a.preset),
@@ -299,12 +300,12 @@ fn run_on(a: &DemoArgs, dir: &Path) -> Result<()> {
     )?;
     if let Some(r) = &report {
         outln!(
-            "the switch: tp{} -> tp{} with {} live sequences ({} cached tokens): {} migrated, {} recomputed; \
+            "the switch: tp{} -> tp{} with {} ({}): {} migrated, {} recomputed; \
              weight bytes across ranks {} (shards nest when tp grows), KV bytes across ranks {}, {:.1} ms",
             r.from_tp,
             r.to_tp,
-            r.n_inflight,
-            r.kv_tokens,
+            plural(r.n_inflight, "live sequence"),
+            plural(r.kv_tokens, "cached token"),
             r.n_migrated,
             r.n_recomputed,
             r.weight_bytes_cross_rank,

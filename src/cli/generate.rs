@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use clap::{ArgGroup, Args};
 
-use super::common::{open_model, progress};
+use super::common::{open_model, plural, progress};
 use pat::engine::parse_requests_jsonl;
 use pat::engine::sequence::prefill_rate;
 use pat::engine::{check_request, Engine, EngineOptions, Output, Request};
@@ -236,13 +236,14 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if let Some(e) = failed {
         let done = engine.outputs().len();
         return Err(e.context(format!(
-            "{done} of {} requests finished (printed above) before this error",
-            reqs.len()
+            "{done} of {} finished (printed above) before this error",
+            plural(reqs.len(), "request")
         )));
     }
     eprintln!(
-        "{} requests, {produced} tokens in {gen_s:.2} s ({:.1} tok/s) on world {}, tp {} at the end; load {load_s:.2} s",
-        reqs.len(),
+        "{}, {} in {gen_s:.2} s ({:.1} tok/s) on world {}, tp {} at the end; load {load_s:.2} s",
+        plural(reqs.len(), "request"),
+        plural(produced, "token"),
         produced as f64 / gen_s.max(1e-9),
         a.world,
         engine.layout().tp

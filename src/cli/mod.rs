@@ -286,7 +286,7 @@ pub fn run(cli: Cli) -> Result<()> {
             eprintln!(
                 "wrote {} ({:.1} MiB of weights)",
                 a.out.display(),
-                bytes as f64 / (1u64 << 20) as f64
+                bytes as f64 / common::MIB
             );
             Ok(())
         }

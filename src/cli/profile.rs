@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use clap::Args;
 
-use super::common::{open_model, progress};
+use super::common::{open_model, plural, progress};
 use pat::engine::profiler::{measure_profile, ProfileGrid};
 use pat::engine::Backend;
 use pat::error::{Error, Result};
@@ -66,13 +66,18 @@ fn measure_on(
     let prefill_tokens = grid.prefill_tokens(tps);
     if *backend == Backend::Cpu {
         eprintln!(
-            "profiling tp {:?} x batch {:?} x context {:?}, {} decode steps each ({} prefill tokens in all; on this CPU backend at ~500 tok/s that is ~{:.0} s)",
-            tps, grid.batches, grid.contexts, grid.steps, prefill_tokens, prefill_tokens as f64 / 500.0
+            "profiling tp {:?} x batch {:?} x context {:?}, {} each ({} in all; on this CPU backend at ~500 tok/s that is ~{:.0} s)",
+            tps, grid.batches, grid.contexts, plural(grid.steps, "decode step"), plural(prefill_tokens, "prefill token"), prefill_tokens as f64 / 500.0
         );
     } else {
         eprintln!(
-            "profiling tp {:?} x batch {:?} x context {:?} on {}, {} decode steps each ({} prefill tokens in all)",
-            tps, grid.batches, grid.contexts, backend.name(), grid.steps, prefill_tokens
+            "profiling tp {:?} x batch {:?} x context {:?} on {}, {} each ({} in all)",
+            tps,
+            grid.batches,
+            grid.contexts,
+            backend.name(),
+            plural(grid.steps, "decode step"),
+            plural(prefill_tokens, "prefill token")
         );
     }
     let pb = progress(grid.points(tps) as u64, "profile");
@@ -113,9 +118,11 @@ fn check_validate_grid(grid: &ProfileGrid) -> Result<()> {
     let (b, c) = (grid.batches.len(), grid.contexts.len());
     if b.saturating_mul(c) < need {
         return Err(Error::Invalid(format!(
-            "--validate needs at least {need} grid points per tp (it holds out {}% and fits {terms} \
-             terms), but --batches x --contexts gives {b} x {c} = {}; add batches or contexts",
+            "--validate needs at least {} per tp (it holds out {}% and fits {}), but --batches x \
+             --contexts gives {b} x {c} = {}; add batches or contexts",
+            plural(need, "grid point"),
             HOLDOUT * 100.0,
+            plural(terms, "term"),
             b * c
         )));
     }
@@ -209,8 +216,8 @@ pub fn run(a: ProfileArgs) -> Result<()> {
     // The engine times `--steps` decode steps per point; a sample's context is the cached
     // tokens at the middle one, which the fits use.
     eprintln!(
-        "mid ctx: tokens cached at the middle of the {} timed decode steps (each --contexts value + {})",
-        grid.steps,
+        "mid ctx: tokens cached at the middle of the {} (each --contexts value + {})",
+        plural(grid.steps, "timed decode step"),
         grid.steps / 2
     );
     eprintln!(
@@ -230,8 +237,10 @@ pub fn run(a: ProfileArgs) -> Result<()> {
         let r = validate(&profile, HOLDOUT, a.seed)?;
         outln!("{}", serde_json::to_string(&r).unwrap_or_default())?;
         eprintln!(
-            "predictor: mean absolute error {:.1}% on {} held-out points ({} fitted)",
-            r.overall_mape, r.n_test, r.n_train
+            "predictor: mean absolute error {:.1}% on {} ({} fitted)",
+            r.overall_mape,
+            plural(r.n_test, "held-out point"),
+            r.n_train
         );
     }
     Ok(())

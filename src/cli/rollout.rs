@@ -11,7 +11,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
-use super::common::{check_rule_flags, open_model, progress};
+use super::common::{check_rule_flags, open_model, plural, plural_with, progress};
 use pat::engine::{check_lengths, Backend, Engine, EngineOptions, EngineSource, Request};
 use pat::error::{Error, Result};
 use pat::model::sampling::random_ids;
@@ -305,8 +305,15 @@ pub fn rollout(
     if emit {
         outln!("{}", json!({ "summary": summary }))?;
         eprintln!(
-            "{}: {} requests, {} tokens in {:.2} s = {:.1} tok/s ({:.1} per rank), {} switch(es), final tp {}",
-            policy_name(a.policy), reqs.len(), run.tokens, gen_s, run.tokens as f64 / gen_s, run.tokens as f64 / gen_s / a.world as f64, run.switches.len(), run.final_tp
+            "{}: {}, {} in {:.2} s = {:.1} tok/s ({:.1} per rank), {}, final tp {}",
+            policy_name(a.policy),
+            plural(reqs.len(), "request"),
+            plural(run.tokens, "token"),
+            gen_s,
+            run.tokens as f64 / gen_s,
+            run.tokens as f64 / gen_s / a.world as f64,
+            plural_with(run.switches.len(), "switch", "switches"),
+            run.final_tp
         );
         for s in &run.switches {
             eprintln!(

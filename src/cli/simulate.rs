@@ -355,10 +355,10 @@ pub fn run(a: SimulateArgs) -> Result<()> {
     if let Some(path) = &a.svg {
         let runs: Vec<_> = rep.rows.iter().map(|r| r.result.clone()).collect();
         let title = format!(
-            "{} on {} GPUs, {} requests ({}) - MODELED unless a measured profile",
+            "{} on {}, {} ({}) - MODELED unless a measured profile",
             rep.model.split(' ').next().unwrap_or("model"),
-            rep.world,
-            rep.trace.count,
+            super::common::plural(rep.world, "GPU"),
+            super::common::plural(rep.trace.count, "request"),
             rep.trace_path
         );
         std::fs::write(path, chart(&runs, rep.world, rep.trace.count, &title))

@@ -9,7 +9,7 @@ use clap::Args;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::common::open_model;
+use super::common::{open_model, plural, MIB};
 use pat::engine::sequence::prefill_rate;
 use pat::engine::{check_lengths, Engine, EngineOptions, Request};
 use pat::error::{Error, Result};
@@ -177,7 +177,10 @@ pub fn bench_switch(a: BenchSwitchArgs) -> Result<()> {
     let crossover = match cost.crossover_tokens(a.to[0], cfg.kv_bytes_per_token(4) as f64) {
         0.0 => "migrating beats recomputing at any length".to_string(),
         n if n.is_infinite() => "recomputing beats migrating at any length".to_string(),
-        n => format!("migrating beats recomputing above {n:.0} tokens"),
+        n => format!(
+            "migrating beats recomputing above {}",
+            plural(n.round() as u64, "token")
+        ),
     };
     eprintln!(
         "first step prefilled {} of {} x {} prompt tokens in {:.0} ms ({:.0} tok/s); KV transfer {:.2} GB/s measured; cost model at tp {}: {crossover}",
@@ -216,9 +219,9 @@ pub fn bench_switch(a: BenchSwitchArgs) -> Result<()> {
         rec["memory_gbps"] = gbps.into();
         outln!("{rec}")?;
         eprintln!(
-            "tp {} -> {}: {} in flight, {} KV tokens, {}: total {:.1} ms (weights {:.1}, KV {:.1} [predicted migrate {:.1} / recompute {:.1}], pool alloc {:.1}, commit {:.1}, groups {:.3}); {:.2} MB across ranks, {:.2} MB in place; peak extra {:.1} MB; step {:.1} -> {:.1} ms",
-            r.from_tp, r.to_tp, r.n_inflight, r.kv_tokens, r.kv_policy, r.total_ms, r.weight_reshard_ms, r.kv_ms, r.predicted_migrate_ms, r.predicted_recompute_ms, r.kv_alloc_ms, r.commit_ms, r.comm_group_ms,
-            r.bytes_moved_cross_rank as f64 / 1e6, r.bytes_moved_in_place as f64 / 1e6, r.peak_extra_bytes as f64 / 1e6, before, post
+            "tp {} -> {}: {} in flight, {}, {}: total {:.1} ms (weights {:.1}, KV {:.1} [predicted migrate {:.1} / recompute {:.1}], pool alloc {:.1}, commit {:.1}, groups {:.3}); {:.2} MiB across ranks, {:.2} MiB in place; peak extra {:.1} MiB; step {:.1} -> {:.1} ms",
+            r.from_tp, r.to_tp, r.n_inflight, plural(r.kv_tokens, "KV token"), r.kv_policy, r.total_ms, r.weight_reshard_ms, r.kv_ms, r.predicted_migrate_ms, r.predicted_recompute_ms, r.kv_alloc_ms, r.commit_ms, r.comm_group_ms,
+            r.bytes_moved_cross_rank as f64 / MIB, r.bytes_moved_in_place as f64 / MIB, r.peak_extra_bytes as f64 / MIB, before, post
         );
         if let (Some(b), Some(g)) = (r.memory_bytes, gbps) {
             eprintln!(
@@ -229,8 +232,8 @@ pub fn bench_switch(a: BenchSwitchArgs) -> Result<()> {
         }
         if r.kv_blocks_per_rank_goal > r.kv_blocks_per_rank_after {
             eprintln!(
-                "  KV pool: {} blocks per rank now (the devices could not hold more next to the old layout); the first step that needs more grows it toward {} (the old pool plus the freed shard bytes)",
-                r.kv_blocks_per_rank_after, r.kv_blocks_per_rank_goal
+                "  KV pool: {} per rank now (the devices could not hold more next to the old layout); the first step that needs more grows it toward {} (the old pool plus the freed shard bytes)",
+                plural(r.kv_blocks_per_rank_after, "block"), r.kv_blocks_per_rank_goal
             );
         }
         before = post;
