@@ -394,6 +394,28 @@ fn requests_from_stdin_equal_requests_from_a_file() {
     let got = String::from_utf8(o.stdout).unwrap();
     assert_eq!(output_ids(&got), output_ids(&want));
     assert_eq!(output_ids(&want).len(), 2);
+    // A bad request on stdin is named by its line there and its request number.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pat"))
+        .args(args)
+        .args(["--requests", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"{\"input_ids\":[5]}\n{\"input_ids\":[5,99999]}\n")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("<stdin>:2: request 1: token id 99999"),
+        "{err}"
+    );
 }
 
 #[test]

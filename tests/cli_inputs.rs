@@ -76,10 +76,13 @@ fn tiny(dir: &Path) -> PathBuf {
 fn trace_stats_refuses_a_response_longer_than_the_cap() {
     let dir = tempfile::tempdir().unwrap();
     let t = straggler(dir.path());
-    // Line 3 holds the 320-token response.
+    // Line 3 holds the 320-token response, request 2.
     refused(
         &["trace", "stats", s(&t), "--cap", "100"],
-        &[&format!("{}:3:", t.display()), "320", "--cap 100"],
+        &[
+            &format!("{}:3: request 2: `response_len` 320", t.display()),
+            "--cap 100",
+        ],
     );
     refused(
         &["trace", "stats", s(&t), "--cap", "0"],

@@ -1,5 +1,5 @@
 //! What several commands share: opening `--model`, progress bars on stderr, counts with their
-//! nouns.
+//! nouns, and where each request of a JSONL file sits.
 
 use std::fmt;
 use std::io::Write;
@@ -8,6 +8,7 @@ use std::path::Path;
 use indicatif::{ProgressBar, ProgressStyle};
 use pat::error::Result;
 use pat::model::ModelDir;
+use pat::policy::Trace;
 
 /// Opens the `--model` directory; errors about the directory itself name the flag.
 pub fn open_model(dir: &Path) -> Result<ModelDir> {
@@ -64,6 +65,34 @@ pub fn plural_with<N: Count>(n: N, one: &str, many: &str) -> String {
 pub trait Count: fmt::Display + PartialEq + From<u8> {}
 impl<N: fmt::Display + PartialEq + From<u8>> Count for N {}
 
+/// The 1-based line of each record of a JSONL text, in order: the library's JSONL readers
+/// (requests, traces) skip blank lines, so record `i` (0-based, as the library and the outputs'
+/// `index` number requests) sits on line `lines[i]`.
+pub fn record_lines(text: &str) -> Vec<usize> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, _)| i + 1)
+        .collect()
+}
+
+/// A trace file read once: the trace and the line of each of its requests ([`record_lines`]).
+pub fn load_trace(path: &Path) -> Result<(Trace, Vec<usize>)> {
+    let text = std::fs::read_to_string(path).map_err(|e| pat::Error::io(path, e))?;
+    Ok((Trace::parse(path, &text)?, record_lines(&text)))
+}
+
+/// An error about request `i` of the file at `path` whose requests sit on `lines`:
+/// "FILE:LINE: request I: msg", the line 1-based as files are, the request 0-based as the
+/// library and the outputs number requests.
+pub fn request_line_error(path: &Path, lines: &[usize], i: usize, msg: &str) -> pat::Error {
+    pat::Error::Input {
+        path: path.to_path_buf(),
+        line: lines.get(i).copied().unwrap_or(0),
+        msg: format!("request {i}: {msg}"),
+    }
+}
+
 /// A progress bar on stderr (hidden when stderr is not a terminal).
 pub fn progress(total: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(total);
@@ -101,5 +130,11 @@ mod tests {
         assert_eq!(plural(2u64, "token"), "2 tokens");
         assert_eq!(plural_with(1usize, "switch", "switches"), "1 switch");
         assert_eq!(plural_with(3usize, "switch", "switches"), "3 switches");
+    }
+
+    #[test]
+    fn records_sit_on_their_lines() {
+        assert_eq!(record_lines("a\n\n  \nb\nc"), [1, 4, 5]);
+        assert!(record_lines("").is_empty());
     }
 }

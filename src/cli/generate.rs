@@ -5,10 +5,10 @@ use std::time::Instant;
 
 use clap::{ArgGroup, Args};
 
-use super::common::{open_model, plural, progress};
+use super::common::{open_model, plural, progress, record_lines};
 use pat::engine::parse_requests_jsonl;
 use pat::engine::sequence::prefill_rate;
-use pat::engine::{check_request, Engine, EngineOptions, Output, Request};
+use pat::engine::{check_lengths, check_request, Engine, EngineOptions, Output, Request};
 use pat::error::{Error, Result};
 use pat::model::sampling::SamplingParams;
 use pat::model::tokenizer::Tokenizer;
@@ -77,17 +77,26 @@ pub struct GenerateArgs {
     pub kv_transfer: pat::reshard::cost::KvPolicy,
 }
 
+/// Where the requests came from, for messages.
+enum Source {
+    /// `--prompt` or `--prompt-ids`: one request (request 0).
+    Flag(&'static str),
+    /// A request file (`<stdin>` for `-`) and its text, to name each request's line.
+    File { path: PathBuf, text: String },
+}
+
 /// Collects the requests named by exactly one of --prompt, --prompt-ids, --requests.
-fn requests(a: &GenerateArgs, tok: Option<&Tokenizer>) -> Result<Vec<Request>> {
+fn requests(a: &GenerateArgs, tok: Option<&Tokenizer>) -> Result<(Vec<Request>, Source)> {
     if a.max_new_tokens == 0 {
         return Err(Error::Invalid("--max-new-tokens must be at least 1".into()));
     }
-    let one = |input_ids| {
-        Ok(vec![Request {
+    let one = |input_ids, flag| {
+        let r = Request {
             input_ids,
             max_new_tokens: a.max_new_tokens,
             ignore_eos: a.ignore_eos,
-        }])
+        };
+        Ok((vec![r], Source::Flag(flag)))
     };
     if let Some(p) = &a.prompt {
         let tok = tok.ok_or_else(|| {
@@ -96,42 +105,55 @@ fn requests(a: &GenerateArgs, tok: Option<&Tokenizer>) -> Result<Vec<Request>> {
                 a.model.display()
             ))
         })?;
-        return one(tok.encode(p)?);
+        return one(tok.encode(p)?, "--prompt");
     }
     if let Some(ids) = &a.prompt_ids {
-        return one(ids.clone());
+        return one(ids.clone(), "--prompt-ids");
     }
     let path = a
         .requests
         .as_ref()
         .ok_or_else(|| Error::Invalid("give --prompt, --prompt-ids or --requests".into()))?;
-    let text = if path.as_os_str() == "-" {
+    let (path, text) = if path.as_os_str() == "-" {
         let mut t = String::new();
         std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut t)
             .map_err(|e| Error::io("<stdin>", e))?;
-        t
+        (PathBuf::from("<stdin>"), t)
     } else {
-        std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?
+        let t = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        (path.clone(), t)
     };
-    parse_requests_jsonl(path, &text, tok, a.max_new_tokens, a.ignore_eos)
+    let reqs = parse_requests_jsonl(&path, &text, tok, a.max_new_tokens, a.ignore_eos)?;
+    Ok((reqs, Source::File { path, text }))
 }
 
 /// Checks every request against the model before any pool or engine is built; the message names
-/// where the request came from (the flags, or the request file).
+/// where the request came from: the flag, or the file and line (1-based), and the request
+/// (0-based, as the library's errors and the outputs' `index` number them).
 fn check_requests(
-    a: &GenerateArgs,
+    src: &Source,
     reqs: &[Request],
     cfg: &pat::model::config::ModelConfig,
 ) -> Result<()> {
+    let lines = match src {
+        Source::File { text, .. } => record_lines(text),
+        Source::Flag(_) => Vec::new(),
+    };
     for (i, r) in reqs.iter().enumerate() {
-        check_request(cfg, i, r).map_err(|e| match &a.requests {
-            Some(p) => e.context(p.display().to_string()),
-            None => e.context(if a.prompt.is_some() {
-                "--prompt with --max-new-tokens"
-            } else {
-                "--prompt-ids with --max-new-tokens"
-            }),
-        })?;
+        match src {
+            Source::Flag(flag) => {
+                let ctx = match check_lengths(cfg, r.input_ids.len(), r.max_new_tokens) {
+                    Ok(()) => flag.to_string(),
+                    Err(_) => format!("{flag} with --max-new-tokens"),
+                };
+                check_request(cfg, i, r).map_err(|e| e.context(ctx))?;
+            }
+            Source::File { path, .. } => {
+                let line = lines.get(i).copied().unwrap_or(0);
+                let at = format!("{}:{line}", path.display());
+                check_request(cfg, i, r).map_err(|e| e.context(at))?;
+            }
+        }
     }
     Ok(())
 }
@@ -139,8 +161,8 @@ fn check_requests(
 pub fn run(a: GenerateArgs) -> Result<()> {
     let backend = a.backend.backend()?;
     let m = open_model(&a.model)?;
-    let reqs = requests(&a, m.tok.as_ref())?;
-    check_requests(&a, &reqs, &m.cfg)?;
+    let (reqs, src) = requests(&a, m.tok.as_ref())?;
+    check_requests(&src, &reqs, &m.cfg)?;
     super::switch::check_switches(&a.reconfigure, a.world, &m, |s| {
         format!("--reconfigure {}:{}", s.step, s.tp)
     })?;

@@ -11,7 +11,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
-use super::common::{check_rule_flags, open_model, plural, plural_with, progress};
+use super::common::{
+    check_rule_flags, load_trace, open_model, plural, plural_with, progress, request_line_error,
+};
 use pat::engine::{check_lengths, Backend, Engine, EngineOptions, EngineSource, Request};
 use pat::error::{Error, Result};
 use pat::model::sampling::random_ids;
@@ -103,16 +105,18 @@ pub struct RolloutArgs {
 
 pub fn run(a: RolloutArgs) -> Result<()> {
     let m = open_model(&a.model)?;
-    let trace = Trace::load(&a.trace)?;
+    let (trace, lines) = load_trace(&a.trace)?;
     let profile = a.profile.as_deref().map(Profile::load).transpose()?;
-    rollout(&m, &trace, &a, profile.as_ref(), true)
+    rollout(&m, &trace, &lines, &a, profile.as_ref(), true)
 }
 
-/// Runs one rollout of `trace` (the paths in `a` are not read) through the one adaptive loop
-/// (`pat::policy::drive`); with `emit`, JSONL on stdout and a summary on stderr.
+/// Runs one rollout of `trace` (the paths in `a` are not read; `lines` holds the line of each
+/// request in `a.trace`, for messages) through the one adaptive loop (`pat::policy::drive`); with
+/// `emit`, JSONL on stdout and a summary on stderr.
 pub fn rollout(
     m: &ModelDir,
     trace: &Trace,
+    lines: &[usize],
     a: &RolloutArgs,
     profile: Option<&Profile>,
     emit: bool,
@@ -120,9 +124,13 @@ pub fn rollout(
     Layout::new(a.world, 1)?;
     // Lengths first: a trace line the model cannot hold is refused before anything is built.
     for (i, r) in trace.requests.iter().enumerate() {
-        check_lengths(&m.cfg, r.prompt_len, r.response_len).map_err(|msg| {
-            Error::Invalid(format!("--trace request {} (line order): {msg}", i + 1))
-        })?;
+        if check_lengths(&m.cfg, r.prompt_len, r.response_len).is_err() {
+            let msg = format!(
+                "`prompt_len` {} + `response_len` {} exceeds the model's max_position_embeddings {}",
+                r.prompt_len, r.response_len, m.cfg.max_position_embeddings
+            );
+            return Err(request_line_error(&a.trace, lines, i, &msg));
+        }
     }
     let tps: Vec<usize> = (1..=a.world)
         .filter(|t| a.world.is_multiple_of(*t) && check_tp_for_model(*t, &m.cfg).is_ok())

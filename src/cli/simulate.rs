@@ -3,7 +3,7 @@
 //! model (MODELED, said so) or a measured profile's interpolated table; the policy sees only its
 //! predictor fitted to a profile.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
 
@@ -208,8 +208,8 @@ pub fn world_model(a: &SimulateArgs) -> Result<(Box<dyn StepClock>, Profile, Str
 }
 
 /// Refuses what the simulator cannot model sensibly: absurd worlds, lengths beyond the model's
-/// context.
-fn check_bounds(a: &SimulateArgs, trace: &Trace) -> Result<()> {
+/// context (naming the request and its line: `lines` from [`super::common::load_trace`]).
+fn check_bounds(a: &SimulateArgs, path: &Path, trace: &Trace, lines: &[usize]) -> Result<()> {
     if a.world == 0 || a.world > MAX_WORLD {
         return Err(Error::Invalid(format!(
             "--world must be in 1..={MAX_WORLD}, got {}",
@@ -224,12 +224,11 @@ fn check_bounds(a: &SimulateArgs, trace: &Trace) -> Result<()> {
         .enumerate()
         .find(|(_, r)| r.prompt_len.saturating_add(r.response_len) > max_pos)
     {
-        return Err(Error::Invalid(format!(
-            "--trace request {} has prompt {} + response {} tokens, beyond {shape}'s context of {max_pos}",
-            i + 1,
-            r.prompt_len,
-            r.response_len
-        )));
+        let msg = format!(
+            "`prompt_len` {} + `response_len` {} is beyond {shape}'s context of {max_pos}",
+            r.prompt_len, r.response_len
+        );
+        return Err(super::common::request_line_error(path, lines, i, &msg));
     }
     Ok(())
 }
@@ -241,8 +240,8 @@ pub fn report(a: &SimulateArgs) -> Result<SimReport> {
         .trace
         .as_ref()
         .ok_or_else(|| Error::Invalid("--trace is required".into()))?;
-    let trace = Trace::load(path)?;
-    check_bounds(a, &trace)?;
+    let (trace, lines) = super::common::load_trace(path)?;
+    check_bounds(a, path, &trace, &lines)?;
     let (clock, mut profile, source_note) = world_model(a)?;
     if let Some(ms) = a.switch_fixed_ms {
         profile.switch.fixed_ms = non_negative(ms, "--switch-fixed-ms")?;

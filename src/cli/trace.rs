@@ -250,23 +250,22 @@ fn load_for_stats(file: &Path, cap: Option<usize>) -> Result<Trace> {
     };
     let trace = Trace::parse(&shown, &text)?;
     if let Some(cap) = cap {
-        // Trace::parse skips blank lines: request i is the i-th non-blank line.
-        let lines = text
-            .lines()
+        let lines = super::common::record_lines(&text);
+        if let Some((i, r)) = trace
+            .requests
+            .iter()
             .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, _)| i + 1);
-        for (r, line) in trace.requests.iter().zip(lines) {
-            if r.response_len > cap {
-                return Err(Error::Input {
-                    path: shown,
-                    line,
-                    msg: format!(
-                        "`response_len` {} is longer than --cap {cap} (a trace made with that cap has none longer)",
-                        r.response_len
-                    ),
-                });
-            }
+            .find(|(_, r)| r.response_len > cap)
+        {
+            return Err(super::common::request_line_error(
+                &shown,
+                &lines,
+                i,
+                &format!(
+                    "`response_len` {} is longer than --cap {cap} (a trace made with that cap has none longer)",
+                    r.response_len
+                ),
+            ));
         }
     }
     Ok(trace)

@@ -305,6 +305,12 @@ fn make() -> Fx {
         "{\"input_ids\":[1,2]}\n{\"input_ids\":[1,2]\n",
     );
     write(d, "ids_oov.jsonl", line(&[1, 5000], 2));
+    // Request 1 on line 4: blank lines are skipped, so requests and lines are numbered apart.
+    write(
+        d,
+        "gaps.jsonl",
+        format!("\n{}\n\n{}\n", line(&[1], 2), line(&[1, 5000], 2)),
+    );
     let trace = |p: u64, r: u64| json!({"prompt_len": p, "response_len": r}).to_string();
     write(d, "trace_u64max.jsonl", trace(1, u64::MAX));
     write(d, "trace_2p40.jsonl", trace(4, 1 << 40));

@@ -19,7 +19,7 @@ const CASES: &[Case] = &[
     err(
         "max_new_tokens_near_u64_max_in_file",
         |f| gen(f, &["--requests", &f.p("huge_max_new.jsonl")]),
-        "huge_max_new.jsonl: request 0: prompt (2) + max_new_tokens",
+        "huge_max_new.jsonl:1: request 0: prompt (2) + max_new_tokens",
     ),
     err(
         "max_new_tokens_past_positions_with_text_prompt",
@@ -51,7 +51,7 @@ const CASES: &[Case] = &[
         "rollout_trace_past_positions_refused_before_prompts",
         |f| a(&["rollout", "--model", &f.p("m"), "--world", "1", "--policy", "static:1",
                 "--trace", &f.p("trace_long.jsonl")]),
-        "--trace request 2 (line order): prompt (100) + max_new_tokens (1000) exceeds max_position_embeddings 512",
+        "trace_long.jsonl:2: request 1: `prompt_len` 100 + `response_len` 1000 exceeds the model's max_position_embeddings 512",
     ),
     err(
         "bench_switch_context_1e9",
@@ -199,7 +199,7 @@ const CASES: &[Case] = &[
     err(
         "simulate_response_past_the_shapes_context",
         |f| a(&["simulate", "--trace", &f.p("trace_200k.jsonl"), "--no-optimum"]),
-        "--trace request 1 has prompt 8 + response 200000 tokens, beyond llama3-8b's context of 131072",
+        "trace_200k.jsonl:1: request 0: `prompt_len` 8 + `response_len` 200000 is beyond llama3-8b's context of 131072",
     ),
     err(
         "trace_gen_grpo_correlation_past_one",

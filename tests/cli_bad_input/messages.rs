@@ -223,7 +223,14 @@ const CASES: &[Case] = &[
     err(
         "token_id_outside_vocab_in_file",
         |f| gen(f, &["--requests", &f.p("ids_oov.jsonl")]),
-        "ids_oov.jsonl: request 0: token id 5000",
+        "ids_oov.jsonl:1: request 0: token id 5000",
+    ),
+    // A file's requests are named by line (1-based, as files are) and by request (0-based, as
+    // the library's errors and the outputs' `index` number them).
+    err(
+        "request_file_names_the_line_and_the_request",
+        |f| gen(f, &["--requests", &f.p("gaps.jsonl")]),
+        "gaps.jsonl:4: request 1: token id 5000 at position 1",
     ),
     err(
         "request_larger_than_the_pool",

@@ -87,7 +87,11 @@ fn absurd_worlds_and_lengths_are_refused() {
     let mut a = args(long);
     a.model_shape = Some(ModelShape::Qwen3_14b);
     let e = report(&a).unwrap_err().to_string();
-    assert!(e.contains("40960") && e.contains("request 1"), "{e}");
+    // The one request is request 0, on line 1 of the file.
+    assert!(
+        e.contains("40960") && e.contains("long.jsonl:1: request 0: `prompt_len` 100"),
+        "{e}"
+    );
 }
 
 #[test]
