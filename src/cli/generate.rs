@@ -50,7 +50,8 @@ pub struct GenerateArgs {
     /// Seed for sampling; each request draws from its own stream.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// A text prompt (needs tokenizer.json).
+    /// A text prompt (needs tokenizer.json). The tokenizer adds its BOS token where it has one,
+    /// so "" is BOS alone; a prompt that tokenizes to nothing is refused.
     #[arg(long)]
     pub prompt: Option<String>,
     /// A prompt as comma-separated token ids, e.g. 1,2,3.
@@ -127,10 +128,26 @@ fn requests(a: &GenerateArgs, tok: Option<&Tokenizer>) -> Result<(Vec<Request>, 
     Ok((reqs, Source::File { path, text }))
 }
 
+/// Why a request has no prompt tokens, as the user wrote it: an empty `input_ids`, or a text
+/// prompt the tokenizer turned into nothing (it adds no BOS token). An empty text prompt is
+/// BOS alone where the tokenizer adds one: a valid one-token prompt, never refused.
+fn empty_prompt(text: Option<&str>, ids_key: &str, text_key: &str) -> String {
+    match text {
+        Some(t) => format!(
+            "{text_key} {t:?} tokenizes to no tokens (the model's tokenizer adds no BOS token), \
+             and a request needs at least one prompt token"
+        ),
+        None => {
+            format!("empty prompt: {ids_key} holds no token ids, and a request needs at least one")
+        }
+    }
+}
+
 /// Checks every request against the model before any pool or engine is built; the message names
 /// where the request came from: the flag, or the file and line (1-based), and the request
 /// (0-based, as the library's errors and the outputs' `index` number them).
 fn check_requests(
+    a: &GenerateArgs,
     src: &Source,
     reqs: &[Request],
     cfg: &pat::model::config::ModelConfig,
@@ -142,15 +159,38 @@ fn check_requests(
     for (i, r) in reqs.iter().enumerate() {
         match src {
             Source::Flag(flag) => {
+                if r.input_ids.is_empty() {
+                    let why = empty_prompt(a.prompt.as_deref(), flag, flag);
+                    let hint = if a.prompt.is_some() {
+                        "; give a non-empty --prompt, or --prompt-ids"
+                    } else {
+                        ""
+                    };
+                    return Err(Error::Request(format!("{why}{hint}")));
+                }
                 let ctx = match check_lengths(cfg, r.input_ids.len(), r.max_new_tokens) {
                     Ok(()) => flag.to_string(),
                     Err(_) => format!("{flag} with --max-new-tokens"),
                 };
                 check_request(cfg, i, r).map_err(|e| e.context(ctx))?;
             }
-            Source::File { path, .. } => {
+            Source::File { path, text } => {
                 let line = lines.get(i).copied().unwrap_or(0);
                 let at = format!("{}:{line}", path.display());
+                if r.input_ids.is_empty() {
+                    let prompt = text
+                        .lines()
+                        .nth(line.saturating_sub(1))
+                        .and_then(|l| {
+                            serde_json::from_str::<serde_json::Value>(
+                                l.trim_start_matches('\u{feff}'),
+                            )
+                            .ok()
+                        })
+                        .and_then(|v| v.get("prompt").and_then(|p| p.as_str()).map(String::from));
+                    let why = empty_prompt(prompt.as_deref(), "`input_ids`", "`prompt`");
+                    return Err(Error::Request(format!("{at}: request {i}: {why}")));
+                }
                 check_request(cfg, i, r).map_err(|e| e.context(at))?;
             }
         }
@@ -162,7 +202,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let backend = a.backend.backend()?;
     let m = open_model(&a.model)?;
     let (reqs, src) = requests(&a, m.tok.as_ref())?;
-    check_requests(&src, &reqs, &m.cfg)?;
+    check_requests(&a, &src, &reqs, &m.cfg)?;
     super::switch::check_switches(&a.reconfigure, a.world, &m, |s| {
         format!("--reconfigure {}:{}", s.step, s.tp)
     })?;

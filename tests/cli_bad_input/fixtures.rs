@@ -229,6 +229,11 @@ fn make() -> Fx {
     std::fs::remove_file(d.join("noweights/model.safetensors")).unwrap();
     broken(d, "notok", "config.json", cfg.as_bytes());
     std::fs::remove_file(d.join("notok/tokenizer.json")).unwrap();
+    // A tokenizer that adds no BOS token: an empty text prompt is no tokens at all.
+    let mut tok: Value =
+        serde_json::from_slice(&std::fs::read(d.join("m/tokenizer.json")).unwrap()).unwrap();
+    tok["post_processor"] = Value::Null;
+    broken(d, "nobos", "tokenizer.json", tok.to_string().as_bytes());
     // Misleading-message models.
     broken(
         d,
@@ -311,6 +316,8 @@ fn make() -> Fx {
         "gaps.jsonl",
         format!("\n{}\n\n{}\n", line(&[1], 2), line(&[1, 5000], 2)),
     );
+    write(d, "empty_ids.jsonl", "{\"input_ids\":[]}\n");
+    write(d, "empty_text.jsonl", "{\"prompt\":\"\"}\n");
     let trace = |p: u64, r: u64| json!({"prompt_len": p, "response_len": r}).to_string();
     write(d, "trace_u64max.jsonl", trace(1, u64::MAX));
     write(d, "trace_2p40.jsonl", trace(4, 1 << 40));

@@ -233,6 +233,57 @@ const CASES: &[Case] = &[
         "gaps.jsonl:4: request 1: token id 5000 at position 1",
     ),
     err(
+        "request_file_empty_input_ids",
+        |f| gen(f, &["--requests", &f.p("empty_ids.jsonl")]),
+        "empty_ids.jsonl:1: request 0: empty prompt: `input_ids` holds no token ids",
+    ),
+    // An empty text prompt is BOS alone where the tokenizer adds one: it runs ...
+    Case {
+        name: "empty_text_prompt_is_bos_alone",
+        args: |f| gen(f, &["--prompt", "", "--max-new-tokens", "1"]),
+        code: 0,
+        needle: "\"input_ids\":[1]",
+        absent: None,
+    },
+    Case {
+        name: "empty_text_prompt_in_a_file_is_bos_alone",
+        args: |f| {
+            gen(
+                f,
+                &[
+                    "--requests",
+                    &f.p("empty_text.jsonl"),
+                    "--max-new-tokens",
+                    "1",
+                ],
+            )
+        },
+        code: 0,
+        needle: "\"input_ids\":[1]",
+        absent: None,
+    },
+    // ... and with no BOS it is no tokens at all: refused, naming the flag or the line.
+    Case {
+        name: "empty_text_prompt_without_bos",
+        args: |f| a(&["generate", "--model", &f.p("nobos"), "--prompt", ""]),
+        code: 1,
+        needle: "--prompt \"\" tokenizes to no tokens (the model's tokenizer adds no BOS token)",
+        absent: Some("--max-new-tokens"),
+    },
+    err(
+        "empty_text_prompt_in_a_file_without_bos",
+        |f| {
+            a(&[
+                "generate",
+                "--model",
+                &f.p("nobos"),
+                "--requests",
+                &f.p("empty_text.jsonl"),
+            ])
+        },
+        "empty_text.jsonl:1: request 0: `prompt` \"\" tokenizes to no tokens",
+    ),
+    err(
         "request_larger_than_the_pool",
         |f| {
             gen(
