@@ -71,6 +71,7 @@ pub mod policy;
 pub mod reshard;
 pub mod sim;
 pub mod stats;
+pub mod text;
 
 pub use dtype::Dtype;
 pub use error::{Error, ErrorKind, Result};

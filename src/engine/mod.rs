@@ -44,6 +44,7 @@ use crate::model::sampling::sample;
 use crate::model::weights::Checkpoint;
 use crate::model::ModelDir;
 use crate::parallel::{GroupCache, Layout};
+use crate::text::plural;
 use ranks::{CpuRanks, GpuSet, Ranks, StepCtx};
 
 use scheduler::StepCap;
@@ -322,9 +323,9 @@ impl Engine {
                 // Only a request larger than a whole pool waits with nothing running: a pool
                 // a switch left short that could not grow enough.
                 return Err(Error::KvExhausted(format!(
-                    "request {i} needs {} blocks of {} tokens but a rank's pool holds {} (a switch left it short and it could not grow: {}); switch to a layout with more KV per rank",
-                    blocks_for(s.footprint(), self.opts.block_size),
-                    self.opts.block_size,
+                    "request {i} needs {} of {} but a rank's pool holds {} (a switch left it short and it could not grow: {}); switch to a layout with more KV per rank",
+                    plural(blocks_for(s.footprint(), self.opts.block_size), "block"),
+                    plural(self.opts.block_size, "token"),
                     self.opts.kv_blocks,
                     self.growth
                         .as_ref()

@@ -21,6 +21,7 @@ use crate::parallel::shard::weight_bytes_per_rank;
 use crate::reshard::cost::{CostModel, KvMode, KvPolicy};
 use crate::reshard::kv::{self as kvplan, SeqKv};
 use crate::reshard::{nested_layout, weights as wplan};
+use crate::text::plural;
 
 /// What one switch did and cost (the `pat bench switch` record).
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -226,8 +227,8 @@ impl Engine {
             let n = blocks_for(self.seqs[i].cached, bs);
             tables[i] = allocs[target[i]].alloc(n).map_err(|_| {
                 Error::KvExhausted(format!(
-                    "at tp {new_tp} a rank's pool holds {new_blocks} blocks (its old pool plus the weight bytes the reshard frees, as far as the devices hold them) and replica {} cannot fit the live sequences; still decoding at tp {}",
-                    target[i], old.tp
+                    "at tp {new_tp} a rank's pool holds {} (its old pool plus the weight bytes the reshard frees, as far as the devices hold them) and replica {} cannot fit the live sequences; still decoding at tp {}",
+                    plural(new_blocks, "block"), target[i], old.tp
                 ))
             })?;
         }
@@ -245,8 +246,8 @@ impl Engine {
         }
         if let Some(r) = (0..new.dp()).find(|&r| owed[r] > new_blocks) {
             return Err(Error::KvExhausted(format!(
-                "at tp {new_tp} a rank's pool holds {new_blocks} blocks (its old pool plus the weight bytes the reshard frees, as far as the devices hold them) but the running sequences placed on replica {r} may grow to {} blocks (prompt + max_new_tokens); still decoding at tp {}",
-                owed[r], old.tp
+                "at tp {new_tp} a rank's pool holds {} (its old pool plus the weight bytes the reshard frees, as far as the devices hold them) but the running sequences placed on replica {r} may grow to {} blocks (prompt + max_new_tokens); still decoding at tp {}",
+                plural(new_blocks, "block"), owed[r], old.tp
             )));
         }
         // A waiting request must fit a whole pool, at least once the pools grow to their goal,
@@ -259,7 +260,8 @@ impl Engine {
                 && blocks_for(s.footprint(), bs) as u64 > goal_blocks
         }) {
             return Err(Error::KvExhausted(format!(
-                "at tp {new_tp} a rank's pool holds at most {goal_blocks} blocks (its old pool plus the weight bytes the reshard frees) but waiting request {i} needs {} (prompt + max_new_tokens); still decoding at tp {}",
+                "at tp {new_tp} a rank's pool holds at most {} (its old pool plus the weight bytes the reshard frees) but waiting request {i} needs {} (prompt + max_new_tokens); still decoding at tp {}",
+                plural(goal_blocks, "block"),
                 blocks_for(self.seqs[i].footprint(), bs),
                 old.tp
             )));

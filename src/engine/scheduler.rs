@@ -12,6 +12,7 @@ use crate::kv::blocks_for;
 use crate::model::config::ModelConfig;
 use crate::model::sampling::request_rng;
 use crate::parallel::placement::balance_onto;
+use crate::text::plural;
 
 /// Checks a request against the model alone (what can be checked when a request file is read,
 /// before any pool or prompt is built): a prompt, at least one new token, ids inside the
@@ -149,8 +150,8 @@ impl Engine {
         };
         if need > most {
             return Err(Error::KvExhausted(format!(
-                "request {index} needs {need} blocks of {} tokens but a rank's pool has {most} (raise `kv_blocks`)",
-                self.opts.block_size
+                "request {index} needs {need} blocks of {} but a rank's pool has {most} (raise `kv_blocks`)",
+                plural(self.opts.block_size, "token")
             )));
         }
         Ok(())

@@ -40,6 +40,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::profile::{DecodeSample, Profile};
 use crate::error::{Error, Result};
+use crate::text::plural;
 
 /// Which terms the fit uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -127,7 +128,7 @@ fn features(batch: usize, ctx: f64) -> [f64; 4] {
 /// error). `Err(why)` when underdetermined.
 fn solve(rows: &[[f64; 4]], ys: &[f64], k: usize) -> std::result::Result<[f64; 4], String> {
     if rows.len() < k {
-        return Err(format!("only {} samples", rows.len()));
+        return Err(format!("only {}", plural(rows.len(), "sample")));
     }
     let mut scale = [0f64; 4];
     for r in rows {
@@ -450,7 +451,8 @@ pub fn validate_form(
         let test = ((n as f64 * holdout_fraction).round() as usize).max(1);
         if n < test + form.terms() {
             return Err(Error::Invalid(format!(
-                "tp {tp}: {n} samples are too few to hold out {test} and fit {} terms",
+                "tp {tp}: {} are too few to hold out {test} and fit {} terms",
+                plural(n, "sample"),
                 form.terms()
             )));
         }

@@ -11,6 +11,7 @@ use crate::model::decoder::{forward_cpu_on, RankWeights, SeqInput};
 use crate::parallel::{first_cause, Comm, GroupCache};
 use crate::reshard::cpu as run;
 use crate::reshard::weights::program::Staged;
+use crate::text::plural;
 
 /// Host ranks: shards and pools in host memory.
 pub(crate) struct CpuRanks {
@@ -59,20 +60,23 @@ pub(crate) fn check_host_room(
     let show = |b: Option<u64>| b.map_or("more than 2^64 bytes".into(), gib);
     match (weights, pools) {
         (Some(w), _) if w > avail => Err(Error::HostMemory(format!(
-            "the weights ({} per rank x {ranks} ranks, f32 on the CPU) need {} but the host has {} \
-             available; use fewer ranks (`world`), more tp per replica, or a smaller model",
+            "the weights ({} per rank x {}, f32 on the CPU) need {} but the host has {} available; \
+             use fewer ranks (`world`), more tp per replica, or a smaller model",
             gib(weight_bytes),
+            plural(ranks, "rank"),
             gib(w),
             gib(avail)
         ))),
         (None, _) => Err(Error::HostMemory(format!(
-            "the weights ({} per rank x {ranks} ranks) need more than 2^64 bytes",
-            gib(weight_bytes)
+            "the weights ({} per rank x {}) need more than 2^64 bytes",
+            gib(weight_bytes),
+            plural(ranks, "rank")
         ))),
         (Some(w), Some(p)) if p <= avail - w => Ok(()),
         (Some(w), p) => Err(Error::KvExhausted(format!(
-            "the KV pools (`kv_blocks` {blocks} per rank x {ranks} ranks) need {} but the host has \
-             {} available next to the weights' {}",
+            "the KV pools (`kv_blocks` {blocks} per rank x {}) need {} but the host has {} \
+             available next to the weights' {}",
+            plural(ranks, "rank"),
             show(p),
             gib(avail - w),
             gib(w),
@@ -93,7 +97,7 @@ pub(crate) fn host_block_bytes(
 }
 
 fn gib(b: u64) -> String {
-    format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+    format!("{:.2} GiB", b as f64 / crate::text::GIB)
 }
 
 /// The new layout's KV pools, one per rank, on the host (a switch's `begin`).
