@@ -18,7 +18,7 @@
 #      LD_LIBRARY_PATH, checks that the binaries resolve their libraries, runs every binary with
 #      PAT_REQUIRE_GPU=1 (a missing GPU fails instead of skipping), keeps each log in
 #      <bin-dir>/logs/, then (unless PAT_GPU_BENCH=0) the benchmarks: `pat init-model --preset
-#      llama3-8b-shape --dtype bf16` into $PAT_BENCH_DIR (default /tmp/pat-bench, ~16 GB;
+#      llama3-8b-shape --dtype bf16` into $PAT_BENCH_DIR (default /tmp/pat-bench, ~15 GiB;
 #      PAT_BENCH_PRESET=small for a quick run),
 #      `pat bench one-batch --backend cuda` on it, `pat bench attention` (1-64 seqs x 2048-8192)
 #      and `pat bench reshard` (the switch kernels, 16 MiB-1 GiB), `pat bench switch --backend
@@ -174,10 +174,10 @@ def traffic_cell(r):
     return f"{t[0]:>8.2f} {t[1]:>6.0f}" + (f" {t[2]:3.0f}%" if t[2] is not None else "")
 if s:
     print("live switches on GPU ranks sharing one GPU (bf16; device = per-rank programs on the GPU, host = staged through host memory)")
-    print(f"{'how':<7} {'world':>5} {'seqs x ctx':>11} {'switch':>7} {'total ms':>9} {'weights':>8} {'KV':>7} {'pool':>7} {'commit':>7} {'groups new/reused':>18} {'MB across':>10} {'peak extra MB':>13} {'mem GB':>8} {'GB/s (copy)':>11}")
+    print(f"{'how':<7} {'world':>5} {'seqs x ctx':>11} {'switch':>7} {'total ms':>9} {'weights':>8} {'KV':>7} {'pool':>7} {'commit':>7} {'groups new/reused':>18} {'MiB across':>10} {'peak extra MiB':>14} {'mem GB':>8} {'GB/s (copy)':>11}")
     for r in s:
         sx = f"{r['batch']}x{r['context']}"
-        print(f"{r.get('gpu_switch', '?'):<7} {r['world']:>5} {sx:>11} {r['from_tp']:>3}->{r['to_tp']:<3} {r['total_ms']:>9.1f} {r['weight_reshard_ms']:>8.1f} {r['kv_ms']:>7.1f} {r['kv_alloc_ms']:>7.1f} {r.get('commit_ms', 0):>7.1f} {r['groups_created']:>8}/{r['groups_reused']:<9} {r['bytes_moved_cross_rank']/1e6:>10.1f} {r['peak_extra_bytes']/1e6:>13.1f} {traffic_cell(r)}")
+        print(f"{r.get('gpu_switch', '?'):<7} {r['world']:>5} {sx:>11} {r['from_tp']:>3}->{r['to_tp']:<3} {r['total_ms']:>9.1f} {r['weight_reshard_ms']:>8.1f} {r['kv_ms']:>7.1f} {r['kv_alloc_ms']:>7.1f} {r.get('commit_ms', 0):>7.1f} {r['groups_created']:>8}/{r['groups_reused']:<9} {r['bytes_moved_cross_rank']/2**20:>10.1f} {r['peak_extra_bytes']/2**20:>14.1f} {traffic_cell(r)}")
 if c:
     print(f"switch kernels on {c[0]['device']}, copy bandwidth {c[0]['copy_bandwidth_gbps']:.0f} GB/s")
     print(f"{'kernel':<12} {'MiB':>5} {'ms':>8} {'GB/s':>7} {'of copy':>8}")
@@ -307,7 +307,7 @@ run() {
 
     local brows=()
     if [[ "${PAT_GPU_BENCH:-1}" != 0 ]]; then
-        # Without a GPU the benchmarks can only fail, after writing a 16 GB model: skip them.
+        # Without a GPU the benchmarks can only fail, after writing a 15 GiB model: skip them.
         if [[ -z "${PAT_EMU_GPUS:-}" ]] && ! { command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; }; then
             echo "gpu-check: no GPU visible (nvidia-smi -L failed): benchmarks not run" >&2
             failed=1
