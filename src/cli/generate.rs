@@ -237,6 +237,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let load_s = t0.elapsed().as_secs_f64();
     engine.add_requests(&reqs)?;
     let budget: u64 = reqs.iter().map(|r| r.max_new_tokens as u64).sum();
+    // The copy bandwidth the switches' cost model prices migration at, measured before the
+    // timed generation; the prefill rate comes from this run's first steps.
+    let base_cost = (!a.reconfigure.is_empty()).then(|| CostModel::measured_cpu(1.0));
     let pb = progress(budget, "generating");
     let t1 = Instant::now();
     let mut produced = 0u64;
@@ -252,8 +255,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         // huge STEP never wraps around to before the prefill).
         while let Some(sw) = plan.next_if(|sw| sw.step.checked_add(1) == Some(steps.len())) {
             // Measured once, at the first switch, from this run's prefill.
-            let cost = cost.get_or_insert_with(|| {
-                CostModel::measured_cpu(prefill_rate(&steps).unwrap_or(1.0))
+            let cost = cost.get_or_insert_with(|| CostModel {
+                prefill_tokens_per_s: vec![(1, prefill_rate(&steps).unwrap_or(1.0).max(1.0))],
+                ..base_cost
+                    .clone()
+                    .unwrap_or_else(|| CostModel::measured_cpu(1.0))
             });
             match engine.reconfigure(sw.tp, a.kv_transfer, cost) {
                 Ok(r) => {
