@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use pat::engine::{EngineSource, Output, Request};
+use pat::engine::{EngineSource, Output, Request, SwitchFault, SwitchPhase};
 use pat::policy::controller::{drive, Controller, ControllerConfig, Event};
 use pat::policy::decide::SwitchCost;
 use pat::policy::predictor::{Fit, FitForm, Predictor};
@@ -177,4 +177,42 @@ fn tokens_through_controller_switches_equal_a_static_run() {
     e.add_requests(&requests(&trace())).unwrap();
     e.run(|_| {}).unwrap();
     assert_eq!(adaptive, e.outputs());
+}
+
+#[test]
+fn a_failed_switch_reports_the_layout_that_goes_on_and_loses_nothing() {
+    // A switch refused before its swap leaves the source at `from`; one whose KV recompute
+    // fails after the swap leaves it at `to` (the sequences left are prefilled again). Either
+    // way the run goes on and ends with a static run's tokens.
+    let mut e = common::engine(&common::golden_dir("llama"), WORLD, 1, Dtype::F32, 64);
+    e.add_requests(&requests(&trace())).unwrap();
+    e.run(|_| {}).unwrap();
+    let want = e.outputs();
+    let (p, sc) = (predictor(), switch_cost());
+    for phase in [SwitchPhase::Begin, SwitchPhase::Recompute] {
+        let ctrl = controller(&p, &sc, Remaining::Oracle);
+        let mut e = common::engine(&common::golden_dir("llama"), WORLD, 1, Dtype::F32, 64);
+        e.add_requests(&requests(&trace())).unwrap();
+        e.inject_switch_fault(Some(SwitchFault { phase, rank: 0 }));
+        let mut failed = Vec::new();
+        {
+            let mut src = EngineSource::new(&mut e, KvPolicy::Recompute, sc.kv.clone());
+            drive(&mut src, Some(&ctrl), |ev| {
+                if let Event::SwitchFailed { from, to, now, .. } = ev {
+                    failed.push((from, to, now));
+                }
+            })
+            .unwrap();
+        }
+        let &(from, to, now) = failed
+            .first()
+            .unwrap_or_else(|| panic!("{phase:?}: no switch failed"));
+        let goes_on = if phase == SwitchPhase::Begin {
+            from
+        } else {
+            to
+        };
+        assert_eq!(now, goes_on, "{phase:?}: {failed:?}");
+        assert_eq!(e.outputs(), want, "{phase:?}");
+    }
 }

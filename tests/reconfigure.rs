@@ -342,6 +342,8 @@ fn a_recompute_larger_than_a_step_runs_in_passes_with_the_same_tokens() {
                     assert!(left < n, "rank 3 failed the first pass: {err}");
                 }
                 e.inject_switch_fault(None);
+                // The passes before the failure keep their KV; the rest hold none.
+                assert_eq!(e.unprefilled(), left, "{fault:?}: {err}");
                 n - left
             }
         };

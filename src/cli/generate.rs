@@ -266,8 +266,14 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                     pb.suspend(|| eprintln!("{}", serde_json::to_string(&r).unwrap_or_default()))
                 }
                 Err(e) => pb.suspend(|| {
+                    // A recompute that failed after the swap leaves the new layout live.
+                    let done = if engine.layout().tp == sw.tp {
+                        "applied, but"
+                    } else {
+                        "not applied:"
+                    };
                     eprintln!(
-                        "warning: --reconfigure {}:{} not applied: {e}; decoding goes on at tp {}",
+                        "warning: --reconfigure {}:{} {done} {e}; decoding goes on at tp {}",
                         sw.step,
                         sw.tp,
                         engine.layout().tp

@@ -290,9 +290,11 @@ pub fn rollout(
             step,
             from,
             to,
+            now,
             error,
         } => pb.suspend(|| {
-            eprintln!("warning: switch tp {from} -> {to} before step {step} not applied: {error}; decoding goes on at tp {from}")
+            let done = if now == to { "applied, but" } else { "not applied:" };
+            eprintln!("warning: switch tp {from} -> {to} before step {step} {done} {error}; decoding goes on at tp {now}")
         }),
     }
     })?;

@@ -30,7 +30,7 @@ pub use options::{EngineOptions, DEFAULT_BLOCK_SIZE};
 pub use ranks::{Backend, GpuSwitch, SwitchFault, SwitchPhase};
 pub use reconfigure::SwitchReport;
 pub use requests::parse_requests_jsonl;
-pub use scheduler::{check_lengths, check_request};
+pub use scheduler::{check_lengths, check_request, host_step_bytes, STEP_FIXED_BYTES_PER_RANK};
 pub use sequence::{FinishReason, Output, PoolGrowth, Request, StepReport};
 
 use std::time::Instant;
@@ -149,13 +149,16 @@ impl Engine {
             .collect();
         let pool_goal = opts.kv_blocks;
         let step_cap = match (backend, crate::backend::host_available_bytes()) {
-            // Half of what the host has left once the KV pools fill: their pages are zeroed
-            // lazily, so the memory available now still counts them.
+            // Half of what the host has left once the KV pools fill (their pages are zeroed
+            // lazily, so the memory available now still counts them), less what a step holds
+            // whatever it feeds (the GEMMs' packing, the step's own bookkeeping).
             (Backend::Cpu, Some(avail)) => {
                 let pools: u64 = (0..opts.world)
                     .map(|r| ranks.set_ref().rank_bytes(r).1 as u64)
                     .sum();
-                StepCap::HostBytes(avail.saturating_sub(pools) / 2)
+                let fixed = crate::backend::cpu::pack_bytes_bound(opts.world)
+                    + scheduler::STEP_FIXED_BYTES_PER_RANK * opts.world as u64;
+                StepCap::HostBytes((avail.saturating_sub(pools) / 2).saturating_sub(fixed))
             }
             _ => StepCap::None,
         };

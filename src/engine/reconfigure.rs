@@ -426,7 +426,8 @@ impl Engine {
                 self.forward_replicas_failing(&per_replica, |s| s.tokens.len() - 1, fail)
                     .map_err(|e| {
                         e.context(format!(
-                            "switched to tp {new_tp}, but recomputing the KV of {left} sequence(s) failed; the next steps prefill them again"
+                            "switched to tp {new_tp}, but recomputing the KV of {} failed; the next steps prefill them again",
+                            plural(left, "sequence")
                         ))
                     })?;
                 for &i in pass {

@@ -71,6 +71,32 @@ pub(super) enum StepCap {
     HostBytes(u64),
 }
 
+/// Host bytes a CPU step holds per rank whatever it feeds: rank threads, per-replica lists,
+/// the attention's per-thread scores (a step's cap counts them apart from `host_step_bytes`,
+/// with the GEMMs' packing, `backend::cpu::pack_bytes_bound`).
+pub const STEP_FIXED_BYTES_PER_RANK: u64 = 64 << 10;
+
+/// Host bytes a CPU step allocates to feed `tokens` tokens of `seqs` sequences through one
+/// replica of `tp` ranks (`decoder::forward` on `CpuOps`, f32): per token and rank, the residual
+/// stream, its normed copy and the projection (whole on every rank), the all-reduce's slot
+/// (tp > 1), q/k/v, the attention output and the attention's q/k/v scratch, gate/up and their
+/// product (split over the ranks), and the batch's positions and slots; per sequence and rank,
+/// its last row, the padded vocab shard, the all-gather's slot (tp > 1), the gathered and host
+/// copies of the logits and the logits row. What a CPU step's cap counts, with what every step
+/// holds ([`STEP_FIXED_BYTES_PER_RANK`] and the GEMMs' packing); the step-memory test measures
+/// it with a counting allocator.
+pub fn host_step_bytes(cfg: &ModelConfig, tp: usize, tokens: usize, seqs: usize) -> u64 {
+    let t = tp as u64;
+    let (h, hd) = (cfg.hidden_size as u64, cfg.head_dim as u64);
+    let (q, kv) = ((cfg.num_heads / tp) as u64, (cfg.num_kv_heads / tp) as u64);
+    let inter = (cfg.intermediate_size / tp) as u64;
+    let vl = crate::parallel::shard::rows(cfg, crate::parallel::shard::Role::Embed, tp) as u64;
+    let slot = u64::from(tp > 1);
+    let token = 3 * h + slot * h + (q + 2 * kv) * hd * 2 + q * hd + 3 * inter + 8;
+    let seq = h + vl + slot * vl + 2 * t * vl + cfg.vocab_size as u64;
+    4 * t * (token * tokens as u64 + seq * seqs as u64)
+}
+
 /// What is left of one step's cap as its sequences are counted in.
 pub(super) struct StepRoom {
     left: u64,
@@ -82,24 +108,14 @@ pub(super) struct StepRoom {
 }
 
 impl StepRoom {
-    /// The room a step has under `cap` at degree `tp`. Host bytes count a CPU step's f32
-    /// buffers over a replica's `tp` ranks (`decoder::forward`): per token, each rank's residual
-    /// stream, its normed copy, the projection and the all-reduce's slot (`4h` whole on every
-    /// rank), the batch's positions and slots, and the sharded q, k, v, attention output, gate,
-    /// up and product (split over the ranks); per sequence, each rank's last row, vocab shard,
-    /// the all-gather's slot, the gathered and host copies of the logits and the logits row.
+    /// The room a step has under `cap` at degree `tp` (host bytes: [`host_step_bytes`]).
     pub(super) fn new(cap: StepCap, cfg: &ModelConfig, tp: usize) -> Self {
-        let (h, hd, tp64) = (cfg.hidden_size as u64, cfg.head_dim as u64, tp as u64);
-        let (q, kv) = (cfg.num_heads as u64, cfg.num_kv_heads as u64);
         let (left, per_token, per_seq) = match cap {
             StepCap::None => (u64::MAX, 0, 0),
             StepCap::Tokens(n) => (n as u64, 1, 0),
             StepCap::HostBytes(b) => {
-                let vl = cfg.vocab_size.div_ceil(tp) as u64;
-                let token =
-                    tp64 * (4 * h + 8) + (2 * q + 2 * kv) * hd + 3 * cfg.intermediate_size as u64;
-                let seq = tp64 * (h + 2 * vl + 2 * tp64 * vl + cfg.vocab_size as u64);
-                (b, 4 * token, 4 * seq)
+                let token = host_step_bytes(cfg, tp, 1, 0);
+                (b, token, host_step_bytes(cfg, tp, 1, 1) - token)
             }
         };
         StepRoom {
@@ -409,16 +425,11 @@ mod tests {
         assert!(r.take(40), "the first prefill whatever its length");
         assert!(!r.take(1));
 
-        // Host bytes: a CPU step's f32 buffers over a replica's ranks, each rank's counted from
-        // the decoder's list (per token: x, hbuf, proj, the all-reduce slot, 8 words of batch
-        // bookkeeping, q/k/v, attention output, gate/up, product; per sequence: the last row, the
-        // vocab shard and its all-gather slot, the gathered and host copies, the logits row).
+        // Host bytes: what `host_step_bytes` counts (the step-memory test measures it), linear
+        // in tokens and sequences.
         for tp in [1, 2, 4] {
-            let (h, hd, i) = (64u64, 8u64, 96 / tp as u64);
-            let (hq, hkv, vl) = (8 / tp as u64, 4 / tp as u64, 301u64.div_ceil(tp as u64));
-            let token_rank = 4 * h + 8 + (hq + 2 * hkv) * hd + hq * hd + 3 * i;
-            let seq_rank = h + 2 * vl + 2 * tp as u64 * vl + 301;
-            let (token, seq) = (4 * tp as u64 * token_rank, 4 * tp as u64 * seq_rank);
+            let (token, seq) = (host_step_bytes(&c, tp, 1, 0), host_step_bytes(&c, tp, 0, 1));
+            assert_eq!(host_step_bytes(&c, tp, 10, 3), 10 * token + 3 * seq);
             let ten = 10 * token + seq;
             let mut r = StepRoom::new(StepCap::HostBytes(ten), &c, tp);
             assert!(r.take(10), "tp {tp}: ten tokens fit exactly");

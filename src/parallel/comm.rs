@@ -147,6 +147,21 @@ impl CpuComm {
         slots[self.rank].extend_from_slice(data);
         Ok(())
     }
+    /// Frees this member's slot once every member has read it, where it holds more than a
+    /// decode step's data (a prefill's): a group lives as long as the engine, and a slot kept
+    /// at its largest size would hold host memory no step's cap counts.
+    fn release_large_slot(&self) -> Result<()> {
+        const KEEP: usize = (1 << 20) / 4;
+        let mut slots = self
+            .group
+            .slots
+            .lock()
+            .map_err(|_| self.err("lock poisoned"))?;
+        if slots[self.rank].capacity() > KEEP {
+            slots[self.rank] = Vec::new();
+        }
+        Ok(())
+    }
     fn err(&self, msg: &str) -> Error {
         Error::Rank {
             rank: self.rank,
@@ -185,7 +200,8 @@ impl Comm for CpuComm {
             }
         }
         // Nobody may overwrite a slot before every member has read all of them.
-        self.group.wait(self.rank)
+        self.group.wait(self.rank)?;
+        self.release_large_slot()
     }
 
     fn all_gather(&self, local: &[f32], out: &mut [f32]) -> Result<()> {
@@ -213,7 +229,8 @@ impl Comm for CpuComm {
                 chunk.copy_from_slice(s);
             }
         }
-        self.group.wait(self.rank)
+        self.group.wait(self.rank)?;
+        self.release_large_slot()
     }
 
     fn send(&self, to: usize, data: &[f32]) -> Result<()> {

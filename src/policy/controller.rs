@@ -266,11 +266,14 @@ pub enum Event<'e, R> {
         decision: &'e Decision,
         record: &'e R,
     },
-    /// Before step `step`, the source refused a switch the rule asked for; it goes on at `from`.
+    /// Before step `step`, a switch the rule asked for failed; the source goes on at `now`:
+    /// `from` where it refused the switch, `to` where the switch failed after its swap (an
+    /// engine's KV recompute: the sequences it left are prefilled again by the next steps).
     SwitchFailed {
         step: usize,
         from: usize,
         to: usize,
+        now: usize,
         error: &'e Error,
     },
 }
@@ -353,6 +356,7 @@ pub fn drive<S: StepSource>(
                             step,
                             from,
                             to: d.to_tp,
+                            now: src.tp(),
                             error: &error,
                         });
                     }

@@ -5,7 +5,7 @@
 mod gemm;
 mod ops;
 
-pub use gemm::{cpu_threads, matmul_nn, matmul_nt, Gemm, STREAM_MAX_ROWS};
+pub use gemm::{cpu_threads, matmul_nn, matmul_nt, pack_bytes_bound, Gemm, STREAM_MAX_ROWS};
 pub use ops::{CpuBatch, CpuOps};
 
 use std::time::Instant;

@@ -50,14 +50,13 @@ pub(crate) fn check_host_room(
     block_bytes: u64,
     ranks: usize,
 ) -> Result<()> {
-    let Some(avail) = crate::backend::host_available_bytes() else {
-        return Ok(());
-    };
     let weights = weight_bytes.checked_mul(ranks as u64);
     let pools = (blocks as u64)
         .checked_mul(block_bytes)
         .and_then(|b| b.checked_mul(ranks as u64));
     let show = |b: Option<u64>| b.map_or("more than 2^64 bytes".into(), gib);
+    // Where the host's memory cannot be read, only sizes past u64 are refused.
+    let avail = crate::backend::host_available_bytes().unwrap_or(u64::MAX);
     match (weights, pools) {
         (Some(w), _) if w > avail => Err(Error::HostMemory(format!(
             "the weights ({} per rank x {}, f32 on the CPU) need {} but the host has {} available; \
@@ -327,13 +326,15 @@ mod tests {
         // One block of one byte next to one byte of weights fits any host; 2^62 blocks of 1 MiB
         // on 4 ranks overflow u64.
         check_host_room(1, 1, 1, 1).unwrap();
-        if crate::backend::host_available_bytes().is_none() {
-            return;
-        }
         let e = check_host_room(1, 1 << 62, 1 << 20, 4).unwrap_err();
         assert!(e.to_string().contains("more than 2^64 bytes"), "{e}");
         assert!(matches!(e, Error::KvExhausted(_)), "{e}");
-        let avail = crate::backend::host_available_bytes().unwrap();
+        let e = check_host_room(1 << 62, 1, 1, 8).unwrap_err();
+        assert!(e.to_string().contains("more than 2^64 bytes"), "{e}");
+        assert!(matches!(e, Error::HostMemory(_)), "{e}");
+        let Some(avail) = crate::backend::host_available_bytes() else {
+            return;
+        };
         // More than the host has: all of it and a GiB more, on one rank, in pools...
         let e = check_host_room(1, 1, avail + (1 << 30), 1).unwrap_err();
         assert!(matches!(e, Error::KvExhausted(_)), "{e}");

@@ -268,6 +268,17 @@ pub fn cpu_threads() -> usize {
     })
 }
 
+/// Host bytes `matrixmultiply::sgemm` allocates on each call that packs its operands (above
+/// [`STREAM_MAX_ROWS`] rows): panels of at most kc x (mc + nc) = 256 x (64 + 1024) f32, plus its
+/// alignment.
+const SGEMM_PACK_BYTES: u64 = 256 * (64 + 1024) * 4 + 64;
+
+/// The most host bytes packed GEMMs hold at once while `ranks` rank threads compute: one
+/// packing per rank thread and per helper of the shared pool.
+pub fn pack_bytes_bound(ranks: usize) -> u64 {
+    (ranks + cpu_threads().saturating_sub(1)) as u64 * SGEMM_PACK_BYTES
+}
+
 /// The shared helper pool: `cpu_threads() - 1` workers (rank threads compute a chunk themselves).
 fn pool() -> Option<&'static rayon::ThreadPool> {
     static P: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
