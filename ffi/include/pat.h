@@ -43,8 +43,9 @@
 #include <stdbool.h>
 
 // The ABI version this header describes. Compare it with `pat_abi_version()` once at start-up:
-// a library of another version may lay out structs differently.
-#define PAT_ABI_VERSION 1
+// a library of another version may lay out structs differently. 2: `pat_switch_report` gained
+// `kv_blocks_goal` and `kv_recompute_passes`, and `pat_engine_grow_kv_pools` was added.
+#define PAT_ABI_VERSION 2
 
 // Weights as f32 (the reference).
 #define PAT_DTYPE_F32 0
@@ -671,9 +672,9 @@ pat_status pat_engine_add_request(struct pat_engine *engine,
 // Runs one step on every replica with live requests: prefill of new prompts and one decode
 // token for the others, in one pass. `out` may be NULL. A request starts once its whole KV
 // (prompt + `max_new_tokens`) fits beside the running ones; until then it waits. On the CPU
-// a step also admits new prompts only while their tokens' activations fit half the host's
-// available memory (the first one whatever its length), so a long queue is prefilled over
-// several steps. Error
+// a step also prefills only what fits half the host's available memory (less the KV pools)
+// next to its decodes, the first prompt whatever its length, so a long queue (or the requests
+// a failed recompute left) is prefilled over several steps. Error
 // `PAT_RESOURCE_EXHAUSTED` (only after a switch to a layout with less KV): the pool cannot hold
 // this step's tokens; as on every error, no token was sampled and no request advanced (finish
 // or free requests, or retry after a switch to a layout with more KV).

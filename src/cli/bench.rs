@@ -299,10 +299,20 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
         }
         let mut decode = Vec::new();
         let mut launched = vec![pat::backend::cuda::launches()];
+        // A decode step is one of the whole batch, one token each: after a prefill of several
+        // steps the prompts started first finish first.
         engine.run(|r| {
-            decode.push(r.elapsed_ms / 1e3);
+            if r.tokens_out == batch && r.tokens_in == batch {
+                decode.push(r.elapsed_ms / 1e3);
+            }
             launched.push(pat::backend::cuda::launches());
         })?;
+        if decode.is_empty() {
+            return Err(Error::Invalid(format!(
+                "--batch-size {batch} --input-len {input_len}: the prefill took {} so no step decoded the whole batch by --output-len {output_len} (a CPU step prefills only what half the available memory holds); raise --output-len or lower the batch",
+                plural(prefill_steps, "step")
+            )));
+        }
         // GPU kernels + cuBLAS calls per decode step (none on the CPU backend: null).
         let launches_per_step = match (launched.first(), launched.last()) {
             _ if engine.backend() == "cpu" => None,

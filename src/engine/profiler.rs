@@ -172,9 +172,20 @@ pub fn measure_profile(
                 while engine.unprefilled() > 0 {
                     pre_ms += engine.step()?.elapsed_ms;
                 }
+                // A decode sample is a step of the whole batch, one token each: after a prefill
+                // of several steps the prompts started first finish first.
                 let mut times = Vec::new();
                 while engine.live() > 0 {
-                    times.push(engine.step()?.elapsed_ms);
+                    let r = engine.step()?;
+                    if r.tokens_out == b && r.tokens_in == b {
+                        times.push(r.elapsed_ms);
+                    }
+                }
+                if times.is_empty() {
+                    return Err(Error::Invalid(format!(
+                        "profile point tp {tp}, batch {b}, context {c}: the prompts took more steps to prefill than the {} decode steps, so no step decoded the whole batch (a CPU step prefills only what half the available memory holds); profile smaller batches or contexts, or more steps",
+                        grid.steps
+                    )));
                 }
                 let step_ms = median(&mut times);
                 decode.push(DecodeSample {

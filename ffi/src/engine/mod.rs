@@ -147,9 +147,9 @@ pub unsafe extern "C" fn pat_engine_add_request(
 /// Runs one step on every replica with live requests: prefill of new prompts and one decode
 /// token for the others, in one pass. `out` may be NULL. A request starts once its whole KV
 /// (prompt + `max_new_tokens`) fits beside the running ones; until then it waits. On the CPU
-/// a step also admits new prompts only while their tokens' activations fit half the host's
-/// available memory (the first one whatever its length), so a long queue is prefilled over
-/// several steps. Error
+/// a step also prefills only what fits half the host's available memory (less the KV pools)
+/// next to its decodes, the first prompt whatever its length, so a long queue (or the requests
+/// a failed recompute left) is prefilled over several steps. Error
 /// `PAT_RESOURCE_EXHAUSTED` (only after a switch to a layout with less KV): the pool cannot hold
 /// this step's tokens; as on every error, no token was sampled and no request advanced (finish
 /// or free requests, or retry after a switch to a layout with more KV).
