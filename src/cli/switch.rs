@@ -9,7 +9,7 @@ use clap::Args;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::common::{open_model, plural, MIB};
+use super::common::{open_model, plural, plural_with, MIB};
 use pat::engine::sequence::prefill_rate;
 use pat::engine::{check_lengths, Engine, EngineOptions, Request};
 use pat::error::{Error, Result};
@@ -228,6 +228,13 @@ pub fn bench_switch(a: BenchSwitchArgs) -> Result<()> {
                 "  device memory: {:.2} GB read + written by the switch's copies, {g:.0} GB/s over its {:.1} ms (compare the device copy bandwidth: `pat bench reshard`)",
                 b as f64 / 1e9,
                 r.total_ms
+            );
+        }
+        if r.kv_recompute_passes > 1 {
+            eprintln!(
+                "  KV recompute: {} in {} (their activations outgrow what one CPU step may hold: half the available memory less the KV pools)",
+                plural(r.n_recomputed, "sequence"),
+                plural_with(r.kv_recompute_passes, "pass", "passes")
             );
         }
         if r.kv_blocks_per_rank_goal > r.kv_blocks_per_rank_after {
