@@ -309,7 +309,7 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
         })?;
         if decode.is_empty() {
             return Err(Error::Invalid(format!(
-                "--batch-size {batch} --input-len {input_len}: the prefill took {} so no step decoded the whole batch by --output-len {output_len} (a CPU step prefills only what half the available memory holds); raise --output-len or lower the batch",
+                "--batch-size {batch} --input-len {input_len}: the prefill took {} so no step decoded the whole batch by --output-len {output_len} (a CPU step prefills only what half the available memory, less the KV pools, holds); raise --output-len or lower the batch",
                 plural(prefill_steps, "step")
             )));
         }
@@ -351,7 +351,7 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
             );
             if prefill_steps > 1 {
                 eprintln!(
-                    "  the prefill took {}: the prompts' activations outgrow what one CPU step may hold (half the available memory); its latency includes the decodes of the prompts started first",
+                    "  the prefill took {}: the prompts' activations outgrow what one CPU step may hold (half the available memory less the KV pools); its latency includes the decodes of the prompts started first",
                     plural(prefill_steps, "step")
                 );
             }

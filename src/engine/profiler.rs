@@ -183,7 +183,7 @@ pub fn measure_profile(
                 }
                 if times.is_empty() {
                     return Err(Error::Invalid(format!(
-                        "profile point tp {tp}, batch {b}, context {c}: the prompts took more steps to prefill than the {} decode steps, so no step decoded the whole batch (a CPU step prefills only what half the available memory holds); profile smaller batches or contexts, or more steps",
+                        "profile point tp {tp}, batch {b}, context {c}: the prompts took more steps to prefill than the {} decode steps, so no step decoded the whole batch (a CPU step prefills only what half the available memory, less the KV pools, holds); profile smaller batches or contexts, or more steps",
                         grid.steps
                     )));
                 }
