@@ -20,7 +20,8 @@ pub const PEER_FAILED: &str = "a peer in the communication group failed";
 /// Of several ranks' results, the first error that is a cause rather than a peer's reaction to
 /// it (a rank that only saw its group poisoned), else the first error, else every value.
 pub fn first_cause<T>(results: Vec<Result<T>>) -> Result<Vec<T>> {
-    let is_echo = |e: &Error| matches!(e, Error::Rank { msg, .. } if msg == PEER_FAILED);
+    // A context added to a rank's error (`Error::context`) goes in front of its message.
+    let is_echo = |e: &Error| matches!(e, Error::Rank { msg, .. } if msg.ends_with(PEER_FAILED));
     if let Some(i) = results
         .iter()
         .position(|r| matches!(r, Err(e) if !is_echo(e)))
@@ -345,6 +346,24 @@ impl GroupCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_cause_is_found_under_added_context() {
+        let echo = |rank| Error::Rank {
+            rank,
+            msg: PEER_FAILED.into(),
+        };
+        let cause = || Error::Device("out of memory".into());
+        // The echo comes first in rank order, with or without a context in front of it.
+        for first in [echo(0), echo(0).context("rank 0")] {
+            let e = first_cause::<()>(vec![Err(first), Err(cause()), Ok(())]).unwrap_err();
+            assert!(e.to_string().contains("out of memory"), "{e}");
+        }
+        // Only echoes: the first of them.
+        let e = first_cause::<()>(vec![Ok(()), Err(echo(1).context("x"))]).unwrap_err();
+        assert!(e.to_string().contains(PEER_FAILED), "{e}");
+        assert_eq!(first_cause(vec![Ok(1), Ok(2)]).unwrap(), vec![1, 2]);
+    }
 
     #[test]
     fn all_reduce_and_gather_across_threads() {
