@@ -1,6 +1,7 @@
 //! End-to-end tests of the `pat` binary: tp-invariant generation on an `init-model` model, a
 //! sharded checkpoint, live switches. Bad input is table-driven in `tests/cli_bad_input/`.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -32,6 +33,20 @@ fn fails(args: &[&str], needle: &str) -> String {
         "pat {args:?}: expected {needle:?} in: {err}"
     );
     err
+}
+
+/// `pat ARGS --requests -` with `input` on its stdin.
+fn with_stdin(args: &[&str], input: &[u8]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pat"))
+        .args(args)
+        .args(["--requests", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
 }
 
 fn tiny(dir: &Path, arch: &str) -> PathBuf {
@@ -359,7 +374,6 @@ fn live_switches_keep_generate_output_identical() {
 
 #[test]
 fn requests_from_stdin_equal_requests_from_a_file() {
-    use std::io::Write;
     let tmp = tempfile::tempdir().unwrap();
     let m = tiny(tmp.path(), "llama");
     let text = "{\"input_ids\":[5,6,7]}\n{\"input_ids\":[9],\"max_new_tokens\":4}\n";
@@ -375,41 +389,13 @@ fn requests_from_stdin_equal_requests_from_a_file() {
     let mut from_file = args.to_vec();
     from_file.extend(["--requests", reqs.to_str().unwrap()]);
     let want = ok(&from_file);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pat"))
-        .args(args)
-        .args(["--requests", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
+    let o = with_stdin(&args, text.as_bytes());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let got = String::from_utf8(o.stdout).unwrap();
     assert_eq!(output_ids(&got), output_ids(&want));
     assert_eq!(output_ids(&want).len(), 2);
     // A bad request on stdin is named by its line there and its request number.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pat"))
-        .args(args)
-        .args(["--requests", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"{\"input_ids\":[5]}\n{\"input_ids\":[5,99999]}\n")
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
+    let o = with_stdin(&args, b"{\"input_ids\":[5]}\n{\"input_ids\":[5,99999]}\n");
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(
