@@ -37,9 +37,9 @@ use std::time::Instant;
 
 use crate::backend::cuda::{GpuOptions, GpuRanks};
 use crate::error::{Error, Result};
-use crate::kv::{blocks_for, BlockAllocator, KvPool};
+use crate::kv::{blocks_for, BlockAllocator};
 use crate::model::config::ModelConfig;
-use crate::model::decoder::{RankWeights, SeqInput};
+use crate::model::decoder::SeqInput;
 use crate::model::sampling::sample;
 use crate::model::weights::Checkpoint;
 use crate::model::ModelDir;
@@ -127,7 +127,7 @@ impl Engine {
         opts.sampling.validate()?;
         let inv_freq = cfg.inv_freq();
         let ranks = match backend {
-            Backend::Cpu => Ranks::Cpu(load_cpu_ranks(&cfg, ck, &layout, &opts)?),
+            Backend::Cpu => Ranks::Cpu(CpuRanks::load(&cfg, ck, &layout, &opts)?),
             Backend::Cuda { devices, switch } => Ranks::Gpu(
                 GpuRanks::new(
                     &cfg,
@@ -474,35 +474,4 @@ impl Engine {
             })
             .collect()
     }
-}
-
-/// Every rank's shard and a zeroed KV pool in host memory, loaded by one thread per rank.
-fn load_cpu_ranks(
-    cfg: &ModelConfig,
-    ck: &Checkpoint,
-    layout: &Layout,
-    opts: &EngineOptions,
-) -> Result<CpuRanks> {
-    let block = ranks::host_block_bytes(
-        cfg.num_layers,
-        opts.block_size,
-        cfg.num_kv_heads / opts.tp,
-        cfg.head_dim,
-    );
-    let weights = crate::parallel::shard::weight_bytes_per_rank(cfg, opts.tp, 4);
-    ranks::check_host_room(weights, opts.kv_blocks, block, opts.world)?;
-    let loaded = crate::parallel::per_rank(opts.world, "loader", |rank| {
-        let (_, t) = layout.position(rank);
-        let weights = RankWeights::load(ck, cfg, opts.tp, t, opts.dtype)?;
-        let kv = KvPool::new(
-            cfg.num_layers,
-            opts.kv_blocks,
-            opts.block_size,
-            cfg.num_kv_heads / opts.tp,
-            cfg.head_dim,
-        )?;
-        Ok((weights, kv))
-    })?;
-    let (weights, pools) = loaded.into_iter().unzip();
-    Ok(CpuRanks::new(weights, pools))
 }

@@ -5,9 +5,13 @@ use std::time::Instant;
 
 use super::{RankSet, StepCtx, SwitchDone, SwitchWork};
 use crate::backend::cpu::Gemm;
+use crate::engine::EngineOptions;
 use crate::error::{Error, Result};
 use crate::kv::KvPool;
+use crate::model::config::ModelConfig;
 use crate::model::decoder::{forward_cpu_on, RankWeights, SeqInput};
+use crate::model::weights::Checkpoint;
+use crate::parallel::Layout;
 use crate::parallel::{first_cause, Comm, GroupCache};
 use crate::reshard::cpu as run;
 use crate::reshard::weights::program::Staged;
@@ -28,6 +32,37 @@ struct Pending {
 }
 
 impl CpuRanks {
+    /// Every rank's shard and a zeroed KV pool in host memory, loaded by one thread per rank.
+    pub(crate) fn load(
+        cfg: &ModelConfig,
+        ck: &Checkpoint,
+        layout: &Layout,
+        opts: &EngineOptions,
+    ) -> Result<CpuRanks> {
+        let block = host_block_bytes(
+            cfg.num_layers,
+            opts.block_size,
+            cfg.num_kv_heads / opts.tp,
+            cfg.head_dim,
+        );
+        let weights = crate::parallel::shard::weight_bytes_per_rank(cfg, opts.tp, 4);
+        check_host_room(weights, opts.kv_blocks, block, opts.world)?;
+        let loaded = crate::parallel::per_rank(opts.world, "loader", |rank| {
+            let (_, t) = layout.position(rank);
+            let weights = RankWeights::load(ck, cfg, opts.tp, t, opts.dtype)?;
+            let kv = KvPool::new(
+                cfg.num_layers,
+                opts.kv_blocks,
+                opts.block_size,
+                cfg.num_kv_heads / opts.tp,
+                cfg.head_dim,
+            )?;
+            Ok((weights, kv))
+        })?;
+        let (weights, pools) = loaded.into_iter().unzip();
+        Ok(CpuRanks::new(weights, pools))
+    }
+
     pub fn new(weights: Vec<RankWeights>, pools: Vec<KvPool>) -> Self {
         CpuRanks {
             weights,

@@ -14,7 +14,7 @@
 mod cpu;
 mod gpu;
 
-pub(crate) use cpu::{check_host_room, host_block_bytes, CpuRanks};
+pub(crate) use cpu::CpuRanks;
 pub(crate) use gpu::GpuSet;
 pub use gpu::GpuSwitch;
 

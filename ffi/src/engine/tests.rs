@@ -1,0 +1,79 @@
+//! The engine through the ABI with test hooks the C API does not expose.
+
+use super::*;
+use std::ptr::null_mut;
+
+/// A switch whose new pools are held short (a test's cap, as a full GPU would) reports the
+/// goal above the blocks it gave; `pat_engine_grow_kv_pools` then grows them to that goal
+/// (the engine's own count, independent of the ABI's copy), and a second call has nothing
+/// to grow.
+#[test]
+fn pools_a_switch_left_short_grow_through_the_abi() {
+    let dir = std::ffi::CString::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/data/golden/llama"
+    ))
+    .unwrap();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/data/golden/llama/golden.json"
+    ))
+    .unwrap();
+    let gold: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let ids: Vec<u32> = gold["prompts"][0]["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect();
+    let (mut m, mut e) = (null_mut(), null_mut());
+    // SAFETY: a NUL-terminated path, local params and out pointers; the engine is live
+    // until freed at the end.
+    unsafe {
+        assert_eq!(crate::model::pat_model_open(dir.as_ptr(), &mut m), 0);
+        let mut p = pat_engine_default_params();
+        (p.world, p.tp, p.kv_blocks) = (2, 1, 64);
+        assert_eq!(pat_engine_new(m, &p, &mut e), 0);
+        crate::model::pat_model_free(m);
+        let st = pat_engine_add_request(e, ids.as_ptr(), ids.len(), 4, 1, null_mut());
+        assert_eq!(st, 0);
+        assert_eq!(pat_engine_step(e, null_mut()), 0);
+        with_engine(e, |s| {
+            s.engine.cap_switch_pools(Some(8));
+            Ok(())
+        })
+        .unwrap();
+        let mut sp = pat_switch_default_params();
+        sp.new_tp = 2;
+        let mut rep = pat_switch_report::default();
+        assert_eq!(pat_engine_reconfigure(e, &sp, &mut rep), 0);
+        assert_eq!(rep.kv_blocks_after, 8);
+        assert!(rep.kv_blocks_goal > 8, "{rep:?}");
+        with_engine(e, |s| {
+            s.engine.cap_switch_pools(None);
+            Ok(())
+        })
+        .unwrap();
+        let mut g = pat_pool_growth::default();
+        assert_eq!(pat_engine_grow_kv_pools(e, &mut g), 0);
+        assert_eq!((g.tried, g.reached_goal), (1, 1), "{g:?}");
+        assert_eq!(
+            (g.from_blocks, g.to_blocks, g.goal_blocks),
+            (8, rep.kv_blocks_goal, rep.kv_blocks_goal)
+        );
+        let mut info = pat_engine_info::default();
+        assert_eq!(pat_engine_get_info(e, &mut info), 0);
+        assert_eq!(info.kv_blocks, rep.kv_blocks_goal);
+        assert_eq!(pat_engine_grow_kv_pools(e, &mut g), 0);
+        assert_eq!((g.tried, g.to_blocks), (0, rep.kv_blocks_goal), "{g:?}");
+        // The request goes on in the grown pools.
+        while pat_engine_step(e, null_mut()) == 0 {
+            assert_eq!(pat_engine_get_info(e, &mut info), 0);
+            if info.n_live == 0 {
+                break;
+            }
+        }
+        assert_eq!(info.n_live, 0);
+    }
+    pat_engine_free(e);
+}
