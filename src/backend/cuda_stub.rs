@@ -74,6 +74,9 @@ impl GpuRanks {
     pub fn check_groups(&self, _layout: &Layout) -> Result<()> {
         match *self {}
     }
+    pub fn step_fixed_bytes(&self, _cfg: &ModelConfig, _tp: usize, _bs: usize) -> Vec<u64> {
+        Vec::new()
+    }
     pub fn free_bytes(&self) -> Result<Vec<usize>> {
         match *self {}
     }

@@ -7,6 +7,7 @@
 //! - [`sequence`]: requests, outputs, step reports, the per-request state.
 //! - [`options`]: settings and KV pool sizing from a memory budget.
 //! - `scheduler`: admission, replica placement, per-step block grants.
+//! - `step_cap`: what one step may prefill, from the memory its activations take.
 //! - [`requests`]: request files (JSONL).
 //! - `ranks`: the ranks behind the engine, one interface over the backends.
 //! - `reconfigure`: live tp switches.
@@ -21,6 +22,7 @@ mod reconfigure;
 pub mod requests;
 mod scheduler;
 pub mod sequence;
+mod step_cap;
 
 pub use crate::kv::kv_block_bytes;
 /// A live sequence as the policy sees it (one type for the engine and the simulator).
@@ -30,8 +32,9 @@ pub use options::{EngineOptions, DEFAULT_BLOCK_SIZE};
 pub use ranks::{Backend, GpuSwitch, SwitchFault, SwitchPhase};
 pub use reconfigure::SwitchReport;
 pub use requests::parse_requests_jsonl;
-pub use scheduler::{check_lengths, check_request, host_step_bytes, STEP_FIXED_BYTES_PER_RANK};
+pub use scheduler::{check_lengths, check_request};
 pub use sequence::{FinishReason, Output, PoolGrowth, Request, StepReport};
+pub use step_cap::{device_step_bytes, host_step_bytes, STEP_FIXED_BYTES_PER_RANK};
 
 use std::time::Instant;
 
@@ -47,8 +50,8 @@ use crate::parallel::{GroupCache, Layout};
 use crate::text::plural;
 use ranks::{CpuRanks, GpuSet, Ranks, StepCtx};
 
-use scheduler::StepCap;
 use sequence::Sequence;
+use step_cap::StepCap;
 
 /// A running generation over `world` ranks.
 pub struct Engine {
@@ -73,6 +76,8 @@ pub struct Engine {
     /// What one step (and one pass of a switch's recompute) may prefill; the first prompt is
     /// admitted whatever its length, and a longer queue is prefilled over several steps.
     step_cap: StepCap,
+    /// Whether a test set `step_cap` (`cap_step_tokens`): switches and growths keep it.
+    step_cap_set: bool,
     groups: GroupCache,
     seqs: Vec<Sequence>,
     steps: usize,
@@ -157,12 +162,12 @@ impl Engine {
                     .map(|r| ranks.set_ref().rank_bytes(r).1 as u64)
                     .sum();
                 let fixed = crate::backend::cpu::pack_bytes_bound(opts.world)
-                    + scheduler::STEP_FIXED_BYTES_PER_RANK * opts.world as u64;
+                    + step_cap::STEP_FIXED_BYTES_PER_RANK * opts.world as u64;
                 StepCap::HostBytes((avail.saturating_sub(pools) / 2).saturating_sub(fixed))
             }
             _ => StepCap::None,
         };
-        Ok(Engine {
+        let mut e = Engine {
             inv_freq,
             cfg,
             layout,
@@ -174,13 +179,17 @@ impl Engine {
             growth: None,
             switch_pool_cap: None,
             step_cap,
+            step_cap_set: false,
             groups: GroupCache::default(),
             seqs: Vec::new(),
             steps: 0,
             record_logits: false,
             recorded: Vec::new(),
             fault: None,
-        })
+        };
+        // GPU ranks: each rank's share of its GPU's memory left after the weights and pools.
+        e.refresh_step_cap()?;
+        Ok(e)
     }
 
     /// The backend running the ranks: "cpu" or "cuda".
@@ -235,13 +244,6 @@ impl Engine {
     /// new pools, without filling a GPU).
     pub fn cap_switch_pools(&mut self, blocks: Option<usize>) {
         self.switch_pool_cap = blocks;
-    }
-
-    /// Caps the prompt tokens a step (or one pass of a switch's recompute) prefills (`None`: no
-    /// cap), for tests of a queue prefilled over several steps; the CPU default is what half the
-    /// host's available memory holds of a step's activations.
-    pub fn cap_step_tokens(&mut self, tokens: Option<usize>) {
-        self.step_cap = tokens.map_or(StepCap::None, StepCap::Tokens);
     }
 
     /// KV blocks per rank the pools may grow to: the last switch's old pool plus the shard bytes

@@ -404,10 +404,12 @@ impl Engine {
         }
 
         // Recompute: prefill everything but the last sampled token under the new layout, in
-        // passes that each fit a step's cap (the first sequence of a pass whatever its length).
+        // passes that each fit a step's cap (the first sequence of a pass whatever its length),
+        // the cap read again for the new shards and pools.
         let tr = Instant::now();
+        let fail = fault(SwitchPhase::Recompute);
+        self.refresh_step_cap_or_least();
         if report.n_recomputed > 0 {
-            let fail = fault(SwitchPhase::Recompute);
             let mut order: Vec<usize> = recompute.into_iter().flatten().collect();
             order.sort_unstable();
             let mut left = order.len();
@@ -416,7 +418,10 @@ impl Engine {
                 let mut room = self.step_room();
                 let take = rest
                     .iter()
-                    .take_while(|&&i| room.take(self.seqs[i].tokens.len() - 1))
+                    .take_while(|&&i| {
+                        let s = &self.seqs[i];
+                        room.take(s.replica, s.tokens.len() - 1)
+                    })
                     .count();
                 let (pass, later) = rest.split_at(take);
                 let mut per_replica = vec![Vec::new(); self.layout.dp()];

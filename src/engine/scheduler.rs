@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use super::ranks::PoolGrow;
 use super::sequence::{PoolGrowth, Request, Sequence};
+use super::step_cap::StepRoom;
 use super::{kv_block_bytes, Engine};
 use crate::error::{Error, Result};
 use crate::kv::blocks_for;
@@ -55,101 +56,6 @@ pub fn check_lengths(
         _ => Err(format!(
             "prompt ({prompt_len}) + max_new_tokens ({max_new}) exceeds max_position_embeddings {max}"
         )),
-    }
-}
-
-/// What one step may prefill.
-#[derive(Clone, Copy, Debug)]
-pub(super) enum StepCap {
-    /// No cap (GPU ranks: a device allocation that does not fit fails the step cleanly).
-    None,
-    /// At most this many prompt tokens (tests of a queue prefilled over several steps).
-    Tokens(usize),
-    /// A step's activations within this many bytes (CPU ranks: half the host memory available
-    /// when the engine loaded, less the KV pools that will fill it; a host step that outgrew
-    /// memory would kill the process).
-    HostBytes(u64),
-}
-
-/// Host bytes a CPU step holds per rank whatever it feeds: rank threads, per-replica lists,
-/// the attention's per-thread scores (a step's cap counts them apart from `host_step_bytes`,
-/// with the GEMMs' packing, `backend::cpu::pack_bytes_bound`).
-pub const STEP_FIXED_BYTES_PER_RANK: u64 = 64 << 10;
-
-/// Host bytes a CPU step allocates to feed `tokens` tokens of `seqs` sequences through one
-/// replica of `tp` ranks (`decoder::forward` on `CpuOps`, f32): per token and rank, the residual
-/// stream, its normed copy and the projection (whole on every rank), the all-reduce's slot
-/// (tp > 1), q/k/v, the attention output and the attention's q/k/v scratch, gate/up and their
-/// product (split over the ranks), and the batch's positions and slots; per sequence and rank,
-/// its last row, the padded vocab shard, the all-gather's slot (tp > 1), the gathered and host
-/// copies of the logits and the logits row. What a CPU step's cap counts, with what every step
-/// holds ([`STEP_FIXED_BYTES_PER_RANK`] and the GEMMs' packing); the step-memory test measures
-/// it with a counting allocator.
-pub fn host_step_bytes(cfg: &ModelConfig, tp: usize, tokens: usize, seqs: usize) -> u64 {
-    let t = tp as u64;
-    let (h, hd) = (cfg.hidden_size as u64, cfg.head_dim as u64);
-    let (q, kv) = ((cfg.num_heads / tp) as u64, (cfg.num_kv_heads / tp) as u64);
-    let inter = (cfg.intermediate_size / tp) as u64;
-    let vl = crate::parallel::shard::rows(cfg, crate::parallel::shard::Role::Embed, tp) as u64;
-    let slot = u64::from(tp > 1);
-    let token = 3 * h + slot * h + (q + 2 * kv) * hd * 2 + q * hd + 3 * inter + 8;
-    let seq = h + vl + slot * vl + 2 * t * vl + cfg.vocab_size as u64;
-    4 * t * (token * tokens as u64 + seq * seqs as u64)
-}
-
-/// What is left of one step's cap as its sequences are counted in.
-pub(super) struct StepRoom {
-    left: u64,
-    /// Cost of one token fed and of one sequence's logits row (bytes or, for a token cap, 1 and 0).
-    per_token: u64,
-    per_seq: u64,
-    /// Whether a prefill was taken: the first always is, so every step makes progress.
-    prefilled: bool,
-}
-
-impl StepRoom {
-    /// The room a step has under `cap` at degree `tp` (host bytes: [`host_step_bytes`]).
-    pub(super) fn new(cap: StepCap, cfg: &ModelConfig, tp: usize) -> Self {
-        let (left, per_token, per_seq) = match cap {
-            StepCap::None => (u64::MAX, 0, 0),
-            StepCap::Tokens(n) => (n as u64, 1, 0),
-            StepCap::HostBytes(b) => {
-                let token = host_step_bytes(cfg, tp, 1, 0);
-                (b, token, host_step_bytes(cfg, tp, 1, 1) - token)
-            }
-        };
-        StepRoom {
-            left,
-            per_token,
-            per_seq,
-            prefilled: false,
-        }
-    }
-
-    fn cost(&self, feed: usize) -> u64 {
-        (feed as u64)
-            .saturating_mul(self.per_token)
-            .saturating_add(self.per_seq)
-    }
-
-    /// Counts a sequence of `feed` tokens that runs whatever is left (a decode; a token cap counts
-    /// prompt tokens only).
-    pub(super) fn charge(&mut self, feed: usize) {
-        if self.per_seq > 0 {
-            self.left = self.left.saturating_sub(self.cost(feed));
-        }
-    }
-
-    /// Whether a prefill of `feed` tokens fits what is left (counted in if so); the step's first
-    /// prefill always does.
-    pub(super) fn take(&mut self, feed: usize) -> bool {
-        let cost = self.cost(feed);
-        if self.prefilled && cost > self.left {
-            return false;
-        }
-        self.left = self.left.saturating_sub(cost);
-        self.prefilled = true;
-        true
     }
 }
 
@@ -248,7 +154,7 @@ impl Engine {
             spare[s.replica] = spare[s.replica].saturating_sub(owed);
             // Decodes run whatever the cap; they count first.
             if s.tokens.len() - s.cached == 1 {
-                room.charge(1);
+                room.charge(s.replica, 1);
             }
         }
         let mut run = Vec::new();
@@ -259,11 +165,11 @@ impl Engine {
             let feed = s.tokens.len() - s.cached;
             if !started(s) {
                 let need = blocks_for(s.footprint(), bs);
-                if need > spare[s.replica] || !room.take(feed) {
+                if need > spare[s.replica] || !room.take(s.replica, feed) {
                     continue;
                 }
                 spare[s.replica] -= need;
-            } else if feed > 1 && !room.take(feed) {
+            } else if feed > 1 && !room.take(s.replica, feed) {
                 continue;
             }
             run.push(i);
@@ -273,7 +179,8 @@ impl Engine {
 
     /// A fresh room for one step's (or one recompute pass's) prefills under the current layout.
     pub(super) fn step_room(&self) -> StepRoom {
-        StepRoom::new(self.step_cap, &self.cfg, self.layout.tp)
+        let (tp, dp) = (self.layout.tp, self.layout.dp());
+        StepRoom::new(self.step_cap, &self.cfg, tp, dp, self.opts.block_size)
     }
 
     /// Whether a waiting sequence is left out of this step's `live` (its footprint does not fit
@@ -341,6 +248,10 @@ impl Engine {
             a.grow_to(to);
         }
         self.opts.kv_blocks = to;
+        if to > from {
+            // The pools took memory the steps had: their cap shrinks with it.
+            self.refresh_step_cap_or_least();
+        }
         PoolGrowth {
             from_blocks: from,
             to_blocks: to,
@@ -404,45 +315,5 @@ impl Engine {
             })?;
         }
         Ok(total)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::parallel::shard::tests::cfg;
-
-    #[test]
-    fn a_step_room_takes_the_first_prefill_and_then_what_fits() {
-        let c = cfg(301);
-        let mut r = StepRoom::new(StepCap::None, &c, 1);
-        assert!((0..100).all(|_| r.take(1 << 20)));
-        // A token cap counts prompt tokens only.
-        let mut r = StepRoom::new(StepCap::Tokens(5), &c, 2);
-        r.charge(1);
-        assert!(r.take(3) && !r.take(3) && r.take(2) && !r.take(1));
-        let mut r = StepRoom::new(StepCap::Tokens(1), &c, 1);
-        assert!(r.take(40), "the first prefill whatever its length");
-        assert!(!r.take(1));
-
-        // Host bytes: what `host_step_bytes` counts (the step-memory test measures it), linear
-        // in tokens and sequences.
-        for tp in [1, 2, 4] {
-            let (token, seq) = (host_step_bytes(&c, tp, 1, 0), host_step_bytes(&c, tp, 0, 1));
-            assert_eq!(host_step_bytes(&c, tp, 10, 3), 10 * token + 3 * seq);
-            let ten = 10 * token + seq;
-            let mut r = StepRoom::new(StepCap::HostBytes(ten), &c, tp);
-            assert!(r.take(10), "tp {tp}: ten tokens fit exactly");
-            assert!(!r.take(1), "tp {tp}: nothing is left");
-            // A decode counts first; a prefill then still runs (the step's first), nothing after.
-            let mut r = StepRoom::new(StepCap::HostBytes(ten + token + seq), &c, tp);
-            r.charge(1);
-            assert!(r.take(10) && !r.take(1), "tp {tp}");
-            let mut r = StepRoom::new(StepCap::HostBytes(ten - 1), &c, tp);
-            assert!(
-                r.take(9) && !r.take(1),
-                "tp {tp}: one byte short of the tenth token"
-            );
-        }
     }
 }

@@ -56,6 +56,11 @@ fn sharing() -> RwLockReadGuard<'static, ()> {
     DEVICE_MEMORY.read().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The GPUs' memory held alone (by a test that measures it).
+fn alone() -> RwLockWriteGuard<'static, ()> {
+    DEVICE_MEMORY.write().unwrap_or_else(|e| e.into_inner())
+}
+
 /// How a test holds [`DEVICE_MEMORY`]; held until the test's `Model` goes.
 #[allow(dead_code)] // held, never read
 enum Memory {
@@ -82,8 +87,7 @@ impl Model {
 
     /// [`Model::open_or_skip`] for a test that runs with no other test holding GPU memory.
     fn open_alone(name: &'static str, test: &str) -> Option<Model> {
-        let alone = DEVICE_MEMORY.write().unwrap_or_else(|e| e.into_inner());
-        Self::open(name, test, Memory::Alone(alone))
+        Self::open(name, test, Memory::Alone(alone()))
     }
 
     fn open(name: &'static str, test: &str, memory: Memory) -> Option<Model> {
@@ -461,3 +465,4 @@ fn same_device_collectives_match_host_sums() {
 mod engine;
 mod exchange;
 mod pool_growth;
+mod step_memory;

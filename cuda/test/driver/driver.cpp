@@ -13,6 +13,7 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
@@ -108,6 +109,8 @@ struct Alloc {
 std::mutex g_mem_mutex;
 std::map<uint64_t, Alloc> g_allocs; // by base address
 uint64_t g_used[kMaxDevices];
+// The most in use on each device since its pool's high watermark was last reset.
+uint64_t g_high[kMaxDevices];
 
 std::mutex g_launch_mutex; // the emulator runs one launch at a time
 
@@ -192,6 +195,7 @@ CUresult alloc(CUdeviceptr* out, size_t bytes, int device) {
         std::lock_guard<std::mutex> g(g_mem_mutex);
         if (g_used[device] + rounded > emud::device_total_bytes()) return OUT_OF_MEMORY;
         g_used[device] += rounded;
+        g_high[device] = std::max(g_high[device], g_used[device]);
     }
     void* p = mmap(nullptr, rounded, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) {
@@ -634,8 +638,17 @@ CUresult cuDeviceGetDefaultMemPool(void** pool, CUdevice d) {
 }
 CUresult cuMemPoolSetAttribute(void* pool, int attr, void* value) {
     if (!pool || !value) return INVALID_VALUE;
-    if (attr == 4) static_cast<Pool*>(pool)->release_threshold = *static_cast<uint64_t*>(value);
-    return OK;
+    Pool* p = static_cast<Pool*>(pool);
+    switch (attr) {
+    case 4: p->release_threshold = *static_cast<uint64_t*>(value); return OK;
+    case 6: case 8: { // reserved / used high: only a reset to 0, which restarts at what is in use
+        if (*static_cast<uint64_t*>(value) != 0) return INVALID_VALUE;
+        std::lock_guard<std::mutex> g(g_mem_mutex);
+        g_high[p->device] = g_used[p->device];
+        return OK;
+    }
+    default: return OK;
+    }
 }
 CUresult cuMemPoolTrimTo(void* pool, size_t) {
     // Freed memory goes back to the device at once here (reserved == used): nothing to trim.
@@ -647,8 +660,11 @@ CUresult cuMemPoolGetAttribute(void* pool, int attr, void* value) {
     std::lock_guard<std::mutex> g(g_mem_mutex);
     switch (attr) {
     case 4: *static_cast<uint64_t*>(value) = p->release_threshold; return OK;
-    case 5: case 6: case 7: case 8: // reserved / used, current / high: freed memory is returned
+    case 5: case 7: // reserved / used now: freed memory is returned at once, so they are equal
         *static_cast<uint64_t*>(value) = g_used[p->device];
+        return OK;
+    case 6: case 8: // reserved / used high watermark
+        *static_cast<uint64_t*>(value) = g_high[p->device];
         return OK;
     default: return NOT_SUPPORTED;
     }

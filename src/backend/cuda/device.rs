@@ -253,6 +253,63 @@ impl CudaDev {
         Ok(free + pool_idle_bytes(&self.ctx))
     }
 
+    /// (bytes in use now, the most in use since the last [`CudaDev::reset_pool_peak`]) of the
+    /// stream-ordered allocations on this device (its default memory pool, which serves every
+    /// `DBuf` of every context on it), after waiting for all work in this device's context, so
+    /// buffers freed in stream order no longer count. For tests that measure what a step
+    /// allocates.
+    pub fn pool_used(&self) -> Result<(u64, u64)> {
+        use sys::CUmemPool_attribute::{
+            CU_MEMPOOL_ATTR_USED_MEM_CURRENT as NOW, CU_MEMPOOL_ATTR_USED_MEM_HIGH as HIGH,
+        };
+        self.ctx
+            .synchronize()
+            .map_err(dev_err("context synchronize"))?;
+        let pool = default_pool(&self.ctx).ok_or_else(|| {
+            Error::Device("the device's default memory pool is unavailable".into())
+        })?;
+        let attr = |a: sys::CUmemPool_attribute| -> Result<u64> {
+            let mut v: u64 = 0;
+            // SAFETY: both attributes take a pointer to a cuuint64_t, which `v` is.
+            let r =
+                unsafe { sys::cuMemPoolGetAttribute(pool, a, &mut v as *mut u64 as *mut c_void) };
+            match r {
+                CUresult::CUDA_SUCCESS => Ok(v),
+                e => Err(Error::Device(format!(
+                    "reading the memory pool's use: {e:?}"
+                ))),
+            }
+        };
+        Ok((attr(NOW)?, attr(HIGH)?))
+    }
+
+    /// Restarts the high watermark [`CudaDev::pool_used`] reports at what is in use now (after
+    /// waiting for all work in this device's context).
+    pub fn reset_pool_peak(&self) -> Result<()> {
+        self.ctx
+            .synchronize()
+            .map_err(dev_err("context synchronize"))?;
+        let pool = default_pool(&self.ctx).ok_or_else(|| {
+            Error::Device("the device's default memory pool is unavailable".into())
+        })?;
+        let mut zero: u64 = 0;
+        // SAFETY: the high watermark attribute takes a pointer to a cuuint64_t (only 0, which
+        // resets it), which `zero` is.
+        let r = unsafe {
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                &mut zero as *mut u64 as *mut c_void,
+            )
+        };
+        match r {
+            CUresult::CUDA_SUCCESS => Ok(()),
+            e => Err(Error::Device(format!(
+                "resetting the memory pool's peak: {e:?}"
+            ))),
+        }
+    }
+
     /// Waits for all work issued on this device's stream; reports asynchronous kernel faults.
     pub fn synchronize(&self) -> Result<()> {
         self.stream

@@ -27,8 +27,10 @@ use std::time::Instant;
 use super::cpu::{host_apply, injected, new_pools};
 use super::{PoolGrow, RankSet, StepCtx, SwitchDone, SwitchWork};
 use crate::backend::cuda::GpuRanks;
+use crate::engine::step_cap::StepCap;
 use crate::error::{Error, Result};
 use crate::kv::KvPool;
+use crate::model::config::ModelConfig;
 use crate::model::decoder::{RankWeights, SeqInput};
 use crate::parallel::GroupCache;
 use crate::reshard::cpu as run;
@@ -113,6 +115,10 @@ impl GpuSet {
 /// Bytes a GPU keeps free for activations besides what a switch or a pool growth allocates.
 const ACTIVATIONS: u64 = 512 << 20;
 
+/// The tenths of a rank's share of its GPU's free memory a step's activations may take: the
+/// memory pool keeps freed buffers as pieces that serve only allocations that fit them.
+const STEP_SHARE_TENTHS: u64 = 9;
+
 /// The pool bytes every rank may allocate next to what it holds besides (`need[r]`): on each
 /// GPU, its free bytes (`free[r]`, as each of its ranks reports them; the least is taken) less
 /// every one of its ranks' needs, shared evenly by those ranks; the least over GPUs. One rank
@@ -166,6 +172,16 @@ impl RankSet for GpuSet {
     }
     fn device_groups(&self) -> Option<crate::backend::GroupCounts> {
         Some(self.ranks.group_counts())
+    }
+    /// Each rank's share of its GPU's free memory (what an allocation can get now) less what
+    /// every step holds ([`GpuRanks::step_fixed_bytes`]), nine tenths of it ([`pool_room`]).
+    fn step_cap(&self, cfg: &ModelConfig, tp: usize, block_size: usize) -> Result<Option<StepCap>> {
+        let fixed = self.ranks.step_fixed_bytes(cfg, tp, block_size);
+        let room = pool_room(&self.ranks.free_bytes()?, self.ranks.devices(), &fixed);
+        Ok(Some(StepCap::DeviceBytes {
+            per_rank: room / 10 * STEP_SHARE_TENTHS,
+            elem: self.ranks.elem_bytes(),
+        }))
     }
 
     /// On the devices the new pool is allocated next to the old layout, so it gets no more than

@@ -18,6 +18,7 @@ pub(crate) use cpu::CpuRanks;
 pub(crate) use gpu::GpuSet;
 pub use gpu::GpuSwitch;
 
+use super::step_cap::StepCap;
 use crate::error::Result;
 use crate::model::config::ModelConfig;
 use crate::model::decoder::SeqInput;
@@ -148,6 +149,14 @@ pub(crate) trait RankSet {
     /// and reused by a switch back); `None` where the engine's `GroupCache` holds the groups.
     fn device_groups(&self) -> Option<crate::backend::GroupCounts> {
         None
+    }
+
+    /// What a step may feed on these ranks now, at degree `tp` with KV blocks of `block_size`
+    /// tokens, where the ranks' own memory says (GPU ranks: each rank's share of its GPU's free
+    /// memory); `None` (the default) where the engine's cap from load stands (host memory).
+    fn step_cap(&self, cfg: &ModelConfig, tp: usize, block_size: usize) -> Result<Option<StepCap>> {
+        let _ = (cfg, tp, block_size);
+        Ok(None)
     }
 
     /// Bytes each rank's new KV pool may take next to the old layout at a switch from shards of

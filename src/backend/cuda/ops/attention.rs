@@ -96,7 +96,7 @@ pub fn auto_partition(
     block_size: usize,
 ) -> Option<usize> {
     let bs = block_size.max(1);
-    let p = 512usize.div_ceil(bs) * bs;
+    let p = min_partition(bs);
     if max_context <= p || num_seqs * num_kv_heads >= 2 * dev.num_sms() as usize {
         return None;
     }
@@ -105,6 +105,33 @@ pub fn auto_partition(
         .div_ceil(bs)
         * bs;
     Some(p.max(min_p))
+}
+
+/// The smallest split-K partition: 512 tokens, rounded up to whole blocks.
+fn min_partition(block_size: usize) -> usize {
+    512usize.div_ceil(block_size) * block_size
+}
+
+/// The most bytes [`paged_attention`] allocates for its split-K scratch (partial outputs, maxima
+/// and sums in f32) on a GPU of `num_sms` SMs, whatever the batch, for contexts of at most
+/// `max_context` tokens in blocks of `block_size`: [`auto_partition`] splits only batches of
+/// fewer than `2 * num_sms / kv_heads` sequences, into at most `max_context / 512` partitions
+/// (and at most PAT_MAX_PARTITIONS).
+pub fn split_scratch_bound(
+    num_sms: u32,
+    q_heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    max_context: usize,
+    block_size: usize,
+) -> u64 {
+    let p = min_partition(block_size.max(1));
+    let seqs = (2 * num_sms as usize).saturating_sub(1) / kv_heads.max(1);
+    if max_context <= p || seqs == 0 {
+        return 0;
+    }
+    let parts = max_context.div_ceil(p).min(PAT_MAX_PARTITIONS as usize);
+    (seqs * q_heads * parts * (head_dim + 2) * 4) as u64
 }
 
 /// Decode attention: one query token per sequence (row s of q/out), over the paged cache.

@@ -20,7 +20,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use cudarc::driver::result;
 
-pub use attention::{auto_partition, paged_attention, prefill_attention, SeqMeta};
+pub use attention::{
+    auto_partition, paged_attention, prefill_attention, split_scratch_bound, SeqMeta,
+};
 pub use gemm::{gemm_nn, gemm_nt};
 pub use misc::{
     all_reduce_sum, argmax, kv_copy, kv_gather, kv_scatter, sample, strided_copy, Rows, SampleCfg,

@@ -2,6 +2,12 @@
 //! kinds, a one-line description and the devices' copy bandwidth.
 
 use super::*;
+use crate::backend::cuda::ops;
+
+/// Device bytes a GPU rank's step may take beyond what `engine::device_step_bytes` and the
+/// decode attention's split scratch count: each of its twenty-odd buffers rounded up to the
+/// memory pool's pieces (up to 2 MiB each), and what cuBLAS or NCCL may allocate on first use.
+pub const STEP_SLACK_BYTES: u64 = 64 << 20;
 
 impl GpuRanks {
     /// Bytes per element of every rank's weight and KV buffers (the device dtype's size).
@@ -24,6 +30,23 @@ impl GpuRanks {
     pub fn free_bytes(&self) -> Result<Vec<usize>> {
         self.all(|_, reply| Job::Sync { reply })?;
         self.all(|_, reply| Job::FreeBytes { reply })
+    }
+
+    /// Device bytes each physical rank's step holds besides what it feeds
+    /// (`engine::device_step_bytes`), on ranks of a replica of `tp` with KV blocks of
+    /// `block_size` tokens: the decode attention's split scratch at its largest
+    /// (`ops::split_scratch_bound`), and [`STEP_SLACK_BYTES`].
+    pub fn step_fixed_bytes(&self, cfg: &ModelConfig, tp: usize, block_size: usize) -> Vec<u64> {
+        let (q, kv) = (cfg.num_heads / tp.max(1), cfg.num_kv_heads / tp.max(1));
+        self.uploaded
+            .iter()
+            .map(|u| {
+                let max = cfg.max_position_embeddings;
+                let split =
+                    ops::split_scratch_bound(u.num_sms, q, kv, cfg.head_dim, max, block_size);
+                split + STEP_SLACK_BYTES
+            })
+            .collect()
     }
 
     /// CUDA ordinal of each physical rank.

@@ -51,6 +51,7 @@ use crate::reshard::SwitchPrograms;
 
 mod groups;
 mod info;
+pub use info::STEP_SLACK_BYTES;
 mod switch;
 mod worker;
 use worker::WorkerCtx;
@@ -103,6 +104,8 @@ struct Uploaded {
     read_bytes: usize,
     kv_bytes: usize,
     device_name: String,
+    /// The device's multiprocessors (what the decode attention's split depends on).
+    num_sms: u32,
 }
 
 enum Job {

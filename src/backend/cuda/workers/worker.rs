@@ -50,6 +50,7 @@ fn uploaded(g: &GpuRank) -> Uploaded {
         read_bytes: g.decode_read_bytes(),
         kv_bytes: g.kv().bytes(),
         device_name: g.dev().name().to_owned(),
+        num_sms: g.dev().num_sms(),
     }
 }
 

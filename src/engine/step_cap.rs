@@ -1,0 +1,300 @@
+//! What one step may prefill: the cap on a step's activations (host bytes on CPU ranks, each
+//! rank's device bytes on GPU ranks, a test's token count), what a step allocates for the tokens
+//! and sequences it feeds ([`host_step_bytes`], [`device_step_bytes`]: tests/step_memory.rs and
+//! tests/cuda_model/step_memory.rs measure them), and the room left as a step's sequences are
+//! counted in.
+
+use super::Engine;
+use crate::error::Result;
+use crate::kv::blocks_for;
+use crate::model::config::ModelConfig;
+use crate::parallel::shard::{self, Role};
+
+/// What one step may prefill.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) enum StepCap {
+    /// No cap (a host whose memory cannot be read, or a test that lifts the cap).
+    None,
+    /// At most this many prompt tokens (tests of a queue prefilled over several steps).
+    Tokens(usize),
+    /// A step's activations within this many bytes (CPU ranks: half the host memory available
+    /// when the engine loaded, less the KV pools that will fill it; a host step that outgrew
+    /// memory would kill the process).
+    HostBytes(u64),
+    /// Each rank's activations within `per_rank` bytes of its GPU (what the GPU had free after
+    /// the weights and KV pools, shared by its ranks, less what every step holds; read again
+    /// after each switch and pool growth), at `elem` bytes per element. Counted per replica:
+    /// the replicas' ranks allocate at once, each on its own GPU or its share of one. A step
+    /// that did not fit would fail, and so would every retry of it.
+    DeviceBytes { per_rank: u64, elem: u64 },
+}
+
+/// Host bytes a CPU step holds per rank whatever it feeds: rank threads, per-replica lists,
+/// the attention's per-thread scores (a step's cap counts them apart from `host_step_bytes`,
+/// with the GEMMs' packing, `backend::cpu::pack_bytes_bound`).
+pub const STEP_FIXED_BYTES_PER_RANK: u64 = 64 << 10;
+
+/// Host bytes a CPU step allocates to feed `tokens` tokens of `seqs` sequences through one
+/// replica of `tp` ranks (`decoder::forward` on `CpuOps`, f32): per token and rank, the residual
+/// stream, its normed copy and the projection (whole on every rank), the all-reduce's slot
+/// (tp > 1), q/k/v, the attention output and the attention's q/k/v scratch, gate/up and their
+/// product (split over the ranks), and the batch's positions and slots; per sequence and rank,
+/// its last row, the padded vocab shard, the all-gather's slot (tp > 1), the gathered and host
+/// copies of the logits and the logits row. What a CPU step's cap counts, with what every step
+/// holds ([`STEP_FIXED_BYTES_PER_RANK`] and the GEMMs' packing); the step-memory test measures
+/// it with a counting allocator.
+pub fn host_step_bytes(cfg: &ModelConfig, tp: usize, tokens: usize, seqs: usize) -> u64 {
+    let t = tp as u64;
+    let (h, hd) = (cfg.hidden_size as u64, cfg.head_dim as u64);
+    let (q, kv) = ((cfg.num_heads / tp) as u64, (cfg.num_kv_heads / tp) as u64);
+    let inter = (cfg.intermediate_size / tp) as u64;
+    let vl = shard::rows(cfg, Role::Embed, tp) as u64;
+    let slot = u64::from(tp > 1);
+    let token = 3 * h + slot * h + (q + 2 * kv) * hd * 2 + q * hd + 3 * inter + 8;
+    let seq = h + vl + slot * vl + 2 * t * vl + cfg.vocab_size as u64;
+    4 * t * (token * tokens as u64 + seq * seqs as u64)
+}
+
+/// Device bytes one GPU rank of a replica of `tp` ranks allocates in a step that feeds `tokens`
+/// tokens of `seqs` sequences (`decoder::forward` on `GpuOps`, buffers of `elem` bytes per
+/// element): per token, the residual stream, its normed copy and the projection, q/k/v and the
+/// attention output, gate/up and their product, and the batch's ids, positions (4 bytes each)
+/// and KV slots (8); per sequence, its last row, the vocab shard and the gathered logits, its
+/// context length, query offset and last row index (4 bytes each) and its block table row (at
+/// most `max_position_embeddings` tokens in blocks of `block_size`). What every step holds
+/// besides (the decode attention's split scratch, the pool's rounding) the GPU ranks count
+/// apart (`GpuRanks::step_fixed_bytes`); tests/cuda_model/step_memory.rs measures both with
+/// the device memory pool's high watermark.
+pub fn device_step_bytes(
+    cfg: &ModelConfig,
+    tp: usize,
+    elem: u64,
+    block_size: usize,
+    tokens: usize,
+    seqs: usize,
+) -> u64 {
+    let (h, hd) = (cfg.hidden_size as u64, cfg.head_dim as u64);
+    let (q, kv) = ((cfg.num_heads / tp) as u64, (cfg.num_kv_heads / tp) as u64);
+    let inter = (cfg.intermediate_size / tp) as u64;
+    let vl = shard::rows(cfg, Role::Embed, tp) as u64;
+    let token = elem * (3 * h + 2 * (q + kv) * hd + 3 * inter) + 16;
+    let table = 4 * blocks_for(cfg.max_position_embeddings, block_size.max(1)) as u64;
+    let seq = elem * (h + vl + tp as u64 * vl) + 12 + table;
+    (token * tokens as u64).saturating_add(seq * seqs as u64)
+}
+
+/// One count of what is left: the whole step's, or one replica's.
+#[derive(Clone, Copy)]
+struct Room {
+    left: u64,
+    /// Whether a prefill was taken: the first always is, so every step makes progress.
+    prefilled: bool,
+}
+
+/// What is left of one step's cap as its sequences are counted in.
+pub(super) struct StepRoom {
+    /// One room for the whole step (host memory, a token count), or one per replica (each
+    /// rank's device memory).
+    rooms: Vec<Room>,
+    /// Cost of one token fed and of one sequence's logits row (bytes or, for a token cap, 1 and 0).
+    per_token: u64,
+    per_seq: u64,
+}
+
+impl StepRoom {
+    /// The room a step has under `cap` at degree `tp` with `dp` replicas and KV blocks of
+    /// `block_size` tokens.
+    pub(super) fn new(
+        cap: StepCap,
+        cfg: &ModelConfig,
+        tp: usize,
+        dp: usize,
+        block_size: usize,
+    ) -> Self {
+        let (left, per_token, per_seq, rooms) = match cap {
+            StepCap::None => (u64::MAX, 0, 0, 1),
+            StepCap::Tokens(n) => (n as u64, 1, 0, 1),
+            StepCap::HostBytes(b) => {
+                let token = host_step_bytes(cfg, tp, 1, 0);
+                (b, token, host_step_bytes(cfg, tp, 0, 1), 1)
+            }
+            StepCap::DeviceBytes { per_rank, elem } => {
+                let bytes = |t, s| device_step_bytes(cfg, tp, elem, block_size, t, s);
+                (per_rank, bytes(1, 0), bytes(0, 1), dp.max(1))
+            }
+        };
+        let room = Room {
+            left,
+            prefilled: false,
+        };
+        StepRoom {
+            rooms: vec![room; rooms],
+            per_token,
+            per_seq,
+        }
+    }
+
+    fn cost(&self, feed: usize) -> u64 {
+        (feed as u64)
+            .saturating_mul(self.per_token)
+            .saturating_add(self.per_seq)
+    }
+
+    fn room(&mut self, replica: usize) -> &mut Room {
+        let i = if self.rooms.len() == 1 { 0 } else { replica };
+        &mut self.rooms[i]
+    }
+
+    /// Counts a sequence of replica `replica` that feeds `feed` tokens whatever is left (a
+    /// decode; a token cap counts prompt tokens only).
+    pub(super) fn charge(&mut self, replica: usize, feed: usize) {
+        if self.per_seq > 0 {
+            let cost = self.cost(feed);
+            let r = self.room(replica);
+            r.left = r.left.saturating_sub(cost);
+        }
+    }
+
+    /// Whether a prefill of `feed` tokens on replica `replica` fits what is left (counted in if
+    /// so); the first prefill of a step (of a replica, under a per-replica cap) always does.
+    pub(super) fn take(&mut self, replica: usize, feed: usize) -> bool {
+        let cost = self.cost(feed);
+        let r = self.room(replica);
+        if r.prefilled && cost > r.left {
+            return false;
+        }
+        r.left = r.left.saturating_sub(cost);
+        r.prefilled = true;
+        true
+    }
+}
+
+impl Engine {
+    /// Caps the prompt tokens a step (or one pass of a switch's recompute) prefills (`None`: no
+    /// cap), for tests of a queue prefilled over several steps; switches keep it. The default
+    /// is a cap in bytes: on CPU ranks what half the host's available memory holds of a step's
+    /// activations, on GPU ranks what each rank's share of its GPU's free memory holds.
+    pub fn cap_step_tokens(&mut self, tokens: Option<usize>) {
+        self.step_cap = tokens.map_or(StepCap::None, StepCap::Tokens);
+        self.step_cap_set = true;
+    }
+
+    /// Bytes a step's activations may take now (what its cap in bytes allows): on CPU ranks the
+    /// whole step's host memory, on GPU ranks each rank's device memory (each replica counts
+    /// apart); `None` where no cap in bytes holds (a test's token cap, a host whose memory
+    /// cannot be read).
+    pub fn step_cap_bytes(&self) -> Option<u64> {
+        match self.step_cap {
+            StepCap::HostBytes(b) | StepCap::DeviceBytes { per_rank: b, .. } => Some(b),
+            StepCap::None | StepCap::Tokens(_) => None,
+        }
+    }
+
+    /// Reads the step cap again from what the ranks' memory holds now: on GPU ranks each rank's
+    /// share of its GPU's free memory, for a caller that shares the GPUs with something else (a
+    /// trainer colocated with the rollout) after it took or gave back memory. The engine reads
+    /// it itself at load, after each switch and after each pool growth. Host memory is read
+    /// once, at load; a test's token cap stays. Errors when a GPU cannot be read (the cap is
+    /// then as it was).
+    pub fn refresh_step_cap(&mut self) -> Result<()> {
+        if self.step_cap_set {
+            return Ok(());
+        }
+        let (tp, bs) = (self.layout.tp, self.opts.block_size);
+        if let Some(cap) = self.ranks.set_ref().step_cap(&self.cfg, tp, bs)? {
+            self.step_cap = cap;
+        }
+        Ok(())
+    }
+
+    /// [`Engine::refresh_step_cap`] where generation goes on whatever happens (after a switch
+    /// or a growth): memory that cannot be read leaves one prefill per step (per replica on
+    /// GPU ranks), the least a step can take, rather than an old layout's budget.
+    pub(super) fn refresh_step_cap_or_least(&mut self) {
+        if self.refresh_step_cap().is_err() {
+            self.step_cap = match self.step_cap {
+                StepCap::DeviceBytes { elem, .. } => StepCap::DeviceBytes { per_rank: 0, elem },
+                _ => StepCap::Tokens(1),
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parallel::shard::tests::cfg;
+
+    #[test]
+    fn a_step_room_takes_the_first_prefill_and_then_what_fits() {
+        let c = cfg(301);
+        let mut r = StepRoom::new(StepCap::None, &c, 1, 1, 16);
+        assert!((0..100).all(|_| r.take(0, 1 << 20)));
+        // A token cap counts prompt tokens only, over the whole step.
+        let mut r = StepRoom::new(StepCap::Tokens(5), &c, 2, 2, 16);
+        r.charge(0, 1);
+        assert!(r.take(0, 3) && !r.take(1, 3) && r.take(1, 2) && !r.take(0, 1));
+        let mut r = StepRoom::new(StepCap::Tokens(1), &c, 1, 1, 16);
+        assert!(r.take(0, 40), "the first prefill whatever its length");
+        assert!(!r.take(0, 1));
+
+        // Host bytes: what `host_step_bytes` counts (the step-memory test measures it), linear
+        // in tokens and sequences, over the whole step.
+        for tp in [1, 2, 4] {
+            let (token, seq) = (host_step_bytes(&c, tp, 1, 0), host_step_bytes(&c, tp, 0, 1));
+            assert_eq!(host_step_bytes(&c, tp, 10, 3), 10 * token + 3 * seq);
+            let ten = 10 * token + seq;
+            let mut r = StepRoom::new(StepCap::HostBytes(ten), &c, tp, 2, 16);
+            assert!(r.take(0, 10), "tp {tp}: ten tokens fit exactly");
+            assert!(!r.take(1, 1), "tp {tp}: nothing is left for any replica");
+            // A decode counts first; a prefill then still runs (the step's first), nothing after.
+            let mut r = StepRoom::new(StepCap::HostBytes(ten + token + seq), &c, tp, 1, 16);
+            r.charge(0, 1);
+            assert!(r.take(0, 10) && !r.take(0, 1), "tp {tp}");
+            let mut r = StepRoom::new(StepCap::HostBytes(ten - 1), &c, tp, 1, 16);
+            assert!(
+                r.take(0, 9) && !r.take(0, 1),
+                "tp {tp}: one byte short of the tenth token"
+            );
+        }
+    }
+
+    #[test]
+    fn a_device_cap_counts_each_replicas_ranks_apart() {
+        let c = cfg(301);
+        for (tp, elem) in [(1, 4), (2, 2), (4, 2)] {
+            let bytes = |t, s| device_step_bytes(&c, tp, elem, 16, t, s);
+            let (token, seq) = (bytes(1, 0), bytes(0, 1));
+            assert_eq!(bytes(10, 3), 10 * token + 3 * seq, "linear");
+            // Elements of `elem` bytes: a bf16 rank holds half an f32 rank's activations, less
+            // the 4- and 8-byte batch metadata.
+            assert_eq!(
+                device_step_bytes(&c, tp, 2 * elem, 16, 1, 0) - token,
+                token - 16
+            );
+            let ten = 10 * token + seq;
+            let cap = StepCap::DeviceBytes {
+                per_rank: ten,
+                elem,
+            };
+            let mut r = StepRoom::new(cap, &c, tp, 2, 16);
+            assert!(r.take(0, 10) && !r.take(0, 1), "tp {tp}: replica 0 is full");
+            assert!(r.take(1, 10), "tp {tp}: replica 1 has its own ranks");
+            assert!(!r.take(1, 1));
+            // A decode on replica 1 leaves replica 0's room alone; a replica's first prefill
+            // runs whatever its decodes took.
+            let mut r = StepRoom::new(cap, &c, tp, 2, 16);
+            r.charge(1, 1);
+            assert!(r.take(0, 10) && r.take(1, 10) && !r.take(1, 1));
+        }
+        // The block table row: one 4-byte entry per block of the longest context.
+        let long = ModelConfig {
+            max_position_embeddings: 16 * 1000,
+            ..c.clone()
+        };
+        assert_eq!(
+            device_step_bytes(&long, 1, 2, 16, 0, 1) - device_step_bytes(&c, 1, 2, 16, 0, 1),
+            4 * (1000 - blocks_for(c.max_position_embeddings, 16) as u64)
+        );
+    }
+}
