@@ -195,15 +195,35 @@ fn a_failed_switch_reports_the_layout_that_goes_on_and_loses_nothing() {
         e.add_requests(&requests(&trace())).unwrap();
         e.inject_switch_fault(Some(SwitchFault { phase, rank: 0 }));
         let mut failed = Vec::new();
-        {
+        let run = {
             let mut src = EngineSource::new(&mut e, KvPolicy::Recompute, sc.kv.clone());
             drive(&mut src, Some(&ctrl), |ev| {
                 if let Event::SwitchFailed { from, to, now, .. } = ev {
                     failed.push((from, to, now));
                 }
             })
-            .unwrap();
+            .unwrap()
+        };
+        // The run's switches are the layout changes: they lead from start_tp to final_tp, and
+        // those applied before their failure carry it.
+        assert_eq!(run.failed_switches, failed.len(), "{phase:?}");
+        let mut tp = run.start_tp;
+        for s in &run.switches {
+            assert_eq!(s.from, tp, "{phase:?}: {:?}", run.switches);
+            tp = s.to;
         }
+        assert_eq!(tp, run.final_tp, "{phase:?}: {:?}", run.switches);
+        let applied: Vec<_> = failed.iter().filter(|f| f.2 == f.1).collect();
+        assert_eq!(
+            applied.is_empty(),
+            phase == SwitchPhase::Begin,
+            "{failed:?}"
+        );
+        assert_eq!(
+            run.switches.iter().filter(|s| s.error.is_some()).count(),
+            applied.len(),
+            "{phase:?}: {failed:?}"
+        );
         let &(from, to, now) = failed
             .first()
             .unwrap_or_else(|| panic!("{phase:?}: no switch failed"));

@@ -310,7 +310,7 @@ pub fn rollout(
         "response_length/mean": lens.iter().sum::<usize>() as f64 / lens.len() as f64,
         "response_length/max": lens.iter().max(),
         "tokens": run.tokens, "tokens_per_s": run.tokens as f64 / gen_s, "tokens_per_s_per_rank": run.tokens as f64 / gen_s / a.world as f64,
-        "switches": run.switches.len(), "final_tp": run.final_tp,
+        "switches": run.switches.len(), "failed_switches": run.failed_switches, "final_tp": run.final_tp,
     });
     if emit {
         outln!("{}", json!({ "summary": summary }))?;
@@ -326,8 +326,12 @@ pub fn rollout(
             run.final_tp
         );
         for s in &run.switches {
+            let then = match &s.error {
+                Some(e) => format!(" (applied, then failed: {e})"),
+                None => String::new(),
+            };
             eprintln!(
-                "  switch at step {}: tp {} -> {} in {:.1} ms",
+                "  switch at step {}: tp {} -> {} in {:.1} ms{then}",
                 s.step, s.from, s.to, s.ms
             );
         }

@@ -292,6 +292,11 @@ pub struct SwitchSummary {
     pub live: usize,
     pub predicted_stay_ms: f64,
     pub predicted_best_ms: f64,
+    /// Set where the switch was applied but what followed its swap failed (an engine's KV
+    /// recompute; the sequences it left are prefilled again by the next steps): the layout
+    /// changed, and the run also counts it in `failed_switches`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// What a whole run did.
@@ -301,7 +306,11 @@ pub struct RunSummary {
     /// The source's clock at the end.
     pub total_ms: f64,
     pub tokens: u64,
+    /// Every switch that changed the layout, in order: each one's `from` is the `to` before
+    /// it (or `start_tp`), and the last one's `to` is `final_tp`.
     pub switches: Vec<SwitchSummary>,
+    /// Switches that failed: refused (the source went on in the old layout) or applied and
+    /// then failed (also in `switches`, with their error).
     pub failed_switches: usize,
     pub start_tp: usize,
     pub final_tp: usize,
@@ -342,6 +351,7 @@ pub fn drive<S: StepSource>(
                             live: live.len(),
                             predicted_stay_ms: d.predicted_stay_ms,
                             predicted_best_ms: d.predicted_best_ms,
+                            error: None,
                         };
                         on_event(Event::Switch {
                             summary: &summary,
@@ -352,11 +362,26 @@ pub fn drive<S: StepSource>(
                     }
                     Err(error) => {
                         run.failed_switches += 1;
+                        let now = src.tp();
+                        if now != from {
+                            // Applied: the layout changed though what followed the swap failed.
+                            run.switches.push(SwitchSummary {
+                                step,
+                                t_ms,
+                                from,
+                                to: now,
+                                ms: src.now_ms() - t_ms,
+                                live: live.len(),
+                                predicted_stay_ms: d.predicted_stay_ms,
+                                predicted_best_ms: d.predicted_best_ms,
+                                error: Some(error.to_string()),
+                            });
+                        }
                         on_event(Event::SwitchFailed {
                             step,
                             from,
                             to: d.to_tp,
-                            now: src.tp(),
+                            now,
                             error: &error,
                         });
                     }
