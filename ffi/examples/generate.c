@@ -90,6 +90,12 @@ int main(int argc, char **argv) {
           "pat_engine_add_request");
   }
 
+  /* What a step's activations may take (a long queue of prompts is prefilled over several
+     steps); an embedder sharing GPUs with a trainer calls this again after the trainer ran. */
+  uint64_t cap;
+  check(pat_engine_refresh_step_cap(engine, &cap), "pat_engine_refresh_step_cap");
+  fprintf(stderr, "{\"step_cap_bytes\":%llu}\n", (unsigned long long)cap);
+
   pat_engine_info info;
   check(pat_engine_get_info(engine, &info), "pat_engine_get_info");
   for (unsigned long step = 0; info.n_live > 0; step++) {

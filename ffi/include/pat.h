@@ -714,6 +714,21 @@ pat_status pat_engine_reconfigure(struct pat_engine *engine,
 pat_status pat_engine_grow_kv_pools(struct pat_engine *engine,
                                     struct pat_pool_growth *out);
 
+// Reads the step cap again from what the ranks' memory holds now and writes the bytes a
+// step's activations may take to `*cap_bytes`: on GPU ranks each rank's share of its GPU's free
+// memory (each replica counted apart), for an embedder that shares the GPUs with something else
+// (a trainer colocated with the rollout) after it took or gave back memory; on CPU ranks the
+// whole step's share of host memory, read once at load. `UINT64_MAX` where nothing caps a step
+// in bytes. The engine reads it itself at load, after each switch and after each pool growth;
+// a step prefills what fits (the first waiting prompt whatever its length), so a long queue is
+// prefilled over several steps. Errors: `PAT_ERR_DEVICE` (a GPU could not be read; the cap
+// stays as it was). Thread-safe (calls on one engine run one at a time).
+//
+// # Safety
+// `cap_bytes` is a writable `uint64_t`.
+pat_status pat_engine_refresh_step_cap(struct pat_engine *engine,
+                                       uint64_t *cap_bytes);
+
 // Takes the finished request with the lowest index not taken yet: writes its record to `out`,
 // its generated ids to `ids` and their count to `*n_ids`. Each output is taken once.
 // `PAT_NO_OUTPUT`: none is waiting (step more). `PAT_BUFFER_TOO_SMALL`: `cap` is below the

@@ -307,6 +307,35 @@ pub unsafe extern "C" fn pat_engine_grow_kv_pools(
     })
 }
 
+/// Reads the step cap again from what the ranks' memory holds now and writes the bytes a
+/// step's activations may take to `*cap_bytes`: on GPU ranks each rank's share of its GPU's free
+/// memory (each replica counted apart), for an embedder that shares the GPUs with something else
+/// (a trainer colocated with the rollout) after it took or gave back memory; on CPU ranks the
+/// whole step's share of host memory, read once at load. `UINT64_MAX` where nothing caps a step
+/// in bytes. The engine reads it itself at load, after each switch and after each pool growth;
+/// a step prefills what fits (the first waiting prompt whatever its length), so a long queue is
+/// prefilled over several steps. Errors: `PAT_ERR_DEVICE` (a GPU could not be read; the cap
+/// stays as it was). Thread-safe (calls on one engine run one at a time).
+///
+/// # Safety
+/// `cap_bytes` is a writable `uint64_t`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pat_engine_refresh_step_cap(
+    engine: *mut pat_engine,
+    cap_bytes: *mut u64,
+) -> pat_status {
+    guard(|| {
+        // SAFETY: forwarded contract (`cap_bytes` is writable).
+        let out = unsafe { Out::new(cap_bytes, "cap_bytes") }?;
+        let cap = with_engine(engine, |s| {
+            s.engine.refresh_step_cap()?;
+            Ok(s.engine.step_cap_bytes().unwrap_or(u64::MAX))
+        })?;
+        out.put(cap);
+        Ok(())
+    })
+}
+
 /// Takes the finished request with the lowest index not taken yet: writes its record to `out`,
 /// its generated ids to `ids` and their count to `*n_ids`. Each output is taken once.
 /// `PAT_NO_OUTPUT`: none is waiting (step more). `PAT_BUFFER_TOO_SMALL`: `cap` is below the

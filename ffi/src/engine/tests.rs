@@ -3,17 +3,56 @@
 use super::*;
 use std::ptr::null_mut;
 
+/// An engine of `world` CPU ranks at tp 1 on the llama fixture, `kv_blocks` blocks per rank.
+fn llama_engine(world: u32, kv_blocks: u32) -> *mut pat_engine {
+    let dir = std::ffi::CString::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/data/golden/llama"
+    ))
+    .unwrap();
+    let (mut m, mut e) = (null_mut(), null_mut());
+    // SAFETY: a NUL-terminated path, local params and out pointers.
+    unsafe {
+        assert_eq!(crate::model::pat_model_open(dir.as_ptr(), &mut m), 0);
+        let mut p = pat_engine_default_params();
+        (p.world, p.tp, p.kv_blocks) = (world, 1, kv_blocks);
+        assert_eq!(pat_engine_new(m, &p, &mut e), 0);
+        crate::model::pat_model_free(m);
+    }
+    e
+}
+
+/// The step cap through the ABI is the engine's own: on CPU ranks the host's share read at
+/// load, `UINT64_MAX` under a test's token cap; a NULL out pointer is refused (`PAT_ERR_NULL`).
+#[test]
+fn the_step_cap_reads_through_the_abi() {
+    let e = llama_engine(1, 16);
+    let mut cap = 0u64;
+    // SAFETY: a live engine and a local out pointer.
+    unsafe {
+        assert_eq!(pat_engine_refresh_step_cap(e, &mut cap), 0);
+        let own = with_engine(e, |s| Ok(s.engine.step_cap_bytes())).unwrap();
+        assert_eq!(Some(cap), own);
+        assert!(cap > 0 && cap < u64::MAX, "cap {cap}");
+        with_engine(e, |s| {
+            s.engine.cap_step_tokens(Some(3));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(pat_engine_refresh_step_cap(e, &mut cap), 0);
+        assert_eq!(cap, u64::MAX);
+        let st = pat_engine_refresh_step_cap(e, null_mut());
+        assert_eq!(st, crate::status::PAT_ERR_NULL);
+    }
+    pat_engine_free(e);
+}
+
 /// A switch whose new pools are held short (a test's cap, as a full GPU would) reports the
 /// goal above the blocks it gave; `pat_engine_grow_kv_pools` then grows them to that goal
 /// (the engine's own count, independent of the ABI's copy), and a second call has nothing
 /// to grow.
 #[test]
 fn pools_a_switch_left_short_grow_through_the_abi() {
-    let dir = std::ffi::CString::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tests/data/golden/llama"
-    ))
-    .unwrap();
     let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../tests/data/golden/llama/golden.json"
@@ -26,15 +65,9 @@ fn pools_a_switch_left_short_grow_through_the_abi() {
         .iter()
         .map(|t| t.as_u64().unwrap() as u32)
         .collect();
-    let (mut m, mut e) = (null_mut(), null_mut());
-    // SAFETY: a NUL-terminated path, local params and out pointers; the engine is live
-    // until freed at the end.
+    let e = llama_engine(2, 64);
+    // SAFETY: local params and out pointers; the engine is live until freed at the end.
     unsafe {
-        assert_eq!(crate::model::pat_model_open(dir.as_ptr(), &mut m), 0);
-        let mut p = pat_engine_default_params();
-        (p.world, p.tp, p.kv_blocks) = (2, 1, 64);
-        assert_eq!(pat_engine_new(m, &p, &mut e), 0);
-        crate::model::pat_model_free(m);
         let st = pat_engine_add_request(e, ids.as_ptr(), ids.len(), 4, 1, null_mut());
         assert_eq!(st, 0);
         assert_eq!(pat_engine_step(e, null_mut()), 0);
