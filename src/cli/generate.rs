@@ -88,6 +88,20 @@ enum Source {
     File { path: PathBuf, text: String },
 }
 
+impl Source {
+    /// Where request `i` came from, to prefix an error about it: the flag, or "FILE:LINE" (the
+    /// file's lines counted again: for an error, once).
+    fn at(&self, i: usize) -> String {
+        match self {
+            Source::Flag(flag) => flag.to_string(),
+            Source::File { path, text } => {
+                let line = record_lines(text).get(i).copied().unwrap_or(0);
+                format!("{}:{line}", path.display())
+            }
+        }
+    }
+}
+
 /// Collects the requests named by exactly one of --prompt, --prompt-ids, --requests.
 fn requests(a: &GenerateArgs, tok: Option<&Tokenizer>) -> Result<(Vec<Request>, Source)> {
     if a.max_new_tokens == 0 {
@@ -237,6 +251,12 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let t0 = Instant::now();
     let mut engine = Engine::with_backend(m.cfg.clone(), &m.ck, opts, &backend)?;
     let load_s = t0.elapsed().as_secs_f64();
+    // A request longer than a rank's whole pool (`--kv-blocks`) is named by its line.
+    for (i, r) in reqs.iter().enumerate() {
+        engine
+            .validate_request(i, r)
+            .map_err(|e| e.context(src.at(i)))?;
+    }
     engine.add_requests(&reqs)?;
     let budget: u64 = reqs.iter().map(|r| r.max_new_tokens as u64).sum();
     // The copy bandwidth the switches' cost model prices migration at, measured before the

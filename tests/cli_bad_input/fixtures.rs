@@ -318,6 +318,12 @@ fn make() -> Fx {
     );
     write(d, "empty_ids.jsonl", "{\"input_ids\":[]}\n");
     write(d, "empty_text.jsonl", "{\"prompt\":\"\"}\n");
+    // Request 1, on line 3 (after a blank line), needs 3 blocks of 16 tokens.
+    write(
+        d,
+        "long_second.jsonl",
+        "{\"input_ids\":[1,2],\"max_new_tokens\":1}\n\n{\"input_ids\":[1,2,3],\"max_new_tokens\":40}\n",
+    );
     let trace = |p: u64, r: u64| json!({"prompt_len": p, "response_len": r}).to_string();
     write(d, "trace_u64max.jsonl", trace(1, u64::MAX));
     write(d, "trace_2p40.jsonl", trace(4, 1 << 40));

@@ -301,6 +301,16 @@ const CASES: &[Case] = &[
         "needs 3 blocks of 16 tokens but a rank's pool has 2 (raise --kv-blocks)",
     ),
     err(
+        "request_file_larger_than_the_pool_names_the_line",
+        |f| {
+            gen(
+                f,
+                &["--requests", &f.p("long_second.jsonl"), "--kv-blocks", "2"],
+            )
+        },
+        "long_second.jsonl:3: request 1 needs 3 blocks of 16 tokens but a rank's pool has 2",
+    ),
+    err(
         "request_file_bad_json_names_the_line",
         |f| gen(f, &["--requests", &f.p("bad.jsonl")]),
         "bad.jsonl:2: not valid JSON",
