@@ -98,12 +98,7 @@ fn check_engine(name: &'static str, spread: bool) {
             if world > 1 && step % 2 == 1 && step / 2 < ladder.len() {
                 let to = ladder[step / 2];
                 let policy = [KvPolicy::Migrate, KvPolicy::Recompute, KvPolicy::Auto][step / 2 % 3];
-                let cost = CostModel {
-                    transfer_bytes_per_s: 1e9,
-                    fixed_transfer_s: 0.0,
-                    prefill_tokens_per_s: vec![(1, 1e4)],
-                    fixed_prefill_s: 0.0,
-                };
+                let cost = test_cost();
                 if to != gpu.layout().tp && gpu.live() > 0 {
                     let g = gpu
                         .reconfigure(to, policy, &cost)
@@ -280,12 +275,7 @@ fn bf16_switches_on_the_devices_equal_switches_through_the_host() {
         e
     };
     let (mut dev, mut host) = (make(GpuSwitch::Device), make(GpuSwitch::Host));
-    let cost = CostModel {
-        transfer_bytes_per_s: 1e9,
-        fixed_transfer_s: 0.0,
-        prefill_tokens_per_s: vec![(1, 1e4)],
-        fixed_prefill_s: 0.0,
-    };
+    let cost = test_cost();
     let ladder = [2, 4, 1, 2];
     let mut step = 0;
     while dev.live() > 0 {

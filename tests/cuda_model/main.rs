@@ -107,6 +107,17 @@ impl Model {
     }
 }
 
+/// A cost model for tests that only need a switch to run: migration at 1 GB/s, prefill at
+/// 10^4 tokens/s.
+fn test_cost() -> CostModel {
+    CostModel {
+        transfer_bytes_per_s: 1e9,
+        fixed_transfer_s: 0.0,
+        prefill_tokens_per_s: vec![(1, 1e4)],
+        fixed_prefill_s: 0.0,
+    }
+}
+
 /// One prompt's run: generated (or forced) tokens and the first- and last-step logits.
 #[derive(Default)]
 struct SeqOut {

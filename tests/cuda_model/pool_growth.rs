@@ -51,12 +51,7 @@ fn pools_held_short_at_a_switch_grow_into_the_freed_weight_bytes() {
     let held = DBuf::zeros(&dev, DType::U8, ballast).unwrap();
     dev.synchronize().unwrap();
 
-    let cost = CostModel {
-        transfer_bytes_per_s: 1e9,
-        fixed_transfer_s: 0.0,
-        prefill_tokens_per_s: vec![(1, 1e4)],
-        fixed_prefill_s: 0.0,
-    };
+    let cost = test_cost();
     let r = e.reconfigure(2, KvPolicy::Migrate, &cost).unwrap();
     assert_eq!(e.rank_bytes(0).0, w2, "rank 0's tp 2 shard");
     let short = r.kv_blocks_per_rank_after;

@@ -206,12 +206,7 @@ fn a_gpu_with_little_free_memory_prefills_a_queue_over_several_steps() {
     let quarter = dev.allocatable_bytes().unwrap() / 4;
     let taken = DBuf::zeros(&dev, DType::U8, quarter).unwrap();
     dev.synchronize().unwrap();
-    let cost = CostModel {
-        transfer_bytes_per_s: 1e9,
-        fixed_transfer_s: 0.0,
-        prefill_tokens_per_s: vec![(1, 1e4)],
-        fixed_prefill_s: 0.0,
-    };
+    let cost = test_cost();
     e.reconfigure(2, KvPolicy::Migrate, &cost).unwrap();
     let (got, want) = (e.step_cap_bytes().unwrap(), expected_cap(&m, 2, &dev, 2));
     assert!(

@@ -253,6 +253,15 @@ impl CudaDev {
         Ok(free + pool_idle_bytes(&self.ctx))
     }
 
+    /// This device's default memory pool once all work in its context has run.
+    fn drained_pool(&self) -> Result<sys::CUmemoryPool> {
+        self.ctx
+            .synchronize()
+            .map_err(dev_err("context synchronize"))?;
+        default_pool(&self.ctx)
+            .ok_or_else(|| Error::Device("the device's default memory pool is unavailable".into()))
+    }
+
     /// (bytes in use now, the most in use since the last [`CudaDev::reset_pool_peak`]) of the
     /// stream-ordered allocations on this device (its default memory pool, which serves every
     /// `DBuf` of every context on it), after waiting for all work in this device's context, so
@@ -262,12 +271,7 @@ impl CudaDev {
         use sys::CUmemPool_attribute::{
             CU_MEMPOOL_ATTR_USED_MEM_CURRENT as NOW, CU_MEMPOOL_ATTR_USED_MEM_HIGH as HIGH,
         };
-        self.ctx
-            .synchronize()
-            .map_err(dev_err("context synchronize"))?;
-        let pool = default_pool(&self.ctx).ok_or_else(|| {
-            Error::Device("the device's default memory pool is unavailable".into())
-        })?;
+        let pool = self.drained_pool()?;
         let attr = |a: sys::CUmemPool_attribute| -> Result<u64> {
             let mut v: u64 = 0;
             // SAFETY: both attributes take a pointer to a cuuint64_t, which `v` is.
@@ -286,12 +290,7 @@ impl CudaDev {
     /// Restarts the high watermark [`CudaDev::pool_used`] reports at what is in use now (after
     /// waiting for all work in this device's context).
     pub fn reset_pool_peak(&self) -> Result<()> {
-        self.ctx
-            .synchronize()
-            .map_err(dev_err("context synchronize"))?;
-        let pool = default_pool(&self.ctx).ok_or_else(|| {
-            Error::Device("the device's default memory pool is unavailable".into())
-        })?;
+        let pool = self.drained_pool()?;
         let mut zero: u64 = 0;
         // SAFETY: the high watermark attribute takes a pointer to a cuuint64_t (only 0, which
         // resets it), which `zero` is.
