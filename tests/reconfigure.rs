@@ -363,3 +363,62 @@ fn a_recompute_larger_than_a_step_runs_in_passes_with_the_same_tokens() {
         }
     }
 }
+
+/// Passes under a token cap of `cap`: in order, every sequence that fits what is left (the
+/// first of a pass whatever its length); `skip` false stops a pass at the first that does not.
+fn passes(feeds: &[usize], cap: usize, skip: bool) -> usize {
+    let mut rest = feeds.to_vec();
+    let mut n = 0;
+    while !rest.is_empty() {
+        let (mut left, mut later, mut stopped) = (cap, Vec::new(), false);
+        for (k, &f) in rest.iter().enumerate() {
+            if k == 0 || (!stopped && f <= left) {
+                left = left.saturating_sub(f);
+            } else {
+                stopped |= !skip;
+                later.push(f);
+            }
+        }
+        rest = later;
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn a_recompute_pass_takes_every_sequence_that_fits_not_only_a_prefix() {
+    // A sequence too long for what a pass has left waits for a later pass, but the shorter
+    // ones after it still go in this one: fewer passes than stopping at the first misfit.
+    let model = "llama";
+    let (max_new, gold) = golden(model);
+    // The longest prompt second (the fixture's grow in length, which no cap tells apart).
+    let mut order: Vec<usize> = (0..gold.len()).collect();
+    order.sort_by_key(|&i| gold[i].input_ids.len());
+    let last = order.pop().unwrap();
+    order.insert(1, last);
+    let gold: Vec<_> = order.iter().map(|&i| gold[i].clone()).collect();
+    let reqs = golden_requests(&gold, max_new);
+    // After two steps each sequence holds its prompt and two tokens; the recompute feeds all
+    // but the last.
+    let feeds: Vec<usize> = reqs.iter().map(|r| r.input_ids.len() + 1).collect();
+    let cap = (1..feeds.iter().sum())
+        .find(|&c| passes(&feeds, c, true) < passes(&feeds, c, false))
+        .unwrap_or_else(|| panic!("no cap tells the two apart for prompts {feeds:?}"));
+    let mut e = engine(&golden_dir(model), 2, 1, Dtype::F32, 1024);
+    e.add_requests(&reqs).unwrap();
+    e.step().unwrap();
+    e.step().unwrap();
+    e.cap_step_tokens(Some(cap));
+    let r = e
+        .reconfigure(2, KvPolicy::Recompute, &cost(1e9, 1e3))
+        .unwrap();
+    assert_eq!(
+        r.kv_recompute_passes,
+        passes(&feeds, cap, true),
+        "feeds {feeds:?}, cap {cap}"
+    );
+    e.run(|_| {}).unwrap();
+    for (o, g) in e.outputs().iter().zip(&gold) {
+        assert_eq!(o.output_ids, g.output_ids, "prompt {}", o.index);
+    }
+}

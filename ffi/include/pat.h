@@ -44,7 +44,8 @@
 
 // The ABI version this header describes. Compare it with `pat_abi_version()` once at start-up:
 // a library of another version may lay out structs differently. 2: `pat_switch_report` gained
-// `kv_blocks_goal` and `kv_recompute_passes`, and `pat_engine_grow_kv_pools` was added.
+// `kv_blocks_goal` and `kv_recompute_passes`; `pat_engine_grow_kv_pools` and
+// `pat_engine_refresh_step_cap` were added (functions alone do not change the version).
 #define PAT_ABI_VERSION 2
 
 // Weights as f32 (the reference).
@@ -244,7 +245,7 @@ typedef struct pat_switch_report {
   // `pat_engine_grow_kv_pools` does now.
   uint64_t kv_blocks_goal;
   // Forward passes the recompute took: one, or more where the recomputed tokens' activations
-  // outgrow what one step may prefill (on the CPU, half the host's available memory).
+  // outgrow what one step may prefill (`pat_engine_refresh_step_cap`).
   uint64_t kv_recompute_passes;
 } pat_switch_report;
 
@@ -671,9 +672,10 @@ pat_status pat_engine_add_request(struct pat_engine *engine,
 
 // Runs one step on every replica with live requests: prefill of new prompts and one decode
 // token for the others, in one pass. `out` may be NULL. A request starts once its whole KV
-// (prompt + `max_new_tokens`) fits beside the running ones; until then it waits. On the CPU
-// a step also prefills only what fits half the host's available memory (less the KV pools)
-// next to its decodes, the first prompt whatever its length, so a long queue (or the requests
+// (prompt + `max_new_tokens`) fits beside the running ones; until then it waits. A step also
+// prefills only what its activations may take next to its decodes (half the host's available
+// memory less the KV pools on CPU ranks, each rank's share of its GPU's free memory on GPU
+// ranks; `pat_engine_refresh_step_cap`), the first prompt whatever its length, so a long queue (or the requests
 // a failed recompute left) is prefilled over several steps. Error
 // `PAT_RESOURCE_EXHAUSTED` (only after a switch to a layout with less KV): the pool cannot hold
 // this step's tokens; as on every error, no token was sampled and no request advanced (finish
@@ -721,8 +723,9 @@ pat_status pat_engine_grow_kv_pools(struct pat_engine *engine,
 // whole step's share of host memory, read once at load. `UINT64_MAX` where nothing caps a step
 // in bytes. The engine reads it itself at load, after each switch and after each pool growth;
 // a step prefills what fits (the first waiting prompt whatever its length), so a long queue is
-// prefilled over several steps. Errors: `PAT_ERR_DEVICE` (a GPU could not be read; the cap
-// stays as it was). Thread-safe (calls on one engine run one at a time).
+// prefilled over several steps. Errors: `PAT_ERR_DEVICE` (a GPU could not be read),
+// `PAT_ERR_INTERNAL` (a GPU rank's worker is gone); the cap stays as it was. Thread-safe
+// (calls on one engine run one at a time).
 //
 // # Safety
 // `cap_bytes` is a writable `uint64_t`.

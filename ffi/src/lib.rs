@@ -30,7 +30,8 @@ pub use status::*;
 
 /// The ABI version this header describes. Compare it with `pat_abi_version()` once at start-up:
 /// a library of another version may lay out structs differently. 2: `pat_switch_report` gained
-/// `kv_blocks_goal` and `kv_recompute_passes`, and `pat_engine_grow_kv_pools` was added.
+/// `kv_blocks_goal` and `kv_recompute_passes`; `pat_engine_grow_kv_pools` and
+/// `pat_engine_refresh_step_cap` were added (functions alone do not change the version).
 pub const PAT_ABI_VERSION: u32 = 2;
 
 /// The ABI version of the loaded library (equal to `PAT_ABI_VERSION` of the header it was built

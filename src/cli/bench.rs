@@ -10,7 +10,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::common::{open_model, plural, progress};
-use pat::engine::{check_lengths, Engine, EngineOptions, Request};
+use pat::engine::{check_lengths, Engine, EngineOptions, Request, STEP_CAP};
 use pat::error::{Error, Result};
 use pat::model::sampling::{random_ids, SamplingParams};
 use pat::stats::median;
@@ -290,8 +290,8 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
         engine.run(|_| {})?;
         engine.add_requests(&real)?;
         let t0 = Instant::now();
-        // The prefill: one step, or several where the prompts outgrow a step's cap (on the
-        // CPU, what half the host's memory holds); the decode steps follow.
+        // The prefill: one step, or several where the prompts outgrow a step's cap
+        // (`engine::STEP_CAP`); the decode steps follow.
         let (mut prefill, mut prefill_steps) = (0.0, 0usize);
         while engine.unprefilled() > 0 {
             prefill += engine.step()?.elapsed_ms / 1e3;
@@ -309,7 +309,7 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
         })?;
         if decode.is_empty() {
             return Err(Error::Invalid(format!(
-                "--batch-size {batch} --input-len {input_len}: the prefill took {} so no step decoded the whole batch by --output-len {output_len} (a CPU step prefills only what half the available memory, less the KV pools, holds); raise --output-len or lower the batch",
+                "--batch-size {batch} --input-len {input_len}: the prefill took {} so no step decoded the whole batch by --output-len {output_len} (a step prefills only what {STEP_CAP} holds); raise --output-len or lower the batch",
                 plural(prefill_steps, "step")
             )));
         }
@@ -351,7 +351,7 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
             );
             if prefill_steps > 1 {
                 eprintln!(
-                    "  the prefill took {}: the prompts' activations outgrow what one CPU step may hold (half the available memory less the KV pools); its latency includes the decodes of the prompts started first",
+                    "  the prefill took {}: the prompts' activations outgrow what one step may hold ({STEP_CAP}); its latency includes the decodes of the prompts started first",
                     plural(prefill_steps, "step")
                 );
             }

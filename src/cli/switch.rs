@@ -11,7 +11,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::common::{open_model, plural, plural_with, MIB};
 use pat::engine::sequence::prefill_rate;
-use pat::engine::{check_lengths, Engine, EngineOptions, Request};
+use pat::engine::{check_lengths, Engine, EngineOptions, Request, STEP_CAP};
 use pat::error::{Error, Result};
 use pat::kv::blocks_for;
 use pat::model::sampling::random_ids;
@@ -232,7 +232,7 @@ pub fn bench_switch(a: BenchSwitchArgs) -> Result<()> {
         }
         if r.kv_recompute_passes > 1 {
             eprintln!(
-                "  KV recompute: {} in {} (their activations outgrow what one CPU step may hold: half the available memory less the KV pools)",
+                "  KV recompute: {} in {} (their activations outgrow what one step may hold: {STEP_CAP})",
                 plural(r.n_recomputed, "sequence"),
                 plural_with(r.kv_recompute_passes, "pass", "passes")
             );

@@ -34,7 +34,7 @@ pub use reconfigure::SwitchReport;
 pub use requests::parse_requests_jsonl;
 pub use scheduler::{check_lengths, check_request};
 pub use sequence::{FinishReason, Output, PoolGrowth, Request, StepReport};
-pub use step_cap::{device_step_bytes, host_step_bytes, STEP_FIXED_BYTES_PER_RANK};
+pub use step_cap::{device_step_bytes, host_step_bytes, STEP_CAP, STEP_FIXED_BYTES_PER_RANK};
 
 use std::time::Instant;
 
@@ -76,8 +76,13 @@ pub struct Engine {
     /// What one step (and one pass of a switch's recompute) may prefill; the first prompt is
     /// admitted whatever its length, and a longer queue is prefilled over several steps.
     step_cap: StepCap,
+    /// The cap from load (host memory), which `cap_step_tokens(None)` restores.
+    load_cap: StepCap,
     /// Whether a test set `step_cap` (`cap_step_tokens`): switches and growths keep it.
     step_cap_set: bool,
+    /// Whether the last read of the ranks' memory failed (the cap is the least until a read
+    /// succeeds; the next step reads again).
+    step_cap_stale: bool,
     groups: GroupCache,
     seqs: Vec<Sequence>,
     steps: usize,
@@ -179,7 +184,9 @@ impl Engine {
             growth: None,
             switch_pool_cap: None,
             step_cap,
+            load_cap: step_cap,
             step_cap_set: false,
+            step_cap_stale: false,
             groups: GroupCache::default(),
             seqs: Vec::new(),
             steps: 0,
@@ -310,6 +317,9 @@ impl Engine {
         let t0 = Instant::now();
         let dp = self.layout.dp();
         let mut live_per_replica = vec![0; dp];
+        if self.step_cap_stale {
+            self.refresh_step_cap_or_least();
+        }
         // The sequences that run this step: those already running, and waiting ones whose whole
         // footprint fits what their replica's pool has left (the rest wait for blocks to free).
         let mut live = self.admitted();

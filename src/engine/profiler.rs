@@ -167,7 +167,7 @@ pub fn measure_profile(
                     .collect();
                 engine.add_requests(&reqs)?;
                 // The prefill: one step, or several where the prompts outgrow a step's cap
-                // (on the CPU, what half the host's memory holds); the decode steps follow.
+                // (`STEP_CAP`); the decode steps follow.
                 pre_tok += b * c;
                 while engine.unprefilled() > 0 {
                     pre_ms += engine.step()?.elapsed_ms;
@@ -183,8 +183,9 @@ pub fn measure_profile(
                 }
                 if times.is_empty() {
                     return Err(Error::Invalid(format!(
-                        "profile point tp {tp}, batch {b}, context {c}: the prompts took more steps to prefill than the {} decode steps, so no step decoded the whole batch (a CPU step prefills only what half the available memory, less the KV pools, holds); profile smaller batches or contexts, or more steps",
-                        grid.steps
+                        "profile point tp {tp}, batch {b}, context {c}: the prompts took more steps to prefill than the {} decode steps, so no step decoded the whole batch (a step prefills only what {} holds); profile smaller batches or contexts, or more steps",
+                        grid.steps,
+                        super::STEP_CAP
                     )));
                 }
                 let step_ms = median(&mut times);

@@ -41,7 +41,7 @@ pub struct SwitchReport {
     pub kv_migrate_ms: f64,
     pub kv_recompute_ms: f64,
     /// Forward passes the recompute took: one, or more where the recomputed tokens' activations
-    /// outgrow a step's cap (on the CPU, what half the host's available memory holds).
+    /// outgrow a step's cap ([`STEP_CAP`](super::STEP_CAP)).
     pub kv_recompute_passes: usize,
     /// Allocating the new layout's KV pools (not part of `kv_ms`).
     pub kv_alloc_ms: f64,
@@ -410,22 +410,19 @@ impl Engine {
         let fail = fault(SwitchPhase::Recompute);
         self.refresh_step_cap_or_least();
         if report.n_recomputed > 0 {
-            let mut order: Vec<usize> = recompute.into_iter().flatten().collect();
-            order.sort_unstable();
-            let mut left = order.len();
-            let mut rest = order.as_slice();
+            let mut rest: Vec<usize> = recompute.into_iter().flatten().collect();
+            rest.sort_unstable();
+            let mut left = rest.len();
             while !rest.is_empty() {
+                // In request order, each sequence that fits what its replica's room has left
+                // (one that does not waits for a later pass; another replica may still fit).
                 let mut room = self.step_room();
-                let take = rest
-                    .iter()
-                    .take_while(|&&i| {
-                        let s = &self.seqs[i];
-                        room.take(s.replica, s.tokens.len() - 1)
-                    })
-                    .count();
-                let (pass, later) = rest.split_at(take);
+                let (pass, later): (Vec<usize>, Vec<usize>) = rest.iter().partition(|&&i| {
+                    let s = &self.seqs[i];
+                    room.take(s.replica, s.tokens.len() - 1)
+                });
                 let mut per_replica = vec![Vec::new(); self.layout.dp()];
-                for &i in pass {
+                for &i in &pass {
                     per_replica[self.seqs[i].replica].push(i);
                 }
                 self.forward_replicas_failing(&per_replica, |s| s.tokens.len() - 1, fail)
@@ -435,7 +432,7 @@ impl Engine {
                             plural(left, "sequence")
                         ))
                     })?;
-                for &i in pass {
+                for &i in &pass {
                     self.seqs[i].cached = self.seqs[i].tokens.len() - 1;
                 }
                 report.kv_recompute_passes += 1;

@@ -248,8 +248,9 @@ impl Engine {
             a.grow_to(to);
         }
         self.opts.kv_blocks = to;
-        if to > from {
-            // The pools took memory the steps had: their cap shrinks with it.
+        if reach > from {
+            // The pools took memory the steps had (a growth that failed part-way keeps what
+            // some ranks grew): their cap is read again.
             self.refresh_step_cap_or_least();
         }
         PoolGrowth {

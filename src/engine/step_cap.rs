@@ -10,6 +10,10 @@ use crate::kv::blocks_for;
 use crate::model::config::ModelConfig;
 use crate::parallel::shard::{self, Role};
 
+/// What a step's cap in bytes is, for messages: what one step's activations may take.
+pub const STEP_CAP: &str = "half the host's available memory less the KV pools on CPU ranks, \
+     each rank's share of its GPU's free memory on GPU ranks";
+
 /// What one step may prefill.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(super) enum StepCap {
@@ -63,8 +67,9 @@ pub fn host_step_bytes(cfg: &ModelConfig, tp: usize, tokens: usize, seqs: usize)
 /// context length, query offset and last row index (4 bytes each) and its block table row (at
 /// most `max_position_embeddings` tokens in blocks of `block_size`). What every step holds
 /// besides (the decode attention's split scratch, the pool's rounding) the GPU ranks count
-/// apart (`GpuRanks::step_fixed_bytes`); tests/cuda_model/step_memory.rs measures both with
-/// the device memory pool's high watermark.
+/// apart (`GpuRanks::step_fixed_bytes`); tests/cuda_model/step_memory.rs measures what this
+/// counts with the device memory pool's high watermark, and `ops::split_scratch_bound` is
+/// checked against every batch's split.
 pub fn device_step_bytes(
     cfg: &ModelConfig,
     tp: usize,
@@ -80,7 +85,7 @@ pub fn device_step_bytes(
     let token = elem * (3 * h + 2 * (q + kv) * hd + 3 * inter) + 16;
     let table = 4 * blocks_for(cfg.max_position_embeddings, block_size.max(1)) as u64;
     let seq = elem * (h + vl + tp as u64 * vl) + 12 + table;
-    (token * tokens as u64).saturating_add(seq * seqs as u64)
+    (token.saturating_mul(tokens as u64)).saturating_add(seq.saturating_mul(seqs as u64))
 }
 
 /// One count of what is left: the whole step's, or one replica's.
@@ -170,13 +175,22 @@ impl StepRoom {
 }
 
 impl Engine {
-    /// Caps the prompt tokens a step (or one pass of a switch's recompute) prefills (`None`: no
-    /// cap), for tests of a queue prefilled over several steps; switches keep it. The default
-    /// is a cap in bytes: on CPU ranks what half the host's available memory holds of a step's
-    /// activations, on GPU ranks what each rank's share of its GPU's free memory holds.
+    /// Caps the prompt tokens a step (or one pass of a switch's recompute) prefills, for tests
+    /// of a queue prefilled over several steps; switches keep it. `None` restores the default,
+    /// a cap in bytes: on CPU ranks what half the host's available memory holds of a step's
+    /// activations (as read at load), on GPU ranks what each rank's share of its GPU's free
+    /// memory holds (read again now).
     pub fn cap_step_tokens(&mut self, tokens: Option<usize>) {
-        self.step_cap = tokens.map_or(StepCap::None, StepCap::Tokens);
-        self.step_cap_set = true;
+        match tokens {
+            Some(n) => {
+                self.step_cap = StepCap::Tokens(n);
+                self.step_cap_set = true;
+            }
+            None => {
+                (self.step_cap, self.step_cap_set) = (self.load_cap, false);
+                self.refresh_step_cap_or_least();
+            }
+        }
     }
 
     /// Bytes a step's activations may take now (what its cap in bytes allows): on CPU ranks the
@@ -209,13 +223,15 @@ impl Engine {
 
     /// [`Engine::refresh_step_cap`] where generation goes on whatever happens (after a switch
     /// or a growth): memory that cannot be read leaves one prefill per step (per replica on
-    /// GPU ranks), the least a step can take, rather than an old layout's budget.
+    /// GPU ranks), the least a step can take, rather than an old layout's budget, and the next
+    /// step reads again.
     pub(super) fn refresh_step_cap_or_least(&mut self) {
-        if self.refresh_step_cap().is_err() {
-            self.step_cap = match self.step_cap {
-                StepCap::DeviceBytes { elem, .. } => StepCap::DeviceBytes { per_rank: 0, elem },
-                _ => StepCap::Tokens(1),
-            };
+        self.step_cap_stale = self.refresh_step_cap().is_err();
+        if self.step_cap_stale {
+            // Only GPU ranks read their memory after load.
+            if let StepCap::DeviceBytes { elem, .. } = self.step_cap {
+                self.step_cap = StepCap::DeviceBytes { per_rank: 0, elem };
+            }
         }
     }
 }

@@ -87,7 +87,9 @@ pub struct ControllerConfig {
     pub margin: f64,
     /// Absolute predicted gain a switch must bring, ms.
     pub min_gain_ms: f64,
-    /// At most this many switches per run (`None`: no limit). PAT's rule is one switch.
+    /// At most this many switches per run (`None`: no limit), counting every switch that
+    /// changed the layout (one whose recompute failed after its swap too). PAT's rule is one
+    /// switch.
     pub max_switches: Option<usize>,
 }
 

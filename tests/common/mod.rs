@@ -19,6 +19,7 @@ pub fn golden_dir(model: &str) -> PathBuf {
         .join(model)
 }
 
+#[derive(Clone)]
 pub struct Golden {
     pub input_ids: Vec<u32>,
     pub output_ids: Vec<u32>,

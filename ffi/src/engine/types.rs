@@ -234,7 +234,7 @@ pub struct pat_switch_report {
     /// `pat_engine_grow_kv_pools` does now.
     pub kv_blocks_goal: u64,
     /// Forward passes the recompute took: one, or more where the recomputed tokens' activations
-    /// outgrow what one step may prefill (on the CPU, half the host's available memory).
+    /// outgrow what one step may prefill (`pat_engine_refresh_step_cap`).
     pub kv_recompute_passes: u64,
 }
 

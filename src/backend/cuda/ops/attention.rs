@@ -95,9 +95,26 @@ pub fn auto_partition(
     max_context: usize,
     block_size: usize,
 ) -> Option<usize> {
+    partition_for(
+        dev.num_sms(),
+        num_seqs,
+        num_kv_heads,
+        max_context,
+        block_size,
+    )
+}
+
+/// [`auto_partition`] on a GPU of `num_sms` SMs.
+fn partition_for(
+    num_sms: u32,
+    num_seqs: usize,
+    num_kv_heads: usize,
+    max_context: usize,
+    block_size: usize,
+) -> Option<usize> {
     let bs = block_size.max(1);
     let p = min_partition(bs);
-    if max_context <= p || num_seqs * num_kv_heads >= 2 * dev.num_sms() as usize {
+    if max_context <= p || num_seqs * num_kv_heads >= 2 * num_sms as usize {
         return None;
     }
     let min_p = max_context
@@ -115,8 +132,9 @@ fn min_partition(block_size: usize) -> usize {
 /// The most bytes [`paged_attention`] allocates for its split-K scratch (partial outputs, maxima
 /// and sums in f32) on a GPU of `num_sms` SMs, whatever the batch, for contexts of at most
 /// `max_context` tokens in blocks of `block_size`: [`auto_partition`] splits only batches of
-/// fewer than `2 * num_sms / kv_heads` sequences, into at most `max_context / 512` partitions
-/// (and at most PAT_MAX_PARTITIONS).
+/// fewer than `2 * num_sms / kv_heads` sequences, into at most `ceil(max_context / p)`
+/// partitions of at least `p` tokens (512 rounded up to whole blocks), and at most
+/// PAT_MAX_PARTITIONS.
 pub fn split_scratch_bound(
     num_sms: u32,
     q_heads: usize,
@@ -294,4 +312,65 @@ pub fn prefill_attention(
     // SAFETY: q/out checked for total_q rows, the cache and metadata for their shapes; that each
     // chunk fits its context and the tables cover it is the caller's (host-checked) contract.
     unsafe { launch(dev, &name, grid, PAT_PREFILL_ATTN_THREADS, &p) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The split scratch `paged_attention` allocates for a batch: `rows` query heads times the
+    /// partitions `auto_partition` chose (none below two) of f32 outputs, maxima and sums.
+    fn scratch(
+        sms: u32,
+        seqs: usize,
+        q: usize,
+        kv: usize,
+        hd: usize,
+        ctx: usize,
+        bs: usize,
+    ) -> u64 {
+        match partition_for(sms, seqs, kv, ctx, bs) {
+            Some(p) if ctx.div_ceil(p) > 1 => (seqs * q * ctx.div_ceil(p) * (hd + 2) * 4) as u64,
+            _ => 0,
+        }
+    }
+
+    #[test]
+    fn the_split_scratch_bound_holds_every_batch_and_is_reached() {
+        for (sms, q, kv, hd, max_pos, bs) in [
+            (4, 8, 4, 8, 2048, 16),
+            (132, 32, 8, 128, 131072, 16),
+            (132, 4, 1, 128, 131072, 32),
+            (108, 16, 2, 64, 1 << 20, 16),
+            (132, 8, 8, 128, 512, 16),
+        ] {
+            let bound = split_scratch_bound(sms, q, kv, hd, max_pos, bs);
+            let mut most = 0;
+            let ctxs = [
+                1,
+                511,
+                512,
+                513,
+                1000,
+                4097,
+                max_pos / 3,
+                max_pos - 1,
+                max_pos,
+            ];
+            for seqs in 1..=2 * sms as usize {
+                for &ctx in ctxs.iter().filter(|&&c| c >= 1 && c <= max_pos) {
+                    let got = scratch(sms, seqs, q, kv, hd, ctx, bs);
+                    assert!(
+                        got <= bound,
+                        "sms {sms} seqs {seqs} ctx {ctx}: {got} > {bound}"
+                    );
+                    most = most.max(got);
+                }
+            }
+            assert_eq!(
+                most, bound,
+                "sms {sms} kv {kv} max_pos {max_pos}: the bound is reached"
+            );
+        }
+    }
 }

@@ -7,7 +7,7 @@ use crate::backend::cuda::ops;
 /// Device bytes a GPU rank's step may take beyond what `engine::device_step_bytes` and the
 /// decode attention's split scratch count: each of its twenty-odd buffers rounded up to the
 /// memory pool's pieces (up to 2 MiB each), and what cuBLAS or NCCL may allocate on first use.
-pub const STEP_SLACK_BYTES: u64 = 64 << 20;
+pub const STEP_SLACK_BYTES: u64 = 96 << 20;
 
 impl GpuRanks {
     /// Bytes per element of every rank's weight and KV buffers (the device dtype's size).
