@@ -406,9 +406,9 @@ impl Engine {
         // Recompute: prefill everything but the last sampled token under the new layout, in
         // passes that each fit a step's cap (the first sequence of a pass whatever its length),
         // the cap read again for the new shards and pools.
-        let tr = Instant::now();
         let fail = fault(SwitchPhase::Recompute);
         self.refresh_step_cap_or_least();
+        let tr = Instant::now();
         if report.n_recomputed > 0 {
             let mut rest: Vec<usize> = recompute.into_iter().flatten().collect();
             rest.sort_unstable();
