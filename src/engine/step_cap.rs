@@ -227,11 +227,10 @@ impl Engine {
     /// step reads again.
     pub(super) fn refresh_step_cap_or_least(&mut self) {
         self.step_cap_stale = self.refresh_step_cap().is_err();
-        if self.step_cap_stale {
-            // Only GPU ranks read their memory after load.
-            if let StepCap::DeviceBytes { elem, .. } = self.step_cap {
-                self.step_cap = StepCap::DeviceBytes { per_rank: 0, elem };
-            }
+        // Only GPU ranks read their memory after load.
+        if self.step_cap_stale && self.ranks.backend() == "cuda" {
+            let elem = self.ranks.set_ref().elem_bytes();
+            self.step_cap = StepCap::DeviceBytes { per_rank: 0, elem };
         }
     }
 }
