@@ -17,7 +17,9 @@
 #      It puts the folders holding the pip NVIDIA libraries (libcublas*, libnccl*, ...) on
 #      LD_LIBRARY_PATH, checks that the binaries resolve their libraries, runs every binary with
 #      PAT_REQUIRE_GPU=1 (a missing GPU fails instead of skipping), keeps each log in
-#      <bin-dir>/logs/, then (unless PAT_GPU_BENCH=0) the benchmarks: `pat init-model --preset
+#      <bin-dir>/logs/ (the step-memory test's measured and counted bytes per GPU step in
+#      logs/step-memory.jsonl, their ratio in the summary), then (unless PAT_GPU_BENCH=0) the
+#      benchmarks: `pat init-model --preset
 #      llama3-8b-shape --dtype bf16` into $PAT_BENCH_DIR (default /tmp/pat-bench, ~15 GiB;
 #      PAT_BENCH_PRESET=small for a quick run),
 #      `pat bench one-batch --backend cuda` on it, `pat bench attention` (1-64 seqs x 2048-8192)
@@ -270,6 +272,9 @@ run() {
 
     local logs="$bin_dir/logs"
     mkdir -p "$logs"
+    # What each GPU step the step-memory test ran allocated against what the step cap counts.
+    export PAT_STEP_MEMORY_LOG="$logs/step-memory.jsonl"
+    : >"$PAT_STEP_MEMORY_LOG"
     local rows=() failed=0 t bin log start secs status result passed nfail ignored skips
     for t in "${TESTS[@]}"; do
         bin="$bin_dir/$t"
@@ -324,6 +329,17 @@ run() {
         IFS='|' read -r a b c d e f g <<<"$row"
         printf '%-14s %-14s %7s %7s %8s %6s %8s\n' "$a" "$b" "$c" "$d" "$e" "$f" "$g"
     done
+    if [[ -s "$PAT_STEP_MEMORY_LOG" ]]; then
+        python3 - "$PAT_STEP_MEMORY_LOG" <<'PY' || true
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+# Steps counting at least 16 MiB (below that the pool's rounding, up to 2 MiB a buffer, rules).
+for step, what in ((0, "prefill"), (1, "decode")):
+    r = [x["measured"] / x["counted"] for x in rows if x["step"] == step and x["counted"] >= 16 << 20]
+    if r:
+        print(f"step memory ({what}, {len(r)} GPU steps of 16 MiB or more): measured / counted {min(r):.3f} .. {max(r):.3f}")
+PY
+    fi
     [[ -s "$logs/bench-table.txt" ]] && { echo; cat "$logs/bench-table.txt"; }
     [[ $failed -eq 0 ]] && echo "gpu-check: ALL PASSED" || echo "gpu-check: FAILURES (see $logs/)"
     return $failed
@@ -331,6 +347,6 @@ run() {
 
 case "${1:-}" in
     build) shift; build "$@" ;;
-    -h|--help) sed -n '2,33p' "${BASH_SOURCE[0]}" ;;
+    -h|--help) sed -n '2,35p' "${BASH_SOURCE[0]}" ;;
     *) run "$@" ;;
 esac

@@ -114,6 +114,24 @@ fn measured_step(e: &mut Engine, devs: &[(usize, CudaDev)]) -> (pat::engine::Ste
     (r, peaks)
 }
 
+/// Says what a step measured, and appends it as a JSON line to the file
+/// `$PAT_STEP_MEMORY_LOG` names, if set (scripts/gpu-check.sh summarizes it).
+fn record(at: &str, step: usize, gpu: usize, measured: u64, counted: u64) {
+    eprintln!("{at} step {step} GPU {gpu}: measured {measured} bytes, counted {counted}");
+    if let Some(path) = std::env::var_os("PAT_STEP_MEMORY_LOG") {
+        use std::io::Write;
+        let line = serde_json::json!({
+            "at": at, "step": step, "gpu": gpu, "measured": measured, "counted": counted,
+        });
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("PAT_STEP_MEMORY_LOG {path:?}: {e}"));
+        writeln!(f, "{line}").unwrap();
+    }
+}
+
 #[test]
 fn a_gpu_step_allocates_what_the_step_cap_counts() {
     let test = "a_gpu_step_allocates_what_the_step_cap_counts";
@@ -189,9 +207,7 @@ fn a_gpu_step_allocates_what_the_step_cap_counts() {
                             _ => 0,
                         };
                         let most = count + ranks * (BUFFERS * granule(d) + split);
-                        eprintln!(
-                            "{at} step {step} GPU {o}: measured {peak} bytes, counted {count}"
-                        );
+                        record(&at, step, *o, peak, count);
                         assert!(
                             peak <= most,
                             "{at} step {step} GPU {o}: the step allocated {peak} bytes, more than the {count} the cap counts (+ rounding and split scratch, {most})"
