@@ -9,8 +9,7 @@
 //! with the CPU engine's tokens. The tests measure the GPUs' memory, so they hold it alone.
 
 use super::*;
-use pat::backend::cuda::ops::split_scratch_bound;
-use pat::backend::cuda::workers::STEP_SLACK_BYTES;
+use pat::backend::cuda::workers::{step_split_bytes, STEP_SLACK_BYTES};
 use pat::engine::{device_step_bytes, Request};
 use pat::model::config::Arch;
 use pat::model::init::{init_model, InitOptions, Preset};
@@ -196,14 +195,7 @@ fn a_gpu_step_allocates_what_the_step_cap_counts() {
                         // A decode over long contexts may split its attention (its scratch is
                         // counted apart, with what every step holds).
                         let split = match step {
-                            1 => split_scratch_bound(
-                                d.num_sms(),
-                                cfg.num_heads / tp,
-                                cfg.num_kv_heads / tp,
-                                cfg.head_dim,
-                                cfg.max_position_embeddings,
-                                BS,
-                            ),
+                            1 => step_split_bytes(cfg, tp, d.num_sms(), BS),
                             _ => 0,
                         };
                         let most = count + ranks * (BUFFERS * granule(d) + split);
@@ -228,16 +220,7 @@ fn a_gpu_step_allocates_what_the_step_cap_counts() {
 /// The cap each rank gets: its share of its GPU's free memory less what every step holds,
 /// nine tenths of it (`engine::ranks::gpu`), from the free memory this test reads.
 fn expected_cap(m: &ModelDir, tp: usize, dev: &CudaDev, ranks: u64) -> u64 {
-    let c = &m.cfg;
-    let (q, kv) = (c.num_heads / tp, c.num_kv_heads / tp);
-    let split = split_scratch_bound(
-        dev.num_sms(),
-        q,
-        kv,
-        c.head_dim,
-        c.max_position_embeddings,
-        BS,
-    );
+    let split = step_split_bytes(&m.cfg, tp, dev.num_sms(), BS);
     let fixed = STEP_SLACK_BYTES + split;
     let free = dev.allocatable_bytes().unwrap() as u64;
     (free - ranks * fixed) / ranks / 10 * 9

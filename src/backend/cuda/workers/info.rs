@@ -9,6 +9,15 @@ use crate::backend::cuda::ops;
 /// memory pool's pieces (up to 2 MiB each), and what cuBLAS or NCCL may allocate on first use.
 pub const STEP_SLACK_BYTES: u64 = 96 << 20;
 
+/// The most a decode step's attention split scratch takes on one rank of a replica of `tp` on a
+/// GPU of `num_sms` SMs, KV blocks of `block_size` tokens (`ops::split_scratch_bound` for the
+/// rank's heads and the model's longest context).
+pub fn step_split_bytes(cfg: &ModelConfig, tp: usize, num_sms: u32, block_size: usize) -> u64 {
+    let (q, kv) = (cfg.num_heads / tp.max(1), cfg.num_kv_heads / tp.max(1));
+    let max = cfg.max_position_embeddings;
+    ops::split_scratch_bound(num_sms, q, kv, cfg.head_dim, max, block_size)
+}
+
 impl GpuRanks {
     /// Bytes per element of every rank's weight and KV buffers (the device dtype's size).
     pub fn elem_bytes(&self) -> u64 {
@@ -37,15 +46,9 @@ impl GpuRanks {
     /// `block_size` tokens: the decode attention's split scratch at its largest
     /// (`ops::split_scratch_bound`), and [`STEP_SLACK_BYTES`].
     pub fn step_fixed_bytes(&self, cfg: &ModelConfig, tp: usize, block_size: usize) -> Vec<u64> {
-        let (q, kv) = (cfg.num_heads / tp.max(1), cfg.num_kv_heads / tp.max(1));
         self.uploaded
             .iter()
-            .map(|u| {
-                let max = cfg.max_position_embeddings;
-                let split =
-                    ops::split_scratch_bound(u.num_sms, q, kv, cfg.head_dim, max, block_size);
-                split + STEP_SLACK_BYTES
-            })
+            .map(|u| step_split_bytes(cfg, tp, u.num_sms, block_size) + STEP_SLACK_BYTES)
             .collect()
     }
 

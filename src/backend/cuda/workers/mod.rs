@@ -51,7 +51,7 @@ use crate::reshard::SwitchPrograms;
 
 mod groups;
 mod info;
-pub use info::STEP_SLACK_BYTES;
+pub use info::{step_split_bytes, STEP_SLACK_BYTES};
 mod switch;
 mod worker;
 use worker::WorkerCtx;
