@@ -342,19 +342,20 @@ pub fn drive<S: StepSource>(
             let (d, at) = c.decide(src.world(), from, &live, run.switches.len())?;
             if !d.stay {
                 let t_ms = src.now_ms();
+                let summary = |to, ms, error| SwitchSummary {
+                    step,
+                    t_ms,
+                    from,
+                    to,
+                    ms,
+                    live: live.len(),
+                    predicted_stay_ms: d.predicted_stay_ms,
+                    predicted_best_ms: d.predicted_best_ms,
+                    error,
+                };
                 match src.switch(d.to_tp, &at) {
                     Ok((ms, record)) => {
-                        let summary = SwitchSummary {
-                            step,
-                            t_ms,
-                            from,
-                            to: d.to_tp,
-                            ms,
-                            live: live.len(),
-                            predicted_stay_ms: d.predicted_stay_ms,
-                            predicted_best_ms: d.predicted_best_ms,
-                            error: None,
-                        };
+                        let summary = summary(d.to_tp, ms, None);
                         on_event(Event::Switch {
                             summary: &summary,
                             decision: &d,
@@ -367,17 +368,8 @@ pub fn drive<S: StepSource>(
                         let now = src.tp();
                         if now != from {
                             // Applied: the layout changed though what followed the swap failed.
-                            run.switches.push(SwitchSummary {
-                                step,
-                                t_ms,
-                                from,
-                                to: now,
-                                ms: src.now_ms() - t_ms,
-                                live: live.len(),
-                                predicted_stay_ms: d.predicted_stay_ms,
-                                predicted_best_ms: d.predicted_best_ms,
-                                error: Some(error.to_string()),
-                            });
+                            let ms = src.now_ms() - t_ms;
+                            run.switches.push(summary(now, ms, Some(error.to_string())));
                         }
                         on_event(Event::SwitchFailed {
                             step,
