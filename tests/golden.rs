@@ -134,59 +134,61 @@ fn a_pool_that_holds_one_request_at_a_time_queues_the_rest_with_the_same_tokens(
 }
 
 #[test]
-fn a_step_token_cap_prefills_the_queue_over_several_steps_with_the_same_tokens() {
+fn a_step_token_cap_prefills_the_queue_in_chunks_with_the_same_tokens() {
     // A host that cannot hold every prompt's activations at once (on the CPU the cap is what half
-    // the available memory holds): each step admits waiting prompts only while their tokens fit
-    // the cap, the first one whatever its length. With a cap of one token, one prompt a step.
-    // The tokens stay transformers' own.
+    // the available memory holds): each step prefills at most the cap's tokens, a prompt longer
+    // than what is left in chunks over several steps (at least one token a step), and a prompt
+    // samples once its last chunk is in. With a token cap (the decodes are not counted) a step
+    // prefills exactly the cap's tokens while prompts are left, and the prompts complete in
+    // request order. The tokens stay transformers' own.
     let (max_new, gold) = golden("llama");
     let reqs = golden_requests(&gold, max_new);
-    assert!(reqs.len() >= 3, "the fixture has {} prompts", reqs.len());
+    let n = reqs.len();
+    assert!(n >= 3, "the fixture has {n} prompts");
+    let lens: Vec<usize> = reqs.iter().map(|r| r.input_ids.len()).collect();
+    let total: usize = lens.iter().sum();
+    // Where each prompt's last token falls in the queue's tokens.
+    let ends: Vec<usize> = lens
+        .iter()
+        .scan(0, |t, &l| {
+            *t += l;
+            Some(*t)
+        })
+        .collect();
+    assert!(
+        lens.iter().any(|&l| l > 7),
+        "a prompt longer than a cap of 7: {lens:?}"
+    );
     for (world, tp, cap) in [
         (1, 1, None),
         (1, 1, Some(1)),
         (2, 1, Some(1)),
-        (2, 2, Some(1)),
+        (2, 2, Some(7)),
+        (1, 1, Some(7)),
+        (1, 1, Some(0)),
     ] {
+        let at = format!("world {world} tp {tp} cap {cap:?}");
         let mut e = engine(&golden_dir("llama"), world, tp, Dtype::F32, 64);
         e.cap_step_tokens(cap);
         e.add_requests(&reqs).unwrap();
-        let mut live_before = 0;
-        assert_eq!(e.unprefilled(), reqs.len());
+        assert_eq!(e.unprefilled(), n, "{at}");
+        let mut fed = 0;
         while e.live() > 0 {
             let r = e.step().unwrap();
-            let live: usize = r.live_per_replica.iter().sum();
-            // One prompt prefilled a step under a cap of one token, all of them in step 0
-            // without a cap.
-            let started = if cap.is_some() {
-                r.step + 1
-            } else {
-                reqs.len()
+            let want = match cap {
+                None => total - fed,
+                Some(c) => (total - fed).min(c.max(1)),
             };
-            assert_eq!(
-                e.unprefilled(),
-                reqs.len().saturating_sub(started),
-                "world {world} tp {tp} cap {cap:?} step {}",
-                r.step
-            );
-            match cap {
-                None if r.step == 0 => assert_eq!(live, reqs.len(), "uncapped: all at once"),
-                Some(_) => assert!(
-                    live <= live_before + 1,
-                    "world {world} tp {tp}: step {} runs {live} after {live_before}",
-                    r.step
-                ),
-                None => {}
-            }
-            live_before = live;
+            assert_eq!(r.prefill_tokens, want, "{at} step {}", r.step);
+            fed += r.prefill_tokens;
+            let done = ends.iter().filter(|&&end| end <= fed).count();
+            assert_eq!(e.unprefilled(), n - done, "{at} step {}", r.step);
+            assert!(r.tokens_out <= r.live_per_replica.iter().sum(), "{at}");
         }
-        assert_eq!(e.outputs().len(), gold.len(), "world {world} tp {tp}");
+        assert_eq!(fed, total, "{at}");
+        assert_eq!(e.outputs().len(), gold.len(), "{at}");
         for (o, g) in e.outputs().iter().zip(&gold) {
-            assert_eq!(
-                o.output_ids, g.output_ids,
-                "world {world} tp {tp} cap {cap:?} prompt {}",
-                o.index
-            );
+            assert_eq!(o.output_ids, g.output_ids, "{at}: prompt {}", o.index);
         }
     }
 }

@@ -299,10 +299,10 @@ fn a_short_pool_that_cannot_grow_is_an_error_and_a_switch_recovers() {
 fn a_recompute_larger_than_a_step_runs_in_passes_with_the_same_tokens() {
     // A host that cannot hold every recomputed sequence's activations at once (on the CPU a
     // step's cap is what half the available memory holds): the switch recomputes in passes that
-    // each fit the cap, the first sequence of a pass whatever its length, so with a cap of one
-    // token one sequence a pass. A recompute that fails part way keeps the passes done; the
-    // sequences left are prefilled again by the next steps under the same cap, one a step. The
-    // tokens stay transformers' own.
+    // each fit the cap, a sequence longer than what is left in chunks, so with a cap of one
+    // token one token a pass. A recompute that fails part way keeps the passes done; the
+    // sequences left are prefilled again by the next steps under the same cap, one token a
+    // step. The tokens stay transformers' own.
     let model = "llama";
     let (max_new, gold) = golden(model);
     let reqs = golden_requests(&gold, max_new);
@@ -320,11 +320,17 @@ fn a_recompute_larger_than_a_step_runs_in_passes_with_the_same_tokens() {
             phase: SwitchPhase::Recompute,
             rank,
         }));
-        let mut live_before = match e.reconfigure(2, KvPolicy::Recompute, &cost(1e9, 1e3)) {
+        // After two steps each sequence's KV holds its prompt and one sampled token.
+        let kv_tokens: usize = reqs.iter().map(|r| r.input_ids.len() + 1).sum();
+        match e.reconfigure(2, KvPolicy::Recompute, &cost(1e9, 1e3)) {
             Ok(r) => {
                 assert!(fault.is_none());
-                assert_eq!((r.n_recomputed, r.kv_recompute_passes), (n, n), "{r:?}");
-                n
+                assert_eq!(r.kv_tokens, kv_tokens, "{r:?}");
+                assert_eq!(
+                    (r.n_recomputed, r.kv_recompute_passes),
+                    (n, kv_tokens),
+                    "{r:?}"
+                );
             }
             Err(err) => {
                 let err = err.to_string();
@@ -342,21 +348,20 @@ fn a_recompute_larger_than_a_step_runs_in_passes_with_the_same_tokens() {
                     assert!(left < n, "rank 3 failed the first pass: {err}");
                 }
                 e.inject_switch_fault(None);
-                // The passes before the failure keep their KV; the rest hold none.
+                // The passes before the failure keep their KV; the rest is to prefill.
                 assert_eq!(e.unprefilled(), left, "{fault:?}: {err}");
-                n - left
             }
         };
         assert_eq!(e.layout().tp, 2);
         while e.live() > 0 {
+            let before = e.unprefilled();
             let r = e.step().unwrap();
-            let live: usize = r.live_per_replica.iter().sum();
-            assert!(
-                live <= live_before + 1,
-                "{fault:?}: step {} runs {live} after {live_before}",
+            assert_eq!(
+                r.prefill_tokens,
+                usize::from(before > 0),
+                "{fault:?}: step {}",
                 r.step
             );
-            live_before = live;
         }
         for (o, g) in e.outputs().iter().zip(&gold) {
             assert_eq!(o.output_ids, g.output_ids, "{fault:?}: prompt {}", o.index);
@@ -364,34 +369,15 @@ fn a_recompute_larger_than_a_step_runs_in_passes_with_the_same_tokens() {
     }
 }
 
-/// Passes under a token cap of `cap`: in order, every sequence that fits what is left (the
-/// first of a pass whatever its length); `skip` false stops a pass at the first that does not.
-fn passes(feeds: &[usize], cap: usize, skip: bool) -> usize {
-    let mut rest = feeds.to_vec();
-    let mut n = 0;
-    while !rest.is_empty() {
-        let (mut left, mut later, mut stopped) = (cap, Vec::new(), false);
-        for (k, &f) in rest.iter().enumerate() {
-            if k == 0 || (!stopped && f <= left) {
-                left = left.saturating_sub(f);
-            } else {
-                stopped |= !skip;
-                later.push(f);
-            }
-        }
-        rest = later;
-        n += 1;
-    }
-    n
-}
-
 #[test]
-fn a_recompute_pass_takes_every_sequence_that_fits_not_only_a_prefix() {
-    // A sequence too long for what a pass has left waits for a later pass, but the shorter
-    // ones after it still go in this one: fewer passes than stopping at the first misfit.
+fn a_recompute_fills_each_pass_taking_long_sequences_in_chunks() {
+    // Under a cap of `c` tokens a pass takes, in request order, what fits of each sequence (the
+    // rest of a long one waits for the next pass): every pass but the last is full, so the
+    // passes are the recomputed tokens over the cap, rounded up, whatever the lengths' order.
+    // Two replicas share a token cap; the tokens stay transformers' own.
     let model = "llama";
     let (max_new, gold) = golden(model);
-    // The longest prompt second (the fixture's grow in length, which no cap tells apart).
+    // The longest prompt second (the fixture's grow in length).
     let mut order: Vec<usize> = (0..gold.len()).collect();
     order.sort_by_key(|&i| gold[i].input_ids.len());
     let last = order.pop().unwrap();
@@ -400,25 +386,31 @@ fn a_recompute_pass_takes_every_sequence_that_fits_not_only_a_prefix() {
     let reqs = golden_requests(&gold, max_new);
     // After two steps each sequence holds its prompt and two tokens; the recompute feeds all
     // but the last.
-    let feeds: Vec<usize> = reqs.iter().map(|r| r.input_ids.len() + 1).collect();
-    let cap = (1..feeds.iter().sum())
-        .find(|&c| passes(&feeds, c, true) < passes(&feeds, c, false))
-        .unwrap_or_else(|| panic!("no cap tells the two apart for prompts {feeds:?}"));
-    let mut e = engine(&golden_dir(model), 2, 1, Dtype::F32, 1024);
-    e.add_requests(&reqs).unwrap();
-    e.step().unwrap();
-    e.step().unwrap();
-    e.cap_step_tokens(Some(cap));
-    let r = e
-        .reconfigure(2, KvPolicy::Recompute, &cost(1e9, 1e3))
-        .unwrap();
-    assert_eq!(
-        r.kv_recompute_passes,
-        passes(&feeds, cap, true),
-        "feeds {feeds:?}, cap {cap}"
-    );
-    e.run(|_| {}).unwrap();
-    for (o, g) in e.outputs().iter().zip(&gold) {
-        assert_eq!(o.output_ids, g.output_ids, "prompt {}", o.index);
+    let total: usize = reqs.iter().map(|r| r.input_ids.len() + 1).sum();
+    let longest = reqs.iter().map(|r| r.input_ids.len() + 1).max().unwrap();
+    for (world, cap) in [(2, 5), (2, longest - 1), (4, 8), (4, total - 1), (2, total)] {
+        let mut e = engine(&golden_dir(model), world, 1, Dtype::F32, 1024);
+        e.add_requests(&reqs).unwrap();
+        e.step().unwrap();
+        e.step().unwrap();
+        e.cap_step_tokens(Some(cap));
+        let r = e
+            .reconfigure(2, KvPolicy::Recompute, &cost(1e9, 1e3))
+            .unwrap();
+        assert_eq!(r.kv_tokens, total);
+        assert_eq!(
+            r.kv_recompute_passes,
+            total.div_ceil(cap),
+            "world {world}: {total} tokens, cap {cap}"
+        );
+        assert_eq!(e.unprefilled(), 0, "world {world} cap {cap}");
+        e.run(|_| {}).unwrap();
+        for (o, g) in e.outputs().iter().zip(&gold) {
+            assert_eq!(
+                o.output_ids, g.output_ids,
+                "world {world} cap {cap}: prompt {}",
+                o.index
+            );
+        }
     }
 }

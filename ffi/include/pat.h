@@ -675,8 +675,10 @@ pat_status pat_engine_add_request(struct pat_engine *engine,
 // (prompt + `max_new_tokens`) fits beside the running ones; until then it waits. A step also
 // prefills only what its activations may take next to its decodes (half the host's available
 // memory less the KV pools on CPU ranks, each rank's share of its GPU's free memory on GPU
-// ranks; `pat_engine_refresh_step_cap`), the first prompt whatever its length, so a long queue (or the requests
-// a failed recompute left) is prefilled over several steps. Error
+// ranks; `pat_engine_refresh_step_cap`), so a long queue (or the requests a failed recompute
+// left) is prefilled over several steps, and a prompt longer than that in chunks: such a step
+// samples no token for the prompt until its last chunk is in (`tokens_out` counts the tokens
+// sampled). Error
 // `PAT_RESOURCE_EXHAUSTED` (only after a switch to a layout with less KV): the pool cannot hold
 // this step's tokens; as on every error, no token was sampled and no request advanced (finish
 // or free requests, or retry after a switch to a layout with more KV).
@@ -722,8 +724,8 @@ pat_status pat_engine_grow_kv_pools(struct pat_engine *engine,
 // (a trainer colocated with the rollout) after it took or gave back memory; on CPU ranks the
 // whole step's share of host memory, read once at load. `UINT64_MAX` where nothing caps a step
 // in bytes. The engine reads it itself at load, after each switch and after each pool growth;
-// a step prefills what fits (the first waiting prompt whatever its length), so a long queue is
-// prefilled over several steps. Errors: `PAT_ERR_DEVICE` (a GPU could not be read),
+// a step prefills what fits (at least one token), so a long queue is prefilled over several
+// steps, a long prompt in chunks. Errors: `PAT_ERR_DEVICE` (a GPU could not be read),
 // `PAT_ERR_INTERNAL` (a GPU rank's worker is gone); the cap stays as it was. Thread-safe
 // (calls on one engine run one at a time).
 //

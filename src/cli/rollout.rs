@@ -265,7 +265,7 @@ pub fn rollout(
                     json!({
                         "step": step, "t_ms": t_ms, "tp": tp,
                         "running_reqs": done.running, "tokens_this_step": done.tokens_out,
-                        "prefill_tokens": done.tokens_in - done.tokens_out.min(done.tokens_in),
+                        "prefill_tokens": done.prefill_tokens,
                         "step_latency_ms": done.ms, "gen_throughput_tok_s": done.tokens_out as f64 / (done.ms / 1e3).max(1e-9),
                     })
                 )

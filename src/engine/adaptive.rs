@@ -48,6 +48,7 @@ impl StepSource for EngineSource<'_> {
             ms: r.elapsed_ms,
             running: r.live_per_replica.iter().sum(),
             tokens_in: r.tokens_in,
+            prefill_tokens: r.prefill_tokens,
             tokens_out: r.tokens_out,
         })
     }

@@ -2,7 +2,8 @@
 //! live sequences; the ranks run on the CPU (one thread per rank per step) or on GPU workers.
 //!
 //! Every step each live sequence feeds the tokens not yet in its KV cache (the prompt on its first
-//! step, then the last sampled token), so prefill, decode and recompute are one code path.
+//! step, or the chunk of it the step's cap leaves room for; then the last sampled token), so
+//! prefill, chunked prefill, decode and recompute are one code path.
 //!
 //! - [`sequence`]: requests, outputs, step reports, the per-request state.
 //! - [`options`]: settings and KV pool sizing from a memory budget.
@@ -73,8 +74,8 @@ pub struct Engine {
     growth: Option<PoolGrowth>,
     /// Tests: the most blocks per rank a switch gives the new pools.
     switch_pool_cap: Option<usize>,
-    /// What one step (and one pass of a switch's recompute) may prefill; the first prompt is
-    /// admitted whatever its length, and a longer queue is prefilled over several steps.
+    /// What one step (and one pass of a switch's recompute) may prefill: a longer queue is
+    /// prefilled over several steps, a prompt longer than the cap in chunks.
     step_cap: StepCap,
     /// The cap from load (host memory), which `cap_step_tokens(None)` restores.
     load_cap: StepCap,
@@ -300,12 +301,13 @@ impl Engine {
         self.seqs.iter().filter(|s| s.finished.is_none()).count()
     }
 
-    /// Live sequences with no cached KV: prompts not prefilled yet (waiting for blocks or for
-    /// room in a step's cap), and sequences to prefill again after a failed step or recompute.
+    /// Live sequences still to prefill: prompts waiting (for blocks or for room in a step's
+    /// cap) or part way through in chunks, and sequences to prefill again after a failed step
+    /// or recompute. The others decode.
     pub fn unprefilled(&self) -> usize {
         self.seqs
             .iter()
-            .filter(|s| s.finished.is_none() && s.cached == 0)
+            .filter(|s| s.finished.is_none() && !s.decoding())
             .count()
     }
 
@@ -321,14 +323,15 @@ impl Engine {
             self.refresh_step_cap_or_least();
         }
         // The sequences that run this step: those already running, and waiting ones whose whole
-        // footprint fits what their replica's pool has left (the rest wait for blocks to free).
-        let mut live = self.admitted();
-        if self.may_grow() && self.waiting_left_out(&live) {
+        // footprint fits what their replica's pool has left (the rest wait for blocks to free),
+        // each as far as the step's cap lets it feed.
+        let mut run = self.admitted();
+        if self.may_grow() && self.waiting_left_out(&run) {
             // Kept for this step's report (or, if the step fails, the next one's).
             self.growth = Some(self.grow_pools());
-            live = self.admitted();
+            run = self.admitted();
         }
-        if live.is_empty() {
+        if run.is_empty() {
             if let Some((i, s)) = self
                 .seqs
                 .iter()
@@ -349,30 +352,33 @@ impl Engine {
                 )));
             }
         }
-        for &i in &live {
+        for &(i, _) in &run {
             live_per_replica[self.seqs[i].replica] += 1;
         }
-        self.grant_blocks(&live)?;
+        self.grant_blocks(&run)?;
 
-        let per_replica: Vec<Vec<usize>> = (0..dp)
+        let per_replica: Vec<Vec<(usize, usize)>> = (0..dp)
             .map(|d| {
-                live.iter()
+                run.iter()
                     .copied()
-                    .filter(|&i| self.seqs[i].replica == d)
+                    .filter(|&(i, _)| self.seqs[i].replica == d)
                     .collect()
             })
             .collect();
-        let tokens_in = per_replica
-            .iter()
-            .flatten()
-            .map(|&i| self.seqs[i].tokens.len() - self.seqs[i].cached)
-            .sum();
-        let logits_per_replica = self.forward_replicas(&per_replica, |s| s.tokens.len())?;
+        let (mut tokens_in, mut prefill_tokens) = (0, 0);
+        for &(i, upto) in &run {
+            let s = &self.seqs[i];
+            tokens_in += upto - s.cached;
+            if !s.decoding() {
+                prefill_tokens += upto - s.cached;
+            }
+        }
+        let logits_per_replica = self.forward_replicas(&per_replica)?;
 
-        let (vocab, mut finished) = (self.cfg.vocab_size, 0);
+        let (vocab, mut finished, mut sampled) = (self.cfg.vocab_size, 0, 0);
         // NaN or inf logits would sample garbage silently: an error, before anything advances.
         for (d, ids) in per_replica.iter().enumerate() {
-            for (row, &i) in ids.iter().enumerate() {
+            for (row, &(i, _)) in ids.iter().enumerate() {
                 let l = &logits_per_replica[d][row * vocab..(row + 1) * vocab];
                 if let Some(t) = l.iter().position(|x| !x.is_finite()) {
                     return Err(Error::Invalid(format!(
@@ -385,15 +391,20 @@ impl Engine {
         }
         self.recorded.clear();
         for (d, ids) in per_replica.iter().enumerate() {
-            for (row, &i) in ids.iter().enumerate() {
+            for (row, &(i, upto)) in ids.iter().enumerate() {
                 let s = &mut self.seqs[i];
-                s.cached = s.tokens.len();
+                s.cached = upto;
+                if upto < s.tokens.len() {
+                    // A chunk of a prompt: it samples once its last chunk is in.
+                    continue;
+                }
                 let row_logits = &logits_per_replica[d][row * vocab..(row + 1) * vocab];
                 if self.record_logits {
                     self.recorded.push((i, row_logits.to_vec()));
                 }
                 let tok = sample(row_logits, &self.opts.sampling, &mut s.rng);
                 s.tokens.push(tok);
+                sampled += 1;
                 if !s.ignore_eos && self.cfg.eos_token_ids.contains(&tok) {
                     s.finished = Some(FinishReason::Stop);
                 } else if s.generated() >= s.max_new {
@@ -409,7 +420,8 @@ impl Engine {
             step: self.steps,
             live_per_replica,
             tokens_in,
-            tokens_out: live.len(),
+            prefill_tokens,
+            tokens_out: sampled,
             finished,
             elapsed_ms: t0.elapsed().as_secs_f64() * 1e3,
             pool_growth: self.growth.take(),
@@ -418,22 +430,18 @@ impl Engine {
         Ok(report)
     }
 
-    /// Runs every replica's sequences (`per_replica[d]`, indices into `seqs`) through the model,
-    /// feeding tokens `cached..upto(seq)` of each; one thread per rank. Returns each replica's
-    /// logits [n_seqs, vocab] (empty for idle replicas). Caller updates `cached`.
-    fn forward_replicas(
-        &mut self,
-        per_replica: &[Vec<usize>],
-        upto: impl Fn(&Sequence) -> usize,
-    ) -> Result<Vec<Vec<f32>>> {
-        self.forward_replicas_failing(per_replica, upto, None)
+    /// Runs every replica's sequences (`per_replica[d]`: indices into `seqs`, each with how
+    /// far its tokens are fed) through the model, feeding tokens `cached..upto` of each; one
+    /// thread per rank. Returns each replica's logits [n_seqs, vocab] (empty for idle
+    /// replicas). Caller updates `cached`.
+    fn forward_replicas(&mut self, per_replica: &[Vec<(usize, usize)>]) -> Result<Vec<Vec<f32>>> {
+        self.forward_replicas_failing(per_replica, None)
     }
 
     /// [`Engine::forward_replicas`] with rank `fail_rank` failing (tests of the failure paths).
     fn forward_replicas_failing(
         &mut self,
-        per_replica: &[Vec<usize>],
-        upto: impl Fn(&Sequence) -> usize,
+        per_replica: &[Vec<(usize, usize)>],
         fail_rank: Option<usize>,
     ) -> Result<Vec<Vec<f32>>> {
         let seqs = &self.seqs;
@@ -441,10 +449,10 @@ impl Engine {
             .iter()
             .map(|ids| {
                 ids.iter()
-                    .map(|&i| {
+                    .map(|&(i, upto)| {
                         let s = &seqs[i];
                         SeqInput {
-                            tokens: &s.tokens[s.cached..upto(s)],
+                            tokens: &s.tokens[s.cached..upto],
                             start_pos: s.cached,
                             table: &s.table,
                         }

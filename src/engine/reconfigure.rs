@@ -370,18 +370,19 @@ impl Engine {
             .clamp(new_blocks, u32::MAX as usize);
         report.kv_blocks_per_rank_goal = self.pool_goal;
         self.grow_tried = false;
-        let mut recompute: Vec<Vec<usize>> = vec![Vec::new(); self.layout.dp()];
+        // Each recomputed sequence with the tokens its KV held: what the recompute feeds again.
+        let mut recompute: Vec<(usize, usize)> = Vec::new();
         for &i in &live {
             let s = &mut self.seqs[i];
             s.replica = target[i];
             s.table = std::mem::take(&mut tables[i]);
             if mode[i] == Some(KvMode::Recompute) {
+                recompute.push((i, s.cached));
                 s.cached = 0;
-                recompute[target[i]].push(i);
             }
         }
         report.n_migrated = migrated.len();
-        report.n_recomputed = recompute.iter().map(Vec::len).sum();
+        report.n_recomputed = recompute.len();
 
         match (device0, self.ranks.set_ref().device_groups()) {
             // GPU ranks: the switch made or reused every replica's device group and, on the
@@ -403,42 +404,38 @@ impl Engine {
             }
         }
 
-        // Recompute: prefill everything but the last sampled token under the new layout, in
-        // passes that each fit a step's cap (the first sequence of a pass whatever its length),
-        // the cap read again for the new shards and pools.
+        // Recompute: prefill again what each sequence's KV held (everything but its last
+        // sampled token, or the chunks of a prompt fed so far) under the new layout, in passes
+        // that each fit a step's cap, the cap read again for the new shards and pools. A pass
+        // takes, in request order, what fits of each sequence (the rest of a long one waits
+        // for the next pass, in chunks); the first of a pass takes at least one token.
         let fail = fault(SwitchPhase::Recompute);
         self.refresh_step_cap_or_least();
         let tr = Instant::now();
-        if report.n_recomputed > 0 {
-            let mut rest: Vec<usize> = recompute.into_iter().flatten().collect();
-            rest.sort_unstable();
-            let mut left = rest.len();
-            while !rest.is_empty() {
-                // In request order, each sequence that fits what its replica's room has left
-                // (one that does not waits for a later pass; another replica may still fit).
-                let mut room = self.step_room();
-                let (pass, later): (Vec<usize>, Vec<usize>) = rest.iter().partition(|&&i| {
-                    let s = &self.seqs[i];
-                    room.take(s.replica, s.tokens.len() - 1)
-                });
-                let mut per_replica = vec![Vec::new(); self.layout.dp()];
-                for &i in &pass {
-                    per_replica[self.seqs[i].replica].push(i);
+        let mut rest = recompute;
+        rest.sort_unstable();
+        while !rest.is_empty() {
+            let mut room = self.step_room();
+            let mut per_replica = vec![Vec::new(); self.layout.dp()];
+            for &(i, goal) in &rest {
+                let s = &self.seqs[i];
+                let n = room.take(s.replica, goal - s.cached);
+                if n > 0 {
+                    per_replica[s.replica].push((i, s.cached + n));
                 }
-                self.forward_replicas_failing(&per_replica, |s| s.tokens.len() - 1, fail)
-                    .map_err(|e| {
-                        e.context(format!(
-                            "switched to tp {new_tp}, but recomputing the KV of {} failed; the next steps prefill them again",
-                            plural(left, "sequence")
-                        ))
-                    })?;
-                for &i in &pass {
-                    self.seqs[i].cached = self.seqs[i].tokens.len() - 1;
-                }
-                report.kv_recompute_passes += 1;
-                left -= pass.len();
-                rest = later;
             }
+            self.forward_replicas_failing(&per_replica, fail)
+                .map_err(|e| {
+                    e.context(format!(
+                        "switched to tp {new_tp}, but recomputing the KV of {} failed; the next steps prefill them again",
+                        plural(rest.len(), "sequence")
+                    ))
+                })?;
+            for &(i, upto) in per_replica.iter().flatten() {
+                self.seqs[i].cached = upto;
+            }
+            report.kv_recompute_passes += 1;
+            rest.retain(|&(i, goal)| self.seqs[i].cached < goal);
         }
         report.kv_recompute_ms = tr.elapsed().as_secs_f64() * 1e3;
         report.kv_ms = report.kv_migrate_ms + report.kv_recompute_ms;

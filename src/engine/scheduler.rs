@@ -127,53 +127,61 @@ impl Engine {
         Ok(())
     }
 
-    /// The unfinished sequences that run this step, in request order. A sequence that has started
-    /// (it holds blocks or cached KV) keeps running; a waiting one is admitted when its whole
-    /// footprint (prompt + `max_new_tokens`) fits the blocks its replica has free after what the
-    /// running ones may still claim. Requests that each fit the pool but not together therefore
-    /// queue and run as blocks free up, and a running sequence never runs out of blocks. Every
-    /// request fits a whole pool (`validate_request`; a switch refuses to leave one that cannot
-    /// fit its pools' goal, and a step grows short pools first), so a replica with waiting
-    /// sequences and none running admits its first one; where a short pool could not grow
-    /// enough, the step says so (an error) rather than run nothing. What a step prefills is also
-    /// bounded by its cap (`StepRoom`): a waiting prompt, or a started sequence that holds no
-    /// cached KV (after a failed step or recompute), runs only while it fits what the decodes and
-    /// the prefills before it left (the first prefill whatever its length), so a long queue is
-    /// prefilled over several steps.
-    pub(super) fn admitted(&self) -> Vec<usize> {
+    /// The unfinished sequences that run this step, in request order, each with how far its
+    /// tokens are fed (`upto`: all of them, or the end of a prompt's chunk). A sequence that has
+    /// started (it holds blocks or cached KV) keeps running; a waiting one is admitted when its
+    /// whole footprint (prompt + `max_new_tokens`) fits the blocks its replica has free after
+    /// what the running ones may still claim. Requests that each fit the pool but not together
+    /// therefore queue and run as blocks free up, and a running sequence never runs out of
+    /// blocks. Every request fits a whole pool (`validate_request`; a switch refuses to leave
+    /// one that cannot fit its pools' goal, and a step grows short pools first), so a replica
+    /// with waiting sequences and none running admits its first one; where a short pool could
+    /// not grow enough, the step says so (an error) rather than run nothing.
+    ///
+    /// What a step prefills is also bounded by its cap (`StepRoom`): decodes count first and
+    /// always run; then the prefills already under way (a chunked prompt, a sequence to prefill
+    /// again after a failed step or recompute), then waiting prompts, each feeding what fits
+    /// what is left. A prompt too long for that is fed in chunks over several steps and samples
+    /// once its last chunk is in; the first prefill of a step takes at least one token whatever
+    /// is left, so every step makes progress.
+    pub(super) fn admitted(&self) -> Vec<(usize, usize)> {
         let bs = self.opts.block_size;
         let mut spare: Vec<usize> = self.allocs.iter().map(|a| a.free_blocks()).collect();
         let started = |s: &Sequence| s.cached > 0 || !s.table.is_empty();
         let mut room = self.step_room();
-        for s in self
-            .seqs
-            .iter()
-            .filter(|s| s.finished.is_none() && started(s))
-        {
+        let mut run = Vec::new();
+        let live = || {
+            self.seqs
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.finished.is_none())
+        };
+        for (i, s) in live().filter(|(_, s)| started(s)) {
             let owed = blocks_for(s.footprint(), bs).saturating_sub(s.table.len());
             spare[s.replica] = spare[s.replica].saturating_sub(owed);
-            // Decodes run whatever the cap; they count first.
-            if s.tokens.len() - s.cached == 1 {
+            if s.decoding() {
                 room.charge(s.replica, 1);
+                run.push((i, s.tokens.len()));
             }
         }
-        let mut run = Vec::new();
-        for (i, s) in self.seqs.iter().enumerate() {
-            if s.finished.is_some() {
+        for (i, s) in live().filter(|(_, s)| started(s) && !s.decoding()) {
+            let n = room.take(s.replica, s.tokens.len() - s.cached);
+            if n > 0 {
+                run.push((i, s.cached + n));
+            }
+        }
+        for (i, s) in live().filter(|(_, s)| !started(s)) {
+            let need = blocks_for(s.footprint(), bs);
+            if need > spare[s.replica] {
                 continue;
             }
-            let feed = s.tokens.len() - s.cached;
-            if !started(s) {
-                let need = blocks_for(s.footprint(), bs);
-                if need > spare[s.replica] || !room.take(s.replica, feed) {
-                    continue;
-                }
+            let n = room.take(s.replica, s.tokens.len());
+            if n > 0 {
                 spare[s.replica] -= need;
-            } else if feed > 1 && !room.take(s.replica, feed) {
-                continue;
+                run.push((i, n));
             }
-            run.push(i);
         }
+        run.sort_unstable();
         run
     }
 
@@ -183,15 +191,15 @@ impl Engine {
         StepRoom::new(self.step_cap, &self.cfg, tp, dp, self.opts.block_size)
     }
 
-    /// Whether a waiting sequence is left out of this step's `live` (its footprint does not fit
-    /// the blocks its replica has spare, or its prompt the step's token cap).
-    pub(super) fn waiting_left_out(&self, live: &[usize]) -> bool {
-        // `live` is in request order.
+    /// Whether a waiting sequence is left out of this step's `run` (its footprint does not fit
+    /// the blocks its replica has spare, or no part of its prompt the step's cap).
+    pub(super) fn waiting_left_out(&self, run: &[(usize, usize)]) -> bool {
+        // `run` is in request order.
         self.seqs.iter().enumerate().any(|(i, s)| {
             s.finished.is_none()
                 && s.cached == 0
                 && s.table.is_empty()
-                && live.binary_search(&i).is_err()
+                && run.binary_search_by_key(&i, |&(j, _)| j).is_err()
         })
     }
 
@@ -263,14 +271,13 @@ impl Engine {
         }
     }
 
-    /// Blocks for this step's new tokens of the sequences `live`, all or nothing: on error no
-    /// table has grown.
-    pub(super) fn grant_blocks(&mut self, live: &[usize]) -> Result<()> {
+    /// Blocks for the tokens this step feeds (sequence `i` up to token `upto`, for each in
+    /// `run`), all or nothing: on error no table has grown.
+    pub(super) fn grant_blocks(&mut self, run: &[(usize, usize)]) -> Result<()> {
         let mut granted: Vec<(usize, Vec<u32>)> = Vec::new();
-        for &i in live {
+        for &(i, upto) in run {
             let s = &self.seqs[i];
-            let need =
-                blocks_for(s.tokens.len(), self.opts.block_size).saturating_sub(s.table.len());
+            let need = blocks_for(upto, self.opts.block_size).saturating_sub(s.table.len());
             match self.allocs[s.replica].alloc(need) {
                 Ok(b) => granted.push((i, b)),
                 Err(e) => {

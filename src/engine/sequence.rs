@@ -36,7 +36,11 @@ pub struct StepReport {
     pub live_per_replica: Vec<usize>,
     /// Tokens fed through the model (prefill + decode).
     pub tokens_in: usize,
-    /// Tokens sampled.
+    /// Of `tokens_in`, those fed by prefills: prompts, the chunks of prompts that did not fit
+    /// one step's cap whole, sequences prefilled again after a failed step or recompute.
+    pub prefill_tokens: usize,
+    /// Tokens sampled: one per sequence that ran, less the prefill chunks that did not reach
+    /// the end of their prompt (they sample nothing yet).
     pub tokens_out: usize,
     pub finished: usize,
     pub elapsed_ms: f64,
@@ -86,6 +90,12 @@ impl Sequence {
     pub fn generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
     }
+    /// Whether its next step is a decode: everything but the last sampled token is in the KV
+    /// cache. Otherwise it is prefilling (a prompt, all of it or what is left of a chunked one,
+    /// or a sequence whose KV is to be computed again).
+    pub fn decoding(&self) -> bool {
+        self.cached >= self.prompt_len && self.tokens.len() - self.cached == 1
+    }
     /// Tokens this sequence still brings to its replica's KV: what it holds plus what it may
     /// still generate (the weight the scheduler balances).
     pub fn footprint(&self) -> usize {
@@ -93,13 +103,10 @@ impl Sequence {
     }
 }
 
-/// Prefill tokens/s over the steps seen so far (steps that fed more tokens than they sampled);
-/// `None` before any prefill.
+/// Prefill tokens/s over the steps seen so far (steps that prefilled, every token they fed over
+/// their time); `None` before any prefill.
 pub fn prefill_rate(steps: &[StepReport]) -> Option<f64> {
-    let pre: Vec<&StepReport> = steps
-        .iter()
-        .filter(|s| s.tokens_in > s.tokens_out)
-        .collect();
+    let pre: Vec<&StepReport> = steps.iter().filter(|s| s.prefill_tokens > 0).collect();
     let toks: usize = pre.iter().map(|s| s.tokens_in).sum();
     let ms: f64 = pre.iter().map(|s| s.elapsed_ms).sum();
     (toks > 0 && ms > 0.0).then(|| toks as f64 / (ms / 1e3))

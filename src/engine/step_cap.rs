@@ -19,7 +19,8 @@ pub const STEP_CAP: &str = "half the host's available memory less the KV pools o
 pub(super) enum StepCap {
     /// No cap (a host whose memory cannot be read, or a test that lifts the cap).
     None,
-    /// At most this many prompt tokens (tests of a queue prefilled over several steps).
+    /// At most this many prompt tokens (tests of a queue prefilled over several steps, in
+    /// chunks).
     Tokens(usize),
     /// A step's activations within this many bytes (CPU ranks: half the host memory available
     /// when the engine loaded, less the KV pools that will fill it; a host step that outgrew
@@ -160,17 +161,29 @@ impl StepRoom {
         }
     }
 
-    /// Whether a prefill of `feed` tokens on replica `replica` fits what is left (counted in if
-    /// so); the first prefill of a step (of a replica, under a per-replica cap) always does.
-    pub(super) fn take(&mut self, replica: usize, feed: usize) -> bool {
-        let cost = self.cost(feed);
+    /// How many of the `feed` tokens a prefill on replica `replica` may take of what is left
+    /// (counted in; 0 when none fit): all of them, or the part of the prompt that fits (a
+    /// chunk; the rest waits for later steps). The first prefill of a step (of a replica, under
+    /// a per-replica cap) takes at least one token whatever is left, so every step makes
+    /// progress.
+    pub(super) fn take(&mut self, replica: usize, feed: usize) -> usize {
+        let (per_token, per_seq) = (self.per_token, self.per_seq);
+        let r = *self.room(replica);
+        let fit = match (per_token, r.left.checked_sub(per_seq)) {
+            (0, _) => feed,
+            (t, Some(rest)) => usize::try_from(rest / t).unwrap_or(usize::MAX).min(feed),
+            (_, None) => 0,
+        };
+        let n = match (fit, r.prefilled) {
+            (0, true) => return 0,
+            (0, false) => feed.min(1),
+            (n, _) => n,
+        };
+        let cost = self.cost(n);
         let r = self.room(replica);
-        if r.prefilled && cost > r.left {
-            return false;
-        }
         r.left = r.left.saturating_sub(cost);
         r.prefilled = true;
-        true
+        n
     }
 }
 
@@ -241,17 +254,27 @@ mod tests {
     use crate::parallel::shard::tests::cfg;
 
     #[test]
-    fn a_step_room_takes_the_first_prefill_and_then_what_fits() {
+    fn a_step_room_takes_what_fits_in_chunks_and_at_least_a_token_first() {
         let c = cfg(301);
         let mut r = StepRoom::new(StepCap::None, &c, 1, 1, 16);
-        assert!((0..100).all(|_| r.take(0, 1 << 20)));
-        // A token cap counts prompt tokens only, over the whole step.
+        assert!((0..100).all(|_| r.take(0, 1 << 20) == 1 << 20));
+        // A token cap counts prompt tokens only, over the whole step: a prompt longer than
+        // what is left takes a chunk of it.
         let mut r = StepRoom::new(StepCap::Tokens(5), &c, 2, 2, 16);
         r.charge(0, 1);
-        assert!(r.take(0, 3) && !r.take(1, 3) && r.take(1, 2) && !r.take(0, 1));
+        assert_eq!(r.take(0, 3), 3);
+        assert_eq!(r.take(1, 3), 2, "the chunk that fits");
+        assert_eq!((r.take(1, 2), r.take(0, 1)), (0, 0), "nothing is left");
         let mut r = StepRoom::new(StepCap::Tokens(1), &c, 1, 1, 16);
-        assert!(r.take(0, 40), "the first prefill whatever its length");
-        assert!(!r.take(0, 1));
+        assert_eq!(r.take(0, 40), 1, "a chunk of one token");
+        assert_eq!(r.take(0, 1), 0);
+        let mut r = StepRoom::new(StepCap::Tokens(0), &c, 1, 1, 16);
+        assert_eq!(
+            r.take(0, 40),
+            1,
+            "the first prefill takes a token whatever is left"
+        );
+        assert_eq!(r.take(0, 40), 0);
 
         // Host bytes: what `host_step_bytes` counts (the step-memory test measures it), linear
         // in tokens and sequences, over the whole step.
@@ -260,17 +283,25 @@ mod tests {
             assert_eq!(host_step_bytes(&c, tp, 10, 3), 10 * token + 3 * seq);
             let ten = 10 * token + seq;
             let mut r = StepRoom::new(StepCap::HostBytes(ten), &c, tp, 2, 16);
-            assert!(r.take(0, 10), "tp {tp}: ten tokens fit exactly");
-            assert!(!r.take(1, 1), "tp {tp}: nothing is left for any replica");
-            // A decode counts first; a prefill then still runs (the step's first), nothing after.
+            assert_eq!(r.take(0, 10), 10, "tp {tp}: ten tokens fit exactly");
+            assert_eq!(r.take(1, 1), 0, "tp {tp}: nothing is left for any replica");
+            // A decode counts first; a prefill then takes the chunk that fits.
             let mut r = StepRoom::new(StepCap::HostBytes(ten + token + seq), &c, tp, 1, 16);
             r.charge(0, 1);
-            assert!(r.take(0, 10) && !r.take(0, 1), "tp {tp}");
+            assert_eq!((r.take(0, 30), r.take(0, 1)), (10, 0), "tp {tp}");
             let mut r = StepRoom::new(StepCap::HostBytes(ten - 1), &c, tp, 1, 16);
-            assert!(
-                r.take(0, 9) && !r.take(0, 1),
+            assert_eq!(
+                r.take(0, 10),
+                9,
                 "tp {tp}: one byte short of the tenth token"
             );
+            assert_eq!(r.take(0, 1), 0, "tp {tp}");
+            // Two prompts share what is left: each pays its sequence's bytes.
+            let mut r = StepRoom::new(StepCap::HostBytes(2 * seq + 7 * token), &c, tp, 1, 16);
+            assert_eq!((r.take(0, 4), r.take(0, 10), r.take(0, 1)), (4, 3, 0));
+            // Less than a sequence's bytes left: the first prefill still takes a token.
+            let mut r = StepRoom::new(StepCap::HostBytes(seq - 1), &c, tp, 1, 16);
+            assert_eq!((r.take(0, 10), r.take(0, 10)), (1, 0), "tp {tp}");
         }
     }
 
@@ -293,14 +324,20 @@ mod tests {
                 elem,
             };
             let mut r = StepRoom::new(cap, &c, tp, 2, 16);
-            assert!(r.take(0, 10) && !r.take(0, 1), "tp {tp}: replica 0 is full");
-            assert!(r.take(1, 10), "tp {tp}: replica 1 has its own ranks");
-            assert!(!r.take(1, 1));
-            // A decode on replica 1 leaves replica 0's room alone; a replica's first prefill
-            // runs whatever its decodes took.
+            assert_eq!(
+                (r.take(0, 10), r.take(0, 1)),
+                (10, 0),
+                "tp {tp}: replica 0 is full"
+            );
+            assert_eq!(r.take(1, 12), 10, "tp {tp}: replica 1 has its own ranks");
+            assert_eq!(r.take(1, 1), 0);
+            // A decode on replica 1 leaves replica 0's room alone; replica 1 then has nine
+            // tokens' bytes, less its prefill's own sequence bytes.
             let mut r = StepRoom::new(cap, &c, tp, 2, 16);
             r.charge(1, 1);
-            assert!(r.take(0, 10) && r.take(1, 10) && !r.take(1, 1));
+            let chunk = ((9 * token - seq) / token) as usize;
+            assert!(chunk < 9, "tp {tp}: a sequence costs more than a token");
+            assert_eq!((r.take(0, 10), r.take(1, 10), r.take(1, 1)), (10, chunk, 0));
         }
         // The block table row: one 4-byte entry per block of the longest context.
         let long = ModelConfig {

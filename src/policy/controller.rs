@@ -45,6 +45,8 @@ pub struct StepDone {
     pub running: usize,
     /// Tokens fed through the model (prefill + decode).
     pub tokens_in: usize,
+    /// Of `tokens_in`, those fed by prefills (prompts and their chunks).
+    pub prefill_tokens: usize,
     /// Tokens produced.
     pub tokens_out: usize,
 }

@@ -368,6 +368,8 @@ impl StepSource for Node<'_> {
             ms: self.now_ms() - before.0,
             running,
             tokens_in: running,
+            // A modeled step decodes; the node charges admissions' prefills to its clock apart.
+            prefill_tokens: 0,
             tokens_out: running,
         })
     }

@@ -5,8 +5,8 @@
 //! step cap counts (`engine::device_step_bytes` for what the step feeds, per rank), and on a
 //! prefill not far below it (or the cap would be needlessly strict). The cap itself is each
 //! rank's share of its GPU's free memory as the test reads it, read again after a switch; on a
-//! GPU with little free memory a queue is prefilled over several steps, each within the cap,
-//! with the CPU engine's tokens. The tests measure the GPUs' memory, so they hold it alone.
+//! GPU with little free memory a queue is prefilled over several steps, in chunks, each within
+//! the cap, with the CPU engine's tokens. The tests measure the GPUs' memory, so they hold it alone.
 
 use super::*;
 use pat::backend::cuda::workers::{step_split_bytes, STEP_SLACK_BYTES};
@@ -284,16 +284,18 @@ fn a_gpu_with_little_free_memory_prefills_a_queue_over_several_steps() {
         "with {ballast} bytes of ballast: cap {got}, wanted about {cap}"
     );
     e.add_requests(&reqs).unwrap();
-    let (mut prefilled, mut steps) = (0, 0);
-    while prefilled < reqs.len() {
+    // Each replica's step prefills what its cap holds of the queue's tokens, a prompt that does
+    // not fit whole in chunks (at least one token a replica).
+    let token = device_step_bytes(cfg, 1, 4, BS, 1, 0);
+    let fit = (got / token).max(1) as usize;
+    let (mut fed, mut steps) = (0, 0);
+    while e.unprefilled() > 0 {
         let (r, peaks) = measured_step(&mut e, &devs);
-        let new = (r.tokens_in - prefilled) / len;
         steps += 1;
-        // Two replicas, each within its cap (its first prompt whatever it takes).
-        let fit = (got / per_prompt).max(1) as usize;
         assert!(
-            (1..=2 * fit).contains(&new),
-            "step {steps}: {new} prompts prefilled, at most {fit} a replica fit"
+            (1..=2 * fit).contains(&r.prefill_tokens),
+            "step {steps}: {} prompt tokens prefilled, at most {fit} a replica fit",
+            r.prefill_tokens
         );
         let most = 2 * (got + BUFFERS * granule(&dev));
         assert!(
@@ -301,8 +303,9 @@ fn a_gpu_with_little_free_memory_prefills_a_queue_over_several_steps() {
             "step {steps}: the two ranks allocated {} bytes, more than their caps allow ({most})",
             peaks[0]
         );
-        prefilled += new;
+        fed += r.prefill_tokens;
     }
+    assert_eq!(fed, reqs.len() * len, "every prompt token prefilled once");
     assert!(steps >= 2, "the queue of 8 took {steps} step(s)");
     e.run(|_| {}).unwrap();
     drop(held);
