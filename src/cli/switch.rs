@@ -184,7 +184,7 @@ pub fn bench_switch(a: BenchSwitchArgs) -> Result<()> {
     };
     eprintln!(
         "first step prefilled {} of {} x {} prompt tokens in {:.0} ms ({:.0} tok/s); KV transfer {:.2} GB/s measured; cost model at tp {}: {crossover}",
-        steps[0].tokens_in,
+        steps[0].prefill_tokens,
         a.batch,
         a.context,
         t0.elapsed().as_secs_f64() * 1e3,
