@@ -414,3 +414,60 @@ fn a_recompute_fills_each_pass_taking_long_sequences_in_chunks() {
         }
     }
 }
+
+#[test]
+fn switches_while_prompts_are_part_way_in_chunks_keep_the_tokens() {
+    // A step cap of a few tokens leaves prompts part way in when the switches come: what their
+    // KV holds moves (migrate) or is computed again up to where it was (recompute), and the rest
+    // of each prompt follows in chunks under the new layout. A ladder of switches, and a failed
+    // switch in every phase on every rank, lose nothing: the tokens stay transformers' own.
+    for model in ["llama", "qwen3"] {
+        let (max_new, gold) = golden(model);
+        let reqs = golden_requests(&gold, max_new);
+        let ends: Vec<usize> = reqs
+            .iter()
+            .scan(0, |t, r| {
+                *t += r.input_ids.len();
+                Some(*t)
+            })
+            .collect();
+        // Two steps of `cap` tokens end inside a prompt.
+        let cap = (3..8)
+            .find(|c| !ends.contains(&(2 * c)) && ends[ends.len() - 1] > 4 * c)
+            .unwrap_or_else(|| panic!("{model}: no cap ends inside a prompt: {ends:?}"));
+        for policy in [KvPolicy::Migrate, KvPolicy::Recompute] {
+            let at = format!("{model} {policy} cap {cap}");
+            let mut e = engine(&golden_dir(model), 4, 1, Dtype::F32, 1024);
+            e.cap_step_tokens(Some(cap));
+            e.add_requests(&reqs).unwrap();
+            e.step().unwrap();
+            e.step().unwrap();
+            let done = ends.iter().filter(|&&end| end <= 2 * cap).count();
+            assert_eq!(e.unprefilled(), reqs.len() - done, "{at}");
+            // The KV holds every prompt token fed so far, and the token each prompt fed whole
+            // in the first step sampled (the second step decoded it; the token the second
+            // step sampled is not in the KV yet).
+            let first = ends.iter().filter(|&&end| end <= cap).count();
+            let r = e.reconfigure(2, policy, &cost(1e9, 1e3)).unwrap();
+            assert_eq!(r.kv_tokens, 2 * cap + first, "{at}: {r:?}");
+            e.step().unwrap();
+            e.reconfigure(4, policy, &cost(1e9, 1e3)).unwrap();
+            e.step().unwrap();
+            e.reconfigure(1, policy, &cost(1e9, 1e3)).unwrap();
+            e.run(|_| {}).unwrap();
+            for (o, g) in e.outputs().iter().zip(&gold) {
+                assert_eq!(o.output_ids, g.output_ids, "{at}: prompt {}", o.index);
+            }
+        }
+        failed_switch_loses_nothing(
+            || {
+                let mut e = engine(&golden_dir(model), 4, 1, Dtype::F32, 256);
+                e.cap_step_tokens(Some(cap));
+                e
+            },
+            &reqs,
+            &gold,
+            &cost(1e9, 1e3),
+        );
+    }
+}
