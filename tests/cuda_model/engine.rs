@@ -19,7 +19,12 @@ use super::*;
 /// communicators, and a switch on the devices exchanges through NCCL) instead of every rank on
 /// GPU 0 (same-device groups and copies); a world larger than the GPUs present is skipped,
 /// visibly, with "needs N GPUs".
-fn check_engine(name: &'static str, spread: bool) {
+/// The golden prompts on GPU ranks through a ladder of live switches (migrate, recompute, auto),
+/// every step's logits against the CPU engine's and the tokens against transformers'. With
+/// `chunk`, each step prefills at most that many prompt tokens (on both engines), so the
+/// switches come while prompts are part way in, in chunks (two layouts, one each way of
+/// switching).
+fn check_engine(name: &'static str, spread: bool, chunk: Option<usize>) {
     let test = format!("{name}_engine_on_gpu{}", if spread { "s" } else { "" });
     let Some(m) = Model::open_or_skip(name, &test) else {
         return;
@@ -28,10 +33,15 @@ fn check_engine(name: &'static str, spread: bool) {
     let reqs = golden_requests(&m.gold, m.max_new);
     let runs = [(1, 1), (2, 1), (2, 2), (4, 2), (4, 4)]
         .into_iter()
-        .flat_map(|wt| [(wt, GpuSwitch::Device), (wt, GpuSwitch::Host)]);
+        .flat_map(|wt| [(wt, GpuSwitch::Device), (wt, GpuSwitch::Host)])
+        .filter(|&(wt, how)| {
+            chunk.is_none()
+                || (wt, how) == ((4, 2), GpuSwitch::Device)
+                || (wt, how) == ((2, 1), GpuSwitch::Host)
+        });
     for ((world, tp), how) in runs {
         let at = format!(
-            "{name} engine world {world} tp {tp} switching {}",
+            "{name} engine world {world} tp {tp} switching {}, chunks {chunk:?}",
             how.name()
         );
         let opts = EngineOptions {
@@ -65,6 +75,7 @@ fn check_engine(name: &'static str, spread: bool) {
         let mut cpu = Engine::new(m.cfg.clone(), &m.ck, opts).unwrap();
         for e in [&mut gpu, &mut cpu] {
             e.record_logits(true);
+            e.cap_step_tokens(chunk);
             e.add_requests(&reqs).unwrap();
         }
         let mut step = 0;
@@ -77,9 +88,18 @@ fn check_engine(name: &'static str, spread: bool) {
         let mut seen = replicas(&gpu);
         let mut switches = 0;
         while gpu.live() > 0 {
-            gpu.step()
+            let r = gpu
+                .step()
                 .unwrap_or_else(|e| panic!("{at} step {step}: {e}"));
-            cpu.step().unwrap();
+            let c = cpu.step().unwrap();
+            assert_eq!(
+                (r.prefill_tokens, r.tokens_out),
+                (c.prefill_tokens, c.tokens_out),
+                "{at} step {step}: prompt tokens fed, tokens sampled"
+            );
+            if let Some(n) = chunk {
+                assert!(r.prefill_tokens <= n, "{at} step {step}: {r:?}");
+            }
             let (g, c) = (gpu.recorded_logits(), cpu.recorded_logits());
             assert_eq!(g.len(), c.len(), "{at} step {step}: sequences sampled");
             for ((gi, gl), (ci, cl)) in g.iter().zip(c) {
@@ -161,18 +181,25 @@ fn check_engine(name: &'static str, spread: bool) {
 
 #[test]
 fn llama_engine_on_gpu_ranks_matches_transformers_and_the_cpu_engine() {
-    check_engine("llama", false);
+    check_engine("llama", false, None);
 }
 
 #[test]
 fn qwen3_engine_on_gpu_ranks_matches_transformers_and_the_cpu_engine() {
-    check_engine("qwen3", false);
+    check_engine("qwen3", false, None);
+}
+
+/// As above with prompts fed in chunks of 5 tokens: the switches come while prompts are part
+/// way in (their KV migrated or computed again up to where it was).
+#[test]
+fn qwen3_engine_on_gpu_ranks_prefilling_in_chunks_matches_transformers_through_switches() {
+    check_engine("qwen3", false, Some(5));
 }
 
 /// As above with one rank per GPU: NCCL groups, and switches on the devices through NCCL.
 #[test]
 fn llama_engine_with_one_rank_per_gpu_matches_transformers_and_the_cpu_engine() {
-    check_engine("llama", true);
+    check_engine("llama", true, None);
 }
 
 /// A GPU switch that fails in any phase on any rank loses nothing: before the swap the old
