@@ -91,8 +91,8 @@ fn generate_gives_the_same_tokens_for_every_tp() {
             "{\"input_ids\":[5,6,7,8,9]}\n{\"prompt\":\"hello world\",\"max_new_tokens\":7}\n{\"input_ids\":[300],\"max_new_tokens\":20}\n",
         )
         .unwrap();
-        let run = |world: &str, tp: &str| {
-            let out = ok(&[
+        let run_with = |world: &str, tp: &str, extra: &[&str]| {
+            let mut args = vec![
                 "generate",
                 "--model",
                 m.to_str().unwrap(),
@@ -105,7 +105,9 @@ fn generate_gives_the_same_tokens_for_every_tp() {
                 "--max-new-tokens",
                 "12",
                 "--ignore-eos",
-            ]);
+            ];
+            args.extend(extra);
+            let out = ok(&args);
             let lines: Vec<serde_json::Value> = out
                 .lines()
                 .map(|l| serde_json::from_str(l).unwrap())
@@ -119,12 +121,18 @@ fn generate_gives_the_same_tokens_for_every_tp() {
             assert_eq!(lines[1]["output_ids"].as_array().unwrap().len(), 7);
             output_ids(&out)
         };
+        let run = |world: &str, tp: &str| run_with(world, tp, &[]);
         let base = run("1", "1");
         for (w, t) in [("2", "2"), ("4", "2"), ("4", "4"), ("4", "1")] {
             assert_eq!(run(w, t), base, "{arch} world {w} tp {t}");
         }
-        // Seeded sampling is reproducible and independent of the layout.
-        let sample = |tp: &str| {
+        // Prompts fed in chunks of 2 or 3 tokens a step: the same tokens.
+        for (w, t, n) in [("1", "1", "2"), ("4", "2", "3")] {
+            let chunked = run_with(w, t, &["--prefill-tokens", n]);
+            assert_eq!(chunked, base, "{arch} world {w} tp {t} prefill tokens {n}");
+        }
+        // Seeded sampling is reproducible and independent of the layout and the chunks.
+        let sample = |tp: &str, chunk: &str| {
             ok(&[
                 "generate",
                 "--model",
@@ -144,9 +152,26 @@ fn generate_gives_the_same_tokens_for_every_tp() {
                 "--seed",
                 "11",
                 "--ignore-eos",
+                "--prefill-tokens",
+                chunk,
             ])
         };
-        assert_eq!(output_ids(&sample("1")), output_ids(&sample("2")));
+        let first = output_ids(&sample("1", "100"));
+        assert_eq!(first, output_ids(&sample("2", "100")));
+        assert_eq!(first, output_ids(&sample("2", "1")));
+        // A cap of 0 tokens is refused by name.
+        fails(
+            &[
+                "generate",
+                "--model",
+                m.to_str().unwrap(),
+                "--prompt-ids",
+                "1,2",
+                "--prefill-tokens",
+                "0",
+            ],
+            "--prefill-tokens",
+        );
     }
 }
 

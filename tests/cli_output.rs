@@ -123,6 +123,32 @@ fn counts_agree_with_their_nouns() {
             && err.contains(", 0 switches, final tp 1"),
         "{err}"
     );
+    // The prompt fed one token a step: its steps' records say so, and it samples only once the
+    // last one is in.
+    let (out, err) = ok(&[
+        "rollout",
+        "--model",
+        &m,
+        "--trace",
+        trace.to_str().unwrap(),
+        "--world",
+        "1",
+        "--policy",
+        "static:1",
+        "--prefill-tokens",
+        "1",
+    ]);
+    assert!(err.contains("static:1: 1 request, 2 tokens in "), "{err}");
+    let steps: Vec<(u64, u64)> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("prefill_tokens").is_some())
+        .map(|v| {
+            let n = |k: &str| v[k].as_u64().unwrap();
+            (n("prefill_tokens"), n("tokens_this_step"))
+        })
+        .collect();
+    assert_eq!(steps, [(1, 0), (1, 0), (1, 1), (0, 1)], "{out}");
 }
 
 #[test]

@@ -734,6 +734,16 @@ pat_status pat_engine_grow_kv_pools(struct pat_engine *engine,
 pat_status pat_engine_refresh_step_cap(struct pat_engine *engine,
                                        uint64_t *cap_bytes);
 
+// Caps the prompt tokens one step (or one pass of a switch's recompute) prefills at `tokens`,
+// besides what its activations may take in memory (`pat_engine_refresh_step_cap`); 0 lifts the
+// cap. Decodes are not counted: the cap bounds how long a step that prefills keeps the running
+// requests waiting. A longer queue is prefilled over more steps, a longer prompt in chunks (a
+// step samples no token for a prompt until its last chunk is in); at least one token a step is
+// prefilled whatever the cap. Switches keep it. Thread-safe (calls on one engine run one at a
+// time).
+pat_status pat_engine_cap_step_tokens(struct pat_engine *engine,
+                                      uint64_t tokens);
+
 // Takes the finished request with the lowest index not taken yet: writes its record to `out`,
 // its generated ids to `ids` and their count to `*n_ids`. Each output is taken once.
 // `PAT_NO_OUTPUT`: none is waiting (step more). `PAT_BUFFER_TOO_SMALL`: `cap` is below the

@@ -68,6 +68,11 @@ pub struct GenerateArgs {
     /// so that a switch to a smaller tp still finds room for the larger weight shards).
     #[arg(long)]
     pub kv_blocks: Option<usize>,
+    /// The most prompt tokens one step prefills, decodes not counted (default: what the step's
+    /// memory cap allows). A longer queue is prefilled over more steps and a longer prompt in
+    /// chunks; a lower cap shortens the steps that keep running requests waiting on a prefill.
+    #[arg(long, value_name = "N")]
+    pub prefill_tokens: Option<std::num::NonZeroUsize>,
     /// Switch the TP degree live after STEP decode steps (repeatable), e.g. --reconfigure 8:4.
     /// Steps are counted after the first (the prefill; a queue whose activations outgrow what a
     /// step may hold, half the available memory on the CPU, each rank's share of its GPU's free
@@ -251,6 +256,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
     let t0 = Instant::now();
     let mut engine = Engine::with_backend(m.cfg.clone(), &m.ck, opts, &backend)?;
+    engine.cap_step_tokens(a.prefill_tokens.map(|n| n.get()));
     let load_s = t0.elapsed().as_secs_f64();
     // A request longer than a rank's whole pool (`--kv-blocks`) is named by its line.
     for (i, r) in reqs.iter().enumerate() {

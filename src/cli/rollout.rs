@@ -98,6 +98,11 @@ pub struct RolloutArgs {
     /// sequence).
     #[arg(long, default_value = "auto")]
     pub kv_transfer: KvPolicy,
+    /// The most prompt tokens one step prefills, decodes not counted (default: what the step's
+    /// memory cap allows). A longer queue is prefilled over more steps and a longer prompt in
+    /// chunks; a lower cap shortens the steps that keep running requests waiting on a prefill.
+    #[arg(long, value_name = "N")]
+    pub prefill_tokens: Option<std::num::NonZeroUsize>,
     /// Seed of the random prompts made for the trace's lengths.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -219,6 +224,7 @@ pub fn rollout(
     .map_err(|e| e.context("--trace"))?;
     opts.kv_blocks = opts.kv_blocks.max(needed);
     let mut engine = Engine::new(m.cfg.clone(), &m.ck, opts)?;
+    engine.cap_step_tokens(a.prefill_tokens.map(|n| n.get()));
     // Prompts only now: the pool that holds their KV is allocated, so their ids fit too.
     let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
     let reqs: Vec<Request> = trace

@@ -74,13 +74,12 @@ pub struct Engine {
     growth: Option<PoolGrowth>,
     /// Tests: the most blocks per rank a switch gives the new pools.
     switch_pool_cap: Option<usize>,
-    /// What one step (and one pass of a switch's recompute) may prefill: a longer queue is
-    /// prefilled over several steps, a prompt longer than the cap in chunks.
+    /// What one step's (and one pass of a switch's recompute's) activations may take: a longer
+    /// queue is prefilled over several steps, a prompt longer than the cap in chunks.
     step_cap: StepCap,
-    /// The cap from load (host memory), which `cap_step_tokens(None)` restores.
-    load_cap: StepCap,
-    /// Whether a test set `step_cap` (`cap_step_tokens`): switches and growths keep it.
-    step_cap_set: bool,
+    /// The most prompt tokens a step (or a recompute pass) prefills besides, if set
+    /// (`cap_step_tokens`).
+    prefill_tokens: Option<usize>,
     /// Whether the last read of the ranks' memory failed (the cap is the least until a read
     /// succeeds; the next step reads again).
     step_cap_stale: bool,
@@ -185,8 +184,7 @@ impl Engine {
             growth: None,
             switch_pool_cap: None,
             step_cap,
-            load_cap: step_cap,
-            step_cap_set: false,
+            prefill_tokens: None,
             step_cap_stale: false,
             groups: GroupCache::default(),
             seqs: Vec::new(),

@@ -188,7 +188,8 @@ impl Engine {
     /// A fresh room for one step's (or one recompute pass's) prefills under the current layout.
     pub(super) fn step_room(&self) -> StepRoom {
         let (tp, dp) = (self.layout.tp, self.layout.dp());
-        StepRoom::new(self.step_cap, &self.cfg, tp, dp, self.opts.block_size)
+        let (cap, tokens) = (self.step_cap, self.prefill_tokens);
+        StepRoom::new(cap, tokens, &self.cfg, tp, dp, self.opts.block_size)
     }
 
     /// Whether a waiting sequence is left out of this step's `run` (its footprint does not fit

@@ -1,5 +1,6 @@
 //! What one step may prefill: the cap on a step's activations (host bytes on CPU ranks, each
-//! rank's device bytes on GPU ranks, a test's token count), what a step allocates for the tokens
+//! rank's device bytes on GPU ranks) and the caller's cap on its prompt tokens, if set; what a
+//! step allocates for the tokens
 //! and sequences it feeds ([`host_step_bytes`], [`device_step_bytes`]: tests/step_memory.rs and
 //! tests/cuda_model/step_memory.rs measure them), and the room left as a step's sequences are
 //! counted in.
@@ -14,14 +15,11 @@ use crate::parallel::shard::{self, Role};
 pub const STEP_CAP: &str = "half the host's available memory less the KV pools on CPU ranks, \
      each rank's share of its GPU's free memory on GPU ranks";
 
-/// What one step may prefill.
+/// What one step's activations may take.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(super) enum StepCap {
-    /// No cap (a host whose memory cannot be read, or a test that lifts the cap).
+    /// No cap (a host whose memory cannot be read).
     None,
-    /// At most this many prompt tokens (tests of a queue prefilled over several steps, in
-    /// chunks).
-    Tokens(usize),
     /// A step's activations within this many bytes (CPU ranks: half the host memory available
     /// when the engine loaded, less the KV pools that will fill it; a host step that outgrew
     /// memory would kill the process).
@@ -89,7 +87,7 @@ pub fn device_step_bytes(
     (token.saturating_mul(tokens as u64)).saturating_add(seq.saturating_mul(seqs as u64))
 }
 
-/// One count of what is left: the whole step's, or one replica's.
+/// One count of what is left of a cap in bytes: the whole step's, or one replica's.
 #[derive(Clone, Copy)]
 struct Room {
     left: u64,
@@ -99,19 +97,22 @@ struct Room {
 
 /// What is left of one step's cap as its sequences are counted in.
 pub(super) struct StepRoom {
-    /// One room for the whole step (host memory, a token count), or one per replica (each
-    /// rank's device memory).
+    /// One room for the whole step (host memory), or one per replica (each rank's device
+    /// memory).
     rooms: Vec<Room>,
-    /// Cost of one token fed and of one sequence's logits row (bytes or, for a token cap, 1 and 0).
+    /// Bytes of one token fed and of one sequence's logits row (0 without a cap in bytes).
     per_token: u64,
     per_seq: u64,
+    /// Prompt tokens the whole step may still prefill (the caller's cap; `u64::MAX` if none).
+    tokens: u64,
 }
 
 impl StepRoom {
-    /// The room a step has under `cap` at degree `tp` with `dp` replicas and KV blocks of
-    /// `block_size` tokens.
+    /// The room a step has under `cap`, and at most `tokens` prompt tokens if set, at degree
+    /// `tp` with `dp` replicas and KV blocks of `block_size` tokens.
     pub(super) fn new(
         cap: StepCap,
+        tokens: Option<usize>,
         cfg: &ModelConfig,
         tp: usize,
         dp: usize,
@@ -119,7 +120,6 @@ impl StepRoom {
     ) -> Self {
         let (left, per_token, per_seq, rooms) = match cap {
             StepCap::None => (u64::MAX, 0, 0, 1),
-            StepCap::Tokens(n) => (n as u64, 1, 0, 1),
             StepCap::HostBytes(b) => {
                 let token = host_step_bytes(cfg, tp, 1, 0);
                 (b, token, host_step_bytes(cfg, tp, 0, 1), 1)
@@ -137,6 +137,7 @@ impl StepRoom {
             rooms: vec![room; rooms],
             per_token,
             per_seq,
+            tokens: tokens.map_or(u64::MAX, |n| n as u64),
         }
     }
 
@@ -152,7 +153,7 @@ impl StepRoom {
     }
 
     /// Counts a sequence of replica `replica` that feeds `feed` tokens whatever is left (a
-    /// decode; a token cap counts prompt tokens only).
+    /// decode; the cap on prompt tokens does not count it).
     pub(super) fn charge(&mut self, replica: usize, feed: usize) {
         if self.per_seq > 0 {
             let cost = self.cost(feed);
@@ -162,24 +163,28 @@ impl StepRoom {
     }
 
     /// How many of the `feed` tokens a prefill on replica `replica` may take of what is left
-    /// (counted in; 0 when none fit): all of them, or the part of the prompt that fits (a
-    /// chunk; the rest waits for later steps). The first prefill of a step (of a replica, under
-    /// a per-replica cap) takes at least one token whatever is left, so every step makes
-    /// progress.
+    /// in bytes and prompt tokens (counted in; 0 when none fit): all of them, or the part of
+    /// the prompt that fits (a chunk; the rest waits for later steps). The first prefill of a
+    /// step (of a replica, under a per-replica cap) takes at least one token whatever is left,
+    /// so every step makes progress.
     pub(super) fn take(&mut self, replica: usize, feed: usize) -> usize {
         let (per_token, per_seq) = (self.per_token, self.per_seq);
         let r = *self.room(replica);
-        let fit = match (per_token, r.left.checked_sub(per_seq)) {
-            (0, _) => feed,
-            (t, Some(rest)) => usize::try_from(rest / t).unwrap_or(usize::MAX).min(feed),
+        let bytes = match (per_token, r.left.checked_sub(per_seq)) {
+            (0, _) => u64::MAX,
+            (t, Some(rest)) => rest / t,
             (_, None) => 0,
         };
+        let fit = usize::try_from(bytes.min(self.tokens))
+            .unwrap_or(usize::MAX)
+            .min(feed);
         let n = match (fit, r.prefilled) {
             (0, true) => return 0,
             (0, false) => feed.min(1),
             (n, _) => n,
         };
         let cost = self.cost(n);
+        self.tokens = self.tokens.saturating_sub(n as u64);
         let r = self.room(replica);
         r.left = r.left.saturating_sub(cost);
         r.prefilled = true;
@@ -188,32 +193,28 @@ impl StepRoom {
 }
 
 impl Engine {
-    /// Caps the prompt tokens a step (or one pass of a switch's recompute) prefills, for tests
-    /// of a queue prefilled over several steps; switches keep it. `None` restores the default,
-    /// a cap in bytes: on CPU ranks what half the host's available memory holds of a step's
-    /// activations (as read at load), on GPU ranks what each rank's share of its GPU's free
-    /// memory holds (read again now).
+    /// Caps the prompt tokens a step (or one pass of a switch's recompute) prefills, besides
+    /// what its activations may take in memory (decodes are not counted): a longer queue is
+    /// prefilled over more steps, a longer prompt in chunks. A caller bounds by it how long a
+    /// step that prefills keeps the decodes waiting; tests use it to make chunks. At least one
+    /// token a step (one per replica on GPU ranks) is prefilled whatever the cap. Switches keep
+    /// it; `None` lifts it.
     pub fn cap_step_tokens(&mut self, tokens: Option<usize>) {
-        match tokens {
-            Some(n) => {
-                self.step_cap = StepCap::Tokens(n);
-                self.step_cap_set = true;
-            }
-            None => {
-                (self.step_cap, self.step_cap_set) = (self.load_cap, false);
-                self.refresh_step_cap_or_least();
-            }
-        }
+        self.prefill_tokens = tokens;
+    }
+
+    /// The cap on a step's prompt tokens (`cap_step_tokens`), if set.
+    pub fn step_prefill_tokens(&self) -> Option<usize> {
+        self.prefill_tokens
     }
 
     /// Bytes a step's activations may take now (what its cap in bytes allows): on CPU ranks the
     /// whole step's host memory, on GPU ranks each rank's device memory (each replica counts
-    /// apart); `None` where no cap in bytes holds (a test's token cap, a host whose memory
-    /// cannot be read).
+    /// apart); `None` where no cap in bytes holds (a host whose memory cannot be read).
     pub fn step_cap_bytes(&self) -> Option<u64> {
         match self.step_cap {
             StepCap::HostBytes(b) | StepCap::DeviceBytes { per_rank: b, .. } => Some(b),
-            StepCap::None | StepCap::Tokens(_) => None,
+            StepCap::None => None,
         }
     }
 
@@ -221,12 +222,8 @@ impl Engine {
     /// share of its GPU's free memory, for a caller that shares the GPUs with something else (a
     /// trainer colocated with the rollout) after it took or gave back memory. The engine reads
     /// it itself at load, after each switch and after each pool growth. Host memory is read
-    /// once, at load; a test's token cap stays. Errors when a GPU cannot be read (the cap is
-    /// then as it was).
+    /// once, at load. Errors when a GPU cannot be read (the cap is then as it was).
     pub fn refresh_step_cap(&mut self) -> Result<()> {
-        if self.step_cap_set {
-            return Ok(());
-        }
         let (tp, bs) = (self.layout.tp, self.opts.block_size);
         if let Some(cap) = self.ranks.set_ref().step_cap(&self.cfg, tp, bs)? {
             self.step_cap = cap;
@@ -256,19 +253,19 @@ mod tests {
     #[test]
     fn a_step_room_takes_what_fits_in_chunks_and_at_least_a_token_first() {
         let c = cfg(301);
-        let mut r = StepRoom::new(StepCap::None, &c, 1, 1, 16);
+        let mut r = StepRoom::new(StepCap::None, None, &c, 1, 1, 16);
         assert!((0..100).all(|_| r.take(0, 1 << 20) == 1 << 20));
         // A token cap counts prompt tokens only, over the whole step: a prompt longer than
         // what is left takes a chunk of it.
-        let mut r = StepRoom::new(StepCap::Tokens(5), &c, 2, 2, 16);
+        let mut r = StepRoom::new(StepCap::None, Some(5), &c, 2, 2, 16);
         r.charge(0, 1);
         assert_eq!(r.take(0, 3), 3);
         assert_eq!(r.take(1, 3), 2, "the chunk that fits");
         assert_eq!((r.take(1, 2), r.take(0, 1)), (0, 0), "nothing is left");
-        let mut r = StepRoom::new(StepCap::Tokens(1), &c, 1, 1, 16);
+        let mut r = StepRoom::new(StepCap::None, Some(1), &c, 1, 1, 16);
         assert_eq!(r.take(0, 40), 1, "a chunk of one token");
         assert_eq!(r.take(0, 1), 0);
-        let mut r = StepRoom::new(StepCap::Tokens(0), &c, 1, 1, 16);
+        let mut r = StepRoom::new(StepCap::None, Some(0), &c, 1, 1, 16);
         assert_eq!(
             r.take(0, 40),
             1,
@@ -282,14 +279,14 @@ mod tests {
             let (token, seq) = (host_step_bytes(&c, tp, 1, 0), host_step_bytes(&c, tp, 0, 1));
             assert_eq!(host_step_bytes(&c, tp, 10, 3), 10 * token + 3 * seq);
             let ten = 10 * token + seq;
-            let mut r = StepRoom::new(StepCap::HostBytes(ten), &c, tp, 2, 16);
+            let mut r = StepRoom::new(StepCap::HostBytes(ten), None, &c, tp, 2, 16);
             assert_eq!(r.take(0, 10), 10, "tp {tp}: ten tokens fit exactly");
             assert_eq!(r.take(1, 1), 0, "tp {tp}: nothing is left for any replica");
             // A decode counts first; a prefill then takes the chunk that fits.
-            let mut r = StepRoom::new(StepCap::HostBytes(ten + token + seq), &c, tp, 1, 16);
+            let mut r = StepRoom::new(StepCap::HostBytes(ten + token + seq), None, &c, tp, 1, 16);
             r.charge(0, 1);
             assert_eq!((r.take(0, 30), r.take(0, 1)), (10, 0), "tp {tp}");
-            let mut r = StepRoom::new(StepCap::HostBytes(ten - 1), &c, tp, 1, 16);
+            let mut r = StepRoom::new(StepCap::HostBytes(ten - 1), None, &c, tp, 1, 16);
             assert_eq!(
                 r.take(0, 10),
                 9,
@@ -297,11 +294,24 @@ mod tests {
             );
             assert_eq!(r.take(0, 1), 0, "tp {tp}");
             // Two prompts share what is left: each pays its sequence's bytes.
-            let mut r = StepRoom::new(StepCap::HostBytes(2 * seq + 7 * token), &c, tp, 1, 16);
+            let mut r = StepRoom::new(StepCap::HostBytes(2 * seq + 7 * token), None, &c, tp, 1, 16);
             assert_eq!((r.take(0, 4), r.take(0, 10), r.take(0, 1)), (4, 3, 0));
             // Less than a sequence's bytes left: the first prefill still takes a token.
-            let mut r = StepRoom::new(StepCap::HostBytes(seq - 1), &c, tp, 1, 16);
+            let mut r = StepRoom::new(StepCap::HostBytes(seq - 1), None, &c, tp, 1, 16);
             assert_eq!((r.take(0, 10), r.take(0, 10)), (1, 0), "tp {tp}");
+            // A cap on prompt tokens as well: the tighter of the two holds.
+            let mut r = StepRoom::new(StepCap::HostBytes(ten), Some(4), &c, tp, 1, 16);
+            assert_eq!(
+                (r.take(0, 10), r.take(0, 1)),
+                (4, 0),
+                "tp {tp}: four tokens"
+            );
+            let mut r = StepRoom::new(StepCap::HostBytes(ten), Some(40), &c, tp, 1, 16);
+            assert_eq!(
+                (r.take(0, 30), r.take(0, 1)),
+                (10, 0),
+                "tp {tp}: ten tokens' bytes"
+            );
         }
     }
 
@@ -323,7 +333,7 @@ mod tests {
                 per_rank: ten,
                 elem,
             };
-            let mut r = StepRoom::new(cap, &c, tp, 2, 16);
+            let mut r = StepRoom::new(cap, None, &c, tp, 2, 16);
             assert_eq!(
                 (r.take(0, 10), r.take(0, 1)),
                 (10, 0),
@@ -333,11 +343,15 @@ mod tests {
             assert_eq!(r.take(1, 1), 0);
             // A decode on replica 1 leaves replica 0's room alone; replica 1 then has nine
             // tokens' bytes, less its prefill's own sequence bytes.
-            let mut r = StepRoom::new(cap, &c, tp, 2, 16);
+            let mut r = StepRoom::new(cap, None, &c, tp, 2, 16);
             r.charge(1, 1);
             let chunk = ((9 * token - seq) / token) as usize;
             assert!(chunk < 9, "tp {tp}: a sequence costs more than a token");
             assert_eq!((r.take(0, 10), r.take(1, 10), r.take(1, 1)), (10, chunk, 0));
+            // A cap on prompt tokens counts the whole step; a replica's first prefill still
+            // takes a token when the other replicas took it all.
+            let mut r = StepRoom::new(cap, Some(6), &c, tp, 2, 16);
+            assert_eq!((r.take(0, 10), r.take(1, 10), r.take(1, 1)), (6, 1, 0));
         }
         // The block table row: one 4-byte entry per block of the longest context.
         let long = ModelConfig {

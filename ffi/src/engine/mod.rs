@@ -340,6 +340,24 @@ pub unsafe extern "C" fn pat_engine_refresh_step_cap(
     })
 }
 
+/// Caps the prompt tokens one step (or one pass of a switch's recompute) prefills at `tokens`,
+/// besides what its activations may take in memory (`pat_engine_refresh_step_cap`); 0 lifts the
+/// cap. Decodes are not counted: the cap bounds how long a step that prefills keeps the running
+/// requests waiting. A longer queue is prefilled over more steps, a longer prompt in chunks (a
+/// step samples no token for a prompt until its last chunk is in); at least one token a step is
+/// prefilled whatever the cap. Switches keep it. Thread-safe (calls on one engine run one at a
+/// time).
+#[unsafe(no_mangle)]
+pub extern "C" fn pat_engine_cap_step_tokens(engine: *mut pat_engine, tokens: u64) -> pat_status {
+    guard(|| {
+        with_engine(engine, |s| {
+            let cap = usize::try_from(tokens).unwrap_or(usize::MAX);
+            s.engine.cap_step_tokens((cap > 0).then_some(cap));
+            Ok(())
+        })
+    })
+}
+
 /// Takes the finished request with the lowest index not taken yet: writes its record to `out`,
 /// its generated ids to `ids` and their count to `*n_ids`. Each output is taken once.
 /// `PAT_NO_OUTPUT`: none is waiting (step more). `PAT_BUFFER_TOO_SMALL`: `cap` is below the

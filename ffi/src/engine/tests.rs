@@ -23,7 +23,7 @@ fn llama_engine(world: u32, kv_blocks: u32) -> *mut pat_engine {
 }
 
 /// The step cap through the ABI is the engine's own: on CPU ranks the host's share read at
-/// load, `UINT64_MAX` under a test's token cap; a NULL out pointer is refused (`PAT_ERR_NULL`).
+/// load, whatever cap on prompt tokens is set; a NULL out pointer is refused (`PAT_ERR_NULL`).
 #[test]
 fn the_step_cap_reads_through_the_abi() {
     let e = llama_engine(1, 16);
@@ -34,17 +34,58 @@ fn the_step_cap_reads_through_the_abi() {
         let own = with_engine(e, |s| Ok(s.engine.step_cap_bytes())).unwrap();
         assert_eq!(Some(cap), own);
         assert!(cap > 0 && cap < u64::MAX, "cap {cap}");
-        with_engine(e, |s| {
-            s.engine.cap_step_tokens(Some(3));
-            Ok(())
-        })
-        .unwrap();
-        assert_eq!(pat_engine_refresh_step_cap(e, &mut cap), 0);
-        assert_eq!(cap, u64::MAX);
+        assert_eq!(pat_engine_cap_step_tokens(e, 3), 0);
+        let mut again = 0u64;
+        assert_eq!(pat_engine_refresh_step_cap(e, &mut again), 0);
+        assert_eq!(again, cap);
         let st = pat_engine_refresh_step_cap(e, null_mut());
         assert_eq!(st, crate::status::PAT_ERR_NULL);
     }
     pat_engine_free(e);
+}
+
+/// A cap on a step's prompt tokens through the ABI: a prompt of 7 tokens under a cap of 3 is
+/// fed 3 a step, sampling nothing until its last chunk; 0 lifts the cap (the engine's own
+/// setting, read apart from the ABI); the tokens are those of an uncapped run.
+#[test]
+fn a_step_token_cap_through_the_abi_feeds_a_prompt_in_chunks() {
+    let ids: Vec<u32> = (1..=7).map(|i| i * 11).collect();
+    let run = |cap: u64| -> (Vec<(u64, u64)>, Vec<u32>) {
+        let e = llama_engine(1, 16);
+        let mut steps = Vec::new();
+        let mut out = vec![0u32; 8];
+        // SAFETY: a live engine until freed below; local buffers and out pointers.
+        unsafe {
+            assert_eq!(pat_engine_cap_step_tokens(e, cap), 0);
+            let got = with_engine(e, |s| Ok(s.engine.step_prefill_tokens())).unwrap();
+            assert_eq!(got, (cap > 0).then_some(cap as usize));
+            let st = pat_engine_add_request(e, ids.as_ptr(), ids.len(), 3, 1, null_mut());
+            assert_eq!(st, 0);
+            let mut r = pat_step_report::default();
+            let mut info = pat_engine_info::default();
+            loop {
+                assert_eq!(pat_engine_step(e, &mut r), 0);
+                steps.push((r.tokens_in, r.tokens_out));
+                assert_eq!(pat_engine_get_info(e, &mut info), 0);
+                if info.n_live == 0 {
+                    break;
+                }
+            }
+            let mut rec = pat_output::default();
+            let mut n = 0usize;
+            let st = pat_engine_take_output(e, &mut rec, out.as_mut_ptr(), out.len(), &mut n);
+            assert_eq!(st, 0);
+            out.truncate(n);
+        }
+        pat_engine_free(e);
+        (steps, out)
+    };
+    let (chunked, tokens) = run(3);
+    assert_eq!(chunked, [(3, 0), (3, 0), (1, 1), (1, 1), (1, 1)]);
+    let (whole, uncapped) = run(0);
+    assert_eq!(whole, [(7, 1), (1, 1), (1, 1)]);
+    assert_eq!(tokens, uncapped);
+    assert_eq!(tokens.len(), 3);
 }
 
 /// A switch whose new pools are held short (a test's cap, as a full GPU would) reports the
