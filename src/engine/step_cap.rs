@@ -105,6 +105,8 @@ pub(super) struct StepRoom {
     per_seq: u64,
     /// Prompt tokens the whole step may still prefill (the caller's cap; `u64::MAX` if none).
     tokens: u64,
+    /// Whether any prefill was taken in the whole step.
+    any: bool,
 }
 
 impl StepRoom {
@@ -138,6 +140,7 @@ impl StepRoom {
             per_token,
             per_seq,
             tokens: tokens.map_or(u64::MAX, |n| n as u64),
+            any: false,
         }
     }
 
@@ -165,8 +168,8 @@ impl StepRoom {
     /// How many of the `feed` tokens a prefill on replica `replica` may take of what is left
     /// in bytes and prompt tokens (counted in; 0 when none fit): all of them, or the part of
     /// the prompt that fits (a chunk; the rest waits for later steps). The first prefill of a
-    /// step (of a replica, under a per-replica cap) takes at least one token whatever is left,
-    /// so every step makes progress.
+    /// step takes at least one token whatever is left, so every step makes progress; under a
+    /// per-replica cap so does each replica's first, while the cap on prompt tokens lasts.
     pub(super) fn take(&mut self, replica: usize, feed: usize) -> usize {
         let (per_token, per_seq) = (self.per_token, self.per_seq);
         let r = *self.room(replica);
@@ -180,9 +183,11 @@ impl StepRoom {
             .min(feed);
         let n = match (fit, r.prefilled) {
             (0, true) => return 0,
+            (0, false) if self.any && self.tokens == 0 => return 0,
             (0, false) => feed.min(1),
             (n, _) => n,
         };
+        self.any = true;
         let cost = self.cost(n);
         self.tokens = self.tokens.saturating_sub(n as u64);
         let r = self.room(replica);
@@ -197,8 +202,7 @@ impl Engine {
     /// what its activations may take in memory (decodes are not counted): a longer queue is
     /// prefilled over more steps, a longer prompt in chunks. A caller bounds by it how long a
     /// step that prefills keeps the decodes waiting; tests use it to make chunks. At least one
-    /// token a step (one per replica on GPU ranks) is prefilled whatever the cap. Switches keep
-    /// it; `None` lifts it.
+    /// token a step is prefilled whatever the cap. Switches keep it; `None` lifts it.
     pub fn cap_step_tokens(&mut self, tokens: Option<usize>) {
         self.prefill_tokens = tokens;
     }
@@ -348,10 +352,16 @@ mod tests {
             let chunk = ((9 * token - seq) / token) as usize;
             assert!(chunk < 9, "tp {tp}: a sequence costs more than a token");
             assert_eq!((r.take(0, 10), r.take(1, 10), r.take(1, 1)), (10, chunk, 0));
-            // A cap on prompt tokens counts the whole step; a replica's first prefill still
-            // takes a token when the other replicas took it all.
+            // A cap on prompt tokens counts the whole step: a replica's first prefill takes
+            // nothing once the other replicas took it all.
             let mut r = StepRoom::new(cap, Some(6), &c, tp, 2, 16);
-            assert_eq!((r.take(0, 10), r.take(1, 10), r.take(1, 1)), (6, 1, 0));
+            assert_eq!((r.take(0, 10), r.take(1, 10), r.take(1, 1)), (6, 0, 0));
+            let mut r = StepRoom::new(cap, Some(0), &c, tp, 2, 16);
+            assert_eq!((r.take(0, 10), r.take(1, 10)), (1, 0), "one token a step");
+            // Device bytes short on both replicas: each one's first prefill takes a token.
+            let tight = StepCap::DeviceBytes { per_rank: 0, elem };
+            let mut r = StepRoom::new(tight, None, &c, tp, 2, 16);
+            assert_eq!((r.take(0, 10), r.take(1, 10), r.take(1, 1)), (1, 1, 0));
         }
         // The block table row: one 4-byte entry per block of the longest context.
         let long = ModelConfig {
