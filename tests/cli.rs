@@ -282,6 +282,40 @@ fn live_switches_keep_generate_output_identical() {
             .collect();
         assert_eq!(switched, [(1, 2), (2, 4), (4, 1)], "--kv-transfer {mode}");
     }
+    // Switches while the prompt is fed one token a step: after its first and second tokens.
+    for mode in ["migrate", "recompute"] {
+        let o = pat(&[
+            "generate",
+            "--model",
+            ms,
+            "--world",
+            "4",
+            "--tp",
+            "1",
+            "--prompt-ids",
+            "5,6,7,8",
+            "--max-new-tokens",
+            "24",
+            "--ignore-eos",
+            "--prefill-tokens",
+            "1",
+            "--reconfigure",
+            "0:2",
+            "--reconfigure",
+            "1:4",
+            "--kv-transfer",
+            mode,
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{err}");
+        assert_eq!(String::from_utf8(o.stdout).unwrap(), base, "chunks, {mode}");
+        let switched = err
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v.get("from_tp").is_some())
+            .count();
+        assert_eq!(switched, 2, "chunks, {mode}: {err}");
+    }
     fails(
         &[
             "generate",

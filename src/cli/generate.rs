@@ -76,7 +76,8 @@ pub struct GenerateArgs {
     /// Switch the TP degree live after STEP decode steps (repeatable), e.g. --reconfigure 8:4.
     /// Steps are counted after the first (the prefill; a queue whose activations outgrow what a
     /// step may hold, half the available memory on the CPU, each rank's share of its GPU's free
-    /// memory on GPUs, is prefilled over several steps, a long prompt in chunks; they count too).
+    /// memory on GPUs, or --prefill-tokens, is prefilled over several steps, a long prompt in
+    /// chunks; they count too).
     /// Switch records go to stderr as JSON.
     #[arg(long, value_name = "STEP:TP")]
     pub reconfigure: Vec<super::switch::SwitchAt>,
