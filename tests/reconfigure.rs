@@ -471,3 +471,31 @@ fn switches_while_prompts_are_part_way_in_chunks_keep_the_tokens() {
         );
     }
 }
+
+#[test]
+fn prompts_waiting_for_the_step_cap_do_not_grow_short_pools() {
+    // A switch left the pools short of their goal (as a full GPU would); prompts that wait only
+    // for room in a step's cap on prompt tokens, with blocks to spare, leave the pools as they
+    // are: a growth takes memory (on a GPU, from a trainer sharing it) only for want of blocks.
+    let model = "llama";
+    let (max_new, gold) = golden(model);
+    let reqs = golden_requests(&gold, max_new);
+    let mut e = engine(&golden_dir(model), 4, 1, Dtype::F32, 1024);
+    e.add_requests(&reqs).unwrap();
+    e.step().unwrap();
+    e.cap_switch_pools(Some(64));
+    let r = e
+        .reconfigure(2, KvPolicy::Migrate, &cost(1e9, 1e3))
+        .unwrap();
+    assert!(r.kv_blocks_per_rank_goal > 64, "{r:?}");
+    e.cap_switch_pools(None);
+    e.cap_step_tokens(Some(1));
+    e.add_requests(&reqs).unwrap();
+    while e.live() > 0 {
+        let s = e.step().unwrap();
+        assert!(s.pool_growth.is_none(), "step {}: {s:?}", s.step);
+    }
+    for (o, g) in e.outputs().iter().zip(gold.iter().chain(&gold)) {
+        assert_eq!(o.output_ids, g.output_ids, "prompt {}", o.index);
+    }
+}

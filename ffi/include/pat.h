@@ -245,7 +245,8 @@ typedef struct pat_switch_report {
   // `pat_engine_grow_kv_pools` does now.
   uint64_t kv_blocks_goal;
   // Forward passes the recompute took: one, or more where the recomputed tokens' activations
-  // outgrow what one step may prefill (`pat_engine_refresh_step_cap`).
+  // outgrow what one step may prefill (`pat_engine_refresh_step_cap`) or the cap on a step's
+  // prompt tokens (`pat_engine_cap_step_tokens`); a long sequence is recomputed in chunks.
   uint64_t kv_recompute_passes;
 } pat_switch_report;
 
@@ -695,7 +696,8 @@ pat_status pat_engine_step(struct pat_engine *engine,
 // Errors before the swap (`PAT_ERR_INVALID_ARGUMENT`: same tp, a tp that does not split the
 // model or world, no live request; `PAT_RESOURCE_EXHAUSTED`: the new pools cannot hold the live
 // requests) leave the engine decoding at its old tp with nothing lost. If recomputing the KV
-// fails after the swap, the new tp is live and the next step prefills those requests again.
+// fails after the swap, the new tp is live and the next steps prefill what those requests' KV
+// lacks.
 // Thread-safe (calls on one engine run one at a time).
 //
 // # Safety

@@ -323,11 +323,11 @@ impl Engine {
         // The sequences that run this step: those already running, and waiting ones whose whole
         // footprint fits what their replica's pool has left (the rest wait for blocks to free),
         // each as far as the step's cap lets it feed.
-        let mut run = self.admitted();
-        if self.may_grow() && self.waiting_left_out(&run) {
+        let (mut run, short) = self.admitted();
+        if self.may_grow() && short {
             // Kept for this step's report (or, if the step fails, the next one's).
             self.growth = Some(self.grow_pools());
-            run = self.admitted();
+            run = self.admitted().0;
         }
         if run.is_empty() {
             if let Some((i, s)) = self

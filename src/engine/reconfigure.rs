@@ -7,7 +7,8 @@
 //! reuse comm groups -> recompute the sequences chosen for it. Every fallible step but the recompute
 //! runs before the swap, so such an error leaves the engine decoding in its old layout with
 //! nothing lost; a recompute failure (after the swap) returns the error with the new layout live
-//! and those sequences' caches empty, so the next step prefills them again.
+//! and the sequences it had not finished holding the KV its passes computed (none, or part),
+//! so the next steps prefill the rest.
 
 use std::time::Instant;
 
@@ -41,7 +42,8 @@ pub struct SwitchReport {
     pub kv_migrate_ms: f64,
     pub kv_recompute_ms: f64,
     /// Forward passes the recompute took: one, or more where the recomputed tokens' activations
-    /// outgrow a step's cap ([`STEP_CAP`](super::STEP_CAP)).
+    /// outgrow a step's cap ([`STEP_CAP`](super::STEP_CAP)) or the cap on a step's prompt
+    /// tokens (`Engine::cap_step_tokens`); a long sequence is recomputed in chunks.
     pub kv_recompute_passes: usize,
     /// Allocating the new layout's KV pools (not part of `kv_ms`).
     pub kv_alloc_ms: f64,

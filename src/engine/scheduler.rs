@@ -144,7 +144,10 @@ impl Engine {
     /// what is left. A prompt too long for that is fed in chunks over several steps and samples
     /// once its last chunk is in; the first prefill of a step takes at least one token whatever
     /// is left, so every step makes progress.
-    pub(super) fn admitted(&self) -> Vec<(usize, usize)> {
+    ///
+    /// Also says whether a waiting prompt was left out for want of blocks (not of room in the
+    /// step's cap): what a pool growth after a switch could change.
+    pub(super) fn admitted(&self) -> (Vec<(usize, usize)>, bool) {
         let bs = self.opts.block_size;
         let mut spare: Vec<usize> = self.allocs.iter().map(|a| a.free_blocks()).collect();
         let started = |s: &Sequence| s.cached > 0 || !s.table.is_empty();
@@ -170,9 +173,11 @@ impl Engine {
                 run.push((i, s.cached + n));
             }
         }
+        let mut short = false;
         for (i, s) in live().filter(|(_, s)| !started(s)) {
             let need = blocks_for(s.footprint(), bs);
             if need > spare[s.replica] {
+                short = true;
                 continue;
             }
             let n = room.take(s.replica, s.tokens.len());
@@ -182,7 +187,7 @@ impl Engine {
             }
         }
         run.sort_unstable();
-        run
+        (run, short)
     }
 
     /// A fresh room for one step's (or one recompute pass's) prefills under the current layout.
@@ -190,18 +195,6 @@ impl Engine {
         let (tp, dp) = (self.layout.tp, self.layout.dp());
         let (cap, tokens) = (self.step_cap, self.prefill_tokens);
         StepRoom::new(cap, tokens, &self.cfg, tp, dp, self.opts.block_size)
-    }
-
-    /// Whether a waiting sequence is left out of this step's `run` (its footprint does not fit
-    /// the blocks its replica has spare, or no part of its prompt the step's cap).
-    pub(super) fn waiting_left_out(&self, run: &[(usize, usize)]) -> bool {
-        // `run` is in request order.
-        self.seqs.iter().enumerate().any(|(i, s)| {
-            s.finished.is_none()
-                && s.cached == 0
-                && s.table.is_empty()
-                && run.binary_search_by_key(&i, |&(j, _)| j).is_err()
-        })
     }
 
     /// Whether the pools are short of their goal and no growth was tried since the last switch.

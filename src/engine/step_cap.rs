@@ -30,6 +30,10 @@ pub(super) enum StepCap {
     /// the replicas' ranks allocate at once, each on its own GPU or its share of one. A step
     /// that did not fit would fail, and so would every retry of it.
     DeviceBytes { per_rank: u64, elem: u64 },
+    /// GPU memory that could not be read (after a switch or a growth): each replica prefills
+    /// one sequence a step, all of it that the cap on prompt tokens allows, and the next step
+    /// reads the memory again.
+    Unread,
 }
 
 /// Host bytes a CPU step holds per rank whatever it feeds: rank threads, per-replica lists,
@@ -91,7 +95,7 @@ pub fn device_step_bytes(
 #[derive(Clone, Copy)]
 struct Room {
     left: u64,
-    /// Whether a prefill was taken: the first always is, so every step makes progress.
+    /// Whether a prefill was taken here (the first takes at least a token; see `take`).
     prefilled: bool,
 }
 
@@ -107,6 +111,9 @@ pub(super) struct StepRoom {
     tokens: u64,
     /// Whether any prefill was taken in the whole step.
     any: bool,
+    /// The cap in bytes is unknown (`StepCap::Unread`): a room's first prefill takes what the
+    /// cap on prompt tokens allows, nothing after it.
+    unread: bool,
 }
 
 impl StepRoom {
@@ -122,6 +129,7 @@ impl StepRoom {
     ) -> Self {
         let (left, per_token, per_seq, rooms) = match cap {
             StepCap::None => (u64::MAX, 0, 0, 1),
+            StepCap::Unread => (0, 1, 0, dp.max(1)),
             StepCap::HostBytes(b) => {
                 let token = host_step_bytes(cfg, tp, 1, 0);
                 (b, token, host_step_bytes(cfg, tp, 0, 1), 1)
@@ -141,6 +149,7 @@ impl StepRoom {
             per_seq,
             tokens: tokens.map_or(u64::MAX, |n| n as u64),
             any: false,
+            unread: cap == StepCap::Unread,
         }
     }
 
@@ -174,6 +183,7 @@ impl StepRoom {
         let (per_token, per_seq) = (self.per_token, self.per_seq);
         let r = *self.room(replica);
         let bytes = match (per_token, r.left.checked_sub(per_seq)) {
+            _ if self.unread && !r.prefilled => u64::MAX,
             (0, _) => u64::MAX,
             (t, Some(rest)) => rest / t,
             (_, None) => 0,
@@ -218,6 +228,7 @@ impl Engine {
     pub fn step_cap_bytes(&self) -> Option<u64> {
         match self.step_cap {
             StepCap::HostBytes(b) | StepCap::DeviceBytes { per_rank: b, .. } => Some(b),
+            StepCap::Unread => Some(0),
             StepCap::None => None,
         }
     }
@@ -236,15 +247,14 @@ impl Engine {
     }
 
     /// [`Engine::refresh_step_cap`] where generation goes on whatever happens (after a switch
-    /// or a growth): memory that cannot be read leaves one prefill per step (per replica on
-    /// GPU ranks), the least a step can take, rather than an old layout's budget, and the next
-    /// step reads again.
+    /// or a growth): memory that cannot be read leaves one prefill per replica a step
+    /// ([`StepCap::Unread`]: as much of one sequence as the cap on prompt tokens allows) rather
+    /// than an old layout's budget, and the next step reads again.
     pub(super) fn refresh_step_cap_or_least(&mut self) {
         self.step_cap_stale = self.refresh_step_cap().is_err();
         // Only GPU ranks read their memory after load.
         if self.step_cap_stale && self.ranks.backend() == "cuda" {
-            let elem = self.ranks.set_ref().elem_bytes();
-            self.step_cap = StepCap::DeviceBytes { per_rank: 0, elem };
+            self.step_cap = StepCap::Unread;
         }
     }
 }
@@ -358,6 +368,15 @@ mod tests {
             assert_eq!((r.take(0, 10), r.take(1, 10), r.take(1, 1)), (6, 0, 0));
             let mut r = StepRoom::new(cap, Some(0), &c, tp, 2, 16);
             assert_eq!((r.take(0, 10), r.take(1, 10)), (1, 0), "one token a step");
+            // Memory that could not be read: each replica's first prefill whole (up to the cap
+            // on prompt tokens), nothing after it.
+            let mut r = StepRoom::new(StepCap::Unread, None, &c, tp, 2, 16);
+            assert_eq!(
+                (r.take(0, 900), r.take(0, 1), r.take(1, 700)),
+                (900, 0, 700)
+            );
+            let mut r = StepRoom::new(StepCap::Unread, Some(100), &c, tp, 2, 16);
+            assert_eq!((r.take(0, 90), r.take(1, 700), r.take(1, 1)), (90, 10, 0));
             // Device bytes short on both replicas: each one's first prefill takes a token.
             let tight = StepCap::DeviceBytes { per_rank: 0, elem };
             let mut r = StepRoom::new(tight, None, &c, tp, 2, 16);

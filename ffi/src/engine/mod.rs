@@ -190,7 +190,8 @@ pub unsafe extern "C" fn pat_engine_step(
 /// Errors before the swap (`PAT_ERR_INVALID_ARGUMENT`: same tp, a tp that does not split the
 /// model or world, no live request; `PAT_RESOURCE_EXHAUSTED`: the new pools cannot hold the live
 /// requests) leave the engine decoding at its old tp with nothing lost. If recomputing the KV
-/// fails after the swap, the new tp is live and the next step prefills those requests again.
+/// fails after the swap, the new tp is live and the next steps prefill what those requests' KV
+/// lacks.
 /// Thread-safe (calls on one engine run one at a time).
 ///
 /// # Safety

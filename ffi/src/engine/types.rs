@@ -234,7 +234,8 @@ pub struct pat_switch_report {
     /// `pat_engine_grow_kv_pools` does now.
     pub kv_blocks_goal: u64,
     /// Forward passes the recompute took: one, or more where the recomputed tokens' activations
-    /// outgrow what one step may prefill (`pat_engine_refresh_step_cap`).
+    /// outgrow what one step may prefill (`pat_engine_refresh_step_cap`) or the cap on a step's
+    /// prompt tokens (`pat_engine_cap_step_tokens`); a long sequence is recomputed in chunks.
     pub kv_recompute_passes: u64,
 }
 
