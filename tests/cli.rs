@@ -230,22 +230,9 @@ fn live_switches_keep_generate_output_identical() {
     let tmp = tempfile::tempdir().unwrap();
     let m = tiny(tmp.path(), "qwen3");
     let ms = m.to_str().unwrap();
-    let base = ok(&[
-        "generate",
-        "--model",
-        ms,
-        "--world",
-        "4",
-        "--tp",
-        "1",
-        "--prompt-ids",
-        "5,6,7,8",
-        "--max-new-tokens",
-        "24",
-        "--ignore-eos",
-    ]);
-    for mode in ["migrate", "recompute", "auto"] {
-        let args = [
+    // The prompt on 4 ranks at tp 1, with `extra` flags.
+    let generate = |extra: &[&str]| {
+        let mut args = vec![
             "generate",
             "--model",
             ms,
@@ -258,63 +245,47 @@ fn live_switches_keep_generate_output_identical() {
             "--max-new-tokens",
             "24",
             "--ignore-eos",
+        ];
+        args.extend(extra);
+        let o = pat(&args);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{extra:?}: {err}");
+        // The switch records: one JSON object each on stderr, in order.
+        let switched: Vec<(u64, u64)> = err
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| Some((v.get("from_tp")?.as_u64()?, v["to_tp"].as_u64()?)))
+            .collect();
+        (String::from_utf8(o.stdout).unwrap(), switched)
+    };
+    let (base, _) = generate(&[]);
+    for mode in ["migrate", "recompute", "auto"] {
+        let plan = [
             "--reconfigure",
             "3:2",
             "--reconfigure",
             "9:4",
             "--reconfigure",
             "15:1",
-            "--kv-transfer",
-            mode,
         ];
-        let o = pat(&args);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        assert_eq!(
-            String::from_utf8(o.stdout).unwrap(),
-            base,
-            "--kv-transfer {mode}"
-        );
-        // Every planned switch happened: one JSON record each on stderr, in order.
-        let switched: Vec<(u64, u64)> = String::from_utf8_lossy(&o.stderr)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .map(|v| (v["from_tp"].as_u64().unwrap(), v["to_tp"].as_u64().unwrap()))
-            .collect();
+        let (out, switched) = generate(&[&plan[..], &["--kv-transfer", mode]].concat());
+        assert_eq!(out, base, "--kv-transfer {mode}");
+        // Every planned switch happened.
         assert_eq!(switched, [(1, 2), (2, 4), (4, 1)], "--kv-transfer {mode}");
     }
     // Switches while the prompt is fed one token a step: after its first and second tokens.
     for mode in ["migrate", "recompute"] {
-        let o = pat(&[
-            "generate",
-            "--model",
-            ms,
-            "--world",
-            "4",
-            "--tp",
-            "1",
-            "--prompt-ids",
-            "5,6,7,8",
-            "--max-new-tokens",
-            "24",
-            "--ignore-eos",
+        let plan = [
             "--prefill-tokens",
             "1",
             "--reconfigure",
             "0:2",
             "--reconfigure",
             "1:4",
-            "--kv-transfer",
-            mode,
-        ]);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(o.status.success(), "{err}");
-        assert_eq!(String::from_utf8(o.stdout).unwrap(), base, "chunks, {mode}");
-        let switched = err
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v.get("from_tp").is_some())
-            .count();
-        assert_eq!(switched, 2, "chunks, {mode}: {err}");
+        ];
+        let (out, switched) = generate(&[&plan[..], &["--kv-transfer", mode]].concat());
+        assert_eq!(out, base, "chunks, {mode}");
+        assert_eq!(switched.len(), 2, "chunks, {mode}: {switched:?}");
     }
     fails(
         &[

@@ -107,17 +107,13 @@ fn counts_agree_with_their_nouns() {
     // One request, static: no switch.
     let trace = dir.path().join("t.jsonl");
     std::fs::write(&trace, "{\"prompt_len\":3,\"response_len\":2}\n").unwrap();
-    let (_, err) = ok(&[
-        "rollout",
-        "--model",
-        &m,
-        "--trace",
-        trace.to_str().unwrap(),
-        "--world",
-        "1",
-        "--policy",
-        "static:1",
-    ]);
+    let rollout = |extra: &[&str]| {
+        let t = trace.to_str().unwrap();
+        let mut args = vec!["rollout", "--model", &m, "--trace", t, "--world", "1"];
+        args.extend(["--policy", "static:1"].iter().chain(extra));
+        ok(&args)
+    };
+    let (_, err) = rollout(&[]);
     assert!(
         err.contains("static:1: 1 request, 2 tokens in ")
             && err.contains(", 0 switches, final tp 1"),
@@ -125,19 +121,7 @@ fn counts_agree_with_their_nouns() {
     );
     // The prompt fed one token a step: its steps' records say so, and it samples only once the
     // last one is in.
-    let (out, err) = ok(&[
-        "rollout",
-        "--model",
-        &m,
-        "--trace",
-        trace.to_str().unwrap(),
-        "--world",
-        "1",
-        "--policy",
-        "static:1",
-        "--prefill-tokens",
-        "1",
-    ]);
+    let (out, err) = rollout(&["--prefill-tokens", "1"]);
     assert!(err.contains("static:1: 1 request, 2 tokens in "), "{err}");
     let steps: Vec<(u64, u64)> = out
         .lines()

@@ -232,3 +232,24 @@ pub fn short_pools_grow_when_a_step_needs_blocks<G>(
     }
     (r, g, grew[0].clone(), outs.len())
 }
+
+/// A switch cost model with a fixed copy rate and prefill rate (tokens/s at tp 1 and 4), no
+/// fixed costs.
+pub fn cost(transfer: f64, prefill: f64) -> CostModel {
+    CostModel {
+        transfer_bytes_per_s: transfer,
+        fixed_transfer_s: 0.0,
+        prefill_tokens_per_s: vec![(1, prefill), (4, prefill)],
+        fixed_prefill_s: 0.0,
+    }
+}
+
+/// Where each request's prompt ends in the queue of all their prompt tokens, in request order.
+pub fn prompt_ends(reqs: &[Request]) -> Vec<usize> {
+    reqs.iter()
+        .scan(0, |t, r| {
+            *t += r.input_ids.len();
+            Some(*t)
+        })
+        .collect()
+}
