@@ -55,6 +55,24 @@ fn a_step_token_cap_prefills_the_queue_in_chunks_with_the_same_tokens() {
             fed += r.prefill_tokens;
             let done = ends.iter().filter(|&&end| end <= fed).count();
             assert_eq!(e.unprefilled(), n - done, "{at} step {}", r.step);
+            // What the policy is told: a prompt part way in holds the KV of the tokens fed so
+            // far (none while it waits), one decoding all but its last sampled token.
+            for s in e.live_seqs() {
+                let (end, len) = (ends[s.index], lens[s.index]);
+                let fed_here = fed.saturating_sub(end - len).min(len);
+                let want = if fed_here < len {
+                    (len, fed_here)
+                } else {
+                    (s.context, s.context - 1)
+                };
+                assert_eq!(
+                    (s.context, s.kv),
+                    want,
+                    "{at} step {} seq {}",
+                    r.step,
+                    s.index
+                );
+            }
             assert!(r.tokens_out <= r.live_per_replica.iter().sum(), "{at}");
         }
         assert_eq!(fed, total, "{at}");

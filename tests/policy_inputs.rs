@@ -113,6 +113,7 @@ fn the_policy_does_not_act_inside_the_profiles_spread() {
         index: 0,
         replica: 0,
         context: 100,
+        kv: 100,
         generated: 0,
         max_new_tokens: 1000,
         group: None,

@@ -322,8 +322,8 @@ def main():
         sys.exit(__doc__)
     lib = load(sys.argv[1])
     model_dir = sys.argv[2] if len(sys.argv) > 2 else "tests/data/golden/llama"
-    if lib.pat_abi_version() != 2:
-        sys.exit(f"foreign_reshard: written for ABI 2, the library has {lib.pat_abi_version()}")
+    if lib.pat_abi_version() != 3:
+        sys.exit(f"foreign_reshard: written for ABI 3, the library has {lib.pat_abi_version()}")
     model = C.c_void_p()
     check(lib, lib.pat_model_open(model_dir.encode(), C.byref(model)), "pat_model_open")
     dims = Dims()

@@ -46,7 +46,9 @@
 // a library of another version may lay out structs differently. 2: `pat_switch_report` gained
 // `kv_blocks_goal` and `kv_recompute_passes`; `pat_engine_grow_kv_pools` and
 // `pat_engine_refresh_step_cap` were added (functions alone do not change the version).
-#define PAT_ABI_VERSION 2
+// 3: `pat_step_report` gained `prefill_tokens`, and `pat_live_seq` `kv_tokens` (what a switch
+// moves; `pat_policy_decide` costs a switch by it).
+#define PAT_ABI_VERSION 3
 
 // Weights as f32 (the reference).
 #define PAT_DTYPE_F32 0
@@ -186,8 +188,12 @@ typedef struct pat_step_report {
   uint64_t step;
   // Tokens fed through the model (prefill + decode).
   uint64_t tokens_in;
-  // Tokens sampled.
+  // Tokens sampled: one per decoding request, and one per prompt whose last chunk went in
+  // (a prompt fed in chunks samples nothing before that).
   uint64_t tokens_out;
+  // Of `tokens_in`, the prompt tokens (and those of requests prefilled again): at most
+  // the cap of `pat_engine_cap_step_tokens`, when one is set.
+  uint64_t prefill_tokens;
   // Requests that finished in this step.
   uint64_t finished;
   double elapsed_ms;
@@ -297,15 +303,20 @@ typedef struct pat_engine_info {
 } pat_engine_info;
 
 // A live sequence: what `pat_engine_live` reports, and what `pat_policy_decide` reads
-// (`replica`, `context`, `generated`, `est_remaining`).
+// (`replica`, `context`, `kv_tokens`, `generated`, `est_remaining`).
 typedef struct pat_live_seq {
   // Request index.
   uint64_t index;
   // Its replica in the current layout (0 .. world / tp - 1).
   uint32_t replica;
   uint32_t reserved;
-  // Tokens so far (prompt + generated): the KV it holds.
+  // Tokens so far (prompt + generated): what its decode steps attend over.
   uint64_t context;
+  // Of `context`, the tokens whose KV it holds now: what a switch moves or recomputes.
+  // `context - 1` for a request decoding (its last sampled token is not in yet), fewer for a
+  // prompt part way in, 0 for one waiting for room. `pat_policy_decide` refuses a value above
+  // `context`; fill it with `context` for a request that holds all of its KV.
+  uint64_t kv_tokens;
   uint64_t generated;
   uint64_t max_new_tokens;
   // Estimated tokens still to generate; NaN (what `pat_engine_live` writes) lets
@@ -917,10 +928,11 @@ struct pat_policy_params pat_policy_default_params(void);
 // best one is taken when it beats staying by `margin` and `min_gain_ms` (`pat::policy::decide`).
 // Pure: nothing is kept between calls. `profile_json` is `len` bytes of profile JSON (what
 // `pat profile` writes; UTF-8, no NUL needed); `live` holds `n_live` sequences (only `replica`,
-// `context`, `generated` and `est_remaining` are read: `pat_engine_live` fills them). `params`
-// is required (`current_tp`). Errors: `PAT_ERR_BAD_FILE` (malformed profile),
-// `PAT_ERR_INVALID_ARGUMENT` (a bad tp, margin, replica, estimate, or a candidate without step
-// times in the profile). Thread-safe.
+// `context`, `kv_tokens`, `generated` and `est_remaining` are read: `pat_engine_live` fills
+// them; a switch is costed by the `kv_tokens` it moves). `params` is required (`current_tp`).
+// Errors: `PAT_ERR_BAD_FILE` (malformed profile), `PAT_ERR_INVALID_ARGUMENT` (a bad tp,
+// margin, replica, estimate, `kv_tokens` above `context`, or a candidate without step times in
+// the profile). Thread-safe.
 //
 // # Safety
 // `profile_json` holds `len` bytes; `params` is a readable `pat_policy_params` whose arrays hold

@@ -32,7 +32,9 @@ pub use status::*;
 /// a library of another version may lay out structs differently. 2: `pat_switch_report` gained
 /// `kv_blocks_goal` and `kv_recompute_passes`; `pat_engine_grow_kv_pools` and
 /// `pat_engine_refresh_step_cap` were added (functions alone do not change the version).
-pub const PAT_ABI_VERSION: u32 = 2;
+/// 3: `pat_step_report` gained `prefill_tokens`, and `pat_live_seq` `kv_tokens` (what a switch
+/// moves; `pat_policy_decide` costs a switch by it).
+pub const PAT_ABI_VERSION: u32 = 3;
 
 /// The ABI version of the loaded library (equal to `PAT_ABI_VERSION` of the header it was built
 /// from). Thread-safe.

@@ -100,6 +100,16 @@ pub struct pat_decision {
 }
 
 fn estimates(p: &pat_policy_params, live: &[pat_live_seq]) -> FfiResult<Vec<f64>> {
+    if let Some((i, s)) = live
+        .iter()
+        .enumerate()
+        .find(|(_, s)| s.kv_tokens > s.context)
+    {
+        return Err(Fail::Invalid(format!(
+            "live[{i}].kv_tokens is {} but its context is {}: a sequence holds the KV of at most its tokens",
+            s.kv_tokens, s.context
+        )));
+    }
     // NaN asks for an estimate; anything else must be finite and >= 0.
     let bad = |x: f64| x < 0.0 || x.is_infinite();
     if let Some((i, s)) = live.iter().enumerate().find(|(_, s)| bad(s.est_remaining)) {
@@ -144,10 +154,11 @@ fn estimates(p: &pat_policy_params, live: &[pat_live_seq]) -> FfiResult<Vec<f64>
 /// best one is taken when it beats staying by `margin` and `min_gain_ms` (`pat::policy::decide`).
 /// Pure: nothing is kept between calls. `profile_json` is `len` bytes of profile JSON (what
 /// `pat profile` writes; UTF-8, no NUL needed); `live` holds `n_live` sequences (only `replica`,
-/// `context`, `generated` and `est_remaining` are read: `pat_engine_live` fills them). `params`
-/// is required (`current_tp`). Errors: `PAT_ERR_BAD_FILE` (malformed profile),
-/// `PAT_ERR_INVALID_ARGUMENT` (a bad tp, margin, replica, estimate, or a candidate without step
-/// times in the profile). Thread-safe.
+/// `context`, `kv_tokens`, `generated` and `est_remaining` are read: `pat_engine_live` fills
+/// them; a switch is costed by the `kv_tokens` it moves). `params` is required (`current_tp`).
+/// Errors: `PAT_ERR_BAD_FILE` (malformed profile), `PAT_ERR_INVALID_ARGUMENT` (a bad tp,
+/// margin, replica, estimate, `kv_tokens` above `context`, or a candidate without step times in
+/// the profile). Thread-safe.
 ///
 /// # Safety
 /// `profile_json` holds `len` bytes; `params` is a readable `pat_policy_params` whose arrays hold
@@ -206,9 +217,9 @@ pub unsafe extern "C" fn pat_policy_decide(
             .map(|(s, est_remaining)| EstimatedSeq {
                 replica: s.replica as usize,
                 context: s.context as usize,
+                kv: s.kv_tokens as usize,
                 generated: s.generated as usize,
                 est_remaining,
-                // The C struct does not say; a live sequence of an engine holds its KV.
                 cached: true,
             })
             .collect();

@@ -15,6 +15,7 @@ use pat_ffi::*;
 struct Live {
     replica: u32,
     context: u64,
+    kv_tokens: u64,
     generated: u64,
     est_remaining: f64,
 }
@@ -77,6 +78,7 @@ fuzz_target!(|inp: Input| {
             replica: l.replica % 9,
             reserved: 0,
             context: l.context,
+            kv_tokens: l.kv_tokens,
             generated: l.generated,
             max_new_tokens: 0,
             est_remaining: l.est_remaining,

@@ -287,6 +287,7 @@ impl Engine {
                 index,
                 replica: s.replica,
                 context: s.tokens.len(),
+                kv: s.cached,
                 generated: s.generated(),
                 max_new_tokens: s.max_new,
                 group: None,

@@ -26,8 +26,11 @@ pub struct LiveSeq {
     pub index: usize,
     /// Its replica in the current layout (0 .. world / tp).
     pub replica: usize,
-    /// Tokens so far (prompt + generated): the KV the sequence holds.
+    /// Tokens so far (prompt + generated).
     pub context: usize,
+    /// Of those, the tokens whose KV it holds now: what a switch moves or recomputes. Below
+    /// `context` for a prompt part way in (chunked prefill) and 0 for one waiting for room.
+    pub kv: usize,
     pub generated: usize,
     /// Its cap: the true response length when lengths are forced (a trace replay, ignore_eos),
     /// which only the oracle estimator reads.
@@ -160,11 +163,12 @@ impl<'a> Controller<'a> {
             .map(|(s, est_remaining)| EstimatedSeq {
                 replica: s.replica,
                 context: s.context,
+                kv: s.kv.min(s.context),
                 generated: s.generated,
                 est_remaining,
-                // Sources do not say which live sequences wait without KV; taken as holding it
-                // (telling the rule, tried with the simulator's node, did not decide better:
-                // benches/RESULTS.md, 2026-12-02).
+                // The forecast takes every live sequence as holding its KV (telling it which
+                // wait without, tried with the simulator's node, did not decide better:
+                // benches/RESULTS.md, 2026-12-02); a switch's cost counts only `kv`.
                 cached: true,
             })
             .collect())

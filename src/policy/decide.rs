@@ -156,13 +156,16 @@ impl SwitchCost {
 pub struct EstimatedSeq {
     /// Its replica in the current layout (0 .. world / current_tp).
     pub replica: usize,
-    /// Cached tokens (prompt + generated).
+    /// Tokens so far (prompt + generated): the context its decode steps attend over.
     pub context: usize,
+    /// Tokens whose KV it holds now (at most `context`): what a switch now moves or recomputes.
+    /// Below `context` for a prompt part way in, 0 for one that never ran.
+    pub kv: usize,
     pub generated: usize,
     /// Estimated tokens still to generate (rounded up to whole steps, at least 1).
     pub est_remaining: f64,
-    /// It holds its KV; `false`: it lost it (preempted, or waiting for room) and prefills its
-    /// context when it runs again.
+    /// The forecast takes it as holding its KV; `false`: it lost it (preempted, or waiting for
+    /// room) and prefills its context when it runs again (and a switch moves none of it).
     pub cached: bool,
 }
 
@@ -170,6 +173,15 @@ impl EstimatedSeq {
     pub fn steps(&self) -> usize {
         (self.est_remaining.ceil().max(1.0)) as usize
     }
+}
+
+/// The KV tokens a switch moves or recomputes: each sequence's `kv`, of those the forecast
+/// takes as holding it.
+fn switched_kv(live: &[EstimatedSeq]) -> Vec<usize> {
+    live.iter()
+        .filter(|s| s.cached && s.kv > 0)
+        .map(|s| s.kv.min(s.context))
+        .collect()
 }
 
 /// Everything the rule needs; nothing about the engine.
@@ -263,12 +275,7 @@ pub fn decide(inp: &DecideInput) -> Result<Decision> {
         room(inp, cur),
     );
     // A switch moves the KV of the sequences that hold it; the others prefill when they run.
-    let contexts: Vec<usize> = inp
-        .live
-        .iter()
-        .filter(|s| s.cached)
-        .map(|s| s.context)
-        .collect();
+    let contexts = switched_kv(inp.live);
     let mut out = Decision {
         stay: true,
         to_tp: cur,
@@ -371,7 +378,7 @@ impl Later {
         );
         // `group` keeps live order within a replica: the n-th of replica r is progress[r][n].
         let mut next = vec![0usize; dp];
-        let (mut live, mut contexts) = (Vec::new(), Vec::new());
+        let mut live = Vec::new();
         for s in inp.live {
             let n = next[s.replica];
             next[s.replica] += 1;
@@ -379,21 +386,23 @@ impl Later {
             if ran >= s.steps() {
                 continue;
             }
-            let moved = EstimatedSeq {
+            live.push(EstimatedSeq {
                 context: s.context + ran,
+                // One that ran holds all its tokens' KV; one that did not, what it held.
+                kv: match (holds_kv, ran) {
+                    (false, _) => 0,
+                    (true, 0) => s.kv,
+                    (true, _) => s.context + ran,
+                },
                 generated: s.generated + ran,
                 est_remaining: s.est_remaining - ran as f64,
                 cached: holds_kv,
                 ..*s
-            };
-            if holds_kv {
-                contexts.push(moved.context);
-            }
-            live.push(moved);
+            });
         }
         Ok(Later {
+            contexts: switched_kv(&live),
             live,
-            contexts,
             before_ms: part.ms,
         })
     }

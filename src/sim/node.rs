@@ -333,6 +333,12 @@ impl StepSource for Node<'_> {
                 index: self.seqs[i].index,
                 replica: self.seqs[i].replica,
                 context: self.context(i),
+                // A queued sequence lost its KV (or never had it): a switch moves none of it.
+                kv: if self.seqs[i].cached {
+                    self.context(i)
+                } else {
+                    0
+                },
                 generated: self.generated(i),
                 max_new_tokens: self.seqs[i].target,
                 group: self.seqs[i].group,

@@ -193,6 +193,8 @@ pub fn fresh_batch(
             index,
             replica,
             context: p,
+            // Placed before the prefill; taken as in by the first step a switch may come.
+            kv: p,
             generated: 0,
             max_new_tokens: r,
             group: groups.get(index).copied().flatten(),

@@ -177,6 +177,7 @@ pub unsafe extern "C" fn pat_engine_step(
             step: r.step as u64,
             tokens_in: r.tokens_in as u64,
             tokens_out: r.tokens_out as u64,
+            prefill_tokens: r.prefill_tokens as u64,
             finished: r.finished as u64,
             elapsed_ms: r.elapsed_ms,
         });
@@ -462,6 +463,7 @@ pub unsafe extern "C" fn pat_engine_live(
                     replica: u32_of(l.replica),
                     reserved: 0,
                     context: l.context as u64,
+                    kv_tokens: l.kv as u64,
                     generated: l.generated as u64,
                     max_new_tokens: l.max_new_tokens as u64,
                     est_remaining: f64::NAN,

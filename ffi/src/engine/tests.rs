@@ -45,12 +45,13 @@ fn the_step_cap_reads_through_the_abi() {
 }
 
 /// A cap on a step's prompt tokens through the ABI: a prompt of 7 tokens under a cap of 3 is
-/// fed 3 a step, sampling nothing until its last chunk; 0 lifts the cap (the engine's own
-/// setting, read apart from the ABI); the tokens are those of an uncapped run.
+/// fed 3 a step, sampling nothing until its last chunk (the report's `prefill_tokens`: 3, 3,
+/// 1); 0 lifts the cap (the engine's own setting, read apart from the ABI); the tokens are
+/// those of an uncapped run.
 #[test]
 fn a_step_token_cap_through_the_abi_feeds_a_prompt_in_chunks() {
     let ids: Vec<u32> = (1..=7).map(|i| i * 11).collect();
-    let run = |cap: u64| -> (Vec<(u64, u64)>, Vec<u32>) {
+    let run = |cap: u64| -> (Vec<(u64, u64, u64)>, Vec<u32>) {
         let e = llama_engine(1, 16);
         let mut steps = Vec::new();
         let mut out = vec![0u32; 8];
@@ -65,7 +66,7 @@ fn a_step_token_cap_through_the_abi_feeds_a_prompt_in_chunks() {
             let mut info = pat_engine_info::default();
             loop {
                 assert_eq!(pat_engine_step(e, &mut r), 0);
-                steps.push((r.tokens_in, r.tokens_out));
+                steps.push((r.tokens_in, r.prefill_tokens, r.tokens_out));
                 assert_eq!(pat_engine_get_info(e, &mut info), 0);
                 if info.n_live == 0 {
                     break;
@@ -81,9 +82,12 @@ fn a_step_token_cap_through_the_abi_feeds_a_prompt_in_chunks() {
         (steps, out)
     };
     let (chunked, tokens) = run(3);
-    assert_eq!(chunked, [(3, 0), (3, 0), (1, 1), (1, 1), (1, 1)]);
+    assert_eq!(
+        chunked,
+        [(3, 3, 0), (3, 3, 0), (1, 1, 1), (1, 0, 1), (1, 0, 1)]
+    );
     let (whole, uncapped) = run(0);
-    assert_eq!(whole, [(7, 1), (1, 1), (1, 1)]);
+    assert_eq!(whole, [(7, 7, 1), (1, 0, 1), (1, 0, 1)]);
     assert_eq!(tokens, uncapped);
     assert_eq!(tokens.len(), 3);
 }

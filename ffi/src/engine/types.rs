@@ -157,15 +157,19 @@ pub struct pat_step_report {
     pub step: u64,
     /// Tokens fed through the model (prefill + decode).
     pub tokens_in: u64,
-    /// Tokens sampled.
+    /// Tokens sampled: one per decoding request, and one per prompt whose last chunk went in
+    /// (a prompt fed in chunks samples nothing before that).
     pub tokens_out: u64,
+    /// Of `tokens_in`, the prompt tokens (and those of requests prefilled again): at most
+    /// the cap of `pat_engine_cap_step_tokens`, when one is set.
+    pub prefill_tokens: u64,
     /// Requests that finished in this step.
     pub finished: u64,
     pub elapsed_ms: f64,
 }
 
 /// A live sequence: what `pat_engine_live` reports, and what `pat_policy_decide` reads
-/// (`replica`, `context`, `generated`, `est_remaining`).
+/// (`replica`, `context`, `kv_tokens`, `generated`, `est_remaining`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct pat_live_seq {
@@ -174,8 +178,13 @@ pub struct pat_live_seq {
     /// Its replica in the current layout (0 .. world / tp - 1).
     pub replica: u32,
     pub reserved: u32,
-    /// Tokens so far (prompt + generated): the KV it holds.
+    /// Tokens so far (prompt + generated): what its decode steps attend over.
     pub context: u64,
+    /// Of `context`, the tokens whose KV it holds now: what a switch moves or recomputes.
+    /// `context - 1` for a request decoding (its last sampled token is not in yet), fewer for a
+    /// prompt part way in, 0 for one waiting for room. `pat_policy_decide` refuses a value above
+    /// `context`; fill it with `context` for a request that holds all of its KV.
+    pub kv_tokens: u64,
     pub generated: u64,
     pub max_new_tokens: u64,
     /// Estimated tokens still to generate; NaN (what `pat_engine_live` writes) lets

@@ -41,8 +41,23 @@ fn greedy_tokens_through_a_live_switch_match_transformers() {
             PAT_NO_OUTPUT,
             "no finished request",
         );
-        for _ in 0..3 {
-            expect(pat_engine_step(e, null_mut()), PAT_OK, "");
+        // Step 0 feeds every prompt whole (no cap) and samples each once; then decodes.
+        let fed: usize = prompts.iter().map(|(ids, _)| ids.len()).sum();
+        let n_req = prompts.len() as u64;
+        for step in 0..3 {
+            let mut r = pat_step_report::default();
+            expect(pat_engine_step(e, &mut r), PAT_OK, "");
+            let want = if step == 0 { fed as u64 } else { 0 };
+            assert_eq!(
+                (
+                    r.step,
+                    r.prefill_tokens,
+                    r.tokens_in - r.prefill_tokens,
+                    r.tokens_out
+                ),
+                (step, want, if step == 0 { 0 } else { n_req }, n_req),
+                "step {step}"
+            );
         }
         let mut live = vec![pat_live_seq::default(); 8];
         expect(
@@ -54,6 +69,13 @@ fn greedy_tokens_through_a_live_switch_match_transformers() {
         assert!(live[..n]
             .iter()
             .all(|s| s.generated == 3 && s.est_remaining.is_nan()));
+        // Each holds the KV of its prompt and of all but its last sampled token.
+        for (s, (ids, _)) in live[..n].iter().zip(&prompts) {
+            assert_eq!(
+                (s.context, s.kv_tokens),
+                ((ids.len() + 3) as u64, (ids.len() + 2) as u64)
+            );
+        }
 
         let mut sp = pat_switch_default_params();
         sp.new_tp = 2;

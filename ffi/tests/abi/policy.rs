@@ -24,6 +24,7 @@ fn seq(replica: u32, context: u64, generated: u64, est: f64) -> pat_live_seq {
     pat_live_seq {
         replica,
         context,
+        kv_tokens: context,
         generated,
         est_remaining: est,
         ..Default::default()
@@ -71,6 +72,7 @@ fn stragglers_switch_up_and_a_full_batch_stays() {
         .map(|s| EstimatedSeq {
             replica: s.replica as usize,
             context: s.context as usize,
+            kv: s.kv_tokens as usize,
             generated: s.generated as usize,
             est_remaining: s.est_remaining,
             cached: true,
@@ -119,6 +121,16 @@ fn stragglers_switch_up_and_a_full_batch_stays() {
         PAT_ERR_INVALID_ARGUMENT,
         "struct_size",
     );
+
+    // Stragglers holding none of their KV (waiting for room): the switch moves none, so it
+    // costs what a switch with no live KV costs, less than with it.
+    let waiting = tail.map(|s| pat_live_seq { kv_tokens: 0, ..s });
+    let (st, w) = call(&json, &p, &waiting);
+    expect(st, PAT_OK, "");
+    let bare = switch.cost(1, w.to_tp as usize, &[]).total_ms;
+    assert!(!w.stay && w.switch_cost_ms == bare, "{w:?} vs {bare}");
+    let held = switch.cost(1, w.to_tp as usize, &[9000, 8500]).total_ms;
+    assert!(bare < held, "{bare} vs {held}");
 
     // A full batch about to finish stays: the switch would cost more than it saves.
     let full: Vec<pat_live_seq> = (0..256).map(|i| seq(i % 8, 600, 100, 5.0)).collect();
@@ -172,6 +184,12 @@ fn bad_profiles_and_params_are_errors() {
     expect(st, PAT_ERR_INVALID_ARGUMENT, "margin");
     let (st, _) = call(&json, &p1, &[seq(9, 100, 10, 50.0)]);
     expect(st, PAT_ERR_INVALID_ARGUMENT, "replica 9");
+    let more_kv = pat_live_seq {
+        kv_tokens: 101,
+        ..seq(0, 100, 10, 50.0)
+    };
+    let (st, _) = call(&json, &p1, &[live[0], more_kv]);
+    expect(st, PAT_ERR_INVALID_ARGUMENT, "live[1].kv_tokens is 101");
     let mut d = pat_decision::default();
     // SAFETY: NULL params and NULL profile are what is tested; the rest are locals.
     unsafe {

@@ -103,6 +103,7 @@ fn live(n: usize, replicas: usize, est: f64, context: usize) -> Vec<EstimatedSeq
         .map(|i| EstimatedSeq {
             replica: i % replicas,
             context,
+            kv: context,
             generated: 0,
             est_remaining: est,
             cached: true,
@@ -181,6 +182,28 @@ fn one_straggler_switches_to_a_higher_tp() {
 }
 
 #[test]
+fn a_switch_costs_the_kv_a_sequence_holds_not_its_context() {
+    // The straggler above at context 5000 (the forecast's input), but holding the KV of only
+    // 500 tokens (a prompt part way in): the switch moves 500 tokens' KV, 1000 + 250 = 1250 ms,
+    // and pays as at context 500. Holding none (a prompt waiting): 1000 ms fixed alone, 13200.
+    let pred = ladder_predictor();
+    let sw = switch_cost(1000.0);
+    let run = |kv: usize| {
+        let seqs = vec![EstimatedSeq {
+            kv,
+            ..live(1, 2, 5000.0, 5000)[0]
+        }];
+        decide(&input(4, 2, &seqs, &pred, &sw)).unwrap()
+    };
+    let d = run(500);
+    assert!(!d.stay && d.to_tp == 4, "{d:?}");
+    assert!(close(d.predicted_best_ms, 13450.0, 1e-12) && close(d.switch_cost_ms, 1250.0, 1e-12));
+    let d = run(0);
+    assert!(!d.stay && close(d.switch_cost_ms, 1000.0, 1e-12), "{d:?}");
+    assert!(close(d.predicted_best_ms, 13200.0, 1e-12), "{d:?}");
+}
+
+#[test]
 fn decide_rejects_bad_input() {
     let pred = ladder_predictor();
     let sw = switch_cost(0.0);
@@ -211,6 +234,7 @@ fn lookahead_defers_a_switch_until_waiting_stops_paying() {
         .map(|i| EstimatedSeq {
             replica: usize::from(i >= 62),
             context: 0,
+            kv: 0,
             generated: 6528,
             est_remaining: 1472.0,
             cached: true,
@@ -219,6 +243,7 @@ fn lookahead_defers_a_switch_until_waiting_stops_paying() {
     seqs.push(EstimatedSeq {
         replica: 0,
         context: 0,
+        kv: 0,
         generated: 6528,
         est_remaining: 17472.0,
         cached: true,
@@ -256,6 +281,7 @@ fn ladder_case() -> (Predictor, SwitchCost, Vec<EstimatedSeq>) {
         .map(|i| EstimatedSeq {
             replica: i % 4,
             context: 0,
+            kv: 0,
             generated: 0,
             est_remaining: if i == 0 { 1600.0 } else { 100.0 },
             cached: true,
@@ -301,6 +327,7 @@ fn a_follow_up_is_assumed_only_when_the_switch_budget_allows_it() {
             index,
             replica: s.replica,
             context: 0,
+            kv: 0,
             generated: 0,
             max_new_tokens: s.est_remaining as usize,
             group: None,
