@@ -2,6 +2,7 @@
 //! The commands live in `cli/` (binary-only): they parse arguments, call the `pat` library and
 //! print; library errors name parameters, and `cli::flag_names` turns those into flags.
 
+#[macro_use]
 mod cli;
 
 use std::process::ExitCode;
@@ -23,7 +24,7 @@ fn main() -> ExitCode {
                     ExitCode::from(CLOSED_PIPE)
                 }
                 Err(io) => {
-                    eprintln!("error: <stdout>: {io}");
+                    errln!("error: <stdout>: {io}");
                     ExitCode::FAILURE
                 }
                 Ok(()) => ExitCode::from(e.exit_code().clamp(0, 255) as u8),
@@ -31,7 +32,7 @@ fn main() -> ExitCode {
         }
     };
     if let Err(e) = cli::check_env() {
-        eprintln!("error: {e}");
+        errln!("error: {e}");
         return ExitCode::FAILURE;
     }
     match cli::run(args) {
@@ -40,11 +41,11 @@ fn main() -> ExitCode {
         Err(e) if cli::common::is_closed_pipe(&e) => ExitCode::from(CLOSED_PIPE),
         // A file's content names its own keys: only argument errors get their flag names.
         Err(e) if e.kind() == pat::error::ErrorKind::BadFile => {
-            eprintln!("error: {e}");
+            errln!("error: {e}");
             ExitCode::FAILURE
         }
         Err(e) => {
-            eprintln!("error: {}", cli::flag_names(&e.to_string()));
+            errln!("error: {}", cli::flag_names(&e.to_string()));
             ExitCode::FAILURE
         }
     }

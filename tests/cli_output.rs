@@ -80,6 +80,90 @@ fn closed_or_full_stdout_is_never_a_panic() {
 }
 
 #[test]
+fn closed_or_full_stderr_loses_no_output() {
+    // stderr carries progress, switch records and warnings: where it cannot be written (full,
+    // or its reader gone) they are lost, but the command still succeeds with its stdout and its
+    // files those of a run that could write them.
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let generate = [
+        "generate",
+        "--model",
+        &m,
+        "--world",
+        "2",
+        "--prompt-ids",
+        "5,6,7",
+        "--max-new-tokens",
+        "6",
+        "--ignore-eos",
+        "--reconfigure",
+        "2:2",
+    ];
+    let (want, err) = ok(&generate);
+    assert!(
+        err.contains("\"to_tp\":2"),
+        "a switch record on stderr: {err}"
+    );
+    let prof = dir.path().join("p.json");
+    let profile = [
+        "profile",
+        "--model",
+        &m,
+        "--world",
+        "1",
+        "--contexts",
+        "8,16",
+        "--batches",
+        "1,2",
+        "--steps",
+        "1",
+        "--out",
+        prof.to_str().unwrap(),
+    ];
+    for closed in [false, true] {
+        let run = |args: &[&str]| {
+            let mut child = Command::new(env!("CARGO_BIN_EXE_pat"))
+                .args(args)
+                .stdout(Stdio::piped())
+                .stderr(if closed {
+                    Stdio::piped()
+                } else {
+                    match std::fs::OpenOptions::new().write(true).open("/dev/full") {
+                        Ok(full) => Stdio::from(full),
+                        Err(_) => Stdio::piped(),
+                    }
+                })
+                .spawn()
+                .unwrap();
+            drop(child.stderr.take());
+            child.wait_with_output().unwrap()
+        };
+        let o = run(&generate);
+        assert!(
+            o.status.success(),
+            "generate, stderr closed {closed}: {:?}",
+            o.status
+        );
+        assert_eq!(
+            String::from_utf8(o.stdout).unwrap(),
+            want,
+            "closed {closed}"
+        );
+        let _ = std::fs::remove_file(&prof);
+        let o = run(&profile);
+        assert!(
+            o.status.success(),
+            "profile, stderr closed {closed}: {:?}",
+            o.status
+        );
+        let text = std::fs::read_to_string(&prof).expect("the profile is written");
+        assert!(text.contains("\"decode\""), "{text}");
+    }
+}
+
+#[test]
 fn counts_agree_with_their_nouns() {
     let dir = tempfile::tempdir().unwrap();
     let m = tiny(dir.path());

@@ -117,7 +117,7 @@ pub(super) fn device_and_copy_bandwidth(
 ) -> Result<(pat::backend::cuda::CudaDev, f64)> {
     let dev = pat::backend::cuda::CudaDev::new(ordinal)?;
     let bw = pat::backend::cuda::bench::copy_bandwidth(&dev)?;
-    eprintln!(
+    errln!(
         "{} (GPU {ordinal}): device copy bandwidth {:.0} GB/s (read + write)",
         dev.name(),
         bw / 1e9
@@ -157,7 +157,7 @@ fn attention(a: AttentionArgs) -> Result<()> {
                     "copy_bandwidth_gbps": bw / 1e9, "fraction_of_copy_bandwidth": frac,
                 })
             )?;
-            eprintln!(
+            errln!(
                 "paged attention {:>9} x {ctx:>6} ctx: {:.3} ms, {:.0} GB/s = {:.0}% of copy bandwidth (split {:?})",
                 plural(ns, "seq"),
                 r.median_ms,
@@ -215,7 +215,7 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
     };
     let t_load = Instant::now();
     let mut engine = Engine::with_backend(m.cfg.clone(), &m.ck, opts, &backend)?;
-    eprintln!(
+    errln!(
         "loaded in {:.1} s: {}",
         t_load.elapsed().as_secs_f64(),
         engine.describe_ranks()
@@ -231,14 +231,14 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
     let bws = engine.memory_bandwidths(threads)?;
     let read_bw = cpu.then(|| pat::backend::cpu::read_bandwidth(threads));
     if let Some(r) = read_bw {
-        eprintln!(
+        errln!(
             "measured read bandwidth of host memory: {:.1} GB/s ({})",
             r / 1e9,
             plural(threads, "thread")
         );
     }
     for (id, bw) in &bws {
-        eprintln!(
+        errln!(
             "measured copy bandwidth of {} {id}: {:.1} GB/s (read + write)",
             if engine.backend() == "cpu" {
                 "host memory"
@@ -345,24 +345,24 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
         pb.inc(1);
         pb.suspend(|| -> pat::Result<()> {
             outln!("{rec}")?;
-            eprintln!(
+            errln!(
                 "batch {batch:>3} in {input_len:>5} out {output_len:>4}: prefill {:.1} ms ({:.0} tok/s), decode {:.2} ms/step = {:.1} tok/s, {:.0}% of the bandwidth roofline ({:.2} ms)",
                 prefill * 1e3, (batch * input_len) as f64 / prefill, med * 1e3, batch as f64 / med, 100.0 * roofline / med, roofline * 1e3
             );
             if prefill_steps > 1 {
-                eprintln!(
+                errln!(
                     "  the prefill took {}: the prompts' activations outgrow what one step may hold ({STEP_CAP}); its latency includes the decodes of the prompts started first",
                     plural(prefill_steps, "step")
                 );
             }
             if let Some(r) = read_roofline {
-                eprintln!("  {:.0}% of the read-bandwidth roofline ({:.2} ms)", 100.0 * r / med, r * 1e3);
+                errln!("  {:.0}% of the read-bandwidth roofline ({:.2} ms)", 100.0 * r / med, r * 1e3);
             }
             match read_roofline {
-                Some(r) if roofline > med && r <= med => eprintln!(
+                Some(r) if roofline > med && r <= med => errln!(
                     "  (over 100% of the first: it counts reads at half the copy bandwidth; reads alone run faster, as the read-bandwidth roofline counts them)"
                 ),
-                _ if roofline.max(read_roofline.unwrap_or(0.0)) > med => eprintln!(
+                _ if roofline.max(read_roofline.unwrap_or(0.0)) > med => errln!(
                     "  (over 100%: part of the weights came from caches faster than the measured memory bandwidth; a model this small fits in them)"
                 ),
                 _ => {}

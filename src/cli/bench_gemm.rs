@@ -132,7 +132,7 @@ pub fn gemm(a: GemmArgs) -> Result<()> {
         .map(|_| rng.random_range(-1.0..1.0))
         .collect();
     let mut out = vec![0f32; rows_max * mmax];
-    eprintln!(
+    errln!(
         "bench gemm: {} per step over {:.1} MiB of f32 weights ({}, shard {}); \
          measuring copy bandwidth",
         plural(4 * layers + 1, "GEMM"),
@@ -209,7 +209,7 @@ pub fn gemm(a: GemmArgs) -> Result<()> {
         }
     }
     pb.finish_and_clear();
-    eprintln!(
+    errln!(
         "{:>5} {:>7} {:>10} {:>11} {:>9} {:>10} {:>9} {:>8}",
         "rows",
         "threads",
@@ -221,7 +221,7 @@ pub fn gemm(a: GemmArgs) -> Result<()> {
         "GFLOP/s"
     );
     for (n, t, ms, mp, gbps, frac, gf) in table {
-        eprintln!(
+        errln!(
             "{n:>5} {t:>7} {:>10.2} {:>11.2} {:>8.2}x {gbps:>10.1} {:>8.0}% {gf:>8.1}",
             ms * 1e3,
             mp * 1e3,
@@ -229,7 +229,7 @@ pub fn gemm(a: GemmArgs) -> Result<()> {
             frac * 100.0
         );
     }
-    eprintln!(
+    errln!(
         "ms/step: every GEMM of one decode step (all layers + lm_head) at that many rows; \
          packed: matrixmultiply on the same threads; % copy bw: weight bytes/s over the \
          measured host copy bandwidth (read + write) at that many threads."

@@ -52,7 +52,7 @@ pub fn reshard(a: ReshardArgs) -> Result<()> {
                     "copy_bandwidth_gbps": bw / 1e9, "fraction_of_copy_bandwidth": frac,
                 })
             )?;
-            eprintln!(
+            errln!(
                 "{:<12} {mib:>5} MiB: {:.3} ms, {:.0} GB/s = {:.0}% of copy bandwidth ({})",
                 r.kernel,
                 r.median_ms,

@@ -91,6 +91,13 @@ pub fn stdout_write(text: fmt::Arguments<'_>) -> pat::Result<()> {
         .map_err(|e| pat::Error::io("<stdout>", e))
 }
 
+/// Writes to stderr, ignoring a failure (`errln!`): a diagnostic that cannot be shown must not
+/// stop the command (`errln!` would panic) or cost the output it was making.
+pub fn stderr_write(text: fmt::Arguments<'_>) {
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_fmt(text).and_then(|()| err.flush());
+}
+
 /// Whether `e` is stdout's reader having gone away (the consumer of a pipe exited).
 pub fn is_closed_pipe(e: &pat::Error) -> bool {
     matches!(e, pat::Error::Io { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe)

@@ -99,7 +99,7 @@ pub fn run(a: ComposeArgs) -> Result<()> {
         .filter(|t| !p.decode_tps().contains(t))
         .collect();
     if !missing.is_empty() {
-        eprintln!(
+        errln!(
             "note: no --shard for tp {missing:?}: the profile covers only tp {:?} (`pat simulate` \
              and the policy consider only the tps it covers)",
             p.decode_tps()
@@ -110,7 +110,7 @@ pub fn run(a: ComposeArgs) -> Result<()> {
     let fit = validate(&p, 0.2, 0)
         .map(|r| format!("{:.2}%", r.overall_mape))
         .unwrap_or_else(|e| format!("not computed ({e})"));
-    eprintln!(
+    errln!(
         "wrote {}: {} at tp {:?}; predictor held-out error {fit}",
         a.out.display(),
         super::common::plural(p.decode.len(), "decode sample"),

@@ -123,7 +123,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
                 force: true,
                 shard: 1,
             };
-            eprintln!("making a {} in {}", random_label(&a), tmp.display());
+            errln!("making a {} in {}", random_label(&a), tmp.display());
             init_model(&tmp, &opts)?;
             tmp.clone()
         }
@@ -215,7 +215,7 @@ fn run_on(a: &DemoArgs, dir: &Path) -> Result<()> {
             Some((at, a.world)),
         ),
     ];
-    eprintln!(
+    errln!(
         "part 1: {} on {}, each layout run twice (interleaved) to measure the spread...",
         plural(a.batch, "request"),
         plural(a.world, "CPU rank")
@@ -241,7 +241,7 @@ fn run_on(a: &DemoArgs, dir: &Path) -> Result<()> {
     let sim = if a.no_sim {
         None
     } else {
-        eprintln!("part 2: simulating an 8 x H100 node on a GRPO batch (MODELED)...");
+        errln!("part 2: simulating an 8 x H100 node on a GRPO batch (MODELED)...");
         Some(modeled::run(&a.svg)?)
     };
     let lens = trace.response_lens();

@@ -292,9 +292,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                     .unwrap_or_else(|| CostModel::measured_cpu(1.0))
             });
             match engine.reconfigure(sw.tp, a.kv_transfer, cost) {
-                Ok(r) => {
-                    pb.suspend(|| eprintln!("{}", serde_json::to_string(&r).unwrap_or_default()))
-                }
+                Ok(r) => pb.suspend(|| errln!("{}", serde_json::to_string(&r).unwrap_or_default())),
                 Err(e) => pb.suspend(|| {
                     // A recompute that failed after the swap leaves the new layout live.
                     let done = if engine.layout().tp == sw.tp {
@@ -302,7 +300,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                     } else {
                         "not applied:"
                     };
-                    eprintln!(
+                    errln!(
                         "warning: --reconfigure {}:{} {done} {e}; decoding goes on at tp {}",
                         sw.step,
                         sw.tp,
@@ -320,16 +318,17 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         };
         if let Some(g) = &r.pool_growth {
             let line = serde_json::json!({ "step": r.step, "pool_growth": g });
-            pb.suspend(|| eprintln!("{line}"));
+            pb.suspend(|| errln!("{line}"));
         }
         produced += r.tokens_out as u64;
         pb.set_position(produced);
         steps.push(r);
     }
     for sw in plan.take_while(|_| failed.is_none()) {
-        eprintln!(
+        errln!(
             "warning: --reconfigure {}:{} not applied: every request finished first",
-            sw.step, sw.tp
+            sw.step,
+            sw.tp
         );
     }
     pb.finish_and_clear();
@@ -344,7 +343,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             plural(reqs.len(), "request")
         )));
     }
-    eprintln!(
+    errln!(
         "{}, {} in {gen_s:.2} s ({:.1} tok/s) on world {}, tp {} at the end; load {load_s:.2} s",
         plural(reqs.len(), "request"),
         plural(produced, "token"),

@@ -8,6 +8,14 @@ macro_rules! outln {
     };
 }
 
+/// A line on stderr (progress, records, warnings, errors). Where stderr is closed or full the
+/// line is lost but the command goes on: the results on stdout and in files are what matter.
+macro_rules! errln {
+    ($($arg:tt)*) => {
+        $crate::cli::common::stderr_write(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 mod bench;
 mod bench_gemm;
 mod bench_reshard;
@@ -283,7 +291,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 shard: a.shard,
             };
             let bytes = init_model(&a.out, &opts)?;
-            eprintln!(
+            errln!(
                 "wrote {} ({:.1} MiB of weights)",
                 a.out.display(),
                 bytes as f64 / common::MIB

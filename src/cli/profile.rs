@@ -65,12 +65,12 @@ fn measure_on(
 ) -> Result<Profile> {
     let prefill_tokens = grid.prefill_tokens(tps);
     if *backend == Backend::Cpu {
-        eprintln!(
+        errln!(
             "profiling tp {:?} x batch {:?} x context {:?}, {} each ({} in all; on this CPU backend at ~500 tok/s that is ~{:.0} s)",
             tps, grid.batches, grid.contexts, plural(grid.steps, "decode step"), plural(prefill_tokens, "prefill token"), prefill_tokens as f64 / 500.0
         );
     } else {
-        eprintln!(
+        errln!(
             "profiling tp {:?} x batch {:?} x context {:?} on {}, {} each ({} in all)",
             tps,
             grid.batches,
@@ -208,35 +208,41 @@ pub fn run(a: ProfileArgs) -> Result<()> {
     profile.validate()?;
     profile.save(&a.out)?;
     out.keep();
-    eprintln!(
+    errln!(
         "wrote {} in {:.1} s",
         a.out.display(),
         t0.elapsed().as_secs_f64()
     );
     // The engine times `--steps` decode steps per point; a sample's context is the cached
     // tokens at the middle one, which the fits use.
-    eprintln!(
+    errln!(
         "mid ctx: tokens cached at the middle of the {} (each --contexts value + {})",
         plural(grid.steps, "timed decode step"),
         grid.steps / 2
     );
-    eprintln!(
+    errln!(
         "{:>4} {:>6} {:>8} {:>10}",
-        "tp", "batch", "mid ctx", "step ms"
+        "tp",
+        "batch",
+        "mid ctx",
+        "step ms"
     );
     for s in &profile.decode {
-        eprintln!(
+        errln!(
             "{:>4} {:>6} {:>8} {:>10.2}",
-            s.tp, s.batch, s.context, s.step_ms
+            s.tp,
+            s.batch,
+            s.context,
+            s.step_ms
         );
     }
     for p in &profile.prefill {
-        eprintln!("prefill tp {}: {:.0} tokens/s", p.tp, p.tokens_per_s);
+        errln!("prefill tp {}: {:.0} tokens/s", p.tp, p.tokens_per_s);
     }
     if a.validate {
         let r = validate(&profile, HOLDOUT, a.seed)?;
         outln!("{}", serde_json::to_string(&r).unwrap_or_default())?;
-        eprintln!(
+        errln!(
             "predictor: mean absolute error {:.1}% on {} ({} fitted)",
             r.overall_mape,
             plural(r.n_test, "held-out point"),

@@ -300,7 +300,7 @@ pub fn rollout(
             error,
         } => pb.suspend(|| {
             let done = if now == to { "applied, but" } else { "not applied:" };
-            eprintln!("warning: switch tp {from} -> {to} before step {step} {done} {error}; decoding goes on at tp {now}")
+            errln!("warning: switch tp {from} -> {to} before step {step} {done} {error}; decoding goes on at tp {now}")
         }),
     }
     })?;
@@ -320,7 +320,7 @@ pub fn rollout(
     });
     if emit {
         outln!("{}", json!({ "summary": summary }))?;
-        eprintln!(
+        errln!(
             "{}: {}, {} in {:.2} s = {:.1} tok/s ({:.1} per rank), {}, final tp {}",
             policy_name(a.policy),
             plural(reqs.len(), "request"),
@@ -336,9 +336,12 @@ pub fn rollout(
                 Some(e) => format!(" (applied, then failed: {e})"),
                 None => String::new(),
             };
-            eprintln!(
+            errln!(
                 "  switch at step {}: tp {} -> {} in {:.1} ms{then}",
-                s.step, s.from, s.to, s.ms
+                s.step,
+                s.from,
+                s.to,
+                s.ms
             );
         }
     }

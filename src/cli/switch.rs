@@ -182,7 +182,7 @@ pub fn bench_switch(a: BenchSwitchArgs) -> Result<()> {
             plural(n.round() as u64, "token")
         ),
     };
-    eprintln!(
+    errln!(
         "first step prefilled {} of {} x {} prompt tokens in {:.0} ms ({:.0} tok/s); KV transfer {:.2} GB/s measured; cost model at tp {}: {crossover}",
         steps[0].prefill_tokens,
         a.batch,
@@ -218,27 +218,27 @@ pub fn bench_switch(a: BenchSwitchArgs) -> Result<()> {
             .map(|b| b as f64 / (r.total_ms * 1e-3).max(1e-9) / 1e9);
         rec["memory_gbps"] = gbps.into();
         outln!("{rec}")?;
-        eprintln!(
+        errln!(
             "tp {} -> {}: {} in flight, {}, {}: total {:.1} ms (weights {:.1}, KV {:.1} [predicted migrate {:.1} / recompute {:.1}], pool alloc {:.1}, commit {:.1}, groups {:.3}); {:.2} MiB across ranks, {:.2} MiB in place; peak extra {:.1} MiB; step {:.1} -> {:.1} ms",
             r.from_tp, r.to_tp, r.n_inflight, plural(r.kv_tokens, "KV token"), r.kv_policy, r.total_ms, r.weight_reshard_ms, r.kv_ms, r.predicted_migrate_ms, r.predicted_recompute_ms, r.kv_alloc_ms, r.commit_ms, r.comm_group_ms,
             r.bytes_moved_cross_rank as f64 / MIB, r.bytes_moved_in_place as f64 / MIB, r.peak_extra_bytes as f64 / MIB, before, post
         );
         if let (Some(b), Some(g)) = (r.memory_bytes, gbps) {
-            eprintln!(
+            errln!(
                 "  device memory: {:.2} GB read + written by the switch's copies, {g:.0} GB/s over its {:.1} ms (compare the device copy bandwidth: `pat bench reshard`)",
                 b as f64 / 1e9,
                 r.total_ms
             );
         }
         if r.kv_recompute_passes > 1 {
-            eprintln!(
+            errln!(
                 "  KV recompute: {} in {} (their activations outgrow what one step may hold: {STEP_CAP})",
                 plural(r.n_recomputed, "sequence"),
                 plural_with(r.kv_recompute_passes, "pass", "passes")
             );
         }
         if r.kv_blocks_per_rank_goal > r.kv_blocks_per_rank_after {
-            eprintln!(
+            errln!(
                 "  KV pool: {} per rank now (the devices could not hold more next to the old layout); the first step that needs more grows it toward {} (the old pool plus the freed shard bytes)",
                 plural(r.kv_blocks_per_rank_after, "block"), r.kv_blocks_per_rank_goal
             );
