@@ -37,8 +37,9 @@ pub enum Error {
     /// A bad generation request: token id out of range, prompt too long, empty prompt, ...
     #[error("bad request: {0}")]
     Request(String),
-    /// Malformed input file (JSONL requests, traces, profiles), with its line.
-    #[error("{path}:{line}: {msg}")]
+    /// Malformed input file (JSONL requests, traces, profiles), with its line (0: the file as
+    /// a whole, e.g. empty; then no line is shown).
+    #[error("{}{}: {msg}", path.display(), if *line > 0 { format!(":{line}") } else { String::new() })]
     Input {
         path: PathBuf,
         line: usize,

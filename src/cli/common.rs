@@ -3,10 +3,10 @@
 
 use std::fmt;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use pat::error::Result;
+use pat::error::{Error, Result};
 use pat::model::ModelDir;
 use pat::policy::Trace;
 
@@ -91,11 +91,77 @@ pub fn stdout_write(text: fmt::Arguments<'_>) -> pat::Result<()> {
         .map_err(|e| pat::Error::io("<stdout>", e))
 }
 
+/// A count flag that must be at least 1 (clap's own message for 0 speaks of types).
+pub fn at_least_one(v: &str) -> std::result::Result<std::num::NonZeroUsize, String> {
+    let n: usize = v
+        .parse()
+        .map_err(|_| format!("expected a whole number >= 1, got {v:?}"))?;
+    std::num::NonZeroUsize::new(n)
+        .ok_or_else(|| "must be at least 1 (leave the flag out for no cap)".to_string())
+}
+
 /// Writes to stderr, ignoring a failure (`errln!`): a diagnostic that cannot be shown must not
 /// stop the command (`errln!` would panic) or cost the output it was making.
 pub fn stderr_write(text: fmt::Arguments<'_>) {
     let mut err = std::io::stderr().lock();
     let _ = err.write_fmt(text).and_then(|()| err.flush());
+}
+
+/// An output file named by `flag`, made sure of before a long run that ends by writing it:
+/// created (removed again unless [`Self::keep`] is called) or, when it exists, opened for
+/// writing without changing it. A directory, a missing parent or a file that cannot be
+/// written is an error naming the flag, before any work.
+pub struct OutFile {
+    path: PathBuf,
+    created: bool,
+    kept: bool,
+}
+
+impl OutFile {
+    pub fn claim(path: &Path, flag: &str) -> Result<OutFile> {
+        let bad = |why: String| Error::Invalid(format!("{flag} {}: {why}", path.display()));
+        if path.is_dir() {
+            return Err(bad("is a directory".into()));
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if !dir.is_dir() {
+                return Err(bad(format!("directory {} does not exist", dir.display())));
+            }
+        }
+        let open = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path);
+        let created = match open {
+            Ok(_) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| bad(format!("cannot write it ({e})")))?;
+                false
+            }
+            Err(e) => return Err(bad(format!("cannot create it ({e})"))),
+        };
+        Ok(OutFile {
+            path: path.to_path_buf(),
+            created,
+            kept: false,
+        })
+    }
+
+    /// The run wrote the file: leave it.
+    pub fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for OutFile {
+    fn drop(&mut self) {
+        if self.created && !self.kept {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 /// Whether `e` is stdout's reader having gone away (the consumer of a pipe exited).

@@ -111,6 +111,10 @@ pub fn run(a: DemoArgs) -> Result<()> {
             a.max_response
         )));
     }
+    // The timeline is written at the end of a run of a minute or more: a bad path fails now.
+    let svg = (!a.no_sim)
+        .then(|| super::common::OutFile::claim(&a.svg, "--svg"))
+        .transpose()?;
     let tmp = std::env::temp_dir().join(format!("pat-demo-{}", std::process::id()));
     let dir = match &a.model {
         Some(d) => d.clone(),
@@ -131,6 +135,9 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let result = run_on(&a, &dir);
     if a.model.is_none() {
         let _ = std::fs::remove_dir_all(&tmp);
+    }
+    if let (Ok(()), Some(svg)) = (&result, svg) {
+        svg.keep();
     }
     result
 }

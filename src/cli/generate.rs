@@ -71,7 +71,7 @@ pub struct GenerateArgs {
     /// The most prompt tokens one step prefills, decodes not counted (default: what the step's
     /// memory cap allows). A longer queue is prefilled over more steps and a longer prompt in
     /// chunks; a lower cap shortens the steps that keep running requests waiting on a prefill.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = super::common::at_least_one)]
     pub prefill_tokens: Option<std::num::NonZeroUsize>,
     /// Switch the TP degree live after STEP decode steps (repeatable), e.g. --reconfigure 8:4.
     /// Steps are counted after the first (the prefill; a queue whose activations outgrow what a
@@ -291,20 +291,27 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                     .clone()
                     .unwrap_or_else(|| CostModel::measured_cpu(1.0))
             });
+            let before = engine.layout().tp;
             match engine.reconfigure(sw.tp, a.kv_transfer, cost) {
                 Ok(r) => pb.suspend(|| errln!("{}", serde_json::to_string(&r).unwrap_or_default())),
                 Err(e) => pb.suspend(|| {
                     // A recompute that failed after the swap leaves the new layout live.
-                    let done = if engine.layout().tp == sw.tp {
+                    let now = engine.layout().tp;
+                    let done = if now != before {
                         "applied, but"
                     } else {
                         "not applied:"
                     };
+                    let msg = e.to_string();
+                    let goes_on = if msg.contains(&format!("decoding at tp {now}")) {
+                        String::new()
+                    } else {
+                        format!("; decoding goes on at tp {now}")
+                    };
                     errln!(
-                        "warning: --reconfigure {}:{} {done} {e}; decoding goes on at tp {}",
+                        "warning: --reconfigure {}:{} {done} {msg}{goes_on}",
                         sw.step,
-                        sw.tp,
-                        engine.layout().tp
+                        sw.tp
                     )
                 }),
             }

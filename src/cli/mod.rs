@@ -226,6 +226,7 @@ const FLAGS: &[(&str, &str)] = &[
     ("`contexts`", "--contexts"),
     ("`dtype`", "--dtype"),
     ("`batches`", "--batches"),
+    ("`steps`", "--steps"),
 ];
 
 /// The environment variables pat reads, checked before any command runs (the library takes a

@@ -2,12 +2,12 @@
 //! `pat::engine::profiler`), written as the profile JSON the predictor and the decision rule read.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
 
-use super::common::{open_model, plural, progress};
+use super::common::{open_model, plural, progress, OutFile};
 use pat::engine::profiler::{measure_profile, ProfileGrid};
 use pat::engine::Backend;
 use pat::error::{Error, Result};
@@ -29,9 +29,10 @@ pub struct ProfileArgs {
     /// Live batch sizes of the decode grid.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
     pub batches: Vec<usize>,
-    /// Context lengths (cached tokens per sequence) of the decode grid.
-    #[arg(long, value_delimiter = ',', default_value = "32,128,512")]
-    pub contexts: Vec<usize>,
+    /// Context lengths (cached tokens per sequence) of the decode grid [default: 32,128,512,
+    /// where a model holds fewer positions the longest it holds instead of what is over].
+    #[arg(long, value_delimiter = ',')]
+    pub contexts: Option<Vec<usize>>,
     /// Decode steps timed per grid point (the median is kept).
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
@@ -49,6 +50,20 @@ pub struct ProfileArgs {
     /// Weight dtype (cuda: also activations and KV).
     #[arg(long, default_value = "f32", value_name = "f32|bf16|f16")]
     pub dtype: pat::Dtype,
+}
+
+/// `--contexts` when not given.
+const DEFAULT_CONTEXTS: [usize; 3] = [32, 128, 512];
+
+/// The default contexts for a model whose grid points hold at most `most` cached tokens: those
+/// over it lowered to it (kept distinct, at least one token).
+fn default_contexts(most: usize) -> Vec<usize> {
+    let mut c: Vec<usize> = DEFAULT_CONTEXTS
+        .iter()
+        .map(|&c| c.min(most).max(1))
+        .collect();
+    c.dedup();
+    c
 }
 
 /// The held-out fraction of `--validate`.
@@ -129,79 +144,38 @@ fn check_validate_grid(grid: &ProfileGrid) -> Result<()> {
     Ok(())
 }
 
-/// The `--out` file, made sure of before profiling: created (removed again unless [`Self::keep`]
-/// is called) or, when it exists, opened for writing without changing it.
-struct OutFile {
-    path: PathBuf,
-    created: bool,
-    kept: bool,
-}
-
-impl OutFile {
-    fn claim(path: &Path) -> Result<OutFile> {
-        let bad = |why: String| Error::Invalid(format!("--out {}: {why}", path.display()));
-        if path.is_dir() {
-            return Err(bad("is a directory".into()));
-        }
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            if !dir.is_dir() {
-                return Err(bad(format!("directory {} does not exist", dir.display())));
-            }
-        }
-        let open = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(path);
-        let created = match open {
-            Ok(_) => true,
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                std::fs::OpenOptions::new()
-                    .append(true)
-                    .open(path)
-                    .map_err(|e| bad(format!("cannot write it ({e})")))?;
-                false
-            }
-            Err(e) => return Err(bad(format!("cannot create it ({e})"))),
-        };
-        Ok(OutFile {
-            path: path.to_path_buf(),
-            created,
-            kept: false,
-        })
-    }
-
-    fn keep(mut self) {
-        self.kept = true;
-    }
-}
-
-impl Drop for OutFile {
-    fn drop(&mut self) {
-        if self.created && !self.kept {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
-}
-
 pub fn run(a: ProfileArgs) -> Result<()> {
     let backend = a.backend.backend()?;
     check_backend_built(&backend)?;
     let m = open_model(&a.model)?;
-    let grid = ProfileGrid {
+    let mut grid = ProfileGrid {
         world: a.world,
         batches: a.batches.clone(),
-        contexts: a.contexts.clone(),
+        contexts: a.contexts.clone().unwrap_or_default(),
         steps: a.steps,
         seed: a.seed,
     };
-    let tps = grid.tps(&m).map_err(|e| match e {
-        e @ pat::Error::Invalid(_) => e.context("--batches/--contexts/--steps/--world"),
-        e => e,
-    })?;
+    if a.contexts.is_none() {
+        grid.contexts = default_contexts(grid.longest_context(&m.cfg));
+        if grid.contexts != DEFAULT_CONTEXTS {
+            errln!(
+                "note: --contexts {} (the default's longest lowered to what the model holds: \
+                 max_position_embeddings {}, less the {} each point decodes)",
+                grid.contexts
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                m.cfg.max_position_embeddings,
+                plural(grid.steps + 1, "token")
+            );
+        }
+    }
+    let tps = grid.tps(&m)?;
     if a.validate {
         check_validate_grid(&grid)?;
     }
-    let out = OutFile::claim(&a.out)?;
+    let out = OutFile::claim(&a.out, "--out")?;
     let t0 = Instant::now();
     let mut profile = measure_on(&m, &grid, &tps, &backend, a.dtype)?;
     profile.source = a.out.clone();

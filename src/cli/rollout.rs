@@ -101,7 +101,7 @@ pub struct RolloutArgs {
     /// The most prompt tokens one step prefills, decodes not counted (default: what the step's
     /// memory cap allows). A longer queue is prefilled over more steps and a longer prompt in
     /// chunks; a lower cap shortens the steps that keep running requests waiting on a prefill.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = super::common::at_least_one)]
     pub prefill_tokens: Option<std::num::NonZeroUsize>,
     /// Seed of the random prompts made for the trace's lengths.
     #[arg(long, default_value_t = 0)]
@@ -133,6 +133,14 @@ pub fn rollout(
             let msg = format!(
                 "`prompt_len` {} + `response_len` {} exceeds the model's max_position_embeddings {}",
                 r.prompt_len, r.response_len, m.cfg.max_position_embeddings
+            );
+            return Err(request_line_error(&a.trace, lines, i, &msg));
+        }
+        let vocab = m.cfg.vocab_size;
+        let ids = r.input_ids.as_deref().unwrap_or_default();
+        if let Some((pos, id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
+            let msg = format!(
+                "`input_ids` holds token id {id} at position {pos}, out of the model's vocab_size {vocab}"
             );
             return Err(request_line_error(&a.trace, lines, i, &msg));
         }

@@ -72,9 +72,10 @@ pub struct SimulateArgs {
     /// default 0.5). Replicas queue what does not fit and preempt when the KV overflows.
     #[arg(long)]
     pub mem_fraction: Option<f64>,
-    /// Modeled node: JSON object replacing any constants of the component model (keys as in
-    /// `--json` output's `params`; see src/sim/component.rs).
-    #[arg(long)]
+    /// Modeled node: a JSON file holding an object that replaces any constants of the component
+    /// model, e.g. {"hbm_efficiency": 0.8, "misc_us": 40} (the keys are the fields of
+    /// `ComponentParams` in src/sim/component.rs; an unknown key is an error that lists them).
+    #[arg(long, value_name = "FILE")]
     pub cost_model: Option<PathBuf>,
     /// How the batch is spread over replicas before any switch.
     #[arg(long, value_enum, default_value = "chunks")]
@@ -108,8 +109,12 @@ pub struct SimulateArgs {
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// Print the component model against the public measurements it is calibrated to, and exit.
-    #[arg(long)]
+    /// Print the component model against the public measurements it is calibrated to, and exit
+    /// (the default H100 model, as a table: it takes no other flag).
+    #[arg(long, conflicts_with_all = [
+        "trace", "profile", "link", "model_shape", "gpu", "per_seq_us", "mem_fraction",
+        "cost_model", "svg", "json", "start_tp", "no_optimum",
+    ])]
     pub calibration: bool,
 }
 
@@ -350,8 +355,15 @@ pub fn run(a: SimulateArgs) -> Result<()> {
     if a.calibration {
         return super::common::stdout_write(format_args!("{}", calibration_table()));
     }
+    // The chart is written after the runs (the optimum's search takes a while): a bad path
+    // fails now.
+    let svg = a
+        .svg
+        .as_deref()
+        .map(|p| super::common::OutFile::claim(p, "--svg"))
+        .transpose()?;
     let rep = report(&a)?;
-    if let Some(path) = &a.svg {
+    if let (Some(path), Some(out)) = (&a.svg, svg) {
         let runs: Vec<_> = rep.rows.iter().map(|r| r.result.clone()).collect();
         let title = format!(
             "{} on {}, {} ({}) - MODELED unless a measured profile",
@@ -362,6 +374,7 @@ pub fn run(a: SimulateArgs) -> Result<()> {
         );
         std::fs::write(path, chart(&runs, rep.world, rep.trace.count, &title))
             .map_err(|e| Error::io(path, e))?;
+        out.keep();
     }
     if a.json {
         outln!("{}", rep.to_json())?;

@@ -3,7 +3,6 @@
 
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::time::Instant;
 
 use clap::Args;
 use rand::SeedableRng;
@@ -96,7 +95,7 @@ pub struct BenchSwitchArgs {
     #[command(flatten)]
     pub backend: super::BackendArgs,
     /// KV memory per rank in MiB at the starting layout (the switch re-divides it, plus the
-    /// weight bytes it frees).
+    /// weight bytes it frees); raised to what the batch needs (0: just that).
     #[arg(long, default_value_t = 256)]
     pub kv_mib: usize,
     /// Seed of the random prompts.
@@ -159,6 +158,12 @@ pub fn bench_switch(a: BenchSwitchArgs) -> Result<()> {
                 "--batch {} x --context {} (--kv-mib {}): {msg}",
                 a.batch, a.context, a.kv_mib
             )),
+            // The library names its own parameter; here the blocks come from --kv-mib.
+            Error::Invalid(m) if m.contains("`kv_blocks`") => Error::Invalid(format!(
+                "--kv-mib {}: {}",
+                a.kv_mib,
+                m.replace("`kv_blocks`", "the count of KV blocks per rank it gives")
+            )),
             e => e,
         })?;
     // The pool holds every prompt's KV, far more than the prompts' ids: these fit too.
@@ -170,7 +175,6 @@ pub fn bench_switch(a: BenchSwitchArgs) -> Result<()> {
         })
         .collect();
     engine.add_requests(&reqs)?;
-    let t0 = Instant::now();
     let mut steps = vec![engine.step()?];
     let prefill = prefill_rate(&steps).unwrap_or(1.0);
     let cost = CostModel::measured_cpu(prefill);
@@ -187,7 +191,7 @@ pub fn bench_switch(a: BenchSwitchArgs) -> Result<()> {
         steps[0].prefill_tokens,
         a.batch,
         a.context,
-        t0.elapsed().as_secs_f64() * 1e3,
+        steps[0].elapsed_ms,
         prefill,
         cost.transfer_bytes_per_s / 1e9,
         a.to[0],

@@ -51,24 +51,28 @@ impl ProfileGrid {
     /// Checks the grid; returns the tp degrees it will measure.
     pub fn tps(&self, model: &ModelDir) -> Result<Vec<usize>> {
         Layout::new(self.world, 1)?;
-        if self.batches.is_empty()
-            || self.contexts.is_empty()
-            || self.batches.contains(&0)
-            || self.contexts.contains(&0)
-            || self.steps == 0
-        {
+        for (name, values) in [("batches", &self.batches), ("contexts", &self.contexts)] {
+            if values.is_empty() || values.contains(&0) {
+                return Err(Error::Invalid(format!(
+                    "profile grid: `{name}` must be one or more positive values, got {values:?}"
+                )));
+            }
+        }
+        if self.steps == 0 {
             return Err(Error::Invalid(
-                "profile grid: `batches`, `contexts` and `steps` must be positive".into(),
+                "profile grid: `steps` (decode steps timed per point) must be positive, got 0"
+                    .into(),
             ));
         }
-        for &c in &self.contexts {
-            crate::engine::check_lengths(&model.cfg, c, self.steps.saturating_add(1)).map_err(
-                |m| {
-                    Error::Invalid(format!(
-                        "profile grid: `contexts` value {c} is too long: {m}"
-                    ))
-                },
-            )?;
+        let most = self.longest_context(&model.cfg);
+        if let Some(&c) = self.contexts.iter().find(|&&c| c > most) {
+            return Err(Error::Invalid(format!(
+                "profile grid: `contexts` value {c} is too long for this model: each point \
+                 prefills it and decodes {} more tokens, and max_position_embeddings is {} \
+                 (at most {most} here)",
+                self.steps.saturating_add(1),
+                model.cfg.max_position_embeddings
+            )));
         }
         let tps: Vec<usize> = (1..=self.world)
             .filter(|t| self.world.is_multiple_of(*t) && check_tp_for_model(*t, &model.cfg).is_ok())
@@ -80,6 +84,13 @@ impl ProfileGrid {
             )));
         }
         Ok(tps)
+    }
+
+    /// The longest context a grid point of this model can hold: each point prefills its context
+    /// and then decodes `steps + 1` tokens (a warm-up and the timed steps).
+    pub fn longest_context(&self, cfg: &crate::model::config::ModelConfig) -> usize {
+        cfg.max_position_embeddings
+            .saturating_sub(self.steps.saturating_add(1))
     }
 
     /// Grid points (one per tp, batch, context), for progress reports.

@@ -24,8 +24,13 @@ impl ModelDir {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         if !dir.is_dir() {
+            let why = if dir.exists() {
+                "not a directory"
+            } else {
+                "does not exist"
+            };
             return Err(Error::Invalid(format!(
-                "model directory {}: not a directory",
+                "model directory {}: {why}",
                 dir.display()
             )));
         }

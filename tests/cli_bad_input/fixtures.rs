@@ -310,6 +310,14 @@ fn make() -> Fx {
         "{\"input_ids\":[1,2]}\n{\"input_ids\":[1,2]\n",
     );
     write(d, "ids_oov.jsonl", line(&[1, 5000], 2));
+    // A trace whose third line (after a blank one) gives prompt ids outside the vocabulary.
+    write(
+        d,
+        "trace_ids_oov.jsonl",
+        "{\"prompt_len\":2,\"response_len\":3}\n\n{\"prompt_len\":2,\"input_ids\":[1,5000],\"response_len\":3}\n",
+    );
+    write(d, "empty.jsonl", "");
+    std::fs::create_dir(d.join("a_dir")).unwrap();
     // Request 1 on line 4: blank lines are skipped, so requests and lines are numbered apart.
     write(
         d,

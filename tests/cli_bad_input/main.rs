@@ -4,9 +4,11 @@
 //! (the flag, field, file or tensor the user gave). The tables are grouped by the class of defect
 //! they guard (issue #13): `lengths.rs` (arithmetic on untrusted lengths, allocation before
 //! validation), `models.rs` (broken, non-finite and degenerate models), `messages.rs` (layouts,
-//! flags, requests and files whose messages must name what the user gave; KV admission).
+//! flags, requests and files whose messages must name what the user gave; KV admission),
+//! `flags.rs` (what the user typed, not a library parameter or a type; outputs checked before a run).
 
 mod fixtures;
+mod flags;
 mod lengths;
 mod messages;
 mod models;

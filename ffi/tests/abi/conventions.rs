@@ -148,6 +148,16 @@ fn bad_model_paths_name_the_problem() {
         expect(
             pat_model_open(missing.as_ptr(), &mut m),
             PAT_ERR_INVALID_ARGUMENT,
+            "/nonexistent/pat/model: does not exist",
+        );
+        // A file where a directory belongs.
+        let other = tempfile::tempdir().unwrap();
+        let file = other.path().join("model");
+        std::fs::write(&file, "{}").unwrap();
+        let file = cstring(file.to_str().unwrap());
+        expect(
+            pat_model_open(file.as_ptr(), &mut m),
+            PAT_ERR_INVALID_ARGUMENT,
             "not a directory",
         );
         let st = pat_model_open(empty_path.as_ptr(), &mut m);

@@ -1,0 +1,181 @@
+//! Messages that speak of what the user typed, not of a library parameter or a Rust type: a
+//! count flag at 0, a budget flag whose limit the library words in its own terms, a file as a
+//! whole (no line 0), a path that does not exist; a trace's bad ids at their file line; an output
+//! path refused before a run of seconds; a flag that takes no other; and a default grid lowered
+//! to what a small model holds instead of refused.
+
+use super::{a, check, err, Case, Fx};
+
+fn usage(name: &'static str, args: fn(&Fx) -> Vec<String>, needle: &'static str) -> Case {
+    Case {
+        name,
+        args,
+        code: 2,
+        needle,
+        absent: None,
+    }
+}
+
+fn table() -> Vec<Case> {
+    vec![
+        usage(
+            "prefill_tokens_zero_says_at_least_one",
+            |f| {
+                a(&[
+                    "generate",
+                    "--model",
+                    &f.p("m"),
+                    "--prompt-ids",
+                    "1",
+                    "--prefill-tokens",
+                    "0",
+                ])
+            },
+            "--prefill-tokens <N>': must be at least 1",
+        ),
+        Case {
+            name: "an_empty_request_file_has_no_line_zero",
+            args: |f| {
+                a(&[
+                    "generate",
+                    "--model",
+                    &f.p("m"),
+                    "--requests",
+                    &f.p("empty.jsonl"),
+                ])
+            },
+            code: 1,
+            needle: "empty.jsonl: no requests in file",
+            absent: Some(":0:"),
+        },
+        err(
+            "a_model_path_that_does_not_exist",
+            |f| a(&["generate", "--model", &f.p("nope"), "--prompt-ids", "1"]),
+            "nope: does not exist",
+        ),
+        err(
+            "rollout_names_the_trace_line_of_an_id_outside_the_vocabulary",
+            |f| {
+                a(&[
+                    "rollout",
+                    "--model",
+                    &f.p("m"),
+                    "--trace",
+                    &f.p("trace_ids_oov.jsonl"),
+                    "--world",
+                    "1",
+                    "--policy",
+                    "static:1",
+                ])
+            },
+            "trace_ids_oov.jsonl:3: request 1: `input_ids` holds token id 5000 at position 1",
+        ),
+        Case {
+            name: "bench_switch_kv_mib_too_large_names_kv_mib",
+            args: |f| {
+                a(&[
+                    "bench",
+                    "switch",
+                    "--model",
+                    &f.p("m"),
+                    "--world",
+                    "2",
+                    "--from",
+                    "1",
+                    "--to",
+                    "2",
+                    "--kv-mib",
+                    "999999999",
+                ])
+            },
+            code: 1,
+            needle: "--kv-mib 999999999:",
+            absent: Some("--kv-blocks"),
+        },
+        err(
+            "demo_svg_a_directory_is_refused_before_the_run",
+            |f| a(&["demo", "--preset", "tiny", "--svg", &f.p("a_dir")]),
+            "--svg ",
+        ),
+        err(
+            "simulate_svg_in_a_missing_directory",
+            |f| {
+                a(&[
+                    "simulate",
+                    "--trace",
+                    &f.p("trace_small.jsonl"),
+                    "--svg",
+                    &f.p("no_dir/x.svg"),
+                ])
+            },
+            "does not exist",
+        ),
+        usage(
+            "simulate_calibration_takes_no_other_flag",
+            |_| a(&["simulate", "--calibration", "--json"]),
+            "cannot be used with",
+        ),
+        Case {
+            // The default --contexts (32,128,512) is longer than the tiny preset's 512 positions
+            // allow with the decode steps: lowered, with a note, instead of refused.
+            name: "profile_defaults_fit_a_small_model",
+            args: |f| {
+                a(&[
+                    "profile",
+                    "--model",
+                    &f.p("m"),
+                    "--world",
+                    "1",
+                    "--batches",
+                    "1,2",
+                    "--steps",
+                    "1",
+                    "--out",
+                    &f.p("prof_defaults.json"),
+                ])
+            },
+            code: 0,
+            needle: "note: --contexts 32,128,510",
+            absent: Some("error"),
+        },
+        err(
+            "profile_contexts_too_long_names_the_model_limit",
+            |f| {
+                a(&[
+                    "profile",
+                    "--model",
+                    &f.p("m"),
+                    "--world",
+                    "1",
+                    "--contexts",
+                    "600",
+                    "--out",
+                    &f.p("prof_long.json"),
+                ])
+            },
+            "--contexts value 600 is too long for this model",
+        ),
+        err(
+            "profile_steps_zero_names_steps",
+            |f| {
+                a(&[
+                    "profile",
+                    "--model",
+                    &f.p("m"),
+                    "--world",
+                    "1",
+                    "--steps",
+                    "0",
+                    "--out",
+                    &f.p("prof_zero.json"),
+                ])
+            },
+            "--steps (decode steps timed per point) must be positive",
+        ),
+    ]
+}
+
+#[test]
+fn flags_files_and_outputs_are_named_as_the_user_gave_them() {
+    check(&table());
+}
