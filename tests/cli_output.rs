@@ -270,3 +270,69 @@ fn memory_sizes_are_in_the_binary_units_they_are_labeled_with() {
         "{err}"
     );
 }
+
+#[test]
+fn a_simulation_on_a_measured_profile_says_where_it_extrapolates() {
+    // A profile measured at contexts 8 and 16 (plus its decode steps) and batches 1 and 2: a
+    // trace within that stays "measured"; one reaching context 30 with 3 sequences on the one
+    // replica is labeled EXTRAPOLATED in the header, a note and a warning, naming both limits.
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let prof = dir.path().join("p.json");
+    let p = prof.to_str().unwrap();
+    ok(&[
+        "profile",
+        "--model",
+        &m,
+        "--world",
+        "1",
+        "--contexts",
+        "8,16",
+        "--batches",
+        "1,2",
+        "--steps",
+        "1",
+        "--out",
+        p,
+    ]);
+    let trace = |name: &str, n: usize, prompt: usize, response: usize| {
+        let t = dir.path().join(name);
+        let line = format!("{{\"prompt_len\":{prompt},\"response_len\":{response}}}\n");
+        std::fs::write(&t, line.repeat(n)).unwrap();
+        t.to_string_lossy().into_owned()
+    };
+    let within = trace("in.jsonl", 2, 4, 4);
+    let (out, err) = ok(&[
+        "simulate",
+        "--trace",
+        &within,
+        "--profile",
+        p,
+        "--world",
+        "1",
+        "--no-optimum",
+    ]);
+    assert!(
+        !out.contains("EXTRAPOLATED") && !err.contains("extrapolation"),
+        "{out}\n{err}"
+    );
+    let beyond = trace("out.jsonl", 3, 10, 20);
+    let (out, err) = ok(&[
+        "simulate",
+        "--trace",
+        &beyond,
+        "--profile",
+        p,
+        "--world",
+        "1",
+        "--no-optimum",
+    ]);
+    assert!(out.contains("beyond them EXTRAPOLATED"), "{out}");
+    for text in [&out, &err] {
+        assert!(
+            text.contains("contexts up to 30 tokens (measured up to 16)")
+                && text.contains("up to 3 sequences on a replica (measured up to 2)"),
+            "{text}"
+        );
+    }
+}

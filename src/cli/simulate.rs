@@ -287,6 +287,21 @@ pub fn report(a: &SimulateArgs) -> Result<SimReport> {
     };
     let (runs, best) = simulate_all(&trace, &model, &cfg)?;
     let mut notes = vec![source_note];
+    if a.profile.is_some() {
+        // The most a replica runs: every request at once, on the fewest replicas tried.
+        let most_tp = cfg.candidates.iter().copied().max().unwrap_or(1);
+        let batch = trace.requests.len().div_ceil(a.world / most_tp);
+        let context = trace
+            .requests
+            .iter()
+            .map(|r| r.prompt_len + r.response_len)
+            .max()
+            .unwrap_or(0);
+        if let Some(over) = ProfileTable::new(&profile)?.beyond(context, batch) {
+            errln!("warning: {over}");
+            notes.push(format!("EXTRAPOLATED: {over}"));
+        }
+    }
     if let Ok(v) = validate(&profile, 0.2, 0) {
         notes.push(format!(
             "predictor ({}) on 20% held-out profile samples: MAPE {:.2}%",

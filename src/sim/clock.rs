@@ -137,6 +137,37 @@ impl ProfileTable {
     pub fn tps(&self) -> Vec<usize> {
         self.decode.keys().copied().collect()
     }
+
+    /// What of a run reaching contexts up to `context` with up to `batch` sequences on a
+    /// replica lies beyond every measured point (where the table only extends its last
+    /// segments), said in words; `None` when both are within what was measured.
+    pub fn beyond(&self, context: usize, batch: usize) -> Option<String> {
+        let points = self.decode.values().flat_map(|per_batch| {
+            per_batch
+                .iter()
+                .flat_map(|(&b, pts)| pts.iter().map(move |&(c, _)| (b, c)))
+        });
+        let (most_batch, most_ctx) =
+            points.fold((0usize, 0f64), |(b, c), (pb, pc)| (b.max(pb), c.max(pc)));
+        let mut parts = Vec::new();
+        if context as f64 > most_ctx {
+            parts.push(format!(
+                "contexts up to {context} tokens (measured up to {most_ctx:.0})"
+            ));
+        }
+        if batch > most_batch {
+            parts.push(format!(
+                "up to {batch} sequences on a replica (measured up to {most_batch})"
+            ));
+        }
+        (!parts.is_empty()).then(|| {
+            format!(
+                "the run reaches {}: step times there extend the last measured segments, an \
+                 extrapolation, not a measurement",
+                parts.join(" and ")
+            )
+        })
+    }
 }
 
 impl StepClock for ProfileTable {
@@ -237,5 +268,38 @@ mod tests {
         assert_eq!(interp(&pts, 30.0), 5.0); // extended along the last segment
         assert_eq!(interp(&pts, -10.0), -1.0);
         assert_eq!(interp(&pts[..1], 7.0), 1.0);
+    }
+
+    #[test]
+    fn what_lies_beyond_the_measured_points_is_named() {
+        let sample = |tp, batch, context| DecodeSample {
+            tp,
+            batch,
+            context,
+            step_ms: 1.0,
+            spread_ms: 0.0,
+        };
+        use crate::policy::modeled::{Link, ModelShape};
+        use crate::sim::component::{ComponentParams, GpuKind};
+        let m = ComponentModel::new(
+            ModelShape::Llama3_8b.dims(),
+            ComponentParams::defaults(GpuKind::H100, Link::NvLink),
+        )
+        .unwrap();
+        let mut p = sampled_profile(&m, 2).unwrap();
+        p.decode = vec![sample(1, 1, 32), sample(1, 4, 256), sample(2, 8, 64)];
+        let t = ProfileTable::new(&p).unwrap();
+        assert_eq!(t.beyond(256, 8), None);
+        let over = t.beyond(257, 8).unwrap();
+        assert!(
+            over.contains("contexts up to 257 tokens (measured up to 256)"),
+            "{over}"
+        );
+        assert!(!over.contains("sequences"), "{over}");
+        let both = t.beyond(24576, 64).unwrap();
+        assert!(
+            both.contains("and up to 64 sequences on a replica (measured up to 8)"),
+            "{both}"
+        );
     }
 }

@@ -129,7 +129,17 @@ impl SimReport {
         let mut s = String::new();
         let p = &self.profile;
         let _ = writeln!(s, "profile  {} [{}]: {}", p.source, p.backend, p.device);
-        let _ = writeln!(s, "         {}", p.provenance());
+        let beyond = self.notes.iter().any(|n| n.starts_with("EXTRAPOLATED"));
+        let _ = writeln!(
+            s,
+            "         {}{}",
+            p.provenance(),
+            if beyond {
+                " at the profiled points; beyond them EXTRAPOLATED (see the note below)"
+            } else {
+                ""
+            }
+        );
         let _ = writeln!(s, "model    {}, world {}", self.model, self.world);
         let t = &self.trace;
         let _ = writeln!(
