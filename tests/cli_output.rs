@@ -330,7 +330,7 @@ fn a_simulation_on_a_measured_profile_says_where_it_extrapolates() {
     assert!(out.contains("beyond them EXTRAPOLATED"), "{out}");
     for text in [&out, &err] {
         assert!(
-            text.contains("contexts up to 30 tokens (measured up to 16)")
+            text.contains("at tp 1 contexts up to 30 tokens (measured up to 16 ")
                 && text.contains("up to 3 sequences on a replica (measured up to 2)"),
             "{text}"
         );

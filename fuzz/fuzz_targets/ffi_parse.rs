@@ -78,7 +78,12 @@ fuzz_target!(|inp: Input| {
             replica: l.replica % 9,
             reserved: 0,
             context: l.context,
-            kv_tokens: l.kv_tokens,
+            // Mostly a valid count (at most the context), sometimes any value (refused).
+            kv_tokens: if l.kv_tokens & 1 == 0 {
+                l.kv_tokens % l.context.saturating_add(1)
+            } else {
+                l.kv_tokens
+            },
             generated: l.generated,
             max_new_tokens: 0,
             est_remaining: l.est_remaining,

@@ -101,7 +101,7 @@ pub fn at_least_one(v: &str) -> std::result::Result<std::num::NonZeroUsize, Stri
 }
 
 /// Writes to stderr, ignoring a failure (`errln!`): a diagnostic that cannot be shown must not
-/// stop the command (`errln!` would panic) or cost the output it was making.
+/// stop the command (`eprintln!` would panic) or cost the output it was making.
 pub fn stderr_write(text: fmt::Arguments<'_>) {
     let mut err = std::io::stderr().lock();
     let _ = err.write_fmt(text).and_then(|()| err.flush());

@@ -136,7 +136,9 @@ pub fn run(a: DemoArgs) -> Result<()> {
     if a.model.is_none() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
-    if let (Ok(()), Some(svg)) = (&result, svg) {
+    // Kept once written, even if what follows it failed (a closed stdout).
+    let written = std::fs::metadata(&a.svg).is_ok_and(|m| m.len() > 0);
+    if let Some(svg) = svg.filter(|_| result.is_ok() || written) {
         svg.keep();
     }
     result

@@ -112,8 +112,9 @@ pub struct SimulateArgs {
     /// Print the component model against the public measurements it is calibrated to, and exit
     /// (the default H100 model, as a table: it takes no other flag).
     #[arg(long, conflicts_with_all = [
-        "trace", "profile", "link", "model_shape", "gpu", "per_seq_us", "mem_fraction",
-        "cost_model", "svg", "json", "start_tp", "no_optimum",
+        "trace", "profile", "world", "link", "model_shape", "gpu", "per_seq_us", "mem_fraction",
+        "cost_model", "placement", "check_every", "margin", "min_gain_ms", "switch_fixed_ms",
+        "start_tp", "no_optimum", "svg", "json",
     ])]
     pub calibration: bool,
 }
@@ -288,16 +289,18 @@ pub fn report(a: &SimulateArgs) -> Result<SimReport> {
     let (runs, best) = simulate_all(&trace, &model, &cfg)?;
     let mut notes = vec![source_note];
     if a.profile.is_some() {
-        // The most a replica runs: every request at once, on the fewest replicas tried.
-        let most_tp = cfg.candidates.iter().copied().max().unwrap_or(1);
-        let batch = trace.requests.len().div_ceil(a.world / most_tp);
+        // The most a replica at tp runs: its share of every request at once (KV room may
+        // keep it smaller).
+        let n = trace.requests.len();
+        let batch_at = |tp: usize| n.div_ceil((a.world / tp.max(1)).max(1));
         let context = trace
             .requests
             .iter()
             .map(|r| r.prompt_len + r.response_len)
             .max()
             .unwrap_or(0);
-        if let Some(over) = ProfileTable::new(&profile)?.beyond(context, batch) {
+        if let Some(over) = ProfileTable::new(&profile)?.beyond(context, batch_at, &cfg.candidates)
+        {
             errln!("warning: {over}");
             notes.push(format!("EXTRAPOLATED: {over}"));
         }

@@ -155,8 +155,11 @@ pub fn bench_switch(a: BenchSwitchArgs) -> Result<()> {
     let mut engine =
         Engine::with_backend(cfg.clone(), &m.ck, opts, &backend).map_err(|e| match e {
             Error::KvExhausted(msg) => Error::KvExhausted(format!(
-                "--batch {} x --context {} (--kv-mib {}): {msg}",
-                a.batch, a.context, a.kv_mib
+                "--batch {} x --context {} (--kv-mib {}): {}",
+                a.batch,
+                a.context,
+                a.kv_mib,
+                msg.replace("`kv_blocks`", "blocks")
             )),
             // The library names its own parameter; here the blocks come from --kv-mib.
             Error::Invalid(m) if m.contains("`kv_blocks`") => Error::Invalid(format!(

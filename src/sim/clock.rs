@@ -138,33 +138,44 @@ impl ProfileTable {
         self.decode.keys().copied().collect()
     }
 
-    /// What of a run reaching contexts up to `context` with up to `batch` sequences on a
-    /// replica lies beyond every measured point (where the table only extends its last
-    /// segments), said in words; `None` when both are within what was measured.
-    pub fn beyond(&self, context: usize, batch: usize) -> Option<String> {
-        let points = self.decode.values().flat_map(|per_batch| {
-            per_batch
-                .iter()
-                .flat_map(|(&b, pts)| pts.iter().map(move |&(c, _)| (b, c)))
-        });
-        let (most_batch, most_ctx) =
-            points.fold((0usize, 0f64), |(b, c), (pb, pc)| (b.max(pb), c.max(pc)));
+    /// Where a run reaching contexts up to `context`, with up to `batch_at(tp)` sequences on a
+    /// replica at each of `tps`, leaves what was measured (the table then extends the last
+    /// segments of its curves), said in words; `None` when it stays within. Per tp: a context
+    /// past the shortest reach of that tp's batch curves, a batch past its largest batch.
+    pub fn beyond(
+        &self,
+        context: usize,
+        batch_at: impl Fn(usize) -> usize,
+        tps: &[usize],
+    ) -> Option<String> {
         let mut parts = Vec::new();
-        if context as f64 > most_ctx {
-            parts.push(format!(
-                "contexts up to {context} tokens (measured up to {most_ctx:.0})"
-            ));
-        }
-        if batch > most_batch {
-            parts.push(format!(
-                "up to {batch} sequences on a replica (measured up to {most_batch})"
-            ));
+        for (&tp, per_batch) in self.decode.iter().filter(|(tp, _)| tps.contains(tp)) {
+            let most_batch = per_batch.keys().copied().max().unwrap_or(0);
+            let reach = per_batch
+                .values()
+                .map(|pts| pts.iter().map(|p| p.0).fold(0.0, f64::max))
+                .fold(f64::INFINITY, f64::min);
+            let mut here = Vec::new();
+            if context as f64 > reach {
+                here.push(format!(
+                    "contexts up to {context} tokens (measured up to {reach:.0} at every batch size)"
+                ));
+            }
+            let batch = batch_at(tp);
+            if batch > most_batch {
+                here.push(format!(
+                    "up to {batch} sequences on a replica (measured up to {most_batch})"
+                ));
+            }
+            if !here.is_empty() {
+                parts.push(format!("at tp {tp} {}", here.join(" and ")));
+            }
         }
         (!parts.is_empty()).then(|| {
             format!(
                 "the run reaches {}: step times there extend the last measured segments, an \
                  extrapolation, not a measurement",
-                parts.join(" and ")
+                parts.join("; ")
             )
         })
     }
@@ -289,16 +300,22 @@ mod tests {
         let mut p = sampled_profile(&m, 2).unwrap();
         p.decode = vec![sample(1, 1, 32), sample(1, 4, 256), sample(2, 8, 64)];
         let t = ProfileTable::new(&p).unwrap();
-        assert_eq!(t.beyond(256, 8), None);
-        let over = t.beyond(257, 8).unwrap();
+        // tp 1's curves reach context 32 (batch 1) and 256 (batch 4): 32 at every batch size.
+        assert_eq!(t.beyond(32, |_| 4, &[1]), None);
+        let at = |tp: usize| if tp == 1 { 4 } else { 8 };
+        let one = t.beyond(64, at, &[1, 2]).unwrap();
         assert!(
-            over.contains("contexts up to 257 tokens (measured up to 256)"),
-            "{over}"
+            one.contains(
+                "at tp 1 contexts up to 64 tokens (measured up to 32 at every batch size)"
+            ),
+            "{one}"
         );
-        assert!(!over.contains("sequences"), "{over}");
-        let both = t.beyond(24576, 64).unwrap();
+        assert!(!one.contains("tp 2") && !one.contains("sequences"), "{one}");
+        // A tp not asked about is not checked.
+        assert_eq!(t.beyond(64, at, &[2]), None);
+        let both = t.beyond(24576, |tp| 16 * tp, &[1, 2]).unwrap();
         assert!(
-            both.contains("and up to 64 sequences on a replica (measured up to 8)"),
+            both.contains("; at tp 2 contexts up to 24576 tokens (measured up to 64 at every batch size) and up to 32 sequences on a replica (measured up to 8)"),
             "{both}"
         );
     }

@@ -92,6 +92,29 @@ fn table() -> Vec<Case> {
             needle: "--kv-mib 999999999:",
             absent: Some("--kv-blocks"),
         },
+        Case {
+            // Past what the host holds, short of the block-id limit (4.8 TB).
+            name: "bench_switch_kv_mib_past_the_host_names_kv_mib",
+            args: |f| {
+                a(&[
+                    "bench",
+                    "switch",
+                    "--model",
+                    &f.p("m"),
+                    "--world",
+                    "2",
+                    "--from",
+                    "1",
+                    "--to",
+                    "2",
+                    "--kv-mib",
+                    "5000000",
+                ])
+            },
+            code: 1,
+            needle: "(--kv-mib 5000000)",
+            absent: Some("--kv-blocks"),
+        },
         err(
             "demo_svg_a_directory_is_refused_before_the_run",
             |f| a(&["demo", "--preset", "tiny", "--svg", &f.p("a_dir")]),

@@ -183,7 +183,8 @@ pub struct pat_live_seq {
     /// Of `context`, the tokens whose KV it holds now: what a switch moves or recomputes.
     /// `context - 1` for a request decoding (its last sampled token is not in yet), fewer for a
     /// prompt part way in, 0 for one waiting for room. `pat_policy_decide` refuses a value above
-    /// `context`; fill it with `context` for a request that holds all of its KV.
+    /// `context`; fill it with `context` for a request that holds all of its KV (new in ABI 3:
+    /// a zero-filled struct says it holds none, and its switch then moves none).
     pub kv_tokens: u64,
     pub generated: u64,
     pub max_new_tokens: u64,
