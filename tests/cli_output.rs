@@ -79,6 +79,26 @@ fn closed_or_full_stdout_is_never_a_panic() {
     }
 }
 
+/// `pat profile` of model `m` at world 1 on contexts 8,16 and batches 1,2 (one timed step), to
+/// `out`: a profile made in about a second.
+fn small_profile<'a>(m: &'a str, out: &'a str) -> [&'a str; 13] {
+    [
+        "profile",
+        "--model",
+        m,
+        "--world",
+        "1",
+        "--contexts",
+        "8,16",
+        "--batches",
+        "1,2",
+        "--steps",
+        "1",
+        "--out",
+        out,
+    ]
+}
+
 #[test]
 fn closed_or_full_stderr_loses_no_output() {
     // stderr carries progress, switch records and warnings: where it cannot be written (full,
@@ -107,21 +127,7 @@ fn closed_or_full_stderr_loses_no_output() {
         "a switch record on stderr: {err}"
     );
     let prof = dir.path().join("p.json");
-    let profile = [
-        "profile",
-        "--model",
-        &m,
-        "--world",
-        "1",
-        "--contexts",
-        "8,16",
-        "--batches",
-        "1,2",
-        "--steps",
-        "1",
-        "--out",
-        prof.to_str().unwrap(),
-    ];
+    let profile = small_profile(&m, prof.to_str().unwrap());
     for closed in [false, true] {
         let run = |args: &[&str]| {
             let mut child = Command::new(env!("CARGO_BIN_EXE_pat"))
@@ -280,21 +286,7 @@ fn a_simulation_on_a_measured_profile_says_where_it_extrapolates() {
     let m = tiny(dir.path());
     let prof = dir.path().join("p.json");
     let p = prof.to_str().unwrap();
-    ok(&[
-        "profile",
-        "--model",
-        &m,
-        "--world",
-        "1",
-        "--contexts",
-        "8,16",
-        "--batches",
-        "1,2",
-        "--steps",
-        "1",
-        "--out",
-        p,
-    ]);
+    ok(&small_profile(&m, p));
     let trace = |name: &str, n: usize, prompt: usize, response: usize| {
         let t = dir.path().join(name);
         let line = format!("{{\"prompt_len\":{prompt},\"response_len\":{response}}}\n");

@@ -4,17 +4,7 @@
 //! path refused before a run of seconds; a flag that takes no other; and a default grid lowered
 //! to what a small model holds instead of refused.
 
-use super::{a, check, err, Case, Fx};
-
-fn usage(name: &'static str, args: fn(&Fx) -> Vec<String>, needle: &'static str) -> Case {
-    Case {
-        name,
-        args,
-        code: 2,
-        needle,
-        absent: None,
-    }
-}
+use super::{a, check, err, usage, Case, Fx};
 
 fn table() -> Vec<Case> {
     vec![

@@ -38,6 +38,17 @@ pub const fn err(name: &'static str, args: fn(&Fx) -> Vec<String>, needle: &'sta
     }
 }
 
+/// A case that clap must refuse (exit 2, a usage error) naming `needle`.
+pub const fn usage(name: &'static str, args: fn(&Fx) -> Vec<String>, needle: &'static str) -> Case {
+    Case {
+        name,
+        args,
+        code: 2,
+        needle,
+        absent: None,
+    }
+}
+
 fn run(fx: &Fx, c: &Case) -> Result<(), String> {
     let args = (c.args)(fx);
     let o: Output = Command::new(env!("CARGO_BIN_EXE_pat"))

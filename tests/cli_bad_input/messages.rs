@@ -2,7 +2,7 @@
 //! layouts, flags, requests and traces; and KV admission (requests that each fit the pool but
 //! not together queue instead of failing).
 
-use super::{a, check, err, Case, Fx};
+use super::{a, check, err, usage, Case, Fx};
 
 fn gen(fx: &Fx, extra: &[&str]) -> Vec<String> {
     let mut v = a(&["generate", "--model", &fx.p("m")]);
@@ -24,16 +24,6 @@ fn rollout_small(fx: &Fx, extra: &[&str]) -> Vec<String> {
     ]);
     v.extend(a(extra));
     v
-}
-
-const fn usage(name: &'static str, args: fn(&Fx) -> Vec<String>, needle: &'static str) -> Case {
-    Case {
-        name,
-        args,
-        code: 2,
-        needle,
-        absent: None,
-    }
 }
 
 const CASES: &[Case] = &[
