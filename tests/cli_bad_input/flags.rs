@@ -4,7 +4,7 @@
 //! path refused before a run of seconds; a flag that takes no other; and a default grid lowered
 //! to what a small model holds instead of refused.
 
-use super::{a, check, err, usage, Case, Fx};
+use super::{a, check, err, usage, Case};
 
 fn table() -> Vec<Case> {
     vec![
