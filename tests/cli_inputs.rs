@@ -1,5 +1,6 @@
 //! Command-line inputs of `pat trace`, `pat profile` and `pat init-model` that must be refused
-//! up front (naming the flag, before any work or any file is written), and what they print.
+//! up front (naming the flag, before any work or any file is written), and what they print;
+//! traces read from stdin (`--trace -`).
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -93,19 +94,24 @@ fn trace_stats_refuses_a_response_longer_than_the_cap() {
     assert_eq!(v["frac_at_cap"], 1.0 / 3.0);
 }
 
-#[test]
-fn trace_stats_reads_stdin() {
-    let dir = tempfile::tempdir().unwrap();
-    let text = std::fs::read(straggler(dir.path())).unwrap();
+/// Runs pat with `input` on its stdin.
+fn piped(args: &[&str], input: &[u8]) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_pat"))
-        .args(["trace", "stats", "-", "--json"])
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(&text).unwrap();
-    let o = child.wait_with_output().unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn trace_stats_reads_stdin() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read(straggler(dir.path())).unwrap();
+    let o = piped(&["trace", "stats", "-", "--json"], &text);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(
@@ -304,4 +310,82 @@ fn init_model_weights_have_the_permissions_of_the_other_files() {
     };
     assert_eq!(mode("model.safetensors"), mode("config.json"));
     assert_eq!(mode("model.safetensors"), mode("tokenizer.json"));
+}
+
+/// `simulate --trace -` reads the trace from stdin: the same report as from the file, the trace
+/// named `<stdin>`, and a bad request named by its stdin line.
+#[test]
+fn simulate_reads_the_trace_from_stdin() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path().join("t.jsonl");
+    let gen = [
+        "trace", "gen", "--kind", "uniform", "--n", "8", "--lo", "10",
+    ];
+    ok(&[&gen[..], &["--hi", "300", "--out", s(&t)]].concat());
+    let text = std::fs::read(&t).unwrap();
+    let sim = ["simulate", "--world", "2", "--json", "--trace"];
+    let from_file = ok(&[&sim[..], &[s(&t)]].concat());
+    let from_stdin = piped(&[&sim[..], &["-"]].concat(), &text);
+    assert!(from_stdin.status.success(), "{}", stderr(&from_stdin));
+    let mut a: serde_json::Value = serde_json::from_slice(&from_file.stdout).unwrap();
+    let mut b: serde_json::Value = serde_json::from_slice(&from_stdin.stdout).unwrap();
+    assert_eq!(a["trace_path"], s(&t));
+    assert_eq!(b["trace_path"], "<stdin>");
+    a["trace_path"] = serde_json::Value::Null;
+    b["trace_path"] = serde_json::Value::Null;
+    assert_eq!(a, b);
+    // Line 3 (after a blank line) is request 1, beyond the default model's context.
+    let bad =
+        b"{\"prompt_len\":8,\"response_len\":6}\n\n{\"prompt_len\":8,\"response_len\":999999}\n";
+    let o = piped(&[&sim[..], &["-"]].concat(), bad);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("<stdin>:3: request 1: `prompt_len` 8 + `response_len` 999999"));
+}
+
+/// `rollout --trace -` reads the trace from stdin: the same steps as from the file (every field
+/// but the timings), and a bad request named by its stdin line.
+#[test]
+fn rollout_reads_the_trace_from_stdin() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let t = dir.path().join("t.jsonl");
+    let text = b"{\"prompt_len\":8,\"response_len\":6}\n\n{\"prompt_len\":5,\"response_len\":12}\n";
+    std::fs::write(&t, text).unwrap();
+    let run = [
+        "rollout",
+        "--model",
+        s(&m),
+        "--world",
+        "2",
+        "--policy",
+        "static:2",
+    ];
+    let steps = |o: &Output| -> Vec<Vec<serde_json::Value>> {
+        assert!(o.status.success(), "{}", stderr(o));
+        let keys = [
+            "step",
+            "tp",
+            "running_reqs",
+            "prefill_tokens",
+            "tokens_this_step",
+        ];
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v.get("summary").is_none())
+            .map(|v| keys.iter().map(|k| v[*k].clone()).collect())
+            .collect()
+    };
+    let from_file = steps(&ok(&[&run[..], &["--trace", s(&t)]].concat()));
+    let from_stdin = steps(&piped(&[&run[..], &["--trace", "-"]].concat(), text));
+    // 12 steps: the longer response's; 18 tokens in all.
+    assert_eq!(from_file.len(), 12);
+    let tokens: u64 = from_file.iter().map(|r| r[4].as_u64().unwrap()).sum();
+    assert_eq!(tokens, 18);
+    assert_eq!(from_file, from_stdin);
+    let bad =
+        b"{\"prompt_len\":8,\"response_len\":6}\n\n{\"prompt_len\":500,\"response_len\":120}\n";
+    let o = piped(&[&run[..], &["--trace", "-"]].concat(), bad);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("<stdin>:3: request 1: `prompt_len` 500 + `response_len` 120"));
 }

@@ -53,10 +53,42 @@ pub fn record_lines(text: &str) -> Vec<usize> {
         .collect()
 }
 
-/// A trace file read once: the trace and the line of each of its requests ([`record_lines`]).
-pub fn load_trace(path: &Path) -> Result<(Trace, Vec<usize>)> {
-    let text = std::fs::read_to_string(path).map_err(|e| pat::Error::io(path, e))?;
-    Ok((Trace::parse(path, &text)?, record_lines(&text)))
+/// The text of the file at `path`, or of stdin when `path` is `-`, with the name messages give
+/// it (`<stdin>` for `-`).
+pub fn read_input(path: &Path) -> Result<(PathBuf, String)> {
+    if path.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut text)
+            .map_err(|e| pat::Error::io("<stdin>", e))?;
+        Ok((PathBuf::from("<stdin>"), text))
+    } else {
+        let text = std::fs::read_to_string(path).map_err(|e| pat::Error::io(path, e))?;
+        Ok((path.to_path_buf(), text))
+    }
+}
+
+/// A trace read once from a file or stdin ([`read_input`]).
+pub struct LoadedTrace {
+    /// The name messages give the trace: its path, or `<stdin>`.
+    pub path: PathBuf,
+    pub trace: Trace,
+    /// The line of each request ([`record_lines`]).
+    pub lines: Vec<usize>,
+}
+
+/// Reads and parses the trace at `path` (`-`: stdin).
+pub fn load_trace(path: &Path) -> Result<LoadedTrace> {
+    let (path, text) = read_input(path)?;
+    let trace = Trace::parse(&path, &text)?;
+    let lines = record_lines(&text);
+    Ok(LoadedTrace { path, trace, lines })
+}
+
+impl LoadedTrace {
+    /// An error about request `i` of this trace ([`request_line_error`]).
+    pub fn request_error(&self, i: usize, msg: &str) -> pat::Error {
+        request_line_error(&self.path, &self.lines, i, msg)
+    }
 }
 
 /// An error about request `i` of the file at `path` whose requests sit on `lines`:

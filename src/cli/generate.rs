@@ -138,15 +138,7 @@ fn requests(a: &GenerateArgs, tok: Option<&Tokenizer>) -> Result<(Vec<Request>, 
         .requests
         .as_ref()
         .ok_or_else(|| Error::Invalid("give --prompt, --prompt-ids or --requests".into()))?;
-    let (path, text) = if path.as_os_str() == "-" {
-        let mut t = String::new();
-        std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut t)
-            .map_err(|e| Error::io("<stdin>", e))?;
-        (PathBuf::from("<stdin>"), t)
-    } else {
-        let t = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        (path.clone(), t)
-    };
+    let (path, text) = super::common::read_input(path)?;
     let reqs = parse_requests_jsonl(&path, &text, tok, a.max_new_tokens, a.ignore_eos)?;
     Ok((reqs, Source::File { path, text }))
 }

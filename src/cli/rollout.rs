@@ -12,7 +12,7 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
 use super::common::{
-    check_rule_flags, load_trace, open_model, plural, plural_with, progress, request_line_error,
+    check_rule_flags, load_trace, open_model, plural, plural_with, progress, LoadedTrace,
 };
 use pat::engine::{check_lengths, Backend, Engine, EngineOptions, EngineSource, Request};
 use pat::error::{Error, Result};
@@ -23,7 +23,7 @@ use pat::parallel::Layout;
 use pat::policy::controller::{drive, Controller, ControllerConfig, Event};
 use pat::policy::decide::SwitchCost;
 use pat::policy::remaining::{LengthDist, Remaining};
-use pat::policy::{ModelDims, Predictor, Profile, Trace};
+use pat::policy::{ModelDims, Predictor, Profile};
 use pat::reshard::cost::{CostModel, KvPolicy};
 use pat::sim::run::{fresh_batch, initial_placement, requests, Placement};
 use pat::Dtype;
@@ -65,7 +65,8 @@ pub struct RolloutArgs {
     /// Model directory (config.json + safetensors; `pat init-model` makes one).
     #[arg(long)]
     pub model: PathBuf,
-    /// JSONL trace: {"prompt_len":P,"response_len":R} per line (see `pat trace gen`).
+    /// JSONL trace: {"prompt_len":P,"response_len":R} per line (see `pat trace gen`); `-` reads
+    /// it from stdin.
     #[arg(long)]
     pub trace: PathBuf,
     /// Ranks (CPU threads, or GPU ranks with --backend cuda).
@@ -110,22 +111,21 @@ pub struct RolloutArgs {
 
 pub fn run(a: RolloutArgs) -> Result<()> {
     let m = open_model(&a.model)?;
-    let (trace, lines) = load_trace(&a.trace)?;
+    let loaded = load_trace(&a.trace)?;
     let profile = a.profile.as_deref().map(Profile::load).transpose()?;
-    rollout(&m, &trace, &lines, &a, profile.as_ref(), true)
+    rollout(&m, &loaded, &a, profile.as_ref(), true)
 }
 
-/// Runs one rollout of `trace` (the paths in `a` are not read; `lines` holds the line of each
-/// request in `a.trace`, for messages) through the one adaptive loop (`pat::policy::drive`); with
-/// `emit`, JSONL on stdout and a summary on stderr.
-pub fn rollout(
+/// Runs one rollout of the trace `loaded` (the paths in `a` are not read) through the one
+/// adaptive loop (`pat::policy::drive`); with `emit`, JSONL on stdout and a summary on stderr.
+fn rollout(
     m: &ModelDir,
-    trace: &Trace,
-    lines: &[usize],
+    loaded: &LoadedTrace,
     a: &RolloutArgs,
     profile: Option<&Profile>,
     emit: bool,
 ) -> Result<()> {
+    let trace = &loaded.trace;
     Layout::new(a.world, 1)?;
     // Lengths first: a trace line the model cannot hold is refused before anything is built.
     for (i, r) in trace.requests.iter().enumerate() {
@@ -134,7 +134,7 @@ pub fn rollout(
                 "`prompt_len` {} + `response_len` {} exceeds the model's max_position_embeddings {}",
                 r.prompt_len, r.response_len, m.cfg.max_position_embeddings
             );
-            return Err(request_line_error(&a.trace, lines, i, &msg));
+            return Err(loaded.request_error(i, &msg));
         }
         let vocab = m.cfg.vocab_size;
         let ids = r.input_ids.as_deref().unwrap_or_default();
@@ -142,7 +142,7 @@ pub fn rollout(
             let msg = format!(
                 "`input_ids` holds token id {id} at position {pos}, out of the model's vocab_size {vocab}"
             );
-            return Err(request_line_error(&a.trace, lines, i, &msg));
+            return Err(loaded.request_error(i, &msg));
         }
     }
     let tps: Vec<usize> = (1..=a.world)

@@ -3,7 +3,7 @@
 //! model (MODELED, said so) or a measured profile's interpolated table; the policy sees only its
 //! predictor fitted to a profile.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 
@@ -12,7 +12,6 @@ use pat::policy::decide::SwitchCost;
 use pat::policy::modeled::{Link, ModelShape};
 use pat::policy::predictor::{validate, Predictor};
 use pat::policy::profile::Profile;
-use pat::policy::trace::Trace;
 use pat::sim::calibration::{range_error, CALIBRATION};
 use pat::sim::report::SimReport;
 use pat::sim::run::{simulate_all, Placement, SimConfig, SimModel};
@@ -41,7 +40,7 @@ pub enum PlacementArg {
 
 #[derive(Args, Debug)]
 pub struct SimulateArgs {
-    /// Rollout length trace, JSONL (`pat trace gen`).
+    /// Rollout length trace, JSONL (`pat trace gen`); `-` reads it from stdin.
     #[arg(long, required_unless_present = "calibration")]
     pub trace: Option<PathBuf>,
     /// Measured profile JSON (from `pat profile`): the clock is its samples, interpolated, and
@@ -214,8 +213,8 @@ pub fn world_model(a: &SimulateArgs) -> Result<(Box<dyn StepClock>, Profile, Str
 }
 
 /// Refuses what the simulator cannot model sensibly: absurd worlds, lengths beyond the model's
-/// context (naming the request and its line: `lines` from [`super::common::load_trace`]).
-fn check_bounds(a: &SimulateArgs, path: &Path, trace: &Trace, lines: &[usize]) -> Result<()> {
+/// context (naming the request and its line).
+fn check_bounds(a: &SimulateArgs, loaded: &super::common::LoadedTrace) -> Result<()> {
     if a.world == 0 || a.world > MAX_WORLD {
         return Err(Error::Invalid(format!(
             "--world must be in 1..={MAX_WORLD}, got {}",
@@ -224,7 +223,8 @@ fn check_bounds(a: &SimulateArgs, path: &Path, trace: &Trace, lines: &[usize]) -
     }
     let shape = a.model_shape.unwrap_or(ModelShape::Llama3_8b);
     let max_pos = shape.max_position_embeddings();
-    if let Some((i, r)) = trace
+    if let Some((i, r)) = loaded
+        .trace
         .requests
         .iter()
         .enumerate()
@@ -234,7 +234,7 @@ fn check_bounds(a: &SimulateArgs, path: &Path, trace: &Trace, lines: &[usize]) -
             "`prompt_len` {} + `response_len` {} is beyond {shape}'s context of {max_pos}",
             r.prompt_len, r.response_len
         );
-        return Err(super::common::request_line_error(path, lines, i, &msg));
+        return Err(loaded.request_error(i, &msg));
     }
     Ok(())
 }
@@ -246,8 +246,9 @@ pub fn report(a: &SimulateArgs) -> Result<SimReport> {
         .trace
         .as_ref()
         .ok_or_else(|| Error::Invalid("--trace is required".into()))?;
-    let (trace, lines) = super::common::load_trace(path)?;
-    check_bounds(a, path, &trace, &lines)?;
+    let loaded = super::common::load_trace(path)?;
+    check_bounds(a, &loaded)?;
+    let trace = loaded.trace;
     let (clock, mut profile, source_note) = world_model(a)?;
     if let Some(ms) = a.switch_fixed_ms {
         profile.switch.fixed_ms = non_negative(ms, "--switch-fixed-ms")?;
@@ -323,7 +324,7 @@ pub fn report(a: &SimulateArgs) -> Result<SimReport> {
     ));
     Ok(SimReport::new(
         &profile,
-        &path.display().to_string(),
+        &loaded.path.display().to_string(),
         trace.stats(None),
         &cfg,
         runs,

@@ -239,15 +239,7 @@ fn load_for_stats(file: &Path, cap: Option<usize>) -> Result<Trace> {
     if cap == Some(0) {
         return Err(Error::Invalid("--cap must be at least 1".into()));
     }
-    let (shown, text) = if file.as_os_str() == "-" {
-        let mut t = String::new();
-        std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut t)
-            .map_err(|e| Error::io("<stdin>", e))?;
-        (PathBuf::from("<stdin>"), t)
-    } else {
-        let t = std::fs::read_to_string(file).map_err(|e| Error::io(file, e))?;
-        (file.to_path_buf(), t)
-    };
+    let (shown, text) = super::common::read_input(file)?;
     let trace = Trace::parse(&shown, &text)?;
     if let Some(cap) = cap {
         let lines = super::common::record_lines(&text);
