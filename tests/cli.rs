@@ -402,8 +402,10 @@ fn live_switches_keep_generate_output_identical() {
     );
 }
 
+/// Requests read from stdin, or given as repeated `--prompt-ids` (one request per occurrence),
+/// are those of the same requests in a file.
 #[test]
-fn requests_from_stdin_equal_requests_from_a_file() {
+fn requests_from_stdin_or_repeated_flags_equal_requests_from_a_file() {
     let tmp = tempfile::tempdir().unwrap();
     let m = tiny(tmp.path(), "llama");
     let text = "{\"input_ids\":[5,6,7]}\n{\"input_ids\":[9],\"max_new_tokens\":4}\n";
@@ -432,6 +434,15 @@ fn requests_from_stdin_equal_requests_from_a_file() {
         err.contains("<stdin>:2: request 1: token id 99999"),
         "{err}"
     );
+    // Repeated --prompt-ids: two requests, in order, not one merged prompt.
+    std::fs::write(&reqs, "{\"input_ids\":[5,6,7]}\n{\"input_ids\":[9]}\n").unwrap();
+    let mut flags = args.to_vec();
+    flags.extend(["--prompt-ids", "5,6,7", "--prompt-ids", "9"]);
+    let mut from_file = args.to_vec();
+    from_file.extend(["--requests", reqs.to_str().unwrap()]);
+    let got = ok(&flags);
+    assert_eq!(output_ids(&got), output_ids(&ok(&from_file)));
+    assert_eq!(output_ids(&got).len(), 2);
 }
 
 #[test]

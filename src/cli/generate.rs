@@ -50,13 +50,15 @@ pub struct GenerateArgs {
     /// Seed for sampling; each request draws from its own stream.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// A text prompt (needs tokenizer.json). The tokenizer adds its BOS token where it has one,
-    /// so "" is BOS alone; a prompt that tokenizes to nothing is refused.
+    /// A text prompt (needs tokenizer.json); repeat it for a batch, one request per occurrence,
+    /// numbered from 0 in order. The tokenizer adds its BOS token where it has one, so "" is BOS
+    /// alone; a prompt that tokenizes to nothing is refused.
     #[arg(long)]
-    pub prompt: Option<String>,
-    /// A prompt as comma-separated token ids, e.g. 1,2,3.
-    #[arg(long, value_delimiter = ',')]
-    pub prompt_ids: Option<Vec<u32>>,
+    pub prompt: Vec<String>,
+    /// A prompt as comma-separated token ids, e.g. 1,2,3; repeat it for a batch, one request per
+    /// occurrence (`--prompt-ids 1,2 --prompt-ids 3` is two requests).
+    #[arg(long, value_name = "IDS", value_parser = token_ids)]
+    pub prompt_ids: Vec<TokenIds>,
     /// JSONL file, one request per line: {"input_ids":[...]} or {"prompt":"..."}, optional
     /// "max_new_tokens" and "ignore_eos"; `-` reads standard input.
     #[arg(long)]
@@ -87,9 +89,29 @@ pub struct GenerateArgs {
     pub kv_transfer: pat::reshard::cost::KvPolicy,
 }
 
+/// One `--prompt-ids` occurrence: the token ids of one prompt.
+#[derive(Clone, Debug)]
+pub struct TokenIds(Vec<u32>);
+
+/// Parses `1,2,3` (spaces around an id allowed) into token ids; an empty list is kept, for the
+/// empty-prompt check to refuse with its own message.
+fn token_ids(s: &str) -> std::result::Result<TokenIds, String> {
+    if s.trim().is_empty() {
+        return Ok(TokenIds(Vec::new()));
+    }
+    s.split(',')
+        .map(|id| {
+            id.trim()
+                .parse::<u32>()
+                .map_err(|e| format!("token id {:?}: {e}", id.trim()))
+        })
+        .collect::<std::result::Result<_, _>>()
+        .map(TokenIds)
+}
+
 /// Where the requests came from, for messages.
 enum Source {
-    /// `--prompt` or `--prompt-ids`: one request (request 0).
+    /// `--prompt` or `--prompt-ids`: a request per occurrence, in order.
     Flag(&'static str),
     /// A request file (`<stdin>` for `-`) and its text, to name each request's line.
     File { path: PathBuf, text: String },
@@ -114,25 +136,34 @@ fn requests(a: &GenerateArgs, tok: Option<&Tokenizer>) -> Result<(Vec<Request>, 
     if a.max_new_tokens == 0 {
         return Err(Error::Invalid("--max-new-tokens must be at least 1".into()));
     }
-    let one = |input_ids, flag| {
-        let r = Request {
-            input_ids,
-            max_new_tokens: a.max_new_tokens,
-            ignore_eos: a.ignore_eos,
-        };
-        Ok((vec![r], Source::Flag(flag)))
+    let from_flag = |prompts: Vec<Vec<u32>>, flag| {
+        let reqs = prompts
+            .into_iter()
+            .map(|input_ids| Request {
+                input_ids,
+                max_new_tokens: a.max_new_tokens,
+                ignore_eos: a.ignore_eos,
+            })
+            .collect();
+        Ok((reqs, Source::Flag(flag)))
     };
-    if let Some(p) = &a.prompt {
+    if !a.prompt.is_empty() {
         let tok = tok.ok_or_else(|| {
             Error::Invalid(format!(
                 "--prompt needs {}/tokenizer.json; use --prompt-ids",
                 a.model.display()
             ))
         })?;
-        return one(tok.encode(p)?, "--prompt");
+        let ids = a
+            .prompt
+            .iter()
+            .map(|p| tok.encode(p))
+            .collect::<Result<_>>()?;
+        return from_flag(ids, "--prompt");
     }
-    if let Some(ids) = &a.prompt_ids {
-        return one(ids.clone(), "--prompt-ids");
+    if !a.prompt_ids.is_empty() {
+        let ids = a.prompt_ids.iter().map(|t| t.0.clone()).collect();
+        return from_flag(ids, "--prompt-ids");
     }
     let path = a
         .requests
@@ -175,13 +206,18 @@ fn check_requests(
         match src {
             Source::Flag(flag) => {
                 if r.input_ids.is_empty() {
-                    let why = empty_prompt(a.prompt.as_deref(), flag, flag);
-                    let hint = if a.prompt.is_some() {
+                    let why = empty_prompt(a.prompt.get(i).map(String::as_str), flag, flag);
+                    let hint = if !a.prompt.is_empty() {
                         "; give a non-empty --prompt, or --prompt-ids"
                     } else {
                         ""
                     };
-                    return Err(Error::Request(format!("{why}{hint}")));
+                    let which = if reqs.len() > 1 {
+                        format!("request {i} ({} occurrence {}): ", flag, i + 1)
+                    } else {
+                        String::new()
+                    };
+                    return Err(Error::Request(format!("{which}{why}{hint}")));
                 }
                 let ctx = match check_lengths(cfg, r.input_ids.len(), r.max_new_tokens) {
                     Ok(()) => flag.to_string(),

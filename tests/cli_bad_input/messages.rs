@@ -210,6 +210,22 @@ const CASES: &[Case] = &[
         |f| gen(f, &["--prompt-ids", "1,2,99999"]),
         "token id 99999 at position 2 is out of range",
     ),
+    // Each --prompt-ids occurrence is its own request, named by its place.
+    err(
+        "second_prompt_ids_occurrence_outside_vocab",
+        |f| gen(f, &["--prompt-ids", "1", "--prompt-ids", "2,99999"]),
+        "request 1: token id 99999 at position 1 is out of range",
+    ),
+    err(
+        "second_prompt_ids_occurrence_empty",
+        |f| gen(f, &["--prompt-ids", "1", "--prompt-ids", ""]),
+        "request 1 (--prompt-ids occurrence 2): empty prompt",
+    ),
+    usage(
+        "prompt_ids_not_a_number",
+        |f| gen(f, &["--prompt-ids", "1, x"]),
+        "'--prompt-ids <IDS>': token id \"x\"",
+    ),
     err(
         "token_id_outside_vocab_in_file",
         |f| gen(f, &["--requests", &f.p("ids_oov.jsonl")]),
