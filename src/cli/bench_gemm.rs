@@ -32,7 +32,8 @@ pub struct GemmArgs {
     /// Activation rows (decode batch sizes) to sweep.
     #[arg(long, value_delimiter = ',', default_value = "1,4,16,32,64")]
     pub rows: Vec<usize>,
-    /// Threads per GEMM to sweep (default: 1 and every core the CPU backend may use).
+    /// Threads per GEMM to sweep, each at most the cores the CPU backend may use (default: 1 and
+    /// all of them).
     #[arg(long, value_delimiter = ',')]
     pub threads: Vec<usize>,
     /// Timed steps per setting (the median is reported).
@@ -44,8 +45,6 @@ pub struct GemmArgs {
 const MAX_BYTES: usize = 8 << 30;
 /// Activation rows at most (decode batches; the packed path takes over at 32).
 const MAX_ROWS: usize = 4096;
-/// Threads per GEMM at most (the pool has `cpu_threads() - 1` helpers whatever is asked).
-const MAX_THREADS: usize = 1024;
 
 struct Shape {
     name: &'static str,
@@ -70,13 +69,19 @@ pub fn gemm(a: GemmArgs) -> Result<()> {
             "--layers, --iters, --rows and --threads must be >= 1".into(),
         ));
     }
-    for (flag, values, max) in [
-        ("--rows", &a.rows, MAX_ROWS),
-        ("--threads", &a.threads, MAX_THREADS),
-    ] {
-        if let Some(v) = values.iter().find(|&&v| v > max) {
-            return Err(Error::Invalid(format!("{flag} {v} is more than {max}")));
-        }
+    if let Some(v) = a.rows.iter().find(|&&v| v > MAX_ROWS) {
+        return Err(Error::Invalid(format!(
+            "--rows {v} is more than {MAX_ROWS}"
+        )));
+    }
+    // The pool has `cpu_threads() - 1` helpers whatever is asked: more would be measured as
+    // fewer and labeled as more.
+    if let Some(v) = a.threads.iter().find(|&&v| v > cpu_threads()) {
+        return Err(Error::Invalid(format!(
+            "--threads {v} is more than the {} the CPU backend may use (this machine's cores, \
+             or fewer with PAT_THREADS)",
+            plural(cpu_threads(), "thread")
+        )));
     }
     if a.iters > 1000 {
         return Err(Error::Invalid(format!(
@@ -140,11 +145,7 @@ pub fn gemm(a: GemmArgs) -> Result<()> {
         plural(layers, "layer"),
         a.shard
     );
-    // More threads than the backend's cores copy no faster (and would each allocate buffers).
-    let bws: Vec<f64> = threads
-        .iter()
-        .map(|&t| copy_bandwidth(t.min(cpu_threads())))
-        .collect();
+    let bws: Vec<f64> = threads.iter().map(|&t| copy_bandwidth(t)).collect();
 
     // One step: every GEMM of every layer, then lm_head; per shape, its seconds.
     let step = |g: Gemm, n: usize, out: &mut [f32]| -> Vec<f64> {

@@ -48,7 +48,7 @@ pub struct ComposeArgs {
     #[arg(long = "shard", required = true, value_name = "K=FILE")]
     pub shards: Vec<ShardArg>,
     /// The full model the shards were cut from (a built-in shape; see also --model).
-    #[arg(long, default_value = "llama3-8b")]
+    #[arg(long, default_value = "llama3-8b", conflicts_with = "model")]
     pub model_shape: ModelShape,
     /// ... or the full model's directory (its config.json), e.g. a small preset for a rehearsal.
     #[arg(long)]

@@ -1,13 +1,31 @@
 //! Messages that speak of what the user typed, not of a library parameter or a Rust type: a
 //! count flag at 0, a budget flag whose limit the library words in its own terms, a file as a
 //! whole (no line 0), a path that does not exist; a trace's bad ids at their file line; an output
-//! path refused before a run of seconds; a flag that takes no other; and a default grid lowered
+//! path refused before a run of seconds; a flag that takes no other, or that another makes moot; and a default grid lowered
 //! to what a small model holds instead of refused.
 
 use super::{a, check, err, usage, Case};
 
 fn table() -> Vec<Case> {
     vec![
+        // --model gives the full model; a --model-shape beside it would be silently dropped.
+        usage(
+            "compose_profile_model_shape_with_model",
+            |f| {
+                a(&[
+                    "compose-profile",
+                    "--shard",
+                    &format!("1={}", f.p("p.json")),
+                    "--model",
+                    &f.p("m"),
+                    "--model-shape",
+                    "qwen3-14b",
+                    "--out",
+                    &f.p("out.json"),
+                ])
+            },
+            "'--model <MODEL>' cannot be used with '--model-shape <MODEL_SHAPE>'",
+        ),
         usage(
             "prefill_tokens_zero_says_at_least_one",
             |f| {
