@@ -31,6 +31,7 @@ fn main() -> ExitCode {
             };
         }
     };
+    cli::interrupt::install();
     if let Err(e) = cli::check_env() {
         errln!("error: {e}");
         return ExitCode::FAILURE;

@@ -328,3 +328,45 @@ fn a_simulation_on_a_measured_profile_says_where_it_extrapolates() {
         );
     }
 }
+
+/// Ctrl-C during `pat demo` removes the scratch model it made (~100 MB) and the timeline file it
+/// claimed but had not written, and exits 130 as an interrupted command does.
+#[test]
+fn an_interrupted_demo_leaves_no_scratch_model_and_no_empty_timeline() {
+    use std::process::Stdio;
+    let scratch = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let svg = out.path().join("t.svg");
+    let child = Command::new(env!("CARGO_BIN_EXE_pat"))
+        .args(["demo", "--svg", svg.to_str().unwrap()])
+        .env("TMPDIR", scratch.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let model = scratch.path().join(format!("pat-demo-{}", child.id()));
+    // The default demo runs for a minute or more: the model appears within seconds.
+    let t0 = std::time::Instant::now();
+    while !model.join("config.json").exists() {
+        assert!(
+            t0.elapsed().as_secs() < 120,
+            "no scratch model at {model:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(svg.exists(), "the timeline is claimed before the run");
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("interrupted") && !err.contains("panicked"),
+        "{err}"
+    );
+    assert!(!model.exists(), "scratch model left at {model:?}");
+    assert!(!svg.exists(), "an empty timeline left at {svg:?}");
+}

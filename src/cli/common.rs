@@ -147,6 +147,8 @@ pub struct OutFile {
     path: PathBuf,
     created: bool,
     kept: bool,
+    /// A file this claim created is removed if the command is interrupted before it is kept.
+    _interrupt: Option<super::interrupt::RemoveOnInterrupt>,
 }
 
 impl OutFile {
@@ -179,10 +181,11 @@ impl OutFile {
             path: path.to_path_buf(),
             created,
             kept: false,
+            _interrupt: created.then(|| super::interrupt::RemoveOnInterrupt::new(path)),
         })
     }
 
-    /// The run wrote the file: leave it.
+    /// The run wrote the file: leave it (an interrupt from now on leaves it too).
     pub fn keep(mut self) {
         self.kept = true;
     }

@@ -116,6 +116,11 @@ pub fn run(a: DemoArgs) -> Result<()> {
         .then(|| super::common::OutFile::claim(&a.svg, "--svg"))
         .transpose()?;
     let tmp = std::env::temp_dir().join(format!("pat-demo-{}", std::process::id()));
+    // The scratch model (~100 MB for the default preset) goes on every way out, Ctrl-C included.
+    let _scratch = a
+        .model
+        .is_none()
+        .then(|| super::interrupt::RemoveOnInterrupt::new(&tmp));
     let dir = match &a.model {
         Some(d) => d.clone(),
         None => {

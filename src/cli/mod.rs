@@ -23,6 +23,7 @@ pub mod common;
 mod compose;
 mod demo;
 mod generate;
+pub mod interrupt;
 mod profile;
 mod rollout;
 pub mod simulate;
