@@ -79,22 +79,18 @@ fn measure_on(
     dtype: Dtype,
 ) -> Result<Profile> {
     let prefill_tokens = grid.prefill_tokens(tps);
-    if *backend == Backend::Cpu {
-        errln!(
-            "profiling tp {:?} x batch {:?} x context {:?}, {} each ({} in all; on this CPU backend at ~500 tok/s that is ~{:.0} s)",
-            tps, grid.batches, grid.contexts, plural(grid.steps, "decode step"), plural(prefill_tokens, "prefill token"), prefill_tokens as f64 / 500.0
-        );
-    } else {
-        errln!(
-            "profiling tp {:?} x batch {:?} x context {:?} on {}, {} each ({} in all)",
-            tps,
-            grid.batches,
-            grid.contexts,
-            backend.name(),
-            plural(grid.steps, "decode step"),
-            plural(prefill_tokens, "prefill token")
-        );
-    }
+    // No time is promised up front: it depends on the model and the machine; the bar's eta is
+    // measured from the points done.
+    errln!(
+        "profiling tp {:?} x batch {:?} x context {:?} on {}: {}, {} each ({} in all)",
+        tps,
+        grid.batches,
+        grid.contexts,
+        backend.name(),
+        plural(grid.points(tps), "point"),
+        plural(grid.steps, "decode step"),
+        plural(prefill_tokens, "prefill token")
+    );
     let pb = progress(grid.points(tps) as u64, "profile");
     let r = measure_profile(m, grid, backend, dtype, |done, _| {
         pb.set_position(done as u64)
