@@ -11,8 +11,8 @@ use pat::policy::predictor::{Fit, FitForm, Predictor};
 use pat::policy::trace::{deepscaler_like, uniform, Trace, TraceRequest};
 use pat::sim::node::{Node, TrueSwitch};
 use pat::sim::{
-    sampled_profile, simulate_all, ComponentModel, ComponentParams, GpuKind, Placement, SimConfig,
-    SimModel, SimResult, StepClock,
+    runs_in_all, sampled_profile, simulate_all, simulate_all_reporting, ComponentModel,
+    ComponentParams, GpuKind, Placement, SimConfig, SimModel, SimResult, StepClock,
 };
 
 /// A clock `a + b * batch` per tp, with optional prefill rate and KV capacity.
@@ -255,8 +255,14 @@ fn a_predictor_that_is_its_own_clock_has_no_error() {
     let mut c = cfg(false);
     c.world = 2;
     c.candidates = vec![1, 2];
-    let (runs, _) = simulate_all(&trace, &model, &c).unwrap();
+    let mut told = Vec::new();
+    let (runs, _) =
+        simulate_all_reporting(&trace, &model, &c, &mut |r| told.push(r.policy.clone())).unwrap();
     assert_eq!(find(&runs, "adaptive").predictor_error_pct, Some(0.0));
+    // The progress callback is told of every run, in order, and the count is known up front.
+    let names: Vec<String> = runs.iter().map(|r| r.policy.clone()).collect();
+    assert_eq!(told, names);
+    assert_eq!(runs.len(), runs_in_all(&c));
 }
 
 /// A fitted step time as the clock, with an optional KV capacity and prefill rate.

@@ -14,7 +14,7 @@ use pat::policy::predictor::{validate, Predictor};
 use pat::policy::profile::Profile;
 use pat::sim::calibration::{range_error, CALIBRATION};
 use pat::sim::report::SimReport;
-use pat::sim::run::{simulate_all, Placement, SimConfig, SimModel};
+use pat::sim::run::{runs_in_all, simulate_all_reporting, Placement, SimConfig, SimModel};
 use pat::sim::svg::chart;
 use pat::sim::{
     sampled_profile, ComponentModel, ComponentParams, GpuKind, ProfileTable, StepClock,
@@ -287,7 +287,12 @@ pub fn report(a: &SimulateArgs) -> Result<SimReport> {
         predictor: &predictor,
         switch: &switch,
     };
-    let (runs, best) = simulate_all(&trace, &model, &cfg)?;
+    let pb = super::common::progress(runs_in_all(&cfg) as u64, "simulating");
+    let (runs, best) = simulate_all_reporting(&trace, &model, &cfg, &mut |r| {
+        pb.set_message(format!("simulating (done: {})", r.policy));
+        pb.inc(1);
+    })?;
+    pb.finish_and_clear();
     let mut notes = vec![source_note];
     if a.profile.is_some() {
         // The most a replica at tp runs: its share of every request at once (KV room may

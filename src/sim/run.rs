@@ -370,11 +370,13 @@ pub fn visited_error(model: &SimModel, points: &[(usize, usize, f64)]) -> Option
     (!errs.is_empty()).then(|| errs.iter().sum::<f64>() / errs.len() as f64)
 }
 
-/// Every candidate's static run, and the tp of the fastest (the first on ties).
-pub fn static_runs(
+/// Every candidate's static run, and the tp of the fastest (the first on ties); `done` is told
+/// of each run as it ends.
+fn static_runs(
     trace: &Trace,
     model: &SimModel,
     cfg: &SimConfig,
+    done: &mut dyn FnMut(&SimResult),
 ) -> Result<(Vec<SimResult>, usize)> {
     check(cfg, model)?;
     let mut runs = Vec::new();
@@ -384,6 +386,7 @@ pub fn static_runs(
         if best.is_none_or(|(_, t)| r.total_ms < t) {
             best = Some((tp, r.total_ms));
         }
+        done(&r);
         runs.push(r);
     }
     Ok((runs, best.map(|b| b.0).unwrap_or(cfg.candidates[0])))
@@ -397,7 +400,23 @@ pub fn simulate_all(
     model: &SimModel,
     cfg: &SimConfig,
 ) -> Result<(Vec<SimResult>, usize)> {
-    let (mut runs, best) = static_runs(trace, model, cfg)?;
+    simulate_all_reporting(trace, model, cfg, &mut |_| {})
+}
+
+/// How many runs [`simulate_all`] makes for `cfg`.
+pub fn runs_in_all(cfg: &SimConfig) -> usize {
+    cfg.candidates.len() + 4 + usize::from(cfg.optimum)
+}
+
+/// [`simulate_all`], telling `done` of each run as it ends (a progress bar: the policies that
+/// decide take seconds on a large node, the optimum's search longer).
+pub fn simulate_all_reporting(
+    trace: &Trace,
+    model: &SimModel,
+    cfg: &SimConfig,
+    done: &mut dyn FnMut(&SimResult),
+) -> Result<(Vec<SimResult>, usize)> {
+    let (mut runs, best) = static_runs(trace, model, cfg, done)?;
     let mut kinds = vec![
         PolicyKind::Pat {
             flat_ms: Some(PAT_SWITCH_MS),
@@ -410,7 +429,9 @@ pub fn simulate_all(
         kinds.push(PolicyKind::Optimum);
     }
     for k in kinds {
-        runs.push(simulate(trace, model, cfg, k, best)?);
+        let r = simulate(trace, model, cfg, k, best)?;
+        done(&r);
+        runs.push(r);
     }
     Ok((runs, best))
 }

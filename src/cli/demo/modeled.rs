@@ -11,7 +11,9 @@ use pat::policy::grpo::{grpo, GrpoSpec};
 use pat::policy::modeled::{Link, ModelShape};
 use pat::policy::predictor::Predictor;
 use pat::policy::trace::DEEPSCALER_AT_CAP;
-use pat::sim::run::{simulate_all, Placement, SimConfig, SimModel, SimResult};
+use pat::sim::run::{
+    runs_in_all, simulate_all_reporting, Placement, SimConfig, SimModel, SimResult,
+};
 use pat::sim::svg::chart;
 use pat::sim::{sampled_profile, ComponentModel, ComponentParams, GpuKind};
 
@@ -55,7 +57,10 @@ fn runs_for(host_us: f64) -> Result<(Vec<SimResult>, usize)> {
         predictor: &predictor,
         switch: &switch,
     };
-    simulate_all(&trace, &model, &cfg)
+    let pb = super::super::common::progress(runs_in_all(&cfg) as u64, "simulating");
+    let all = simulate_all_reporting(&trace, &model, &cfg, &mut |_| pb.inc(1));
+    pb.finish_and_clear();
+    all
 }
 
 pub fn run(svg: &Path) -> Result<Modeled> {
