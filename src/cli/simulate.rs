@@ -288,7 +288,7 @@ pub fn report(a: &SimulateArgs) -> Result<SimReport> {
         switch: &switch,
     };
     let pb = super::common::progress(runs_in_all(&cfg) as u64, "simulating");
-    let (runs, best) = simulate_all_reporting(&trace, &model, &cfg, &mut |r| {
+    let (runs, best) = simulate_all_reporting(&trace, &model, &cfg, &|r| {
         pb.set_message(format!("simulating (done: {})", r.policy));
         pb.inc(1);
     })?;

@@ -16,8 +16,8 @@ use crate::policy::profile::{
     DecodeSample, PrefillSample, Profile, SwitchProfile, MEASURED_GROUPS, PROFILE_VERSION,
 };
 
-/// The true cost of running a replica.
-pub trait StepClock {
+/// The true cost of running a replica (shared by the simulator's runs on their threads).
+pub trait StepClock: Sync {
     /// One decode step of a replica at `tp` with `batch` sequences of mean context `ctx`, ms.
     fn step_ms(&self, tp: usize, batch: usize, ctx: f64) -> f64;
     /// Prompt tokens/s a replica at `tp` prefills; `None`: prefill is not modeled (free).

@@ -376,7 +376,7 @@ fn static_runs(
     trace: &Trace,
     model: &SimModel,
     cfg: &SimConfig,
-    done: &mut dyn FnMut(&SimResult),
+    done: &(dyn Fn(&SimResult) + Sync),
 ) -> Result<(Vec<SimResult>, usize)> {
     check(cfg, model)?;
     let mut runs = Vec::new();
@@ -400,7 +400,7 @@ pub fn simulate_all(
     model: &SimModel,
     cfg: &SimConfig,
 ) -> Result<(Vec<SimResult>, usize)> {
-    simulate_all_reporting(trace, model, cfg, &mut |_| {})
+    simulate_all_reporting(trace, model, cfg, &|_| {})
 }
 
 /// How many runs [`simulate_all`] makes for `cfg`.
@@ -409,12 +409,14 @@ pub fn runs_in_all(cfg: &SimConfig) -> usize {
 }
 
 /// [`simulate_all`], telling `done` of each run as it ends (a progress bar: the policies that
-/// decide take seconds on a large node, the optimum's search longer).
+/// decide take seconds on a large node, the optimum's search longer). The static runs go first
+/// (the others need the best of them); the others, independent of each other, run on a thread
+/// each, and come back in the fixed order whatever order they end in.
 pub fn simulate_all_reporting(
     trace: &Trace,
     model: &SimModel,
     cfg: &SimConfig,
-    done: &mut dyn FnMut(&SimResult),
+    done: &(dyn Fn(&SimResult) + Sync),
 ) -> Result<(Vec<SimResult>, usize)> {
     let (mut runs, best) = static_runs(trace, model, cfg, done)?;
     let mut kinds = vec![
@@ -428,10 +430,26 @@ pub fn simulate_all_reporting(
     if cfg.optimum {
         kinds.push(PolicyKind::Optimum);
     }
-    for k in kinds {
-        let r = simulate(trace, model, cfg, k, best)?;
-        done(&r);
-        runs.push(r);
+    let rest: Vec<Result<SimResult>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = kinds
+            .into_iter()
+            .map(|k| {
+                scope.spawn(move || {
+                    let r = simulate(trace, model, cfg, k, best);
+                    if let Ok(r) = &r {
+                        done(r);
+                    }
+                    r
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    for r in rest {
+        runs.push(r?);
     }
     Ok((runs, best))
 }

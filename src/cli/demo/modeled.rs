@@ -58,7 +58,7 @@ fn runs_for(host_us: f64) -> Result<(Vec<SimResult>, usize)> {
         switch: &switch,
     };
     let pb = super::super::common::progress(runs_in_all(&cfg) as u64, "simulating");
-    let all = simulate_all_reporting(&trace, &model, &cfg, &mut |_| pb.inc(1));
+    let all = simulate_all_reporting(&trace, &model, &cfg, &|_| pb.inc(1));
     pb.finish_and_clear();
     all
 }
