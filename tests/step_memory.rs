@@ -7,8 +7,11 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use pat::backend::cpu::{pack_bytes_bound, STREAM_MAX_ROWS};
-use pat::engine::{host_step_bytes, Engine, EngineOptions, Request, STEP_FIXED_BYTES_PER_RANK};
+use pat::backend::cpu::STREAM_MAX_ROWS;
+use pat::engine::{
+    host_step_bytes, host_step_fixed_bytes, Engine, EngineOptions, Request,
+    STEP_FIXED_BYTES_PER_RANK,
+};
 use pat::model::config::Arch;
 use pat::model::init::{init_model, InitOptions, Preset};
 use pat::model::sampling::SamplingParams;
@@ -122,12 +125,8 @@ fn a_cpu_step_allocates_what_the_step_cap_counts() {
                     host_step_bytes(&cfg, tp, tokens / n * seqs, seqs)
                 })
                 .sum();
-            let pack = if tokens / n * per_replica > STREAM_MAX_ROWS {
-                pack_bytes_bound(world)
-            } else {
-                0
-            };
-            let estimate = (fed + pack + STEP_FIXED_BYTES_PER_RANK * world as u64) as usize;
+            let packs = tokens / n * per_replica > STREAM_MAX_ROWS;
+            let estimate = (fed + host_step_fixed_bytes(&cfg, world, packs)) as usize;
             eprintln!("{at} step {step}: measured {measured} estimate {estimate}");
             assert!(
                 measured <= estimate,

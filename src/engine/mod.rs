@@ -35,7 +35,9 @@ pub use reconfigure::SwitchReport;
 pub use requests::parse_requests_jsonl;
 pub use scheduler::{check_lengths, check_request};
 pub use sequence::{FinishReason, Output, PoolGrowth, Request, StepReport};
-pub use step_cap::{device_step_bytes, host_step_bytes, STEP_CAP, STEP_FIXED_BYTES_PER_RANK};
+pub use step_cap::{
+    device_step_bytes, host_step_bytes, host_step_fixed_bytes, STEP_CAP, STEP_FIXED_BYTES_PER_RANK,
+};
 
 use std::time::Instant;
 
@@ -166,8 +168,7 @@ impl Engine {
                 let pools: u64 = (0..opts.world)
                     .map(|r| ranks.set_ref().rank_bytes(r).1 as u64)
                     .sum();
-                let fixed = crate::backend::cpu::pack_bytes_bound(opts.world)
-                    + step_cap::STEP_FIXED_BYTES_PER_RANK * opts.world as u64;
+                let fixed = step_cap::host_step_fixed_bytes(&cfg, opts.world, true);
                 StepCap::HostBytes((avail.saturating_sub(pools) / 2).saturating_sub(fixed))
             }
             _ => StepCap::None,

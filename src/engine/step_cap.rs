@@ -36,10 +36,24 @@ pub(super) enum StepCap {
     Unread,
 }
 
-/// Host bytes a CPU step holds per rank whatever it feeds: rank threads, per-replica lists,
-/// the attention's per-thread scores (a step's cap counts them apart from `host_step_bytes`,
-/// with the GEMMs' packing, `backend::cpu::pack_bytes_bound`).
+/// Host bytes a CPU step holds per rank whatever it feeds: rank threads, per-replica lists (a
+/// step's cap counts them apart from `host_step_bytes`, with [`host_step_fixed_bytes`]).
 pub const STEP_FIXED_BYTES_PER_RANK: u64 = 64 << 10;
+
+/// Host bytes a CPU step of `world` ranks may hold whatever it feeds: each rank's bookkeeping
+/// ([`STEP_FIXED_BYTES_PER_RANK`]), the attention's scores
+/// (`backend::cpu::attention_scratch_bound`) and, where `packs`, the GEMMs' packing
+/// (`backend::cpu::pack_bytes_bound`: a step with more rows than they stream).
+pub fn host_step_fixed_bytes(cfg: &ModelConfig, world: usize, packs: bool) -> u64 {
+    let pack = if packs {
+        crate::backend::cpu::pack_bytes_bound(world)
+    } else {
+        0
+    };
+    STEP_FIXED_BYTES_PER_RANK * world as u64
+        + crate::backend::cpu::attention_scratch_bound(cfg, world)
+        + pack
+}
 
 /// Host bytes a CPU step allocates to feed `tokens` tokens of `seqs` sequences through one
 /// replica of `tp` ranks (`decoder::forward` on `CpuOps`, f32): per token and rank, the residual
@@ -48,7 +62,7 @@ pub const STEP_FIXED_BYTES_PER_RANK: u64 = 64 << 10;
 /// product (split over the ranks), and the batch's positions and slots; per sequence and rank,
 /// its last row, the padded vocab shard, the all-gather's slot (tp > 1), the gathered and host
 /// copies of the logits and the logits row. What a CPU step's cap counts, with what every step
-/// holds ([`STEP_FIXED_BYTES_PER_RANK`] and the GEMMs' packing); the step-memory test measures
+/// holds ([`host_step_fixed_bytes`]); the step-memory test measures
 /// it with a counting allocator.
 pub fn host_step_bytes(cfg: &ModelConfig, tp: usize, tokens: usize, seqs: usize) -> u64 {
     let t = tp as u64;
