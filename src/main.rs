@@ -36,7 +36,13 @@ fn main() -> ExitCode {
         errln!("error: {e}");
         return ExitCode::FAILURE;
     }
-    match cli::run(args) {
+    let result = cli::run(args);
+    // A signal arrived: its handler removes the scratch (perhaps what just failed) and ends the
+    // process by the signal; neither an error nor a status of ours is to race it.
+    while cli::interrupt::interrupted() {
+        std::thread::park();
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         // The reader of our stdout went away (`pat ... | head -1`): stop quietly.
         Err(e) if cli::common::is_closed_pipe(&e) => ExitCode::from(CLOSED_PIPE),

@@ -329,44 +329,89 @@ fn a_simulation_on_a_measured_profile_says_where_it_extrapolates() {
     }
 }
 
-/// Ctrl-C during `pat demo` removes the scratch model it made (~100 MB) and the timeline file it
-/// claimed but had not written, and exits 130 as an interrupted command does.
-#[test]
-fn an_interrupted_demo_leaves_no_scratch_model_and_no_empty_timeline() {
+/// Starts `pat demo` (through `sh` with `trap`, when given) with its scratch in `scratch` and its
+/// timeline at `svg`, and waits until its scratch model is written; returns it and the model.
+fn demo_until_its_model(
+    scratch: &Path,
+    svg: &Path,
+    trap: &str,
+) -> (std::process::Child, std::path::PathBuf) {
     use std::process::Stdio;
-    let scratch = tempfile::tempdir().unwrap();
-    let out = tempfile::tempdir().unwrap();
-    let svg = out.path().join("t.svg");
-    let child = Command::new(env!("CARGO_BIN_EXE_pat"))
-        .args(["demo", "--svg", svg.to_str().unwrap()])
-        .env("TMPDIR", scratch.path())
+    let script = format!("{trap} exec \"$0\" demo --svg \"$1\"");
+    let mut child = Command::new("sh")
+        .args([
+            "-c",
+            &script,
+            env!("CARGO_BIN_EXE_pat"),
+            svg.to_str().unwrap(),
+        ])
+        .env("TMPDIR", scratch)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let model = scratch.path().join(format!("pat-demo-{}", child.id()));
+    // `exec`: the shell's pid is pat's.
+    let model = scratch.join(format!("pat-demo-{}", child.id()));
     // The default demo runs for a minute or more: the model appears within seconds.
     let t0 = std::time::Instant::now();
     while !model.join("config.json").exists() {
-        assert!(
-            t0.elapsed().as_secs() < 120,
-            "no scratch model at {model:?}"
-        );
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("the demo ended before its model was written: {st}");
+        }
+        if t0.elapsed().as_secs() > 120 {
+            let _ = child.kill();
+            panic!("no scratch model at {model:?} after 120 s");
+        }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    assert!(svg.exists(), "the timeline is claimed before the run");
+    (child, model)
+}
+
+fn send(child: &std::process::Child, sig: &str) {
     let kill = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+        .args([sig, &child.id().to_string()])
         .status()
         .unwrap();
     assert!(kill.success());
-    let o = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(130), "{err}");
-    assert!(
-        err.contains("interrupted") && !err.contains("panicked"),
-        "{err}"
-    );
-    assert!(!model.exists(), "scratch model left at {model:?}");
-    assert!(!svg.exists(), "an empty timeline left at {svg:?}");
+}
+
+/// Ctrl-C during `pat demo` removes the scratch model it made (~100 MB) and the timeline file it
+/// claimed but had not written, and ends the process by the signal (a shell loop stops on it);
+/// a signal the command was started ignoring stays ignored, and SIGTERM cleans up the same way.
+#[test]
+fn an_interrupted_demo_leaves_no_scratch_model_and_no_empty_timeline() {
+    use std::os::unix::process::ExitStatusExt;
+    for (trap, ignored, sig, signo) in [
+        ("", None, "-INT", 2),
+        ("trap '' INT;", Some("-INT"), "-TERM", 15),
+    ] {
+        let scratch = tempfile::tempdir().unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let svg = out.path().join("t.svg");
+        let (child, model) = demo_until_its_model(scratch.path(), &svg, trap);
+        let claimed = svg.exists();
+        if let Some(ig) = ignored {
+            send(&child, ig);
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+        let alive = model.exists();
+        send(&child, sig);
+        let o = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(claimed, "{trap} the timeline is claimed before the run");
+        assert!(alive, "{trap} an ignored {ignored:?} changed nothing");
+        assert_eq!(o.status.signal(), Some(signo), "{trap} {sig}: {err}");
+        assert!(
+            err.contains("interrupted") && !err.contains("panicked"),
+            "{err}"
+        );
+        assert!(
+            !model.exists(),
+            "{trap} {sig}: scratch model left at {model:?}"
+        );
+        assert!(
+            !svg.exists(),
+            "{trap} {sig}: an empty timeline left at {svg:?}"
+        );
+    }
 }
