@@ -100,10 +100,11 @@ fn token_ids(s: &str) -> std::result::Result<TokenIds, String> {
         return Ok(TokenIds(Vec::new()));
     }
     s.split(',')
-        .map(|id| {
-            id.trim()
+        .map(|id| match id.trim() {
+            "" => Err("an empty token id (a stray comma?)".to_string()),
+            id => id
                 .parse::<u32>()
-                .map_err(|e| format!("token id {:?}: {e}", id.trim()))
+                .map_err(|e| format!("token id {id:?}: {e}")),
         })
         .collect::<std::result::Result<_, _>>()
         .map(TokenIds)
@@ -212,8 +213,9 @@ fn check_requests(
                     } else {
                         ""
                     };
+                    // Named as the other checks name it (`check_request`'s "request I").
                     let which = if reqs.len() > 1 {
-                        format!("request {i} ({} occurrence {}): ", flag, i + 1)
+                        format!("{flag}: request {i}: ")
                     } else {
                         String::new()
                     };

@@ -288,11 +288,12 @@ pub fn report(a: &SimulateArgs) -> Result<SimReport> {
         switch: &switch,
     };
     let pb = super::common::progress(runs_in_all(&cfg) as u64, "simulating");
-    let (runs, best) = simulate_all_reporting(&trace, &model, &cfg, &|r| {
+    let all = simulate_all_reporting(&trace, &model, &cfg, &|r| {
         pb.set_message(format!("simulating (done: {})", r.policy));
         pb.inc(1);
-    })?;
+    });
     pb.finish_and_clear();
+    let (runs, best) = all?;
     let mut notes = vec![source_note];
     if a.profile.is_some() {
         // The most a replica at tp runs: its share of every request at once (KV room may

@@ -239,19 +239,16 @@ fn load_for_stats(file: &Path, cap: Option<usize>) -> Result<Trace> {
     if cap == Some(0) {
         return Err(Error::Invalid("--cap must be at least 1".into()));
     }
-    let (shown, text) = super::common::read_input(file)?;
-    let trace = Trace::parse(&shown, &text)?;
+    let t = super::common::load_trace(file)?;
     if let Some(cap) = cap {
-        let lines = super::common::record_lines(&text);
-        if let Some((i, r)) = trace
+        if let Some((i, r)) = t
+            .trace
             .requests
             .iter()
             .enumerate()
             .find(|(_, r)| r.response_len > cap)
         {
-            return Err(super::common::request_line_error(
-                &shown,
-                &lines,
+            return Err(t.request_error(
                 i,
                 &format!(
                     "`response_len` {} is longer than --cap {cap} (a trace made with that cap has none longer)",
@@ -260,7 +257,7 @@ fn load_for_stats(file: &Path, cap: Option<usize>) -> Result<Trace> {
             ));
         }
     }
-    Ok(trace)
+    Ok(t.trace)
 }
 
 pub fn run(a: TraceArgs) -> Result<()> {

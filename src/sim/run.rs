@@ -405,7 +405,23 @@ pub fn simulate_all(
 
 /// How many runs [`simulate_all`] makes for `cfg`.
 pub fn runs_in_all(cfg: &SimConfig) -> usize {
-    cfg.candidates.len() + 4 + usize::from(cfg.optimum)
+    cfg.candidates.len() + after_static(cfg).len()
+}
+
+/// The runs after the static ones, in the order [`simulate_all`] returns them.
+fn after_static(cfg: &SimConfig) -> Vec<PolicyKind> {
+    let mut kinds = vec![
+        PolicyKind::Pat {
+            flat_ms: Some(PAT_SWITCH_MS),
+        },
+        PolicyKind::Pat { flat_ms: None },
+        PolicyKind::Adaptive,
+        PolicyKind::Oracle,
+    ];
+    if cfg.optimum {
+        kinds.push(PolicyKind::Optimum);
+    }
+    kinds
 }
 
 /// [`simulate_all`], telling `done` of each run as it ends (a progress bar: the policies that
@@ -419,17 +435,7 @@ pub fn simulate_all_reporting(
     done: &(dyn Fn(&SimResult) + Sync),
 ) -> Result<(Vec<SimResult>, usize)> {
     let (mut runs, best) = static_runs(trace, model, cfg, done)?;
-    let mut kinds = vec![
-        PolicyKind::Pat {
-            flat_ms: Some(PAT_SWITCH_MS),
-        },
-        PolicyKind::Pat { flat_ms: None },
-        PolicyKind::Adaptive,
-        PolicyKind::Oracle,
-    ];
-    if cfg.optimum {
-        kinds.push(PolicyKind::Optimum);
-    }
+    let kinds = after_static(cfg);
     let rest: Vec<Result<SimResult>> = std::thread::scope(|scope| {
         let handles: Vec<_> = kinds
             .into_iter()

@@ -219,7 +219,12 @@ const CASES: &[Case] = &[
     err(
         "second_prompt_ids_occurrence_empty",
         |f| gen(f, &["--prompt-ids", "1", "--prompt-ids", ""]),
-        "request 1 (--prompt-ids occurrence 2): empty prompt",
+        "--prompt-ids: request 1: empty prompt",
+    ),
+    usage(
+        "prompt_ids_stray_comma",
+        |f| gen(f, &["--prompt-ids", "1,,2"]),
+        "an empty token id (a stray comma?)",
     ),
     usage(
         "prompt_ids_not_a_number",
