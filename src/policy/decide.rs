@@ -307,6 +307,12 @@ pub fn decide(inp: &DecideInput) -> Result<Decision> {
     }
     if let Some(b) = best {
         let total = b.drain_ms + b.switch_ms;
+        // Whether switching now beats staying by the margins; the plans below can only veto it,
+        // so they are not worked out when it does not (the follow-up plan is most of a
+        // decision's work).
+        let pays = total <= stay_ms * (1.0 - inp.margin)
+            && stay_ms - total >= inp.min_gain_ms
+            && total < stay_ms;
         let mut now_is_best = true;
         if inp.lookahead_steps > 0 {
             let later_ms = Later::new(inp, inp.lookahead_steps)?.switch_to(inp, b.tp)?;
@@ -315,7 +321,7 @@ pub fn decide(inp: &DecideInput) -> Result<Decision> {
             }
             now_is_best = total <= later_ms;
         }
-        if now_is_best && inp.follow_up_points > 0 {
+        if now_is_best && pays && inp.follow_up_points > 0 {
             // Valued with a follow-up, a candidate must also beat staying with one: the current
             // layout's own best plan whose switch (if any) waits at least a re-check.
             let wait = plan_from(
@@ -326,11 +332,7 @@ pub fn decide(inp: &DecideInput) -> Result<Decision> {
             )?;
             now_is_best = total < wait.total_ms;
         }
-        if now_is_best
-            && total <= stay_ms * (1.0 - inp.margin)
-            && stay_ms - total >= inp.min_gain_ms
-            && total < stay_ms
-        {
+        if now_is_best && pays {
             out.stay = false;
             out.to_tp = b.tp;
             out.predicted_best_ms = total;
