@@ -157,7 +157,7 @@ pub fn paged_attention_on(
 
 /// The most host bytes the attention's scores hold at once while `ranks` rank threads compute:
 /// one kv head's query group over the longest context the model holds, per rank thread and per
-/// helper of the shared pool (each runs one [`attend`] at a time).
+/// helper of the shared pool (each runs one `attend` at a time).
 pub fn attention_scratch_bound(cfg: &crate::model::config::ModelConfig, ranks: usize) -> u64 {
     let group = (cfg.num_heads / cfg.num_kv_heads.max(1)) as u64;
     let per = 4 * group * cfg.max_position_embeddings as u64;
