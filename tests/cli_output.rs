@@ -375,21 +375,41 @@ fn send(child: &std::process::Child, sig: &str) {
     assert!(kill.success());
 }
 
-/// Ctrl-C during `pat demo` removes the scratch model it made (~100 MB) and the timeline file it
-/// claimed but had not written, and ends the process by the signal (a shell loop stops on it);
-/// a signal the command was started ignoring stays ignored, and SIGTERM cleans up the same way.
+/// What `dir` holds, by name.
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Ctrl-C during `pat demo` removes the scratch model it made (~100 MB) and the timeline it
+/// claimed (a sibling it writes and renames over the path at the end), leaving an existing
+/// timeline as it was, and ends the process by the signal (a shell loop stops on it); a signal
+/// the command was started ignoring stays ignored, and SIGTERM cleans up the same way.
 #[test]
-fn an_interrupted_demo_leaves_no_scratch_model_and_no_empty_timeline() {
+fn an_interrupted_demo_leaves_no_scratch_model_and_no_part_of_a_timeline() {
     use std::os::unix::process::ExitStatusExt;
-    for (trap, ignored, sig, signo) in [
-        ("", None, "-INT", 2),
-        ("trap '' INT;", Some("-INT"), "-TERM", 15),
+    for (trap, ignored, sig, signo, before) in [
+        ("", None, "-INT", 2, None),
+        (
+            "trap '' INT;",
+            Some("-INT"),
+            "-TERM",
+            15,
+            Some("<svg>old</svg>"),
+        ),
     ] {
         let scratch = tempfile::tempdir().unwrap();
         let out = tempfile::tempdir().unwrap();
         let svg = out.path().join("t.svg");
+        if let Some(b) = before {
+            std::fs::write(&svg, b).unwrap();
+        }
         let (child, model) = demo_until_its_model(scratch.path(), &svg, trap);
-        let claimed = svg.exists();
+        let claimed = names(out.path());
         if let Some(ig) = ignored {
             send(&child, ig);
             std::thread::sleep(std::time::Duration::from_millis(300));
@@ -398,7 +418,11 @@ fn an_interrupted_demo_leaves_no_scratch_model_and_no_empty_timeline() {
         send(&child, sig);
         let o = child.wait_with_output().unwrap();
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(claimed, "{trap} the timeline is claimed before the run");
+        let sibling = format!(".t.svg.pat-{}-", child_pid(&model));
+        assert!(
+            claimed.iter().any(|n| n.starts_with(&sibling)),
+            "{trap} the timeline is claimed before the run: {claimed:?}"
+        );
         assert!(alive, "{trap} an ignored {ignored:?} changed nothing");
         assert_eq!(o.status.signal(), Some(signo), "{trap} {sig}: {err}");
         assert!(
@@ -409,9 +433,70 @@ fn an_interrupted_demo_leaves_no_scratch_model_and_no_empty_timeline() {
             !model.exists(),
             "{trap} {sig}: scratch model left at {model:?}"
         );
-        assert!(
-            !svg.exists(),
-            "{trap} {sig}: an empty timeline left at {svg:?}"
-        );
+        match before {
+            None => assert_eq!(names(out.path()), Vec::<String>::new(), "{trap} {sig}"),
+            Some(b) => {
+                assert_eq!(names(out.path()), ["t.svg"], "{trap} {sig}");
+                assert_eq!(std::fs::read_to_string(&svg).unwrap(), b, "{trap} {sig}");
+            }
+        }
     }
+}
+
+/// The pid in a demo's scratch directory name (`pat-demo-PID`).
+fn child_pid(model: &Path) -> String {
+    let name = model.file_name().unwrap().to_string_lossy();
+    name.trim_start_matches("pat-demo-").to_string()
+}
+
+/// An output file is written whole or not at all: a run that fails after claiming it leaves an
+/// existing file byte for byte and nothing beside it; one that succeeds replaces it with the
+/// same permissions, and through a symbolic link replaces what the link leads to.
+#[test]
+fn an_output_is_replaced_whole_or_left_as_it_was() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let s = |x: &Path| x.to_str().unwrap().to_string();
+    let bad = p.join("bad.jsonl");
+    std::fs::write(&bad, "{\"prompt_len\":4}\n").unwrap();
+    let svg = p.join("t.svg");
+    std::fs::write(&svg, "<svg>old</svg>").unwrap();
+    let o = pat(&["simulate", "--trace", &s(&bad), "--svg", &s(&svg)]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("response_len"), "{err}");
+    assert_eq!(std::fs::read_to_string(&svg).unwrap(), "<svg>old</svg>");
+    assert_eq!(names(p), ["bad.jsonl", "t.svg"]);
+
+    let real = p.join("trace.jsonl");
+    std::fs::write(&real, "old\n").unwrap();
+    std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o604)).unwrap();
+    let link = p.join("link.jsonl");
+    std::os::unix::fs::symlink("trace.jsonl", &link).unwrap();
+    ok(&[
+        "trace",
+        "gen",
+        "--kind",
+        "uniform",
+        "--n",
+        "5",
+        "--out",
+        &s(&link),
+    ]);
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    let text = std::fs::read_to_string(&real).unwrap();
+    assert_eq!(text.lines().count(), 5, "{text}");
+    assert!(
+        text.lines().all(|l| l.contains("\"response_len\"")),
+        "{text}"
+    );
+    let mode = std::fs::metadata(&real).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o604);
+    assert_eq!(
+        names(p),
+        ["bad.jsonl", "link.jsonl", "t.svg", "trace.jsonl"]
+    );
 }

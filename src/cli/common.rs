@@ -139,16 +139,24 @@ pub fn stderr_write(text: fmt::Arguments<'_>) {
     let _ = err.write_fmt(text).and_then(|()| err.flush());
 }
 
-/// An output file named by `flag`, made sure of before a long run that ends by writing it:
-/// created (removed again unless [`Self::keep`] is called) or, when it exists, opened for
-/// writing without changing it. A directory, a missing parent or a file that cannot be
-/// written is an error naming the flag, before any work.
+/// An output file named by `flag`, made sure of before a run that ends by writing it, and
+/// written whole or not at all.
+///
+/// [`Self::claim`] refuses a directory, a missing parent, an existing file that cannot be
+/// written or a directory that takes no new file, naming the flag, before any work; it makes an
+/// empty sibling (`.NAME.pat-PID-N.tmp`) that [`Self::write`] fills and renames over the path.
+/// So `path` holds its old bytes or the new ones, never a part: not after an error, not after a
+/// Ctrl-C (the sibling is removed on every way out, a signal included), not while a reader
+/// looks. An existing file keeps its permissions; a symbolic link keeps pointing where it did,
+/// its target replaced.
 pub struct OutFile {
+    /// As the user gave it, for messages.
     path: PathBuf,
-    created: bool,
-    kept: bool,
-    /// A file this claim created is removed if the command is interrupted before it is kept.
-    _interrupt: Option<super::interrupt::RemoveOnInterrupt>,
+    /// What the rename replaces: `path`, or the file a symbolic link at `path` leads to.
+    target: PathBuf,
+    tmp: PathBuf,
+    written: bool,
+    _interrupt: super::interrupt::RemoveOnInterrupt,
 }
 
 impl OutFile {
@@ -157,44 +165,69 @@ impl OutFile {
         if path.is_dir() {
             return Err(bad("is a directory".into()));
         }
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            if !dir.is_dir() {
-                return Err(bad(format!("directory {} does not exist", dir.display())));
-            }
+        let target = match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(path)
+                .map_err(|e| bad(format!("a symbolic link that leads nowhere: {e}")))?,
+            _ => path.to_path_buf(),
+        };
+        let name = target
+            .file_name()
+            .ok_or_else(|| bad("names no file".into()))?;
+        let dir = target.parent().filter(|d| !d.as_os_str().is_empty());
+        if let Some(dir) = dir.filter(|d| !d.is_dir()) {
+            return Err(bad(format!("directory {} does not exist", dir.display())));
         }
-        let open = std::fs::OpenOptions::new()
+        let existing = match std::fs::OpenOptions::new().append(true).open(&target) {
+            Ok(f) => f.metadata().ok(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(bad(format!("cannot write it ({e})"))),
+        };
+        static SERIAL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp_name = format!(
+            ".{}.pat-{}-{n}.tmp",
+            name.to_string_lossy(),
+            std::process::id()
+        );
+        let tmp = dir.map_or_else(|| PathBuf::from(&tmp_name), |d| d.join(&tmp_name));
+        // Registered before it exists: an interrupt from here on removes it.
+        let guard = super::interrupt::RemoveOnInterrupt::new(&tmp);
+        let f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .open(path);
-        let created = match open {
-            Ok(_) => true,
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                std::fs::OpenOptions::new()
-                    .append(true)
-                    .open(path)
-                    .map_err(|e| bad(format!("cannot write it ({e})")))?;
-                false
-            }
-            Err(e) => return Err(bad(format!("cannot create it ({e})"))),
-        };
+            .open(&tmp)
+            .map_err(|e| bad(format!("cannot create a file next to it ({e})")))?;
+        if let Some(m) = existing {
+            // Best effort: the replacement reads as the file it replaces did.
+            let _ = f.set_permissions(m.permissions());
+        }
         Ok(OutFile {
             path: path.to_path_buf(),
-            created,
-            kept: false,
-            _interrupt: created.then(|| super::interrupt::RemoveOnInterrupt::new(path)),
+            target,
+            tmp,
+            written: false,
+            _interrupt: guard,
         })
     }
 
-    /// The run wrote the file: leave it (an interrupt from now on leaves it too).
-    pub fn keep(mut self) {
-        self.kept = true;
+    /// The path as the user gave it.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes `bytes` as the whole file: into the sibling, then renamed over the path.
+    pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        std::fs::write(&self.tmp, bytes).map_err(|e| Error::io(&self.path, e))?;
+        std::fs::rename(&self.tmp, &self.target).map_err(|e| Error::io(&self.path, e))?;
+        self.written = true;
+        Ok(())
     }
 }
 
 impl Drop for OutFile {
     fn drop(&mut self) {
-        if self.created && !self.kept {
-            let _ = std::fs::remove_file(&self.path);
+        if !self.written {
+            let _ = std::fs::remove_file(&self.tmp);
         }
     }
 }

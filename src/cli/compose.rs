@@ -106,7 +106,7 @@ pub fn run(a: ComposeArgs) -> Result<()> {
         );
     }
     p.validate()?;
-    p.save(&a.out)?;
+    super::common::OutFile::claim(&a.out, "--out")?.write((p.to_json() + "\n").as_bytes())?;
     let fit = validate(&p, 0.2, 0)
         .map(|r| format!("{:.2}%", r.overall_mape))
         .unwrap_or_else(|e| format!("not computed ({e})"));

@@ -112,7 +112,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         )));
     }
     // The timeline is written at the end of a run of a minute or more: a bad path fails now.
-    let svg = (!a.no_sim)
+    let mut svg = (!a.no_sim)
         .then(|| super::common::OutFile::claim(&a.svg, "--svg"))
         .transpose()?;
     let tmp = std::env::temp_dir().join(format!("pat-demo-{}", std::process::id()));
@@ -137,14 +137,10 @@ pub fn run(a: DemoArgs) -> Result<()> {
             tmp.clone()
         }
     };
-    let result = run_on(&a, &dir);
+    // Once written, the timeline stays, even if what follows it failed (a closed stdout).
+    let result = run_on(&a, &dir, svg.as_mut());
     if a.model.is_none() {
         let _ = std::fs::remove_dir_all(&tmp);
-    }
-    // Kept once written, even if what follows it failed (a closed stdout).
-    let written = std::fs::metadata(&a.svg).is_ok_and(|m| m.len() > 0);
-    if let Some(svg) = svg.filter(|_| result.is_ok() || written) {
-        svg.keep();
     }
     result
 }
@@ -202,7 +198,9 @@ fn one_run(
     })
 }
 
-fn run_on(a: &DemoArgs, dir: &Path) -> Result<()> {
+/// The demo on the model in `dir`; the modeled part (unless `--no-sim`) writes its timeline
+/// to `svg`.
+fn run_on(a: &DemoArgs, dir: &Path, svg: Option<&mut super::common::OutFile>) -> Result<()> {
     let m = open_model(dir)?;
     let trace = long_tail_trace(a.batch, a.max_response, m.cfg.vocab_size, a.seed);
     let low = (1..=a.world)
@@ -252,11 +250,12 @@ fn run_on(a: &DemoArgs, dir: &Path) -> Result<()> {
         .flatten()
         .all(|r| r.outputs == runs[0][0].outputs);
     let report = runs[2][0].report.clone();
-    let sim = if a.no_sim {
-        None
-    } else {
-        errln!("part 2: simulating an 8 x H100 node on a GRPO batch (MODELED)...");
-        Some(modeled::run(&a.svg)?)
+    let sim = match svg {
+        None => None,
+        Some(svg) => {
+            errln!("part 2: simulating an 8 x H100 node on a GRPO batch (MODELED)...");
+            Some(modeled::run(svg)?)
+        }
     };
     let lens = trace.response_lens();
     let summary: Vec<(String, f64, f64)> = configs

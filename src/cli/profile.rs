@@ -171,13 +171,12 @@ pub fn run(a: ProfileArgs) -> Result<()> {
     if a.validate {
         check_validate_grid(&grid)?;
     }
-    let out = OutFile::claim(&a.out, "--out")?;
+    let mut out = OutFile::claim(&a.out, "--out")?;
     let t0 = Instant::now();
     let mut profile = measure_on(&m, &grid, &tps, &backend, a.dtype)?;
     profile.source = a.out.clone();
     profile.validate()?;
-    profile.save(&a.out)?;
-    out.keep();
+    out.write((profile.to_json() + "\n").as_bytes())?;
     errln!(
         "wrote {} in {:.1} s",
         a.out.display(),

@@ -388,7 +388,7 @@ pub fn run(a: SimulateArgs) -> Result<()> {
         .map(|p| super::common::OutFile::claim(p, "--svg"))
         .transpose()?;
     let rep = report(&a)?;
-    if let (Some(path), Some(out)) = (&a.svg, svg) {
+    if let Some(mut out) = svg {
         let runs: Vec<_> = rep.rows.iter().map(|r| r.result.clone()).collect();
         let title = format!(
             "{} on {}, {} ({}) - MODELED unless a measured profile",
@@ -397,9 +397,7 @@ pub fn run(a: SimulateArgs) -> Result<()> {
             super::common::plural(rep.trace.count, "request"),
             rep.trace_path
         );
-        std::fs::write(path, chart(&runs, rep.world, rep.trace.count, &title))
-            .map_err(|e| Error::io(path, e))?;
-        out.keep();
+        out.write(chart(&runs, rep.world, rep.trace.count, &title).as_bytes())?;
     }
     if a.json {
         outln!("{}", rep.to_json())?;

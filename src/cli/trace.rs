@@ -265,7 +265,7 @@ pub fn run(a: TraceArgs) -> Result<()> {
         TraceCommand::Gen(g) => {
             let text = generate(&g)?.to_jsonl();
             match &g.out {
-                Some(p) => std::fs::write(p, text).map_err(|e| Error::io(p, e)),
+                Some(p) => super::common::OutFile::claim(p, "--out")?.write(text.as_bytes()),
                 None => std::io::stdout()
                     .lock()
                     .write_all(text.as_bytes())

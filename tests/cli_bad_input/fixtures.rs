@@ -318,6 +318,8 @@ fn make() -> Fx {
     );
     write(d, "empty.jsonl", "");
     std::fs::create_dir(d.join("a_dir")).unwrap();
+    // A symbolic link to a file that is not there.
+    std::os::unix::fs::symlink("no_such_file.svg", d.join("dangling.svg")).unwrap();
     // Request 1 on line 4: blank lines are skipped, so requests and lines are numbered apart.
     write(
         d,

@@ -129,6 +129,11 @@ fn table() -> Vec<Case> {
             "--svg ",
         ),
         err(
+            "trace_gen_out_a_link_to_nothing_is_refused",
+            |f| a(&["trace", "gen", "--n", "2", "--out", &f.p("dangling.svg")]),
+            "dangling.svg: a symbolic link that leads nowhere",
+        ),
+        err(
             "simulate_svg_in_a_missing_directory",
             |f| {
                 a(&[

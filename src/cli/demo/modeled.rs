@@ -3,9 +3,8 @@
 //! grpo`), for a modern engine's host cost and a PAT-era one.
 
 use std::fmt::Write as _;
-use std::path::Path;
 
-use pat::error::{Error, Result};
+use pat::error::Result;
 use pat::policy::decide::SwitchCost;
 use pat::policy::grpo::{grpo, GrpoSpec};
 use pat::policy::modeled::{Link, ModelShape};
@@ -63,7 +62,7 @@ fn runs_for(host_us: f64) -> Result<(Vec<SimResult>, usize)> {
     all
 }
 
-pub fn run(svg: &Path) -> Result<Modeled> {
+pub fn run(svg: &mut crate::cli::common::OutFile) -> Result<Modeled> {
     let mut t = String::new();
     let _ = writeln!(
         t,
@@ -124,7 +123,7 @@ pub fn run(svg: &Path) -> Result<Modeled> {
         if k == HOSTS.len() - 1 {
             let title =
                 format!("MODELED: LLaMA-3.1-8B shape, 8 x H100, GRPO 128 x 8, host {host} us/seq");
-            std::fs::write(svg, chart(&runs, 8, 1024, &title)).map_err(|e| Error::io(svg, e))?;
+            svg.write(chart(&runs, 8, 1024, &title).as_bytes())?;
         }
     }
     let _ = writeln!(
@@ -138,7 +137,7 @@ pub fn run(svg: &Path) -> Result<Modeled> {
          reproduces (research/perf-model.md).\n   \
          timeline of the {} us case: {}",
         HOSTS[HOSTS.len() - 1],
-        svg.display()
+        svg.path().display()
     );
     Ok(Modeled {
         table: t,
