@@ -1,6 +1,7 @@
 //! The `pat` binary's output: a closed pipe or a full disk on stdout is never a panic; the
 //! human-readable text on stderr says counts with their nouns in agreement ("1 request",
-//! "0 switches") and memory sizes in the binary units it labels them with.
+//! "0 switches") and memory sizes in the binary units it labels them with; an output file is
+//! written whole or not at all, and an interrupt leaves no part of one.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -499,4 +500,13 @@ fn an_output_is_replaced_whole_or_left_as_it_was() {
         names(p),
         ["bad.jsonl", "link.jsonl", "t.svg", "trace.jsonl"]
     );
+
+    // What cannot be replaced is written in place: /dev/stdout (a pipe here), /dev/null.
+    let gen = ["trace", "gen", "--kind", "uniform", "--n", "3", "--out"];
+    let (out, _) = ok(&[&gen[..], &["/dev/stdout"]].concat());
+    assert_eq!(out.lines().count(), 3, "{out}");
+    ok(&[&gen[..], &["/dev/null"]].concat());
+    use std::os::unix::fs::FileTypeExt;
+    let null = std::fs::metadata("/dev/null").unwrap().file_type();
+    assert!(null.is_char_device(), "/dev/null replaced: {null:?}");
 }

@@ -148,27 +148,48 @@ pub fn stderr_write(text: fmt::Arguments<'_>) {
 /// So `path` holds its old bytes or the new ones, never a part: not after an error, not after a
 /// Ctrl-C (the sibling is removed on every way out, a signal included), not while a reader
 /// looks. An existing file keeps its permissions; a symbolic link keeps pointing where it did,
-/// its target replaced.
+/// its target replaced. What is not a regular file (`/dev/stdout`, `/dev/null`, a FIFO) is
+/// written in place, as it cannot be replaced.
 pub struct OutFile {
     /// As the user gave it, for messages.
     path: PathBuf,
-    /// What the rename replaces: `path`, or the file a symbolic link at `path` leads to.
+    /// The sibling and what it is renamed over; `None` for a special file, written in place.
+    replace: Option<Replace>,
+    written: bool,
+}
+
+struct Replace {
+    /// `path`, or the file a symbolic link at `path` leads to.
     target: PathBuf,
     tmp: PathBuf,
-    written: bool,
     _interrupt: super::interrupt::RemoveOnInterrupt,
 }
 
 impl OutFile {
     pub fn claim(path: &Path, flag: &str) -> Result<OutFile> {
         let bad = |why: String| Error::Invalid(format!("{flag} {}: {why}", path.display()));
-        if path.is_dir() {
-            return Err(bad("is a directory".into()));
-        }
-        let target = match std::fs::symlink_metadata(path) {
-            Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(path)
-                .map_err(|e| bad(format!("a symbolic link that leads nowhere: {e}")))?,
-            _ => path.to_path_buf(),
+        let out = |replace| OutFile {
+            path: path.to_path_buf(),
+            replace,
+            written: false,
+        };
+        let is_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+        // Followed through links. A special file is not opened now: a FIFO would wait here for
+        // its reader.
+        let existing = match std::fs::metadata(path) {
+            Ok(m) if m.is_dir() => return Err(bad("is a directory".into())),
+            Ok(m) if !m.is_file() => return Ok(out(None)),
+            Ok(m) => Some(m),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && is_link => {
+                return Err(bad("a symbolic link to a file that does not exist".into()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(bad(format!("cannot read it ({e})"))),
+        };
+        let target = if is_link {
+            std::fs::canonicalize(path).map_err(|e| bad(format!("cannot follow the link ({e})")))?
+        } else {
+            path.to_path_buf()
         };
         let name = target
             .file_name()
@@ -177,11 +198,12 @@ impl OutFile {
         if let Some(dir) = dir.filter(|d| !d.is_dir()) {
             return Err(bad(format!("directory {} does not exist", dir.display())));
         }
-        let existing = match std::fs::OpenOptions::new().append(true).open(&target) {
-            Ok(f) => f.metadata().ok(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(bad(format!("cannot write it ({e})"))),
-        };
+        if existing.is_some() {
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&target)
+                .map_err(|e| bad(format!("cannot write it ({e})")))?;
+        }
         static SERIAL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp_name = format!(
@@ -201,13 +223,11 @@ impl OutFile {
             // Best effort: the replacement reads as the file it replaces did.
             let _ = f.set_permissions(m.permissions());
         }
-        Ok(OutFile {
-            path: path.to_path_buf(),
+        Ok(out(Some(Replace {
             target,
             tmp,
-            written: false,
             _interrupt: guard,
-        })
+        })))
     }
 
     /// The path as the user gave it.
@@ -215,10 +235,17 @@ impl OutFile {
         &self.path
     }
 
-    /// Writes `bytes` as the whole file: into the sibling, then renamed over the path.
+    /// Writes `bytes` as the whole file: into the sibling, then renamed over the path (a
+    /// special file: into it).
     pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        std::fs::write(&self.tmp, bytes).map_err(|e| Error::io(&self.path, e))?;
-        std::fs::rename(&self.tmp, &self.target).map_err(|e| Error::io(&self.path, e))?;
+        let io = |e| Error::io(&self.path, e);
+        match &self.replace {
+            None => std::fs::write(&self.path, bytes).map_err(io)?,
+            Some(r) => {
+                std::fs::write(&r.tmp, bytes).map_err(io)?;
+                std::fs::rename(&r.tmp, &r.target).map_err(io)?;
+            }
+        }
         self.written = true;
         Ok(())
     }
@@ -226,8 +253,8 @@ impl OutFile {
 
 impl Drop for OutFile {
     fn drop(&mut self) {
-        if !self.written {
-            let _ = std::fs::remove_file(&self.tmp);
+        if let Some(r) = self.replace.as_ref().filter(|_| !self.written) {
+            let _ = std::fs::remove_file(&r.tmp);
         }
     }
 }

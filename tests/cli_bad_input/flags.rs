@@ -131,7 +131,7 @@ fn table() -> Vec<Case> {
         err(
             "trace_gen_out_a_link_to_nothing_is_refused",
             |f| a(&["trace", "gen", "--n", "2", "--out", &f.p("dangling.svg")]),
-            "dangling.svg: a symbolic link that leads nowhere",
+            "dangling.svg: a symbolic link to a file that does not exist",
         ),
         err(
             "simulate_svg_in_a_missing_directory",
