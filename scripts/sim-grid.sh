@@ -43,7 +43,8 @@ for f in sorted(os.listdir(d)):
     by = {r["policy"]: r for r in rep["rows"]}
     best = by[f"static tp{rep['best_static_tp']}"]["total_ms"]
     pct = lambda p: 100 * (by[p]["total_ms"] / best - 1)
-    stat = " / ".join(f"{pct(f'static tp{t}'):+.1f}" for t in (1, 2, 4, 8))
+    # A layout whose replica cannot hold the longest request is left out of the run: "-".
+    stat = " / ".join(f"{pct(f'static tp{t}'):+.1f}" if f"static tp{t}" in by else "-" for t in (1, 2, 4, 8))
     ad, opt = by["adaptive"]["total_ms"], by["optimum"]["total_ms"]
     gap = 100 * (ad / opt - 1)
     pays = pct("optimum") < -1.0

@@ -408,3 +408,60 @@ fn the_forecast_with_kv_room_equals_the_lockstep_node() {
         "no case preempted: the test would not see the queue"
     );
 }
+
+/// A replica must hold its longest request (prompt + response) whole: at a tp whose KV room is
+/// one token short the layout is refused, at exactly the room it runs.
+#[test]
+fn a_layout_whose_replica_cannot_hold_the_longest_request_is_refused() {
+    use pat::sim::run::unfit_tps;
+    let fit = |a, b| Fit {
+        a,
+        b,
+        ..Fit::default()
+    };
+    let pred = Predictor {
+        form: FitForm::Abc,
+        fits: BTreeMap::from([(1, fit(10.0, 0.5)), (2, fit(6.0, 1.0))]),
+        noise: 0.0,
+        kv_capacity_tokens: BTreeMap::from([(1, 1000), (2, 4000)]),
+    };
+    let sw = SwitchCost::flat(50.0);
+    let model = SimModel {
+        clock: &pred,
+        predictor: &pred,
+        switch: &sw,
+    };
+    let trace = |longest: usize| Trace {
+        requests: (0..8)
+            .map(|i| TraceRequest {
+                prompt_len: 8,
+                response_len: if i == 0 { longest - 8 } else { 50 + i },
+                input_ids: None,
+                group: None,
+            })
+            .collect(),
+    };
+    let mut c = cfg(true);
+    c.world = 2;
+    c.candidates = vec![1, 2];
+    assert_eq!(unfit_tps(&trace(1000), &pred, &[1, 2]), vec![]);
+    let (runs, _) = simulate_all(&trace(1000), &model, &c).unwrap();
+    assert!(runs.iter().any(|r| r.policy == "static tp1"));
+
+    assert_eq!(unfit_tps(&trace(1001), &pred, &[1, 2]), vec![(1, 1000)]);
+    let e = simulate_all(&trace(1001), &model, &c)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("at tp 1 a replica holds 1000 KV tokens, fewer than the longest request's 1001"),
+        "{e}"
+    );
+    c.candidates = vec![2];
+    let (runs, _) = simulate_all(&trace(1001), &model, &c).unwrap();
+    assert!(
+        runs.iter().all(|r| r.start_tp == 2 && r.final_tp == 2),
+        "{runs:?}"
+    );
+    c.start_tp = Some(1);
+    assert!(simulate_all(&trace(1001), &model, &c).is_err());
+}

@@ -105,6 +105,16 @@ pub fn run(a: ComposeArgs) -> Result<()> {
             p.decode_tps()
         );
     }
+    let no_room: Vec<usize> = (p.kv_capacity_tokens.iter())
+        .filter(|&(_, &cap)| cap == 0)
+        .map(|(&k, _)| k)
+        .collect();
+    if !no_room.is_empty() {
+        errln!(
+            "note: at tp {no_room:?} a replica's weights alone fill --mem-fraction of the GPU memory: \
+             no room for KV (`pat simulate` leaves out a layout that cannot hold its longest request)"
+        );
+    }
     p.validate()?;
     super::common::OutFile::claim(&a.out, "--out")?.write((p.to_json() + "\n").as_bytes())?;
     let fit = validate(&p, 0.2, 0)

@@ -239,6 +239,61 @@ fn check_bounds(a: &SimulateArgs, loaded: &super::common::LoadedTrace) -> Result
     Ok(())
 }
 
+/// Leaves out of `candidates` the tps at which a replica cannot hold the longest request (an
+/// engine refuses that layout; `sim::run::unfit_tps`), saying so on stderr and returning the
+/// note for the report; refuses a `--start-tp` among them, and a node where none is left.
+fn fit_candidates(
+    a: &SimulateArgs,
+    trace: &pat::policy::Trace,
+    clock: &dyn pat::sim::clock::StepClock,
+    candidates: &mut Vec<usize>,
+) -> Result<Option<String>> {
+    use pat::sim::run::{longest_context, unfit_tps};
+    let tps: Vec<usize> = candidates
+        .iter()
+        .chain(a.start_tp.iter())
+        .copied()
+        .collect();
+    let unfit = unfit_tps(trace, clock, &tps);
+    if unfit.is_empty() {
+        return Ok(None);
+    }
+    let longest = longest_context(trace);
+    let whence = if a.profile.is_some() {
+        "the profile's `kv_capacity_tokens`"
+    } else {
+        "--mem-fraction of the GPU memory, less the weights"
+    };
+    let holds = |tp: usize, cap: usize| format!("at tp {tp} a replica holds {cap} KV tokens");
+    if let Some(&(tp, cap)) = unfit.iter().find(|u| Some(u.0) == a.start_tp) {
+        return Err(Error::Invalid(format!(
+            "--start-tp {tp}: {} ({whence}), fewer than the longest request's {longest} \
+             (prompt + response), which could never finish there",
+            holds(tp, cap)
+        )));
+    }
+    candidates.retain(|t| !unfit.iter().any(|u| u.0 == *t));
+    let each = unfit
+        .iter()
+        .map(|&(tp, cap)| holds(tp, cap))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if candidates.is_empty() {
+        return Err(Error::Invalid(format!(
+            "no layout of --world {} holds the longest request's {longest} KV tokens (prompt + \
+             response) on a replica: {each} ({whence}); raise --mem-fraction, simulate a larger \
+             --world, or cap the responses shorter",
+            a.world
+        )));
+    }
+    let note = format!(
+        "left out: {each} ({whence}), fewer than the longest request's {longest} (prompt + \
+         response); an engine refuses such a layout"
+    );
+    errln!("note: {note}");
+    Ok(Some(note))
+}
+
 /// Runs the simulation and builds the report (what `run` prints).
 pub fn report(a: &SimulateArgs) -> Result<SimReport> {
     super::common::check_rule_flags(a.margin, a.min_gain_ms, a.check_every)?;
@@ -256,7 +311,7 @@ pub fn report(a: &SimulateArgs) -> Result<SimReport> {
     let predictor = Predictor::from_profile(&profile)?;
     let switch = SwitchCost::from_profile(&profile);
     let fitted = predictor.tps();
-    let candidates: Vec<usize> = profile
+    let mut candidates: Vec<usize> = profile
         .model
         .candidate_tps(a.world)
         .into_iter()
@@ -268,6 +323,7 @@ pub fn report(a: &SimulateArgs) -> Result<SimReport> {
             a.world
         )));
     }
+    let left_out = fit_candidates(a, &trace, clock.as_ref(), &mut candidates)?;
     let cfg = SimConfig {
         world: a.world,
         candidates,
@@ -295,6 +351,7 @@ pub fn report(a: &SimulateArgs) -> Result<SimReport> {
     pb.finish_and_clear();
     let (runs, best) = all?;
     let mut notes = vec![source_note];
+    notes.extend(left_out);
     if a.profile.is_some() {
         // The most a replica at tp runs: its share of every request at once (KV room may
         // keep it smaller).

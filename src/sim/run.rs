@@ -170,6 +170,32 @@ pub fn check(cfg: &SimConfig, model: &SimModel) -> Result<()> {
     Ok(())
 }
 
+/// The tps of `tps` at which a replica cannot hold the longest request of `trace` (prompt plus
+/// response), each with the KV tokens it holds, in the order given. An engine refuses such a
+/// layout at start-up (vLLM checks its longest sequence against the KV cache): the request
+/// could never finish there, and a node that ran it anyway would report a time no engine has.
+pub fn unfit_tps(trace: &Trace, clock: &dyn StepClock, tps: &[usize]) -> Vec<(usize, usize)> {
+    let longest = longest_context(trace);
+    tps.iter()
+        .filter_map(|&tp| {
+            clock
+                .kv_capacity_tokens(tp)
+                .filter(|&cap| cap < longest)
+                .map(|cap| (tp, cap))
+        })
+        .collect()
+}
+
+/// The longest request's context when it finishes: prompt plus response, tokens.
+pub fn longest_context(trace: &Trace) -> usize {
+    trace
+        .requests
+        .iter()
+        .map(|r| r.prompt_len.saturating_add(r.response_len))
+        .max()
+        .unwrap_or(0)
+}
+
 /// (prompt, response) of every request.
 pub fn requests(trace: &Trace) -> Vec<(usize, usize)> {
     trace
@@ -254,6 +280,18 @@ pub fn simulate(
     best_static: usize,
 ) -> Result<SimResult> {
     check(cfg, model)?;
+    let start = match policy {
+        PolicyKind::Static(tp) => Some(tp),
+        _ => cfg.start_tp,
+    };
+    let tps: Vec<usize> = cfg.candidates.iter().chain(start.iter()).copied().collect();
+    if let Some(&(tp, cap)) = unfit_tps(trace, model.clock, &tps).first() {
+        return Err(Error::Invalid(format!(
+            "at tp {tp} a replica holds {cap} KV tokens, fewer than the longest request's {} \
+             (prompt + response): it could never finish there; leave tp {tp} out of the candidates",
+            longest_context(trace)
+        )));
+    }
     let reqs = requests(trace);
     let groups: Vec<Option<usize>> = trace.requests.iter().map(|r| r.group).collect();
     let place = |tp: usize| initial_placement(&reqs, cfg.world / tp, cfg.placement);

@@ -196,6 +196,26 @@ const CASES: &[Case] = &[
         |f| a(&["simulate", "--trace", &f.p("trace_small.jsonl"), "--world", "1000000", "--no-optimum"]),
         "--world must be in 1..=1024, got 1000000",
     ),
+    // 8B weights (16 GB) in 1% of two 80 GB GPUs: no KV room at any tp, where the node used to
+    // run each replica one sequence at a time and report the times.
+    err(
+        "simulate_weights_past_the_memory_fraction",
+        |f| a(&["simulate", "--trace", &f.p("trace_small.jsonl"), "--world", "2", "--mem-fraction", "0.01", "--no-optimum"]),
+        "no layout of --world 2 holds the longest request's 7 KV tokens (prompt + response) on a replica: at tp 1 a replica holds 0 KV tokens, at tp 2 a replica holds 0 KV tokens",
+    ),
+    // At 15% the weights fit two GPUs (tp 2), not one.
+    err(
+        "simulate_start_tp_without_room_for_the_longest_request",
+        |f| a(&["simulate", "--trace", &f.p("trace_small.jsonl"), "--world", "2", "--mem-fraction", "0.15", "--start-tp", "1", "--no-optimum"]),
+        "--start-tp 1: at tp 1 a replica holds 0 KV tokens",
+    ),
+    Case {
+        name: "simulate_leaves_out_a_layout_without_room_and_says_so",
+        args: |f| a(&["simulate", "--trace", &f.p("trace_small.jsonl"), "--world", "2", "--mem-fraction", "0.15", "--no-optimum"]),
+        code: 0,
+        needle: "note: left out: at tp 1 a replica holds 0 KV tokens",
+        absent: Some("error"),
+    },
     err(
         "simulate_response_past_the_shapes_context",
         |f| a(&["simulate", "--trace", &f.p("trace_200k.jsonl"), "--no-optimum"]),
