@@ -389,3 +389,63 @@ fn rollout_reads_the_trace_from_stdin() {
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("<stdin>:3: request 1: `prompt_len` 500 + `response_len` 120"));
 }
+
+/// A `--start-tp` the profile holds no samples at is refused before the rollout decodes a step
+/// (it used to fail at the first decision, after printing steps to stdout).
+#[test]
+fn rollout_refuses_a_start_tp_its_profile_does_not_cover_before_any_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let prof = dir.path().join("p.json");
+    ok(&[
+        "profile",
+        "--model",
+        s(&m),
+        "--world",
+        "2",
+        "--batches",
+        "1,2",
+        "--contexts",
+        "4,8",
+        "--steps",
+        "1",
+        "--out",
+        s(&prof),
+    ]);
+    // Only the tp 2 samples kept.
+    let mut p: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&prof).unwrap()).unwrap();
+    let decode = p["decode"].as_array_mut().unwrap();
+    decode.retain(|d| d["tp"] == 2);
+    assert!(!decode.is_empty());
+    std::fs::write(&prof, p.to_string()).unwrap();
+    let t = dir.path().join("short.jsonl");
+    std::fs::write(
+        &t,
+        "{\"prompt_len\":4,\"response_len\":6}\n{\"prompt_len\":4,\"response_len\":30}\n",
+    )
+    .unwrap();
+    let args = [
+        "rollout",
+        "--model",
+        s(&m),
+        "--trace",
+        s(&t),
+        "--world",
+        "2",
+        "--policy",
+        "adaptive",
+        "--profile",
+        s(&prof),
+        "--start-tp",
+        "1",
+    ];
+    let o = pat(&args);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--start-tp: the profile has no decode samples at tp 1"),
+        "{err}"
+    );
+    assert!(o.stdout.is_empty(), "steps printed before the refusal");
+}

@@ -198,12 +198,15 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
     // One engine for the whole sweep (loading an 8B shard takes a while): its pool holds the
     // largest setting; every setting's sequences finish and free their blocks before the next.
     let mut kv_blocks = 1;
+    let mut largest = settings.first().copied().unwrap_or_default();
     for &(b, i, o) in &settings {
         let n = pat::kv::blocks_for(i + o, 16)
             .checked_mul(b)
             .filter(|&n| n <= u32::MAX as usize)
             .ok_or_else(|| Error::Invalid(format!("--batch-size {b} is too large")))?;
-        kv_blocks = kv_blocks.max(n);
+        if n > kv_blocks {
+            (kv_blocks, largest) = (n, (b, i, o));
+        }
     }
     let opts = EngineOptions {
         world: a.world,
@@ -214,7 +217,18 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
         sampling: SamplingParams::default(),
     };
     let t_load = Instant::now();
-    let mut engine = Engine::with_backend(m.cfg.clone(), &m.ck, opts, &backend)?;
+    // The pool is sized by the flags of the largest setting, not by a --kv-blocks of this command.
+    let mut engine = Engine::with_backend(m.cfg.clone(), &m.ck, opts, &backend).map_err(|e| {
+        let (b, i, o) = largest;
+        let at = format!("--batch-size {b} with --input-len {i} + --output-len {o}");
+        match e {
+            Error::KvExhausted(m) => Error::KvExhausted(format!(
+                "{at}: {}",
+                m.replace("`kv_blocks` ", "KV blocks: ")
+            )),
+            e => e,
+        }
+    })?;
     errln!(
         "loaded in {:.1} s: {}",
         t_load.elapsed().as_secs_f64(),

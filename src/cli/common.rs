@@ -173,6 +173,13 @@ impl OutFile {
             replace,
             written: false,
         };
+        if path == Path::new("-") {
+            // `-` reads stdin where a command takes input; here stdout carries the report.
+            return Err(bad(
+                "`-` is not a file here (stdout carries the command's report): give a file name"
+                    .into(),
+            ));
+        }
         let is_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
         // Followed through links. A special file is not opened now: a FIFO would wait here for
         // its reader.

@@ -217,6 +217,10 @@ fn rollout(
     Layout::new(a.world, start)
         .and_then(|_| check_tp_for_model(start, &m.cfg))
         .map_err(|e| e.context("--policy/--start-tp"))?;
+    // A --start-tp the profile does not cover is refused now, not at the first decision.
+    if let Some((_, predictor, _)) = &adaptive {
+        predictor.fit(start).map_err(|e| e.context("--start-tp"))?;
+    }
     // A pool that holds the batch and at least 64 MiB per rank, so a switch to a smaller tp still
     // finds room for the larger weight shards.
     let backend = Backend::Cpu;

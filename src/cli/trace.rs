@@ -91,7 +91,7 @@ pub struct GenArgs {
     /// Straggler: length of the one long response (default cap), at most --cap.
     #[arg(long)]
     pub long: Option<usize>,
-    /// Write here instead of stdout.
+    /// Write here instead of stdout (`-`: stdout).
     #[arg(long)]
     pub out: Option<PathBuf>,
 }
@@ -264,7 +264,7 @@ pub fn run(a: TraceArgs) -> Result<()> {
     match a.cmd {
         TraceCommand::Gen(g) => {
             let text = generate(&g)?.to_jsonl();
-            match &g.out {
+            match g.out.as_ref().filter(|p| p.as_os_str() != "-") {
                 Some(p) => super::common::OutFile::claim(p, "--out")?.write(text.as_bytes()),
                 None => std::io::stdout()
                     .lock()

@@ -32,7 +32,7 @@ impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
             return Err(Error::Invalid(format!(
-                "`temperature` must be >= 0, got {}",
+                "`temperature` must be a finite number >= 0, got {}",
                 self.temperature
             )));
         }

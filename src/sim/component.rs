@@ -196,7 +196,8 @@ impl ComponentParams {
         let over = over
             .as_object()
             .ok_or_else(|| bad("must be a JSON object of component-model constants".into()))?;
-        let mut base = serde_json::to_value(self).map_err(|e| Error::Internal(e.to_string()))?;
+        let defaults = serde_json::to_value(self).map_err(|e| Error::Internal(e.to_string()))?;
+        let mut base = defaults.clone();
         let obj = base
             .as_object_mut()
             .ok_or_else(|| Error::Internal("params are not an object".into()))?;
@@ -206,6 +207,21 @@ impl ComponentParams {
                 return Err(bad(format!(
                     "unknown key `{k}` (known: {})",
                     known.join(", ")
+                )));
+            }
+            // Each key read alone first, so a value of the wrong kind is named by its key.
+            let mut one = defaults.clone();
+            one[k] = v.clone();
+            if let Err(e) = serde_json::from_value::<ComponentParams>(one) {
+                let kind = match &defaults[k] {
+                    Value::Array(_) => "a list",
+                    Value::Number(_) => "a number",
+                    Value::String(_) => "a string",
+                    Value::Bool(_) => "true or false",
+                    _ => "a value",
+                };
+                return Err(bad(format!(
+                    "`{k}` must be {kind} like its default, got {v} ({e})"
                 )));
             }
             obj.insert(k.clone(), v.clone());

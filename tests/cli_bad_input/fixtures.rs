@@ -317,6 +317,9 @@ fn make() -> Fx {
         "{\"prompt_len\":2,\"response_len\":3}\n\n{\"prompt_len\":2,\"input_ids\":[1,5000],\"response_len\":3}\n",
     );
     write(d, "empty.jsonl", "");
+    // Component-model constants of the wrong kind: a string for a number, a number for a table.
+    write(d, "cost_string.json", "{\"hbm_efficiency\":\"x\"}");
+    write(d, "cost_table.json", "{\"allreduce\":5}");
     std::fs::create_dir(d.join("a_dir")).unwrap();
     // A symbolic link to a file that is not there.
     std::os::unix::fs::symlink("no_such_file.svg", d.join("dangling.svg")).unwrap();

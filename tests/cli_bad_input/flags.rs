@@ -129,6 +129,26 @@ fn table() -> Vec<Case> {
             "--svg ",
         ),
         err(
+            "simulate_svg_dash_is_not_stdout",
+            |f| {
+                a(&[
+                    "simulate",
+                    "--trace",
+                    &f.p("trace_small.jsonl"),
+                    "--svg",
+                    "-",
+                ])
+            },
+            "--svg -: `-` is not a file here (stdout carries the command's report)",
+        ),
+        Case {
+            name: "trace_gen_out_dash_is_stdout",
+            args: |_| a(&["trace", "gen", "--n", "2", "--out", "-"]),
+            code: 0,
+            needle: "\"response_len\"",
+            absent: Some("error"),
+        },
+        err(
             "trace_gen_out_a_link_to_nothing_is_refused",
             |f| a(&["trace", "gen", "--n", "2", "--out", &f.p("dangling.svg")]),
             "dangling.svg: a symbolic link to a file that does not exist",

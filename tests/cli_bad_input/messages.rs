@@ -118,11 +118,45 @@ const CASES: &[Case] = &[
         },
         "--from 1: invalid layout: world (0)",
     ),
+    // A constant of the wrong kind is named by its key, not by a Rust type.
+    err(
+        "cost_model_string_for_a_number",
+        |f| {
+            a(&[
+                "simulate",
+                "--trace",
+                &f.p("trace_small.jsonl"),
+                "--cost-model",
+                &f.p("cost_string.json"),
+                "--no-optimum",
+            ])
+        },
+        "cost_string.json: `hbm_efficiency` must be a number like its default, got \"x\"",
+    ),
+    err(
+        "cost_model_number_for_a_table",
+        |f| {
+            a(&[
+                "simulate",
+                "--trace",
+                &f.p("trace_small.jsonl"),
+                "--cost-model",
+                &f.p("cost_table.json"),
+                "--no-optimum",
+            ])
+        },
+        "cost_table.json: `allreduce` must be a list like its default, got 5",
+    ),
+    err(
+        "infinite_temperature_is_not_a_temperature",
+        |f| gen(f, &["--prompt-ids", "1", "--temperature", "inf"]),
+        "--temperature must be a finite number >= 0, got inf",
+    ),
     // Flags.
     err(
         "negative_temperature_reaches_pats_check",
         |f| gen(f, &["--prompt-ids", "1", "--temperature", "-1"]),
-        "--temperature must be >= 0, got -1",
+        "--temperature must be a finite number >= 0, got -1",
     ),
     usage(
         "negative_world_names_the_flag",
