@@ -48,12 +48,14 @@ pub struct AttentionArgs {
     /// KV heads on the rank (LLaMA-3.1-8B at tp 1: 8).
     #[arg(long, default_value_t = 8)]
     pub kv_heads: usize,
+    /// Dimension of each head (LLaMA-3.1-8B: 128).
     #[arg(long, default_value_t = 128)]
     pub head_dim: usize,
+    /// Tokens per KV block of the paged cache.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
     /// KV and query dtype.
-    #[arg(long, value_enum, default_value = "bf16")]
+    #[arg(long, value_enum, default_value = "bf16", value_name = "f32|bf16|f16")]
     pub dtype: pat::Dtype,
     /// Timed launches per setting (the median is reported).
     #[arg(long, default_value_t = 20)]
@@ -65,10 +67,13 @@ pub struct AttentionArgs {
 
 #[derive(Args, Debug)]
 pub struct OneBatchArgs {
+    /// Model directory (HF layout: config.json, safetensors, tokenizer.json).
     #[arg(long)]
     pub model: PathBuf,
+    /// Ranks (tp x dp).
     #[arg(long, default_value_t = 1)]
     pub world: usize,
+    /// Tensor-parallel degree; must divide --world.
     #[arg(long, default_value_t = 1)]
     pub tp: usize,
     #[command(flatten)]
@@ -82,11 +87,14 @@ pub struct OneBatchArgs {
     /// Prompt lengths to sweep.
     #[arg(long, value_delimiter = ',', default_value = "128")]
     pub input_len: Vec<usize>,
-    /// Generated lengths to sweep.
+    /// Generated lengths to sweep (at least 2: the first token comes from the prefill, decode is
+    /// timed over the rest).
     #[arg(long, value_delimiter = ',', default_value = "32")]
     pub output_len: Vec<usize>,
+    /// Label written in each JSON row's `run_name` (to tell runs apart when comparing).
     #[arg(long, default_value = "pat")]
     pub run_name: String,
+    /// Seed of the random prompt ids.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
@@ -172,11 +180,17 @@ fn attention(a: AttentionArgs) -> Result<()> {
 
 fn one_batch(a: OneBatchArgs) -> Result<()> {
     let m = open_model(&a.model)?;
-    if a.batch_size.contains(&0) || a.input_len.contains(&0) || a.output_len.iter().any(|&o| o < 2)
-    {
-        return Err(Error::Invalid(
-            "batch sizes and input lengths must be >= 1, output lengths >= 2".into(),
-        ));
+    for (flag, values, least) in [
+        ("--batch-size", &a.batch_size, 1),
+        ("--input-len", &a.input_len, 1),
+        // The first token comes from the prefill; decode is timed over the rest.
+        ("--output-len", &a.output_len, 2),
+    ] {
+        if let Some(v) = values.iter().find(|&&v| v < least) {
+            return Err(Error::Invalid(format!(
+                "{flag} values must be at least {least}, got {v}"
+            )));
+        }
     }
     for &i in &a.input_len {
         for &o in &a.output_len {

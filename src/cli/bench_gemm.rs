@@ -21,6 +21,7 @@ pub struct GemmArgs {
     /// Model shape whose per-layer GEMMs are timed (qkv, o, gate_up, down; lm_head once).
     #[arg(long, value_enum, default_value = "smollm-135m-shape")]
     pub preset: PresetArg,
+    /// Architecture of the shape (qwen3: the preset's Qwen3 counterpart).
     #[arg(long, value_enum, default_value = "llama")]
     pub arch: ArchArg,
     /// One TP-K rank's shard of the shape (heads, intermediate and vocab divided by K).

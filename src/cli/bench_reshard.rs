@@ -11,7 +11,7 @@ pub struct ReshardArgs {
     #[arg(long, value_delimiter = ',', default_value = "16,128,1024")]
     pub sizes_mib: Vec<usize>,
     /// KV dtype (the compaction moves bytes whatever the dtype).
-    #[arg(long, value_enum, default_value = "bf16")]
+    #[arg(long, value_enum, default_value = "bf16", value_name = "f32|bf16|f16")]
     pub dtype: pat::Dtype,
     /// Timed launches per setting (the median is reported).
     #[arg(long, default_value_t = 20)]

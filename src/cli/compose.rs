@@ -47,9 +47,10 @@ pub struct ComposeArgs {
     /// one per tp degree of the node).
     #[arg(long = "shard", required = true, value_name = "K=FILE")]
     pub shards: Vec<ShardArg>,
-    /// The full model the shards were cut from (a built-in shape; see also --model).
-    #[arg(long, default_value = "llama3-8b", conflicts_with = "model")]
-    pub model_shape: ModelShape,
+    /// The full model the shards were cut from (a built-in shape; see also --model)
+    /// [default: llama3-8b].
+    #[arg(long, conflicts_with = "model")]
+    pub model_shape: Option<ModelShape>,
     /// ... or the full model's directory (its config.json), e.g. a small preset for a rehearsal.
     #[arg(long)]
     pub model: Option<PathBuf>,
@@ -89,9 +90,21 @@ pub fn run(a: ComposeArgs) -> Result<()> {
                 pat::model::config::ModelConfig::load(dir).map_err(|e| e.context("--model"))?;
             pat::model::dims::ModelDims::from_config(&cfg)
         }
-        None => a.model_shape.dims(),
+        None => a.model_shape.unwrap_or(ModelShape::Llama3_8b).dims(),
     };
-    let mut p = compose_node(&shards, &full, a.world, &params).map_err(|e| e.context("--shard"))?;
+    // The full model named as the user set it (or did not: the default shape).
+    let full_from = match &a.model {
+        Some(dir) => format!("--model {}", dir.display()),
+        None => match a.model_shape {
+            Some(s) => format!("full model: --model-shape {s}"),
+            None => {
+                "full model: --model-shape llama3-8b, the default; give --model DIR for your own"
+                    .into()
+            }
+        },
+    };
+    let mut p = compose_node(&shards, &full, a.world, &params)
+        .map_err(|e| e.context(format!("--shard ({full_from})")))?;
     p.source = a.out.clone();
     let missing: Vec<usize> = full
         .candidate_tps(a.world)

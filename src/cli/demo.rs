@@ -53,6 +53,7 @@ pub struct DemoArgs {
     /// Longest response of the real batch (the stragglers run to it).
     #[arg(long, default_value_t = 192)]
     pub max_response: usize,
+    /// Seed of the random model's weights and of the batch's lengths and prompt ids.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Where to write the modeled part's SVG timeline (not with --no-sim).
@@ -71,11 +72,14 @@ pub struct DemoArgs {
 }
 
 /// Skewed response lengths: most short, ~12% long, one at the cap (a DeepScaleR-like tail).
+/// The longest prompt of [`long_tail_trace`].
+const LONGEST_PROMPT: usize = 48;
+
 pub fn long_tail_trace(n: usize, cap: usize, vocab: usize, seed: u64) -> Trace {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let requests = (0..n)
         .map(|i| {
-            let prompt_len = rng.random_range(8..=48);
+            let prompt_len = rng.random_range(8..=LONGEST_PROMPT);
             let response_len = if i == 0 {
                 cap
             } else if rng.random_bool(0.12) {
@@ -95,6 +99,18 @@ pub fn long_tail_trace(n: usize, cap: usize, vocab: usize, seed: u64) -> Trace {
     Trace { requests }
 }
 
+/// Refuses a `--max-response` the model cannot hold after the longest prompt.
+fn check_max_response(max_response: usize, max_pos: usize, what: &str) -> Result<()> {
+    if max_response.saturating_add(LONGEST_PROMPT) > max_pos {
+        return Err(Error::Invalid(format!(
+            "--max-response {max_response}: {what} holds {max_pos} positions, and prompts run up to \
+             {LONGEST_PROMPT} tokens: at most {}",
+            max_pos.saturating_sub(LONGEST_PROMPT)
+        )));
+    }
+    Ok(())
+}
+
 pub fn run(a: DemoArgs) -> Result<()> {
     if a.batch == 0 {
         return Err(Error::Invalid("--batch must be at least 1, got 0".into()));
@@ -110,6 +126,11 @@ pub fn run(a: DemoArgs) -> Result<()> {
             "--max-response must be at least 2, got {}",
             a.max_response
         )));
+    }
+    if a.model.is_none() {
+        let max_pos =
+            pat::model::init::preset_dims(a.arch.into(), a.preset.into()).max_position_embeddings;
+        check_max_response(a.max_response, max_pos, "the preset")?;
     }
     // The timeline is written at the end of a run of a minute or more: a bad path fails now.
     let mut svg = (!a.no_sim)
@@ -202,6 +223,7 @@ fn one_run(
 /// to `svg`.
 fn run_on(a: &DemoArgs, dir: &Path, svg: Option<&mut super::common::OutFile>) -> Result<()> {
     let m = open_model(dir)?;
+    check_max_response(a.max_response, m.cfg.max_position_embeddings, "the model")?;
     let trace = long_tail_trace(a.batch, a.max_response, m.cfg.vocab_size, a.seed);
     let low = (1..=a.world)
         .find(|t| a.world.is_multiple_of(*t) && check_tp_for_model(*t, &m.cfg).is_ok())

@@ -185,6 +185,8 @@ impl BackendArgs {
 
 #[derive(Args, Debug)]
 pub struct InitModelArgs {
+    /// Architecture: llama (LLaMA-3.x: GQA, llama3 RoPE scaling) or qwen3 (q/k norms, explicit
+    /// head_dim).
     #[arg(long, value_enum, default_value = "llama")]
     pub arch: ArchArg,
     #[arg(long, value_enum, default_value = "tiny")]

@@ -18,6 +18,7 @@ use pat::Dtype;
 
 #[derive(Args, Debug)]
 pub struct ProfileArgs {
+    /// Model directory (HF layout: config.json, safetensors, tokenizer.json).
     #[arg(long)]
     pub model: PathBuf,
     /// Ranks of the node the profile describes; tp degrees are its divisors that split the model.
@@ -39,6 +40,7 @@ pub struct ProfileArgs {
     /// After profiling, report the predictor's mean absolute % error on held-out grid points.
     #[arg(long)]
     pub validate: bool,
+    /// Seed of the prompts' token ids and of the held-out split of --validate.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Where the ranks run. On cuda every tp degree's ranks use --devices (default: one GPU per

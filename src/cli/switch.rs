@@ -90,6 +90,7 @@ pub struct BenchSwitchArgs {
     /// `generate` does by default).
     #[arg(long, default_value = "migrate")]
     pub kv_transfer: KvPolicy,
+    /// Weight (and, on cuda, activation and KV) dtype.
     #[arg(long, default_value = "f32", value_name = "f32|bf16|f16")]
     pub dtype: pat::Dtype,
     #[command(flatten)]
@@ -131,8 +132,14 @@ pub fn bench_switch(a: BenchSwitchArgs) -> Result<()> {
     let per_switch = 1 + steps_after;
     let max_new = 2 + per_switch * a.to.len() + 1;
     // Lengths first: nothing is built for a context the model cannot hold.
-    check_lengths(cfg, a.context, max_new)
-        .map_err(|m| Error::Invalid(format!("--context {}: {m}", a.context)))?;
+    if check_lengths(cfg, a.context, max_new).is_err() {
+        let most = cfg.max_position_embeddings.saturating_sub(max_new);
+        return Err(Error::Invalid(format!(
+            "--context {}: the model holds {} positions, and the bench decodes {max_new} tokens \
+             past the context (2, then {} per --to switch, then 1): at most {most}",
+            a.context, cfg.max_position_embeddings, per_switch
+        )));
+    }
     // The scheduler spreads equal requests evenly over the replicas: each rank's pool holds its
     // replica's share.
     let per_replica = a.batch.div_ceil(a.world / a.from);

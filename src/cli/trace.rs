@@ -26,14 +26,16 @@ pub enum TraceCommand {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum TraceKind {
-    /// DeepScaleR-like: log-logistic lengths, ~10.85% over cap/3, ~2.8 per 128 at the cap.
+    /// DeepScaleR-like: log-logistic lengths, ~10.85% over cap/3, ~2.8 per 128 at the cap;
+    /// prompts uniform in [cap/384, cap/48] (64..512 at the default cap).
     Deepscaler,
-    /// Response lengths uniform in [--lo, --hi].
+    /// Response lengths uniform in [--lo, --hi]; prompts uniform in 64..512 whatever the cap.
     Uniform,
-    /// n-1 requests of --short tokens and one of --long.
+    /// n-1 requests of --short tokens and one of --long; prompts of 256.
     Straggler,
     /// GRPO: --prompts x --group-size responses, DeepScaleR-like lengths correlated within a
-    /// prompt's group (--rho), --at-cap of them at the cap; groups contiguous, as VeRL places them.
+    /// prompt's group (--rho), --at-cap of them at the cap; groups contiguous, as VeRL places them;
+    /// one prompt length per group, as deepscaler draws it (scaled by the cap).
     Grpo,
 }
 

@@ -75,8 +75,22 @@ pub fn compose_node(
         ) || (got.intermediate_size, got.vocab_size, got.head_dim)
             != (want.intermediate_size, want.vocab_size, want.head_dim)
         {
+            let dims = |d: &ModelDims| {
+                format!(
+                    "{} layers, hidden {}, heads {}/{}, ffn {}, vocab {}",
+                    d.num_layers,
+                    d.hidden_size,
+                    d.num_heads,
+                    d.num_kv_heads,
+                    d.intermediate_size,
+                    d.vocab_size
+                )
+            };
             return Err(Error::Invalid(format!(
-                "{what}: its model is not the tp-{k} shard of the full model (made by `pat init-model --shard {k}`?)"
+                "{what}: its model ({}) is not the tp-{k} shard of the full model, which is ({}) \
+                 (made by `pat init-model --shard {k}`?)",
+                dims(got),
+                dims(&want)
             )));
         }
         if prof.decode.iter().any(|s| s.tp != 1) {

@@ -57,7 +57,7 @@ const CASES: &[Case] = &[
         "bench_switch_context_1e9",
         |f| a(&["bench", "switch", "--model", &f.p("m"), "--world", "2", "--from", "1",
                 "--to", "2", "--context", "1000000000"]),
-        "--context 1000000000: prompt (1000000000)",
+        "--context 1000000000: the model holds 512 positions, and the bench decodes 7 tokens past the context (2, then 4 per --to switch, then 1): at most 505",
     ),
     err(
         "bench_switch_batch_times_context_overflows",
@@ -215,6 +215,13 @@ const CASES: &[Case] = &[
         code: 0,
         needle: "note: left out: at tp 1 a replica holds 0 KV tokens",
         absent: Some("error"),
+    },
+    Case {
+        name: "demo_max_response_past_the_presets_positions_before_the_model_is_made",
+        args: |_| a(&["demo", "--no-sim", "--max-response", "100000"]),
+        code: 1,
+        needle: "--max-response 100000: the preset holds 4096 positions, and prompts run up to 48 tokens: at most 4048",
+        absent: Some("making"),
     },
     err(
         "simulate_response_past_the_shapes_context",
