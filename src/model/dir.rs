@@ -34,6 +34,14 @@ impl ModelDir {
                 dir.display()
             )));
         }
+        if !dir.join("config.json").exists() {
+            return Err(Error::Invalid(format!(
+                "model directory {}: no config.json (a model in the Hugging Face layout: \
+                 config.json, model.safetensors or its index, tokenizer.json; `pat init-model` \
+                 makes one)",
+                dir.display()
+            )));
+        }
         Ok(ModelDir {
             path: dir.to_path_buf(),
             cfg: ModelConfig::load(dir)?,

@@ -57,6 +57,11 @@ fn table() -> Vec<Case> {
             absent: Some(":0:"),
         },
         err(
+            "a_model_directory_without_a_config",
+            |f| a(&["generate", "--model", &f.p("a_dir"), "--prompt-ids", "1"]),
+            "a_dir: no config.json (a model in the Hugging Face layout",
+        ),
+        err(
             "a_model_path_that_does_not_exist",
             |f| a(&["generate", "--model", &f.p("nope"), "--prompt-ids", "1"]),
             "nope: does not exist",
