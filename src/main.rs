@@ -13,8 +13,8 @@ const CLOSED_PIPE: u8 = 141;
 fn main() -> ExitCode {
     let parsed = cli::command()
         .try_get_matches()
-        .and_then(|m| <cli::Cli as clap::FromArgMatches>::from_arg_matches(&m));
-    let args = match parsed {
+        .and_then(|m| <cli::Cli as clap::FromArgMatches>::from_arg_matches(&m).map(|a| (a, m)));
+    let (args, matches) = match parsed {
         Ok(a) => a,
         // --help, --version and usage errors: clap's text, but a closed or full stdout is not a
         // panic.
@@ -31,6 +31,10 @@ fn main() -> ExitCode {
             };
         }
     };
+    if let Some(msg) = cli::moot_flags(&matches) {
+        errln!("error: {msg}");
+        return ExitCode::FAILURE;
+    }
     cli::interrupt::install();
     if let Err(e) = cli::check_env() {
         errln!("error: {e}");

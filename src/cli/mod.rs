@@ -254,6 +254,41 @@ pub fn check_env() -> Result<()> {
     Ok(())
 }
 
+/// Options a command reads only in a mode the command line did not pick, given anyway: the
+/// message refusing them (accepted and ignored, they would suggest an effect they cannot have).
+/// `pat rollout --policy static:K` never decides and never switches, so the adaptive rule's
+/// flags, the profile it reads and how a switch moves KV are moot there.
+pub fn moot_flags(m: &clap::ArgMatches) -> Option<String> {
+    let r = m.subcommand_matches("rollout")?;
+    let Some(rollout::PolicyArg::Static(k)) = r.get_one::<rollout::PolicyArg>("policy") else {
+        return None;
+    };
+    let adaptive_only = [
+        "start_tp",
+        "profile",
+        "check_every",
+        "margin",
+        "min_gain_ms",
+        "estimator",
+        "kv_transfer",
+    ];
+    adaptive_only
+        .iter()
+        .find(|&&id| r.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
+        .map(|&id| {
+            let value = r
+                .get_raw(id)
+                .and_then(|mut v| v.next())
+                .map(|v| v.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            format!(
+                "--{} {value} is for --policy adaptive; --policy static:{k} runs at tp {k} \
+                 throughout",
+                id.replace('_', "-")
+            )
+        })
+}
+
 /// A library error message with its parameter names turned into the flags that set them.
 pub fn flag_names(msg: &str) -> String {
     FLAGS

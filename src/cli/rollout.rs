@@ -73,6 +73,8 @@ pub struct RolloutArgs {
     #[arg(long)]
     pub world: usize,
     /// static:K (tp K x dp world/K throughout) or adaptive (switch when the profile says it pays).
+    /// With static:K the flags only the adaptive rule reads (--profile, --start-tp,
+    /// --check-every, --margin, --min-gain-ms, --estimator, --kv-transfer) are refused.
     #[arg(long, default_value = "adaptive")]
     pub policy: PolicyArg,
     /// Profile JSON from `pat profile` (required by adaptive).

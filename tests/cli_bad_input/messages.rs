@@ -10,7 +10,7 @@ fn gen(fx: &Fx, extra: &[&str]) -> Vec<String> {
     v
 }
 
-fn rollout_small(fx: &Fx, extra: &[&str]) -> Vec<String> {
+fn rollout_small(fx: &Fx, policy: &str, extra: &[&str]) -> Vec<String> {
     let mut v = a(&[
         "rollout",
         "--model",
@@ -20,7 +20,7 @@ fn rollout_small(fx: &Fx, extra: &[&str]) -> Vec<String> {
         "--world",
         "2",
         "--policy",
-        "static:1",
+        policy,
     ]);
     v.extend(a(extra));
     v
@@ -407,14 +407,14 @@ const CASES: &[Case] = &[
     Case {
         // Checked before the rollout runs a step (it used to fail at its first decision).
         name: "rollout_negative_min_gain_before_any_step",
-        args: |f| rollout_small(f, &["--min-gain-ms", "-5"]),
+        args: |f| rollout_small(f, "adaptive", &["--min-gain-ms", "-5"]),
         code: 1,
         needle: "--min-gain-ms must be a non-negative number of ms, got -5",
         absent: Some("step"),
     },
     err(
         "rollout_nan_margin",
-        |f| rollout_small(f, &["--margin", "NaN"]),
+        |f| rollout_small(f, "adaptive", &["--margin", "NaN"]),
         "--margin must be a fraction in [0, 1), got NaN",
     ),
     usage(
@@ -445,8 +445,19 @@ const CASES: &[Case] = &[
     },
     err(
         "rollout_start_tp_with_a_static_policy",
-        |f| rollout_small(f, &["--start-tp", "2"]),
-        "--start-tp 2 is for --policy adaptive",
+        |f| rollout_small(f, "static:1", &["--start-tp", "2"]),
+        "--start-tp 2 is for --policy adaptive; --policy static:1 runs at tp 1 throughout",
+    ),
+    // What only the adaptive rule reads is refused with a static policy, not ignored.
+    err(
+        "rollout_margin_with_a_static_policy",
+        |f| rollout_small(f, "static:1", &["--margin", "0.5"]),
+        "--margin 0.5 is for --policy adaptive; --policy static:1 runs at tp 1 throughout",
+    ),
+    err(
+        "rollout_kv_transfer_with_a_static_policy",
+        |f| rollout_small(f, "static:1", &["--kv-transfer", "recompute"]),
+        "--kv-transfer recompute is for --policy adaptive",
     ),
 ];
 
