@@ -266,6 +266,16 @@ impl Drop for OutFile {
     }
 }
 
+/// Refuses `--backend cuda` in a build without the cuda feature, before anything else.
+pub fn check_backend_built(backend: &pat::engine::Backend) -> Result<()> {
+    #[cfg(not(feature = "cuda"))]
+    if matches!(backend, pat::engine::Backend::Cuda { .. }) {
+        return Err(pat::backend::cuda::not_built());
+    }
+    let _ = backend;
+    Ok(())
+}
+
 /// Whether `e` is stdout's reader having gone away (the consumer of a pipe exited).
 pub fn is_closed_pipe(e: &pat::Error) -> bool {
     matches!(e, pat::Error::Io { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe)

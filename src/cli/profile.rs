@@ -101,16 +101,6 @@ fn measure_on(
     r
 }
 
-/// Refuses `--backend cuda` in a build without the cuda feature, before anything else.
-fn check_backend_built(backend: &Backend) -> Result<()> {
-    #[cfg(not(feature = "cuda"))]
-    if matches!(backend, Backend::Cuda { .. }) {
-        return Err(pat::backend::cuda::not_built());
-    }
-    let _ = backend;
-    Ok(())
-}
-
 /// Refuses a grid too small for `--validate` (see [`validate`]: each tp holds out
 /// `max(1, round(n * HOLDOUT))` of its `n` points and fits the rest, at least one point per
 /// term; the fit needs two batch sizes and two contexts to tell their terms apart).
@@ -144,7 +134,7 @@ fn check_validate_grid(grid: &ProfileGrid) -> Result<()> {
 
 pub fn run(a: ProfileArgs) -> Result<()> {
     let backend = a.backend.backend()?;
-    check_backend_built(&backend)?;
+    super::common::check_backend_built(&backend)?;
     let m = open_model(&a.model)?;
     let mut grid = ProfileGrid {
         world: a.world,

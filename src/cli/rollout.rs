@@ -14,7 +14,7 @@ use serde_json::json;
 use super::common::{
     check_rule_flags, load_trace, open_model, plural, plural_with, progress, LoadedTrace,
 };
-use pat::engine::{check_lengths, Backend, Engine, EngineOptions, EngineSource, Request};
+use pat::engine::{check_lengths, Engine, EngineOptions, EngineSource, Request};
 use pat::error::{Error, Result};
 use pat::model::sampling::random_ids;
 use pat::model::ModelDir;
@@ -72,6 +72,13 @@ pub struct RolloutArgs {
     /// Ranks (CPU threads, or GPU ranks with --backend cuda).
     #[arg(long)]
     pub world: usize,
+    #[command(flatten)]
+    pub backend: super::BackendArgs,
+    /// Weight precision. The CPU reference computes in f32 and rounds the weights to bf16/f16;
+    /// on cuda the weights, activations and KV cache are stored in it. A --profile must have
+    /// been measured at the same dtype and backend (its KV bytes per token are checked).
+    #[arg(long, default_value = "f32", value_name = "f32|bf16|f16")]
+    pub dtype: Dtype,
     /// static:K (tp K x dp world/K throughout) or adaptive (switch when the profile says it pays).
     /// With static:K the flags only the adaptive rule reads (--profile, --start-tp,
     /// --check-every, --margin, --min-gain-ms, --estimator, --kv-transfer) are refused.
@@ -112,6 +119,7 @@ pub struct RolloutArgs {
 }
 
 pub fn run(a: RolloutArgs) -> Result<()> {
+    super::common::check_backend_built(&a.backend.backend()?)?;
     let m = open_model(&a.model)?;
     let loaded = load_trace(&a.trace)?;
     let profile = a.profile.as_deref().map(Profile::load).transpose()?;
@@ -166,7 +174,7 @@ fn rollout(
                 )
             })?;
             let mut dims = ModelDims::from_config(&m.cfg);
-            dims.dtype_bytes = Backend::Cpu.kv_elem_bytes(Dtype::F32);
+            dims.dtype_bytes = a.backend.backend()?.kv_elem_bytes(a.dtype);
             profile.check_matches(&dims, a.world)?;
             let predictor = Predictor::from_profile(profile)?;
             let lens = trace.response_lens();
@@ -225,9 +233,9 @@ fn rollout(
     }
     // A pool that holds the batch and at least 64 MiB per rank, so a switch to a smaller tp still
     // finds room for the larger weight shards.
-    let backend = Backend::Cpu;
+    let backend = a.backend.backend()?;
     let mut opts =
-        EngineOptions::for_memory_budget(&m.cfg, &backend, a.world, start, Dtype::F32, 64 << 20)?;
+        EngineOptions::for_memory_budget(&m.cfg, &backend, a.world, start, a.dtype, 64 << 20)?;
     let needed = Engine::blocks_for_lengths(
         trace
             .requests
@@ -237,7 +245,15 @@ fn rollout(
     )
     .map_err(|e| e.context("--trace"))?;
     opts.kv_blocks = opts.kv_blocks.max(needed);
-    let mut engine = Engine::new(m.cfg.clone(), &m.ck, opts)?;
+    let mut engine = Engine::with_backend(m.cfg.clone(), &m.ck, opts, &backend)?;
+    let backend_name = engine.backend();
+    if let Some(p) = profile.filter(|p| p.backend != backend_name) {
+        errln!(
+            "note: the profile was measured on {}, this rollout runs on {backend_name}: the \
+             adaptive rule decides on the other backend's step times",
+            p.backend
+        );
+    }
     engine.cap_step_tokens(a.prefill_tokens.map(|n| n.get()));
     // Prompts only now: the pool that holds their KV is allocated, so their ids fit too.
     let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
@@ -325,7 +341,7 @@ fn rollout(
     let gen_s = run.total_ms / 1e3;
     let lens = trace.response_lens();
     let summary = json!({
-        "policy": policy_name(a.policy), "world": a.world, "requests": reqs.len(),
+        "policy": policy_name(a.policy), "world": a.world, "backend": backend_name, "dtype": a.dtype.name(), "requests": reqs.len(),
         "timing_s/gen": gen_s, "steps": run.steps,
         "response_length/mean": lens.iter().sum::<usize>() as f64 / lens.len() as f64,
         "response_length/max": lens.iter().max(),
