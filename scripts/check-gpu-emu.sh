@@ -107,57 +107,9 @@ for devices in 0,1,2,3 0,0,0,0; do
         done
     done
 done
+rm -f "$log.err"
 [[ $failed -eq 0 ]] || die "the emulated GPU runs differ from the CPU run"
 
 info "3. pat rollout --policy adaptive: the same steps and switches on the emulated GPUs as on the CPU"
-# A batch with one straggler, and a profile whose step times are set (on a measured profile's
-# grid) so that tp 1 serves the batch and tp 4 the straggler: the rule decides on the profile
-# alone, so every backend must run the same schedule and switch at the same step.
-trace="$log.trace" prof="$log.profile"
-for r in 6 6 6 6 6 6 6 120; do echo "{\"prompt_len\":5,\"response_len\":$r}"; done >"$trace"
-"$pat" profile --model "$model" --world 4 --batches 1,2,4 --contexts 8,16 --steps 1 \
-    --out "$prof.measured" 2>"$log.err" || { cat "$log.err" >&2; die "pat profile failed"; }
-python3 - "$prof.measured" "$prof" <<'PY'
-import json, sys
-p = json.load(open(sys.argv[1]))
-a, c = {1: 1.0, 2: 0.6, 4: 0.2}, {1: 0.1, 2: 0.2, 4: 0.3}  # ms, ms per sequence
-for d in p["decode"]:
-    d["step_ms"] = a[d["tp"]] + c[d["tp"]] * d["batch"] + 1e-4 * d["context"]
-p["switch"] = {"fixed_ms": 0.5, "weight_bytes_per_s": 1e12, "kv_bytes_per_s": 1e12}
-p["transfer_bytes_per_s"] = 1e12
-for q in p["prefill"]:
-    q["tokens_per_s"] = 1e6
-json.dump(p, open(sys.argv[2], "w"))
-PY
-schedule() { # backend-args... : each step's and switch's untimed fields, or FAILED
-    "$pat" rollout --model "$model" --trace "$trace" --world 4 --profile "$prof" "$@" 2>"$log.err" |
-        python3 -c '
-import json, sys
-for line in sys.stdin:
-    r = json.loads(line)
-    if "switch" in r:
-        s = r["switch"]
-        print("switch", r["step"], s["from_tp"], s["to_tp"], s["n_migrated"], s["n_recomputed"], s["weight_bytes_cross_rank"])
-    elif "step" in r:
-        print("step", r["step"], r["tp"], r["running_reqs"], r["tokens_this_step"], r["prefill_tokens"])
-    else:
-        print("summary", r["summary"]["switches"], r["summary"]["failed_switches"], r["summary"]["final_tp"], r["summary"]["tokens"])
-' || { cat "$log.err" >&2; echo "FAILED"; }
-}
-for kv in auto migrate recompute; do
-    want="$(schedule --backend cpu --kv-transfer "$kv")"
-    grep -q '^switch ' <<<"$want" || die "the CPU rollout ($kv) made no switch: $(tail -1 <<<"$want")"
-    for devices in 0,1,2,3 0,0,0,0; do
-        got="$(schedule --backend cuda --devices "$devices" --kv-transfer "$kv")"
-        if [[ "$got" == "$want" ]]; then
-            info "rollout on cuda devices $devices, $kv: the CPU's steps and switches ($(grep '^switch' <<<"$got" | tr '\n' ' '))"
-        else
-            info "rollout on cuda devices $devices, $kv differs from the CPU's:"
-            diff <(echo "$want") <(echo "$got") | head -5 >&2 || true
-            failed=1
-        fi
-    done
-done
-rm -f "$log.err" "$trace" "$prof" "$prof.measured"
-[[ $failed -eq 0 ]] || die "the emulated GPU rollouts differ from the CPU rollout"
+scripts/rollout-schedule.sh "$pat" 0,1,2,3 0,0,0,0 || die "the emulated GPU rollouts differ from the CPU's"
 info "passed (emulated: no GPU ran; timings printed above are the emulator's)"

@@ -16,7 +16,8 @@
 #        scripts/gpu-check.sh [gpu-bin]
 #      It puts the folders holding the pip NVIDIA libraries (libcublas*, libnccl*, ...) on
 #      LD_LIBRARY_PATH, checks that the binaries resolve their libraries, runs every binary with
-#      PAT_REQUIRE_GPU=1 (a missing GPU fails instead of skipping), keeps each log in
+#      PAT_REQUIRE_GPU=1 (a missing GPU fails instead of skipping), then an adaptive rollout on 4
+#      ranks of the GPU against the CPU's (scripts/rollout-schedule.sh), keeps each log in
 #      <bin-dir>/logs/ (the step-memory test's measured and counted bytes per GPU step in
 #      logs/step-memory.jsonl, their ratio in the summary), then (unless PAT_GPU_BENCH=0) the
 #      benchmarks: `pat init-model --preset
@@ -310,6 +311,19 @@ run() {
         fi
     done
 
+    # An adaptive rollout on 4 GPU ranks sharing this GPU runs the CPU's steps and switches.
+    echo "gpu-check: scripts/rollout-schedule.sh (an adaptive rollout on 4 ranks of this GPU vs the CPU)"
+    start=$SECONDS
+    "$repo_root/scripts/rollout-schedule.sh" "$bin_dir/pat" 0,0,0,0 2>&1 | tee "$logs/rollout-schedule.log"
+    status=${PIPESTATUS[0]}
+    secs=$((SECONDS - start))
+    if [[ $status -eq 0 ]]; then
+        rows+=("rollout|PASS|3|0|0|0|${secs}s")
+    else
+        rows+=("rollout|FAIL(rc=$status)|-|-|-|-|${secs}s")
+        failed=1
+    fi
+
     local brows=()
     if [[ "${PAT_GPU_BENCH:-1}" != 0 ]]; then
         # Without a GPU the benchmarks can only fail, after writing a 15 GiB model: skip them.
@@ -347,6 +361,6 @@ PY
 
 case "${1:-}" in
     build) shift; build "$@" ;;
-    -h|--help) sed -n '2,35p' "${BASH_SOURCE[0]}" ;;
+    -h|--help) sed -n '2,36p' "${BASH_SOURCE[0]}" ;;
     *) run "$@" ;;
 esac
