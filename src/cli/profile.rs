@@ -143,23 +143,44 @@ pub fn run(a: ProfileArgs) -> Result<()> {
         steps: a.steps,
         seed: a.seed,
     };
-    if a.contexts.is_none() {
+    let lowered = a.contexts.is_none() && {
         grid.contexts = default_contexts(grid.longest_context(&m.cfg));
-        if grid.contexts != DEFAULT_CONTEXTS {
+        grid.contexts != DEFAULT_CONTEXTS
+    };
+    // A value given twice would be measured twice (and weigh twice in the fit).
+    for (flag, v) in [
+        ("--batches", &mut grid.batches),
+        ("--contexts", &mut grid.contexts),
+    ] {
+        let given = v.len();
+        v.sort_unstable();
+        v.dedup();
+        if v.len() < given {
             errln!(
-                "note: --contexts {} (the default's longest lowered to what the model holds: \
-                 max_position_embeddings {}, less the {} each point decodes)",
-                grid.contexts
-                    .iter()
+                "note: {flag} {} (each value once; {} given)",
+                v.iter()
                     .map(|c| c.to_string())
                     .collect::<Vec<_>>()
                     .join(","),
-                m.cfg.max_position_embeddings,
-                plural(grid.steps + 1, "token")
+                given
             );
         }
     }
     let tps = grid.tps(&m)?;
+    // Noted once the grid is known to be valid (a bad --world or --steps is the message).
+    if lowered {
+        errln!(
+            "note: --contexts {} (the default's longest lowered to what the model holds: \
+             max_position_embeddings {}, less the {} each point decodes)",
+            grid.contexts
+                .iter()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+            m.cfg.max_position_embeddings,
+            plural(grid.steps + 1, "token")
+        );
+    }
     if a.validate {
         check_validate_grid(&grid)?;
     }
