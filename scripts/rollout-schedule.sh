@@ -13,8 +13,8 @@ set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 die() { echo "rollout-schedule: error: $*" >&2; exit 1; }
 info() { echo "rollout-schedule: $*" >&2; }
+[[ "${1:-}" == -h || "${1:-}" == --help ]] && { sed -n '2,11p' "$0"; exit 0; }
 [[ $# -ge 2 ]] || die "usage: scripts/rollout-schedule.sh PAT DEVICES... (try --help)"
-[[ "$1" == -h || "$1" == --help ]] && { sed -n '2,11p' "$0"; exit 0; }
 pat="$1"
 shift
 [[ -x "$pat" ]] || die "no pat binary at $pat"
@@ -56,6 +56,7 @@ for line in sys.stdin:
 failed=0
 for kv in auto migrate recompute; do
     want="$(schedule --backend cpu --kv-transfer "$kv")"
+    [[ "$want" != *FAILED* ]] || die "the CPU rollout ($kv) failed"
     grep -q '^switch ' <<<"$want" || die "the CPU rollout ($kv) made no switch: $(tail -1 <<<"$want")"
     for devices in "$@"; do
         got="$(schedule --backend cuda --devices "$devices" --kv-transfer "$kv")"

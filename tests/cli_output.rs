@@ -509,4 +509,30 @@ fn an_output_is_replaced_whole_or_left_as_it_was() {
     use std::os::unix::fs::FileTypeExt;
     let null = std::fs::metadata("/dev/null").unwrap().file_type();
     assert!(null.is_char_device(), "/dev/null replaced: {null:?}");
+    // /dev/stdout redirected to a file: that file written, the same file (the shell's
+    // redirection still leads to it).
+    use std::os::unix::fs::MetadataExt;
+    let redirect = p.join("redirect.jsonl");
+    let f = std::fs::File::create(&redirect).unwrap();
+    let ino = f.metadata().unwrap().ino();
+    let o = Command::new(env!("CARGO_BIN_EXE_pat"))
+        .args([&gen[..], &["/dev/stdout"]].concat())
+        .stdout(f)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::metadata(&redirect).unwrap().ino(), ino);
+    assert_eq!(
+        std::fs::read_to_string(&redirect).unwrap().lines().count(),
+        3
+    );
+    // A file with another hard link is written in place: both names read the new bytes.
+    let other = p.join("other-name.jsonl");
+    std::fs::hard_link(&redirect, &other).unwrap();
+    ok(&[
+        &gen[..2],
+        &["--kind", "uniform", "--n", "4", "--out", &s(&redirect)],
+    ]
+    .concat());
+    assert_eq!(std::fs::read_to_string(&other).unwrap().lines().count(), 4);
 }

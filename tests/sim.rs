@@ -463,5 +463,8 @@ fn a_layout_whose_replica_cannot_hold_the_longest_request_is_refused() {
         "{runs:?}"
     );
     c.start_tp = Some(1);
-    assert!(simulate_all(&trace(1001), &model, &c).is_err());
+    let e = simulate_all(&trace(1001), &model, &c)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("at tp 1 a replica holds 1000 KV tokens"), "{e}");
 }

@@ -148,8 +148,12 @@ pub fn stderr_write(text: fmt::Arguments<'_>) {
 /// So `path` holds its old bytes or the new ones, never a part: not after an error, not after a
 /// Ctrl-C (the sibling is removed on every way out, a signal included), not while a reader
 /// looks. An existing file keeps its permissions; a symbolic link keeps pointing where it did,
-/// its target replaced. What is not a regular file (`/dev/stdout`, `/dev/null`, a FIFO) is
-/// written in place, as it cannot be replaced.
+/// its target replaced. Written in place instead (truncated, then written, as most tools do):
+/// what is not a regular file (`/dev/null`, a FIFO), what is reached through `/dev` or `/proc`
+/// (`/dev/stdout` redirected to a file: replacing that file would cut off the shell's
+/// redirection), and an existing file that a rename would change: one with other hard links, or
+/// owned by another user (the replacement would be the caller's; in a sticky directory the
+/// rename is refused).
 pub struct OutFile {
     /// As the user gave it, for messages.
     path: PathBuf,
@@ -180,12 +184,28 @@ impl OutFile {
                     .into(),
             ));
         }
+        if path.as_os_str().to_string_lossy().ends_with('/') {
+            return Err(bad("names a directory (a trailing /)".into()));
+        }
         let is_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
-        // Followed through links. A special file is not opened now: a FIFO would wait here for
-        // its reader.
+        let writable_now = |fifo: bool| {
+            // A FIFO is not opened now: it would wait here for its reader.
+            if fifo {
+                return Ok(());
+            }
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(path)
+                .map(drop)
+                .map_err(|e| bad(format!("cannot write it ({e})")))
+        };
+        // Followed through links.
         let existing = match std::fs::metadata(path) {
             Ok(m) if m.is_dir() => return Err(bad("is a directory".into())),
-            Ok(m) if !m.is_file() => return Ok(out(None)),
+            Ok(m) if in_place(path, &m) => {
+                writable_now(is_fifo(&m))?;
+                return Ok(out(None));
+            }
             Ok(m) => Some(m),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && is_link => {
                 return Err(bad("a symbolic link to a file that does not exist".into()))
@@ -274,6 +294,34 @@ pub fn check_backend_built(backend: &pat::engine::Backend) -> Result<()> {
     }
     let _ = backend;
     Ok(())
+}
+
+/// Whether an existing `path` (its metadata `m`, links followed) is written in place rather than
+/// replaced ([`OutFile`]).
+fn in_place(path: &Path, m: &std::fs::Metadata) -> bool {
+    let special = !m.is_file() || path.starts_with("/dev") || path.starts_with("/proc");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        special || m.nlink() > 1 || m.uid() != me
+    }
+    #[cfg(not(unix))]
+    special
+}
+
+fn is_fifo(m: &std::fs::Metadata) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        m.file_type().is_fifo()
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = m;
+        false
+    }
 }
 
 /// Whether `e` is stdout's reader having gone away (the consumer of a pipe exited).

@@ -75,8 +75,9 @@ pub struct RolloutArgs {
     #[command(flatten)]
     pub backend: super::BackendArgs,
     /// Weight precision. The CPU reference computes in f32 and rounds the weights to bf16/f16;
-    /// on cuda the weights, activations and KV cache are stored in it. A --profile must have
-    /// been measured at the same dtype and backend (its KV bytes per token are checked).
+    /// on cuda the weights, activations and KV cache are stored in it. A --profile is best
+    /// measured on the same backend and dtype (the model and its KV bytes per token are
+    /// checked; a profile from another backend gets a note).
     #[arg(long, default_value = "f32", value_name = "f32|bf16|f16")]
     pub dtype: Dtype,
     /// static:K (tp K x dp world/K throughout) or adaptive (switch when the profile says it pays).

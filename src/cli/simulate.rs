@@ -249,11 +249,9 @@ fn fit_candidates(
     candidates: &mut Vec<usize>,
 ) -> Result<Option<String>> {
     use pat::sim::run::{longest_context, unfit_tps};
-    let tps: Vec<usize> = candidates
-        .iter()
-        .chain(a.start_tp.iter())
-        .copied()
-        .collect();
+    // A --start-tp that is no layout of --world is left to `sim::run::check`, which says so.
+    let start = a.start_tp.filter(|&s| s > 0 && a.world.is_multiple_of(s));
+    let tps: Vec<usize> = candidates.iter().chain(start.iter()).copied().collect();
     let unfit = unfit_tps(trace, clock, &tps);
     if unfit.is_empty() {
         return Ok(None);
@@ -265,7 +263,7 @@ fn fit_candidates(
         "--mem-fraction of the GPU memory, less the weights"
     };
     let holds = |tp: usize, cap: usize| format!("at tp {tp} a replica holds {cap} KV tokens");
-    if let Some(&(tp, cap)) = unfit.iter().find(|u| Some(u.0) == a.start_tp) {
+    if let Some(&(tp, cap)) = unfit.iter().find(|u| Some(u.0) == start) {
         return Err(Error::Invalid(format!(
             "--start-tp {tp}: {} ({whence}), fewer than the longest request's {longest} \
              (prompt + response), which could never finish there",

@@ -34,7 +34,9 @@ impl ModelDir {
                 dir.display()
             )));
         }
-        if !dir.join("config.json").exists() {
+        // Only a config.json that is not there (a dangling link included): one that cannot be
+        // read is ModelConfig::load's to report.
+        if matches!(dir.join("config.json").try_exists(), Ok(false)) {
             return Err(Error::Invalid(format!(
                 "model directory {}: no config.json (a model in the Hugging Face layout: \
                  config.json, model.safetensors or its index, tokenizer.json; `pat init-model` \
