@@ -223,19 +223,25 @@ fn the_modeled_node_reproduces_the_independent_model() {
     assert!(err > 0.0 && err < 5.0, "{err}");
 }
 
-#[test]
-fn a_predictor_that_is_its_own_clock_has_no_error() {
+/// A predictor of two lines, tp 1: 10 + 0.5 b ms, tp 2: 6 + b ms, holding `kv` tokens a
+/// replica: used as the clock too, it has no error of its own.
+fn two_lines(kv: BTreeMap<usize, usize>) -> Predictor {
     let fit = |a, b| Fit {
         a,
         b,
         ..Fit::default()
     };
-    let pred = Predictor {
+    Predictor {
         form: FitForm::Abc,
         fits: BTreeMap::from([(1, fit(10.0, 0.5)), (2, fit(6.0, 1.0))]),
         noise: 0.0,
-        kv_capacity_tokens: BTreeMap::new(),
-    };
+        kv_capacity_tokens: kv,
+    }
+}
+
+#[test]
+fn a_predictor_that_is_its_own_clock_has_no_error() {
+    let pred = two_lines(BTreeMap::new());
     let sw = SwitchCost::flat(50.0);
     let model = SimModel {
         clock: &pred,
@@ -414,17 +420,7 @@ fn the_forecast_with_kv_room_equals_the_lockstep_node() {
 #[test]
 fn a_layout_whose_replica_cannot_hold_the_longest_request_is_refused() {
     use pat::sim::run::unfit_tps;
-    let fit = |a, b| Fit {
-        a,
-        b,
-        ..Fit::default()
-    };
-    let pred = Predictor {
-        form: FitForm::Abc,
-        fits: BTreeMap::from([(1, fit(10.0, 0.5)), (2, fit(6.0, 1.0))]),
-        noise: 0.0,
-        kv_capacity_tokens: BTreeMap::from([(1, 1000), (2, 4000)]),
-    };
+    let pred = two_lines(BTreeMap::from([(1, 1000), (2, 4000)]));
     let sw = SwitchCost::flat(50.0);
     let model = SimModel {
         clock: &pred,
