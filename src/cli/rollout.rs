@@ -65,8 +65,9 @@ pub struct RolloutArgs {
     /// Model directory (config.json + safetensors; `pat init-model` makes one).
     #[arg(long)]
     pub model: PathBuf,
-    /// JSONL trace: {"prompt_len":P,"response_len":R} per line (see `pat trace gen`); `-` reads
-    /// it from stdin.
+    /// JSONL trace: {"prompt_len":P,"response_len":R} per line (see `pat trace gen`), optionally
+    /// "input_ids":[...] (the prompt's P token ids; random ids otherwise) and "group" (GRPO's
+    /// prompt index); `-` reads it from stdin.
     #[arg(long)]
     pub trace: PathBuf,
     /// Ranks (CPU threads, or GPU ranks with --backend cuda).

@@ -40,7 +40,9 @@ pub enum PlacementArg {
 
 #[derive(Args, Debug)]
 pub struct SimulateArgs {
-    /// Rollout length trace, JSONL (`pat trace gen`); `-` reads it from stdin.
+    /// Rollout length trace, JSONL: {"prompt_len":P,"response_len":R} per line (`pat trace
+    /// gen`), optionally "group" (GRPO's prompt index; "input_ids" is read and not used here);
+    /// `-` reads it from stdin.
     #[arg(long, required_unless_present = "calibration")]
     pub trace: Option<PathBuf>,
     /// Measured profile JSON (from `pat profile`): the clock is its samples, interpolated, and

@@ -254,10 +254,10 @@ impl TraceStats {
                 ),
             ),
             ("at cap", format!("{:.2}%", 100.0 * self.frac_at_cap)),
-            ("decode tokens", self.response_tokens.to_string()),
+            ("response tokens", self.response_tokens.to_string()),
         ];
         for (k, v) in rows {
-            let _ = writeln!(s, "{k:<14} {v}");
+            let _ = writeln!(s, "{k:<15} {v}");
         }
         s
     }
