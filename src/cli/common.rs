@@ -226,10 +226,7 @@ impl OutFile {
             return Err(bad(format!("directory {} does not exist", dir.display())));
         }
         if existing.is_some() {
-            std::fs::OpenOptions::new()
-                .append(true)
-                .open(&target)
-                .map_err(|e| bad(format!("cannot write it ({e})")))?;
+            writable_now(false)?;
         }
         static SERIAL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
