@@ -74,7 +74,8 @@ t_start=$(date +%s)
 run() {  # run NAME CMD...: stdout to $dir/NAME.jsonl, stderr to the log; failures counted
     local name="$1"; shift
     echo "gpu-calibrate: $name" | tee -a "$log" >&2
-    if ! "$@" >"$dir/$name.jsonl" 2>>"$log"; then
+    # Each step under a time limit (PAT_CAL_STEP_TIMEOUT seconds): a hang costs one step.
+    if ! timeout --kill-after=10 "${PAT_CAL_STEP_TIMEOUT:-300}" "$@" >"$dir/$name.jsonl" 2>>"$log"; then
         echo "gpu-calibrate: $name FAILED (see $log)" >&2
         ok=1
         return 1

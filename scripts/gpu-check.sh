@@ -33,8 +33,10 @@
 #      MISSED, reported, not failed). Exit status: 0 only if
 #      every test passed and every benchmark ran.
 #
-#      With the `device` tool: gpu-bin/ is git-ignored, so pass carry ["gpu-bin"] and copy the
-#      logs back: `scripts/gpu-check.sh gpu-bin; rc=$?; cp -r gpu-bin/logs "$OUT"/; exit $rc`.
+#      Every step runs under PAT_GPU_STEP_TIMEOUT seconds (300): a hang fails that step (124).
+#      With the `device` tool use scripts/gpu-lease.sh (this check, then the calibration, in one
+#      bounded call, logs packed: a lease sends back at most 8 files); gpu-bin/ is git-ignored,
+#      so pass carry ["gpu-bin"].
 #
 #      cudarc opens NCCL as libnccl.so (not the pip wheel's libnccl.so.2), so a folder with that
 #      symlink is put on LD_LIBRARY_PATH too.
@@ -45,6 +47,8 @@ set -uo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 die() { echo "gpu-check: error: $*" >&2; exit 1; }
+# A hang costs one step's limit, and the steps after it still run: device time is short.
+tmo() { timeout --kill-after=10 "${PAT_GPU_STEP_TIMEOUT:-300}" "$@"; }
 TESTS=(cuda_kernels cuda_model)
 
 build() {
@@ -113,15 +117,15 @@ bench() {
     [[ -x "$pat" ]] || { echo "gpu-check: no $pat (build it: scripts/gpu-check.sh build)" >&2; return 1; }
     if [[ ! -f "$model/config.json" ]]; then
         echo "gpu-check: pat init-model --preset $preset --dtype bf16 --out $model"
-        "$pat" init-model --arch llama --preset "$preset" --dtype bf16 --out "$model" --force \
+        tmo "$pat" init-model --arch llama --preset "$preset" --dtype bf16 --out "$model" --force \
             2>&1 | tail -2 || ok=1
     fi
     echo "gpu-check: pat bench attention"
-    "$pat" bench attention --num-seqs 1,16,64 --context 2048,8192 --dtype bf16 \
+    tmo "$pat" bench attention --num-seqs 1,16,64 --context 2048,8192 --dtype bf16 \
         >"$logs/bench-attention.jsonl" 2>"$logs/bench-attention.log" || ok=1
     cat "$logs/bench-attention.log"
     echo "gpu-check: pat bench reshard"
-    "$pat" bench reshard --sizes-mib 16,128,1024 --dtype bf16 \
+    tmo "$pat" bench reshard --sizes-mib 16,128,1024 --dtype bf16 \
         >"$logs/bench-reshard.jsonl" 2>"$logs/bench-reshard.log" || ok=1
     cat "$logs/bench-reshard.log"
     # A live switch ladder on 4 GPU ranks sharing this GPU, on the devices and through the host
@@ -129,12 +133,12 @@ bench() {
     # reuses its device groups (groups_reused).
     local small="${PAT_BENCH_DIR:-/tmp/pat-bench}/small-f32" how
     if [[ ! -f "$small/config.json" ]]; then
-        "$pat" init-model --arch llama --preset small --out "$small" --force 2>&1 | tail -1 || ok=1
+        tmo "$pat" init-model --arch llama --preset small --out "$small" --force 2>&1 | tail -1 || ok=1
     fi
     : >"$logs/bench-switch.jsonl"
     for how in device host; do
         echo "gpu-check: pat bench switch --backend cuda --gpu-switch $how (small, world 4, tp 1 -> 4 -> 1 -> 4)"
-        "$pat" bench switch --backend cuda --gpu-switch "$how" --devices 0,0,0,0 --model "$small" \
+        tmo "$pat" bench switch --backend cuda --gpu-switch "$how" --devices 0,0,0,0 --model "$small" \
             --world 4 --from 1 --to 4,1,4 --batch 8 --context 256 --dtype bf16 \
             >>"$logs/bench-switch.jsonl" 2>"$logs/bench-switch-$how.log" || ok=1
         tail -7 "$logs/bench-switch-$how.log"
@@ -143,13 +147,13 @@ bench() {
     # live sequences of 4K context, on the devices (<= 50 ms; PAT: 5.52 s).
     if [[ "$preset" == llama3-8b-shape ]]; then
         echo "gpu-check: pat bench switch --backend cuda (8B shape, world 8, tp 2 -> 8, 32 x 4096)"
-        timeout 300 "$pat" bench switch --backend cuda --devices 0,0,0,0,0,0,0,0 --model "$model" \
+        tmo "$pat" bench switch --backend cuda --devices 0,0,0,0,0,0,0,0 --model "$model" \
             --world 8 --from 2 --to 8 --batch 32 --context 4096 --dtype bf16 --kv-mib 64 \
             >>"$logs/bench-switch.jsonl" 2>"$logs/bench-switch-8b.log" || ok=1
         tail -3 "$logs/bench-switch-8b.log"
     fi
     echo "gpu-check: pat bench one-batch --backend cuda ($preset, bf16)"
-    "$pat" bench one-batch --backend cuda --model "$model" --dtype bf16 \
+    tmo "$pat" bench one-batch --backend cuda --model "$model" --dtype bf16 \
         --batch-size 1,16,64 --input-len 128 --output-len 64 --run-name gpu-check \
         >"$logs/bench-one-batch.jsonl" 2>"$logs/bench-one-batch.log" || ok=1
     tail -5 "$logs/bench-one-batch.log"
@@ -293,7 +297,7 @@ run() {
         fi
         echo "gpu-check: running $t ${extra[*]:-} (log: $log)"
         start=$SECONDS
-        "$bin" "${extra[@]}" 2>&1 | tee "$log"
+        tmo "$bin" "${extra[@]}" 2>&1 | tee "$log"
         status=${PIPESTATUS[0]}
         secs=$((SECONDS - start))
         result="$(grep -E '^test result:' "$log" | tail -1)"
@@ -314,7 +318,7 @@ run() {
     # An adaptive rollout on 4 GPU ranks sharing this GPU runs the CPU's steps and switches.
     echo "gpu-check: scripts/rollout-schedule.sh (an adaptive rollout on 4 ranks of this GPU vs the CPU)"
     start=$SECONDS
-    "$repo_root/scripts/rollout-schedule.sh" "$bin_dir/pat" 0,0,0,0 2>&1 | tee "$logs/rollout-schedule.log"
+    tmo "$repo_root/scripts/rollout-schedule.sh" "$bin_dir/pat" 0,0,0,0 2>&1 | tee "$logs/rollout-schedule.log"
     status=${PIPESTATUS[0]}
     secs=$((SECONDS - start))
     if [[ $status -eq 0 ]]; then
@@ -361,6 +365,6 @@ PY
 
 case "${1:-}" in
     build) shift; build "$@" ;;
-    -h|--help) sed -n '2,36p' "${BASH_SOURCE[0]}" ;;
+    -h|--help) sed -n '2,/^set /{/^set /!p}' "${BASH_SOURCE[0]}" ;;
     *) run "$@" ;;
 esac
