@@ -226,7 +226,8 @@ fn replica_run(seqs: &[Pending], room: Option<Room>, until: u64) -> ReplicaRun {
         let i = r.queue[k];
         r.slots[i].cached = false;
     }
-    let mut segments = Vec::new();
+    // A segment ends where a sequence finishes (or overflows the room): one per slot, mostly.
+    let mut segments = Vec::with_capacity(r.slots.len() + 1);
     let mut s = 0u64;
     while s < until {
         while let Some(&Reverse((_, i, v))) = r.heap.peek() {
@@ -330,10 +331,8 @@ pub fn drain_until(
     // most any replica prefills is added once.
     let mut total: f64 = per.iter().map(|p| p.prefill_ms).fold(0.0, f64::max);
     // Event times: every segment end of every replica.
-    let mut events: Vec<u64> = per
-        .iter()
-        .flat_map(|p| p.segments.iter().map(|g| g.end))
-        .collect();
+    let mut events: Vec<u64> = Vec::with_capacity(per.iter().map(|p| p.segments.len()).sum());
+    events.extend(per.iter().flat_map(|p| p.segments.iter().map(|g| g.end)));
     events.sort_unstable();
     events.dedup();
     let mut at = vec![0usize; per.len()];

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 
-use super::component::ComponentModel;
+use super::component::{BatchTerms, ComponentModel};
 use crate::error::{Error, Result};
 use crate::policy::profile::{
     DecodeSample, PrefillSample, Profile, SwitchProfile, MEASURED_GROUPS, PROFILE_VERSION,
@@ -20,6 +20,16 @@ use crate::policy::profile::{
 pub trait StepClock: Sync {
     /// One decode step of a replica at `tp` with `batch` sequences of mean context `ctx`, ms.
     fn step_ms(&self, tp: usize, batch: usize, ctx: f64) -> f64;
+    /// What a replica stepping `batch` sequences at `tp` many times can compute once; then
+    /// [`StepClock::step_ms_at`] per step. The default keeps nothing: `step_ms` each step.
+    fn at(&self, tp: usize, batch: usize) -> StepAt {
+        StepAt::Call { tp, batch }
+    }
+    /// [`StepClock::step_ms`] at `at`'s (tp, batch) and mean context `ctx`, the same value.
+    fn step_ms_at(&self, at: &StepAt, ctx: f64) -> f64 {
+        let (tp, batch) = at.key();
+        self.step_ms(tp, batch, ctx)
+    }
     /// Prompt tokens/s a replica at `tp` prefills; `None`: prefill is not modeled (free).
     fn prefill_tokens_per_s(&self, tp: usize) -> Option<f64>;
     /// KV tokens a replica at `tp` can hold; `None`: unbounded.
@@ -28,9 +38,37 @@ pub trait StepClock: Sync {
     fn describe(&self) -> String;
 }
 
+/// A clock's view of one (tp, batch), from [`StepClock::at`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum StepAt {
+    /// The component model's terms that do not depend on the context.
+    Terms(BatchTerms),
+    /// Nothing kept: the clock's `step_ms`.
+    Call { tp: usize, batch: usize },
+}
+
+impl StepAt {
+    /// The (tp, batch) it is for.
+    pub fn key(&self) -> (usize, usize) {
+        match *self {
+            StepAt::Terms(t) => (t.tp, t.batch),
+            StepAt::Call { tp, batch } => (tp, batch),
+        }
+    }
+}
+
 impl StepClock for ComponentModel {
     fn step_ms(&self, tp: usize, batch: usize, ctx: f64) -> f64 {
         ComponentModel::step_ms(self, tp, batch, ctx)
+    }
+    fn at(&self, tp: usize, batch: usize) -> StepAt {
+        StepAt::Terms(self.batch_terms(tp, batch))
+    }
+    fn step_ms_at(&self, at: &StepAt, ctx: f64) -> f64 {
+        match at {
+            StepAt::Terms(t) => self.breakdown_at(t, ctx).step_ms,
+            StepAt::Call { tp, batch } => ComponentModel::step_ms(self, *tp, *batch, ctx),
+        }
     }
     fn prefill_tokens_per_s(&self, tp: usize) -> Option<f64> {
         Some(ComponentModel::prefill_tokens_per_s(self, tp))
@@ -189,11 +227,26 @@ impl StepClock for ProfileTable {
         let Some(by_b) = self.decode.get(&tp) else {
             return f64::INFINITY;
         };
-        let per_batch: Vec<(f64, f64)> = by_b
-            .iter()
-            .map(|(&b, pts)| (b as f64, interp(pts, ctx)))
-            .collect();
-        interp(&per_batch, batch as f64).max(0.0)
+        // `interp` over (batch, its value at ctx) for every profiled batch, evaluating only the
+        // two batches of the segment it uses (this runs for every modeled step).
+        let n = by_b.len();
+        let ms = if n < 2 {
+            by_b.values().next().map_or(0.0, |pts| interp(pts, ctx))
+        } else {
+            let x = batch as f64;
+            let i = by_b
+                .keys()
+                .take_while(|&&b| (b as f64) < x)
+                .count()
+                .clamp(1, n - 1);
+            let mut two = by_b.iter().skip(i - 1);
+            let (Some((&b0, p0)), Some((&b1, p1))) = (two.next(), two.next()) else {
+                return f64::INFINITY; // unreachable: 1 <= i <= n - 1
+            };
+            let (x0, y0, x1, y1) = (b0 as f64, interp(p0, ctx), b1 as f64, interp(p1, ctx));
+            y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+        };
+        ms.max(0.0)
     }
     fn prefill_tokens_per_s(&self, tp: usize) -> Option<f64> {
         crate::stats::rate_at(&self.prefill, tp)

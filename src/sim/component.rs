@@ -37,6 +37,9 @@ use crate::error::{Error, Result};
 use crate::model::dims::ModelDims;
 use crate::policy::modeled::Link;
 
+mod step;
+pub use step::{BatchTerms, StepBreakdown};
+
 /// One row of an all-reduce table: latency and algorithm bandwidth at a tp degree.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -298,12 +301,14 @@ impl ComponentParams {
     /// (latency s, algbw bytes/s) of one all-reduce at `tp` (the row for the smallest tabled tp
     /// >= `tp`, else the last).
     pub fn allreduce_at(&self, tp: usize) -> (f64, f64) {
-        let mut rows = self.allreduce.clone();
-        rows.sort_by_key(|p| p.tp);
-        let p = rows
+        // (What sorting the rows by tp and taking the first with tp >= `tp`, else the last, picks;
+        // without copying the table: this runs for every modeled step.)
+        let p = self
+            .allreduce
             .iter()
-            .find(|p| p.tp >= tp)
-            .or(rows.last())
+            .filter(|p| p.tp >= tp)
+            .min_by_key(|p| p.tp)
+            .or_else(|| self.allreduce.iter().max_by_key(|p| p.tp))
             .copied()
             .unwrap_or(AllReducePoint {
                 tp,
@@ -312,19 +317,6 @@ impl ComponentParams {
             });
         (p.latency_us * 1e-6, p.algbw_gbps * 1e9)
     }
-}
-
-/// A step's time split into its terms, ms.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
-pub struct StepBreakdown {
-    pub gemm_ms: f64,
-    pub small_kernels_ms: f64,
-    pub attention_ms: f64,
-    pub allreduce_ms: f64,
-    pub sampling_ms: f64,
-    pub device_ms: f64,
-    pub host_ms: f64,
-    pub step_ms: f64,
 }
 
 /// A model shape on a node of one kind of GPU: the simulator's clock for modeled runs.
@@ -356,72 +348,6 @@ impl ComponentModel {
     /// KV heads one rank holds at `tp` (replicated when tp > kv heads).
     fn kv_heads_per_rank(&self, tp: usize) -> f64 {
         (self.dims.num_kv_heads as f64 / tp as f64).max(1.0)
-    }
-
-    /// The terms of one decode step (module docs).
-    pub fn breakdown(&self, tp: usize, batch: usize, ctx: f64) -> StepBreakdown {
-        if batch == 0 {
-            return StepBreakdown::default();
-        }
-        let (d, p) = (&self.dims, &self.p);
-        let (t, b, e) = (tp as f64, batch as f64, d.dtype_bytes as f64);
-        let (h, hd, layers) = (d.hidden_size as f64, d.head_dim as f64, d.num_layers as f64);
-        let (q, f, v) = (
-            d.num_heads as f64 * hd,
-            d.intermediate_size as f64,
-            d.vocab_size as f64,
-        );
-        let kv_r = self.kv_heads_per_rank(tp);
-        let layer_gemm = self.gemm_s(b, h, q / t + 2.0 * kv_r * hd)
-            + self.gemm_s(b, q / t, h)
-            + self.gemm_s(b, h, 2.0 * f / t)
-            + self.gemm_s(b, f / t, h);
-        let gemm = layers * layer_gemm + self.gemm_s(b, h, v / t);
-        let small = layers
-            * (p.small_kernels_per_layer * p.small_kernel_us * 1e-6
-                + b * (4.0 * h + 3.0 * f / t) * e / self.bw());
-        let units = b * kv_r;
-        let frac = (units.max(1.0).log2() / p.attn_units_saturate.max(2.0).log2()).min(1.0);
-        let attn_bw = p.hbm_bytes_per_s
-            * (p.attn_bw_one_unit + (p.attn_bw_saturated - p.attn_bw_one_unit) * frac);
-        let kv_bytes = b * ctx * 2.0 * kv_r * hd * e;
-        let attention =
-            layers * (p.attn_launch_us * 1e-6 + (p.attn_floor_us * 1e-6).max(kv_bytes / attn_bw));
-        let (allreduce, gather) = if tp > 1 {
-            let (lat, algbw) = p.allreduce_at(tp);
-            (
-                2.0 * layers * (lat + b * h * e / algbw),
-                b * v * e / (p.logits_gather_gbps * 1e9),
-            )
-        } else {
-            (0.0, 0.0)
-        };
-        let sampling = p.sampling_kernels * p.small_kernel_us * 1e-6
-            + p.sampling_passes * b * v * 4.0 / self.bw()
-            + gather;
-        let device = gemm + small + attention + allreduce + sampling + p.misc_us * 1e-6;
-        let device_ms = 1e3 * device + p.fixed_step_ms;
-        let host_ms = p.host_step_ms + b * p.host_per_seq_us * 1e-3;
-        let step_ms = if p.overlap_host {
-            device_ms.max(host_ms)
-        } else {
-            device_ms + host_ms
-        };
-        StepBreakdown {
-            gemm_ms: 1e3 * gemm,
-            small_kernels_ms: 1e3 * small,
-            attention_ms: 1e3 * attention,
-            allreduce_ms: 1e3 * allreduce,
-            sampling_ms: 1e3 * sampling,
-            device_ms,
-            host_ms,
-            step_ms,
-        }
-    }
-
-    /// One decode step of a replica at `tp` with `batch` sequences of mean context `ctx`, ms.
-    pub fn step_ms(&self, tp: usize, batch: usize, ctx: f64) -> f64 {
-        self.breakdown(tp, batch, ctx).step_ms
     }
 
     /// Prefill tokens/s of a replica at `tp` (compute-bound).

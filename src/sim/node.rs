@@ -17,7 +17,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 
-use super::clock::StepClock;
+use super::clock::{StepAt, StepClock};
 use super::run::TimelinePoint;
 use crate::error::{Error, Result};
 use crate::policy::controller::{LiveSeq, StepDone, StepSource};
@@ -76,6 +76,9 @@ struct Replica {
     /// Running sequences in admission order (may hold stale entries).
     running: Vec<usize>,
     queue: VecDeque<usize>,
+    /// The clock's view of this replica's (tp, batch) as of its last step: a step of the same
+    /// batch reuses it.
+    at: Option<StepAt>,
 }
 
 /// The node (module docs). Cloning it snapshots a run.
@@ -87,6 +90,8 @@ pub struct Node<'a> {
     tp: usize,
     seqs: Vec<Seq>,
     reps: Vec<Replica>,
+    /// KV tokens a replica at `tp` holds (the clock's, asked once per layout).
+    cap: Option<usize>,
     live: usize,
     pub rounds: usize,
     pub prefill_ms: f64,
@@ -146,6 +151,7 @@ impl<'a> Node<'a> {
             live: seqs.iter().filter(|s| s.target > 0).count(),
             seqs,
             reps: vec![Replica::default(); dp],
+            cap: clock.kv_capacity_tokens(tp),
             rounds: 0,
             prefill_ms: 0.0,
             recompute_ms: 0.0,
@@ -194,7 +200,7 @@ impl<'a> Node<'a> {
 
     /// Admits queued sequences of replica `r` while they fit (at least one when it runs none).
     fn admit(&mut self, r: usize) {
-        let cap = self.clock.kv_capacity_tokens(self.tp);
+        let cap = self.cap;
         while let Some(&i) = self.reps[r].queue.front() {
             let need = self.context(i);
             let rep = &self.reps[r];
@@ -224,7 +230,7 @@ impl<'a> Node<'a> {
 
     /// Preempts the newest running sequences of `r` while its KV overflows (keeping one).
     fn fit_capacity(&mut self, r: usize) {
-        let Some(cap) = self.clock.kv_capacity_tokens(self.tp) else {
+        let Some(cap) = self.cap else {
             return;
         };
         while self.reps[r].tokens > cap && self.reps[r].batch > 1 {
@@ -248,15 +254,27 @@ impl<'a> Node<'a> {
         }
     }
 
+    /// The duration of replica `r`'s next decode step (0 when it runs nothing).
+    fn next_step_ms(&mut self, r: usize) -> f64 {
+        let (tp, clock) = (self.tp, self.clock);
+        let rep = &mut self.reps[r];
+        if rep.batch == 0 {
+            return 0.0;
+        }
+        let at = match rep.at {
+            Some(at) if at.key() == (tp, rep.batch) => at,
+            _ => *rep.at.insert(clock.at(tp, rep.batch)),
+        };
+        clock.step_ms_at(&at, rep.tokens as f64 / rep.batch as f64)
+    }
+
     /// One decode step of replica `r`; returns its duration.
     fn step_replica(&mut self, r: usize) -> f64 {
-        let (batch, tokens) = (self.reps[r].batch, self.reps[r].tokens);
+        let batch = self.reps[r].batch;
         if batch == 0 {
             return 0.0;
         }
-        let dt = self
-            .clock
-            .step_ms(self.tp, batch, tokens as f64 / batch as f64);
+        let dt = self.next_step_ms(r);
         let rep = &mut self.reps[r];
         rep.t_ms += dt;
         rep.round += 1;
@@ -300,6 +318,23 @@ impl<'a> Node<'a> {
             self.step()?;
         }
         Ok(())
+    }
+
+    /// The time the run ends, stepping each replica on its own to its end: the same time as
+    /// [`Node::run_to_end`] (replicas meet only at a switch and at the end), without the
+    /// round-by-round bookkeeping (timeline, visited points) that a finished search candidate
+    /// does not need. In lockstep, [`Node::run_to_end`] itself.
+    pub fn finish_ms(mut self) -> Result<f64> {
+        if self.lockstep {
+            self.run_to_end()?;
+        } else {
+            for r in 0..self.reps.len() {
+                while self.reps[r].batch > 0 {
+                    self.step_replica(r);
+                }
+            }
+        }
+        Ok(self.now_ms())
     }
 
     /// Live sequences' indices in request order.
@@ -399,8 +434,7 @@ impl StepSource for Node<'_> {
         let catch_up = if self.lockstep { 0 } else { self.reps.len() };
         for r in 0..catch_up {
             while self.reps[r].batch > 0 {
-                let (b, tok) = (self.reps[r].batch, self.reps[r].tokens);
-                let dt = self.clock.step_ms(self.tp, b, tok as f64 / b as f64);
+                let dt = self.next_step_ms(r);
                 if self.reps[r].t_ms + dt > barrier {
                     break;
                 }
@@ -431,6 +465,7 @@ impl StepSource for Node<'_> {
         }
         order.sort_unstable();
         self.tp = to_tp;
+        self.cap = self.clock.kv_capacity_tokens(to_tp);
         self.reps = vec![
             Replica {
                 t_ms: start,

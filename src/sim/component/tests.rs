@@ -94,3 +94,48 @@ fn overrides_replace_named_keys_and_refuse_unknown_ones() {
     let e = p.overridden("[1]", "f.json").unwrap_err();
     assert!(e.to_string().contains("f.json"), "{e}");
 }
+
+#[test]
+fn allreduce_row_is_the_smallest_tabled_tp_at_or_above_else_the_largest() {
+    let mut p = ComponentParams::defaults(GpuKind::H100, Link::NvLink);
+    // Out of order on purpose: the lookup must not depend on the table's order.
+    p.allreduce = [(8, 8.0, 80.0), (2, 5.0, 150.0), (4, 6.0, 100.0)]
+        .iter()
+        .map(|&(tp, latency_us, algbw_gbps)| AllReducePoint {
+            tp,
+            latency_us,
+            algbw_gbps,
+        })
+        .collect();
+    for (tp, lat_us, gbps) in [
+        (1, 5.0, 150.0),
+        (2, 5.0, 150.0),
+        (3, 6.0, 100.0),
+        (4, 6.0, 100.0),
+        (8, 8.0, 80.0),
+        (16, 8.0, 80.0),
+    ] {
+        assert_eq!(p.allreduce_at(tp), (lat_us * 1e-6, gbps * 1e9), "tp {tp}");
+    }
+}
+
+#[test]
+fn a_replica_stepping_one_batch_gets_the_step_time_of_a_fresh_call_bitwise() {
+    use crate::sim::clock::StepClock;
+    for shape in ["llama3-8b", "qwen3-14b"] {
+        let m = model(shape);
+        for tp in [1, 2, 4, 8] {
+            for batch in [0, 1, 3, 64, 1000] {
+                let at = m.at(tp, batch);
+                for ctx in [0.0, 1.5, 700.0, 24576.0] {
+                    let fresh = m.step_ms(tp, batch, ctx);
+                    assert_eq!(m.step_ms_at(&at, ctx).to_bits(), fresh.to_bits());
+                    assert_eq!(
+                        m.breakdown(tp, batch, ctx).step_ms.to_bits(),
+                        fresh.to_bits()
+                    );
+                }
+            }
+        }
+    }
+}
