@@ -71,7 +71,7 @@ pub struct OneBatchArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// Ranks (tp x dp).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = super::common::ranks)]
     pub world: usize,
     /// Tensor-parallel degree; must divide --world.
     #[arg(long, default_value_t = 1)]

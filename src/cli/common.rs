@@ -132,6 +132,20 @@ pub fn at_least_one(v: &str) -> std::result::Result<std::num::NonZeroUsize, Stri
         .ok_or_else(|| "must be at least 1 (leave the flag out for no cap)".to_string())
 }
 
+/// A `--world` flag: a number of ranks from 1 to what pat supports, checked as the flag is read
+/// so that the message names it (the layout's own check does not know the flag).
+pub fn ranks(v: &str) -> std::result::Result<usize, String> {
+    let max = pat::parallel::layout::MAX_WORLD;
+    match v.trim().parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        Ok(0) => Err(format!("0 ranks: a world is 1 to {max} ranks")),
+        Ok(n) => Err(format!("{n} is more ranks than pat supports ({max})")),
+        Err(_) => Err(format!(
+            "expected a number of ranks (1 to {max}), got {v:?}"
+        )),
+    }
+}
+
 /// Writes to stderr, ignoring a failure (`errln!`): a diagnostic that cannot be shown must not
 /// stop the command (`eprintln!` would panic) or cost the output it was making.
 pub fn stderr_write(text: fmt::Arguments<'_>) {

@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use clap::Args;
 
-use pat::error::{Error, Result};
+use pat::error::Result;
 use pat::policy::modeled::{Link, ModelShape};
 use pat::policy::predictor::validate;
 use pat::policy::Profile;
@@ -55,7 +55,7 @@ pub struct ComposeArgs {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// GPUs of the node the profile describes.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = super::common::ranks)]
     pub world: usize,
     /// Link between the node's GPUs: picks the all-reduce table (nvlink, pcie, or GB/s).
     #[arg(long, default_value = "nvlink")]
@@ -74,9 +74,6 @@ pub struct ComposeArgs {
 }
 
 pub fn run(a: ComposeArgs) -> Result<()> {
-    if a.world == 0 {
-        return Err(Error::Invalid("--world must be at least 1".into()));
-    }
     let mut params = ComponentParams::defaults(a.gpu.into(), a.link);
     params.mem_fraction = super::simulate::mem_fraction(a.mem_fraction)?;
     let shards = a

@@ -45,7 +45,7 @@ pub struct DemoArgs {
     #[arg(long, value_enum, default_value = "small", conflicts_with = "model")]
     pub preset: PresetArg,
     /// Ranks (threads) of the real run; it switches from the lowest tp to tp = world.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = super::common::ranks)]
     pub world: usize,
     /// Requests in the real batch.
     #[arg(long, default_value_t = 16)]

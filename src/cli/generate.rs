@@ -21,7 +21,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// Number of ranks (threads on the CPU backend, GPU workers on cuda).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = super::common::ranks)]
     pub world: usize,
     #[command(flatten)]
     pub backend: super::BackendArgs,

@@ -22,7 +22,7 @@ pub struct ProfileArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// Ranks of the node the profile describes; tp degrees are its divisors that split the model.
-    #[arg(long)]
+    #[arg(long, value_parser = super::common::ranks)]
     pub world: usize,
     /// Output profile JSON.
     #[arg(long)]

@@ -71,7 +71,7 @@ pub struct RolloutArgs {
     #[arg(long)]
     pub trace: PathBuf,
     /// Ranks (CPU threads, or GPU ranks with --backend cuda).
-    #[arg(long)]
+    #[arg(long, value_parser = super::common::ranks)]
     pub world: usize,
     #[command(flatten)]
     pub backend: super::BackendArgs,

@@ -51,7 +51,7 @@ pub struct SimulateArgs {
     #[arg(long)]
     pub profile: Option<PathBuf>,
     /// GPUs in the node.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = super::common::ranks)]
     pub world: usize,
     /// Modeled node: link between GPUs (nvlink, pcie or a one-way bandwidth in GB/s; default
     /// nvlink). Picks the all-reduce table and the switch's transfer rate.

@@ -71,7 +71,7 @@ pub struct BenchSwitchArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// Ranks (CPU threads, or GPU ranks with --backend cuda).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = super::common::ranks)]
     pub world: usize,
     /// TP degree before the switch.
     #[arg(long)]

@@ -2,7 +2,7 @@
 //! files, traces and config.json that would overflow, wrap, hang or allocate without bound are
 //! refused up front with a message naming them.
 
-use super::{a, check, err, Case, Fx};
+use super::{a, check, err, usage, Case, Fx};
 
 fn gen(fx: &Fx, extra: &[&str]) -> Vec<String> {
     let mut v = a(&["generate", "--model", &fx.p("m")]);
@@ -119,27 +119,27 @@ const CASES: &[Case] = &[
                 "--out", &f.p("never.json")]),
         "--contexts value 100000 is too long",
     ),
-    err(
+    usage(
         "profile_world_huge",
         |f| a(&["profile", "--model", &f.p("m"), "--world", "1000000000000",
                 "--out", &f.p("never.json")]),
-        "--world 1000000000000 is more ranks than pat supports",
+        "'--world <WORLD>': 1000000000000 is more ranks than pat supports (4096)",
     ),
-    err(
+    usage(
         "generate_world_1e5",
         |f| gen(f, &["--world", "100000", "--prompt-ids", "1"]),
-        "--world 100000 is more ranks than pat supports (4096)",
+        "'--world <WORLD>': 100000 is more ranks than pat supports (4096)",
     ),
-    err(
+    usage(
         "generate_world_u64_max",
         |f| gen(f, &["--world", "18446744073709551615", "--prompt-ids", "1"]),
-        "--world 18446744073709551615 is more ranks",
+        "'--world <WORLD>': 18446744073709551615 is more ranks",
     ),
-    err(
+    usage(
         "rollout_world_huge",
         |f| a(&["rollout", "--model", &f.p("m"), "--world", "10000000", "--policy", "static:1",
                 "--trace", &f.p("trace_small.jsonl")]),
-        "--world 10000000 is more ranks",
+        "'--world <WORLD>': 10000000 is more ranks",
     ),
     err(
         "generate_block_size_1e9",
@@ -191,10 +191,15 @@ const CASES: &[Case] = &[
         |f| a(&["generate", "--model", &f.p("inter_1e6"), "--prompt-ids", "1"]),
         "has shape [128, 64], expected [1000000, 64]",
     ),
-    err(
+    usage(
         "simulate_world_past_any_node",
         |f| a(&["simulate", "--trace", &f.p("trace_small.jsonl"), "--world", "1000000", "--no-optimum"]),
-        "--world must be in 1..=1024, got 1000000",
+        "invalid value '1000000' for '--world <WORLD>': 1000000 is more ranks than pat supports (4096)",
+    ),
+    err(
+        "simulate_world_past_what_it_models",
+        |f| a(&["simulate", "--trace", &f.p("trace_small.jsonl"), "--world", "2048", "--no-optimum"]),
+        "--world must be in 1..=1024, got 2048",
     ),
     // 8B weights (16 GB) in 1% of two 80 GB GPUs: no KV room at any tp, where the node used to
     // run each replica one sequence at a time and report the times.

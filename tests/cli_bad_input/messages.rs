@@ -45,10 +45,10 @@ const CASES: &[Case] = &[
         |f| gen(f, &["--world", "8", "--tp", "8", "--prompt-ids", "1"]),
         "does not divide num_key_value_heads 4 (KV-head replication is not implemented)",
     ),
-    err(
+    usage(
         "world_zero",
         |f| gen(f, &["--world", "0", "--prompt-ids", "1"]),
-        "world (0) and tp (1) must be at least 1",
+        "invalid value '0' for '--world <WORLD>': 0 ranks: a world is 1 to 4096 ranks",
     ),
     err(
         "reconfigure_to_a_tp_not_dividing_world",
@@ -100,7 +100,7 @@ const CASES: &[Case] = &[
         needle: "--to 8: invalid layout: tp 8 does not divide world 2",
         absent: Some("--reconfigure"),
     },
-    err(
+    usage(
         "bench_switch_world_zero_names_world",
         |f| {
             a(&[
@@ -116,7 +116,7 @@ const CASES: &[Case] = &[
                 "2",
             ])
         },
-        "--from 1: invalid layout: world (0)",
+        "invalid value '0' for '--world <WORLD>': 0 ranks",
     ),
     // A constant of the wrong kind is named by its key, not by a Rust type.
     err(
