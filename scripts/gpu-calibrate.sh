@@ -66,6 +66,9 @@ PY
     export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
 
+# Kernels loaded with their module, not at first launch (as gpu-check.sh), so no timed step pays
+# for loading one.
+export CUDA_MODULE_LOADING="${CUDA_MODULE_LOADING:-EAGER}"
 mkdir -p "$dir"
 log="$dir/calibrate.log"
 : >"$log"

@@ -254,6 +254,10 @@ run() {
         export LD_LIBRARY_PATH="$bin_dir/nccl-link:$LD_LIBRARY_PATH"
     fi
     export PAT_REQUIRE_GPU=1 RUST_BACKTRACE=1
+    # Every kernel of a module loaded with the module (CUDA loads them lazily, at first launch,
+    # by default): the first timed switch would otherwise pay for loading its kernels on every
+    # rank. Set CUDA_MODULE_LOADING=LAZY to compare.
+    export CUDA_MODULE_LOADING="${CUDA_MODULE_LOADING:-EAGER}"
     echo "gpu-check: LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
     if command -v nvidia-smi >/dev/null; then
         nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
