@@ -64,10 +64,6 @@ fn switch_true(node: &mut Node, tp: usize) -> Result<SwitchEvent> {
     })
 }
 
-fn finish(node: Node) -> Result<f64> {
-    node.finish_ms()
-}
-
 /// The best schedule (module docs) as a run.
 pub fn search(trace: &Trace, model: &SimModel, cfg: &SimConfig) -> Result<SimResult> {
     let reqs = requests(trace);
@@ -116,7 +112,7 @@ pub fn search(trace: &Trace, model: &SimModel, cfg: &SimConfig) -> Result<SimRes
                 switch_true(&mut node, tp)?;
             }
             if s.switches.is_empty() {
-                consider(&mut best, finish(node.clone())?, s);
+                consider(&mut best, node.clone().finish_ms()?, s);
             }
             let (r1, b) = s.switches.last().copied().unwrap_or((0, s.start));
             for &r in grid.iter().filter(|&&r| r > r1) {
@@ -129,7 +125,7 @@ pub fn search(trace: &Trace, model: &SimModel, cfg: &SimConfig) -> Result<SimRes
                     switch_true(&mut n, c)?;
                     let mut l = s.clone();
                     l.switches.push((r, c));
-                    let t = finish(n)?;
+                    let t = n.finish_ms()?;
                     consider(&mut best, t, &l);
                     next.push((t, l));
                 }
