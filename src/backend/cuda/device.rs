@@ -255,9 +255,7 @@ impl CudaDev {
 
     /// This device's default memory pool once all work in its context has run.
     fn drained_pool(&self) -> Result<sys::CUmemoryPool> {
-        self.ctx
-            .synchronize()
-            .map_err(dev_err("context synchronize"))?;
+        self.synchronize_device()?;
         default_pool(&self.ctx)
             .ok_or_else(|| Error::Device("the device's default memory pool is unavailable".into()))
     }
@@ -307,6 +305,14 @@ impl CudaDev {
                 "resetting the memory pool's peak: {e:?}"
             ))),
         }
+    }
+
+    /// Waits for all work on the device in this process (every stream of its context: the
+    /// ranks sharing a GPU share its primary context).
+    pub fn synchronize_device(&self) -> Result<()> {
+        self.ctx
+            .synchronize()
+            .map_err(dev_err("context synchronize"))
     }
 
     /// Waits for all work issued on this device's stream; reports asynchronous kernel faults.

@@ -34,6 +34,8 @@ struct State {
     waiting: usize,
     generation: u64,
     poisoned: bool,
+    /// Members inside a collective now (entered it and not yet returned).
+    inside: usize,
 }
 
 struct Group {
@@ -66,6 +68,7 @@ impl SameDeviceComm {
                 waiting: 0,
                 generation: 0,
                 poisoned: false,
+                inside: 0,
             }),
             cv: Condvar::new(),
         });
@@ -199,7 +202,7 @@ impl SameDeviceComm {
         if self.group.size == 1 {
             return check_members(self.rank, 1, peers.into_iter());
         }
-        self.guarded(|| {
+        self.guarded(dev, || {
             check_members(self.rank, self.group.size, peers.into_iter())?;
             let ready = Arc::new(dev.new_event()?);
             dev.record(&ready)?;
@@ -281,13 +284,73 @@ impl SameDeviceComm {
         })
     }
 
-    /// Runs `f`; on error poisons the group so peers return instead of waiting forever.
-    fn guarded<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    /// Runs `f`; on error poisons the group so peers return instead of waiting forever, then
+    /// settles the device before the error reaches the caller ([`Self::settle`]).
+    fn guarded<T>(&self, dev: &CudaDev, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let inside = Inside::enter(&self.group);
         let r = f();
         if r.is_err() {
             self.poison();
+            drop(inside);
+            self.settle(dev);
         }
         r
+    }
+
+    /// After a failed collective, before its caller frees anything: waits until no member is
+    /// inside a collective any more (each returns promptly once the group is poisoned, having
+    /// enqueued no more work on its peers' buffers), then for all work on the device (every
+    /// member's stream). A failed call's buffers are freed in its own stream's order, which
+    /// does not wait for a peer's copies out of them or rank 0's all-reduce into them: without
+    /// this, memory the pool hands out again (or trims) could still be read or written by a
+    /// peer's queued work. Best effort: a member still inside after 30 s, or a device that
+    /// cannot synchronize (its error is the caller's to find), leaves it at that.
+    fn settle(&self, dev: &CudaDev) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let Ok(mut s) = self.group.state.lock() else {
+            return;
+        };
+        while s.inside > 0 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match self.group.cv.wait_timeout(s, left) {
+                Ok((g, _)) => s = g,
+                Err(_) => return,
+            }
+        }
+        drop(s);
+        let _ = dev.synchronize_device();
+    }
+}
+
+/// A member's presence inside a collective, counted in the group's state until dropped (also
+/// when its thread unwinds).
+struct Inside<'g>(&'g Group);
+
+impl<'g> Inside<'g> {
+    fn enter(group: &'g Group) -> Self {
+        let mut s = match group.state.lock() {
+            Ok(s) => s,
+            Err(e) => e.into_inner(),
+        };
+        s.inside += 1;
+        drop(s);
+        Inside(group)
+    }
+}
+
+impl Drop for Inside<'_> {
+    fn drop(&mut self) {
+        // A lock poisoned by a panic still holds the count; settle's waiters need it.
+        let mut s = match self.0.state.lock() {
+            Ok(s) => s,
+            Err(e) => e.into_inner(),
+        };
+        s.inside = s.inside.saturating_sub(1);
+        drop(s);
+        self.0.cv.notify_all();
     }
 }
 
@@ -303,7 +366,7 @@ impl DeviceComm for SameDeviceComm {
         if self.group.size == 1 {
             return Ok(());
         }
-        self.guarded(|| {
+        self.guarded(dev, || {
             self.publish(dev, &buf)?;
             self.barrier()?;
             if self.rank == 0 {
@@ -330,7 +393,7 @@ impl DeviceComm for SameDeviceComm {
         if self.group.size == 1 {
             return copy_into(dev, out, 0, local);
         }
-        self.guarded(|| {
+        self.guarded(dev, || {
             self.publish(dev, &local)?;
             self.barrier()?;
             let s = self.lock()?;
@@ -392,6 +455,86 @@ impl Drop for SameDeviceComm {
     fn drop(&mut self) {
         if std::thread::panicking() {
             self.poison();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cuda::buffer::DBuf;
+    use crate::backend::cuda::testing::device_or_skip;
+
+    /// A member that fails in the middle of an offer exchange does not let any member return
+    /// (and its caller free what it offered) while a peer may still have a copy queued out of
+    /// it. Under the emulated driver with `PAT_EMU_DEFER=1` (stream work deferred to the next
+    /// synchronize, freed memory unmapped) such a copy fails the reader's synchronize.
+    #[test]
+    fn a_failed_exchange_returns_after_every_peer_stopped_reading() {
+        if device_or_skip("failed_exchange_settles")
+            .unwrap_or_else(|e| panic!("{e}"))
+            .is_none()
+        {
+            return;
+        }
+        let n = 4096usize;
+        let want: Vec<f32> = (0..n).map(|i| i as f32 / 8.0).collect();
+        let comms = SameDeviceComm::group(3).unwrap();
+        // Member 2 fails only once member 1's copy is queued.
+        let copied = std::sync::Barrier::new(2);
+        let member = |r: usize, c: &SameDeviceComm| -> Result<()> {
+            let d = CudaDev::new(0)?;
+            match r {
+                // Offers one message to each peer, then frees it as soon as the call returns.
+                0 => {
+                    let sent = DBuf::from_slice(&d, &want)?;
+                    let words = vec![sent.view().ptr(), (4 * n) as u64];
+                    let offers = vec![(1, words.clone()), (2, words)];
+                    let res = c.share(&d, &offers, &[], &mut |_, _| Ok(()));
+                    drop(sent);
+                    d.synchronize()?;
+                    res
+                }
+                // Copies member 0's message, then is slow to return.
+                1 => {
+                    let landed = DBuf::filled(&d, DType::F32, n, 0xFF)?;
+                    let res = c.share(&d, &[], &[0], &mut |_, w| {
+                        // SAFETY: member 0 offered 4n bytes of a live buffer; `landed` holds 4n.
+                        unsafe { d.dtod(landed.view().ptr(), w[0], w[1] as usize)? };
+                        copied.wait();
+                        std::thread::sleep(std::time::Duration::from_millis(300));
+                        Ok(())
+                    });
+                    d.synchronize().map_err(|e| {
+                        Error::Device(format!("member 1's device after the failed exchange: {e}"))
+                    })?;
+                    if landed.to_vec::<f32>(&d)? != want {
+                        return Err(Error::Device(
+                            "member 1's copy is not member 0's message".into(),
+                        ));
+                    }
+                    res
+                }
+                // Fails reading its message.
+                _ => c.share(&d, &[], &[0], &mut |_, _| {
+                    copied.wait();
+                    Err(Error::Device("member 2's read failed".into()))
+                }),
+            }
+        };
+        let results: Vec<Result<()>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (comms.iter().enumerate())
+                .map(|(r, c)| s.spawn(move || member(r, c)))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let e2 = results[2].as_ref().expect_err("member 2's read fails");
+        assert!(e2.to_string().contains("member 2's read failed"), "{e2}");
+        for (r, res) in results.iter().enumerate().take(2) {
+            match res {
+                Err(e) if e.to_string().contains(crate::parallel::PEER_FAILED) => {}
+                other => panic!("member {r}: {other:?}"),
+            }
         }
     }
 }

@@ -191,11 +191,16 @@ pub fn paged_attention(
     // A single partition needs no combine step.
     let (psize, maxp) = if maxp <= 1 { (0, 1) } else { (psize, maxp) };
     let rows = ns * q.heads;
+    // Left unset: the main kernel writes every partition of a sequence that holds a token
+    // (partitions past a sequence's end are neither written nor read by the reduce), so
+    // zeroing them would cost three memsets per layer per step for nothing. (The emulated
+    // driver fills fresh allocations with NaN: a read of an unwritten partition fails the
+    // tests there.)
     let tmp = if maxp > 1 {
         Some((
-            DBuf::zeros(dev, DType::F32, rows * maxp * q.head_dim)?,
-            DBuf::zeros(dev, DType::F32, rows * maxp)?,
-            DBuf::zeros(dev, DType::F32, rows * maxp)?,
+            DBuf::uninit(dev, DType::F32, rows * maxp * q.head_dim)?,
+            DBuf::uninit(dev, DType::F32, rows * maxp)?,
+            DBuf::uninit(dev, DType::F32, rows * maxp)?,
         ))
     } else {
         None
