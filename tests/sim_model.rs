@@ -102,3 +102,40 @@ fn a_node_profile_composes_shard_steps_with_the_links_collectives() {
     let e = compose_node(&[(1, shard(1, 1.0)), (1, shard(1, 1.0))], &full, 8, &p).unwrap_err();
     assert!(e.to_string().contains("twice"), "{e}");
 }
+
+/// A profile whose numbers cannot be a measurement (a step longer than ten minutes, which sums
+/// past f64 over a rollout; a negative spread; two samples of one point) is refused, naming
+/// the sample, before a clock or a predictor is made of it.
+#[test]
+fn a_profile_with_impossible_samples_is_refused_naming_the_sample() {
+    let good = sampled_profile(&model(ModelShape::Llama3_8b, 20.0, Link::NvLink), 8).unwrap();
+    good.validate().unwrap();
+    let edit = |f: &dyn Fn(&mut pat::policy::Profile)| {
+        let mut p = good.clone();
+        f(&mut p);
+        p.validate().unwrap_err().to_string()
+    };
+    let e = edit(&|p| p.decode[3].step_ms = 1e308);
+    assert!(
+        e.contains("decode[3]") && e.contains("step_ms 1e308"),
+        "{e}"
+    );
+    let e = edit(&|p| p.decode[0].step_ms = 600_001.0);
+    assert!(e.contains("decode[0]") && e.contains("ten minutes"), "{e}");
+    let e = edit(&|p| p.decode[2].spread_ms = -1.0);
+    assert!(e.contains("decode[2]: `spread_ms`"), "{e}");
+    let e = edit(&|p| p.decode[5].spread_ms = f64::NAN);
+    assert!(e.contains("decode[5]: `spread_ms`"), "{e}");
+    let e = edit(&|p| {
+        let mut twin = p.decode[1];
+        twin.step_ms *= 2.0;
+        p.decode.push(twin);
+    });
+    let last = good.decode.len();
+    assert!(
+        e.contains(&format!("decode[1] and decode[{last}] are both")),
+        "{e}"
+    );
+    let e = edit(&|p| p.switch.fixed_ms = 1e12);
+    assert!(e.contains("`switch.fixed_ms`") && e.contains("1e12"), "{e}");
+}

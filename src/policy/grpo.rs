@@ -18,11 +18,10 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::trace::{loglogistic_params, Trace, TraceRequest, DEEPSCALER_OVER_THIRD};
+use super::trace::{
+    loglogistic_params, Trace, TraceRequest, DEEPSCALER_OVER_THIRD, MAX_TRACE_REQUESTS,
+};
 use crate::error::{Error, Result};
-
-/// Largest batch a generator makes (responses).
-pub const MAX_RESPONSES: usize = 1 << 20;
 
 /// Knobs of a GRPO batch.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -46,9 +45,9 @@ fn normal(rng: &mut ChaCha8Rng) -> f64 {
 /// A GRPO batch (module docs).
 pub fn grpo(s: &GrpoSpec) -> Result<Trace> {
     let n = s.prompts.saturating_mul(s.group_size);
-    if s.prompts == 0 || s.group_size == 0 || n > MAX_RESPONSES {
+    if s.prompts == 0 || s.group_size == 0 || n > MAX_TRACE_REQUESTS {
         return Err(Error::Invalid(format!(
-            "`prompts` x `group_size` must be between 1 and {MAX_RESPONSES} responses, got {} x {}",
+            "`prompts` x `group_size` must be between 1 and {MAX_TRACE_REQUESTS} responses (the most a trace may have), got {} x {}",
             s.prompts, s.group_size
         )));
     }

@@ -37,6 +37,9 @@ use crate::error::{Error, Result};
 pub const PROFILE_VERSION: u32 = 1;
 /// The groups a profile's `measured` map must name.
 pub const MEASURED_GROUPS: [&str; 4] = ["decode", "prefill", "transfer", "switch"];
+/// The longest decode step (and fixed switch cost) a profile may state, ms: ten minutes, far
+/// past any real step, so that sums over a whole rollout stay finite.
+pub const MAX_STEP_MS: f64 = 600_000.0;
 
 pub use crate::model::dims::ModelDims;
 
@@ -53,6 +56,14 @@ pub struct DecodeSample {
     /// inside the profile's relative spread.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub spread_ms: f64,
+}
+
+/// `x` as an error message shows it: in exponent form where plain digits would run long.
+fn num(x: f64) -> String {
+    match x.is_finite() && (x.abs() >= 1e9 || (x != 0.0 && x.abs() < 1e-6)) {
+        true => format!("{x:e}"),
+        false => x.to_string(),
+    }
 }
 
 fn is_zero(x: &f64) -> bool {
@@ -191,11 +202,24 @@ impl Profile {
         }
         let rate_ok = |x: f64| x.is_finite() && x > 0.0;
         let tp_ok = |tp: usize| tp >= 1 && self.world.is_multiple_of(tp);
+        let mut seen = std::collections::HashMap::new();
         for (i, s) in self.decode.iter().enumerate() {
-            if !tp_ok(s.tp) || s.batch == 0 || !rate_ok(s.step_ms) {
+            if !tp_ok(s.tp) || s.batch == 0 || !rate_ok(s.step_ms) || s.step_ms > MAX_STEP_MS {
                 return Err(self.err(format!(
-                    "decode[{i}] = (tp {}, batch {}, context {}, step_ms {}): need tp dividing world {}, batch >= 1, step_ms > 0",
-                    s.tp, s.batch, s.context, s.step_ms, self.world
+                    "decode[{i}] = (tp {}, batch {}, context {}, step_ms {}): need tp dividing world {}, batch >= 1, 0 < step_ms <= {MAX_STEP_MS} (ten minutes)",
+                    s.tp, s.batch, s.context, num(s.step_ms), self.world
+                )));
+            }
+            if !(s.spread_ms.is_finite() && s.spread_ms >= 0.0) {
+                return Err(self.err(format!(
+                    "decode[{i}]: `spread_ms` must be a non-negative number, got {}",
+                    num(s.spread_ms)
+                )));
+            }
+            if let Some(j) = seen.insert((s.tp, s.batch, s.context), i) {
+                return Err(self.err(format!(
+                    "decode[{j}] and decode[{i}] are both (tp {}, batch {}, context {}): one sample per point (a profile records each point's median)",
+                    s.tp, s.batch, s.context
                 )));
             }
         }
@@ -223,10 +247,10 @@ impl Profile {
                 return Err(self.err(format!("`{k}` must be a positive number, got {v}")));
             }
         }
-        if !(sw.fixed_ms.is_finite() && sw.fixed_ms >= 0.0) {
+        if !(sw.fixed_ms.is_finite() && (0.0..=MAX_STEP_MS).contains(&sw.fixed_ms)) {
             return Err(self.err(format!(
-                "`switch.fixed_ms` must be a non-negative number, got {}",
-                sw.fixed_ms
+                "`switch.fixed_ms` must be a number from 0 to {MAX_STEP_MS} (ten minutes), got {}",
+                num(sw.fixed_ms)
             )));
         }
         if let Some(k) = self

@@ -241,7 +241,7 @@ const CASES: &[Case] = &[
     err(
         "trace_gen_grpo_batch_past_the_bound",
         |_| a(&["trace", "gen", "--kind", "grpo", "--prompts", "4294967296", "--group-size", "4294967296"]),
-        "--prompts x --group-size must be between 1 and",
+        "--prompts x --group-size must be between 1 and 16777216 responses",
     ),
     err(
         "init_model_shard_not_dividing_the_heads",
