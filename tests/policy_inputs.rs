@@ -64,6 +64,15 @@ fn grpo_batches_hold_their_fractions_groups_and_correlation() {
             at_cap: 0.5,
             ..spec(0.5, 0)
         },
+        // Under the fraction over cap/3, but the fitted shape would fall under 1.
+        GrpoSpec {
+            at_cap: 0.05,
+            ..spec(0.5, 0)
+        },
+        GrpoSpec {
+            at_cap: 0.0,
+            ..spec(0.5, 0)
+        },
         GrpoSpec {
             prompts: usize::MAX,
             ..spec(0.5, 0)

@@ -70,7 +70,9 @@ pub struct GenArgs {
     /// [default: 0.5].
     #[arg(long)]
     pub rho: Option<f64>,
-    /// Grpo: fraction of responses that run to the cap (default 2.8/128, PAT's ~2.8 per 128).
+    /// Grpo: fraction of responses that run to the cap, above 0 and at most 0.0389 (default
+    /// 2.8/128, PAT's ~2.8 per 128). The fraction over cap/3 stays DeepScaleR's 10.85%, so a
+    /// larger --at-cap also fattens the tail below the cap and lowers the median.
     #[arg(long)]
     pub at_cap: Option<f64>,
     /// Response cap: no response is longer. Deepscaler and grpo clamp their drawn lengths to it

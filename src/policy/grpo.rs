@@ -19,7 +19,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::trace::{
-    loglogistic_params, Trace, TraceRequest, DEEPSCALER_OVER_THIRD, MAX_TRACE_REQUESTS,
+    loglogistic_params, max_at_cap, Trace, TraceRequest, DEEPSCALER_OVER_THIRD, MAX_TRACE_REQUESTS,
 };
 use crate::error::{Error, Result};
 
@@ -63,9 +63,10 @@ pub fn grpo(s: &GrpoSpec) -> Result<Trace> {
             s.rho
         )));
     }
-    if !(s.at_cap > 0.0 && s.at_cap < DEEPSCALER_OVER_THIRD) {
+    let most = max_at_cap();
+    if !(s.at_cap > 0.0 && s.at_cap <= most) {
         return Err(Error::Invalid(format!(
-            "`at_cap` must be in (0, {DEEPSCALER_OVER_THIRD}) (below the fraction over cap/3), got {}",
+            "`at_cap` must be above 0 and at most {most:.4}, got {}: the lengths are a log-logistic fitted to {DEEPSCALER_OVER_THIRD} of them over cap/3 and `at_cap` at the cap, which needs some at the cap (try 0.001) and, above {most:.4}, has a shape under 1 (most responses collapse to a few tokens)",
             s.at_cap
         )));
     }

@@ -35,6 +35,16 @@ pub const DEEPSCALER_OVER_THIRD: f64 = 0.1085;
 /// Fraction of responses that run to the cap (PAT: ~2.8 extreme stragglers per batch of 128).
 pub const DEEPSCALER_AT_CAP: f64 = 2.8 / 128.0;
 
+/// The most of a batch that may run to the cap with [`DEEPSCALER_OVER_THIRD`] of it over cap/3:
+/// where the log-logistic fitted to both fractions ([`loglogistic_params`]) keeps a shape of at
+/// least 1 (0.0389, rounded down to the shown digits). Closer to the fraction over cap/3 the shape falls toward 0: its mean
+/// diverges and most responses collapse to a few tokens (at 0.08 the median is 8 tokens of
+/// 24K), which no RL batch looks like.
+pub fn max_at_cap() -> f64 {
+    let odds_third = 1.0 / DEEPSCALER_OVER_THIRD - 1.0;
+    (1e4 / (1.0 + 3.0 * odds_third)).floor() / 1e4
+}
+
 /// One request of a rollout trace.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct TraceRequest {

@@ -239,6 +239,11 @@ const CASES: &[Case] = &[
         "--rho must be in [0, 1], got 1.5",
     ),
     err(
+        "trace_gen_grpo_at_cap_where_the_shape_collapses",
+        |_| a(&["trace", "gen", "--kind", "grpo", "--at-cap", "0.08"]),
+        "--at-cap must be above 0 and at most 0.0389, got 0.08",
+    ),
+    err(
         "trace_gen_grpo_batch_past_the_bound",
         |_| a(&["trace", "gen", "--kind", "grpo", "--prompts", "4294967296", "--group-size", "4294967296"]),
         "--prompts x --group-size must be between 1 and 16777216 responses",
