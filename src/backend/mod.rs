@@ -19,7 +19,7 @@ pub mod cuda;
 pub use batch::{BatchPlan, SeqInput};
 
 /// `MemAvailable` of /proc/meminfo in bytes (`None` where it cannot be read).
-pub(crate) fn host_available_bytes() -> Option<u64> {
+pub fn host_available_bytes() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

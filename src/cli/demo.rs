@@ -128,9 +128,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         )));
     }
     if a.model.is_none() {
-        let max_pos =
-            pat::model::init::preset_dims(a.arch.into(), a.preset.into()).max_position_embeddings;
-        check_max_response(a.max_response, max_pos, "the preset")?;
+        check_preset(&a)?;
     }
     // The timeline is written at the end of a run of a minute or more: a bad path fails now.
     let mut svg = (!a.no_sim)
@@ -164,6 +162,77 @@ pub fn run(a: DemoArgs) -> Result<()> {
         let _ = std::fs::remove_dir_all(&tmp);
     }
     result
+}
+
+/// What can be known of the random model before it is written (minutes and tens of GiB for the
+/// larger presets): its positions hold the batch, --world splits it, and its f32 weights fit
+/// this machine's available memory and the temporary directory's free space.
+fn check_preset(a: &DemoArgs) -> Result<()> {
+    let p = pat::model::init::preset_dims(a.arch.into(), a.preset.into());
+    check_max_response(a.max_response, p.max_position_embeddings, "the preset")?;
+    let d = &p.dims;
+    pat::parallel::layout::check_tp_for_dims(
+        a.world,
+        d.num_heads,
+        d.num_kv_heads,
+        d.intermediate_size,
+    )
+    .map_err(|e| e.context("--world"))?;
+    let f32_dims = pat::policy::ModelDims {
+        dtype_bytes: 4,
+        ..d.clone()
+    };
+    let bytes = f32_dims.sharded_weight_bytes() as u64;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let name = pat::model::init::Preset::from(a.preset).name();
+    let room = [
+        (
+            pat::backend::host_available_bytes(),
+            "this machine's available memory",
+        ),
+        (
+            free_disk_bytes(&std::env::temp_dir()),
+            "the free space of the temporary directory",
+        ),
+    ];
+    for (have, what) in room {
+        if let Some(have) = have.filter(|&h| bytes > h) {
+            return Err(Error::Invalid(format!(
+                "--preset {name}: the demo runs on the CPU in f32, and this model's weights take \
+                 {:.1} GiB, more than {what} ({:.1} GiB); use --preset small (the default) or \
+                 tiny, or --model with a model of your own",
+                gib(bytes),
+                gib(have)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Bytes free for an unprivileged writer on the filesystem holding `dir` (`None` where it
+/// cannot be read).
+#[cfg(not(unix))]
+fn free_disk_bytes(_dir: &Path) -> Option<u64> {
+    None
+}
+
+/// Bytes free for an unprivileged writer on the filesystem holding `dir` (`None` where it
+/// cannot be read).
+#[cfg(unix)]
+fn free_disk_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is a NUL-terminated string and `st` a valid out-pointer for one statvfs.
+    let r = unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) };
+    if r != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    // Both fields are 32-bit on some targets.
+    #[allow(clippy::unnecessary_cast)]
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 /// The random model's name in the demo's text, e.g. "random llama model (preset small)".

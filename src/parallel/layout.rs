@@ -101,10 +101,20 @@ impl Layout {
 
 /// Checks that `tp` divides the q heads, kv heads and intermediate size of the model.
 pub fn check_tp_for_model(tp: usize, cfg: &ModelConfig) -> Result<()> {
+    check_tp_for_dims(tp, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size)
+}
+
+/// [`check_tp_for_model`] on the dimensions alone (a model not yet written).
+pub fn check_tp_for_dims(
+    tp: usize,
+    num_heads: usize,
+    num_kv_heads: usize,
+    intermediate_size: usize,
+) -> Result<()> {
     for (what, n) in [
-        ("num_attention_heads", cfg.num_heads),
-        ("num_key_value_heads", cfg.num_kv_heads),
-        ("intermediate_size", cfg.intermediate_size),
+        ("num_attention_heads", num_heads),
+        ("num_key_value_heads", num_kv_heads),
+        ("intermediate_size", intermediate_size),
     ] {
         if n % tp != 0 {
             // Only the KV heads could be replicated instead of split (not implemented).

@@ -228,6 +228,13 @@ const CASES: &[Case] = &[
         needle: "--max-response 100000: the preset holds 4096 positions, and prompts run up to 48 tokens: at most 4048",
         absent: Some("making"),
     },
+    Case {
+        name: "demo_world_not_splitting_the_preset_before_the_model_is_made",
+        args: |_| a(&["demo", "--no-sim", "--preset", "tiny", "--world", "3"]),
+        code: 1,
+        needle: "--world: tp 3 does not divide num_attention_heads 8",
+        absent: Some("making"),
+    },
     err(
         "simulate_response_past_the_shapes_context",
         |f| a(&["simulate", "--trace", &f.p("trace_200k.jsonl"), "--no-optimum"]),
