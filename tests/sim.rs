@@ -1,6 +1,6 @@
 //! The simulator against hand-computed sums (independent replicas, barriers, KV capacity), and
 //! the baselines on the modeled node against invariants and the independent model of
-//! research/perf-model.md.
+//! the project's research notes (a Python model of the same node, not shipped with the crate).
 
 use std::collections::BTreeMap;
 
@@ -193,7 +193,7 @@ fn optimum_bounds_every_static_layout_and_switch_costs_are_accounted() {
 
 #[test]
 fn the_modeled_node_reproduces_the_independent_model() {
-    // research/perf-model.md (an independent Python model of the same node): 128 responses
+    // The project's research notes (an independent Python model of the same node): 128 responses
     // at 20 us/seq -> static TP8 is best and no switch pays; 1024 responses at 80 us/seq ->
     // TP2 x DP4 is the best static (PAT's observation), and the best switch gains 9-13%.
     let (runs, best) = run_modeled(

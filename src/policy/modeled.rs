@@ -1,6 +1,6 @@
 //! Modeled nodes: the model shapes with built-in dims, the links between GPUs, and PAT's switch
 //! constant. The cost model of a modeled node is `crate::sim::component` (a roofline alone made
-//! TP8 win every phase: see research/perf-model.md).
+//! TP8 win every phase, so adaptive TP bought nothing by construction).
 
 use std::fmt;
 use std::str::FromStr;

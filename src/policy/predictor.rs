@@ -17,7 +17,7 @@
 //! - `h0 + h1 * batch`: the host's share (scheduler, stop checks, per-sequence bookkeeping) when
 //!   it overlaps the device: a step lasts as long as the slower of the two. A linear form cannot
 //!   represent that max, and charging the per-sequence slope everywhere mispredicts both the
-//!   host-bound and the device-bound region (research/perf-model.md §4.5).
+//!   host-bound and the device-bound region.
 //! - `compute`: a second device branch of the same form for large batches, where the GEMMs
 //!   turn compute-bound and the step grows faster with the batch (optional).
 //!

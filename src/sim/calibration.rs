@@ -1,5 +1,5 @@
 //! The public step times the component model's default H100 parameters are checked against
-//! (`research/perf-model.md` §1), and how far a model time is from a measured range.
+//! (H100 SXM, each with its source), and how far a model time is from a measured range.
 
 /// A public step-time measurement the default H100 parameters are checked against.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -18,7 +18,7 @@ pub struct CalibrationPoint {
 const LAMBDA: &str = "vLLM 0.6, H100 SXM (LambdaLabsML/vllm-benchmark)";
 const ENERGY: &str = "vLLM, H100, median ITL (ml-energy/leaderboard)";
 
-/// The public numbers of `research/perf-model.md` §1 (H100 SXM, NVLink, bf16).
+/// Public decode step times (H100 SXM, NVLink, bf16), each with its source.
 pub const CALIBRATION: [CalibrationPoint; 12] = [
     cp("llama3-8b", 1, 1, 512, 7.05, 7.5, LAMBDA),
     cp("llama3-8b", 8, 1, 512, 2.9, 3.5, LAMBDA),

@@ -21,8 +21,7 @@
 //! bytes / algbw(tp)` from a per-link table; `kv_r = max(1, kv_heads / tp)`.
 //!
 //! Every constant is a field of [`ComponentParams`], overridable from a JSON file. The defaults
-//! are the public measurements of `research/perf-model.md` §1 (H100 SXM; sources in the field
-//! docs), and [`super::calibration::CALIBRATION`] lists the public step times the model is
+//! are public H100 SXM measurements (sources in the field docs), and [`super::calibration::CALIBRATION`] lists the public step times the model is
 //! checked against (the test `component_model_matches_public_measurements` fails when it drifts
 //! more than 25%).
 //!

@@ -134,7 +134,7 @@ pub fn run(svg: &mut crate::cli::common::OutFile) -> Result<Modeled> {
          ladder); oracle rule: the same rule told the true lengths; optimum: the best switch schedule found on the true\n   \
          clock. The gain grows with the host cost per sequence (which TP does not divide) and shrinks to a few percent\n   \
          for a modern engine; PAT measured TP2 x DP4 as its best static layout and -34.6%, which no setting here\n   \
-         reproduces (research/perf-model.md).\n   \
+         reproduces (benches/RESULTS.md, the scenario grid).\n   \
          timeline of the {} us case: {}",
         HOSTS[HOSTS.len() - 1],
         svg.path().display()
