@@ -44,10 +44,13 @@ impl ModelDir {
                 dir.display()
             )));
         }
+        let cfg = ModelConfig::load(dir)?;
+        let ck = Checkpoint::open(dir)?;
+        ck.check_layer_count(cfg.num_layers)?;
         Ok(ModelDir {
             path: dir.to_path_buf(),
-            cfg: ModelConfig::load(dir)?,
-            ck: Checkpoint::open(dir)?,
+            cfg,
+            ck,
             tok: Tokenizer::load_dir(dir)?,
         })
     }

@@ -73,8 +73,15 @@ impl Tokenizer {
     /// Loads a HF tokenizer.json; errors name the path.
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let inner =
-            tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| tok_err(path.display(), e))?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| {
+            tok_err(
+                path.display(),
+                format!(
+                    "not a tokenizer the Hugging Face tokenizers library can read ({e}); \
+                     remove it to run on token ids (outputs then carry no text)"
+                ),
+            )
+        })?;
         Ok(Self::wrap(inner))
     }
 

@@ -142,6 +142,32 @@ impl Checkpoint {
         self.tensors.contains_key(name)
     }
 
+    /// Errors, naming a tensor and the file holding it, when the checkpoint has decoder layers
+    /// past the config's `num_layers` (`model.layers.{i}.` with `i >= num_layers`): the config
+    /// does not describe this checkpoint, and running the first layers alone would be a silent
+    /// wrong answer.
+    pub fn check_layer_count(&self, num_layers: usize) -> Result<()> {
+        let past = self
+            .tensors
+            .iter()
+            .filter_map(|(name, info)| {
+                let rest = name.strip_prefix("model.layers.")?;
+                let i: usize = rest.split('.').next()?.parse().ok()?;
+                (i >= num_layers).then_some((i, name, info.shard))
+            })
+            .max();
+        match past {
+            None => Ok(()),
+            Some((i, name, shard)) => Err(Error::checkpoint(
+                &self.shards[shard].path,
+                format!(
+                    "holds decoder layer {i} (tensor `{name}`) but config.json has \
+                     num_hidden_layers {num_layers}: the config does not describe this checkpoint"
+                ),
+            )),
+        }
+    }
+
     /// Validated header of `name`, checking its shape against `expected`.
     pub fn info(&self, name: &str, expected: &[usize]) -> Result<&TensorInfo> {
         let info = self.tensors.get(name).ok_or_else(|| {

@@ -225,6 +225,13 @@ fn make() -> Fx {
         "config.json",
         &set("intermediate_size", json!(64)),
     );
+    // Fewer layers than the checkpoint holds (the tiny preset has 2).
+    broken(
+        d,
+        "layers_1_of_2",
+        "config.json",
+        &set("num_hidden_layers", json!(1)),
+    );
     broken(d, "noweights", "config.json", cfg.as_bytes());
     std::fs::remove_file(d.join("noweights/model.safetensors")).unwrap();
     broken(d, "notok", "config.json", cfg.as_bytes());

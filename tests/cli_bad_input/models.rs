@@ -54,6 +54,11 @@ const CASES: &[Case] = &[
         "has shape [128, 64], expected [64, 64]",
     ),
     err(
+        "config_with_fewer_layers_than_the_checkpoint",
+        |f| gen(f, "layers_1_of_2"),
+        "holds decoder layer 1 (tensor `model.layers.1.",
+    ),
+    err(
         "no_weights",
         |f| gen(f, "noweights"),
         "no model.safetensors",
