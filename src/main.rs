@@ -10,6 +10,9 @@ use std::process::ExitCode;
 /// The exit status of a process whose reader closed the pipe (as if killed by SIGPIPE).
 const CLOSED_PIPE: u8 = 141;
 
+/// The exit status of a usage error (clap's).
+const USAGE: u8 = 2;
+
 fn main() -> ExitCode {
     let parsed = cli::command()
         .try_get_matches()
@@ -32,8 +35,8 @@ fn main() -> ExitCode {
         }
     };
     if let Some(msg) = cli::moot_flags(&matches) {
-        errln!("error: {msg}");
-        return ExitCode::FAILURE;
+        errln!("error: {msg}\n\nFor more information, try '--help'.");
+        return ExitCode::from(USAGE);
     }
     cli::interrupt::install();
     if let Err(e) = cli::check_env() {

@@ -52,13 +52,13 @@ pub struct AttentionArgs {
     #[arg(long, default_value_t = 128)]
     pub head_dim: usize,
     /// Tokens per KV block of the paged cache.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = super::common::count)]
     pub block_size: usize,
     /// KV and query dtype.
     #[arg(long, value_enum, default_value = "bf16", value_name = "f32|bf16|f16")]
     pub dtype: pat::Dtype,
     /// Timed launches per setting (the median is reported).
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = super::common::count)]
     pub iters: usize,
     /// CUDA ordinal.
     #[arg(long, default_value_t = 0)]
@@ -74,7 +74,7 @@ pub struct OneBatchArgs {
     #[arg(long, default_value_t = 1, value_parser = super::common::ranks)]
     pub world: usize,
     /// Tensor-parallel degree; must divide --world.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = super::common::count)]
     pub tp: usize,
     #[command(flatten)]
     pub backend: super::BackendArgs,

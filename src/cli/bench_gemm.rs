@@ -25,20 +25,20 @@ pub struct GemmArgs {
     #[arg(long, value_enum, default_value = "llama")]
     pub arch: ArchArg,
     /// One TP-K rank's shard of the shape (heads, intermediate and vocab divided by K).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = super::common::count)]
     pub shard: usize,
     /// Layers with their own weights (default: the shape's; fewer keeps large shapes in memory).
-    #[arg(long)]
+    #[arg(long, value_parser = super::common::count)]
     pub layers: Option<usize>,
     /// Activation rows (decode batch sizes) to sweep.
     #[arg(long, value_delimiter = ',', default_value = "1,4,16,32,64")]
     pub rows: Vec<usize>,
     /// Threads per GEMM to sweep, each at most the cores the CPU backend may use (default: 1 and
     /// all of them).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = super::common::count)]
     pub threads: Vec<usize>,
     /// Timed steps per setting (the median is reported).
-    #[arg(long, default_value_t = 7)]
+    #[arg(long, default_value_t = 7, value_parser = super::common::count)]
     pub iters: usize,
 }
 

@@ -14,7 +14,7 @@ pub struct ReshardArgs {
     #[arg(long, value_enum, default_value = "bf16", value_name = "f32|bf16|f16")]
     pub dtype: pat::Dtype,
     /// Timed launches per setting (the median is reported).
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = super::common::count)]
     pub iters: usize,
     /// CUDA ordinal.
     #[arg(long, default_value_t = 0)]

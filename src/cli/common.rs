@@ -18,28 +18,6 @@ pub fn open_model(dir: &Path) -> Result<ModelDir> {
     })
 }
 
-/// Checks the decision rule's flags shared by `rollout` and `simulate` before any work: the
-/// margin a fraction in [0, 1), the least gain a non-negative number of ms, checks at least
-/// every step.
-pub fn check_rule_flags(margin: f64, min_gain_ms: f64, check_every: usize) -> Result<()> {
-    if !(0.0..1.0).contains(&margin) {
-        return Err(pat::Error::Invalid(format!(
-            "--margin must be a fraction in [0, 1), got {margin}"
-        )));
-    }
-    if !(min_gain_ms >= 0.0 && min_gain_ms.is_finite()) {
-        return Err(pat::Error::Invalid(format!(
-            "--min-gain-ms must be a non-negative number of ms, got {min_gain_ms}"
-        )));
-    }
-    if check_every == 0 {
-        return Err(pat::Error::Invalid(
-            "--check-every must be at least 1".into(),
-        ));
-    }
-    Ok(())
-}
-
 pub use pat::text::{plural, plural_with, GIB, MIB};
 
 /// The 1-based line of each record of a JSONL text, in order: the library's JSONL readers
@@ -130,6 +108,79 @@ pub fn at_least_one(v: &str) -> std::result::Result<std::num::NonZeroUsize, Stri
         .map_err(|_| format!("expected a whole number >= 1, got {v:?}"))?;
     std::num::NonZeroUsize::new(n)
         .ok_or_else(|| "must be at least 1 (leave the flag out for no cap)".to_string())
+}
+
+/// A count flag: a whole number of at least 1 (a value no command takes is a usage error, exit
+/// 2, like any other flag clap refuses).
+pub fn count(v: &str) -> std::result::Result<usize, String> {
+    match v.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("expected a whole number >= 1, got {v:?}")),
+    }
+}
+
+/// A finite number flag within `lo..=hi`, excluding `lo` when `open_lo` and `hi` when `open_hi`;
+/// `what` says the range in the message.
+fn number_in(
+    v: &str,
+    lo: f64,
+    hi: f64,
+    (open_lo, open_hi): (bool, bool),
+    what: &str,
+) -> std::result::Result<f64, String> {
+    let x: f64 = v
+        .trim()
+        .parse()
+        .map_err(|_| format!("expected a number {what}, got {v:?}"))?;
+    let above = if open_lo { x > lo } else { x >= lo };
+    let below = if open_hi { x < hi } else { x <= hi };
+    match x.is_finite() && above && below {
+        true => Ok(x),
+        false => Err(format!("must be {what}")),
+    }
+}
+
+/// A number of milliseconds (a least gain, a switch cost): 0 to 1e9 (11 days).
+pub fn millis(v: &str) -> std::result::Result<f64, String> {
+    number_in(v, 0.0, 1e9, (false, false), "from 0 to 1e9 ms")
+}
+
+/// A host cost in microseconds (per sequence or per step): 0 to 1e6 (a second).
+pub fn micros(v: &str) -> std::result::Result<f64, String> {
+    number_in(v, 0.0, 1e6, (false, false), "from 0 to 1e6 us (a second)")
+}
+
+/// A fraction in [0, 1].
+pub fn fraction(v: &str) -> std::result::Result<f64, String> {
+    number_in(v, 0.0, 1.0, (false, false), "in [0, 1]")
+}
+
+/// A fraction in [0, 1) (a margin: 1 would never act).
+pub fn fraction_below_one(v: &str) -> std::result::Result<f64, String> {
+    number_in(v, 0.0, 1.0, (false, true), "in [0, 1)")
+}
+
+/// A share in (0, 1] (a memory fraction, a nucleus mass).
+pub fn share(v: &str) -> std::result::Result<f64, String> {
+    number_in(v, 0.0, 1.0, (true, false), "in (0, 1]")
+}
+
+/// [`share`] as an f32.
+pub fn share_f32(v: &str) -> std::result::Result<f32, String> {
+    share(v).map(|x| x as f32)
+}
+
+/// A sampling temperature: a finite number >= 0 (0: greedy).
+pub fn temperature(v: &str) -> std::result::Result<f32, String> {
+    let t = number_in(
+        v,
+        0.0,
+        f32::MAX as f64,
+        (false, false),
+        "a finite number >= 0",
+    )?;
+    Ok(t as f32)
 }
 
 /// A `--world` flag: a number of ranks from 1 to what pat supports, checked as the flag is read

@@ -66,7 +66,7 @@ pub struct ComposeArgs {
     /// Fraction of GPU memory for weights + KV (colocated RL runs 0.4-0.6): a TP-k replica
     /// holds `k * fraction * GPU memory - weights` of KV; `pat simulate` queues and preempts
     /// past it.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.5, value_parser = super::common::share)]
     pub mem_fraction: f64,
     /// Output profile JSON.
     #[arg(long)]

@@ -48,7 +48,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 2, value_parser = super::common::ranks)]
     pub world: usize,
     /// Requests in the real batch.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = super::common::count)]
     pub batch: usize,
     /// Longest response of the real batch (the stragglers run to it).
     #[arg(long, default_value_t = 192)]

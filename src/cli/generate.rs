@@ -26,26 +26,26 @@ pub struct GenerateArgs {
     #[command(flatten)]
     pub backend: super::BackendArgs,
     /// Tensor-parallel degree; must divide --world, the heads, the KV heads and the intermediate size.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = super::common::count)]
     pub tp: usize,
     /// Weight precision. The CPU reference computes in f32 and rounds the weights to bf16/f16;
     /// on cuda the weights, activations and KV cache are stored in it (f32 math in the kernels).
     #[arg(long, default_value = "f32", value_name = "f32|bf16|f16")]
     pub dtype: pat::Dtype,
     /// New tokens per request (a request file's `max_new_tokens` overrides it).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = super::common::count)]
     pub max_new_tokens: usize,
     /// Do not stop at EOS tokens.
     #[arg(long)]
     pub ignore_eos: bool,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = super::common::temperature)]
     pub temperature: f32,
     /// Keep only the k most likely tokens (0 = off).
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
     /// Nucleus sampling mass (1 = off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = super::common::share_f32)]
     pub top_p: f32,
     /// Seed for sampling; each request draws from its own stream.
     #[arg(long, default_value_t = 0)]
@@ -64,11 +64,11 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub requests: Option<PathBuf>,
     /// Tokens per KV block.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = super::common::count)]
     pub block_size: usize,
     /// KV blocks per rank (default: enough for every request at once, at least 64 MiB per rank,
     /// so that a switch to a smaller tp still finds room for the larger weight shards).
-    #[arg(long)]
+    #[arg(long, value_parser = super::common::count)]
     pub kv_blocks: Option<usize>,
     /// The most prompt tokens one step prefills, decodes not counted (default: what the step's
     /// memory cap allows). A longer queue is prefilled over more steps and a longer prompt in

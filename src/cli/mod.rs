@@ -206,7 +206,7 @@ pub struct InitModelArgs {
     /// Write one rank's shard of TP-K instead (heads, kv heads, intermediate and vocab divided by
     /// K): `pat profile` on it measures a TP-K rank's compute on one GPU
     /// (scripts/gpu-calibrate.sh; `pat compose-profile` adds the collectives).
-    #[arg(long, default_value_t = 1, value_name = "K")]
+    #[arg(long, default_value_t = 1, value_name = "K", value_parser = common::count)]
     pub shard: usize,
 }
 
@@ -255,10 +255,34 @@ pub fn check_env() -> Result<()> {
 }
 
 /// Options a command reads only in a mode the command line did not pick, given anyway: the
-/// message refusing them (accepted and ignored, they would suggest an effect they cannot have).
-/// `pat rollout --policy static:K` never decides and never switches, so the adaptive rule's
-/// flags, the profile it reads and how a switch moves KV are moot there.
+/// message refusing them (accepted and ignored, they would suggest an effect they cannot have),
+/// a usage error like clap's own conflicts (exit 2). `--devices` and `--gpu-switch host` need
+/// `--backend cuda`; `pat generate --kv-transfer` needs a `--reconfigure`; `pat rollout --policy
+/// static:K` never decides and never switches, so the adaptive rule's flags, the profile it
+/// reads and how a switch moves KV are moot there.
 pub fn moot_flags(m: &clap::ArgMatches) -> Option<String> {
+    let mut leaf = m;
+    while let Some((_, sub)) = leaf.subcommand() {
+        leaf = sub;
+    }
+    let given = |id: &str| leaf.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+    if let Ok(Some(BackendArg::Cpu)) = leaf.try_get_one::<BackendArg>("backend") {
+        if given("devices") {
+            return Some("--devices needs --backend cuda".into());
+        }
+        if let Ok(Some(GpuSwitchArg::Host)) = leaf.try_get_one::<GpuSwitchArg>("gpu_switch") {
+            return Some("--gpu-switch host needs --backend cuda".into());
+        }
+    }
+    if let Some(g) = m.subcommand_matches("generate") {
+        let given = |id| g.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+        if given("kv_transfer") && !given("reconfigure") {
+            return Some(
+                "--kv-transfer says how a live switch moves KV: give --reconfigure STEP:TP too"
+                    .into(),
+            );
+        }
+    }
     let r = m.subcommand_matches("rollout")?;
     let Some(rollout::PolicyArg::Static(k)) = r.get_one::<rollout::PolicyArg>("policy") else {
         return None;

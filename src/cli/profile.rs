@@ -35,7 +35,7 @@ pub struct ProfileArgs {
     #[arg(long, value_delimiter = ',')]
     pub contexts: Option<Vec<usize>>,
     /// Decode steps timed per grid point (the median is kept).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = super::common::count)]
     pub steps: usize,
     /// After profiling, report the predictor's mean absolute % error on held-out grid points.
     #[arg(long)]

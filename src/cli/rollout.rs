@@ -11,9 +11,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
-use super::common::{
-    check_rule_flags, load_trace, open_model, plural, plural_with, progress, LoadedTrace,
-};
+use super::common::{load_trace, open_model, plural, plural_with, progress, LoadedTrace};
 use pat::engine::{check_lengths, Engine, EngineOptions, EngineSource, Request};
 use pat::error::{Error, Result};
 use pat::model::sampling::random_ids;
@@ -94,13 +92,13 @@ pub struct RolloutArgs {
     #[arg(long)]
     pub start_tp: Option<usize>,
     /// Decode steps between decisions.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = super::common::count)]
     pub check_every: usize,
     /// Relative predicted gain a switch must bring.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = super::common::fraction_below_one)]
     pub margin: f64,
     /// Absolute predicted gain a switch must bring, ms.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = super::common::millis)]
     pub min_gain_ms: f64,
     /// How the adaptive rule estimates each sequence's remaining length.
     #[arg(long, value_enum, default_value = "empirical")]
@@ -160,7 +158,6 @@ fn rollout(
     let tps: Vec<usize> = (1..=a.world)
         .filter(|t| a.world.is_multiple_of(*t) && check_tp_for_model(*t, &m.cfg).is_ok())
         .collect();
-    check_rule_flags(a.margin, a.min_gain_ms, a.check_every)?;
     if let (PolicyArg::Static(k), Some(s)) = (a.policy, a.start_tp) {
         return Err(Error::Invalid(format!(
             "--start-tp {s} is for --policy adaptive; --policy static:{k} runs at tp {k} throughout"

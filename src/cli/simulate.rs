@@ -67,11 +67,11 @@ pub struct SimulateArgs {
     /// Modeled node: host cost per sequence per decode step, us (scheduler, stop checks,
     /// detokenization; overlapped with the device). Default 20 (modern engines ~1-20, PAT-era
     /// ~80-100). It decides whether TP2 or TP8 wins the full batch.
-    #[arg(long)]
+    #[arg(long, value_parser = super::common::micros)]
     pub per_seq_us: Option<f64>,
     /// Modeled node: fraction of GPU memory for weights + KV (colocated RL runs 0.4-0.6;
     /// default 0.5). Replicas queue what does not fit and preempt when the KV overflows.
-    #[arg(long)]
+    #[arg(long, value_parser = super::common::share)]
     pub mem_fraction: Option<f64>,
     /// Modeled node: a JSON file holding an object that replaces any constants of the component
     /// model, e.g. {"hbm_efficiency": 0.8, "misc_us": 40} (the keys are the fields of
@@ -82,20 +82,20 @@ pub struct SimulateArgs {
     #[arg(long, value_enum, default_value = "chunks")]
     pub placement: PlacementArg,
     /// Decode steps between two decisions of the adaptive rule.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = super::common::count)]
     pub check_every: usize,
     /// Switch only when the predicted total beats staying by this fraction (raised to twice the
     /// profile's measured relative spread when that is larger: gains inside the noise are not
     /// acted on). 0.05 suits a modeled or quiet profile; the optimum is within 1% of it in the
     /// scenario grid of benches/RESULTS.md.
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, value_parser = super::common::fraction_below_one)]
     pub margin: f64,
     /// ... and by at least this many ms.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = super::common::millis)]
     pub min_gain_ms: f64,
     /// Replace the fixed cost per switch of this project's switch model (ms; default 2130:
     /// PAT's graph recapture + rest; KV and weights are modeled from bytes on top).
-    #[arg(long)]
+    #[arg(long, value_parser = super::common::millis)]
     pub switch_fixed_ms: Option<f64>,
     /// Tp the adaptive and oracle runs start at (default: where their predicted plan is
     /// shortest). PAT's rule starts here too (default: the best static layout).
@@ -296,7 +296,6 @@ fn fit_candidates(
 
 /// Runs the simulation and builds the report (what `run` prints).
 pub fn report(a: &SimulateArgs) -> Result<SimReport> {
-    super::common::check_rule_flags(a.margin, a.min_gain_ms, a.check_every)?;
     let path = a
         .trace
         .as_ref()

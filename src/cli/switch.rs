@@ -80,7 +80,7 @@ pub struct BenchSwitchArgs {
     #[arg(long, value_delimiter = ',', required = true)]
     pub to: Vec<usize>,
     /// Sequences in flight at the switch.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = super::common::count)]
     pub batch: usize,
     /// Context (prompt tokens) of each sequence.
     #[arg(long, default_value_t = 256)]
@@ -97,7 +97,7 @@ pub struct BenchSwitchArgs {
     pub backend: super::BackendArgs,
     /// KV memory per rank in MiB at the starting layout (the switch re-divides it, plus the
     /// weight bytes it frees); raised to what the batch needs (0: just that).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = super::common::count)]
     pub kv_mib: usize,
     /// Seed of the random prompts.
     #[arg(long, default_value_t = 0)]

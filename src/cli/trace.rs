@@ -58,17 +58,17 @@ pub struct GenArgs {
     pub kind: TraceKind,
     /// Deepscaler, uniform, straggler: requests in the batch [default: 128] (grpo: --prompts x
     /// --group-size).
-    #[arg(long)]
+    #[arg(long, value_parser = super::common::count)]
     pub n: Option<usize>,
     /// Grpo: prompts in the batch (PAT's "batch 128" is 128 prompts) [default: 128].
-    #[arg(long)]
+    #[arg(long, value_parser = super::common::count)]
     pub prompts: Option<usize>,
     /// Grpo: responses per prompt (GRPO's n) [default: 8].
-    #[arg(long)]
+    #[arg(long, value_parser = super::common::count)]
     pub group_size: Option<usize>,
     /// Grpo: correlation of sibling responses' latent lengths, 0 (independent) to 1
     /// [default: 0.5].
-    #[arg(long)]
+    #[arg(long, value_parser = super::common::fraction)]
     pub rho: Option<f64>,
     /// Grpo: fraction of responses that run to the cap, above 0 and at most 0.0389 (default
     /// 2.8/128, PAT's ~2.8 per 128). The fraction over cap/3 stays DeepScaleR's 10.85%, so a

@@ -216,7 +216,7 @@ fn table() -> Vec<Case> {
             },
             "--contexts value 600 is too long for this model",
         ),
-        err(
+        usage(
             "profile_steps_zero_names_steps",
             |f| {
                 a(&[
@@ -231,7 +231,7 @@ fn table() -> Vec<Case> {
                     &f.p("prof_zero.json"),
                 ])
             },
-            "--steps (decode steps timed per point) must be positive",
+            "invalid value '0' for '--steps <STEPS>': must be at least 1",
         ),
     ]
 }

@@ -240,10 +240,10 @@ const CASES: &[Case] = &[
         |f| a(&["simulate", "--trace", &f.p("trace_200k.jsonl"), "--no-optimum"]),
         "trace_200k.jsonl:1: request 0: `prompt_len` 8 + `response_len` 200000 is beyond llama3-8b's context of 131072",
     ),
-    err(
+    usage(
         "trace_gen_grpo_correlation_past_one",
         |_| a(&["trace", "gen", "--kind", "grpo", "--rho", "1.5"]),
-        "--rho must be in [0, 1], got 1.5",
+        "invalid value '1.5' for '--rho <RHO>': must be in [0, 1]",
     ),
     err(
         "trace_gen_grpo_at_cap_where_the_shape_collapses",

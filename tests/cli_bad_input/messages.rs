@@ -147,16 +147,16 @@ const CASES: &[Case] = &[
         },
         "cost_table.json: `allreduce` must be a list like its default, got 5",
     ),
-    err(
+    usage(
         "infinite_temperature_is_not_a_temperature",
         |f| gen(f, &["--prompt-ids", "1", "--temperature", "inf"]),
-        "--temperature must be a finite number >= 0, got inf",
+        "invalid value 'inf' for '--temperature <TEMPERATURE>': must be a finite number >= 0",
     ),
     // Flags.
-    err(
+    usage(
         "negative_temperature_reaches_pats_check",
         |f| gen(f, &["--prompt-ids", "1", "--temperature", "-1"]),
-        "--temperature must be a finite number >= 0, got -1",
+        "invalid value '-1' for '--temperature <TEMPERATURE>': must be a finite number >= 0",
     ),
     usage(
         "negative_world_names_the_flag",
@@ -168,25 +168,63 @@ const CASES: &[Case] = &[
         |f| gen(f, &["--prompt-ids", "1", "--top-k", "-1"]),
         "invalid value '-1' for '--top-k <TOP_K>'",
     ),
-    err(
+    usage(
         "top_p_zero",
-        |f| gen(f, &["--prompt-ids", "1", "--top-p", "0"]),
+        |f| {
+            gen(
+                f,
+                &[
+                    "--prompt-ids",
+                    "1",
+                    "invalid value '0' for '--top-p <TOP_P>': must be in (0, 1]",
+                    "0",
+                ],
+            )
+        },
         "--top-p",
     ),
-    err(
+    usage(
         "max_new_tokens_zero",
         |f| gen(f, &["--prompt-ids", "1", "--max-new-tokens", "0"]),
-        "--max-new-tokens must be at least 1",
+        "invalid value '0' for '--max-new-tokens <MAX_NEW_TOKENS>': must be at least 1",
     ),
-    err(
+    usage(
         "devices_without_cuda",
         |f| gen(f, &["--devices", "0", "--prompt-ids", "1"]),
         "--devices needs --backend cuda",
     ),
-    err(
+    usage(
         "gpu_switch_without_cuda",
         |f| gen(f, &["--gpu-switch", "host", "--prompt-ids", "1"]),
-        "--gpu-switch needs --backend cuda",
+        "--gpu-switch host needs --backend cuda",
+    ),
+    usage(
+        "kv_transfer_without_a_switch",
+        |f| gen(f, &["--prompt-ids", "1", "--kv-transfer", "migrate"]),
+        "--kv-transfer says how a live switch moves KV: give --reconfigure STEP:TP too",
+    ),
+    usage(
+        "tp_zero_names_the_flag",
+        |f| gen(f, &["--prompt-ids", "1", "--tp", "0"]),
+        "invalid value '0' for '--tp <TP>': must be at least 1",
+    ),
+    usage(
+        "gemm_bench_threads_zero",
+        |_| a(&["bench", "gemm", "--threads", "2,0"]),
+        "invalid value '0' for '--threads <THREADS>': must be at least 1",
+    ),
+    usage(
+        "simulate_host_cost_past_a_second",
+        |f| {
+            a(&[
+                "simulate",
+                "--trace",
+                &f.p("trace_small.jsonl"),
+                "--per-seq-us",
+                "1e300",
+            ])
+        },
+        "invalid value '1e300' for '--per-seq-us <PER_SEQ_US>': must be from 0 to 1e6 us",
     ),
     usage(
         "gpu_switch_names_its_choices",
@@ -408,14 +446,14 @@ const CASES: &[Case] = &[
         // Checked before the rollout runs a step (it used to fail at its first decision).
         name: "rollout_negative_min_gain_before_any_step",
         args: |f| rollout_small(f, "adaptive", &["--min-gain-ms", "-5"]),
-        code: 1,
-        needle: "--min-gain-ms must be a non-negative number of ms, got -5",
+        code: 2,
+        needle: "invalid value '-5' for '--min-gain-ms <MIN_GAIN_MS>': must be from 0 to 1e9 ms",
         absent: Some("step"),
     },
-    err(
+    usage(
         "rollout_nan_margin",
         |f| rollout_small(f, "adaptive", &["--margin", "NaN"]),
-        "--margin must be a fraction in [0, 1), got NaN",
+        "invalid value 'NaN' for '--margin <MARGIN>': must be in [0, 1)",
     ),
     usage(
         "demo_model_with_a_preset",
@@ -443,18 +481,18 @@ const CASES: &[Case] = &[
         needle: "PAT @5.52s",
         absent: Some("error"),
     },
-    err(
+    usage(
         "rollout_start_tp_with_a_static_policy",
         |f| rollout_small(f, "static:1", &["--start-tp", "2"]),
         "--start-tp 2 is for --policy adaptive; --policy static:1 runs at tp 1 throughout",
     ),
     // What only the adaptive rule reads is refused with a static policy, not ignored.
-    err(
+    usage(
         "rollout_margin_with_a_static_policy",
         |f| rollout_small(f, "static:1", &["--margin", "0.5"]),
         "--margin 0.5 is for --policy adaptive; --policy static:1 runs at tp 1 throughout",
     ),
-    err(
+    usage(
         "rollout_kv_transfer_with_a_static_policy",
         |f| rollout_small(f, "static:1", &["--kv-transfer", "recompute"]),
         "--kv-transfer recompute is for --policy adaptive",
