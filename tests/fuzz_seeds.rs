@@ -126,8 +126,9 @@ fn request_trace_and_profile_seeds() {
     for (p, b) in seeds("profile_json") {
         let pr = Profile::from_json(std::str::from_utf8(&b).unwrap(), &p).unwrap();
         assert!(pr.cost_model().validate().is_ok());
-        // What the profile_json target found (step_ms_1e43_roundtrip.json): serde_json's default
-        // float parser is off by an ulp on some numbers, so a saved profile read back differently
+        // What the profile_json target found (a step_ms of 1.67e43 then, in a rate now that a
+        // step is at most ten minutes: rate_1e43_roundtrip.json): serde_json's default float
+        // parser is off by an ulp on some numbers, so a saved profile read back differently
         // (1.6666666666666658e43 became ...660e43); with float_roundtrip every value survives.
         let back = Profile::from_json(&pr.to_json(), &p).unwrap();
         assert_eq!(back.decode, pr.decode, "{}", p.display());

@@ -139,3 +139,28 @@ fn a_profile_with_impossible_samples_is_refused_naming_the_sample() {
     let e = edit(&|p| p.switch.fixed_ms = 1e12);
     assert!(e.contains("`switch.fixed_ms`") && e.contains("1e12"), "{e}");
 }
+
+/// Cost-model constants in range one by one can still make an absurd node; both are refused
+/// with the constant or the step named, before any run (a misc_us of 1e308 had surfaced as
+/// "cannot fit 4 coefficients; profile more points").
+#[test]
+fn a_cost_model_past_any_real_node_is_refused_naming_why() {
+    let dims = ModelShape::Llama3_8b.dims();
+    let with = |f: &dyn Fn(&mut ComponentParams)| {
+        let mut p = ComponentParams::defaults(GpuKind::H100, Link::NvLink);
+        f(&mut p);
+        ComponentModel::new(dims.clone(), p)
+    };
+    assert!(with(&|_| {}).is_ok());
+    let e = with(&|p| p.misc_us = 1e308).unwrap_err().to_string();
+    assert!(
+        e.contains("`misc_us` must be a number from 0 to 1000000, got 1e308"),
+        "{e}"
+    );
+    let e = with(&|p| p.host_step_ms = 1e7).unwrap_err().to_string();
+    assert!(e.contains("`host_step_ms`"), "{e}");
+    let e = with(&|p| p.sampling_kernels = 1e9).unwrap_err().to_string();
+    assert!(e.contains("`sampling_kernels`"), "{e}");
+    let e = with(&|p| p.hbm_bytes_per_s = 1e-3).unwrap_err().to_string();
+    assert!(e.contains("more than ten minutes"), "{e}");
+}

@@ -75,7 +75,7 @@ pub struct ComposeArgs {
 
 pub fn run(a: ComposeArgs) -> Result<()> {
     let mut params = ComponentParams::defaults(a.gpu.into(), a.link);
-    params.mem_fraction = super::simulate::mem_fraction(a.mem_fraction)?;
+    params.mem_fraction = a.mem_fraction;
     let shards = a
         .shards
         .iter()

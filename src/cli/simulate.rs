@@ -120,42 +120,41 @@ pub struct SimulateArgs {
     pub calibration: bool,
 }
 
-fn non_negative(v: f64, flag: &str) -> Result<f64> {
-    if v >= 0.0 && v.is_finite() {
-        Ok(v)
-    } else {
-        Err(Error::Invalid(format!(
-            "{flag} must be a non-negative number, got {v}"
-        )))
-    }
-}
-
 /// The modeled node's component model from the flags.
 pub fn component_model(a: &SimulateArgs) -> Result<ComponentModel> {
     let shape = a.model_shape.unwrap_or(ModelShape::Llama3_8b);
     let link = a.link.unwrap_or(Link::NvLink);
     let mut p = ComponentParams::defaults(a.gpu.unwrap_or(Gpu::H100).into(), link);
+    let mut from_file = Vec::new();
     if let Some(path) = &a.cost_model {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         p = p.overridden(&text, &format!("--cost-model {}", path.display()))?;
+        from_file = cost_model_keys(&text);
     }
-    if let Some(us) = a.per_seq_us {
-        p.host_per_seq_us = non_negative(us, "--per-seq-us")?;
-    }
-    if let Some(f) = a.mem_fraction {
-        p.mem_fraction = mem_fraction(f)?;
+    // A flag wins over the file, and says so (the file's value would otherwise vanish).
+    let overrides = [
+        ("host_per_seq_us", "--per-seq-us", a.per_seq_us),
+        ("mem_fraction", "--mem-fraction", a.mem_fraction),
+    ];
+    for (key, flag, v) in overrides {
+        let Some(v) = v else { continue };
+        if from_file.iter().any(|k| k == key) {
+            errln!("note: {flag} {v} overrides `{key}` of the --cost-model file");
+        }
+        match key {
+            "host_per_seq_us" => p.host_per_seq_us = v,
+            _ => p.mem_fraction = v,
+        }
     }
     ComponentModel::new(shape.dims(), p)
 }
 
-/// `--mem-fraction`, checked.
-pub fn mem_fraction(f: f64) -> Result<f64> {
-    if f > 0.0 && f <= 1.0 {
-        Ok(f)
-    } else {
-        Err(Error::Invalid(format!(
-            "--mem-fraction must be in (0, 1], got {f}"
-        )))
+/// The top-level keys of a cost-model JSON object (none when it is not one: `overridden` has
+/// refused it by then).
+fn cost_model_keys(text: &str) -> Vec<String> {
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(serde_json::Value::Object(m)) => m.keys().cloned().collect(),
+        _ => Vec::new(),
     }
 }
 
@@ -305,7 +304,7 @@ pub fn report(a: &SimulateArgs) -> Result<SimReport> {
     let trace = loaded.trace;
     let (clock, mut profile, source_note) = world_model(a)?;
     if let Some(ms) = a.switch_fixed_ms {
-        profile.switch.fixed_ms = non_negative(ms, "--switch-fixed-ms")?;
+        profile.switch.fixed_ms = ms;
     }
     let predictor = Predictor::from_profile(&profile)?;
     let switch = SwitchCost::from_profile(&profile);

@@ -276,9 +276,16 @@ impl ComponentParams {
             }
         }
         for (k, v) in non_negative {
-            if !(v.is_finite() && v >= 0.0) {
+            // Microseconds up to a second, milliseconds up to ten minutes, counts up to 1e4:
+            // far past any real value, and sums over a whole rollout stay finite.
+            let most = match k {
+                _ if k.ends_with("_us") => 1e6,
+                _ if k.ends_with("_ms") => crate::policy::profile::MAX_STEP_MS,
+                _ => 1e4,
+            };
+            if !(v.is_finite() && (0.0..=most).contains(&v)) {
                 return Err(Error::Invalid(format!(
-                    "`{k}` must be a non-negative number, got {v}"
+                    "`{k}` must be a number from 0 to {most}, got {v:e}"
                 )));
             }
         }
@@ -328,6 +335,22 @@ pub struct ComponentModel {
 impl ComponentModel {
     pub fn new(dims: ModelDims, p: ComponentParams) -> Result<ComponentModel> {
         p.validate()?;
+        // Each constant may be in range and the step still absurd (a bandwidth of a few bytes
+        // per second): the slowest step the node can run, one sequence at tp 1 at the longest
+        // context, must be a decode step (under ten minutes), or every total is inf.
+        let m = ComponentModel {
+            dims: dims.clone(),
+            p: p.clone(),
+        };
+        let worst = m.step_ms(1, 1, 131_072.0);
+        let most = crate::policy::profile::MAX_STEP_MS;
+        if !(worst.is_finite() && worst <= most) {
+            return Err(Error::Invalid(format!(
+                "the cost model's constants make one decode step (tp 1, one sequence of 128K \
+                 context) take {worst:.3e} ms, more than ten minutes: check its rates \
+                 (`hbm_bytes_per_s`, `matmul_flops`, `link_bytes_per_s`, ...)"
+            )));
+        }
         Ok(ComponentModel { dims, p })
     }
 
