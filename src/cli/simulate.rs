@@ -69,6 +69,11 @@ pub struct SimulateArgs {
     /// ~80-100). It decides whether TP2 or TP8 wins the full batch.
     #[arg(long, value_parser = super::common::micros)]
     pub per_seq_us: Option<f64>,
+    /// The response cap the trace was generated under (`pat trace gen --cap`): a response
+    /// longer is an error naming its line, and the report's "over cap/3" and "at cap" count
+    /// against it. Default: the longest response (a trace file does not record its cap).
+    #[arg(long, value_parser = super::common::count)]
+    pub cap: Option<usize>,
     /// Modeled node: fraction of GPU memory for weights + KV (colocated RL runs 0.4-0.6;
     /// default 0.5). Replicas queue what does not fit and preempt when the KV overflows.
     #[arg(long, value_parser = super::common::share)]
@@ -113,7 +118,7 @@ pub struct SimulateArgs {
     /// Print the component model against the public measurements it is calibrated to, and exit
     /// (the default H100 model, as a table: it takes no other flag).
     #[arg(long, conflicts_with_all = [
-        "trace", "profile", "world", "link", "model_shape", "gpu", "per_seq_us", "mem_fraction",
+        "trace", "profile", "world", "link", "model_shape", "gpu", "per_seq_us", "cap", "mem_fraction",
         "cost_model", "placement", "check_every", "margin", "min_gain_ms", "switch_fixed_ms",
         "start_tp", "no_optimum", "svg", "json",
     ])]
@@ -236,6 +241,13 @@ fn check_bounds(a: &SimulateArgs, loaded: &super::common::LoadedTrace) -> Result
             r.prompt_len, r.response_len
         );
         return Err(loaded.request_error(i, &msg));
+    }
+    if let Some(cap) = a.cap {
+        let reqs = &loaded.trace.requests;
+        if let Some((i, r)) = reqs.iter().enumerate().find(|(_, r)| r.response_len > cap) {
+            let msg = format!("`response_len` {} is over --cap {cap}", r.response_len);
+            return Err(loaded.request_error(i, &msg));
+        }
     }
     Ok(())
 }
@@ -383,10 +395,18 @@ pub fn report(a: &SimulateArgs) -> Result<SimReport> {
             Placement::Lpt => "LPT on the true lengths (an ideal)",
         }
     ));
+    let stats = trace.stats(a.cap);
+    if a.cap.is_none() {
+        notes.push(format!(
+            "no --cap: the cap is taken as the longest response ({} tokens), so \"at cap\" counts the \
+             responses that long and \"cap/3\" is a third of it",
+            stats.cap
+        ));
+    }
     Ok(SimReport::new(
         &profile,
         &loaded.path.display().to_string(),
-        trace.stats(None),
+        stats,
         &cfg,
         runs,
         best,

@@ -193,14 +193,25 @@ pub fn generate(a: &GenArgs) -> Result<Trace> {
             "--cap {cap} is too small for the default uniform range (cap/4 +- cap/32); give --lo and --hi"
         )));
     }
+    let (lo, hi) = (
+        a.lo.unwrap_or((cap / 4).saturating_sub(cap / 32).max(1)),
+        a.hi.unwrap_or(cap / 4 + cap / 32),
+    );
+    if a.kind == TraceKind::Uniform && lo > hi {
+        // One of the two was the default: say which, and what it was.
+        let said = |v: usize, given: bool, default: &str| match given {
+            true => v.to_string(),
+            false => format!("{v} (the default, {default})"),
+        };
+        return Err(Error::Invalid(format!(
+            "--lo {} is above --hi {}: uniform lengths need --lo <= --hi",
+            said(lo, a.lo.is_some(), "cap/4 - cap/32"),
+            said(hi, a.hi.is_some(), "cap/4 + cap/32")
+        )));
+    }
     let r = match a.kind {
         TraceKind::Deepscaler => deepscaler_like(n, cap, seed),
-        TraceKind::Uniform => uniform(
-            n,
-            a.lo.unwrap_or((cap / 4).saturating_sub(cap / 32).max(1)),
-            a.hi.unwrap_or(cap / 4 + cap / 32),
-            seed,
-        ),
+        TraceKind::Uniform => uniform(n, lo, hi, seed),
         TraceKind::Straggler => {
             let (short, long) = straggler_lens(a);
             one_straggler(n, short, long)

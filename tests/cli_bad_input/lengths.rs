@@ -236,9 +236,19 @@ const CASES: &[Case] = &[
         absent: Some("making"),
     },
     err(
+        "simulate_response_over_the_stated_cap",
+        |f| a(&["simulate", "--trace", &f.p("trace_small.jsonl"), "--cap", "4", "--no-optimum"]),
+        "trace_small.jsonl:2: request 1: `response_len` 5 is over --cap 4",
+    ),
+    err(
         "simulate_response_past_the_shapes_context",
         |f| a(&["simulate", "--trace", &f.p("trace_200k.jsonl"), "--no-optimum"]),
         "trace_200k.jsonl:1: request 0: `prompt_len` 8 + `response_len` 200000 is beyond llama3-8b's context of 131072",
+    ),
+    err(
+        "trace_gen_uniform_hi_under_the_default_lo_says_it_is_the_default",
+        |_| a(&["trace", "gen", "--kind", "uniform", "--hi", "5"]),
+        "--lo 5376 (the default, cap/4 - cap/32) is above --hi 5",
     ),
     usage(
         "trace_gen_grpo_correlation_past_one",

@@ -8,6 +8,7 @@ fn args(trace: PathBuf) -> SimulateArgs {
         link: None,
         model_shape: None,
         gpu: None,
+        cap: None,
         per_seq_us: None,
         mem_fraction: None,
         cost_model: None,
@@ -71,8 +72,12 @@ fn profile_file_is_checked_against_shape_and_world() {
     a.link = Some(Link::Pcie);
     assert!(report(&a).unwrap_err().to_string().contains("--link"));
     a.link = None;
-    a.margin = 1.5;
-    assert!(report(&a).unwrap_err().to_string().contains("--margin"));
+    // The margin is checked as the flag is read.
+    let e = crate::cli::command()
+        .try_get_matches_from(["pat", "simulate", "--margin", "1.5"])
+        .unwrap_err();
+    assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation);
+    assert!(e.to_string().contains("--margin"), "{e}");
 }
 
 #[test]
