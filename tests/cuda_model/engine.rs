@@ -283,6 +283,36 @@ fn ranks_at_tp1(
     Engine::with_backend(m.cfg.clone(), &m.ck, opts, &backend).unwrap()
 }
 
+/// Four ranks on one GPU whose pools each fit its free memory but not together are refused
+/// before anything is uploaded, naming the GPU and the sizes (the concurrent uploads could
+/// each pass their own check and then fail with a bare out-of-memory error).
+#[test]
+fn ranks_that_fit_a_gpu_alone_but_not_together_are_refused_before_upload() {
+    let Some(m) = Model::open_alone("llama", "ranks_fit_alone_not_together") else {
+        return;
+    };
+    let (free, _) = CudaDev::new(0).unwrap().mem_info().unwrap();
+    let block = pat::kv::kv_block_bytes(&m.cfg, 1, BS, 4) as usize;
+    // Each rank's pool plus its 0.5 GiB for activations: 30% of the free memory.
+    let kv_blocks = (free / 10 * 3).saturating_sub(512 << 20) / block;
+    let opts = EngineOptions {
+        world: 4,
+        tp: 1,
+        block_size: BS,
+        kv_blocks,
+        dtype: Dtype::F32,
+        sampling: SamplingParams::default(),
+    };
+    let backend = Backend::Cuda {
+        devices: Some(vec![0; 4]),
+        switch: GpuSwitch::Device,
+    };
+    let e = Engine::with_backend(m.cfg.clone(), &m.ck, opts, &backend)
+        .err()
+        .expect("four ranks of 30% each do not fit one GPU");
+    assert!(e.to_string().contains("GPU 0: its 4 ranks need"), "{e}");
+}
+
 /// bf16, the primary GPU dtype: world 4 on one GPU through a ladder 1 -> 2 -> 4 -> 1 -> 2
 /// (migrate), one engine switching on the devices and one through the host. The device path
 /// moves the very bf16 bytes the host path rounds back exactly (bf16 -> f32 -> bf16 is the

@@ -135,6 +135,15 @@ impl Drop for Blas {
     }
 }
 
+/// (free, total) bytes of device `ordinal`'s memory, read through its primary context (cheap:
+/// no stream, module or cuBLAS handle is made).
+pub fn mem_info_of(ordinal: usize) -> Result<(usize, usize)> {
+    CudaContext::new(ordinal)
+        .map_err(dev_err("creating the CUDA context"))?
+        .mem_get_info()
+        .map_err(dev_err("reading memory info"))
+}
+
 /// One device as seen by one rank: a context handle (the device's primary context), one stream,
 /// every embedded kernel module, and a cuBLAS handle on that stream. Thread-confined.
 pub struct CudaDev {

@@ -4,6 +4,44 @@
 use crate::error::{Error, Result};
 use crate::parallel::Layout;
 
+/// Errors, naming the sizes, unless each GPU holds what all its ranks upload at once: `each`
+/// bytes per rank (its weights and KV pool in the device dtype plus what a step's activations
+/// need), `free(ordinal)` its free memory. Each rank checks its own share when it uploads, but
+/// ranks sharing a GPU upload concurrently: every check could pass before any allocation and the
+/// last allocations then fail with a bare out-of-memory error. A GPU with one rank is left to
+/// that rank's own check.
+pub fn check_upload_room(
+    devices: &[usize],
+    each: u64,
+    free: impl Fn(usize) -> Result<(usize, usize)>,
+) -> Result<()> {
+    let mut ords = devices.to_vec();
+    ords.sort_unstable();
+    ords.dedup();
+    for o in ords {
+        let n = devices.iter().filter(|&&d| d == o).count();
+        if n < 2 {
+            continue;
+        }
+        let (avail, total) = free(o)?;
+        let need = each.saturating_mul(n as u64);
+        if need > avail as u64 {
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            return Err(Error::Device(format!(
+                "GPU {o}: its {n} ranks need {:.2} GiB together ({:.2} GiB each: weights, KV \
+                 pool and 0.5 GiB for activations), more than its free memory {:.2} of {:.2} \
+                 GiB (lower `kv_blocks` or the batch, raise `tp`, or spread ranks with \
+                 `devices`)",
+                gib(need),
+                gib(each),
+                gib(avail as u64),
+                gib(total as u64)
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// What a replica's group runs on (for reports).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GroupKind {
@@ -72,6 +110,23 @@ pub(crate) fn group_kind(layout: &Layout, devices: &[usize], d: usize) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranks_sharing_a_gpu_must_fit_it_together() {
+        let free = |o: usize| Ok(([100usize, 40][o], 200usize));
+        // GPU 0: three ranks of 30 fit its 100; GPU 1: one rank of 30 is its own check.
+        assert!(check_upload_room(&[0, 0, 0, 1], 30, free).is_ok());
+        // Four ranks of 30 on GPU 0 do not, though each alone would.
+        let e = check_upload_room(&[0, 0, 1, 0, 0], 30, free).unwrap_err();
+        assert!(e.to_string().contains("GPU 0: its 4 ranks need"), "{e}");
+        // Two ranks of 30 on GPU 1 (40 free) do not either.
+        let e = check_upload_room(&[0, 1, 1], 30, free).unwrap_err();
+        assert!(e.to_string().contains("GPU 1: its 2 ranks"), "{e}");
+        // A GPU that cannot be read is an error, not a pass.
+        let broken = |_: usize| Err(Error::Device("no".into()));
+        assert!(check_upload_room(&[0, 0], 1, broken).is_err());
+        assert!(check_upload_room(&[0, 1], 1, broken).is_ok());
+    }
 
     #[test]
     fn placement_defaults_and_checks() {

@@ -33,10 +33,10 @@ use std::thread::JoinHandle;
 
 use super::buffer::DType;
 use super::comm::{DeviceComm, SameDeviceComm, SoloComm};
-use super::device::{probe, CudaDev};
+use super::device::{mem_info_of, probe, CudaDev};
 use super::nccl::{NcclComm, NcclId};
 pub use super::placement::GroupKind;
-use super::placement::{group_kind, place};
+use super::placement::{check_upload_room, group_kind, place};
 use super::rank::{ExchangeStats, GpuRank};
 use crate::backend::host_available_bytes;
 use crate::backend::GroupCounts;
@@ -279,6 +279,12 @@ impl GpuRanks {
             )));
         }
         let dtype = device_dtype(opts.dtype);
+        let elem = dtype.size();
+        let each = crate::parallel::shard::weight_bytes_per_rank(cfg, layout.tp, elem)
+            + crate::kv::kv_block_bytes(cfg, layout.tp, opts.block_size, elem)
+                * opts.kv_blocks as u64
+            + (512 << 20);
+        check_upload_room(&devices, each, mem_info_of)?;
         let mut me = GpuRanks {
             workers: Vec::with_capacity(world),
             devices: devices.clone(),
