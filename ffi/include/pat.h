@@ -3,14 +3,19 @@
  * Build and link (see README, "Embedding pat"):
  *   cargo build --release -p pat_ffi
  *   cc app.c -I ffi/include -L target/release -lpat_ffi            (shared: libpat_ffi.so)
+ *   ln -sf libpat_ffi.so target/release/libpat_ffi.so.0            (to run it: its SONAME)
  *   cc app.c -I ffi/include target/release/libpat_ffi.a -lpthread -ldl -lm   (static)
  *
  * Conventions
  * - Every symbol starts with pat_ / PAT_. Check pat_abi_version() == PAT_ABI_VERSION at start-up.
- * - Every fallible function returns a pat_status: PAT_OK (0); positive = nothing changed, retry
- *   (PAT_RESOURCE_EXHAUSTED, PAT_BUFFER_TOO_SMALL, PAT_NO_OUTPUT); negative = error, one code
- *   per pat error kind plus PAT_ERR_NULL, PAT_ERR_BAD_HANDLE, PAT_ERR_POISONED, PAT_ERR_PANIC.
- *   pat_last_error_message() gives this thread's message of the last failed call.
+ * - Every fallible function returns a pat_status: PAT_OK (0); positive = nothing changed, and
+ *   the same call may succeed once something changes (PAT_BUFFER_TOO_SMALL: a larger buffer;
+ *   PAT_NO_OUTPUT: more steps; PAT_RESOURCE_EXHAUSTED: more KV, from finished requests, a switch
+ *   to a layout with more KV per rank or larger params; a request longer than a whole pool
+ *   never fits by stepping alone, so do not retry in a loop without changing anything);
+ *   negative = error, one code per pat error kind plus PAT_ERR_NULL, PAT_ERR_BAD_HANDLE,
+ *   PAT_ERR_POISONED, PAT_ERR_PANIC. pat_last_error_message() gives this thread's message of
+ *   the last failed call; the void _free calls leave it as it was.
  * - Outputs are written only on PAT_OK. Exception: on PAT_BUFFER_TOO_SMALL the count `*n` (the
  *   size needed) is written, so (buf, cap, n) calls negotiate: call with buf NULL and cap 0 to
  *   ask for the count, then again with a buffer that large. Entries are copied; nothing the
@@ -459,9 +464,9 @@ typedef struct pat_policy_params {
   double margin;
   // Absolute predicted gain a switch must bring, ms (default 0).
   double min_gain_ms;
-  // Tp degrees that may be chosen, `n_candidates` entries; NULL (the default): every tp the
-  // profile has step times for that divides world and the model's heads and intermediate
-  // size. Borrowed for the call.
+  // Tp degrees that may be chosen, `n_candidates` entries (at least one); NULL (the
+  // default, whatever `n_candidates` says): every tp the profile has step times for that
+  // divides world and the model's heads and intermediate size. Borrowed for the call.
   const uint32_t *candidates;
   size_t n_candidates;
   // Observed response lengths (earlier rollouts, a trace), `n_length_samples` entries: they
@@ -638,7 +643,8 @@ const char *pat_status_name(pat_status status);
 // Copies the message of this thread's last failed call (any status but `PAT_OK`) into `buf`:
 // at most `len - 1` bytes and a NUL. Returns the message's full length in bytes (without the
 // NUL): if it is `>= len` the copy was cut short, so call again with `len = ret + 1`. `buf` may
-// be NULL with `len` 0 to ask for the length. A successful call clears the message (length 0).
+// be NULL with `len` 0 to ask for the length. A successful call that returns a status clears
+// the message (length 0); the void `_free` calls leave it as it was.
 // Thread-local (errno-style): each thread sees its own calls' messages.
 //
 // # Safety
@@ -798,9 +804,10 @@ struct pat_switch_params pat_switch_default_params(void);
 
 // Plans the KV migration of `seqs` (`n_seqs` live sequences) from `old_layout` to
 // `new_layout` (same world) with pools of `block_size` tokens per block, and lowers it to one
-// program per physical rank. `elem_bytes` only scales the byte counts. Errors:
+// program per physical rank. `elem_bytes` (1 to 8) only scales the byte counts. Errors:
 // `PAT_ERR_INVALID_ARGUMENT` for bad dims or layouts, a replica out of range, a table shorter
-// than the sequence, or a new block given to two sequences. Thread-safe.
+// than the sequence, a new block given to two sequences, or `elem_bytes` outside 1 to 8.
+// Thread-safe.
 //
 // # Safety
 // `dims` and the layouts are readable (placements NULL or `world` entries); `seqs` is NULL with
@@ -948,10 +955,12 @@ pat_status pat_policy_decide(const char *profile_json,
 // Plans the reshard of every tensor-parallel weight from `old_layout` to `new_layout` (same
 // world) and lowers it to one program per physical rank. Rows a rank already holds come from its
 // own old buffer; the others from another holder of those rows (one in the rank's new replica
-// first, then the nearest rank id). `elem_bytes` (e.g. 2 for bf16) only scales the byte counts.
+// first, then the nearest rank id). `elem_bytes` (1 to 8, e.g. 2 for bf16) only scales the byte
+// counts.
 // For the fewest bytes use the nested placement (`pat_layout_nested`) as the new layout: with
 // `new_layout->placement` NULL the contiguous one is used. Errors: `PAT_ERR_INVALID_ARGUMENT`
-// for bad dims, layouts, a tp that does not split the model, or `elem_bytes` 0. Thread-safe.
+// for bad dims, layouts, a tp that does not split the model, or `elem_bytes` outside 1 to 8.
+// Thread-safe.
 //
 // # Safety
 // `dims`, `old_layout` and `new_layout` are readable (their placements NULL or `world` entries);

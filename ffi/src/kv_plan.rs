@@ -164,9 +164,10 @@ fn lower(prog: &KvProgram) -> Vec<pat_kv_step> {
 
 /// Plans the KV migration of `seqs` (`n_seqs` live sequences) from `old_layout` to
 /// `new_layout` (same world) with pools of `block_size` tokens per block, and lowers it to one
-/// program per physical rank. `elem_bytes` only scales the byte counts. Errors:
+/// program per physical rank. `elem_bytes` (1 to 8) only scales the byte counts. Errors:
 /// `PAT_ERR_INVALID_ARGUMENT` for bad dims or layouts, a replica out of range, a table shorter
-/// than the sequence, or a new block given to two sequences. Thread-safe.
+/// than the sequence, a new block given to two sequences, or `elem_bytes` outside 1 to 8.
+/// Thread-safe.
 ///
 /// # Safety
 /// `dims` and the layouts are readable (placements NULL or `world` entries); `seqs` is NULL with

@@ -64,7 +64,8 @@ pub extern "C" fn pat_status_name(status: pat_status) -> *const c_char {
 /// Copies the message of this thread's last failed call (any status but `PAT_OK`) into `buf`:
 /// at most `len - 1` bytes and a NUL. Returns the message's full length in bytes (without the
 /// NUL): if it is `>= len` the copy was cut short, so call again with `len = ret + 1`. `buf` may
-/// be NULL with `len` 0 to ask for the length. A successful call clears the message (length 0).
+/// be NULL with `len` 0 to ask for the length. A successful call that returns a status clears
+/// the message (length 0); the void `_free` calls leave it as it was.
 /// Thread-local (errno-style): each thread sees its own calls' messages.
 ///
 /// # Safety

@@ -32,9 +32,9 @@ pub struct pat_policy_params {
     pub margin: f64,
     /// Absolute predicted gain a switch must bring, ms (default 0).
     pub min_gain_ms: f64,
-    /// Tp degrees that may be chosen, `n_candidates` entries; NULL (the default): every tp the
-    /// profile has step times for that divides world and the model's heads and intermediate
-    /// size. Borrowed for the call.
+    /// Tp degrees that may be chosen, `n_candidates` entries (at least one); NULL (the
+    /// default, whatever `n_candidates` says): every tp the profile has step times for that
+    /// divides world and the model's heads and intermediate size. Borrowed for the call.
     pub candidates: *const u32,
     pub n_candidates: usize,
     /// Observed response lengths (earlier rollouts, a trace), `n_length_samples` entries: they
@@ -203,6 +203,12 @@ pub unsafe extern "C" fn pat_policy_decide(
                 .into_iter()
                 .filter(|&t| predictor.fit(t).is_ok())
                 .collect()
+        } else if p.n_candidates == 0 {
+            return Err(Fail::Invalid(
+                "`n_candidates` is 0 with `candidates` set: give at least one tp, or NULL \
+                 `candidates` for every tp the profile covers"
+                    .into(),
+            ));
         } else {
             // SAFETY: forwarded contract.
             unsafe { slice(p.candidates, p.n_candidates, "candidates") }?

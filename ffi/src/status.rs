@@ -197,12 +197,12 @@ pub fn guard(f: impl FnOnce() -> FfiResult) -> pat_status {
 }
 
 /// `guard` for the `_free` functions and other calls that return nothing: a panic is swallowed
-/// (stored as the last error) instead of crossing into C.
+/// (stored as the last error) instead of crossing into C. They return no status, so they leave
+/// the last error as it was (a caller cleaning up before reading the message still finds it).
 pub fn guard_void(f: impl FnOnce()) {
-    let _ = guard(|| {
-        f();
-        Ok(())
-    });
+    if let Err(p) = catch_unwind(AssertUnwindSafe(f)) {
+        set_last_error(format!("panic: {}", panic_message(p.as_ref())));
+    }
 }
 
 /// `guard` for calls that return a value rather than a status (`fallback` on panic).

@@ -173,10 +173,12 @@ fn lower(prog: &WeightProgram) -> (Vec<pat_weight_step>, Vec<pat_weight_role>) {
 /// Plans the reshard of every tensor-parallel weight from `old_layout` to `new_layout` (same
 /// world) and lowers it to one program per physical rank. Rows a rank already holds come from its
 /// own old buffer; the others from another holder of those rows (one in the rank's new replica
-/// first, then the nearest rank id). `elem_bytes` (e.g. 2 for bf16) only scales the byte counts.
+/// first, then the nearest rank id). `elem_bytes` (1 to 8, e.g. 2 for bf16) only scales the byte
+/// counts.
 /// For the fewest bytes use the nested placement (`pat_layout_nested`) as the new layout: with
 /// `new_layout->placement` NULL the contiguous one is used. Errors: `PAT_ERR_INVALID_ARGUMENT`
-/// for bad dims, layouts, a tp that does not split the model, or `elem_bytes` 0. Thread-safe.
+/// for bad dims, layouts, a tp that does not split the model, or `elem_bytes` outside 1 to 8.
+/// Thread-safe.
 ///
 /// # Safety
 /// `dims`, `old_layout` and `new_layout` are readable (their placements NULL or `world` entries);

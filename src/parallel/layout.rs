@@ -111,6 +111,9 @@ pub fn check_tp_for_dims(
     num_kv_heads: usize,
     intermediate_size: usize,
 ) -> Result<()> {
+    if tp == 0 {
+        return Err(Error::Layout("tp 0: tp is at least 1".into()));
+    }
     for (what, n) in [
         ("num_attention_heads", num_heads),
         ("num_key_value_heads", num_kv_heads),

@@ -250,6 +250,12 @@ fn group(dp: usize, live: &[EstimatedSeq], replica_of: &[usize]) -> Vec<Vec<Pend
 /// Applies the rule (module docs).
 pub fn decide(inp: &DecideInput) -> Result<Decision> {
     let (world, cur) = (inp.world, inp.current_tp);
+    let most = crate::parallel::layout::MAX_WORLD;
+    if world == 0 || world > most {
+        return Err(Error::Invalid(format!(
+            "world {world}: a world is 1 to {most} ranks"
+        )));
+    }
     if cur == 0 || world % cur != 0 {
         return Err(Error::Invalid(format!(
             "current tp {cur} does not divide world {world}"

@@ -197,6 +197,13 @@ impl Profile {
                 return Err(self.err(format!("`{k}` must be positive")));
             }
         }
+        let most = crate::parallel::layout::MAX_WORLD;
+        if self.world > most {
+            return Err(self.err(format!(
+                "`world` {} is more ranks than pat supports ({most})",
+                self.world
+            )));
+        }
         if self.decode.is_empty() {
             return Err(self.err("`decode` has no samples".into()));
         }

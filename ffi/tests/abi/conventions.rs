@@ -63,7 +63,17 @@ fn last_error_is_thread_local_and_negotiates_its_length() {
     assert_eq!(pat_abi_version(), PAT_ABI_VERSION);
     let m = open_llama();
     assert_eq!(last_error(), "", "a success clears the message");
+    // A void _free leaves the message: cleaning up first, then reading it, still finds it.
+    // SAFETY: NULL dir is what is tested; the out pointer is a local.
+    let st = unsafe { pat_model_open(null(), &mut null_mut()) };
+    assert_eq!(st, PAT_ERR_NULL);
     pat_model_free(m);
+    pat_weight_plan_free(null_mut());
+    assert_eq!(
+        last_error(),
+        "`dir` is NULL",
+        "a _free keeps the last error"
+    );
 }
 
 #[test]
@@ -195,6 +205,13 @@ fn impossible_tp_is_an_invalid_argument() {
         );
         expect(pat_engine_step(e, null_mut()), PAT_OK, "");
         let mut sp = pat_switch_default_params();
+        // The default new_tp (0) is refused like any bad tp, the engine untouched (it was a
+        // panic that poisoned the engine).
+        expect(
+            pat_engine_reconfigure(e, &sp, null_mut()),
+            PAT_ERR_INVALID_ARGUMENT,
+            "tp 0",
+        );
         sp.new_tp = 3;
         expect(
             pat_engine_reconfigure(e, &sp, null_mut()),

@@ -182,6 +182,27 @@ fn bad_profiles_and_params_are_errors() {
     expect(st, PAT_ERR_BAD_FILE, "bad profile");
     let (st, _) = call(&json, &pat_policy_params { margin: 1.5, ..p1 }, &live);
     expect(st, PAT_ERR_INVALID_ARGUMENT, "margin");
+    // A world past what pat supports, from the params or the profile, is refused (it was a
+    // per-replica allocation of ~100 GB, an abort).
+    let huge = pat_policy_params {
+        world: u32::MAX,
+        ..p1
+    };
+    let (st, _) = call(&json, &huge, &live);
+    expect(st, PAT_ERR_INVALID_ARGUMENT, "a world is 1 to 4096 ranks");
+    // Candidates set but none counted: an error, not "no candidate, stay".
+    let one = [2u32];
+    let none = pat_policy_params {
+        candidates: one.as_ptr(),
+        n_candidates: 0,
+        ..p1
+    };
+    let (st, _) = call(&json, &none, &live);
+    expect(st, PAT_ERR_INVALID_ARGUMENT, "`n_candidates` is 0");
+    let mut big = modeled();
+    big.world = u32::MAX as usize;
+    let (st, _) = call(&big.to_json(), &p1, &live);
+    expect(st, PAT_ERR_BAD_FILE, "more ranks than pat supports");
     let (st, _) = call(&json, &p1, &[seq(9, 100, 10, 50.0)]);
     expect(st, PAT_ERR_INVALID_ARGUMENT, "replica 9");
     let more_kv = pat_live_seq {
