@@ -46,6 +46,7 @@ use super::forecast::{drain_ms, drain_until, Pending, Room};
 use super::predictor::Predictor;
 use super::profile::Profile;
 use crate::error::{Error, Result};
+use crate::parallel::layout::MAX_WORLD;
 use crate::parallel::placement::balance;
 use crate::reshard::cost::{CostModel, KvMode};
 
@@ -250,10 +251,9 @@ fn group(dp: usize, live: &[EstimatedSeq], replica_of: &[usize]) -> Vec<Vec<Pend
 /// Applies the rule (module docs).
 pub fn decide(inp: &DecideInput) -> Result<Decision> {
     let (world, cur) = (inp.world, inp.current_tp);
-    let most = crate::parallel::layout::MAX_WORLD;
-    if world == 0 || world > most {
+    if world == 0 || world > MAX_WORLD {
         return Err(Error::Invalid(format!(
-            "world {world}: a world is 1 to {most} ranks"
+            "world {world}: a world is 1 to {MAX_WORLD} ranks"
         )));
     }
     if cur == 0 || world % cur != 0 {

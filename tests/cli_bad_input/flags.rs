@@ -4,10 +4,46 @@
 //! path refused before a run of seconds; a flag that takes no other, or that another makes moot; and a default grid lowered
 //! to what a small model holds instead of refused.
 
-use super::{a, check, err, usage, Case};
+use super::{a, check, err, usage, Case, Fx};
+
+/// `pat generate` on the tiny model with `extra`.
+fn gen(fx: &Fx, extra: &[&str]) -> Vec<String> {
+    let mut v = a(&["generate", "--model", &fx.p("m")]);
+    v.extend(a(extra));
+    v
+}
 
 fn table() -> Vec<Case> {
     vec![
+        // Values no command takes, refused as the flag is read (usage errors, exit 2).
+        usage(
+            "kv_transfer_without_a_switch",
+            |f| gen(f, &["--prompt-ids", "1", "--kv-transfer", "migrate"]),
+            "--kv-transfer says how a live switch moves KV: give --reconfigure STEP:TP too",
+        ),
+        usage(
+            "tp_zero_names_the_flag",
+            |f| gen(f, &["--prompt-ids", "1", "--tp", "0"]),
+            "invalid value '0' for '--tp <TP>': must be at least 1",
+        ),
+        usage(
+            "gemm_bench_threads_zero",
+            |_| a(&["bench", "gemm", "--threads", "2,0"]),
+            "invalid value '0' for '--threads <THREADS>': must be at least 1",
+        ),
+        usage(
+            "simulate_host_cost_past_a_second",
+            |f| {
+                a(&[
+                    "simulate",
+                    "--trace",
+                    &f.p("trace_small.jsonl"),
+                    "--per-seq-us",
+                    "1e300",
+                ])
+            },
+            "invalid value '1e300' for '--per-seq-us <PER_SEQ_US>': must be from 0 to 1e6 us",
+        ),
         // --model gives the full model; a --model-shape beside it would be silently dropped.
         usage(
             "compose_profile_model_shape_with_model",

@@ -199,34 +199,6 @@ const CASES: &[Case] = &[
         "--gpu-switch host needs --backend cuda",
     ),
     usage(
-        "kv_transfer_without_a_switch",
-        |f| gen(f, &["--prompt-ids", "1", "--kv-transfer", "migrate"]),
-        "--kv-transfer says how a live switch moves KV: give --reconfigure STEP:TP too",
-    ),
-    usage(
-        "tp_zero_names_the_flag",
-        |f| gen(f, &["--prompt-ids", "1", "--tp", "0"]),
-        "invalid value '0' for '--tp <TP>': must be at least 1",
-    ),
-    usage(
-        "gemm_bench_threads_zero",
-        |_| a(&["bench", "gemm", "--threads", "2,0"]),
-        "invalid value '0' for '--threads <THREADS>': must be at least 1",
-    ),
-    usage(
-        "simulate_host_cost_past_a_second",
-        |f| {
-            a(&[
-                "simulate",
-                "--trace",
-                &f.p("trace_small.jsonl"),
-                "--per-seq-us",
-                "1e300",
-            ])
-        },
-        "invalid value '1e300' for '--per-seq-us <PER_SEQ_US>': must be from 0 to 1e6 us",
-    ),
-    usage(
         "gpu_switch_names_its_choices",
         |f| gen(f, &["--gpu-switch", "nvlink", "--prompt-ids", "1"]),
         "invalid value 'nvlink' for '--gpu-switch <GPU_SWITCH>'",
