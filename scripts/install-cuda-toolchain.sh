@@ -44,7 +44,7 @@ if [[ -x "$cuda_home/bin/nvcc" ]] && "$cuda_home/bin/nvcc" --version 2>/dev/null
     info "nvcc 13.0 already installed in $cuda_home"
 else
     info "installing ${wheels[*]}"
-    "$venv/bin/python" -m pip install --disable-pip-version-check --quiet "${wheels[@]}" \
+    "$venv/bin/python" -m pip install --disable-pip-version-check --no-cache-dir --quiet "${wheels[@]}" \
         || die "pip install of the CUDA 13.0 wheels failed (network? see messages above)"
     [[ -x "$cuda_home/bin/nvcc" ]] || die "nvcc not found at $cuda_home/bin/nvcc after install"
 fi
