@@ -39,6 +39,38 @@ use crate::policy::modeled::Link;
 mod step;
 pub use step::{BatchTerms, StepBreakdown};
 
+/// A JSON object's entries in file order. A key given twice is an error: serde_json's `Value`
+/// keeps the last one silently, and which of two values a cost model ran on must not be a guess.
+struct Entries(Vec<(String, Value)>);
+
+impl<'de> Deserialize<'de> for Entries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Entries;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object of component-model constants")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Entries, A::Error> {
+                let mut out: Vec<(String, Value)> = Vec::new();
+                while let Some((k, v)) = map.next_entry::<String, Value>()? {
+                    if out.iter().any(|(seen, _)| *seen == k) {
+                        return Err(serde::de::Error::custom(format!(
+                            "key `{k}` is given twice"
+                        )));
+                    }
+                    out.push((k, v));
+                }
+                Ok(Entries(out))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
 /// One row of an all-reduce table: latency and algorithm bandwidth at a tp degree.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -193,17 +225,17 @@ impl ComponentParams {
     /// naming `what`, the file).
     pub fn overridden(&self, json: &str, what: &str) -> Result<ComponentParams> {
         let bad = |m: String| Error::Invalid(format!("{what}: {m}"));
-        let over: Value =
-            serde_json::from_str(json).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-        let over = over
-            .as_object()
-            .ok_or_else(|| bad("must be a JSON object of component-model constants".into()))?;
+        let over = match serde_json::from_str::<Entries>(json) {
+            Ok(Entries(over)) => over,
+            Err(e) if e.is_data() => return Err(bad(format!("{e}"))),
+            Err(e) => return Err(bad(format!("not valid JSON: {e}"))),
+        };
         let defaults = serde_json::to_value(self).map_err(|e| Error::Internal(e.to_string()))?;
         let mut base = defaults.clone();
         let obj = base
             .as_object_mut()
             .ok_or_else(|| Error::Internal("params are not an object".into()))?;
-        for (k, v) in over {
+        for (k, v) in &over {
             if !obj.contains_key(k) {
                 let known: Vec<&str> = obj.keys().map(|s| s.as_str()).collect();
                 return Err(bad(format!(

@@ -93,6 +93,19 @@ fn overrides_replace_named_keys_and_refuse_unknown_ones() {
     assert!(e.to_string().contains("mem_fraction"), "{e}");
     let e = p.overridden("[1]", "f.json").unwrap_err();
     assert!(e.to_string().contains("f.json"), "{e}");
+    assert!(e.to_string().contains("JSON object"), "{e}");
+    // A key given twice: neither value is taken silently.
+    let e = p
+        .overridden(r#"{"mem_fraction": 0.4, "mem_fraction": 0.6}"#, "f.json")
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("`mem_fraction` is given twice"),
+        "{e}"
+    );
+    let e = p
+        .overridden(r#"{"mem_fraction": 0.4"#, "f.json")
+        .unwrap_err();
+    assert!(e.to_string().contains("not valid JSON"), "{e}");
 }
 
 #[test]
