@@ -191,6 +191,36 @@ fn optimum_bounds_every_static_layout_and_switch_costs_are_accounted() {
     }
 }
 
+/// The search's grid misses rounds a rule can switch at (GRPO seed 1: the rules switch where no
+/// grid point is, and beat the grid's best by 0.6 ms); the optimum also replays their schedules.
+#[test]
+fn the_optimum_is_never_behind_a_run_that_paid_the_same_switch_cost() {
+    use pat::policy::grpo::{grpo, GrpoSpec};
+    for seed in [1, 2] {
+        let trace = grpo(&GrpoSpec {
+            prompts: 16,
+            group_size: 8,
+            cap: 24576,
+            rho: 0.5,
+            at_cap: pat::policy::trace::DEEPSCALER_AT_CAP,
+            seed,
+        })
+        .unwrap();
+        let (runs, _) = run_modeled(&trace, &component(80.0), true);
+        let opt = find(&runs, "optimum");
+        for r in runs.iter().filter(|r| r.policy != "PAT @5.52s") {
+            assert!(
+                opt.total_ms <= r.total_ms + 1e-6,
+                "seed {seed}: optimum {} ms behind {} ({} ms, switches {:?})",
+                opt.total_ms - r.total_ms,
+                r.policy,
+                r.total_ms,
+                r.switches
+            );
+        }
+    }
+}
+
 #[test]
 fn the_modeled_node_reproduces_the_independent_model() {
     // The project's research notes (an independent Python model of the same node): 128 responses

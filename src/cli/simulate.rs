@@ -389,7 +389,8 @@ pub fn report(a: &SimulateArgs) -> Result<SimReport> {
     notes.push(format!(
         "replicas decode independently and meet at each switch (a barrier) and at the end; the batch is placed as {}; \
          adaptive estimates remaining lengths from this batch's own length distribution (in-sample), the oracle rule knows them; \
-         the optimum searches switch schedules on the true clock (src/sim/optimum.rs)",
+         the optimum is the best schedule found on the true clock with the true lengths: a search over up to three switches at 32 evenly spaced points, refined, \
+         and the schedules the rules followed (src/sim/optimum.rs); an upper bound on the true optimum",
         match cfg.placement {
             Placement::Chunks => "contiguous chunks per replica (VeRL)",
             Placement::Lpt => "LPT on the true lengths (an ideal)",

@@ -13,9 +13,11 @@
 //!    either side (last switch first, two passes).
 //!
 //! After a switch the live sequences are placed by longest-processing-time on their true
-//! remaining lengths. The search is exhaustive on its grid, not over every round: the reported
-//! optimum is a lower bound on what a switch at a grid point can reach, and an upper bound on the
-//! true optimum.
+//! remaining lengths. The search is exhaustive on its grid, not over every round, so a rule that
+//! switches between grid points can beat it; [`no_worse_than`] therefore also replays the
+//! schedules the rules followed (at this node's switch cost) and refines any that is faster. The
+//! reported optimum is the best schedule found that way: never behind a baseline it could have
+//! followed, and an upper bound on the true optimum.
 
 use super::node::{Node, TrueSwitch};
 use super::run::{
@@ -137,9 +139,54 @@ pub fn search(trace: &Trace, model: &SimModel, cfg: &SimConfig) -> Result<SimRes
             pick(&next, 0, 2 * KEEP)
         };
     }
-    let (mut best_t, mut sched) = best
+    let (best_t, sched) = best
         .ok_or_else(|| crate::error::Error::Invalid("no candidate layout to search over".into()))?;
-    // Refine each switch within one grid cell on either side, the last first, twice over.
+    let (_, sched) = refine(model, cfg, &reqs, best_t, sched)?;
+    let (node, events) = replay(model, cfg, &reqs, &sched)?;
+    Ok(result("optimum".into(), &node, sched.start, events, None))
+}
+
+/// `found` (the search's run), or the fastest of `others` where one is faster: each other run's
+/// schedule (its start and its switches' rounds and targets) is replayed with the search's
+/// placement and, where it beats `found`, refined as the search's best is. `others` must have
+/// paid this node's true switch cost (not PAT's flat 5.52 s).
+pub fn no_worse_than(
+    trace: &Trace,
+    model: &SimModel,
+    cfg: &SimConfig,
+    found: SimResult,
+    others: &[&SimResult],
+) -> Result<SimResult> {
+    let reqs = requests(trace);
+    let mut best: Option<(f64, Schedule)> = None;
+    for r in others {
+        let sched = Schedule {
+            start: r.start_tp,
+            switches: r.switches.iter().map(|s| (s.step, s.to)).collect(),
+        };
+        let t = replay(model, cfg, &reqs, &sched)?.0.now_ms();
+        if t < best.as_ref().map_or(found.total_ms, |b| b.0) {
+            best = Some((t, sched));
+        }
+    }
+    let Some((t, sched)) = best else {
+        return Ok(found);
+    };
+    let (_, sched) = refine(model, cfg, &reqs, t, sched)?;
+    let (node, events) = replay(model, cfg, &reqs, &sched)?;
+    Ok(result(found.policy, &node, sched.start, events, None))
+}
+
+/// `sched` (taking `best_t`) with each switch moved within one grid cell on either side where
+/// that is faster, the last first, twice over.
+fn refine(
+    model: &SimModel,
+    cfg: &SimConfig,
+    reqs: &[(usize, usize)],
+    mut best_t: f64,
+    mut sched: Schedule,
+) -> Result<(f64, Schedule)> {
+    let longest = reqs.iter().map(|r| r.1).max().unwrap_or(0);
     let cell = (longest / GRID).max(1);
     for _ in 0..2 {
         for i in (0..sched.switches.len()).rev() {
@@ -155,7 +202,7 @@ pub fn search(trace: &Trace, model: &SimModel, cfg: &SimConfig) -> Result<SimRes
                 }
                 let mut cand = sched.clone();
                 cand.switches[i].0 = r;
-                let t = replay(model, cfg, &reqs, &cand)?.0.now_ms();
+                let t = replay(model, cfg, reqs, &cand)?.0.now_ms();
                 if t < best_t {
                     best_t = t;
                     sched = cand;
@@ -163,8 +210,7 @@ pub fn search(trace: &Trace, model: &SimModel, cfg: &SimConfig) -> Result<SimRes
             }
         }
     }
-    let (node, events) = replay(model, cfg, &reqs, &sched)?;
-    Ok(result("optimum".into(), &node, sched.start, events, None))
+    Ok((best_t, sched))
 }
 
 /// Seeds for the next level of the search: the best schedule of each layout path (start and
