@@ -64,6 +64,7 @@ pub mod backend;
 pub mod dtype;
 pub mod engine;
 pub mod error;
+pub mod json;
 pub mod kv;
 pub mod model;
 pub mod parallel;

@@ -34,11 +34,7 @@ pub fn parse_requests_jsonl(
         } else {
             line
         };
-        let v: Value =
-            serde_json::from_str(line).map_err(|e| err(format!("not valid JSON: {e}")))?;
-        let obj = v
-            .as_object()
-            .ok_or_else(|| err("each line must be a JSON object".into()))?;
+        let obj = crate::json::object(line, "each line must be a JSON object").map_err(err)?;
         for key in obj.keys() {
             if !["input_ids", "prompt", "max_new_tokens", "ignore_eos"].contains(&key.as_str()) {
                 return Err(err(format!(

@@ -121,11 +121,7 @@ impl Trace {
             } else {
                 line
             };
-            let v: Value =
-                serde_json::from_str(line).map_err(|e| err(format!("not valid JSON: {e}")))?;
-            let obj = v
-                .as_object()
-                .ok_or_else(|| err("each line must be a JSON object".into()))?;
+            let obj = crate::json::object(line, "each line must be a JSON object").map_err(err)?;
             if let Some(k) = obj.keys().find(|k| {
                 !["prompt_len", "response_len", "input_ids", "group"].contains(&k.as_str())
             }) {
