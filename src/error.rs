@@ -51,6 +51,11 @@ pub enum Error {
     /// or value (`block_size`, `tp 3`); only the command line names its flags.
     #[error("{0}")]
     Invalid(String),
+    /// The command line alone is wrong, whatever the files it names hold: a flag's value no
+    /// command takes, or flags the chosen mode makes moot. `pat` exits 2 for it, as for clap's
+    /// own usage errors; the library never raises it.
+    #[error("{0}")]
+    Usage(String),
     /// A rank's worker thread failed or a collective was left by a peer.
     #[error("rank {rank}: {msg}")]
     Rank { rank: usize, msg: String },
@@ -108,7 +113,9 @@ impl Error {
             }
             Error::Tokenizer(_) => ErrorKind::BadFile,
             Error::Unsupported { .. } => ErrorKind::Unsupported,
-            Error::Layout(_) | Error::Request(_) | Error::Invalid(_) => ErrorKind::InvalidArgument,
+            Error::Layout(_) | Error::Request(_) | Error::Invalid(_) | Error::Usage(_) => {
+                ErrorKind::InvalidArgument
+            }
             Error::KvExhausted(_) | Error::HostMemory(_) => ErrorKind::ResourceExhausted,
             Error::Device(_) => ErrorKind::Device,
             Error::Rank { .. } | Error::Internal(_) => ErrorKind::Internal,
@@ -122,6 +129,7 @@ impl Error {
     pub fn context(self, ctx: impl std::fmt::Display) -> Self {
         match self {
             Error::Invalid(m) => Error::Invalid(format!("{ctx}: {m}")),
+            Error::Usage(m) => Error::Usage(format!("{ctx}: {m}")),
             Error::Layout(m) => Error::Layout(format!("{ctx}: {m}")),
             Error::Request(m) => Error::Request(format!("{ctx}: {m}")),
             Error::KvExhausted(m) => Error::KvExhausted(format!("{ctx}: {m}")),

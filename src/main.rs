@@ -58,6 +58,14 @@ fn main() -> ExitCode {
             errln!("error: {e}");
             ExitCode::FAILURE
         }
+        // The command line alone is wrong: a usage error, as clap's own.
+        Err(pat::Error::Usage(m)) => {
+            errln!(
+                "error: {}\n\nFor more information, try '--help'.",
+                cli::flag_names(&m)
+            );
+            ExitCode::from(USAGE)
+        }
         Err(e) => {
             errln!("error: {}", cli::flag_names(&e.to_string()));
             ExitCode::FAILURE

@@ -28,11 +28,11 @@ pub struct ProfileArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Live batch sizes of the decode grid.
-    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8", value_parser = super::common::count)]
     pub batches: Vec<usize>,
     /// Context lengths (cached tokens per sequence) of the decode grid [default: 32,128,512,
     /// where a model holds fewer positions the longest it holds instead of what is over].
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = super::common::count)]
     pub contexts: Option<Vec<usize>>,
     /// Decode steps timed per grid point (the median is kept).
     #[arg(long, default_value_t = 5, value_parser = super::common::count)]

@@ -89,7 +89,7 @@ pub struct RolloutArgs {
     pub profile: Option<PathBuf>,
     /// Starting tp for adaptive (default: the static layout the profile predicts is fastest for
     /// the whole batch).
-    #[arg(long)]
+    #[arg(long, value_parser = super::common::count)]
     pub start_tp: Option<usize>,
     /// Decode steps between decisions.
     #[arg(long, default_value_t = 8, value_parser = super::common::count)]

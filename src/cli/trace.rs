@@ -78,7 +78,7 @@ pub struct GenArgs {
     /// Response cap: no response is longer. Deepscaler and grpo clamp their drawn lengths to it
     /// (as a capped generation does); an explicit --lo, --hi, --short or --long above it is an
     /// error, not clamped.
-    #[arg(long, default_value_t = 24576)]
+    #[arg(long, default_value_t = 24576, value_parser = super::common::count)]
     pub cap: usize,
     /// Deepscaler, uniform, grpo: seed of the draws [default: 0] (straggler draws nothing).
     #[arg(long)]
@@ -106,7 +106,7 @@ pub struct StatsArgs {
     pub file: PathBuf,
     /// Cap the fractions refer to (default: the longest response in the file); a response longer
     /// than it is an error, since a trace made with that cap has none.
-    #[arg(long)]
+    #[arg(long, value_parser = super::common::count)]
     pub cap: Option<usize>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
@@ -133,13 +133,10 @@ fn kind_flags(a: &GenArgs) -> [(&'static str, bool, &'static [TraceKind]); 10] {
 /// Refuses a flag the chosen kind does not use, and lengths above the cap.
 fn check_gen_flags(a: &GenArgs) -> Result<()> {
     let cap = a.cap;
-    if cap == 0 {
-        return Err(Error::Invalid("--cap must be at least 1".into()));
-    }
     for (flag, given, kinds) in kind_flags(a) {
         if given && !kinds.contains(&a.kind) {
             let users: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
-            return Err(Error::Invalid(format!(
+            return Err(Error::Usage(format!(
                 "{flag} is not used by --kind {} (only by {})",
                 a.kind.name(),
                 users.join(", ")
@@ -153,7 +150,7 @@ fn check_gen_flags(a: &GenArgs) -> Result<()> {
         ("--long", a.long),
     ] {
         if let Some(v) = v.filter(|&v| v > cap) {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Usage(format!(
                 "{flag} {v} is longer than --cap {cap}: no response may be longer than the cap"
             )));
         }
@@ -165,7 +162,7 @@ fn check_gen_flags(a: &GenArgs) -> Result<()> {
                 Some(_) => String::new(),
                 None => format!(" ({default})"),
             };
-            return Err(Error::Invalid(format!(
+            return Err(Error::Usage(format!(
                 "--long {long}{} is shorter than --short {short}{}: the straggler is the longest",
                 said(a.long, "the default, --cap"),
                 said(a.short, "the default, cap/16"),
@@ -189,7 +186,7 @@ pub fn generate(a: &GenArgs) -> Result<Trace> {
     let cap = a.cap;
     let (n, seed) = (a.n.unwrap_or(128), a.seed.unwrap_or(0));
     if a.kind == TraceKind::Uniform && a.lo.is_none() && a.hi.is_none() && cap / 4 == 0 {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Usage(format!(
             "--cap {cap} is too small for the default uniform range (cap/4 +- cap/32); give --lo and --hi"
         )));
     }
@@ -203,7 +200,7 @@ pub fn generate(a: &GenArgs) -> Result<Trace> {
             true => v.to_string(),
             false => format!("{v} (the default, {default})"),
         };
-        return Err(Error::Invalid(format!(
+        return Err(Error::Usage(format!(
             "--lo {} is above --hi {}: uniform lengths need --lo <= --hi",
             said(lo, a.lo.is_some(), "cap/4 - cap/32"),
             said(hi, a.hi.is_some(), "cap/4 + cap/32")
@@ -225,7 +222,8 @@ pub fn generate(a: &GenArgs) -> Result<Trace> {
             seed,
         }),
     };
-    r.map_err(|e| Error::Invalid(trace_flags(&e.to_string())))
+    // A trace is made from the command line alone: whatever it refuses is a usage error.
+    r.map_err(|e| Error::Usage(trace_flags(&e.to_string())))
 }
 
 /// A generator's message with its parameter names as the flags of `pat trace gen`.
@@ -251,9 +249,6 @@ fn trace_flags(msg: &str) -> String {
 /// The trace in `file` (`-`: stdin), checked against `cap`: a response longer than the cap is an
 /// error naming its line.
 fn load_for_stats(file: &Path, cap: Option<usize>) -> Result<Trace> {
-    if cap == Some(0) {
-        return Err(Error::Invalid("--cap must be at least 1".into()));
-    }
     let t = super::common::load_trace(file)?;
     if let Some(cap) = cap {
         if let Some((i, r)) = t

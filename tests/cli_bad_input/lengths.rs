@@ -151,17 +151,17 @@ const CASES: &[Case] = &[
         |f| gen(f, &["--kv-blocks", "10000000000000", "--prompt-ids", "1"]),
         "--kv-blocks is 10000000000000, more than block ids count",
     ),
-    err(
+    usage(
         "trace_gen_n_u64_max",
         |_| a(&["trace", "gen", "--n", "18446744073709551615"]),
         "--n 18446744073709551615 is more requests than a trace may have",
     ),
-    err(
+    usage(
         "trace_gen_n_1e10",
         |_| a(&["trace", "gen", "--kind", "uniform", "--n", "10000000000"]),
         "--n 10000000000",
     ),
-    err(
+    usage(
         "trace_gen_cap_2p40",
         |_| a(&["trace", "gen", "--cap", "1099511627776"]),
         "--cap 1099511627776 is longer than any model's context",
@@ -194,12 +194,12 @@ const CASES: &[Case] = &[
     usage(
         "simulate_world_past_any_node",
         |f| a(&["simulate", "--trace", &f.p("trace_small.jsonl"), "--world", "1000000", "--no-optimum"]),
-        "invalid value '1000000' for '--world <WORLD>': 1000000 is more ranks than pat supports (4096)",
+        "invalid value '1000000' for '--world <WORLD>': 1000000 GPUs: a simulated node has 1 to 1024",
     ),
-    err(
+    usage(
         "simulate_world_past_what_it_models",
         |f| a(&["simulate", "--trace", &f.p("trace_small.jsonl"), "--world", "2048", "--no-optimum"]),
-        "--world must be in 1..=1024, got 2048",
+        "invalid value '2048' for '--world <WORLD>': 2048 GPUs: a simulated node has 1 to 1024",
     ),
     // 8B weights (16 GB) in 1% of two 80 GB GPUs: no KV room at any tp, where the node used to
     // run each replica one sequence at a time and report the times.
@@ -245,7 +245,7 @@ const CASES: &[Case] = &[
         |f| a(&["simulate", "--trace", &f.p("trace_200k.jsonl"), "--no-optimum"]),
         "trace_200k.jsonl:1: request 0: `prompt_len` 8 + `response_len` 200000 is beyond llama3-8b's context of 131072",
     ),
-    err(
+    usage(
         "trace_gen_uniform_hi_under_the_default_lo_says_it_is_the_default",
         |_| a(&["trace", "gen", "--kind", "uniform", "--hi", "5"]),
         "--lo 5376 (the default, cap/4 - cap/32) is above --hi 5",
@@ -255,12 +255,12 @@ const CASES: &[Case] = &[
         |_| a(&["trace", "gen", "--kind", "grpo", "--rho", "1.5"]),
         "invalid value '1.5' for '--rho <RHO>': must be in [0, 1]",
     ),
-    err(
+    usage(
         "trace_gen_grpo_at_cap_where_the_shape_collapses",
         |_| a(&["trace", "gen", "--kind", "grpo", "--at-cap", "0.08"]),
         "--at-cap must be above 0 and at most 0.0389, got 0.08",
     ),
-    err(
+    usage(
         "trace_gen_grpo_batch_past_the_bound",
         |_| a(&["trace", "gen", "--kind", "grpo", "--prompts", "4294967296", "--group-size", "4294967296"]),
         "--prompts x --group-size must be between 1 and 16777216 responses",

@@ -226,19 +226,19 @@ const CASES: &[Case] = &[
         |f| a(&["generate", "--model", &f.p("m")]),
         "required",
     ),
-    err(
+    usage(
         "trace_gen_cap_zero_names_cap",
         |_| a(&["trace", "gen", "--kind", "uniform", "--cap", "0"]),
-        "--cap must be at least 1",
+        "invalid value '0' for '--cap <CAP>': must be at least 1",
     ),
     Case {
         name: "trace_gen_tiny_cap_names_cap_not_lo_hi",
         args: |_| a(&["trace", "gen", "--kind", "uniform", "--cap", "3"]),
-        code: 1,
+        code: 2,
         needle: "--cap 3 is too small for the default uniform range",
         absent: Some("got lo"),
     },
-    err(
+    usage(
         "trace_gen_straggler_long_zero",
         |_| a(&["trace", "gen", "--kind", "straggler", "--long", "0"]),
         "--long 0",
