@@ -57,9 +57,10 @@ pub struct ComposeArgs {
     /// GPUs of the node the profile describes.
     #[arg(long, default_value_t = 8, value_parser = super::common::ranks)]
     pub world: usize,
-    /// Link between the node's GPUs: picks the all-reduce table (nvlink, pcie, or GB/s).
-    #[arg(long, default_value = "nvlink")]
-    pub link: Link,
+    /// Link between the node's GPUs: picks the all-reduce table (nvlink, pcie, or GB/s;
+    /// default nvlink for h100 and h200, pcie for a40).
+    #[arg(long)]
+    pub link: Option<Link>,
     /// The node's GPUs (h100, h200 or a40): their memory sets each replica's KV capacity.
     #[arg(long, value_enum, default_value = "h100")]
     pub gpu: super::simulate::Gpu,
@@ -74,7 +75,8 @@ pub struct ComposeArgs {
 }
 
 pub fn run(a: ComposeArgs) -> Result<()> {
-    let mut params = ComponentParams::defaults(a.gpu.into(), a.link);
+    let gpu: pat::sim::GpuKind = a.gpu.into();
+    let mut params = ComponentParams::defaults(gpu, a.link.unwrap_or(gpu.default_link()));
     params.mem_fraction = a.mem_fraction;
     let shards = a
         .shards

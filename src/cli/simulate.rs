@@ -50,11 +50,12 @@ pub struct SimulateArgs {
     /// --model-shape on --gpu (every number MODELED; the output says so).
     #[arg(long)]
     pub profile: Option<PathBuf>,
-    /// GPUs in the node.
-    #[arg(long, default_value_t = 8, value_parser = super::common::ranks)]
+    /// GPUs in the node (1 to 1024).
+    #[arg(long, default_value_t = 8, value_parser = sim_world)]
     pub world: usize,
     /// Modeled node: link between GPUs (nvlink, pcie or a one-way bandwidth in GB/s; default
-    /// nvlink). Picks the all-reduce table and the switch's transfer rate.
+    /// nvlink for h100 and h200, pcie for a40). Picks the all-reduce table and the switch's
+    /// transfer rate.
     #[arg(long)]
     pub link: Option<Link>,
     /// llama3-8b or qwen3-14b (default llama3-8b); with --profile it is checked against the
@@ -104,7 +105,7 @@ pub struct SimulateArgs {
     pub switch_fixed_ms: Option<f64>,
     /// Tp the adaptive and oracle runs start at (default: where their predicted plan is
     /// shortest). PAT's rule starts here too (default: the best static layout).
-    #[arg(long)]
+    #[arg(long, value_parser = super::common::count)]
     pub start_tp: Option<usize>,
     /// Skip the optimum search (the slowest part: a few hundred runs of the node).
     #[arg(long)]
@@ -125,11 +126,22 @@ pub struct SimulateArgs {
     pub calibration: bool,
 }
 
+/// `--world` of a simulated node: 1 to [`MAX_WORLD`] GPUs.
+fn sim_world(v: &str) -> std::result::Result<usize, String> {
+    match v.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_WORLD).contains(&n) => Ok(n),
+        Ok(n) => Err(format!("{n} GPUs: a simulated node has 1 to {MAX_WORLD}")),
+        Err(_) => Err(format!(
+            "expected a number of GPUs (1 to {MAX_WORLD}), got {v:?}"
+        )),
+    }
+}
+
 /// The modeled node's component model from the flags.
 pub fn component_model(a: &SimulateArgs) -> Result<ComponentModel> {
     let shape = a.model_shape.unwrap_or(ModelShape::Llama3_8b);
-    let link = a.link.unwrap_or(Link::NvLink);
-    let mut p = ComponentParams::defaults(a.gpu.unwrap_or(Gpu::H100).into(), link);
+    let gpu: GpuKind = a.gpu.unwrap_or(Gpu::H100).into();
+    let mut p = ComponentParams::defaults(gpu, a.link.unwrap_or(gpu.default_link()));
     let mut from_file = Vec::new();
     if let Some(path) = &a.cost_model {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -178,17 +190,6 @@ impl From<Gpu> for GpuKind {
 pub fn world_model(a: &SimulateArgs) -> Result<(Box<dyn StepClock>, Profile, String)> {
     match &a.profile {
         Some(path) => {
-            if a.link.is_some()
-                || a.gpu.is_some()
-                || a.per_seq_us.is_some()
-                || a.mem_fraction.is_some()
-                || a.cost_model.is_some()
-            {
-                return Err(Error::Invalid(
-                    "--link, --gpu, --per-seq-us, --mem-fraction and --cost-model shape only the modeled node; a --profile already fixes them"
-                        .into(),
-                ));
-            }
             let p = Profile::load(path)?;
             let dims = match a.model_shape {
                 Some(s) => s.dims(),
@@ -218,29 +219,35 @@ pub fn world_model(a: &SimulateArgs) -> Result<(Box<dyn StepClock>, Profile, Str
     }
 }
 
-/// Refuses what the simulator cannot model sensibly: absurd worlds, lengths beyond the model's
-/// context (naming the request and its line).
-fn check_bounds(a: &SimulateArgs, loaded: &super::common::LoadedTrace) -> Result<()> {
-    if a.world == 0 || a.world > MAX_WORLD {
-        return Err(Error::Invalid(format!(
-            "--world must be in 1..={MAX_WORLD}, got {}",
-            a.world
-        )));
-    }
-    let shape = a.model_shape.unwrap_or(ModelShape::Llama3_8b);
-    let max_pos = shape.max_position_embeddings();
-    if let Some((i, r)) = loaded
-        .trace
-        .requests
-        .iter()
-        .enumerate()
-        .find(|(_, r)| r.prompt_len.saturating_add(r.response_len) > max_pos)
-    {
-        let msg = format!(
-            "`prompt_len` {} + `response_len` {} is beyond {shape}'s context of {max_pos}",
-            r.prompt_len, r.response_len
-        );
-        return Err(loaded.request_error(i, &msg));
+/// Refuses what the simulator cannot model sensibly: lengths beyond the model's context (the
+/// modeled shape's, or what a measured profile states), naming the request and its line.
+fn check_bounds(
+    a: &SimulateArgs,
+    loaded: &super::common::LoadedTrace,
+    profile: &Profile,
+) -> Result<()> {
+    let context = match (&a.profile, profile.max_position_embeddings) {
+        (Some(path), Some(n)) => Some((format!("the profiled model's ({})", path.display()), n)),
+        (Some(_), None) => None,
+        (None, _) => {
+            let shape = a.model_shape.unwrap_or(ModelShape::Llama3_8b);
+            Some((format!("{shape}'s"), shape.max_position_embeddings()))
+        }
+    };
+    if let Some((whose, max_pos)) = context {
+        if let Some((i, r)) = loaded
+            .trace
+            .requests
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.prompt_len.saturating_add(r.response_len) > max_pos)
+        {
+            let msg = format!(
+                "`prompt_len` {} + `response_len` {} is beyond {whose} context of {max_pos}",
+                r.prompt_len, r.response_len
+            );
+            return Err(loaded.request_error(i, &msg));
+        }
     }
     if let Some(cap) = a.cap {
         let reqs = &loaded.trace.requests;
@@ -290,10 +297,14 @@ fn fit_candidates(
         .collect::<Vec<_>>()
         .join(", ");
     if candidates.is_empty() {
+        let remedy = if a.profile.is_some() {
+            "profile a node with more KV memory per replica"
+        } else {
+            "raise --mem-fraction, simulate a larger --world"
+        };
         return Err(Error::Invalid(format!(
             "no layout of --world {} holds the longest request's {longest} KV tokens (prompt + \
-             response) on a replica: {each} ({whence}); raise --mem-fraction, simulate a larger \
-             --world, or cap the responses shorter",
+             response) on a replica: {each} ({whence}); {remedy}, or cap the responses shorter",
             a.world
         )));
     }
@@ -305,16 +316,46 @@ fn fit_candidates(
     Ok(Some(note))
 }
 
+/// Refuses what the command line alone gets wrong (usage errors): the modeled node's flags with
+/// a measured --profile, a --start-tp that is no layout of --world.
+fn check_flags(a: &SimulateArgs) -> Result<()> {
+    // `sim_world` checks the flag as it is read; this, an `a` built by hand.
+    sim_world(&a.world.to_string()).map_err(|e| Error::Usage(format!("--world: {e}")))?;
+    if a.profile.is_some() {
+        let modeled = [
+            ("--link", a.link.is_some()),
+            ("--gpu", a.gpu.is_some()),
+            ("--per-seq-us", a.per_seq_us.is_some()),
+            ("--mem-fraction", a.mem_fraction.is_some()),
+            ("--cost-model", a.cost_model.is_some()),
+        ];
+        if let Some((flag, _)) = modeled.iter().find(|f| f.1) {
+            return Err(Error::Usage(format!(
+                "{flag} shapes the modeled node only; a --profile is measured and fixes the node \
+                 (--link, --gpu, --per-seq-us, --mem-fraction and --cost-model are moot with it)"
+            )));
+        }
+    }
+    if let Some(s) = a.start_tp.filter(|&s| !a.world.is_multiple_of(s)) {
+        return Err(Error::Usage(format!(
+            "--start-tp {s} does not divide --world {}: a layout of {} GPUs has tp dividing it",
+            a.world, a.world
+        )));
+    }
+    Ok(())
+}
+
 /// Runs the simulation and builds the report (what `run` prints).
 pub fn report(a: &SimulateArgs) -> Result<SimReport> {
+    check_flags(a)?;
     let path = a
         .trace
         .as_ref()
-        .ok_or_else(|| Error::Invalid("--trace is required".into()))?;
+        .ok_or_else(|| Error::Usage("--trace is required".into()))?;
     let loaded = super::common::load_trace(path)?;
-    check_bounds(a, &loaded)?;
-    let trace = loaded.trace;
     let (clock, mut profile, source_note) = world_model(a)?;
+    check_bounds(a, &loaded, &profile)?;
+    let trace = loaded.trace;
     if let Some(ms) = a.switch_fixed_ms {
         profile.switch.fixed_ms = ms;
     }
@@ -332,6 +373,26 @@ pub fn report(a: &SimulateArgs) -> Result<SimReport> {
             "no tp degree is both valid for --world {} and profiled (profiled: {fitted:?})",
             a.world
         )));
+    }
+    if let Some(s) = a.start_tp {
+        let d = &profile.model;
+        pat::parallel::layout::check_tp_for_dims(
+            s,
+            d.num_heads,
+            d.num_kv_heads,
+            d.intermediate_size,
+        )
+        .map_err(|e| {
+            Error::Invalid(format!(
+                "--start-tp {s}: {e} (the layouts of --world {} this model takes: tp {})",
+                a.world,
+                candidates
+                    .iter()
+                    .map(|t| t.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?;
     }
     let left_out = fit_candidates(a, &trace, clock.as_ref(), &mut candidates)?;
     let cfg = SimConfig {
@@ -466,10 +527,21 @@ pub fn run(a: SimulateArgs) -> Result<()> {
     let rep = report(&a)?;
     if let Some(mut out) = svg {
         let runs: Vec<_> = rep.rows.iter().map(|r| r.result.clone()).collect();
+        let clock = match &a.profile {
+            Some(p) => format!(
+                "clock: profile {} ({})",
+                p.display(),
+                rep.profile.provenance()
+            ),
+            None => "MODELED".into(),
+        };
         let title = format!(
-            "{} on {}, {} ({}) - MODELED unless a measured profile",
+            "{} on {}, {} ({}) - {clock}",
             rep.model.split(' ').next().unwrap_or("model"),
-            super::common::plural(rep.world, "GPU"),
+            match &a.profile {
+                Some(_) => super::common::plural(rep.world, "rank"),
+                None => super::common::plural(rep.world, "GPU"),
+            },
             super::common::plural(rep.trace.count, "request"),
             rep.trace_path
         );

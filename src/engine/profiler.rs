@@ -160,7 +160,17 @@ pub fn measure_profile(
             },
             other => other.clone(),
         };
-        let mut engine = Engine::with_backend(model.cfg.clone(), &model.ck, opts, &backend)?;
+        let mut engine = Engine::with_backend(model.cfg.clone(), &model.ck, opts, &backend)
+            .map_err(|e| match e {
+                // The pools are sized by the grid, not by a `kv_blocks` the caller chose.
+                Error::KvExhausted(m) => Error::KvExhausted(format!(
+                    "profile grid: its largest point (`batches` {max_b} x `contexts` {max_c}, \
+                     plus {} decode steps) needs {kv_blocks} KV blocks per rank at tp {tp}: {}",
+                    grid.steps,
+                    m.replace("`kv_blocks` ", "")
+                )),
+                e => e,
+            })?;
         if tp == tps[0] {
             device = engine.describe_ranks();
             // The first rank's memory: host memory copied by one thread, or its GPU.
@@ -237,6 +247,7 @@ pub fn measure_profile(
     .collect();
     let profile = Profile {
         version: PROFILE_VERSION,
+        max_position_embeddings: Some(model.cfg.max_position_embeddings),
         model: dims,
         world: grid.world,
         backend: backend.name().into(),

@@ -116,9 +116,13 @@ impl FromStr for Link {
 impl fmt::Display for Link {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Link::NvLink => write!(f, "NVLink 450 GB/s one-way, 8 us"),
-            Link::Pcie => write!(f, "PCIe 25 GB/s one-way, 20 us"),
-            Link::GBps(g) => write!(f, "{g} GB/s one-way, {:.0} us", self.latency_s() * 1e6),
+            Link::NvLink => write!(f, "NVLink 450 GB/s one-way, 8 us all-reduce latency"),
+            Link::Pcie => write!(f, "PCIe 25 GB/s one-way, 20 us all-reduce latency"),
+            Link::GBps(g) => write!(
+                f,
+                "{g} GB/s one-way, {:.0} us all-reduce latency",
+                self.latency_s() * 1e6
+            ),
         }
     }
 }

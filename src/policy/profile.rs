@@ -106,6 +106,11 @@ pub struct Profile {
     /// state it; the engine profiler measures speed only and leaves it empty.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub kv_capacity_tokens: BTreeMap<usize, usize>,
+    /// The longest context (prompt + response) the profiled model holds: its
+    /// `max_position_embeddings`. The engine profiler and `compose-profile` state it;
+    /// `pat simulate --profile` refuses a trace with a request past it (the engine would).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_position_embeddings: Option<usize>,
     /// Where the profile was read from (for messages); not part of the file.
     #[serde(skip)]
     pub source: PathBuf,
@@ -229,6 +234,9 @@ impl Profile {
                     s.tp, s.batch, s.context
                 )));
             }
+        }
+        if self.max_position_embeddings == Some(0) {
+            return Err(self.err("`max_position_embeddings` must be at least 1".into()));
         }
         if let Some(tp) = self.kv_capacity_tokens.keys().find(|&&tp| !tp_ok(tp)) {
             return Err(self.err(format!(

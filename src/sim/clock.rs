@@ -290,6 +290,8 @@ pub fn sampled_profile(model: &ComponentModel, world: usize) -> Result<Profile> 
     let link = model.p.link_bytes_per_s;
     Ok(Profile {
         version: PROFILE_VERSION,
+        // The modeled shape's context is checked where the trace is read.
+        max_position_embeddings: None,
         world,
         backend: "modeled".into(),
         device: format!("MODELED component model: {world} x {}", model.p.name),

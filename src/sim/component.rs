@@ -39,38 +39,6 @@ use crate::policy::modeled::Link;
 mod step;
 pub use step::{BatchTerms, StepBreakdown};
 
-/// A JSON object's entries in file order. A key given twice is an error: serde_json's `Value`
-/// keeps the last one silently, and which of two values a cost model ran on must not be a guess.
-struct Entries(Vec<(String, Value)>);
-
-impl<'de> Deserialize<'de> for Entries {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        struct Visit;
-        impl<'de> serde::de::Visitor<'de> for Visit {
-            type Value = Entries;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON object of component-model constants")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> std::result::Result<Entries, A::Error> {
-                let mut out: Vec<(String, Value)> = Vec::new();
-                while let Some((k, v)) = map.next_entry::<String, Value>()? {
-                    if out.iter().any(|(seen, _)| *seen == k) {
-                        return Err(serde::de::Error::custom(format!(
-                            "key `{k}` is given twice"
-                        )));
-                    }
-                    out.push((k, v));
-                }
-                Ok(Entries(out))
-            }
-        }
-        d.deserialize_map(Visit)
-    }
-}
-
 /// One row of an all-reduce table: latency and algorithm bandwidth at a tp degree.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -145,6 +113,17 @@ pub enum GpuKind {
     H100,
     H200,
     A40,
+}
+
+impl GpuKind {
+    /// The link its 8-GPU nodes have: NVLink/NVSwitch for H100 and H200 (SXM); PCIe for A40
+    /// (its NVLink bridge joins two cards, not a node).
+    pub fn default_link(self) -> Link {
+        match self {
+            GpuKind::H100 | GpuKind::H200 => Link::NvLink,
+            GpuKind::A40 => Link::Pcie,
+        }
+    }
 }
 
 fn nvlink_allreduce() -> Vec<AllReducePoint> {
@@ -225,11 +204,8 @@ impl ComponentParams {
     /// naming `what`, the file).
     pub fn overridden(&self, json: &str, what: &str) -> Result<ComponentParams> {
         let bad = |m: String| Error::Invalid(format!("{what}: {m}"));
-        let over = match serde_json::from_str::<Entries>(json) {
-            Ok(Entries(over)) => over,
-            Err(e) if e.is_data() => return Err(bad(format!("{e}"))),
-            Err(e) => return Err(bad(format!("not valid JSON: {e}"))),
-        };
+        let over = crate::json::object(json, "must be a JSON object of component-model constants")
+            .map_err(bad)?;
         let defaults = serde_json::to_value(self).map_err(|e| Error::Internal(e.to_string()))?;
         let mut base = defaults.clone();
         let obj = base
@@ -260,9 +236,21 @@ impl ComponentParams {
             }
             obj.insert(k.clone(), v.clone());
         }
-        let p: ComponentParams =
+        let mut p: ComponentParams =
             serde_json::from_value(base).map_err(|e| bad(format!("bad value: {e}")))?;
         p.validate().map_err(|e| bad(e.to_string()))?;
+        // The name heads every report: a node with overridden constants must not read as the
+        // default one (unless the file names it itself).
+        if !over.iter().any(|(k, _)| k == "name") && !over.is_empty() {
+            let shown: Vec<String> = over
+                .iter()
+                .map(|(k, v)| match v {
+                    Value::Array(_) | Value::Object(_) => format!("{k} (a table)"),
+                    v => format!("{k} {v}"),
+                })
+                .collect();
+            p.name = format!("{}; overridden by {what}: {}", p.name, shown.join(", "));
+        }
         Ok(p)
     }
 

@@ -123,6 +123,7 @@ pub fn compose_node(
     let first = &shards[0].1;
     Ok(Profile {
         version: PROFILE_VERSION,
+        max_position_embeddings: first.max_position_embeddings,
         world,
         backend: first.backend.clone(),
         device: format!(

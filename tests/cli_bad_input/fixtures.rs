@@ -358,5 +358,32 @@ fn make() -> Fx {
         "trace_small.jsonl",
         [trace(4, 3), trace(2, 5), trace(3, 2)].join("\n"),
     );
+    write(
+        d,
+        "trace_dup_key.jsonl",
+        "{\"prompt_len\":4,\"response_len\":3,\"prompt_len\":9}\n",
+    );
+    // A measured profile of a 2-rank node whose model holds 64 positions.
+    let decode: Vec<_> = [1usize, 2]
+        .iter()
+        .flat_map(|&tp| {
+            [(1usize, 8usize), (1, 32), (4, 8), (4, 32)].map(|(batch, context)| {
+                let ms = 2.0 / tp as f64 + 0.1 * batch as f64 + 0.001 * (batch * context) as f64;
+                json!({"tp": tp, "batch": batch, "context": context, "step_ms": ms})
+            })
+        })
+        .collect();
+    let measured = json!({"decode": true, "prefill": true, "transfer": true, "switch": false});
+    let profile = json!({
+        "version": 1,
+        "model": {"arch": "llama", "num_layers": 2, "hidden_size": 64, "num_heads": 4,
+                  "num_kv_heads": 2, "head_dim": 16, "intermediate_size": 128, "vocab_size": 256},
+        "world": 2, "backend": "cpu", "device": "test", "decode": decode,
+        "prefill": [{"tp": 1, "tokens_per_s": 1000.0}, {"tp": 2, "tokens_per_s": 1800.0}],
+        "transfer_bytes_per_s": 1e9,
+        "switch": {"fixed_ms": 10.0, "weight_bytes_per_s": 1e9, "kv_bytes_per_s": 1e9},
+        "measured": measured, "max_position_embeddings": 64,
+    });
+    write(d, "prof_w2.json", profile.to_string());
     Fx { dir }
 }

@@ -252,6 +252,102 @@ fn table() -> Vec<Case> {
             },
             "--contexts value 600 is too long for this model",
         ),
+        // Flags the chosen mode makes moot, and values the command line alone gets wrong.
+        usage(
+            "trace_gen_flag_of_another_kind",
+            |_| a(&["trace", "gen", "--kind", "deepscaler", "--lo", "5"]),
+            "--lo is not used by --kind deepscaler (only by uniform)",
+        ),
+        usage(
+            "simulate_profile_with_a_modeled_node_flag",
+            |f| {
+                a(&[
+                    "simulate",
+                    "--trace",
+                    &f.p("trace_small.jsonl"),
+                    "--profile",
+                    &f.p("prof_w2.json"),
+                    "--world",
+                    "2",
+                    "--gpu",
+                    "a40",
+                ])
+            },
+            "--gpu shapes the modeled node only",
+        ),
+        usage(
+            "simulate_start_tp_not_dividing_the_world",
+            |f| {
+                a(&[
+                    "simulate",
+                    "--trace",
+                    &f.p("trace_small.jsonl"),
+                    "--start-tp",
+                    "3",
+                ])
+            },
+            "--start-tp 3 does not divide --world 8",
+        ),
+        err(
+            "simulate_start_tp_the_model_cannot_split",
+            |f| {
+                a(&[
+                    "simulate",
+                    "--trace",
+                    &f.p("trace_small.jsonl"),
+                    "--world",
+                    "6",
+                    "--start-tp",
+                    "3",
+                    "--no-optimum",
+                ])
+            },
+            "--start-tp 3: invalid layout: tp 3 does not divide num_attention_heads 32",
+        ),
+        err(
+            "simulate_profile_refuses_requests_past_the_profiled_context",
+            |f| {
+                a(&[
+                    "simulate",
+                    "--trace",
+                    &f.p("trace_long.jsonl"),
+                    "--profile",
+                    &f.p("prof_w2.json"),
+                    "--world",
+                    "2",
+                ])
+            },
+            "request 1: `prompt_len` 100 + `response_len` 1000 is beyond the profiled model's",
+        ),
+        err(
+            "a_trace_key_given_twice",
+            |f| a(&["trace", "stats", &f.p("trace_dup_key.jsonl")]),
+            "trace_dup_key.jsonl:1: key `prompt_len` is given twice",
+        ),
+        Case {
+            // The pools are sized by the grid: the message names it, not a --kv-blocks.
+            name: "profile_grid_past_the_host_names_the_grid",
+            args: |f| {
+                a(&[
+                    "profile",
+                    "--model",
+                    &f.p("m"),
+                    "--world",
+                    "1",
+                    "--batches",
+                    "100000000",
+                    "--contexts",
+                    "16",
+                    "--steps",
+                    "1",
+                    "--out",
+                    &f.p("prof_huge.json"),
+                ])
+            },
+            code: 1,
+            needle: "profile grid: its largest point (--batches 100000000 x --contexts 16",
+            absent: Some("--kv-blocks"),
+        },
         usage(
             "profile_steps_zero_names_steps",
             |f| {

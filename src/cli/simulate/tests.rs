@@ -100,6 +100,39 @@ fn absurd_worlds_and_lengths_are_refused() {
 }
 
 #[test]
+fn the_node_named_is_the_node_modeled() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = args(straggler_trace(dir.path()));
+    // A40 nodes are PCIe (the NVLink bridge joins two cards), unless --link says otherwise.
+    a.gpu = Some(Gpu::A40);
+    let m = component_model(&a).unwrap();
+    assert_eq!(m.p.link_bytes_per_s, 0.8 * Link::Pcie.bytes_per_s());
+    assert!(m.describe().contains("A40, PCIe"), "{}", m.describe());
+    a.link = Some(Link::NvLink);
+    assert!(component_model(&a)
+        .unwrap()
+        .describe()
+        .contains("A40, NVLink"));
+    // Overridden constants are named wherever the node is.
+    a.gpu = None;
+    a.link = None;
+    let cm = dir.path().join("cm.json");
+    std::fs::write(
+        &cm,
+        r#"{"link_bytes_per_s": 1e9, "allreduce": [{"tp": 2, "latency_us": 9, "algbw_gbps": 1}]}"#,
+    )
+    .unwrap();
+    a.cost_model = Some(cm);
+    let d = component_model(&a).unwrap().describe();
+    assert!(
+        d.contains("overridden by --cost-model")
+            && d.contains("link_bytes_per_s 1")
+            && d.contains("allreduce (a table)"),
+        "{d}"
+    );
+}
+
+#[test]
 fn calibration_table_lists_every_public_point() {
     let t = calibration_table();
     assert_eq!(t.matches("%  ").count(), CALIBRATION.len(), "{t}");
