@@ -20,9 +20,18 @@ fn stderr(o: &Output) -> String {
 /// Runs pat expecting exit code 1 (a refused input); returns stderr, asserting it holds every
 /// needle and no panic.
 fn refused(args: &[&str], needles: &[&str]) -> String {
+    refused_with(1, args, needles)
+}
+
+/// [`refused`] for a usage error: what the command line alone gets wrong exits 2.
+fn misused(args: &[&str], needles: &[&str]) -> String {
+    refused_with(2, args, needles)
+}
+
+fn refused_with(code: i32, args: &[&str], needles: &[&str]) -> String {
     let o = pat(args);
     let err = stderr(&o);
-    assert_eq!(o.status.code(), Some(1), "pat {args:?}: {err}");
+    assert_eq!(o.status.code(), Some(code), "pat {args:?}: {err}");
     assert!(!err.contains("panicked"), "pat {args:?} panicked: {err}");
     for n in needles {
         assert!(err.contains(n), "pat {args:?}: expected {n:?} in: {err}");
@@ -85,9 +94,9 @@ fn trace_stats_refuses_a_response_longer_than_the_cap() {
             "--cap 100",
         ],
     );
-    refused(
+    misused(
         &["trace", "stats", s(&t), "--cap", "0"],
-        &["--cap must be at least 1"],
+        &["invalid value '0' for '--cap <CAP>': must be at least 1"],
     );
     let o = ok(&["trace", "stats", s(&t), "--cap", "320", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -122,13 +131,13 @@ fn trace_stats_reads_stdin() {
 
 #[test]
 fn trace_gen_keeps_lengths_within_the_cap() {
-    refused(
+    misused(
         &[
             "trace", "gen", "--kind", "uniform", "--hi", "50000", "--cap", "100",
         ],
         &["--hi 50000", "--cap 100"],
     );
-    refused(
+    misused(
         &[
             "trace",
             "gen",
@@ -160,12 +169,12 @@ fn trace_gen_refuses_flags_the_kind_does_not_use() {
         ("grpo", "--n", "4"),
         ("straggler", "--seed", "1"),
     ] {
-        refused(
+        misused(
             &["trace", "gen", "--kind", kind, flag, value],
             &[&format!("{flag} is not used by --kind {kind}")],
         );
     }
-    refused(
+    misused(
         &[
             "trace",
             "gen",
