@@ -194,7 +194,7 @@ fn profile_refuses_a_grid_too_small_to_validate_before_measuring() {
     let dir = tempfile::tempdir().unwrap();
     let m = tiny(dir.path());
     let out = dir.path().join("p.json");
-    let err = refused(
+    let err = misused(
         &profile(
             &m,
             &out,

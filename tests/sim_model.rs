@@ -138,6 +138,20 @@ fn a_profile_with_impossible_samples_is_refused_naming_the_sample() {
     );
     let e = edit(&|p| p.switch.fixed_ms = 1e12);
     assert!(e.contains("`switch.fixed_ms`") && e.contains("1e12"), "{e}");
+    // A tp's KV capacity given twice in the file: which one the node holds is not a guess.
+    let text = serde_json::to_string_pretty(&good).unwrap();
+    let path = std::path::Path::new("p.json");
+    assert!(pat::policy::Profile::from_json(&text, path).is_ok());
+    let twice = text.replacen(
+        "\"kv_capacity_tokens\": {",
+        "\"kv_capacity_tokens\": {\n    \"1\": 5,",
+        1,
+    );
+    assert_ne!(twice, text);
+    let e = pat::policy::Profile::from_json(&twice, path)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("key `1` is given twice"), "{e}");
 }
 
 /// Cost-model constants in range one by one can still make an absurd node; both are refused

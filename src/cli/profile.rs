@@ -108,7 +108,7 @@ fn check_validate_grid(grid: &ProfileGrid) -> Result<()> {
     let distinct = |v: &[usize]| v.iter().collect::<BTreeSet<_>>().len();
     let (nb, nc) = (distinct(&grid.batches), distinct(&grid.contexts));
     if nb < 2 || nc < 2 {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Usage(format!(
             "--validate fits step time over batch and context: it needs at least 2 different \
              --batches and 2 different --contexts, got {nb} and {nc}"
         )));
@@ -120,7 +120,7 @@ fn check_validate_grid(grid: &ProfileGrid) -> Result<()> {
         .unwrap_or(usize::MAX);
     let (b, c) = (grid.batches.len(), grid.contexts.len());
     if b.saturating_mul(c) < need {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Usage(format!(
             "--validate needs at least {} per tp (it holds out {}% and fits {}), but --batches x \
              --contexts gives {b} x {c} = {}; add batches or contexts",
             plural(need, "grid point"),

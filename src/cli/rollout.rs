@@ -159,7 +159,7 @@ fn rollout(
         .filter(|t| a.world.is_multiple_of(*t) && check_tp_for_model(*t, &m.cfg).is_ok())
         .collect();
     if let (PolicyArg::Static(k), Some(s)) = (a.policy, a.start_tp) {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Usage(format!(
             "--start-tp {s} is for --policy adaptive; --policy static:{k} runs at tp {k} throughout"
         )));
     }
@@ -168,7 +168,7 @@ fn rollout(
         PolicyArg::Static(_) => None,
         PolicyArg::Adaptive => {
             let profile = profile.ok_or_else(|| {
-                Error::Invalid(
+                Error::Usage(
                     "--policy adaptive needs --profile P.json (make one with `pat profile`)".into(),
                 )
             })?;

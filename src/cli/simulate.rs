@@ -157,6 +157,8 @@ pub fn component_model(a: &SimulateArgs) -> Result<ComponentModel> {
         let Some(v) = v else { continue };
         if from_file.iter().any(|k| k == key) {
             errln!("note: {flag} {v} overrides `{key}` of the --cost-model file");
+            // The node's name lists the file's values; say which one the run does not use.
+            p.name = format!("{}; {flag} {v} in place of the file's {key}", p.name);
         }
         match key {
             "host_per_seq_us" => p.host_per_seq_us = v,
@@ -226,13 +228,12 @@ fn check_bounds(
     loaded: &super::common::LoadedTrace,
     profile: &Profile,
 ) -> Result<()> {
+    let shape = |s: ModelShape| Some((format!("{s}'s"), s.max_position_embeddings()));
     let context = match (&a.profile, profile.max_position_embeddings) {
         (Some(path), Some(n)) => Some((format!("the profiled model's ({})", path.display()), n)),
-        (Some(_), None) => None,
-        (None, _) => {
-            let shape = a.model_shape.unwrap_or(ModelShape::Llama3_8b);
-            Some((format!("{shape}'s"), shape.max_position_embeddings()))
-        }
+        // A profile written before profiles stated it: the shape named, if any.
+        (Some(_), None) => a.model_shape.and_then(shape),
+        (None, _) => shape(a.model_shape.unwrap_or(ModelShape::Llama3_8b)),
     };
     if let Some((whose, max_pos)) = context {
         if let Some((i, r)) = loaded
@@ -269,8 +270,8 @@ fn fit_candidates(
     candidates: &mut Vec<usize>,
 ) -> Result<Option<String>> {
     use pat::sim::run::{longest_context, unfit_tps};
-    // A --start-tp that is no layout of --world is left to `sim::run::check`, which says so.
-    let start = a.start_tp.filter(|&s| s > 0 && a.world.is_multiple_of(s));
+    // `check_flags` has refused a --start-tp that is no layout of --world.
+    let start = a.start_tp.filter(|&s| a.world.is_multiple_of(s));
     let tps: Vec<usize> = candidates.iter().chain(start.iter()).copied().collect();
     let unfit = unfit_tps(trace, clock, &tps);
     if unfit.is_empty() {
@@ -450,12 +451,14 @@ pub fn report(a: &SimulateArgs) -> Result<SimReport> {
     notes.push(format!(
         "replicas decode independently and meet at each switch (a barrier) and at the end; the batch is placed as {}; \
          adaptive estimates remaining lengths from this batch's own length distribution (in-sample), the oracle rule knows them; \
-         the optimum is the best schedule found on the true clock with the true lengths: a search over up to three switches at 32 evenly spaced points, refined, \
+         the optimum is the best schedule found on the true clock with the true lengths: a search over up to {} switches at {} evenly spaced rounds, refined, \
          and the schedules the rules followed (src/sim/optimum.rs); an upper bound on the true optimum",
         match cfg.placement {
             Placement::Chunks => "contiguous chunks per replica (VeRL)",
             Placement::Lpt => "LPT on the true lengths (an ideal)",
-        }
+        },
+        pat::sim::optimum::MAX_SWITCHES,
+        pat::sim::optimum::GRID - 1,
     ));
     let stats = trace.stats(a.cap);
     if a.cap.is_none() {

@@ -165,8 +165,8 @@ pub fn measure_profile(
                 // The pools are sized by the grid, not by a `kv_blocks` the caller chose.
                 Error::KvExhausted(m) => Error::KvExhausted(format!(
                     "profile grid: its largest point (`batches` {max_b} x `contexts` {max_c}, \
-                     plus {} decode steps) needs {kv_blocks} KV blocks per rank at tp {tp}: {}",
-                    grid.steps,
+                     and room for its decode steps) needs {kv_blocks} KV blocks per rank at tp \
+                     {tp}: {}",
                     m.replace("`kv_blocks` ", "")
                 )),
                 e => e,

@@ -87,14 +87,6 @@ impl Link {
             Link::GBps(g) => g * 1e9,
         }
     }
-    /// Latency of one small all-reduce, seconds.
-    pub fn latency_s(self) -> f64 {
-        if self.bytes_per_s() > 100e9 {
-            8e-6
-        } else {
-            20e-6
-        }
-    }
 }
 
 impl FromStr for Link {
@@ -116,13 +108,13 @@ impl FromStr for Link {
 impl fmt::Display for Link {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Link::NvLink => write!(f, "NVLink 450 GB/s one-way, 8 us all-reduce latency"),
-            Link::Pcie => write!(f, "PCIe 25 GB/s one-way, 20 us all-reduce latency"),
-            Link::GBps(g) => write!(
-                f,
-                "{g} GB/s one-way, {:.0} us all-reduce latency",
-                self.latency_s() * 1e6
-            ),
+            // The all-reduce latencies of the component model's tables (`crate::sim::component`).
+            Link::NvLink => write!(f, "NVLink 450 GB/s one-way, all-reduce latency 5-8 us"),
+            Link::Pcie => write!(f, "PCIe 25 GB/s one-way, all-reduce latency 20 us"),
+            Link::GBps(g) if *g > 100.0 => {
+                write!(f, "{g} GB/s one-way, all-reduce latency 5-8 us")
+            }
+            Link::GBps(g) => write!(f, "{g} GB/s one-way, all-reduce latency 20 us"),
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The profile JSON: decode step latencies, prefill rates and switch costs of one model on one node.
 //!
 //! Written by `pat profile` (measured) or `crate::sim::sampled_profile` (modeled),
-//! read by the predictor and the decision rule. Schema, version 1 (unknown keys are errors):
+//! read by the predictor and the decision rule. Schema, version 1 (unknown keys and keys given
+//! twice are errors):
 //!
 //! ```text
 //! {
@@ -12,7 +13,7 @@
 //!   "world": 8,                      // ranks of the node the profile was taken on
 //!   "backend": "cpu" | "cuda" | "modeled",
 //!   "device": "free text, e.g. NVIDIA H100 80GB HBM3",
-//!   "decode": [ { "tp", "batch", "context", "step_ms" }, ... ],
+//!   "decode": [ { "tp", "batch", "context", "step_ms", "spread_ms" (optional) }, ... ],
 //!                                    // one decode step of `batch` sequences whose mean cached
 //!                                    // length is `context` tokens, on one tp-replica
 //!   "prefill": [ { "tp", "tokens_per_s" }, ... ],
@@ -20,7 +21,9 @@
 //!   "switch": { "fixed_ms",          // per switch: group setup, graph recapture, barriers
 //!               "weight_bytes_per_s",// per-rank receive rate of missing weight pieces
 //!               "kv_bytes_per_s" },  // rate of migrating one sequence's KV
-//!   "measured": { "decode": bool, "prefill": bool, "transfer": bool, "switch": bool }
+//!   "measured": { "decode": bool, "prefill": bool, "transfer": bool, "switch": bool },
+//!   "kv_capacity_tokens": { "1": 182647, ... },  // optional: KV tokens a replica holds per tp
+//!   "max_position_embeddings": 131072           // optional: the profiled model's context
 //! }
 //! ```
 //!
@@ -119,6 +122,12 @@ pub struct Profile {
 impl Profile {
     /// Parses and validates profile JSON; `path` names the file in errors.
     pub fn from_json(text: &str, path: &Path) -> Result<Profile> {
+        // A key given twice (a tp of `kv_capacity_tokens`, say) would keep its last value.
+        crate::json::check_unique(text).map_err(|e| Error::Input {
+            path: path.to_path_buf(),
+            line: e.line(),
+            msg: format!("bad profile: {e}"),
+        })?;
         let mut p: Profile = serde_json::from_str(text).map_err(|e| Error::Input {
             path: path.to_path_buf(),
             line: e.line(),

@@ -123,7 +123,12 @@ pub fn compose_node(
     let first = &shards[0].1;
     Ok(Profile {
         version: PROFILE_VERSION,
-        max_position_embeddings: first.max_position_embeddings,
+        // What every shard's model holds (unstated if a shard does not say).
+        max_position_embeddings: shards
+            .iter()
+            .map(|s| s.1.max_position_embeddings)
+            .min()
+            .flatten(),
         world,
         backend: first.backend.clone(),
         device: format!(

@@ -475,7 +475,6 @@ pub fn simulate_all_reporting(
 ) -> Result<(Vec<SimResult>, usize)> {
     let (mut runs, best) = static_runs(trace, model, cfg, done)?;
     let kinds = after_static(cfg);
-    let kinds_len = kinds.len();
     let rest: Vec<Result<SimResult>> = std::thread::scope(|scope| {
         let handles: Vec<_> = kinds
             .into_iter()
@@ -497,11 +496,10 @@ pub fn simulate_all_reporting(
     for r in rest {
         runs.push(r?);
     }
-    if cfg.optimum {
-        // The search's grid can miss a rule's switch round: the optimum also tries the schedules
-        // the rules followed at this node's switch cost (all but PAT's flat 5.52 s).
-        let n_static = cfg.candidates.len();
-        let (head, last) = runs.split_at_mut(n_static + kinds_len - 1);
+    // The optimum is the last run. The search's grid can miss a rule's switch round: it also
+    // tries the schedules the rules followed at this node's switch cost (all but PAT's flat
+    // 5.52 s).
+    if let (true, Some((optimum, head))) = (cfg.optimum, runs.split_last_mut()) {
         let others: Vec<&SimResult> = head
             .iter()
             .zip(
@@ -512,8 +510,10 @@ pub fn simulate_all_reporting(
             )
             .filter(|(_, k)| !matches!(k, PolicyKind::Pat { flat_ms: Some(_) }))
             .map(|(r, _)| r)
+            // Static schedules are the search's own first level.
+            .filter(|r| !r.switches.is_empty())
             .collect();
-        last[0] = optimum::no_worse_than(trace, model, cfg, last[0].clone(), &others)?;
+        *optimum = optimum::no_worse_than(trace, model, cfg, optimum.clone(), &others)?;
     }
     Ok((runs, best))
 }
