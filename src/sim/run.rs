@@ -481,7 +481,8 @@ pub fn simulate_all_reporting(
             .map(|k| {
                 scope.spawn(move || {
                     let r = simulate(trace, model, cfg, k, best);
-                    if let Ok(r) = &r {
+                    // The optimum is told of once it has met the other runs (below).
+                    if let (Ok(r), false) = (&r, k == PolicyKind::Optimum) {
                         done(r);
                     }
                     r
@@ -514,6 +515,7 @@ pub fn simulate_all_reporting(
             .filter(|r| !r.switches.is_empty())
             .collect();
         *optimum = optimum::no_worse_than(trace, model, cfg, optimum.clone(), &others)?;
+        done(optimum);
     }
     Ok((runs, best))
 }
