@@ -142,8 +142,8 @@ fn the_policy_does_not_act_inside_the_profiles_spread() {
         )
         .unwrap()
     };
-    assert!(!ctrl(&quiet).decide(2, 1, &live, 0).unwrap().0.stay);
-    assert!(ctrl(&noisy).decide(2, 1, &live, 0).unwrap().0.stay);
+    assert!(!ctrl(&quiet).decide(2, 1, &live, 0, None).unwrap().0.stay);
+    assert!(ctrl(&noisy).decide(2, 1, &live, 0, None).unwrap().0.stay);
     // Where to start: tp2 is predicted 15% faster; inside the noise band the start is still the
     // best non-switching plan (tp2), and a switching plan is not preferred over it.
     assert_eq!(ctrl(&noisy).plan_start(2, |_| live.to_vec()).unwrap().0, 2);

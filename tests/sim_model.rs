@@ -178,3 +178,57 @@ fn a_cost_model_past_any_real_node_is_refused_naming_why() {
     let e = with(&|p| p.hbm_bytes_per_s = 1e-3).unwrap_err().to_string();
     assert!(e.contains("more than ten minutes"), "{e}");
 }
+
+/// On a wide node (64 GPUs, 512 GRPO responses, host 80 us per sequence) every switch re-places
+/// the live sequences balanced on their estimates, so each forecast sees the layout it would
+/// leave as unbalanced and the one it would enter as balanced: the rule went TP4 -> 8 -> 4 -> 8,
+/// paying a switch each time. Going back to the layout the last switch left must clear twice
+/// the margin (`Controller::decide`).
+#[test]
+fn the_adaptive_rule_does_not_oscillate_on_a_wide_node() {
+    use pat::policy::decide::SwitchCost;
+    use pat::policy::grpo::{grpo, GrpoSpec};
+    use pat::policy::predictor::Predictor;
+    use pat::sim::{simulate, Placement, PolicyKind, SimConfig, SimModel};
+    let m = model(ModelShape::Llama3_8b, 80.0, Link::NvLink);
+    let prof = sampled_profile(&m, 64).unwrap();
+    let predictor = Predictor::from_profile(&prof).unwrap();
+    let switch = SwitchCost::from_profile(&prof);
+    let sim = SimModel {
+        clock: &m,
+        predictor: &predictor,
+        switch: &switch,
+    };
+    let cfg = SimConfig {
+        world: 64,
+        candidates: vec![1, 2, 4, 8],
+        check_every: 64,
+        margin: 0.05,
+        min_gain_ms: 0.0,
+        start_tp: None,
+        placement: Placement::Chunks,
+        optimum: false,
+        lockstep: false,
+    };
+    let trace = grpo(&GrpoSpec {
+        prompts: 64,
+        group_size: 8,
+        cap: 24576,
+        rho: 0.5,
+        at_cap: pat::policy::trace::DEEPSCALER_AT_CAP,
+        seed: 1,
+    })
+    .unwrap();
+    let r = simulate(&trace, &sim, &cfg, PolicyKind::Adaptive, 8).unwrap();
+    let path: Vec<(usize, usize)> = r.switches.iter().map(|s| (s.from, s.to)).collect();
+    for w in path.windows(2) {
+        assert_ne!(w[1].1, w[0].0, "switched back and forth: {path:?}");
+    }
+    let tp8 = simulate(&trace, &sim, &cfg, PolicyKind::Static(8), 8).unwrap();
+    assert!(
+        r.total_ms < tp8.total_ms,
+        "{} vs tp8 {}",
+        r.total_ms,
+        tp8.total_ms
+    );
+}

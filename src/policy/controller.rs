@@ -235,21 +235,38 @@ impl<'a> Controller<'a> {
     }
 
     /// The rule's answer for `live` at (`world`, `tp`) after `switches_done` switches in this
-    /// run, and, when it switches, where each live sequence goes under the new layout (the
-    /// placement its forecast assumed).
+    /// run, the last of which left tp `came_from` (if any), and, when it switches, where each
+    /// live sequence goes under the new layout (the placement its forecast assumed).
+    ///
+    /// Going back to `came_from` must clear twice the margin: a switch re-places the live
+    /// sequences, balanced on their estimated lengths, so each forecast sees the layout it
+    /// would leave as unbalanced (sequences finished unevenly since the last placement) and the
+    /// one it would enter as balanced; on a wide node (dp 8-16) that bias alone made the rule
+    /// oscillate (TP4 -> 8 -> 4 -> 8 within a few hundred steps, a switch cost each time).
     pub fn decide(
         &self,
         world: usize,
         tp: usize,
         live: &[LiveSeq],
         switches_done: usize,
+        came_from: Option<usize>,
     ) -> Result<(Decision, Vec<usize>)> {
         let est = self.estimated(live)?;
         let left = self
             .cfg
             .max_switches
             .map(|m| m.saturating_sub(switches_done));
-        let d = decide(&self.input(world, tp, &est, left))?;
+        let inp = self.input(world, tp, &est, left);
+        let mut d = decide(&inp)?;
+        if !d.stay
+            && Some(d.to_tp) == came_from
+            && d.predicted_best_ms > d.predicted_stay_ms * (1.0 - 2.0 * inp.margin)
+        {
+            d.stay = true;
+            d.to_tp = tp;
+            d.predicted_best_ms = d.predicted_stay_ms;
+            d.switch_cost_ms = 0.0;
+        }
         let at = if d.stay {
             Vec::new()
         } else {
@@ -345,7 +362,8 @@ pub fn drive<S: StepSource>(
         if let Some(c) = ctrl.filter(|c| c.checks_at(step)).filter(may_switch) {
             let live = src.live();
             let from = src.tp();
-            let (d, at) = c.decide(src.world(), from, &live, run.switches.len())?;
+            let came_from = run.switches.last().map(|s| s.from);
+            let (d, at) = c.decide(src.world(), from, &live, run.switches.len(), came_from)?;
             if !d.stay {
                 let t_ms = src.now_ms();
                 let summary = |to, ms, error| SwitchSummary {

@@ -347,7 +347,7 @@ fn a_follow_up_is_assumed_only_when_the_switch_budget_allows_it() {
             Remaining::Oracle,
         )
         .unwrap();
-        c.decide(4, 1, &live, done).unwrap().0.to_tp
+        c.decide(4, 1, &live, done, None).unwrap().0.to_tp
     };
     assert_eq!(to(None, 0), 2);
     assert_eq!(to(Some(2), 0), 2);
