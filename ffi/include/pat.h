@@ -483,6 +483,11 @@ typedef struct pat_policy_params {
   // candidate as if it stayed for good. Added after ABI version 1's first release: a caller's
   // shorter struct (`struct_size` without it) reads as 0.
   uint32_t follow_up_points;
+  // The tp the engine's last switch in this rollout left; 0 (the default) = none yet. Going
+  // back to it must clear twice `margin` (a fresh placement always looks balanced next to
+  // the one sequences finished unevenly on, and a wide node oscillated on that alone). Added
+  // after `follow_up_points`: a shorter struct reads as 0.
+  uint32_t came_from_tp;
 } pat_policy_params;
 
 // The rule's answer (`pat::policy::Decision`). Times are predicted ms to drain the live batch.

@@ -51,6 +51,11 @@ pub struct pat_policy_params {
     /// candidate as if it stayed for good. Added after ABI version 1's first release: a caller's
     /// shorter struct (`struct_size` without it) reads as 0.
     pub follow_up_points: u32,
+    /// The tp the engine's last switch in this rollout left; 0 (the default) = none yet. Going
+    /// back to it must clear twice `margin` (a fresh placement always looks balanced next to
+    /// the one sequences finished unevenly on, and a wide node oscillated on that alone). Added
+    /// after `follow_up_points`: a shorter struct reads as 0.
+    pub came_from_tp: u32,
 }
 
 impl Params for pat_policy_params {
@@ -69,6 +74,7 @@ impl Params for pat_policy_params {
             n_length_samples: 0,
             length_cap: 0,
             follow_up_points: 0,
+            came_from_tp: 0,
         }
     }
 }
@@ -240,6 +246,7 @@ pub unsafe extern "C" fn pat_policy_decide(
             min_gain_ms: p.min_gain_ms,
             lookahead_steps: p.lookahead_steps as usize,
             follow_up_points: p.follow_up_points as usize,
+            came_from: (p.came_from_tp > 0).then_some(p.came_from_tp as usize),
         })?;
         out.put(pat_decision {
             to_tp: u32_of(d.to_tp),

@@ -199,6 +199,7 @@ impl<'a> Controller<'a> {
             } else {
                 0
             },
+            came_from: None,
         }
     }
 
@@ -235,14 +236,9 @@ impl<'a> Controller<'a> {
     }
 
     /// The rule's answer for `live` at (`world`, `tp`) after `switches_done` switches in this
-    /// run, the last of which left tp `came_from` (if any), and, when it switches, where each
-    /// live sequence goes under the new layout (the placement its forecast assumed).
-    ///
-    /// Going back to `came_from` must clear twice the margin: a switch re-places the live
-    /// sequences, balanced on their estimated lengths, so each forecast sees the layout it
-    /// would leave as unbalanced (sequences finished unevenly since the last placement) and the
-    /// one it would enter as balanced; on a wide node (dp 8-16) that bias alone made the rule
-    /// oscillate (TP4 -> 8 -> 4 -> 8 within a few hundred steps, a switch cost each time).
+    /// run, the last of which left tp `came_from` (if any: going back to it must clear twice the
+    /// margin, [`DecideInput::came_from`]), and, when it switches, where each live sequence goes
+    /// under the new layout (the placement its forecast assumed).
     pub fn decide(
         &self,
         world: usize,
@@ -256,17 +252,10 @@ impl<'a> Controller<'a> {
             .cfg
             .max_switches
             .map(|m| m.saturating_sub(switches_done));
-        let inp = self.input(world, tp, &est, left);
-        let mut d = decide(&inp)?;
-        if !d.stay
-            && Some(d.to_tp) == came_from
-            && d.predicted_best_ms > d.predicted_stay_ms * (1.0 - 2.0 * inp.margin)
-        {
-            d.stay = true;
-            d.to_tp = tp;
-            d.predicted_best_ms = d.predicted_stay_ms;
-            d.switch_cost_ms = 0.0;
-        }
+        let d = decide(&DecideInput {
+            came_from,
+            ..self.input(world, tp, &est, left)
+        })?;
         let at = if d.stay {
             Vec::new()
         } else {

@@ -206,6 +206,13 @@ pub struct DecideInput<'a> {
     /// Value a candidate by its best plan with at most one further switch, tried at up to this
     /// many evenly spaced later points ([`plan_ms`]); 0: as if it stayed there for good.
     pub follow_up_points: usize,
+    /// The tp the last switch of this run left (`None`: no switch yet). Going back to it must
+    /// clear twice the margin: a switch re-places the live sequences balanced on their
+    /// estimated lengths, so each forecast sees the layout it would leave as unbalanced
+    /// (sequences finished unevenly since the last placement) and the one it would enter as
+    /// balanced; on a wide node (8-16 replicas) that bias alone made the rule oscillate (TP4 ->
+    /// 8 -> 4 -> 8 within a few hundred steps, a switch cost each time).
+    pub came_from: Option<usize>,
 }
 
 /// One candidate's prediction.
@@ -316,7 +323,12 @@ pub fn decide(inp: &DecideInput) -> Result<Decision> {
         // Whether switching now beats staying by the margins; the plans below can only veto it,
         // so they are not worked out when it does not (the follow-up plan is most of a
         // decision's work).
-        let pays = total <= stay_ms * (1.0 - inp.margin)
+        let margin = if Some(b.tp) == inp.came_from {
+            2.0 * inp.margin
+        } else {
+            inp.margin
+        };
+        let pays = total <= stay_ms * (1.0 - margin)
             && stay_ms - total >= inp.min_gain_ms
             && total < stay_ms;
         let mut now_is_best = true;

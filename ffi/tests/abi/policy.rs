@@ -91,6 +91,7 @@ fn stragglers_switch_up_and_a_full_batch_stays() {
             min_gain_ms: 0.0,
             lookahead_steps,
             follow_up_points,
+            came_from: None,
         })
         .unwrap()
     };
@@ -121,6 +122,21 @@ fn stragglers_switch_up_and_a_full_batch_stays() {
         PAT_ERR_INVALID_ARGUMENT,
         "struct_size",
     );
+
+    // Going back to the tp the last switch left takes twice the margin: with a margin of 3/4 of
+    // the predicted gain the switch is taken, unless it returns to `came_from_tp`.
+    let (st, first) = call(&json, &p, &tail);
+    expect(st, PAT_OK, "");
+    assert!(!first.stay, "{first:?}");
+    let mut r = p;
+    r.margin = 0.75 * first.predicted_gain_ms / first.predicted_stay_ms;
+    let (st, d) = call(&json, &r, &tail);
+    expect(st, PAT_OK, "");
+    assert!(!d.stay && d.to_tp == first.to_tp, "{d:?}");
+    r.came_from_tp = first.to_tp;
+    let (st, d) = call(&json, &r, &tail);
+    expect(st, PAT_OK, "");
+    assert!(d.stay && d.to_tp == 1, "{d:?}");
 
     // Stragglers holding none of their KV (waiting for room): the switch moves none, so it
     // costs what a switch with no live KV costs, less than with it.

@@ -95,6 +95,7 @@ fn input<'a>(
         min_gain_ms: 0.0,
         lookahead_steps: 0,
         follow_up_points: 0,
+        came_from: None,
     }
 }
 
@@ -135,6 +136,31 @@ fn never_switches_when_the_gain_does_not_cover_the_cost() {
     assert!(d.stay && d.to_tp == 1 && d.switch_cost_ms == 0.0, "{d:?}");
     // The margin: 999 is not <= 0.9 * 1000.
     assert!(run(349.0, 0.1).stay);
+}
+
+#[test]
+fn going_back_to_the_layout_just_left_takes_twice_the_margin() {
+    // As above with no fixed cost: stay 1000 ms, tp2 600 + 50 = 650 ms (35% better).
+    let pred = constant_predictor(&[(1, 10.0, 0.0), (2, 6.0, 0.0)]);
+    let seqs = live(1, 2, 100.0, 100);
+    let sw = switch_cost(0.0);
+    let run = |margin: f64, came_from: Option<usize>| {
+        decide(&DecideInput {
+            candidates: &[1, 2],
+            margin,
+            came_from,
+            ..input(2, 1, &seqs, &pred, &sw)
+        })
+        .unwrap()
+    };
+    assert!(!run(0.2, None).stay, "650 <= 0.8 * 1000");
+    assert!(!run(0.2, Some(4)).stay, "the last switch left another tp");
+    let back = run(0.2, Some(2));
+    assert!(
+        back.stay && back.to_tp == 1 && back.switch_cost_ms == 0.0,
+        "650 > 0.6 * 1000"
+    );
+    assert!(!run(0.15, Some(2)).stay, "650 <= 0.7 * 1000");
 }
 
 /// World 4; tp1: 5 ms + 0.01/seq, tp2: 3.2 + 0.02/seq, tp4: 2.4 + 0.04/seq (comm grows with tp).
