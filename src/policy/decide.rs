@@ -42,7 +42,7 @@
 //!   bytes (the slices the sequence's old ranks already hold for their new heads stay) and `n`
 //!   tokens to re-prefill at `to`. Sequences are summed (handled one after another: conservative).
 
-use super::forecast::{drain_ms, drain_until, Pending, Room};
+use super::forecast::{drain_ms, Pending, Room};
 use super::predictor::Predictor;
 use super::profile::Profile;
 use crate::error::{Error, Result};
@@ -377,64 +377,6 @@ fn replicas(live: &[EstimatedSeq]) -> Vec<usize> {
     live.iter().map(|s| s.replica).collect()
 }
 
-/// The live set `k` steps on at the current layout, as the forecast sees it (estimated lengths;
-/// with a KV room, only what ran moved on), and the predicted ms of those `k` steps.
-struct Later {
-    live: Vec<EstimatedSeq>,
-    /// Cached tokens of the sequences holding KV then: what a switch then moves.
-    contexts: Vec<usize>,
-    before_ms: f64,
-}
-
-impl Later {
-    fn new(inp: &DecideInput, k: usize) -> Result<Later> {
-        let (world, cur) = (inp.world, inp.current_tp);
-        let dp = world / cur.max(1);
-        let part = drain_until(
-            inp.predictor.fit(cur)?,
-            &group(dp, inp.live, &replicas(inp.live)),
-            room(inp, cur),
-            k as u64,
-        );
-        // `group` keeps live order within a replica: the n-th of replica r is progress[r][n].
-        let mut next = vec![0usize; dp];
-        let mut live = Vec::new();
-        for s in inp.live {
-            let n = next[s.replica];
-            next[s.replica] += 1;
-            let (ran, holds_kv) = part.progress[s.replica][n];
-            if ran >= s.steps() {
-                continue;
-            }
-            live.push(EstimatedSeq {
-                context: s.context + ran,
-                // One that ran holds all its tokens' KV; one that did not, what it held.
-                kv: match (holds_kv, ran) {
-                    (false, _) => 0,
-                    (true, 0) => s.kv,
-                    (true, _) => s.context + ran,
-                },
-                generated: s.generated + ran,
-                est_remaining: s.est_remaining - ran as f64,
-                cached: holds_kv,
-                ..*s
-            });
-        }
-        Ok(Later {
-            contexts: switched_kv(&live),
-            live,
-            before_ms: part.ms,
-        })
-    }
-
-    /// Predicted total of staying until then, switching to `tp` and draining there.
-    fn switch_to(&self, inp: &DecideInput, tp: usize) -> Result<f64> {
-        Ok(self.before_ms
-            + inp.switch.cost(inp.current_tp, tp, &self.contexts).total_ms
-            + value_at(inp, tp, &self.live)?)
-    }
-}
-
 /// Predicted ms to drain `live` after it is re-placed at `tp`: staying there for good, or, with
 /// `follow_up_points`, the best plan from there with at most one more switch.
 fn value_at(inp: &DecideInput, tp: usize, live: &[EstimatedSeq]) -> Result<f64> {
@@ -509,6 +451,9 @@ fn plan_from(inp: &DecideInput, first: usize, every: usize, points: usize) -> Re
         stay_ms,
     })
 }
+
+mod later;
+use later::Later;
 
 #[cfg(test)]
 mod tests;

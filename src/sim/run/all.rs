@@ -1,0 +1,117 @@
+//! Every baseline of one simulation ([`simulate_all`]): the static layouts first, then the rules
+//! and the optimum on a thread each, the optimum last checked against the rules' schedules.
+
+use super::{check, optimum, simulate, PolicyKind, SimConfig, SimModel, SimResult, PAT_SWITCH_MS};
+use crate::error::Result;
+use crate::policy::trace::Trace;
+
+/// Every candidate's static run, and the tp of the fastest (the first on ties); `done` is told
+/// of each run as it ends.
+fn static_runs(
+    trace: &Trace,
+    model: &SimModel,
+    cfg: &SimConfig,
+    done: &(dyn Fn(&SimResult) + Sync),
+) -> Result<(Vec<SimResult>, usize)> {
+    check(cfg, model)?;
+    let mut runs = Vec::new();
+    let mut best: Option<(usize, f64)> = None;
+    for &tp in &cfg.candidates {
+        let r = simulate(trace, model, cfg, PolicyKind::Static(tp), tp)?;
+        if best.is_none_or(|(_, t)| r.total_ms < t) {
+            best = Some((tp, r.total_ms));
+        }
+        done(&r);
+        runs.push(r);
+    }
+    Ok((runs, best.map(|b| b.0).unwrap_or(cfg.candidates[0])))
+}
+
+/// Every baseline (module docs): the static layouts, PAT's rule at 5.52 s and at the modeled
+/// switch cost, adaptive, the oracle rule, and (with `cfg.optimum`) the optimum. Returns the runs
+/// and the best static tp.
+pub fn simulate_all(
+    trace: &Trace,
+    model: &SimModel,
+    cfg: &SimConfig,
+) -> Result<(Vec<SimResult>, usize)> {
+    simulate_all_reporting(trace, model, cfg, &|_| {})
+}
+
+/// How many runs [`simulate_all`] makes for `cfg`.
+pub fn runs_in_all(cfg: &SimConfig) -> usize {
+    cfg.candidates.len() + after_static(cfg).len()
+}
+
+/// The runs after the static ones, in the order [`simulate_all`] returns them.
+fn after_static(cfg: &SimConfig) -> Vec<PolicyKind> {
+    let mut kinds = vec![
+        PolicyKind::Pat {
+            flat_ms: Some(PAT_SWITCH_MS),
+        },
+        PolicyKind::Pat { flat_ms: None },
+        PolicyKind::Adaptive,
+        PolicyKind::Oracle,
+    ];
+    if cfg.optimum {
+        kinds.push(PolicyKind::Optimum);
+    }
+    kinds
+}
+
+/// [`simulate_all`], telling `done` of each run as it ends (a progress bar: the policies that
+/// decide take seconds on a large node, the optimum's search longer). The static runs go first
+/// (the others need the best of them); the others, independent of each other, run on a thread
+/// each, and come back in the fixed order whatever order they end in.
+pub fn simulate_all_reporting(
+    trace: &Trace,
+    model: &SimModel,
+    cfg: &SimConfig,
+    done: &(dyn Fn(&SimResult) + Sync),
+) -> Result<(Vec<SimResult>, usize)> {
+    let (mut runs, best) = static_runs(trace, model, cfg, done)?;
+    let kinds = after_static(cfg);
+    let rest: Vec<Result<SimResult>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = kinds
+            .into_iter()
+            .map(|k| {
+                scope.spawn(move || {
+                    let r = simulate(trace, model, cfg, k, best);
+                    // The optimum is told of once it has met the other runs (below).
+                    if let (Ok(r), false) = (&r, k == PolicyKind::Optimum) {
+                        done(r);
+                    }
+                    r
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    for r in rest {
+        runs.push(r?);
+    }
+    // The optimum is the last run. The search's grid can miss a rule's switch round: it also
+    // tries the schedules the rules followed at this node's switch cost (all but PAT's flat
+    // 5.52 s).
+    if let (true, Some((optimum, head))) = (cfg.optimum, runs.split_last_mut()) {
+        let others: Vec<&SimResult> = head
+            .iter()
+            .zip(
+                cfg.candidates
+                    .iter()
+                    .map(|&tp| PolicyKind::Static(tp))
+                    .chain(after_static(cfg)),
+            )
+            .filter(|(_, k)| !matches!(k, PolicyKind::Pat { flat_ms: Some(_) }))
+            .map(|(r, _)| r)
+            // Static schedules are the search's own first level.
+            .filter(|r| !r.switches.is_empty())
+            .collect();
+        *optimum = optimum::no_worse_than(trace, model, cfg, optimum.clone(), &others)?;
+        done(optimum);
+    }
+    Ok((runs, best))
+}
