@@ -163,10 +163,9 @@ pub fn component_model(a: &SimulateArgs) -> Result<ComponentModel> {
 /// The top-level keys of a cost-model JSON object (none when it is not one: `overridden` has
 /// refused it by then).
 fn cost_model_keys(text: &str) -> Vec<String> {
-    match serde_json::from_str::<serde_json::Value>(text) {
-        Ok(serde_json::Value::Object(m)) => m.keys().cloned().collect(),
-        _ => Vec::new(),
-    }
+    pat::json::object(text, "")
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default()
 }
 
 impl From<Gpu> for GpuKind {
