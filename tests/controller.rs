@@ -138,6 +138,7 @@ fn sim_run(kind: PolicyKind) -> Vec<Switch> {
         start_tp: Some(1),
         placement: Placement::Lpt,
         optimum: false,
+        optimum_on_estimates: false,
         lockstep: true,
     };
     let r = simulate(&trace(), &model, &cfg, kind, 1).unwrap();

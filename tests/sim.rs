@@ -125,6 +125,7 @@ fn cfg(optimum: bool) -> SimConfig {
         start_tp: None,
         placement: Placement::Chunks,
         optimum,
+        optimum_on_estimates: false,
         lockstep: false,
     }
 }

@@ -179,6 +179,48 @@ fn a_cost_model_past_any_real_node_is_refused_naming_why() {
     assert!(e.contains("more than ten minutes"), "{e}");
 }
 
+/// A node of `world` H100s for LLaMA-3.1-8B at 80 us host cost per sequence, its sampled
+/// predictor and switch cost, and the simulation knobs of the wide-node tests.
+fn wide_node(
+    world: usize,
+) -> (
+    ComponentModel,
+    pat::policy::predictor::Predictor,
+    pat::policy::decide::SwitchCost,
+    pat::sim::SimConfig,
+) {
+    let m = model(ModelShape::Llama3_8b, 80.0, Link::NvLink);
+    let prof = sampled_profile(&m, world).unwrap();
+    let predictor = pat::policy::predictor::Predictor::from_profile(&prof).unwrap();
+    let switch = pat::policy::decide::SwitchCost::from_profile(&prof);
+    let cfg = pat::sim::SimConfig {
+        world,
+        candidates: vec![1, 2, 4, 8],
+        check_every: 64,
+        margin: 0.05,
+        min_gain_ms: 0.0,
+        start_tp: None,
+        placement: pat::sim::Placement::Chunks,
+        optimum: false,
+        optimum_on_estimates: false,
+        lockstep: false,
+    };
+    (m, predictor, switch, cfg)
+}
+
+/// A GRPO batch of `prompts` x 8 responses (rho 0.5, cap 24576, PAT's at-cap fraction).
+fn grpo_batch(prompts: usize, seed: u64) -> pat::policy::trace::Trace {
+    pat::policy::grpo::grpo(&pat::policy::grpo::GrpoSpec {
+        prompts,
+        group_size: 8,
+        cap: 24576,
+        rho: 0.5,
+        at_cap: pat::policy::trace::DEEPSCALER_AT_CAP,
+        seed,
+    })
+    .unwrap()
+}
+
 /// On a wide node (64 GPUs, 512 GRPO responses, host 80 us per sequence) every switch re-places
 /// the live sequences balanced on their estimates, so each forecast sees the layout it would
 /// leave as unbalanced and the one it would enter as balanced: the rule went TP4 -> 8 -> 4 -> 8,
@@ -186,39 +228,14 @@ fn a_cost_model_past_any_real_node_is_refused_naming_why() {
 /// the margin (`Controller::decide`).
 #[test]
 fn the_adaptive_rule_does_not_oscillate_on_a_wide_node() {
-    use pat::policy::decide::SwitchCost;
-    use pat::policy::grpo::{grpo, GrpoSpec};
-    use pat::policy::predictor::Predictor;
-    use pat::sim::{simulate, Placement, PolicyKind, SimConfig, SimModel};
-    let m = model(ModelShape::Llama3_8b, 80.0, Link::NvLink);
-    let prof = sampled_profile(&m, 64).unwrap();
-    let predictor = Predictor::from_profile(&prof).unwrap();
-    let switch = SwitchCost::from_profile(&prof);
+    use pat::sim::{simulate, PolicyKind, SimModel};
+    let (m, predictor, switch, cfg) = wide_node(64);
     let sim = SimModel {
         clock: &m,
         predictor: &predictor,
         switch: &switch,
     };
-    let cfg = SimConfig {
-        world: 64,
-        candidates: vec![1, 2, 4, 8],
-        check_every: 64,
-        margin: 0.05,
-        min_gain_ms: 0.0,
-        start_tp: None,
-        placement: Placement::Chunks,
-        optimum: false,
-        lockstep: false,
-    };
-    let trace = grpo(&GrpoSpec {
-        prompts: 64,
-        group_size: 8,
-        cap: 24576,
-        rho: 0.5,
-        at_cap: pat::policy::trace::DEEPSCALER_AT_CAP,
-        seed: 1,
-    })
-    .unwrap();
+    let trace = grpo_batch(64, 1);
     let r = simulate(&trace, &sim, &cfg, PolicyKind::Adaptive, 8).unwrap();
     let path: Vec<(usize, usize)> = r.switches.iter().map(|s| (s.from, s.to)).collect();
     for w in path.windows(2) {
@@ -230,5 +247,33 @@ fn the_adaptive_rule_does_not_oscillate_on_a_wide_node() {
         "{} vs tp8 {}",
         r.total_ms,
         tp8.total_ms
+    );
+}
+
+/// The optimum @est row searches schedules with every switch placing the live sequences where
+/// the adaptive rule would: replaying the adaptive run's own schedule that way must repeat it to
+/// the bit (the two place alike: same estimates, same GRPO siblings), while the optimum's
+/// placement on the true lengths, which no engine knows, finishes sooner on a node of many
+/// replicas (32 GPUs, 256 responses: TP8 leaves 4 replicas to balance).
+#[test]
+fn a_replay_placed_on_estimates_repeats_the_adaptive_run() {
+    use pat::sim::{empirical, optimum, simulate, PolicyKind, SimModel};
+    let (m, predictor, switch, cfg) = wide_node(32);
+    let sim = SimModel {
+        clock: &m,
+        predictor: &predictor,
+        switch: &switch,
+    };
+    let trace = grpo_batch(32, 0);
+    let r = simulate(&trace, &sim, &cfg, PolicyKind::Adaptive, 8).unwrap();
+    assert!(!r.switches.is_empty(), "no switch to replay");
+    let est = empirical(&trace).unwrap();
+    let again = optimum::replay_ms(&trace, &sim, &cfg, &r, Some(&est)).unwrap();
+    assert_eq!(again, r.total_ms, "switches {:?}", r.switches);
+    let on_truth = optimum::replay_ms(&trace, &sim, &cfg, &r, None).unwrap();
+    assert!(
+        on_truth < r.total_ms,
+        "placed on the true lengths {on_truth} ms, on estimates {} ms",
+        r.total_ms
     );
 }

@@ -144,34 +144,7 @@ impl<'a> Controller<'a> {
     }
 
     fn estimated(&self, live: &[LiveSeq]) -> Result<Vec<EstimatedSeq>> {
-        let mut per_group: std::collections::HashMap<usize, usize> = Default::default();
-        for g in live.iter().filter_map(|s| s.group) {
-            *per_group.entry(g).or_default() += 1;
-        }
-        let views: Vec<SeqView> = live
-            .iter()
-            .map(|s| SeqView {
-                generated: s.generated,
-                replica: s.replica,
-                true_len: Some(s.max_new_tokens),
-                live_siblings: s.group.map_or(0, |g| per_group[&g]),
-            })
-            .collect();
-        Ok(live
-            .iter()
-            .zip(self.estimator.estimate_set(&views)?)
-            .map(|(s, est_remaining)| EstimatedSeq {
-                replica: s.replica,
-                context: s.context,
-                kv: s.kv.min(s.context),
-                generated: s.generated,
-                est_remaining,
-                // The forecast takes every live sequence as holding its KV (telling it which
-                // wait without, tried with the simulator's node, did not decide better:
-                // benches/RESULTS.md, 2026-12-02); a switch's cost counts only `kv`.
-                cached: true,
-            })
-            .collect())
+        estimated(&self.estimator, live)
     }
 
     /// The rule's input; `switches_left`: how many more switches the run may make (`None`: no
@@ -263,6 +236,39 @@ impl<'a> Controller<'a> {
         };
         Ok((d, at))
     }
+}
+
+/// `live` as the rule sees it, its remaining lengths estimated by `estimator` (a sequence's
+/// live GRPO siblings inform the deal: [`SeqView::live_siblings`]).
+pub fn estimated(estimator: &Remaining, live: &[LiveSeq]) -> Result<Vec<EstimatedSeq>> {
+    let mut per_group: std::collections::HashMap<usize, usize> = Default::default();
+    for g in live.iter().filter_map(|s| s.group) {
+        *per_group.entry(g).or_default() += 1;
+    }
+    let views: Vec<SeqView> = live
+        .iter()
+        .map(|s| SeqView {
+            generated: s.generated,
+            replica: s.replica,
+            true_len: Some(s.max_new_tokens),
+            live_siblings: s.group.map_or(0, |g| per_group[&g]),
+        })
+        .collect();
+    Ok(live
+        .iter()
+        .zip(estimator.estimate_set(&views)?)
+        .map(|(s, est_remaining)| EstimatedSeq {
+            replica: s.replica,
+            context: s.context,
+            kv: s.kv.min(s.context),
+            generated: s.generated,
+            est_remaining,
+            // The forecast takes every live sequence as holding its KV (telling it which
+            // wait without, tried with the simulator's node, did not decide better:
+            // benches/RESULTS.md, 2026-12-02); a switch's cost counts only `kv`.
+            cached: true,
+        })
+        .collect())
 }
 
 /// What [`drive`] reports as it goes.

@@ -25,6 +25,6 @@ pub use clock::{sampled_profile, ProfileTable, StepClock};
 pub use component::{ComponentModel, ComponentParams, GpuKind};
 pub use report::SimReport;
 pub use run::{
-    runs_in_all, simulate, simulate_all, simulate_all_reporting, Placement, PolicyKind, SimConfig,
-    SimModel, SimResult, SwitchEvent, TimelinePoint,
+    empirical, runs_in_all, simulate, simulate_all, simulate_all_reporting, Placement, PolicyKind,
+    SimConfig, SimModel, SimResult, SwitchEvent, TimelinePoint,
 };

@@ -13,8 +13,9 @@
 //!    either side (last switch first, two passes).
 //!
 //! After a switch the live sequences are placed by longest-processing-time on their true
-//! remaining lengths. The search is exhaustive on its grid, not over every round, so a rule that
-//! switches between grid points can beat it; [`no_worse_than`] therefore also replays the
+//! remaining lengths, or with `on_estimates` where the adaptive rule would place them (row
+//! "optimum @est", which tells the schedule from the placement). The search is exhaustive on
+//! its grid, not over every round, so a rule that switches between grid points can beat it; [`no_worse_than`] therefore also replays the
 //! schedules the rules followed (at this node's switch cost) and refines any that is faster. The
 //! reported optimum is the best schedule found that way: never behind a baseline it could have
 //! followed, and an upper bound on the true optimum.
@@ -25,7 +26,9 @@ use super::run::{
 };
 use crate::error::Result;
 use crate::parallel::placement::balance;
-use crate::policy::controller::StepSource;
+use crate::policy::controller::{estimated, StepSource};
+use crate::policy::decide::placement;
+use crate::policy::remaining::Remaining;
 use crate::policy::trace::Trace;
 
 pub const GRID: usize = 32;
@@ -48,11 +51,22 @@ fn step_to(node: &mut Node, round: usize) -> Result<()> {
     Ok(())
 }
 
-/// Switches `node` to `tp`, placing the live sequences on their true remaining lengths.
-fn switch_true(node: &mut Node, tp: usize) -> Result<SwitchEvent> {
-    let remaining: Vec<f64> = node.true_remaining().iter().map(|&r| r as f64).collect();
-    let at = balance(&remaining, node.world() / tp);
-    let (t_ms, from, live) = (node.now_ms(), node.tp(), remaining.len());
+/// Switches `node` to `tp`, placing the live sequences on their true remaining lengths, or with
+/// `on_estimates`, where the adaptive rule would place them (balanced on that estimator's
+/// point estimates, as [`crate::policy::controller::Controller::decide`] places them).
+fn switch_true(
+    node: &mut Node,
+    tp: usize,
+    on_estimates: Option<&Remaining>,
+) -> Result<SwitchEvent> {
+    let at = match on_estimates {
+        None => {
+            let remaining: Vec<f64> = node.true_remaining().iter().map(|&r| r as f64).collect();
+            balance(&remaining, node.world() / tp)
+        }
+        Some(e) => placement(node.world(), tp, &estimated(e, &node.live())?),
+    };
+    let (t_ms, from, live) = (node.now_ms(), node.tp(), at.len());
     let (cost_ms, ()) = node.switch(tp, &at)?;
     Ok(SwitchEvent {
         step: node.rounds,
@@ -66,9 +80,17 @@ fn switch_true(node: &mut Node, tp: usize) -> Result<SwitchEvent> {
     })
 }
 
-/// The best schedule (module docs) as a run.
-pub fn search(trace: &Trace, model: &SimModel, cfg: &SimConfig) -> Result<SimResult> {
+/// The best schedule (module docs) as a run. With `on_estimates` every switch places the live
+/// sequences where the adaptive rule would (balanced on that estimator's point estimates): the
+/// best schedule for a rule that, like any engine, does not know the lengths.
+pub fn search(
+    trace: &Trace,
+    model: &SimModel,
+    cfg: &SimConfig,
+    on_estimates: Option<&Remaining>,
+) -> Result<SimResult> {
     let reqs = requests(trace);
+    let groups = groups(trace);
     let longest = reqs.iter().map(|r| r.1).max().unwrap_or(0);
     let fresh = |tp: usize| {
         Node::new(
@@ -79,7 +101,8 @@ pub fn search(trace: &Trace, model: &SimModel, cfg: &SimConfig) -> Result<SimRes
             &reqs,
             &initial_placement(&reqs, cfg.world / tp, cfg.placement),
         )
-        .map(|mut n| {
+        .map(|n| {
+            let mut n = n.with_groups(&groups);
             n.lockstep = cfg.lockstep;
             n
         })
@@ -111,7 +134,7 @@ pub fn search(trace: &Trace, model: &SimModel, cfg: &SimConfig) -> Result<SimRes
             let mut node = fresh(s.start)?;
             for &(r, tp) in &s.switches {
                 step_to(&mut node, r)?;
-                switch_true(&mut node, tp)?;
+                switch_true(&mut node, tp, on_estimates)?;
             }
             if s.switches.is_empty() {
                 consider(&mut best, node.clone().finish_ms()?, s);
@@ -124,7 +147,7 @@ pub fn search(trace: &Trace, model: &SimModel, cfg: &SimConfig) -> Result<SimRes
                 }
                 for &c in cfg.candidates.iter().filter(|&&c| c != b) {
                     let mut n = node.clone();
-                    switch_true(&mut n, c)?;
+                    switch_true(&mut n, c, on_estimates)?;
                     let mut l = s.clone();
                     l.switches.push((r, c));
                     let t = n.finish_ms()?;
@@ -141,8 +164,8 @@ pub fn search(trace: &Trace, model: &SimModel, cfg: &SimConfig) -> Result<SimRes
     }
     let (best_t, sched) = best
         .ok_or_else(|| crate::error::Error::Invalid("no candidate layout to search over".into()))?;
-    let (_, sched) = refine(model, cfg, &reqs, best_t, sched)?;
-    let (node, events) = replay(model, cfg, &reqs, &sched)?;
+    let (_, sched) = refine(model, cfg, &reqs, &groups, best_t, sched, on_estimates)?;
+    let (node, events) = replay(model, cfg, &reqs, &groups, &sched, on_estimates)?;
     Ok(result("optimum".into(), &node, sched.start, events, None))
 }
 
@@ -152,22 +175,27 @@ pub fn search(trace: &Trace, model: &SimModel, cfg: &SimConfig) -> Result<SimRes
 /// sequences on its own estimates after a switch, which a replay cannot repeat; where such a run
 /// still finished sooner than everything found, that run itself is the optimum (renamed). Either
 /// way the result is never behind any of `others`, which must have paid this node's true switch
-/// cost (not PAT's flat 5.52 s).
+/// cost (not PAT's flat 5.52 s), and with `on_estimates` must have placed on that estimator (a
+/// replay then repeats them exactly: [`replay_ms`]).
 pub fn no_worse_than(
     trace: &Trace,
     model: &SimModel,
     cfg: &SimConfig,
     found: SimResult,
     others: &[&SimResult],
+    on_estimates: Option<&Remaining>,
 ) -> Result<SimResult> {
     let reqs = requests(trace);
+    let groups = groups(trace);
     let mut best: Option<(f64, Schedule)> = None;
     for r in others {
         let sched = Schedule {
             start: r.start_tp,
             switches: r.switches.iter().map(|s| (s.step, s.to)).collect(),
         };
-        let t = replay(model, cfg, &reqs, &sched)?.0.now_ms();
+        let t = replay(model, cfg, &reqs, &groups, &sched, on_estimates)?
+            .0
+            .now_ms();
         if t < best.as_ref().map_or(found.total_ms, |b| b.0) {
             best = Some((t, sched));
         }
@@ -175,8 +203,8 @@ pub fn no_worse_than(
     let mut out = match best {
         None => found,
         Some((t, sched)) => {
-            let (_, sched) = refine(model, cfg, &reqs, t, sched)?;
-            let (node, events) = replay(model, cfg, &reqs, &sched)?;
+            let (_, sched) = refine(model, cfg, &reqs, &groups, t, sched, on_estimates)?;
+            let (node, events) = replay(model, cfg, &reqs, &groups, &sched, on_estimates)?;
             result(found.policy, &node, sched.start, events, None)
         }
     };
@@ -210,8 +238,10 @@ fn refine(
     model: &SimModel,
     cfg: &SimConfig,
     reqs: &[(usize, usize)],
+    groups: &[Option<usize>],
     mut best_t: f64,
     mut sched: Schedule,
+    on_estimates: Option<&Remaining>,
 ) -> Result<(f64, Schedule)> {
     let longest = reqs.iter().map(|r| r.1).max().unwrap_or(0);
     let cell = (longest / GRID).max(1);
@@ -229,7 +259,9 @@ fn refine(
                 }
                 let mut cand = sched.clone();
                 cand.switches[i].0 = r;
-                let t = replay(model, cfg, reqs, &cand)?.0.now_ms();
+                let t = replay(model, cfg, reqs, groups, &cand, on_estimates)?
+                    .0
+                    .now_ms();
                 if t < best_t {
                     best_t = t;
                     sched = cand;
@@ -266,12 +298,41 @@ fn pick(done: &[(f64, Schedule)], keep: usize, paths: usize) -> Vec<Schedule> {
     out
 }
 
+/// The requests' prompt groups (a switch placed on estimates reads them).
+fn groups(trace: &Trace) -> Vec<Option<usize>> {
+    trace.requests.iter().map(|r| r.group).collect()
+}
+
+/// When a run's schedule (its start, and its switches' rounds and targets) ends if replayed on
+/// the true clock at this node's switch cost, placing as [`search`] does: with the estimator a
+/// rule placed on, the rule's own run again (a check that the two place alike).
+pub fn replay_ms(
+    trace: &Trace,
+    model: &SimModel,
+    cfg: &SimConfig,
+    run: &SimResult,
+    on_estimates: Option<&Remaining>,
+) -> Result<f64> {
+    let sched = Schedule {
+        start: run.start_tp,
+        switches: run.switches.iter().map(|s| (s.step, s.to)).collect(),
+    };
+    let reqs = requests(trace);
+    Ok(
+        replay(model, cfg, &reqs, &groups(trace), &sched, on_estimates)?
+            .0
+            .now_ms(),
+    )
+}
+
 /// Runs `sched` from the start; the finished node and its switches.
 fn replay<'a>(
     model: &SimModel<'a>,
     cfg: &SimConfig,
     reqs: &[(usize, usize)],
+    groups: &[Option<usize>],
     sched: &Schedule,
+    on_estimates: Option<&Remaining>,
 ) -> Result<(Node<'a>, Vec<SwitchEvent>)> {
     let mut node = Node::new(
         model.clock,
@@ -280,13 +341,14 @@ fn replay<'a>(
         sched.start,
         reqs,
         &initial_placement(reqs, cfg.world / sched.start, cfg.placement),
-    )?;
+    )?
+    .with_groups(groups);
     node.lockstep = cfg.lockstep;
     let mut events = Vec::new();
     for &(r, tp) in &sched.switches {
         step_to(&mut node, r)?;
         if node.live_count() > 0 {
-            events.push(switch_true(&mut node, tp)?);
+            events.push(switch_true(&mut node, tp, on_estimates)?);
         }
     }
     node.run_to_end()?;

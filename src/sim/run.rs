@@ -65,6 +65,9 @@ pub struct SimConfig {
     pub placement: Placement,
     /// Search for the optimum schedule (the slowest part of a simulation).
     pub optimum: bool,
+    /// Search again with every switch placing the live sequences on estimated lengths, as the
+    /// adaptive rule must (row "optimum @est"): what a better schedule alone could buy.
+    pub optimum_on_estimates: bool,
     /// Replicas wait for the slowest after every step (one engine process, as `pat rollout`
     /// runs) instead of decoding independently (separate engines, as RL frameworks run them).
     pub lockstep: bool,
@@ -80,7 +83,11 @@ pub enum PolicyKind {
     Pat {
         flat_ms: Option<f64>,
     },
-    Optimum,
+    /// The optimum's search; `on_estimates`: its switches place the live sequences where the
+    /// adaptive rule would (on estimated lengths), not on the true lengths.
+    Optimum {
+        on_estimates: bool,
+    },
 }
 
 impl PolicyKind {
@@ -91,7 +98,10 @@ impl PolicyKind {
             PolicyKind::Oracle => "oracle rule".into(),
             PolicyKind::Pat { flat_ms: Some(ms) } => format!("PAT @{:.2}s", ms / 1e3),
             PolicyKind::Pat { flat_ms: None } => "PAT @ours".into(),
-            PolicyKind::Optimum => "optimum".into(),
+            PolicyKind::Optimum {
+                on_estimates: false,
+            } => "optimum".into(),
+            PolicyKind::Optimum { on_estimates: true } => "optimum @est".into(),
         }
     }
 }
@@ -307,17 +317,17 @@ pub fn simulate(
             node.run_to_end()?;
             Ok(result(policy.name(), &node, tp, Vec::new(), None))
         }
-        PolicyKind::Optimum => optimum::search(trace, model, cfg).map(|mut r| {
-            r.policy = policy.name();
-            r
-        }),
+        PolicyKind::Optimum { on_estimates } => {
+            let est = empirical(trace)?;
+            optimum::search(trace, model, cfg, on_estimates.then_some(&est)).map(|mut r| {
+                r.policy = policy.name();
+                r
+            })
+        }
         PolicyKind::Adaptive | PolicyKind::Oracle | PolicyKind::Pat { .. } => {
             let estimator = match policy {
                 PolicyKind::Oracle => Remaining::Oracle,
-                _ => {
-                    let lens = trace.response_lens();
-                    Remaining::Empirical(LengthDist::new(&lens, lens.iter().copied().max())?)
-                }
+                _ => empirical(trace)?,
             };
             let pat_flat = match policy {
                 PolicyKind::Pat { flat_ms } => Some(flat_ms),
@@ -397,6 +407,16 @@ pub fn simulate(
             Ok(r)
         }
     }
+}
+
+/// The estimator the adaptive rule uses in a simulation: the batch's own length distribution,
+/// capped at its longest.
+pub fn empirical(trace: &Trace) -> Result<Remaining> {
+    let lens = trace.response_lens();
+    Ok(Remaining::Empirical(LengthDist::new(
+        &lens,
+        lens.iter().copied().max(),
+    )?))
 }
 
 /// Mean relative error of the predictor against the clock at `points`, %.

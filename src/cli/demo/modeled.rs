@@ -49,6 +49,7 @@ fn runs_for(host_us: f64) -> Result<(Vec<SimResult>, usize)> {
         start_tp: None,
         placement: Placement::Chunks,
         optimum: true,
+        optimum_on_estimates: false,
         lockstep: false,
     };
     let model = SimModel {

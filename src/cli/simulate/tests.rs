@@ -19,6 +19,7 @@ fn args(trace: PathBuf) -> SimulateArgs {
         switch_fixed_ms: None,
         start_tp: None,
         no_optimum: false,
+        optimum_on_estimates: false,
         svg: None,
         json: false,
         calibration: false,
@@ -49,6 +50,34 @@ fn modeled_run_says_so_and_writes_svg() {
     run(a).unwrap();
     let svg = std::fs::read_to_string(dir.path().join("c.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+}
+
+/// `--optimum-on-estimates` adds a row that replays the schedules of the rules that placed on
+/// the same estimates: never behind adaptive or PAT at this node's cost; the legend says what
+/// it is; it makes no sense without the optimum.
+#[test]
+fn the_optimum_placed_on_estimates_is_a_row_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = args(straggler_trace(dir.path()));
+    a.optimum_on_estimates = true;
+    let rep = report(&a).unwrap();
+    assert_eq!(rep.rows.len(), 10);
+    let total = |p: &str| {
+        rep.rows
+            .iter()
+            .find(|r| r.result.policy == p)
+            .unwrap_or_else(|| panic!("no {p}"))
+            .result
+            .total_ms
+    };
+    for p in ["adaptive", "PAT @ours"] {
+        assert!(total("optimum @est") <= total(p), "{p}");
+    }
+    assert!(rep.table().contains("optimum @est is the same search"));
+    let e = crate::cli::command()
+        .try_get_matches_from(["pat", "simulate", "--optimum-on-estimates", "--no-optimum"])
+        .unwrap_err();
+    assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
 }
 
 #[test]

@@ -54,7 +54,12 @@ fn after_static(cfg: &SimConfig) -> Vec<PolicyKind> {
         PolicyKind::Oracle,
     ];
     if cfg.optimum {
-        kinds.push(PolicyKind::Optimum);
+        kinds.push(PolicyKind::Optimum {
+            on_estimates: false,
+        });
+    }
+    if cfg.optimum_on_estimates {
+        kinds.push(PolicyKind::Optimum { on_estimates: true });
     }
     kinds
 }
@@ -78,7 +83,7 @@ pub fn simulate_all_reporting(
                 scope.spawn(move || {
                     let r = simulate(trace, model, cfg, k, best);
                     // The optimum is told of once it has met the other runs (below).
-                    if let (Ok(r), false) = (&r, k == PolicyKind::Optimum) {
+                    if let (Ok(r), false) = (&r, matches!(k, PolicyKind::Optimum { .. })) {
                         done(r);
                     }
                     r
@@ -93,25 +98,37 @@ pub fn simulate_all_reporting(
     for r in rest {
         runs.push(r?);
     }
-    // The optimum is the last run. The search's grid can miss a rule's switch round: it also
+    // The optimum rows come last. The search's grid can miss a rule's switch round: each also
     // tries the schedules the rules followed at this node's switch cost (all but PAT's flat
-    // 5.52 s).
-    if let (true, Some((optimum, head))) = (cfg.optimum, runs.split_last_mut()) {
-        let others: Vec<&SimResult> = head
+    // 5.52 s); the one placed on estimates only those of the rules that placed on the same
+    // estimates (not the oracle's).
+    let kinds: Vec<PolicyKind> = cfg
+        .candidates
+        .iter()
+        .map(|&tp| PolicyKind::Static(tp))
+        .chain(after_static(cfg))
+        .collect();
+    let est = super::empirical(trace)?;
+    for i in 0..runs.len() {
+        let PolicyKind::Optimum { on_estimates } = kinds[i] else {
+            continue;
+        };
+        let others: Vec<&SimResult> = runs
             .iter()
-            .zip(
-                cfg.candidates
-                    .iter()
-                    .map(|&tp| PolicyKind::Static(tp))
-                    .chain(after_static(cfg)),
-            )
-            .filter(|(_, k)| !matches!(k, PolicyKind::Pat { flat_ms: Some(_) }))
+            .zip(&kinds)
+            .filter(|(_, k)| match k {
+                PolicyKind::Pat { flat_ms: None } | PolicyKind::Adaptive => true,
+                PolicyKind::Oracle => !on_estimates,
+                _ => false,
+            })
             .map(|(r, _)| r)
             // Static schedules are the search's own first level.
             .filter(|r| !r.switches.is_empty())
             .collect();
-        *optimum = optimum::no_worse_than(trace, model, cfg, optimum.clone(), &others)?;
-        done(optimum);
+        let found = runs[i].clone();
+        let at = on_estimates.then_some(&est);
+        runs[i] = optimum::no_worse_than(trace, model, cfg, found, &others, at)?;
+        done(&runs[i]);
     }
     Ok((runs, best))
 }
