@@ -114,10 +114,10 @@ pub struct SimulateArgs {
     #[arg(long)]
     pub no_optimum: bool,
     /// Also search the optimum with every switch placing the live sequences where the adaptive
-    /// rule would, on estimated lengths (row "optimum @est"; doubles the search's time). The
-    /// optimum places them on their true lengths, which no engine knows: on a node of many
-    /// replicas about half of adaptive's distance to it is that placement, and this row shows how
-    /// much of it a better schedule alone could win back.
+    /// rule would, on estimated lengths (row "optimum @est"; twice the search's CPU time). The
+    /// optimum places them on their true lengths, which no engine knows: adaptive's distance to
+    /// the optimum @est is its schedule, the rest of its distance to the optimum is placement.
+    /// The optimum also meets this row's schedule, so it is never behind it.
     #[arg(long, conflicts_with = "no_optimum")]
     pub optimum_on_estimates: bool,
     /// Write an SVG chart of live sequences and tp over time, one panel per policy.
@@ -335,7 +335,8 @@ pub fn report(a: &SimulateArgs) -> Result<SimReport> {
         pat::sim::optimum::GRID - 1,
         if cfg.optimum_on_estimates {
             "; optimum @est is the same search with every switch placing the live sequences where adaptive would, \
-             on estimated lengths (adaptive's distance to it is its schedule; the rest of its distance to the optimum is placement)"
+             on estimated lengths (adaptive's distance to it is its schedule; the rest of its distance to the optimum is placement; \
+             the optimum also replays its schedule, placing on true lengths, or takes its run where that is faster)"
         } else {
             ""
         },

@@ -15,9 +15,10 @@
 //! After a switch the live sequences are placed by longest-processing-time on their true
 //! remaining lengths, or with `on_estimates` where the adaptive rule would place them (row
 //! "optimum @est", which tells the schedule from the placement). The search is exhaustive on
-//! its grid, not over every round, so a rule that switches between grid points can beat it; [`no_worse_than`] therefore also replays the
-//! schedules the rules followed (at this node's switch cost) and refines any that is faster. The
-//! reported optimum is the best schedule found that way: never behind a baseline it could have
+//! its grid, not over every round, so a rule that switches between grid points can beat it;
+//! [`no_worse_than`] therefore also replays the schedules the rules followed (at this node's
+//! switch cost) and refines any that is faster. The reported optimum is the best schedule found
+//! that way: never behind a baseline it could have
 //! followed, and an upper bound on the true optimum.
 
 use super::node::{Node, TrueSwitch};

@@ -53,8 +53,8 @@ fn modeled_run_says_so_and_writes_svg() {
 }
 
 /// `--optimum-on-estimates` adds a row that replays the schedules of the rules that placed on
-/// the same estimates: never behind adaptive or PAT at this node's cost; the legend says what
-/// it is; it makes no sense without the optimum.
+/// the same estimates: never behind adaptive or PAT at this node's cost, and the optimum never
+/// behind it; the legend says what it is; it makes no sense without the optimum.
 #[test]
 fn the_optimum_placed_on_estimates_is_a_row_of_its_own() {
     let dir = tempfile::tempdir().unwrap();
@@ -73,6 +73,8 @@ fn the_optimum_placed_on_estimates_is_a_row_of_its_own() {
     for p in ["adaptive", "PAT @ours"] {
         assert!(total("optimum @est") <= total(p), "{p}");
     }
+    // The optimum meets the @est row's schedule too: never behind it.
+    assert!(total("optimum") <= total("optimum @est"));
     assert!(rep.table().contains("optimum @est is the same search"));
     let e = crate::cli::command()
         .try_get_matches_from(["pat", "simulate", "--optimum-on-estimates", "--no-optimum"])

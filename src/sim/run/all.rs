@@ -1,5 +1,6 @@
 //! Every baseline of one simulation ([`simulate_all`]): the static layouts first, then the rules
-//! and the optimum on a thread each, the optimum last checked against the rules' schedules.
+//! and the optimum searches on a thread each, the optimum rows last checked against the rules'
+//! schedules.
 
 use super::{check, optimum, simulate, PolicyKind, SimConfig, SimModel, SimResult, PAT_SWITCH_MS};
 use crate::error::Result;
@@ -28,8 +29,9 @@ fn static_runs(
 }
 
 /// Every baseline (module docs): the static layouts, PAT's rule at 5.52 s and at the modeled
-/// switch cost, adaptive, the oracle rule, and (with `cfg.optimum`) the optimum. Returns the runs
-/// and the best static tp.
+/// switch cost, adaptive, the oracle rule, (with `cfg.optimum`) the optimum and (with
+/// `cfg.optimum_on_estimates`) the optimum placed on estimates. Returns the runs and the best
+/// static tp.
 pub fn simulate_all(
     trace: &Trace,
     model: &SimModel,
@@ -101,7 +103,8 @@ pub fn simulate_all_reporting(
     // The optimum rows come last. The search's grid can miss a rule's switch round: each also
     // tries the schedules the rules followed at this node's switch cost (all but PAT's flat
     // 5.52 s); the one placed on estimates only those of the rules that placed on the same
-    // estimates (not the oracle's).
+    // estimates (not the oracle's), and first, so that the optimum also meets it (LPT on the
+    // true lengths is not always the better placement: the optimum is the best found).
     let kinds: Vec<PolicyKind> = cfg
         .candidates
         .iter()
@@ -109,8 +112,11 @@ pub fn simulate_all_reporting(
         .chain(after_static(cfg))
         .collect();
     let est = super::empirical(trace)?;
-    for i in 0..runs.len() {
-        let PolicyKind::Optimum { on_estimates } = kinds[i] else {
+    for on_estimates in [true, false] {
+        let Some(i) = kinds
+            .iter()
+            .position(|k| *k == PolicyKind::Optimum { on_estimates })
+        else {
             continue;
         };
         let others: Vec<&SimResult> = runs
@@ -119,6 +125,7 @@ pub fn simulate_all_reporting(
             .filter(|(_, k)| match k {
                 PolicyKind::Pat { flat_ms: None } | PolicyKind::Adaptive => true,
                 PolicyKind::Oracle => !on_estimates,
+                PolicyKind::Optimum { on_estimates: e } => *e && !on_estimates,
                 _ => false,
             })
             .map(|(r, _)| r)
