@@ -41,30 +41,39 @@ pub fn register<T: Send + 'static, P>(what: &'static str, value: T) -> *mut P {
     std::ptr::without_provenance_mut(token)
 }
 
-/// The live object behind `p`, or the error that says why there is none.
-pub fn lookup<T: Send + 'static, P>(p: *const P, what: &'static str) -> FfiResult<Arc<Handle<T>>> {
+/// The live object behind `p` (the export's parameter `param`, a `what` handle), or the error
+/// that says why there is none.
+pub fn lookup<T: Send + 'static, P>(
+    p: *const P,
+    param: &'static str,
+    what: &'static str,
+) -> FfiResult<Arc<Handle<T>>> {
     if p.is_null() {
-        return Err(Fail::Null(what));
+        return Err(Fail::Null(param));
     }
     let token = p.addr();
     let entry = live().get(&token).cloned();
     match entry {
         None => Err(Fail::BadHandle(format!(
-            "{what} handle {token:#x} is not live (already freed, or not made by pat)"
+            "`{param}`: {what} handle {token:#x} is not live (already freed, or not made by pat)"
         ))),
-        Some((kind, any)) => any
-            .downcast::<Handle<T>>()
-            .map_err(|_| Fail::BadHandle(format!("handle {token:#x} is a {kind}, not a {what}"))),
+        Some((kind, any)) => any.downcast::<Handle<T>>().map_err(|_| {
+            Fail::BadHandle(format!(
+                "`{param}`: handle {token:#x} is a {kind}, not a {what}"
+            ))
+        }),
     }
 }
 
-/// Runs `f` on the object behind `p`, holding its lock.
+/// Runs `f` on the object behind `p` (the export's parameter `param`, a `what` handle), holding
+/// its lock.
 pub fn with<T: Send + 'static, P, R>(
     p: *const P,
+    param: &'static str,
     what: &'static str,
     f: impl FnOnce(&mut T) -> FfiResult<R>,
 ) -> FfiResult<R> {
-    let h = lookup::<T, P>(p, what)?;
+    let h = lookup::<T, P>(p, param, what)?;
     let mut state = h.state.lock().map_err(|_| Fail::Poisoned(h.what))?;
     f(&mut state)
 }

@@ -284,7 +284,12 @@ pub unsafe extern "C" fn pat_kv_plan_get_info(
     guard(|| {
         // SAFETY: forwarded contract (`out` is writable).
         let out = unsafe { Out::new(out, "out") }?;
-        let info = handle::with(plan, "pat_kv_plan", |s: &mut KvPlanState| Ok(s.info))?;
+        let info = handle::with(
+            plan,
+            "plan",
+            "pat_kv_plan",
+            |s: &mut KvPlanState| Ok(s.info),
+        )?;
         out.put(info);
         Ok(())
     })
@@ -305,7 +310,7 @@ pub unsafe extern "C" fn pat_kv_plan_pieces(
     guard(|| {
         // SAFETY: forwarded contract (`n` is writable).
         let n = unsafe { Out::new(n, "n") }?;
-        handle::with(plan, "pat_kv_plan", |s: &mut KvPlanState| {
+        handle::with(plan, "plan", "pat_kv_plan", |s: &mut KvPlanState| {
             // SAFETY: forwarded contract.
             unsafe { copy_out(&s.pieces, buf, cap, &n, "buf") }
         })
@@ -338,7 +343,7 @@ pub unsafe extern "C" fn pat_kv_plan_steps(
     guard(|| {
         // SAFETY: forwarded contract (`n` is writable).
         let n = unsafe { Out::new(n, "n") }?;
-        handle::with(plan, "pat_kv_plan", |s: &mut KvPlanState| {
+        handle::with(plan, "plan", "pat_kv_plan", |s: &mut KvPlanState| {
             let r = rank_index(rank, s.steps.len())?;
             // SAFETY: forwarded contract.
             unsafe { copy_out(&s.steps[r], buf, cap, &n, "buf") }
@@ -360,7 +365,7 @@ pub unsafe extern "C" fn pat_kv_plan_rank_bytes(
     guard(|| {
         // SAFETY: forwarded contract (`out` is writable).
         let out = unsafe { Out::new(out, "out") }?;
-        let b = handle::with(plan, "pat_kv_plan", |s: &mut KvPlanState| {
+        let b = handle::with(plan, "plan", "pat_kv_plan", |s: &mut KvPlanState| {
             let p = &s.progs[rank_index(rank, s.progs.len())?];
             Ok(pat_rank_bytes {
                 bytes_sent: p.bytes_sent,

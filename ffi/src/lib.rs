@@ -83,8 +83,11 @@ pub unsafe extern "C" fn pat_last_error_message(buf: *mut c_char, len: usize) ->
 #[unsafe(no_mangle)]
 pub extern "C" fn pat_test_panic(engine: *mut engine::pat_engine) -> pat_status {
     guard(|| {
-        handle::with(engine, "pat_engine", |_: &mut engine::EngineState| {
-            panic!("pat_test_panic was called")
-        })
+        handle::with(
+            engine,
+            "engine",
+            "pat_engine",
+            |_: &mut engine::EngineState| panic!("pat_test_panic was called"),
+        )
     })
 }

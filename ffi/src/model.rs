@@ -218,7 +218,9 @@ pub unsafe extern "C" fn pat_model_get_dims(
     guard(|| {
         // SAFETY: forwarded contract (`out` is writable).
         let out = unsafe { Out::new(out, "out") }?;
-        let d = handle::with(model, "pat_model", |m: &mut ModelDir| Ok(dims_of(&m.cfg)))?;
+        let d = handle::with(model, "model", "pat_model", |m: &mut ModelDir| {
+            Ok(dims_of(&m.cfg))
+        })?;
         out.put(d);
         Ok(())
     })
@@ -272,7 +274,7 @@ pub unsafe extern "C" fn pat_model_load_shard(
         // SAFETY: forwarded contract (`n` is writable).
         let n = unsafe { Out::new(n, "n") }?;
         let role = role_of(role)?;
-        handle::with(model, "pat_model", |m: &mut ModelDir| {
+        handle::with(model, "model", "pat_model", |m: &mut ModelDir| {
             let cfg = &m.cfg;
             let (tp, r, l) = (tp as usize, tp_rank as usize, layer as usize);
             if tp == 0 || r >= tp {

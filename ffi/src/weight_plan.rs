@@ -254,6 +254,7 @@ pub unsafe extern "C" fn pat_weight_plan_get_info(
         let out = unsafe { Out::new(out, "out") }?;
         let info = handle::with(
             plan,
+            "plan",
             "pat_weight_plan",
             |s: &mut WeightPlanState| Ok(s.info),
         )?;
@@ -288,11 +289,16 @@ pub unsafe extern "C" fn pat_weight_plan_roles(
     guard(|| {
         // SAFETY: forwarded contract (`n` is writable).
         let n = unsafe { Out::new(n, "n") }?;
-        handle::with(plan, "pat_weight_plan", |s: &mut WeightPlanState| {
-            let r = rank_index(rank, s.progs.len())?;
-            // SAFETY: forwarded contract.
-            unsafe { copy_out(&s.roles[r], buf, cap, &n, "buf") }
-        })
+        handle::with(
+            plan,
+            "plan",
+            "pat_weight_plan",
+            |s: &mut WeightPlanState| {
+                let r = rank_index(rank, s.progs.len())?;
+                // SAFETY: forwarded contract.
+                unsafe { copy_out(&s.roles[r], buf, cap, &n, "buf") }
+            },
+        )
     })
 }
 
@@ -312,11 +318,16 @@ pub unsafe extern "C" fn pat_weight_plan_steps(
     guard(|| {
         // SAFETY: forwarded contract (`n` is writable).
         let n = unsafe { Out::new(n, "n") }?;
-        handle::with(plan, "pat_weight_plan", |s: &mut WeightPlanState| {
-            let r = rank_index(rank, s.progs.len())?;
-            // SAFETY: forwarded contract.
-            unsafe { copy_out(&s.steps[r], buf, cap, &n, "buf") }
-        })
+        handle::with(
+            plan,
+            "plan",
+            "pat_weight_plan",
+            |s: &mut WeightPlanState| {
+                let r = rank_index(rank, s.progs.len())?;
+                // SAFETY: forwarded contract.
+                unsafe { copy_out(&s.steps[r], buf, cap, &n, "buf") }
+            },
+        )
     })
 }
 
@@ -333,16 +344,21 @@ pub unsafe extern "C" fn pat_weight_plan_rank_bytes(
     guard(|| {
         // SAFETY: forwarded contract (`out` is writable).
         let out = unsafe { Out::new(out, "out") }?;
-        let b = handle::with(plan, "pat_weight_plan", |s: &mut WeightPlanState| {
-            let p = &s.progs[rank_index(rank, s.progs.len())?];
-            Ok(pat_rank_bytes {
-                bytes_sent: p.bytes_sent,
-                bytes_received: p.bytes_received,
-                bytes_in_place: p.bytes_in_place,
-                bytes_zeroed: p.bytes_zeroed,
-                peak_extra_bytes: p.peak_extra_bytes,
-            })
-        })?;
+        let b = handle::with(
+            plan,
+            "plan",
+            "pat_weight_plan",
+            |s: &mut WeightPlanState| {
+                let p = &s.progs[rank_index(rank, s.progs.len())?];
+                Ok(pat_rank_bytes {
+                    bytes_sent: p.bytes_sent,
+                    bytes_received: p.bytes_received,
+                    bytes_in_place: p.bytes_in_place,
+                    bytes_zeroed: p.bytes_zeroed,
+                    peak_extra_bytes: p.peak_extra_bytes,
+                })
+            },
+        )?;
         out.put(b);
         Ok(())
     })

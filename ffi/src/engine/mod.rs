@@ -75,7 +75,7 @@ pub unsafe extern "C" fn pat_engine_new(
                 seed: p.seed,
             },
         };
-        let engine = handle::with(model, "pat_model", |m: &mut ModelDir| {
+        let engine = handle::with(model, "model", "pat_model", |m: &mut ModelDir| {
             if opts.kv_blocks == 0 {
                 opts.kv_blocks = opts.blocks_in(&m.cfg, &backend, p.kv_bytes_per_rank)?;
             }
@@ -103,7 +103,7 @@ fn with_engine<R>(
     e: *const pat_engine,
     f: impl FnOnce(&mut EngineState) -> FfiResult<R>,
 ) -> FfiResult<R> {
-    handle::with(e, "pat_engine", f)
+    handle::with(e, "engine", "pat_engine", f)
 }
 
 /// Adds one request: `n_ids` prompt token ids, up to `max_new_tokens` new tokens, stopping at an

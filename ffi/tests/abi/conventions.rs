@@ -91,20 +91,20 @@ fn null_pointers_are_errors_and_change_nothing() {
         expect(
             pat_model_get_dims(null(), &mut dims),
             PAT_ERR_NULL,
-            "pat_model",
+            "`model` is NULL",
         );
         expect(pat_model_get_dims(m, null_mut()), PAT_ERR_NULL, "`out`");
         assert_eq!(dims, pat_model_dims::default());
         expect(
             pat_engine_step(null_mut(), null_mut()),
             PAT_ERR_NULL,
-            "pat_engine",
+            "`engine` is NULL",
         );
         let mut e = null_mut();
         expect(
             pat_engine_new(null(), null(), &mut e),
             PAT_ERR_NULL,
-            "pat_model",
+            "`model` is NULL",
         );
         assert!(e.is_null());
         let (st, e) = small_engine(m, 1, 1);
@@ -304,7 +304,7 @@ fn freed_forged_and_mistyped_handles_are_caught() {
         expect(
             pat_weight_plan_get_info(plan, &mut info),
             PAT_ERR_BAD_HANDLE,
-            "not live",
+            "`plan`: pat_weight_plan handle",
         );
         pat_model_free(m);
         expect(
