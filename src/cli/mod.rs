@@ -282,6 +282,24 @@ pub fn moot_flags(m: &clap::ArgMatches) -> Option<String> {
                     .into(),
             );
         }
+        // Two switches at one step: the first layout would run no step (a ladder is timed by
+        // `pat bench switch --to A,B`).
+        let mut at: std::collections::BTreeMap<usize, usize> = Default::default();
+        for s in g
+            .get_many::<switch::SwitchAt>("reconfigure")
+            .into_iter()
+            .flatten()
+        {
+            if let Some(tp) = at.insert(s.step, s.tp) {
+                return Some(format!(
+                    "--reconfigure {step}:{tp} and {step}:{} switch at the same step: the first \
+                     layout would run no step (give each switch its own step; `pat bench switch \
+                     --to A,B` times a ladder)",
+                    s.tp,
+                    step = s.step
+                ));
+            }
+        }
     }
     let r = m.subcommand_matches("rollout")?;
     let Some(rollout::PolicyArg::Static(k)) = r.get_one::<rollout::PolicyArg>("policy") else {

@@ -22,6 +22,27 @@ fn table() -> Vec<Case> {
             "--kv-transfer says how a live switch moves KV: give --reconfigure STEP:TP too",
         ),
         usage(
+            "two_switches_at_one_step",
+            |f| {
+                gen(
+                    f,
+                    &[
+                        "--world",
+                        "4",
+                        "--prompt-ids",
+                        "1",
+                        "--reconfigure",
+                        "3:2",
+                        "--reconfigure",
+                        "5:4",
+                        "--reconfigure",
+                        "3:4",
+                    ],
+                )
+            },
+            "--reconfigure 3:2 and 3:4 switch at the same step: the first layout would run no step",
+        ),
+        usage(
             "tp_zero_names_the_flag",
             |f| gen(f, &["--prompt-ids", "1", "--tp", "0"]),
             "invalid value '0' for '--tp <TP>': must be at least 1",
