@@ -46,6 +46,7 @@ fn modeled_run_says_so_and_writes_svg() {
         "{table}"
     );
     assert!(rep.to_json().contains("\"vs_best_static_pct\""));
+    assert!(!table.contains("optimum @est"), "{table}");
     a.svg = Some(dir.path().join("c.svg"));
     run(a).unwrap();
     let svg = std::fs::read_to_string(dir.path().join("c.svg")).unwrap();
@@ -76,6 +77,18 @@ fn the_optimum_placed_on_estimates_is_a_row_of_its_own() {
     // The optimum meets the @est row's schedule too: never behind it.
     assert!(total("optimum") <= total("optimum @est"));
     assert!(rep.table().contains("optimum @est is the same search"));
+    // The table splits adaptive's distance to the optimum into schedule and placement.
+    let pct = |x: f64, y: f64| 100.0 * (x / y - 1.0);
+    let (ad, est, opt) = (total("adaptive"), total("optimum @est"), total("optimum"));
+    assert!(
+        rep.table().contains(&format!(
+            "adaptive is {:+.2}% against the optimum: {:+.2}% against the optimum @est",
+            pct(ad, opt),
+            pct(ad, est)
+        )),
+        "{}",
+        rep.table()
+    );
     let e = crate::cli::command()
         .try_get_matches_from(["pat", "simulate", "--optimum-on-estimates", "--no-optimum"])
         .unwrap_err();
