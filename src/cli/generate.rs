@@ -75,7 +75,8 @@ pub struct GenerateArgs {
     /// chunks; a lower cap shortens the steps that keep running requests waiting on a prefill.
     #[arg(long, value_name = "N", value_parser = super::common::at_least_one)]
     pub prefill_tokens: Option<std::num::NonZeroUsize>,
-    /// Switch the TP degree live after STEP decode steps (repeatable), e.g. --reconfigure 8:4.
+    /// Switch the TP degree live after STEP decode steps (repeatable, each at its own STEP), e.g.
+    /// --reconfigure 8:4.
     /// Steps are counted after the first (the prefill; a queue whose activations outgrow what a
     /// step may hold, half the available memory on the CPU, each rank's share of its GPU's free
     /// memory on GPUs, or --prefill-tokens, is prefilled over several steps, a long prompt in

@@ -257,7 +257,8 @@ pub fn check_env() -> Result<()> {
 /// Options a command reads only in a mode the command line did not pick, given anyway: the
 /// message refusing them (accepted and ignored, they would suggest an effect they cannot have),
 /// a usage error like clap's own conflicts (exit 2). `--devices` and `--gpu-switch host` need
-/// `--backend cuda`; `pat generate --kv-transfer` needs a `--reconfigure`; `pat rollout --policy
+/// `--backend cuda`; `pat generate --kv-transfer` needs a `--reconfigure`, and two
+/// `--reconfigure` at one step would leave a layout that runs no step; `pat rollout --policy
 /// static:K` never decides and never switches, so the adaptive rule's flags, the profile it
 /// reads and how a switch moves KV are moot there.
 pub fn moot_flags(m: &clap::ArgMatches) -> Option<String> {
@@ -291,6 +292,9 @@ pub fn moot_flags(m: &clap::ArgMatches) -> Option<String> {
             .flatten()
         {
             if let Some(tp) = at.insert(s.step, s.tp) {
+                if tp == s.tp {
+                    return Some(format!("--reconfigure {}:{tp} is given twice", s.step));
+                }
                 return Some(format!(
                     "--reconfigure {step}:{tp} and {step}:{} switch at the same step: the first \
                      layout would run no step (give each switch its own step; `pat bench switch \

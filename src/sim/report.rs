@@ -86,7 +86,8 @@ impl SimReport {
     }
 
     /// With both optimum rows: adaptive's distance to the optimum, split into its schedule (to
-    /// the optimum placed on estimates) and the optimum's placement on the true lengths.
+    /// the optimum placed on estimates) and the optimum's placement on the true lengths, both in
+    /// seconds and in % of the optimum (so the parts add up).
     fn split_of_the_gap(&self) -> Option<String> {
         let total = |name: &str| self.row(name).map(|r| r.result.total_ms);
         let (a, e, o) = (
@@ -94,15 +95,16 @@ impl SimReport {
             total("optimum @est")?,
             total("optimum")?,
         );
-        let pct = |x: f64, y: f64| 100.0 * (x / y - 1.0);
+        let part =
+            |x: f64, y: f64| format!("{:+.2} s ({:+.2}%)", (x - y) / 1e3, 100.0 * (x - y) / o);
         Some(format!(
-            "\nadaptive is {:+.2}% against the optimum: {:+.2}% against the optimum @est (its \
-             schedule: the best one found that places as adaptive does, on estimates), and the \
-             optimum @est {:+.2}% against the optimum (placing on the true lengths, which no engine \
-             knows).",
-            pct(a, o),
-            pct(a, e),
-            pct(e, o)
+            "\nadaptive against the optimum: {}, of which {} is its schedule (against the \
+             optimum @est, the best schedule found that places as adaptive does, on estimates) \
+             and {} the optimum's placement on the true lengths, which no engine knows (% of \
+             the optimum's total; the parts add up).",
+            part(a, o),
+            part(a, e),
+            part(e, o),
         ))
     }
 

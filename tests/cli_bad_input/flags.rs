@@ -43,6 +43,25 @@ fn table() -> Vec<Case> {
             "--reconfigure 3:2 and 3:4 switch at the same step: the first layout would run no step",
         ),
         usage(
+            "one_switch_given_twice",
+            |f| {
+                gen(
+                    f,
+                    &[
+                        "--world",
+                        "4",
+                        "--prompt-ids",
+                        "1",
+                        "--reconfigure",
+                        "3:2",
+                        "--reconfigure",
+                        "3:2",
+                    ],
+                )
+            },
+            "--reconfigure 3:2 is given twice",
+        ),
+        usage(
             "tp_zero_names_the_flag",
             |f| gen(f, &["--prompt-ids", "1", "--tp", "0"]),
             "invalid value '0' for '--tp <TP>': must be at least 1",
