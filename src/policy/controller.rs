@@ -143,10 +143,6 @@ impl<'a> Controller<'a> {
         step > 0 && step.is_multiple_of(self.cfg.check_every)
     }
 
-    fn estimated(&self, live: &[LiveSeq]) -> Result<Vec<EstimatedSeq>> {
-        estimated(&self.estimator, live)
-    }
-
     /// The rule's input; `switches_left`: how many more switches the run may make (`None`: no
     /// limit). A candidate is valued with a follow-up switch only when two more are allowed.
     fn input<'b>(
@@ -189,7 +185,7 @@ impl<'a> Controller<'a> {
         let mut best: Option<(usize, f64)> = None;
         let mut best_stay: Option<(usize, f64)> = None;
         for &tp in &self.cfg.candidates {
-            let est = self.estimated(&placed(tp))?;
+            let est = estimated(&self.estimator, &placed(tp))?;
             let inp = self.input(world, tp, &est, self.cfg.max_switches);
             let plan = plan_ms(&inp, self.cfg.check_every, 48)?;
             let (ms, stay) = (plan.total_ms, plan.stay_ms);
@@ -220,7 +216,7 @@ impl<'a> Controller<'a> {
         switches_done: usize,
         came_from: Option<usize>,
     ) -> Result<(Decision, Vec<usize>)> {
-        let est = self.estimated(live)?;
+        let est = estimated(&self.estimator, live)?;
         let left = self
             .cfg
             .max_switches

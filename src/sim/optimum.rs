@@ -18,8 +18,8 @@
 //! its grid, not over every round, so a rule that switches between grid points can beat it;
 //! [`no_worse_than`] therefore also replays the schedules the rules followed (at this node's
 //! switch cost) and refines any that is faster. The reported optimum is the best schedule found
-//! that way: never behind a baseline it could have
-//! followed, and an upper bound on the true optimum.
+//! that way: never behind a baseline it could have followed, and an upper bound on the true
+//! optimum.
 
 use super::node::{Node, TrueSwitch};
 use super::run::{
@@ -43,6 +43,38 @@ pub const MAX_SWITCHES: usize = 3;
 struct Schedule {
     start: usize,
     switches: Vec<(usize, usize)>,
+}
+
+impl Schedule {
+    /// The schedule a run followed: its start, and its switches' rounds and targets.
+    fn of(run: &SimResult) -> Schedule {
+        Schedule {
+            start: run.start_tp,
+            switches: run.switches.iter().map(|s| (s.step, s.to)).collect(),
+        }
+    }
+}
+
+/// A node at the start of a batch at `start` tp, placed as `cfg` places it, knowing each
+/// request's prompt group (a switch placed on estimates reads them).
+fn fresh_node<'a>(
+    model: &SimModel<'a>,
+    cfg: &SimConfig,
+    reqs: &[(usize, usize)],
+    groups: &[Option<usize>],
+    start: usize,
+) -> Result<Node<'a>> {
+    let mut node = Node::new(
+        model.clock,
+        TrueSwitch::Modeled(model.switch),
+        cfg.world,
+        start,
+        reqs,
+        &initial_placement(reqs, cfg.world / start, cfg.placement),
+    )?
+    .with_groups(groups);
+    node.lockstep = cfg.lockstep;
+    Ok(node)
 }
 
 fn step_to(node: &mut Node, round: usize) -> Result<()> {
@@ -93,21 +125,6 @@ pub fn search(
     let reqs = requests(trace);
     let groups = groups(trace);
     let longest = reqs.iter().map(|r| r.1).max().unwrap_or(0);
-    let fresh = |tp: usize| {
-        Node::new(
-            model.clock,
-            TrueSwitch::Modeled(model.switch),
-            cfg.world,
-            tp,
-            &reqs,
-            &initial_placement(&reqs, cfg.world / tp, cfg.placement),
-        )
-        .map(|n| {
-            let mut n = n.with_groups(&groups);
-            n.lockstep = cfg.lockstep;
-            n
-        })
-    };
     let grid: Vec<usize> = (1..GRID)
         .map(|j| j * longest / GRID)
         .filter(|&r| r > 0)
@@ -132,7 +149,7 @@ pub fn search(
     for level in 0..MAX_SWITCHES {
         let mut next: Vec<(f64, Schedule)> = Vec::new();
         for s in &seeds {
-            let mut node = fresh(s.start)?;
+            let mut node = fresh_node(model, cfg, &reqs, &groups, s.start)?;
             for &(r, tp) in &s.switches {
                 step_to(&mut node, r)?;
                 switch_true(&mut node, tp, on_estimates)?;
@@ -190,10 +207,7 @@ pub fn no_worse_than(
     let groups = groups(trace);
     let mut best: Option<(f64, Schedule)> = None;
     for r in others {
-        let sched = Schedule {
-            start: r.start_tp,
-            switches: r.switches.iter().map(|s| (s.step, s.to)).collect(),
-        };
+        let sched = Schedule::of(r);
         let t = replay(model, cfg, &reqs, &groups, &sched, on_estimates)?
             .0
             .now_ms();
@@ -314,16 +328,17 @@ pub fn replay_ms(
     run: &SimResult,
     on_estimates: Option<&Remaining>,
 ) -> Result<f64> {
-    let sched = Schedule {
-        start: run.start_tp,
-        switches: run.switches.iter().map(|s| (s.step, s.to)).collect(),
-    };
     let reqs = requests(trace);
-    Ok(
-        replay(model, cfg, &reqs, &groups(trace), &sched, on_estimates)?
-            .0
-            .now_ms(),
-    )
+    Ok(replay(
+        model,
+        cfg,
+        &reqs,
+        &groups(trace),
+        &Schedule::of(run),
+        on_estimates,
+    )?
+    .0
+    .now_ms())
 }
 
 /// Runs `sched` from the start; the finished node and its switches.
@@ -335,16 +350,7 @@ fn replay<'a>(
     sched: &Schedule,
     on_estimates: Option<&Remaining>,
 ) -> Result<(Node<'a>, Vec<SwitchEvent>)> {
-    let mut node = Node::new(
-        model.clock,
-        TrueSwitch::Modeled(model.switch),
-        cfg.world,
-        sched.start,
-        reqs,
-        &initial_placement(reqs, cfg.world / sched.start, cfg.placement),
-    )?
-    .with_groups(groups);
-    node.lockstep = cfg.lockstep;
+    let mut node = fresh_node(model, cfg, reqs, groups, sched.start)?;
     let mut events = Vec::new();
     for &(r, tp) in &sched.switches {
         step_to(&mut node, r)?;

@@ -70,17 +70,11 @@ pub struct SimReport {
 impl SimReport {
     /// PAT's rule at its flat 5.52 s finished before the optimum, which pays this node's switch.
     fn pat_flat_beats_optimum(&self) -> bool {
-        let total = |name: &str| {
-            self.rows
-                .iter()
-                .find(|r| r.result.policy == name)
-                .map(|r| r.result.total_ms)
-        };
         let pat = crate::sim::run::PolicyKind::Pat {
             flat_ms: Some(crate::sim::run::PAT_SWITCH_MS),
         };
         matches!(
-            (total(&pat.name()), total("optimum")),
+            (self.total_ms(&pat.name()), self.total_ms("optimum")),
             (Some(p), Some(o)) if p < o
         )
     }
@@ -89,11 +83,10 @@ impl SimReport {
     /// the optimum placed on estimates) and the optimum's placement on the true lengths, both in
     /// seconds and in % of the optimum (so the parts add up).
     fn split_of_the_gap(&self) -> Option<String> {
-        let total = |name: &str| self.row(name).map(|r| r.result.total_ms);
         let (a, e, o) = (
-            total("adaptive")?,
-            total("optimum @est")?,
-            total("optimum")?,
+            self.total_ms("adaptive")?,
+            self.total_ms("optimum @est")?,
+            self.total_ms("optimum")?,
         );
         let part =
             |x: f64, y: f64| format!("{:+.2} s ({:+.2}%)", (x - y) / 1e3, 100.0 * (x - y) / o);
@@ -158,6 +151,11 @@ impl SimReport {
 
     pub fn row(&self, policy: &str) -> Option<&Row> {
         self.rows.iter().find(|r| r.result.policy == policy)
+    }
+
+    /// The total of a policy's run, ms.
+    fn total_ms(&self, policy: &str) -> Option<f64> {
+        self.row(policy).map(|r| r.result.total_ms)
     }
 
     pub fn to_json(&self) -> String {
