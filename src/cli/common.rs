@@ -101,20 +101,26 @@ pub fn stdout_write(text: fmt::Arguments<'_>) -> pat::Result<()> {
         .map_err(|e| pat::Error::io("<stdout>", e))
 }
 
-/// A count flag that must be at least 1 (clap's own message for 0 speaks of types).
+/// A count flag that must be at least 1, where leaving it out means no cap ([`count`], with a
+/// hint for 0).
 pub fn at_least_one(v: &str) -> std::result::Result<std::num::NonZeroUsize, String> {
-    let n: usize = v
-        .parse()
-        .map_err(|_| format!("expected a whole number >= 1, got {v:?}"))?;
-    std::num::NonZeroUsize::new(n)
-        .ok_or_else(|| "must be at least 1 (leave the flag out for no cap)".to_string())
+    let n = count(v).map_err(|e| {
+        if e == AT_LEAST_ONE {
+            format!("{e} (leave the flag out for no cap)")
+        } else {
+            e
+        }
+    })?;
+    Ok(std::num::NonZeroUsize::new(n).unwrap_or(std::num::NonZeroUsize::MIN))
 }
+
+const AT_LEAST_ONE: &str = "must be at least 1";
 
 /// A count flag: a whole number of at least 1 (a value no command takes is a usage error, exit
 /// 2, like any other flag clap refuses).
 pub fn count(v: &str) -> std::result::Result<usize, String> {
     match v.trim().parse::<usize>() {
-        Ok(0) => Err("must be at least 1".into()),
+        Ok(0) => Err(AT_LEAST_ONE.into()),
         Ok(n) => Ok(n),
         Err(_) => Err(format!("expected a whole number >= 1, got {v:?}")),
     }
