@@ -27,6 +27,50 @@ fn seeds(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
     v
 }
 
+/// An `import_*` seed of the trace_jsonl target: what `pat trace import` makes of it, against
+/// lengths counted here (the byte-level tokenizer makes one token per byte, a BOS with special
+/// tokens; a response gets the EOS the dump dropped).
+fn imported(p: &Path, kind: &str, text: &str) {
+    use pat::policy::import::{import, ImportOptions, Source};
+    let tok = pat::model::tokenizer::Tokenizer::byte_level(300).unwrap();
+    let source = if kind.starts_with("verl") {
+        Source::Verl
+    } else {
+        Source::Mooncake
+    };
+    let opts = ImportOptions {
+        source,
+        step: (source == Source::Verl).then_some(3),
+        cap: Some(400),
+        group_size: None,
+    };
+    let r = import(p, text, &opts, Some(&tok), &|| {}).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| source == Source::Mooncake || v["step"] == 3)
+        .collect();
+    assert_eq!(r.trace.requests.len(), lines.len());
+    for (q, v) in r.trace.requests.iter().zip(&lines) {
+        let (prompt, response) = match source {
+            Source::Verl => (
+                v["input"].as_str().unwrap().len() + 1,
+                v["output"].as_str().unwrap().len() + 1,
+            ),
+            Source::Mooncake => {
+                let n = |a: &str, b: &str| v.get(a).or(v.get(b)).unwrap().as_u64().unwrap();
+                let (i, o) = (
+                    n("input_length", "input_tokens"),
+                    n("output_length", "output_tokens"),
+                );
+                (i as usize, o as usize)
+            }
+        };
+        assert_eq!((q.prompt_len, q.response_len), (prompt, response.min(400)));
+    }
+    assert_eq!(Trace::parse(p, &r.trace.to_jsonl()).unwrap(), r.trace);
+}
+
 #[test]
 fn config_and_generation_config_seeds() {
     for (p, b) in seeds("config_json") {
@@ -110,7 +154,13 @@ fn request_trace_and_profile_seeds() {
     assert_eq!(refused, 2);
     let mut traces = 0;
     for (p, b) in seeds("trace_jsonl") {
-        match Trace::parse(&p, std::str::from_utf8(&b).unwrap()) {
+        let text = std::str::from_utf8(&b).unwrap();
+        let name = p.file_name().unwrap().to_string_lossy();
+        if let Some(kind) = name.strip_prefix("import_") {
+            imported(&p, kind, text);
+            continue;
+        }
+        match Trace::parse(&p, text) {
             Ok(t) => {
                 traces += 1;
                 assert_eq!(Trace::parse(&p, &t.to_jsonl()).unwrap(), t);

@@ -29,6 +29,7 @@ mod rollout;
 pub mod simulate;
 mod switch;
 pub mod trace;
+mod trace_import;
 
 use std::path::PathBuf;
 

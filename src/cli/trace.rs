@@ -1,4 +1,5 @@
-//! `pat trace gen | stats`: make seeded rollout length traces (JSONL on stdout) and summarize them.
+//! `pat trace gen | import | stats`: make seeded rollout length traces or convert another tool's
+//! output (JSONL on stdout), and summarize them.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,9 @@ pub struct TraceArgs {
 pub enum TraceCommand {
     /// Write a seeded trace as JSONL (`{"prompt_len":P,"response_len":R}` per line) to stdout.
     Gen(GenArgs),
+    /// Convert another tool's output into a trace: VeRL's generation dumps (decoded text,
+    /// re-tokenized; GRPO groups kept) or Mooncake traces (token counts).
+    Import(super::trace_import::ImportArgs),
     /// Count, mean / p50 / p90 / p99 / max response length and the fractions over cap/3 and at
     /// the cap.
     Stats(StatsArgs),
@@ -270,17 +274,26 @@ fn load_for_stats(file: &Path, cap: Option<usize>) -> Result<Trace> {
     Ok(t.trace)
 }
 
+/// Writes `t` as JSONL to `out` (`None` or `-`: stdout).
+fn write_trace(t: &Trace, out: Option<&Path>) -> Result<()> {
+    let text = t.to_jsonl();
+    match out.filter(|p| p.as_os_str() != "-") {
+        Some(p) => super::common::OutFile::claim(p, "--out")?.write(text.as_bytes()),
+        None => std::io::stdout()
+            .lock()
+            .write_all(text.as_bytes())
+            .map_err(|e| Error::io("<stdout>", e)),
+    }
+}
+
 pub fn run(a: TraceArgs) -> Result<()> {
     match a.cmd {
-        TraceCommand::Gen(g) => {
-            let text = generate(&g)?.to_jsonl();
-            match g.out.as_ref().filter(|p| p.as_os_str() != "-") {
-                Some(p) => super::common::OutFile::claim(p, "--out")?.write(text.as_bytes()),
-                None => std::io::stdout()
-                    .lock()
-                    .write_all(text.as_bytes())
-                    .map_err(|e| Error::io("<stdout>", e)),
-            }
+        TraceCommand::Gen(g) => write_trace(&generate(&g)?, g.out.as_deref()),
+        TraceCommand::Import(i) => {
+            let (path, r) = super::trace_import::convert(&i)?;
+            write_trace(&r.trace, i.out.as_deref())?;
+            eprintln!("{}", super::trace_import::summary(&path, &i, &r));
+            Ok(())
         }
         TraceCommand::Stats(s) => {
             let st = load_for_stats(&s.file, s.cap)?.stats(s.cap);

@@ -108,6 +108,16 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// How many tokens `text` encodes to, with the tokenizer's special tokens (BOS where its
+    /// post-processor adds one) or without.
+    pub fn count(&self, text: &str, special: bool) -> Result<usize> {
+        let enc = self
+            .inner
+            .encode(text, special)
+            .map_err(|e| tok_err("encode", e))?;
+        Ok(enc.len())
+    }
+
     /// Decodes, skipping special tokens. Ids outside the vocabulary are skipped.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner

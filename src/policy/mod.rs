@@ -5,7 +5,8 @@
 //! sequence states) and returns plain numbers, and the adaptive loop drives a [`StepSource`]
 //! trait, so the simulator (`crate::sim`) and the real engine run the same code.
 //!
-//! - [`trace`]: rollout length traces (JSONL) and seeded generators.
+//! - [`trace`]: rollout length traces (JSONL) and seeded generators; [`import`]: traces from VeRL
+//!   generation dumps and Mooncake traces.
 //! - [`profile`]: the profile JSON (decode step samples, prefill rate, switch costs), validated.
 //! - [`modeled`]: model shapes and links of modeled nodes (their cost model: `crate::sim::component`).
 //! - [`predictor`]: per-tp least-squares fit `a + b*batch + c*batch*context (+ d*context)`.
@@ -19,6 +20,7 @@ pub mod controller;
 pub mod decide;
 pub mod forecast;
 pub mod grpo;
+pub mod import;
 pub mod modeled;
 pub mod predictor;
 pub mod profile;

@@ -90,7 +90,7 @@ pub const MAX_TRACE_LEN: usize = 1 << 30;
 /// The most requests a generated trace may have.
 pub const MAX_TRACE_REQUESTS: usize = 1 << 24;
 
-fn positive(v: &Value, key: &str) -> std::result::Result<usize, String> {
+pub(crate) fn positive(v: &Value, key: &str) -> std::result::Result<usize, String> {
     let n = v
         .as_u64()
         .filter(|&n| n > 0)
