@@ -6,6 +6,9 @@
 # of the adaptive rule (within 1% of the optimum; never more than 0.5% behind the best static;
 # ahead of PAT's rule wherever switching pays).
 #   scripts/sim-grid.sh [path/to/pat]        (default target/release/pat; SEEDS="0 1 2")
+# OUT_OF_SAMPLE=1: the rules estimate from another batch of the same kind (seed + 1000, as the
+# previous training step would be: `pat simulate --lengths-from`), not the simulated batch's own
+# lengths. SIM_ARGS: more `pat simulate` flags.
 set -euo pipefail
 pat="${1:-target/release/pat}"
 [[ -x "$pat" ]] || { echo "sim-grid: no pat binary at $pat (cargo build --release)" >&2; exit 1; }
@@ -18,8 +21,14 @@ for shape in llama3-8b:24576 qwen3-14b:16384; do
         name="${shape%%:*} n$n host$host seed$seed"
         "$pat" trace gen --kind grpo --prompts $((n / 8)) --group-size 8 --cap "${shape##*:}" \
             --seed "$seed" --out "$tmp/t.jsonl"
+        history=()
+        if [[ -n "${OUT_OF_SAMPLE:-}" ]]; then
+          "$pat" trace gen --kind grpo --prompts $((n / 8)) --group-size 8 --cap "${shape##*:}" \
+              --seed $((seed + 1000)) --out "$tmp/h.jsonl"
+          history=(--lengths-from "$tmp/h.jsonl" --cap "${shape##*:}")
+        fi
         "$pat" simulate --trace "$tmp/t.jsonl" --model-shape "${shape%%:*}" --per-seq-us "$host" \
-            ${SIM_ARGS:-} --json >"$tmp/$name.json"
+            "${history[@]}" ${SIM_ARGS:-} --json >"$tmp/$name.json"
         echo "sim-grid: $name" >&2
       done
     done

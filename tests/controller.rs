@@ -140,6 +140,7 @@ fn sim_run(kind: PolicyKind) -> Vec<Switch> {
         optimum: false,
         optimum_on_estimates: false,
         lockstep: true,
+        lengths_from: None,
     };
     let r = simulate(&trace(), &model, &cfg, kind, 1).unwrap();
     r.switches

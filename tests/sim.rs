@@ -127,6 +127,7 @@ fn cfg(optimum: bool) -> SimConfig {
         optimum,
         optimum_on_estimates: false,
         lockstep: false,
+        lengths_from: None,
     }
 }
 

@@ -204,6 +204,7 @@ fn wide_node(
         optimum: false,
         optimum_on_estimates: false,
         lockstep: false,
+        lengths_from: None,
     };
     (m, predictor, switch, cfg)
 }

@@ -3,7 +3,7 @@
 //! model (MODELED, said so) or a measured profile's interpolated table; the policy sees only its
 //! predictor fitted to a profile.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
 
@@ -12,6 +12,7 @@ use pat::policy::decide::SwitchCost;
 use pat::policy::modeled::{Link, ModelShape};
 use pat::policy::predictor::{validate, Predictor};
 use pat::policy::profile::Profile;
+use pat::policy::remaining::LengthDist;
 use pat::sim::calibration::{range_error, CALIBRATION};
 use pat::sim::report::SimReport;
 use pat::sim::run::{runs_in_all, simulate_all_reporting, Placement, SimConfig, SimModel};
@@ -120,6 +121,12 @@ pub struct SimulateArgs {
     /// The optimum also meets this row's schedule, so it is never behind it.
     #[arg(long, conflicts_with = "no_optimum")]
     pub optimum_on_estimates: bool,
+    /// A trace of an earlier rollout (e.g. the previous training step, `pat trace import`) whose
+    /// response lengths the rules' remaining-length estimator learns from, as an engine would
+    /// (default: this batch's own lengths, in-sample: the estimator then knows their
+    /// distribution, though not which request runs how long).
+    #[arg(long, value_name = "TRACE")]
+    pub lengths_from: Option<PathBuf>,
     /// Write an SVG chart of live sequences and tp over time, one panel per policy.
     #[arg(long)]
     pub svg: Option<PathBuf>,
@@ -131,9 +138,29 @@ pub struct SimulateArgs {
     #[arg(long, conflicts_with_all = [
         "trace", "profile", "world", "link", "model_shape", "gpu", "per_seq_us", "cap", "mem_fraction",
         "cost_model", "placement", "check_every", "margin", "min_gain_ms", "switch_fixed_ms",
-        "start_tp", "no_optimum", "optimum_on_estimates", "svg", "json",
+        "start_tp", "no_optimum", "optimum_on_estimates", "lengths_from", "svg", "json",
     ])]
     pub calibration: bool,
+}
+
+/// The estimator's lengths from the trace at `path` (`--lengths-from`), capped at `cap` when
+/// given (a longer response is an error naming its line), else at the trace's longest.
+fn lengths_from(path: &Path, cap: Option<usize>) -> Result<LengthDist> {
+    let t = super::common::load_trace(path)?;
+    if let Some(cap) = cap {
+        if let Some(i) = t.trace.requests.iter().position(|r| r.response_len > cap) {
+            return Err(t.request_error(
+                i,
+                &format!(
+                    "`response_len` {} is longer than --cap {cap}",
+                    t.trace.requests[i].response_len
+                ),
+            ));
+        }
+    }
+    let lens = t.trace.response_lens();
+    let longest = lens.iter().copied().max().unwrap_or(1);
+    LengthDist::new(&lens, Some(cap.unwrap_or(longest)))
 }
 
 /// The modeled node's component model from the flags.
@@ -269,6 +296,10 @@ pub fn report(a: &SimulateArgs) -> Result<SimReport> {
         })?;
     }
     let left_out = fit_candidates(a, &trace, clock.as_ref(), &mut candidates)?;
+    let lengths_from = match &a.lengths_from {
+        Some(p) => Some(lengths_from(p, a.cap)?),
+        None => None,
+    };
     let cfg = SimConfig {
         world: a.world,
         candidates,
@@ -283,6 +314,7 @@ pub fn report(a: &SimulateArgs) -> Result<SimReport> {
         optimum: !a.no_optimum,
         optimum_on_estimates: a.optimum_on_estimates,
         lockstep: false,
+        lengths_from,
     };
     let model = SimModel {
         clock: clock.as_ref(),
@@ -324,12 +356,20 @@ pub fn report(a: &SimulateArgs) -> Result<SimReport> {
     }
     notes.push(format!(
         "replicas decode independently and meet at each switch (a barrier) and at the end; the batch is placed as {}; \
-         adaptive estimates remaining lengths from this batch's own length distribution (in-sample), the oracle rule knows them; \
+         adaptive estimates remaining lengths from {}, the oracle rule knows them; \
          the optimum is the best schedule found on the true clock with the true lengths: a search over up to {} switches at {} evenly spaced rounds, refined, \
          and the schedules the rules followed (src/sim/optimum.rs); an upper bound on the true optimum{}",
         match cfg.placement {
             Placement::Chunks => "contiguous chunks per replica (VeRL)",
             Placement::Lpt => "LPT on the true lengths (an ideal)",
+        },
+        match (&a.lengths_from, &cfg.lengths_from) {
+            (Some(p), Some(d)) => format!(
+                "the {} response lengths of {} (out of sample)",
+                d.observed(),
+                p.display()
+            ),
+            _ => "this batch's own length distribution (in-sample)".to_string(),
         },
         pat::sim::optimum::MAX_SWITCHES,
         pat::sim::optimum::GRID - 1,

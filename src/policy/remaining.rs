@@ -57,6 +57,11 @@ impl LengthDist {
         self.cap
     }
 
+    /// How many lengths it was made from.
+    pub fn observed(&self) -> usize {
+        self.sorted.len()
+    }
+
     /// `E[R - g | R > g]` over the observed lengths, or the fallback (module docs).
     pub fn mean_residual(&self, g: usize) -> f64 {
         let i = self.sorted.partition_point(|&r| r <= g);

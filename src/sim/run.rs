@@ -71,6 +71,10 @@ pub struct SimConfig {
     /// Replicas wait for the slowest after every step (one engine process, as `pat rollout`
     /// runs) instead of decoding independently (separate engines, as RL frameworks run them).
     pub lockstep: bool,
+    /// The length distribution the rules' remaining-length estimator learns from (adaptive,
+    /// PAT's, optimum @est): a previous rollout's. `None`: the simulated batch's own (in-sample:
+    /// it knows the distribution, though not which request runs how long).
+    pub lengths_from: Option<LengthDist>,
 }
 
 /// Which policy a run follows.
@@ -318,7 +322,7 @@ pub fn simulate(
             Ok(result(policy.name(), &node, tp, Vec::new(), None))
         }
         PolicyKind::Optimum { on_estimates } => {
-            let est = empirical(trace)?;
+            let est = estimator(trace, cfg)?;
             optimum::search(trace, model, cfg, on_estimates.then_some(&est)).map(|mut r| {
                 r.policy = policy.name();
                 r
@@ -327,7 +331,7 @@ pub fn simulate(
         PolicyKind::Adaptive | PolicyKind::Oracle | PolicyKind::Pat { .. } => {
             let estimator = match policy {
                 PolicyKind::Oracle => Remaining::Oracle,
-                _ => empirical(trace)?,
+                _ => estimator(trace, cfg)?,
             };
             let pat_flat = match policy {
                 PolicyKind::Pat { flat_ms } => Some(flat_ms),
@@ -417,6 +421,14 @@ pub fn empirical(trace: &Trace) -> Result<Remaining> {
         &lens,
         lens.iter().copied().max(),
     )?))
+}
+
+/// The estimator of the rules that estimate ([`SimConfig::lengths_from`], or [`empirical`]).
+pub fn estimator(trace: &Trace, cfg: &SimConfig) -> Result<Remaining> {
+    match &cfg.lengths_from {
+        Some(d) => Ok(Remaining::Empirical(d.clone())),
+        None => empirical(trace),
+    }
 }
 
 /// Mean relative error of the predictor against the clock at `points`, %.

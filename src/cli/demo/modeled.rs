@@ -51,6 +51,7 @@ fn runs_for(host_us: f64) -> Result<(Vec<SimResult>, usize)> {
         optimum: true,
         optimum_on_estimates: false,
         lockstep: false,
+        lengths_from: None,
     };
     let model = SimModel {
         clock: &m,

@@ -134,6 +134,13 @@ pub(super) fn check_flags(a: &SimulateArgs) -> Result<()> {
             )));
         }
     }
+    let stdin = |p: &Option<std::path::PathBuf>| p.as_ref().is_some_and(|p| p.as_os_str() == "-");
+    if stdin(&a.trace) && stdin(&a.lengths_from) {
+        return Err(Error::Usage(
+            "--trace - and --lengths-from - cannot both read standard input: give one a file"
+                .into(),
+        ));
+    }
     if let Some(s) = a.start_tp.filter(|&s| !a.world.is_multiple_of(s)) {
         return Err(Error::Usage(format!(
             "--start-tp {s} does not divide --world {}: a layout of {} GPUs has tp dividing it",

@@ -20,6 +20,7 @@ fn args(trace: PathBuf) -> SimulateArgs {
         start_tp: None,
         no_optimum: false,
         optimum_on_estimates: false,
+        lengths_from: None,
         svg: None,
         json: false,
         calibration: false,
@@ -94,6 +95,72 @@ fn the_optimum_placed_on_estimates_is_a_row_of_its_own() {
         .try_get_matches_from(["pat", "simulate", "--optimum-on-estimates", "--no-optimum"])
         .unwrap_err();
     assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
+}
+
+/// `--lengths-from`: the rules that estimate learn from another rollout's lengths. From the
+/// batch's own file they estimate exactly as by default (the same distribution and cap); from
+/// a rollout whose responses all ran 2000 tokens the adaptive rule decides otherwise, while the
+/// static layouts and the oracle rule (which never estimate) stay as they were.
+#[test]
+fn the_estimator_learns_from_the_lengths_it_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("grpo.jsonl");
+    let spec = pat::policy::grpo::GrpoSpec {
+        prompts: 16,
+        group_size: 8,
+        cap: 24576,
+        rho: 0.5,
+        at_cap: pat::policy::trace::DEEPSCALER_AT_CAP,
+        seed: 0,
+    };
+    std::fs::write(&trace, pat::policy::grpo::grpo(&spec).unwrap().to_jsonl()).unwrap();
+    let mut a = args(trace.clone());
+    a.no_optimum = true;
+    a.per_seq_us = Some(80.0);
+    let base = report(&a).unwrap();
+    let totals = |r: &SimReport| -> Vec<(String, f64)> {
+        r.rows
+            .iter()
+            .map(|w| (w.result.policy.clone(), w.result.total_ms))
+            .collect()
+    };
+    a.lengths_from = Some(trace);
+    let same = report(&a).unwrap();
+    assert_eq!(totals(&same), totals(&base));
+    assert!(same.table().contains("(out of sample)"));
+    assert!(base.table().contains("(in-sample)"));
+    let long = dir.path().join("long.jsonl");
+    let flat = pat::policy::trace::one_straggler(64, 2000, 2000).unwrap();
+    std::fs::write(&long, flat.to_jsonl()).unwrap();
+    a.lengths_from = Some(long.clone());
+    let other = report(&a).unwrap();
+    assert!(other
+        .table()
+        .contains(&format!("the 64 response lengths of {}", long.display())));
+    for ((p, t), (q, u)) in totals(&base).iter().zip(totals(&other)) {
+        assert_eq!(p, &q);
+        if !(p == "adaptive" || p.starts_with("PAT")) {
+            assert_eq!(*t, u, "{p}");
+        }
+    }
+    let adaptive = |r: &SimReport| totals(r).into_iter().find(|x| x.0 == "adaptive").unwrap().1;
+    assert_ne!(adaptive(&other), adaptive(&base));
+    // A response of that rollout over --cap is refused, naming the file and line.
+    a.cap = Some(24576);
+    std::fs::write(&long, "{\"prompt_len\":9,\"response_len\":30000}\n").unwrap();
+    let e = report(&a).unwrap_err().to_string();
+    assert!(
+        e.contains("long.jsonl:1: request 0: `response_len` 30000 is longer than --cap 24576"),
+        "{e}"
+    );
+    a.trace = Some("-".into());
+    a.lengths_from = Some("-".into());
+    let e = checks::check_flags(&a).unwrap_err();
+    assert!(matches!(e, Error::Usage(_)), "{e}");
+    assert!(
+        e.to_string().contains("cannot both read standard input"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -111,7 +111,7 @@ pub fn simulate_all_reporting(
         .map(|&tp| PolicyKind::Static(tp))
         .chain(after_static(cfg))
         .collect();
-    let est = super::empirical(trace)?;
+    let est = super::estimator(trace, cfg)?;
     for on_estimates in [true, false] {
         let Some(i) = kinds
             .iter()
