@@ -206,6 +206,15 @@ fn profile_round_trips_and_validates() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("decode[0]") && e.contains("tp 3"), "{e}");
+    // No prefill rate: every prefill and recompute would be free. Refused, as no decode is.
+    for key in ["prefill", "decode"] {
+        let mut v: serde_json::Value = serde_json::from_str(&p.to_json()).unwrap();
+        v[key] = serde_json::json!([]);
+        let e = Profile::from_json(&v.to_string(), &path)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("`{key}` has no samples")), "{e}");
+    }
     let text = p.to_json().replacen("\"world\"", "\"wrld\"", 1);
     let e = Profile::from_json(&text, &path).unwrap_err().to_string();
     assert!(e.contains("p.json:") && e.contains("wrld"), "{e}");

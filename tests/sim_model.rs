@@ -98,7 +98,15 @@ fn a_node_profile_composes_shard_steps_with_the_links_collectives() {
     let e = compose_node(&[(2, shard(4, 1.0))], &full, 8, &p).unwrap_err();
     assert!(e.to_string().contains("not the tp-2 shard"), "{e}");
     let e = compose_node(&[(3, shard(1, 1.0))], &full, 8, &p).unwrap_err();
-    assert!(e.to_string().contains("tp 3"), "{e}");
+    assert!(
+        e.to_string().contains("tp 3 does not divide world (8)"),
+        "{e}"
+    );
+    // Which of what tp must divide it misses: here the kv heads, not the world.
+    let kv = full.num_kv_heads;
+    let e = compose_node(&[(2 * kv, shard(1, 1.0))], &full, 2 * kv, &p).unwrap_err();
+    let want = format!("tp {} does not divide the model's kv heads ({kv})", 2 * kv);
+    assert!(e.to_string().contains(&want), "{e}");
     let e = compose_node(&[(1, shard(1, 1.0)), (1, shard(1, 1.0))], &full, 8, &p).unwrap_err();
     assert!(e.to_string().contains("twice"), "{e}");
 }

@@ -37,19 +37,19 @@ pub enum BenchCommand {
 #[derive(Args, Debug)]
 pub struct AttentionArgs {
     /// Sequences in the decode batch (sweepable, comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "64")]
+    #[arg(long, value_delimiter = ',', default_value = "64", value_parser = super::common::count)]
     pub num_seqs: Vec<usize>,
     /// Tokens of context per sequence (sweepable).
-    #[arg(long, value_delimiter = ',', default_value = "2048")]
+    #[arg(long, value_delimiter = ',', default_value = "2048", value_parser = super::common::count)]
     pub context: Vec<usize>,
     /// Query heads on the rank (LLaMA-3.1-8B at tp 1: 32).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = super::common::count)]
     pub q_heads: usize,
     /// KV heads on the rank (LLaMA-3.1-8B at tp 1: 8).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = super::common::count)]
     pub kv_heads: usize,
     /// Dimension of each head (LLaMA-3.1-8B: 128).
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = super::common::count)]
     pub head_dim: usize,
     /// Tokens per KV block of the paged cache.
     #[arg(long, default_value_t = 16, value_parser = super::common::count)]
@@ -82,10 +82,10 @@ pub struct OneBatchArgs {
     #[arg(long, default_value = "f32", value_name = "f32|bf16|f16")]
     pub dtype: pat::Dtype,
     /// Batch sizes to sweep.
-    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    #[arg(long, value_delimiter = ',', default_value = "1,16", value_parser = super::common::count)]
     pub batch_size: Vec<usize>,
     /// Prompt lengths to sweep.
-    #[arg(long, value_delimiter = ',', default_value = "128")]
+    #[arg(long, value_delimiter = ',', default_value = "128", value_parser = super::common::count)]
     pub input_len: Vec<usize>,
     /// Generated lengths to sweep (at least 2: the first token comes from the prefill, decode is
     /// timed over the rest).
@@ -179,7 +179,6 @@ fn attention(a: AttentionArgs) -> Result<()> {
 }
 
 fn one_batch(a: OneBatchArgs) -> Result<()> {
-    let m = open_model(&a.model)?;
     for (flag, values, least) in [
         ("--batch-size", &a.batch_size, 1),
         ("--input-len", &a.input_len, 1),
@@ -187,11 +186,12 @@ fn one_batch(a: OneBatchArgs) -> Result<()> {
         ("--output-len", &a.output_len, 2),
     ] {
         if let Some(v) = values.iter().find(|&&v| v < least) {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Usage(format!(
                 "{flag} values must be at least {least}, got {v}"
             )));
         }
     }
+    let m = open_model(&a.model)?;
     for &i in &a.input_len {
         for &o in &a.output_len {
             check_lengths(&m.cfg, i, o).map_err(|msg| {

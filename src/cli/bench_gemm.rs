@@ -31,7 +31,7 @@ pub struct GemmArgs {
     #[arg(long, value_parser = super::common::count)]
     pub layers: Option<usize>,
     /// Activation rows (decode batch sizes) to sweep.
-    #[arg(long, value_delimiter = ',', default_value = "1,4,16,32,64")]
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,32,64", value_parser = super::common::count)]
     pub rows: Vec<usize>,
     /// Threads per GEMM to sweep, each at most the cores the CPU backend may use (default: 1 and
     /// all of them).

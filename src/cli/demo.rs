@@ -122,7 +122,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         )));
     }
     if a.max_response < 2 {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Usage(format!(
             "--max-response must be at least 2, got {}",
             a.max_response
         )));

@@ -346,6 +346,20 @@ pub fn report(a: &SimulateArgs) -> Result<SimReport> {
             errln!("warning: {over}");
             notes.push(format!("EXTRAPOLATED: {over}"));
         }
+        let measured: Vec<usize> = profile.prefill_points().iter().map(|p| p.0).collect();
+        let missing: Vec<String> = cfg
+            .candidates
+            .iter()
+            .filter(|tp| !measured.contains(tp))
+            .map(|tp| tp.to_string())
+            .collect();
+        if !missing.is_empty() {
+            notes.push(format!(
+                "INTERPOLATED: the profile has no prefill rate at tp {}; it is taken from the \
+                 nearest measured tp (linear between two)",
+                missing.join(", ")
+            ));
+        }
     }
     if let Ok(v) = validate(&profile, 0.2, 0) {
         notes.push(format!(
@@ -354,11 +368,10 @@ pub fn report(a: &SimulateArgs) -> Result<SimReport> {
             v.overall_mape
         ));
     }
+    let searched = runs.iter().any(|r| r.policy == "optimum");
     notes.push(format!(
         "replicas decode independently and meet at each switch (a barrier) and at the end; the batch is placed as {}; \
-         adaptive estimates remaining lengths from {}, the oracle rule knows them; \
-         the optimum is the best schedule found on the true clock with the true lengths: a search over up to {} switches at {} evenly spaced rounds, refined, \
-         and the schedules the rules followed (src/sim/optimum.rs); an upper bound on the true optimum{}",
+         adaptive estimates remaining lengths from {}, the oracle rule knows them{}",
         match cfg.placement {
             Placement::Chunks => "contiguous chunks per replica (VeRL)",
             Placement::Lpt => "LPT on the true lengths (an ideal)",
@@ -371,14 +384,22 @@ pub fn report(a: &SimulateArgs) -> Result<SimReport> {
             ),
             _ => "this batch's own length distribution (in-sample)".to_string(),
         },
-        pat::sim::optimum::MAX_SWITCHES,
-        pat::sim::optimum::GRID - 1,
-        if cfg.optimum_on_estimates {
-            "; optimum @est is the same search with every switch placing the live sequences where adaptive would, \
-             on estimated lengths (adaptive's distance to it is its schedule; the rest of its distance to the optimum is placement; \
-             the optimum also replays its schedule, placing on true lengths, or takes its run where that is faster)"
+        if !searched {
+            String::new()
         } else {
-            ""
+            format!(
+                "; the optimum is the best schedule found on the true clock with the true lengths: a search over up to {} switches at {} evenly spaced rounds, refined, \
+                 and the schedules the rules followed (src/sim/optimum.rs); an upper bound on the true optimum{}",
+                pat::sim::optimum::MAX_SWITCHES,
+                pat::sim::optimum::GRID - 1,
+                if cfg.optimum_on_estimates {
+                    "; optimum @est is the same search with every switch placing the live sequences where adaptive would, \
+                     on estimated lengths (adaptive's distance to it is its schedule; the rest of its distance to the optimum is placement; \
+                     the optimum also replays its schedule, placing on true lengths, or takes its run where that is faster)"
+                } else {
+                    ""
+                },
+            )
         },
     ));
     let stats = trace.stats(a.cap);

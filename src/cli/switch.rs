@@ -74,16 +74,16 @@ pub struct BenchSwitchArgs {
     #[arg(long, default_value_t = 4, value_parser = super::common::ranks)]
     pub world: usize,
     /// TP degree before the switch.
-    #[arg(long)]
+    #[arg(long, value_parser = super::common::count)]
     pub from: usize,
     /// TP degree(s) after; a list (e.g. 2,4) runs a ladder, one record per switch.
-    #[arg(long, value_delimiter = ',', required = true)]
+    #[arg(long, value_delimiter = ',', required = true, value_parser = super::common::count)]
     pub to: Vec<usize>,
     /// Sequences in flight at the switch.
     #[arg(long, default_value_t = 8, value_parser = super::common::count)]
     pub batch: usize,
     /// Context (prompt tokens) of each sequence.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = super::common::count)]
     pub context: usize,
     /// How the in-flight sequences' KV reaches the new layout: migrate (the default here: the
     /// bench times the KV reshard), recompute, or auto (the cost model picks per sequence, as

@@ -49,10 +49,16 @@ impl Checkpoint {
             let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
             let v: serde_json::Value = serde_json::from_str(crate::model::config::strip_bom(&text))
                 .map_err(|e| Error::checkpoint(&index, format!("not valid JSON: {e}")))?;
-            let map = v
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| Error::checkpoint(&index, "missing object `weight_map`"))?;
+            let map = match v.get("weight_map") {
+                Some(serde_json::Value::Object(m)) => m,
+                Some(other) => {
+                    return Err(Error::checkpoint(
+                        &index,
+                        format!("`weight_map` must be an object of tensor -> file, got {other}"),
+                    ))
+                }
+                None => return Err(Error::checkpoint(&index, "missing object `weight_map`")),
+            };
             if map.is_empty() {
                 return Err(Error::checkpoint(
                     &index,
@@ -100,7 +106,8 @@ impl Checkpoint {
             // map. Another process truncating it while we read is outside what we can guard against.
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
             let st = SafeTensors::deserialize(&mmap).map_err(|e| {
-                Error::checkpoint(&path, format!("not a valid safetensors file: {e}"))
+                let which = header_mismatch(&mmap).map_or(String::new(), |m| format!(" ({m})"));
+                Error::checkpoint(&path, format!("not a valid safetensors file: {e}{which}"))
             })?;
             let base = mmap.as_ptr() as usize;
             for (name, view) in st.tensors() {
@@ -294,4 +301,63 @@ pub fn round_to_f16(v: &mut [f32]) {
     for x in v {
         *x = half::f16::from_f32(*x).to_f32();
     }
+}
+
+/// On a header the safetensors crate refused: the first tensor whose shape and dtype do not
+/// span its `data_offsets`, or whose offsets run past the file, named (its message does not).
+fn header_mismatch(bytes: &[u8]) -> Option<String> {
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+    let header = bytes.get(8..8usize.checked_add(usize::try_from(n).ok()?)?)?;
+    let data = (bytes.len() - 8 - header.len()) as u128;
+    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(header).ok()?;
+    let mut entries: Vec<(&String, &serde_json::Value)> =
+        map.iter().filter(|(k, _)| *k != "__metadata__").collect();
+    entries.sort_by_key(|(_, v)| v["data_offsets"][0].as_u64().unwrap_or(0));
+    for (name, v) in entries {
+        let size: u128 = match v["dtype"].as_str()? {
+            "F64" | "I64" | "U64" => 8,
+            "F32" | "I32" | "U32" => 4,
+            "F16" | "BF16" | "I16" | "U16" => 2,
+            "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" => 1,
+            _ => continue,
+        };
+        let shape: Option<Vec<u128>> = v["shape"]
+            .as_array()?
+            .iter()
+            .map(|d| d.as_u64().map(u128::from))
+            .collect();
+        let offsets: Option<Vec<u128>> = v["data_offsets"]
+            .as_array()?
+            .iter()
+            .map(|d| d.as_u64().map(u128::from))
+            .collect();
+        let (Some(shape), Some(offsets)) = (shape, offsets) else {
+            return Some(format!(
+                "tensor `{name}`: `shape` and `data_offsets` must be lists of whole numbers"
+            ));
+        };
+        let [start, end] = offsets[..] else {
+            return Some(format!(
+                "tensor `{name}`: `data_offsets` must be [start, end]"
+            ));
+        };
+        let want = shape
+            .iter()
+            .try_fold(size, |a, &d| a.checked_mul(d))
+            .unwrap_or(u128::MAX);
+        if end < start || end - start != want {
+            return Some(format!(
+                "tensor `{name}`: shape {shape:?} of {} is {want} bytes, but data_offsets \
+                 [{start}, {end}] span {}",
+                v["dtype"].as_str().unwrap_or("?"),
+                end.saturating_sub(start)
+            ));
+        }
+        if end > data {
+            return Some(format!(
+                "tensor `{name}`: data_offsets end at {end}, past the {data} bytes of data"
+            ));
+        }
+    }
+    None
 }

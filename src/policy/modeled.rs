@@ -96,9 +96,11 @@ impl FromStr for Link {
             "nvlink" => Ok(Link::NvLink),
             "pcie" => Ok(Link::Pcie),
             n => match n.parse::<f64>() {
-                Ok(g) if g.is_finite() && g > 0.0 => Ok(Link::GBps(g)),
+                // 0.1 GB/s is below gigabit Ethernet; 10 TB/s above any GPU link.
+                Ok(g) if (0.1..=1e4).contains(&g) => Ok(Link::GBps(g)),
                 _ => Err(Error::Invalid(format!(
-                    "bad link `{s}` (expected nvlink, pcie or a positive bandwidth in GB/s)"
+                    "bad link `{s}` (expected nvlink, pcie or a one-way bandwidth in GB/s, 0.1 \
+                     to 10000)"
                 ))),
             },
         }

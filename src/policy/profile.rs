@@ -221,6 +221,14 @@ impl Profile {
         if self.decode.is_empty() {
             return Err(self.err("`decode` has no samples".into()));
         }
+        if self.prefill.is_empty() {
+            // Without a rate every prefill and every recompute would cost nothing.
+            return Err(self.err(
+                "`prefill` has no samples: give the prefill rate at one tp at least (prefills \
+                 and a switch's recomputes are priced by it)"
+                    .into(),
+            ));
+        }
         let rate_ok = |x: f64| x.is_finite() && x > 0.0;
         let tp_ok = |tp: usize| tp >= 1 && self.world.is_multiple_of(tp);
         let mut seen = std::collections::HashMap::new();

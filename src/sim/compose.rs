@@ -52,8 +52,19 @@ pub fn compose_node(
     for (k, prof) in shards {
         let what = format!("the shard profile for tp {k} ({})", prof.source.display());
         if !tps.contains(k) {
+            // Say which of the things tp must divide it does not.
+            let (n, why) = [
+                (world, "world"),
+                (full.num_heads, "the model's attention heads"),
+                (full.num_kv_heads, "the model's kv heads"),
+                (full.intermediate_size, "the model's intermediate size"),
+            ]
+            .into_iter()
+            .find(|(n, _)| *k == 0 || !n.is_multiple_of(*k))
+            .unwrap_or((world, "world"));
             return Err(Error::Invalid(format!(
-                "{what}: tp {k} does not divide world {world} and the model's heads (valid: {tps:?})"
+                "{what}: tp {k} does not divide {why} ({n}); the tps world {world} and this \
+                 model take: {tps:?}"
             )));
         }
         if seen.contains(k) {

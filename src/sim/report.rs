@@ -250,8 +250,13 @@ impl SimReport {
             "\nvs best: total time against the best static layout (negative = faster). pred err: the policy's \
              predictor against the clock where the run went. recomp: prefill of sequences admitted after \
              waiting for KV room or preempted (KV capacity), part of decode s (as are barrier waits). \
-             PAT @5.52s pays PAT's measured 5.52 s per switch; every other row, the optimum included, \
+             PAT @5.52s pays PAT's measured 5.52 s per switch; every other row{} \
              pays this node's switch cost (its profile's switch model){}.",
+            if self.rows.iter().any(|r| r.result.policy == "optimum") {
+                ", the optimum included,"
+            } else {
+                ""
+            },
             if self.pat_flat_beats_optimum() {
                 " (here dearer than PAT's 5.52 s, so PAT @5.52s beats the optimum)"
             } else {

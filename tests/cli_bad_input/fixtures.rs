@@ -145,6 +145,20 @@ fn poisoned(fx: &Path, name: &str, tensor: &str, x: f32) {
     broken(fx, name, "model.safetensors", &bytes);
 }
 
+/// The tiny llama's model.safetensors with `tensor`'s header field `key` set to `v` (the header
+/// rewritten, its length prefix with it; the data as it was).
+fn reheadered(fx: &Path, name: &str, tensor: &str, key: &str, v: Value) {
+    let bytes = std::fs::read(fx.join("m/model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header[tensor][key] = v;
+    let h = header.to_string().into_bytes();
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&h);
+    out.extend_from_slice(&bytes[8 + n..]);
+    broken(fx, name, "model.safetensors", &out);
+}
+
 fn make() -> Fx {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cli_bad_input");
     let _ = std::fs::remove_dir_all(&dir);
@@ -207,6 +221,7 @@ fn make() -> Fx {
         b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage",
     );
     broken(d, "badjson", "config.json", b"{\"architectures\": [");
+    reheadered(d, "reshaped", "model.norm.weight", "shape", json!([1, 1]));
     broken(
         d,
         "arch_gpt2",
@@ -281,6 +296,12 @@ fn make() -> Fx {
         "empty_map",
         "model.safetensors.index.json",
         br#"{"weight_map": {}}"#,
+    );
+    broken(
+        d,
+        "map_number",
+        "model.safetensors.index.json",
+        br#"{"weight_map": 5}"#,
     );
     broken(
         d,

@@ -84,6 +84,19 @@ fn table() -> Vec<Case> {
             },
             "invalid value '1e300' for '--per-seq-us <PER_SEQ_US>': must be from 0 to 1e6 us",
         ),
+        usage(
+            "simulate_link_slower_than_any_network",
+            |f| {
+                a(&[
+                    "simulate",
+                    "--trace",
+                    &f.p("trace_small.jsonl"),
+                    "--link",
+                    "1e-9",
+                ])
+            },
+            "bad link `1e-9` (expected nvlink, pcie or a one-way bandwidth in GB/s, 0.1 to 10000)",
+        ),
         // --model gives the full model; a --model-shape beside it would be silently dropped.
         usage(
             "compose_profile_model_shape_with_model",

@@ -83,10 +83,10 @@ const CASES: &[Case] = &[
                 "--input-len", "8", "--output-len", "2"]),
         "--batch-size 18446744073709551615",
     ),
-    err(
+    usage(
         "bench_gemm_zero_rows",
         |_| a(&["bench", "gemm", "--rows", "0"]),
-        "--layers, --iters, --rows and --threads must be >= 1",
+        "invalid value '0' for '--rows <ROWS>': must be at least 1",
     ),
     err(
         "bench_gemm_huge_rows",

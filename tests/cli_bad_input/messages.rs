@@ -76,8 +76,8 @@ const CASES: &[Case] = &[
                 "0",
             ])
         },
-        code: 1,
-        needle: "--to 0:",
+        code: 2,
+        needle: "invalid value '0' for '--to <TO>': must be at least 1",
         absent: Some("--reconfigure"),
     },
     Case {

@@ -38,6 +38,11 @@ const CASES: &[Case] = &[
         "not a valid safetensors file",
     ),
     err(
+        "a_tensor_whose_shape_does_not_span_its_bytes",
+        |f| gen(f, "reshaped"),
+        "(tensor `model.norm.weight`: shape [1, 1] of F32 is 4 bytes, but data_offsets",
+    ),
+    err(
         "config_not_json",
         |f| gen(f, "badjson"),
         "config.json: not valid JSON",
@@ -132,6 +137,11 @@ const CASES: &[Case] = &[
         "index_with_an_empty_weight_map",
         |f| gen(f, "empty_map"),
         "model.safetensors.index.json: `weight_map` is empty",
+    ),
+    err(
+        "index_whose_weight_map_is_not_an_object",
+        |f| gen(f, "map_number"),
+        "model.safetensors.index.json: `weight_map` must be an object of tensor -> file, got 5",
     ),
     err(
         "index_names_a_directory_as_shard",

@@ -48,6 +48,10 @@ fn modeled_run_says_so_and_writes_svg() {
     );
     assert!(rep.to_json().contains("\"vs_best_static_pct\""));
     assert!(!table.contains("optimum @est"), "{table}");
+    assert!(
+        table.contains("the optimum is the best schedule found"),
+        "{table}"
+    );
     a.svg = Some(dir.path().join("c.svg"));
     run(a).unwrap();
     let svg = std::fs::read_to_string(dir.path().join("c.svg")).unwrap();
@@ -129,6 +133,8 @@ fn the_estimator_learns_from_the_lengths_it_is_given() {
     assert_eq!(totals(&same), totals(&base));
     assert!(same.table().contains("(out of sample)"));
     assert!(base.table().contains("(in-sample)"));
+    // No optimum row, so no word of one in the notes.
+    assert!(!base.table().contains("optimum"), "{}", base.table());
     let long = dir.path().join("long.jsonl");
     let flat = pat::policy::trace::one_straggler(64, 2000, 2000).unwrap();
     std::fs::write(&long, flat.to_jsonl()).unwrap();
@@ -160,6 +166,27 @@ fn the_estimator_learns_from_the_lengths_it_is_given() {
     assert!(
         e.to_string().contains("cannot both read standard input"),
         "{e}"
+    );
+}
+
+/// A profile without a prefill rate at some candidate tp: the rate is interpolated, and the
+/// report says so, naming the tps.
+#[test]
+fn a_prefill_rate_the_profile_lacks_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = straggler_trace(dir.path());
+    let m = component_model(&args(trace.clone())).unwrap();
+    let mut prof = sampled_profile(&m, 8).unwrap();
+    prof.prefill.retain(|p| p.tp == 1 || p.tp == 8);
+    let path = dir.path().join("p.json");
+    prof.save(&path).unwrap();
+    let mut a = args(trace);
+    a.profile = Some(path);
+    a.no_optimum = true;
+    let table = report(&a).unwrap().table();
+    assert!(
+        table.contains("INTERPOLATED: the profile has no prefill rate at tp 2, 4;"),
+        "{table}"
     );
 }
 
