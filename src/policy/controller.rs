@@ -12,6 +12,7 @@
 //! A switch the source refuses (an engine error) is reported as [`Event::SwitchFailed`] and the
 //! run goes on in the layout the source still runs: a failed switch loses nothing.
 
+use rayon::prelude::*;
 use serde::Serialize;
 
 use super::decide::{decide, placement, plan_ms, DecideInput, Decision, EstimatedSeq, SwitchCost};
@@ -180,14 +181,22 @@ impl<'a> Controller<'a> {
     pub fn plan_start(
         &self,
         world: usize,
-        placed: impl Fn(usize) -> Vec<LiveSeq>,
+        placed: impl Fn(usize) -> Vec<LiveSeq> + Sync,
     ) -> Result<(usize, f64)> {
         let mut best: Option<(usize, f64)> = None;
         let mut best_stay: Option<(usize, f64)> = None;
-        for &tp in &self.cfg.candidates {
-            let est = estimated(&self.estimator, &placed(tp))?;
-            let inp = self.input(world, tp, &est, self.cfg.max_switches);
-            let plan = plan_ms(&inp, self.cfg.check_every, 48)?;
+        // Each candidate's plan on its own thread (rayon), taken in candidate order.
+        let plans = self
+            .cfg
+            .candidates
+            .par_iter()
+            .map(|&tp| {
+                let est = estimated(&self.estimator, &placed(tp))?;
+                let inp = self.input(world, tp, &est, self.cfg.max_switches);
+                plan_ms(&inp, self.cfg.check_every, 48)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (&tp, plan) in self.cfg.candidates.iter().zip(plans) {
             let (ms, stay) = (plan.total_ms, plan.stay_ms);
             if best.is_none_or(|b| ms < b.1) {
                 best = Some((tp, ms));

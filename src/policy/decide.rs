@@ -42,6 +42,8 @@
 //!   bytes (the slices the sequence's old ranks already hold for their new heads stay) and `n`
 //!   tokens to re-prefill at `to`. Sequences are summed (handled one after another: conservative).
 
+use rayon::prelude::*;
+
 use super::forecast::{drain_ms, Pending, Room};
 use super::predictor::Predictor;
 use super::profile::Profile;
@@ -298,18 +300,34 @@ pub fn decide(inp: &DecideInput) -> Result<Decision> {
         candidates: Vec::new(),
     };
     let mut best: Option<CandidateForecast> = None;
-    for &tp in inp.candidates {
-        if tp == 0 || world % tp != 0 {
-            return Err(Error::Invalid(format!(
-                "candidate tp {tp} does not divide world {world}"
-            )));
-        }
-        if tp == cur || inp.live.is_empty() {
-            continue;
-        }
+    if let Some(tp) = inp
+        .candidates
+        .iter()
+        .find(|&&tp| tp == 0 || world % tp != 0)
+    {
+        return Err(Error::Invalid(format!(
+            "candidate tp {tp} does not divide world {world}"
+        )));
+    }
+    let others: Vec<usize> = match inp.live.is_empty() {
+        true => Vec::new(),
+        false => inp
+            .candidates
+            .iter()
+            .copied()
+            .filter(|&tp| tp != cur)
+            .collect(),
+    };
+    // Each candidate's forecast on its own thread (rayon); taken in candidate order, so the
+    // answer does not depend on the threads.
+    let drains = others
+        .par_iter()
+        .map(|&tp| value_at(inp, tp, inp.live))
+        .collect::<Result<Vec<f64>>>()?;
+    for (&tp, drain_ms) in others.iter().zip(drains) {
         let c = CandidateForecast {
             tp,
-            drain_ms: value_at(inp, tp, inp.live)?,
+            drain_ms,
             switch_ms: inp.switch.cost(cur, tp, &contexts).total_ms,
             later_ms: None,
         };
@@ -434,16 +452,25 @@ fn plan_from(inp: &DecideInput, first: usize, every: usize, points: usize) -> Re
     let longest = inp.live.iter().map(|s| s.steps()).max().unwrap_or(0);
     let every = every.max(1);
     let stride = (longest / every / points.max(1)).max(1) * every;
-    let mut k = first;
-    while k < longest {
-        let later = Later::new(inp, k)?;
-        for &tp in inp.candidates.iter().filter(|&&t| t != cur) {
-            let total = later.switch_to(inp, tp)?;
+    // Each switch point on its own thread (rayon), taken in order: the same plan on any threads.
+    let points: Vec<usize> = (first..longest).step_by(stride).collect();
+    let totals = points
+        .par_iter()
+        .map(|&k| {
+            let later = Later::new(inp, k)?;
+            inp.candidates
+                .iter()
+                .filter(|&&t| t != cur)
+                .map(|&tp| Ok((tp, later.switch_to(inp, tp)?)))
+                .collect::<Result<Vec<(usize, f64)>>>()
+        })
+        .collect::<Result<Vec<_>>>()?;
+    for (&k, row) in points.iter().zip(totals) {
+        for (tp, total) in row {
             if total < best.0 {
                 best = (total, Some((k, tp)));
             }
         }
-        k += stride;
     }
     Ok(Plan {
         total_ms: best.0,
