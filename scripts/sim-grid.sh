@@ -21,11 +21,11 @@ for shape in llama3-8b:24576 qwen3-14b:16384; do
         name="${shape%%:*} n$n host$host seed$seed"
         "$pat" trace gen --kind grpo --prompts $((n / 8)) --group-size 8 --cap "${shape##*:}" \
             --seed "$seed" --out "$tmp/t.jsonl"
-        history=()
+        history=(--cap "${shape##*:}")
         if [[ -n "${OUT_OF_SAMPLE:-}" ]]; then
           "$pat" trace gen --kind grpo --prompts $((n / 8)) --group-size 8 --cap "${shape##*:}" \
               --seed $((seed + 1000)) --out "$tmp/h.jsonl"
-          history=(--lengths-from "$tmp/h.jsonl" --cap "${shape##*:}")
+          history+=(--lengths-from "$tmp/h.jsonl")
         fi
         "$pat" simulate --trace "$tmp/t.jsonl" --model-shape "${shape%%:*}" --per-seq-us "$host" \
             "${history[@]}" ${SIM_ARGS:-} --json >"$tmp/$name.json"

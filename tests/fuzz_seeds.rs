@@ -44,14 +44,18 @@ fn imported(p: &Path, kind: &str, text: &str) {
         cap: Some(400),
         group_size: None,
     };
-    let r = import(p, text, &opts, Some(&tok), &|| {}).unwrap();
-    let lines: Vec<serde_json::Value> = text
+    let r = import(p, text, &opts, Some(&tok), &|_| {}).unwrap();
+    let all: Vec<serde_json::Value> = text
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
-        .filter(|v: &serde_json::Value| source == Source::Mooncake || v["step"] == 3)
         .collect();
-    assert_eq!(r.trace.requests.len(), lines.len());
-    for (q, v) in r.trace.requests.iter().zip(&lines) {
+    let kept = all
+        .iter()
+        .filter(|v| source == Source::Mooncake || v["step"] == 3)
+        .count();
+    assert_eq!(r.trace.requests.len(), kept);
+    for (q, &line) in r.trace.requests.iter().zip(&r.lines) {
+        let v = &all[line - 1];
         let (prompt, response) = match source {
             Source::Verl => (
                 v["input"].as_str().unwrap().len() + 1,

@@ -80,6 +80,31 @@ pub fn request_line_error(path: &Path, lines: &[usize], i: usize, msg: &str) -> 
     }
 }
 
+/// The estimator's lengths from the trace at `path` (`--lengths-from`), capped at `cap` when
+/// given (a longer response is an error naming its line), else at the longer of its longest
+/// response and `batch_longest` (the cap the batch itself is taken to have).
+pub fn lengths_from(
+    path: &Path,
+    cap: Option<usize>,
+    batch_longest: usize,
+) -> Result<pat::policy::remaining::LengthDist> {
+    let t = load_trace(path)?;
+    if let Some(cap) = cap {
+        if let Some(i) = t.trace.requests.iter().position(|r| r.response_len > cap) {
+            return Err(t.request_error(
+                i,
+                &format!(
+                    "`response_len` {} is longer than --cap {cap}",
+                    t.trace.requests[i].response_len
+                ),
+            ));
+        }
+    }
+    let lens = t.trace.response_lens();
+    let longest = lens.iter().copied().max().unwrap_or(1).max(batch_longest);
+    pat::policy::remaining::LengthDist::new(&lens, Some(cap.unwrap_or(longest)))
+}
+
 /// A progress bar on stderr (hidden when stderr is not a terminal).
 pub fn progress(total: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(total);

@@ -317,6 +317,7 @@ pub fn moot_flags(m: &clap::ArgMatches) -> Option<String> {
         "margin",
         "min_gain_ms",
         "estimator",
+        "lengths_from",
         "kv_transfer",
     ];
     adaptive_only

@@ -81,7 +81,8 @@ pub struct RolloutArgs {
     pub dtype: Dtype,
     /// static:K (tp K x dp world/K throughout) or adaptive (switch when the profile says it pays).
     /// With static:K the flags only the adaptive rule reads (--profile, --start-tp,
-    /// --check-every, --margin, --min-gain-ms, --estimator, --kv-transfer) are refused.
+    /// --check-every, --margin, --min-gain-ms, --estimator, --lengths-from, --kv-transfer) are
+    /// refused.
     #[arg(long, default_value = "adaptive")]
     pub policy: PolicyArg,
     /// Profile JSON from `pat profile` (required by adaptive).
@@ -103,6 +104,11 @@ pub struct RolloutArgs {
     /// How the adaptive rule estimates each sequence's remaining length.
     #[arg(long, value_enum, default_value = "empirical")]
     pub estimator: EstimatorArg,
+    /// Empirical: a trace of an earlier rollout (e.g. the previous training step, `pat trace
+    /// import`) whose response lengths the estimator learns from, as an engine must (default:
+    /// this batch's own lengths, known here because the trace forces them).
+    #[arg(long, value_name = "TRACE")]
+    pub lengths_from: Option<PathBuf>,
     /// How unfinished sequences' KV reaches the new layout at a switch: migrate, recompute, or
     /// auto (a cost model from the measured copy bandwidth and this run's prefill rate picks per
     /// sequence).
@@ -123,7 +129,26 @@ pub fn run(a: RolloutArgs) -> Result<()> {
     let m = open_model(&a.model)?;
     let loaded = load_trace(&a.trace)?;
     let profile = a.profile.as_deref().map(Profile::load).transpose()?;
-    rollout(&m, &loaded, &a, profile.as_ref(), true)
+    let history = match &a.lengths_from {
+        Some(_) if a.estimator == EstimatorArg::Oracle => {
+            return Err(Error::Usage(
+                "--lengths-from is for --estimator empirical; the oracle knows the true lengths"
+                    .into(),
+            ))
+        }
+        Some(p) if p.as_os_str() == "-" && a.trace.as_os_str() == "-" => {
+            return Err(Error::Usage(
+                "--trace - and --lengths-from - cannot both read standard input: give one a file"
+                    .into(),
+            ))
+        }
+        Some(p) => {
+            let longest = loaded.trace.response_lens().into_iter().max().unwrap_or(1);
+            Some(super::common::lengths_from(p, None, longest)?)
+        }
+        None => None,
+    };
+    rollout(&m, &loaded, &a, profile.as_ref(), history, true)
 }
 
 /// Runs one rollout of the trace `loaded` (the paths in `a` are not read) through the one
@@ -133,6 +158,7 @@ fn rollout(
     loaded: &LoadedTrace,
     a: &RolloutArgs,
     profile: Option<&Profile>,
+    history: Option<LengthDist>,
     emit: bool,
 ) -> Result<()> {
     let trace = &loaded.trace;
@@ -177,11 +203,12 @@ fn rollout(
             profile.check_matches(&dims, a.world)?;
             let predictor = Predictor::from_profile(profile)?;
             let lens = trace.response_lens();
-            let est = match a.estimator {
-                EstimatorArg::Empirical => {
+            let est = match (a.estimator, history) {
+                (EstimatorArg::Empirical, Some(d)) => Remaining::Empirical(d),
+                (EstimatorArg::Empirical, None) => {
                     Remaining::Empirical(LengthDist::new(&lens, lens.iter().copied().max())?)
                 }
-                EstimatorArg::Oracle => Remaining::Oracle,
+                (EstimatorArg::Oracle, _) => Remaining::Oracle,
             };
             Some((SwitchCost::from_profile(profile), predictor, est))
         }

@@ -3,7 +3,7 @@
 //! model (MODELED, said so) or a measured profile's interpolated table; the policy sees only its
 //! predictor fitted to a profile.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 
@@ -12,7 +12,6 @@ use pat::policy::decide::SwitchCost;
 use pat::policy::modeled::{Link, ModelShape};
 use pat::policy::predictor::{validate, Predictor};
 use pat::policy::profile::Profile;
-use pat::policy::remaining::LengthDist;
 use pat::sim::calibration::{range_error, CALIBRATION};
 use pat::sim::report::SimReport;
 use pat::sim::run::{runs_in_all, simulate_all_reporting, Placement, SimConfig, SimModel};
@@ -124,7 +123,8 @@ pub struct SimulateArgs {
     /// A trace of an earlier rollout (e.g. the previous training step, `pat trace import`) whose
     /// response lengths the rules' remaining-length estimator learns from, as an engine would
     /// (default: this batch's own lengths, in-sample: the estimator then knows their
-    /// distribution, though not which request runs how long).
+    /// distribution, though not which request runs how long). Capped at --cap, or at the longer
+    /// of its and this batch's longest response.
     #[arg(long, value_name = "TRACE")]
     pub lengths_from: Option<PathBuf>,
     /// Write an SVG chart of live sequences and tp over time, one panel per policy.
@@ -141,26 +141,6 @@ pub struct SimulateArgs {
         "start_tp", "no_optimum", "optimum_on_estimates", "lengths_from", "svg", "json",
     ])]
     pub calibration: bool,
-}
-
-/// The estimator's lengths from the trace at `path` (`--lengths-from`), capped at `cap` when
-/// given (a longer response is an error naming its line), else at the trace's longest.
-fn lengths_from(path: &Path, cap: Option<usize>) -> Result<LengthDist> {
-    let t = super::common::load_trace(path)?;
-    if let Some(cap) = cap {
-        if let Some(i) = t.trace.requests.iter().position(|r| r.response_len > cap) {
-            return Err(t.request_error(
-                i,
-                &format!(
-                    "`response_len` {} is longer than --cap {cap}",
-                    t.trace.requests[i].response_len
-                ),
-            ));
-        }
-    }
-    let lens = t.trace.response_lens();
-    let longest = lens.iter().copied().max().unwrap_or(1);
-    LengthDist::new(&lens, Some(cap.unwrap_or(longest)))
 }
 
 /// The modeled node's component model from the flags.
@@ -297,7 +277,10 @@ pub fn report(a: &SimulateArgs) -> Result<SimReport> {
     }
     let left_out = fit_candidates(a, &trace, clock.as_ref(), &mut candidates)?;
     let lengths_from = match &a.lengths_from {
-        Some(p) => Some(lengths_from(p, a.cap)?),
+        Some(p) => {
+            let longest = trace.response_lens().into_iter().max().unwrap_or(1);
+            Some(super::common::lengths_from(p, a.cap, longest)?)
+        }
         None => None,
     };
     let cfg = SimConfig {

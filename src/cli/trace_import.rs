@@ -12,8 +12,9 @@ use pat::policy::import::{import, ImportOptions, Imported, Source};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ImportFormat {
     /// VeRL's generation dump (`trainer.rollout_data_dir=DIR` writes DIR/STEP.jsonl): decoded
-    /// `input` and `output` text per response, re-tokenized with --tokenizer; a run of equal
-    /// prompts is one GRPO group.
+    /// `input` and `output` text per response, re-tokenized with --tokenizer; the responses to
+    /// one prompt are one GRPO group wherever they stand in the file (VeRL's balance_batch
+    /// reorders them), listed together in the trace.
     Verl,
     /// A Mooncake trace: `input_length` and `output_length` (or `input_tokens` /
     /// `output_tokens`) per line; timestamps ignored, the requests taken as one batch.
@@ -28,20 +29,22 @@ pub struct ImportArgs {
     #[arg(long, value_enum)]
     pub format: Option<ImportFormat>,
     /// Verl: the policy model's tokenizer (tokenizer.json, or the model directory holding it).
-    /// The dump's text is re-tokenized, so lengths can differ from the rollout's by the chat
-    /// template's markers the dump dropped.
+    /// The dump's text is re-tokenized, so lengths can differ from the rollout's: prompts lack
+    /// the chat template's markers the dump dropped, and sampled text may encode to a few
+    /// tokens fewer than were generated (a response cut at the cap can come back just under it).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// Verl: the training step to take (needed when the file holds several; one step is one
     /// synchronous batch).
     #[arg(long)]
     pub step: Option<u64>,
-    /// Response cap (VeRL's `rollout.response_length`): longer responses are cut to it, and a
+    /// Response cap (VeRL's `data.max_response_length`): longer responses are cut to it, and a
     /// response that reached it counts as at the cap (no end-of-sequence token).
     #[arg(long, value_parser = super::common::count)]
     pub cap: Option<usize>,
-    /// Verl: responses per prompt (`rollout.n`): every that many consecutive lines one group
-    /// [default: each run of equal prompts].
+    /// Verl: responses per prompt (`rollout.n`): each prompt's responses are split into groups
+    /// of this many (a prompt that stands in the batch twice makes two), and a prompt whose
+    /// count it does not divide is an error [default: all responses to a prompt, one group].
     #[arg(long, value_parser = super::common::count)]
     pub group_size: Option<usize>,
     /// Write here instead of stdout (`-`: stdout).
@@ -152,9 +155,14 @@ pub fn convert(a: &ImportArgs) -> Result<(PathBuf, Imported)> {
         cap: a.cap,
         group_size: a.group_size,
     };
-    let lines = text.lines().filter(|l| !l.trim().is_empty()).count();
-    let pb = super::common::progress(lines as u64, "tokenizing");
-    let r = import(&path, &text, &opts, tokenizer.as_ref(), &|| pb.inc(1));
+    let pb = match format {
+        ImportFormat::Verl => super::common::progress(0, "tokenizing"),
+        ImportFormat::Mooncake => indicatif::ProgressBar::hidden(),
+    };
+    let r = import(&path, &text, &opts, tokenizer.as_ref(), &|total| {
+        pb.set_length(total as u64);
+        pb.inc(1);
+    });
     pb.finish_and_clear();
     let r = r.map_err(|e| match e {
         // The library's words for a step that must be chosen, as the flag.
@@ -191,8 +199,8 @@ pub fn summary(path: &Path, a: &ImportArgs, r: &Imported) -> String {
             (Some(lo), Some(hi)) if lo == hi => s += &format!(", {} groups of {lo}", r.groups),
             (Some(lo), Some(hi)) => {
                 s += &format!(
-                    ", {} groups of {lo} to {hi} (give --group-size where one prompt stands twice \
-                     in a row)",
+                    ", {} groups of {lo} to {hi} (give --group-size if a prompt stands in the \
+                     batch more than once)",
                     r.groups
                 )
             }

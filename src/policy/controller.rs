@@ -195,6 +195,8 @@ impl<'a> Controller<'a> {
                 let inp = self.input(world, tp, &est, self.cfg.max_switches);
                 plan_ms(&inp, self.cfg.check_every, 48)
             })
+            .collect::<Vec<Result<_>>>()
+            .into_iter()
             .collect::<Result<Vec<_>>>()?;
         for (&tp, plan) in self.cfg.candidates.iter().zip(plans) {
             let (ms, stay) = (plan.total_ms, plan.stay_ms);

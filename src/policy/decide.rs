@@ -319,10 +319,12 @@ pub fn decide(inp: &DecideInput) -> Result<Decision> {
             .collect(),
     };
     // Each candidate's forecast on its own thread (rayon); taken in candidate order, so the
-    // answer does not depend on the threads.
+    // answer (and the first error, in candidate order) does not depend on the threads.
     let drains = others
         .par_iter()
         .map(|&tp| value_at(inp, tp, inp.live))
+        .collect::<Vec<Result<f64>>>()
+        .into_iter()
         .collect::<Result<Vec<f64>>>()?;
     for (&tp, drain_ms) in others.iter().zip(drains) {
         let c = CandidateForecast {
@@ -464,6 +466,8 @@ fn plan_from(inp: &DecideInput, first: usize, every: usize, points: usize) -> Re
                 .map(|&tp| Ok((tp, later.switch_to(inp, tp)?)))
                 .collect::<Result<Vec<(usize, f64)>>>()
         })
+        .collect::<Vec<Result<_>>>()
+        .into_iter()
         .collect::<Result<Vec<_>>>()?;
     for (&k, row) in points.iter().zip(totals) {
         for (tp, total) in row {

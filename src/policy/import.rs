@@ -6,8 +6,11 @@
 //!   lengths are the text re-tokenized: the prompt with the tokenizer's own special tokens (what
 //!   the engine would prefill, less the chat template's markers the dump dropped), the response
 //!   without them plus one for the end-of-sequence token the dump dropped, at most the cap. The
-//!   `n` responses of a prompt sit together (VeRL repeats each prompt interleaved), so a run of
-//!   equal `input` lines is one GRPO group, or, given a group size, every that many lines.
+//!   responses to one prompt text are one GRPO group wherever they stand (VeRL generates a
+//!   prompt's `n` responses side by side, but its `balance_batch`, on by default, reorders the
+//!   batch before the dump), or, given the group size, every that many of them (a prompt that
+//!   stands in the batch twice). The trace lists the groups one after another, in the order
+//!   their prompts first appear: the batch as VeRL placed it for generation, contiguous groups.
 //! - **Mooncake** (SGLang's `bench_serving`, AIPerf, Dynamo): `input_length` and
 //!   `output_length` per line (or `input_tokens` / `output_tokens`); timestamps and hash ids are
 //!   ignored, the requests taken as one synchronous batch.
@@ -103,13 +106,14 @@ fn objects(path: &Path, text: &str) -> Result<Vec<(usize, Map<String, Value>)>> 
 }
 
 /// Reads the batch in `text` (from `path`, named in messages). `tokenizer` is required for VeRL
-/// dumps; `progress` is called once per response tokenized (from several threads).
+/// dumps; `progress(total)` is called once per response tokenized (from several threads), with
+/// how many there are to tokenize.
 pub fn import(
     path: &Path,
     text: &str,
     opts: &ImportOptions,
     tokenizer: Option<&Tokenizer>,
-    progress: &(dyn Fn() + Sync),
+    progress: &(dyn Fn(usize) + Sync),
 ) -> Result<Imported> {
     if opts.cap == Some(0) || opts.group_size == Some(0) {
         return Err(Error::Invalid(
@@ -117,6 +121,9 @@ pub fn import(
         ));
     }
     match opts.source {
+        Source::Mooncake if opts.step.is_some() || opts.group_size.is_some() => Err(
+            Error::Invalid("a Mooncake trace has no steps or prompt groups to choose by".into()),
+        ),
         Source::Mooncake => mooncake(path, text, opts),
         Source::Verl => {
             let tok = tokenizer.ok_or_else(|| {
@@ -207,7 +214,7 @@ fn verl(
     text: &str,
     opts: &ImportOptions,
     tok: &Tokenizer,
-    progress: &(dyn Fn() + Sync),
+    progress: &(dyn Fn(usize) + Sync),
 ) -> Result<Imported> {
     let all = objects(path, text)?
         .iter()
@@ -251,83 +258,98 @@ fn verl(
         None => all,
     };
     let skipped = total - kept.len();
-    let groups = group_ids(path, &kept, opts.group_size)?;
+    let groups = group_of(path, &kept, opts.group_size)?;
     let counted = kept
         .par_iter()
         .map(|l| {
             let prompt = tok.count(&l.input, true)?;
             let response = tok.count(&l.output, false)?;
-            progress();
+            progress(kept.len());
             Ok((prompt, response))
         })
+        .collect::<Vec<Result<_>>>()
+        .into_iter()
         .collect::<Result<Vec<_>>>()?;
     let mut requests = Vec::with_capacity(kept.len());
+    let mut lines = Vec::with_capacity(kept.len());
     let mut cut = 0;
-    for ((l, (prompt, response)), group) in kept.iter().zip(counted).zip(&groups) {
-        let too_long = |what: &str, n: usize| {
-            input_err(
-                path,
-                l.line,
-                format!("the {what} is {n} tokens, longer than any model's context (at most {MAX_TRACE_LEN})"),
-            )
-        };
-        if prompt > MAX_TRACE_LEN {
-            return Err(too_long("input", prompt));
-        }
-        if response > MAX_TRACE_LEN {
-            return Err(too_long("output", response));
-        }
-        // Plus the end-of-sequence token the dump skipped; cut at the cap, where there is none.
-        let mut response_len = response + 1;
-        if let Some(c) = opts.cap.filter(|&c| response_len > c) {
-            if response > c {
-                cut += 1;
+    for (g, members) in groups.iter().enumerate() {
+        for &i in members {
+            let (l, (prompt, response)) = (&kept[i], counted[i]);
+            // Plus the end-of-sequence token the dump skipped; cut at the cap, where there is
+            // none.
+            let mut response_len = response.saturating_add(1);
+            if let Some(c) = opts.cap.filter(|&c| response_len > c) {
+                if response > c {
+                    cut += 1;
+                }
+                response_len = c;
             }
-            response_len = c;
+            for (what, n) in [("input", prompt), ("output", response_len)] {
+                if n > MAX_TRACE_LEN {
+                    return Err(input_err(
+                        path,
+                        l.line,
+                        format!(
+                            "the {what} is {n} tokens, longer than any model's context (at most \
+                             {MAX_TRACE_LEN})"
+                        ),
+                    ));
+                }
+            }
+            requests.push(TraceRequest {
+                prompt_len: prompt.max(1),
+                response_len,
+                input_ids: None,
+                group: Some(g),
+            });
+            lines.push(l.line);
         }
-        requests.push(TraceRequest {
-            prompt_len: prompt.max(1),
-            response_len,
-            input_ids: None,
-            group: Some(*group),
-        });
     }
     Ok(Imported {
         trace: Trace { requests },
         steps,
         skipped,
-        groups: groups.last().map_or(0, |g| g + 1),
+        groups: groups.len(),
         cut,
-        lines: kept.iter().map(|l| l.line).collect(),
+        lines,
     })
 }
 
-/// Each kept line's group: every `size` lines, or each run of equal prompts.
-fn group_ids(path: &Path, kept: &[VerlLine], size: Option<usize>) -> Result<Vec<usize>> {
-    match size {
-        Some(n) if !kept.len().is_multiple_of(n) => Err(input_err(
-            path,
-            0,
-            format!(
-                "{} responses do not split into groups of {n} (left over: {})",
-                kept.len(),
-                kept.len() % n
-            ),
-        )),
-        Some(n) => Ok((0..kept.len()).map(|i| i / n).collect()),
-        None => {
-            let mut ids = Vec::with_capacity(kept.len());
-            for (i, l) in kept.iter().enumerate() {
-                let g = match ids.last() {
-                    None => 0,
-                    Some(&g) if kept[i - 1].input == l.input => g,
-                    Some(&g) => g + 1,
-                };
-                ids.push(g);
-            }
-            Ok(ids)
-        }
+/// The groups of the kept lines (indices, each group in file order), groups in the order their
+/// prompt first appears: the responses to one prompt text wherever they stand (VeRL's
+/// `balance_batch`, on by default, reorders the batch before it dumps it), split into groups of
+/// `size` when given (a prompt that stands in the batch twice gives two groups), which must then
+/// divide each prompt's count.
+fn group_of(path: &Path, kept: &[VerlLine], size: Option<usize>) -> Result<Vec<Vec<usize>>> {
+    let mut by_text: std::collections::HashMap<&str, usize> = Default::default();
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for (i, l) in kept.iter().enumerate() {
+        let g = *by_text.entry(l.input.as_str()).or_insert_with(|| {
+            groups.push(Vec::new());
+            groups.len() - 1
+        });
+        groups[g].push(i);
     }
+    let Some(n) = size else {
+        return Ok(groups);
+    };
+    let mut out = Vec::with_capacity(groups.len());
+    for members in groups {
+        if !members.len().is_multiple_of(n) {
+            return Err(input_err(
+                path,
+                kept[members[0]].line,
+                format!(
+                    "this prompt has {} responses in the batch, not a multiple of the group size \
+                     {n}",
+                    members.len()
+                ),
+            ));
+        }
+        out.extend(members.chunks(n).map(<[usize]>::to_vec));
+    }
+    Ok(out)
 }
 
 fn list(steps: &[u64]) -> String {

@@ -413,3 +413,48 @@ fn a_layout_that_cannot_hold_its_share_is_forecast_as_it_runs() {
     let d = run(&pred, &sw);
     assert!(close(d.predicted_stay_ms, 110.0, 1e-12), "{d:?}");
 }
+
+/// The forecasts run on rayon threads: a decision and a plan are the same, to the bit, on one
+/// thread as on four (each thread count in a pool of its own).
+#[test]
+fn decisions_do_not_depend_on_the_threads() {
+    let (pred, sw, seqs) = ladder_case();
+    // A messier live set than the ladder's: many estimates, so plans have many points.
+    let many: Vec<EstimatedSeq> = (0..40)
+        .map(|i| EstimatedSeq {
+            replica: i % 4,
+            context: 10 + 7 * i,
+            kv: 10 + 7 * i,
+            generated: 0,
+            est_remaining: (37 * i % 101 + 5) as f64 * if i % 9 == 0 { 30.0 } else { 1.0 },
+            cached: true,
+        })
+        .collect();
+    let on = |threads: usize, live: &[EstimatedSeq]| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let inp = DecideInput {
+                lookahead_steps: 8,
+                follow_up_points: 16,
+                ..input(4, 1, live, &pred, &sw)
+            };
+            (
+                format!("{:?}", decide(&inp).unwrap()),
+                plan_ms(&inp, 8, 48).unwrap(),
+            )
+        })
+    };
+    for live in [&seqs[..], &many[..]] {
+        let (d1, p1) = on(1, live);
+        let (d4, p4) = on(4, live);
+        assert_eq!(d1, d4);
+        assert_eq!(p1.total_ms.to_bits(), p4.total_ms.to_bits());
+        assert_eq!(
+            (p1.switch, p1.stay_ms.to_bits()),
+            (p4.switch, p4.stay_ms.to_bits())
+        );
+    }
+}

@@ -22,7 +22,7 @@ fn verl_line(input: &str, output: &str, step: u64) -> String {
 }
 
 fn run(text: &str, o: &ImportOptions) -> Result<Imported> {
-    import(Path::new("dump.jsonl"), text, o, Some(&tok()), &|| {})
+    import(Path::new("dump.jsonl"), text, o, Some(&tok()), &|_| {})
 }
 
 #[test]
@@ -51,7 +51,8 @@ fn a_verl_dump_counts_tokens_and_finds_the_groups() {
         &text,
         &opts(Source::Verl),
         Some(&tok()),
-        &|| {
+        &|total| {
+            assert_eq!(total, 6);
             calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         },
     )
@@ -72,29 +73,75 @@ fn a_verl_dump_counts_tokens_and_finds_the_groups() {
     assert_eq!(got.lines, [1, 2, 3, 4, 5, 6]);
 }
 
+/// VeRL's balance_batch scatters a prompt's responses over the dump: they are still one group,
+/// listed together in the trace, groups in the order their prompts first appear.
 #[test]
-fn a_prompt_again_later_is_a_new_group_and_a_group_size_splits_runs() {
+fn a_prompts_responses_are_one_group_wherever_they_stand() {
+    let rows = [
+        ("a", "1"),
+        ("bb", "22"),
+        ("a", "333"),
+        ("c", "4444"),
+        ("bb", "55555"),
+    ];
+    let text: String = rows
+        .iter()
+        .map(|(p, o)| verl_line(p, o, 1) + "\n")
+        .collect();
+    let got = run(&text, &opts(Source::Verl)).unwrap();
+    // a: lines 1, 3; bb: lines 2, 5; c: line 4.
+    assert_eq!(got.lines, [1, 3, 2, 5, 4]);
+    let groups: Vec<_> = got
+        .trace
+        .requests
+        .iter()
+        .map(|q| q.group.unwrap())
+        .collect();
+    assert_eq!(groups, [0, 0, 1, 1, 2]);
+    let want: Vec<usize> = [0, 2, 1, 4, 3]
+        .iter()
+        .map(|&i| rows[i].1.len() + 1)
+        .collect();
+    assert_eq!(got.trace.response_lens(), want);
+    assert_eq!(got.groups, 3);
+}
+
+/// A prompt that stands in the batch twice (a dataset with a duplicate row): with the group
+/// size its responses split into two groups; a count the size does not divide is refused.
+#[test]
+fn a_group_size_splits_a_prompt_that_stands_twice() {
     let text: String = ["a", "a", "bb", "bb", "a", "a"]
         .iter()
         .map(|p| verl_line(p, "x", 1) + "\n")
         .collect();
-    let g = |o: &ImportOptions| -> Vec<usize> {
-        let t = run(&text, o).unwrap().trace;
-        t.requests.iter().map(|q| q.group.unwrap()).collect()
-    };
-    assert_eq!(g(&opts(Source::Verl)), [0, 0, 1, 1, 2, 2]);
-    let three = ImportOptions {
-        group_size: Some(3),
+    let two = ImportOptions {
+        group_size: Some(2),
         ..opts(Source::Verl)
     };
-    assert_eq!(g(&three), [0, 0, 0, 1, 1, 1]);
+    let got = run(&text, &two).unwrap();
+    assert_eq!(got.lines, [1, 2, 5, 6, 3, 4]);
+    let groups: Vec<_> = got
+        .trace
+        .requests
+        .iter()
+        .map(|q| q.group.unwrap())
+        .collect();
+    assert_eq!(groups, [0, 0, 1, 1, 2, 2]);
+    let whole = run(&text, &opts(Source::Verl)).unwrap();
+    let groups: Vec<_> = whole
+        .trace
+        .requests
+        .iter()
+        .map(|q| q.group.unwrap())
+        .collect();
+    assert_eq!(groups, [0, 0, 0, 0, 1, 1]);
     let four = ImportOptions {
         group_size: Some(4),
         ..opts(Source::Verl)
     };
     let e = run(&text, &four).unwrap_err().to_string();
     assert!(
-        e.contains("6 responses do not split into groups of 4"),
+        e.contains("dump.jsonl:3: this prompt has 2 responses in the batch, not a multiple of the group size 4"),
         "{e}"
     );
 }
@@ -169,10 +216,16 @@ fn bad_verl_lines_name_their_line() {
         &verl_line("p", "o", 1),
         &opts(Source::Verl),
         None,
-        &|| {},
+        &|_| {},
     )
     .unwrap_err();
     assert!(e.to_string().contains("needs a tokenizer"), "{e}");
+    let stepped = ImportOptions {
+        step: Some(1),
+        ..opts(Source::Mooncake)
+    };
+    let e = import(Path::new("m"), "{}", &stepped, None, &|_| {}).unwrap_err();
+    assert!(e.to_string().contains("no steps or prompt groups"), "{e}");
 }
 
 #[test]
@@ -183,7 +236,7 @@ fn a_mooncake_trace_reads_its_counts() {
         cap: Some(24576),
         ..opts(Source::Mooncake)
     };
-    let got = import(Path::new("m.jsonl"), text, &o, None, &|| {}).unwrap();
+    let got = import(Path::new("m.jsonl"), text, &o, None, &|_| {}).unwrap();
     let r = &got.trace.requests;
     assert_eq!((r[0].prompt_len, r[0].response_len), (512, 90));
     assert_eq!((r[1].prompt_len, r[1].response_len), (7, 24576));
@@ -199,7 +252,7 @@ fn a_mooncake_trace_reads_its_counts() {
             "m.jsonl:1: `output_length` must be a positive integer, got 0",
         ),
     ] {
-        let e = import(Path::new("m.jsonl"), text, &o, None, &|| {})
+        let e = import(Path::new("m.jsonl"), text, &o, None, &|_| {})
             .unwrap_err()
             .to_string();
         assert!(e.starts_with(want), "{e}");
