@@ -107,6 +107,12 @@ fn a_verl_dump_becomes_a_trace_the_simulator_takes() {
     let t = dir.path().join("t.jsonl");
     std::fs::write(&t, &o.stdout).unwrap();
     ok(&["simulate", "--trace", s(&t), "--world", "2", "--json"]);
+    let st: serde_json::Value =
+        serde_json::from_slice(&ok(&["trace", "stats", s(&t), "--json"]).stdout).unwrap();
+    assert_eq!(
+        st["groups"],
+        serde_json::json!({"count": 3, "min_size": 4, "max_size": 4})
+    );
     refused(
         1,
         &["trace", "import", s(&d), "--tokenizer", s(&m)],

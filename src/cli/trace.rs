@@ -23,8 +23,8 @@ pub enum TraceCommand {
     /// Convert another tool's output into a trace: VeRL's generation dumps (decoded text,
     /// re-tokenized; GRPO groups kept) or Mooncake traces (token counts).
     Import(super::trace_import::ImportArgs),
-    /// Count, mean / p50 / p90 / p99 / max response length and the fractions over cap/3 and at
-    /// the cap.
+    /// Count, mean / p50 / p90 / p99 / max response length, the fractions over cap/3 and at the
+    /// cap, and the GRPO groups (how many, of how many responses) when the trace names them.
     Stats(StatsArgs),
 }
 

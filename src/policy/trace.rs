@@ -82,6 +82,18 @@ pub struct TraceStats {
     pub frac_at_cap: f64,
     /// Sum of response lengths: decode tokens in the batch.
     pub response_tokens: usize,
+    /// GRPO groups (distinct `group` ids) and the fewest and most responses in one, when the
+    /// trace names groups.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub groups: Option<GroupStats>,
+}
+
+/// How a trace's responses fall into prompt groups.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct GroupStats {
+    pub count: usize,
+    pub min_size: usize,
+    pub max_size: usize,
 }
 
 /// The longest prompt or response a trace may give: no model has more positions, and sums of
@@ -234,7 +246,22 @@ impl Trace {
             frac_over_third: over as f64 / n as f64,
             frac_at_cap: at_cap as f64 / n as f64,
             response_tokens: total,
+            groups: self.group_stats(),
         }
+    }
+}
+
+impl Trace {
+    fn group_stats(&self) -> Option<GroupStats> {
+        let mut sizes: std::collections::HashMap<usize, usize> = Default::default();
+        for g in self.requests.iter().filter_map(|r| r.group) {
+            *sizes.entry(g).or_default() += 1;
+        }
+        Some(GroupStats {
+            count: sizes.len(),
+            min_size: *sizes.values().min()?,
+            max_size: *sizes.values().max()?,
+        })
     }
 }
 
@@ -262,7 +289,14 @@ impl TraceStats {
             ("at cap", format!("{:.2}%", 100.0 * self.frac_at_cap)),
             ("response tokens", self.response_tokens.to_string()),
         ];
-        for (k, v) in rows {
+        let groups = self.groups.map(|g| {
+            let sizes = match g.min_size == g.max_size {
+                true => g.min_size.to_string(),
+                false => format!("{} to {}", g.min_size, g.max_size),
+            };
+            ("groups", format!("{} of {sizes}", g.count))
+        });
+        for (k, v) in rows.into_iter().chain(groups) {
             let _ = writeln!(s, "{k:<15} {v}");
         }
         s
