@@ -1,5 +1,6 @@
-//! `pat trace import`: a VeRL generation dump and a Mooncake trace through the binary, what it
-//! refuses, and that the simulator takes what it writes. The model made by `pat init-model`
+//! Your own lengths: `pat trace import` (a VeRL generation dump and a Mooncake trace through the
+//! binary, what it refuses, and that the simulator takes what it writes) and `pat rollout
+//! --lengths-from`. The model made by `pat init-model`
 //! carries the built-in byte-level tokenizer (one token per UTF-8 byte, a BOS with special
 //! tokens), so every expected length is a byte count made here.
 
@@ -39,6 +40,13 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// The tiny random model `pat init-model` makes, in `dir`/m.
+fn tiny(dir: &Path) -> std::path::PathBuf {
+    let m = dir.join("m");
+    ok(&["init-model", "--preset", "tiny", "--out", s(&m)]);
+    m
+}
+
 /// Steps 5 and 6, each 3 prompts x 4 responses; response r of prompt p in step t is
 /// `(7 p + 3 r + 11 t) mod 40 + 1` copies of "é" (2 bytes each).
 fn dump(path: &Path) -> Vec<(String, String, u64)> {
@@ -65,8 +73,7 @@ fn dump(path: &Path) -> Vec<(String, String, u64)> {
 #[test]
 fn a_verl_dump_becomes_a_trace_the_simulator_takes() {
     let dir = tempfile::tempdir().unwrap();
-    let m = dir.path().join("m");
-    ok(&["init-model", "--preset", "tiny", "--out", s(&m)]);
+    let m = tiny(dir.path());
     let d = dir.path().join("dump.jsonl");
     let rows = dump(&d);
     let o = ok(&[
@@ -158,5 +165,117 @@ fn a_mooncake_trace_and_what_cannot_be_told() {
         1,
         &["trace", "import", s(&t)],
         ":2: cannot tell what wrote this line (keys: completion, prompt); give --format",
+    );
+}
+
+/// `rollout --lengths-from`: the estimator learns from another trace. From the batch's own
+/// lengths it decides exactly as by default (the same switches at the same steps); from a trace
+/// whose responses all end at 6 tokens it decides otherwise; with the oracle, or with a static
+/// layout, the flag is a usage error. The profile is written by hand so that a switch pays:
+/// tp 1 (two replicas) is cheap per sequence, tp 2 fast for one.
+#[test]
+fn rollout_learns_lengths_from_another_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let prof = dir.path().join("p.json");
+    ok(&[
+        "profile",
+        "--model",
+        s(&m),
+        "--world",
+        "2",
+        "--batches",
+        "1,4",
+        "--contexts",
+        "4,32",
+        "--steps",
+        "1",
+        "--out",
+        s(&prof),
+    ]);
+    let mut p: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&prof).unwrap()).unwrap();
+    for d in p["decode"].as_array_mut().unwrap() {
+        let key = (d["tp"].as_u64().unwrap(), d["batch"].as_u64().unwrap());
+        d["step_ms"] = match key {
+            (1, 1) => 1.0,
+            (1, _) => 1.2,
+            (2, 1) => 0.3,
+            _ => 3.0,
+        }
+        .into();
+        d["spread_ms"] = 0.001.into();
+    }
+    std::fs::write(&prof, p.to_string()).unwrap();
+    let lengths = |rs: &[usize]| -> String {
+        rs.iter()
+            .map(|r| format!("{{\"prompt_len\":4,\"response_len\":{r}}}\n"))
+            .collect()
+    };
+    let t = dir.path().join("t.jsonl");
+    std::fs::write(&t, lengths(&[40, 6, 6, 6, 6, 6, 6, 6])).unwrap();
+    let short = dir.path().join("short.jsonl");
+    std::fs::write(&short, lengths(&[6; 8])).unwrap();
+    let run = [
+        "rollout",
+        "--model",
+        s(&m),
+        "--trace",
+        s(&t),
+        "--world",
+        "2",
+        "--profile",
+        s(&prof),
+        "--check-every",
+        "2",
+    ];
+    let switches = |o: &Output| -> Vec<(u64, u64, u64)> {
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter_map(|v| {
+                let sw = v.get("switch")?;
+                Some((
+                    v["step"].as_u64()?,
+                    sw["from_tp"].as_u64()?,
+                    sw["to_tp"].as_u64()?,
+                ))
+            })
+            .collect()
+    };
+    let own = switches(&ok(&run));
+    // Once the short ones end, tp 2 is three times as fast for the one left.
+    assert_eq!(own, [(6, 1, 2)]);
+    let same = switches(&ok(&[&run[..], &["--lengths-from", s(&t)]].concat()));
+    assert_eq!(own, same);
+    let other = switches(&ok(&[&run[..], &["--lengths-from", s(&short)]].concat()));
+    assert_ne!(own, other);
+    let o = pat(&[
+        &run[..],
+        &["--lengths-from", s(&t), "--estimator", "oracle"],
+    ]
+    .concat());
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("--lengths-from is for --estimator empirical"));
+    let o = pat(&[
+        &run[..3],
+        &[
+            "--trace",
+            s(&t),
+            "--world",
+            "2",
+            "--policy",
+            "static:2",
+            "--lengths-from",
+            s(&t),
+        ],
+    ]
+    .concat());
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("is for --policy adaptive"),
+        "{}",
+        text(&o.stderr)
     );
 }
