@@ -187,25 +187,19 @@ pub fn summary(path: &Path, a: &ImportArgs, r: &Imported) -> String {
         }
         s += ")";
     }
-    if r.groups > 0 {
-        let mut sizes = vec![0usize; r.groups];
-        for q in &r.trace.requests {
-            if let Some(g) = q.group {
-                sizes[g] += 1;
-            }
+    // The trace's own group counts (`Trace::stats`), as `pat trace stats` prints them.
+    match r.trace.stats(None).groups {
+        Some(g) if g.min_size == g.max_size => {
+            s += &format!(", {} groups of {}", g.count, g.min_size)
         }
-        let (lo, hi) = (sizes.iter().min(), sizes.iter().max());
-        match (lo, hi) {
-            (Some(lo), Some(hi)) if lo == hi => s += &format!(", {} groups of {lo}", r.groups),
-            (Some(lo), Some(hi)) => {
-                s += &format!(
-                    ", {} groups of {lo} to {hi} (give --group-size if a prompt stands in the \
-                     batch more than once)",
-                    r.groups
-                )
-            }
-            _ => {}
+        Some(g) => {
+            s += &format!(
+                ", {} groups of {} to {} (give --group-size if a prompt stands in the batch more \
+                 than once)",
+                g.count, g.min_size, g.max_size
+            )
         }
+        None => {}
     }
     if let Some(cap) = a.cap {
         s += &format!(", {} cut to --cap {cap}", r.cut);
