@@ -169,10 +169,11 @@ fn a_mooncake_trace_and_what_cannot_be_told() {
 }
 
 /// `rollout --lengths-from`: the estimator learns from another trace. From the batch's own
-/// lengths it decides exactly as by default (the same switches at the same steps); from a trace
-/// whose responses all end at 6 tokens it decides otherwise; with the oracle, or with a static
-/// layout, the flag is a usage error. The profile is written by hand so that a switch pays:
-/// tp 1 (two replicas) is cheap per sequence, tp 2 fast for one.
+/// lengths it decides exactly as by default (the same switches at the same steps, the same
+/// forecasts); from a trace whose responses all end at 20 tokens it expects the one sequence left
+/// at step 6 to run 14 more steps, not 34; with the oracle, or with a static layout, the flag is a
+/// usage error. The profile is written by hand so that a switch pays: tp 1 (two replicas) is
+/// cheap per sequence, tp 2 fast for one.
 #[test]
 fn rollout_learns_lengths_from_another_trace() {
     let dir = tempfile::tempdir().unwrap();
@@ -214,8 +215,8 @@ fn rollout_learns_lengths_from_another_trace() {
     };
     let t = dir.path().join("t.jsonl");
     std::fs::write(&t, lengths(&[40, 6, 6, 6, 6, 6, 6, 6])).unwrap();
-    let short = dir.path().join("short.jsonl");
-    std::fs::write(&short, lengths(&[6; 8])).unwrap();
+    let twenty = dir.path().join("twenty.jsonl");
+    std::fs::write(&twenty, lengths(&[20; 8])).unwrap();
     let run = [
         "rollout",
         "--model",
@@ -229,7 +230,8 @@ fn rollout_learns_lengths_from_another_trace() {
         "--check-every",
         "2",
     ];
-    let switches = |o: &Output| -> Vec<(u64, u64, u64)> {
+    // Each switch as (step, from tp, to tp, the decision's predicted ms of staying).
+    let switches = |o: &Output| -> Vec<(u64, u64, u64, f64)> {
         assert!(o.status.success(), "{}", text(&o.stderr));
         String::from_utf8_lossy(&o.stdout)
             .lines()
@@ -240,17 +242,24 @@ fn rollout_learns_lengths_from_another_trace() {
                     v["step"].as_u64()?,
                     sw["from_tp"].as_u64()?,
                     sw["to_tp"].as_u64()?,
+                    v["decision"]["predicted_stay_ms"].as_f64()?,
                 ))
             })
             .collect()
     };
     let own = switches(&ok(&run));
-    // Once the short ones end, tp 2 is three times as fast for the one left.
-    assert_eq!(own, [(6, 1, 2)]);
+    // Once the short ones end, tp 2 is three times as fast for the one left; staying at tp 1
+    // would take its remaining steps at 1.0 ms each.
+    let stays = |sw: &[(u64, u64, u64, f64)], remaining: f64| {
+        sw.len() == 1 && sw[0].0 == 6 && (sw[0].1, sw[0].2) == (1, 2) && {
+            (sw[0].3 - remaining).abs() < 1e-6
+        }
+    };
+    assert!(stays(&own, 34.0), "{own:?}");
     let same = switches(&ok(&[&run[..], &["--lengths-from", s(&t)]].concat()));
     assert_eq!(own, same);
-    let other = switches(&ok(&[&run[..], &["--lengths-from", s(&short)]].concat()));
-    assert_ne!(own, other);
+    let other = switches(&ok(&[&run[..], &["--lengths-from", s(&twenty)]].concat()));
+    assert!(stays(&other, 14.0), "{other:?}");
     let o = pat(&[
         &run[..],
         &["--lengths-from", s(&t), "--estimator", "oracle"],

@@ -88,8 +88,8 @@ pub struct RolloutArgs {
     /// Profile JSON from `pat profile` (required by adaptive).
     #[arg(long)]
     pub profile: Option<PathBuf>,
-    /// Starting tp for adaptive (default: the static layout the profile predicts is fastest for
-    /// the whole batch).
+    /// Starting tp for adaptive (default: where the best ladder the profile predicts for the
+    /// whole batch starts: any number of switches, each paying the profile's switch cost).
     #[arg(long, value_parser = super::common::count)]
     pub start_tp: Option<usize>,
     /// Decode steps between decisions.
@@ -232,8 +232,8 @@ fn rollout(
         .as_ref()
         .map(|(sc, predictor, est)| Controller::new(ctrl_cfg, predictor, sc, est.clone()))
         .transpose()?;
-    // Static: the given tp. Adaptive: --start-tp, else the layout whose predicted plan (stay, or
-    // switch once later) finishes this batch first: the start is chosen for the whole run.
+    // Static: the given tp. Adaptive: --start-tp, else the start of the predicted ladder (any
+    // number of switches) that finishes this batch first: the start is chosen for the whole run.
     let start = match (a.policy, &ctrl) {
         (PolicyArg::Static(k), _) => k,
         (PolicyArg::Adaptive, _) if a.start_tp.is_some() => a.start_tp.unwrap_or(1),

@@ -106,8 +106,8 @@ pub struct SimulateArgs {
     /// PAT's graph recapture + rest; KV and weights are modeled from bytes on top).
     #[arg(long, value_parser = super::common::millis)]
     pub switch_fixed_ms: Option<f64>,
-    /// Tp the adaptive and oracle runs start at (default: where their predicted plan is
-    /// shortest). PAT's rule starts here too (default: the best static layout).
+    /// Tp the adaptive and oracle runs start at (default: where their best predicted ladder
+    /// starts, any number of switches). PAT's rule starts here too (default: the best static layout).
     #[arg(long, value_parser = super::common::count)]
     pub start_tp: Option<usize>,
     /// Skip the optimum search (the slowest part: a few hundred runs of the node).

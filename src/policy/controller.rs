@@ -15,7 +15,9 @@
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::decide::{decide, placement, plan_ms, DecideInput, Decision, EstimatedSeq, SwitchCost};
+use super::decide::{
+    best_ladder, decide, placement, DecideInput, Decision, EstimatedSeq, SwitchCost,
+};
 use super::predictor::Predictor;
 use super::remaining::{Remaining, SeqView};
 use crate::error::{Error, Result};
@@ -81,6 +83,9 @@ pub trait StepSource {
 /// Later points at which the rule tries a follow-up switch when it values a candidate
 /// ([`DecideInput::follow_up_points`]).
 pub const FOLLOW_UP_POINTS: usize = 16;
+
+/// Switch points of the ladder [`Controller::plan_start`] searches for a batch's start.
+pub const START_POINTS: usize = 48;
 
 /// Knobs of the adaptive rule.
 #[derive(Clone, Debug, PartialEq)]
@@ -173,45 +178,47 @@ impl<'a> Controller<'a> {
         }
     }
 
-    /// Where a batch should start: the candidate whose best predicted plan (stay, or switch once
-    /// later; [`plan_ms`]) is shortest — unless that beats the best plan that never switches by
-    /// less than the profile's noise, then the latter (a difference inside the spread is not
-    /// acted on). `placed(tp)` is the batch as it would be placed at `tp`. Returns the tp and
-    /// its predicted total, ms.
+    /// Where a batch should start: the first tp of the best predicted ladder ([`best_ladder`]:
+    /// any number of switches, within the run's switch budget, at up to 48 points) — unless that
+    /// beats the best plan that never switches by less than the profile's noise, then the latter
+    /// (a difference inside the spread is not acted on). `placed(tp)` is the batch as it would
+    /// be placed at `tp`. Returns the tp and its predicted total, ms.
     pub fn plan_start(
         &self,
         world: usize,
         placed: impl Fn(usize) -> Vec<LiveSeq> + Sync,
     ) -> Result<(usize, f64)> {
-        let mut best: Option<(usize, f64)> = None;
-        let mut best_stay: Option<(usize, f64)> = None;
-        // Each candidate's plan on its own thread (rayon), taken in candidate order.
-        let plans = self
+        // Each candidate's batch estimated on its own thread (rayon), taken in candidate order.
+        let starts = self
             .cfg
             .candidates
             .par_iter()
-            .map(|&tp| {
-                let est = estimated(&self.estimator, &placed(tp))?;
-                let inp = self.input(world, tp, &est, self.cfg.max_switches);
-                plan_ms(&inp, self.cfg.check_every, 48)
-            })
+            .map(|&tp| Ok((tp, estimated(&self.estimator, &placed(tp))?)))
             .collect::<Vec<Result<_>>>()
             .into_iter()
             .collect::<Result<Vec<_>>>()?;
-        for (&tp, plan) in self.cfg.candidates.iter().zip(plans) {
-            let (ms, stay) = (plan.total_ms, plan.stay_ms);
-            if best.is_none_or(|b| ms < b.1) {
-                best = Some((tp, ms));
-            }
-            if best_stay.is_none_or(|b| stay < b.1) {
-                best_stay = Some((tp, stay));
-            }
-        }
+        let first = self.cfg.candidates[0];
+        let base = self.input(world, first, &starts[0].1, self.cfg.max_switches);
+        let ladder = best_ladder(
+            &base,
+            &starts,
+            self.cfg.check_every,
+            START_POINTS,
+            self.cfg.max_switches,
+        )?;
+        let stay =
+            ladder
+                .stay_ms
+                .iter()
+                .copied()
+                .fold(None, |b: Option<(usize, f64)>, s| match b {
+                    Some(b) if b.1 <= s.1 => Some(b),
+                    _ => Some(s),
+                });
         let noise = (2.0 * self.predictor.noise).min(0.5);
-        match (best, best_stay) {
-            (Some(b), Some(s)) if b.1 >= s.1 * (1.0 - noise) => Ok(s),
-            (Some(b), _) => Ok(b),
-            _ => Err(Error::Invalid("the controller needs a candidate tp".into())),
+        match stay {
+            Some(s) if ladder.total_ms >= s.1 * (1.0 - noise) => Ok(s),
+            _ => Ok((ladder.start_tp, ladder.total_ms)),
         }
     }
 

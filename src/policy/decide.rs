@@ -435,9 +435,8 @@ pub struct Plan {
 
 /// The best plan the estimates allow from a live set at `from`: stay, or run on and switch once to
 /// another candidate at one of up to `points` evenly spaced steps (multiples of `every`).
-/// Returns the best plan and the stay prediction.
-/// Used to choose where a batch starts: the start is chosen for the whole run, not as the best
-/// static layout.
+/// Returns the best plan and the stay prediction. It values a candidate with a follow-up switch;
+/// where a batch starts is chosen on the best ladder of any length ([`best_ladder`]).
 pub fn plan_ms(inp: &DecideInput, every: usize, points: usize) -> Result<Plan> {
     plan_from(inp, 0, every, points)
 }
@@ -483,7 +482,9 @@ fn plan_from(inp: &DecideInput, first: usize, every: usize, points: usize) -> Re
     })
 }
 
+mod ladder;
 mod later;
+pub use ladder::{best_ladder, Ladder};
 use later::Later;
 
 #[cfg(test)]

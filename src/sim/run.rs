@@ -15,8 +15,8 @@
 //!   with [`Placement::Lpt`], balanced on their true lengths (an ideal no engine has);
 //! - **PAT's rule**: start at the best static layout, one switch to tp = world (or the largest tp the model shards to, where world is more) at the point its
 //!   predictor picks, at PAT's measured 5.52 s switch cost and at this project's modeled cost;
-//! - **adaptive**: this project's rule (ladders allowed), starting where its predicted plan is
-//!   shortest (or at `start_tp`), estimating remaining lengths from the batch's length
+//! - **adaptive**: this project's rule (ladders allowed), starting where its best predicted
+//!   ladder starts (`Controller::plan_start`; or at `start_tp`), estimating remaining lengths from the batch's length
 //!   distribution; the **oracle rule** is the same rule told the true remaining lengths;
 //! - **optimum**: the best switch schedule found on the true clock with the true lengths: a grid
 //!   search, and the schedules the rules followed at this node's switch cost

@@ -7,10 +7,10 @@ use crate::policy::forecast::drain_until;
 /// The live set `k` steps on at the current layout, as the forecast sees it (estimated lengths;
 /// with a KV room, only what ran moved on), and the predicted ms of those `k` steps.
 pub(super) struct Later {
-    live: Vec<EstimatedSeq>,
+    pub(super) live: Vec<EstimatedSeq>,
     /// Cached tokens of the sequences holding KV then: what a switch then moves.
-    contexts: Vec<usize>,
-    before_ms: f64,
+    pub(super) contexts: Vec<usize>,
+    pub(super) before_ms: f64,
 }
 
 impl Later {

@@ -1,0 +1,183 @@
+//! The best ladder from a batch's start: where to start and when to climb, any number of
+//! switches, by dynamic programming over a grid of switch points.
+//!
+//! [`plan_ms`](super::plan_ms) values a start with at most one further switch, so it cannot see a
+//! three-step ladder (TP1 -> 2 -> 4 -> 8): it compares "TP1 and one or two switches" with "TP2 and
+//! two", and where switches are cheap the longer ladder from the lower start is the best plan
+//! (benches/RESULTS.md, nineteenth session). Here a state is (tp, switch point): the live set has
+//! run `k` steps and was re-placed at `tp` (balanced on estimated remaining lengths, as a switch
+//! places it). Switches only go forward in time, so visiting the points in order settles each
+//! state before it is left. Each state keeps its best arrival only (earliest predicted time; the
+//! live set it arrived with stands for every path into it: exact where the live set at a step does
+//! not depend on the path, i.e. without KV room, and close otherwise). From a state the plan
+//! either stays to the end or runs on to a later point and switches to another candidate.
+//!
+//! Cost: one forecast per (state, later point), about `tps * points^2 / 2` in all, fewer than the
+//! one-follow-up search needs for a single start.
+
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use super::later::Later;
+use super::{group, placement, replicas, room, DecideInput, EstimatedSeq};
+use crate::error::{Error, Result};
+use crate::policy::forecast::drain_ms;
+
+/// The best predicted ladder ([`best_ladder`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ladder {
+    /// Where it starts, and its predicted total, ms.
+    pub start_tp: usize,
+    pub total_ms: f64,
+    /// Its switches as (steps from the start, tp).
+    pub switches: Vec<(usize, usize)>,
+    /// Each start's plan that never switches: (tp, predicted ms), in candidate order.
+    pub stay_ms: Vec<(usize, f64)>,
+}
+
+/// The best arrival at a state so far.
+struct Arrival {
+    t_ms: f64,
+    /// The live set as it arrived, not yet placed at the state's tp (the start's is placed).
+    live: Arc<Vec<EstimatedSeq>>,
+    placed: bool,
+    start: usize,
+    path: Vec<(usize, usize)>,
+}
+
+/// The best ladder over `starts` (each candidate start tp with the batch as placed there),
+/// switching among `base.candidates` at multiples of `every` steps, at most `points` switch points
+/// (spaced evenly over the longest estimated sequence), at most `max_switches` switches (`None`:
+/// any number). `base` gives the world, predictor, switch cost and candidates; its tp and live set
+/// are not read.
+pub fn best_ladder(
+    base: &DecideInput,
+    starts: &[(usize, Vec<EstimatedSeq>)],
+    every: usize,
+    points: usize,
+    max_switches: Option<usize>,
+) -> Result<Ladder> {
+    if starts.is_empty() {
+        return Err(Error::Invalid("the ladder needs a start tp".into()));
+    }
+    let longest = starts
+        .iter()
+        .flat_map(|(_, live)| live.iter().map(|s| s.steps()))
+        .max()
+        .unwrap_or(0);
+    let every = every.max(1);
+    let stride = (longest / every / points.max(1)).max(1) * every;
+    let grid: Vec<usize> = (0..longest.max(1)).step_by(stride).collect();
+    let tps = &base.candidates;
+    let slot = |tp: usize| tps.iter().position(|&t| t == tp);
+    // With a switch budget each switch count is its own layer of states; without, one layer.
+    let layers = max_switches.map_or(1, |m| m + 1);
+    let index = |layer: usize, point: usize, t: usize| (layer * grid.len() + point) * tps.len() + t;
+    let mut states: Vec<Option<Arrival>> =
+        (0..layers * grid.len() * tps.len()).map(|_| None).collect();
+    for (tp, live) in starts {
+        let t = slot(*tp).ok_or_else(|| {
+            Error::Invalid(format!("start tp {tp} is not among the candidates {tps:?}"))
+        })?;
+        states[index(0, 0, t)] = Some(Arrival {
+            t_ms: 0.0,
+            live: Arc::new(live.clone()),
+            placed: true,
+            start: *tp,
+            path: Vec::new(),
+        });
+    }
+    // The best ladder so far (its stay plans filled in at the end).
+    let mut best: Option<Ladder> = None;
+    let mut stay_ms = Vec::with_capacity(starts.len());
+    for point in 0..grid.len() {
+        for layer in 0..layers {
+            for (t, &tp) in tps.iter().enumerate() {
+                let Some(arr) = states[index(layer, point, t)].take() else {
+                    continue;
+                };
+                let live: Vec<EstimatedSeq> = match arr.placed {
+                    true => arr.live.to_vec(),
+                    false => placed_at(base.world, tp, &arr.live),
+                };
+                let here = DecideInput {
+                    current_tp: tp,
+                    live: &live,
+                    follow_up_points: 0,
+                    ..*base
+                };
+                let stay = drain_ms(
+                    base.predictor.fit(tp)?,
+                    &group(base.world / tp, &live, &replicas(&live)),
+                    room(&here, tp),
+                );
+                if point == 0 {
+                    stay_ms.push((tp, stay));
+                }
+                let total = arr.t_ms + stay;
+                if best.as_ref().is_none_or(|b| total < b.total_ms) {
+                    best = Some(Ladder {
+                        start_tp: arr.start,
+                        total_ms: total,
+                        switches: arr.path.clone(),
+                        stay_ms: Vec::new(),
+                    });
+                }
+                let next_layer = match max_switches {
+                    None => 0,
+                    Some(m) if layer < m => layer + 1,
+                    Some(_) => continue,
+                };
+                // The forecast to each later point on its own thread (rayon), relaxed in order:
+                // the same plan on any threads.
+                let laters = (point + 1..grid.len())
+                    .into_par_iter()
+                    .map(|j| Later::new(&here, grid[j] - grid[point]).map(|l| (j, l)))
+                    .collect::<Vec<Result<_>>>();
+                for later in laters {
+                    let (j, later) = later?;
+                    if later.live.is_empty() {
+                        continue;
+                    }
+                    let moved = Arc::new(later.live.clone());
+                    for (u, &to) in tps.iter().enumerate() {
+                        if to == tp {
+                            continue;
+                        }
+                        let at = arr.t_ms
+                            + later.before_ms
+                            + base.switch.cost(tp, to, &later.contexts).total_ms;
+                        let cell = &mut states[index(next_layer, j, u)];
+                        if cell.as_ref().is_none_or(|c| at < c.t_ms) {
+                            let mut path = arr.path.clone();
+                            path.push((grid[j], to));
+                            *cell = Some(Arrival {
+                                t_ms: at,
+                                live: Arc::clone(&moved),
+                                placed: false,
+                                start: arr.start,
+                                path,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let mut ladder = best.ok_or_else(|| Error::Invalid("the ladder needs a start tp".into()))?;
+    ladder.stay_ms = stay_ms;
+    Ok(ladder)
+}
+
+/// `live` re-placed over the replicas of `tp`, as a switch places it.
+fn placed_at(world: usize, tp: usize, live: &[EstimatedSeq]) -> Vec<EstimatedSeq> {
+    let at = placement(world, tp, live);
+    live.iter()
+        .zip(at)
+        .map(|(s, replica)| EstimatedSeq { replica, ..*s })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;
