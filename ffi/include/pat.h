@@ -508,6 +508,31 @@ typedef struct pat_decision {
   bool stay;
 } pat_decision;
 
+// Where a batch should start (`pat::policy::decide::StartPlan`). Times are predicted ms to
+// drain the whole batch.
+typedef struct pat_start_plan {
+  // The tp to start at.
+  uint32_t start_tp;
+  // Switches of the chosen plan (written to `switches`); 0 when the plan never switches.
+  uint32_t n_switches;
+  // The chosen plan, switch costs included.
+  double predicted_ms;
+  // The best plan that never switches: its tp and predicted ms (`start_tp` and
+  // `predicted_ms` when that plan is the one chosen).
+  uint32_t stay_tp;
+  uint32_t reserved;
+  double predicted_stay_ms;
+} pat_start_plan;
+
+// One switch of a start plan's ladder.
+typedef struct pat_plan_switch {
+  // Decode steps after the batch starts.
+  uint64_t step;
+  // The tp it switches to.
+  uint32_t to_tp;
+  uint32_t reserved;
+} pat_plan_switch;
+
 // A whole plan's counts (bytes at the plan's `elem_bytes`, over all layers and ranks).
 typedef struct pat_weight_plan_info {
   uint32_t world;
@@ -944,8 +969,9 @@ struct pat_policy_params pat_policy_default_params(void);
 // `context`, `kv_tokens`, `generated` and `est_remaining` are read: `pat_engine_live` fills
 // them; a switch is costed by the `kv_tokens` it moves). `params` is required (`current_tp`).
 // Errors: `PAT_ERR_BAD_FILE` (malformed profile), `PAT_ERR_INVALID_ARGUMENT` (a bad tp,
-// margin, replica, estimate, `kv_tokens` above `context`, or a candidate without step times in
-// the profile). Thread-safe.
+// margin, replica or estimate, `kv_tokens` or `generated` above `context`, a context, estimate,
+// length sample or `length_cap` above 2^32 tokens, or a candidate without step times in the
+// profile). Thread-safe.
 //
 // # Safety
 // `profile_json` holds `len` bytes; `params` is a readable `pat_policy_params` whose arrays hold
@@ -956,6 +982,37 @@ pat_status pat_policy_decide(const char *profile_json,
                              const struct pat_live_seq *live,
                              size_t n_live,
                              struct pat_decision *out);
+
+// Where a new batch should start, and the ladder of switches the rule foresees from there: the
+// best predicted plan over every candidate start and any number of switches, at up to 48
+// switch points that are multiples of `params->lookahead_steps` (the engine's re-check
+// interval; 0: any step), each switch paying its cost (fixed, weights, KV) — unless it beats
+// the best plan that never switches by less than twice the profile's measured spread, then that
+// plan (`pat::policy::decide::start_plan`, what `pat rollout` and `pat simulate` start on). The
+// foreseen switches are a forecast: decide each one when it comes with `pat_policy_decide`.
+// Pure: nothing is kept between calls. `profile_json` and `params` as for `pat_policy_decide`,
+// of whose params this reads `world`, `candidates`, `lookahead_steps`, `length_samples` and
+// `length_cap` (not `current_tp` or the margins). `batch` holds `n_batch` requests (at least
+// one), read as by `pat_policy_decide` except `replica`: each start places the batch itself,
+// balanced on the estimates over its replicas. The plan's switches go to `switches` (buffer
+// negotiation as `pat_kv_plan_steps`: `*n_switches` is set to the count, and a `cap` too small
+// fails with `PAT_BUFFER_TOO_SMALL`, `out` unwritten; a plan has at most one switch per
+// switch point). Errors as `pat_policy_decide`, and `PAT_ERR_INVALID_ARGUMENT` for an empty
+// batch. Thread-safe.
+//
+// # Safety
+// `profile_json` holds `len` bytes; `params` is a readable `pat_policy_params` whose arrays hold
+// their counts; `batch` holds `n_batch` entries; `out` is a writable `pat_start_plan`;
+// `switches` is NULL or holds `cap` writable entries; `n_switches` is a writable `size_t`.
+pat_status pat_policy_plan_start(const char *profile_json,
+                                 size_t len,
+                                 const struct pat_policy_params *params,
+                                 const struct pat_live_seq *batch,
+                                 size_t n_batch,
+                                 struct pat_start_plan *out,
+                                 struct pat_plan_switch *switches,
+                                 size_t cap,
+                                 size_t *n_switches);
 
 // Plans the reshard of every tensor-parallel weight from `old_layout` to `new_layout` (same
 // world) and lowers it to one program per physical rank. Rows a rank already holds come from its

@@ -1,7 +1,7 @@
 //! The C ABI's text-taking entry points: `pat_model_dims_from_config_json` on arbitrary bytes,
-//! and `pat_policy_decide` on arbitrary profile JSON, params and live sequences. Every call
-//! returns a status (never a caught panic or an internal error), and writes its output only on
-//! success.
+//! and `pat_policy_decide` and `pat_policy_plan_start` on arbitrary profile JSON, params and live
+//! sequences. Every call returns a status (never a caught panic or an internal error), and writes
+//! its output only on success.
 #![no_main]
 
 use arbitrary::Arbitrary;
@@ -34,6 +34,8 @@ struct Input {
     length_samples: Vec<u64>,
     length_cap: u64,
     live: Vec<Live>,
+    /// Entries of the start plan's switch buffer.
+    cap: u8,
 }
 
 fn ok(st: pat_status) {
@@ -102,4 +104,32 @@ fuzz_target!(|inp: Input| {
         )
     };
     ok(st);
+    let cap = inp.cap as usize % 8;
+    let mut plan = pat_start_plan {
+        start_tp: u32::MAX,
+        ..Default::default()
+    };
+    let mut steps = vec![pat_plan_switch::default(); cap];
+    let mut n = usize::MAX;
+    // SAFETY: every array holds its count; `steps` holds `cap`; `plan` and `n` are writable.
+    let st = unsafe {
+        pat_policy_plan_start(
+            inp.text.as_ptr().cast(),
+            inp.text.len(),
+            &p,
+            live.as_ptr(),
+            live.len(),
+            &mut plan,
+            steps.as_mut_ptr(),
+            cap,
+            &mut n,
+        )
+    };
+    ok(st);
+    if st == PAT_OK {
+        assert!(plan.start_tp >= 1 && plan.n_switches as usize == n && n <= cap);
+        assert!(plan.predicted_ms <= plan.predicted_stay_ms);
+    } else {
+        assert_eq!(plan.start_tp, u32::MAX, "output written on failure");
+    }
 });

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::decide::{
-    best_ladder, decide, placement, DecideInput, Decision, EstimatedSeq, SwitchCost,
+    decide, placement, start_plan, DecideInput, Decision, EstimatedSeq, SwitchCost,
 };
 use super::predictor::Predictor;
 use super::remaining::{Remaining, SeqView};
@@ -83,9 +83,6 @@ pub trait StepSource {
 /// Later points at which the rule tries a follow-up switch when it values a candidate
 /// ([`DecideInput::follow_up_points`]).
 pub const FOLLOW_UP_POINTS: usize = 16;
-
-/// Switch points of the ladder [`Controller::plan_start`] searches for a batch's start.
-pub const START_POINTS: usize = 48;
 
 /// Knobs of the adaptive rule.
 #[derive(Clone, Debug, PartialEq)]
@@ -178,11 +175,10 @@ impl<'a> Controller<'a> {
         }
     }
 
-    /// Where a batch should start: the first tp of the best predicted ladder ([`best_ladder`]:
-    /// any number of switches, within the run's switch budget, at up to 48 points) — unless that
-    /// beats the best plan that never switches by less than the profile's noise, then the latter
-    /// (a difference inside the spread is not acted on). `placed(tp)` is the batch as it would
-    /// be placed at `tp`. Returns the tp and its predicted total, ms.
+    /// Where a batch should start ([`start_plan`]: the first tp of the best predicted ladder of
+    /// any length within the run's switch budget, unless it is inside the profile's noise of
+    /// the best plan that never switches). `placed(tp)` is the batch as it would be placed at
+    /// `tp`. Returns the tp and its predicted total, ms.
     pub fn plan_start(
         &self,
         world: usize,
@@ -199,27 +195,8 @@ impl<'a> Controller<'a> {
             .collect::<Result<Vec<_>>>()?;
         let first = self.cfg.candidates[0];
         let base = self.input(world, first, &starts[0].1, self.cfg.max_switches);
-        let ladder = best_ladder(
-            &base,
-            &starts,
-            self.cfg.check_every,
-            START_POINTS,
-            self.cfg.max_switches,
-        )?;
-        let stay =
-            ladder
-                .stay_ms
-                .iter()
-                .copied()
-                .fold(None, |b: Option<(usize, f64)>, s| match b {
-                    Some(b) if b.1 <= s.1 => Some(b),
-                    _ => Some(s),
-                });
-        let noise = (2.0 * self.predictor.noise).min(0.5);
-        match stay {
-            Some(s) if ladder.total_ms >= s.1 * (1.0 - noise) => Ok(s),
-            _ => Ok((ladder.start_tp, ladder.total_ms)),
-        }
+        let plan = start_plan(&base, &starts, self.cfg.check_every, self.cfg.max_switches)?;
+        Ok((plan.tp, plan.predicted_ms))
     }
 
     /// The rule's answer for `live` at (`world`, `tp`) after `switches_done` switches in this

@@ -4,6 +4,7 @@
 mod conventions;
 mod engine;
 mod fuzz_regressions;
+mod plan_start;
 mod plans;
 mod policy;
 

@@ -11,7 +11,7 @@ use pat_ffi::*;
 use super::expect;
 
 /// The modeled 8 x H100 node's profile (component model, sampled).
-fn modeled() -> pat::policy::Profile {
+pub fn modeled() -> pat::policy::Profile {
     let m = ComponentModel::new(
         ModelShape::Llama3_8b.dims(),
         ComponentParams::defaults(GpuKind::H100, Link::NvLink),
@@ -227,6 +227,31 @@ fn bad_profiles_and_params_are_errors() {
     };
     let (st, _) = call(&json, &p1, &[live[0], more_kv]);
     expect(st, PAT_ERR_INVALID_ARGUMENT, "live[1].kv_tokens is 101");
+    // A generated count past the context, and numbers past any context window, are refused by
+    // name (such a count overflowed the forecast of a later switch in pat_policy_plan_start: a
+    // caught panic).
+    let looking = pat_policy_params {
+        lookahead_steps: 64,
+        ..p1
+    };
+    let (st, _) = call(&json, &looking, &[seq(0, 100, u64::MAX, 50.0)]);
+    expect(
+        st,
+        PAT_ERR_INVALID_ARGUMENT,
+        "live[0].generated is 18446744073709551615",
+    );
+    let (st, _) = call(&json, &looking, &[seq(0, 1 << 33, 0, 50.0)]);
+    expect(
+        st,
+        PAT_ERR_INVALID_ARGUMENT,
+        "live[0].context is 8589934592",
+    );
+    let (st, _) = call(&json, &looking, &[seq(0, 100, 0, 1e12)]);
+    expect(
+        st,
+        PAT_ERR_INVALID_ARGUMENT,
+        "live[0].est_remaining is 1000000000000.0",
+    );
     let mut d = pat_decision::default();
     // SAFETY: NULL params and NULL profile are what is tested; the rest are locals.
     unsafe {

@@ -22,6 +22,7 @@ use rayon::prelude::*;
 use super::later::Later;
 use super::{group, placement, replicas, room, DecideInput, EstimatedSeq};
 use crate::error::{Error, Result};
+use crate::parallel::layout::MAX_WORLD;
 use crate::policy::forecast::drain_ms;
 
 /// The best predicted ladder ([`best_ladder`]).
@@ -34,6 +35,61 @@ pub struct Ladder {
     pub switches: Vec<(usize, usize)>,
     /// Each start's plan that never switches: (tp, predicted ms), in candidate order.
     pub stay_ms: Vec<(usize, f64)>,
+}
+
+/// Switch points of the ladder [`start_plan`] searches.
+pub const START_POINTS: usize = 48;
+
+/// Where a batch starts, and what the rule foresees from there ([`start_plan`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StartPlan {
+    pub tp: usize,
+    /// Predicted total of the chosen plan, ms.
+    pub predicted_ms: f64,
+    /// The chosen plan's switches as (steps from the start, tp); empty when the best plan that
+    /// never switches was chosen.
+    pub switches: Vec<(usize, usize)>,
+    /// The best plan that never switches: (tp, predicted ms).
+    pub stay: (usize, f64),
+}
+
+/// Where a batch should start: the first tp of the best predicted ladder ([`best_ladder`], at
+/// up to [`START_POINTS`] switch points, multiples of `every`, within `max_switches`) — unless
+/// it beats the best plan that never switches by less than twice the profile's noise
+/// (`base.predictor.noise`), then the latter: a difference inside the spread is not acted on.
+/// `starts` as for [`best_ladder`].
+pub fn start_plan(
+    base: &DecideInput,
+    starts: &[(usize, Vec<EstimatedSeq>)],
+    every: usize,
+    max_switches: Option<usize>,
+) -> Result<StartPlan> {
+    let ladder = best_ladder(base, starts, every, START_POINTS, max_switches)?;
+    let stay = ladder
+        .stay_ms
+        .iter()
+        .copied()
+        .fold(None, |b: Option<(usize, f64)>, s| match b {
+            Some(b) if b.1 <= s.1 => Some(b),
+            _ => Some(s),
+        })
+        .ok_or_else(|| Error::Invalid("the ladder needs a start tp".into()))?;
+    let noise = (2.0 * base.predictor.noise).min(0.5);
+    Ok(if ladder.total_ms >= stay.1 * (1.0 - noise) {
+        StartPlan {
+            tp: stay.0,
+            predicted_ms: stay.1,
+            switches: Vec::new(),
+            stay,
+        }
+    } else {
+        StartPlan {
+            tp: ladder.start_tp,
+            predicted_ms: ladder.total_ms,
+            switches: ladder.switches,
+            stay,
+        }
+    })
 }
 
 /// The best arrival at a state so far.
@@ -60,6 +116,21 @@ pub fn best_ladder(
 ) -> Result<Ladder> {
     if starts.is_empty() {
         return Err(Error::Invalid("the ladder needs a start tp".into()));
+    }
+    let world = base.world;
+    if world == 0 || world > MAX_WORLD {
+        return Err(Error::Invalid(format!(
+            "world {world}: a world is 1 to {MAX_WORLD} ranks"
+        )));
+    }
+    if let Some(tp) = base
+        .candidates
+        .iter()
+        .find(|&&tp| tp == 0 || !world.is_multiple_of(tp))
+    {
+        return Err(Error::Invalid(format!(
+            "candidate tp {tp} does not divide world {world}"
+        )));
     }
     let longest = starts
         .iter()

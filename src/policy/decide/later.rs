@@ -34,14 +34,14 @@ impl Later {
                 continue;
             }
             live.push(EstimatedSeq {
-                context: s.context + ran,
+                context: s.context.saturating_add(ran),
                 // One that ran holds all its tokens' KV; one that did not, what it held.
                 kv: match (holds_kv, ran) {
                     (false, _) => 0,
                     (true, 0) => s.kv,
-                    (true, _) => s.context + ran,
+                    (true, _) => s.context.saturating_add(ran),
                 },
-                generated: s.generated + ran,
+                generated: s.generated.saturating_add(ran),
                 est_remaining: s.est_remaining - ran as f64,
                 cached: holds_kv,
                 ..*s

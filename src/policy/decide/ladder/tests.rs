@@ -188,3 +188,17 @@ fn the_ladder_refuses_a_start_outside_the_candidates() {
     assert!(e.to_string().contains("start tp 3"), "{e}");
     assert!(best_ladder(&inp, &[], 10, 5, None).is_err());
 }
+
+#[test]
+fn the_ladder_refuses_a_candidate_that_does_not_divide_the_world() {
+    let (p, sw) = (predictor(), switch(0.0));
+    let starts = vec![(1, batch(1, 4, 1))];
+    for bad in [[1, 3], [1, 0]] {
+        let inp = DecideInput {
+            candidates: &bad,
+            ..base(&starts[0].1, &p, &sw)
+        };
+        let e = best_ladder(&inp, &starts, 10, 5, None).unwrap_err();
+        assert!(e.to_string().contains("does not divide world 8"), "{e}");
+    }
+}
