@@ -323,6 +323,8 @@ typedef struct pat_live_seq {
   // `context`; fill it with `context` for a request that holds all of its KV (new in ABI 3:
   // a zero-filled struct says it holds none, and its switch then moves none).
   uint64_t kv_tokens;
+  // Of `context`, the tokens it generated so far (the policy calls refuse more than
+  // `context`, and a `context` or `est_remaining` above 2^32 tokens).
   uint64_t generated;
   uint64_t max_new_tokens;
   // Estimated tokens still to generate; NaN (what `pat_engine_live` writes) lets
@@ -969,9 +971,9 @@ struct pat_policy_params pat_policy_default_params(void);
 // `context`, `kv_tokens`, `generated` and `est_remaining` are read: `pat_engine_live` fills
 // them; a switch is costed by the `kv_tokens` it moves). `params` is required (`current_tp`).
 // Errors: `PAT_ERR_BAD_FILE` (malformed profile), `PAT_ERR_INVALID_ARGUMENT` (a bad tp,
-// margin, replica or estimate, `kv_tokens` or `generated` above `context`, a context, estimate,
-// length sample or `length_cap` above 2^32 tokens, or a candidate without step times in the
-// profile). Thread-safe.
+// margin, replica, world or estimate, `kv_tokens` or `generated` above `context`, a context or
+// estimate above 2^32 tokens, where an estimate is NaN a length sample or `length_cap` above
+// 2^32, or a candidate without step times in the profile). Thread-safe.
 //
 // # Safety
 // `profile_json` holds `len` bytes; `params` is a readable `pat_policy_params` whose arrays hold
@@ -984,20 +986,21 @@ pat_status pat_policy_decide(const char *profile_json,
                              struct pat_decision *out);
 
 // Where a new batch should start, and the ladder of switches the rule foresees from there: the
-// best predicted plan over every candidate start and any number of switches, at up to 48
-// switch points that are multiples of `params->lookahead_steps` (the engine's re-check
-// interval; 0: any step), each switch paying its cost (fixed, weights, KV) — unless it beats
-// the best plan that never switches by less than twice the profile's measured spread, then that
-// plan (`pat::policy::decide::start_plan`, what `pat rollout` and `pat simulate` start on). The
-// foreseen switches are a forecast: decide each one when it comes with `pat_policy_decide`.
-// Pure: nothing is kept between calls. `profile_json` and `params` as for `pat_policy_decide`,
-// of whose params this reads `world`, `candidates`, `lookahead_steps`, `length_samples` and
-// `length_cap` (not `current_tp` or the margins). `batch` holds `n_batch` requests (at least
-// one), read as by `pat_policy_decide` except `replica`: each start places the batch itself,
-// balanced on the estimates over its replicas. The plan's switches go to `switches` (buffer
-// negotiation as `pat_kv_plan_steps`: `*n_switches` is set to the count, and a `cap` too small
-// fails with `PAT_BUFFER_TOO_SMALL`, `out` unwritten; a plan has at most one switch per
-// switch point). Errors as `pat_policy_decide`, and `PAT_ERR_INVALID_ARGUMENT` for an empty
+// best predicted plan over every candidate start and any number of switches, at about 48 evenly
+// spaced switch points (up to 96: the spacing is rounded down to a multiple of
+// `params->lookahead_steps`, the engine's re-check interval; 0: any step), each switch paying
+// its cost (fixed, weights, KV) — unless it beats the best plan that never switches by less
+// than twice the profile's measured spread, then that plan (`pat::policy::decide::start_plan`,
+// what `pat rollout` and `pat simulate` start on). The foreseen switches are a forecast: decide
+// each one when it comes with `pat_policy_decide`. Pure: nothing is kept between calls.
+// `profile_json` and `params` as for `pat_policy_decide`, of whose params this reads `world`,
+// `candidates`, `lookahead_steps`, `length_samples` and `length_cap` (not `current_tp` or the
+// margins). `batch` holds `n_batch` requests (at least one), read as by `pat_policy_decide`
+// except `replica`: each start places the batch itself, balanced on the estimates over its
+// replicas. The plan's switches go to `switches` (buffer negotiation as `pat_kv_plan_steps`:
+// `*n_switches` is set to the count, and a `cap` too small fails with `PAT_BUFFER_TOO_SMALL`,
+// `out` unwritten; a plan has at most one switch per switch point, and rarely more than the
+// candidates). Errors as `pat_policy_decide`, and `PAT_ERR_INVALID_ARGUMENT` for an empty
 // batch. Thread-safe.
 //
 // # Safety

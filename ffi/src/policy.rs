@@ -6,6 +6,7 @@
 use std::ffi::c_char;
 use std::path::Path;
 
+use pat::parallel::layout::MAX_WORLD;
 use pat::policy::decide::{placement, start_plan};
 use pat::policy::remaining::SeqView;
 use pat::policy::{
@@ -113,7 +114,15 @@ const MAX_TOKENS: u64 = 1 << 32;
 
 /// Each sequence's remaining-length estimate, NaN ones estimated from the params' samples;
 /// `what` names the array in messages.
-fn estimates(p: &pat_policy_params, live: &[pat_live_seq], what: &str) -> FfiResult<Vec<f64>> {
+///
+/// # Safety
+/// The params' `length_samples` array holds `n_length_samples` entries (the policy calls'
+/// contract).
+unsafe fn estimates(
+    p: &pat_policy_params,
+    live: &[pat_live_seq],
+    what: &str,
+) -> FfiResult<Vec<f64>> {
     for (i, s) in live.iter().enumerate() {
         if s.context > MAX_TOKENS {
             return Err(Fail::Invalid(format!(
@@ -144,7 +153,7 @@ fn estimates(p: &pat_policy_params, live: &[pat_live_seq], what: &str) -> FfiRes
     }
     let mut est: Vec<f64> = live.iter().map(|s| s.est_remaining).collect();
     if est.iter().any(|e| e.is_nan()) {
-        // SAFETY: the params' array holds `n_length_samples` entries (pat_policy_decide's contract).
+        // SAFETY: this function's contract.
         let samples = unsafe { slice(p.length_samples, p.n_length_samples, "length_samples") }?;
         if samples.is_empty() {
             return Err(Fail::Invalid(format!(
@@ -184,12 +193,16 @@ fn estimates(p: &pat_policy_params, live: &[pat_live_seq], what: &str) -> FfiRes
 }
 
 /// `live` as the rule sees it, each NaN estimate filled in ([`estimates`]).
-fn estimated(
+///
+/// # Safety
+/// As [`estimates`].
+unsafe fn estimated(
     p: &pat_policy_params,
     live: &[pat_live_seq],
     what: &str,
 ) -> FfiResult<Vec<EstimatedSeq>> {
-    let est = estimates(p, live, what)?;
+    // SAFETY: this function's contract.
+    let est = unsafe { estimates(p, live, what) }?;
     Ok(live
         .iter()
         .zip(est)
@@ -227,6 +240,12 @@ unsafe fn inputs(p: &pat_policy_params, bytes: &[u8]) -> FfiResult<Inputs> {
     } else {
         p.world as usize
     };
+    // Before anything sized by it (a placement over 4e9 replicas was an abort).
+    if world == 0 || world > MAX_WORLD {
+        return Err(Fail::Invalid(format!(
+            "world {world}: a world is 1 to {MAX_WORLD} ranks"
+        )));
+    }
     let candidates: Vec<usize> = if p.candidates.is_null() {
         profile
             .model
@@ -264,9 +283,9 @@ unsafe fn inputs(p: &pat_policy_params, bytes: &[u8]) -> FfiResult<Inputs> {
 /// `context`, `kv_tokens`, `generated` and `est_remaining` are read: `pat_engine_live` fills
 /// them; a switch is costed by the `kv_tokens` it moves). `params` is required (`current_tp`).
 /// Errors: `PAT_ERR_BAD_FILE` (malformed profile), `PAT_ERR_INVALID_ARGUMENT` (a bad tp,
-/// margin, replica or estimate, `kv_tokens` or `generated` above `context`, a context, estimate,
-/// length sample or `length_cap` above 2^32 tokens, or a candidate without step times in the
-/// profile). Thread-safe.
+/// margin, replica, world or estimate, `kv_tokens` or `generated` above `context`, a context or
+/// estimate above 2^32 tokens, where an estimate is NaN a length sample or `length_cap` above
+/// 2^32, or a candidate without step times in the profile). Thread-safe.
 ///
 /// # Safety
 /// `profile_json` holds `len` bytes; `params` is a readable `pat_policy_params` whose arrays hold
@@ -301,7 +320,8 @@ pub unsafe extern "C" fn pat_policy_decide(
             candidates,
             // SAFETY: forwarded contract (the params' arrays hold their counts).
         } = unsafe { inputs(&p, bytes) }?;
-        let seqs = estimated(&p, live, "live")?;
+        // SAFETY: forwarded contract (the params' arrays hold their counts).
+        let seqs = unsafe { estimated(&p, live, "live") }?;
         let d = decide(&DecideInput {
             world,
             current_tp: p.current_tp as usize,
@@ -358,20 +378,21 @@ pub struct pat_start_plan {
 }
 
 /// Where a new batch should start, and the ladder of switches the rule foresees from there: the
-/// best predicted plan over every candidate start and any number of switches, at up to 48
-/// switch points that are multiples of `params->lookahead_steps` (the engine's re-check
-/// interval; 0: any step), each switch paying its cost (fixed, weights, KV) — unless it beats
-/// the best plan that never switches by less than twice the profile's measured spread, then that
-/// plan (`pat::policy::decide::start_plan`, what `pat rollout` and `pat simulate` start on). The
-/// foreseen switches are a forecast: decide each one when it comes with `pat_policy_decide`.
-/// Pure: nothing is kept between calls. `profile_json` and `params` as for `pat_policy_decide`,
-/// of whose params this reads `world`, `candidates`, `lookahead_steps`, `length_samples` and
-/// `length_cap` (not `current_tp` or the margins). `batch` holds `n_batch` requests (at least
-/// one), read as by `pat_policy_decide` except `replica`: each start places the batch itself,
-/// balanced on the estimates over its replicas. The plan's switches go to `switches` (buffer
-/// negotiation as `pat_kv_plan_steps`: `*n_switches` is set to the count, and a `cap` too small
-/// fails with `PAT_BUFFER_TOO_SMALL`, `out` unwritten; a plan has at most one switch per
-/// switch point). Errors as `pat_policy_decide`, and `PAT_ERR_INVALID_ARGUMENT` for an empty
+/// best predicted plan over every candidate start and any number of switches, at about 48 evenly
+/// spaced switch points (up to 96: the spacing is rounded down to a multiple of
+/// `params->lookahead_steps`, the engine's re-check interval; 0: any step), each switch paying
+/// its cost (fixed, weights, KV) — unless it beats the best plan that never switches by less
+/// than twice the profile's measured spread, then that plan (`pat::policy::decide::start_plan`,
+/// what `pat rollout` and `pat simulate` start on). The foreseen switches are a forecast: decide
+/// each one when it comes with `pat_policy_decide`. Pure: nothing is kept between calls.
+/// `profile_json` and `params` as for `pat_policy_decide`, of whose params this reads `world`,
+/// `candidates`, `lookahead_steps`, `length_samples` and `length_cap` (not `current_tp` or the
+/// margins). `batch` holds `n_batch` requests (at least one), read as by `pat_policy_decide`
+/// except `replica`: each start places the batch itself, balanced on the estimates over its
+/// replicas. The plan's switches go to `switches` (buffer negotiation as `pat_kv_plan_steps`:
+/// `*n_switches` is set to the count, and a `cap` too small fails with `PAT_BUFFER_TOO_SMALL`,
+/// `out` unwritten; a plan has at most one switch per switch point, and rarely more than the
+/// candidates). Errors as `pat_policy_decide`, and `PAT_ERR_INVALID_ARGUMENT` for an empty
 /// batch. Thread-safe.
 ///
 /// # Safety
@@ -423,7 +444,8 @@ pub unsafe extern "C" fn pat_policy_plan_start(
                  and the model"
             )));
         }
-        let seqs = estimated(&p, batch, "batch")?;
+        // SAFETY: forwarded contract (the params' arrays hold their counts).
+        let seqs = unsafe { estimated(&p, batch, "batch") }?;
         let base = DecideInput {
             world,
             current_tp: candidates[0],

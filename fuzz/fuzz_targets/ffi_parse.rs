@@ -58,7 +58,7 @@ fuzz_target!(|inp: Input| {
         return;
     }
     let mut p = pat_policy_default_params();
-    p.world = inp.world % 1025;
+    p.world = inp.world;
     p.current_tp = inp.current_tp % 65;
     p.lookahead_steps = inp.lookahead_steps as u32;
     p.margin = inp.margin;

@@ -193,8 +193,10 @@ impl<'a> Controller<'a> {
             .collect::<Vec<Result<_>>>()
             .into_iter()
             .collect::<Result<Vec<_>>>()?;
-        let first = self.cfg.candidates[0];
-        let base = self.input(world, first, &starts[0].1, self.cfg.max_switches);
+        let (first, batch) = starts
+            .first()
+            .ok_or_else(|| Error::Invalid("the controller needs a candidate tp".into()))?;
+        let base = self.input(world, *first, batch, self.cfg.max_switches);
         let plan = start_plan(&base, &starts, self.cfg.check_every, self.cfg.max_switches)?;
         Ok((plan.tp, plan.predicted_ms))
     }

@@ -60,7 +60,8 @@ pub struct SimConfig {
     pub check_every: usize,
     pub margin: f64,
     pub min_gain_ms: f64,
-    /// Layout the adaptive and oracle runs start from; `None`: where their plan is shortest.
+    /// Layout the adaptive and oracle runs start from; `None`: where their best predicted ladder
+    /// starts (`Controller::plan_start`).
     pub start_tp: Option<usize>,
     pub placement: Placement,
     /// Search for the optimum schedule (the slowest part of a simulation).

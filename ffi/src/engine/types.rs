@@ -186,6 +186,8 @@ pub struct pat_live_seq {
     /// `context`; fill it with `context` for a request that holds all of its KV (new in ABI 3:
     /// a zero-filled struct says it holds none, and its switch then moves none).
     pub kv_tokens: u64,
+    /// Of `context`, the tokens it generated so far (the policy calls refuse more than
+    /// `context`, and a `context` or `est_remaining` above 2^32 tokens).
     pub generated: u64,
     pub max_new_tokens: u64,
     /// Estimated tokens still to generate; NaN (what `pat_engine_live` writes) lets

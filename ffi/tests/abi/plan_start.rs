@@ -182,6 +182,15 @@ fn bad_batches_buffers_and_params_are_errors_that_write_nothing() {
         "candidate tp 3 does not divide world 8",
     );
     assert_eq!(out.start_tp, 99);
+    // A world past what pat supports is refused before anything is sized by it (a placement
+    // over 4e9 replicas was an abort).
+    let huge = pat_policy_params {
+        world: u32::MAX,
+        ..pat_policy_default_params()
+    };
+    let (st, out, _, _) = call(&json, &huge, &batch, 8);
+    expect(st, PAT_ERR_INVALID_ARGUMENT, "a world is 1 to 4096 ranks");
+    assert_eq!(out.start_tp, 99);
     // NaN estimates need length samples.
     let p = pat_policy_default_params();
     let (st, _, _, _) = call(&json, &p, &[request(10, f64::NAN)], 4);
@@ -285,7 +294,7 @@ fn extreme_batches_and_params_end_in_a_status() {
     for (i, &est) in ests.iter().enumerate() {
         for (j, &context) in contexts.iter().enumerate() {
             for lookahead in [0u32, 1, 64, u32::MAX] {
-                for world in [0u32, 8, 4096, 5000] {
+                for world in [0u32, 8, 4096, 5000, u32::MAX] {
                     let batch: Vec<pat_live_seq> = (0..3)
                         .map(|k| pat_live_seq {
                             context: if k == 0 { context } else { 100 },

@@ -37,7 +37,7 @@ pub struct Ladder {
     pub stay_ms: Vec<(usize, f64)>,
 }
 
-/// Switch points of the ladder [`start_plan`] searches.
+/// Switch points of the ladder [`start_plan`] searches (about; [`best_ladder`]).
 pub const START_POINTS: usize = 48;
 
 /// Where a batch starts, and what the rule foresees from there ([`start_plan`]).
@@ -54,7 +54,7 @@ pub struct StartPlan {
 }
 
 /// Where a batch should start: the first tp of the best predicted ladder ([`best_ladder`], at
-/// up to [`START_POINTS`] switch points, multiples of `every`, within `max_switches`) — unless
+/// about [`START_POINTS`] switch points, multiples of `every`, within `max_switches`) — unless
 /// it beats the best plan that never switches by less than twice the profile's noise
 /// (`base.predictor.noise`), then the latter: a difference inside the spread is not acted on.
 /// `starts` as for [`best_ladder`].
@@ -102,10 +102,11 @@ struct Arrival {
     path: Vec<(usize, usize)>,
 }
 
-/// The best ladder over `starts` (each candidate start tp with the batch as placed there),
-/// switching among `base.candidates` at multiples of `every` steps, at most `points` switch points
-/// (spaced evenly over the longest estimated sequence), at most `max_switches` switches (`None`:
-/// any number). `base` gives the world, predictor, switch cost and candidates; its tp and live set
+/// The best ladder over `starts` (each candidate start tp, at most once, with the batch as placed
+/// there), switching among `base.candidates` at evenly spaced multiples of `every` steps over the
+/// longest estimated sequence: about `points` switch points, up to twice as many where the
+/// spacing is rounded down to a multiple of `every` (as [`plan_ms`](super::plan_ms) spaces its
+/// points); at most `max_switches` switches (`None`: any number). `base` gives the world, predictor, switch cost and candidates; its tp and live set
 /// are not read.
 pub fn best_ladder(
     base: &DecideInput,
@@ -143,14 +144,24 @@ pub fn best_ladder(
     let tps = &base.candidates;
     let slot = |tp: usize| tps.iter().position(|&t| t == tp);
     // With a switch budget each switch count is its own layer of states; without, one layer.
-    let layers = max_switches.map_or(1, |m| m + 1);
+    let layers = max_switches.map_or(1, |m| m.min(grid.len().saturating_sub(1)) + 1);
     let index = |layer: usize, point: usize, t: usize| (layer * grid.len() + point) * tps.len() + t;
     let mut states: Vec<Option<Arrival>> =
         (0..layers * grid.len() * tps.len()).map(|_| None).collect();
-    for (tp, live) in starts {
+    for (k, (tp, live)) in starts.iter().enumerate() {
         let t = slot(*tp).ok_or_else(|| {
             Error::Invalid(format!("start tp {tp} is not among the candidates {tps:?}"))
         })?;
+        if starts[..k].iter().any(|(u, _)| u == tp) {
+            return Err(Error::Invalid(format!("start tp {tp} is given twice")));
+        }
+        if let Some(s) = live.iter().find(|s| s.replica >= world / tp) {
+            return Err(Error::Invalid(format!(
+                "a sequence of the start at tp {tp} is on replica {} but tp {tp} has {} replicas",
+                s.replica,
+                world / tp
+            )));
+        }
         states[index(0, 0, t)] = Some(Arrival {
             t_ms: 0.0,
             live: Arc::new(live.clone()),

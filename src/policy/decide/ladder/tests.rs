@@ -53,8 +53,13 @@ fn switch(fixed_ms: f64) -> SwitchCost {
     }
 }
 
-/// `n` sequences with long-tailed remaining lengths, two stragglers of 400 steps, placed at `tp`.
+/// `n` sequences with long-tailed remaining lengths, two stragglers of `longest` steps (at least
+/// 400), placed at `tp`.
 fn batch(seed: u64, n: usize, tp: usize) -> Vec<EstimatedSeq> {
+    batch_to(seed, n, tp, 400)
+}
+
+fn batch_to(seed: u64, n: usize, tp: usize, longest: usize) -> Vec<EstimatedSeq> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let live: Vec<EstimatedSeq> = (0..n)
         .map(|i| EstimatedSeq {
@@ -63,7 +68,7 @@ fn batch(seed: u64, n: usize, tp: usize) -> Vec<EstimatedSeq> {
             kv: 50 + (i * 7) % 90,
             generated: 0,
             est_remaining: if i < 2 {
-                400.0
+                longest as f64
             } else {
                 (5.0 + 300.0 * rng.random::<f64>().powi(2)).floor()
             },
@@ -137,14 +142,23 @@ fn exhaustive(
 fn the_ladder_search_finds_the_best_schedule_of_any_length() {
     let p = predictor();
     let mut longest_ladder = 0;
-    for (seed, fixed_ms) in [(1, 5.0), (2, 40.0), (3, 0.0), (4, 200.0)] {
+    // The last: 437 steps at multiples of 10, 5 points: the spacing rounds down to 80 and the
+    // grid has 6 points.
+    for (seed, fixed_ms, longest) in [
+        (1, 5.0, 400),
+        (2, 40.0, 400),
+        (3, 0.0, 400),
+        (4, 200.0, 400),
+        (5, 5.0, 437),
+    ] {
         let sw = switch(fixed_ms);
-        let starts: Vec<(usize, Vec<EstimatedSeq>)> =
-            [1, 2, 4, 8].map(|tp| (tp, batch(seed, 200, tp))).into();
+        let starts: Vec<(usize, Vec<EstimatedSeq>)> = [1, 2, 4, 8]
+            .map(|tp| (tp, batch_to(seed, 200, tp, longest)))
+            .into();
         let inp = base(&starts[0].1, &p, &sw);
-        // 400 steps at multiples of 10, 5 points: a switch every 80 steps.
-        let grid: Vec<usize> = (0..400).step_by(80).collect();
-        for max in [None, Some(1), Some(2)] {
+        // Multiples of 10, 5 points: a switch every 80 steps.
+        let grid: Vec<usize> = (0..longest).step_by(80).collect();
+        for max in [None, Some(1), Some(2), Some(usize::MAX)] {
             let got = best_ladder(&inp, &starts, 10, 5, max).unwrap();
             let want = starts
                 .iter()
@@ -168,6 +182,7 @@ fn the_ladder_search_finds_the_best_schedule_of_any_length() {
                 longest_ladder = longest_ladder.max(got.switches.len());
             }
             // Each start's plan that never switches, in candidate order.
+            assert_eq!(got.stay_ms.len(), starts.len());
             for ((tp, stay), (start, live)) in got.stay_ms.iter().zip(&starts) {
                 let fit = p.fit(*tp).unwrap();
                 let want = drain_ms(fit, &group(8 / tp, live, &replicas(live)), None);
@@ -187,6 +202,13 @@ fn the_ladder_refuses_a_start_outside_the_candidates() {
     let e = best_ladder(&inp, &starts, 10, 5, None).unwrap_err();
     assert!(e.to_string().contains("start tp 3"), "{e}");
     assert!(best_ladder(&inp, &[], 10, 5, None).is_err());
+    // A start given twice, and one whose sequences sit on a replica its tp does not have.
+    let twice = vec![(1, batch(1, 4, 1)), (1, batch(1, 4, 1))];
+    let e = best_ladder(&inp, &twice, 10, 5, None).unwrap_err();
+    assert!(e.to_string().contains("start tp 1 is given twice"), "{e}");
+    let misplaced = vec![(4, batch(1, 4, 1))];
+    let e = best_ladder(&inp, &misplaced, 10, 5, None).unwrap_err();
+    assert!(e.to_string().contains("tp 4 has 2 replicas"), "{e}");
 }
 
 #[test]
