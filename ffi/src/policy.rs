@@ -7,7 +7,7 @@ use std::ffi::c_char;
 use std::path::Path;
 
 use pat::parallel::layout::MAX_WORLD;
-use pat::policy::decide::{placement, start_plan};
+use pat::policy::decide::{placed_at, start_plan};
 use pat::policy::remaining::SeqView;
 use pat::policy::{
     decide, DecideInput, EstimatedSeq, LengthDist, Predictor, Profile, Remaining, SwitchCost,
@@ -463,17 +463,9 @@ pub unsafe extern "C" fn pat_policy_plan_start(
         // refused by the plan below, before any placement is read).
         let starts: Vec<(usize, Vec<EstimatedSeq>)> = candidates
             .iter()
-            .map(|&tp| {
-                let at = match tp > 0 && world.is_multiple_of(tp) {
-                    true => placement(world, tp, &seqs),
-                    false => vec![0; seqs.len()],
-                };
-                let placed = seqs
-                    .iter()
-                    .zip(at)
-                    .map(|(s, replica)| EstimatedSeq { replica, ..*s })
-                    .collect();
-                (tp, placed)
+            .map(|&tp| match tp > 0 && world.is_multiple_of(tp) {
+                true => (tp, placed_at(world, tp, &seqs)),
+                false => (tp, seqs.clone()),
             })
             .collect();
         let plan = start_plan(&base, &starts, p.lookahead_steps as usize, None)?;

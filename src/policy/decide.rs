@@ -484,7 +484,7 @@ fn plan_from(inp: &DecideInput, first: usize, every: usize, points: usize) -> Re
 
 mod ladder;
 mod later;
-pub use ladder::{best_ladder, start_plan, Ladder, StartPlan, START_POINTS};
+pub use ladder::{best_ladder, placed_at, start_plan, Ladder, StartPlan, START_POINTS};
 use later::Later;
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! `pat_policy_plan_start`: where a batch starts and the ladder foreseen, through the C ABI.
 
-use pat::policy::decide::{placement, start_plan};
+use pat::policy::decide::{placed_at, start_plan};
 use pat::policy::{DecideInput, EstimatedSeq, Predictor, SwitchCost};
 use pat_ffi::engine::pat_live_seq;
 use pat_ffi::policy::*;
@@ -98,15 +98,7 @@ fn a_tailed_batch_gets_the_librarys_ladder() {
     let candidates = [1, 2, 4, 8];
     let starts: Vec<(usize, Vec<EstimatedSeq>)> = candidates
         .iter()
-        .map(|&tp| {
-            let at = placement(8, tp, &seqs);
-            let placed = seqs
-                .iter()
-                .zip(at)
-                .map(|(s, replica)| EstimatedSeq { replica, ..*s })
-                .collect();
-            (tp, placed)
-        })
+        .map(|&tp| (tp, placed_at(8, tp, &seqs)))
         .collect();
     let base = DecideInput {
         world: 8,

@@ -252,8 +252,9 @@ pub fn best_ladder(
     Ok(ladder)
 }
 
-/// `live` re-placed over the replicas of `tp`, as a switch places it.
-fn placed_at(world: usize, tp: usize, live: &[EstimatedSeq]) -> Vec<EstimatedSeq> {
+/// `live` re-placed over the replicas of `tp` (dividing `world`), as a switch places it
+/// ([`placement`]).
+pub fn placed_at(world: usize, tp: usize, live: &[EstimatedSeq]) -> Vec<EstimatedSeq> {
     let at = placement(world, tp, live);
     live.iter()
         .zip(at)
