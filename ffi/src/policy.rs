@@ -217,6 +217,33 @@ unsafe fn estimated(
         .collect())
 }
 
+/// The arguments both policy calls take: the params (required), the profile's bytes and the
+/// sequences, `what` naming the latter.
+///
+/// # Safety
+/// `profile_json` holds `len` bytes; `params` is NULL or a readable `pat_policy_params`; `seqs`
+/// holds `n` entries; all valid for `'a`.
+unsafe fn args<'a>(
+    profile_json: *const c_char,
+    len: usize,
+    params: *const pat_policy_params,
+    seqs: *const pat_live_seq,
+    n: usize,
+    what: &'static str,
+) -> FfiResult<(pat_policy_params, &'a [u8], &'a [pat_live_seq])> {
+    if params.is_null() {
+        return Err(Fail::Null("params"));
+    }
+    // SAFETY: this function's contract.
+    unsafe {
+        Ok((
+            read_params(params, "params")?,
+            slice(profile_json.cast::<u8>(), len, "profile_json")?,
+            slice(seqs, n, what)?,
+        ))
+    }
+}
+
 /// What both policy calls read from the profile and the params.
 struct Inputs {
     predictor: Predictor,
@@ -302,17 +329,8 @@ pub unsafe extern "C" fn pat_policy_decide(
     guard(|| {
         // SAFETY: forwarded contract (`out` is writable).
         let out = unsafe { Out::new(out, "out") }?;
-        if params.is_null() {
-            return Err(Fail::Null("params"));
-        }
         // SAFETY: forwarded contract.
-        let (p, bytes, live) = unsafe {
-            (
-                read_params(params, "params")?,
-                slice(profile_json.cast::<u8>(), len, "profile_json")?,
-                slice(live, n_live, "live")?,
-            )
-        };
+        let (p, bytes, live) = unsafe { args(profile_json, len, params, live, n_live, "live") }?;
         let Inputs {
             predictor,
             switch,
@@ -415,17 +433,9 @@ pub unsafe extern "C" fn pat_policy_plan_start(
     guard(|| {
         // SAFETY: forwarded contract (`out` and `n_switches` are writable).
         let (out, n) = unsafe { (Out::new(out, "out")?, Out::new(n_switches, "n_switches")?) };
-        if params.is_null() {
-            return Err(Fail::Null("params"));
-        }
         // SAFETY: forwarded contract.
-        let (p, bytes, batch) = unsafe {
-            (
-                read_params(params, "params")?,
-                slice(profile_json.cast::<u8>(), len, "profile_json")?,
-                slice(batch, n_batch, "batch")?,
-            )
-        };
+        let (p, bytes, batch) =
+            unsafe { args(profile_json, len, params, batch, n_batch, "batch") }?;
         if batch.is_empty() {
             return Err(Fail::Invalid(
                 "`batch` is empty: give the requests the batch will start with".into(),

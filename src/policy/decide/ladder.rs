@@ -179,19 +179,23 @@ pub fn best_ladder(
                 let Some(arr) = states[index(layer, point, t)].take() else {
                     continue;
                 };
-                let live: Vec<EstimatedSeq> = match arr.placed {
-                    true => arr.live.to_vec(),
-                    false => placed_at(base.world, tp, &arr.live),
+                let fresh;
+                let live: &[EstimatedSeq] = match arr.placed {
+                    true => &arr.live,
+                    false => {
+                        fresh = placed_at(base.world, tp, &arr.live);
+                        &fresh
+                    }
                 };
                 let here = DecideInput {
                     current_tp: tp,
-                    live: &live,
+                    live,
                     follow_up_points: 0,
                     ..*base
                 };
                 let stay = drain_ms(
                     base.predictor.fit(tp)?,
-                    &group(base.world / tp, &live, &replicas(&live)),
+                    &group(base.world / tp, live, &replicas(live)),
                     room(&here, tp),
                 );
                 if point == 0 {
